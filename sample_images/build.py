@@ -1,0 +1,427 @@
+#!/usr/bin/env python3
+"""Build the v2p sample guest disk and one VMDK per VMware disk flavor.
+
+Usage:
+    python3 sample_images/build.py OUTDIR [--size-mib 32] [--force] [--quiet]
+
+Produces (all paths relative to OUTDIR):
+
+    guest.bin                      assembled boot program (guest.asm)
+    guest.raw                      the reference raw disk (sparse file)
+    monolithicSparse/monolithicSparse.vmdk
+    monolithicFlat/monolithicFlat.vmdk + monolithicFlat-flat.vmdk
+    twoGbMaxExtentSparse/twoGbMaxExtentSparse.vmdk + ...-s001.vmdk
+    twoGbMaxExtentFlat/twoGbMaxExtentFlat.vmdk + ...-f001.vmdk
+    streamOptimized/streamOptimized.vmdk
+    esxi/esxi.vmdk + esxi-flat.vmdk   (hand-written ESXi "vmfs" descriptor)
+    manifest.json                  what was built (written last)
+
+Python 3.11 standard library only; `nasm` and `qemu-img` are run through
+subprocess with argv lists.  The build is skipped when manifest.json is newer
+than guest.asm and this file, was made for the same --size-mib and all listed
+files still exist (--force rebuilds).  Can also be imported: build(outdir, ...)
+returns the manifest dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ASM_SOURCE = HERE / "guest.asm"
+THIS_FILE = Path(__file__).resolve()
+
+SECTOR = 512
+MIB = 1024 * 1024
+DEFAULT_SIZE_MIB = 32
+MIN_SIZE_MIB = 12
+MAX_SIZE_MIB = 64
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+# qemu-img vmdk subformats; the folder, file stem and createType all share the name.
+QEMU_FLAVORS = (
+    "monolithicSparse",
+    "monolithicFlat",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+    "streamOptimized",
+)
+ESXI_NAME = "esxi"
+ESXI_HW_VERSION = 14
+
+
+class BuildError(Exception):
+    """A build step failed; the message is meant for humans."""
+
+
+def log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"build.py: {msg}", flush=True)
+
+
+def marker_for(size_mib: int) -> str:
+    return f"V2P-LAST-SECTOR-{size_mib}MiB-OK"
+
+
+def find_tools() -> dict[str, str]:
+    tools = {}
+    missing = []
+    for name in ("nasm", "qemu-img"):
+        path = shutil.which(name)
+        if path is None:
+            missing.append(name)
+        else:
+            tools[name] = path
+    if missing:
+        raise BuildError(
+            "required tool(s) not found on PATH: "
+            + ", ".join(missing)
+            + " (on Debian: apt-get install nasm qemu-utils)"
+        )
+    return tools
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(
+            f"command failed (exit {proc.returncode}): {' '.join(argv)}\n"
+            f"{proc.stdout}{proc.stderr}".rstrip()
+        )
+    return proc
+
+
+# ---------------------------------------------------------------------------
+# raw image content
+
+
+def pattern_sector(lba: int) -> bytes:
+    """Deterministic, never-all-zero 512 bytes for one sector."""
+    digest = hashlib.sha256(f"v2p-pattern-lba-{lba}".encode()).digest()
+    head = f"V2P-DATA lba={lba} ".encode()
+    body = (digest * (SECTOR // len(digest) + 1))[: SECTOR - len(head)]
+    return head + body
+
+
+def data_layout(size_mib: int) -> list[tuple[int, int]]:
+    """(first LBA, sector count) of every non-zero data run except LBA 0
+    (boot program) and the last sector (marker)."""
+    size_sectors = size_mib * MIB // SECTOR
+    runs = [
+        (8 * MIB // SECTOR, MIB // SECTOR),  # 1 MiB pattern block at 8 MiB
+        (MIB // SECTOR + 5, 1),  # scattered single sectors ...
+        (3 * MIB // SECTOR - 1, 1),  # ... one ending exactly at 3 MiB
+        (6 * MIB // SECTOR + 33, 1),
+        ((size_mib - 2) * MIB // SECTOR + 17, 1),  # near the end
+    ]
+    for lba, count in runs:
+        assert 0 < lba and lba + count <= size_sectors - 1, (lba, count)
+    return runs
+
+
+def write_raw(path: Path, boot: bytes, size_mib: int) -> None:
+    size = size_mib * MIB
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse: untouched areas stay holes
+        f.seek(0)
+        f.write(boot)
+        for lba, count in data_layout(size_mib):
+            f.seek(lba * SECTOR)
+            f.write(b"".join(pattern_sector(lba + i) for i in range(count)))
+        marker = marker_for(size_mib).encode("ascii")
+        f.seek(size - SECTOR)
+        f.write(marker + b"\0" * (SECTOR - len(marker)))
+
+
+def sparse_copy(src: Path, dst: Path, chunk: int = 64 * 1024) -> None:
+    """Copy src to dst, leaving all-zero chunks as holes."""
+    zero = bytes(chunk)
+    size = src.stat().st_size
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while True:
+            buf = fi.read(chunk)
+            if not buf:
+                break
+            if buf == zero[: len(buf)]:
+                fo.seek(len(buf), os.SEEK_CUR)
+            else:
+                fo.write(buf)
+        fo.truncate(size)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# descriptors
+
+
+def esxi_descriptor(sectors: int, flat_name: str, raw_sha: str) -> str:
+    """An ESXi-style text descriptor for a "vmfs" (thick, flat) disk."""
+    heads, spt = 255, 63  # what ESXi writes for lsilogic disks
+    cylinders = max(1, sectors // (heads * spt))
+    cid = raw_sha[:8]  # deterministic content ID
+    long_cid = raw_sha[:32]
+    uuid = " ".join(raw_sha[32 + 2 * i : 34 + 2 * i] for i in range(16))
+    return (
+        "# Disk DescriptorFile\n"
+        "version=1\n"
+        'encoding="UTF-8"\n'
+        f"CID={cid}\n"
+        "parentCID=ffffffff\n"
+        'isNativeSnapshot="no"\n'
+        'createType="vmfs"\n'
+        "\n"
+        "# Extent description\n"
+        f'RW {sectors} VMFS "{flat_name}"\n'
+        "\n"
+        "# The Disk Data Base \n"
+        "#DDB\n"
+        "\n"
+        'ddb.adapterType = "lsilogic"\n'
+        'ddb.deletable = "true"\n'
+        f'ddb.geometry.cylinders = "{cylinders}"\n'
+        f'ddb.geometry.heads = "{heads}"\n'
+        f'ddb.geometry.sectors = "{spt}"\n'
+        f'ddb.longContentID = "{long_cid}"\n'
+        'ddb.thinProvisioned = "0"\n'
+        f'ddb.uuid = "{uuid}"\n'
+        f'ddb.virtualHWVersion = "{ESXI_HW_VERSION}"\n'
+    )
+
+
+def read_descriptor(path: Path) -> str:
+    """Descriptor text of a VMDK: the file itself, or the one embedded in a
+    sparse extent (header field descriptorOffset/descriptorSize in sectors)."""
+    with open(path, "rb") as f:
+        head = f.read(SECTOR)
+        if head[:4] == b"KDMV":
+            off = int.from_bytes(head[28:36], "little")
+            size = int.from_bytes(head[36:44], "little")
+            f.seek(off * SECTOR)
+            data = f.read(size * SECTOR)
+        else:
+            data = head + f.read(64 * 1024)
+    return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def descriptor_fields(text: str) -> dict[str, str]:
+    fields = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        fields[key.strip()] = value.strip().strip('"')
+    return fields
+
+
+def descriptor_extents(text: str) -> list[str]:
+    names = []
+    for line in text.splitlines():
+        parts = line.split('"')
+        if line.startswith(("RW ", "RDONLY ", "NOACCESS ")) and len(parts) >= 3:
+            names.append(parts[1])
+    return names
+
+
+# ---------------------------------------------------------------------------
+# build
+
+
+def up_to_date(outdir: Path, size_mib: int) -> dict | None:
+    manifest_path = outdir / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        mtime = manifest_path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    newest_input = max(ASM_SOURCE.stat().st_mtime, THIS_FILE.stat().st_mtime)
+    if mtime <= newest_input:
+        return None
+    if manifest.get("schema") != SCHEMA_VERSION or manifest.get("size_mib") != size_mib:
+        return None
+    paths = [manifest["raw"]["path"]]
+    for entry in manifest["flavors"].values():
+        paths += entry["files"]
+    if not all((outdir / p).is_file() for p in paths):
+        return None
+    return manifest
+
+
+@contextlib.contextmanager
+def locked(outdir: Path):
+    """Serialise concurrent builds into the same OUTDIR (e.g. parallel tests)."""
+    with open(outdir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def build(outdir: os.PathLike | str, size_mib: int = DEFAULT_SIZE_MIB,
+          force: bool = False, quiet: bool = False) -> dict:
+    if not MIN_SIZE_MIB <= size_mib <= MAX_SIZE_MIB:
+        raise BuildError(f"--size-mib must be between {MIN_SIZE_MIB} and {MAX_SIZE_MIB}")
+    outdir = Path(outdir).resolve()
+    outdir.mkdir(parents=True, exist_ok=True)
+    tools = find_tools()  # fail early and clearly, even when up to date
+
+    with locked(outdir):
+        if not force:
+            manifest = up_to_date(outdir, size_mib)
+            if manifest is not None:
+                log(f"{outdir} is up to date (use --force to rebuild)", quiet)
+                return manifest
+        return _build(outdir, size_mib, tools, quiet)
+
+
+def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> dict:
+    stage = outdir / ".stage"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    size = size_mib * MIB
+    sectors = size // SECTOR
+    marker = marker_for(size_mib)
+
+    # 1. boot program
+    boot_path = stage / "guest.bin"
+    run([tools["nasm"], "-f", "bin", "-o", str(boot_path), str(ASM_SOURCE)])
+    boot = boot_path.read_bytes()
+    if len(boot) < SECTOR or len(boot) % SECTOR or boot[510:512] != b"\x55\xaa":
+        raise BuildError(f"{boot_path}: not a sector-aligned boot program with 55 AA")
+    if len(boot) > MIB // SECTOR * SECTOR:  # must stay below the first data run
+        raise BuildError("boot program too large")
+    log(f"assembled guest.asm ({len(boot)} bytes)", quiet)
+
+    # 2. raw reference disk
+    raw_path = stage / "guest.raw"
+    write_raw(raw_path, boot, size_mib)
+    raw_sha = sha256_file(raw_path)
+    log(f"wrote guest.raw ({size_mib} MiB, sha256 {raw_sha[:16]}...)", quiet)
+
+    # 3. qemu-img flavors
+    flavors: dict[str, dict] = {}
+    for name in QEMU_FLAVORS:
+        d = stage / name
+        d.mkdir()
+        run([tools["qemu-img"], "convert", "-q", "-f", "raw", "-O", "vmdk",
+             "-o", f"subformat={name}", str(raw_path), str(d / f"{name}.vmdk")])
+        flavors[name] = {"dir": name, "descriptor": f"{name}/{name}.vmdk"}
+
+    # 4. hand-written ESXi pair
+    d = stage / ESXI_NAME
+    d.mkdir()
+    flat_name = f"{ESXI_NAME}-flat.vmdk"
+    sparse_copy(raw_path, d / flat_name)
+    (d / f"{ESXI_NAME}.vmdk").write_text(esxi_descriptor(sectors, flat_name, raw_sha))
+    flavors[ESXI_NAME] = {"dir": ESXI_NAME, "descriptor": f"{ESXI_NAME}/{ESXI_NAME}.vmdk"}
+
+    # 5. describe + verify every flavor against the raw disk
+    for name, entry in flavors.items():
+        desc_path = stage / entry["descriptor"]
+        text = read_descriptor(desc_path)
+        fields = descriptor_fields(text)
+        extents = descriptor_extents(text)
+        files = [entry["descriptor"]] + [
+            f"{entry['dir']}/{e}" for e in extents if f"{entry['dir']}/{e}" != entry["descriptor"]
+        ]
+        for rel in files:
+            if not (stage / rel).is_file():
+                raise BuildError(f"{name}: extent file {rel} is missing")
+        cmp = subprocess.run(
+            [tools["qemu-img"], "compare", "-q", "-f", "raw", "-F", "vmdk",
+             str(raw_path), str(desc_path)],
+            capture_output=True, text=True)
+        qemu_ok = cmp.returncode == 0
+        if not qemu_ok and name != ESXI_NAME:
+            raise BuildError(
+                f"{name}: qemu-img compare against guest.raw failed "
+                f"(exit {cmp.returncode}): {cmp.stdout}{cmp.stderr}".rstrip())
+        entry.update({
+            "flavor": fields.get("createType", ""),
+            "files": files,
+            "extents": [f"{entry['dir']}/{e}" for e in extents],
+            "descriptor_embedded": desc_path.read_bytes()[:4] == b"KDMV",
+            "adapter_type": fields.get("ddb.adapterType", ""),
+            "virtual_size": size,
+            "sectors": sectors,
+            "marker": marker,
+            "qemu_compare_ok": qemu_ok,
+        })
+        log(f"{name}: {', '.join(files)} (createType={entry['flavor']}, "
+            f"qemu-img compare {'identical' if qemu_ok else 'not possible'})", quiet)
+
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "size_mib": size_mib,
+        "virtual_size": size,
+        "sectors": sectors,
+        "marker": marker,
+        "boot": {"path": "guest.bin", "sha256": sha256_file(boot_path)},
+        "raw": {"path": "guest.raw", "format": "raw", "sha256": raw_sha},
+        "data_runs": [{"lba": lba, "sectors": n} for lba, n in data_layout(size_mib)],
+        "expected_serial": {
+            "controller_prefix": "v2p-guest: boot controller=",
+            "sectors": f"v2p-guest: disk sectors={sectors}",
+            "marker": f"v2p-guest: last-sector marker={marker}",
+            "poweroff": "v2p-guest: poweroff",
+        },
+        "flavors": flavors,
+    }
+
+    # 6. move into place (replacing earlier outputs), manifest last
+    for name in ["guest.bin", "guest.raw", *flavors]:
+        target = outdir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(stage / name, target)
+    shutil.rmtree(stage, ignore_errors=True)
+    tmp = outdir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, outdir / MANIFEST_NAME)
+    log(f"wrote {outdir / MANIFEST_NAME}", quiet)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build the v2p sample guest disk (raw + every VMDK flavor).")
+    parser.add_argument("outdir", help="output directory (created if missing)")
+    parser.add_argument("--size-mib", type=int, default=DEFAULT_SIZE_MIB,
+                        help=f"virtual disk size in MiB, {MIN_SIZE_MIB}..{MAX_SIZE_MIB} "
+                             f"(default {DEFAULT_SIZE_MIB})")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if the outputs are up to date")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
+    args = parser.parse_args(argv)
+    if not MIN_SIZE_MIB <= args.size_mib <= MAX_SIZE_MIB:
+        parser.error(f"--size-mib must be between {MIN_SIZE_MIB} and {MAX_SIZE_MIB}")
+    try:
+        build(args.outdir, args.size_mib, force=args.force, quiet=args.quiet)
+    except BuildError as exc:
+        print(f"build.py: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""v2p: move VMware virtual machines onto KVM (Proxmox VE, plain QEMU).
+
+    from v2p import migrate
+    migrate("win7.vmdk", 102, ostype="win7")
+"""
+
+from .api import Migration, inspect, local_target, migrate, status
+from .errors import V2PError
+from .events import Event
+from .inspect import DiskImage, Flavor
+
+__all__ = ["Migration", "migrate", "inspect", "status", "local_target", "V2PError", "Event",
+           "DiskImage", "Flavor"]
+__version__ = "0.1.0"

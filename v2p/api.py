@@ -1,0 +1,64 @@
+"""The public library surface: everything the CLI can do, as functions.
+
+    from v2p import migrate
+    result = migrate("win7.vmdk", 102, ostype="win7", on_event=print)
+
+Progress arrives as ``Event``s through ``on_event``; errors are ``V2PError``s.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .events import EventHandler, ignore
+from .inspect import DiskImage, inspect_disk
+from .options import MigrationOptions
+from .pipeline import Pipeline
+from .state import MigrationState, list_states
+from .targets.base import Target
+from .targets.local import LocalTarget
+
+__all__ = ["Migration", "Target", "migrate", "inspect", "status", "local_target"]
+
+
+def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str = "auto") -> LocalTarget:
+    """The embedded QEMU target (``V2P_TARGET_DIR`` or the XDG data dir by default)."""
+    return LocalTarget(Path(directory) if directory else None, accel=accel)
+
+
+class Migration:
+    """One migration of ``source`` to ``vmid``; ``run()`` starts or resumes it."""
+
+    def __init__(self, source: str | os.PathLike[str], vmid: int, *, target: Target | None = None,
+                 on_event: EventHandler = ignore, **options: Any) -> None:
+        self.options = MigrationOptions(**options)
+        self.target = target or local_target()
+        self.pipeline = Pipeline(Path(source), vmid, self.options, self.target, emit=on_event)
+
+    def plan(self) -> list[tuple[str, str, bool]]:
+        """The stages as (name, what it does, already done), without running anything."""
+        return self.pipeline.plan()
+
+    def run(self) -> dict[str, Any]:
+        """Run every stage not yet done; return the final state record."""
+        return self.pipeline.run()
+
+
+def migrate(source: str | os.PathLike[str], vmid: int, *, target: Target | None = None,
+            on_event: EventHandler = ignore, **options: Any) -> dict[str, Any]:
+    """Migrate (or resume migrating) ``source`` to VM ``vmid``; see ``MigrationOptions``."""
+    return Migration(source, vmid, target=target, on_event=on_event, **options).run()
+
+
+def inspect(path: str | os.PathLike[str]) -> DiskImage:
+    """Inspect a disk image (headers only) and return what it is, or raise SourceError."""
+    return inspect_disk(path)
+
+
+def status(target: Target | None = None, vmid: int | None = None) -> list[MigrationState]:
+    """The recorded migrations on ``target`` (all, or the one for ``vmid``)."""
+    target = target or local_target()
+    states = list_states(target.state_dir())
+    return [s for s in states if vmid is None or s.vmid == vmid]

@@ -1,0 +1,239 @@
+"""The ``v2p`` command: parses arguments, calls the library, prints.
+
+No logic a library user would need lives here; errors arrive as V2PError and
+leave as one line on stderr and a non-zero exit (``-v`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from . import api
+from .errors import V2PError
+from .events import Event
+from .inspect import DiskImage
+from .options import BUSES, FORMATS, OSTYPES, SCSIHW
+
+EXAMPLES = """examples:
+  v2p inspect win7.vmdk
+  v2p migrate win7.vmdk --vmid 102 --os win7
+  v2p status 102
+  v2p vm list
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="v2p", description="Move VMware VMs onto KVM.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--target-dir", help="local target directory (default: $V2P_TARGET_DIR "
+                        "or ~/.local/share/v2p/local)")
+    parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                        help="QEMU acceleration for the local target (default: auto)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="tell what kind of disk a file is")
+    p.add_argument("paths", nargs="+", metavar="DISK")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("migrate", help="migrate one VMware disk to a new VM")
+    p.add_argument("source", metavar="DISK")
+    p.add_argument("--vmid", type=int, required=True)
+    p.add_argument("--os", dest="ostype", default="l26", choices=sorted(OSTYPES),
+                   help="PVE ostype; Windows types boot from IDE, others from SCSI (default: l26)")
+    p.add_argument("--bus", choices=BUSES, help="disk bus (default: ide for Windows, scsi otherwise)")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="qcow2")
+    p.add_argument("--name")
+    p.add_argument("--cores", type=int, default=1)
+    p.add_argument("--memory", type=int, default=512, help="MiB (default: 512)")
+    p.add_argument("--scsihw", choices=SCSIHW, default="virtio-scsi-pci")
+    p.add_argument("--start", action=argparse.BooleanOptionalAction, default=False,
+                   help="leave the VM running at the end (default: stopped)")
+    p.add_argument("--boot-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="boot the VM once and watch it come up (default: on)")
+    p.add_argument("--boot-timeout", type=float, default=60.0, help="seconds (default: 60)")
+    p.add_argument("--bwlimit", type=int, help="limit conversion I/O to this many KiB/s")
+    p.add_argument("--dry-run", action="store_true", help="print the stages and stop")
+
+    p = sub.add_parser("status", help="show the stages of recorded migrations")
+    p.add_argument("vmid", nargs="?", type=int)
+    p.add_argument("--json", action="store_true")
+
+    vm = sub.add_parser("vm", help="manage VMs on the local target").add_subparsers(
+        dest="vm_command", required=True)
+    vm.add_parser("list", help="list VMs")
+    for name, text in (("show", "print a VM's config"), ("start", "start a VM"),
+                       ("stop", "shut a VM down (ACPI, then hard)"),
+                       ("rm", "remove a VM, its disks and its migration record")):
+        vp = vm.add_parser(name, help=text)
+        vp.add_argument("vmid", type=int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except V2PError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"v2p: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("v2p: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    target = api.local_target(args.target_dir, accel=args.accel)
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "migrate":
+        return _migrate(args, target)
+    if args.command == "status":
+        return _status(args, target)
+    return _vm(args, target)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    images = [api.inspect(path) for path in args.paths]
+    if args.json:
+        print(json.dumps([image.to_dict() for image in images], indent=2))
+        return 0
+    for image in images:
+        _print_image(image)
+    return 0
+
+
+def _print_image(image: DiskImage) -> None:
+    print(f"{image.path}")
+    print(f"  flavor:   {image.flavor}")
+    print(f"  capacity: {image.capacity} bytes ({image.capacity / (1 << 20):.1f} MiB)")
+    if image.adapter_type:
+        print(f"  adapter:  {image.adapter_type}")
+    for extent in image.extents:
+        where = f" {extent.path.name}" if extent.path else ""
+        offset = f" @ sector {extent.offset}" if extent.offset else ""
+        print(f"  extent:   {extent.kind.value} {extent.sectors} sectors{where}{offset}")
+    for warning in image.warnings:
+        print(f"  warning:  {warning}")
+
+
+class _Printer:
+    """Shows pipeline events as lines, with a tqdm bar for convert on a terminal."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "progress":
+            self._progress(event.data["percent"])
+            return
+        self._close_bar()
+        if event.kind == "stage-start":
+            print(f"[{event.stage}] {event.message}", flush=True)
+        elif event.kind == "stage-skip":
+            print(f"[{event.stage}] already {event.message}, skipped", flush=True)
+        elif event.kind == "stage-done":
+            print(f"[{event.stage}] done in {event.message}", flush=True)
+        elif event.kind == "warning":
+            print(f"[{event.stage}] warning: {event.message}", flush=True)
+        else:
+            print(f"[{event.stage}] {event.message}", flush=True)
+
+    def _progress(self, percent: float) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100.0, unit="%", desc="convert", leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+        self.bar.update(percent - self.bar.n)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _migrate(args: argparse.Namespace, target: api.Target) -> int:
+    printer = _Printer()
+    migration = api.Migration(
+        args.source, args.vmid, target=target, on_event=printer, ostype=args.ostype, bus=args.bus,
+        fmt=args.fmt, name=args.name, cores=args.cores, memory=args.memory, scsihw=args.scsihw,
+        start=args.start, boot_check=args.boot_check, boot_timeout=args.boot_timeout,
+        bwlimit=args.bwlimit)
+    if args.dry_run:
+        image = api.inspect(args.source)
+        print(f"{image.path.name}: {image.flavor}, {image.capacity} bytes")
+        for warning in image.warnings:
+            print(f"warning: {warning}")
+        print(f"would migrate to VMID {args.vmid} on the {target.kind} target "
+              f"({migration.options.disk_bus}0, {migration.options.fmt}):")
+        for name, summary, done in migration.plan():
+            print(f"  {name:<10} {'done, would skip' if done else summary}")
+        return 0
+    try:
+        migration.run()
+    finally:
+        printer._close_bar()
+    print(f"VM {args.vmid} migrated from {args.source}")
+    return 0
+
+
+def _status(args: argparse.Namespace, target: api.Target) -> int:
+    states = api.status(target, args.vmid)
+    if args.json:
+        print(json.dumps([s.data for s in states], indent=2))
+        return 0
+    if not states:
+        where = f"VMID {args.vmid}" if args.vmid is not None else "any VM"
+        print(f"no migration recorded for {where}")
+        return 1 if args.vmid is not None else 0
+    for state in states:
+        data = state.data
+        verdict = "finished" if data.get("finished") else "unfinished (rerun migrate to resume)"
+        print(f"VMID {state.vmid}: {data['request']['source']} — {verdict}")
+        stages = data.get("stages", {})
+        for name in ("inspect", "preflight", "create", "convert", "verify", "attach", "boot", "finish"):
+            record = stages.get(name)
+            print(f"  {name:<10} {'done ' + record['finished_at'] if record else 'pending'}")
+    return 0
+
+
+def _vm(args: argparse.Namespace, target: api.Target) -> int:
+    command = args.vm_command
+    if command == "list":
+        vmids = target.list_vms()
+        if not vmids:
+            print("no VMs")
+        for vmid in vmids:
+            config = target.get_config(vmid)
+            print(f"{vmid:>6}  {target.status(vmid):<8} {config.get('name', '')}")
+        return 0
+    vmid = args.vmid
+    if command == "show":
+        for key, value in sorted(target.get_config(vmid).items()):
+            print(f"{key}: {value}")
+    elif command == "start":
+        target.start(vmid)
+        print(f"VM {vmid} started")
+    elif command == "stop":
+        target.stop(vmid)
+        print(f"VM {vmid} stopped")
+    elif command == "rm":
+        target.destroy_vm(vmid)
+        for state in api.status(target, vmid):
+            state.remove()
+        print(f"VM {vmid} removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Getting a disk's bytes onto the target: qemu-img convert, measure, compare.
+
+qemu-img never sees a descriptor v2p has not validated: a VMDK is handed over
+as a descriptor v2p writes itself from the checked extents (absolute paths,
+no blank lines, no RDONLY lines), so qemu-img's own path handling never comes
+into play. Not for: deciding where the output goes (that is the target's job).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SourceError, VerifyError
+from .inspect.model import DiskImage, ExtentKind
+from .runner import run, run_streaming
+
+INFO_TIMEOUT = 30.0
+_PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A qemu-img input: a format and a filename qemu-img may open as that format."""
+
+    fmt: str
+    filename: Path
+
+
+def image_info(path: Path, fmt: str) -> dict[str, object]:
+    """``qemu-img info`` of ``path`` read as ``fmt`` (always explicit)."""
+    proc = run(["qemu-img", "info", "--output=json", "-f", fmt, str(path)], timeout=INFO_TIMEOUT)
+    info: dict[str, object] = json.loads(proc.stdout)
+    return info
+
+
+def qemu_source(image: DiskImage, workdir: Path) -> Source:
+    """The input qemu-img should read for ``image``; for a VMDK, a descriptor v2p writes."""
+    if not image.is_vmdk:
+        return Source(image.qemu_format, image.path)
+    sparse = any(e.kind is ExtentKind.SPARSE for e in image.extents)
+    lines = [
+        "# Disk DescriptorFile",
+        "# written by v2p from the validated extents of " + _quotable(image.path),
+        "version=1",
+        "CID=fffffffe",
+        "parentCID=ffffffff",
+        'createType="%s"' % ("twoGbMaxExtentSparse" if sparse else "twoGbMaxExtentFlat"),
+    ]
+    for extent in image.extents:
+        if extent.kind is ExtentKind.ZERO or extent.path is None:
+            lines.append(f"RW {extent.sectors} ZERO")
+        elif extent.kind.is_raw:
+            lines.append(f'RW {extent.sectors} FLAT "{_quotable(extent.path)}" {extent.offset}')
+        else:
+            lines.append(f'RW {extent.sectors} SPARSE "{_quotable(extent.path)}"')
+    workdir.mkdir(parents=True, exist_ok=True)
+    target = workdir / "source.vmdk"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, target)
+    return Source("vmdk", target)
+
+
+def _quotable(path: Path) -> str:
+    text = str(path)
+    if '"' in text or "\n" in text or "\r" in text:
+        raise SourceError(f"{text}: a path with a quote or a line break cannot be described to qemu-img",
+                          hint="rename the folder or file")
+    return text
+
+
+def measure(source: Source, out_fmt: str) -> int:
+    """Bytes the converted image needs on the target (``qemu-img measure``'s 'required')."""
+    proc = run(["qemu-img", "measure", "--output=json", "-f", source.fmt, "-O", out_fmt,
+                str(source.filename)], timeout=INFO_TIMEOUT)
+    return int(json.loads(proc.stdout)["required"])
+
+
+def convert(
+    source: Source, out_fmt: str, dest: Path, *, capacity: int,
+    bwlimit: int | None = None, on_progress: Callable[[float], None] | None = None,
+) -> None:
+    """``qemu-img convert`` ``source`` into a new file ``dest`` (overwritten if present).
+
+    ``bwlimit`` is in bytes per second. The timeout grows with the disk: a hung
+    qemu-img is stopped, a slow big disk is not.
+    """
+    argv = ["qemu-img", "convert", "-p", "-f", source.fmt, "-O", out_fmt]
+    if bwlimit:
+        argv += ["-r", str(bwlimit)]
+    argv += [str(source.filename), str(dest)]
+    floor_rate = min(bwlimit, 20 << 20) if bwlimit else 20 << 20
+    timeout = 600 + capacity / floor_rate * 2
+
+    def chunk(text: str) -> None:
+        match = _PROGRESS.search(text)
+        if match and on_progress is not None:
+            on_progress(float(match.group(1)))
+
+    run_streaming(argv, timeout=timeout, on_chunk=chunk)
+
+
+def compare(source: Source, dest: Path, dest_fmt: str, *, capacity: int) -> None:
+    """Raise VerifyError unless ``dest`` holds exactly the bytes of ``source``."""
+    argv = ["qemu-img", "compare", "-q", "-f", source.fmt, "-F", dest_fmt, "-s",
+            str(source.filename), str(dest)]
+    proc = run(argv, timeout=600 + capacity / (50 << 20), check=False)
+    if proc.returncode == 1:
+        raise VerifyError(f"{dest} differs from the source {source.filename}",
+                          hint="the conversion is discarded; run migrate again")
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no message"
+        raise VerifyError(f"qemu-img compare could not compare {dest}: {detail}")
+
+
+def fingerprint(path: Path) -> dict[str, object]:
+    """A cheap identity for a big file: size, mtime and a hash of its first and last MiB."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        if stat.st_size > 2 << 20:
+            handle.seek(-(1 << 20), os.SEEK_END)
+            digest.update(handle.read(1 << 20))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_ends": digest.hexdigest()}
+
+
+def source_fingerprint(image: DiskImage) -> list[dict[str, object]]:
+    """Size and mtime of every source file: enough to notice a source that changed."""
+    out: list[dict[str, object]] = []
+    for path in image.files:
+        stat = path.stat()
+        out.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return out

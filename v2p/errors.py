@@ -1,0 +1,77 @@
+"""The v2p error hierarchy.
+
+Every failure a user can meet is a ``V2PError`` with a message a sysadmin can
+act on: what went wrong, which file or VM, and (as ``hint``) what to do. The
+CLI prints ``str(error)`` on one line and exits non-zero; library users catch
+the subclass that matters to them.
+"""
+
+from __future__ import annotations
+
+
+class V2PError(Exception):
+    """Base of every error v2p raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} (hint: {self.hint})"
+        return self.message
+
+
+class SourceError(V2PError):
+    """The source disk is missing, unreadable, or not something v2p can migrate."""
+
+    exit_code = 2
+
+
+class UnsafeSourceError(SourceError):
+    """The source would make a tool read outside its folder or misbehave."""
+
+
+class ToolError(V2PError):
+    """An external program (qemu-img, qemu-system-x86_64, ...) failed or timed out."""
+
+    exit_code = 3
+
+
+class TargetError(V2PError):
+    """The target refused an operation or is in a state we cannot work with."""
+
+    exit_code = 4
+
+
+class VMIDExistsError(TargetError):
+    """The VMID asked for is already taken on the target."""
+
+
+class NoSuchVMError(TargetError):
+    """The VMID asked for does not exist on the target."""
+
+
+class StateError(V2PError):
+    """The state file is unreadable, of another version, or for another migration."""
+
+    exit_code = 5
+
+
+class LockedError(StateError):
+    """Another v2p run holds the lock on this VMID."""
+
+
+class VerifyError(V2PError):
+    """The converted disk does not hold the same bytes as the source."""
+
+    exit_code = 6
+
+
+class BootCheckError(V2PError):
+    """The migrated VM did not boot the way it should."""
+
+    exit_code = 7

@@ -1,0 +1,110 @@
+"""What inspection finds out about a disk: its flavor, extents and capacity.
+
+Plain data, no I/O. ``DiskImage`` is what the rest of v2p is handed: every
+path in it has been validated (inside the image's folder, present, big
+enough), so later stages never need to look at a descriptor again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+SECTOR = 512
+
+
+class Flavor(str, Enum):
+    """The kinds of disk image v2p tells apart, named as VMware (or qemu) names them."""
+
+    MONOLITHIC_SPARSE = "monolithicSparse"
+    MONOLITHIC_FLAT = "monolithicFlat"
+    TWO_GB_MAX_EXTENT_SPARSE = "twoGbMaxExtentSparse"
+    TWO_GB_MAX_EXTENT_FLAT = "twoGbMaxExtentFlat"
+    STREAM_OPTIMIZED = "streamOptimized"
+    VMFS = "vmfs"
+    VMFS_THIN = "vmfsThin"
+    VMFS_EAGER_ZEROED_THICK = "vmfsEagerZeroedThick"
+    VMFS_SPARSE = "vmfsSparse"
+    SE_SPARSE = "seSparse"
+    SPARSE_EXTENT = "sparse extent"
+    FLAT_EXTENT = "flat extent"
+    RAW = "raw"
+    QCOW2 = "qcow2"
+    VHD = "vhd"
+    VHDX = "vhdx"
+    VDI = "vdi"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ExtentKind(str, Enum):
+    FLAT = "FLAT"
+    SPARSE = "SPARSE"
+    ZERO = "ZERO"
+    VMFS = "VMFS"
+    VMFSSPARSE = "VMFSSPARSE"
+    SESPARSE = "SESPARSE"
+
+    @property
+    def is_raw(self) -> bool:
+        """The extent file holds the guest's bytes as they are (no grain tables)."""
+        return self in (ExtentKind.FLAT, ExtentKind.VMFS)
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One extent line of a descriptor, its file resolved and checked."""
+
+    sectors: int
+    kind: ExtentKind
+    path: Path | None  # None for ZERO extents
+    offset: int = 0  # in sectors, into ``path``
+
+    @property
+    def size(self) -> int:
+        return self.sectors * SECTOR
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    """A disk image v2p has inspected and found safe to hand to qemu-img."""
+
+    path: Path
+    flavor: Flavor
+    qemu_format: str  # the -f qemu-img needs for ``path`` (after v2p's own rewrite)
+    capacity: int  # virtual size in bytes
+    extents: tuple[Extent, ...] = ()
+    adapter_type: str | None = None
+    create_type: str | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file whose bytes make up the disk, the descriptor first."""
+        seen: dict[Path, None] = {self.path: None}
+        for extent in self.extents:
+            if extent.path is not None:
+                seen.setdefault(extent.path, None)
+        return tuple(seen)
+
+    @property
+    def is_vmdk(self) -> bool:
+        return self.qemu_format == "vmdk"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "path": str(self.path),
+            "flavor": self.flavor.value,
+            "format": self.qemu_format,
+            "capacity": self.capacity,
+            "create_type": self.create_type,
+            "adapter_type": self.adapter_type,
+            "extents": [
+                {"sectors": e.sectors, "kind": e.kind.value,
+                 "path": str(e.path) if e.path else None, "offset": e.offset}
+                for e in self.extents
+            ],
+            "warnings": list(self.warnings),
+        }

@@ -1,0 +1,85 @@
+"""What a user asks for in one migration, with the defaults the seed procedure uses.
+
+Windows guests start on IDE (no virtio driver yet), everything else on SCSI;
+NIC model follows the same split (e1000 for Windows, virtio otherwise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import V2PError
+
+WINDOWS_OSTYPES = {"wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11"}
+OSTYPES = WINDOWS_OSTYPES | {"l24", "l26", "solaris", "other"}
+BUSES = ("ide", "sata", "scsi", "virtio")
+FORMATS = ("qcow2", "raw")
+SCSIHW = ("lsi", "lsi53c810", "megasas", "pvscsi", "virtio-scsi-pci", "virtio-scsi-single")
+
+
+class OptionError(V2PError):
+    """An option value v2p cannot use."""
+
+
+@dataclass
+class MigrationOptions:
+    """Everything that shapes the migrated VM (part of the state file's request)."""
+
+    ostype: str = "l26"
+    bus: str | None = None
+    fmt: str = "qcow2"
+    name: str | None = None
+    cores: int = 1
+    memory: int = 512  # MiB, as PVE counts
+    scsihw: str = "virtio-scsi-pci"
+    start: bool = False
+    boot_check: bool = True
+    boot_timeout: float = 60.0
+    bwlimit: int | None = None  # KiB/s, as PVE counts
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ostype not in OSTYPES:
+            raise OptionError(f"unknown --os {self.ostype!r}",
+                              hint="use a PVE ostype: " + ", ".join(sorted(OSTYPES)))
+        if self.bus is not None and self.bus not in BUSES:
+            raise OptionError(f"unknown --bus {self.bus!r}", hint="use one of " + ", ".join(BUSES))
+        if self.fmt not in FORMATS:
+            raise OptionError(f"unknown --format {self.fmt!r}", hint="use qcow2 or raw")
+        if self.scsihw not in SCSIHW:
+            raise OptionError(f"unknown --scsihw {self.scsihw!r}", hint="use one of " + ", ".join(SCSIHW))
+        if not 1 <= self.cores <= 512:
+            raise OptionError(f"--cores {self.cores} is out of range (1-512)")
+        if not 16 <= self.memory <= 4 << 20:
+            raise OptionError(f"--memory {self.memory} MiB is out of range (16 MiB - 4 TiB)")
+        if self.bwlimit is not None and self.bwlimit <= 0:
+            raise OptionError("--bwlimit must be a positive number of KiB/s")
+
+    @property
+    def is_windows(self) -> bool:
+        return self.ostype in WINDOWS_OSTYPES
+
+    @property
+    def disk_bus(self) -> str:
+        return self.bus or ("ide" if self.is_windows else "scsi")
+
+    @property
+    def nic_model(self) -> str:
+        return "e1000" if self.is_windows else "virtio"
+
+    def identity(self) -> dict[str, Any]:
+        """The options a resumed run must repeat exactly (start/boot-check may change)."""
+        data = asdict(self)
+        for volatile in ("start", "boot_check", "boot_timeout", "bwlimit"):
+            data.pop(volatile)
+        return data
+
+
+def mac_for(vmid: int, source: Path) -> str:
+    """A stable MAC in Proxmox's range (BC:24:11) for a VM without one of its own."""
+    digest = hashlib.sha256(f"{vmid}:{os.path.abspath(source)}".encode()).digest()
+    return "BC:24:11:" + ":".join(f"{b:02X}" for b in digest[:3])

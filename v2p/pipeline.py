@@ -1,0 +1,134 @@
+"""The runner: stages in order, each recorded in the state file, resumable.
+
+On every run the runner walks the stages; a stage whose record is present and
+still holds is skipped, and from the first one that is missing or no longer
+holds, that stage and every one after it run again. A lock keeps two runs off
+one VMID; a finished migration is never re-run over an existing VM.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError, VMIDExistsError
+from .events import Event, EventHandler, ignore
+from .options import MigrationOptions
+from .stages import STAGES, Context, Stage
+from .state import MigrationState, VmidLock
+from .targets.base import Target
+
+# Test hook: stop dead (sleep until killed) right after a named stage is
+# recorded, so the test suite can SIGKILL a run at an exact point.
+HOLD_ENV = "V2P_TEST_HOLD_AFTER"
+
+
+def request_of(source: Path, vmid: int, options: MigrationOptions, target: Target) -> dict[str, Any]:
+    return {"source": str(source), "vmid": vmid, "options": options.identity(),
+            "target": target.describe()}
+
+
+class Pipeline:
+    """Runs (or resumes) the migration of ``source`` to ``vmid`` on ``target``."""
+
+    def __init__(self, source: Path, vmid: int, options: MigrationOptions, target: Target,
+                 *, emit: EventHandler = ignore, stages: tuple[Stage, ...] = STAGES) -> None:
+        self.source = Path(os.path.abspath(source))
+        self.vmid = vmid
+        self.options = options
+        self.target = target
+        self.emit = emit
+        self.stages = stages
+        self.state = MigrationState(target.state_dir(), vmid)
+
+    def plan(self) -> list[tuple[str, str, bool]]:
+        """(stage, summary, already done) for each stage, touching nothing."""
+        done: dict[str, Any] = {}
+        if self.state.load() and self.state.data.get("request") == self._request():
+            done = self.state.stages
+        return [(s.name, s.summary, s.name in done) for s in self.stages]
+
+    def _request(self) -> dict[str, Any]:
+        return request_of(self.source, self.vmid, self.options, self.target)
+
+    def run(self) -> dict[str, Any]:
+        with VmidLock(self.target.state_dir(), self.vmid):
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
+        request = self._request()
+        if self.state.load() and self.state.data.get("finished") and not self.target.vm_exists(self.vmid):
+            # The migrated VM was removed since: its old record means nothing now.
+            self.state.remove()
+            self.state.data = {}
+        if self.state.data:
+            self._check_resumable(request)
+            self.emit(Event("info", "resume", f"resuming the migration of VMID {self.vmid}"))
+        else:
+            if self.target.vm_exists(self.vmid):
+                raise VMIDExistsError(f"VMID {self.vmid} already exists on the {self.target.kind} target",
+                                      hint=f"pick another --vmid, or remove it: v2p vm rm {self.vmid}")
+            self.state.start(request)
+            self.state.data["migration_id"] = uuid.uuid4().hex[:12]
+            self.state.save()
+        ctx = Context(self.source, self.vmid, self.options, self.target,
+                      self.state.data["migration_id"],
+                      self.target.state_dir() / f"{self.vmid}.work", self.emit)
+        rerun = False
+        for stage in self.stages:
+            record = self.state.stages.get(stage.name)
+            if record is not None and not rerun and stage.holds(ctx, record["result"]):
+                ctx.records[stage.name] = record["result"]
+                self.emit(Event("stage-skip", stage.name, f"done at {record['finished_at']}"))
+                continue
+            rerun = True
+            self.emit(Event("stage-start", stage.name, stage.summary))
+            started = time.monotonic()
+            result = stage.run(ctx)
+            self.state.record(stage.name, result)
+            ctx.records[stage.name] = result
+            self.emit(Event("stage-done", stage.name, f"{time.monotonic() - started:.2f}s",
+                            data=result))
+            _maybe_hold(stage.name)
+        self.state.data["finished"] = True
+        self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
+        self.state.save()
+        _remove_tree(ctx.workdir)
+        return self.state.data
+
+    def _check_resumable(self, request: dict[str, Any]) -> None:
+        data = self.state.data
+        if data.get("finished") and self.target.vm_exists(self.vmid):
+            raise VMIDExistsError(
+                f"VMID {self.vmid} already exists: it was migrated from "
+                f"{data['request']['source']} at {data.get('finished_at')}",
+                hint=f"pick another --vmid, or remove it first: v2p vm rm {self.vmid}")
+        recorded = data.get("request", {})
+        if recorded != request:
+            diff = sorted(k for k in set(recorded) | set(request) if recorded.get(k) != request.get(k))
+            if "options" in diff:
+                diff.remove("options")
+                ro, no = recorded.get("options", {}), request["options"]
+                diff += [f"--{k}" for k in sorted(set(ro) | set(no)) if ro.get(k) != no.get(k)]
+            raise StateError(
+                f"VMID {self.vmid} has an unfinished migration of {recorded.get('source')} "
+                f"with different settings ({', '.join(diff)})",
+                hint=f"rerun it with the same settings to resume, or discard it: v2p vm rm {self.vmid}")
+
+
+def _maybe_hold(stage: str) -> None:
+    if os.environ.get(HOLD_ENV) == stage:
+        print(f"v2p: holding after {stage}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+
+
+def _remove_tree(folder: Path) -> None:
+    if folder.is_dir():
+        for child in folder.iterdir():
+            child.unlink(missing_ok=True)
+        folder.rmdir()

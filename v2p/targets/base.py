@@ -1,0 +1,91 @@
+"""The one interface every target implements (local QEMU, Proxmox, ...).
+
+The pipeline talks to a ``Target`` only; it never asks which kind it holds.
+VM configs are dicts keyed by PVE's qemu-server names (``name``, ``cores``,
+``scsi0``, ``net0``, ``boot``...), values as PVE writes them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VMConfig = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A disk volume on the target: PVE's volume id and where its bytes live."""
+
+    volid: str
+    path: Path
+    fmt: str
+
+
+@dataclass
+class BootReport:
+    """What a boot check saw: how the guest ended up and what it said."""
+
+    outcome: str  # "powered-off" | "running"
+    seconds: float
+    serial: str = ""
+    firmware: str = ""
+    resets: int = 0
+    accel: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class Target(abc.ABC):
+    """A place VMs are migrated to."""
+
+    kind: str = "target"
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, str]:
+        """What identifies this target in the state file (no secrets)."""
+
+    @abc.abstractmethod
+    def state_dir(self) -> Path:
+        """Where migration state files for this target live."""
+
+    @abc.abstractmethod
+    def vm_exists(self, vmid: int) -> bool: ...
+
+    @abc.abstractmethod
+    def list_vms(self) -> list[int]: ...
+
+    @abc.abstractmethod
+    def create_vm(self, vmid: int, config: VMConfig) -> None:
+        """Create the VM shell; refuse if ``vmid`` is taken."""
+
+    @abc.abstractmethod
+    def get_config(self, vmid: int) -> VMConfig: ...
+
+    @abc.abstractmethod
+    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = ()) -> None: ...
+
+    @abc.abstractmethod
+    def destroy_vm(self, vmid: int) -> None:
+        """Stop the VM if needed and remove it with its disks."""
+
+    @abc.abstractmethod
+    def allocate_volume(self, vmid: int, fmt: str, index: int) -> Volume:
+        """The volume a converted disk should become (not created yet)."""
+
+    @abc.abstractmethod
+    def free_bytes(self, volume: Volume) -> int: ...
+
+    @abc.abstractmethod
+    def status(self, vmid: int) -> str:
+        """'running' or 'stopped'."""
+
+    @abc.abstractmethod
+    def start(self, vmid: int) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self, vmid: int, *, timeout: float = 60.0) -> None: ...
+
+    @abc.abstractmethod
+    def boot_check(self, vmid: int, *, timeout: float) -> BootReport:
+        """Boot the VM, watch it for up to ``timeout`` seconds, report what happened."""

@@ -1,0 +1,421 @@
+"""The embedded default target: VMs in a directory, run by qemu-system-x86_64.
+
+Laid out like a Proxmox node so configs and disks carry over unchanged:
+``qemu-server/<vmid>.conf`` holds the config with PVE's key names, and disks
+live in PVE's directory-storage layout ``images/<vmid>/vm-<vmid>-disk-N.fmt``
+(storage id ``local``). A running VM is a detached QEMU process driven over
+QMP; its serial port and SeaBIOS's debug log go to files under ``run/<vmid>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import BootCheckError, NoSuchVMError, TargetError, ToolError, VMIDExistsError
+from ..runner import run, which
+from .base import BootReport, Target, Volume, VMConfig
+
+STORAGE = "local"
+SCSI_CONTROLLERS = {
+    "lsi": "lsi53c895a", "lsi53c810": "lsi53c810", "megasas": "megasas", "pvscsi": "pvscsi",
+    "virtio-scsi-pci": "virtio-scsi-pci", "virtio-scsi-single": "virtio-scsi-pci",
+}
+NIC_MODELS = {"e1000": "e1000", "virtio": "virtio-net-pci", "rtl8139": "rtl8139",
+              "vmxnet3": "vmxnet3", "e1000e": "e1000e"}
+_DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
+_BOOT_LOOP_RESETS = 3
+_accel_cache: dict[str, str] = {}
+
+
+def default_dir() -> Path:
+    """``$V2P_TARGET_DIR``, else ``$XDG_DATA_HOME/v2p/local`` (``~/.local/share/v2p/local``)."""
+    if os.environ.get("V2P_TARGET_DIR"):
+        return Path(os.environ["V2P_TARGET_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "v2p" / "local"
+
+
+def probe_accel(requested: str = "auto") -> str:
+    """'kvm' or 'tcg'. ``auto`` picks KVM only if a VM with ``-cpu host`` actually starts on it.
+
+    Some hosts expose a /dev/kvm on which ``-cpu host`` aborts (nested,
+    paravirtual KVM); there guests must run under TCG.
+    """
+    if requested in ("kvm", "tcg"):
+        return requested
+    if requested != "auto":
+        raise TargetError(f"unknown accelerator {requested!r}", hint="use auto, kvm or tcg")
+    if "auto" not in _accel_cache:
+        usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
+        if usable:
+            try:
+                proc = subprocess.run(
+                    [which("qemu-system-x86_64"), "-accel", "kvm", "-cpu", "host", "-M", "pc",
+                     "-nodefaults", "-display", "none", "-S", "-monitor", "stdio"],
+                    input="quit\n", capture_output=True, text=True, timeout=20)
+                usable = proc.returncode == 0
+            except subprocess.TimeoutExpired:
+                usable = False
+        _accel_cache["auto"] = "kvm" if usable else "tcg"
+    return _accel_cache["auto"]
+
+
+def parse_config(text: str) -> VMConfig:
+    """Parse a qemu-server config (``key: value`` lines; snapshots sections ignored)."""
+    config: VMConfig = {}
+    for line in text.splitlines():
+        if line.startswith("["):
+            break
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            config[key.strip()] = value.strip()
+    return config
+
+
+def format_config(config: VMConfig) -> str:
+    return "".join(f"{key}: {config[key]}\n" for key in sorted(config))
+
+
+def split_property(value: str) -> tuple[str, dict[str, str]]:
+    """``'local:1/a.qcow2,size=1G'`` -> ``('local:1/a.qcow2', {'size': '1G'})``."""
+    first, *rest = value.split(",")
+    opts = dict(item.split("=", 1) if "=" in item else (item, "") for item in rest)
+    return first, opts
+
+
+class LocalTarget(Target):
+    """VMs kept in ``directory`` and run locally under QEMU."""
+
+    kind = "local"
+
+    def __init__(self, directory: Path | None = None, *, accel: str = "auto") -> None:
+        self.directory = Path(os.path.abspath(directory or default_dir()))
+        self.accel_request = accel
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    # -- layout ---------------------------------------------------------
+    def describe(self) -> dict[str, str]:
+        return {"kind": self.kind, "dir": str(self.directory)}
+
+    def state_dir(self) -> Path:
+        return self.directory / "migrations"
+
+    def _conf(self, vmid: int) -> Path:
+        return self.directory / "qemu-server" / f"{vmid}.conf"
+
+    def _run_dir(self, vmid: int) -> Path:
+        return self.directory / "run" / str(vmid)
+
+    def _qmp_path(self, vmid: int) -> Path:
+        # AF_UNIX paths are limited to 108 bytes; a deep target dir would not fit.
+        tag = hashlib.sha1(str(self.directory).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"v2p-{os.getuid()}" / f"{tag}-{vmid}.qmp"
+
+    def serial_log(self, vmid: int) -> Path:
+        return self._run_dir(vmid) / "serial.log"
+
+    def volume_path(self, volid: str) -> Path:
+        storage, _, rest = volid.partition(":")
+        if storage != STORAGE or not re.fullmatch(r"\d+/vm-\d+-disk-\d+\.(qcow2|raw)", rest):
+            raise TargetError(f"volume {volid!r} is not on the local target's storage")
+        return self.directory / "images" / rest
+
+    # -- VMs ------------------------------------------------------------
+    def vm_exists(self, vmid: int) -> bool:
+        return self._conf(vmid).exists()
+
+    def list_vms(self) -> list[int]:
+        folder = self.directory / "qemu-server"
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.stem) for p in folder.glob("*.conf") if p.stem.isdigit())
+
+    def create_vm(self, vmid: int, config: VMConfig) -> None:
+        path = self._conf(vmid)
+        if path.exists():
+            raise VMIDExistsError(f"VMID {vmid} already exists on the local target ({path})",
+                                  hint="pick another --vmid, or remove it with: v2p vm rm %d" % vmid)
+        self._write_config(vmid, config)
+
+    def _write_config(self, vmid: int, config: VMConfig) -> None:
+        path = self._conf(vmid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as handle:
+            handle.write(format_config(config))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def get_config(self, vmid: int) -> VMConfig:
+        try:
+            return parse_config(self._conf(vmid).read_text())
+        except FileNotFoundError:
+            raise NoSuchVMError(f"VMID {vmid} does not exist on the local target",
+                                hint="see: v2p vm list") from None
+
+    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = ()) -> None:
+        config = self.get_config(vmid)
+        for key in delete:
+            config.pop(key, None)
+        config.update(updates)
+        self._write_config(vmid, config)
+
+    def destroy_vm(self, vmid: int) -> None:
+        if not self.vm_exists(vmid):
+            raise NoSuchVMError(f"VMID {vmid} does not exist on the local target")
+        if self.status(vmid) == "running":
+            self._kill(vmid)
+        shutil.rmtree(self.directory / "images" / str(vmid), ignore_errors=True)
+        shutil.rmtree(self._run_dir(vmid), ignore_errors=True)
+        self._conf(vmid).unlink()
+
+    # -- volumes --------------------------------------------------------
+    def allocate_volume(self, vmid: int, fmt: str, index: int) -> Volume:
+        volid = f"{STORAGE}:{vmid}/vm-{vmid}-disk-{index}.{fmt}"
+        path = self.volume_path(volid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Volume(volid, path, fmt)
+
+    def free_bytes(self, volume: Volume) -> int:
+        folder = volume.path.parent
+        while not folder.exists():
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
+
+    # -- running --------------------------------------------------------
+    def _pid(self, vmid: int) -> int | None:
+        proc = self._procs.get(vmid)
+        if proc is not None:
+            return proc.pid if proc.poll() is None else None
+        try:
+            pid = int((self._run_dir(vmid) / "qemu.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if b"qemu-system" in cmdline and str(self._qmp_path(vmid)).encode() in cmdline else None
+
+    def status(self, vmid: int) -> str:
+        self.get_config(vmid)
+        return "running" if self._pid(vmid) else "stopped"
+
+    def command_line(self, vmid: int, accel: str) -> list[str]:
+        """The qemu-system-x86_64 argv for VM ``vmid`` as its config stands."""
+        config = self.get_config(vmid)
+        run_dir = self._run_dir(vmid)
+        argv = [
+            which("qemu-system-x86_64"), "-name", config.get("name", f"vm{vmid}"),
+            "-machine", "q35" if config.get("machine", "").startswith("q35") else "pc",
+            "-accel", accel, "-m", config.get("memory", "512"),
+            "-smp", config.get("cores", "1"), "-nodefaults", "-display", "none",
+            "-qmp", f"unix:{self._qmp_path(vmid)},server=on,wait=off",
+            "-pidfile", str(run_dir / "qemu.pid"),
+            "-chardev", f"file,id=serial0,path={run_dir / 'serial.log'}",
+            "-device", "isa-serial,chardev=serial0",
+            "-chardev", f"file,id=fwlog,path={run_dir / 'firmware.log'}",
+            "-device", "isa-debugcon,iobase=0x402,chardev=fwlog",
+        ]
+        if accel == "kvm":
+            argv += ["-cpu", "host"]
+        if config.get("bios") == "ovmf":
+            firmware = Path("/usr/share/OVMF/OVMF_CODE.fd")
+            if not firmware.exists():
+                raise TargetError(f"VM {vmid} wants UEFI (bios: ovmf) but {firmware} is missing",
+                                  hint="apt-get install ovmf")
+            argv += ["-bios", str(firmware)]
+        order = _boot_order(config)
+        argv += self._disk_args(vmid, config, order)
+        argv += _nic_args(config, order)
+        return argv
+
+    def _disk_args(self, vmid: int, config: VMConfig, order: list[str]) -> list[str]:
+        argv: list[str] = []
+        scsihw = config.get("scsihw", "lsi")
+        controllers: set[str] = set()
+        for key in sorted(config):
+            match = _DISK_KEY.match(key)
+            if not match:
+                continue
+            bus, index = match.group(1), int(match.group(2))
+            volid, opts = split_property(config[key])
+            if opts.get("media") == "cdrom" or volid == "none":
+                continue
+            path = self.volume_path(volid)
+            fmt = path.suffix.lstrip(".")
+            argv += ["-drive", f"file={path},format={fmt},if=none,id=drive-{key},cache=writeback"]
+            boot = f",bootindex={order.index(key) + 1}" if key in order else ""
+            if bus == "ide":
+                argv += ["-device", f"ide-hd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
+            elif bus == "sata":
+                if "ahci" not in controllers:
+                    argv += ["-device", "ahci,id=ahci0"]
+                    controllers.add("ahci")
+                argv += ["-device", f"ide-hd,bus=ahci0.{index},drive=drive-{key}{boot}"]
+            elif bus == "scsi":
+                if "scsi" not in controllers:
+                    if scsihw not in SCSI_CONTROLLERS:
+                        raise TargetError(f"VM {vmid}: unknown scsihw {scsihw!r}")
+                    argv += ["-device", f"{SCSI_CONTROLLERS[scsihw]},id=scsihw0"]
+                    controllers.add("scsi")
+                argv += ["-device", f"scsi-hd,bus=scsihw0.0,scsi-id={index},drive=drive-{key}{boot}"]
+            else:
+                argv += ["-device", f"virtio-blk-pci,drive=drive-{key}{boot}"]
+        return argv
+
+    def start(self, vmid: int) -> None:
+        accel = probe_accel(self.accel_request)
+        if self.status(vmid) == "running":
+            raise TargetError(f"VM {vmid} is already running")
+        argv = self.command_line(vmid, accel)
+        run_dir = self._run_dir(vmid)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for log in ("serial.log", "firmware.log"):
+            (run_dir / log).write_bytes(b"")
+        qmp = self._qmp_path(vmid)
+        qmp.parent.mkdir(mode=0o700, exist_ok=True)
+        qmp.unlink(missing_ok=True)
+        with open(run_dir / "qemu.log", "wb") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+        self._procs[vmid] = proc
+        deadline = time.monotonic() + 30
+        while not qmp.exists():
+            if proc.poll() is not None:
+                text = (run_dir / "qemu.log").read_text(errors="replace").strip()
+                raise ToolError(f"qemu-system-x86_64 could not start VM {vmid}: "
+                                f"{text.splitlines()[-1] if text else 'exit %d' % proc.returncode}")
+            if time.monotonic() > deadline:
+                self._kill(vmid)
+                raise ToolError(f"qemu-system-x86_64 did not open its QMP socket for VM {vmid} in 30s")
+            time.sleep(0.02)
+
+    def _qmp(self, vmid: int) -> Any:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        monitor = QEMUMonitorProtocol(str(self._qmp_path(vmid)))
+        monitor.connect(negotiate=True)
+        return monitor
+
+    def _wait_exit(self, vmid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._pid(vmid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _kill(self, vmid: int) -> None:
+        pid = self._pid(vmid)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            self._wait_exit(vmid, 10)
+
+    def stop(self, vmid: int, *, timeout: float = 60.0) -> None:
+        """ACPI power button, then (after ``timeout``) QMP quit, then SIGKILL."""
+        if self.status(vmid) != "running":
+            return
+        try:
+            monitor = self._qmp(vmid)
+            try:
+                monitor.cmd("system_powerdown")
+                if not self._wait_exit(vmid, timeout):
+                    monitor.cmd("quit")
+            finally:
+                monitor.close()
+        except Exception:  # QMP gone: the process is about to exit or is wedged
+            pass
+        if not self._wait_exit(vmid, 10):
+            self._kill(vmid)
+
+    def boot_check(self, vmid: int, *, timeout: float) -> BootReport:
+        if self.status(vmid) == "running":
+            self._kill(vmid)
+        accel = probe_accel(self.accel_request)
+        started = time.monotonic()
+        self.start(vmid)
+        run_dir = self._run_dir(vmid)
+        resets = 0
+        outcome = "running"
+        try:
+            monitor = self._qmp(vmid)
+        except Exception as exc:
+            raise BootCheckError(f"VM {vmid}: cannot talk QMP to QEMU: {exc}") from None
+        try:
+            while time.monotonic() - started < timeout:
+                if "No bootable device" in _read(run_dir / "firmware.log"):
+                    self._kill(vmid)
+                    raise BootCheckError(
+                        f"VM {vmid}: the firmware found no bootable disk",
+                        hint="the disk has no boot sector on this bus; check `v2p inspect` "
+                             "of the source and the VM's boot order")
+                try:
+                    event = monitor.pull_event(wait=0.25)
+                except Exception:  # timeout, or QEMU closed the socket on exit
+                    event = None
+                    if not self._pid(vmid):
+                        outcome = "powered-off"
+                        break
+                if event is None:
+                    continue
+                if event.get("event") == "SHUTDOWN":
+                    outcome = "powered-off"
+                    break
+                if event.get("event") == "RESET":
+                    resets += 1
+                    if resets >= _BOOT_LOOP_RESETS:
+                        self._kill(vmid)
+                        raise BootCheckError(f"VM {vmid} reset {resets} times while booting (a boot loop)",
+                                             hint="see the guest's serial log: %s" % (run_dir / "serial.log"))
+        finally:
+            monitor.close()
+        if outcome == "powered-off":
+            self._wait_exit(vmid, 10) or self._kill(vmid)
+        return BootReport(outcome=outcome, seconds=round(time.monotonic() - started, 2),
+                          serial=_read(run_dir / "serial.log"),
+                          firmware=_read(run_dir / "firmware.log")[-2000:], resets=resets, accel=accel)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _boot_order(config: VMConfig) -> list[str]:
+    boot = config.get("boot", "")
+    if boot.startswith("order="):
+        return [item for item in boot[len("order="):].split(";") if item]
+    disks = sorted(key for key in config if _DISK_KEY.match(key))
+    return disks[:1]
+
+
+def _nic_args(config: VMConfig, order: list[str]) -> list[str]:
+    argv: list[str] = []
+    for key in sorted(config):
+        if not re.fullmatch(r"net\d+", key):
+            continue
+        model_mac, opts = split_property(config[key])
+        model, _, mac = model_mac.partition("=")
+        if model not in NIC_MODELS:
+            raise TargetError(f"unknown NIC model {model!r} in {key}")
+        device = f"{NIC_MODELS[model]},netdev={key}"
+        if mac:
+            device += f",mac={mac}"
+        device += f",bootindex={order.index(key) + 1}" if key in order else ",romfile="
+        argv += ["-netdev", f"user,id={key}", "-device", device]
+    return argv
