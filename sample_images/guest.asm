@@ -36,7 +36,8 @@
 ;           (lsi 1000:0012, megasas, pvscsi, ...)
 ;        B  virtio controllers (vendor 1af4)
 ;        C  chipset built-ins: PIIX3 IDE 8086:7010 (always present on
-;           i440fx) and ICH9 AHCI 8086:2922 (always present on q35)
+;           i440fx) and ICH9 AHCI 8086:2922 at 00:1f.2 (always present on
+;           q35); an ICH9 AHCI in another slot (added to i440fx) is rank A
 ;      and report A, else B, else C, else controller=unknown pci=ffff:ffff.
 ;      Why this order: the built-in controller is always there, so when any
 ;      other storage controller exists the boot disk almost certainly hangs
@@ -380,8 +381,11 @@ scan_storage_cb:
         mov     si, chip_id
         cmp     eax, 0x70108086         ; PIIX3 IDE (i440fx built-in)
         je      .keep
-        cmp     eax, 0x29228086         ; ICH9 AHCI (q35 built-in)
-        je      .keep
+        cmp     eax, 0x29228086         ; ICH9 AHCI: built-in only at q35's
+        jne     .notchip                ; fixed slot 00:1f.2 (bdf 0x00FA);
+        cmp     bx, 0x00FA              ; an AHCI added to i440fx (PVE's
+        je      .keep                   ; sataN there) is an add-on (rank A)
+.notchip:
         mov     si, virtio_id
         cmp     ax, 0x1AF4              ; virtio (Red Hat / Qumranet)
         je      .keep

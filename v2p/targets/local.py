@@ -335,7 +335,7 @@ class LocalTarget(Target):
                 if not self._wait_exit(vmid, timeout):
                     monitor.cmd("quit")
             finally:
-                monitor.close()
+                _close_quietly(monitor)
         except Exception:  # QMP gone: the process is about to exit or is wedged
             pass
         if not self._wait_exit(vmid, 10):
@@ -381,12 +381,19 @@ class LocalTarget(Target):
                         raise BootCheckError(f"VM {vmid} reset {resets} times while booting (a boot loop)",
                                              hint="see the guest's serial log: %s" % (run_dir / "serial.log"))
         finally:
-            monitor.close()
+            _close_quietly(monitor)
         if outcome == "powered-off":
             self._wait_exit(vmid, 10) or self._kill(vmid)
         return BootReport(outcome=outcome, seconds=round(time.monotonic() - started, 2),
                           serial=_read(run_dir / "serial.log"),
                           firmware=_read(run_dir / "firmware.log")[-2000:], resets=resets, accel=accel)
+
+
+def _close_quietly(monitor: Any) -> None:
+    try:
+        monitor.close()
+    except Exception:  # QEMU already exited and closed the socket: nothing to close
+        pass
 
 
 def _read(path: Path) -> str:

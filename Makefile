@@ -1,0 +1,47 @@
+# make demo  - set everything up, migrate a sample VMware disk, boot it, show what the guest said
+# make test  - set everything up, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SAMPLES := sample_images/out
+DEMO_DIR := $(CURDIR)/.demo
+DEMO_VMID := 100
+
+.PHONY: setup system venv samples demo test lint bench clean
+
+setup: system venv
+
+system:
+	@bash scripts/setup-system.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | system
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+samples: setup
+	$(BIN)/python sample_images/build.py $(SAMPLES)
+
+demo: samples
+	@rm -rf $(DEMO_DIR)
+	$(BIN)/v2p --target-dir $(DEMO_DIR) inspect $(SAMPLES)/esxi/esxi.vmdk
+	$(BIN)/v2p --target-dir $(DEMO_DIR) migrate $(SAMPLES)/esxi/esxi.vmdk --vmid $(DEMO_VMID) --os win7
+	$(BIN)/v2p --target-dir $(DEMO_DIR) vm show $(DEMO_VMID)
+	@echo "--- what the migrated guest reported on its serial port ---"
+	@grep -a 'v2p-guest' $(DEMO_DIR)/run/$(DEMO_VMID)/serial.log
+
+test: samples
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check v2p tests
+	$(BIN)/mypy v2p
+
+bench: samples
+	$(BIN)/python bench/convert_bench.py
+
+clean:
+	rm -rf $(SAMPLES) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian/Ubuntu packages v2p needs, if any are missing.
+# As root it runs apt-get itself; otherwise it prints the command to run.
+set -euo pipefail
+
+declare -A need=(
+  [qemu-img]=qemu-utils
+  [qemu-system-x86_64]=qemu-system-x86
+  [nasm]=nasm
+  [losetup]=mount
+  [xorriso]=xorriso
+)
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+if ! ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1'; then
+  missing+=(libmagic1)
+fi
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  missing+=(python3-venv python3-pip)
+fi
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "setup: missing Debian packages: ${missing[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: run as root, or install them first: sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" ipxe-qemu seabios >/dev/null
+echo "setup: installed ${missing[*]}"
