@@ -75,7 +75,7 @@ class MigrationState:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as handle:
-            json.dump(self.data, handle, indent=2, sort_keys=True)
+            json.dump(self.data, handle, indent=2)
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())

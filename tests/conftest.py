@@ -1,0 +1,141 @@
+"""Shared fixtures: the sample images (built once per session with the real
+nasm and qemu-img), per-test copies of them, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_images" / "out"
+FLAVORS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
+           "streamOptimized", "esxi"]
+GUEST_LINE = re.compile(r"v2p-guest: boot controller=(\S+) pci=([0-9a-f]{4}:[0-9a-f]{4})")
+MARKER_LINE = re.compile(r"v2p-guest: last-sector marker=(\S+)")
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict[str, Any]:
+    subprocess.run([sys.executable, str(ROOT / "sample_images" / "build.py"), str(SAMPLES), "-q"],
+                   check=True)
+    data: dict[str, Any] = json.loads((SAMPLES / "manifest.json").read_text())
+    return data
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file below ``folder``."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            out[str(path)] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+    return out
+
+
+@dataclass
+class Source:
+    """A private copy of one sample flavor; checks at teardown that v2p never changed it."""
+
+    folder: Path
+    descriptor: Path
+    flavor: str
+    before: dict[str, tuple[str, int]]
+
+    def assert_unchanged(self) -> None:
+        assert snapshot(self.folder) == self.before, "the source files were modified"
+
+
+@pytest.fixture
+def source_of(manifest: dict[str, Any], tmp_path: Path):  # type: ignore[no-untyped-def]
+    made: list[Source] = []
+
+    def make(flavor: str) -> Source:
+        entry = manifest["flavors"][flavor]
+        folder = tmp_path / "src" / f"{flavor}-{len(made)}"
+        shutil.copytree(SAMPLES / entry["dir"], folder, copy_function=shutil.copy2)
+        src = Source(folder, folder / Path(entry["descriptor"]).name, entry["flavor"], snapshot(folder))
+        made.append(src)
+        return src
+
+    yield make
+    for src in made:
+        src.assert_unchanged()
+
+
+class V2P:
+    """Runs the real ``v2p`` command against one local target directory."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "v2p", "--accel", "tcg", "--target-dir", str(self.target), *args]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("V2P_")}
+        env.update(extra)
+        return env
+
+    def __call__(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout,
+                              env=self.env(**env), cwd=ROOT)
+
+    def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=self.env(**env), cwd=ROOT)
+
+    def serial(self, vmid: int) -> str:
+        return (self.target / "run" / str(vmid) / "serial.log").read_text(errors="replace")
+
+    def config(self, vmid: int) -> dict[str, str]:
+        text = (self.target / "qemu-server" / f"{vmid}.conf").read_text()
+        return dict(line.split(": ", 1) for line in text.splitlines())
+
+    def state(self, vmid: int) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.target / "migrations" / f"{vmid}.json").read_text())
+        return data
+
+    def disk(self, vmid: int, fmt: str = "qcow2") -> Path:
+        return self.target / "images" / str(vmid) / f"vm-{vmid}-disk-0.{fmt}"
+
+
+@pytest.fixture
+def v2p(tmp_path: Path) -> V2P:
+    return V2P(tmp_path / "target")
+
+
+def guest_report(serial: str) -> tuple[str, str, str]:
+    """(controller, pci id, last-sector marker) as the guest printed them."""
+    boot = GUEST_LINE.search(serial)
+    marker = MARKER_LINE.search(serial)
+    assert boot and marker, f"guest did not report its boot:\n{serial[-2000:]}"
+    return boot.group(1), boot.group(2), marker.group(1)
+
+
+def assert_same_bytes(raw: Path, disk: Path, fmt: str = "qcow2") -> None:
+    """The converted disk holds exactly the sample's raw bytes (qemu-img compare, strict size)."""
+    proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", fmt, str(raw), str(disk)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", fmt, str(disk)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["virtual-size"] == raw.stat().st_size
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The CLI failed the way a user should see it: non-zero, one line, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("v2p: error: ")
+    return lines[0]
