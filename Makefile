@@ -33,11 +33,11 @@ demo: samples
 	@echo "--- what the migrated guest reported on its serial port ---"
 	@grep -a 'v2p-guest' $(DEMO_DIR)/run/$(DEMO_VMID)/serial.log
 
-test: samples
+test: samples lint
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check v2p tests
+	$(BIN)/ruff check v2p tests bench sample_images
 	$(BIN)/mypy v2p
 
 bench: samples

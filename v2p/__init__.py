@@ -9,6 +9,15 @@ from .errors import V2PError
 from .events import Event
 from .inspect import DiskImage, Flavor
 
-__all__ = ["Migration", "migrate", "inspect", "status", "local_target", "V2PError", "Event",
-           "DiskImage", "Flavor"]
+__all__ = [
+           "DiskImage",
+           "Event",
+           "Flavor",
+           "Migration",
+           "V2PError",
+           "inspect",
+           "local_target",
+           "migrate",
+           "status",
+]
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ from .state import MigrationState, list_states
 from .targets.base import Target
 from .targets.local import LocalTarget
 
-__all__ = ["Migration", "Target", "migrate", "inspect", "status", "local_target"]
+__all__ = ["Migration", "Target", "inspect", "local_target", "migrate", "status"]
 
 
 def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str = "auto") -> LocalTarget:

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("rm", "remove a VM, its disks and its migration record")):
         vp = vm.add_parser(name, help=text)
         vp.add_argument("vmid", type=int)
+        if name == "stop":
+            vp.add_argument("--timeout", type=float, default=60.0,
+                            help="seconds to wait for the guest before a hard stop (default: 60)")
     return parser
 
 
@@ -225,7 +228,7 @@ def _vm(args: argparse.Namespace, target: api.Target) -> int:
         target.start(vmid)
         print(f"VM {vmid} started")
     elif command == "stop":
-        target.stop(vmid)
+        target.stop(vmid, timeout=args.timeout)
         print(f"VM {vmid} stopped")
     elif command == "rm":
         target.destroy_vm(vmid)

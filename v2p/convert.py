@@ -110,7 +110,7 @@ def compare(source: Source, dest: Path, dest_fmt: str, *, capacity: int) -> None
     """Raise VerifyError unless ``dest`` holds exactly the bytes of ``source``."""
     # Not -s (strict): it also fails on allocation differences, and a sparse
     # qcow2 of a fully allocated flat disk is exactly what we want.
-    size = int(image_info(dest, dest_fmt)["virtual-size"])  # type: ignore[call-overload]
+    size = int(str(image_info(dest, dest_fmt)["virtual-size"]))
     if size != capacity:
         raise VerifyError(f"{dest} is {size} bytes, the source is {capacity}",
                           hint="the conversion is discarded; run migrate again")

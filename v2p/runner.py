@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import shutil
 import signal
 import subprocess
@@ -86,7 +87,7 @@ def run_streaming(
         try:
             assert proc.stdout is not None
             piece = b""
-            while data := proc.stdout.read1(4096):
+            while data := os.read(proc.stdout.fileno(), 4096):
                 for char in data:
                     if char in b"\r\n":
                         if piece:

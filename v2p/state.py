@@ -48,8 +48,9 @@ class MigrationState:
             raise StateError(f"{self.path}: state file is not valid JSON ({exc.msg})",
                              hint="remove it to start this migration over") from None
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            raise StateError(f"{self.path}: state file version {data.get('version') if isinstance(data, dict) else '?'} "
-                             f"is not {STATE_VERSION}", hint="finish it with the v2p that wrote it")
+            version = data.get("version") if isinstance(data, dict) else "?"
+            raise StateError(f"{self.path}: state file version {version} is not {STATE_VERSION}",
+                             hint="finish it with the v2p that wrote it")
         self.data = data
         return True
 

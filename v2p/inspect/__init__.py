@@ -15,7 +15,7 @@ from ..errors import SourceError, UnsafeSourceError
 from . import vmdk
 from .model import SECTOR, DiskImage, Extent, ExtentKind, Flavor
 
-__all__ = ["inspect_disk", "DiskImage", "Extent", "ExtentKind", "Flavor", "describe"]
+__all__ = ["DiskImage", "Extent", "ExtentKind", "Flavor", "describe", "inspect_disk"]
 
 _FLAT_CREATE_TYPES = {
     "monolithicFlat": Flavor.MONOLITHIC_FLAT,
@@ -142,11 +142,12 @@ def _from_descriptor(path: Path, name: str, data: bytes) -> DiskImage:
         raise SourceError(f"{name}: unknown createType {create_type!r}")
     extents = vmdk.validate_extents(desc, path)
     for extent in extents:
-        if flavor in _FLAT_CREATE_TYPES.values() and not (extent.kind.is_raw or extent.kind is ExtentKind.ZERO):
+        plain = extent.kind.is_raw or extent.kind is ExtentKind.ZERO
+        if flavor in _FLAT_CREATE_TYPES.values() and not plain:
             raise SourceError(f"{name}: createType {create_type} with a {extent.kind.value} extent")
         if extent.kind is ExtentKind.SPARSE:
             _check_sparse_extent(extent, name)
-        elif not (extent.kind.is_raw or extent.kind is ExtentKind.ZERO):
+        elif not plain:
             raise SourceError(f"{name}: {extent.kind.value} extents are snapshot deltas",
                               hint="consolidate the snapshots in VMware first")
     capacity = sum(e.size for e in extents)
@@ -193,7 +194,7 @@ def _foreign(path: Path, flavor: Flavor, fmt: str, capacity: int | None) -> Disk
     if capacity is None:
         from ..convert import image_info
 
-        capacity = int(image_info(path, fmt)["virtual-size"])
+        capacity = int(str(image_info(path, fmt)["virtual-size"]))
     return DiskImage(path, flavor, fmt, capacity,
                      warnings=(f"{path.name} is not a VMDK but a {flavor.value} image; "
                                f"converting it as {fmt}",))
@@ -202,12 +203,17 @@ def _foreign(path: Path, flavor: Flavor, fmt: str, capacity: int | None) -> Disk
 def _raw(path: Path, name: str, head: bytes, size: int) -> DiskImage:
     kind = describe(path)
     boot = len(head) >= SECTOR and head[510:512] == b"\x55\xaa"
-    diskish = boot or kind in ("", "data") or any(
-        word in kind for word in ("boot sector", "filesystem", "partition", "GPT", "LVM", "swap"))
-    if size % SECTOR or not diskish:
-        what = kind or f"{size} bytes of unknown data"
-        raise SourceError(f"{name} is {what}, not a disk image",
-                          hint="give the VM's .vmdk descriptor or a raw/flat disk")
+    # Raw data is only taken as a disk when something says it is one: a boot
+    # signature, or libmagic finding a partition table or file system on it.
+    diskish = boot or any(word in kind for word in (
+        "boot sector", "filesystem", "file system", "partition", "GPT", "LVM2", "swap file"))
+    what = kind or "unknown data"
+    if size % SECTOR:
+        raise SourceError(f"{name} is {what} ({size} bytes, not a whole number of 512-byte sectors), "
+                          "not a disk image", hint="give the VM's .vmdk descriptor or a raw/flat disk")
+    if not diskish:
+        raise SourceError(f"{name} is {what} with no boot sector, partition table or file system: "
+                          "not a disk image", hint="give the VM's .vmdk descriptor or a raw/flat disk")
     flavor = Flavor.FLAT_EXTENT if path.name.endswith("-flat.vmdk") else Flavor.RAW
     warning = f"{path.name}: no VMDK descriptor found; treating it as raw data"
     if flavor is Flavor.FLAT_EXTENT:

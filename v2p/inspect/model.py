@@ -8,13 +8,13 @@ enough), so later stages never need to look at a descriptor again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 SECTOR = 512
 
 
-class Flavor(str, Enum):
+class Flavor(StrEnum):
     """The kinds of disk image v2p tells apart, named as VMware (or qemu) names them."""
 
     MONOLITHIC_SPARSE = "monolithicSparse"
@@ -35,11 +35,8 @@ class Flavor(str, Enum):
     VHDX = "vhdx"
     VDI = "vdi"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ExtentKind(str, Enum):
+class ExtentKind(StrEnum):
     FLAT = "FLAT"
     SPARSE = "SPARSE"
     ZERO = "ZERO"

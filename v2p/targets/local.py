@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BootCheckError, NoSuchVMError, TargetError, ToolError, VMIDExistsError
-from ..runner import run, which
-from .base import BootReport, Target, Volume, VMConfig
+from ..runner import which
+from .base import BootReport, Target, VMConfig, Volume
 
 STORAGE = "local"
 SCSI_CONTROLLERS = {
@@ -90,7 +90,10 @@ def format_config(config: VMConfig) -> str:
 def split_property(value: str) -> tuple[str, dict[str, str]]:
     """``'local:1/a.qcow2,size=1G'`` -> ``('local:1/a.qcow2', {'size': '1G'})``."""
     first, *rest = value.split(",")
-    opts = dict(item.split("=", 1) if "=" in item else (item, "") for item in rest)
+    opts = {}
+    for item in rest:
+        key, _, val = item.partition("=")
+        opts[key] = val
     return first, opts
 
 
@@ -145,7 +148,7 @@ class LocalTarget(Target):
         path = self._conf(vmid)
         if path.exists():
             raise VMIDExistsError(f"VMID {vmid} already exists on the local target ({path})",
-                                  hint="pick another --vmid, or remove it with: v2p vm rm %d" % vmid)
+                                  hint=f"pick another --vmid, or remove it with: v2p vm rm {vmid}")
         self._write_config(vmid, config)
 
     def _write_config(self, vmid: int, config: VMConfig) -> None:
@@ -288,8 +291,8 @@ class LocalTarget(Target):
         qmp = self._qmp_path(vmid)
         qmp.parent.mkdir(mode=0o700, exist_ok=True)
         qmp.unlink(missing_ok=True)
-        with open(run_dir / "qemu.log", "wb") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        with open(run_dir / "qemu.log", "wb") as qemu_log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
                                     start_new_session=True)
         self._procs[vmid] = proc
         deadline = time.monotonic() + 30
@@ -297,7 +300,7 @@ class LocalTarget(Target):
             if proc.poll() is not None:
                 text = (run_dir / "qemu.log").read_text(errors="replace").strip()
                 raise ToolError(f"qemu-system-x86_64 could not start VM {vmid}: "
-                                f"{text.splitlines()[-1] if text else 'exit %d' % proc.returncode}")
+                                f"{text.splitlines()[-1] if text else 'exit ' + str(proc.returncode)}")
             if time.monotonic() > deadline:
                 self._kill(vmid)
                 raise ToolError(f"qemu-system-x86_64 did not open its QMP socket for VM {vmid} in 30s")
@@ -382,8 +385,8 @@ class LocalTarget(Target):
                                              hint="see the guest's serial log: %s" % (run_dir / "serial.log"))
         finally:
             _close_quietly(monitor)
-        if outcome == "powered-off":
-            self._wait_exit(vmid, 10) or self._kill(vmid)
+        if outcome == "powered-off" and not self._wait_exit(vmid, 10):
+            self._kill(vmid)
         return BootReport(outcome=outcome, seconds=round(time.monotonic() - started, 2),
                           serial=_read(run_dir / "serial.log"),
                           firmware=_read(run_dir / "firmware.log")[-2000:], resets=resets, accel=accel)

@@ -1,0 +1,101 @@
+"""Bad input and refused operations: one clear line, non-zero exit, no
+traceback, nothing created, the source untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import one_line_error
+
+
+def nothing_created(target: Path) -> bool:
+    return not (target / "qemu-server").exists() and not (target / "images").exists()
+
+
+def test_second_migrate_on_existing_vmid_is_refused(source_of, v2p):
+    src = source_of("monolithicSparse")
+    assert v2p("migrate", str(src.descriptor), "--vmid", "130", "--no-boot-check").returncode == 0
+    config_before = v2p.config(130)
+    again = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "130", "--no-boot-check"))
+    assert "VMID 130 already exists" in again and "monolithicSparse.vmdk" in again
+    other = source_of("esxi")
+    line = one_line_error(v2p("migrate", str(other.descriptor), "--vmid", "130"))
+    assert "VMID 130 already exists" in line and "v2p vm rm 130" in line
+    assert v2p.config(130) == config_before
+
+
+def test_vmid_taken_by_a_vm_v2p_did_not_make_is_refused(source_of, v2p):
+    (v2p.target / "qemu-server").mkdir(parents=True)
+    (v2p.target / "qemu-server" / "131.conf").write_text("name: someone-else\nmemory: 1024\n")
+    src = source_of("monolithicFlat")
+    line = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "131"))
+    assert "VMID 131 already exists" in line
+    assert (v2p.target / "qemu-server" / "131.conf").read_text() == "name: someone-else\nmemory: 1024\n"
+
+
+def test_missing_file(tmp_path, v2p):
+    missing = tmp_path / "nope.vmdk"
+    line = one_line_error(v2p("migrate", str(missing), "--vmid", "132"))
+    assert f"{missing}: no such file" in line
+    assert nothing_created(v2p.target)
+
+
+def test_directory(tmp_path, v2p):
+    folder = tmp_path / "vmfolder"
+    folder.mkdir()
+    line = one_line_error(v2p("migrate", str(folder), "--vmid", "133"))
+    assert f"{folder} is a directory" in line
+    assert nothing_created(v2p.target)
+
+
+@pytest.mark.parametrize(("content", "what"), [
+    (b"just some notes about the VM\n" * 40, "text"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(1016), "no boot sector, partition table or file system"),
+    (bytes(4096), "no boot sector, partition table or file system"),
+    (b"", "empty"),
+    (b"\x00" * 700, "700 bytes"),
+])
+def test_non_disk_file(content, what, tmp_path, v2p):
+    path = tmp_path / "notes.vmdk"
+    path.write_bytes(content)
+    line = one_line_error(v2p("migrate", str(path), "--vmid", "134"))
+    assert str(path) in line and what in line
+    assert "not a disk image" in line or "is empty" in line
+    assert nothing_created(v2p.target)
+    assert path.read_bytes() == content
+
+
+def test_unsafe_extent_path_is_refused_before_anything_is_created(tmp_path, v2p):
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    desc = folder / "evil.vmdk"
+    desc.write_text('# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+                    'createType="monolithicFlat"\nRW 8 FLAT "../../../../etc/passwd" 0\n')
+    line = one_line_error(v2p("migrate", str(desc), "--vmid", "135"))
+    assert "leaves the image folder" in line
+    assert nothing_created(v2p.target)
+
+
+def test_disk_that_does_not_boot_fails_the_boot_check(tmp_path, v2p):
+    # an ext2 file system on the bare disk: a data disk, no boot sector
+    data = bytearray(1 << 20)
+    data[1080:1082] = b"\x53\xef"
+    blank = tmp_path / "data-flat.vmdk"
+    blank.write_bytes(bytes(data))
+    line = one_line_error(v2p("migrate", str(blank), "--vmid", "136", "--boot-timeout", "20"))
+    assert "VM 136: the firmware found no bootable disk" in line
+    # the VM and its verified disk stay for inspection; the boot stage is not recorded
+    assert "boot" not in v2p.state(136)["stages"]
+
+
+def test_verbose_shows_the_traceback(tmp_path, v2p):
+    proc = v2p("-v", "migrate", str(tmp_path / "nope.vmdk"), "--vmid", "137")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "SourceError" in proc.stderr
+
+
+def test_bad_option_values(source_of, v2p):
+    src = source_of("monolithicSparse")
+    line = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "138", "--memory", "1"))
+    assert "--memory 1 MiB is out of range" in line
