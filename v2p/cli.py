@@ -206,7 +206,8 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
         stages = data.get("stages", {})
         for name in ("inspect", "preflight", "create", "convert", "verify", "attach", "boot", "finish"):
             record = stages.get(name)
-            print(f"  {name:<10} {'done ' + record['finished_at'] if record else 'pending'}")
+            when = f"done {record['finished_at']} ({record['seconds']:.2f}s)" if record else "pending"
+            print(f"  {name:<10} {when}")
     return 0
 
 

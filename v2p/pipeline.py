@@ -89,10 +89,10 @@ class Pipeline:
             self.emit(Event("stage-start", stage.name, stage.summary))
             started = time.monotonic()
             result = stage.run(ctx)
-            self.state.record(stage.name, result)
+            seconds = time.monotonic() - started
+            self.state.record(stage.name, result, seconds=seconds)
             ctx.records[stage.name] = result
-            self.emit(Event("stage-done", stage.name, f"{time.monotonic() - started:.2f}s",
-                            data=result))
+            self.emit(Event("stage-done", stage.name, f"{seconds:.2f}s", data=result))
             _maybe_hold(stage.name)
         self.state.data["finished"] = True
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]

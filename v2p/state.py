@@ -64,8 +64,8 @@ class MigrationState:
         stages: dict[str, Any] = self.data.setdefault("stages", {})
         return stages
 
-    def record(self, stage: str, result: dict[str, Any]) -> None:
-        self.stages[stage] = {"finished_at": now(), "result": result}
+    def record(self, stage: str, result: dict[str, Any], *, seconds: float) -> None:
+        self.stages[stage] = {"finished_at": now(), "seconds": round(seconds, 3), "result": result}
         self.save()
 
     def forget(self, stage: str) -> None:
