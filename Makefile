@@ -31,7 +31,7 @@ demo: samples
 	$(BIN)/v2p --target-dir $(DEMO_DIR) migrate $(SAMPLES)/esxi/esxi.vmdk --vmid $(DEMO_VMID) --os win7
 	$(BIN)/v2p --target-dir $(DEMO_DIR) vm show $(DEMO_VMID)
 	@echo "--- what the migrated guest reported on its serial port ---"
-	@grep -a 'v2p-guest' $(DEMO_DIR)/run/$(DEMO_VMID)/serial.log
+	@grep -a 'v2p-guest' $(DEMO_DIR)/run/$(DEMO_VMID)/serial.log | tr -d '\r'
 
 test: samples lint
 	$(BIN)/python -m pytest -q tests
