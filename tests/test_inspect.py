@@ -27,17 +27,18 @@ def test_inspect_text_output(source_of, v2p):
     src = source_of("esxi")
     proc = v2p("inspect", str(src.descriptor))
     assert proc.returncode == 0, proc.stderr
-    assert "flavor:   vmfs" in proc.stdout
-    assert "capacity: 33554432 bytes" in proc.stdout
-    assert "extent:   VMFS 65536 sectors esxi-flat.vmdk" in proc.stdout
-    assert "adapter:  lsilogic" in proc.stdout
+    assert "flavor:    vmfs" in proc.stdout
+    assert "capacity:  33554432 bytes" in proc.stdout
+    assert "extent:    VMFS 65536 sectors esxi-flat.vmdk" in proc.stdout
+    assert "adapter:   lsilogic" in proc.stdout
+    assert "boot:      mbr" in proc.stdout and "verdict:   warning" in proc.stdout
 
 
 def test_flat_extent_alone_is_raw_with_a_warning(source_of, v2p):
     src = source_of("esxi")
     proc = v2p("inspect", str(src.folder / "esxi-flat.vmdk"))
     assert proc.returncode == 0, proc.stderr
-    assert "flavor:   flat extent" in proc.stdout
+    assert "flavor:    flat extent" in proc.stdout
     assert "no VMDK descriptor found" in proc.stdout and "esxi.vmdk is beside it" in proc.stdout
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .events import EventHandler, ignore
-from .inspect import DiskImage, inspect_disk
+from .inspect import DiskImage, Row, inspect_disk, inspect_paths
 from .options import MigrationOptions
 from .pipeline import Pipeline
 from .state import MigrationState, list_states
 from .targets.base import Target
 from .targets.local import LocalTarget
 
-__all__ = ["Migration", "Target", "inspect", "local_target", "migrate", "status"]
+__all__ = ["Migration", "Row", "Target", "inspect", "inspect_paths", "local_target", "migrate", "status"]
 
 
 def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str = "auto") -> LocalTarget:

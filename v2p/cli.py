@@ -104,27 +104,44 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    images = [api.inspect(path) for path in args.paths]
+    rows = api.inspect_paths(args.paths)
     if args.json:
-        print(json.dumps([image.to_dict() for image in images], indent=2))
-        return 0
-    for image in images:
-        _print_image(image)
-    return 0
+        print(json.dumps([row.to_dict() for row in rows], indent=2))
+    else:
+        for row in rows:
+            if row.image is not None:
+                _print_image(row.image)
+            else:
+                print(f"{row.path}\n  verdict:  refused: {row.error}")
+    refused = [row for row in rows if row.error is not None]
+    for row in refused:
+        print(f"v2p: error: {row.error}", file=sys.stderr)
+    return max((row.error.exit_code for row in refused if row.error), default=0)
 
 
 def _print_image(image: DiskImage) -> None:
     print(f"{image.path}")
-    print(f"  flavor:   {image.flavor}")
-    print(f"  capacity: {image.capacity} bytes ({image.capacity / (1 << 20):.1f} MiB)")
+    print(f"  flavor:    {image.flavor}" + (f" (createType {image.create_type})"
+                                            if image.create_type and image.create_type != image.flavor
+                                            else ""))
+    print(f"  capacity:  {image.capacity} bytes ({image.capacity / (1 << 20):.1f} MiB), "
+          f"{image.allocated} allocated")
     if image.adapter_type:
-        print(f"  adapter:  {image.adapter_type}")
-    for extent in image.extents:
-        where = f" {extent.path.name}" if extent.path else ""
-        offset = f" @ sector {extent.offset}" if extent.offset else ""
-        print(f"  extent:   {extent.kind.value} {extent.sectors} sectors{where}{offset}")
-    for warning in image.warnings:
-        print(f"  warning:  {warning}")
+        print(f"  adapter:   {image.adapter_type}")
+    for depth, link in enumerate(image.chain):
+        if depth:
+            print(f"  parent:    {link.path.name} ({link.flavor}, CID {link.cid})")
+        for extent in link.extents:
+            where = f" {extent.path.name}" if extent.path else ""
+            offset = f" @ sector {extent.offset}" if extent.offset else ""
+            print(f"  {'extent:' if not depth else '  extent:':<10} {extent.kind.value} "
+                  f"{extent.sectors} sectors{where}{offset}")
+    if image.boot_signature:
+        print(f"  boot:      {image.boot_signature}")
+    for link in image.chain:
+        for warning in link.warnings:
+            print(f"  warning:   {warning}")
+    print(f"  verdict:   {image.verdict}")
 
 
 class _Printer:

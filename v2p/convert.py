@@ -40,31 +40,58 @@ def image_info(path: Path, fmt: str) -> dict[str, object]:
 
 
 def qemu_source(image: DiskImage, workdir: Path) -> Source:
-    """The input qemu-img should read for ``image``; for a VMDK, a descriptor v2p writes."""
+    """The input qemu-img should read for ``image``; for a VMDK, descriptors v2p writes.
+
+    A snapshot chain becomes one descriptor per link, each naming the next by
+    absolute path (``parentFileNameHint``) with matching CIDs, so qemu-img
+    reads the consolidated disk and never resolves a path of the source's own.
+    """
     if not image.is_vmdk:
         return Source(image.qemu_format, image.path)
-    sparse = any(e.kind is ExtentKind.SPARSE for e in image.extents)
+    workdir.mkdir(parents=True, exist_ok=True)
+    chain = image.chain
+    target = workdir / "source.vmdk"
+    parent_file: Path | None = None
+    for depth in range(len(chain) - 1, -1, -1):
+        link = chain[depth]
+        target = workdir / ("source.vmdk" if depth == 0 else f"source-parent{depth}.vmdk")
+        _write_descriptor(link, target, cid=f"{depth + 1:08x}", parent=parent_file,
+                          parent_cid=f"{depth + 2:08x}")
+        parent_file = target
+    return Source("vmdk", target)
+
+
+def _write_descriptor(image: DiskImage, target: Path, *, cid: str, parent: Path | None,
+                      parent_cid: str) -> None:
+    kinds = {e.kind for e in image.extents}
+    if ExtentKind.VMFSSPARSE in kinds:
+        create_type = "vmfsSparse"
+    elif ExtentKind.SESPARSE in kinds:
+        create_type = "seSparse"
+    elif ExtentKind.SPARSE in kinds:
+        create_type = "twoGbMaxExtentSparse"
+    else:
+        create_type = "twoGbMaxExtentFlat"
     lines = [
         "# Disk DescriptorFile",
         "# written by v2p from the validated extents of " + _quotable(image.path),
         "version=1",
-        "CID=fffffffe",
-        "parentCID=ffffffff",
-        'createType="%s"' % ("twoGbMaxExtentSparse" if sparse else "twoGbMaxExtentFlat"),
+        f"CID={cid}",
+        f"parentCID={parent_cid if parent else 'ffffffff'}",
+        f'createType="{create_type}"',
     ]
+    if parent is not None:
+        lines.append(f'parentFileNameHint="{_quotable(parent)}"')
     for extent in image.extents:
         if extent.kind is ExtentKind.ZERO or extent.path is None:
             lines.append(f"RW {extent.sectors} ZERO")
         elif extent.kind.is_raw:
             lines.append(f'RW {extent.sectors} FLAT "{_quotable(extent.path)}" {extent.offset}')
         else:
-            lines.append(f'RW {extent.sectors} SPARSE "{_quotable(extent.path)}"')
-    workdir.mkdir(parents=True, exist_ok=True)
-    target = workdir / "source.vmdk"
+            lines.append(f'RW {extent.sectors} {extent.kind.value} "{_quotable(extent.path)}"')
     tmp = target.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, target)
-    return Source("vmdk", target)
 
 
 def _quotable(path: Path) -> str:

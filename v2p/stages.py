@@ -71,10 +71,13 @@ class Inspect(Stage):
     def run(self, ctx: Context) -> Record:
         ctx.image = None
         image = ctx.disk()
-        for warning in image.warnings:
-            ctx.emit(Event("warning", self.name, warning))
+        for link in image.chain:
+            for warning in link.warnings:
+                ctx.emit(Event("warning", self.name, warning))
+        chain = f", snapshot chain of {len(image.chain)}" if image.parent else ""
         ctx.emit(Event("info", self.name, f"{image.path.name}: {image.flavor}, "
-                       f"{image.capacity} bytes, {len(image.extents)} extent(s)"))
+                       f"{image.capacity} bytes, {len(image.extents)} extent(s){chain}, "
+                       f"boot signature {image.boot_signature}"))
         return {"image": image.to_dict(), "files": convert.source_fingerprint(image)}
 
     def holds(self, ctx: Context, record: Record) -> bool:

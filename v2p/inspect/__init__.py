@@ -1,40 +1,47 @@
 """Inspection: what kind of disk a file is, and whether v2p can safely take it.
 
 ``inspect_disk(path)`` reads headers only (never a whole disk), uses libmagic
-for a first coarse look and v2p's own VMDK parser for the rest, and returns a
-``DiskImage`` or raises a ``SourceError`` saying why the file is refused.
+for a first coarse look and v2p's own VMDK parser for the rest, follows and
+checks snapshot chains, and returns a ``DiskImage`` or raises a
+``SourceError`` saying why the file is refused. ``inspect_paths`` does the
+same for files and whole VM folders, one row per disk.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import SourceError, UnsafeSourceError
+from ..errors import SourceError, UnsafeSourceError, V2PError
 from . import vmdk
 from .model import SECTOR, DiskImage, Extent, ExtentKind, Flavor
 
-__all__ = ["DiskImage", "Extent", "ExtentKind", "Flavor", "describe", "inspect_disk"]
+__all__ = ["inspect_disk", "inspect_paths", "Row", "DiskImage", "Extent", "ExtentKind", "Flavor",
+           "describe"]
 
 _FLAT_CREATE_TYPES = {
-    "monolithicFlat": Flavor.MONOLITHIC_FLAT,
-    "twoGbMaxExtentFlat": Flavor.TWO_GB_MAX_EXTENT_FLAT,
+    "monolithicflat": Flavor.MONOLITHIC_FLAT,
+    "twogbmaxextentflat": Flavor.TWO_GB_MAX_EXTENT_FLAT,
     "vmfs": Flavor.VMFS,
-    "vmfsThin": Flavor.VMFS_THIN,
-    "vmfsEagerZeroedThick": Flavor.VMFS_EAGER_ZEROED_THICK,
-    "vmfsPreallocated": Flavor.VMFS,
+    "vmfsthin": Flavor.VMFS_THIN,
+    "vmfseagerzeroedthick": Flavor.VMFS_EAGER_ZEROED_THICK,
+    "vmfspreallocated": Flavor.VMFS,
 }
 _SPARSE_CREATE_TYPES = {
-    "monolithicSparse": Flavor.MONOLITHIC_SPARSE,
-    "twoGbMaxExtentSparse": Flavor.TWO_GB_MAX_EXTENT_SPARSE,
-    "streamOptimized": Flavor.STREAM_OPTIMIZED,
+    "monolithicsparse": Flavor.MONOLITHIC_SPARSE,
+    "twogbmaxextentsparse": Flavor.TWO_GB_MAX_EXTENT_SPARSE,
+    "streamoptimized": Flavor.STREAM_OPTIMIZED,
 }
-_DELTA_CREATE_TYPES = {"vmfsSparse", "seSparse"}
-_DEVICE_CREATE_TYPES = {"vmfsRawDeviceMap", "vmfsPassthroughRawDeviceMap", "fullDevice",
-                        "partitionedDevice", "vmfsRDM", "vmfsRaw"}
-_NO_PARENT = "ffffffff"
+_DELTA_CREATE_TYPES = {"vmfssparse": Flavor.VMFS_SPARSE, "sesparse": Flavor.SE_SPARSE}
+_DEVICE_CREATE_TYPES = {"vmfsrawdevicemap", "vmfspassthroughrawdevicemap", "fulldevice",
+                        "partitioneddevice", "vmfsrdm", "vmfsraw"}
+_DELTA_KINDS = (ExtentKind.VMFSSPARSE, ExtentKind.SESPARSE)
 _HEAD = 64 * 1024
+MAX_CHAIN = 64
+DISK_SUFFIXES = (".vmdk", ".qcow2", ".vhd", ".vhdx", ".vdi", ".img", ".raw")
 
 
 def describe(path: Path) -> str:
@@ -47,18 +54,29 @@ def describe(path: Path) -> str:
         return ""
 
 
-def inspect_disk(path: str | os.PathLike[str]) -> DiskImage:
-    """Inspect the disk at ``path``; raise SourceError if it is not one v2p can take."""
+def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True) -> DiskImage:
+    """Inspect the disk at ``path``; raise SourceError if it is not one v2p can take.
+
+    With ``check_boot``, also read the first two sectors of the (consolidated)
+    disk through qemu-img and report the MBR/GPT boot signature.
+    """
     path = Path(path)
     name = str(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise SourceError(f"{name}: no such file", hint="check the path")
     if path.is_dir():
         raise SourceError(f"{name} is a directory, not a disk image",
-                          hint="give the .vmdk descriptor inside it")
+                          hint="give the .vmdk descriptor inside it (`v2p inspect` takes folders)")
+    if not path.exists():
+        raise SourceError(f"{name} is a dangling symbolic link")
     if not path.is_file():
         raise SourceError(f"{name} is not a regular file")
-    path = Path(os.path.abspath(path))
+    image = _inspect_file(Path(os.path.abspath(path)), name, set())
+    return _with_boot_signature(image) if check_boot else image
+
+
+def _inspect_file(path: Path, name: str, visited: set[Path]) -> DiskImage:
+    visited.add(Path(os.path.realpath(path)))
     size = path.stat().st_size
     if size == 0:
         raise SourceError(f"{name} is empty (0 bytes), not a disk image")
@@ -73,31 +91,25 @@ def inspect_disk(path: str | os.PathLike[str]) -> DiskImage:
         raise SourceError(f"{name}: cannot read: {exc.strerror}") from None
 
     if head.startswith(vmdk.KDMV):
-        return _hosted_sparse(path, name, head, size)
+        return _hosted_sparse(path, name, head, size, visited)
     if head.startswith(vmdk.COWD) or (len(head) >= 8 and struct.unpack_from("<Q", head)[0]
                                        == vmdk.SESPARSE_MAGIC):
-        raise SourceError(f"{name} is an ESX snapshot delta extent",
-                          hint="give the snapshot's descriptor (NAME-000001.vmdk), "
-                               "or consolidate the snapshots in VMware first")
+        raise SourceError(f"{name} is an ESX snapshot delta extent, not a disk on its own",
+                          hint="give the snapshot's descriptor (NAME-000001.vmdk) that names it")
     if vmdk.looks_like_descriptor(head):
         if size > vmdk.MAX_DESCRIPTOR:
             raise SourceError(f"{name} looks like a VMDK descriptor but is {size} bytes; "
                               f"descriptors are a few KiB: refused")
-        return _from_descriptor(path, name, head[:size] if size <= _HEAD else path.read_bytes())
-    other = _other_format(path, name, head, tail, size)
+        return _from_descriptor(path, name, head[:size] if size <= _HEAD else path.read_bytes(), visited)
+    other = _other_format(path, name, head, tail)
     if other is not None:
         return other
     return _raw(path, name, head, size)
 
 
-def _hosted_sparse(path: Path, name: str, head: bytes, size: int) -> DiskImage:
-    header = vmdk.parse_sparse_header(head[:SECTOR], name)
-    if size < SECTOR * 2 or (header.gd_offset != 0xFFFFFFFFFFFFFFFF
-                            and header.gd_offset * SECTOR >= size):
-        raise SourceError(f"{name}: VMDK sparse file is cut short ({size} bytes)",
-                          hint="the copy is incomplete; copy it again")
-    create_type = None
-    adapter = None
+def _hosted_sparse(path: Path, name: str, head: bytes, size: int, visited: set[Path]) -> DiskImage:
+    header = vmdk.check_sparse_extent(path, name)
+    desc = None
     if header.descriptor_offset and header.descriptor_size:
         start, length = header.descriptor_offset * SECTOR, header.descriptor_size * SECTOR
         if length > vmdk.MAX_DESCRIPTOR or start + length > size:
@@ -105,78 +117,107 @@ def _hosted_sparse(path: Path, name: str, head: bytes, size: int) -> DiskImage:
         with open(path, "rb") as src:
             src.seek(start)
             desc = vmdk.parse_descriptor(src.read(length), name)
-        create_type = desc.create_type
-        adapter = desc.adapter_type
-        if desc.fields.get("parentcid", _NO_PARENT).lower() != _NO_PARENT:
-            raise SourceError(f"{name} is a snapshot delta (it has a parent disk)",
-                              hint="consolidate the snapshots in VMware first")
+        described = sum(sectors for _a, sectors, _k, _f, _o in desc.extents)
+        if desc.extents and described != header.capacity:
+            raise SourceError(f"{name}: header capacity is {header.capacity} sectors, its embedded "
+                              f"descriptor says {described} (capacity mismatch)")
     warnings: list[str] = []
     if header.stream_optimized:
         flavor = Flavor.STREAM_OPTIMIZED
-    elif create_type is None:
+    elif desc is None:
         flavor = Flavor.SPARSE_EXTENT
-        warnings.append(f"{path.name} is one sparse extent with no descriptor; "
-                        "converting it alone (other extents of the disk, if any, are not included)")
+        warnings.append(f"{path.name} is one sparse extent with no descriptor; converting it "
+                        "alone (other extents of the disk, if any, are not included)")
     else:
         flavor = Flavor.MONOLITHIC_SPARSE
     extent = Extent(header.capacity, ExtentKind.SPARSE, path)
-    return DiskImage(path, flavor, "vmdk", header.capacity * SECTOR, (extent,),
-                     adapter_type=adapter, create_type=create_type, warnings=tuple(warnings))
+    image = DiskImage(path, flavor, "vmdk", header.capacity * SECTOR, (extent,),
+                      adapter_type=desc.adapter_type if desc else None,
+                      create_type=desc.create_type if desc else None, warnings=tuple(warnings),
+                      cid=desc.cid if desc else None, ddb=dict(desc.ddb) if desc else {})
+    if desc is not None and desc.parent_cid is not None:
+        return _with_parent(image, desc, name, visited)
+    return image
 
 
-def _from_descriptor(path: Path, name: str, data: bytes) -> DiskImage:
+def _from_descriptor(path: Path, name: str, data: bytes, visited: set[Path]) -> DiskImage:
     desc = vmdk.parse_descriptor(data, name)
     create_type = desc.create_type or ""
-    if create_type in _DEVICE_CREATE_TYPES:
-        raise UnsafeSourceError(f"{name}: createType {create_type} maps a physical device, "
+    key = create_type.lower()
+    if key in _DEVICE_CREATE_TYPES:
+        raise UnsafeSourceError(f"{name}: createType {create_type} maps a physical device; "
                                 "there is no disk data in the folder: refused",
-                                hint="migrate the device's contents from inside the guest")
-    if create_type in _DELTA_CREATE_TYPES or desc.fields.get("parentcid", _NO_PARENT).lower() != _NO_PARENT:
-        raise SourceError(f"{name} is a snapshot delta (createType {create_type}, it has a parent disk)",
-                          hint="consolidate the snapshots in VMware first")
-    if create_type in _FLAT_CREATE_TYPES:
-        flavor = _FLAT_CREATE_TYPES[create_type]
-    elif create_type in _SPARSE_CREATE_TYPES:
-        flavor = _SPARSE_CREATE_TYPES[create_type]
+                                hint="copy the device's contents into a disk inside VMware first")
+    if key in _FLAT_CREATE_TYPES:
+        flavor = _FLAT_CREATE_TYPES[key]
+    elif key in _SPARSE_CREATE_TYPES:
+        flavor = _SPARSE_CREATE_TYPES[key]
+    elif key in _DELTA_CREATE_TYPES:
+        flavor = _DELTA_CREATE_TYPES[key]
     else:
-        raise SourceError(f"{name}: unknown createType {create_type!r}")
+        raise SourceError(f"{name}: unknown createType {create_type!r}",
+                          hint="v2p knows monolithicSparse/Flat, twoGbMaxExtent*, streamOptimized, "
+                               "vmfs*, vmfsSparse and seSparse")
     extents = vmdk.validate_extents(desc, path)
     for extent in extents:
         plain = extent.kind.is_raw or extent.kind is ExtentKind.ZERO
-        if flavor in _FLAT_CREATE_TYPES.values() and not plain:
+        if key in _FLAT_CREATE_TYPES and not plain:
             raise SourceError(f"{name}: createType {create_type} with a {extent.kind.value} extent")
-        if extent.kind is ExtentKind.SPARSE:
-            _check_sparse_extent(extent, name)
-        elif not plain:
-            raise SourceError(f"{name}: {extent.kind.value} extents are snapshot deltas",
-                              hint="consolidate the snapshots in VMware first")
-    capacity = sum(e.size for e in extents)
+        if extent.kind in _DELTA_KINDS and desc.parent_cid is None:
+            raise SourceError(f"{name}: {extent.kind.value} snapshot delta without a parent "
+                              "(parentCID is ffffffff): its unwritten sectors are unknown")
     warnings = []
     if all(e.kind.is_raw or e.kind is ExtentKind.ZERO for e in extents):
         warnings.append(f"{path.name} describes flat (raw) extents; converting them as raw data")
-    return DiskImage(path, flavor, "vmdk", capacity, extents, adapter_type=desc.adapter_type,
-                     create_type=create_type, warnings=tuple(warnings))
+    if key in ("vmfsthin", "vmfseagerzeroedthick"):
+        warnings.append(f"qemu-img refuses createType {create_type}; v2p reads its raw extents itself")
+    if any(access == "RDONLY" for access, *_rest in desc.extents):
+        warnings.append(f"{path.name} has RDONLY extents; reading them like RW ones")
+    image = DiskImage(path, flavor, "vmdk", sum(e.size for e in extents), extents,
+                      adapter_type=desc.adapter_type, create_type=create_type,
+                      warnings=tuple(warnings), cid=desc.cid, ddb=dict(desc.ddb))
+    if desc.parent_cid is not None:
+        return _with_parent(image, desc, name, visited)
+    return image
 
 
-def _check_sparse_extent(extent: Extent, name: str) -> None:
-    assert extent.path is not None
-    with open(extent.path, "rb") as src:
-        head = src.read(SECTOR)
-    if not head.startswith(vmdk.KDMV):
-        raise SourceError(f"{name}: sparse extent {extent.path.name!r} has no VMDK sparse header")
-    header = vmdk.parse_sparse_header(head, extent.path.name)
-    if header.capacity != extent.sectors:
-        raise SourceError(f"{name}: extent {extent.path.name!r} holds {header.capacity} sectors, "
-                          f"the descriptor says {extent.sectors} (capacity mismatch)")
+def _with_parent(image: DiskImage, desc: vmdk.Descriptor, name: str, visited: set[Path]) -> DiskImage:
+    """Attach the checked parent chain below ``image`` (a snapshot delta)."""
+    hint = desc.parent_hint
+    if not hint:
+        raise SourceError(f"{name} is a snapshot (parentCID {desc.parent_cid}) but names no "
+                          "parentFileNameHint", hint="give the base disk's descriptor instead")
+    parent_path = vmdk.resolve_inside(image.path.parent, hint, name, "parent")
+    if parent_path in visited:
+        raise UnsafeSourceError(f"{name}: the snapshot chain loops back to {parent_path.name}: refused")
+    if len(visited) >= MAX_CHAIN:
+        raise SourceError(f"{name}: snapshot chain longer than {MAX_CHAIN}: refused")
+    if not parent_path.is_file():
+        raise SourceError(f"{name}: parent disk {hint!r} is missing",
+                          hint="copy the whole VM folder, base disk included")
+    parent = _inspect_file(parent_path, parent_path.name, visited)
+    if parent.cid is None or parent.cid != desc.parent_cid:
+        raise SourceError(
+            f"{name}: parentCID {desc.parent_cid} does not match the CID {parent.cid} of its parent "
+            f"{parent_path.name} (the parent changed after the snapshot was taken)",
+            hint="this chain is inconsistent; consolidate the snapshots in VMware")
+    if parent.capacity != image.capacity:
+        raise SourceError(f"{name}: {image.capacity} bytes, its parent {parent_path.name} "
+                          f"{parent.capacity} bytes (capacity mismatch)")
+    return replace(image, parent=parent, parent_cid=desc.parent_cid)
 
 
-def _other_format(path: Path, name: str, head: bytes, tail: bytes, size: int) -> DiskImage | None:
+def _other_format(path: Path, name: str, head: bytes, tail: bytes) -> DiskImage | None:
     """qcow2, VHD, VHDX, VDI: formats qemu-img reads itself, told apart by their magic."""
     if head.startswith(b"QFI\xfb") and len(head) >= 72:
         backing_offset, = struct.unpack_from(">Q", head, 8)
         if backing_offset:
             raise UnsafeSourceError(f"{name} is a qcow2 image with a backing file: refused",
                                     hint="flatten it first: qemu-img convert -O qcow2 in out")
+        crypt, = struct.unpack_from(">I", head, 32)
+        if crypt:
+            raise SourceError(f"{name} is an encrypted qcow2 image: refused",
+                              hint="decrypt it with qemu-img convert and the key first")
         virtual, = struct.unpack_from(">Q", head, 24)
         return _foreign(path, Flavor.QCOW2, "qcow2", virtual)
     if head.startswith(b"vhdxfile"):
@@ -184,8 +225,12 @@ def _other_format(path: Path, name: str, head: bytes, tail: bytes, size: int) ->
     if len(head) >= 0x44 and struct.unpack_from("<I", head, 0x40)[0] == 0xBEDA107F:
         return _foreign(path, Flavor.VDI, "vdi", None)
     for footer in (tail, head[:SECTOR]):
-        if footer.startswith(b"conectix") and len(footer) >= 0x38:
+        if footer.startswith(b"conectix") and len(footer) >= 0x40:
             current, = struct.unpack_from(">Q", footer, 0x30)
+            disk_type, = struct.unpack_from(">I", footer, 0x3C)
+            if disk_type == 4:
+                raise SourceError(f"{name} is a differencing VHD (it needs its parent): refused",
+                                  hint="merge it into its parent first")
             return _foreign(path, Flavor.VHD, "vpc", current)
     return None
 
@@ -222,3 +267,93 @@ def _raw(path: Path, name: str, head: bytes, size: int) -> DiskImage:
             warning += f" (its descriptor {sibling.name} is beside it: pass that instead)"
     extent = Extent(size // SECTOR, ExtentKind.FLAT, path, 0)
     return DiskImage(path, flavor, "raw", size, (extent,), warnings=(warning,))
+
+
+def _with_boot_signature(image: DiskImage) -> DiskImage:
+    """Read sectors 0-1 of the consolidated disk (through v2p's validated source) and judge them."""
+    from ..convert import qemu_source
+    from ..runner import run
+
+    with tempfile.TemporaryDirectory(prefix="v2p-inspect-") as tmp:
+        source = qemu_source(image, Path(tmp))
+        out = Path(tmp) / "head.raw"
+        run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", "count=2",
+             f"if={source.filename}", f"of={out}"], timeout=30)
+        data = out.read_bytes()
+    if data[512:520] == b"EFI PART":
+        signature = "gpt"
+    elif data[510:512] == b"\x55\xaa":
+        signature = "mbr"
+    else:
+        signature = "none"
+    warnings = list(image.warnings)
+    if signature == "none":
+        text = (f"{image.path.name}: no MBR or GPT boot signature in the first sector; "
+                "a VM will not boot from this disk (fine for a data disk)")
+        if any(link.growable for link in image.chain):
+            text += "; if it should boot, re-export it from VMware as a preallocated disk " \
+                    "(descriptor plus -flat.vmdk) and try again"
+        warnings.append(text)
+    return replace(image, boot_signature=signature, warnings=tuple(warnings))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One disk found by ``inspect_paths``: inspected, or refused with the reason."""
+
+    path: Path
+    image: DiskImage | None = None
+    error: V2PError | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "refused" if self.image is None else self.image.verdict
+
+    def to_dict(self) -> dict[str, object]:
+        if self.image is not None:
+            return self.image.to_dict()
+        return {"path": str(self.path), "verdict": "refused", "reason": str(self.error)}
+
+
+def inspect_paths(paths: list[str | os.PathLike[str]]) -> list[Row]:
+    """Inspect files and VM folders; a folder yields a row per disk (extents and
+    snapshot parents are shown under the disk that uses them, not as rows)."""
+    rows: list[Row] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            rows += _inspect_folder(path)
+        else:
+            rows.append(_row(path))
+    return rows
+
+
+def _row(path: Path) -> Row:
+    try:
+        return Row(path, image=inspect_disk(path))
+    except V2PError as exc:
+        return Row(path, error=exc)
+
+
+def _inspect_folder(folder: Path) -> list[Row]:
+    candidates = sorted(p for p in folder.iterdir()
+                        if p.suffix.lower() in DISK_SUFFIXES and (p.is_file() or p.is_symlink()))
+    rows = [_row(p) for p in candidates]
+    used: set[Path] = set()
+    for row in rows:
+        if row.image is not None:
+            used.update(f for f in row.image.files if f != Path(os.path.realpath(row.path)))
+            used.update(link.path for link in row.image.chain[1:])
+    shown = []
+    for row in rows:
+        real = Path(os.path.realpath(row.path))
+        if real in used or Path(os.path.abspath(row.path)) in used:
+            continue
+        if row.image is None and isinstance(row.error, SourceError) and "snapshot delta extent" in str(
+                row.error) and any(r.image is not None for r in rows):
+            continue
+        shown.append(row)
+    if not candidates:
+        raise SourceError(f"{folder}: no disk images in this folder",
+                          hint="a VMware VM folder holds NAME.vmdk (and NAME-flat.vmdk) files")
+    return shown

@@ -66,7 +66,11 @@ class Extent:
 
 @dataclass(frozen=True)
 class DiskImage:
-    """A disk image v2p has inspected and found safe to hand to qemu-img."""
+    """A disk image v2p has inspected and found safe to hand to qemu-img.
+
+    For a snapshot delta, ``parent`` is the (equally checked) disk below it;
+    converting the top of the chain yields the consolidated disk.
+    """
 
     path: Path
     flavor: Flavor
@@ -76,10 +80,25 @@ class DiskImage:
     adapter_type: str | None = None
     create_type: str | None = None
     warnings: tuple[str, ...] = field(default=())
+    cid: str | None = None
+    parent_cid: str | None = None
+    parent: DiskImage | None = None
+    ddb: dict[str, str] = field(default_factory=dict)
+    boot_signature: str | None = None  # "mbr", "gpt", "none"; None until checked
 
     @property
-    def files(self) -> tuple[Path, ...]:
-        """Every file whose bytes make up the disk, the descriptor first."""
+    def chain(self) -> tuple[DiskImage, ...]:
+        """This disk, then its parent, grandparent, ... down to the base."""
+        link: DiskImage | None = self
+        out: list[DiskImage] = []
+        while link is not None:
+            out.append(link)
+            link = link.parent
+        return tuple(out)
+
+    @property
+    def own_files(self) -> tuple[Path, ...]:
+        """This disk's descriptor and extents (not its parents')."""
         seen: dict[Path, None] = {self.path: None}
         for extent in self.extents:
             if extent.path is not None:
@@ -87,8 +106,37 @@ class DiskImage:
         return tuple(seen)
 
     @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file whose bytes make up the disk, the top descriptor first."""
+        seen: dict[Path, None] = {}
+        for link in self.chain:
+            for path in link.own_files:
+                seen.setdefault(path, None)
+        return tuple(seen)
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the source files occupy on disk (sparse holes not counted)."""
+        total = 0
+        for path in self.files:
+            try:
+                total += path.stat().st_blocks * 512
+            except OSError:
+                pass
+        return total
+
+    @property
     def is_vmdk(self) -> bool:
         return self.qemu_format == "vmdk"
+
+    @property
+    def growable(self) -> bool:
+        return any(e.kind in (ExtentKind.SPARSE, ExtentKind.VMFSSPARSE, ExtentKind.SESPARSE)
+                   for e in self.extents)
+
+    @property
+    def verdict(self) -> str:
+        return "warning" if any(link.warnings for link in self.chain) else "ok"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -96,12 +144,19 @@ class DiskImage:
             "flavor": self.flavor.value,
             "format": self.qemu_format,
             "capacity": self.capacity,
+            "allocated": self.allocated,
             "create_type": self.create_type,
             "adapter_type": self.adapter_type,
+            "cid": self.cid,
+            "parent_cid": self.parent_cid,
             "extents": [
                 {"sectors": e.sectors, "kind": e.kind.value,
                  "path": str(e.path) if e.path else None, "offset": e.offset}
                 for e in self.extents
             ],
-            "warnings": list(self.warnings),
+            "chain": [str(link.path) for link in self.chain],
+            "ddb": dict(self.ddb),
+            "boot_signature": self.boot_signature,
+            "verdict": self.verdict,
+            "warnings": [w for link in self.chain for w in link.warnings],
         }
