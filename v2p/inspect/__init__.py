@@ -158,14 +158,15 @@ def _from_descriptor(path: Path, name: str, data: bytes, visited: set[Path]) -> 
         raise SourceError(f"{name}: unknown createType {create_type!r}",
                           hint="v2p knows monolithicSparse/Flat, twoGbMaxExtent*, streamOptimized, "
                                "vmfs*, vmfsSparse and seSparse")
+    delta_kinds = {kind for _a, _s, kind, _f, _o in desc.extents} & {k.value for k in _DELTA_KINDS}
+    if (delta_kinds or key in _DELTA_CREATE_TYPES) and desc.parent_cid is None:
+        raise SourceError(f"{name}: {create_type} snapshot delta without a parent "
+                          "(parentCID is ffffffff): its unwritten sectors are unknown")
     extents = vmdk.validate_extents(desc, path)
     for extent in extents:
         plain = extent.kind.is_raw or extent.kind is ExtentKind.ZERO
         if key in _FLAT_CREATE_TYPES and not plain:
             raise SourceError(f"{name}: createType {create_type} with a {extent.kind.value} extent")
-        if extent.kind in _DELTA_KINDS and desc.parent_cid is None:
-            raise SourceError(f"{name}: {extent.kind.value} snapshot delta without a parent "
-                              "(parentCID is ffffffff): its unwritten sectors are unknown")
     warnings = []
     if all(e.kind.is_raw or e.kind is ExtentKind.ZERO for e in extents):
         warnings.append(f"{path.name} describes flat (raw) extents; converting them as raw data")
