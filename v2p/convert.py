@@ -84,7 +84,10 @@ def _write_descriptor(image: DiskImage, target: Path, *, cid: str, parent: Path 
         lines.append(f'parentFileNameHint="{_quotable(parent)}"')
     for extent in image.extents:
         if extent.kind is ExtentKind.ZERO or extent.path is None:
-            lines.append(f"RW {extent.sectors} ZERO")
+            # qemu silently drops ZERO extent lines (the disk comes out short):
+            # describe them as a sparse file of zeros instead.
+            zeros = _zero_file(target.parent, extent.size)
+            lines.append(f'RW {extent.sectors} FLAT "{_quotable(zeros)}" 0')
         elif extent.kind.is_raw:
             lines.append(f'RW {extent.sectors} FLAT "{_quotable(extent.path)}" {extent.offset}')
         else:
@@ -92,6 +95,15 @@ def _write_descriptor(image: DiskImage, target: Path, *, cid: str, parent: Path 
     tmp = target.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, target)
+
+
+def _zero_file(folder: Path, size: int) -> Path:
+    """A sparse file of at least ``size`` zero bytes (it takes no space)."""
+    path = folder / "zeros.raw"
+    with open(path, "ab") as handle:
+        if handle.tell() < size:
+            handle.truncate(size)
+    return path
 
 
 def _quotable(path: Path) -> str:
