@@ -197,3 +197,55 @@ def test_workstation_hosted_sparse_snapshot(tmp_path, v2p):
     assert row["flavor"] == "monolithicSparse" and len(row["chain"]) == 2
     disk = migrate_raw(v2p, child, 166, "--no-boot-check")
     assert disk == guest_raw()[: -65536] + b"\x5a" * 65536
+
+
+def vmware_stream_optimized(folder: Path) -> Path:
+    """qemu's streamOptimized rewritten the way VMware writes it: gdOffset
+    GD_AT_END in the header, the real header as a footer before the EOS marker."""
+    data = bytearray((SAMPLES / "streamOptimized" / "streamOptimized.vmdk").read_bytes())
+    header = bytes(data[:512])
+    data[56:64] = b"\xff" * 8
+    footer_marker = (1).to_bytes(8, "little") + (0).to_bytes(4, "little") + (3).to_bytes(4, "little")
+    data += footer_marker.ljust(512, b"\0") + header + bytes(512)
+    path = folder / "exported.vmdk"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_vmware_stream_optimized_with_footer(tmp_path, v2p):
+    path = vmware_stream_optimized(tmp_path)
+    row = inspect_json(v2p, path)
+    assert row["flavor"] == "streamOptimized" and row["boot_signature"] == "mbr"
+    proc = v2p("migrate", str(path), "--vmid", "167", "--os", "win7")
+    assert proc.returncode == 0, proc.stderr
+    assert guest_report(v2p.serial(167)) == ("ide", "8086:7010", "V2P-LAST-SECTOR-32MiB-OK")
+
+
+def test_embedded_parent_hint_without_parent_cid_is_not_followed(tmp_path, v2p):
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"V2P-SECRET-OUTSIDE-" * 2000)
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    data = bytearray((SAMPLES / "monolithicSparse" / "monolithicSparse.vmdk").read_bytes())
+    at = data.find(b"createType=")
+    hint = f'parentFileNameHint="{secret}"\n'.encode()
+    data[at:at] = hint
+    del data[at + len(hint) + 400: at + len(hint) * 2 + 400]  # keep the file's layout
+    path = folder / "d.vmdk"
+    path.write_bytes(bytes(data))
+    disk = migrate_raw(v2p, path, 168, "--no-boot-check")
+    assert b"V2P-SECRET-OUTSIDE-" not in disk
+    assert disk == guest_raw()
+
+
+@pytest.mark.parametrize(("create_type", "sample"), [
+    ("monolithicSparse", "monolithicSparse"), ("streamOptimized", "streamOptimized")])
+def test_text_descriptor_over_a_sparse_file(create_type, sample, tmp_path, v2p):
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    (folder / "data.vmdk").write_bytes((SAMPLES / sample / f"{sample}.vmdk").read_bytes())
+    path = folder / "d.vmdk"
+    path.write_text(DESC.format(ct=create_type, extents='RW 65536 SPARSE "data.vmdk"'))
+    row = inspect_json(v2p, path)
+    assert row["flavor"] == create_type
+    assert migrate_raw(v2p, path, 169, "--no-boot-check") == guest_raw()

@@ -26,10 +26,10 @@ _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 @dataclass(frozen=True)
 class Source:
-    """A qemu-img input: a format and a filename qemu-img may open as that format."""
+    """A qemu-img input: a format and a filename (or ``json:`` spec) qemu-img may open as that format."""
 
     fmt: str
-    filename: Path
+    filename: str
 
 
 def image_info(path: Path, fmt: str) -> dict[str, object]:
@@ -47,7 +47,14 @@ def qemu_source(image: DiskImage, workdir: Path) -> Source:
     reads the consolidated disk and never resolves a path of the source's own.
     """
     if not image.is_vmdk:
-        return Source(image.qemu_format, image.path)
+        return Source(image.qemu_format, str(image.path))
+    if image.parent is None and [e.path for e in image.extents] == [image.path]:
+        # One self-contained sparse file: qemu reads it directly (a VMware
+        # streamOptimized footer is only found that way), with any
+        # parentFileNameHint in its embedded descriptor switched off.
+        spec = {"driver": "vmdk", "file": {"driver": "file", "filename": str(image.path)},
+                "backing": None}
+        return Source("vmdk", "json:" + json.dumps(spec))
     workdir.mkdir(parents=True, exist_ok=True)
     chain = image.chain
     target = workdir / "source.vmdk"
@@ -58,7 +65,7 @@ def qemu_source(image: DiskImage, workdir: Path) -> Source:
         _write_descriptor(link, target, cid=f"{depth + 1:08x}", parent=parent_file,
                           parent_cid=f"{depth + 2:08x}")
         parent_file = target
-    return Source("vmdk", target)
+    return Source("vmdk", str(target))
 
 
 def _write_descriptor(image: DiskImage, target: Path, *, cid: str, parent: Path | None,
