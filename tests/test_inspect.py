@@ -31,7 +31,8 @@ def test_inspect_text_output(source_of, v2p):
     assert "capacity:  33554432 bytes" in proc.stdout
     assert "extent:    VMFS 65536 sectors esxi-flat.vmdk" in proc.stdout
     assert "adapter:   lsilogic" in proc.stdout
-    assert "boot:      mbr" in proc.stdout and "verdict:   warning" in proc.stdout
+    assert "boot:      mbr" in proc.stdout and "verdict:   ok" in proc.stdout
+    assert "note:      esxi.vmdk describes flat (raw) extents; converting them as raw data" in proc.stdout
 
 
 def test_flat_extent_alone_is_raw_with_a_warning(source_of, v2p):
@@ -60,3 +61,114 @@ def test_absolute_extent_is_refused(tmp_path, v2p):
                     'createType="monolithicFlat"\nRW 8 FLAT "/etc/passwd" 0\n')
     line = one_line_error(v2p("inspect", str(desc)))
     assert "'/etc/passwd' is absolute: refused" in line
+
+
+@pytest.mark.parametrize(("fmt", "options", "flavor", "magic"), [
+    ("vpc", ["-o", "subformat=fixed"], "vhd", "DOS/MBR boot sector"),
+    ("vpc", [], "vhd", "Microsoft Disk Image"),
+    ("vhdx", [], "vhdx", "Microsoft Disk Image eXtended"),
+    ("vdi", [], "vdi", "VirtualBox Disk Image"),
+    ("qcow2", [], "qcow2", "QEMU QCOW"),
+])
+def test_other_formats_are_named_and_converted_as_themselves(fmt, options, flavor, magic, tmp_path, v2p):
+    import subprocess
+
+    from conftest import SAMPLES, guest_report
+
+    image = tmp_path / f"disk.{fmt}"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, *options, str(SAMPLES / "guest.raw"),
+                    str(image)], check=True)
+    (row,) = json.loads(v2p("inspect", "--json", str(image)).stdout)
+    assert (row["flavor"], row["format"], row["verdict"]) == (flavor, fmt, "ok")
+    assert magic in row["magic"]  # libmagic calls a fixed VHD an MBR disk: the parser knows better
+    assert f"not a VMDK but a {flavor} image" in row["notes"][0]
+    proc = v2p("migrate", str(image), "--vmid", "170", "--os", "l26", "--format", "raw")
+    assert proc.returncode == 0, proc.stderr
+    controller, _pci, marker = guest_report(v2p.serial(170))
+    assert controller == "virtio-scsi"
+    disk = v2p.disk(170, "raw").read_bytes()
+    raw = (SAMPLES / "guest.raw").read_bytes()
+    # qemu's VHD writer rounds the size up to a CHS geometry: the extra tail is zeros
+    assert disk[: len(raw)] == raw and not disk[len(raw):].strip(b"\0")
+    assert marker == (manifest_marker() if len(disk) == len(raw) else "<none>")
+
+
+def manifest_marker() -> str:
+    from conftest import SAMPLES
+
+    return json.loads((SAMPLES / "manifest.json").read_text())["marker"]
+
+
+@pytest.mark.parametrize("zeroed_grain", ["off", "on"])
+def test_sparse_header_versions(zeroed_grain, tmp_path, v2p):
+    import subprocess
+
+    from conftest import SAMPLES
+
+    out = tmp_path / "d.vmdk"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"zeroed_grain={zeroed_grain}",
+                    str(SAMPLES / "guest.raw"), str(out)], check=True)
+    (row,) = json.loads(v2p("inspect", "--json", str(out)).stdout)
+    assert row["header"]["version"] == (2 if zeroed_grain == "on" else 1)
+    assert row["magic"].startswith("VMware4 disk image")
+    assert row["flavor"] == "monolithicSparse"
+
+
+def test_no_boot_signature_warns_and_suggests_preallocated_export(tmp_path, v2p):
+    import subprocess
+
+    raw = tmp_path / "data.raw"
+    data = bytearray(4 << 20)
+    data[1080:1082] = b"\x53\xef"  # an ext2 file system straight on the disk
+    raw.write_bytes(bytes(data))
+    sparse = tmp_path / "data.vmdk"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(raw), str(sparse)], check=True)
+    for path, growable in ((raw, False), (sparse, True)):
+        (row,) = json.loads(v2p("inspect", "--json", str(path)).stdout)
+        assert row["boot_signature"] == "none" and row["verdict"] == "warning"
+        text = " ".join(row["warnings"])
+        assert "no MBR or GPT boot signature" in text
+        assert ("re-export it from VMware as a preallocated disk" in text) == growable
+
+
+def test_gpt_disk_is_recognised(tmp_path, v2p):
+    disk = bytearray(1 << 20)
+    disk[510:512] = b"\x55\xaa"
+    disk[512:520] = b"EFI PART"
+    path = tmp_path / "gpt.raw"
+    path.write_bytes(bytes(disk))
+    (row,) = json.loads(v2p("inspect", "--json", str(path)).stdout)
+    assert row["boot_signature"] == "gpt"
+
+
+def test_folder_rows_hide_extents_and_show_refusals(tmp_path, v2p):
+    import shutil
+
+    from conftest import SAMPLES
+
+    folder = tmp_path / "vm"
+    shutil.copytree(SAMPLES / "twoGbMaxExtentFlat", folder)
+    (folder / "broken.vmdk").write_text('# Disk DescriptorFile\ncreateType="vmfs"\nRW 8 VMFS "/etc/passwd"\n')
+    (folder / "web01.vmx").write_text('displayName = "web01"\n')
+    proc = v2p("inspect", "--json", str(folder))
+    rows = json.loads(proc.stdout)
+    names = {r["path"].split("/")[-1]: r for r in rows}
+    assert set(names) == {"twoGbMaxExtentFlat.vmdk", "broken.vmdk"}
+    assert names["twoGbMaxExtentFlat.vmdk"]["verdict"] == "ok"
+    assert names["broken.vmdk"]["verdict"] == "refused" and "absolute" in names["broken.vmdk"]["reason"]
+    assert proc.returncode != 0 and "absolute: refused" in proc.stderr
+
+
+def test_two_tib_sparse_header_inspects_in_milliseconds(tmp_path):
+    import subprocess
+    import time
+
+    from v2p.inspect import inspect_disk
+
+    path = tmp_path / "big.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(path), "2T"], check=True)
+    started = time.perf_counter()
+    image = inspect_disk(path)
+    elapsed = time.perf_counter() - started
+    assert image.capacity == 2 << 40 and image.flavor == "monolithicSparse"
+    assert elapsed < 1.0, elapsed

@@ -128,6 +128,12 @@ def _print_image(image: DiskImage) -> None:
           f"{image.allocated} allocated")
     if image.adapter_type:
         print(f"  adapter:   {image.adapter_type}")
+    if image.header:
+        head = image.header
+        print(f"  header:    KDMV version {head['version']}, flags {head['flags']:#x}, "
+              f"grain {head['grain_sectors']} sectors, compression {head['compress_algorithm']}")
+    if image.magic:
+        print(f"  libmagic:  {image.magic}")
     for depth, link in enumerate(image.chain):
         if depth:
             print(f"  parent:    {link.path.name} ({link.flavor}, CID {link.cid})")
@@ -139,6 +145,8 @@ def _print_image(image: DiskImage) -> None:
     if image.boot_signature:
         print(f"  boot:      {image.boot_signature}")
     for link in image.chain:
+        for note in link.notes:
+            print(f"  note:      {note}")
         for warning in link.warnings:
             print(f"  warning:   {warning}")
     print(f"  verdict:   {image.verdict}")
@@ -192,8 +200,11 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     if args.dry_run:
         image = api.inspect(args.source)
         print(f"{image.path.name}: {image.flavor}, {image.capacity} bytes")
-        for warning in image.warnings:
-            print(f"warning: {warning}")
+        for link in image.chain:
+            for note in link.notes:
+                print(f"note: {note}")
+            for warning in link.warnings:
+                print(f"warning: {warning}")
         print(f"would migrate to VMID {args.vmid} on the {target.kind} target "
               f"({migration.options.disk_bus}0, {migration.options.fmt}):")
         for name, summary, done in migration.plan():

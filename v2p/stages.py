@@ -74,6 +74,8 @@ class Inspect(Stage):
         for link in image.chain:
             for warning in link.warnings:
                 ctx.emit(Event("warning", self.name, warning))
+            for note in link.notes:
+                ctx.emit(Event("info", self.name, note))
         chain = f", snapshot chain of {len(image.chain)}" if image.parent else ""
         ctx.emit(Event("info", self.name, f"{image.path.name}: {image.flavor}, "
                        f"{image.capacity} bytes, {len(image.extents)} extent(s){chain}, "

@@ -72,6 +72,7 @@ def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True) -> Di
     if not path.is_file():
         raise SourceError(f"{name} is not a regular file")
     image = _inspect_file(Path(os.path.abspath(path)), name, set())
+    image = replace(image, magic=describe(image.path))
     return _with_boot_signature(image) if check_boot else image
 
 
@@ -134,7 +135,10 @@ def _hosted_sparse(path: Path, name: str, head: bytes, size: int, visited: set[P
     image = DiskImage(path, flavor, "vmdk", header.capacity * SECTOR, (extent,),
                       adapter_type=desc.adapter_type if desc else None,
                       create_type=desc.create_type if desc else None, warnings=tuple(warnings),
-                      cid=desc.cid if desc else None, ddb=dict(desc.ddb) if desc else {})
+                      cid=desc.cid if desc else None, ddb=dict(desc.ddb) if desc else {},
+                      header={"version": header.version, "flags": header.flags,
+                              "grain_sectors": header.grain_size,
+                              "compress_algorithm": header.compress_algorithm})
     if desc is not None and desc.parent_cid is not None:
         return _with_parent(image, desc, name, visited)
     return image
@@ -168,15 +172,16 @@ def _from_descriptor(path: Path, name: str, data: bytes, visited: set[Path]) -> 
         if key in _FLAT_CREATE_TYPES and not plain:
             raise SourceError(f"{name}: createType {create_type} with a {extent.kind.value} extent")
     warnings = []
+    notes = []
     if all(e.kind.is_raw or e.kind is ExtentKind.ZERO for e in extents):
-        warnings.append(f"{path.name} describes flat (raw) extents; converting them as raw data")
+        notes.append(f"{path.name} describes flat (raw) extents; converting them as raw data")
     if key in ("vmfsthin", "vmfseagerzeroedthick"):
-        warnings.append(f"qemu-img refuses createType {create_type}; v2p reads its raw extents itself")
+        notes.append(f"qemu-img refuses createType {create_type}; v2p reads its raw extents itself")
     if any(access == "RDONLY" for access, *_rest in desc.extents):
         warnings.append(f"{path.name} has RDONLY extents; reading them like RW ones")
     image = DiskImage(path, flavor, "vmdk", sum(e.size for e in extents), extents,
                       adapter_type=desc.adapter_type, create_type=create_type,
-                      warnings=tuple(warnings), cid=desc.cid, ddb=dict(desc.ddb))
+                      warnings=tuple(warnings), notes=tuple(notes), cid=desc.cid, ddb=dict(desc.ddb))
     if desc.parent_cid is not None:
         return _with_parent(image, desc, name, visited)
     return image
@@ -215,35 +220,38 @@ def _other_format(path: Path, name: str, head: bytes, tail: bytes) -> DiskImage 
         if backing_offset:
             raise UnsafeSourceError(f"{name} is a qcow2 image with a backing file: refused",
                                     hint="flatten it first: qemu-img convert -O qcow2 in out")
+        version, = struct.unpack_from(">I", head, 4)
         crypt, = struct.unpack_from(">I", head, 32)
         if crypt:
             raise SourceError(f"{name} is an encrypted qcow2 image: refused",
                               hint="decrypt it with qemu-img convert and the key first")
-        virtual, = struct.unpack_from(">Q", head, 24)
-        return _foreign(path, Flavor.QCOW2, "qcow2", virtual)
+        if version >= 3 and len(head) >= 80 and struct.unpack_from(">Q", head, 72)[0] & 0x4:
+            raise UnsafeSourceError(f"{name} is a qcow2 image with an external data file: refused",
+                                    hint="convert it to a self-contained image first")
+        return _foreign(path, Flavor.QCOW2, "qcow2")
     if head.startswith(b"vhdxfile"):
-        return _foreign(path, Flavor.VHDX, "vhdx", None)
+        return _foreign(path, Flavor.VHDX, "vhdx")
     if len(head) >= 0x44 and struct.unpack_from("<I", head, 0x40)[0] == 0xBEDA107F:
-        return _foreign(path, Flavor.VDI, "vdi", None)
+        return _foreign(path, Flavor.VDI, "vdi")
     for footer in (tail, head[:SECTOR]):
         if footer.startswith(b"conectix") and len(footer) >= 0x40:
-            current, = struct.unpack_from(">Q", footer, 0x30)
             disk_type, = struct.unpack_from(">I", footer, 0x3C)
             if disk_type == 4:
                 raise SourceError(f"{name} is a differencing VHD (it needs its parent): refused",
                                   hint="merge it into its parent first")
-            return _foreign(path, Flavor.VHD, "vpc", current)
+            return _foreign(path, Flavor.VHD, "vpc")
     return None
 
 
-def _foreign(path: Path, flavor: Flavor, fmt: str, capacity: int | None) -> DiskImage:
-    if capacity is None:
-        from ..convert import image_info
+def _foreign(path: Path, flavor: Flavor, fmt: str) -> DiskImage:
+    """A format qemu-img reads itself; its size is whatever qemu-img says it is
+    (a VHD's footer and qemu's CHS rounding can disagree)."""
+    from ..convert import image_info
 
-        capacity = int(str(image_info(path, fmt)["virtual-size"]))
+    capacity = int(str(image_info(path, fmt)["virtual-size"]))
     return DiskImage(path, flavor, fmt, capacity,
-                     warnings=(f"{path.name} is not a VMDK but a {flavor.value} image; "
-                               f"converting it as {fmt}",))
+                     notes=(f"{path.name} is not a VMDK but a {flavor.value} image; "
+                            f"converting it as {fmt}",))
 
 
 def _raw(path: Path, name: str, head: bytes, size: int) -> DiskImage:

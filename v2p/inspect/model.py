@@ -79,12 +79,15 @@ class DiskImage:
     extents: tuple[Extent, ...] = ()
     adapter_type: str | None = None
     create_type: str | None = None
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())  # worth a look before migrating
+    notes: tuple[str, ...] = field(default=())  # what v2p will do differently from qemu-img
     cid: str | None = None
     parent_cid: str | None = None
     parent: DiskImage | None = None
     ddb: dict[str, str] = field(default_factory=dict)
     boot_signature: str | None = None  # "mbr", "gpt", "none"; None until checked
+    header: dict[str, int] = field(default_factory=dict)  # a KDMV header's version, flags, ...
+    magic: str = ""  # libmagic's description of ``path``: the coarse first look
 
     @property
     def chain(self) -> tuple[DiskImage, ...]:
@@ -157,6 +160,9 @@ class DiskImage:
             "chain": [str(link.path) for link in self.chain],
             "ddb": dict(self.ddb),
             "boot_signature": self.boot_signature,
+            "header": dict(self.header),
+            "magic": self.magic,
             "verdict": self.verdict,
             "warnings": [w for link in self.chain for w in link.warnings],
+            "notes": [n for link in self.chain for n in link.notes],
         }
