@@ -60,10 +60,7 @@ def qemu_img_writing(path: Path) -> bool:
 @pytest.mark.parametrize("stage", STAGES[:-1])
 def test_sigkill_after_each_stage_resumes(stage, tmp_path, manifest, source_of, v2p):
     src = source_of("twoGbMaxExtentSparse")
-    proc = v2p.popen("migrate", str(src.descriptor), *ARGS, V2P_TEST_HOLD_AFTER=stage)
-    wait_for(proc.stderr, f"holding after {stage}", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(v2p, src.descriptor, stage)
     done_before = {name: rec["finished_at"] for name, rec in v2p.state(120)["stages"].items()}
     assert list(done_before) == STAGES[: STAGES.index(stage) + 1]
 
@@ -113,12 +110,17 @@ def test_sigkill_during_convert_leaves_no_disk_and_resumes(tmp_path, source_of, 
     assert without_tag(v2p.config(120)) == reference(tmp_path, src.descriptor)
 
 
-def test_changed_output_is_redone(source_of, v2p):
-    src = source_of("monolithicSparse")
-    proc = v2p.popen("migrate", str(src.descriptor), *ARGS, V2P_TEST_HOLD_AFTER="convert")
-    wait_for(proc.stderr, "holding after convert", proc)
+def kill_after(v2p: V2P, descriptor: Path, stage: str) -> None:
+    """Run migrate until ``stage`` is recorded, then SIGKILL it."""
+    proc = v2p.popen("migrate", str(descriptor), *ARGS, V2P_TEST_HOLD_AFTER=stage)
+    wait_for(proc.stderr, f"holding after {stage}", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_changed_output_is_redone(source_of, v2p):
+    src = source_of("monolithicSparse")
+    kill_after(v2p, src.descriptor, "convert")
     partial = v2p.disk(120).with_name(".vm-120-disk-0.qcow2.v2p-partial")
     with open(partial, "r+b") as handle:  # damage the unverified disk
         handle.truncate(4096)
@@ -145,10 +147,7 @@ def test_second_run_while_first_holds_the_lock_is_refused(source_of, v2p):
 
 def test_resume_with_other_settings_is_refused(source_of, v2p):
     src = source_of("monolithicSparse")
-    proc = v2p.popen("migrate", str(src.descriptor), *ARGS, V2P_TEST_HOLD_AFTER="create")
-    wait_for(proc.stderr, "holding after create", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(v2p, src.descriptor, "create")
     other = v2p("migrate", str(src.descriptor), *ARGS, "--bus", "virtio")
     assert other.returncode != 0
     assert "unfinished migration" in other.stderr and "--bus" in other.stderr

@@ -144,11 +144,8 @@ def _print_image(image: DiskImage) -> None:
                   f"{extent.sectors} sectors{where}{offset}")
     if image.boot_signature:
         print(f"  boot:      {image.boot_signature}")
-    for link in image.chain:
-        for note in link.notes:
-            print(f"  note:      {note}")
-        for warning in link.warnings:
-            print(f"  warning:   {warning}")
+    for kind, text in image.messages:
+        print(f"  {kind + ':':<10} {text}")
     print(f"  verdict:   {image.verdict}")
 
 
@@ -200,11 +197,8 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     if args.dry_run:
         image = api.inspect(args.source)
         print(f"{image.path.name}: {image.flavor}, {image.capacity} bytes")
-        for link in image.chain:
-            for note in link.notes:
-                print(f"note: {note}")
-            for warning in link.warnings:
-                print(f"warning: {warning}")
+        for kind, text in image.messages:
+            print(f"{kind}: {text}")
         print(f"would migrate to VMID {args.vmid} on the {target.kind} target "
               f"({migration.options.disk_bus}0, {migration.options.fmt}):")
         for name, summary, done in migration.plan():

@@ -71,11 +71,8 @@ class Inspect(Stage):
     def run(self, ctx: Context) -> Record:
         ctx.image = None
         image = ctx.disk()
-        for link in image.chain:
-            for warning in link.warnings:
-                ctx.emit(Event("warning", self.name, warning))
-            for note in link.notes:
-                ctx.emit(Event("info", self.name, note))
+        for kind, text in image.messages:
+            ctx.emit(Event("warning" if kind == "warning" else "info", self.name, text))
         chain = f", snapshot chain of {len(image.chain)}" if image.parent else ""
         ctx.emit(Event("info", self.name, f"{image.path.name}: {image.flavor}, "
                        f"{image.capacity} bytes, {len(image.extents)} extent(s){chain}, "

@@ -138,6 +138,12 @@ class DiskImage:
                    for e in self.extents)
 
     @property
+    def messages(self) -> list[tuple[str, str]]:
+        """("note" | "warning", text) for every link of the chain, notes first."""
+        return [(kind, text) for link in self.chain
+                for kind, texts in (("note", link.notes), ("warning", link.warnings)) for text in texts]
+
+    @property
     def verdict(self) -> str:
         return "warning" if any(link.warnings for link in self.chain) else "ok"
 
@@ -163,6 +169,6 @@ class DiskImage:
             "header": dict(self.header),
             "magic": self.magic,
             "verdict": self.verdict,
-            "warnings": [w for link in self.chain for w in link.warnings],
-            "notes": [n for link in self.chain for n in link.notes],
+            "warnings": [text for kind, text in self.messages if kind == "warning"],
+            "notes": [text for kind, text in self.messages if kind == "note"],
         }
