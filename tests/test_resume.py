@@ -87,7 +87,7 @@ def test_sigkill_during_convert_leaves_no_disk_and_resumes(tmp_path, source_of, 
     src = source_of("monolithicFlat")
     # --bwlimit slows qemu-img down enough to kill it mid-copy.
     proc = v2p.popen("migrate", str(src.descriptor), *ARGS, "--bwlimit", "256")
-    wait_for(proc.stdout, "[convert] qemu-img convert", proc)
+    wait_for(proc.stdout, "[convert] write the disk", proc)
     partial = v2p.disk(120).with_name(".vm-120-disk-0.qcow2.v2p-partial")
     deadline = time.monotonic() + 20
     while not partial.exists() and time.monotonic() < deadline:

@@ -20,7 +20,8 @@ from .state import MigrationState, list_states
 from .targets.base import Target
 from .targets.local import LocalTarget
 
-__all__ = ["Migration", "Row", "Target", "inspect", "inspect_paths", "local_target", "migrate", "status"]
+__all__ = ["LocalTarget", "Migration", "Row", "Target", "inspect", "inspect_paths", "local_target",
+           "migrate", "status"]
 
 
 def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str = "auto") -> LocalTarget:

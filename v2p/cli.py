@@ -17,7 +17,8 @@ from . import api
 from .errors import V2PError
 from .events import Event
 from .inspect import DiskImage
-from .options import BUSES, FORMATS, OSTYPES, SCSIHW
+from .options import BUSES, COPIERS, FORMATS, OSTYPES, SCSIHW
+from .storage import KINDS
 
 EXAMPLES = """examples:
   v2p inspect win7.vmdk
@@ -47,7 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--os", dest="ostype", default="l26", choices=sorted(OSTYPES),
                    help="PVE ostype; Windows types boot from IDE, others from SCSI (default: l26)")
     p.add_argument("--bus", choices=BUSES, help="disk bus (default: ide for Windows, scsi otherwise)")
-    p.add_argument("--format", dest="fmt", choices=FORMATS, default="qcow2")
+    p.add_argument("--format", dest="fmt", choices=FORMATS,
+                   help="disk format (default: qcow2 on dir storages, raw on lvm and devices)")
+    p.add_argument("--storage", default="local", help="target storage from storage.cfg (default: local)")
+    p.add_argument("--to-device", dest="device", metavar="DEVICE",
+                   help="write the disk onto this block device instead of a storage")
+    p.add_argument("--copy-with", choices=COPIERS, default="qemu-img",
+                   help="qemu-img (default, every flavor) or dd (raw/flat sources only)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare the written disk with the source (default: on)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a device that carries a partition table or file system, or is held open")
     p.add_argument("--name")
     p.add_argument("--cores", type=int, default=1)
     p.add_argument("--memory", type=int, default=512, help="MiB (default: 512)")
@@ -63,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the stages of recorded migrations")
     p.add_argument("vmid", nargs="?", type=int)
     p.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("storage", help="the local target's storages").add_subparsers(
+        dest="storage_command", required=True)
+    st.add_parser("list", help="list storages with their free space")
+    sp = st.add_parser("add", help="add a storage to storage.cfg")
+    sp.add_argument("name")
+    sp.add_argument("--type", dest="kind", choices=sorted(KINDS), required=True)
+    sp.add_argument("--path", help="dir: the directory")
+    sp.add_argument("--vgname", help="lvm/lvmthin: the volume group")
+    sp.add_argument("--thinpool", help="lvmthin: the thin pool")
+    sp.add_argument("--lvm-config", help="lvm: extra --config for every LVM command (e.g. a device filter)")
 
     vm = sub.add_parser("vm", help="manage VMs on the local target").add_subparsers(
         dest="vm_command", required=True)
@@ -100,7 +122,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _migrate(args, target)
     if args.command == "status":
         return _status(args, target)
+    if args.command == "storage":
+        return _storage(args, target)
     return _vm(args, target)
+
+
+def _storage(args: argparse.Namespace, target: api.LocalTarget) -> int:
+    if args.storage_command == "add":
+        options = {key: value for key, value in (
+            ("path", args.path), ("vgname", args.vgname), ("thinpool", args.thinpool),
+            ("lvm-config", args.lvm_config)) if value}
+        target.add_storage(args.name, args.kind, options)
+        print(f"storage {args.name} ({args.kind}) added to {target.storage_cfg}")
+        return 0
+    for name, storage in target.storages().items():
+        try:
+            free = f"{storage.free_bytes() / (1 << 30):.1f} GiB free"
+        except V2PError as exc:
+            free = f"unavailable: {exc}"
+        print(f"{name:<12} {storage.kind:<8} {', '.join(f'{k}={v}' for k, v in storage.options.items())}"
+              f"  ({free})")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -157,7 +199,7 @@ class _Printer:
 
     def __call__(self, event: Event) -> None:
         if event.kind == "progress":
-            self._progress(event.data["percent"])
+            self._progress(event.data["bytes"], event.data["total"])
             return
         self._close_bar()
         if event.kind == "stage-start":
@@ -171,15 +213,15 @@ class _Printer:
         else:
             print(f"[{event.stage}] {event.message}", flush=True)
 
-    def _progress(self, percent: float) -> None:
+    def _progress(self, done: int, total: int) -> None:
         if not sys.stderr.isatty():
             return
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=100.0, unit="%", desc="convert", leave=False,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
-        self.bar.update(percent - self.bar.n)
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+                            leave=False)
+        self.bar.update(done - self.bar.n)
 
     def _close_bar(self) -> None:
         if self.bar is not None:
@@ -193,14 +235,16 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         args.source, args.vmid, target=target, on_event=printer, ostype=args.ostype, bus=args.bus,
         fmt=args.fmt, name=args.name, cores=args.cores, memory=args.memory, scsihw=args.scsihw,
         start=args.start, boot_check=args.boot_check, boot_timeout=args.boot_timeout,
-        bwlimit=args.bwlimit)
+        bwlimit=args.bwlimit, storage=args.storage, device=args.device, copy_with=args.copy_with,
+        verify=args.verify, force=args.force)
     if args.dry_run:
         image = api.inspect(args.source)
         print(f"{image.path.name}: {image.flavor}, {image.capacity} bytes")
         for kind, text in image.messages:
             print(f"{kind}: {text}")
+        where = args.device or f"storage {args.storage}"
         print(f"would migrate to VMID {args.vmid} on the {target.kind} target "
-              f"({migration.options.disk_bus}0, {migration.options.fmt}):")
+              f"({migration.options.disk_bus}0 on {where}):")
         for name, summary, done in migration.plan():
             print(f"  {name:<10} {'done, would skip' if done else summary}")
         return 0

@@ -8,6 +8,7 @@ into play. Not for: deciding where the output goes (that is the target's job).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -15,10 +16,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISBLK
 
-from .errors import SourceError, VerifyError
+from .errors import SourceError, TargetError, ToolError, VerifyError
 from .inspect.model import DiskImage, ExtentKind
 from .runner import run, run_streaming
+from .storage import Volume
+from .storage.base import block_size
 
 INFO_TIMEOUT = 30.0
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
@@ -129,58 +133,128 @@ def measure(source: Source, out_fmt: str) -> int:
 
 
 def convert(
-    source: Source, out_fmt: str, dest: Path, *, capacity: int,
+    source: Source, dest: Volume, *, capacity: int, target_is_zero: bool = False,
     bwlimit: int | None = None, on_progress: Callable[[float], None] | None = None,
 ) -> None:
-    """``qemu-img convert`` ``source`` into a new file ``dest`` (overwritten if present).
+    """``qemu-img convert`` ``source`` into ``dest``.
 
-    ``bwlimit`` is in bytes per second. The timeout grows with the disk: a hung
-    qemu-img is stopped, a slow big disk is not.
+    A file is created anew; a block device is written in place (``-n``), and
+    when it is known to read as zeros (a fresh thin LV) zero areas are not
+    written at all (``--target-is-zero``). ``bwlimit`` is in bytes per second.
+    The timeout grows with the disk: a hung qemu-img is stopped, a slow big
+    disk is not.
     """
-    argv = ["qemu-img", "convert", "-p", "-f", source.fmt, "-O", out_fmt]
+    argv = ["qemu-img", "convert", "-p", "-f", source.fmt, "-O", dest.fmt]
+    if dest.is_block:
+        argv.append("-n")
+        if target_is_zero:
+            argv.append("--target-is-zero")
     if bwlimit:
         argv += ["-r", str(bwlimit)]
-    argv += [str(source.filename), str(dest)]
-    floor_rate = min(bwlimit, 20 << 20) if bwlimit else 20 << 20
-    timeout = 600 + capacity / floor_rate * 2
+    argv += [source.filename, str(dest.path)]
 
     def chunk(text: str) -> None:
         match = _PROGRESS.search(text)
         if match and on_progress is not None:
             on_progress(float(match.group(1)))
 
-    run_streaming(argv, timeout=timeout, on_chunk=chunk)
+    _writing(dest, lambda: run_streaming(argv, timeout=_timeout(capacity, bwlimit), on_chunk=chunk))
 
 
-def compare(source: Source, dest: Path, dest_fmt: str, *, capacity: int) -> None:
-    """Raise VerifyError unless ``dest`` holds exactly the bytes of ``source``."""
-    # Not -s (strict): it also fails on allocation differences, and a sparse
-    # qcow2 of a fully allocated flat disk is exactly what we want.
-    size = int(str(image_info(dest, dest_fmt)["virtual-size"]))
-    if size != capacity:
-        raise VerifyError(f"{dest} is {size} bytes, the source is {capacity}",
-                          hint="the conversion is discarded; run migrate again")
-    argv = ["qemu-img", "compare", "-q", "-f", source.fmt, "-F", dest_fmt,
-            str(source.filename), str(dest)]
+def _timeout(capacity: int, bwlimit: int | None) -> float:
+    floor_rate = min(bwlimit, 20 << 20) if bwlimit else 20 << 20
+    return 600 + capacity / floor_rate * 2
+
+
+def _writing(dest: Volume, write: Callable[[], None]) -> None:
+    """Run ``write``; a full target becomes a TargetError that says how to go on."""
+    try:
+        write()
+    except ToolError as exc:
+        if "No space left on device" in exc.message or "ENOSPC" in exc.message:
+            raise TargetError(f"{dest.path}: the target storage ran out of space while writing",
+                              hint="free some space and run the same command again to resume") from None
+        raise
+
+
+def copy_dd(image: DiskImage, dest: Volume, *, target_is_zero: bool,
+            on_progress: Callable[[float], None] | None = None) -> None:
+    """The seed procedure's ``dd``, done right: each raw extent at its offset, 4 MiB
+    blocks, zero blocks skipped (``conv=sparse``) only where the target reads as zeros."""
+    if not image.is_plain_raw:
+        raise SourceError(f"{image.path.name} is {image.flavor}: dd copies raw data only",
+                          hint="use the default --copy-with qemu-img for sparse disks")
+    if not dest.is_block and dest.fmt != "raw":
+        raise SourceError("dd writes raw disks only", hint="add --format raw")
+    if not dest.is_block:
+        dest.path.touch()
+    done = 0
+    for extent in image.extents:
+        if extent.path is None and target_is_zero:
+            done += extent.size
+            continue
+        conv = "notrunc,sparse" if target_is_zero else "notrunc"
+        source = str(extent.path) if extent.path is not None else "/dev/zero"
+        argv = ["dd", f"if={source}", f"of={dest.path}", "bs=4M", f"conv={conv},fsync",
+                "iflag=skip_bytes,count_bytes,fullblock", "oflag=seek_bytes", "status=progress",
+                f"skip={extent.offset * 512}", f"seek={done}", f"count={extent.size}"]
+        base = done
+
+        def chunk(text: str, base: int = base) -> None:
+            match = re.match(r"^(\d+) bytes", text)
+            if match and on_progress is not None:
+                on_progress(100.0 * (base + int(match.group(1))) / image.capacity)
+
+        _writing(dest, functools.partial(run_streaming, argv, timeout=_timeout(extent.size, None),
+                                         on_chunk=chunk, stream="stderr"))
+        done += extent.size
+    if not dest.is_block:
+        os.truncate(dest.path, image.capacity)
+
+
+def compare(source: Source, dest: Volume, *, capacity: int) -> None:
+    """Raise VerifyError unless ``dest`` holds exactly the bytes of ``source``.
+
+    A block device may be larger than the disk (an LV rounded up to whole
+    extents): only its first ``capacity`` bytes are compared.
+    """
+    if dest.is_block:
+        spec = {"driver": "raw", "size": capacity,
+                "file": {"driver": "host_device", "filename": str(dest.path)}}
+        target = "json:" + json.dumps(spec)
+    else:
+        target = str(dest.path)
+        # Not -s (strict): it also fails on allocation differences, and a sparse
+        # qcow2 of a fully allocated flat disk is exactly what we want.
+        size = int(str(image_info(dest.path, dest.fmt)["virtual-size"]))
+        if size != capacity:
+            raise VerifyError(f"{dest.path} is {size} bytes, the source is {capacity}",
+                              hint="the conversion is discarded; run migrate again")
+    argv = ["qemu-img", "compare", "-q", "-f", source.fmt, "-F", dest.fmt, source.filename, target]
     proc = run(argv, timeout=600 + capacity / (50 << 20), check=False)
     if proc.returncode == 1:
-        raise VerifyError(f"{dest} differs from the source {source.filename}",
+        raise VerifyError(f"{dest.path} differs from the source {source.filename}",
                           hint="the conversion is discarded; run migrate again")
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no message"
-        raise VerifyError(f"qemu-img compare could not compare {dest}: {detail}")
+        raise VerifyError(f"qemu-img compare could not compare {dest.path}: {detail}")
 
 
 def fingerprint(path: Path) -> dict[str, object]:
-    """A cheap identity for a big file: size, mtime and a hash of its first and last MiB."""
-    stat = path.stat()
+    """A cheap identity for a big file or device: size, mtime (files) and a hash of its first and last MiB."""
+    stat = os.stat(path)
+    block = S_ISBLK(stat.st_mode)
+    size = block_size(path) if block else stat.st_size
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         digest.update(handle.read(1 << 20))
-        if stat.st_size > 2 << 20:
-            handle.seek(-(1 << 20), os.SEEK_END)
+        if size > 2 << 20:
+            handle.seek(size - (1 << 20))
             digest.update(handle.read(1 << 20))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_ends": digest.hexdigest()}
+    out: dict[str, object] = {"size": size, "sha256_ends": digest.hexdigest()}
+    if not block:
+        out["mtime_ns"] = stat.st_mtime_ns
+    return out
 
 
 def source_fingerprint(image: DiskImage) -> list[dict[str, object]]:

@@ -18,6 +18,7 @@ WINDOWS_OSTYPES = {"wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win1
 OSTYPES = WINDOWS_OSTYPES | {"l24", "l26", "solaris", "other"}
 BUSES = ("ide", "sata", "scsi", "virtio")
 FORMATS = ("qcow2", "raw")
+COPIERS = ("qemu-img", "dd")
 SCSIHW = ("lsi", "lsi53c810", "megasas", "pvscsi", "virtio-scsi-pci", "virtio-scsi-single")
 
 
@@ -31,7 +32,7 @@ class MigrationOptions:
 
     ostype: str = "l26"
     bus: str | None = None
-    fmt: str = "qcow2"
+    fmt: str | None = None  # None: the storage's preferred format (qcow2 on dir, raw elsewhere)
     name: str | None = None
     cores: int = 1
     memory: int = 512  # MiB, as PVE counts
@@ -40,6 +41,11 @@ class MigrationOptions:
     boot_check: bool = True
     boot_timeout: float = 60.0
     bwlimit: int | None = None  # KiB/s, as PVE counts
+    storage: str = "local"
+    device: str | None = None  # a block device to write the disk onto, instead of a storage
+    copy_with: str = "qemu-img"  # or "dd" (raw/flat sources only)
+    verify: bool = True
+    force: bool = False  # overwrite a block device that carries data or is held open
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -48,7 +54,7 @@ class MigrationOptions:
                               hint="use a PVE ostype: " + ", ".join(sorted(OSTYPES)))
         if self.bus is not None and self.bus not in BUSES:
             raise OptionError(f"unknown --bus {self.bus!r}", hint="use one of " + ", ".join(BUSES))
-        if self.fmt not in FORMATS:
+        if self.fmt is not None and self.fmt not in FORMATS:
             raise OptionError(f"unknown --format {self.fmt!r}", hint="use qcow2 or raw")
         if self.scsihw not in SCSIHW:
             raise OptionError(f"unknown --scsihw {self.scsihw!r}", hint="use one of " + ", ".join(SCSIHW))
@@ -58,6 +64,10 @@ class MigrationOptions:
             raise OptionError(f"--memory {self.memory} MiB is out of range (16 MiB - 4 TiB)")
         if self.bwlimit is not None and self.bwlimit <= 0:
             raise OptionError("--bwlimit must be a positive number of KiB/s")
+        if self.copy_with not in COPIERS:
+            raise OptionError(f"unknown --copy-with {self.copy_with!r}", hint="use qemu-img or dd")
+        if self.device is not None and not self.device.startswith("/"):
+            raise OptionError(f"--to-device {self.device!r} is not an absolute device path")
 
     @property
     def is_windows(self) -> bool:
@@ -74,7 +84,7 @@ class MigrationOptions:
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must repeat exactly (start/boot-check may change)."""
         data = asdict(self)
-        for volatile in ("start", "boot_check", "boot_timeout", "bwlimit"):
+        for volatile in ("start", "boot_check", "boot_timeout", "bwlimit", "verify", "force"):
             data.pop(volatile)
         return data
 

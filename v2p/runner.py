@@ -65,16 +65,21 @@ def run(argv: Sequence[str], *, timeout: float, check: bool = True) -> subproces
 
 
 def run_streaming(
-    argv: Sequence[str], *, timeout: float, on_chunk: Callable[[str], None],
+    argv: Sequence[str], *, timeout: float, on_chunk: Callable[[str], None], stream: str = "stdout",
 ) -> None:
-    """Run ``argv``, feeding each piece of its stdout (split on CR or LF) to ``on_chunk``."""
+    """Run ``argv``, feeding each piece of its ``stream`` (split on CR or LF) to ``on_chunk``.
+
+    The other stream is kept for the error message.
+    """
     argv = [which(argv[0]), *argv[1:]]
     with subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         preexec_fn=_die_with_parent,
     ) as proc:
+        watched, other = (proc.stdout, proc.stderr) if stream == "stdout" else (proc.stderr, proc.stdout)
         errbuf: list[str] = []
-        reader = threading.Thread(target=lambda: errbuf.append(_read_all(proc.stderr)), daemon=True)
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: errbuf.append(_read_all(other)), daemon=True)
         reader.start()
         timed_out = threading.Event()
 
@@ -85,13 +90,15 @@ def run_streaming(
         timer = threading.Timer(timeout, expire)
         timer.start()
         try:
-            assert proc.stdout is not None
+            assert watched is not None
             piece = b""
-            while data := os.read(proc.stdout.fileno(), 4096):
+            while data := os.read(watched.fileno(), 4096):
                 for char in data:
                     if char in b"\r\n":
                         if piece:
-                            on_chunk(piece.decode(errors="replace"))
+                            text = piece.decode(errors="replace")
+                            seen.append(text)
+                            on_chunk(text)
                         piece = b""
                     else:
                         piece += bytes((char,))
@@ -104,7 +111,8 @@ def run_streaming(
     if timed_out.is_set():
         raise ToolError(f"{argv[0]} timed out after {timeout:g}s")
     if rc != 0:
-        raise _fail(argv, f"failed (exit {rc})", errbuf[0] if errbuf else "")
+        message = (errbuf[0] if errbuf else "") if stream == "stdout" else "\n".join(seen[-5:])
+        raise _fail(argv, f"failed (exit {rc})", message)
 
 
 def _read_all(stream: IO[bytes] | None) -> str:

@@ -8,7 +8,6 @@ state file through the pipeline only.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from . import convert
 from .errors import SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
 from .inspect import DiskImage, inspect_disk
-from .options import MigrationOptions, mac_for
+from .options import MigrationOptions, OptionError, mac_for
 from .runner import which
+from .storage import Storage, Volume
 from .targets.base import Target
 
 Record = dict[str, Any]
@@ -45,6 +45,20 @@ class Context:
 
     def qemu_source(self) -> convert.Source:
         return convert.qemu_source(self.disk(), self.workdir)
+
+    def storage(self) -> Storage:
+        if self.options.device:
+            return self.target.device_storage(self.options.device)
+        return self.target.storage(self.options.storage)
+
+    def fmt(self) -> str:
+        """The disk format: asked for, or the storage's preferred one; refused if it cannot hold it."""
+        storage = self.storage()
+        fmt = self.options.fmt or storage.formats()[0]
+        if fmt not in storage.formats():
+            raise OptionError(f"--format {fmt}: {storage.describe()} holds {'/'.join(storage.formats())} "
+                              "volumes only", hint="leave --format out to get the storage's own format")
+        return fmt
 
     def tag(self) -> str:
         return f"v2p migration {self.migration_id}"
@@ -88,22 +102,32 @@ class Inspect(Stage):
 
 class Preflight(Stage):
     name = "preflight"
-    summary = "VMID free, room for the disk, QEMU present"
+    summary = "VMID free, storage usable with room for the disk, QEMU present"
 
     def run(self, ctx: Context) -> Record:
         if ctx.target.vm_exists(ctx.vmid) and not _ours(ctx):
             raise VMIDExistsError(f"VMID {ctx.vmid} already exists on the {ctx.target.kind} target",
                                   hint=f"pick another --vmid, or remove it: v2p vm rm {ctx.vmid}")
-        volume = ctx.target.allocate_volume(ctx.vmid, ctx.options.fmt, 0)
-        required = convert.measure(ctx.qemu_source(), ctx.options.fmt)
-        free = ctx.target.free_bytes(volume)
+        storage = ctx.storage()
+        fmt = ctx.fmt()
+        image = ctx.disk()
+        if ctx.options.copy_with == "dd" and not image.is_plain_raw:
+            raise OptionError(f"--copy-with dd: {image.path.name} is {image.flavor}, dd copies raw data only",
+                              hint="leave --copy-with out: qemu-img reads every flavor")
+        if ctx.options.copy_with == "dd" and fmt != "raw":
+            raise OptionError("--copy-with dd writes raw disks only", hint="add --format raw")
+        check = getattr(storage, "check", None)
+        if check is not None:
+            check(image.capacity, force=ctx.options.force)
+        required = storage.required_bytes(image.capacity, convert.measure(ctx.qemu_source(), fmt))
+        free = storage.free_bytes()
         if required > free:
-            raise TargetError(f"not enough space for {volume.volid}: need {required} bytes, "
-                              f"{free} free at {volume.path.parent}",
-                              hint="free some space or use another --target-dir")
+            raise TargetError(f"not enough space on {storage.describe()}: the disk needs {required} bytes, "
+                              f"{free} are free", hint="free some space or choose another --storage")
         if ctx.options.boot_check or ctx.options.start:
             which("qemu-system-x86_64")
-        return {"volid": volume.volid, "required_bytes": required, "free_bytes": free}
+        return {"storage": storage.describe(), "format": fmt, "required_bytes": required,
+                "free_bytes": free}
 
 
 def _ours(ctx: Context) -> bool:
@@ -146,35 +170,39 @@ def _vm_name(source: Path) -> str:
 
 class Convert(Stage):
     name = "convert"
-    summary = "qemu-img convert into the target storage (temporary name until verified)"
+    summary = "write the disk onto the target storage (a temporary volume until verified)"
 
     def run(self, ctx: Context) -> Record:
-        volume = ctx.target.allocate_volume(ctx.vmid, ctx.options.fmt, 0)
-        partial = _partial(volume.path)
-        volume.path.parent.mkdir(parents=True, exist_ok=True)
-        volume.path.unlink(missing_ok=True)
-        partial.unlink(missing_ok=True)
-        source = ctx.qemu_source()
-        bwlimit = ctx.options.bwlimit * 1024 if ctx.options.bwlimit else None
+        storage, fmt, image = ctx.storage(), ctx.fmt(), ctx.disk()
+        final = storage.volume(ctx.vmid, 0, fmt)
+        partial = storage.allocate(ctx.vmid, 0, fmt, image.capacity, force=ctx.options.force)
+        zero = storage.reads_as_zero(partial)
 
         def progress(percent: float) -> None:
-            ctx.emit(Event("progress", self.name, data={"percent": percent}))
+            ctx.emit(Event("progress", self.name, data={
+                "percent": percent, "bytes": int(image.capacity * percent / 100), "total": image.capacity}))
 
         try:
-            convert.convert(source, ctx.options.fmt, partial, capacity=ctx.disk().capacity,
-                            bwlimit=bwlimit, on_progress=progress)
+            if ctx.options.copy_with == "dd":
+                convert.copy_dd(image, partial, target_is_zero=zero, on_progress=progress)
+            else:
+                bwlimit = ctx.options.bwlimit * 1024 if ctx.options.bwlimit else None
+                convert.convert(ctx.qemu_source(), partial, capacity=image.capacity, target_is_zero=zero,
+                                bwlimit=bwlimit, on_progress=progress)
         except BaseException:
-            partial.unlink(missing_ok=True)
+            storage.remove(partial)
             raise
-        return {"volid": volume.volid, "path": str(volume.path), "partial": str(partial),
-                "fmt": ctx.options.fmt, "fingerprint": convert.fingerprint(partial)}
+        return {"volid": final.volid, "partial_volid": partial.volid, "partial": str(partial.path),
+                "fmt": fmt, "block": partial.is_block, "copied_with": ctx.options.copy_with,
+                "target_was_zero": zero, "fingerprint": convert.fingerprint(partial.path)}
 
     def holds(self, ctx: Context, record: Record) -> bool:
-        return any(_same_file(Path(record[key]), record["fingerprint"]) for key in ("partial", "path"))
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.v2p-partial")
+        paths = [Path(record["partial"])]
+        try:
+            paths.append(ctx.storage().path_of(record["volid"]))
+        except TargetError:
+            pass
+        return any(_same_file(path, record["fingerprint"]) for path in paths)
 
 
 def _same_file(path: Path, fingerprint: dict[str, Any]) -> bool:
@@ -186,28 +214,27 @@ def _same_file(path: Path, fingerprint: dict[str, Any]) -> bool:
 
 class Verify(Stage):
     name = "verify"
-    summary = "qemu-img compare against the source, then give the disk its final name"
+    summary = "qemu-img compare against the source, then give the volume its final name"
 
     def run(self, ctx: Context) -> Record:
         made = ctx.records["convert"]
-        final, partial = Path(made["path"]), Path(made["partial"])
-        candidate = partial if partial.exists() else final
-        convert.compare(ctx.qemu_source(), candidate, made["fmt"], capacity=ctx.disk().capacity)
-        if candidate == partial:
-            os.replace(partial, final)
-            _fsync_dir(final.parent)
-        return {"path": str(final), "fingerprint": convert.fingerprint(final)}
+        storage = ctx.storage()
+        partial = Volume(made["partial_volid"], Path(made["partial"]), made["fmt"], made["block"])
+        final = storage.volume(ctx.vmid, 0, made["fmt"])
+        committed = partial.volid != final.volid and not storage.exists(partial)
+        written = Volume(final.volid, storage.path_of(final.volid), final.fmt, final.is_block) \
+            if committed else partial
+        if ctx.options.verify:
+            convert.compare(ctx.qemu_source(), written, capacity=ctx.disk().capacity)
+        else:
+            ctx.emit(Event("warning", self.name, "--no-verify: the written disk was not compared"))
+        if not committed:
+            storage.commit(partial, final)
+        path = storage.path_of(final.volid)
+        return {"path": str(path), "verified": ctx.options.verify, "fingerprint": convert.fingerprint(path)}
 
     def holds(self, ctx: Context, record: Record) -> bool:
         return _same_file(Path(record["path"]), record["fingerprint"])
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Attach(Stage):

@@ -133,6 +133,12 @@ class DiskImage:
         return self.qemu_format == "vmdk"
 
     @property
+    def is_plain_raw(self) -> bool:
+        """Raw data at known offsets, no chain: what dd can copy."""
+        return self.parent is None and bool(self.extents) and all(
+            e.kind.is_raw or e.kind is ExtentKind.ZERO for e in self.extents)
+
+    @property
     def growable(self) -> bool:
         return any(e.kind in (ExtentKind.SPARSE, ExtentKind.VMFSSPARSE, ExtentKind.SESPARSE)
                    for e in self.extents)

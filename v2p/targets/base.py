@@ -11,16 +11,9 @@ import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..storage import BlockStorage, Storage
+
 VMConfig = dict[str, str]
-
-
-@dataclass(frozen=True)
-class Volume:
-    """A disk volume on the target: PVE's volume id and where its bytes live."""
-
-    volid: str
-    path: Path
-    fmt: str
 
 
 @dataclass
@@ -70,11 +63,12 @@ class Target(abc.ABC):
         """Stop the VM if needed and remove it with its disks."""
 
     @abc.abstractmethod
-    def allocate_volume(self, vmid: int, fmt: str, index: int) -> Volume:
-        """The volume a converted disk should become (not created yet)."""
+    def storage(self, name: str) -> Storage:
+        """The configured storage called ``name`` (as PVE names storages)."""
 
-    @abc.abstractmethod
-    def free_bytes(self, volume: Volume) -> int: ...
+    def device_storage(self, device: str) -> Storage:
+        """A block device on the target host, written in place."""
+        return BlockStorage(device)
 
     @abc.abstractmethod
     def status(self, vmid: int) -> str:

@@ -22,9 +22,9 @@ from typing import Any
 
 from ..errors import BootCheckError, NoSuchVMError, TargetError, ToolError, VMIDExistsError
 from ..runner import which
-from .base import BootReport, Target, VMConfig, Volume
+from ..storage import Storage, default_dir_storage, parse_storage_cfg
+from .base import BootReport, Target, VMConfig
 
-STORAGE = "local"
 SCSI_CONTROLLERS = {
     "lsi": "lsi53c895a", "lsi53c810": "lsi53c810", "megasas": "megasas", "pvscsi": "pvscsi",
     "virtio-scsi-pci": "virtio-scsi-pci", "virtio-scsi-single": "virtio-scsi-pci",
@@ -128,11 +128,47 @@ class LocalTarget(Target):
     def serial_log(self, vmid: int) -> Path:
         return self._run_dir(vmid) / "serial.log"
 
-    def volume_path(self, volid: str) -> Path:
-        storage, _, rest = volid.partition(":")
-        if storage != STORAGE or not re.fullmatch(r"\d+/vm-\d+-disk-\d+\.(qcow2|raw)", rest):
-            raise TargetError(f"volume {volid!r} is not on the local target's storage")
-        return self.directory / "images" / rest
+    # -- storages -------------------------------------------------------
+    @property
+    def storage_cfg(self) -> Path:
+        return self.directory / "storage.cfg"
+
+    def storages(self) -> dict[str, Storage]:
+        """``storage.cfg`` in the target dir (PVE syntax); ``local`` is the dir itself by default."""
+        found: dict[str, Storage] = {"local": default_dir_storage(self.directory)}
+        if self.storage_cfg.exists():
+            found.update(parse_storage_cfg(self.storage_cfg.read_text(), str(self.storage_cfg)))
+        return found
+
+    def storage(self, name: str) -> Storage:
+        storages = self.storages()
+        if name not in storages:
+            raise TargetError(f"no storage called {name!r} on the local target",
+                              hint=f"known: {', '.join(storages)}; add one to {self.storage_cfg}")
+        return storages[name]
+
+    def add_storage(self, name: str, kind: str, options: dict[str, str]) -> None:
+        """Add a storage to storage.cfg (checked by parsing the result first)."""
+        storages = self.storages()
+        if name in storages:
+            raise TargetError(f"storage {name!r} already exists in {self.storage_cfg}")
+        text = self.storage_cfg.read_text() if self.storage_cfg.exists() else ""
+        text += f"\n{kind}: {name}\n" + "".join(f"\t{key} {value}\n" for key, value in options.items())
+        parse_storage_cfg(text, str(self.storage_cfg))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.storage_cfg.with_name(".storage.cfg.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.storage_cfg)
+
+    def volume_file(self, volid: str) -> tuple[Path, str]:
+        """(path, format) of a disk named in a config: ``storage:volume`` or a device path."""
+        if volid.startswith("/"):
+            return Path(volid), "raw"
+        name, sep, rest = volid.partition(":")
+        if not sep:
+            raise TargetError(f"volume {volid!r} names no storage")
+        path = self.storage(name).path_of(volid)
+        return path, "qcow2" if rest.endswith(".qcow2") else "raw"
 
     # -- VMs ------------------------------------------------------------
     def vm_exists(self, vmid: int) -> bool:
@@ -180,22 +216,12 @@ class LocalTarget(Target):
             raise NoSuchVMError(f"VMID {vmid} does not exist on the local target")
         if self.status(vmid) == "running":
             self._kill(vmid)
-        shutil.rmtree(self.directory / "images" / str(vmid), ignore_errors=True)
+        for storage in self.storages().values():
+            remove_vm = getattr(storage, "remove_vm", None)
+            if remove_vm is not None:
+                remove_vm(vmid)
         shutil.rmtree(self._run_dir(vmid), ignore_errors=True)
         self._conf(vmid).unlink()
-
-    # -- volumes --------------------------------------------------------
-    def allocate_volume(self, vmid: int, fmt: str, index: int) -> Volume:
-        volid = f"{STORAGE}:{vmid}/vm-{vmid}-disk-{index}.{fmt}"
-        path = self.volume_path(volid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return Volume(volid, path, fmt)
-
-    def free_bytes(self, volume: Volume) -> int:
-        folder = volume.path.parent
-        while not folder.exists():
-            folder = folder.parent
-        return shutil.disk_usage(folder).free
 
     # -- running --------------------------------------------------------
     def _pid(self, vmid: int) -> int | None:
@@ -257,8 +283,7 @@ class LocalTarget(Target):
             volid, opts = split_property(config[key])
             if opts.get("media") == "cdrom" or volid == "none":
                 continue
-            path = self.volume_path(volid)
-            fmt = path.suffix.lstrip(".")
+            path, fmt = self.volume_file(volid)
             argv += ["-drive", f"file={path},format={fmt},if=none,id=drive-{key},cache=writeback"]
             boot = f",bootindex={order.index(key) + 1}" if key in order else ""
             if bus == "ide":
