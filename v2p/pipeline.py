@@ -61,8 +61,7 @@ class Pipeline:
 
     def _run_locked(self) -> dict[str, Any]:
         request = self._request()
-        if self.state.load() and self.state.data.get("finished") and not self.target.vm_exists(self.vmid):
-            # The migrated VM was removed since: its old record means nothing now.
+        if self.state.load() and self._stale(request):
             self.state.remove()
             self.state.data = {}
         if self.state.data:
@@ -99,6 +98,14 @@ class Pipeline:
         self.state.save()
         _remove_tree(ctx.workdir)
         return self.state.data
+
+    def _stale(self, request: dict[str, Any]) -> bool:
+        """A record that means nothing now: its VM was removed since it finished,
+        or it stopped before creating anything and the user now asks differently."""
+        data = self.state.data
+        if data.get("finished"):
+            return not self.target.vm_exists(self.vmid)
+        return "create" not in data.get("stages", {}) and data.get("request") != request
 
     def _check_resumable(self, request: dict[str, Any]) -> None:
         data = self.state.data

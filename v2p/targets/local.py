@@ -305,10 +305,19 @@ class LocalTarget(Target):
         return argv
 
     def start(self, vmid: int) -> None:
+        _close_quietly(self._launch(vmid))
+
+    def _launch(self, vmid: int) -> Any:
+        """Start QEMU paused (``-S``), connect QMP, then let the guest run.
+
+        Connecting before the first guest instruction means no event is
+        missed, even from a guest that powers off within milliseconds.
+        Returns the connected monitor.
+        """
         accel = probe_accel(self.accel_request)
         if self.status(vmid) == "running":
             raise TargetError(f"VM {vmid} is already running")
-        argv = self.command_line(vmid, accel)
+        argv = [*self.command_line(vmid, accel), "-S"]
         run_dir = self._run_dir(vmid)
         run_dir.mkdir(parents=True, exist_ok=True)
         for log in ("serial.log", "firmware.log"):
@@ -330,6 +339,13 @@ class LocalTarget(Target):
                 self._kill(vmid)
                 raise ToolError(f"qemu-system-x86_64 did not open its QMP socket for VM {vmid} in 30s")
             time.sleep(0.02)
+        try:
+            monitor = self._qmp(vmid)
+            monitor.cmd("cont")
+        except Exception as exc:
+            self._kill(vmid)
+            raise ToolError(f"VM {vmid}: cannot talk QMP to QEMU: {exc}") from None
+        return monitor
 
     def _qmp(self, vmid: int) -> Any:
         from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -374,14 +390,10 @@ class LocalTarget(Target):
             self._kill(vmid)
         accel = probe_accel(self.accel_request)
         started = time.monotonic()
-        self.start(vmid)
+        monitor = self._launch(vmid)
         run_dir = self._run_dir(vmid)
         resets = 0
         outcome = "running"
-        try:
-            monitor = self._qmp(vmid)
-        except Exception as exc:
-            raise BootCheckError(f"VM {vmid}: cannot talk QMP to QEMU: {exc}") from None
         try:
             while time.monotonic() - started < timeout:
                 if "No bootable device" in _read(run_dir / "firmware.log"):
