@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from conftest import SAMPLES, V2P, one_line_error
 
 SECRET = b"V2P-SECRET-OUTSIDE-THE-FOLDER-" * 20  # 600 bytes

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 import vmdkgen
 from conftest import SAMPLES, V2P, guest_report
 

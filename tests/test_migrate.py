@@ -4,6 +4,7 @@ options ask for; the guest itself reports the controller and the last sector."""
 from __future__ import annotations
 
 import pytest
+
 from conftest import FLAVORS, SAMPLES, assert_same_bytes, guest_report
 
 EXPECTED = [

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import SAMPLES, V2P, assert_same_bytes, guest_report
 
 STAGES = ["inspect", "preflight", "create", "convert", "verify", "attach", "boot", "finish"]

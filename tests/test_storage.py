@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from blockdev import LVM_ENV, loop_device, lv_extents, lv_names, sh, small_filesystem, volume_group
 
+from blockdev import LVM_ENV, loop_device, lv_extents, lv_names, sh, small_filesystem, volume_group
 from conftest import FLAVORS, SAMPLES, V2P, guest_report, one_line_error
 from test_resume import wait_for
 
@@ -269,7 +269,8 @@ def test_lvm_create_arguments(vg):
     assert thin.create_argv("vm-1-disk-0", 32 * MiB + 1) == [
         "--activate", "ly", "--yes", "--name", "vm-1-disk-0", "--virtualsize", f"{36 * MiB}b",
         "--thinpool", f"{name}/data"]
-    assert thin.reads_as_zero(thin.volume(1, 0, "raw")) and not storage.reads_as_zero(storage.volume(1, 0, "raw"))
+    assert thin.reads_as_zero(thin.volume(1, 0, "raw"))
+    assert not storage.reads_as_zero(storage.volume(1, 0, "raw"))
 
 
 def test_lvm_refusals(vg, tmp_path, source_of, v2p):
@@ -285,11 +286,13 @@ def test_lvm_refusals(vg, tmp_path, source_of, v2p):
                               "--format", "qcow2", **LVM_ENV))
     assert "holds raw volumes only" in line
     assert v2p("storage", "add", "gone", "--type", "lvm", "--vgname", "no-such-vg").returncode == 0
-    line = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "182", "--storage", "gone", **LVM_ENV))
+    line = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "182", "--storage", "gone",
+                              **LVM_ENV))
     assert "volume group 'no-such-vg' not found" in line
     assert v2p("storage", "add", "thin", "--type", "lvmthin", "--vgname", name, "--thinpool", "data"
                ).returncode == 0
-    line = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "182", "--storage", "thin", **LVM_ENV))
+    line = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "182", "--storage", "thin",
+                              **LVM_ENV))
     assert f"thin pool {name}/data not found" in line
 
 
