@@ -8,12 +8,18 @@ declare -A need=(
   [qemu-system-x86_64]=qemu-system-x86
   [nasm]=nasm
   [losetup]=mount
+  [blkid]=util-linux
+  [fallocate]=util-linux
+  [mkfs.ext4]=e2fsprogs
+  [pvcreate]=lvm2
   [xorriso]=xorriso
 )
 missing=()
+export PATH="$PATH:/usr/sbin:/sbin"
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 if ! ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1'; then
   missing+=(libmagic1)
 fi
