@@ -44,6 +44,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -689,6 +690,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 256 MiB disk, repeat 1, 2 GiB RSS disk")
     parser.add_argument("--skip-block", action="store_true")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="run only the cases whose key matches (e.g. 'dir/esxi', '^block/')")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "out" / "storage_bench")
     parser.add_argument("--keep", action="store_true", help="leave the work dir (sources, logs) behind")
     args = parser.parse_args()
@@ -725,7 +728,8 @@ def main() -> int:
         started = time.perf_counter()
         disk = build_disk(work / "src", disk_size, sizes, args.seed, align, ("sparse", "stream", "esxi"))
         big = None
-        if big_gib > 0:
+        wants_big = not args.only or any(re.search(args.only, f"big/sparse/{t}") for t in ("bare", "v2p"))
+        if big_gib > 0 and wants_big:
             big_size = int(big_gib * GiB) // MiB * MiB
             big = build_disk(work / "big", big_size, sizes, args.seed, align, ("sparse",))
         print(f"disk: {disk.size / GiB:g} GiB virtual, {disk.islands} islands of 64 KiB-8 MiB "
@@ -774,6 +778,8 @@ def main() -> int:
             add("big/sparse/bare", "big", "sparse", "qemu-img convert -O qcow2", bench.dir_bare(big_src), big)
             add("big/sparse/v2p", "big", "sparse", "v2p migrate", bench.dir_v2p(big_src), big)
 
+        if args.only:
+            cases = {key: case for key, case in cases.items() if re.search(args.only, key)}
         os.sync()
         for round_no in range(repeat):
             for case in cases.values():

@@ -14,11 +14,18 @@ Produces (all paths relative to OUTDIR):
     twoGbMaxExtentFlat/twoGbMaxExtentFlat.vmdk + ...-f001.vmdk
     streamOptimized/streamOptimized.vmdk
     esxi/esxi.vmdk + esxi-flat.vmdk   (hand-written ESXi "vmfs" descriptor)
+    winguest.bin, winguest.raw     Windows stand-in (nasm -DWINDOWS_STANDIN)
+    winguest/winguest.vmdk         its monolithicSparse VMDK
+    winguest-nodriver.bin, winguest-nodriver.raw   (nasm -DSTANDIN_NO_DRIVER)
+    winguest-nodriver/winguest-nodriver.vmdk
     manifest.json                  what was built (written last)
+
+The stand-ins are in manifest["standins"], NOT in manifest["flavors"]; their
+serial lines are in manifest["standin_serial"] (see standin.inc).
 
 Python 3.11 standard library only; `nasm` and `qemu-img` are run through
 subprocess with argv lists.  The build is skipped when manifest.json is newer
-than guest.asm and this file, was made for the same --size-mib and all listed
+than guest.asm, standin.inc and this file, was made for the same --size-mib and all listed
 files still exist (--force rebuilds).  Can also be imported: build(outdir, ...)
 returns the manifest dict.
 """
@@ -38,6 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ASM_SOURCE = HERE / "guest.asm"
+ASM_INCLUDES = (HERE / "standin.inc",)  # %include'd by guest.asm
 THIS_FILE = Path(__file__).resolve()
 
 SECTOR = 512
@@ -58,6 +66,37 @@ QEMU_FLAVORS = (
 )
 ESXI_NAME = "esxi"
 ESXI_HW_VERSION = 14
+
+# Windows stand-ins (standin.inc): name -> NASM define.  Each gets NAME.bin,
+# NAME.raw and NAME/NAME.vmdk (monolithicSparse).
+STANDINS = {
+    "winguest": "WINDOWS_STANDIN",
+    "winguest-nodriver": "STANDIN_NO_DRIVER",
+}
+STANDIN_VMDK_FLAVOR = "monolithicSparse"
+STANDIN_FLAG_LBA = 2048  # driver flag sector, passed to nasm as well
+FLAG_MAGIC = "V2P-DRIVERS "
+
+
+def flag_text(viostor: bool = False, netkvm: bool = False) -> str:
+    """Content of the stand-in's driver flag sector (NUL padded to 512)."""
+    return f"{FLAG_MAGIC}viostor={int(viostor)} netkvm={int(netkvm)}"
+
+
+def parse_flag_sector(sector: bytes) -> dict[str, bool]:
+    """{"viostor": bool, "netkvm": bool} as the stand-in reads the sector:
+    anything without the magic means no driver installed."""
+    text = sector[:30].decode("ascii", "replace")
+    if not text.startswith(FLAG_MAGIC):
+        return {"viostor": False, "netkvm": False}
+    return {"viostor": text[20] == "1", "netkvm": text[29] == "1"}
+
+
+def read_standin_flags(path: os.PathLike | str, flag_lba: int = STANDIN_FLAG_LBA) -> dict[str, bool]:
+    """Driver flags of a RAW stand-in disk (convert other formats first)."""
+    with open(path, "rb") as f:
+        f.seek(flag_lba * SECTOR)
+        return parse_flag_sector(f.read(SECTOR))
 
 
 class BuildError(Exception):
@@ -129,12 +168,17 @@ def data_layout(size_mib: int) -> list[tuple[int, int]]:
     return runs
 
 
-def write_raw(path: Path, boot: bytes, size_mib: int) -> None:
+def write_raw(path: Path, boot: bytes, size_mib: int,
+              extra: dict[int, bytes] | None = None) -> None:
+    """extra: LBA -> one sector's content (stand-in flag sector)."""
     size = size_mib * MIB
     with open(path, "wb") as f:
         f.truncate(size)  # sparse: untouched areas stay holes
         f.seek(0)
         f.write(boot)
+        for lba, data in (extra or {}).items():
+            f.seek(lba * SECTOR)
+            f.write(data[:SECTOR].ljust(SECTOR, b"\0"))
         for lba, count in data_layout(size_mib):
             f.seek(lba * SECTOR)
             f.write(b"".join(pattern_sector(lba + i) for i in range(count)))
@@ -251,14 +295,18 @@ def up_to_date(outdir: Path, size_mib: int) -> dict | None:
         mtime = manifest_path.stat().st_mtime
     except (OSError, ValueError):
         return None
-    newest_input = max(ASM_SOURCE.stat().st_mtime, THIS_FILE.stat().st_mtime)
+    newest_input = max(p.stat().st_mtime for p in (ASM_SOURCE, THIS_FILE, *ASM_INCLUDES))
     if mtime <= newest_input:
         return None
     if manifest.get("schema") != SCHEMA_VERSION or manifest.get("size_mib") != size_mib:
         return None
+    if set(manifest.get("standins", {})) != set(STANDINS):
+        return None
     paths = [manifest["raw"]["path"]]
     for entry in manifest["flavors"].values():
         paths += entry["files"]
+    for entry in manifest["standins"].values():
+        paths += [entry["raw"], *entry["files"]]
     if not all((outdir / p).is_file() for p in paths):
         return None
     return manifest
@@ -292,6 +340,18 @@ def build(outdir: os.PathLike | str, size_mib: int = DEFAULT_SIZE_MIB,
         return _build(outdir, size_mib, tools, quiet)
 
 
+def assemble(tools: dict[str, str], out: Path, defines: tuple[str, ...] = ()) -> bytes:
+    argv = [tools["nasm"], "-f", "bin", "-I", f"{HERE}{os.sep}"]
+    argv += [f"-D{d}" for d in defines]
+    run(argv + ["-o", str(out), str(ASM_SOURCE)])
+    boot = out.read_bytes()
+    if len(boot) < SECTOR or len(boot) % SECTOR or boot[510:512] != b"\x55\xaa":
+        raise BuildError(f"{out}: not a sector-aligned boot program with 55 AA")
+    if len(boot) > MIB // SECTOR * SECTOR:  # must stay below the first data run
+        raise BuildError("boot program too large")
+    return boot
+
+
 def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> dict:
     stage = outdir / ".stage"
     shutil.rmtree(stage, ignore_errors=True)
@@ -302,12 +362,7 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
 
     # 1. boot program
     boot_path = stage / "guest.bin"
-    run([tools["nasm"], "-f", "bin", "-o", str(boot_path), str(ASM_SOURCE)])
-    boot = boot_path.read_bytes()
-    if len(boot) < SECTOR or len(boot) % SECTOR or boot[510:512] != b"\x55\xaa":
-        raise BuildError(f"{boot_path}: not a sector-aligned boot program with 55 AA")
-    if len(boot) > MIB // SECTOR * SECTOR:  # must stay below the first data run
-        raise BuildError("boot program too large")
+    boot = assemble(tools, boot_path)
     log(f"assembled guest.asm ({len(boot)} bytes)", quiet)
 
     # 2. raw reference disk
@@ -368,6 +423,9 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
         log(f"{name}: {', '.join(files)} (createType={entry['flavor']}, "
             f"qemu-img compare {'identical' if qemu_ok else 'not possible'})", quiet)
 
+    # 6. Windows stand-ins: same disk, other boot program, plus the flag sector
+    standins = _build_standins(stage, size_mib, tools, quiet)
+
     manifest = {
         "schema": SCHEMA_VERSION,
         "size_mib": size_mib,
@@ -384,10 +442,26 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
             "poweroff": "v2p-guest: poweroff",
         },
         "flavors": flavors,
+        "standins": standins,
+        "standin_serial": {
+            # after the same controller/sectors/marker lines as the plain guest;
+            # {controller} = the name from the boot controller= line
+            "stop_7b": "STOP 0x0000007B INACCESSIBLE_BOOT_DEVICE",
+            "driver_viostor": "v2p-guest: driver viostor installed",
+            "driver_netkvm": "v2p-guest: driver netkvm installed",
+            "driver_failed": "v2p-guest: driver install failed (flag write error)",
+            "up": "v2p-guest: windows up on {controller}",
+            "up_viostor": "v2p-guest: windows up on {controller} (viostor)",
+            "netkvm_active": "v2p-guest: netkvm active",
+            "power_button": "v2p-guest: power button, shutting down",
+            "poweroff": "v2p-guest: poweroff",
+            "no_button": "v2p-guest: no ACPI power button, halting",
+        },
     }
 
-    # 6. move into place (replacing earlier outputs), manifest last
-    for name in ["guest.bin", "guest.raw", *flavors]:
+    # 7. move into place (replacing earlier outputs), manifest last
+    standin_outputs = [p for name in standins for p in (f"{name}.bin", f"{name}.raw", name)]
+    for name in ["guest.bin", "guest.raw", *flavors, *standin_outputs]:
         target = outdir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -400,6 +474,57 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
     os.replace(tmp, outdir / MANIFEST_NAME)
     log(f"wrote {outdir / MANIFEST_NAME}", quiet)
     return manifest
+
+
+def _build_standins(stage: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> dict:
+    size = size_mib * MIB
+    sectors = size // SECTOR
+    runs = data_layout(size_mib)
+    flag_lba = STANDIN_FLAG_LBA
+    if any(lba <= flag_lba < lba + n for lba, n in runs) or flag_lba >= sectors - 1:
+        raise BuildError(f"stand-in flag LBA {flag_lba} collides with test data or the marker")
+    initial = flag_text()
+    standins: dict[str, dict] = {}
+    for name, define in STANDINS.items():
+        boot_path = stage / f"{name}.bin"
+        boot = assemble(tools, boot_path, (define, f"STANDIN_FLAG_LBA={flag_lba}"))
+        if len(boot) > flag_lba * SECTOR:
+            raise BuildError(f"{name}: boot program reaches the flag sector")
+        raw_path = stage / f"{name}.raw"
+        write_raw(raw_path, boot, size_mib, {flag_lba: initial.encode("ascii")})
+        d = stage / name
+        d.mkdir()
+        vmdk = d / f"{name}.vmdk"
+        run([tools["qemu-img"], "convert", "-q", "-f", "raw", "-O", "vmdk",
+             "-o", f"subformat={STANDIN_VMDK_FLAVOR}", str(raw_path), str(vmdk)])
+        cmp = subprocess.run(
+            [tools["qemu-img"], "compare", "-q", "-f", "raw", "-F", "vmdk",
+             str(raw_path), str(vmdk)], capture_output=True, text=True)
+        if cmp.returncode != 0:
+            raise BuildError(f"{name}: qemu-img compare against {name}.raw failed "
+                             f"(exit {cmp.returncode}): {cmp.stdout}{cmp.stderr}".rstrip())
+        fields = descriptor_fields(read_descriptor(vmdk))
+        standins[name] = {
+            "dir": name,
+            "descriptor": f"{name}/{name}.vmdk",
+            "files": [f"{name}/{name}.vmdk"],
+            "flavor": fields.get("createType", ""),
+            "adapter_type": fields.get("ddb.adapterType", ""),
+            "raw": f"{name}.raw",
+            "raw_sha256": sha256_file(raw_path),
+            "boot": {"path": f"{name}.bin", "sha256": sha256_file(boot_path)},
+            "nasm_define": define,
+            "installs_drivers": define != "STANDIN_NO_DRIVER",
+            "flag_lba": flag_lba,
+            "flag_format": f"{FLAG_MAGIC}viostor=<0|1> netkvm=<0|1> (ASCII, NUL padded)",
+            "flag_initial": initial,
+            "virtual_size": size,
+            "sectors": sectors,
+            "marker": marker_for(size_mib),
+        }
+        log(f"{name}: {name}.raw + {name}/{name}.vmdk (-D{define}, {len(boot)} bytes, "
+            f"flag sector LBA {flag_lba})", quiet)
+    return standins
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,19 @@
 ; Assemble: nasm -f bin -o guest.bin guest.asm
 ;   (-DDEBUG_EDD adds a "v2p-guest: debug ..." line with the raw EDD buffer
 ;   and the detection method; never used for the shipped images.)
+;
+; Windows stand-in variants (see standin.inc for what they do):
+;   nasm -f bin -DWINDOWS_STANDIN   -o winguest.bin          guest.asm
+;   nasm -f bin -DSTANDIN_NO_DRIVER -o winguest-nodriver.bin guest.asm
+;   (-DSTANDIN_FLAG_LBA=<n> moves the driver flag sector, default 2048.)
+;   They print the same first three lines, then behave like Windows about
+;   virtio storage drivers instead of powering off.  Without these defines
+;   the output of this file is byte-for-byte the plain guest.
 ; ---------------------------------------------------------------------------
+
+%ifdef STANDIN_NO_DRIVER
+%define WINDOWS_STANDIN
+%endif
 
 bits 16
 org 0x7C00
@@ -249,6 +261,9 @@ stage2:
         call    print_marker
         call    crlf
 
+%ifdef WINDOWS_STANDIN
+        jmp     standin_main            ; standin.inc: never returns
+%else
         ; ---- line 4: poweroff ----
         mov     si, msg_prefix
         call    puts
@@ -258,6 +273,7 @@ stage2:
         call    uart_drain
         call    acpi_poweroff
         jmp     halt_forever
+%endif
 
 ; ---------------------------------------------------------------------------
 ; get_edd: INT 13h AH=48h on the boot drive -> EDD_BUF, total_lo/hi, edd_ok
@@ -338,10 +354,22 @@ find_boot_controller:
         mov     eax, [addon_id]         ; rank A
         cmp     ax, 0xFFFF
         jne     .found
+%ifdef WINDOWS_STANDIN
+        ; The stand-in is booted with an extra virtio-blk disk next to a
+        ; q35 AHCI boot disk (which has no EDD path), so here virtio must
+        ; not win over the built-in: SeaBIOS always gives virtio boot drives
+        ; an EDD path, i.e. a virtio boot drive never reaches this fallback.
+        ; Order A, C, B (C is always present on i440fx/q35).
+        mov     eax, [chip_id]          ; rank C
+        cmp     ax, 0xFFFF
+        jne     .found
+        mov     eax, [virtio_id]        ; rank B, may be FFFF:FFFF -> unknown
+%else
         mov     eax, [virtio_id]        ; rank B
         cmp     ax, 0xFFFF
         jne     .found
         mov     eax, [chip_id]          ; rank C, may be FFFF:FFFF -> unknown
+%endif
 
 .found:                                 ; EAX = device<<16 | vendor
         mov     [ctrl_vendor], ax
@@ -660,6 +688,10 @@ debug_dump:
         call    putc
         ret
 msg_debug:      db "debug method=", 0
+%endif
+
+%ifdef WINDOWS_STANDIN
+%include "standin.inc"
 %endif
 
 ; ---------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def test_dry_run_prints_stages_and_creates_nothing(source_of, v2p):
     src = source_of("esxi")
     proc = v2p("migrate", str(src.descriptor), "--vmid", "105", "--os", "win7", "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    for stage in ("inspect", "preflight", "create", "convert", "verify", "attach", "boot", "finish"):
+    for stage in ("inspect", "preflight", "create", "convert", "verify", "attach", "drivers", "boot",
+                  "finish"):
         assert f"  {stage} " in proc.stdout
     assert "ide0" in proc.stdout
     assert not (v2p.target / "qemu-server").exists()
@@ -72,7 +73,8 @@ def test_library_migrate_reports_events(manifest, source_of, tmp_path):
     result = migrate(src.descriptor, 106, target=target, ostype="win10", on_event=events.append)
     assert result["finished"] is True
     done = [e.stage for e in events if e.kind == "stage-done"]
-    assert done == ["inspect", "preflight", "create", "convert", "verify", "attach", "boot", "finish"]
+    assert done == ["inspect", "preflight", "create", "convert", "verify", "attach", "drivers", "boot",
+                    "finish"]
     guest = [e.message for e in events if e.stage == "boot" and e.message.startswith("guest: ")]
     assert any("controller=ide" in line for line in guest)
     assert any(manifest["marker"] in line for line in guest)

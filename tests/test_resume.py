@@ -14,7 +14,7 @@ import pytest
 
 from conftest import SAMPLES, V2P, assert_same_bytes, guest_report
 
-STAGES = ["inspect", "preflight", "create", "convert", "verify", "attach", "boot", "finish"]
+STAGES = ["inspect", "preflight", "create", "convert", "verify", "attach", "drivers", "boot", "finish"]
 ARGS = ["--vmid", "120", "--os", "l26"]
 
 

@@ -18,6 +18,7 @@ from .errors import V2PError
 from .events import Event
 from .inspect import DiskImage
 from .options import BUSES, COPIERS, FORMATS, OSTYPES, SCSIHW
+from .stages import STAGES
 from .storage import KINDS
 
 EXAMPLES = """examples:
@@ -270,7 +271,7 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
         verdict = "finished" if data.get("finished") else "unfinished (rerun migrate to resume)"
         print(f"VMID {state.vmid}: {data['request']['source']} — {verdict}")
         stages = data.get("stages", {})
-        for name in ("inspect", "preflight", "create", "convert", "verify", "attach", "boot", "finish"):
+        for name in (stage.name for stage in STAGES):
             record = stages.get(name)
             when = f"done {record['finished_at']} ({record['seconds']:.2f}s)" if record else "pending"
             print(f"  {name:<10} {when}")

@@ -75,3 +75,21 @@ class BootCheckError(V2PError):
     """The migrated VM did not boot the way it should."""
 
     exit_code = 7
+
+
+class DriversError(V2PError):
+    """The virtio drivers ISO is missing or lacks the drivers the guest needs."""
+
+    exit_code = 8
+
+
+class DanceError(V2PError):
+    """The IDE -> virtio driver dance failed (the VM is back on its IDE layout)."""
+
+    exit_code = 9
+
+
+class OperatorNeeded(V2PError):
+    """The dance waits for an operator to confirm the guest has its drivers."""
+
+    exit_code = 10

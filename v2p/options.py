@@ -46,6 +46,11 @@ class MigrationOptions:
     copy_with: str = "qemu-img"  # or "dd" (raw/flat sources only)
     verify: bool = True
     force: bool = False  # overwrite a block device that carries data or is held open
+    drivers_iso: str | None = None  # virtio-win ISO for the Windows driver dance
+    net_drivers: bool = True  # also bring in NetKVM and move the NIC to virtio
+    arch: str = "amd64"  # the Windows guest's architecture (virtio-win folder name)
+    dance_wait: float = 600.0  # boot 1: how long to wait for the guest's driver signal
+    shutdown_timeout: float = 120.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +71,8 @@ class MigrationOptions:
             raise OptionError("--bwlimit must be a positive number of KiB/s")
         if self.copy_with not in COPIERS:
             raise OptionError(f"unknown --copy-with {self.copy_with!r}", hint="use qemu-img or dd")
+        if self.arch not in ("amd64", "x86", "ARM64"):
+            raise OptionError(f"unknown --arch {self.arch!r}", hint="use amd64 or x86")
         if self.device is not None and not self.device.startswith("/"):
             raise OptionError(f"--to-device {self.device!r} is not an absolute device path")
 
@@ -78,15 +85,32 @@ class MigrationOptions:
         return self.bus or ("ide" if self.is_windows else "scsi")
 
     @property
+    def needs_dance(self) -> bool:
+        """Windows onto a virtio bus: it must get its driver on IDE first."""
+        return self.is_windows and self.bus in ("virtio", "scsi")
+
+    @property
+    def attach_bus(self) -> str:
+        """The bus the converted disk is attached to first (IDE when a dance follows)."""
+        return "ide" if self.needs_dance else self.disk_bus
+
+    @property
     def nic_model(self) -> str:
         return "e1000" if self.is_windows else "virtio"
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must repeat exactly (start/boot-check may change)."""
         data = asdict(self)
-        for volatile in ("start", "boot_check", "boot_timeout", "bwlimit", "verify", "force"):
+        for volatile in ("start", "boot_check", "boot_timeout", "bwlimit", "verify", "force", "drivers_iso",
+                         "dance_wait", "shutdown_timeout"):
             data.pop(volatile)
         return data
+
+
+def mac_for_nic(vmid: int, index: int) -> str:
+    """A stable MAC in Proxmox's range for NIC ``index`` that v2p adds itself."""
+    digest = hashlib.sha256(f"{vmid}:net{index}".encode()).digest()
+    return "BC:24:11:" + ":".join(f"{b:02X}" for b in digest[:3])
 
 
 def mac_for(vmid: int, source: Path) -> str:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import convert
+from . import convert, drivers
+from .dance import DanceOptions, DriverDance
 from .errors import SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
 from .inspect import DiskImage, inspect_disk
@@ -124,10 +125,29 @@ class Preflight(Stage):
         if required > free:
             raise TargetError(f"not enough space on {storage.describe()}: the disk needs {required} bytes, "
                               f"{free} are free", hint="free some space or choose another --storage")
-        if ctx.options.boot_check or ctx.options.start:
+        if ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance:
             which("qemu-system-x86_64")
-        return {"storage": storage.describe(), "format": fmt, "required_bytes": required,
-                "free_bytes": free}
+        record: Record = {"storage": storage.describe(), "format": fmt, "required_bytes": required,
+                          "free_bytes": free}
+        if ctx.options.needs_dance:
+            record.update(check_drivers(ctx.target, ctx.options))
+        return record
+
+
+def check_drivers(target: Target, options: MigrationOptions) -> Record:
+    """Find the drivers ISO and make sure it has what this Windows needs (before anything is made)."""
+    given = options.drivers_iso
+    if given and ":" in given and not given.startswith("/"):
+        path = target.storage(given.split(":", 1)[0]).path_of(given)  # a PVE volid: local:iso/NAME.iso
+        volid = given
+    else:
+        path = drivers.locate(given, target.iso_places())
+        volid = str(path.resolve())
+    iso = drivers.read_iso(path)
+    storage_driver = "viostor" if options.bus == "virtio" else "vioscsi"
+    wanted = (storage_driver, "NetKVM") if options.net_drivers else (storage_driver,)
+    folders = iso.require(wanted, options.ostype, options.arch)
+    return {"drivers_iso": volid, "driver_folders": folders}
 
 
 def _ours(ctx: Context) -> bool:
@@ -242,7 +262,7 @@ class Attach(Stage):
     summary = "attach the disk (IDE for Windows, SCSI otherwise) and make it the boot disk"
 
     def run(self, ctx: Context) -> Record:
-        key = f"{ctx.options.disk_bus}0"
+        key = f"{ctx.options.attach_bus}0"
         volid = ctx.records["convert"]["volid"]
         value = f"{volid},size={_pve_size(ctx.disk().capacity)}"
         ctx.target.set_config(ctx.vmid, {key: value, "boot": f"order={key}"})
@@ -262,11 +282,27 @@ def _pve_size(capacity: int) -> str:
     return str(capacity)
 
 
+class Drivers(Stage):
+    name = "drivers"
+    summary = "Windows onto virtio: the two-boot driver dance (IDE first, then virtio)"
+
+    def run(self, ctx: Context) -> Record:
+        if not ctx.options.needs_dance:
+            return {"skipped": True}
+        options = DanceOptions(bus=ctx.options.bus or "virtio",
+                               iso_volid=ctx.records["preflight"]["drivers_iso"],
+                               net_drivers=ctx.options.net_drivers, boot1_wait=ctx.options.dance_wait,
+                               shutdown_timeout=ctx.options.shutdown_timeout)
+        return DriverDance(ctx.target, ctx.vmid, options, emit=ctx.emit).run()
+
+
 class BootCheck(Stage):
     name = "boot"
     summary = "boot the VM and watch it come up"
 
     def run(self, ctx: Context) -> Record:
+        if ctx.records.get("drivers", {}).get("confirmed"):
+            return {"skipped": "the driver dance's second boot confirmed the guest is up on virtio"}
         if not ctx.options.boot_check:
             return {"skipped": True}
         report = ctx.target.boot_check(ctx.vmid, timeout=ctx.options.boot_timeout)
@@ -294,5 +330,5 @@ class Finish(Stage):
         return {"status": status, "config": ctx.target.get_config(ctx.vmid)}
 
 
-STAGES: tuple[Stage, ...] = (Inspect(), Preflight(), Create(), Convert(), Verify(), Attach(),
+STAGES: tuple[Stage, ...] = (Inspect(), Preflight(), Create(), Convert(), Verify(), Attach(), Drivers(),
                              BootCheck(), Finish())

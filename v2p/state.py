@@ -26,12 +26,16 @@ def now() -> str:
 
 
 class MigrationState:
-    """The state of one migration (one VMID), backed by ``<dir>/<vmid>.json``."""
+    """The state of one migration (one VMID), backed by ``<dir>/<vmid><suffix>.json``.
 
-    def __init__(self, directory: Path, vmid: int) -> None:
+    The driver dance keeps its own file (suffix ``.dance``) so that
+    ``v2p dance`` can run it on a VM that v2p did not migrate.
+    """
+
+    def __init__(self, directory: Path, vmid: int, suffix: str = "") -> None:
         self.directory = directory
         self.vmid = vmid
-        self.path = directory / f"{vmid}.json"
+        self.path = directory / f"{vmid}{suffix}.json"
         self.data: dict[str, Any] = {}
 
     def load(self) -> bool:

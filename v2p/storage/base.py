@@ -89,3 +89,15 @@ class Storage(abc.ABC):
 
     def describe(self) -> str:
         return f"{self.kind}: {self.name}"
+
+    def create_empty(self, vmid: int, index: int, size: int) -> Volume:
+        """A new, empty volume of ``size`` bytes in this storage's preferred format."""
+        from ..runner import run
+
+        fmt = self.formats()[0]
+        partial = self.allocate(vmid, index, fmt, size)
+        if not partial.is_block:
+            run(["qemu-img", "create", "-q", "-f", fmt, str(partial.path), str(size)], timeout=60)
+        final = self.volume(vmid, index, fmt)
+        self.commit(partial, final)
+        return final

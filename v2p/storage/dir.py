@@ -35,6 +35,8 @@ class DirStorage(Storage):
 
     def path_of(self, volid: str) -> Path:
         storage, _, rest = volid.partition(":")
+        if storage == self.name and re.fullmatch(r"iso/[^/]+\.iso", rest):
+            return self.root / "template" / rest  # PVE's ISO layout: template/iso/NAME.iso
         if storage != self.name or not re.fullmatch(r"\d+/vm-\d+-disk-\d+\.(qcow2|raw)", rest):
             raise TargetError(f"volume {volid!r} is not a volume of storage {self.name}")
         return self.root / "images" / rest

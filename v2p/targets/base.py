@@ -66,6 +66,10 @@ class Target(abc.ABC):
     def storage(self, name: str) -> Storage:
         """The configured storage called ``name`` (as PVE names storages)."""
 
+    def iso_places(self) -> tuple[Path, ...]:
+        """Where this target keeps ISO images (searched for the drivers ISO)."""
+        return ()
+
     def device_storage(self, device: str) -> Storage:
         """A block device on the target host, written in place."""
         return BlockStorage(device)
@@ -78,7 +82,17 @@ class Target(abc.ABC):
     def start(self, vmid: int) -> None: ...
 
     @abc.abstractmethod
-    def stop(self, vmid: int, *, timeout: float = 60.0) -> None: ...
+    def stop(self, vmid: int, *, timeout: float = 60.0) -> bool:
+        """Shut the VM down (power button, then hard after ``timeout``); True if it went cleanly."""
+
+    @abc.abstractmethod
+    def guest_output(self, vmid: int) -> str:
+        """What the guest printed on its serial port since it was last started ('' if unknown)."""
+
+    @abc.abstractmethod
+    def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
+        """Watch a running VM until a pattern (name -> regex) matches its output, it
+        stops, or ``timeout`` passes: ("<name>" | "stopped" | "timeout", output)."""
 
     @abc.abstractmethod
     def boot_check(self, vmid: int, *, timeout: float) -> BootReport:

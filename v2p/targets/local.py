@@ -147,6 +147,9 @@ class LocalTarget(Target):
                               hint=f"known: {', '.join(storages)}; add one to {self.storage_cfg}")
         return storages[name]
 
+    def iso_places(self) -> tuple[Path, ...]:
+        return (self.directory / "template" / "iso" / "virtio-win.iso",)
+
     def add_storage(self, name: str, kind: str, options: dict[str, str]) -> None:
         """Add a storage to storage.cfg (checked by parsing the result first)."""
         storages = self.storages()
@@ -281,11 +284,18 @@ class LocalTarget(Target):
                 continue
             bus, index = match.group(1), int(match.group(2))
             volid, opts = split_property(config[key])
-            if opts.get("media") == "cdrom" or volid == "none":
+            boot = f",bootindex={order.index(key) + 1}" if key in order else ""
+            if opts.get("media") == "cdrom":
+                if volid == "none":
+                    continue
+                path, _fmt = self.volume_file(volid)
+                argv += ["-drive", f"file={path},format=raw,if=none,id=drive-{key},media=cdrom,readonly=on",
+                         "-device", f"ide-cd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
+                continue
+            if volid == "none":
                 continue
             path, fmt = self.volume_file(volid)
             argv += ["-drive", f"file={path},format={fmt},if=none,id=drive-{key},cache=writeback"]
-            boot = f",bootindex={order.index(key) + 1}" if key in order else ""
             if bus == "ide":
                 argv += ["-device", f"ide-hd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
             elif bus == "sata":
@@ -368,15 +378,20 @@ class LocalTarget(Target):
             os.kill(pid, signal.SIGKILL)
             self._wait_exit(vmid, 10)
 
-    def stop(self, vmid: int, *, timeout: float = 60.0) -> None:
-        """ACPI power button, then (after ``timeout``) QMP quit, then SIGKILL."""
+    def stop(self, vmid: int, *, timeout: float = 60.0) -> bool:
+        """ACPI power button, then (after ``timeout``) QMP quit, then SIGKILL.
+
+        Returns whether the guest shut down on the power button by itself.
+        """
         if self.status(vmid) != "running":
-            return
+            return True
+        clean = False
         try:
             monitor = self._qmp(vmid)
             try:
                 monitor.cmd("system_powerdown")
-                if not self._wait_exit(vmid, timeout):
+                clean = self._wait_exit(vmid, timeout)
+                if not clean:
                     monitor.cmd("quit")
             finally:
                 _close_quietly(monitor)
@@ -384,6 +399,26 @@ class LocalTarget(Target):
             pass
         if not self._wait_exit(vmid, 10):
             self._kill(vmid)
+        return clean
+
+    def guest_output(self, vmid: int) -> str:
+        return _read(self.serial_log(vmid))
+
+    def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
+        """Watch a running VM's serial port until one of ``patterns`` (name -> regex)
+        shows up, the VM stops, or ``timeout`` passes: ("<name>" | "stopped" | "timeout", output)."""
+        compiled = {name: re.compile(regex) for name, regex in patterns.items()}
+        deadline = time.monotonic() + timeout
+        while True:
+            output = self.guest_output(vmid)
+            for name, regex in compiled.items():
+                if regex.search(output):
+                    return name, output
+            if self.status(vmid) != "running":
+                return "stopped", self.guest_output(vmid)
+            if time.monotonic() > deadline:
+                return "timeout", output
+            time.sleep(0.1)
 
     def boot_check(self, vmid: int, *, timeout: float) -> BootReport:
         if self.status(vmid) == "running":

@@ -1,0 +1,223 @@
+"""The IDE -> virtio two-boot driver dance for Windows guests.
+
+Windows only installs a storage driver for a device it sees, and cannot boot
+from virtio until it has one. So: boot 1 on IDE with a small temporary virtio
+disk, the drivers ISO and a virtio NIC attached; wait until the guest has the
+driver (its own signal, or an operator's word); shut down; move the system
+disk to virtio and the NIC to virtio; boot 2 and confirm. A failed boot 2 is
+rolled back to the IDE layout and boot-checked there: the VM is never left
+unbootable.
+
+Every step is a record in the dance's own state file (``<vmid>.dance.json``),
+so a crash anywhere resumes at the right step, and ``v2p dance VMID`` can
+dance a VM v2p did not migrate. Only the ``Target`` interface is used.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DanceError, OperatorNeeded, TargetError
+from .events import Event, EventHandler, ignore
+from .options import mac_for_nic
+from .state import MigrationState, now
+from .targets.base import Target, VMConfig
+
+STOP_CODE = r"STOP 0x[0-9A-Fa-f]{8}[^\r\n]*"
+TEMP_DISK_BYTES = 1 << 30
+STEPS = ("layout1", "boot1", "shutdown1", "layout2", "boot2")
+_DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
+
+
+@dataclass
+class DanceOptions:
+    """How the dance runs; the signals are regexes on the guest's serial output."""
+
+    bus: str = "virtio"  # "virtio" (viostor, virtio0) or "scsi" (vioscsi, scsi0 on virtio-scsi-pci)
+    iso_volid: str = ""  # the drivers ISO as the target names it (path or storage:iso/NAME.iso)
+    net_drivers: bool = True
+    boot1_wait: float = 600.0  # how long to wait for the guest's driver signal
+    boot2_wait: float = 120.0
+    shutdown_timeout: float = 120.0
+    driver_signal: str = r"driver (viostor|vioscsi) installed"
+    virtio_signal: str = r"windows up on (virtio-blk|virtio-scsi)"
+    ide_signal: str = r"windows up on (ide|sata)"
+
+
+class DriverDance:
+    """Runs (or resumes) the dance for one VM."""
+
+    def __init__(self, target: Target, vmid: int, options: DanceOptions, *,
+                 emit: EventHandler = ignore) -> None:
+        self.target = target
+        self.vmid = vmid
+        self.options = options
+        self.emit = emit
+        self.state = MigrationState(target.state_dir(), vmid, suffix=".dance")
+
+    # -- bookkeeping ---------------------------------------------------------
+    def _load(self) -> None:
+        if not self.state.load():
+            self.state.start({"vmid": self.vmid, "bus": self.options.bus})
+
+    def _done(self, step: str) -> dict[str, Any] | None:
+        record = self.state.stages.get(step)
+        return record["result"] if record else None
+
+    def _record(self, step: str, result: dict[str, Any]) -> dict[str, Any]:
+        self.state.stages[step] = {"finished_at": now(), "seconds": 0, "result": result}
+        self.state.save()
+        self.emit(Event("info", "drivers", f"{step}: done"))
+        return result
+
+    def _say(self, text: str, kind: str = "info") -> None:
+        self.emit(Event(kind, "drivers", text))
+
+    # -- the dance -----------------------------------------------------------
+    def run(self, *, confirmed: bool = False) -> dict[str, Any]:
+        """Run every step not yet done; ``confirmed``: the operator says the guest has its drivers."""
+        self._load()
+        if self.state.data.get("finished"):
+            self._say(f"VM {self.vmid} already danced onto {self.state.data['result']['system_disk']}")
+            return dict(self.state.data["result"])
+        steps: dict[str, Callable[[], dict[str, Any]]] = {
+            "layout1": self._layout1, "boot1": lambda: self._boot1(confirmed),
+            "shutdown1": self._shutdown1, "layout2": self._layout2, "boot2": self._boot2,
+        }
+        for step in STEPS:
+            if self._done(step) is None:
+                self._record(step, steps[step]())
+        result = {"bus": self.options.bus, "system_disk": (self._done("layout2") or {})["system_disk"],
+                  "confirmed": True, "boot1": self._done("boot1"), "boot2": self._done("boot2")}
+        self.state.data["finished"] = True
+        self.state.data["result"] = result
+        self.state.save()
+        return result
+
+    def _layout1(self) -> dict[str, Any]:
+        config = self.target.get_config(self.vmid)
+        system_key = _system_disk(config)
+        temp_key = "virtio1" if self.options.bus == "virtio" else "scsi1"
+        system = config[system_key]
+        # The temporary disk goes where the system disk is; a raw device gets it on "local".
+        storage_name = "local" if system.startswith("/") else system.split(":", 1)[0]
+        temp = self.target.storage(storage_name).create_empty(self.vmid, 1, TEMP_DISK_BYTES)
+        updates: VMConfig = {temp_key: f"{temp.volid},size=1G", "boot": f"order={system_key}",
+                             "ide2": f"{self.options.iso_volid},media=cdrom"}
+        if self.options.bus == "scsi":
+            updates["scsihw"] = "virtio-scsi-pci"
+        if self.options.net_drivers:
+            updates["net1"] = f"virtio={mac_for_nic(self.vmid, 1)},bridge=vmbr0"
+        self.target.set_config(self.vmid, updates)
+        self._say(f"boot 1 layout: system disk on {system_key}, temporary {temp_key}, drivers ISO on ide2")
+        return {"system_key": system_key, "system_value": config[system_key], "temp_key": temp_key,
+                "temp_volid": temp.volid, "net0": config.get("net0", ""), "boot": config.get("boot", ""),
+                "scsihw": config.get("scsihw", "")}
+
+    def _boot1(self, confirmed: bool) -> dict[str, Any]:
+        if self.target.status(self.vmid) != "running":
+            self.target.start(self.vmid)
+            self._say("boot 1 (IDE): waiting for the guest to install the virtio drivers")
+        else:
+            self._say("boot 1 is under way: still waiting for the guest's driver signal")
+        seen, output = self.target.observe(self.vmid, timeout=self.options.boot1_wait, patterns={
+            "ready": self.options.driver_signal, "stop": STOP_CODE})
+        if seen == "stop":
+            self.target.stop(self.vmid, timeout=5)
+            raise DanceError(f"VM {self.vmid} stopped with {_stop_code(output)} on its first (IDE) boot",
+                             hint="the guest does not boot on IDE either: check it in VMware first")
+        if seen == "ready":
+            return {"signal": "guest", "at": now()}
+        if confirmed:
+            return {"signal": "operator", "at": now()}
+        raise OperatorNeeded(
+            f"VM {self.vmid}: no sign from the guest that it has the virtio drivers after "
+            f"{self.options.boot1_wait:g}s (it is still up on IDE with the drivers ISO attached)",
+            hint=f"install them in the guest (Device Manager, the ISO on the CD drive), then run: "
+                 f"v2p dance {self.vmid} --continue")
+
+    def _shutdown1(self) -> dict[str, Any]:
+        clean = self.target.stop(self.vmid, timeout=self.options.shutdown_timeout)
+        if not clean:
+            self._say(f"the guest did not shut down within {self.options.shutdown_timeout:g}s of the "
+                      "power button: it was stopped hard", "warning")
+        return {"clean": clean}
+
+    def _layout2(self) -> dict[str, Any]:
+        before = self._done("layout1") or {}
+        config = self.target.get_config(self.vmid)
+        new_key = "virtio0" if self.options.bus == "virtio" else "scsi0"
+        delete = [key for key in (before["temp_key"], "ide2", "net1", before["system_key"]) if key in config]
+        updates = {new_key: before["system_value"], "boot": f"order={new_key}"}
+        if before["net0"]:
+            updates["net0"] = re.sub(r"^[a-z0-9]+=", "virtio=", before["net0"])
+        self.target.set_config(self.vmid, updates, delete=tuple(delete))
+        self._remove_temp(before)
+        self._say(f"boot 2 layout: system disk {before['system_key']} -> {new_key}, NIC -> virtio, "
+                  "temporary disk removed")
+        return {"system_disk": new_key}
+
+    def _remove_temp(self, before: dict[str, Any]) -> None:
+        volid = before["temp_volid"]
+        storage = self.target.storage(volid.split(":", 1)[0])
+        for candidate in (storage.volume(self.vmid, 1, fmt) for fmt in storage.formats()):
+            if candidate.volid == volid and storage.exists(candidate):
+                storage.remove(candidate)
+
+    def _boot2(self) -> dict[str, Any]:
+        if self.target.status(self.vmid) != "running":
+            self.target.start(self.vmid)
+            self._say("boot 2 (virtio): waiting for the guest to come up")
+        seen, output = self.target.observe(self.vmid, timeout=self.options.boot2_wait, patterns={
+            "up": self.options.virtio_signal, "stop": STOP_CODE})
+        if seen == "up":
+            return {"confirmed_by": "guest"}
+        if seen == "timeout":
+            self._say(f"no word from the guest, but it has run {self.options.boot2_wait:g}s on virtio "
+                      "without a STOP code")
+            return {"confirmed_by": "still running"}
+        what = _stop_code(output) if seen == "stop" else "a stop of its own"
+        self._rollback(what)
+        raise AssertionError("unreachable")
+
+    def _rollback(self, what: str) -> None:
+        before = self._done("layout1") or {}
+        self.target.stop(self.vmid, timeout=5)
+        new_key = (self._done("layout2") or {})["system_disk"]
+        updates = {before["system_key"]: before["system_value"], "boot": before["boot"] or
+                   f"order={before['system_key']}"}
+        if before["net0"]:
+            updates["net0"] = before["net0"]
+        self.target.set_config(self.vmid, updates, delete=(new_key,))
+        self.target.start(self.vmid)
+        seen, output = self.target.observe(self.vmid, timeout=self.options.boot2_wait, patterns={
+            "up": self.options.ide_signal, "stop": STOP_CODE})
+        self.target.stop(self.vmid, timeout=self.options.shutdown_timeout)
+        back = "it boots there again" if seen in ("up", "timeout") else f"but it fails there too ({seen})"
+        # Start the next attempt from the IDE layout: the dance's records go.
+        self.state.remove()
+        raise DanceError(
+            f"VM {self.vmid} did not boot on virtio ({what}): the guest has no virtio storage driver; "
+            f"rolled back to {before['system_key']}, {back}",
+            hint="install the viostor driver in the guest, then run: v2p dance "
+                 f"{self.vmid} --bus {self.options.bus}")
+
+
+def _system_disk(config: VMConfig) -> str:
+    boot = config.get("boot", "")
+    if boot.startswith("order="):
+        for key in boot[len("order="):].split(";"):
+            if _DISK_KEY.match(key) and "media=cdrom" not in config.get(key, ""):
+                return key
+    disks = sorted(k for k in config if _DISK_KEY.match(k) and "media=cdrom" not in config[k])
+    if not disks:
+        raise TargetError("the VM has no disk to move to virtio")
+    return disks[0]
+
+
+def _stop_code(output: str) -> str:
+    match = re.search(STOP_CODE, output)
+    return match.group(0).strip() if match else "a STOP code"
