@@ -12,16 +12,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .dance import DanceOptions, DriverDance
 from .events import EventHandler, ignore
 from .inspect import DiskImage, Row, inspect_disk, inspect_paths
-from .options import MigrationOptions
+from .options import MigrationOptions, OptionError
 from .pipeline import Pipeline
-from .state import MigrationState, list_states
+from .stages import check_drivers
+from .state import MigrationState, VmidLock, list_states
 from .targets.base import Target
 from .targets.local import LocalTarget
 
-__all__ = ["LocalTarget", "Migration", "Row", "Target", "inspect", "inspect_paths", "local_target",
-           "migrate", "status"]
+__all__ = ["LocalTarget", "Migration", "Row", "Target", "dance", "inspect", "inspect_paths", "local_target",
+           "migrate", "remove", "status"]
 
 
 def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str = "auto") -> LocalTarget:
@@ -51,6 +53,37 @@ def migrate(source: str | os.PathLike[str], vmid: int, *, target: Target | None 
             on_event: EventHandler = ignore, **options: Any) -> dict[str, Any]:
     """Migrate (or resume migrating) ``source`` to VM ``vmid``; see ``MigrationOptions``."""
     return Migration(source, vmid, target=target, on_event=on_event, **options).run()
+
+
+def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confirmed: bool = False,
+          drivers_iso: str | None = None, net_drivers: bool = True, arch: str = "amd64",
+          dance_wait: float = 600.0, boot_wait: float = 120.0, shutdown_timeout: float = 120.0,
+          on_event: EventHandler = ignore) -> dict[str, Any]:
+    """Move an existing Windows VM's system disk from IDE to virtio (the two-boot dance).
+
+    ``confirmed``: the operator says the guest has its drivers (``v2p dance --continue``).
+    """
+    target = target or local_target()
+    config = target.get_config(vmid)
+    options = MigrationOptions(ostype=config.get("ostype", "win10"), bus=bus, drivers_iso=drivers_iso,
+                               net_drivers=net_drivers, arch=arch)
+    if not options.is_windows:
+        raise OptionError(f"VM {vmid} has ostype {options.ostype}: the driver dance is for Windows guests")
+    with VmidLock(target.state_dir(), vmid):
+        found = check_drivers(target, options)
+        dance_options = DanceOptions(bus=bus, iso_volid=found["drivers_iso"], net_drivers=net_drivers,
+                                     boot1_wait=dance_wait, boot2_wait=boot_wait,
+                                     shutdown_timeout=shutdown_timeout)
+        return DriverDance(target, vmid, dance_options, emit=on_event).run(confirmed=confirmed)
+
+
+def remove(vmid: int, target: Target | None = None) -> None:
+    """Remove a VM, its volumes (never a user's block device) and its records."""
+    target = target or local_target()
+    with VmidLock(target.state_dir(), vmid):
+        target.destroy_vm(vmid)
+        for suffix in ("", ".dance"):
+            MigrationState(target.state_dir(), vmid, suffix).remove()
 
 
 def inspect(path: str | os.PathLike[str]) -> DiskImage:

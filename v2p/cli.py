@@ -72,6 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bwlimit", type=int, help="limit conversion I/O to this many KiB/s")
     p.add_argument("--dry-run", action="store_true", help="print the stages and stop")
 
+    p.add_argument("--drivers-iso", help="virtio-win ISO for the Windows driver dance (a path, or a PVE "
+                   "volume such as local:iso/virtio-win.iso)")
+    p.add_argument("--net-drivers", action=argparse.BooleanOptionalAction, default=True,
+                   help="Windows onto virtio: also install NetKVM and move the NIC to virtio (default: on)")
+    p.add_argument("--arch", choices=("amd64", "x86"), default="amd64",
+                   help="the Windows guest's architecture")
+    p.add_argument("--dance-wait", type=float, default=600.0,
+                   help="seconds to wait for the guest to install its drivers on the IDE boot (default: 600)")
+    p.add_argument("--shutdown-timeout", type=float, default=120.0,
+                   help="seconds the guest gets to shut down on the power button (default: 120)")
+
+    p = sub.add_parser("dance", help="move an existing Windows VM from IDE to virtio (two boots)")
+    p.add_argument("vmid", type=int)
+    p.add_argument("--bus", choices=("virtio", "scsi"), default="virtio")
+    p.add_argument("--continue", dest="confirmed", action="store_true",
+                   help="the guest has its drivers now (after v2p asked you to check)")
+    p.add_argument("--drivers-iso")
+    p.add_argument("--net-drivers", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--arch", choices=("amd64", "x86"), default="amd64")
+    p.add_argument("--dance-wait", type=float, default=600.0)
+    p.add_argument("--boot-wait", type=float, default=120.0,
+                   help="seconds to watch the virtio boot for a STOP code (default: 120)")
+    p.add_argument("--shutdown-timeout", type=float, default=120.0)
+
     p = sub.add_parser("status", help="show the stages of recorded migrations")
     p.add_argument("vmid", nargs="?", type=int)
     p.add_argument("--json", action="store_true")
@@ -125,6 +149,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _status(args, target)
     if args.command == "storage":
         return _storage(args, target)
+    if args.command == "dance":
+        result = api.dance(args.vmid, target=target, bus=args.bus, confirmed=args.confirmed,
+                           drivers_iso=args.drivers_iso, net_drivers=args.net_drivers, arch=args.arch,
+                           dance_wait=args.dance_wait, boot_wait=args.boot_wait,
+                           shutdown_timeout=args.shutdown_timeout, on_event=_Printer())
+        print(f"VM {args.vmid} now boots from {result['system_disk']}")
+        return 0
     return _vm(args, target)
 
 
@@ -237,7 +268,8 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         fmt=args.fmt, name=args.name, cores=args.cores, memory=args.memory, scsihw=args.scsihw,
         start=args.start, boot_check=args.boot_check, boot_timeout=args.boot_timeout,
         bwlimit=args.bwlimit, storage=args.storage, device=args.device, copy_with=args.copy_with,
-        verify=args.verify, force=args.force)
+        verify=args.verify, force=args.force, drivers_iso=args.drivers_iso, net_drivers=args.net_drivers,
+        arch=args.arch, dance_wait=args.dance_wait, shutdown_timeout=args.shutdown_timeout)
     if args.dry_run:
         image = api.inspect(args.source)
         print(f"{image.path.name}: {image.flavor}, {image.capacity} bytes")
@@ -299,9 +331,7 @@ def _vm(args: argparse.Namespace, target: api.Target) -> int:
         target.stop(vmid, timeout=args.timeout)
         print(f"VM {vmid} stopped")
     elif command == "rm":
-        target.destroy_vm(vmid)
-        for state in api.status(target, vmid):
-            state.remove()
+        api.remove(vmid, target)
         print(f"VM {vmid} removed")
     return 0
 
