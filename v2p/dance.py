@@ -25,6 +25,7 @@ from .events import Event, EventHandler, ignore
 from .options import mac_for_nic
 from .state import MigrationState, now
 from .targets.base import Target, VMConfig
+from .testhooks import hold_point
 
 STOP_CODE = r"STOP 0x[0-9A-Fa-f]{8}[^\r\n]*"
 TEMP_DISK_BYTES = 1 << 30
@@ -71,6 +72,7 @@ class DriverDance:
         self.state.stages[step] = {"finished_at": now(), "seconds": 0, "result": result}
         self.state.save()
         self.emit(Event("info", "drivers", f"{step}: done"))
+        hold_point(f"dance:{step}")
         return result
 
     def _say(self, text: str, kind: str = "info") -> None:
@@ -121,9 +123,12 @@ class DriverDance:
         if self.target.status(self.vmid) != "running":
             self.target.start(self.vmid)
             self._say("boot 1 (IDE): waiting for the guest to install the virtio drivers")
+            hold_point("dance:boot1-started")
         else:
             self._say("boot 1 is under way: still waiting for the guest's driver signal")
-        seen, output = self.target.observe(self.vmid, timeout=self.options.boot1_wait, patterns={
+        # With the operator's word there is nothing to wait for: just look once.
+        wait = 0.0 if confirmed else self.options.boot1_wait
+        seen, output = self.target.observe(self.vmid, timeout=wait, patterns={
             "ready": self.options.driver_signal, "stop": STOP_CODE})
         if seen == "stop":
             self.target.stop(self.vmid, timeout=5)
@@ -171,6 +176,7 @@ class DriverDance:
         if self.target.status(self.vmid) != "running":
             self.target.start(self.vmid)
             self._say("boot 2 (virtio): waiting for the guest to come up")
+            hold_point("dance:boot2-started")
         seen, output = self.target.observe(self.vmid, timeout=self.options.boot2_wait, patterns={
             "up": self.options.virtio_signal, "stop": STOP_CODE})
         if seen == "up":

@@ -9,7 +9,6 @@ one VMID; a finished migration is never re-run over an existing VM.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,10 +20,7 @@ from .options import MigrationOptions
 from .stages import STAGES, Context, Stage
 from .state import MigrationState, VmidLock
 from .targets.base import Target
-
-# Test hook: stop dead (sleep until killed) right after a named stage is
-# recorded, so the test suite can SIGKILL a run at an exact point.
-HOLD_ENV = "V2P_TEST_HOLD_AFTER"
+from .testhooks import hold_point
 
 
 def request_of(source: Path, vmid: int, options: MigrationOptions, target: Target) -> dict[str, Any]:
@@ -76,7 +72,8 @@ class Pipeline:
             self.state.save()
         ctx = Context(self.source, self.vmid, self.options, self.target,
                       self.state.data["migration_id"],
-                      self.target.state_dir() / f"{self.vmid}.work", self.emit)
+                      self.target.state_dir() / f"{self.vmid}.work", self.emit,
+                      recorded=set(self.state.stages))
         rerun = False
         for stage in self.stages:
             record = self.state.stages.get(stage.name)
@@ -92,7 +89,7 @@ class Pipeline:
             self.state.record(stage.name, result, seconds=seconds)
             ctx.records[stage.name] = result
             self.emit(Event("stage-done", stage.name, f"{seconds:.2f}s", data=result))
-            _maybe_hold(stage.name)
+            hold_point(stage.name)
         self.state.data["finished"] = True
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
         self.state.save()
@@ -125,13 +122,6 @@ class Pipeline:
                 f"VMID {self.vmid} has an unfinished migration of {recorded.get('source')} "
                 f"with different settings ({', '.join(diff)})",
                 hint=f"rerun it with the same settings to resume, or discard it: v2p vm rm {self.vmid}")
-
-
-def _maybe_hold(stage: str) -> None:
-    if os.environ.get(HOLD_ENV) == stage:
-        print(f"v2p: holding after {stage}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(3600)
 
 
 def _remove_tree(folder: Path) -> None:

@@ -38,6 +38,12 @@ class Context:
     emit: EventHandler
     image: DiskImage | None = None
     records: dict[str, Record] = field(default_factory=dict)
+    recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
+
+    @property
+    def guest_owns_disk(self) -> bool:
+        """Once attached, the disk is the guest's: it writes to it on every boot."""
+        return "attach" in self.recorded
 
     def disk(self) -> DiskImage:
         if self.image is None:
@@ -222,14 +228,16 @@ class Convert(Stage):
             paths.append(ctx.storage().path_of(record["volid"]))
         except TargetError:
             pass
-        return any(_same_file(path, record["fingerprint"]) for path in paths)
+        return any(_same_file(path, record["fingerprint"], ctx.guest_owns_disk) for path in paths)
 
 
-def _same_file(path: Path, fingerprint: dict[str, Any]) -> bool:
+def _same_file(path: Path, fingerprint: dict[str, Any], guest_owned: bool = False) -> bool:
+    """Whether ``path`` is still what was written; once the guest owns it, its size and presence only."""
     try:
-        return convert.fingerprint(path) == fingerprint
+        now = convert.fingerprint(path)
     except OSError:
         return False
+    return now["size"] == fingerprint["size"] if guest_owned else now == fingerprint
 
 
 class Verify(Stage):
@@ -254,7 +262,7 @@ class Verify(Stage):
         return {"path": str(path), "verified": ctx.options.verify, "fingerprint": convert.fingerprint(path)}
 
     def holds(self, ctx: Context, record: Record) -> bool:
-        return _same_file(Path(record["path"]), record["fingerprint"])
+        return _same_file(Path(record["path"]), record["fingerprint"], ctx.guest_owns_disk)
 
 
 class Attach(Stage):
@@ -269,8 +277,9 @@ class Attach(Stage):
         return {"key": key, "value": value}
 
     def holds(self, ctx: Context, record: Record) -> bool:
+        # The driver dance moves the disk (ide0 -> virtio0): attached anywhere still counts.
         try:
-            return ctx.target.get_config(ctx.vmid).get(record["key"]) == record["value"]
+            return record["value"] in ctx.target.get_config(ctx.vmid).values()
         except TargetError:
             return False
 

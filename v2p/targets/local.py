@@ -431,6 +431,13 @@ class LocalTarget(Target):
         outcome = "running"
         try:
             while time.monotonic() - started < timeout:
+                stop = re.search(r"STOP 0x[0-9A-Fa-f]{8}[^\r\n]*", _read(run_dir / "serial.log"))
+                if stop:
+                    self._kill(vmid)
+                    raise BootCheckError(
+                        f"VM {vmid} stopped with {stop.group(0).strip()}",
+                        hint="a Windows guest without the virtio driver: migrate it with its --os "
+                             "(win7, win10, ...) so v2p installs the driver on IDE first")
                 if "No bootable device" in _read(run_dir / "firmware.log"):
                     self._kill(vmid)
                     raise BootCheckError(
