@@ -42,6 +42,7 @@ lint: setup
 
 bench: samples
 	$(BIN)/python bench/convert_bench.py
+	$(BIN)/python bench/storage_bench.py
 
 clean:
 	rm -rf $(SAMPLES) $(DEMO_DIR) .pytest_cache

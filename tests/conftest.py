@@ -113,6 +113,19 @@ def v2p(tmp_path: Path) -> V2P:
     return V2P(tmp_path / "target")
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_vms(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """VMs a test leaves running (v2p killed mid-boot on purpose, ...) are stopped after it."""
+    yield
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and str(tmp_path).encode() in cmdline:
+            os.kill(int(pid), 9)
+
+
 def guest_report(serial: str) -> tuple[str, str, str]:
     """(controller, pci id, last-sector marker) as the guest printed them."""
     boot = GUEST_LINE.search(serial)

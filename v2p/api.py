@@ -58,10 +58,11 @@ def migrate(source: str | os.PathLike[str], vmid: int, *, target: Target | None 
 def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confirmed: bool = False,
           drivers_iso: str | None = None, net_drivers: bool = True, arch: str = "amd64",
           dance_wait: float = 600.0, boot_wait: float = 120.0, shutdown_timeout: float = 120.0,
-          on_event: EventHandler = ignore) -> dict[str, Any]:
+          start: bool = False, on_event: EventHandler = ignore) -> dict[str, Any]:
     """Move an existing Windows VM's system disk from IDE to virtio (the two-boot dance).
 
     ``confirmed``: the operator says the guest has its drivers (``v2p dance --continue``).
+    ``start``: leave the VM running on virtio afterwards (default: shut it down).
     """
     target = target or local_target()
     config = target.get_config(vmid)
@@ -74,7 +75,10 @@ def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confi
         dance_options = DanceOptions(bus=bus, iso_volid=found["drivers_iso"], net_drivers=net_drivers,
                                      boot1_wait=dance_wait, boot2_wait=boot_wait,
                                      shutdown_timeout=shutdown_timeout)
-        return DriverDance(target, vmid, dance_options, emit=on_event).run(confirmed=confirmed)
+        result = DriverDance(target, vmid, dance_options, emit=on_event).run(confirmed=confirmed)
+        if not start and target.status(vmid) == "running":
+            target.stop(vmid, timeout=shutdown_timeout)
+        return result
 
 
 def remove(vmid: int, target: Target | None = None) -> None:

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-wait", type=float, default=120.0,
                    help="seconds to watch the virtio boot for a STOP code (default: 120)")
     p.add_argument("--shutdown-timeout", type=float, default=120.0)
+    p.add_argument("--start", action=argparse.BooleanOptionalAction, default=False,
+                   help="leave the VM running on virtio afterwards (default: shut it down)")
 
     p = sub.add_parser("status", help="show the stages of recorded migrations")
     p.add_argument("vmid", nargs="?", type=int)
@@ -153,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = api.dance(args.vmid, target=target, bus=args.bus, confirmed=args.confirmed,
                            drivers_iso=args.drivers_iso, net_drivers=args.net_drivers, arch=args.arch,
                            dance_wait=args.dance_wait, boot_wait=args.boot_wait,
-                           shutdown_timeout=args.shutdown_timeout, on_event=_Printer())
+                           shutdown_timeout=args.shutdown_timeout, start=args.start, on_event=_Printer())
         print(f"VM {args.vmid} now boots from {result['system_disk']}")
         return 0
     return _vm(args, target)

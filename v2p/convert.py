@@ -159,6 +159,19 @@ def convert(
             on_progress(float(match.group(1)))
 
     _writing(dest, lambda: run_streaming(argv, timeout=_timeout(capacity, bwlimit), on_chunk=chunk))
+    _writing(dest, lambda: _fsync(dest.path))
+
+
+def _fsync(path: Path) -> None:
+    """Make the written bytes durable before anyone calls them done (qemu-img may leave
+    writeback pending, and a device's page cache is only flushed on demand)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise ToolError(f"{path}: flushing the written disk failed: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _timeout(capacity: int, bwlimit: int | None) -> float:
