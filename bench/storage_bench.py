@@ -612,17 +612,20 @@ def targets(cases: dict[str, Case], disk: Disk, big: Disk | None) -> list[str]:
         case = cases.get(key)
         return case.median(get) if case else None
 
-    # 1. convert stage within 3 % of bare qemu-img convert (dir, qcow2)
+    # 1. convert stage within 3 % of bare qemu-img convert (dir, qcow2). v2p's
+    # convert stage ends with an fsync of the new disk (it must be durable before
+    # it is renamed and called done); bare qemu-img leaves that writeback pending,
+    # so the bare side is counted with its flush, timed after the run.
     for src in ("sparse", "stream", "esxi"):
         c = med(f"dir/{src}/v2p", lambda s: s.stages.get("convert"))
-        b = med(f"dir/{src}/bare", lambda s: s.seconds)
+        b = med(f"dir/{src}/bare", lambda s: s.seconds + (s.flush or 0.0))
         if c is None or b is None:
             out.append(verdict(None, f"dir {src}: convert stage vs qemu-img convert (not measured)"))
             continue
         spans = (f"runs: convert stage {cases[f'dir/{src}/v2p'].span(lambda s: s.stages.get('convert'))}s, "
                  f"bare {cases[f'dir/{src}/bare'].span(lambda s: s.seconds)}s")
         out.append(verdict(c / b <= CONVERT_OVERHEAD_MAX,
-                           f"dir {src} -> qcow2: v2p convert stage {c:.2f}s / bare qemu-img convert {b:.2f}s "
+                           f"dir {src} -> qcow2: v2p convert stage {c:.2f}s / bare qemu-img convert + flush {b:.2f}s "
                            f"= {c / b:.3f} (target <= {CONVERT_OVERHEAD_MAX:.2f}; {spans})"))
     # 2. block: v2p >= 3x faster than dd bs=4M
     dd = med("block/esxi/dd", lambda s: s.seconds)

@@ -73,6 +73,18 @@ def test_full_dance(manifest, tmp_path, v2p, drivers_iso):
     assert v2p.state(300)["stages"]["boot"]["result"]["skipped"].startswith("the driver dance")
 
 
+def test_dance_onto_virtio_scsi(manifest, tmp_path, v2p, drivers_iso):
+    disk = standin(manifest, tmp_path)
+    proc = v2p("migrate", str(disk), "--vmid", "309", "--os", "win10", "--bus", "scsi",
+               "--drivers-iso", str(drivers_iso))
+    assert proc.returncode == 0, proc.stderr
+    assert "temporary scsi1" in proc.stdout
+    config = v2p.config(309)
+    assert config["scsi0"].startswith("local:309/vm-309-disk-0.qcow2") and config["boot"] == "order=scsi0"
+    assert config["scsihw"] == "virtio-scsi-pci" and "scsi1" not in config and "ide0" not in config
+    assert "v2p-guest: windows up on virtio-scsi (viostor)" in v2p.serial(309)
+
+
 def test_ide_bus_skips_the_dance(manifest, tmp_path, v2p, drivers_iso):
     disk = standin(manifest, tmp_path)
     proc = v2p("migrate", str(disk), "--vmid", "302", "--os", "win7", "--bus", "ide", "--boot-timeout", "3")
