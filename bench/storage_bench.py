@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -121,28 +122,13 @@ def write_raw(path: Path, disk_size: int, islands: list[tuple[int, int]], seed: 
 
 
 def esxi_descriptor(sectors: int, flat_name: str) -> str:
-    return (
-        "# Disk DescriptorFile\n"
-        "version=1\n"
-        'encoding="UTF-8"\n'
-        "CID=5eed0b1d\n"
-        "parentCID=ffffffff\n"
-        'isNativeSnapshot="no"\n'
-        'createType="vmfs"\n'
-        "\n"
-        "# Extent description\n"
-        f'RW {sectors} VMFS "{flat_name}"\n'
-        "\n"
-        "# The Disk Data Base \n"
-        "#DDB\n"
-        "\n"
-        'ddb.adapterType = "lsilogic"\n'
-        f'ddb.geometry.cylinders = "{max(1, sectors // (255 * 63))}"\n'
-        'ddb.geometry.heads = "255"\n'
-        'ddb.geometry.sectors = "63"\n'
-        'ddb.thinProvisioned = "0"\n'
-        'ddb.virtualHWVersion = "13"\n'
-    )
+    """The sample builder's ESXi "vmfs" descriptor (one writer for both)."""
+    spec = importlib.util.spec_from_file_location("v2p_sample_build", ROOT / "sample_images" / "build.py")
+    assert spec and spec.loader
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    text: str = build.esxi_descriptor(sectors, flat_name, "5eed0b1d" + "0" * 56)
+    return text
 
 
 @dataclass
