@@ -72,10 +72,6 @@ class MigrationState:
         self.stages[stage] = {"finished_at": now(), "seconds": round(seconds, 3), "result": result}
         self.save()
 
-    def forget(self, stage: str) -> None:
-        if self.stages.pop(stage, None) is not None:
-            self.save()
-
     def save(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
