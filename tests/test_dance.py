@@ -179,3 +179,45 @@ def test_iso_in_the_targets_iso_storage_is_found(manifest, tmp_path, v2p, driver
     proc = v2p("migrate", str(standin(manifest, tmp_path / "b")), "--vmid", "308", "--os", "win7", "--bus",
                "virtio", "--drivers-iso", "local:iso/virtio-win.iso")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_dance_keeps_an_existing_second_disk(manifest, tmp_path, v2p, drivers_iso):
+    import subprocess
+
+    disk = standin(manifest, tmp_path)
+    assert v2p("migrate", str(disk), "--vmid", "310", "--os", "win7", "--no-boot-check").returncode == 0
+    data = v2p.target / "images" / "310" / "vm-310-disk-1.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", str(data)], check=True, capture_output=True)
+    conf = v2p.target / "qemu-server" / "310.conf"
+    conf.write_text(conf.read_text() + "ide1: local:310/vm-310-disk-1.qcow2,size=64M\n")
+    proc = v2p("dance", "310", "--drivers-iso", str(drivers_iso))
+    assert proc.returncode == 0, proc.stderr
+    config = v2p.config(310)
+    assert config["ide1"] == "local:310/vm-310-disk-1.qcow2,size=64M" and config["virtio0"]
+    import json
+
+    dance = json.loads((v2p.target / "migrations" / "310.dance.json").read_text())
+    assert dance["stages"]["layout1"]["result"]["temp_volid"] == "local:310/vm-310-disk-2.qcow2"
+    assert not (v2p.target / "images" / "310" / "vm-310-disk-2.qcow2").exists()  # removed after the dance
+    check = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 0 1M", str(data)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0 and "Pattern verification failed" not in check.stdout
+
+
+def test_migrate_again_after_the_dance_finished_elsewhere_keeps_the_guests_disk(manifest, tmp_path, v2p,
+                                                                                drivers_iso):
+    disk = standin(manifest, tmp_path)
+    args = dance_args(disk, drivers_iso, 311)
+    proc = v2p.popen(*args, V2P_TEST_HOLD_AFTER="dance:boot1")
+    wait_for(proc.stderr, "holding after dance:boot1", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finish = v2p("dance", "311")  # settings and ISO come from the dance record
+    assert finish.returncode == 0, finish.stderr
+    again = v2p(*args)
+    assert again.returncode == 0, again.stderr
+    assert "[convert] already done" in again.stdout and "[create] already done" in again.stdout
+    config = v2p.config(311)
+    assert "ide0" not in config and config["boot"] == "order=virtio0"
+    assert "windows up on virtio-blk (viostor)" in v2p.serial(311)

@@ -100,3 +100,27 @@ def test_bad_option_values(source_of, v2p):
     src = source_of("monolithicSparse")
     line = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "138", "--memory", "1"))
     assert "--memory 1 MiB is out of range" in line
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--name", "web\nvirtio5: /etc/shadow"], "is not a valid VM name"),
+    (["--vmid", "-1"], "VMID -1 is out of range"),
+    (["--vmid", "99"], "VMID 99 is out of range"),
+    (["--copy-with", "dd", "--bwlimit", "100", "--format", "raw"], "--bwlimit does not apply to --copy-with dd"),
+])
+def test_bad_settings_are_refused_before_anything_is_made(extra, message, source_of, v2p):
+    src = source_of("esxi")
+    args = ["migrate", str(src.descriptor)] + ([] if "--vmid" in extra else ["--vmid", "139"]) + extra
+    line = one_line_error(v2p(*args))
+    assert message in line
+    assert nothing_created(v2p.target)
+
+
+def test_unusable_target_dir_is_one_line(tmp_path, source_of):
+    from conftest import V2P
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    src = source_of("esxi")
+    line = one_line_error(V2P(afile)("migrate", str(src.descriptor), "--vmid", "140"))
+    assert str(afile) in line

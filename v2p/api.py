@@ -15,7 +15,7 @@ from typing import Any
 from .dance import DanceOptions, DriverDance
 from .events import EventHandler, ignore
 from .inspect import DiskImage, Row, inspect_disk, inspect_paths
-from .options import MigrationOptions, OptionError
+from .options import MigrationOptions, OptionError, check_vmid
 from .pipeline import Pipeline
 from .stages import check_drivers
 from .state import MigrationState, VmidLock, list_states
@@ -65,14 +65,23 @@ def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confi
     ``start``: leave the VM running on virtio afterwards (default: shut it down).
     """
     target = target or local_target()
+    check_vmid(vmid)
     config = target.get_config(vmid)
-    options = MigrationOptions(ostype=config.get("ostype", "win10"), bus=bus, drivers_iso=drivers_iso,
-                               net_drivers=net_drivers, arch=arch)
-    if not options.is_windows:
-        raise OptionError(f"VM {vmid} has ostype {options.ostype}: the driver dance is for Windows guests")
     with VmidLock(target.state_dir(), vmid):
-        found = check_drivers(target, options)
-        dance_options = DanceOptions(bus=bus, iso_volid=found["drivers_iso"], net_drivers=net_drivers,
+        pending = DriverDance.pending(target, vmid)
+        if pending:
+            # Finish the dance that was started, with its own settings (its ISO is attached).
+            if bus != pending["bus"] and bus != "virtio":
+                raise OptionError(f"VM {vmid} is half-way through a dance onto {pending['bus']}, not {bus}",
+                                  hint=f"run: v2p dance {vmid} --continue")
+            bus, iso_volid, net_drivers = pending["bus"], pending["iso_volid"], pending["net_drivers"]
+        else:
+            options = MigrationOptions(ostype=config.get("ostype", "win10"), bus=bus, drivers_iso=drivers_iso,
+                                       net_drivers=net_drivers, arch=arch)
+            if not options.is_windows:
+                raise OptionError(f"VM {vmid} has ostype {options.ostype}: the driver dance is for Windows guests")
+            iso_volid = check_drivers(target, options)["drivers_iso"]
+        dance_options = DanceOptions(bus=bus, iso_volid=iso_volid, net_drivers=net_drivers,
                                      boot1_wait=dance_wait, boot2_wait=boot_wait,
                                      shutdown_timeout=shutdown_timeout)
         result = DriverDance(target, vmid, dance_options, emit=on_event).run(confirmed=confirmed)
@@ -84,6 +93,7 @@ def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confi
 def remove(vmid: int, target: Target | None = None) -> None:
     """Remove a VM, its volumes (never a user's block device) and its records."""
     target = target or local_target()
+    check_vmid(vmid)
     with VmidLock(target.state_dir(), vmid):
         target.destroy_vm(vmid)
         for suffix in ("", ".dance"):

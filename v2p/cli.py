@@ -136,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"v2p: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a path v2p was given or keeps state in is unusable
+        if args.verbose:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"v2p: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("v2p: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

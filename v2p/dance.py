@@ -62,7 +62,19 @@ class DriverDance:
     # -- bookkeeping ---------------------------------------------------------
     def _load(self) -> None:
         if not self.state.load():
-            self.state.start({"vmid": self.vmid, "bus": self.options.bus})
+            self.state.start(self.request())
+
+    def request(self) -> dict[str, Any]:
+        return {"vmid": self.vmid, "bus": self.options.bus, "iso_volid": self.options.iso_volid,
+                "net_drivers": self.options.net_drivers}
+
+    @classmethod
+    def pending(cls, target: Target, vmid: int) -> dict[str, Any] | None:
+        """The settings of an unfinished dance of ``vmid``, if there is one."""
+        state = MigrationState(target.state_dir(), vmid, suffix=".dance")
+        if state.load() and not state.data.get("finished"):
+            return dict(state.data.get("request", {}))
+        return None
 
     def _done(self, step: str) -> dict[str, Any] | None:
         record = self.state.stages.get(step)
@@ -102,24 +114,30 @@ class DriverDance:
     def _layout1(self) -> dict[str, Any]:
         config = self.target.get_config(self.vmid)
         system_key = _system_disk(config)
-        temp_key = "virtio1" if self.options.bus == "virtio" else "scsi1"
         system = config[system_key]
+        prefix = "virtio" if self.options.bus == "virtio" else "scsi"
+        temp_key = next(f"{prefix}{n}" for n in range(1, 31) if f"{prefix}{n}" not in config)
         # The temporary disk goes where the system disk is; a raw device gets it on "local".
-        storage_name = "local" if system.startswith("/") else system.split(":", 1)[0]
-        temp = self.target.storage(storage_name).create_empty(self.vmid, 1, TEMP_DISK_BYTES)
+        storage = self.target.storage("local" if system.startswith("/") else system.split(":", 1)[0])
+        index = _free_disk_index(config, storage, self.vmid)
+        temp = storage.create_empty(self.vmid, index, TEMP_DISK_BYTES)
         updates: VMConfig = {temp_key: f"{temp.volid},size=1G", "boot": f"order={system_key}",
                              "ide2": f"{self.options.iso_volid},media=cdrom"}
         if self.options.bus == "scsi":
             updates["scsihw"] = "virtio-scsi-pci"
-        if self.options.net_drivers:
+        if self.options.net_drivers and "net1" not in config:
             updates["net1"] = f"virtio={mac_for_nic(self.vmid, 1)},bridge=vmbr0"
         self.target.set_config(self.vmid, updates)
         self._say(f"boot 1 layout: system disk on {system_key}, temporary {temp_key}, drivers ISO on ide2")
         return {"system_key": system_key, "system_value": config[system_key], "temp_key": temp_key,
-                "temp_volid": temp.volid, "net0": config.get("net0", ""), "boot": config.get("boot", ""),
+                "temp_volid": temp.volid, "temp_index": index, "net0": config.get("net0", ""),
+                "boot": config.get("boot", ""),
                 "scsihw": config.get("scsihw", "")}
 
     def _boot1(self, confirmed: bool) -> dict[str, Any]:
+        if confirmed and self.target.status(self.vmid) != "running":
+            # The operator says the guest has its drivers and it is already shut down.
+            return {"signal": "operator", "at": now()}
         if self.target.status(self.vmid) != "running":
             self.target.start(self.vmid)
             self._say("boot 1 (IDE): waiting for the guest to install the virtio drivers")
@@ -145,6 +163,8 @@ class DriverDance:
                  f"v2p dance {self.vmid} --continue")
 
     def _shutdown1(self) -> dict[str, Any]:
+        if self.target.status(self.vmid) != "running":
+            return {"clean": True, "was_running": False}
         clean = self.target.stop(self.vmid, timeout=self.options.shutdown_timeout)
         if not clean:
             self._say(f"the guest did not shut down within {self.options.shutdown_timeout:g}s of the "
@@ -168,7 +188,7 @@ class DriverDance:
     def _remove_temp(self, before: dict[str, Any]) -> None:
         volid = before["temp_volid"]
         storage = self.target.storage(volid.split(":", 1)[0])
-        for candidate in (storage.volume(self.vmid, 1, fmt) for fmt in storage.formats()):
+        for candidate in (storage.volume(self.vmid, before["temp_index"], fmt) for fmt in storage.formats()):
             if candidate.volid == volid and storage.exists(candidate):
                 storage.remove(candidate)
 
@@ -210,6 +230,18 @@ class DriverDance:
             f"rolled back to {before['system_key']}, {back}",
             hint="install the viostor driver in the guest, then run: v2p dance "
                  f"{self.vmid} --bus {self.options.bus}")
+
+
+def _free_disk_index(config: VMConfig, storage: Any, vmid: int) -> int:
+    """The first ``vm-<vmid>-disk-N`` no config entry names and no volume occupies."""
+    used = " ".join(config.values())
+    for index in range(1, 100):
+        names = [storage.volume(vmid, index, fmt) for fmt in storage.formats()]
+        if any(v.volid.split(":", 1)[1].split(".")[0] in used for v in names if ":" in v.volid):
+            continue
+        if not any(storage.exists(v) for v in names):
+            return index
+    raise TargetError(f"VM {vmid}: no free disk index for the temporary disk")
 
 
 def _system_disk(config: VMConfig) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ class MigrationOptions:
             raise OptionError(f"unknown --format {self.fmt!r}", hint="use qcow2 or raw")
         if self.scsihw not in SCSIHW:
             raise OptionError(f"unknown --scsihw {self.scsihw!r}", hint="use one of " + ", ".join(SCSIHW))
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?", self.name):
+            raise OptionError(f"--name {self.name!r} is not a valid VM name",
+                              hint="use letters, digits, '-' and '.' (a DNS name, as PVE requires)")
+        if self.copy_with == "dd" and self.bwlimit:
+            raise OptionError("--bwlimit does not apply to --copy-with dd", hint="leave one of them out")
         if not 1 <= self.cores <= 512:
             raise OptionError(f"--cores {self.cores} is out of range (1-512)")
         if not 16 <= self.memory <= 4 << 20:
@@ -101,10 +107,18 @@ class MigrationOptions:
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must repeat exactly (start/boot-check may change)."""
         data = asdict(self)
+        # verify and boot_check may change too: the stages they govern check them in holds().
         for volatile in ("start", "boot_check", "boot_timeout", "bwlimit", "verify", "force", "drivers_iso",
                          "dance_wait", "shutdown_timeout"):
             data.pop(volatile)
         return data
+
+
+def check_vmid(vmid: int) -> int:
+    """PVE's VMID range (100 - 999999999)."""
+    if not 100 <= vmid <= 999_999_999:
+        raise OptionError(f"VMID {vmid} is out of range", hint="PVE VMIDs run from 100 to 999999999")
+    return vmid
 
 
 def mac_for_nic(vmid: int, index: int) -> str:

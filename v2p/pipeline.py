@@ -16,11 +16,14 @@ from typing import Any
 
 from .errors import StateError, VMIDExistsError
 from .events import Event, EventHandler, ignore
-from .options import MigrationOptions
+from .options import MigrationOptions, check_vmid
 from .stages import STAGES, Context, Stage
 from .state import MigrationState, VmidLock
 from .targets.base import Target
 from .testhooks import hold_point
+
+# Stages that must not run again once the disk is attached to the VM.
+BEFORE_THE_GUEST = ("inspect", "preflight", "create", "convert", "verify")
 
 
 def request_of(source: Path, vmid: int, options: MigrationOptions, target: Target) -> dict[str, Any]:
@@ -34,7 +37,7 @@ class Pipeline:
     def __init__(self, source: Path, vmid: int, options: MigrationOptions, target: Target,
                  *, emit: EventHandler = ignore, stages: tuple[Stage, ...] = STAGES) -> None:
         self.source = Path(os.path.abspath(source))
-        self.vmid = vmid
+        self.vmid = check_vmid(vmid)
         self.options = options
         self.target = target
         self.emit = emit
@@ -81,6 +84,12 @@ class Pipeline:
                 ctx.records[stage.name] = record["result"]
                 self.emit(Event("stage-skip", stage.name, f"done at {record['finished_at']}"))
                 continue
+            if ctx.guest_owns_disk and stage.name in BEFORE_THE_GUEST:
+                # The guest may have booted from this disk: redoing these would wipe what it wrote.
+                raise StateError(
+                    f"VMID {self.vmid}: the {stage.name} stage would have to run again, over a VM whose "
+                    "disk is already attached (the source or the written disk changed since)",
+                    hint=f"to start over from the source, remove the VM first: v2p vm rm {self.vmid}")
             rerun = True
             self.emit(Event("stage-start", stage.name, stage.summary))
             started = time.monotonic()

@@ -143,6 +143,9 @@ class Preflight(Stage):
 def check_drivers(target: Target, options: MigrationOptions) -> Record:
     """Find the drivers ISO and make sure it has what this Windows needs (before anything is made)."""
     given = options.drivers_iso
+    if given and "," in given:
+        raise OptionError(f"drivers ISO {given}: a path with a comma cannot go into a VM config",
+                          hint="rename or link the ISO")
     if given and ":" in given and not given.startswith("/"):
         path = target.storage(given.split(":", 1)[0]).path_of(given)  # a PVE volid: local:iso/NAME.iso
         volid = given
@@ -232,12 +235,14 @@ class Convert(Stage):
 
 
 def _same_file(path: Path, fingerprint: dict[str, Any], guest_owned: bool = False) -> bool:
-    """Whether ``path`` is still what was written; once the guest owns it, its size and presence only."""
+    """Whether ``path`` is still what was written; once the guest owns it (it writes, a
+    qcow2 grows), only that it is still there."""
+    if guest_owned:
+        return path.exists()
     try:
-        now = convert.fingerprint(path)
+        return convert.fingerprint(path) == fingerprint
     except OSError:
         return False
-    return now["size"] == fingerprint["size"] if guest_owned else now == fingerprint
 
 
 class Verify(Stage):
@@ -262,7 +267,11 @@ class Verify(Stage):
         return {"path": str(path), "verified": ctx.options.verify, "fingerprint": convert.fingerprint(path)}
 
     def holds(self, ctx: Context, record: Record) -> bool:
-        return _same_file(Path(record["path"]), record["fingerprint"], ctx.guest_owns_disk)
+        if ctx.guest_owns_disk:
+            return Path(record["path"]).exists()
+        if ctx.options.verify and not record.get("verified"):
+            return False  # recorded with --no-verify, asked for now
+        return _same_file(Path(record["path"]), record["fingerprint"])
 
 
 class Attach(Stage):
@@ -322,6 +331,9 @@ class BootCheck(Stage):
                        f"({report.accel})"))
         return {"outcome": report.outcome, "seconds": report.seconds, "accel": report.accel,
                 "resets": report.resets, "serial": report.serial[-4096:]}
+
+    def holds(self, ctx: Context, record: Record) -> bool:
+        return not (ctx.options.boot_check and record.get("skipped") is True)
 
 
 class Finish(Stage):

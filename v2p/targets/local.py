@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -84,6 +85,9 @@ def parse_config(text: str) -> VMConfig:
 
 
 def format_config(config: VMConfig) -> str:
+    for key, value in config.items():
+        if "\n" in value or "\r" in value or not re.fullmatch(r"[a-z][a-z0-9_-]*", key):
+            raise TargetError(f"config {key!r} = {value!r}: keys are lower-case words, values one line")
     return "".join(f"{key}: {config[key]}\n" for key in sorted(config))
 
 
@@ -123,7 +127,18 @@ class LocalTarget(Target):
     def _qmp_path(self, vmid: int) -> Path:
         # AF_UNIX paths are limited to 108 bytes; a deep target dir would not fit.
         tag = hashlib.sha1(str(self.directory).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"v2p-{os.getuid()}" / f"{tag}-{vmid}.qmp"
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        return Path(base) / f"v2p-{os.getuid()}" / f"{tag}-{vmid}.qmp"
+
+    def _socket_dir(self, vmid: int) -> Path:
+        """The QMP socket's folder: ours alone (0700), or refused."""
+        folder = self._qmp_path(vmid).parent
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise TargetError(f"{folder} is not a private directory of this user: refused",
+                              hint="remove it; v2p creates it with mode 0700")
+        return folder
 
     def serial_log(self, vmid: int) -> Path:
         return self._run_dir(vmid) / "serial.log"
@@ -254,11 +269,11 @@ class LocalTarget(Target):
             "-machine", "q35" if config.get("machine", "").startswith("q35") else "pc",
             "-accel", accel, "-m", config.get("memory", "512"),
             "-smp", config.get("cores", "1"), "-nodefaults", "-display", "none",
-            "-qmp", f"unix:{self._qmp_path(vmid)},server=on,wait=off",
+            "-qmp", f"unix:{_qemu_escape(self._qmp_path(vmid))},server=on,wait=off",
             "-pidfile", str(run_dir / "qemu.pid"),
-            "-chardev", f"file,id=serial0,path={run_dir / 'serial.log'}",
+            "-chardev", f"file,id=serial0,path={_qemu_escape(run_dir / 'serial.log')}",
             "-device", "isa-serial,chardev=serial0",
-            "-chardev", f"file,id=fwlog,path={run_dir / 'firmware.log'}",
+            "-chardev", f"file,id=fwlog,path={_qemu_escape(run_dir / 'firmware.log')}",
             "-device", "isa-debugcon,iobase=0x402,chardev=fwlog",
         ]
         if accel == "kvm":
@@ -289,13 +304,14 @@ class LocalTarget(Target):
                 if volid == "none":
                     continue
                 path, _fmt = self.volume_file(volid)
-                argv += ["-drive", f"file={path},format=raw,if=none,id=drive-{key},media=cdrom,readonly=on",
+                argv += ["-drive", f"file={_qemu_escape(path)},format=raw,if=none,id=drive-{key},media=cdrom,"
+                         "readonly=on",
                          "-device", f"ide-cd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
                 continue
             if volid == "none":
                 continue
             path, fmt = self.volume_file(volid)
-            argv += ["-drive", f"file={path},format={fmt},if=none,id=drive-{key},cache=writeback"]
+            argv += ["-drive", f"file={_qemu_escape(path)},format={fmt},if=none,id=drive-{key},cache=writeback"]
             if bus == "ide":
                 argv += ["-device", f"ide-hd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
             elif bus == "sata":
@@ -333,7 +349,7 @@ class LocalTarget(Target):
         for log in ("serial.log", "firmware.log"):
             (run_dir / log).write_bytes(b"")
         qmp = self._qmp_path(vmid)
-        qmp.parent.mkdir(mode=0o700, exist_ok=True)
+        self._socket_dir(vmid)
         qmp.unlink(missing_ok=True)
         with open(run_dir / "qemu.log", "wb") as qemu_log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
@@ -353,8 +369,13 @@ class LocalTarget(Target):
             monitor = self._qmp(vmid)
             monitor.cmd("cont")
         except Exception as exc:
+            # QEMU opens its QMP socket before its drives: a drive it cannot open
+            # shows here as a refused connection, the real reason is in qemu.log.
+            time.sleep(0.2)
+            text = (run_dir / "qemu.log").read_text(errors="replace").strip()
             self._kill(vmid)
-            raise ToolError(f"VM {vmid}: cannot talk QMP to QEMU: {exc}") from None
+            reason = text.splitlines()[-1] if proc.poll() is not None and text else f"cannot talk QMP: {exc}"
+            raise ToolError(f"qemu-system-x86_64 could not start VM {vmid}: {reason}") from None
         return monitor
 
     def _qmp(self, vmid: int) -> Any:
@@ -370,6 +391,7 @@ class LocalTarget(Target):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
+        self._qmp_path(vmid).unlink(missing_ok=True)
         return True
 
     def _kill(self, vmid: int) -> None:
@@ -469,6 +491,11 @@ class LocalTarget(Target):
         return BootReport(outcome=outcome, seconds=round(time.monotonic() - started, 2),
                           serial=_read(run_dir / "serial.log"),
                           firmware=_read(run_dir / "firmware.log")[-2000:], resets=resets, accel=accel)
+
+
+def _qemu_escape(path: Path) -> str:
+    """A path as one value of a QEMU ``key=value,...`` option (commas doubled)."""
+    return str(path).replace(",", ",,")
 
 
 def _close_quietly(monitor: Any) -> None:
