@@ -39,6 +39,7 @@ class Context:
     image: DiskImage | None = None
     records: dict[str, Record] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
+    _storage: Storage | None = None
 
     @property
     def guest_owns_disk(self) -> bool:
@@ -54,9 +55,13 @@ class Context:
         return convert.qemu_source(self.disk(), self.workdir)
 
     def storage(self) -> Storage:
-        if self.options.device:
-            return self.target.device_storage(self.options.device)
-        return self.target.storage(self.options.storage)
+        """The storage the disk goes to (looked up once: the target reads its storage.cfg)."""
+        if self._storage is None:
+            if self.options.device:
+                self._storage = self.target.device_storage(self.options.device)
+            else:
+                self._storage = self.target.storage(self.options.storage)
+        return self._storage
 
     def fmt(self) -> str:
         """The disk format: asked for, or the storage's preferred one; refused if it cannot hold it."""
@@ -123,9 +128,7 @@ class Preflight(Stage):
                               hint="leave --copy-with out: qemu-img reads every flavor")
         if ctx.options.copy_with == "dd" and fmt != "raw":
             raise OptionError("--copy-with dd writes raw disks only", hint="add --format raw")
-        check = getattr(storage, "check", None)
-        if check is not None:
-            check(image.capacity, force=ctx.options.force)
+        storage.check(image.capacity, force=ctx.options.force)
         required = storage.required_bytes(image.capacity, convert.measure(ctx.qemu_source(), fmt))
         free = storage.free_bytes()
         if required > free:
@@ -267,11 +270,9 @@ class Verify(Stage):
         return {"path": str(path), "verified": ctx.options.verify, "fingerprint": convert.fingerprint(path)}
 
     def holds(self, ctx: Context, record: Record) -> bool:
-        if ctx.guest_owns_disk:
-            return Path(record["path"]).exists()
-        if ctx.options.verify and not record.get("verified"):
-            return False  # recorded with --no-verify, asked for now
-        return _same_file(Path(record["path"]), record["fingerprint"])
+        if ctx.options.verify and not record.get("verified") and not ctx.guest_owns_disk:
+            return False  # recorded with --no-verify, asked for now (too late once the guest wrote to it)
+        return _same_file(Path(record["path"]), record["fingerprint"], ctx.guest_owns_disk)
 
 
 class Attach(Stage):

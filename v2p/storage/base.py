@@ -73,6 +73,15 @@ class Storage(abc.ABC):
     def allocate(self, vmid: int, index: int, fmt: str, capacity: int, *, force: bool = False) -> Volume:
         """Make (or check) the temporary volume the converter writes into."""
 
+    def check(self, capacity: int, *, force: bool) -> None:
+        """Refuse, before anything is written, a storage that cannot take a disk of ``capacity`` bytes
+        (beyond free space, which ``free_bytes`` answers). Nothing to check by default."""
+        return None
+
+    def remove_vm(self, vmid: int) -> None:
+        """Delete every volume of ``vmid`` this storage holds. Nothing by default (a user's device)."""
+        return None
+
     def reads_as_zero(self, volume: Volume) -> bool:
         """Whether a freshly allocated ``volume`` is known to read as zeros everywhere."""
         return not volume.is_block

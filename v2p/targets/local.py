@@ -235,9 +235,7 @@ class LocalTarget(Target):
         if self.status(vmid) == "running":
             self._kill(vmid)
         for storage in self.storages().values():
-            remove_vm = getattr(storage, "remove_vm", None)
-            if remove_vm is not None:
-                remove_vm(vmid)
+            storage.remove_vm(vmid)
         shutil.rmtree(self._run_dir(vmid), ignore_errors=True)
         self._conf(vmid).unlink()
 
@@ -356,11 +354,14 @@ class LocalTarget(Target):
                                     start_new_session=True)
         self._procs[vmid] = proc
         deadline = time.monotonic() + 30
+        def failed(fallback: str) -> ToolError:
+            text = _read(run_dir / "qemu.log").strip()
+            reason = text.splitlines()[-1] if proc.poll() is not None and text else fallback
+            return ToolError(f"qemu-system-x86_64 could not start VM {vmid}: {reason}")
+
         while not qmp.exists():
             if proc.poll() is not None:
-                text = (run_dir / "qemu.log").read_text(errors="replace").strip()
-                raise ToolError(f"qemu-system-x86_64 could not start VM {vmid}: "
-                                f"{text.splitlines()[-1] if text else 'exit ' + str(proc.returncode)}")
+                raise failed(f"exit {proc.returncode}")
             if time.monotonic() > deadline:
                 self._kill(vmid)
                 raise ToolError(f"qemu-system-x86_64 did not open its QMP socket for VM {vmid} in 30s")
@@ -372,10 +373,9 @@ class LocalTarget(Target):
             # QEMU opens its QMP socket before its drives: a drive it cannot open
             # shows here as a refused connection, the real reason is in qemu.log.
             time.sleep(0.2)
-            text = (run_dir / "qemu.log").read_text(errors="replace").strip()
+            error = failed(f"cannot talk QMP: {exc}")
             self._kill(vmid)
-            reason = text.splitlines()[-1] if proc.poll() is not None and text else f"cannot talk QMP: {exc}"
-            raise ToolError(f"qemu-system-x86_64 could not start VM {vmid}: {reason}") from None
+            raise error from None
         return monitor
 
     def _qmp(self, vmid: int) -> Any:
