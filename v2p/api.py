@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from .dance import DanceOptions, DriverDance
+from .errors import NoSuchVMError, StateError
 from .events import EventHandler, ignore
+from .fsutil import remove_tree
 from .inspect import DiskImage, Row, inspect_disk, inspect_paths
 from .options import MigrationOptions, OptionError, check_vmid
-from .pipeline import Pipeline
+from .pipeline import Pipeline, check_records
 from .stages import check_drivers
 from .state import MigrationState, VmidLock, list_states
 from .targets.base import Target
@@ -95,9 +97,17 @@ def remove(vmid: int, target: Target | None = None) -> None:
     target = target or local_target()
     check_vmid(vmid)
     with VmidLock(target.state_dir(), vmid):
-        target.destroy_vm(vmid)
-        for suffix in ("", ".dance"):
-            MigrationState(target.state_dir(), vmid, suffix).remove()
+        # Records are removed without being read: this is how a damaged one is discarded.
+        records = [MigrationState(target.state_dir(), vmid, suffix) for suffix in ("", ".dance")]
+        recorded = any(os.path.lexists(record.path) for record in records)
+        if target.vm_exists(vmid):
+            target.destroy_vm(vmid)
+        elif not recorded:
+            raise NoSuchVMError(f"VMID {vmid} does not exist on the {target.kind} target and has no "
+                                "migration record", hint="see: v2p vm list, v2p status")
+        for record in records:
+            record.remove()
+        remove_tree(target.state_dir() / f"{vmid}.work")
 
 
 def inspect(path: str | os.PathLike[str]) -> DiskImage:
@@ -108,5 +118,11 @@ def inspect(path: str | os.PathLike[str]) -> DiskImage:
 def status(target: Target | None = None, vmid: int | None = None) -> list[MigrationState]:
     """The recorded migrations on ``target`` (all, or the one for ``vmid``)."""
     target = target or local_target()
-    states = list_states(target.state_dir())
-    return [s for s in states if vmid is None or s.vmid == vmid]
+    states = [s for s in list_states(target.state_dir()) if vmid is None or s.vmid == vmid]
+    for state in states:
+        if state.error is None:
+            try:
+                check_records(state)
+            except StateError as exc:
+                state.error = exc
+    return states

@@ -16,9 +16,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISBLK
+from stat import S_ISBLK, S_ISREG
 
 from .errors import SourceError, TargetError, ToolError, VerifyError
+from .fsutil import private_dir, write_atomic
 from .inspect.model import DiskImage, ExtentKind
 from .runner import run, run_streaming
 from .storage import Volume
@@ -59,7 +60,7 @@ def qemu_source(image: DiskImage, workdir: Path) -> Source:
         spec = {"driver": "vmdk", "file": {"driver": "file", "filename": str(image.path)},
                 "backing": None}
         return Source("vmdk", "json:" + json.dumps(spec))
-    workdir.mkdir(parents=True, exist_ok=True)
+    private_dir(workdir)
     chain = image.chain
     target = workdir / "source.vmdk"
     parent_file: Path | None = None
@@ -103,17 +104,20 @@ def _write_descriptor(image: DiskImage, target: Path, *, cid: str, parent: Path 
             lines.append(f'RW {extent.sectors} FLAT "{_quotable(extent.path)}" {extent.offset}')
         else:
             lines.append(f'RW {extent.sectors} {extent.kind.value} "{_quotable(extent.path)}"')
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, target)
+    write_atomic(target, "\n".join(lines) + "\n")
 
 
 def _zero_file(folder: Path, size: int) -> Path:
     """A sparse file of at least ``size`` zero bytes (it takes no space)."""
     path = folder / "zeros.raw"
-    with open(path, "ab") as handle:
-        if handle.tell() < size:
-            handle.truncate(size)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise TargetError(f"{path} is not a plain file: refused", hint=f"remove {folder}")
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
     return path
 
 

@@ -8,17 +8,21 @@ one VMID; a finished migration is never re-run over an existing VM.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import StateError, VMIDExistsError
+from .convert import source_fingerprint
+from .errors import StateError, V2PError, VMIDExistsError
 from .events import Event, EventHandler, ignore
+from .fsutil import remove_tree
+from .inspect import inspect_disk
 from .options import MigrationOptions, check_vmid
 from .stages import STAGES, Context, Stage
-from .state import MigrationState, VmidLock
+from .state import MigrationState, VmidLock, check_fields, now
 from .targets.base import Target
 from .testhooks import hold_point
 
@@ -60,50 +64,104 @@ class Pipeline:
 
     def _run_locked(self) -> dict[str, Any]:
         request = self._request()
+        for suffix in ("", ".dance"):
+            MigrationState(self.state.directory, self.vmid, suffix).remove_temporaries()
         if self.state.load() and self._stale(request):
             self.state.remove()
             self.state.data = {}
         if self.state.data:
+            check_records(self.state, self.stages)
+            done = self._already_done(request)
+            if done is not None:
+                return done
             self._check_resumable(request)
             self.emit(Event("info", "resume", f"resuming the migration of VMID {self.vmid}"))
         else:
             if self.target.vm_exists(self.vmid):
                 raise VMIDExistsError(f"VMID {self.vmid} already exists on the {self.target.kind} target",
                                       hint=f"pick another --vmid, or remove it: v2p vm rm {self.vmid}")
-            self.state.start(request)
-            self.state.data["migration_id"] = uuid.uuid4().hex[:12]
-            self.state.save()
+            self.state.start(request, migration_id=uuid.uuid4().hex[:12])
+            hold_point("state-created")
         ctx = Context(self.source, self.vmid, self.options, self.target,
                       self.state.data["migration_id"],
                       self.target.state_dir() / f"{self.vmid}.work", self.emit,
                       recorded=set(self.state.stages))
-        rerun = False
-        for stage in self.stages:
-            record = self.state.stages.get(stage.name)
-            if record is not None and not rerun and stage.holds(ctx, record["result"]):
-                ctx.records[stage.name] = record["result"]
-                self.emit(Event("stage-skip", stage.name, f"done at {record['finished_at']}"))
-                continue
-            if ctx.guest_owns_disk and stage.name in BEFORE_THE_GUEST:
-                # The guest may have booted from this disk: redoing these would wipe what it wrote.
-                raise StateError(
-                    f"VMID {self.vmid}: the {stage.name} stage would have to run again, over a VM whose "
-                    "disk is already attached (the source or the written disk changed since)",
-                    hint=f"to start over from the source, remove the VM first: v2p vm rm {self.vmid}")
-            rerun = True
-            self.emit(Event("stage-start", stage.name, stage.summary))
-            started = time.monotonic()
-            result = stage.run(ctx)
-            seconds = time.monotonic() - started
-            self.state.record(stage.name, result, seconds=seconds)
-            ctx.records[stage.name] = result
-            self.emit(Event("stage-done", stage.name, f"{seconds:.2f}s", data=result))
-            hold_point(stage.name)
+        stage_name = "start"
+        try:
+            rerun = False
+            for stage in self.stages:
+                stage_name = stage.name
+                record = self.state.stages.get(stage.name)
+                if record is not None and not rerun and stage.holds(ctx, record["result"]):
+                    ctx.records[stage.name] = record["result"]
+                    self.emit(Event("stage-skip", stage.name, f"done at {record['finished_at']}"))
+                    continue
+                if ctx.guest_owns_disk and stage.name in BEFORE_THE_GUEST:
+                    # The guest may have booted from this disk: redoing these would wipe what it wrote.
+                    raise StateError(
+                        f"VMID {self.vmid}: the {stage.name} stage would have to run again, over a VM whose "
+                        "disk is already attached (the source or the written disk changed since)",
+                        hint=f"to start over from the source, remove the VM first: v2p vm rm {self.vmid}")
+                rerun = True
+                self.emit(Event("stage-start", stage.name, stage.summary))
+                started = time.monotonic()
+                result = stage.run(ctx)
+                seconds = time.monotonic() - started
+                self.state.record(stage.name, result, seconds=seconds)
+                ctx.records[stage.name] = result
+                self.emit(Event("stage-done", stage.name, f"{seconds:.2f}s", data=result))
+                hold_point(stage.name)
+        except BaseException as exc:
+            self._failed(stage_name, exc, ctx.workdir)
+            raise
         self.state.data["finished"] = True
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
         self.state.save()
-        _remove_tree(ctx.workdir)
+        remove_tree(ctx.workdir)
         return self.state.data
+
+    def _failed(self, stage: str, exc: BaseException, workdir: Path) -> None:
+        """A run that made nothing on the target leaves no record (a refused source is not an
+        unfinished migration); one that did notes where and why it stopped, for ``v2p status``."""
+        if "create" not in self.state.stages:
+            self.state.remove()
+            remove_tree(workdir)
+            return
+        reason = str(exc) if isinstance(exc, V2PError) else \
+            "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        self.state.data["failed"] = {"stage": stage, "error": reason, "at": now()}
+        with contextlib.suppress(OSError, V2PError):  # the state file may be what failed
+            self.state.save()
+
+    def _already_done(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """A finished migration asked for again: the same source and settings are nothing to do
+        (scripts, plans and panels rerun what they asked for); anything else onto that VM is refused."""
+        data = self.state.data
+        if not data["finished"]:
+            return None
+        source, when = data["request"]["source"], data.get("finished_at", "?")
+        diff = _differences(data["request"], request)
+        if diff:
+            raise VMIDExistsError(
+                f"VMID {self.vmid} already exists: it was migrated from {source} at {when} "
+                f"with other settings ({', '.join(diff)})",
+                hint=f"pick another --vmid, or remove it first: v2p vm rm {self.vmid}")
+        if self._source_changed(data):
+            raise VMIDExistsError(
+                f"VMID {self.vmid} already exists: it was migrated from {source} at {when}, "
+                "and that source has changed since",
+                hint=f"to migrate it again, remove the VM first: v2p vm rm {self.vmid}")
+        message = f"VM {self.vmid} was already migrated from {source} at {when}; nothing to do"
+        self.emit(Event("info", "finish", message))
+        return {**data, "nothing_to_do": message}
+
+    def _source_changed(self, data: dict[str, Any]) -> bool:
+        recorded = data["stages"].get("inspect", {}).get("result", {}).get("files")
+        try:
+            current = source_fingerprint(inspect_disk(self.source, check_boot=False))
+        except (V2PError, OSError):
+            return False  # moved or deleted after the migration: the VM is still the one it made
+        return current != recorded
 
     def _stale(self, request: dict[str, Any]) -> bool:
         """A record that means nothing now: its VM was removed since it finished,
@@ -114,27 +172,33 @@ class Pipeline:
         return "create" not in data.get("stages", {}) and data.get("request") != request
 
     def _check_resumable(self, request: dict[str, Any]) -> None:
-        data = self.state.data
-        if data.get("finished") and self.target.vm_exists(self.vmid):
-            raise VMIDExistsError(
-                f"VMID {self.vmid} already exists: it was migrated from "
-                f"{data['request']['source']} at {data.get('finished_at')}",
-                hint=f"pick another --vmid, or remove it first: v2p vm rm {self.vmid}")
-        recorded = data.get("request", {})
-        if recorded != request:
-            diff = sorted(k for k in set(recorded) | set(request) if recorded.get(k) != request.get(k))
-            if "options" in diff:
-                diff.remove("options")
-                ro, no = recorded.get("options", {}), request["options"]
-                diff += [f"--{k}" for k in sorted(set(ro) | set(no)) if ro.get(k) != no.get(k)]
+        recorded = self.state.data["request"]
+        diff = _differences(recorded, request)
+        if diff:
             raise StateError(
                 f"VMID {self.vmid} has an unfinished migration of {recorded.get('source')} "
                 f"with different settings ({', '.join(diff)})",
                 hint=f"rerun it with the same settings to resume, or discard it: v2p vm rm {self.vmid}")
 
 
-def _remove_tree(folder: Path) -> None:
-    if folder.is_dir():
-        for child in folder.iterdir():
-            child.unlink(missing_ok=True)
-        folder.rmdir()
+def _differences(recorded: dict[str, Any], request: dict[str, Any]) -> list[str]:
+    """What differs between two requests, in the user's words (``source``, ``--bus``, ...)."""
+    diff = sorted(k for k in set(recorded) | set(request) if recorded.get(k) != request.get(k))
+    if "options" in diff:
+        diff.remove("options")
+        ro, no = recorded.get("options", {}), request["options"]
+        diff += [f"--{k}" for k in sorted(set(ro) | set(no)) if ro.get(k) != no.get(k)]
+    return diff
+
+
+def check_records(state: MigrationState, stages: tuple[Stage, ...] = STAGES) -> None:
+    """Every record a resumed run (or ``v2p status``) reads has the fields it reads:
+    a damaged state file is one clear StateError, not a traceback later on."""
+    data, damaged = state.data, state.damaged
+    check_fields(data["request"], {"source": str, "vmid": int, "options": dict, "target": dict},
+                 "request.", damaged)
+    known = {stage.name: stage for stage in stages}
+    for name, record in data["stages"].items():
+        if name not in known:
+            raise damaged(f"it records an unknown stage {name!r}")
+        check_fields(record["result"], known[name].fields, f"stages.{name}.result.", damaged)

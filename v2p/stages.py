@@ -19,8 +19,10 @@ from .events import Event, EventHandler
 from .inspect import DiskImage, inspect_disk
 from .options import MigrationOptions, OptionError, mac_for
 from .runner import which
+from .state import FieldType
 from .storage import Storage, Volume
 from .targets.base import Target
+from .testhooks import hold_point
 
 Record = dict[str, Any]
 
@@ -81,6 +83,9 @@ class Stage:
 
     name = "stage"
     summary = ""
+    # The fields of its record that ``holds`` and later stages read: a resumed run checks
+    # them on load, so a damaged state file is one clear error instead of a traceback.
+    fields: dict[str, FieldType] = {}
 
     def run(self, ctx: Context) -> Record:
         raise NotImplementedError
@@ -93,6 +98,7 @@ class Stage:
 class Inspect(Stage):
     name = "inspect"
     summary = "identify the disk's flavor and extents, refuse anything unsafe"
+    fields = {"image": dict, "files": list}
 
     def run(self, ctx: Context) -> Record:
         ctx.image = None
@@ -115,6 +121,7 @@ class Inspect(Stage):
 class Preflight(Stage):
     name = "preflight"
     summary = "VMID free, storage usable with room for the disk, QEMU present"
+    fields = {"storage": str, "format": str}
 
     def run(self, ctx: Context) -> Record:
         if ctx.target.vm_exists(ctx.vmid) and not _ours(ctx):
@@ -172,6 +179,7 @@ def _ours(ctx: Context) -> bool:
 class Create(Stage):
     name = "create"
     summary = "create the VM shell (no disk yet)"
+    fields = {"config": dict}
 
     def run(self, ctx: Context) -> Record:
         opts = ctx.options
@@ -203,6 +211,7 @@ def _vm_name(source: Path) -> str:
 class Convert(Stage):
     name = "convert"
     summary = "write the disk onto the target storage (a temporary volume until verified)"
+    fields = {"volid": str, "partial_volid": str, "partial": str, "fmt": str, "block": bool, "fingerprint": dict}
 
     def run(self, ctx: Context) -> Record:
         storage, fmt, image = ctx.storage(), ctx.fmt(), ctx.disk()
@@ -250,14 +259,17 @@ def _same_file(path: Path, fingerprint: dict[str, Any], guest_owned: bool = Fals
 
 class Verify(Stage):
     name = "verify"
-    summary = "qemu-img compare against the source, then give the volume its final name"
+    summary = "compare the written disk with the source, then give the volume its final name"
+    fields = {"path": str, "verified": bool, "fingerprint": dict}
 
     def run(self, ctx: Context) -> Record:
         made = ctx.records["convert"]
         storage = ctx.storage()
         partial = Volume(made["partial_volid"], Path(made["partial"]), made["fmt"], made["block"])
         final = storage.volume(ctx.vmid, 0, made["fmt"])
-        committed = partial.volid != final.volid and not storage.exists(partial)
+        # A run killed (or out of space for its state file) between the rename and the
+        # record left the written volume under its final name: verify it there.
+        committed = partial.path != final.path and not storage.exists(partial) and storage.exists(final)
         written = Volume(final.volid, storage.path_of(final.volid), final.fmt, final.is_block) \
             if committed else partial
         if ctx.options.verify:
@@ -266,6 +278,7 @@ class Verify(Stage):
             ctx.emit(Event("warning", self.name, "--no-verify: the written disk was not compared"))
         if not committed:
             storage.commit(partial, final)
+            hold_point("verify:committed")
         path = storage.path_of(final.volid)
         return {"path": str(path), "verified": ctx.options.verify, "fingerprint": convert.fingerprint(path)}
 
@@ -278,6 +291,7 @@ class Verify(Stage):
 class Attach(Stage):
     name = "attach"
     summary = "attach the disk (IDE for Windows, SCSI otherwise) and make it the boot disk"
+    fields = {"key": str, "value": str}
 
     def run(self, ctx: Context) -> Record:
         key = f"{ctx.options.attach_bus}0"

@@ -11,18 +11,32 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import LockedError, StateError
+from .fsutil import open_lock_file, remove_stale_temporaries, write_atomic
 
 STATE_VERSION = 1
+# A state file's name is its VMID: ASCII digits only (str.isdigit() also takes '²' and '١').
+_VMID_NAME = re.compile(r"[1-9][0-9]{2,8}")
+
+# What a field of a record may hold, for the checks on load.
+FieldType = type | tuple[type, ...]
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def vmid_of_name(stem: str) -> int | None:
+    """The VMID a file called ``<stem>.json`` / ``<stem>.conf`` is for, or None for any other name."""
+    return int(stem) if _VMID_NAME.fullmatch(stem) else None
 
 
 class MigrationState:
@@ -35,32 +49,71 @@ class MigrationState:
     def __init__(self, directory: Path, vmid: int, suffix: str = "") -> None:
         self.directory = directory
         self.vmid = vmid
+        self.suffix = suffix
         self.path = directory / f"{vmid}{suffix}.json"
         self.data: dict[str, Any] = {}
+        self.error: StateError | None = None  # set by list_states for a file that cannot be read
 
     def load(self) -> bool:
-        """Read the file if there is one; return whether there was."""
+        """Read the file if there is one; return whether there was.
+
+        Anything but what v2p writes (valid JSON of another shape, a record
+        missing a field, a field of the wrong type) is a StateError naming the
+        file, never a traceback later on.
+        """
         try:
             raw = self.path.read_text()
         except FileNotFoundError:
             return False
+        except UnicodeDecodeError:
+            raise self.damaged("it is not text") from None
         except OSError as exc:
-            raise StateError(f"{self.path}: cannot read state file: {exc.strerror}") from None
+            raise StateError(f"{self.path}: cannot read state file: {exc.strerror}",
+                             hint=self.discard_hint) from None
         try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise StateError(f"{self.path}: state file is not valid JSON ({exc.msg})",
-                             hint="remove it to start this migration over") from None
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            version = data.get("version") if isinstance(data, dict) else "?"
-            raise StateError(f"{self.path}: state file version {version} is not {STATE_VERSION}",
-                             hint="finish it with the v2p that wrote it")
+            data = json.loads(raw, parse_constant=_no_constant)
+        except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            raise StateError(f"{self.path}: state file is not valid JSON ({msg})",
+                             hint=self.discard_hint) from None
+        if isinstance(data, dict) and type(data.get("version")) is int and data["version"] != STATE_VERSION:
+            raise StateError(f"{self.path}: state file version {data['version']} is not {STATE_VERSION}",
+                             hint="finish it with the v2p that wrote it, or discard it: "
+                             f"v2p vm rm {self.vmid}")
+        self._check(data)
         self.data = data
         return True
 
-    def start(self, request: dict[str, Any]) -> None:
+    @property
+    def discard_hint(self) -> str:
+        return f"discard it (and the VM, if one was made) with: v2p vm rm {self.vmid}"
+
+    def damaged(self, what: str) -> StateError:
+        return StateError(f"{self.path}: state file is damaged: {what}", hint=self.discard_hint)
+
+    def _check(self, data: object) -> None:
+        if not isinstance(data, dict):
+            raise self.damaged(f"expected a JSON object, found {_json_type(data)}")
+        fields: dict[str, FieldType] = {"version": int, "vmid": int, "request": dict, "started_at": str,
+                                        "stages": dict, "finished": bool}
+        if not self.suffix:
+            fields["migration_id"] = str
+        check_fields(data, fields, "", self.damaged)
+        check_fields(data, {"finished_at": str, "result": dict, "failed": dict}, "", self.damaged,
+                     optional=True)
+        if data["vmid"] != self.vmid:
+            raise self.damaged(f"it is for VMID {data['vmid']}, not {self.vmid}")
+        for name, record in data["stages"].items():
+            where = f"stages.{name}."
+            if not isinstance(record, dict):
+                raise self.damaged(f"{where[:-1]} is {_json_type(record)}, not an object")
+            check_fields(record, {"finished_at": str, "seconds": (int, float), "result": dict}, where,
+                         self.damaged)
+
+    def start(self, request: dict[str, Any], **extra: Any) -> None:
+        """Write the first record, whole (a kill never leaves a half-made one)."""
         self.data = {"version": STATE_VERSION, "vmid": self.vmid, "request": request,
-                     "started_at": now(), "stages": {}, "finished": False}
+                     "started_at": now(), "stages": {}, "finished": False, **extra}
         self.save()
 
     @property
@@ -70,25 +123,55 @@ class MigrationState:
 
     def record(self, stage: str, result: dict[str, Any], *, seconds: float) -> None:
         self.stages[stage] = {"finished_at": now(), "seconds": round(seconds, 3), "result": result}
+        self.data.pop("failed", None)
         self.save()
 
     def save(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as handle:
-            json.dump(self.data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        self.remove_temporaries()
+
+    def remove_temporaries(self) -> None:
+        """Temporary files of this state file left by a run killed mid-write (call under the VMID lock)."""
+        remove_stale_temporaries(self.directory, self.path.name)
+
+
+def check_fields(data: Mapping[str, Any], fields: Mapping[str, FieldType], where: str,
+                 damaged: Any, *, optional: bool = False) -> None:
+    """Raise ``damaged(what)`` unless each of ``fields`` is present in ``data`` with its type."""
+    for key, kind in fields.items():
+        if key not in data:
+            if optional:
+                continue
+            raise damaged(f"{where}{key} is missing")
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # JSON true/false are bools, and bool is an int in Python: keep them apart.
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            expected = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise damaged(f"{where}{key} is {_json_type(value)}, expected {expected}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise damaged(f"{where}{key} is not a finite number")
+
+
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a whole number",
+               float: "a number", bool: "true/false"}
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 class VmidLock:
@@ -100,8 +183,7 @@ class VmidLock:
         self._fd: int | None = None
 
     def __enter__(self) -> VmidLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,10 +202,19 @@ class VmidLock:
 
 
 def list_states(directory: Path) -> list[MigrationState]:
-    states = []
-    for path in sorted(directory.glob("*.json"), key=lambda p: (len(p.stem), p.stem)):
-        if path.stem.isdigit():
-            state = MigrationState(directory, int(path.stem))
+    """Every migration state file in ``directory`` (by VMID); one that cannot be read carries its ``error``."""
+    states: list[MigrationState] = []
+    found = []
+    if directory.is_dir():
+        for path in directory.glob("*.json"):
+            vmid = vmid_of_name(path.stem)
+            if vmid is not None:
+                found.append(vmid)
+    for vmid in sorted(found):
+        state = MigrationState(directory, vmid)
+        try:
             state.load()
-            states.append(state)
+        except StateError as exc:
+            state.error = exc
+        states.append(state)
     return states

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BootCheckError, NoSuchVMError, TargetError, ToolError, VMIDExistsError
+from ..fsutil import write_atomic
 from ..runner import which
+from ..state import vmid_of_name
 from ..storage import Storage, default_dir_storage, parse_storage_cfg
 from .base import BootReport, Target, VMConfig
 
@@ -173,10 +175,7 @@ class LocalTarget(Target):
         text = self.storage_cfg.read_text() if self.storage_cfg.exists() else ""
         text += f"\n{kind}: {name}\n" + "".join(f"\t{key} {value}\n" for key, value in options.items())
         parse_storage_cfg(text, str(self.storage_cfg))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.storage_cfg.with_name(".storage.cfg.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.storage_cfg)
+        write_atomic(self.storage_cfg, text)
 
     def volume_file(self, volid: str) -> tuple[Path, str]:
         """(path, format) of a disk named in a config: ``storage:volume`` or a device path."""
@@ -196,7 +195,8 @@ class LocalTarget(Target):
         folder = self.directory / "qemu-server"
         if not folder.is_dir():
             return []
-        return sorted(int(p.stem) for p in folder.glob("*.conf") if p.stem.isdigit())
+        found = (vmid_of_name(path.stem) for path in folder.glob("*.conf"))
+        return sorted(vmid for vmid in found if vmid is not None)
 
     def create_vm(self, vmid: int, config: VMConfig) -> None:
         path = self._conf(vmid)
@@ -206,14 +206,7 @@ class LocalTarget(Target):
         self._write_config(vmid, config)
 
     def _write_config(self, vmid: int, config: VMConfig) -> None:
-        path = self._conf(vmid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as handle:
-            handle.write(format_config(config))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(self._conf(vmid), format_config(config))
 
     def get_config(self, vmid: int) -> VMConfig:
         try:
