@@ -17,7 +17,33 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "sample_images" / "out"
+_may_use_samples = True  # False while a test that did not request ``manifest`` runs
+
+
+class _SampleFolder(type(Path())):  # type: ignore[misc]
+    """The folder ``manifest`` builds. A test that looks inside it without requesting
+    ``manifest`` (itself or through ``samples`` / ``source_of``) only passes when an
+    earlier test happened to build the samples; it fails here instead, in any order."""
+
+    def _check(self) -> None:
+        if not _may_use_samples:
+            pytest.fail("this test reads sample_images/out without requesting the `samples` (or "
+                        "`manifest`) fixture that builds them: it fails on a fresh clone when run alone")
+
+    def __truediv__(self, key: str) -> Path:
+        self._check()
+        return Path(str(self), key)
+
+    def joinpath(self, *keys: str) -> Path:
+        self._check()
+        return Path(str(self), *keys)
+
+    def __fspath__(self) -> str:
+        self._check()
+        return str(self)
+
+
+SAMPLES = _SampleFolder(ROOT / "sample_images" / "out")
 FLAVORS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
            "streamOptimized", "esxi"]
 GUEST_LINE = re.compile(r"v2p-guest: boot controller=(\S+) pci=([0-9a-f]{4}:[0-9a-f]{4})")
@@ -30,6 +56,22 @@ def manifest() -> dict[str, Any]:
                    check=True)
     data: dict[str, Any] = json.loads((SAMPLES / "manifest.json").read_text())
     return data
+
+
+@pytest.fixture(scope="session")
+def samples(manifest: dict[str, Any]) -> Path:
+    """The folder of built sample images (guest.raw, one folder per flavor)."""
+    return Path(str(SAMPLES))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    global _may_use_samples
+    _may_use_samples = "manifest" in getattr(item, "fixturenames", ())
+    try:
+        yield
+    finally:
+        _may_use_samples = True
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:

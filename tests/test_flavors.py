@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import vmdkgen
-from conftest import SAMPLES, V2P, guest_report
+from conftest import V2P, guest_report
 
 SNAP_MARKER = b"V2P-SNAPSHOT-LAST-SECTOR-OK"
 DESC = '# Disk DescriptorFile\nversion=1\nCID=0badcafe\nparentCID=ffffffff\ncreateType="{ct}"\n{extents}\n' \
@@ -22,8 +22,9 @@ DESC = '# Disk DescriptorFile\nversion=1\nCID=0badcafe\nparentCID=ffffffff\ncrea
        'ddb.geometry.sectors = "63"\n'
 
 
-def guest_raw() -> bytes:
-    return (SAMPLES / "guest.raw").read_bytes()
+@pytest.fixture(scope="session")
+def guest_raw(samples: Path) -> bytes:
+    return (samples / "guest.raw").read_bytes()
 
 
 def inspect_json(v2p: V2P, path: Path) -> dict:
@@ -58,23 +59,23 @@ def split(folder: Path, data: bytes, sizes: list[int], name: str) -> list[tuple[
     ("vmfsPreallocated", "VMFS", "vmfs"),
     ("monolithicFlat", "FLAT", "monolithicFlat"),
 ])
-def test_single_raw_extent_create_types(create_type, kind, flavor, tmp_path, v2p):
+def test_single_raw_extent_create_types(create_type, kind, flavor, tmp_path, v2p, guest_raw):
     folder = tmp_path / "vm"
     folder.mkdir()
-    (folder / "d-flat.vmdk").write_bytes(guest_raw())
+    (folder / "d-flat.vmdk").write_bytes(guest_raw)
     path = folder / "d.vmdk"
     path.write_text(DESC.format(ct=create_type, extents=f'RW 65536 {kind} "d-flat.vmdk"'))
     row = inspect_json(v2p, path)
     assert (row["flavor"], row["capacity"], row["adapter_type"]) == (flavor, 33554432, "lsilogic")
     assert row["ddb"]["ddb.thinprovisioned"] == "1" and row["ddb"]["ddb.virtualhwversion"] == "14"
     assert row["boot_signature"] == "mbr"
-    assert migrate_raw(v2p, path, 160, "--no-boot-check") == guest_raw()
+    assert migrate_raw(v2p, path, 160, "--no-boot-check") == guest_raw
 
 
-def test_two_gb_max_extent_flat_with_several_extents_and_a_zero_extent(tmp_path, v2p):
+def test_two_gb_max_extent_flat_with_several_extents_and_a_zero_extent(tmp_path, v2p, guest_raw):
     folder = tmp_path / "vm"
     folder.mkdir()
-    data = guest_raw()
+    data = guest_raw
     parts = split(folder, data[: 24 << 20], [8 << 20, 8 << 20, 8 << 20], "d")
     # the disk's last 8 MiB as one file at an offset, and a ZERO extent in between
     tail = data[24 << 20:]
@@ -91,10 +92,10 @@ def test_two_gb_max_extent_flat_with_several_extents_and_a_zero_extent(tmp_path,
     assert migrate_raw(v2p, path, 161, "--no-boot-check") == expected
 
 
-def test_two_gb_max_extent_sparse_with_several_extents(tmp_path, v2p):
+def test_two_gb_max_extent_sparse_with_several_extents(tmp_path, v2p, guest_raw):
     folder = tmp_path / "vm"
     folder.mkdir()
-    data = guest_raw()
+    data = guest_raw
     lines = []
     for name, sectors in split(tmp_path, data, [4 << 20, 12 << 20, 16 << 20], "part"):
         extent = f"d-s{len(lines) + 1:03d}.vmdk"
@@ -111,11 +112,11 @@ def test_two_gb_max_extent_sparse_with_several_extents(tmp_path, v2p):
 
 
 @pytest.mark.parametrize("subformat", ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])
-def test_five_gib_split_by_qemu_img_boots_and_reads_its_last_sector(subformat, tmp_path, v2p):
+def test_five_gib_split_by_qemu_img_boots_and_reads_its_last_sector(subformat, tmp_path, v2p, guest_raw):
     raw = tmp_path / "big.raw"
     size = 5 << 30
     with open(raw, "wb") as handle:
-        handle.write(guest_raw()[: -512])
+        handle.write(guest_raw[: -512])
         handle.truncate(size)
         handle.seek(size - 512)
         handle.write(b"V2P-LAST-SECTOR-5GiB-OK".ljust(512, b"\0"))
@@ -144,8 +145,8 @@ def snapshot_changes() -> dict[int, bytes]:
 
 
 @pytest.mark.parametrize("kind", ["vmfsSparse", "seSparse"])
-def test_esx_snapshot_chain_is_consolidated(kind, tmp_path, v2p):
-    top, expected = vmdkgen.make_chain(tmp_path / "vm", guest_raw(), kind, snapshot_changes())
+def test_esx_snapshot_chain_is_consolidated(kind, tmp_path, v2p, guest_raw):
+    top, expected = vmdkgen.make_chain(tmp_path / "vm", guest_raw, kind, snapshot_changes())
     row = inspect_json(v2p, top)
     assert row["flavor"] == kind
     assert [Path(p).name for p in row["chain"]] == ["disk-000001.vmdk", "disk.vmdk"]
@@ -161,10 +162,10 @@ def test_esx_snapshot_chain_is_consolidated(kind, tmp_path, v2p):
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
-def test_three_level_chain_mixing_delta_kinds(tmp_path, v2p):
+def test_three_level_chain_mixing_delta_kinds(tmp_path, v2p, guest_raw):
     folder = tmp_path / "vm"
-    first, expected = vmdkgen.make_chain(folder, guest_raw(), "vmfsSparse", {0x200000: b"one" * 200})
-    capacity = len(guest_raw()) // 512
+    first, expected = vmdkgen.make_chain(folder, guest_raw, "vmfsSparse", {0x200000: b"one" * 200})
+    capacity = len(guest_raw) // 512
     grain = 4096
     index = (len(expected) - grain) // grain
     block = bytearray(expected[index * grain:(index + 1) * grain])
@@ -184,10 +185,10 @@ def test_three_level_chain_mixing_delta_kinds(tmp_path, v2p):
     assert guest_report(v2p.serial(165)) == ("ide", "8086:7010", "V2P-THIRD-LEVEL-OK")
 
 
-def test_workstation_hosted_sparse_snapshot(tmp_path, v2p):
+def test_workstation_hosted_sparse_snapshot(tmp_path, v2p, samples, guest_raw):
     folder = tmp_path / "vm"
     folder.mkdir()
-    for item in (SAMPLES / "monolithicSparse").iterdir():
+    for item in (samples / "monolithicSparse").iterdir():
         (folder / item.name).write_bytes(item.read_bytes())
     child = folder / "monolithicSparse-000001.vmdk"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-b", "monolithicSparse.vmdk", "-F", "vmdk",
@@ -197,13 +198,13 @@ def test_workstation_hosted_sparse_snapshot(tmp_path, v2p):
     row = inspect_json(v2p, child)
     assert row["flavor"] == "monolithicSparse" and len(row["chain"]) == 2
     disk = migrate_raw(v2p, child, 166, "--no-boot-check")
-    assert disk == guest_raw()[: -65536] + b"\x5a" * 65536
+    assert disk == guest_raw[: -65536] + b"\x5a" * 65536
 
 
-def vmware_stream_optimized(folder: Path) -> Path:
+def vmware_stream_optimized(samples: Path, folder: Path) -> Path:
     """qemu's streamOptimized rewritten the way VMware writes it: gdOffset
     GD_AT_END in the header, the real header as a footer before the EOS marker."""
-    data = bytearray((SAMPLES / "streamOptimized" / "streamOptimized.vmdk").read_bytes())
+    data = bytearray((samples / "streamOptimized" / "streamOptimized.vmdk").read_bytes())
     header = bytes(data[:512])
     data[56:64] = b"\xff" * 8
     footer_marker = (1).to_bytes(8, "little") + (0).to_bytes(4, "little") + (3).to_bytes(4, "little")
@@ -213,8 +214,8 @@ def vmware_stream_optimized(folder: Path) -> Path:
     return path
 
 
-def test_vmware_stream_optimized_with_footer(tmp_path, v2p):
-    path = vmware_stream_optimized(tmp_path)
+def test_vmware_stream_optimized_with_footer(tmp_path, v2p, samples):
+    path = vmware_stream_optimized(samples, tmp_path)
     row = inspect_json(v2p, path)
     assert row["flavor"] == "streamOptimized" and row["boot_signature"] == "mbr"
     proc = v2p("migrate", str(path), "--vmid", "167", "--os", "win7")
@@ -222,12 +223,12 @@ def test_vmware_stream_optimized_with_footer(tmp_path, v2p):
     assert guest_report(v2p.serial(167)) == ("ide", "8086:7010", "V2P-LAST-SECTOR-32MiB-OK")
 
 
-def test_embedded_parent_hint_without_parent_cid_is_not_followed(tmp_path, v2p):
+def test_embedded_parent_hint_without_parent_cid_is_not_followed(tmp_path, v2p, samples, guest_raw):
     secret = tmp_path / "secret.raw"
     secret.write_bytes(b"V2P-SECRET-OUTSIDE-" * 2000)
     folder = tmp_path / "vm"
     folder.mkdir()
-    data = bytearray((SAMPLES / "monolithicSparse" / "monolithicSparse.vmdk").read_bytes())
+    data = bytearray((samples / "monolithicSparse" / "monolithicSparse.vmdk").read_bytes())
     at = data.find(b"createType=")
     hint = f'parentFileNameHint="{secret}"\n'.encode()
     data[at:at] = hint
@@ -236,17 +237,17 @@ def test_embedded_parent_hint_without_parent_cid_is_not_followed(tmp_path, v2p):
     path.write_bytes(bytes(data))
     disk = migrate_raw(v2p, path, 168, "--no-boot-check")
     assert b"V2P-SECRET-OUTSIDE-" not in disk
-    assert disk == guest_raw()
+    assert disk == guest_raw
 
 
 @pytest.mark.parametrize(("create_type", "sample"), [
     ("monolithicSparse", "monolithicSparse"), ("streamOptimized", "streamOptimized")])
-def test_text_descriptor_over_a_sparse_file(create_type, sample, tmp_path, v2p):
+def test_text_descriptor_over_a_sparse_file(create_type, sample, tmp_path, v2p, samples, guest_raw):
     folder = tmp_path / "vm"
     folder.mkdir()
-    (folder / "data.vmdk").write_bytes((SAMPLES / sample / f"{sample}.vmdk").read_bytes())
+    (folder / "data.vmdk").write_bytes((samples / sample / f"{sample}.vmdk").read_bytes())
     path = folder / "d.vmdk"
     path.write_text(DESC.format(ct=create_type, extents='RW 65536 SPARSE "data.vmdk"'))
     row = inspect_json(v2p, path)
     assert row["flavor"] == create_type
-    assert migrate_raw(v2p, path, 169, "--no-boot-check") == guest_raw()
+    assert migrate_raw(v2p, path, 169, "--no-boot-check") == guest_raw

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,10 +19,10 @@ def test_inspect_names_flavor_and_capacity(flavor, manifest, source_of, v2p):
     assert row["flavor"] == manifest["flavors"][flavor]["flavor"]
     assert row["capacity"] == manifest["virtual_size"]
     assert row["format"] == "vmdk"
-    extents = [e["path"] for e in row["extents"]]
-    assert [p.split("/")[-1] for p in extents] == \
-        [p.split("/")[-1] for p in manifest["flavors"][flavor]["extents"]] or flavor in (
-            "monolithicSparse", "streamOptimized")
+    # a monolithic file is its own (one) extent
+    assert [Path(e["path"]) for e in row["extents"]] == \
+        [(src.folder / Path(p).name).resolve() for p in manifest["flavors"][flavor]["extents"]]
+    assert sum(e["sectors"] for e in row["extents"]) == manifest["sectors"]
 
 
 def test_inspect_text_output(source_of, v2p):
@@ -44,13 +45,11 @@ def test_flat_extent_alone_is_raw_with_a_warning(source_of, v2p):
     assert "no VMDK descriptor found" in proc.stdout and "esxi.vmdk is beside it" in proc.stdout
 
 
-def test_qcow2_is_named_and_taken_as_qcow2(tmp_path, manifest, v2p):
+def test_qcow2_is_named_and_taken_as_qcow2(tmp_path, manifest, samples, v2p):
     import subprocess
 
-    from conftest import SAMPLES
-
     out = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(SAMPLES / "guest.raw"), str(out)],
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(samples / "guest.raw"), str(out)],
                    check=True)
     (row,) = json.loads(v2p("inspect", str(out), "--json").stdout)
     assert (row["flavor"], row["format"], row["capacity"]) == ("qcow2", "qcow2", manifest["virtual_size"])
@@ -64,23 +63,26 @@ def test_absolute_extent_is_refused(tmp_path, v2p):
     assert "'/etc/passwd' is absolute: refused" in line
 
 
-@pytest.mark.parametrize(("fmt", "options", "flavor", "magic"), [
-    ("vpc", ["-o", "subformat=fixed"], "vhd", "DOS/MBR boot sector"),
-    ("vpc", [], "vhd", "Microsoft Disk Image"),
-    ("vhdx", [], "vhdx", "Microsoft Disk Image eXtended"),
-    ("vdi", [], "vdi", "VirtualBox Disk Image"),
-    ("qcow2", [], "qcow2", "QEMU QCOW"),
+@pytest.mark.parametrize(("fmt", "options", "flavor", "magic", "rounded"), [
+    # qemu's VHD writer rounds the size up to a CHS geometry; the other formats keep it exactly
+    ("vpc", ["-o", "subformat=fixed"], "vhd", "DOS/MBR boot sector", True),
+    ("vpc", [], "vhd", "Microsoft Disk Image", True),
+    ("vhdx", [], "vhdx", "Microsoft Disk Image eXtended", False),
+    ("vdi", [], "vdi", "VirtualBox Disk Image", False),
+    ("qcow2", [], "qcow2", "QEMU QCOW", False),
 ])
-def test_other_formats_are_named_and_converted_as_themselves(fmt, options, flavor, magic, tmp_path, v2p):
+def test_other_formats_are_named_and_converted_as_themselves(fmt, options, flavor, magic, rounded, tmp_path, v2p,
+                                                              samples, manifest):
     import subprocess
 
-    from conftest import SAMPLES, guest_report
+    from conftest import guest_report
 
     image = tmp_path / f"disk.{fmt}"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, *options, str(SAMPLES / "guest.raw"),
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, *options, str(samples / "guest.raw"),
                     str(image)], check=True)
     (row,) = json.loads(v2p("inspect", "--json", str(image)).stdout)
     assert (row["flavor"], row["format"], row["verdict"]) == (flavor, fmt, "ok")
+    assert (row["capacity"] > manifest["virtual_size"]) if rounded else (row["capacity"] == manifest["virtual_size"])
     assert magic in row["magic"]  # libmagic calls a fixed VHD an MBR disk: the parser knows better
     assert f"not a VMDK but a {flavor} image" in row["notes"][0]
     proc = v2p("migrate", str(image), "--vmid", "170", "--os", "l26", "--format", "raw")
@@ -88,27 +90,20 @@ def test_other_formats_are_named_and_converted_as_themselves(fmt, options, flavo
     controller, _pci, marker = guest_report(v2p.serial(170))
     assert controller == "virtio-scsi"
     disk = v2p.disk(170, "raw").read_bytes()
-    raw = (SAMPLES / "guest.raw").read_bytes()
-    # qemu's VHD writer rounds the size up to a CHS geometry: the extra tail is zeros
-    assert disk[: len(raw)] == raw and not disk[len(raw):].strip(b"\0")
-    assert marker == (manifest_marker() if len(disk) == len(raw) else "<none>")
-
-
-def manifest_marker() -> str:
-    from conftest import SAMPLES
-
-    return json.loads((SAMPLES / "manifest.json").read_text())["marker"]
+    raw = (samples / "guest.raw").read_bytes()
+    assert len(disk) == row["capacity"]
+    assert disk[: len(raw)] == raw and not disk[len(raw):].strip(b"\0")  # a rounded-up tail is zeros
+    # the guest reads the disk's last sector: past the marker (zeros) when the size was rounded up
+    assert marker == ("<none>" if rounded else manifest["marker"])
 
 
 @pytest.mark.parametrize("zeroed_grain", ["off", "on"])
-def test_sparse_header_versions(zeroed_grain, tmp_path, v2p):
+def test_sparse_header_versions(zeroed_grain, tmp_path, v2p, samples):
     import subprocess
-
-    from conftest import SAMPLES
 
     out = tmp_path / "d.vmdk"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"zeroed_grain={zeroed_grain}",
-                    str(SAMPLES / "guest.raw"), str(out)], check=True)
+                    str(samples / "guest.raw"), str(out)], check=True)
     (row,) = json.loads(v2p("inspect", "--json", str(out)).stdout)
     assert row["header"]["version"] == (2 if zeroed_grain == "on" else 1)
     assert row["magic"].startswith("VMware4 disk image")
@@ -142,13 +137,11 @@ def test_gpt_disk_is_recognised(tmp_path, v2p):
     assert row["boot_signature"] == "gpt"
 
 
-def test_folder_rows_hide_extents_and_show_refusals(tmp_path, v2p):
+def test_folder_rows_hide_extents_and_show_refusals(tmp_path, v2p, samples):
     import shutil
 
-    from conftest import SAMPLES
-
     folder = tmp_path / "vm"
-    shutil.copytree(SAMPLES / "twoGbMaxExtentFlat", folder)
+    shutil.copytree(samples / "twoGbMaxExtentFlat", folder)
     (folder / "broken.vmdk").write_text('# Disk DescriptorFile\ncreateType="vmfs"\nRW 8 VMFS "/etc/passwd"\n')
     (folder / "web01.vmx").write_text('displayName = "web01"\n')
     proc = v2p("inspect", "--json", str(folder))

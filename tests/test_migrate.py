@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FLAVORS, SAMPLES, assert_same_bytes, guest_report
+from conftest import FLAVORS, assert_same_bytes, guest_report
 
 EXPECTED = [
     # (extra options, controller the guest must report)
@@ -16,14 +16,14 @@ EXPECTED = [
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize(("options", "controller"), EXPECTED, ids=["win7-ide", "l26-scsi"])
-def test_every_flavor_migrates_and_boots(flavor, options, controller, manifest, source_of, v2p):
+def test_every_flavor_migrates_and_boots(flavor, options, controller, samples, manifest, source_of, v2p):
     src = source_of(flavor)
     proc = v2p("migrate", str(src.descriptor), "--vmid", "102", *options)
     assert proc.returncode == 0, proc.stderr
     got_controller, _pci, marker = guest_report(v2p.serial(102))
     assert got_controller == controller
     assert marker == manifest["marker"]
-    assert_same_bytes(SAMPLES / "guest.raw", v2p.disk(102))
+    assert_same_bytes(samples / "guest.raw", v2p.disk(102))
     config = v2p.config(102)
     bus = "ide0" if controller == "ide" else "scsi0"
     assert config[bus].startswith("local:102/vm-102-disk-0.qcow2,size=32M")
@@ -43,12 +43,12 @@ def test_bus_choice_reaches_the_guest(options, controller, pci, manifest, source
     assert guest_report(v2p.serial(103)) == (controller, pci, manifest["marker"])
 
 
-def test_raw_format_lands_as_raw_file(manifest, source_of, v2p):
+def test_raw_format_lands_as_raw_file(samples, source_of, v2p):
     src = source_of("monolithicFlat")
     proc = v2p("migrate", str(src.descriptor), "--vmid", "104", "--format", "raw", "--no-boot-check")
     assert proc.returncode == 0, proc.stderr
     disk = v2p.disk(104, "raw")
-    assert disk.read_bytes() == (SAMPLES / "guest.raw").read_bytes()
+    assert disk.read_bytes() == (samples / "guest.raw").read_bytes()
     assert v2p.config(104)["scsi0"].startswith("local:104/vm-104-disk-0.raw")
 
 

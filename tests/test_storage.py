@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from blockdev import LVM_ENV, loop_device, lv_extents, lv_names, sh, small_filesystem, volume_group
-from conftest import FLAVORS, SAMPLES, V2P, guest_report, one_line_error
+from conftest import FLAVORS, V2P, guest_report, one_line_error
 from test_resume import wait_for
 
 MiB = 1 << 20
@@ -26,12 +26,12 @@ def head(device: Path, size: int) -> bytes:
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_every_flavor_onto_a_loop_device_boots(flavor, tmp_path, manifest, source_of, v2p):
+def test_every_flavor_onto_a_loop_device_boots(flavor, tmp_path, samples, manifest, source_of, v2p):
     src = source_of(flavor)
     with loop_device(tmp_path / "dev.img", 32 * MiB) as dev:  # exactly the disk: the guest reads its end
         proc = v2p("migrate", str(src.descriptor), "--vmid", "170", "--to-device", str(dev), "--os", "l26")
         assert proc.returncode == 0, proc.stderr
-        raw = (SAMPLES / "guest.raw").read_bytes()
+        raw = (samples / "guest.raw").read_bytes()
         assert head(dev, len(raw)) == raw
         assert v2p.config(170)["scsi0"] == f"{dev},size=32M"
         assert guest_report(v2p.serial(170)) == ("virtio-scsi", "1af4:1004", manifest["marker"])
@@ -43,7 +43,7 @@ def test_every_flavor_onto_a_loop_device_boots(flavor, tmp_path, manifest, sourc
 
 
 @pytest.mark.parametrize("flavor", FLAT)
-def test_dd_copies_flat_sources_onto_a_device(flavor, tmp_path, source_of, v2p):
+def test_dd_copies_flat_sources_onto_a_device(flavor, tmp_path, samples, source_of, v2p):
     src = source_of(flavor)
     with loop_device(tmp_path / "dev.img", 32 * MiB) as dev:
         with open(dev, "wb") as handle:  # old data the copy must overwrite, zeros included
@@ -51,17 +51,17 @@ def test_dd_copies_flat_sources_onto_a_device(flavor, tmp_path, source_of, v2p):
         proc = v2p("migrate", str(src.descriptor), "--vmid", "171", "--to-device", str(dev),
                    "--copy-with", "dd", "--force", "--no-boot-check")
         assert proc.returncode == 0, proc.stderr
-        assert head(dev, 32 * MiB) == (SAMPLES / "guest.raw").read_bytes()
+        assert head(dev, 32 * MiB) == (samples / "guest.raw").read_bytes()
         assert v2p.state(171)["stages"]["convert"]["result"]["copied_with"] == "dd"
 
 
-def test_dd_onto_dir_storage_is_sparse_and_exact(source_of, v2p):
+def test_dd_onto_dir_storage_is_sparse_and_exact(samples, source_of, v2p):
     src = source_of("esxi")
     proc = v2p("migrate", str(src.descriptor), "--vmid", "172", "--copy-with", "dd", "--format", "raw",
                "--no-boot-check")
     assert proc.returncode == 0, proc.stderr
     disk = v2p.disk(172, "raw")
-    assert disk.read_bytes() == (SAMPLES / "guest.raw").read_bytes()
+    assert disk.read_bytes() == (samples / "guest.raw").read_bytes()
     assert disk.stat().st_blocks * 512 < 8 * MiB  # zero blocks were skipped, not written
 
 
@@ -225,7 +225,7 @@ def lvm_v2p(v2p: V2P, vg: str, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_lvm_volume_is_written_verified_and_boots(vg, tmp_path, manifest, source_of, v2p):
+def test_lvm_volume_is_written_verified_and_boots(vg, tmp_path, samples, manifest, source_of, v2p):
     name, pv = vg
     lvm_v2p(v2p, name)
     listing = v2p("storage", "list", **LVM_ENV)
@@ -238,7 +238,7 @@ def test_lvm_volume_is_written_verified_and_boots(vg, tmp_path, manifest, source
     assert v2p.config(180)["scsi0"] == "vmdata:vm-180-disk-0,size=32M"
     offset, size = lv_extents(name, "vm-180-disk-0", pv)
     assert size == 32 * MiB
-    raw = (SAMPLES / "guest.raw").read_bytes()
+    raw = (samples / "guest.raw").read_bytes()
     with open(pv, "rb") as handle:  # the bytes really are on the PV where LVM put the LV
         handle.seek(offset)
         assert handle.read(len(raw)) == raw
