@@ -99,7 +99,7 @@ def test_verbose_shows_the_traceback(tmp_path, v2p):
 def test_bad_option_values(source_of, v2p):
     src = source_of("monolithicSparse")
     line = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "138", "--memory", "1"))
-    assert "--memory 1 MiB is out of range" in line
+    assert "--memory 1: must be a whole number from 16 to 4194304 MiB" in line
 
 
 @pytest.mark.parametrize(("extra", "message"), [

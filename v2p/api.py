@@ -17,7 +17,7 @@ from .errors import NoSuchVMError, StateError
 from .events import EventHandler, ignore
 from .fsutil import remove_tree
 from .inspect import DiskImage, Row, inspect_disk, inspect_paths
-from .options import MigrationOptions, OptionError, check_vmid
+from .options import MigrationOptions, OptionError, check_seconds, check_vmid
 from .pipeline import Pipeline, check_records
 from .stages import check_drivers
 from .state import MigrationState, VmidLock, list_states
@@ -30,7 +30,14 @@ __all__ = ["LocalTarget", "Migration", "Row", "Target", "dance", "inspect", "ins
 
 def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str = "auto") -> LocalTarget:
     """The embedded QEMU target (``V2P_TARGET_DIR`` or the XDG data dir by default)."""
-    return LocalTarget(Path(directory) if directory else None, accel=accel)
+    # An empty folder name (an unset shell variable, most likely) must not quietly mean the default one.
+    if directory is not None and not os.fspath(directory):
+        raise OptionError("--target-dir is empty", hint="give a directory, or leave the option out for "
+                          "$V2P_TARGET_DIR or ~/.local/share/v2p/local")
+    if directory is None and os.environ.get("V2P_TARGET_DIR") == "":
+        raise OptionError("$V2P_TARGET_DIR is set but empty",
+                          hint="set it to a directory, or unset it for ~/.local/share/v2p/local")
+    return LocalTarget(Path(directory) if directory is not None else None, accel=accel)
 
 
 class Migration:
@@ -66,8 +73,11 @@ def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confi
     ``confirmed``: the operator says the guest has its drivers (``v2p dance --continue``).
     ``start``: leave the VM running on virtio afterwards (default: shut it down).
     """
-    target = target or local_target()
     check_vmid(vmid)
+    dance_wait = check_seconds("--dance-wait", dance_wait)
+    boot_wait = check_seconds("--boot-wait", boot_wait)
+    shutdown_timeout = check_seconds("--shutdown-timeout", shutdown_timeout, zero=True)
+    target = target or local_target()
     config = target.get_config(vmid)
     with VmidLock(target.state_dir(), vmid):
         pending = DriverDance.pending(target, vmid)

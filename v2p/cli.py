@@ -8,16 +8,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from . import api
 from .errors import V2PError
 from .events import Event
 from .inspect import DiskImage
-from .options import BUSES, COPIERS, FORMATS, OSTYPES, SCSIHW
+from .options import (
+    BUSES,
+    BWLIMIT,
+    COPIERS,
+    CORES,
+    FORMATS,
+    MEMORY,
+    OSTYPES,
+    SCSIHW,
+    OptionError,
+    check_seconds,
+    check_whole,
+    parse_seconds,
+    parse_vmid,
+    parse_whole,
+)
 from .stages import STAGES
 from .storage import KINDS
 
@@ -29,15 +47,46 @@ EXAMPLES = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but misuse ends in one ``v2p: error:`` line like every other error, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        _say(f"v2p: error: {message} (hint: see {self.prog} --help)")
+        sys.exit(2)
+
+
+# Value checks run as argparse types and raise OptionError, which argparse lets through to main():
+# the message is then the library's own, and the exit code the same as for the library's checks.
+def _seconds(option: str, *, zero: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = parse_seconds(text)
+        return check_seconds(option, text if value is None else value, zero=zero, typed=text)
+    return parse
+
+
+def _whole(option: str, bounds: tuple[int, int], unit: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = parse_whole(text)
+        return check_whole(option, text if value is None else value, bounds, unit, typed=text)
+    return parse
+
+
+def _target_dir(text: str) -> str:
+    if not text:
+        raise OptionError("--target-dir is empty", hint="give a directory, or leave the option out for "
+                          "$V2P_TARGET_DIR or ~/.local/share/v2p/local")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="v2p", description="Move VMware VMs onto KVM.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="v2p", description="Move VMware VMs onto KVM.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--target-dir", help="local target directory (default: $V2P_TARGET_DIR "
+    parser.add_argument("--target-dir", type=_target_dir, help="local target directory (default: $V2P_TARGET_DIR "
                         "or ~/.local/share/v2p/local)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                         help="QEMU acceleration for the local target (default: auto)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="tell what kind of disk a file is")
     p.add_argument("paths", nargs="+", metavar="DISK")
@@ -45,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="migrate one VMware disk to a new VM")
     p.add_argument("source", metavar="DISK")
-    p.add_argument("--vmid", type=int, required=True)
+    p.add_argument("--vmid", type=parse_vmid, required=True)
     p.add_argument("--os", dest="ostype", default="l26", choices=sorted(OSTYPES),
                    help="PVE ostype; Windows types boot from IDE, others from SCSI (default: l26)")
     p.add_argument("--bus", choices=BUSES, help="disk bus (default: ide for Windows, scsi otherwise)")
@@ -61,15 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="overwrite a device that carries a partition table or file system, or is held open")
     p.add_argument("--name")
-    p.add_argument("--cores", type=int, default=1)
-    p.add_argument("--memory", type=int, default=512, help="MiB (default: 512)")
+    p.add_argument("--cores", type=_whole("--cores", CORES), default=1)
+    p.add_argument("--memory", type=_whole("--memory", MEMORY, "MiB"), default=512, help="MiB (default: 512)")
     p.add_argument("--scsihw", choices=SCSIHW, default="virtio-scsi-pci")
     p.add_argument("--start", action=argparse.BooleanOptionalAction, default=False,
                    help="leave the VM running at the end (default: stopped)")
     p.add_argument("--boot-check", action=argparse.BooleanOptionalAction, default=True,
                    help="boot the VM once and watch it come up (default: on)")
-    p.add_argument("--boot-timeout", type=float, default=60.0, help="seconds (default: 60)")
-    p.add_argument("--bwlimit", type=int, help="limit conversion I/O to this many KiB/s")
+    p.add_argument("--boot-timeout", type=_seconds("--boot-timeout"), default=60.0, help="seconds (default: 60)")
+    p.add_argument("--bwlimit", type=_whole("--bwlimit", BWLIMIT, "KiB/s"),
+                   help="limit conversion I/O to this many KiB/s")
     p.add_argument("--dry-run", action="store_true", help="print the stages and stop")
 
     p.add_argument("--drivers-iso", help="virtio-win ISO for the Windows driver dance (a path, or a PVE "
@@ -78,35 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Windows onto virtio: also install NetKVM and move the NIC to virtio (default: on)")
     p.add_argument("--arch", choices=("amd64", "x86"), default="amd64",
                    help="the Windows guest's architecture")
-    p.add_argument("--dance-wait", type=float, default=600.0,
+    p.add_argument("--dance-wait", type=_seconds("--dance-wait"), default=600.0,
                    help="seconds to wait for the guest to install its drivers on the IDE boot (default: 600)")
-    p.add_argument("--shutdown-timeout", type=float, default=120.0,
-                   help="seconds the guest gets to shut down on the power button (default: 120)")
+    p.add_argument("--shutdown-timeout", type=_seconds("--shutdown-timeout", zero=True), default=120.0,
+                   help="seconds the guest gets to shut down on the power button; 0 stops it hard at once "
+                   "(default: 120)")
 
     p = sub.add_parser("dance", help="move an existing Windows VM from IDE to virtio (two boots)")
-    p.add_argument("vmid", type=int)
+    p.add_argument("vmid", type=parse_vmid, metavar="VMID")
     p.add_argument("--bus", choices=("virtio", "scsi"), default="virtio")
     p.add_argument("--continue", dest="confirmed", action="store_true",
                    help="the guest has its drivers now (after v2p asked you to check)")
     p.add_argument("--drivers-iso")
     p.add_argument("--net-drivers", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--arch", choices=("amd64", "x86"), default="amd64")
-    p.add_argument("--dance-wait", type=float, default=600.0)
-    p.add_argument("--boot-wait", type=float, default=120.0,
+    p.add_argument("--dance-wait", type=_seconds("--dance-wait"), default=600.0)
+    p.add_argument("--boot-wait", type=_seconds("--boot-wait"), default=120.0,
                    help="seconds to watch the virtio boot for a STOP code (default: 120)")
-    p.add_argument("--shutdown-timeout", type=float, default=120.0)
+    p.add_argument("--shutdown-timeout", type=_seconds("--shutdown-timeout", zero=True), default=120.0)
     p.add_argument("--start", action=argparse.BooleanOptionalAction, default=False,
                    help="leave the VM running on virtio afterwards (default: shut it down)")
 
     p = sub.add_parser("status", help="show the stages of recorded migrations")
-    p.add_argument("vmid", nargs="?", type=int)
+    p.add_argument("vmid", nargs="?", type=parse_vmid, metavar="VMID")
     p.add_argument("--json", action="store_true")
 
     st = sub.add_parser("storage", help="the local target's storages").add_subparsers(
-        dest="storage_command", required=True)
+        dest="storage_command", required=True, metavar="ACTION")
     st.add_parser("list", help="list storages with their free space")
     sp = st.add_parser("add", help="add a storage to storage.cfg")
-    sp.add_argument("name")
+    sp.add_argument("name", metavar="NAME")
     sp.add_argument("--type", dest="kind", choices=sorted(KINDS), required=True)
     sp.add_argument("--path", help="dir: the directory")
     sp.add_argument("--vgname", help="lvm/lvmthin: the volume group")
@@ -114,29 +165,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lvm-config", help="lvm: extra --config for every LVM command (e.g. a device filter)")
 
     vm = sub.add_parser("vm", help="manage VMs on the local target").add_subparsers(
-        dest="vm_command", required=True)
+        dest="vm_command", required=True, metavar="ACTION")
     vm.add_parser("list", help="list VMs")
     for name, text in (("show", "print a VM's config"), ("start", "start a VM"),
                        ("stop", "shut a VM down (ACPI, then hard)"),
                        ("rm", "remove a VM, its disks and its migration record")):
         vp = vm.add_parser(name, help=text)
-        vp.add_argument("vmid", type=int)
+        vp.add_argument("vmid", type=parse_vmid, metavar="VMID")
         if name == "stop":
-            vp.add_argument("--timeout", type=float, default=60.0,
-                            help="seconds to wait for the guest before a hard stop (default: 60)")
+            vp.add_argument("--timeout", type=_seconds("--timeout", zero=True), default=60.0,
+                            help="seconds to wait for the guest before a hard stop; 0 stops it hard at "
+                            "once (default: 60)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        args = build_parser().parse_args(argv)
+    except OptionError as exc:  # a value check run by argparse (see _seconds)
+        _say(f"v2p: error: {exc}")
+        return exc.exit_code
+    try:
+        code = _dispatch(args)
+        sys.stdout.flush()  # a reader gone away shows here, not in the interpreter's exit flush
+        return code
     except V2PError as exc:
         if args.verbose:
             traceback.print_exc()
         print(f"v2p: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # a path v2p was given or keeps state in is unusable
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            return _reader_gone()
         if args.verbose:
             traceback.print_exc()
         where = f"{exc.filename}: " if exc.filename else ""
@@ -145,6 +205,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("v2p: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr)
+    except OSError:  # nobody is listening on stderr either
+        pass
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has closed it (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _reader_gone() -> int:
+    """Exit as Unix tools do when the reader of their output goes (`v2p status | head -1`): quietly,
+    with the status of a process ended by SIGPIPE. stdout becomes /dev/null so that the interpreter's
+    last flush of what is still buffered does not fail again ("Exception ignored ...")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -290,32 +377,44 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
             print(f"  {name:<10} {'done, would skip' if done else summary}")
         return 0
     try:
-        migration.run()
+        result = migration.run()
     finally:
         printer._close_bar()
-    print(f"VM {args.vmid} migrated from {args.source}")
+    if not result.get("nothing_to_do"):  # else the pipeline's event already said so
+        print(f"VM {args.vmid} migrated from {args.source}")
     return 0
 
 
 def _status(args: argparse.Namespace, target: api.Target) -> int:
     states = api.status(target, args.vmid)
+    damaged = [state for state in states if state.error is not None]
     if args.json:
-        print(json.dumps([s.data for s in states], indent=2))
-        return 0
+        print(json.dumps([{"vmid": s.vmid, "error": str(s.error)} if s.error else s.data for s in states],
+                         indent=2))
+        return 5 if damaged else 0
     if not states:
         where = f"VMID {args.vmid}" if args.vmid is not None else "any VM"
         print(f"no migration recorded for {where}")
         return 1 if args.vmid is not None else 0
     for state in states:
+        if state.error is not None:
+            print(f"VMID {state.vmid}: unreadable record: {state.error}")
+            continue
         data = state.data
-        verdict = "finished" if data.get("finished") else "unfinished (rerun migrate to resume)"
+        failed = data.get("failed")
+        if data["finished"]:
+            verdict = "finished"
+        elif failed:
+            verdict = f"stopped in {failed.get('stage')}: {failed.get('error')} (rerun migrate to resume)"
+        else:
+            verdict = "unfinished (rerun migrate to resume)"
         print(f"VMID {state.vmid}: {data['request']['source']} — {verdict}")
-        stages = data.get("stages", {})
+        stages = data["stages"]
         for name in (stage.name for stage in STAGES):
             record = stages.get(name)
             when = f"done {record['finished_at']} ({record['seconds']:.2f}s)" if record else "pending"
             print(f"  {name:<10} {when}")
-    return 0
+    return 5 if damaged else 0
 
 
 def _vm(args: argparse.Namespace, target: api.Target) -> int:

@@ -7,6 +7,8 @@ NIC model follows the same split (e1000 for Windows, virtio otherwise).
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -23,8 +25,78 @@ COPIERS = ("qemu-img", "dd")
 SCSIHW = ("lsi", "lsi53c810", "megasas", "pvscsi", "virtio-scsi-pci", "virtio-scsi-single")
 
 
+# A day: longer waits are typing mistakes, and timer calls overflow on huge values.
+MAX_SECONDS = 86400.0
+CORES = (1, 512)
+MEMORY = (16, 4 << 20)  # MiB: 16 MiB - 4 TiB
+BWLIMIT = (1, 1 << 30)  # KiB/s: up to 1 TiB/s
+VMIDS = (100, 999_999_999)  # PVE's range
+
+
 class OptionError(V2PError):
     """An option value v2p cannot use."""
+
+
+def check_seconds(option: str, value: object, *, zero: bool = False, typed: str | None = None) -> float:
+    """A finite number of seconds, positive (or 0 when ``zero``), at most a day.
+
+    NaN compares false with everything, so a range check alone would let it
+    through (and a NaN timeout ends every wait at once): test finiteness first.
+    ``typed`` is the text the user gave, shown in the error instead of ``value``.
+    """
+    shown = _shown(value if typed is None else typed, typed is not None)
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
+        what = "0 or a positive number" if zero else "a positive number"
+        raise OptionError(f"{option} {shown}: must be {what} of seconds")
+    if number > MAX_SECONDS:
+        raise OptionError(f"{option} {shown}: must be at most {MAX_SECONDS:g} seconds (a day)")
+    return number
+
+
+def check_whole(option: str, value: object, bounds: tuple[int, int], unit: str = "", *,
+                typed: str | None = None) -> int:
+    """A whole number (not a bool, not a float) within ``bounds``."""
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        unit = f" {unit}" if unit else ""
+        raise OptionError(f"{option} {_shown(value if typed is None else typed, typed is not None)}: "
+                          f"must be a whole number from {low} to {high}{unit}")
+    return value
+
+
+def parse_whole(text: str) -> int | None:
+    """``text`` as a number if it is ASCII decimal digits only, else None.
+
+    Python's int() also takes '+100', '1_000', ' 100 ' and other scripts'
+    digits ('١٠٠'); none of these is a VMID or a count a user meant to type.
+    """
+    if not re.fullmatch(r"[0-9]+", text, flags=re.ASCII):
+        return None
+    digits = text.lstrip("0") or "0"
+    # int() refuses strings over 4300 digits; anything this long is out of every range anyway.
+    return int(digits) if len(digits) <= 18 else 10 ** 18
+
+
+def parse_seconds(text: str) -> float | None:
+    """``text`` as a float if written in ASCII (no '_', no blanks, no other scripts' digits), else None."""
+    if not re.fullmatch(r"[0-9A-Za-z.+-]+", text, flags=re.ASCII):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _shown(value: object, typed: bool = False) -> str:
+    """A value for an error message: what the user typed, plain if it is a tidy ASCII word, else quoted."""
+    if isinstance(value, str):
+        if typed and len(value) <= 40 and re.fullmatch(r"[-+0-9A-Za-z.]+", value, flags=re.ASCII):
+            return value
+        return repr(value if len(value) <= 40 else value[:40] + "...")
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:g}"
+    return repr(value)
 
 
 @dataclass
@@ -69,12 +141,13 @@ class MigrationOptions:
                               hint="use letters, digits, '-' and '.' (a DNS name, as PVE requires)")
         if self.copy_with == "dd" and self.bwlimit:
             raise OptionError("--bwlimit does not apply to --copy-with dd", hint="leave one of them out")
-        if not 1 <= self.cores <= 512:
-            raise OptionError(f"--cores {self.cores} is out of range (1-512)")
-        if not 16 <= self.memory <= 4 << 20:
-            raise OptionError(f"--memory {self.memory} MiB is out of range (16 MiB - 4 TiB)")
-        if self.bwlimit is not None and self.bwlimit <= 0:
-            raise OptionError("--bwlimit must be a positive number of KiB/s")
+        check_whole("--cores", self.cores, CORES)
+        check_whole("--memory", self.memory, MEMORY, "MiB")
+        if self.bwlimit is not None:
+            check_whole("--bwlimit", self.bwlimit, BWLIMIT, "KiB/s")
+        self.boot_timeout = check_seconds("--boot-timeout", self.boot_timeout)
+        self.dance_wait = check_seconds("--dance-wait", self.dance_wait)
+        self.shutdown_timeout = check_seconds("--shutdown-timeout", self.shutdown_timeout, zero=True)
         if self.copy_with not in COPIERS:
             raise OptionError(f"unknown --copy-with {self.copy_with!r}", hint="use qemu-img or dd")
         if self.arch not in ("amd64", "x86", "ARM64"):
@@ -114,10 +187,26 @@ class MigrationOptions:
         return data
 
 
-def check_vmid(vmid: int) -> int:
-    """PVE's VMID range (100 - 999999999)."""
-    if not 100 <= vmid <= 999_999_999:
+def check_vmid(vmid: object) -> int:
+    """A whole number in PVE's VMID range (100 - 999999999); not a bool, float or string."""
+    if isinstance(vmid, bool) or not isinstance(vmid, int):
+        raise OptionError(f"VMID {_shown(vmid)} is not a whole number",
+                          hint="PVE VMIDs are whole numbers from 100 to 999999999")
+    if not VMIDS[0] <= vmid <= VMIDS[1]:
         raise OptionError(f"VMID {vmid} is out of range", hint="PVE VMIDs run from 100 to 999999999")
+    return vmid
+
+
+def parse_vmid(text: str) -> int:
+    """A VMID as a user typed it: ASCII decimal digits only, in PVE's range."""
+    vmid = parse_whole(text)
+    if vmid is None and re.fullmatch(r"-[0-9]+", text, flags=re.ASCII):
+        raise OptionError(f"VMID {text} is out of range", hint="PVE VMIDs run from 100 to 999999999")
+    if vmid is None:
+        raise OptionError(f"VMID {_shown(text, True)}: a VMID is written in the digits 0-9 only",
+                          hint="PVE VMIDs run from 100 to 999999999")
+    if not VMIDS[0] <= vmid <= VMIDS[1]:
+        raise OptionError(f"VMID {_shown(text, True)} is out of range", hint="PVE VMIDs run from 100 to 999999999")
     return vmid
 
 
