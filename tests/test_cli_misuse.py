@@ -236,8 +236,8 @@ def test_head_of_a_long_vm_list(v2p: V2P) -> None:
     folder = v2p.target / "qemu-server"
     folder.mkdir(parents=True)
     for vmid in range(100, 1600):
-        (folder / f"{vmid}.conf").write_text(f"name: {'a' * 60}-{vmid}\nmemory: 512\n")
+        (folder / f"{vmid}.conf").write_text(f"name: {'a' * 50}-{vmid}\nmemory: 512\n")
     status, err, out = head_1(v2p, "vm", "list")
-    assert out.split() == ["100", "stopped", f"{'a' * 60}-100"]
+    assert out.split() == ["100", "stopped", f"{'a' * 50}-100"]
     assert err == ""
     assert status == 141
