@@ -18,8 +18,13 @@ def test_second_migrate_on_existing_vmid_is_refused(source_of, v2p):
     src = source_of("monolithicSparse")
     assert v2p("migrate", str(src.descriptor), "--vmid", "130", "--no-boot-check").returncode == 0
     config_before = v2p.config(130)
-    again = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "130", "--no-boot-check"))
-    assert "VMID 130 already exists" in again and "monolithicSparse.vmdk" in again
+    # The same migration again is nothing to do (scripts and plans rerun what they asked for) ...
+    again = v2p("migrate", str(src.descriptor), "--vmid", "130", "--no-boot-check")
+    assert again.returncode == 0, again.stderr
+    assert f"VM 130 was already migrated from {src.descriptor}" in again.stdout
+    # ... other settings or another source onto that VMID are refused.
+    changed = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "130", "--cores", "2"))
+    assert "VMID 130 already exists" in changed and "--cores" in changed
     other = source_of("esxi")
     line = one_line_error(v2p("migrate", str(other.descriptor), "--vmid", "130"))
     assert "VMID 130 already exists" in line and "v2p vm rm 130" in line
