@@ -15,8 +15,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import V2P, assert_same_bytes, one_line_error
 from test_resume import ARGS, kill_after, wait_for
 
@@ -200,10 +198,3 @@ def test_random_kills_always_resume_to_the_same_vm(samples, source_of, v2p):
     assert v2p.state(120)["finished"] is True
     assert not list(v2p.disk(120).parent.glob(".*partial"))
     assert not list((v2p.target / "migrations").glob(".*.tmp"))
-
-
-@pytest.fixture
-def samples(manifest) -> Path:  # type: ignore[no-untyped-def]
-    from conftest import SAMPLES
-
-    return SAMPLES
