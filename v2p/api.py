@@ -99,6 +99,8 @@ def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confi
         result = DriverDance(target, vmid, dance_options, emit=on_event).run(confirmed=confirmed)
         if not start and target.status(vmid) == "running":
             target.stop(vmid, timeout=shutdown_timeout)
+        elif start:
+            target.release(vmid)  # the dance's boots die with v2p unless kept
         return result
 
 

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from . import api
+from . import api, interrupts
 from .errors import V2PError
 from .events import Event
 from .inspect import DiskImage
@@ -185,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionError as exc:  # a value check run by argparse (see _seconds)
         _say(f"v2p: error: {exc}")
         return exc.exit_code
+    interrupts.install()  # SIGTERM stops a run the way Ctrl-C does: resumable, one line
     try:
         code = _dispatch(args)
         sys.stdout.flush()  # a reader gone away shows here, not in the interpreter's exit flush
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("v2p: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return 128 + (interrupts.received() or signal.SIGINT)
 
 
 def _say(line: str) -> None:

@@ -10,7 +10,9 @@ unbootable.
 
 Every step is a record in the dance's own state file (``<vmid>.dance.json``),
 so a crash anywhere resumes at the right step, and ``v2p dance VMID`` can
-dance a VM v2p did not migrate. Only the ``Target`` interface is used.
+dance a VM v2p did not migrate. Only the ``Target`` interface is used. The
+boots are held (they die with v2p); only a boot left for the operator to
+install drivers in is released.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .bootwatch import STOP_CODE, stop_code
 from .errors import DanceError, OperatorNeeded, TargetError
 from .events import Event, EventHandler, ignore
 from .options import mac_for_nic
@@ -27,7 +30,6 @@ from .state import MigrationState, now
 from .targets.base import Target, VMConfig
 from .testhooks import hold_point
 
-STOP_CODE = r"STOP 0x[0-9A-Fa-f]{8}[^\r\n]*"
 TEMP_DISK_BYTES = 1 << 30
 STEPS = ("layout1", "boot1", "shutdown1", "layout2", "boot2")
 _DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
@@ -139,7 +141,7 @@ class DriverDance:
             # The operator says the guest has its drivers and it is already shut down.
             return {"signal": "operator", "at": now()}
         if self.target.status(self.vmid) != "running":
-            self.target.start(self.vmid)
+            self.target.start(self.vmid, hold=True)
             self._say("boot 1 (IDE): waiting for the guest to install the virtio drivers")
             hold_point("dance:boot1-started")
         else:
@@ -156,6 +158,8 @@ class DriverDance:
             return {"signal": "guest", "at": now()}
         if confirmed:
             return {"signal": "operator", "at": now()}
+        # The operator installs the drivers in this very boot: it must outlive v2p.
+        self.target.release(self.vmid)
         raise OperatorNeeded(
             f"VM {self.vmid}: no sign from the guest that it has the virtio drivers after "
             f"{self.options.boot1_wait:g}s (it is still up on IDE with the drivers ISO attached)",
@@ -194,7 +198,7 @@ class DriverDance:
 
     def _boot2(self) -> dict[str, Any]:
         if self.target.status(self.vmid) != "running":
-            self.target.start(self.vmid)
+            self.target.start(self.vmid, hold=True)
             self._say("boot 2 (virtio): waiting for the guest to come up")
             hold_point("dance:boot2-started")
         seen, output = self.target.observe(self.vmid, timeout=self.options.boot2_wait, patterns={
@@ -218,7 +222,7 @@ class DriverDance:
         if before["net0"]:
             updates["net0"] = before["net0"]
         self.target.set_config(self.vmid, updates, delete=(new_key,))
-        self.target.start(self.vmid)
+        self.target.start(self.vmid, hold=True)
         seen, output = self.target.observe(self.vmid, timeout=self.options.boot2_wait, patterns={
             "up": self.options.ide_signal, "stop": STOP_CODE})
         self.target.stop(self.vmid, timeout=self.options.shutdown_timeout)
@@ -257,5 +261,4 @@ def _system_disk(config: VMConfig) -> str:
 
 
 def _stop_code(output: str) -> str:
-    match = re.search(STOP_CODE, output)
-    return match.group(0).strip() if match else "a STOP code"
+    return stop_code(output) or "a STOP code"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import convert, drivers
+from .bootwatch import clean
 from .dance import DanceOptions, DriverDance
 from .errors import SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
@@ -25,6 +26,8 @@ from .targets.base import Target
 from .testhooks import hold_point
 
 Record = dict[str, Any]
+GUEST_LINES = 20  # the guest's last serial lines shown after a boot check
+CHECK_STOP_GRACE = 5.0  # seconds the boot check's VM gets to act on the power button
 
 
 @dataclass
@@ -339,13 +342,14 @@ class BootCheck(Stage):
         if not ctx.options.boot_check:
             return {"skipped": True}
         report = ctx.target.boot_check(ctx.vmid, timeout=ctx.options.boot_timeout)
-        for line in report.serial.splitlines():
-            if line.strip():
-                ctx.emit(Event("info", self.name, f"guest: {line.strip()}"))
-        ctx.emit(Event("info", self.name, f"guest {report.outcome} after {report.seconds}s "
+        # A real guest prints hundreds of kernel lines: its last words are what tell.
+        lines = [line.strip() for line in clean(report.serial).splitlines() if line.strip()]
+        for line in lines[-GUEST_LINES:]:
+            ctx.emit(Event("info", self.name, f"guest: {line}"))
+        ctx.emit(Event("info", self.name, f"guest {report.outcome} after {report.seconds}s: {report.signal} "
                        f"({report.accel})"))
-        return {"outcome": report.outcome, "seconds": report.seconds, "accel": report.accel,
-                "resets": report.resets, "serial": report.serial[-4096:]}
+        return {"outcome": report.outcome, "signal": report.signal, "seconds": report.seconds,
+                "accel": report.accel, "resets": report.resets, "serial": report.serial[-4096:]}
 
     def holds(self, ctx: Context, record: Record) -> bool:
         return not (ctx.options.boot_check and record.get("skipped") is True)
@@ -356,14 +360,24 @@ class Finish(Stage):
     summary = "start the VM or leave it stopped; report"
 
     def run(self, ctx: Context) -> Record:
+        record: Record = {}
         status = ctx.target.status(ctx.vmid)
-        if ctx.options.start and status != "running":
-            ctx.target.start(ctx.vmid)
-        elif not ctx.options.start and status == "running":
-            ctx.target.stop(ctx.vmid, timeout=30)
+        if ctx.options.start:
+            if status == "running":
+                ctx.target.release(ctx.vmid)  # the checked boot becomes the user's VM
+            else:
+                ctx.target.start(ctx.vmid)
+        elif status == "running":
+            # The boot check's own VM has nothing of the user's to save: a guest that does not
+            # act on the power button at once is stopped hard (QEMU still flushes the disk).
+            checked = "outcome" in ctx.records.get("boot", {}) and ctx.target.held(ctx.vmid)
+            clean = ctx.target.stop(ctx.vmid, timeout=CHECK_STOP_GRACE if checked else 30)
+            record["stopped"] = "power button" if clean else "hard"
         status = ctx.target.status(ctx.vmid)
-        ctx.emit(Event("info", self.name, f"VM {ctx.vmid} is {status}"))
-        return {"status": status, "config": ctx.target.get_config(ctx.vmid)}
+        how = {"power button": " (it shut down on the power button)",
+               "hard": " (stopped hard: the guest did not act on the power button)"}.get(record.get("stopped", ""), "")
+        ctx.emit(Event("info", self.name, f"VM {ctx.vmid} is {status}{how}"))
+        return {**record, "status": status, "config": ctx.target.get_config(ctx.vmid)}
 
 
 STAGES: tuple[Stage, ...] = (Inspect(), Preflight(), Create(), Convert(), Verify(), Attach(), Drivers(),

@@ -20,8 +20,9 @@ VMConfig = dict[str, str]
 class BootReport:
     """What a boot check saw: how the guest ended up and what it said."""
 
-    outcome: str  # "powered-off" | "running"
+    outcome: str  # "up" | "powered-off" | "running" (no sign either way before the timeout)
     seconds: float
+    signal: str = ""  # what ended the check: "login prompt on the serial console", ...
     serial: str = ""
     firmware: str = ""
     resets: int = 0
@@ -79,7 +80,16 @@ class Target(abc.ABC):
         """'running' or 'stopped'."""
 
     @abc.abstractmethod
-    def start(self, vmid: int) -> None: ...
+    def start(self, vmid: int, *, hold: bool = False) -> None:
+        """Start the VM; ``hold``: it dies with this process until ``release``d (v2p's own boots)."""
+
+    def held(self, vmid: int) -> bool:
+        """Whether the VM runs held by this process (dies with it)."""
+        return False
+
+    def release(self, vmid: int) -> None:
+        """Let a held VM outlive this process (no-op if it is not held)."""
+        return None  # a target whose VMs never die with v2p has nothing to let go
 
     @abc.abstractmethod
     def stop(self, vmid: int, *, timeout: float = 60.0) -> bool:
@@ -96,4 +106,5 @@ class Target(abc.ABC):
 
     @abc.abstractmethod
     def boot_check(self, vmid: int, *, timeout: float) -> BootReport:
-        """Boot the VM, watch it for up to ``timeout`` seconds, report what happened."""
+        """Boot the VM held, watch it until it is up (``v2p.bootwatch``), powers off or
+        ``timeout`` passes, and report what happened; a guest still running is left held."""

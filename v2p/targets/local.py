@@ -3,8 +3,9 @@
 Laid out like a Proxmox node so configs and disks carry over unchanged:
 ``qemu-server/<vmid>.conf`` holds the config with PVE's key names, and disks
 live in PVE's directory-storage layout ``images/<vmid>/vm-<vmid>-disk-N.fmt``
-(storage id ``local``). A running VM is a detached QEMU process driven over
-QMP; its serial port and SeaBIOS's debug log go to files under ``run/<vmid>``.
+(storage id ``local``). A running VM is a QEMU process driven over QMP
+(``supervisor``); its serial port and SeaBIOS's debug log go to files under
+``run/<vmid>``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import tempfile
@@ -21,12 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import BootCheckError, NoSuchVMError, TargetError, ToolError, VMIDExistsError
+from ..bootwatch import SETTLE, BootWatch, Verdict
+from ..errors import NoSuchVMError, TargetError, VMIDExistsError
 from ..fsutil import write_atomic
+from ..interrupts import check as check_interrupts
 from ..runner import which
 from ..state import vmid_of_name
 from ..storage import Storage, default_dir_storage, parse_storage_cfg
 from .base import BootReport, Target, VMConfig
+from .supervisor import QemuProcess, close_quietly
 
 SCSI_CONTROLLERS = {
     "lsi": "lsi53c895a", "lsi53c810": "lsi53c810", "megasas": "megasas", "pvscsi": "pvscsi",
@@ -35,7 +38,6 @@ SCSI_CONTROLLERS = {
 NIC_MODELS = {"e1000": "e1000", "virtio": "virtio-net-pci", "rtl8139": "rtl8139",
               "vmxnet3": "vmxnet3", "e1000e": "e1000e"}
 _DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
-_BOOT_LOOP_RESETS = 3
 _accel_cache: dict[str, str] = {}
 
 
@@ -111,7 +113,7 @@ class LocalTarget(Target):
     def __init__(self, directory: Path | None = None, *, accel: str = "auto") -> None:
         self.directory = Path(os.path.abspath(directory or default_dir()))
         self.accel_request = accel
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._vms: dict[int, QemuProcess] = {}
 
     # -- layout ---------------------------------------------------------
     def describe(self) -> dict[str, str]:
@@ -233,23 +235,15 @@ class LocalTarget(Target):
         self._conf(vmid).unlink()
 
     # -- running --------------------------------------------------------
-    def _pid(self, vmid: int) -> int | None:
-        proc = self._procs.get(vmid)
-        if proc is not None:
-            return proc.pid if proc.poll() is None else None
-        try:
-            pid = int((self._run_dir(vmid) / "qemu.pid").read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        return pid if b"qemu-system" in cmdline and str(self._qmp_path(vmid)).encode() in cmdline else None
+    def _vm(self, vmid: int) -> QemuProcess:
+        process = self._vms.get(vmid)
+        if process is None:
+            process = self._vms[vmid] = QemuProcess(str(vmid), self._run_dir(vmid), self._qmp_path(vmid))
+        return process
 
     def status(self, vmid: int) -> str:
         self.get_config(vmid)
-        return "running" if self._pid(vmid) else "stopped"
+        return "running" if self._vm(vmid).running() else "stopped"
 
     def command_line(self, vmid: int, accel: str) -> list[str]:
         """The qemu-system-x86_64 argv for VM ``vmid`` as its config stands."""
@@ -321,100 +315,39 @@ class LocalTarget(Target):
                 argv += ["-device", f"virtio-blk-pci,drive=drive-{key}{boot}"]
         return argv
 
-    def start(self, vmid: int) -> None:
-        _close_quietly(self._launch(vmid))
+    def start(self, vmid: int, *, hold: bool = False) -> None:
+        close_quietly(self._launch(vmid))
+        if not hold:
+            self._vm(vmid).release()
+
+    def held(self, vmid: int) -> bool:
+        return self._vm(vmid).held()
+
+    def release(self, vmid: int) -> None:
+        self._vm(vmid).release()
 
     def _launch(self, vmid: int) -> Any:
-        """Start QEMU paused (``-S``), connect QMP, then let the guest run.
-
-        Connecting before the first guest instruction means no event is
-        missed, even from a guest that powers off within milliseconds.
-        Returns the connected monitor.
-        """
+        """Start the VM held (it dies with v2p until released); returns its QMP monitor."""
         accel = probe_accel(self.accel_request)
         if self.status(vmid) == "running":
             raise TargetError(f"VM {vmid} is already running")
-        argv = [*self.command_line(vmid, accel), "-S"]
+        argv = self.command_line(vmid, accel)
         run_dir = self._run_dir(vmid)
         run_dir.mkdir(parents=True, exist_ok=True)
         for log in ("serial.log", "firmware.log"):
             (run_dir / log).write_bytes(b"")
-        qmp = self._qmp_path(vmid)
         self._socket_dir(vmid)
-        qmp.unlink(missing_ok=True)
-        with open(run_dir / "qemu.log", "wb") as qemu_log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
-                                    start_new_session=True)
-        self._procs[vmid] = proc
-        deadline = time.monotonic() + 30
-        def failed(fallback: str) -> ToolError:
-            text = _read(run_dir / "qemu.log").strip()
-            reason = text.splitlines()[-1] if proc.poll() is not None and text else fallback
-            return ToolError(f"qemu-system-x86_64 could not start VM {vmid}: {reason}")
-
-        while not qmp.exists():
-            if proc.poll() is not None:
-                raise failed(f"exit {proc.returncode}")
-            if time.monotonic() > deadline:
-                self._kill(vmid)
-                raise ToolError(f"qemu-system-x86_64 did not open its QMP socket for VM {vmid} in 30s")
-            time.sleep(0.02)
-        try:
-            monitor = self._qmp(vmid)
-            monitor.cmd("cont")
-        except Exception as exc:
-            # QEMU opens its QMP socket before its drives: a drive it cannot open
-            # shows here as a refused connection, the real reason is in qemu.log.
-            time.sleep(0.2)
-            error = failed(f"cannot talk QMP: {exc}")
-            self._kill(vmid)
-            raise error from None
-        return monitor
-
-    def _qmp(self, vmid: int) -> Any:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        monitor = QEMUMonitorProtocol(str(self._qmp_path(vmid)))
-        monitor.connect(negotiate=True)
-        return monitor
-
-    def _wait_exit(self, vmid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._pid(vmid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        self._qmp_path(vmid).unlink(missing_ok=True)
-        return True
+        return self._vm(vmid).launch(argv)
 
     def _kill(self, vmid: int) -> None:
-        pid = self._pid(vmid)
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            self._wait_exit(vmid, 10)
+        self._vm(vmid).kill()
 
     def stop(self, vmid: int, *, timeout: float = 60.0) -> bool:
         """ACPI power button, then (after ``timeout``) QMP quit, then SIGKILL.
 
         Returns whether the guest shut down on the power button by itself.
         """
-        if self.status(vmid) != "running":
-            return True
-        clean = False
-        try:
-            monitor = self._qmp(vmid)
-            try:
-                monitor.cmd("system_powerdown")
-                clean = self._wait_exit(vmid, timeout)
-                if not clean:
-                    monitor.cmd("quit")
-            finally:
-                _close_quietly(monitor)
-        except Exception:  # QMP gone: the process is about to exit or is wedged
-            pass
-        if not self._wait_exit(vmid, 10):
-            self._kill(vmid)
-        return clean
+        return self._vm(vmid).stop(timeout)
 
     def guest_output(self, vmid: int) -> str:
         return _read(self.serial_log(vmid))
@@ -425,6 +358,7 @@ class LocalTarget(Target):
         compiled = {name: re.compile(regex) for name, regex in patterns.items()}
         deadline = time.monotonic() + timeout
         while True:
+            check_interrupts()
             output = self.guest_output(vmid)
             for name, regex in compiled.items():
                 if regex.search(output):
@@ -435,67 +369,55 @@ class LocalTarget(Target):
                 return "timeout", output
             time.sleep(0.1)
 
-    def boot_check(self, vmid: int, *, timeout: float) -> BootReport:
-        if self.status(vmid) == "running":
-            self._kill(vmid)
+    def boot_check(self, vmid: int, *, timeout: float, settle: float = SETTLE) -> BootReport:
+        """Boot the VM held and watch it until it is up, powers off, fails or ``timeout`` passes.
+
+        An up or still running guest is left running, still held (it dies with
+        this process): the caller releases or stops it. On a failure or an
+        interrupt the VM is killed before the exception leaves.
+        """
+        vm = self._vm(vmid)
+        if vm.running():
+            vm.kill()  # left by an earlier run's check (or a released VM): check a fresh boot
         accel = probe_accel(self.accel_request)
+        run_dir = self._run_dir(vmid)
+        serial, firmware = run_dir / "serial.log", run_dir / "firmware.log"
         started = time.monotonic()
         monitor = self._launch(vmid)
-        run_dir = self._run_dir(vmid)
-        resets = 0
-        outcome = "running"
+        watch = BootWatch(vmid, timeout=timeout, settle=settle, started=started, serial_log=str(serial))
+        verdict: Verdict | None = None
         try:
-            while time.monotonic() - started < timeout:
-                stop = re.search(r"STOP 0x[0-9A-Fa-f]{8}[^\r\n]*", _read(run_dir / "serial.log"))
-                if stop:
-                    self._kill(vmid)
-                    raise BootCheckError(
-                        f"VM {vmid} stopped with {stop.group(0).strip()}",
-                        hint="a Windows guest without the virtio driver: migrate it with its --os "
-                             "(win7, win10, ...) so v2p installs the driver on IDE first")
-                if "No bootable device" in _read(run_dir / "firmware.log"):
-                    self._kill(vmid)
-                    raise BootCheckError(
-                        f"VM {vmid}: the firmware found no bootable disk",
-                        hint="the disk has no boot sector on this bus; check `v2p inspect` "
-                             "of the source and the VM's boot order")
+            while verdict is None:
+                check_interrupts()
+                verdict = watch.look(_read(serial), _read(firmware), time.monotonic())
+                if verdict is not None:
+                    break
                 try:
                     event = monitor.pull_event(wait=0.25)
-                except Exception:  # timeout, or QEMU closed the socket on exit
+                except Exception:  # nothing within the wait, or QEMU closed the socket on exit
                     event = None
-                    if not self._pid(vmid):
-                        outcome = "powered-off"
-                        break
+                    if not vm.running():
+                        verdict = Verdict("powered-off", "the guest powered off")
                 if event is None:
                     continue
                 if event.get("event") == "SHUTDOWN":
-                    outcome = "powered-off"
-                    break
-                if event.get("event") == "RESET":
-                    resets += 1
-                    if resets >= _BOOT_LOOP_RESETS:
-                        self._kill(vmid)
-                        raise BootCheckError(f"VM {vmid} reset {resets} times while booting (a boot loop)",
-                                             hint="see the guest's serial log: %s" % (run_dir / "serial.log"))
-        finally:
-            _close_quietly(monitor)
-        if outcome == "powered-off" and not self._wait_exit(vmid, 10):
-            self._kill(vmid)
-        return BootReport(outcome=outcome, seconds=round(time.monotonic() - started, 2),
-                          serial=_read(run_dir / "serial.log"),
-                          firmware=_read(run_dir / "firmware.log")[-2000:], resets=resets, accel=accel)
-
+                    verdict = Verdict("powered-off", "the guest powered off")
+                elif event.get("event") == "RESET":
+                    watch.reset(time.monotonic(), _read(firmware))
+        except BaseException:
+            close_quietly(monitor)
+            vm.kill()
+            raise
+        close_quietly(monitor)
+        if verdict.outcome == "powered-off" and not vm.wait_exit(10):
+            vm.kill()
+        return BootReport(outcome=verdict.outcome, signal=verdict.signal,
+                          seconds=round(time.monotonic() - started, 2), serial=_read(serial),
+                          firmware=_read(firmware)[-2000:], resets=watch.resets, accel=accel)
 
 def _qemu_escape(path: Path) -> str:
     """A path as one value of a QEMU ``key=value,...`` option (commas doubled)."""
     return str(path).replace(",", ",,")
-
-
-def _close_quietly(monitor: Any) -> None:
-    try:
-        monitor.close()
-    except Exception:  # QEMU already exited and closed the socket: nothing to close
-        pass
 
 
 def _read(path: Path) -> str:
