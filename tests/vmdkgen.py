@@ -55,8 +55,17 @@ SESPARSE_GT_SECTORS = 64  # 32 KiB grain tables: qemu refuses anything else
 SESPARSE_GT_ENTRIES = SESPARSE_GT_SECTORS * SECTOR // 8  # 4096 u64 entries, 16 MiB of guest each
 SESPARSE_GD_ALLOCATED = 0x1000000000000000  # GD entry: top nibble 1, low 32 bits = GT index
 SESPARSE_GTE_ALLOCATED = 0x3000000000000000  # GT entry: top nibble 3, grain index scrambled below
-_SESPARSE_CONST_FIELDS = 26  # u64 fields before the 304 zero bytes of padding
-_ALIGN = 8  # seSparse regions start on 4 KiB boundaries here
+# The constant header (qemu's VMDKSESparseConstHeader): these u64 fields, then 304 zero bytes.
+SESPARSE_FIELDS = (
+    "magic", "version", "capacity", "grain_size", "grain_table_size", "flags",
+    "reserved1", "reserved2", "reserved3", "reserved4",
+    "volatile_header_offset", "volatile_header_size", "journal_header_offset", "journal_header_size",
+    "journal_offset", "journal_size", "grain_dir_offset", "grain_dir_size",
+    "grain_tables_offset", "grain_tables_size", "free_bitmap_offset", "free_bitmap_size",
+    "backmap_offset", "backmap_size", "grains_offset", "grains_size",
+)
+_SESPARSE_CONST = struct.Struct(f"<{len(SESPARSE_FIELDS)}Q304x")
+_ALIGN = 8  # the grains start on a 4 KiB boundary here
 
 Kind = Literal["vmfsSparse", "seSparse"]
 
@@ -154,24 +163,29 @@ def _sesparse_gte(grain_slot: int) -> int:
 
 
 def write_sesparse_delta(path: str | os.PathLike[str], capacity_sectors: int,
-                         grains: Mapping[int, bytes]) -> None:
-    """Write an ESX seSparse delta extent to ``path``.
+                         grains: Mapping[int, bytes], *, backmap: bool = True) -> dict[str, int]:
+    """Write an ESX seSparse delta extent to ``path``; return its constant header's fields.
 
     ``grains`` maps grain index -> 4096 bytes; grain ``i`` covers guest bytes
     ``[i * 4096, (i + 1) * 4096)``. A capacity that is not a multiple of
     8 sectors leaves the last grain partly past the end; it still takes 4096 bytes.
+    With ``backmap`` false the backmap's offset and size are written as 0 (no
+    backmap), which qemu accepts as it never reads it.
 
     Layout (offsets and sizes in the headers are in 512-byte sectors, every
-    field little-endian u64; regions after the two headers are 4 KiB aligned):
+    field little-endian u64), as ESX lays it out (qemu's commit 98eb9733f and
+    the hostd.log dump quoted on qemu-devel): every region before the grains is
+    preallocated inside the file, the grains region is declared at the full
+    capacity and the file ends after the last grain written:
 
     * sector 0: const header: magic 0xcafebabe, version 0x200000001, capacity,
       grain size 8, grain table size 64, flags 0, four reserved 0, then
       offset/size pairs of the volatile header, journal header, journal,
       grain directory, grain tables, free bitmap, backmap and grains, then
-      304 zero bytes (qemu rejects any non-zero padding);
-    * sector 1: volatile header: magic 0xcafecafe, next free grain table
-      number, next transaction number 1, replay-journal 0 (qemu refuses a
-      dirty journal), 480 zero bytes;
+      304 zero bytes (qemu rejects any non-zero flags, reserved or padding);
+    * the volatile header: magic 0xcafecafe, next free grain table number,
+      next transaction number 1, replay-journal 0 (qemu refuses a dirty
+      journal), 480 zero bytes;
     * journal header, journal, free bitmap and backmap: reserved, left zero
       (qemu never reads them);
     * grain directory: ``ceil(capacity / (4096 * 8))`` entries, 0 or
@@ -183,23 +197,43 @@ def write_sesparse_delta(path: str | os.PathLike[str], capacity_sectors: int,
       decodes it (slot bits 0-11 in entry bits 48-59, slot bits 12+ in 0-47);
       grain slot ``s`` sits at ``grains offset + 8 * s``;
     * grains, in ``grains`` iteration order.
+
+    Every offset and size written differs from every other (and from the
+    capacity and the grain and table sizes), regions getting a few spare
+    sectors where needed, so a reader that takes one field for another fails.
     """
     grain_count = _check_grains(capacity_sectors, SESPARSE_GRAIN_SECTORS, grains)
     gd_entries = _ceil_div(capacity_sectors, SESPARSE_GT_ENTRIES * SESPARSE_GRAIN_SECTORS)
 
-    volatile_offset, volatile_size = 1, 1
-    journal_header_offset, journal_header_size = _ALIGN, _ALIGN
-    journal_offset, journal_size = journal_header_offset + journal_header_size, _ALIGN
-    gd_offset = journal_offset + journal_size
-    gd_size = _align(_ceil_div(gd_entries * 8, SECTOR))
-    gts_offset = gd_offset + gd_size
-    gts_size = gd_entries * SESPARSE_GT_SECTORS
-    bitmap_offset = gts_offset + gts_size
-    bitmap_size = _align(_ceil_div(_ceil_div(grain_count, 8), SECTOR))
-    backmap_offset = bitmap_offset + bitmap_size
-    backmap_size = _align(_ceil_div(grain_count * 8, SECTOR))
-    grains_offset = backmap_offset + backmap_size
-    grains_size = len(grains) * SESPARSE_GRAIN_SECTORS
+    taken = {capacity_sectors, SESPARSE_GRAIN_SECTORS, SESPARSE_GT_SECTORS}
+
+    def distinct(value: int) -> int:
+        while value in taken:
+            value += 1
+        taken.add(value)
+        return value
+
+    fields: dict[str, int] = {
+        "magic": SESPARSE_CONST_MAGIC, "version": SESPARSE_VERSION, "capacity": capacity_sectors,
+        "grain_size": SESPARSE_GRAIN_SECTORS, "grain_table_size": SESPARSE_GT_SECTORS,
+        "flags": 0, "reserved1": 0, "reserved2": 0, "reserved3": 0, "reserved4": 0,
+    }
+    cursor = 1
+    for region, minimum in (
+        ("volatile_header", 1), ("journal_header", 2), ("journal", _ALIGN),
+        ("grain_dir", _ceil_div(gd_entries * 8, SECTOR)), ("grain_tables", gd_entries * SESPARSE_GT_SECTORS),
+        ("free_bitmap", _ceil_div(_ceil_div(grain_count, 8), SECTOR)),
+        ("backmap", _ceil_div(grain_count * 8, SECTOR)),
+    ):
+        if region == "backmap" and not backmap:
+            fields["backmap_offset"] = fields["backmap_size"] = 0
+            continue
+        fields[f"{region}_offset"] = distinct(cursor)
+        fields[f"{region}_size"] = distinct(minimum)
+        cursor = fields[f"{region}_offset"] + fields[f"{region}_size"]
+    fields["grains_offset"] = distinct(_align(cursor))
+    fields["grains_size"] = distinct(_align(capacity_sectors))
+    assert list(fields) == list(SESPARSE_FIELDS)
 
     gd = [0] * gd_entries
     tables: list[list[int]] = []
@@ -210,35 +244,29 @@ def write_sesparse_delta(path: str | os.PathLike[str], capacity_sectors: int,
             tables.append([0] * SESPARSE_GT_ENTRIES)
         tables[gd[gd_index] & 0xFFFFFFFF][gt_index] = _sesparse_gte(slot)
 
-    const = struct.pack(
-        f"<{_SESPARSE_CONST_FIELDS}Q",
-        SESPARSE_CONST_MAGIC, SESPARSE_VERSION, capacity_sectors,
-        SESPARSE_GRAIN_SECTORS, SESPARSE_GT_SECTORS, 0,  # flags
-        0, 0, 0, 0,  # reserved1-4
-        volatile_offset, volatile_size,
-        journal_header_offset, journal_header_size,
-        journal_offset, journal_size,
-        gd_offset, gd_size,
-        gts_offset, gts_size,
-        bitmap_offset, bitmap_size,
-        backmap_offset, backmap_size,
-        grains_offset, grains_size,
-    ).ljust(SECTOR, b"\0")
     volatile = struct.pack("<4Q", SESPARSE_VOLATILE_MAGIC, len(tables), 1, 0).ljust(SECTOR, b"\0")
-
     with open(path, "wb") as out:
-        out.write(const)
+        out.write(_SESPARSE_CONST.pack(*fields.values()))
+        out.seek(fields["volatile_header_offset"] * SECTOR)
         out.write(volatile)
-        out.seek(gd_offset * SECTOR)
+        out.seek(fields["grain_dir_offset"] * SECTOR)
         out.write(struct.pack(f"<{gd_entries}Q", *gd))
-        out.seek(gts_offset * SECTOR)
+        out.seek(fields["grain_tables_offset"] * SECTOR)
         for table in tables:
             out.write(struct.pack(f"<{SESPARSE_GT_ENTRIES}Q", *table))
-        out.seek(grains_offset * SECTOR)
+        out.seek(fields["grains_offset"] * SECTOR)
         for data in grains.values():
             out.write(data)
-        # Unwritten reserved regions read as zeros; make the file reach the grains region.
-        out.truncate(max(out.tell(), grains_offset * SECTOR))
+        # The preallocated regions read as zeros; the file reaches at least the grains region.
+        out.truncate(max(out.tell(), fields["grains_offset"] * SECTOR))
+    return fields
+
+
+def set_sesparse_field(path: str | os.PathLike[str], field: str, value: int) -> None:
+    """Overwrite one field of the constant header of the seSparse file at ``path``."""
+    with open(path, "r+b") as out:
+        out.seek(SESPARSE_FIELDS.index(field) * 8)
+        out.write(struct.pack("<Q", value))
 
 
 _EXTENT_SECTORS = re.compile(r"^\s*\S+\s+(\d+)\s")
@@ -293,7 +321,7 @@ SNAPSHOT_CID = "a7c3e912"
 
 def make_chain(folder: str | os.PathLike[str], base_raw: bytes, kind: Kind,
                changes: Mapping[int, bytes], *, base_cid: str = BASE_CID,
-               snapshot_cid: str = SNAPSHOT_CID) -> tuple[Path, bytes]:
+               snapshot_cid: str = SNAPSHOT_CID, backmap: bool = True) -> tuple[Path, bytes]:
     """Build a base disk and one ESX snapshot on it in ``folder``.
 
     Files: ``disk.vmdk`` (createType "vmfs", ``RW n VMFS "disk-flat.vmdk"``),
@@ -307,6 +335,8 @@ def make_chain(folder: str | os.PathLike[str], base_raw: bytes, kind: Kind,
     grain a change touches is stored whole, its untouched bytes copied from
     the base as VMware's copy-on-write does; grains are allocated in order of
     first touch. ``base_raw`` must be a whole number of sectors.
+
+    ``backmap`` is passed on to :func:`write_sesparse_delta`.
 
     Returns the snapshot descriptor's path and the bytes the consolidated disk
     must equal.
@@ -344,7 +374,7 @@ def make_chain(folder: str | os.PathLike[str], base_raw: bytes, kind: Kind,
     if kind == "vmfsSparse":
         write_cowd_delta(root / extent_name, capacity, grains)
     else:
-        write_sesparse_delta(root / extent_name, capacity, grains)
+        write_sesparse_delta(root / extent_name, capacity, grains, backmap=backmap)
     top = root / "disk-000001.vmdk"
     write_descriptor(top, kind, [f'RW {capacity} {extent_type} "{extent_name}"'], snapshot_cid,
                      parent_cid=base_cid, parent_hint="disk.vmdk")

@@ -10,9 +10,10 @@ same for files and whole VM folders, one row per disk.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import SourceError, UnsafeSourceError, V2PError
@@ -62,37 +63,58 @@ def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True) -> Di
     """
     path = Path(path)
     name = str(path)
-    if not path.exists() and not path.is_symlink():
-        raise SourceError(f"{name}: no such file", hint="check the path")
-    if path.is_dir():
+    # First: every later message names the file, and must stay one line.
+    vmdk.refuse_line_break(os.path.abspath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise SourceError(f"{name} is a dangling symbolic link") from None
+        raise SourceError(f"{name}: no such file", hint="check the path") from None
+    except OSError as exc:
+        raise SourceError(f"{name}: cannot read: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
         raise SourceError(f"{name} is a directory, not a disk image",
                           hint="give the .vmdk descriptor inside it (`v2p inspect` takes folders)")
-    if not path.exists():
-        raise SourceError(f"{name} is a dangling symbolic link")
-    if not path.is_file():
-        raise SourceError(f"{name} is not a regular file")
-    image = _inspect_file(Path(os.path.abspath(path)), name, set())
+    kind = vmdk.file_kind(mode)
+    if kind is not None:
+        raise SourceError(f"{name} is {kind}, not a regular file")
+    image = _inspect_file(Path(os.path.abspath(path)), name, _Walk())
     image = replace(image, magic=describe(image.path))
     return _with_boot_signature(image) if check_boot else image
 
 
-def _inspect_file(path: Path, name: str, visited: set[Path]) -> DiskImage:
-    visited.add(Path(os.path.realpath(path)))
-    size = path.stat().st_size
-    if size == 0:
-        raise SourceError(f"{name} is empty (0 bytes), not a disk image")
+@dataclass
+class _Walk:
+    """What inspecting one chain has met so far, top link first."""
+
+    visited: set[Path] = field(default_factory=set)
+    # what qemu-img will hold open for the links seen: their extent lines and the links themselves
+    extents: int = 0
+    links: int = 0
+
+
+def _inspect_file(path: Path, name: str, walk: _Walk) -> DiskImage:
+    walk.visited.add(Path(os.path.realpath(path)))
     try:
-        with open(path, "rb") as src:
+        with vmdk.open_regular(path, name) as src:
+            size = os.fstat(src.fileno()).st_size
+            if size == 0:
+                raise SourceError(f"{name} is empty (0 bytes), not a disk image")
             head = src.read(_HEAD)
             tail = b""
             if size >= SECTOR:
                 src.seek(size - SECTOR)
                 tail = src.read(SECTOR)
+            text = head
+            if _HEAD < size <= vmdk.MAX_DESCRIPTOR and vmdk.looks_like_descriptor(head):
+                src.seek(0)
+                text = src.read()
     except OSError as exc:
         raise SourceError(f"{name}: cannot read: {exc.strerror}") from None
 
     if head.startswith(vmdk.KDMV):
-        return _hosted_sparse(path, name, head, size, visited)
+        return _hosted_sparse(path, name, head, size, walk)
     if head.startswith(vmdk.COWD) or (len(head) >= 8 and struct.unpack_from("<Q", head)[0]
                                        == vmdk.SESPARSE_MAGIC):
         raise SourceError(f"{name} is an ESX snapshot delta extent, not a disk on its own",
@@ -101,21 +123,23 @@ def _inspect_file(path: Path, name: str, visited: set[Path]) -> DiskImage:
         if size > vmdk.MAX_DESCRIPTOR:
             raise SourceError(f"{name} looks like a VMDK descriptor but is {size} bytes; "
                               f"descriptors are a few KiB: refused")
-        return _from_descriptor(path, name, head[:size] if size <= _HEAD else path.read_bytes(), visited)
+        return _from_descriptor(path, name, text, walk)
     other = _other_format(path, name, head, tail)
     if other is not None:
         return other
     return _raw(path, name, head, size)
 
 
-def _hosted_sparse(path: Path, name: str, head: bytes, size: int, visited: set[Path]) -> DiskImage:
+def _hosted_sparse(path: Path, name: str, head: bytes, size: int, walk: _Walk) -> DiskImage:
     header = vmdk.check_sparse_extent(path, name)
+    walk.links += 1
+    vmdk.check_open_files(walk.extents, walk.links, name)
     desc = None
     if header.descriptor_offset and header.descriptor_size:
         start, length = header.descriptor_offset * SECTOR, header.descriptor_size * SECTOR
         if length > vmdk.MAX_DESCRIPTOR or start + length > size:
             raise SourceError(f"{name}: embedded descriptor lies outside the file")
-        with open(path, "rb") as src:
+        with vmdk.open_regular(path, name) as src:
             src.seek(start)
             desc = vmdk.parse_descriptor(src.read(length), name)
         described = sum(sectors for _a, sectors, _k, _f, _o in desc.extents)
@@ -140,11 +164,11 @@ def _hosted_sparse(path: Path, name: str, head: bytes, size: int, visited: set[P
                               "grain_sectors": header.grain_size,
                               "compress_algorithm": header.compress_algorithm})
     if desc is not None and desc.parent_cid is not None:
-        return _with_parent(image, desc, name, visited)
+        return _with_parent(image, desc, name, walk)
     return image
 
 
-def _from_descriptor(path: Path, name: str, data: bytes, visited: set[Path]) -> DiskImage:
+def _from_descriptor(path: Path, name: str, data: bytes, walk: _Walk) -> DiskImage:
     desc = vmdk.parse_descriptor(data, name)
     create_type = desc.create_type or ""
     key = create_type.lower()
@@ -166,7 +190,9 @@ def _from_descriptor(path: Path, name: str, data: bytes, visited: set[Path]) -> 
     if (delta_kinds or key in _DELTA_CREATE_TYPES) and desc.parent_cid is None:
         raise SourceError(f"{name}: {create_type} snapshot delta without a parent "
                           "(parentCID is ffffffff): its unwritten sectors are unknown")
-    extents = vmdk.validate_extents(desc, path)
+    extents = vmdk.validate_extents(desc, path, extents_above=walk.extents, links_above=walk.links)
+    walk.extents += len(desc.extents)
+    walk.links += 1
     for extent in extents:
         plain = extent.kind.is_raw or extent.kind is ExtentKind.ZERO
         if key in _FLAT_CREATE_TYPES and not plain:
@@ -183,25 +209,24 @@ def _from_descriptor(path: Path, name: str, data: bytes, visited: set[Path]) -> 
                       adapter_type=desc.adapter_type, create_type=create_type,
                       warnings=tuple(warnings), notes=tuple(notes), cid=desc.cid, ddb=dict(desc.ddb))
     if desc.parent_cid is not None:
-        return _with_parent(image, desc, name, visited)
+        return _with_parent(image, desc, name, walk)
     return image
 
 
-def _with_parent(image: DiskImage, desc: vmdk.Descriptor, name: str, visited: set[Path]) -> DiskImage:
+def _with_parent(image: DiskImage, desc: vmdk.Descriptor, name: str, walk: _Walk) -> DiskImage:
     """Attach the checked parent chain below ``image`` (a snapshot delta)."""
     hint = desc.parent_hint
     if not hint:
         raise SourceError(f"{name} is a snapshot (parentCID {desc.parent_cid}) but names no "
                           "parentFileNameHint", hint="give the base disk's descriptor instead")
     parent_path = vmdk.resolve_inside(image.path.parent, hint, name, "parent")
-    if parent_path in visited:
+    if parent_path in walk.visited:
         raise UnsafeSourceError(f"{name}: the snapshot chain loops back to {parent_path.name}: refused")
-    if len(visited) >= MAX_CHAIN:
+    if len(walk.visited) >= MAX_CHAIN:
         raise SourceError(f"{name}: snapshot chain longer than {MAX_CHAIN}: refused")
-    if not parent_path.is_file():
-        raise SourceError(f"{name}: parent disk {hint!r} is missing",
-                          hint="copy the whole VM folder, base disk included")
-    parent = _inspect_file(parent_path, parent_path.name, visited)
+    vmdk.stat_named(parent_path, name, "parent disk", hint,
+                    missing_hint="copy the whole VM folder, base disk included")
+    parent = _inspect_file(parent_path, parent_path.name, walk)
     if parent.cid is None or parent.cid != desc.parent_cid:
         raise SourceError(
             f"{name}: parentCID {desc.parent_cid} does not match the CID {parent.cid} of its parent "
@@ -345,8 +370,9 @@ def _row(path: Path) -> Row:
 
 
 def _inspect_folder(folder: Path) -> list[Row]:
-    candidates = sorted(p for p in folder.iterdir()
-                        if p.suffix.lower() in DISK_SUFFIXES and (p.is_file() or p.is_symlink()))
+    # Anything but a folder is a row: a FIFO or socket named like a disk is
+    # refused as what it is, not passed over.
+    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in DISK_SUFFIXES and not p.is_dir())
     rows = [_row(p) for p in candidates]
     used: set[Path] = set()
     for row in rows:
