@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISBLK, S_ISREG
 
-from .errors import SourceError, TargetError, ToolError, VerifyError
+from . import verify
+from .errors import SourceError, TargetError, ToolError
 from .fsutil import private_dir, write_atomic
 from .inspect.model import DiskImage, ExtentKind
 from .runner import run, run_streaming
@@ -233,31 +234,13 @@ def copy_dd(image: DiskImage, dest: Volume, *, target_is_zero: bool,
 
 
 def compare(source: Source, dest: Volume, *, capacity: int) -> None:
-    """Raise VerifyError unless ``dest`` holds exactly the bytes of ``source``.
+    """Raise VerifyError unless ``dest`` holds exactly the bytes of ``source`` (see verify.py).
 
     A block device may be larger than the disk (an LV rounded up to whole
     extents): only its first ``capacity`` bytes are compared.
     """
-    if dest.is_block:
-        spec = {"driver": "raw", "size": capacity,
-                "file": {"driver": "host_device", "filename": str(dest.path)}}
-        target = "json:" + json.dumps(spec)
-    else:
-        target = str(dest.path)
-        # Not -s (strict): it also fails on allocation differences, and a sparse
-        # qcow2 of a fully allocated flat disk is exactly what we want.
-        size = int(str(image_info(dest.path, dest.fmt)["virtual-size"]))
-        if size != capacity:
-            raise VerifyError(f"{dest.path} is {size} bytes, the source is {capacity}",
-                              hint="the conversion is discarded; run migrate again")
-    argv = ["qemu-img", "compare", "-q", "-f", source.fmt, "-F", dest.fmt, source.filename, target]
-    proc = run(argv, timeout=600 + capacity / (50 << 20), check=False)
-    if proc.returncode == 1:
-        raise VerifyError(f"{dest.path} differs from the source {source.filename}",
-                          hint="the conversion is discarded; run migrate again")
-    if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no message"
-        raise VerifyError(f"qemu-img compare could not compare {dest.path}: {detail}")
+    verify.compare(source.fmt, source.filename, dest.path, dest.fmt, capacity=capacity,
+                   is_block=dest.is_block)
 
 
 def fingerprint(path: Path) -> dict[str, object]:
