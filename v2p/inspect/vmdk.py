@@ -573,9 +573,10 @@ def validate_extents(desc: Descriptor, descriptor_path: Path, *, extents_above: 
     files: dict[str, tuple[Path, os.stat_result]] = {}
     extents: list[Extent] = []
     seen_sparse: set[Path] = set()
-    # What v2p's own descriptor for qemu-img will take: a line per extent with
-    # its absolute path (a ZERO extent gets a file of v2p's, at most QEMU_PATH_MAX).
-    described = 512
+    # What v2p's own descriptor for qemu-img will take: its header (naming this
+    # descriptor and a parent of v2p's, at most PATH_MAX), then a line per
+    # extent with its absolute path (a ZERO extent reads a file of v2p's).
+    described = 512 + len(os.fsencode(real_descriptor)) + 4096
     for access, sectors, kind_name, fname, offset in desc.extents:
         if access == "NOACCESS":
             raise UnsafeSourceError(
@@ -591,7 +592,7 @@ def validate_extents(desc: Descriptor, descriptor_path: Path, *, extents_above: 
             raise SourceError(f"{name}: extent {fname!r} claims {sectors} sectors, "
                               "more than any VMware disk can have")
         if kind is ExtentKind.ZERO:
-            described += 40 + QEMU_PATH_MAX
+            described += len(f'RW {sectors} FLAT "" 0\n') + QEMU_PATH_MAX
             extents.append(Extent(sectors, kind, None))
             continue
         if fname is None:
@@ -602,7 +603,7 @@ def validate_extents(desc: Descriptor, descriptor_path: Path, *, extents_above: 
             files[fname] = path, stat_named(path, name, "extent file", fname,
                                             missing_hint="copy every file of the VM folder, not just the .vmdk")
         path, st = files[fname]
-        described += 40 + len(os.fsencode(path))
+        described += len(f'RW {sectors} {kind_name} "" {offset or 0}\n'.encode()) + len(os.fsencode(path))
         if path == real_descriptor and kind.is_raw:
             raise UnsafeSourceError(f"{name}: flat extent points back at its own descriptor: refused")
         start = offset or 0
