@@ -222,3 +222,39 @@ def test_memory_stays_bounded_on_a_large_disk(tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     peak_kib = int(proc.stdout.split()[-1])
     assert peak_kib < 150_000, f"peak RSS {peak_kib} KiB"
+
+
+def test_where_o_direct_is_refused_the_cache_is_read(tmp_path):
+    """A read O_DIRECT refuses (here: a buffer that is not page aligned) is done through the page
+    cache instead, and still returns every byte, up to an end that is not block aligned."""
+    target = tmp_path / "target.raw"
+    expected = raw_disk(target)
+    os.truncate(target, CAPACITY - 100)
+    reader = verify.RawReader(target)
+    unaligned = memoryview(bytearray(CAPACITY + 1))[1:]
+    try:
+        assert reader.read(0, 4096, unaligned) == [verify.Segment(0, 4096, False)]
+        assert reader.read(4096, CAPACITY - 4196, unaligned[4096:]) == [verify.Segment(0, CAPACITY - 4196, False)]
+    finally:
+        reader.close()
+    assert bytes(unaligned[:CAPACITY - 100]) == expected[:CAPACITY - 100]
+
+
+def test_a_device_end_that_is_not_block_aligned(tmp_path):
+    """The last window of a disk whose size is not a multiple of 4 KiB is read whole (O_DIRECT asks
+    for whole blocks; past the end the read is only short)."""
+    capacity = CAPACITY - 512
+    raw = tmp_path / "odd.raw"
+    expected = raw_disk(raw)[:capacity]
+    os.truncate(raw, capacity)
+    vmdk = tmp_path / "odd.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", str(raw), str(vmdk))
+    src = convert.Source("vmdk", str(vmdk))
+    with loop_device(tmp_path / "dev.img", capacity) as dev:
+        write_device(src, dev)
+        with open(dev, "rb") as handle:
+            assert handle.read() == expected
+        convert.compare(src, device_volume(dev), capacity=capacity)
+        flip(dev, capacity - 1)
+        with pytest.raises(VerifyError, match=f"at byte {capacity - 1}"):
+            convert.compare(src, device_volume(dev), capacity=capacity)

@@ -1,15 +1,20 @@
 """Proof that a written disk holds exactly the source's bytes, as fast as the disks allow.
 
-``qemu-img map`` says where each byte of the source lies: data at an offset
-in one of its files, or zeros. A raw target (a block device, a raw file) is
-then read whole in large ``O_DIRECT`` reads that bypass the page cache (so
-what is compared is what the device holds, not what was left in memory on
-the way in), the source's data straight from its files, both in parallel
-one window ahead; every one of the first ``capacity`` bytes is checked, data
-against data and the rest against zeros. A source whose data qemu cannot map
-to plain file bytes (compressed or encrypted clusters: streamOptimized) and a
-qcow2 target are left to ``qemu-img compare``, with a block device read past
-the page cache there too.
+A block device carries no map of what was written, so every one of its
+first ``capacity`` bytes has to be read. ``qemu-img map`` says where each
+byte of the source lies (data at an offset in one of its files, or zeros);
+the device is read once, in large ``O_DIRECT`` reads that bypass the page
+cache (so what is compared is what the device holds, not what was left in
+memory on the way in), the source's data straight from its files, both one
+window ahead in parallel, and each piece is checked with one memcmp: data
+against data, the rest against zeros.
+
+Files are left to ``qemu-img compare``: a raw file's holes and a qcow2's
+unallocated clusters are known to read as zeros, so it skips them and beats
+reading the whole file (measured: 0.3-0.7 s against 1.0-1.6 s for a 2 GiB
+disk with 30 % data). So is a source whose data qemu cannot map to plain
+file bytes (compressed or encrypted clusters: streamOptimized); a device is
+read past the page cache there too.
 
 Not for: deciding what happens to a disk that fails (the verify stage
 discards the conversion).
@@ -168,7 +173,7 @@ def compare(fmt: str, filename: str, target: Path, target_fmt: str, *, capacity:
     if source_size != capacity:
         raise VerifyError(f"the source reads as {source_size} bytes, not the {capacity} inspected",
                           hint=_DISCARD_HINT)
-    mapped = _source_map(fmt, filename, capacity) if target_fmt == "raw" else None
+    mapped = _source_map(fmt, filename, capacity) if is_block and target_fmt == "raw" else None
     if mapped is None:
         _qemu_img_compare(fmt, filename, target, target_fmt, capacity=capacity, is_block=is_block)
         return
