@@ -27,7 +27,7 @@ from .errors import BootCheckError
 # and as our stand-in prints it.
 STOP_CODE = r"(?:\*\*\* )?STOP:? 0x[0-9A-Fa-f]{8}[^\r\n]*|Stop code: [A-Z0-9_]+"
 READY = (
-    ("login prompt", re.compile(r"(?m)^(?:[A-Za-z0-9][\w.-]* )?login: ")),
+    ("login prompt", re.compile(r"(?m)^(?!Last login)(?:[A-Za-z0-9][\w.-]* )?login: ")),
     ("systemd target", re.compile(r"Reached target [^\n]*?(?:Multi-User System|Graphical Interface)")),
     ("Windows SAC", re.compile(r"(?m)SAC started and initialized|^SAC>")),
 )
