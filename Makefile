@@ -43,6 +43,10 @@ lint: setup
 bench: samples
 	$(BIN)/python bench/convert_bench.py
 	$(BIN)/python bench/storage_bench.py
+	@# The boot bench builds a real Linux guest: syslinux + mtools make its disk (Debian's kernel and
+	@# busybox-static are fetched by apt-get download, not installed).
+	@dpkg -s syslinux syslinux-common mtools >/dev/null 2>&1 || apt-get install -y -q syslinux syslinux-common mtools
+	$(BIN)/python bench/boot_bench.py
 
 clean:
 	rm -rf $(SAMPLES) $(DEMO_DIR) .pytest_cache
