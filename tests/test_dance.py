@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from test_boot import qemu_pids, wait_until
 
 from conftest import SAMPLES, V2P, one_line_error
 from test_resume import wait_for
@@ -105,6 +106,9 @@ def test_sigkill_anywhere_in_the_dance_resumes(point, manifest, tmp_path, v2p, d
     wait_for(proc.stderr, f"holding after {point}", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # The dance's boots die with v2p: nothing runs on until the rerun.
+    wait_until(lambda: not qemu_pids(tmp_path), 10, f"a dance boot outlived v2p killed at {point}")
+    assert "300  stopped" in v2p("vm", "list").stdout
     again = v2p(*args)
     assert again.returncode == 0, again.stderr
     assert "[convert] already done" in again.stdout  # the guest's writes do not undo the conversion
@@ -117,6 +121,7 @@ def test_driver_never_arrives_operator_then_rollback(manifest, tmp_path, v2p, dr
     assert "no sign from the guest that it has the virtio drivers after 3s" in line
     assert "v2p dance 303 --continue" in line
     assert v2p.config(303)["virtio1"].startswith("local:303/vm-303-disk-1.qcow2")  # still on boot 1
+    assert "303  running" in v2p("vm", "list").stdout  # left up for the operator, after v2p exited
     # the operator (wrongly) says the driver is there
     confirm = v2p("dance", "303", "--continue", "--drivers-iso", str(drivers_iso), "--boot-wait", "20")
     assert confirm.returncode != 0
