@@ -28,16 +28,10 @@ from ..interrupts import check as check_interrupts
 from ..runner import which
 from ..state import vmid_of_name
 from ..storage import Storage, default_dir_storage, parse_storage_cfg
+from . import qemu_cmdline
 from .base import BootReport, Target, VMConfig
 from .supervisor import QemuProcess, close_quietly
 
-SCSI_CONTROLLERS = {
-    "lsi": "lsi53c895a", "lsi53c810": "lsi53c810", "megasas": "megasas", "pvscsi": "pvscsi",
-    "virtio-scsi-pci": "virtio-scsi-pci", "virtio-scsi-single": "virtio-scsi-pci",
-}
-NIC_MODELS = {"e1000": "e1000", "virtio": "virtio-net-pci", "rtl8139": "rtl8139",
-              "vmxnet3": "vmxnet3", "e1000e": "e1000e"}
-_DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
 _accel_cache: dict[str, str] = {}
 
 
@@ -93,16 +87,6 @@ def format_config(config: VMConfig) -> str:
         if "\n" in value or "\r" in value or not re.fullmatch(r"[a-z][a-z0-9_-]*", key):
             raise TargetError(f"config {key!r} = {value!r}: keys are lower-case words, values one line")
     return "".join(f"{key}: {config[key]}\n" for key in sorted(config))
-
-
-def split_property(value: str) -> tuple[str, dict[str, str]]:
-    """``'local:1/a.qcow2,size=1G'`` -> ``('local:1/a.qcow2', {'size': '1G'})``."""
-    first, *rest = value.split(",")
-    opts = {}
-    for item in rest:
-        key, _, val = item.partition("=")
-        opts[key] = val
-    return first, opts
 
 
 class LocalTarget(Target):
@@ -247,73 +231,8 @@ class LocalTarget(Target):
 
     def command_line(self, vmid: int, accel: str) -> list[str]:
         """The qemu-system-x86_64 argv for VM ``vmid`` as its config stands."""
-        config = self.get_config(vmid)
-        run_dir = self._run_dir(vmid)
-        argv = [
-            which("qemu-system-x86_64"), "-name", config.get("name", f"vm{vmid}"),
-            "-machine", "q35" if config.get("machine", "").startswith("q35") else "pc",
-            "-accel", accel, "-m", config.get("memory", "512"),
-            "-smp", config.get("cores", "1"), "-nodefaults", "-display", "none",
-            "-qmp", f"unix:{_qemu_escape(self._qmp_path(vmid))},server=on,wait=off",
-            "-pidfile", str(run_dir / "qemu.pid"),
-            "-chardev", f"file,id=serial0,path={_qemu_escape(run_dir / 'serial.log')}",
-            "-device", "isa-serial,chardev=serial0",
-            "-chardev", f"file,id=fwlog,path={_qemu_escape(run_dir / 'firmware.log')}",
-            "-device", "isa-debugcon,iobase=0x402,chardev=fwlog",
-        ]
-        if accel == "kvm":
-            argv += ["-cpu", "host"]
-        if config.get("bios") == "ovmf":
-            firmware = Path("/usr/share/OVMF/OVMF_CODE.fd")
-            if not firmware.exists():
-                raise TargetError(f"VM {vmid} wants UEFI (bios: ovmf) but {firmware} is missing",
-                                  hint="apt-get install ovmf")
-            argv += ["-bios", str(firmware)]
-        order = _boot_order(config)
-        argv += self._disk_args(vmid, config, order)
-        argv += _nic_args(config, order)
-        return argv
-
-    def _disk_args(self, vmid: int, config: VMConfig, order: list[str]) -> list[str]:
-        argv: list[str] = []
-        scsihw = config.get("scsihw", "lsi")
-        controllers: set[str] = set()
-        for key in sorted(config):
-            match = _DISK_KEY.match(key)
-            if not match:
-                continue
-            bus, index = match.group(1), int(match.group(2))
-            volid, opts = split_property(config[key])
-            boot = f",bootindex={order.index(key) + 1}" if key in order else ""
-            if opts.get("media") == "cdrom":
-                if volid == "none":
-                    continue
-                path, _fmt = self.volume_file(volid)
-                argv += ["-drive", f"file={_qemu_escape(path)},format=raw,if=none,id=drive-{key},media=cdrom,"
-                         "readonly=on",
-                         "-device", f"ide-cd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
-                continue
-            if volid == "none":
-                continue
-            path, fmt = self.volume_file(volid)
-            argv += ["-drive", f"file={_qemu_escape(path)},format={fmt},if=none,id=drive-{key},cache=writeback"]
-            if bus == "ide":
-                argv += ["-device", f"ide-hd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
-            elif bus == "sata":
-                if "ahci" not in controllers:
-                    argv += ["-device", "ahci,id=ahci0"]
-                    controllers.add("ahci")
-                argv += ["-device", f"ide-hd,bus=ahci0.{index},drive=drive-{key}{boot}"]
-            elif bus == "scsi":
-                if "scsi" not in controllers:
-                    if scsihw not in SCSI_CONTROLLERS:
-                        raise TargetError(f"VM {vmid}: unknown scsihw {scsihw!r}")
-                    argv += ["-device", f"{SCSI_CONTROLLERS[scsihw]},id=scsihw0"]
-                    controllers.add("scsi")
-                argv += ["-device", f"scsi-hd,bus=scsihw0.0,scsi-id={index},drive=drive-{key}{boot}"]
-            else:
-                argv += ["-device", f"virtio-blk-pci,drive=drive-{key}{boot}"]
-        return argv
+        return qemu_cmdline.build(vmid, self.get_config(vmid), accel, run_dir=self._run_dir(vmid),
+                                  qmp_path=self._qmp_path(vmid), volume_file=self.volume_file)
 
     def start(self, vmid: int, *, hold: bool = False) -> None:
         close_quietly(self._launch(vmid))
@@ -415,38 +334,8 @@ class LocalTarget(Target):
                           seconds=round(time.monotonic() - started, 2), serial=_read(serial),
                           firmware=_read(firmware)[-2000:], resets=watch.resets, accel=accel)
 
-def _qemu_escape(path: Path) -> str:
-    """A path as one value of a QEMU ``key=value,...`` option (commas doubled)."""
-    return str(path).replace(",", ",,")
-
-
 def _read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
-
-
-def _boot_order(config: VMConfig) -> list[str]:
-    boot = config.get("boot", "")
-    if boot.startswith("order="):
-        return [item for item in boot[len("order="):].split(";") if item]
-    disks = sorted(key for key in config if _DISK_KEY.match(key))
-    return disks[:1]
-
-
-def _nic_args(config: VMConfig, order: list[str]) -> list[str]:
-    argv: list[str] = []
-    for key in sorted(config):
-        if not re.fullmatch(r"net\d+", key):
-            continue
-        model_mac, opts = split_property(config[key])
-        model, _, mac = model_mac.partition("=")
-        if model not in NIC_MODELS:
-            raise TargetError(f"unknown NIC model {model!r} in {key}")
-        device = f"{NIC_MODELS[model]},netdev={key}"
-        if mac:
-            device += f",mac={mac}"
-        device += f",bootindex={order.index(key) + 1}" if key in order else ",romfile="
-        argv += ["-netdev", f"user,id={key}", "-device", device]
-    return argv

@@ -1,0 +1,135 @@
+"""The qemu-system-x86_64 command line of a VM, from its PVE-style config.
+
+Only argv building: no process is started here (``supervisor``), no file
+is read (the target passes the config and how to find a volume).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import TargetError
+from ..runner import which
+from .base import VMConfig
+
+SCSI_CONTROLLERS = {
+    "lsi": "lsi53c895a", "lsi53c810": "lsi53c810", "megasas": "megasas", "pvscsi": "pvscsi",
+    "virtio-scsi-pci": "virtio-scsi-pci", "virtio-scsi-single": "virtio-scsi-pci",
+}
+NIC_MODELS = {"e1000": "e1000", "virtio": "virtio-net-pci", "rtl8139": "rtl8139",
+              "vmxnet3": "vmxnet3", "e1000e": "e1000e"}
+_DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
+
+
+def split_property(value: str) -> tuple[str, dict[str, str]]:
+    """``'local:1/a.qcow2,size=1G'`` -> ``('local:1/a.qcow2', {'size': '1G'})``."""
+    first, *rest = value.split(",")
+    opts = {}
+    for item in rest:
+        key, _, val = item.partition("=")
+        opts[key] = val
+    return first, opts
+
+
+def build(vmid: int, config: VMConfig, accel: str, *, run_dir: Path, qmp_path: Path,
+          volume_file: Callable[[str], tuple[Path, str]]) -> list[str]:
+    """The qemu-system-x86_64 argv for VM ``vmid`` with ``config``; ``volume_file`` maps a
+    volume id to (path, format)."""
+    argv = [
+        which("qemu-system-x86_64"), "-name", config.get("name", f"vm{vmid}"),
+        "-machine", "q35" if config.get("machine", "").startswith("q35") else "pc",
+        "-accel", accel, "-m", config.get("memory", "512"),
+        "-smp", config.get("cores", "1"), "-nodefaults", "-display", "none",
+        "-qmp", f"unix:{_qemu_escape(qmp_path)},server=on,wait=off",
+        "-pidfile", str(run_dir / "qemu.pid"),
+        "-chardev", f"file,id=serial0,path={_qemu_escape(run_dir / 'serial.log')}",
+        "-device", "isa-serial,chardev=serial0",
+        "-chardev", f"file,id=fwlog,path={_qemu_escape(run_dir / 'firmware.log')}",
+        "-device", "isa-debugcon,iobase=0x402,chardev=fwlog",
+    ]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    if config.get("bios") == "ovmf":
+        firmware = Path("/usr/share/OVMF/OVMF_CODE.fd")
+        if not firmware.exists():
+            raise TargetError(f"VM {vmid} wants UEFI (bios: ovmf) but {firmware} is missing",
+                              hint="apt-get install ovmf")
+        argv += ["-bios", str(firmware)]
+    order = _boot_order(config)
+    argv += _disk_args(vmid, config, order, volume_file)
+    argv += _nic_args(config, order)
+    return argv
+
+def _disk_args(vmid: int, config: VMConfig, order: list[str],
+           volume_file: Callable[[str], tuple[Path, str]]) -> list[str]:
+    argv: list[str] = []
+    scsihw = config.get("scsihw", "lsi")
+    controllers: set[str] = set()
+    for key in sorted(config):
+        match = _DISK_KEY.match(key)
+        if not match:
+            continue
+        bus, index = match.group(1), int(match.group(2))
+        volid, opts = split_property(config[key])
+        boot = f",bootindex={order.index(key) + 1}" if key in order else ""
+        if opts.get("media") == "cdrom":
+            if volid == "none":
+                continue
+            path, _fmt = volume_file(volid)
+            argv += ["-drive", f"file={_qemu_escape(path)},format=raw,if=none,id=drive-{key},media=cdrom,"
+                     "readonly=on",
+                     "-device", f"ide-cd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
+            continue
+        if volid == "none":
+            continue
+        path, fmt = volume_file(volid)
+        argv += ["-drive", f"file={_qemu_escape(path)},format={fmt},if=none,id=drive-{key},cache=writeback"]
+        if bus == "ide":
+            argv += ["-device", f"ide-hd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
+        elif bus == "sata":
+            if "ahci" not in controllers:
+                argv += ["-device", "ahci,id=ahci0"]
+                controllers.add("ahci")
+            argv += ["-device", f"ide-hd,bus=ahci0.{index},drive=drive-{key}{boot}"]
+        elif bus == "scsi":
+            if "scsi" not in controllers:
+                if scsihw not in SCSI_CONTROLLERS:
+                    raise TargetError(f"VM {vmid}: unknown scsihw {scsihw!r}")
+                argv += ["-device", f"{SCSI_CONTROLLERS[scsihw]},id=scsihw0"]
+                controllers.add("scsi")
+            argv += ["-device", f"scsi-hd,bus=scsihw0.0,scsi-id={index},drive=drive-{key}{boot}"]
+        else:
+            argv += ["-device", f"virtio-blk-pci,drive=drive-{key}{boot}"]
+    return argv
+
+
+def _qemu_escape(path: Path) -> str:
+    """A path as one value of a QEMU ``key=value,...`` option (commas doubled)."""
+    return str(path).replace(",", ",,")
+
+
+def _boot_order(config: VMConfig) -> list[str]:
+    boot = config.get("boot", "")
+    if boot.startswith("order="):
+        return [item for item in boot[len("order="):].split(";") if item]
+    disks = sorted(key for key in config if _DISK_KEY.match(key))
+    return disks[:1]
+
+
+def _nic_args(config: VMConfig, order: list[str]) -> list[str]:
+    argv: list[str] = []
+    for key in sorted(config):
+        if not re.fullmatch(r"net\d+", key):
+            continue
+        model_mac, opts = split_property(config[key])
+        model, _, mac = model_mac.partition("=")
+        if model not in NIC_MODELS:
+            raise TargetError(f"unknown NIC model {model!r} in {key}")
+        device = f"{NIC_MODELS[model]},netdev={key}"
+        if mac:
+            device += f",mac={mac}"
+        device += f",bootindex={order.index(key) + 1}" if key in order else ",romfile="
+        argv += ["-netdev", f"user,id={key}", "-device", device]
+    return argv
