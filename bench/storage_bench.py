@@ -820,7 +820,9 @@ def main() -> int:
                     print(f" ERROR: {exc}")
                     continue
                 case.samples.append(sample)
-                conv = f" (convert {sample.stages['convert']:.2f}s)" if "convert" in sample.stages else ""
+                conv = "".join(f" {name} {sample.stages[name]:.2f}s" for name in ("convert", "verify")
+                               if name in sample.stages)
+                conv = f" ({conv.strip()})" if conv else ""
                 print(f" {sample.seconds:7.2f}s{conv}")
 
         pairs = [

@@ -223,6 +223,8 @@ def _source_map(fmt: str, filename: str, capacity: int) -> tuple[list[Mapping], 
             raise VerifyError(f"qemu-img map printed a line v2p cannot read: {line!r}") from None
         if start < end or length <= 0 or start + length > capacity:
             raise VerifyError(f"qemu-img map printed overlapping or out-of-range data: {line!r}")
+        if not os.path.isabs(name):  # a node only qemu can name ("json:{...}"): let qemu read it
+            return None
         mappings.append(Mapping(start, length, files.setdefault(name, len(files)), offset))
         end = start + length
     return mappings, list(files)
