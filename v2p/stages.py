@@ -371,11 +371,14 @@ class Finish(Stage):
             # The boot check's own VM has nothing of the user's to save: a guest that does not
             # act on the power button at once is stopped hard (QEMU still flushes the disk).
             checked = "outcome" in ctx.records.get("boot", {}) and ctx.target.held(ctx.vmid)
-            clean = ctx.target.stop(ctx.vmid, timeout=CHECK_STOP_GRACE if checked else 30)
+            grace = CHECK_STOP_GRACE if checked else 30.0
+            clean = ctx.target.stop(ctx.vmid, timeout=grace)
             record["stopped"] = "power button" if clean else "hard"
         status = ctx.target.status(ctx.vmid)
-        how = {"power button": " (it shut down on the power button)",
-               "hard": " (stopped hard: the guest did not act on the power button)"}.get(record.get("stopped", ""), "")
+        how = ""
+        if "stopped" in record:
+            how = " (it shut down on the power button)" if record["stopped"] == "power button" else \
+                f" (stopped hard: no shutdown within {grace:g}s of the power button)"
         ctx.emit(Event("info", self.name, f"VM {ctx.vmid} is {status}{how}"))
         return {**record, "status": status, "config": ctx.target.get_config(ctx.vmid)}
 
