@@ -110,3 +110,15 @@ def test_names_that_are_not_vmids_are_skipped(manifest, source_of, v2p: V2P):
     listed = v2p("vm", "list")
     assert listed.returncode == 0, listed.stderr
     assert [line.split()[0] for line in listed.stdout.splitlines()] == ["120"]
+
+
+def test_run_folder_links_are_never_written_through(manifest, source_of, v2p: V2P, outside: Path):
+    """QEMU and its logs open these by name: links planted there are replaced, not followed."""
+    src = source_of("monolithicSparse")
+    for name in ("serial.log", "firmware.log", "qemu.log", "qemu.pid"):
+        plant(v2p.target / "run" / "120" / name, outside)
+    proc = v2p("migrate", str(src.descriptor), *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert outside.read_bytes() == PRECIOUS
+    assert "v2p-guest: boot controller=virtio-scsi" in v2p.serial(120)
+    assert stat.S_IMODE(os.stat(v2p.target / "run" / "120").st_mode) == 0o700

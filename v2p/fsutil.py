@@ -63,6 +63,13 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     fsync_dir(path.parent)
 
 
+def fresh_file(path: Path) -> None:
+    """An empty private file at ``path``, replacing whatever was there (a planted link is removed, not followed)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+
+
 def fsync_dir(folder: Path) -> None:
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..bootwatch import SETTLE, BootWatch, Verdict
 from ..errors import NoSuchVMError, TargetError, VMIDExistsError
-from ..fsutil import write_atomic
+from ..fsutil import fresh_file, private_dir, write_atomic
 from ..interrupts import check as check_interrupts
 from ..runner import which
 from ..state import vmid_of_name
@@ -251,10 +251,10 @@ class LocalTarget(Target):
         if self.status(vmid) == "running":
             raise TargetError(f"VM {vmid} is already running")
         argv = self.command_line(vmid, accel)
-        run_dir = self._run_dir(vmid)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for log in ("serial.log", "firmware.log"):
-            (run_dir / log).write_bytes(b"")
+        run_dir = private_dir(self._run_dir(vmid))
+        # QEMU and the tether open these by name: make each a fresh file of ours, never a planted link.
+        for name in ("serial.log", "firmware.log", "qemu.log", "qemu.pid"):
+            fresh_file(run_dir / name)
         self._socket_dir(vmid)
         return self._vm(vmid).launch(argv)
 
