@@ -22,6 +22,7 @@ discards the conversion).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -36,7 +37,8 @@ from typing import Protocol
 from .errors import VerifyError
 from .runner import run
 
-WINDOW = 8 << 20  # bytes compared at a time; two windows per side are in memory
+WINDOW = 8 << 20  # bytes compared at a time
+AHEAD = 3  # windows of each side being read while one is compared (AHEAD + 1 per side in memory)
 _ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers aligned to the logical block size (<= 4 KiB)
 _ZEROS = bytes(WINDOW)
 _DISCARD_HINT = "the conversion is discarded; run migrate again"
@@ -276,34 +278,44 @@ def _window_buffer(size: int) -> mmap.mmap:
 def _first_difference(source: Reader, target: Reader, capacity: int, window: int) -> int | None:
     """Byte offset of the first difference in ``[0, capacity)``, or None.
 
-    The next window of each side is read (in two threads; reads release the
-    GIL) while the current one is compared, so the slower disk sets the pace.
+    ``AHEAD`` windows of each side are being read (in threads; reads release
+    the GIL) while the current one is compared, so the slower disk sets the
+    pace and a device that serves reads in parallel (most do) is kept busy.
     """
-    source_bufs = [bytearray(window), bytearray(window)]
-    target_bufs = [_window_buffer(window), _window_buffer(window)]
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="v2p-verify") as pool:
+    slots = AHEAD + 1
+    source_bufs = [bytearray(window) for _ in range(slots)]
+    target_bufs = [_window_buffer(window) for _ in range(slots)]
+    with ThreadPoolExecutor(max_workers=2 * AHEAD, thread_name_prefix="v2p-verify") as pool:
+        pending: collections.deque[tuple[Future[list[Segment]], Future[list[Segment]]]] = collections.deque()
+        next_offset = 0
 
-        def fetch(slot: int, offset: int) -> tuple[Future[list[Segment]], Future[list[Segment]]]:
-            n = min(window, capacity - offset)
-            return (pool.submit(source.read, offset, n, memoryview(source_bufs[slot])),
-                    pool.submit(target.read, offset, n, memoryview(target_bufs[slot])))
+        def fetch() -> None:
+            nonlocal next_offset
+            slot = (next_offset // window) % slots
+            n = min(window, capacity - next_offset)
+            pending.append((pool.submit(source.read, next_offset, n, memoryview(source_bufs[slot])),
+                            pool.submit(target.read, next_offset, n, memoryview(target_bufs[slot]))))
+            next_offset += n
 
-        pending = fetch(0, 0) if capacity else None
-        offset, slot = 0, 0
+        while next_offset < capacity and len(pending) < AHEAD:
+            fetch()
+        offset = 0
         try:
-            while pending is not None:
+            while pending:
                 n = min(window, capacity - offset)
-                source_segments, target_segments = pending[0].result(), pending[1].result()
-                pending = fetch(1 - slot, offset + n) if offset + n < capacity else None
+                source_read, target_read = pending.popleft()
+                source_segments, target_segments = source_read.result(), target_read.result()
+                if next_offset < capacity:
+                    fetch()  # into the slot compared last round, now free
+                slot = (offset // window) % slots
                 where = _window_difference(source_bufs[slot], source_segments, target_bufs[slot],
                                            target_segments, n)
                 if where is not None:
                     return offset + where
                 offset += n
-                slot = 1 - slot
         finally:
-            if pending is not None:  # a failure or a difference: let the reads in flight end
-                for future in pending:
+            for futures in pending:  # a failure or a difference: let the reads in flight end
+                for future in futures:
                     future.cancel()
                     with contextlib.suppress(Exception):
                         future.result()
