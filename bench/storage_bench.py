@@ -602,29 +602,21 @@ def targets(cases: dict[str, Case], disk: Disk, big: Disk | None) -> list[str]:
     # convert stage ends with an fsync of the new disk (it must be durable before
     # it is renamed and called done); bare qemu-img leaves that writeback pending,
     # so the bare side is counted with its flush, timed after the run.
-    for src in ("sparse", "stream", "esxi"):
-        c = med(f"dir/{src}/v2p", lambda s: s.stages.get("convert"))
-        b = med(f"dir/{src}/bare", lambda s: s.seconds + (s.flush or 0.0))
-        if c is None or b is None:
-            out.append(verdict(None, f"dir {src}: convert stage vs qemu-img convert (not measured)"))
-            continue
-        spans = (f"runs: convert stage {cases[f'dir/{src}/v2p'].span(lambda s: s.stages.get('convert'))}s, "
-                 f"bare {cases[f'dir/{src}/bare'].span(lambda s: s.seconds)}s")
-        out.append(verdict(c / b <= CONVERT_OVERHEAD_MAX,
-                           f"dir {src} -> qcow2: v2p convert stage {c:.2f}s / bare qemu-img convert + flush {b:.2f}s "
-                           f"= {c / b:.3f} (target <= {CONVERT_OVERHEAD_MAX:.2f}; {spans})"))
     # 1b. the same onto a block device: v2p's convert stage (qemu-img convert -n, then the
     # device's fsync) against bare qemu-img convert -n plus the flush it left pending.
-    for src in ("sparse", "stream", "esxi"):
-        c = med(f"block/{src}/v2p", lambda s: s.stages.get("convert"))
-        b = med(f"block/{src}/bare", lambda s: s.seconds + (s.flush or 0.0))
-        if c is None or b is None:
-            continue
-        spans = (f"runs: convert stage {cases[f'block/{src}/v2p'].span(lambda s: s.stages.get('convert'))}s, "
-                 f"bare + flush {cases[f'block/{src}/bare'].span(lambda s: s.seconds + (s.flush or 0.0))}s")
-        out.append(verdict(c / b <= CONVERT_OVERHEAD_MAX,
-                           f"block {src} -> device: v2p convert stage {c:.2f}s / bare qemu-img convert -n + flush "
-                           f"{b:.2f}s = {c / b:.3f} (target <= {CONVERT_OVERHEAD_MAX:.2f}; {spans})"))
+    for storage, output, bare in (("dir", "qcow2", "qemu-img convert"), ("block", "device", "qemu-img convert -n")):
+        for src in ("sparse", "stream", "esxi"):
+            c = med(f"{storage}/{src}/v2p", lambda s: s.stages.get("convert"))
+            b = med(f"{storage}/{src}/bare", lambda s: s.seconds + (s.flush or 0.0))
+            if c is None or b is None:
+                if storage == "dir":
+                    out.append(verdict(None, f"dir {src}: convert stage vs qemu-img convert (not measured)"))
+                continue
+            spans = (f"runs: convert stage {cases[f'{storage}/{src}/v2p'].span(lambda s: s.stages.get('convert'))}s, "
+                     f"bare + flush {cases[f'{storage}/{src}/bare'].span(lambda s: s.seconds + (s.flush or 0.0))}s")
+            out.append(verdict(c / b <= CONVERT_OVERHEAD_MAX,
+                               f"{storage} {src} -> {output}: v2p convert stage {c:.2f}s / bare {bare} + flush "
+                               f"{b:.2f}s = {c / b:.3f} (target <= {CONVERT_OVERHEAD_MAX:.2f}; {spans})"))
     # 2. block: v2p >= 3x faster than dd bs=4M
     dd = med("block/esxi/dd", lambda s: s.seconds)
     for key, label in (("block/esxi/v2p", "v2p migrate --to-device"),
