@@ -1,0 +1,150 @@
+"""The VM spec: the one hardware model every source produces and every target is built from.
+
+A source (a loose disk, a ``.vmx``, an ``.ovf``/``.ova``, later vSphere) turns
+what the user named into a ``VMSpec``: firmware, CPUs, memory, guest OS, disks
+on their controllers as VMware had them, NICs with their MACs, CD-ROMs, TPM,
+and what could not be mapped. Plain data, no I/O; ``to_dict``/``from_dict``
+round-trip it through the state file. Not for: deciding the KVM side (the
+PVE config mapping lives in ``pveconfig.py``) or judging it (``rules.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CONTROLLER_KINDS = ("ide", "sata", "scsi", "nvme")
+
+# VMware's guestOS ids (the .vmx key, the OVF vmw:osType) -> PVE ostype. Matched in order, by prefix
+# after lower-casing and dropping "-64"; what matches nothing is "other" (a rule says so).
+_GUEST_OS = (
+    ("windows11", "win11"), ("windows2022srv", "win11"), ("windows2019srv", "win10"),
+    ("windows9srv", "win10"), ("windows9", "win10"), ("windows8srv", "win8"), ("windows8", "win8"),
+    ("windows7srv", "win7"), ("windows7", "win7"), ("winserver2008r2", "win7"), ("longhorn", "w2k8"),
+    ("winvista", "wvista"), ("winnetstandard", "w2k3"), ("winnetenterprise", "w2k3"),
+    ("winnetdatacenter", "w2k3"), ("winnetweb", "w2k3"), ("winnet", "w2k3"), ("winxp", "wxp"),
+    ("win2000", "w2k"), ("windows", "win10"),
+    ("debian", "l26"), ("ubuntu", "l26"), ("centos", "l26"), ("rhel", "l26"), ("oraclelinux", "l26"),
+    ("sles", "l26"), ("opensuse", "l26"), ("fedora", "l26"), ("asianux", "l26"), ("amazonlinux", "l26"),
+    ("rockylinux", "l26"), ("almalinux", "l26"), ("vmware-photon", "l26"), ("coreos", "l26"),
+    ("other6xlinux", "l26"), ("other5xlinux", "l26"), ("other4xlinux", "l26"), ("other3xlinux", "l26"),
+    ("other26xlinux", "l26"), ("other24xlinux", "l24"), ("otherlinux", "l26"),
+    ("solaris", "solaris"),
+)
+
+
+def pve_ostype(guest_os: str | None) -> str | None:
+    """The PVE ostype for a VMware guestOS id, or None when v2p does not know it."""
+    if not guest_os:
+        return None
+    key = guest_os.strip().lower().removesuffix("-64").replace("_", "")
+    for prefix, ostype in _GUEST_OS:
+        if key.startswith(prefix):
+            return ostype
+    return None
+
+
+@dataclass
+class DiskSpec:
+    """One virtual disk as VMware had it."""
+
+    controller: str  # "ide" | "sata" | "scsi" | "nvme"
+    bus: int  # the controller's number (scsi1 -> 1)
+    unit: int  # the disk's place on it (scsi1:2 -> 2)
+    source: str  # where the source finds its bytes: a file name relative to the VM, an OVF file id
+    capacity: int = 0  # bytes; 0 until the disk is inspected when the spec does not say
+    controller_model: str | None = None  # lsilogic, lsisas1068, pvscsi, buslogic, ahci, ...
+    mode: str = "persistent"  # independent-persistent, independent-nonpersistent, ...
+    shared: bool = False  # multi-writer
+    rdm: bool = False  # a raw device map (the "disk" is a pointer to a LUN)
+    boot: bool = False  # the disk VMware boots from
+
+    @property
+    def label(self) -> str:
+        return f"{self.controller}{self.bus}:{self.unit}"
+
+    @property
+    def independent(self) -> bool:
+        return self.mode.startswith("independent")
+
+
+@dataclass
+class NicSpec:
+    """One network adapter."""
+
+    model: str  # VMware's virtualDev: vmxnet3, e1000, e1000e, vlance, ...
+    mac: str | None = None  # kept: Windows and DHCP reservations key on it
+    network: str | None = None  # the port group / network name
+
+
+@dataclass
+class CdromSpec:
+    controller: str
+    bus: int
+    unit: int
+    image: str | None = None  # an ISO file name, if one was attached
+
+
+@dataclass
+class VMSpec:
+    """A VM's hardware, as the source describes it."""
+
+    name: str
+    uuid: str | None = None  # the SMBIOS (BIOS) UUID: Windows activation and licences key on it
+    firmware: str = "bios"  # "bios" | "efi"
+    secure_boot: bool = False
+    sockets: int = 1
+    cores: int = 1  # per socket
+    memory_mib: int = 512
+    guest_os: str | None = None  # VMware's id, as written
+    disks: list[DiskSpec] = field(default_factory=list)
+    nics: list[NicSpec] = field(default_factory=list)
+    cdroms: list[CdromSpec] = field(default_factory=list)
+    tpm: bool = False
+    encrypted: bool = False
+    passthrough: list[str] = field(default_factory=list)  # USB / PCI devices that cannot move
+    unmapped: list[str] = field(default_factory=list)  # other things the source had that v2p drops
+
+    @property
+    def ostype(self) -> str:
+        return pve_ostype(self.guest_os) or "other"
+
+    @property
+    def vcpus(self) -> int:
+        return self.sockets * self.cores
+
+    def boot_disk(self) -> DiskSpec | None:
+        """VMware's boot disk, else the first disk of the first controller."""
+        for disk in self.disks:
+            if disk.boot:
+                return disk
+        return self.disks[0] if self.disks else None
+
+    def ordered_disks(self) -> list[DiskSpec]:
+        """The disks in VMware's order with the boot disk first."""
+        boot = self.boot_disk()
+        return [d for d in self.disks if d is boot] + [d for d in self.disks if d is not boot]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VMSpec:
+        fields = dict(data)
+        fields["disks"] = [DiskSpec(**d) for d in data.get("disks", [])]
+        fields["nics"] = [NicSpec(**n) for n in data.get("nics", [])]
+        fields["cdroms"] = [CdromSpec(**c) for c in data.get("cdroms", [])]
+        return cls(**fields)
+
+
+def controller_order(disk: DiskSpec) -> tuple[int, int, int]:
+    """VMware's order of disks: by controller kind as the BIOS sees them, then bus, then unit."""
+    return (("ide", "sata", "scsi", "nvme").index(disk.controller), disk.bus, disk.unit)
+
+
+def dns_name(text: str) -> str:
+    """``text`` as a VM name PVE accepts (a DNS name): other characters become '-'."""
+    clean = re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.")
+    clean = re.sub(r"-{2,}", "-", clean)
+    return clean[:63].strip("-.") or "imported-vm"
