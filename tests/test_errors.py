@@ -51,7 +51,7 @@ def test_directory(tmp_path, v2p):
     folder = tmp_path / "vmfolder"
     folder.mkdir()
     line = one_line_error(v2p("migrate", str(folder), "--vmid", "133"))
-    assert f"{folder} is a directory" in line
+    assert f"{folder}: a folder to migrate must hold exactly one .vmx (0 found)" in line
     assert nothing_created(v2p.target)
 
 

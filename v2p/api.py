@@ -19,6 +19,7 @@ from .fsutil import remove_tree
 from .inspect import DiskImage, Row, inspect_disk, inspect_paths
 from .options import MigrationOptions, OptionError, check_seconds, check_vmid
 from .pipeline import Pipeline, check_records
+from .sources import Source
 from .stages import check_drivers
 from .state import MigrationState, VmidLock, list_states
 from .targets.base import Target
@@ -43,11 +44,11 @@ def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str 
 class Migration:
     """One migration of ``source`` to ``vmid``; ``run()`` starts or resumes it."""
 
-    def __init__(self, source: str | os.PathLike[str], vmid: int, *, target: Target | None = None,
+    def __init__(self, source: str | os.PathLike[str] | Source, vmid: int, *, target: Target | None = None,
                  on_event: EventHandler = ignore, **options: Any) -> None:
         self.options = MigrationOptions(**options)
         self.target = target or local_target()
-        self.pipeline = Pipeline(Path(source), vmid, self.options, self.target, emit=on_event)
+        self.pipeline = Pipeline(source, vmid, self.options, self.target, emit=on_event)
 
     def plan(self) -> list[tuple[str, str, bool]]:
         """The stages as (name, what it does, already done), without running anything."""
@@ -58,7 +59,7 @@ class Migration:
         return self.pipeline.run()
 
 
-def migrate(source: str | os.PathLike[str], vmid: int, *, target: Target | None = None,
+def migrate(source: str | os.PathLike[str] | Source, vmid: int, *, target: Target | None = None,
             on_event: EventHandler = ignore, **options: Any) -> dict[str, Any]:
     """Migrate (or resume migrating) ``source`` to VM ``vmid``; see ``MigrationOptions``."""
     return Migration(source, vmid, target=target, on_event=on_event, **options).run()

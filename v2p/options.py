@@ -7,15 +7,17 @@ NIC model follows the same split (e1000 for Windows, virtio otherwise).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import V2PError
+from .spec import VMSpec
 
 WINDOWS_OSTYPES = {"wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11"}
 OSTYPES = WINDOWS_OSTYPES | {"l24", "l26", "solaris", "other"}
@@ -103,12 +105,18 @@ def _shown(value: object, typed: bool = False) -> str:
 class MigrationOptions:
     """Everything that shapes the migrated VM (part of the state file's request)."""
 
-    ostype: str = "l26"
+    # None: what the source says (a .vmx's guestOS, numvcpus, memsize, ...); a loose disk says
+    # nothing, so it gets l26, 1 socket x 1 core, 512 MiB.
+    ostype: str | None = None
     bus: str | None = None
     fmt: str | None = None  # None: the storage's preferred format (qcow2 on dir, raw elsewhere)
     name: str | None = None
-    cores: int = 1
-    memory: int = 512  # MiB, as PVE counts
+    cores: int | None = None  # per socket
+    memory: int | None = None  # MiB, as PVE counts
+    sockets: int | None = None
+    networks: dict[str, str] = field(default_factory=dict)  # VMware network name -> bridge
+    bridge: str | None = None  # for NICs whose network has no entry in ``networks``
+    ignore_rules: tuple[str, ...] = ()
     scsihw: str = "virtio-scsi-pci"
     start: bool = False
     boot_check: bool = True
@@ -127,7 +135,7 @@ class MigrationOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.ostype not in OSTYPES:
+        if self.ostype is not None and self.ostype not in OSTYPES:
             raise OptionError(f"unknown --os {self.ostype!r}",
                               hint="use a PVE ostype: " + ", ".join(sorted(OSTYPES)))
         if self.bus is not None and self.bus not in BUSES:
@@ -141,8 +149,17 @@ class MigrationOptions:
                               hint="use letters, digits, '-' and '.' (a DNS name, as PVE requires)")
         if self.copy_with == "dd" and self.bwlimit:
             raise OptionError("--bwlimit does not apply to --copy-with dd", hint="leave one of them out")
-        check_whole("--cores", self.cores, CORES)
-        check_whole("--memory", self.memory, MEMORY, "MiB")
+        if self.cores is not None:
+            check_whole("--cores", self.cores, CORES)
+        if self.sockets is not None:
+            check_whole("--sockets", self.sockets, (1, 16))
+        if self.memory is not None:
+            check_whole("--memory", self.memory, MEMORY, "MiB")
+        for network, bridge in {**self.networks, "": self.bridge or "vmbr0"}.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", bridge):
+                raise OptionError(f"--network {network}={bridge}: {bridge!r} is not a bridge name",
+                                  hint="a Linux bridge such as vmbr0")
+        self.ignore_rules = tuple(self.ignore_rules)
         if self.bwlimit is not None:
             check_whole("--bwlimit", self.bwlimit, BWLIMIT, "KiB/s")
         self.boot_timeout = check_seconds("--boot-timeout", self.boot_timeout)
@@ -154,6 +171,12 @@ class MigrationOptions:
             raise OptionError(f"unknown --arch {self.arch!r}", hint="use amd64 or x86")
         if self.device is not None and not self.device.startswith("/"):
             raise OptionError(f"--to-device {self.device!r} is not an absolute device path")
+
+    def resolved(self, spec: VMSpec) -> MigrationOptions:
+        """These options with what the user left out taken from the VM's own hardware."""
+        ostype = self.ostype or (spec.ostype if spec.guest_os else "l26")
+        return replace(self, ostype=ostype, sockets=self.sockets or spec.sockets,
+                       cores=self.cores or spec.cores, memory=self.memory or spec.memory_mib)
 
     @property
     def is_windows(self) -> bool:
@@ -184,7 +207,8 @@ class MigrationOptions:
         for volatile in ("start", "boot_check", "boot_timeout", "bwlimit", "verify", "force", "drivers_iso",
                          "dance_wait", "shutdown_timeout"):
             data.pop(volatile)
-        return data
+        result: dict[str, Any] = json.loads(json.dumps(data))  # as the state file will give it back
+        return result
 
 
 def check_vmid(vmid: object) -> int:

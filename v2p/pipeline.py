@@ -15,37 +15,36 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .convert import source_fingerprint
-from .errors import StateError, V2PError, VMIDExistsError
+from .errors import SourceError, StateError, V2PError, VMIDExistsError
 from .events import Event, EventHandler, ignore
 from .fsutil import remove_tree
-from .inspect import inspect_disk
 from .options import MigrationOptions, check_vmid
-from .stages import STAGES, Context, Stage
+from .sources import Source, open_source
+from .spec import VMSpec
+from .stages import STAGES, Context, Stage, stage_kind, stages_for
 from .state import MigrationState, VmidLock, check_fields, now
 from .targets.base import Target
 from .testhooks import hold_point
 
-# Stages that must not run again once the disk is attached to the VM.
+# Stages that must not run again once the disks are attached to the VM.
 BEFORE_THE_GUEST = ("inspect", "preflight", "create", "convert", "verify")
 
 
-def request_of(source: Path, vmid: int, options: MigrationOptions, target: Target) -> dict[str, Any]:
-    return {"source": str(source), "vmid": vmid, "options": options.identity(),
+def request_of(source: Source, vmid: int, options: MigrationOptions, target: Target) -> dict[str, Any]:
+    return {"source": source.describe(), "vmid": vmid, "options": options.identity(),
             "target": target.describe()}
 
 
 class Pipeline:
     """Runs (or resumes) the migration of ``source`` to ``vmid`` on ``target``."""
 
-    def __init__(self, source: Path, vmid: int, options: MigrationOptions, target: Target,
-                 *, emit: EventHandler = ignore, stages: tuple[Stage, ...] = STAGES) -> None:
-        self.source = Path(os.path.abspath(source))
+    def __init__(self, source: Source | str | os.PathLike[str], vmid: int, options: MigrationOptions,
+                 target: Target, *, emit: EventHandler = ignore) -> None:
+        self.source = source if isinstance(source, Source) else open_source(source)
         self.vmid = check_vmid(vmid)
         self.options = options
         self.target = target
         self.emit = emit
-        self.stages = stages
         self.state = MigrationState(target.state_dir(), vmid)
 
     def plan(self) -> list[tuple[str, str, bool]]:
@@ -53,7 +52,8 @@ class Pipeline:
         done: dict[str, Any] = {}
         if self.state.load() and self.state.data.get("request") == self._request():
             done = self.state.stages
-        return [(s.name, s.summary, s.name in done) for s in self.stages]
+        stages = stages_for(len(self.source.spec().disks))
+        return [(s.name, s.summary, s.name in done) for s in stages]
 
     def _request(self) -> dict[str, Any]:
         return request_of(self.source, self.vmid, self.options, self.target)
@@ -70,7 +70,7 @@ class Pipeline:
             self.state.remove()
             self.state.data = {}
         if self.state.data:
-            check_records(self.state, self.stages)
+            check_records(self.state)
             done = self._already_done(request)
             if done is not None:
                 return done
@@ -82,21 +82,22 @@ class Pipeline:
                                       hint=f"pick another --vmid, or remove it: v2p vm rm {self.vmid}")
             self.state.start(request, migration_id=uuid.uuid4().hex[:12])
             hold_point("state-created")
-        ctx = Context(self.source, self.vmid, self.options, self.target,
-                      self.state.data["migration_id"],
-                      self.target.state_dir() / f"{self.vmid}.work", self.emit,
-                      recorded=set(self.state.stages))
-        stage_name = "start"
+        workdir = self.target.state_dir() / f"{self.vmid}.work"
+        stage_name = "inspect"
         try:
+            spec = self._spec()
+            ctx = Context(self.source, self.vmid, self.options.resolved(spec), self.target,
+                          self.state.data["migration_id"], workdir, self.emit, spec,
+                          recorded=set(self.state.stages))
             rerun = False
-            for stage in self.stages:
+            for stage in stages_for(len(spec.disks)):
                 stage_name = stage.name
                 record = self.state.stages.get(stage.name)
                 if record is not None and not rerun and stage.holds(ctx, record["result"]):
                     ctx.records[stage.name] = record["result"]
                     self.emit(Event("stage-skip", stage.name, f"done at {record['finished_at']}"))
                     continue
-                if ctx.guest_owns_disk and stage.name in BEFORE_THE_GUEST:
+                if ctx.guest_owns_disk and stage_kind(stage.name) in BEFORE_THE_GUEST:
                     # The guest may have booted from this disk: redoing these would wipe what it wrote.
                     raise StateError(
                         f"VMID {self.vmid}: the {stage.name} stage would have to run again, over a VM whose "
@@ -112,13 +113,24 @@ class Pipeline:
                 self.emit(Event("stage-done", stage.name, f"{seconds:.2f}s", data=result))
                 hold_point(stage.name)
         except BaseException as exc:
-            self._failed(stage_name, exc, ctx.workdir)
+            self._failed(stage_name, exc, workdir)
             raise
         self.state.data["finished"] = True
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
         self.state.save()
-        remove_tree(ctx.workdir)
+        remove_tree(workdir)
         return self.state.data
+
+    def _spec(self) -> VMSpec:
+        """The VM's hardware, from the source now; once the disks are the guest's, the recorded one
+        serves if the source has gone (moved away after its disks were copied)."""
+        try:
+            return self.source.spec()
+        except SourceError:
+            recorded = self.state.stages.get("inspect", {}).get("result", {}).get("spec")
+            if "attach" not in self.state.stages or not isinstance(recorded, dict):
+                raise
+            return VMSpec.from_dict(recorded)
 
     def _failed(self, stage: str, exc: BaseException, workdir: Path) -> None:
         """A run that made nothing on the target leaves no record (a refused source is not an
@@ -158,7 +170,7 @@ class Pipeline:
     def _source_changed(self, data: dict[str, Any]) -> bool:
         recorded = data["stages"].get("inspect", {}).get("result", {}).get("files")
         try:
-            current = source_fingerprint(inspect_disk(self.source, check_boot=False))
+            current = self.source.fingerprint()
         except (V2PError, OSError):
             return False  # moved or deleted after the migration: the VM is still the one it made
         return current != recorded
@@ -199,6 +211,7 @@ def check_records(state: MigrationState, stages: tuple[Stage, ...] = STAGES) -> 
                  "request.", damaged)
     known = {stage.name: stage for stage in stages}
     for name, record in data["stages"].items():
-        if name not in known:
+        kind = stage_kind(name)
+        if kind not in known or (kind != name and not name.partition(":")[2].isdigit()):
             raise damaged(f"it records an unknown stage {name!r}")
-        check_fields(record["result"], known[name].fields, f"stages.{name}.result.", damaged)
+        check_fields(record["result"], known[kind].fields, f"stages.{name}.result.", damaged)

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import convert, drivers
+from . import convert, drivers, pveconfig, rules
 from .bootwatch import clean
 from .dance import DanceOptions, DriverDance
 from .errors import SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
-from .inspect import DiskImage, inspect_disk
-from .options import MigrationOptions, OptionError, mac_for
+from .options import MigrationOptions, OptionError
 from .runner import which
+from .sources import DiskInput, Source
+from .spec import DiskSpec, VMSpec
 from .state import FieldType
 from .storage import Storage, Volume
 from .targets.base import Target
@@ -32,35 +33,42 @@ CHECK_STOP_GRACE = 5.0  # seconds the boot check's VM gets to act on the power b
 
 @dataclass
 class Context:
-    """What every stage of one migration may read."""
+    """What every stage of one migration may read.
 
-    source: Path
+    ``options`` are the user's, completed from the VM's own hardware
+    (``MigrationOptions.resolved``); ``source`` is read through the Source
+    interface only: no stage knows whether it is a disk, a .vmx or an .ova.
+    """
+
+    source: Source
     vmid: int
     options: MigrationOptions
     target: Target
     migration_id: str
     workdir: Path
     emit: EventHandler
-    image: DiskImage | None = None
+    spec: VMSpec
     records: dict[str, Record] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
     _storage: Storage | None = None
+    _inputs: dict[int, DiskInput] = field(default_factory=dict)
 
     @property
     def guest_owns_disk(self) -> bool:
-        """Once attached, the disk is the guest's: it writes to it on every boot."""
+        """Once attached, the disks are the guest's: it writes to them on every boot."""
         return "attach" in self.recorded
 
-    def disk(self) -> DiskImage:
-        if self.image is None:
-            self.image = inspect_disk(self.source)
-        return self.image
+    def disks(self) -> list[DiskSpec]:
+        """The VM's disks, the boot disk first: disk N of the migration is ``disks()[N]``."""
+        return self.spec.ordered_disks()
 
-    def qemu_source(self) -> convert.Source:
-        return convert.qemu_source(self.disk(), self.workdir)
+    def disk_input(self, index: int) -> DiskInput:
+        if index not in self._inputs:
+            self._inputs[index] = self.source.disk_input(self.disks()[index], self.workdir)
+        return self._inputs[index]
 
     def storage(self) -> Storage:
-        """The storage the disk goes to (looked up once: the target reads its storage.cfg)."""
+        """The storage the disks go to (looked up once: the target reads its storage.cfg)."""
         if self._storage is None:
             if self.options.device:
                 self._storage = self.target.device_storage(self.options.device)
@@ -100,57 +108,85 @@ class Stage:
 
 class Inspect(Stage):
     name = "inspect"
-    summary = "identify the disk's flavor and extents, refuse anything unsafe"
-    fields = {"image": dict, "files": list}
+    summary = "read the VM's hardware and every disk's flavor and extents, refuse anything unsafe"
+    fields = {"spec": dict, "disks": list, "files": list}
 
     def run(self, ctx: Context) -> Record:
-        ctx.image = None
-        image = ctx.disk()
-        for kind, text in image.messages:
-            ctx.emit(Event("warning" if kind == "warning" else "info", self.name, text))
-        chain = f", snapshot chain of {len(image.chain)}" if image.parent else ""
-        ctx.emit(Event("info", self.name, f"{image.path.name}: {image.flavor}, "
-                       f"{image.capacity} bytes, {len(image.extents)} extent(s){chain}, "
-                       f"boot signature {image.boot_signature}"))
-        return {"image": image.to_dict(), "files": convert.source_fingerprint(image)}
+        ctx._inputs.clear()
+        disks = []
+        for index, disk in enumerate(ctx.disks()):
+            given = ctx.disk_input(index)
+            for kind, text in given.messages:
+                ctx.emit(Event("warning" if kind == "warning" else "info", self.name, text))
+            image = given.image
+            chain = f", snapshot chain of {len(image.chain)}" if image is not None and image.parent else ""
+            boot = f", boot signature {image.boot_signature}" if image is not None else ""
+            where = image.path.name if image is not None else disk.source
+            ctx.emit(Event("info", self.name, f"{where}: {given.flavor}, {given.capacity} bytes"
+                           + (f", {len(image.extents)} extent(s)" if image is not None else "") + chain + boot))
+            disks.append({"label": disk.label, "source": disk.source, "capacity": given.capacity,
+                          "flavor": given.flavor, "chain": len(image.chain) if image is not None else 1,
+                          "image": image.to_dict() if image is not None else None})
+        return {"spec": ctx.spec.to_dict(), "disks": disks, "files": ctx.source.fingerprint()}
 
     def holds(self, ctx: Context, record: Record) -> bool:
         try:
-            return convert.source_fingerprint(ctx.disk()) == record["files"]
+            return ctx.source.fingerprint() == record["files"]
         except (SourceError, OSError):
             return False
 
 
 class Preflight(Stage):
     name = "preflight"
-    summary = "VMID free, storage usable with room for the disk, QEMU present"
-    fields = {"storage": str, "format": str}
+    summary = "rules, VMID free, storage usable with room for every disk, QEMU present"
+    fields = {"storage": str, "format": str, "findings": list}
 
     def run(self, ctx: Context) -> Record:
         if ctx.target.vm_exists(ctx.vmid) and not _ours(ctx):
             raise VMIDExistsError(f"VMID {ctx.vmid} already exists on the {ctx.target.kind} target",
                                   hint=f"pick another --vmid, or remove it: v2p vm rm {ctx.vmid}")
+        findings = check_rules(ctx.spec, ctx.options, ctx.records["inspect"]["disks"])
+        for finding in findings:
+            if finding.severity != "error":
+                ctx.emit(Event("warning" if finding.severity == "warning" else "info", self.name,
+                               f"{finding.id}: {finding.message}"))
+        errors = [finding for finding in findings if finding.severity == "error"]
+        if errors:
+            first = errors[0]
+            more = f" (and {len(errors) - 1} more: {', '.join(f.id for f in errors[1:])})" if len(errors) > 1 else ""
+            raise SourceError(f"{ctx.source.describe()}: {first.id}: {first.message}{more}",
+                              hint="see: v2p inspect " + ctx.source.describe())
         storage = ctx.storage()
         fmt = ctx.fmt()
-        image = ctx.disk()
-        if ctx.options.copy_with == "dd" and not image.is_plain_raw:
-            raise OptionError(f"--copy-with dd: {image.path.name} is {image.flavor}, dd copies raw data only",
-                              hint="leave --copy-with out: qemu-img reads every flavor")
+        if ctx.options.device and len(ctx.disks()) > 1:
+            raise OptionError(f"--to-device takes one disk; {ctx.source.describe()} has {len(ctx.disks())}",
+                              hint="migrate onto a storage (--storage) instead")
+        required = 0
+        for index in range(len(ctx.disks())):
+            given = ctx.disk_input(index)
+            if ctx.options.copy_with == "dd" and (given.image is None or not given.image.is_plain_raw):
+                raise OptionError(f"--copy-with dd: disk {index} is {given.flavor}, dd copies raw data only",
+                                  hint="leave --copy-with out: qemu-img reads every flavor")
+            storage.check(given.capacity, force=ctx.options.force)
+            required += storage.required_bytes(given.capacity, convert.measure(given.qemu, fmt))
         if ctx.options.copy_with == "dd" and fmt != "raw":
             raise OptionError("--copy-with dd writes raw disks only", hint="add --format raw")
-        storage.check(image.capacity, force=ctx.options.force)
-        required = storage.required_bytes(image.capacity, convert.measure(ctx.qemu_source(), fmt))
         free = storage.free_bytes()
         if required > free:
-            raise TargetError(f"not enough space on {storage.describe()}: the disk needs {required} bytes, "
+            raise TargetError(f"not enough space on {storage.describe()}: the disks need {required} bytes, "
                               f"{free} are free", hint="free some space or choose another --storage")
         if ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance:
             which("qemu-system-x86_64")
         record: Record = {"storage": storage.describe(), "format": fmt, "required_bytes": required,
-                          "free_bytes": free}
+                          "free_bytes": free, "findings": [vars(f) for f in findings]}
         if ctx.options.needs_dance:
             record.update(check_drivers(ctx.target, ctx.options))
         return record
+
+
+def check_rules(spec: VMSpec, options: MigrationOptions, disks: list[Record]) -> list[rules.Finding]:
+    """The named preflight rules for this VM with these options (``disks``: the inspect stage's rows)."""
+    return rules.check(spec, options, disks=disks)
 
 
 def check_drivers(target: Target, options: MigrationOptions) -> Record:
@@ -168,6 +204,7 @@ def check_drivers(target: Target, options: MigrationOptions) -> Record:
     iso = drivers.read_iso(path)
     storage_driver = "viostor" if options.bus == "virtio" else "vioscsi"
     wanted = (storage_driver, "NetKVM") if options.net_drivers else (storage_driver,)
+    assert options.ostype is not None
     folders = iso.require(wanted, options.ostype, options.arch)
     return {"drivers_iso": volid, "driver_folders": folders}
 
@@ -181,21 +218,12 @@ def _ours(ctx: Context) -> bool:
 
 class Create(Stage):
     name = "create"
-    summary = "create the VM shell (no disk yet)"
+    summary = "create the VM shell (hardware from the source, no disk yet)"
     fields = {"config": dict}
 
     def run(self, ctx: Context) -> Record:
-        opts = ctx.options
-        config = {
-            "name": opts.name or _vm_name(ctx.source),
-            "cores": str(opts.cores),
-            "memory": str(opts.memory),
-            "ostype": opts.ostype,
-            "bios": "seabios",
-            "scsihw": opts.scsihw,
-            "net0": f"{opts.nic_model}={mac_for(ctx.vmid, ctx.source)},bridge=vmbr0",
-            "description": f"imported from {ctx.source.name} ({ctx.tag()})",
-        }
+        config = pveconfig.vm_config(ctx.spec, ctx.options, vmid=ctx.vmid,
+                                     tag=f"imported from {ctx.source.describe()} ({ctx.tag()})")
         if _ours(ctx):
             ctx.target.destroy_vm(ctx.vmid)
         ctx.target.create_vm(ctx.vmid, config)
@@ -205,33 +233,34 @@ class Create(Stage):
         return _ours(ctx)
 
 
-def _vm_name(source: Path) -> str:
-    stem = source.name.removesuffix(".vmdk").removesuffix("-flat")
-    clean = "".join(c if c.isalnum() or c == "-" else "-" for c in stem).strip("-")
-    return clean[:63] or "imported-vm"
-
-
 class Convert(Stage):
-    name = "convert"
+    """Disk ``index`` of the VM onto the target storage (``convert`` for the boot disk, ``convert:N`` after)."""
+
     summary = "write the disk onto the target storage (a temporary volume until verified)"
     fields = {"volid": str, "partial_volid": str, "partial": str, "fmt": str, "block": bool, "fingerprint": dict}
 
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+        self.name = "convert" if index == 0 else f"convert:{index}"
+
     def run(self, ctx: Context) -> Record:
-        storage, fmt, image = ctx.storage(), ctx.fmt(), ctx.disk()
-        final = storage.volume(ctx.vmid, 0, fmt)
-        partial = storage.allocate(ctx.vmid, 0, fmt, image.capacity, force=ctx.options.force)
+        storage, fmt, given = ctx.storage(), ctx.fmt(), ctx.disk_input(self.index)
+        final = storage.volume(ctx.vmid, self.index, fmt)
+        partial = storage.allocate(ctx.vmid, self.index, fmt, given.capacity, force=ctx.options.force)
         zero = storage.reads_as_zero(partial)
 
         def progress(percent: float) -> None:
             ctx.emit(Event("progress", self.name, data={
-                "percent": percent, "bytes": int(image.capacity * percent / 100), "total": image.capacity}))
+                "disk": self.index, "percent": percent, "bytes": int(given.capacity * percent / 100),
+                "total": given.capacity}))
 
         try:
             if ctx.options.copy_with == "dd":
-                convert.copy_dd(image, partial, target_is_zero=zero, on_progress=progress)
+                assert given.image is not None  # preflight refused dd for anything but local raw data
+                convert.copy_dd(given.image, partial, target_is_zero=zero, on_progress=progress)
             else:
                 bwlimit = ctx.options.bwlimit * 1024 if ctx.options.bwlimit else None
-                convert.convert(ctx.qemu_source(), partial, capacity=image.capacity, target_is_zero=zero,
+                convert.convert(given.qemu, partial, capacity=given.capacity, target_is_zero=zero,
                                 bwlimit=bwlimit, on_progress=progress)
         except BaseException:
             storage.remove(partial)
@@ -261,27 +290,34 @@ def _same_file(path: Path, fingerprint: dict[str, Any], guest_owned: bool = Fals
 
 
 class Verify(Stage):
-    name = "verify"
+    """Disk ``index``: compared with the source, then given its final name."""
+
     summary = "compare the written disk with the source, then give the volume its final name"
     fields = {"path": str, "verified": bool, "fingerprint": dict}
 
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+        self.name = "verify" if index == 0 else f"verify:{index}"
+        self.converted = "convert" if index == 0 else f"convert:{index}"
+
     def run(self, ctx: Context) -> Record:
-        made = ctx.records["convert"]
+        made = ctx.records[self.converted]
         storage = ctx.storage()
+        given = ctx.disk_input(self.index)
         partial = Volume(made["partial_volid"], Path(made["partial"]), made["fmt"], made["block"])
-        final = storage.volume(ctx.vmid, 0, made["fmt"])
+        final = storage.volume(ctx.vmid, self.index, made["fmt"])
         # A run killed (or out of space for its state file) between the rename and the
         # record left the written volume under its final name: verify it there.
         committed = partial.path != final.path and not storage.exists(partial) and storage.exists(final)
         written = Volume(final.volid, storage.path_of(final.volid), final.fmt, final.is_block) \
             if committed else partial
         if ctx.options.verify:
-            convert.compare(ctx.qemu_source(), written, capacity=ctx.disk().capacity)
+            convert.compare(given.qemu, written, capacity=given.capacity)
         else:
             ctx.emit(Event("warning", self.name, "--no-verify: the written disk was not compared"))
         if not committed:
             storage.commit(partial, final)
-            hold_point("verify:committed")
+            hold_point(f"{self.name}:committed")
         path = storage.path_of(final.volid)
         return {"path": str(path), "verified": ctx.options.verify, "fingerprint": convert.fingerprint(path)}
 
@@ -293,22 +329,29 @@ class Verify(Stage):
 
 class Attach(Stage):
     name = "attach"
-    summary = "attach the disk (IDE for Windows, SCSI otherwise) and make it the boot disk"
-    fields = {"key": str, "value": str}
+    summary = "attach every disk (IDE/SATA for Windows, SCSI otherwise), the boot disk first in the boot order"
+    fields = {"keys": dict}
 
     def run(self, ctx: Context) -> Record:
-        key = f"{ctx.options.attach_bus}0"
-        volid = ctx.records["convert"]["volid"]
-        value = f"{volid},size={_pve_size(ctx.disk().capacity)}"
-        ctx.target.set_config(ctx.vmid, {key: value, "boot": f"order={key}"})
-        return {"key": key, "value": value}
+        assert ctx.options.ostype is not None
+        placed = pveconfig.disk_keys(ctx.spec, ctx.options, ostype=ctx.options.ostype)
+        by_label = {disk.label: index for index, disk in enumerate(ctx.disks())}
+        updates: dict[str, str] = {}
+        for disk, key in placed:
+            index = by_label[disk.label]
+            volid = ctx.records["convert" if index == 0 else f"convert:{index}"]["volid"]
+            updates[key] = f"{volid},size={_pve_size(ctx.disk_input(index).capacity)}"
+        updates["boot"] = pveconfig.boot_order([key for _disk, key in placed])
+        ctx.target.set_config(ctx.vmid, updates)
+        return {"keys": {key: value for key, value in updates.items() if key != "boot"}}
 
     def holds(self, ctx: Context, record: Record) -> bool:
-        # The driver dance moves the disk (ide0 -> virtio0): attached anywhere still counts.
+        # The driver dance moves the disks (ide0 -> virtio0): attached anywhere still counts.
         try:
-            return record["value"] in ctx.target.get_config(ctx.vmid).values()
+            values = set(ctx.target.get_config(ctx.vmid).values())
         except TargetError:
             return False
+        return all(value in values for value in record["keys"].values())
 
 
 def _pve_size(capacity: int) -> str:
@@ -383,5 +426,17 @@ class Finish(Stage):
         return {**record, "status": status, "config": ctx.target.get_config(ctx.vmid)}
 
 
-STAGES: tuple[Stage, ...] = (Inspect(), Preflight(), Create(), Convert(), Verify(), Attach(), Drivers(),
-                             BootCheck(), Finish())
+def stages_for(disks: int) -> tuple[Stage, ...]:
+    """The stages of a VM with ``disks`` disks: each disk converted and verified in turn, boot disk first."""
+    per_disk: list[Stage] = []
+    for index in range(max(disks, 1)):
+        per_disk += [Convert(index), Verify(index)]
+    return (Inspect(), Preflight(), Create(), *per_disk, Attach(), Drivers(), BootCheck(), Finish())
+
+
+STAGES: tuple[Stage, ...] = stages_for(1)  # a one-disk VM's; the names `v2p status` lists
+
+
+def stage_kind(name: str) -> str:
+    """``convert:2`` -> ``convert``: the stage a record name belongs to."""
+    return name.partition(":")[0]
