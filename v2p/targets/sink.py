@@ -104,8 +104,9 @@ class StorageSink(DiskSink):
         return self.volid
 
     def remove(self) -> None:
-        self.storage.remove(self._partial)
-        self.storage.remove(self._final)
+        for volume in (self._partial, self._final):
+            if self.storage.exists(volume):  # an LV's removal looks up its mapping first
+                self.storage.remove(volume)
 
     def fingerprint(self) -> dict[str, Any]:
         for volume in (self._final, self._partial):
