@@ -264,6 +264,15 @@ def test_disk_sink_formats(placed: Placed) -> None:
         placed.sink(143, fmt="vmdk")
 
 
+def test_disk_sink_check(placed: Placed, samples: Path) -> None:
+    raw = samples / "guest.raw"
+    sink = placed.sink(145)
+    room = sink.check(raw_input(raw), capacity=raw.stat().st_size)
+    assert room["format"] == sink.fmt and room["storage"]
+    assert 0 < room["required_bytes"] <= room["free_bytes"]
+    assert not sink.written() or sink.in_place  # a check writes nothing
+
+
 def test_disk_sink_on_an_unknown_storage(target: Target) -> None:
     with pytest.raises(TargetError, match="nosuch"):
         target.disk_sink(144, 0, fmt=None, storage="nosuch")
