@@ -93,3 +93,9 @@ class OperatorNeeded(V2PError):
     """The dance waits for an operator to confirm the guest has its drivers."""
 
     exit_code = 10
+
+
+class RuleError(V2PError):
+    """The VM breaks a preflight rule (an error not ignored): nothing is created."""
+
+    exit_code = 11

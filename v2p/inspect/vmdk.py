@@ -166,26 +166,32 @@ def check_sparse_extent(path: Path, name: str) -> SparseHeader:
     gives itself away: qemu-img would accept it and then convert for ever.
     """
     with open_regular(path, name) as src:
-        size = _size(src)
-        header = parse_sparse_header(src.read(SECTOR), name)
-        if size < 2 * SECTOR:
-            raise SourceError(f"{name}: VMDK sparse file is cut short ({size} bytes)",
+        return check_sparse_stream(src, _size(src), name)
+
+
+def check_sparse_stream(src: BinaryIO, size: int, name: str) -> SparseHeader:
+    """``check_sparse_extent`` on an open file of ``size`` bytes whose position 0 is the
+    header: a whole file, or a bounded view of a member inside an archive (an OVA)."""
+    src.seek(0)
+    header = parse_sparse_header(src.read(SECTOR), name)
+    if size < 2 * SECTOR:
+        raise SourceError(f"{name}: VMDK sparse file is cut short ({size} bytes)",
+                          hint="the copy is incomplete; copy it again")
+    gd_offset = header.gd_offset
+    if gd_offset == GD_AT_END:
+        # VMware's streamOptimized: the real header is the footer, 1 KiB before the end.
+        src.seek(size - 2 * SECTOR)
+        footer = src.read(SECTOR)
+        if not footer.startswith(KDMV):
+            raise SourceError(f"{name}: streamOptimized file has no footer (cut short?)",
                               hint="the copy is incomplete; copy it again")
-        gd_offset = header.gd_offset
-        if gd_offset == GD_AT_END:
-            # VMware's streamOptimized: the real header is the footer, 1 KiB before the end.
-            src.seek(size - 2 * SECTOR)
-            footer = src.read(SECTOR)
-            if not footer.startswith(KDMV):
-                raise SourceError(f"{name}: streamOptimized file has no footer (cut short?)",
-                                  hint="the copy is incomplete; copy it again")
-            gd_offset = parse_sparse_header(footer, name).gd_offset
-        if gd_offset == 0 or gd_offset * SECTOR + header.gd_bytes > size:
-            raise SourceError(
-                f"{name}: the grain directory for {header.capacity} sectors does not fit in the "
-                f"{size}-byte file (capacity corrupt or file cut short)",
-                hint="copy the disk again; if it is this size on the datastore, the header is corrupt")
-        _check_grain_tables(src, name, header, gd_offset, size)
+        gd_offset = parse_sparse_header(footer, name).gd_offset
+    if gd_offset == 0 or gd_offset * SECTOR + header.gd_bytes > size:
+        raise SourceError(
+            f"{name}: the grain directory for {header.capacity} sectors does not fit in the "
+            f"{size}-byte file (capacity corrupt or file cut short)",
+            hint="copy the disk again; if it is this size on the datastore, the header is corrupt")
+    _check_grain_tables(src, name, header, gd_offset, size)
     return header
 
 

@@ -8,10 +8,17 @@ VM configs are dicts keyed by PVE's qemu-server names (``name``, ``cores``,
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from ..errors import TargetError
 from ..storage import BlockStorage, Storage
+
+if TYPE_CHECKING:
+    from ..convert import Source as QemuInput
+    from ..inspect.model import DiskImage
 
 VMConfig = dict[str, str]
 
@@ -28,6 +35,79 @@ class BootReport:
     resets: int = 0
     accel: str = ""
     notes: list[str] = field(default_factory=list)
+
+
+class DiskSink(abc.ABC):
+    """Where one disk of one VM goes: allocate -> write -> verify -> commit -> a volume id.
+
+    What a caller may rely on:
+
+    * ``volid`` is the volume id the VM config attaches, known before anything is
+      written; it is the same for every sink made for the same VM, disk, format
+      and storage, so a resumed run (a fresh sink) finds what an earlier one wrote.
+    * Written bytes sit under a temporary name until ``commit``: a VM config never
+      names a volume that was not verified, and a run killed midway leaves only a
+      temporary volume (``written``) that the next ``write`` replaces.
+    * A storage that writes in place (a block device) has no temporary name: there
+      ``written`` and ``exists`` both only say that the device is there, and
+      ``commit`` is a no-op; the caller's record (``fingerprint``) says whether it
+      holds what was written.
+    * A full storage while writing is a ``TargetError`` whose hint says to rerun
+      (the write starts over); a failed write leaves no temporary volume behind.
+    * Written bytes are flushed to stable storage before ``write`` returns.
+    """
+
+    volid: str  # the final volume id the VM config attaches
+    fmt: str  # "qcow2" or "raw"
+    in_place: bool  # written where it stays (a block device): no temporary name, nothing renamed
+
+    @abc.abstractmethod
+    def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
+        """Refuse, before anything is written, a storage that cannot take this disk; returns
+        ``storage`` (its description), ``format``, ``required_bytes`` and ``free_bytes``. With
+        several disks on one storage the caller sums ``required_bytes`` per ``storage``."""
+
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """The committed volume exists (on a storage written in place: the device exists)."""
+
+    @abc.abstractmethod
+    def written(self) -> bool:
+        """A temporary (uncommitted) volume exists: data was (or was being) written into it.
+        Whether the write finished is the caller's record to say (``fingerprint``)."""
+
+    @abc.abstractmethod
+    def write(self, src: QemuInput, *, capacity: int, progress: Callable[[float], None] | None = None,
+              bwlimit: int | None = None) -> None:
+        """Convert ``src`` (``capacity`` bytes) into a temporary volume created anew (any earlier
+        temporary or committed volume of this disk is removed first). ``progress`` gets percents,
+        ``bwlimit`` is bytes per second. On any failure the temporary volume is removed."""
+
+    def write_dd(self, image: DiskImage, *, progress: Callable[[float], None] | None = None) -> None:
+        """Like ``write``, but copy a plain raw ``image`` with ``dd`` (the seed procedure's copier)."""
+        raise TargetError("--copy-with dd: this target cannot copy disks with dd",
+                          hint="leave --copy-with out: qemu-img writes to every target")
+
+    @abc.abstractmethod
+    def verify(self, src: QemuInput, *, capacity: int) -> None:
+        """Raise ``VerifyError`` unless the temporary volume or, once committed, the committed
+        one holds exactly the bytes of ``src``. Nothing is removed either way."""
+
+    @abc.abstractmethod
+    def commit(self) -> str:
+        """Give the temporary volume its final name and return ``volid``. Idempotent: a volume
+        already committed (say, by a run killed before it could record that) is left as it is.
+        ``TargetError`` if there is neither."""
+
+    @abc.abstractmethod
+    def remove(self) -> None:
+        """Delete the temporary and the committed volume (a user's block device is never deleted)."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """A cheap identity (size, mtime, a hash of the ends) of the committed volume if it exists,
+        else of the temporary one; ``{}`` if neither does. Renaming on commit keeps it, so a record
+        of the written volume still matches the committed one."""
 
 
 class Target(abc.ABC):
@@ -74,6 +154,14 @@ class Target(abc.ABC):
     def device_storage(self, device: str) -> Storage:
         """A block device on the target host, written in place."""
         return BlockStorage(device)
+
+    @abc.abstractmethod
+    def disk_sink(self, vmid: int, index: int, *, fmt: str | None, storage: str, device: str | None = None,
+                  force: bool = False) -> DiskSink:
+        """Where disk ``index`` of VM ``vmid`` goes: ``device`` (a block device, written in place)
+        if given, else the storage called ``storage``; ``fmt`` None picks the storage's preferred
+        format, one it cannot hold is an ``OptionError``. ``force``: overwrite a device that
+        carries data or is open elsewhere. Nothing is touched until ``check``/``write``."""
 
     @abc.abstractmethod
     def status(self, vmid: int) -> str:

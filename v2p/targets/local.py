@@ -29,7 +29,8 @@ from ..runner import which
 from ..state import vmid_of_name
 from ..storage import Storage, default_dir_storage, parse_storage_cfg
 from . import qemu_cmdline
-from .base import BootReport, Target, VMConfig
+from .base import BootReport, DiskSink, Target, VMConfig
+from .sink import storage_sink
 from .supervisor import QemuProcess, close_quietly
 
 _accel_cache: dict[str, str] = {}
@@ -149,6 +150,10 @@ class LocalTarget(Target):
             raise TargetError(f"no storage called {name!r} on the local target",
                               hint=f"known: {', '.join(storages)}; add one to {self.storage_cfg}")
         return storages[name]
+
+    def disk_sink(self, vmid: int, index: int, *, fmt: str | None, storage: str, device: str | None = None,
+                  force: bool = False) -> DiskSink:
+        return storage_sink(self, vmid, index, fmt=fmt, storage=storage, device=device, force=force)
 
     def iso_places(self) -> tuple[Path, ...]:
         return (self.directory / "template" / "iso" / "virtio-win.iso",)

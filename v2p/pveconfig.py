@@ -1,0 +1,199 @@
+"""The one mapping from a VM spec plus the user's options to a PVE qemu-server config.
+
+Every target builds its VM from these functions (the local target and,
+next, Proxmox itself), so the hardware a migrated VM gets is decided once:
+``vm_config`` is the VM shell without disks, ``disk_keys`` where each disk
+sits for the first boot, ``boot_order``/``disk_value``/``efidisk``/``tpmstate``
+the values around them. Pure: no I/O, no target. Not for: judging whether a
+VM may be migrated at all (``rules.py``), nor the driver dance's later layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from .errors import RuleError
+from .options import WINDOWS_OSTYPES, MigrationOptions, mac_for_nic
+from .spec import DiskSpec, VMSpec, dns_name
+
+# PVE's key slots per bus, in the order v2p fills them. ide2 is PVE's CD-ROM slot (the drivers
+# ISO goes there in the dance), so IDE holds three disks.
+SLOTS: dict[str, tuple[str, ...]] = {
+    "ide": ("ide0", "ide1", "ide3"),
+    "sata": tuple(f"sata{i}" for i in range(6)),
+    "scsi": tuple(f"scsi{i}" for i in range(31)),
+    "virtio": tuple(f"virtio{i}" for i in range(16)),
+}
+CDROM_KEY = "ide2"
+# SCSI controllers OVMF (as Debian and PVE ship it) has no driver for: an EFI VM cannot boot from them.
+NO_OVMF_DRIVER = ("lsi", "lsi53c810", "megasas")
+# VMware's SCSI controllers of the LSI/BusLogic families (virtualDev / OVF ResourceSubType).
+VMWARE_LSI = ("lsilogic", "lsisas1068", "lsilogicsas", "buslogic")
+DEFAULT_BRIDGE = "vmbr0"  # where a NIC without a network name goes: PVE's standard bridge
+_MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+
+
+def resolve_ostype(spec: VMSpec, explicit: str | None = None) -> str:
+    """The PVE ostype of the migrated VM: the user's ``--os`` when given, else the spec's guest OS."""
+    return explicit or spec.ostype
+
+
+def is_windows(ostype: str) -> bool:
+    return ostype in WINDOWS_OSTYPES
+
+
+def first_boot_buses(options: MigrationOptions, *, ostype: str) -> tuple[str, ...]:
+    """The buses the disks are attached to for the first boot, filled in this order.
+
+    Windows has no virtio driver yet: IDE, then SATA beyond IDE's three disks (the dance
+    moves them later when --bus virtio/scsi asks); a forced --bus ide or sata is kept alone.
+    Everything else goes straight to its bus (SCSI on virtio-scsi unless --bus says).
+    """
+    if is_windows(ostype):
+        return (options.bus,) if options.bus in ("ide", "sata") else ("ide", "sata")
+    return (options.bus or "scsi",)
+
+
+def bus_capacity(options: MigrationOptions, *, ostype: str) -> int:
+    """How many disks the first-boot buses hold together."""
+    return sum(len(SLOTS[bus]) for bus in first_boot_buses(options, ostype=ostype))
+
+
+def too_many_disks(spec: VMSpec, options: MigrationOptions, *, ostype: str) -> str | None:
+    """Why the disks do not fit on the first-boot buses, or None when they do."""
+    buses = first_boot_buses(options, ostype=ostype)
+    room = bus_capacity(options, ostype=ostype)
+    if len(spec.disks) <= room:
+        return None
+    where = " and ".join(f"{bus} ({len(SLOTS[bus])})" for bus in buses)
+    return f"{len(spec.disks)} disks, but the first boot's {where} hold{'s' if len(buses) == 1 else ''} {room}"
+
+
+def disk_keys(spec: VMSpec, options: MigrationOptions, *, ostype: str) -> list[tuple[DiskSpec, str]]:
+    """Each disk (boot disk first, then VMware's order) with the PVE key it has on the first boot."""
+    reason = too_many_disks(spec, options, ostype=ostype)
+    if reason:
+        raise RuleError(f"VM {spec.name}: too-many-disks: {reason}",
+                        hint="choose a bus with more room: --bus scsi (31 disks) or --bus virtio (16)")
+    slots = [key for bus in first_boot_buses(options, ostype=ostype) for key in SLOTS[bus]]
+    disks = spec.ordered_disks()
+    return list(zip(disks, slots[:len(disks)], strict=True))
+
+
+def boot_order(keys: list[str]) -> str:
+    """PVE's ``boot`` value: only the boot disk (the first key), as the driver dance expects it.
+
+    The data disks get no boot index: a stale boot loader on one must not win over the boot disk.
+    """
+    if not keys:
+        raise ValueError("boot_order needs at least the boot disk's key")
+    return f"order={keys[0]}"
+
+
+def pve_size(capacity: int) -> str:
+    """A byte count as PVE writes ``size=`` (the largest unit that divides it exactly)."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if capacity % (1 << shift) == 0:
+            return f"{capacity >> shift}{unit}"
+    return str(capacity)
+
+
+def disk_value(volid: str, capacity: int) -> str:
+    """The value of a disk key: ``local:120/vm-120-disk-0.qcow2,size=32G``."""
+    return f"{volid},size={pve_size(capacity)}"
+
+
+def efidisk(storage: str, *, secure_boot: bool) -> str:
+    """The value of ``efidisk0`` for a new EFI vars volume on ``storage`` (PVE's ``STORAGE:1`` syntax).
+
+    4m is the OVMF build with secure boot support; pre-enrolled keys (Microsoft and the major
+    distributions) only when VMware had secure boot on, else the guest would start enforcing it.
+    """
+    return f"{storage}:1,efitype=4m,pre-enrolled-keys={1 if secure_boot else 0}"
+
+
+def tpmstate(storage: str) -> str:
+    """The value of ``tpmstate0`` for a fresh TPM 2.0 (VMware's TPM state never moves)."""
+    return f"{storage}:1,version=v2.0"
+
+
+def smbios_uuid(text: str | None) -> str | None:
+    """VMware's ``uuid.bios`` (``56 4d 12 ... 9a-bc ...``) as a canonical UUID, None if it is not one.
+
+    Written in VMware's byte order: QEMU encodes SMBIOS UUIDs the way VMware's modern virtual
+    hardware does, so the guest reads the same UUID as before (Windows activation keys on it).
+    """
+    if not text:
+        return None
+    digits = re.sub(r"[\s:-]", "", text).lower()
+    if not re.fullmatch(r"[0-9a-f]{32}", digits) or digits == "0" * 32:
+        return None
+    return "-".join((digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:]))
+
+
+def nic_mac(mac: str | None) -> str | None:
+    """A NIC's MAC as PVE writes it (upper case), None when missing or not a MAC."""
+    if mac is None or not _MAC.fullmatch(mac.strip()):
+        return None
+    return mac.strip().upper()
+
+
+def nic_model(ostype: str) -> str:
+    """e1000 for Windows (its driver is in every Windows; vmxnet3's came with VMware Tools), else virtio."""
+    return "e1000" if is_windows(ostype) else "virtio"
+
+
+def scsihw(spec: VMSpec, options: MigrationOptions) -> str:
+    """The SCSI controller: the user's choice, except one OVMF cannot boot from on an EFI VM."""
+    if spec.firmware == "efi" and options.scsihw in NO_OVMF_DRIVER:
+        return "virtio-scsi-pci"
+    return options.scsihw
+
+
+def nic_bridge(network: str | None, bridges: Mapping[str, str], default_bridge: str | None) -> str | None:
+    """The bridge for a NIC on VMware network ``network``; None when a named network has no mapping."""
+    if network is None:
+        return default_bridge or DEFAULT_BRIDGE
+    return bridges.get(network, default_bridge)
+
+
+def vm_config(spec: VMSpec, options: MigrationOptions, *, bridges: Mapping[str, str],
+              default_bridge: str | None, tag: str, vmid: int, ostype: str | None = None) -> dict[str, str]:
+    """The VM shell (no disks, no EFI/TPM volume) in PVE's keys.
+
+    The hardware (sockets, cores, memory, firmware, NICs, UUID) is the spec's: a source built
+    from flags (the loose disk) puts --cores/--memory into its spec. ``ostype`` is the user's
+    explicit --os, if any; ``tag`` marks the VM as v2p's (the description carries it).
+    """
+    resolved = resolve_ostype(spec, ostype)
+    efi = spec.firmware == "efi"
+    config = {
+        "name": options.name or dns_name(spec.name),
+        "sockets": str(spec.sockets),
+        "cores": str(spec.cores),
+        "memory": str(spec.memory_mib),
+        "ostype": resolved,
+        "bios": "ovmf" if efi else "seabios",
+        "scsihw": scsihw(spec, options),
+    }
+    if efi:
+        # Secure boot's OVMF needs SMM, which only q35 provides; BIOS VMs stay on PVE's default
+        # i440fx ("pc"), the chipset closest to VMware's 440BX.
+        config["machine"] = "q35"
+    uuid = smbios_uuid(spec.uuid)
+    if uuid:
+        config["smbios1"] = f"uuid={uuid}"
+    if spec.cdroms:
+        config[CDROM_KEY] = "none,media=cdrom"  # ISO images stay behind; the drive is kept empty
+    model = nic_model(resolved)
+    for index, nic in enumerate(spec.nics):
+        bridge = nic_bridge(nic.network, bridges, default_bridge)
+        if bridge is None:
+            raise RuleError(f"VM {spec.name}: unmapped-network: net{index} is on network {nic.network!r}, "
+                            "which has no bridge", hint=f"add --network '{nic.network}=BRIDGE'")
+        mac = nic_mac(nic.mac) or mac_for_nic(vmid, index)
+        config[f"net{index}"] = f"{model}={mac},bridge={bridge}"
+    name = " ".join(spec.name.split())  # one line: PVE stores the description as a comment block
+    config["description"] = f"imported from {name} ({tag})"
+    return config

@@ -1,0 +1,198 @@
+"""Named preflight rules: what a VM has that stops its migration, changes on the way, or is worth a note.
+
+Each rule has a stable id (for ``--ignore-rule``, the README and ``inspect
+--json``), a severity (``error`` stops the VM before anything is created,
+``warning`` is shown and recorded, ``info`` is a note) and a one-line reason.
+Pure: ``check`` judges a spec plus what inspection learned; it reads nothing.
+Not for: deciding the KVM hardware (``pveconfig.py``), which these rules
+explain where it differs from VMware's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+
+from . import pveconfig
+from .errors import RuleError
+from .options import MigrationOptions, OptionError
+from .spec import VMSpec, dns_name, pve_ostype
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Rule:
+    severity: str
+    ignorable: bool  # --ignore-rule may downgrade this error to a warning
+    reason: str
+
+
+RULES: dict[str, Rule] = {
+    "encrypted-vm": Rule("error", False, "the VM is encrypted by VMware: its disks are ciphertext whose keys "
+                                         "stay in vCenter's key provider; decrypt it in VMware first"),
+    "rdm-disk": Rule("error", False, "a raw device mapping points at a LUN: the bytes are not in the VM's "
+                                     "files; copy the LUN into a virtual disk in VMware first"),
+    "shared-disk": Rule("error", True, "a multi-writer disk is shared with other VMs: the copy is only "
+                                       "consistent if all of them are off, and it is no longer shared"),
+    "zero-capacity-disk": Rule("error", False, "a disk of 0 bytes: nothing to migrate and no volume to "
+                                               "create; remove it from the VM"),
+    "too-many-disks": Rule("error", False, "more disks than the first boot's bus holds (IDE 3 beside the "
+                                           "CD-ROM, SATA 6, SCSI 31, virtio 16); choose another --bus"),
+    "unmapped-network": Rule("error", False, "a NIC's VMware network has no --network NAME=BRIDGE and no "
+                                             "default bridge was given"),
+    "independent-disk": Rule("warning", False, "an independent disk was never in VMware's snapshots; it is "
+                                               "migrated as a normal disk"),
+    "nvme-controller": Rule("warning", False, "PVE offers no NVMe controller: the disk is attached on the "
+                                              "VM's first-boot bus instead"),
+    "efi-lsi": Rule("warning", False, "OVMF has no LSI/BusLogic/MegaRAID driver: an EFI VM's disks go to "
+                                      "virtio-scsi (or IDE/SATA for Windows) instead"),
+    "vtpm": Rule("warning", False, "the vTPM's state does not move: BitLocker will ask for its recovery "
+                                   "key, and sealed secrets are lost"),
+    "passthrough-device": Rule("warning", False, "USB / PCI passthrough devices belong to the ESXi host: "
+                                                 "dropped"),
+    "unknown-guest-os": Rule("warning", False, "v2p does not know the guest OS: it is mapped to PVE's "
+                                               "'other' (give --os to choose)"),
+    "snapshot-chain": Rule("info", False, "a disk has snapshots: the consolidated disk (the state VMware "
+                                          "runs) is migrated, the snapshots are not kept"),
+    "secure-boot": Rule("info", False, "EFI secure boot stays on with pre-enrolled Microsoft and "
+                                       "distribution keys; keys enrolled by hand (MOK, own PK) do not move"),
+    "vm-name": Rule("info", False, "the VM name is not a DNS name, which PVE requires: it is cleaned"),
+    "generated-mac": Rule("info", False, "a NIC has no usable MAC: v2p gives it a stable one in Proxmox's "
+                                         "range (DHCP reservations keyed on the old one will not match)"),
+    "unmapped-device": Rule("info", False, "hardware v2p has no KVM counterpart for is dropped"),
+}
+
+IGNORABLE = frozenset(rule_id for rule_id, rule in RULES.items() if rule.ignorable)
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    severity: str  # "error" | "warning" | "info"
+    message: str
+    ignored: bool = False  # an error the user downgraded with --ignore-rule
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.id}: {self.message}"
+
+
+def check_ignore(ids: Iterable[str]) -> set[str]:
+    """The --ignore-rule ids, checked: unknown ids and errors that are never safe to ignore are refused."""
+    wanted = set(ids)
+    for rule_id in sorted(wanted):
+        if rule_id not in RULES:
+            raise OptionError(f"--ignore-rule {rule_id!r}: no such rule",
+                              hint="rules: " + ", ".join(sorted(RULES)))
+        rule = RULES[rule_id]
+        if rule.severity == "error" and not rule.ignorable:
+            raise OptionError(f"--ignore-rule {rule_id}: this rule cannot be ignored ({rule.reason})")
+    return wanted
+
+
+def check(spec: VMSpec, options: MigrationOptions, *, ostype: str | None = None,
+          bridges: Mapping[str, str] | None = None, default_bridge: str | None = None,
+          chains: Mapping[str, int] | None = None, capacities: Mapping[str, int] | None = None,
+          ignore: Iterable[str] = ()) -> list[Finding]:
+    """Every rule ``spec`` trips, in ``RULES`` order (then the VM's order of disks / NICs).
+
+    ``ostype`` is the user's explicit --os (None: the spec's guest OS decides). ``chains`` maps a
+    disk's label (``scsi0:1``) to the length of its snapshot chain, ``capacities`` to its size in
+    bytes, both as inspection found them (a .vmx spec says neither). An ignored error comes back as
+    a warning with ``ignored`` set.
+    """
+    ignored = check_ignore(ignore)
+    found = list(_findings(spec, options, ostype=ostype, bridges=bridges or {}, default_bridge=default_bridge,
+                           chains=chains or {}, capacities=capacities or {}))
+    order = list(RULES)
+    found.sort(key=lambda finding: order.index(finding.id))  # stable: the VM's own order within a rule
+    return [Finding(f.id, "warning", f.message, ignored=True) if f.severity == "error" and f.id in ignored
+            else f for f in found]
+
+
+def enforce(spec: VMSpec, findings: list[Finding]) -> None:
+    """Raise a ``RuleError`` for the first error left (warnings and notes pass)."""
+    errors = [f for f in findings if f.severity == "error"]
+    if not errors:
+        return
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    hint = f"if that is safe here: --ignore-rule {first.id}" if first.id in IGNORABLE else None
+    raise RuleError(f"VM {spec.name}: {first.id}: {first.message}{more}", hint=hint)
+
+
+def _finding(rule_id: str, message: str, severity: str | None = None) -> Finding:
+    return Finding(rule_id, severity or RULES[rule_id].severity, message)
+
+
+def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, bridges: Mapping[str, str],
+              default_bridge: str | None, chains: Mapping[str, int],
+              capacities: Mapping[str, int]) -> Iterator[Finding]:
+    resolved = pveconfig.resolve_ostype(spec, ostype)
+    if spec.encrypted:
+        yield _finding("encrypted-vm", "the VM is encrypted (VM Encryption): decrypt it in VMware first")
+    for disk in spec.disks:
+        if disk.rdm:
+            yield _finding("rdm-disk", f"disk {disk.label} ({disk.source}) is a raw device mapping")
+        if disk.shared:
+            yield _finding("shared-disk", f"disk {disk.label} ({disk.source}) is shared (multi-writer): "
+                                          "shut down every VM that uses it before migrating")
+        if capacities.get(disk.label, disk.capacity) == 0:
+            yield _finding("zero-capacity-disk", f"disk {disk.label} ({disk.source}) has a capacity of 0 bytes")
+    too_many = pveconfig.too_many_disks(spec, options, ostype=resolved)
+    if too_many:
+        yield _finding("too-many-disks", f"{too_many}: use --bus scsi (31) or --bus virtio (16)")
+    for index, nic in enumerate(spec.nics):
+        if nic.network is None or nic.network in bridges:
+            continue
+        if default_bridge:
+            yield _finding("unmapped-network", f"net{index} (network {nic.network!r}) has no --network "
+                                               f"mapping: it goes to the default bridge {default_bridge}",
+                           severity="info")
+        else:
+            yield _finding("unmapped-network", f"net{index} is on network {nic.network!r}, which has no "
+                                               f"bridge: add --network '{nic.network}=BRIDGE'")
+    for disk in spec.disks:
+        if disk.independent:
+            yield _finding("independent-disk", f"disk {disk.label} is {disk.mode}: migrated as a normal disk")
+    keys = {} if too_many else {disk.label: key for disk, key in pveconfig.disk_keys(spec, options,
+                                                                                      ostype=resolved)}
+    for disk in spec.disks:
+        if disk.controller == "nvme":
+            where = f" as {keys[disk.label]}" if disk.label in keys else ""
+            yield _finding("nvme-controller", f"disk {disk.label} is on an NVMe controller: attached{where}")
+    if spec.firmware == "efi":
+        lsi = [d.label for d in spec.disks if (d.controller_model or "").lower() in pveconfig.VMWARE_LSI]
+        if lsi:
+            buses = " / ".join(pveconfig.first_boot_buses(options, ostype=resolved))
+            yield _finding("efi-lsi", f"disk{'s' if len(lsi) > 1 else ''} {', '.join(lsi)} on an LSI/BusLogic "
+                                      f"controller: OVMF has no driver for it, attached on {buses} instead")
+        if options.scsihw in pveconfig.NO_OVMF_DRIVER:
+            yield _finding("efi-lsi", f"--scsihw {options.scsihw}: OVMF has no driver for it, virtio-scsi-pci "
+                                      "is used instead")
+    if spec.tpm:
+        yield _finding("vtpm", "the VM has a vTPM: its state does not move (have the BitLocker recovery key "
+                               "at hand)")
+    for device in spec.passthrough:
+        yield _finding("passthrough-device", f"{device} is passed through from the ESXi host: dropped")
+    if ostype is None and pve_ostype(spec.guest_os) is None:
+        named = f"guest OS {spec.guest_os!r}" if spec.guest_os else "no guest OS is named"
+        yield _finding("unknown-guest-os", f"{named}: mapped to 'other' (give --os to choose)")
+    for disk in spec.disks:
+        length = chains.get(disk.label, 1)
+        if length > 1:
+            yield _finding("snapshot-chain", f"disk {disk.label} has {length - 1} snapshot"
+                                             f"{'s' if length > 2 else ''}: the consolidated disk is migrated")
+    if spec.firmware == "efi" and spec.secure_boot:
+        yield _finding("secure-boot", "EFI secure boot: kept on, with pre-enrolled keys")
+    if options.name is None and dns_name(spec.name) != spec.name:
+        yield _finding("vm-name", f"VM name {spec.name!r} is not a DNS name: cleaned to {dns_name(spec.name)!r}")
+    for index, nic in enumerate(spec.nics):
+        if pveconfig.nic_mac(nic.mac) is None:
+            had = f" (its MAC {nic.mac!r} is not one)" if nic.mac else ""
+            yield _finding("generated-mac", f"net{index} has no usable MAC{had}: it gets a new one")
+    for thing in spec.unmapped:
+        yield _finding("unmapped-device", f"{thing}: dropped")
