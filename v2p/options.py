@@ -172,6 +172,11 @@ class MigrationOptions:
         if self.device is not None and not self.device.startswith("/"):
             raise OptionError(f"--to-device {self.device!r} is not an absolute device path")
 
+    def hardware(self, spec: VMSpec) -> VMSpec:
+        """``spec`` with the hardware the user asked for instead (--sockets, --cores, --memory)."""
+        return replace(spec, sockets=self.sockets or spec.sockets, cores=self.cores or spec.cores,
+                       memory_mib=self.memory or spec.memory_mib)
+
     def resolved(self, spec: VMSpec) -> MigrationOptions:
         """These options with what the user left out taken from the VM's own hardware."""
         ostype = self.ostype or (spec.ostype if spec.guest_os else "l26")

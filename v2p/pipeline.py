@@ -85,7 +85,7 @@ class Pipeline:
         workdir = self.target.state_dir() / f"{self.vmid}.work"
         stage_name = "inspect"
         try:
-            spec = self._spec()
+            spec = self.options.hardware(self._spec())
             ctx = Context(self.source, self.vmid, self.options.resolved(spec), self.target,
                           self.state.data["migration_id"], workdir, self.emit, spec,
                           recorded=set(self.state.stages))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import convert, drivers, pveconfig, rules
+from . import drivers, pveconfig, rules
 from .bootwatch import clean
 from .dance import DanceOptions, DriverDance
 from .errors import SourceError, TargetError, VMIDExistsError
@@ -22,8 +22,8 @@ from .runner import which
 from .sources import DiskInput, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
-from .storage import Storage, Volume
-from .targets.base import Target
+from .storage import Storage
+from .targets.base import DiskSink, Target
 from .testhooks import hold_point
 
 Record = dict[str, Any]
@@ -52,6 +52,7 @@ class Context:
     recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
     _storage: Storage | None = None
     _inputs: dict[int, DiskInput] = field(default_factory=dict)
+    _sinks: dict[int, DiskSink] = field(default_factory=dict)
 
     @property
     def guest_owns_disk(self) -> bool:
@@ -66,6 +67,14 @@ class Context:
         if index not in self._inputs:
             self._inputs[index] = self.source.disk_input(self.disks()[index], self.workdir)
         return self._inputs[index]
+
+    def sink(self, index: int) -> DiskSink:
+        """Where disk ``index`` goes on the target (the stages never build a target path)."""
+        if index not in self._sinks:
+            self._sinks[index] = self.target.disk_sink(self.vmid, index, fmt=self.options.fmt,
+                                                       storage=self.options.storage, device=self.options.device,
+                                                       force=self.options.force)
+        return self._sinks[index]
 
     def storage(self) -> Storage:
         """The storage the disks go to (looked up once: the target reads its storage.cfg)."""
@@ -150,35 +159,28 @@ class Preflight(Stage):
             if finding.severity != "error":
                 ctx.emit(Event("warning" if finding.severity == "warning" else "info", self.name,
                                f"{finding.id}: {finding.message}"))
-        errors = [finding for finding in findings if finding.severity == "error"]
-        if errors:
-            first = errors[0]
-            more = f" (and {len(errors) - 1} more: {', '.join(f.id for f in errors[1:])})" if len(errors) > 1 else ""
-            raise SourceError(f"{ctx.source.describe()}: {first.id}: {first.message}{more}",
-                              hint="see: v2p inspect " + ctx.source.describe())
-        storage = ctx.storage()
+        rules.enforce(ctx.spec, findings)
         fmt = ctx.fmt()
         if ctx.options.device and len(ctx.disks()) > 1:
             raise OptionError(f"--to-device takes one disk; {ctx.source.describe()} has {len(ctx.disks())}",
                               hint="migrate onto a storage (--storage) instead")
-        required = 0
+        required, room = 0, {}
         for index in range(len(ctx.disks())):
             given = ctx.disk_input(index)
             if ctx.options.copy_with == "dd" and (given.image is None or not given.image.is_plain_raw):
                 raise OptionError(f"--copy-with dd: disk {index} is {given.flavor}, dd copies raw data only",
                                   hint="leave --copy-with out: qemu-img reads every flavor")
-            storage.check(given.capacity, force=ctx.options.force)
-            required += storage.required_bytes(given.capacity, convert.measure(given.qemu, fmt))
+            room = ctx.sink(index).check(given.qemu, capacity=given.capacity)
+            required += room["required_bytes"]
         if ctx.options.copy_with == "dd" and fmt != "raw":
             raise OptionError("--copy-with dd writes raw disks only", hint="add --format raw")
-        free = storage.free_bytes()
-        if required > free:
-            raise TargetError(f"not enough space on {storage.describe()}: the disks need {required} bytes, "
-                              f"{free} are free", hint="free some space or choose another --storage")
+        if required > room["free_bytes"]:  # each disk fits alone; all of them must fit together
+            raise TargetError(f"not enough space on {room['storage']}: the disks need {required} bytes, "
+                              f"{room['free_bytes']} are free", hint="free some space or choose another --storage")
         if ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance:
             which("qemu-system-x86_64")
-        record: Record = {"storage": storage.describe(), "format": fmt, "required_bytes": required,
-                          "free_bytes": free, "findings": [vars(f) for f in findings]}
+        record: Record = {"storage": room["storage"], "format": fmt, "required_bytes": required,
+                          "free_bytes": room["free_bytes"], "findings": [vars(f) for f in findings]}
         if ctx.options.needs_dance:
             record.update(check_drivers(ctx.target, ctx.options))
         return record
@@ -186,7 +188,9 @@ class Preflight(Stage):
 
 def check_rules(spec: VMSpec, options: MigrationOptions, disks: list[Record]) -> list[rules.Finding]:
     """The named preflight rules for this VM with these options (``disks``: the inspect stage's rows)."""
-    return rules.check(spec, options, disks=disks)
+    return rules.check(spec, options, ostype=options.ostype, bridges=options.networks,
+                       default_bridge=options.bridge, chains={d["label"]: d["chain"] for d in disks},
+                       capacities={d["label"]: d["capacity"] for d in disks}, ignore=options.ignore_rules)
 
 
 def check_drivers(target: Target, options: MigrationOptions) -> Record:
@@ -222,8 +226,9 @@ class Create(Stage):
     fields = {"config": dict}
 
     def run(self, ctx: Context) -> Record:
-        config = pveconfig.vm_config(ctx.spec, ctx.options, vmid=ctx.vmid,
-                                     tag=f"imported from {ctx.source.describe()} ({ctx.tag()})")
+        config = pveconfig.vm_config(ctx.spec, ctx.options, bridges=ctx.options.networks,
+                                     default_bridge=ctx.options.bridge, tag=ctx.tag(), vmid=ctx.vmid,
+                                     ostype=ctx.options.ostype)
         if _ours(ctx):
             ctx.target.destroy_vm(ctx.vmid)
         ctx.target.create_vm(ctx.vmid, config)
@@ -234,97 +239,69 @@ class Create(Stage):
 
 
 class Convert(Stage):
-    """Disk ``index`` of the VM onto the target storage (``convert`` for the boot disk, ``convert:N`` after)."""
+    """Disk ``index`` of the VM written through the target's disk sink (``convert`` for the boot
+    disk, ``convert:N`` after it), into a temporary volume until it is verified."""
 
     summary = "write the disk onto the target storage (a temporary volume until verified)"
-    fields = {"volid": str, "partial_volid": str, "partial": str, "fmt": str, "block": bool, "fingerprint": dict}
+    fields = {"volid": str, "fmt": str, "fingerprint": dict}
 
     def __init__(self, index: int = 0) -> None:
         self.index = index
         self.name = "convert" if index == 0 else f"convert:{index}"
 
     def run(self, ctx: Context) -> Record:
-        storage, fmt, given = ctx.storage(), ctx.fmt(), ctx.disk_input(self.index)
-        final = storage.volume(ctx.vmid, self.index, fmt)
-        partial = storage.allocate(ctx.vmid, self.index, fmt, given.capacity, force=ctx.options.force)
-        zero = storage.reads_as_zero(partial)
+        sink, given = ctx.sink(self.index), ctx.disk_input(self.index)
 
         def progress(percent: float) -> None:
             ctx.emit(Event("progress", self.name, data={
                 "disk": self.index, "percent": percent, "bytes": int(given.capacity * percent / 100),
                 "total": given.capacity}))
 
-        try:
-            if ctx.options.copy_with == "dd":
-                assert given.image is not None  # preflight refused dd for anything but local raw data
-                convert.copy_dd(given.image, partial, target_is_zero=zero, on_progress=progress)
-            else:
-                bwlimit = ctx.options.bwlimit * 1024 if ctx.options.bwlimit else None
-                convert.convert(given.qemu, partial, capacity=given.capacity, target_is_zero=zero,
-                                bwlimit=bwlimit, on_progress=progress)
-        except BaseException:
-            storage.remove(partial)
-            raise
-        return {"volid": final.volid, "partial_volid": partial.volid, "partial": str(partial.path),
-                "fmt": fmt, "block": partial.is_block, "copied_with": ctx.options.copy_with,
-                "target_was_zero": zero, "fingerprint": convert.fingerprint(partial.path)}
+        if ctx.options.copy_with == "dd":
+            assert given.image is not None  # preflight refused dd for anything but local raw data
+            sink.write_dd(given.image, progress=progress)
+        else:
+            bwlimit = ctx.options.bwlimit * 1024 if ctx.options.bwlimit else None
+            sink.write(given.qemu, capacity=given.capacity, progress=progress, bwlimit=bwlimit)
+        return {"volid": sink.volid, "fmt": ctx.fmt(), "copied_with": ctx.options.copy_with,
+                "fingerprint": sink.fingerprint()}
 
     def holds(self, ctx: Context, record: Record) -> bool:
-        paths = [Path(record["partial"])]
-        try:
-            paths.append(ctx.storage().path_of(record["volid"]))
-        except TargetError:
-            pass
-        return any(_same_file(path, record["fingerprint"], ctx.guest_owns_disk) for path in paths)
-
-
-def _same_file(path: Path, fingerprint: dict[str, Any], guest_owned: bool = False) -> bool:
-    """Whether ``path`` is still what was written; once the guest owns it (it writes, a
-    qcow2 grows), only that it is still there."""
-    if guest_owned:
-        return path.exists()
-    try:
-        return convert.fingerprint(path) == fingerprint
-    except OSError:
-        return False
+        sink = ctx.sink(self.index)
+        if ctx.guest_owns_disk:  # it writes, a qcow2 grows: only that it is still there
+            return sink.exists() or sink.written()
+        return sink.volid == record["volid"] and sink.fingerprint() == record["fingerprint"]
 
 
 class Verify(Stage):
     """Disk ``index``: compared with the source, then given its final name."""
 
     summary = "compare the written disk with the source, then give the volume its final name"
-    fields = {"path": str, "verified": bool, "fingerprint": dict}
+    fields = {"volid": str, "verified": bool, "fingerprint": dict}
 
     def __init__(self, index: int = 0) -> None:
         self.index = index
         self.name = "verify" if index == 0 else f"verify:{index}"
-        self.converted = "convert" if index == 0 else f"convert:{index}"
 
     def run(self, ctx: Context) -> Record:
-        made = ctx.records[self.converted]
-        storage = ctx.storage()
-        given = ctx.disk_input(self.index)
-        partial = Volume(made["partial_volid"], Path(made["partial"]), made["fmt"], made["block"])
-        final = storage.volume(ctx.vmid, self.index, made["fmt"])
-        # A run killed (or out of space for its state file) between the rename and the
-        # record left the written volume under its final name: verify it there.
-        committed = partial.path != final.path and not storage.exists(partial) and storage.exists(final)
-        written = Volume(final.volid, storage.path_of(final.volid), final.fmt, final.is_block) \
-            if committed else partial
+        sink, given = ctx.sink(self.index), ctx.disk_input(self.index)
+        # A run killed (or out of space for its state file) between the rename and the record
+        # left the volume under its final name: the sink verifies it wherever it is.
         if ctx.options.verify:
-            convert.compare(given.qemu, written, capacity=given.capacity)
+            sink.verify(given.qemu, capacity=given.capacity)
         else:
             ctx.emit(Event("warning", self.name, "--no-verify: the written disk was not compared"))
-        if not committed:
-            storage.commit(partial, final)
-            hold_point(f"{self.name}:committed")
-        path = storage.path_of(final.volid)
-        return {"path": str(path), "verified": ctx.options.verify, "fingerprint": convert.fingerprint(path)}
+        volid = sink.commit()
+        hold_point(f"{self.name}:committed")
+        return {"volid": volid, "verified": ctx.options.verify, "fingerprint": sink.fingerprint()}
 
     def holds(self, ctx: Context, record: Record) -> bool:
         if ctx.options.verify and not record.get("verified") and not ctx.guest_owns_disk:
             return False  # recorded with --no-verify, asked for now (too late once the guest wrote to it)
-        return _same_file(Path(record["path"]), record["fingerprint"], ctx.guest_owns_disk)
+        sink = ctx.sink(self.index)
+        if ctx.guest_owns_disk:
+            return sink.exists()
+        return sink.exists() and sink.fingerprint() == record["fingerprint"]
 
 
 class Attach(Stage):
@@ -339,8 +316,8 @@ class Attach(Stage):
         updates: dict[str, str] = {}
         for disk, key in placed:
             index = by_label[disk.label]
-            volid = ctx.records["convert" if index == 0 else f"convert:{index}"]["volid"]
-            updates[key] = f"{volid},size={_pve_size(ctx.disk_input(index).capacity)}"
+            volid = ctx.records["verify" if index == 0 else f"verify:{index}"]["volid"]
+            updates[key] = pveconfig.disk_value(volid, ctx.disk_input(index).capacity)
         updates["boot"] = pveconfig.boot_order([key for _disk, key in placed])
         ctx.target.set_config(ctx.vmid, updates)
         return {"keys": {key: value for key, value in updates.items() if key != "boot"}}
@@ -352,13 +329,6 @@ class Attach(Stage):
         except TargetError:
             return False
         return all(value in values for value in record["keys"].values())
-
-
-def _pve_size(capacity: int) -> str:
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if capacity % (1 << shift) == 0:
-            return f"{capacity >> shift}{unit}"
-    return str(capacity)
 
 
 class Drivers(Stage):
