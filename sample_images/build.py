@@ -18,16 +18,21 @@ Produces (all paths relative to OUTDIR):
     winguest/winguest.vmdk         its monolithicSparse VMDK
     winguest-nodriver.bin, winguest-nodriver.raw   (nasm -DSTANDIN_NO_DRIVER)
     winguest-nodriver/winguest-nodriver.vmdk
+    efi/efi.raw, efi/efi.vmdk      UEFI guest (efi_guest.asm as \\EFI\\BOOT\\BOOTX64.EFI
+                                   on a FAT16 ESP in a GPT disk; monolithicSparse VMDK)
     manifest.json                  what was built (written last)
 
 The stand-ins are in manifest["standins"], NOT in manifest["flavors"]; their
-serial lines are in manifest["standin_serial"] (see standin.inc).
+serial lines are in manifest["standin_serial"] (see standin.inc).  The UEFI
+guest is manifest["efi"] (its line: manifest["efi"]["expected_serial"]).
 
 Python 3.11 standard library only; `nasm` and `qemu-img` are run through
-subprocess with argv lists.  The build is skipped when manifest.json is newer
-than guest.asm, standin.inc and this file, was made for the same --size-mib and all listed
-files still exist (--force rebuilds).  Can also be imported: build(outdir, ...)
-returns the manifest dict.
+subprocess with argv lists (the GPT and the FAT of the EFI disk are written
+here, byte by byte, so no mtools/sgdisk and no mount).  The build is skipped
+when manifest.json is newer than guest.asm, standin.inc, efi_guest.asm and
+this file, was made for the same --size-mib and all listed files still exist
+(--force rebuilds).  Can also be imported: build(outdir, ...) returns the
+manifest dict.
 """
 
 from __future__ import annotations
@@ -39,13 +44,17 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import uuid
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ASM_SOURCE = HERE / "guest.asm"
 ASM_INCLUDES = (HERE / "standin.inc",)  # %include'd by guest.asm
+EFI_ASM_SOURCE = HERE / "efi_guest.asm"
 THIS_FILE = Path(__file__).resolve()
 
 SECTOR = 512
@@ -76,6 +85,18 @@ STANDINS = {
 STANDIN_VMDK_FLAVOR = "monolithicSparse"
 STANDIN_FLAG_LBA = 2048  # driver flag sector, passed to nasm as well
 FLAG_MAGIC = "V2P-DRIVERS "
+
+# UEFI guest disk: GPT, one ESP (FAT16, one sector per cluster) at 1 MiB.
+EFI_NAME = "efi"
+EFI_DISK_MIB = 8
+EFI_ESP_FIRST_LBA = 2048
+EFI_ESP_SECTORS = 8192  # 4 MiB: 8095 clusters, inside FAT16's 4085..65524
+EFI_LINE = "v2p-efi-guest: up"
+# Fixed GUIDs, serial and timestamps keep the image byte-for-byte reproducible.
+EFI_DISK_GUID = "5632502d-4546-4900-8000-000000000001"
+EFI_ESP_GUID = "5632502d-4546-4900-8000-000000000002"
+ESP_TYPE_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+EFI_VOLUME_ID = 0x56325045
 
 
 def flag_text(viostor: bool = False, netkvm: bool = False) -> str:
@@ -212,6 +233,176 @@ def sha256_file(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------
+# UEFI guest disk: GPT + FAT16 ESP, written without mounting anything
+
+_FAT_DATE = ((2024 - 1980) << 9) | (1 << 5) | 1  # 2024-01-01, fixed for reproducibility
+
+
+def _dirent(name: bytes, attr: int, cluster: int, size: int = 0) -> bytes:
+    """One 32-byte FAT directory entry (8.3 name already padded to 11 bytes)."""
+    assert len(name) == 11
+    return struct.pack("<11sBBBHHHHHHHI", name, attr, 0, 0, 0, _FAT_DATE, _FAT_DATE,
+                       0, 0, _FAT_DATE, cluster, size)
+
+
+def fat16_esp(files: dict[str, bytes], sectors: int, hidden: int) -> bytes:
+    """A FAT16 volume of ``sectors`` sectors holding ``files`` ("EFI/BOOT/BOOTX64.EFI" ->
+    content; upper-case 8.3 names only), one sector per cluster, two FATs."""
+    rsvd, nfats, root_entries = 1, 2, 512
+    root_sectors = root_entries * 32 // SECTOR
+    fat_sectors = 1
+    while True:  # the FAT must cover every cluster the rest of the volume leaves
+        clusters = sectors - rsvd - nfats * fat_sectors - root_sectors
+        if (clusters + 2) * 2 <= fat_sectors * SECTOR:
+            break
+        fat_sectors += 1
+    if not 4085 <= clusters < 65525:
+        raise BuildError(f"ESP of {sectors} sectors is not a FAT16 size ({clusters} clusters)")
+    data_start = rsvd + nfats * fat_sectors + root_sectors
+
+    fat = [0xFFF8, 0xFFFF]
+    clusters_data: dict[int, bytes] = {}
+
+    def alloc(data: bytes) -> int:
+        count = max(1, -(-len(data) // SECTOR))
+        first = len(fat)
+        for i in range(count):
+            fat.append(first + i + 1 if i < count - 1 else 0xFFFF)
+        clusters_data[first] = data
+        return first
+
+    def short(name: str) -> bytes:
+        stem, _, ext = name.partition(".")
+        if not (stem.isupper() or stem.isdigit()) or len(stem) > 8 or len(ext) > 3:
+            raise BuildError(f"{name}: not an upper-case 8.3 name")
+        return stem.ljust(8).encode("ascii") + ext.ljust(3).encode("ascii")
+
+    # tree: {dir name: subtree | file bytes}
+    tree: dict = {}
+    for path, content in files.items():
+        *dirs, leaf = path.split("/")
+        node = tree
+        for d in dirs:
+            node = node.setdefault(d, {})
+        node[leaf] = content
+
+    def write_dir(node: dict, parent: int) -> bytes:
+        """Entries of the directory ``node``; allocates clusters for what it holds."""
+        entries = []
+        for name, child in node.items():
+            if isinstance(child, dict):
+                first = len(fat)
+                fat.append(0xFFFF)  # one cluster per directory is plenty here
+                body = (_dirent(b".          ", 0x10, first) + _dirent(b"..         ", 0x10, parent)
+                        + write_dir(child, first))
+                if len(body) > SECTOR:
+                    raise BuildError(f"directory {name} does not fit one cluster")
+                clusters_data[first] = body
+                entries.append(_dirent(short(name), 0x10, first))
+            else:
+                entries.append(_dirent(short(name), 0x20, alloc(child), len(child)))
+        return b"".join(entries)
+
+    root = _dirent(b"V2P-EFI    ", 0x08, 0) + write_dir(tree, 0)
+    if len(root) > root_entries * 32 or len(fat) - 2 > clusters:
+        raise BuildError("ESP contents too large")
+
+    volume = bytearray(sectors * SECTOR)
+    boot = struct.pack("<3s8sHBHBHHBHHHII", b"\xeb\x3c\x90", b"V2P     ", SECTOR, 1, rsvd, nfats,
+                       root_entries, sectors if sectors < 65536 else 0, 0xF8, fat_sectors,
+                       32, 64, hidden, sectors if sectors >= 65536 else 0)
+    boot += struct.pack("<BBBI11s8s", 0x80, 0, 0x29, EFI_VOLUME_ID, b"V2P-EFI    ", b"FAT16   ")
+    volume[: len(boot)] = boot
+    volume[510:512] = b"\x55\xaa"
+    fat_bytes = b"".join(struct.pack("<H", entry) for entry in fat)
+    for i in range(nfats):
+        offset = (rsvd + i * fat_sectors) * SECTOR
+        volume[offset : offset + len(fat_bytes)] = fat_bytes
+    offset = (rsvd + nfats * fat_sectors) * SECTOR
+    volume[offset : offset + len(root)] = root
+    for cluster, data in clusters_data.items():
+        offset = (data_start + cluster - 2) * SECTOR
+        volume[offset : offset + len(data)] = data
+    return bytes(volume)
+
+
+def _gpt_header(my_lba: int, alt_lba: int, entries_lba: int, last_lba: int,
+                entries_crc: int) -> bytes:
+    fields = [b"EFI PART", 0x00010000, 92, 0, 0, my_lba, alt_lba, 34, last_lba - 33,
+              uuid.UUID(EFI_DISK_GUID).bytes_le, entries_lba, 128, 128, entries_crc]
+    layout = "<8sIIIIQQQQ16sQIII"
+    crc = zlib.crc32(struct.pack(layout, *fields))
+    fields[3] = crc
+    return struct.pack(layout, *fields).ljust(SECTOR, b"\0")
+
+
+def write_efi_raw(path: Path, efi_app: bytes, size_mib: int = EFI_DISK_MIB) -> None:
+    """A GPT disk whose only partition is an ESP with ``efi_app`` as the removable-media
+    boot file \\EFI\\BOOT\\BOOTX64.EFI (what firmware boots with no boot entries)."""
+    total = size_mib * MIB // SECTOR
+    last_lba = total - 1
+    esp_last = EFI_ESP_FIRST_LBA + EFI_ESP_SECTORS - 1
+    if esp_last > last_lba - 33:
+        raise BuildError("EFI disk too small for its ESP")
+    entry = struct.pack("<16s16sQQQ72s", uuid.UUID(ESP_TYPE_GUID).bytes_le,
+                        uuid.UUID(EFI_ESP_GUID).bytes_le, EFI_ESP_FIRST_LBA, esp_last, 0,
+                        "EFI system partition".encode("utf-16-le"))
+    entries = entry.ljust(128 * 128, b"\0")
+    entries_crc = zlib.crc32(entries)
+    # protective MBR: one 0xEE partition over the whole disk (CHS fields saturated)
+    mbr = bytearray(SECTOR)
+    mbr[446:462] = struct.pack("<B3sB3sII", 0, b"\x00\x02\x00", 0xEE, b"\xff\xff\xff", 1,
+                               min(total - 1, 0xFFFFFFFF))
+    mbr[510:512] = b"\x55\xaa"
+    esp = fat16_esp({"EFI/BOOT/BOOTX64.EFI": efi_app}, EFI_ESP_SECTORS, EFI_ESP_FIRST_LBA)
+    with open(path, "wb") as f:
+        f.truncate(total * SECTOR)
+        f.write(mbr)
+        f.write(_gpt_header(1, last_lba, 2, last_lba, entries_crc))
+        f.write(entries)
+        f.seek(EFI_ESP_FIRST_LBA * SECTOR)
+        f.write(esp.rstrip(b"\0"))  # the empty rest stays a hole
+        f.seek((last_lba - 32) * SECTOR)
+        f.write(entries)
+        f.write(_gpt_header(last_lba, 1, last_lba - 32, last_lba, entries_crc))
+
+
+def _build_efi(stage: Path, tools: dict[str, str], quiet: bool) -> dict:
+    d = stage / EFI_NAME
+    d.mkdir()
+    app_path = d / "BOOTX64.EFI"
+    run([tools["nasm"], "-f", "bin", "-o", str(app_path), str(EFI_ASM_SOURCE)])
+    app = app_path.read_bytes()
+    if app[:2] != b"MZ" or app[0x40:0x44] != b"PE\0\0":
+        raise BuildError(f"{app_path}: not a PE image")
+    raw_path = d / f"{EFI_NAME}.raw"
+    write_efi_raw(raw_path, app)
+    vmdk = d / f"{EFI_NAME}.vmdk"
+    run([tools["qemu-img"], "convert", "-q", "-f", "raw", "-O", "vmdk",
+         "-o", "subformat=monolithicSparse", str(raw_path), str(vmdk)])
+    cmp = subprocess.run([tools["qemu-img"], "compare", "-q", "-f", "raw", "-F", "vmdk",
+                          str(raw_path), str(vmdk)], capture_output=True, text=True)
+    if cmp.returncode != 0:
+        raise BuildError(f"{EFI_NAME}: qemu-img compare against {EFI_NAME}.raw failed "
+                         f"(exit {cmp.returncode}): {cmp.stdout}{cmp.stderr}".rstrip())
+    size = EFI_DISK_MIB * MIB
+    log(f"{EFI_NAME}: {EFI_NAME}/{EFI_NAME}.raw + {EFI_NAME}/{EFI_NAME}.vmdk "
+        f"(GPT, FAT16 ESP, BOOTX64.EFI {len(app)} bytes)", quiet)
+    return {
+        "dir": EFI_NAME,
+        "raw": f"{EFI_NAME}/{EFI_NAME}.raw",
+        "raw_sha256": sha256_file(raw_path),
+        "descriptor": f"{EFI_NAME}/{EFI_NAME}.vmdk",
+        "files": [f"{EFI_NAME}/{EFI_NAME}.vmdk"],
+        "flavor": "monolithicSparse",
+        "app": {"path": f"{EFI_NAME}/BOOTX64.EFI", "sha256": sha256_file(app_path)},
+        "virtual_size": size,
+        "sectors": size // SECTOR,
+        "expected_serial": {"up": EFI_LINE},
+    }
+
+
+# ---------------------------------------------------------------------------
 # descriptors
 
 
@@ -295,14 +486,15 @@ def up_to_date(outdir: Path, size_mib: int) -> dict | None:
         mtime = manifest_path.stat().st_mtime
     except (OSError, ValueError):
         return None
-    newest_input = max(p.stat().st_mtime for p in (ASM_SOURCE, THIS_FILE, *ASM_INCLUDES))
+    newest_input = max(p.stat().st_mtime
+                       for p in (ASM_SOURCE, EFI_ASM_SOURCE, THIS_FILE, *ASM_INCLUDES))
     if mtime <= newest_input:
         return None
     if manifest.get("schema") != SCHEMA_VERSION or manifest.get("size_mib") != size_mib:
         return None
-    if set(manifest.get("standins", {})) != set(STANDINS):
+    if set(manifest.get("standins", {})) != set(STANDINS) or "efi" not in manifest:
         return None
-    paths = [manifest["raw"]["path"]]
+    paths = [manifest["raw"]["path"], manifest["efi"]["raw"], *manifest["efi"]["files"]]
     for entry in manifest["flavors"].values():
         paths += entry["files"]
     for entry in manifest["standins"].values():
@@ -426,6 +618,9 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
     # 6. Windows stand-ins: same disk, other boot program, plus the flag sector
     standins = _build_standins(stage, size_mib, tools, quiet)
 
+    # 7. the UEFI guest (its own disk, independent of --size-mib)
+    efi = _build_efi(stage, tools, quiet)
+
     manifest = {
         "schema": SCHEMA_VERSION,
         "size_mib": size_mib,
@@ -443,6 +638,7 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
         },
         "flavors": flavors,
         "standins": standins,
+        "efi": efi,
         "standin_serial": {
             # after the same controller/sectors/marker lines as the plain guest;
             # {controller} = the name from the boot controller= line
@@ -459,9 +655,9 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
         },
     }
 
-    # 7. move into place (replacing earlier outputs), manifest last
+    # 8. move into place (replacing earlier outputs), manifest last
     standin_outputs = [p for name in standins for p in (f"{name}.bin", f"{name}.raw", name)]
-    for name in ["guest.bin", "guest.raw", *flavors, *standin_outputs]:
+    for name in ["guest.bin", "guest.raw", *flavors, *standin_outputs, EFI_NAME]:
         target = outdir / name
         if target.is_dir():
             shutil.rmtree(target)

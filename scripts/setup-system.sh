@@ -23,6 +23,10 @@ mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 if ! ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1'; then
   missing+=(libmagic1)
 fi
+# UEFI firmware (bios: ovmf VMs): a package of files, no command to look for.
+if [ ! -e /usr/share/OVMF/OVMF_CODE_4M.fd ]; then
+  missing+=(ovmf)
+fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   missing+=(python3-venv python3-pip)
 fi

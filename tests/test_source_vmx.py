@@ -245,7 +245,7 @@ def test_snapshot_delta_gives_the_consolidated_disk(tmp_path: Path) -> None:
 
 
 def test_escapes_are_decoded() -> None:
-    vmx = parse_vmx('displayName = "Web |22prod|22 |7C 01 caf|C3|A9 |zz|7c"\n'.encode(), "x.vmx")
+    vmx = parse_vmx(b'displayName = "Web |22prod|22 |7C 01 caf|C3|A9 |zz|7c"\n', "x.vmx")
     assert vmx.get("displayname") == 'Web "prod" | 01 café |zz|'
 
 

@@ -22,7 +22,7 @@ from ..errors import SourceError, UnsafeSourceError
 from ..inspect import inspect_disk
 from ..inspect import vmdk as vmdk_parser
 from ..inspect.model import SECTOR, DiskImage
-from ..spec import CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
+from ..spec import CONTROLLER_KINDS, CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
 from .base import DiskInput, Source
 
 # A .vmx is a few KiB; a big one carries guestinfo blobs. Past this it is not a .vmx.
@@ -264,7 +264,7 @@ class VmxSource(Source):
             match = _SLOT.match(key)
             if match and vmx.flag(key):
                 slots.append(_Slot(match.group(1), int(match.group(2)), int(match.group(3))))
-        slots.sort(key=lambda s: (("ide", "sata", "scsi", "nvme").index(s.controller), s.bus, s.unit))
+        slots.sort(key=lambda s: (CONTROLLER_KINDS.index(s.controller), s.bus, s.unit))
         for slot in slots:
             ns = slot.label
             controller = f"{slot.controller}{slot.bus}"
@@ -284,6 +284,7 @@ class VmxSource(Source):
             else:
                 spec.unmapped.append(f"{ns}: device type {device_type!r} ({file_name or 'no file'})")
         spec.disks.sort(key=controller_order)
+        spec.cdroms.sort(key=lambda c: (CONTROLLER_KINDS.index(c.controller), c.bus, c.unit))
 
     def _disk(self, vmx: VmxFile, slot: _Slot, rdm: bool, encrypted: bool,
               images: dict[str, DiskImage]) -> DiskSpec:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import TargetError
 from ..runner import which
+from . import efi
 from .base import VMConfig
 
 SCSI_CONTROLLERS = {
@@ -37,9 +38,10 @@ def build(vmid: int, config: VMConfig, accel: str, *, run_dir: Path, qmp_path: P
           volume_file: Callable[[str], tuple[Path, str]]) -> list[str]:
     """The qemu-system-x86_64 argv for VM ``vmid`` with ``config``; ``volume_file`` maps a
     volume id to (path, format)."""
+    firmware = efi.firmware(vmid, config)
     argv = [
         which("qemu-system-x86_64"), "-name", config.get("name", f"vm{vmid}"),
-        "-machine", "q35" if config.get("machine", "").startswith("q35") else "pc",
+        "-machine", _machine(vmid, config, firmware),
         "-accel", accel, "-m", config.get("memory", "512"),
         "-smp", config.get("cores", "1"), "-nodefaults", "-display", "none",
         "-qmp", f"unix:{_qemu_escape(qmp_path)},server=on,wait=off",
@@ -51,16 +53,44 @@ def build(vmid: int, config: VMConfig, accel: str, *, run_dir: Path, qmp_path: P
     ]
     if accel == "kvm":
         argv += ["-cpu", "host"]
-    if config.get("bios") == "ovmf":
-        firmware = Path("/usr/share/OVMF/OVMF_CODE.fd")
-        if not firmware.exists():
-            raise TargetError(f"VM {vmid} wants UEFI (bios: ovmf) but {firmware} is missing",
-                              hint="apt-get install ovmf")
-        argv += ["-bios", str(firmware)]
+    if firmware is not None:
+        argv += _pflash_args(config, firmware, volume_file)
     order = _boot_order(config)
     argv += _disk_args(vmid, config, order, volume_file)
     argv += _nic_args(config, order)
     return argv
+
+def _machine(vmid: int, config: VMConfig, firmware: efi.Firmware | None) -> str:
+    machine = config.get("machine", "")
+    q35 = "q35" in machine
+    if firmware is None or not firmware.secure:
+        return "q35" if q35 else "pc"
+    # OVMF's Secure Boot build keeps its variables safe in SMM, which it only supports on q35.
+    if machine and not q35:
+        raise TargetError(f"VM {vmid}: Secure Boot (efidisk0 pre-enrolled-keys=1) needs a q35 machine, "
+                          f"the config says machine: {machine}",
+                          hint="set machine: q35, or pre-enrolled-keys=0")
+    return "q35,smm=on"
+
+
+def _pflash_args(config: VMConfig, firmware: efi.Firmware,
+                 volume_file: Callable[[str], tuple[Path, str]]) -> list[str]:
+    """OVMF as two flash chips: the code read-only, the VM's efidisk0 as its variable store."""
+    argv = ["-drive", f"if=pflash,unit=0,format=raw,readonly=on,file={_qemu_escape(firmware.code)}"]
+    if firmware.secure:
+        # Only SMM code may write the vars flash: the guest OS cannot bypass Secure Boot.
+        argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    disk = efi.efidisk_options(config)
+    if disk is None:
+        # Like PVE without an efidisk: variables live for one run only (a throwaway overlay).
+        return argv + ["-drive", f"if=pflash,unit=1,format=raw,snapshot=on,"
+                       f"file={_qemu_escape(firmware.vars_template)}"]
+    path, fmt = volume_file(disk[0])
+    # A raw vars volume may be bigger than the flash (an LV is whole extents): use its head.
+    size = f",size={firmware.vars_size}" if fmt == "raw" else ""
+    return argv + ["-drive", f"if=pflash,unit=1,id=drive-efidisk0,format={fmt}{size},"
+                   f"file={_qemu_escape(path)}"]
+
 
 def _disk_args(vmid: int, config: VMConfig, order: list[str],
            volume_file: Callable[[str], tuple[Path, str]]) -> list[str]:
