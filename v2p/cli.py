@@ -92,11 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="DISK")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("migrate", help="migrate one VMware disk to a new VM")
-    p.add_argument("source", metavar="DISK")
+    p = sub.add_parser("migrate", help="migrate a VMware VM (.vmx, .ovf, .ova, VM folder) or one disk to a new VM")
+    p.add_argument("source", metavar="SOURCE")
     p.add_argument("--vmid", type=parse_vmid, required=True)
-    p.add_argument("--os", dest="ostype", default="l26", choices=sorted(OSTYPES),
-                   help="PVE ostype; Windows types boot from IDE, others from SCSI (default: l26)")
+    p.add_argument("--os", dest="ostype", default=None, choices=sorted(OSTYPES),
+                   help="PVE ostype; Windows types boot from IDE, others from SCSI (default: the VM's guest "
+                   "OS; l26 for a loose disk)")
+    p.add_argument("--network", action="append", default=[], metavar="NAME=BRIDGE", type=_network,
+                   help="put the VM's NICs on VMware network NAME onto bridge BRIDGE (repeatable)")
+    p.add_argument("--bridge", help="the bridge for NICs whose network has no --network (default: none for "
+                   "named networks: refused; vmbr0 for a loose disk's NIC)")
+    p.add_argument("--ignore-rule", action="append", default=[], metavar="ID",
+                   help="turn an ignorable preflight rule's error into a warning (see v2p inspect)")
     p.add_argument("--bus", choices=BUSES, help="disk bus (default: ide for Windows, scsi otherwise)")
     p.add_argument("--format", dest="fmt", choices=FORMATS,
                    help="disk format (default: qcow2 on dir storages, raw on lvm and devices)")
@@ -110,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="overwrite a device that carries a partition table or file system, or is held open")
     p.add_argument("--name")
-    p.add_argument("--cores", type=_whole("--cores", CORES), default=1)
-    p.add_argument("--memory", type=_whole("--memory", MEMORY, "MiB"), default=512, help="MiB (default: 512)")
+    p.add_argument("--sockets", type=_whole("--sockets", (1, 16)), default=None,
+                   help="default: the VM's (1 for a loose disk)")
+    p.add_argument("--cores", type=_whole("--cores", CORES), default=None,
+                   help="per socket (default: the VM's; 1 for a loose disk)")
+    p.add_argument("--memory", type=_whole("--memory", MEMORY, "MiB"), default=None,
+                   help="MiB (default: the VM's; 512 for a loose disk)")
     p.add_argument("--scsihw", choices=SCSIHW, default="virtio-scsi-pci")
     p.add_argument("--start", action=argparse.BooleanOptionalAction, default=False,
                    help="leave the VM running at the end (default: stopped)")
@@ -357,23 +368,29 @@ class _Printer:
             self.bar = None
 
 
+def _network(text: str) -> tuple[str, str]:
+    name, sep, bridge = text.rpartition("=")
+    if not sep or not name or not bridge:
+        raise argparse.ArgumentTypeError(f"--network {text!r}: expected NAME=BRIDGE")
+    return name, bridge
+
+
 def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     printer = _Printer()
     migration = api.Migration(
         args.source, args.vmid, target=target, on_event=printer, ostype=args.ostype, bus=args.bus,
-        fmt=args.fmt, name=args.name, cores=args.cores, memory=args.memory, scsihw=args.scsihw,
+        fmt=args.fmt, name=args.name, cores=args.cores, memory=args.memory, sockets=args.sockets,
+        networks=dict(args.network), bridge=args.bridge, ignore_rules=tuple(args.ignore_rule), scsihw=args.scsihw,
         start=args.start, boot_check=args.boot_check, boot_timeout=args.boot_timeout,
         bwlimit=args.bwlimit, storage=args.storage, device=args.device, copy_with=args.copy_with,
         verify=args.verify, force=args.force, drivers_iso=args.drivers_iso, net_drivers=args.net_drivers,
         arch=args.arch, dance_wait=args.dance_wait, shutdown_timeout=args.shutdown_timeout)
     if args.dry_run:
-        image = api.inspect(args.source)
-        print(f"{image.path.name}: {image.flavor}, {image.capacity} bytes")
-        for kind, text in image.messages:
-            print(f"{kind}: {text}")
+        spec = migration.pipeline.source.spec()
+        print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, {spec.memory_mib} MiB, "
+              f"{spec.firmware}")
         where = args.device or f"storage {args.storage}"
-        print(f"would migrate to VMID {args.vmid} on the {target.kind} target "
-              f"({migration.options.disk_bus}0 on {where}):")
+        print(f"would migrate to VMID {args.vmid} on the {target.kind} target ({where}):")
         for name, summary, done in migration.plan():
             print(f"  {name:<10} {'done, would skip' if done else summary}")
         return 0
