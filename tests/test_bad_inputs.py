@@ -99,7 +99,7 @@ def _(f, s, samples):
 @case("directory")
 def _(f, s, samples):
     (f / "vm").mkdir()
-    return f / "vm", "is a directory"
+    return f / "vm", "a folder to migrate must hold exactly one .vmx (0 found)"
 
 
 @case("dangling-symlink")
