@@ -164,7 +164,8 @@ OVF1 = """<?xml version="1.0" encoding="UTF-8"?>
       <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>
       <vmw:Config ovf:required="false" vmw:key="bootOptions.efiSecureBootEnabled" vmw:value="true"/>
       <vmw:ExtraConfig ovf:required="false" vmw:key="nvram" vmw:value="win10-file1.nvram"/>
-      <vmw:ExtraConfig ovf:required="false" vmw:key="uuid.bios" vmw:value="42 1a 6b 3c 4d 5e 6f 70-81 92 a3 b4 c5 d6 e7 f8"/>
+      <vmw:ExtraConfig ovf:required="false" vmw:key="uuid.bios"
+          vmw:value="42 1a 6b 3c 4d 5e 6f 70-81 92 a3 b4 c5 d6 e7 f8"/>
     </VirtualHardwareSection>
     <vmw:BootOrderSection vmw:instanceId="8" vmw:type="disk">
       <Info>Virtual hardware device boot order</Info>
