@@ -555,6 +555,15 @@ def _ova_mismatch(tmp: Path, disks: dict[str, Path]) -> OvaSource:
     return OvaSource(ova_of(folder, tmp / "win10.ova"))
 
 
+def _ova_staged_mismatch(tmp: Path, disks: dict[str, Path]) -> OvaSource:
+    """A qcow2 member is copied out while its digest is taken: a mismatch leaves no copy behind."""
+    folder = make_ovf(tmp / "pkg", disks, version=2, fmt="qcow2", manifest="sha512").parent
+    mf = folder / "linux.mf"
+    digest = hashlib.sha512((folder / "linux-disk1.qcow2").read_bytes()).hexdigest()
+    mf.write_text(mf.read_text().replace(digest, "f" * 128))
+    return OvaSource(ova_of(folder, tmp / "linux.ova"))
+
+
 def _ovf_text(text: str) -> Callable[[Path, dict[str, Path]], OvfSource]:
     def build(tmp: Path, disks: dict[str, Path]) -> OvfSource:
         return OvfSource(make_ovf(tmp / "pkg", disks, version=1, text=text, manifest=None))
@@ -616,6 +625,8 @@ REFUSED: dict[str, tuple[Callable[[Path, dict[str, Path]], OvfSource | OvaSource
     "ovf manifest mismatch": (_ovf_mismatch, "pkg/win10-disk1.vmdk", "SHA256 does not match the manifest"),
     "ova manifest mismatch": (_ova_mismatch, "win10.ova: member win10-disk2.vmdk",
                               "SHA256 does not match the manifest"),
+    "staged member mismatch": (_ova_staged_mismatch, "linux.ova: member linux-disk1.qcow2",
+                               "SHA512 does not match the manifest"),
     "billion laughs": (_ovf_text(BOMB), "pkg/win10.ovf", "DTD"),
     "external entity": (_ovf_text(EXTERNAL), "pkg/win10.ovf", "DTD"),
     "member ../": (_ova_with(("../escape.vmdk", b"x" * 512)), "evil.ova", "'../escape.vmdk' leaves"),
