@@ -678,3 +678,34 @@ def test_envelope_without_files_parses_alone() -> None:
     envelope = parse_envelope(OVF2.format(href1="a.vmdk", href2="b.vmdk", size1=1, size2=2).encode(), "x.ovf")
     assert [f.href for f in envelope.files.values()] == ["a.vmdk", "b.vmdk"]
     assert envelope.spec == LINUX_SPEC
+
+
+# ---------------------------------------------------------------------------------------------
+# an OVA written by VMware's own open-vmdk tools (ova-compose + vmdk-convert; see the .yaml)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def fixture_raw() -> bytes:
+    data = bytearray(2 * MiB)
+    head, tail = b"v2p ova-compose fixture: sector 0", b"v2p ova-compose fixture: last MiB"
+    data[:len(head)] = head
+    data[510:512] = b"\x55\xaa"
+    data[MiB:MiB + len(tail)] = tail
+    return bytes(data)
+
+
+def test_ova_from_vmware_ova_compose(tmp_path: Path) -> None:
+    ova = tmp_path / "v2p-fixture.ova"
+    shutil.copyfile(FIXTURES / "v2p-fixture.ova", ova)
+    source = OvaSource(ova)
+    assert source.spec() == VMSpec(
+        name="v2p-fixture", firmware="efi", secure_boot=True, sockets=4, cores=1, memory_mib=1024,
+        guest_os="ubuntu64Guest", disks=[DiskSpec("nvme", 0, 0, "file0", 2 * MiB, "nvme")],
+        nics=[NicSpec("vmxnet3", None, "VM Network")], cdroms=[CdromSpec("sata", 0, 0)])
+    assert source.warnings == []
+    raw = tmp_path / "fixture.img"
+    raw.write_bytes(fixture_raw())
+    given = source.disk_input(source.spec().disks[0], tmp_path / "work")
+    assert given.qemu.filename.startswith("json:") and given.flavor == "streamOptimized"
+    same_bytes(raw, given)
