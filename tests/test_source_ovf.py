@@ -709,3 +709,11 @@ def test_ova_from_vmware_ova_compose(tmp_path: Path) -> None:
     given = source.disk_input(source.spec().disks[0], tmp_path / "work")
     assert given.qemu.filename.startswith("json:") and given.flavor == "streamOptimized"
     same_bytes(raw, given)
+
+
+def test_ova_with_the_ovf_not_first_is_read_with_a_warning(tmp_path: Path, disks: dict[str, Path]) -> None:
+    folder = make_ovf(tmp_path / "pkg", disks, version=2)
+    files = sorted(folder.parent.iterdir(), key=lambda p: (p.suffix == ".ovf", p.name))
+    source = OvaSource(make_ova(tmp_path / "linux.ova", [(p.name, p.read_bytes()) for p in files]))
+    assert source.spec() == LINUX_SPEC
+    assert len(source.warnings) == 1 and "not the first member" in source.warnings[0]
