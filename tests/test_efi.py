@@ -126,6 +126,15 @@ def test_secure_boot_on_i440fx_is_refused(target: LocalTarget, samples: Path,
         target.command_line(VMID, "tcg")
 
 
+@pytest.mark.parametrize("machine", ["", "q35", "pc-q35-7.2"])
+def test_secure_boot_machine_is_q35_with_smm(target: LocalTarget, samples: Path,
+                                             manifest: dict[str, Any], machine: str) -> None:
+    """No machine key (PVE's default would be i440fx) or any q35 spelling: q35 with SMM."""
+    efi_vm(target, samples, manifest, "scsi0", secure=True, **({"machine": machine} if machine else {}))
+    argv = target.command_line(VMID, "tcg")
+    assert argv[argv.index("-machine") + 1] == "q35,smm=on"
+
+
 def test_unknown_efitype_is_refused(target: LocalTarget, samples: Path, manifest: dict[str, Any]) -> None:
     config = efi_vm(target, samples, manifest, "scsi0")
     target.set_config(VMID, {"efidisk0": config["efidisk0"].replace("efitype=4m", "efitype=8m")})
