@@ -13,6 +13,8 @@
 ;   v2p-guest: boot controller=<NAME> pci=<vvvv>:<dddd>
 ;   v2p-guest: disk sectors=<decimal>
 ;   v2p-guest: last-sector marker=<TEXT>|<none>
+;   v2p-guest: disk 0x<dd> sectors=<decimal> marker=<TEXT>|<none>
+;       (one line per BIOS hard disk 80h.., see report_disks)
 ;   v2p-guest: poweroff
 ; then an ACPI S5 soft-off (PM1a_CNT = PMBASE+4, SLP_EN|SLP_TYP=0 = 0x2000),
 ; which makes QEMU exit; if that does not work: cli/hlt forever.
@@ -237,20 +239,7 @@ stage2:
         call    puts
         mov     eax, [total_lo]
         mov     edx, [total_hi]
-        test    edx, edx
-        jnz     .hexcount
-        call    putdec32
-        jmp     .countdone
-.hexcount:                              ; > 4G sectors: print 0x<hex64>
-        mov     al, '0'
-        call    putc
-        mov     al, 'x'
-        call    putc
-        mov     eax, edx
-        call    puthex32
-        mov     eax, [total_lo]
-        call    puthex32
-.countdone:
+        call    put_count
         call    crlf
 
         ; ---- line 3: last-sector marker ----
@@ -264,7 +253,10 @@ stage2:
 %ifdef WINDOWS_STANDIN
         jmp     standin_main            ; standin.inc: never returns
 %else
-        ; ---- line 4: poweroff ----
+        ; ---- one line per BIOS hard disk ----
+        call    report_disks
+
+        ; ---- last line: poweroff ----
         mov     si, msg_prefix
         call    puts
         mov     si, msg_poweroff
@@ -487,14 +479,116 @@ pci_scan_bus0:
         stc
         ret
 
+%ifndef WINDOWS_STANDIN
 ; ---------------------------------------------------------------------------
-; print_marker: extended read of LBA total-1 into SEC_BUF; print printable
-; ASCII up to the first NUL/non-printable byte (max 64), or "<none>".
+; report_disks: one line per BIOS hard disk, 0x80 up, as many as INT 13h
+; AH=08h on drive 80h counts (at most 8):
+;   v2p-guest: disk 0x<dd> sectors=<n> marker=<TEXT>|<none>|<read-error>
+; sectors and marker as for the boot disk (EDD AH=48h, last sector read with
+; AH=42h); a drive whose EDD call fails prints sectors=? marker=<none>.
+; SeaBIOS numbers its drives in boot order: 80h is the boot disk, the disks
+; with a bootindex follow in that order, then the rest in the order SeaBIOS
+; found them.
+report_disks:
+        mov     dl, 0x80
+        xor     di, di
+        mov     es, di                  ; ES:DI = 0:0 guards against BIOS bugs (RBIL)
+        mov     ah, 0x08
+        int     0x13
+        push    word 0                  ; ES back to 0 (push/pop keep CF)
+        pop     es
+        jc      .done
+        movzx   cx, dl                  ; number of hard disks
+        cmp     cx, 8
+        jbe     .count_ok
+        mov     cx, 8
+.count_ok:
+        mov     byte [disk_drive], 0x80
+.next:
+        jcxz    .done
+        push    cx
+        call    report_disk
+        pop     cx
+        inc     byte [disk_drive]
+        dec     cx
+        jmp     .next
+.done:
+        ret
+
+; report_disk: the line for drive [disk_drive]
+report_disk:
+        mov     si, msg_prefix
+        call    puts
+        mov     si, msg_disk
+        call    puts
+        mov     al, [disk_drive]
+        call    puthex8
+        mov     si, msg_disk_sectors
+        call    puts
+        mov     di, EDD_BUF
+        mov     cx, 0x50
+        xor     al, al
+        rep stosb
+        mov     word [EDD_BUF], EDD_BUF_SIZE
+        mov     si, EDD_BUF
+        mov     dl, [disk_drive]
+        mov     ah, 0x48
+        int     0x13
+        jc      .no_edd
+        mov     eax, [EDD_BUF + 0x10]
+        mov     edx, [EDD_BUF + 0x14]
+        call    put_count
+        mov     si, msg_disk_marker
+        call    puts
+        mov     bl, [disk_drive]
+        call    put_marker
+        call    crlf
+        ret
+.no_edd:
+        mov     al, '?'
+        call    putc
+        mov     si, msg_disk_marker
+        call    puts
+        mov     si, msg_none
+        call    puts
+        call    crlf
+        ret
+%endif
+
+; ---------------------------------------------------------------------------
+; put_count: EDX:EAX sectors, in decimal; above 4G sectors as 0x<hex64>
+put_count:
+        pushad
+        test    edx, edx
+        jnz     .hex
+        call    putdec32
+        popad
+        ret
+.hex:
+        push    eax
+        mov     al, '0'
+        call    putc
+        mov     al, 'x'
+        call    putc
+        mov     eax, edx
+        call    puthex32
+        pop     eax
+        call    puthex32
+        popad
+        ret
+
+; ---------------------------------------------------------------------------
+; print_marker: put_marker for the boot drive, "<none>" without EDD.
 print_marker:
         cmp     byte [edd_ok], 1
-        jne     .none
+        jne     put_marker.none
         mov     eax, [total_lo]
         mov     edx, [total_hi]
+        mov     bl, [boot_drive]
+; put_marker: BL = drive, EDX:EAX = its total sectors.  Extended read of LBA
+; total-1 into SEC_BUF; print printable ASCII up to the first NUL/non-printable
+; byte (max 64), or "<none>".
+put_marker:
         mov     ecx, eax
         or      ecx, edx
         jz      .none                   ; zero-sized disk?
@@ -508,7 +602,7 @@ print_marker:
         mov     [si + 8], eax
         mov     [si + 12], edx
         mov     byte [SEC_BUF], 0
-        mov     dl, [boot_drive]
+        mov     dl, bl
         mov     ah, 0x42
         int     0x13
         jc      .readerr
@@ -627,6 +721,16 @@ puthex16:
         pop     ax
         ret
 
+; puthex8: AL, 2 lowercase hex digits (puthex16's loop on the high byte)
+puthex8:
+        push    ax
+        push    cx
+        push    bx
+        mov     bh, al
+        xor     bl, bl
+        mov     cx, 2
+        jmp     puthex16.d
+
 ; putdec32: EAX unsigned decimal
 putdec32:
         pushad
@@ -721,6 +825,10 @@ msg_marker:     db "last-sector marker=", 0
 msg_none:       db "<none>", 0
 msg_readerr:    db "<read-error>", 0
 msg_poweroff:   db "poweroff", 0
+msg_disk:       db "disk 0x", 0
+msg_disk_sectors: db " sectors=", 0
+msg_disk_marker: db " marker=", 0
+disk_drive:     db 0x80
 
 edd_ok:         db 0
 method:         db '?'

@@ -26,16 +26,17 @@ def target(tmp_path: Path) -> LocalTarget:
 
 
 def efi_vm(target: LocalTarget, samples: Path, manifest: dict[str, Any], bus: str, *,
-           secure: bool = False, efidisk_fmt: str | None = None, **extra: str) -> dict[str, str]:
+           secure: bool = False, efidisk_fmt: str | None = None, efitype: str = "4m",
+           **extra: str) -> dict[str, str]:
     """VM ``VMID``: the sample EFI disk on ``bus`` (scsi0 on virtio-scsi, or sata0), an
     efidisk0 made by ``efi.create_efidisk``; returns its config."""
     storage = target.storage("local")
     disk = storage.volume(VMID, 0, "raw")
     disk.path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(samples / manifest["efi"]["raw"], disk.path)
-    efidisk = efi.create_efidisk(storage, VMID, secure=secure, fmt=efidisk_fmt)
+    efidisk = efi.create_efidisk(storage, VMID, secure=secure, fmt=efidisk_fmt, efitype=efitype)
     config = {"name": "efi-guest", "memory": "256", "bios": "ovmf", "scsihw": "virtio-scsi-pci",
-              "efidisk0": efi.efidisk_value(efidisk, secure=secure),
+              "efidisk0": efi.efidisk_value(efidisk, secure=secure, efitype=efitype),
               bus: disk.volid, "boot": f"order={bus}", **extra}
     target.create_vm(VMID, config)
     return config
@@ -55,6 +56,18 @@ def test_efi_guest_boots_under_ovmf(target: LocalTarget, samples: Path, manifest
     assert manifest["efi"]["expected_serial"]["up"] in report.serial, report.serial[-2000:]
     argv = target.command_line(VMID, "tcg")
     assert f"readonly=on,file={efi.OVMF_DIR / 'OVMF_CODE_4M.fd'}" in " ".join(argv)
+
+
+def test_efitype_2m(target: LocalTarget, samples: Path, manifest: dict[str, Any]) -> None:
+    """Older PVE VMs: the 2 MiB OVMF with its 128 KiB vars store; an efidisk0 without
+    efitype means 2m, as on PVE."""
+    config = efi_vm(target, samples, manifest, "scsi0", efitype="2m")
+    assert ",size=128K" in config["efidisk0"]
+    target.set_config(VMID, {"efidisk0": config["efidisk0"].replace("efitype=2m,", "")})
+    argv = " ".join(target.command_line(VMID, "tcg"))
+    assert f"file={efi.OVMF_DIR / 'OVMF_CODE.fd'}" in argv
+    report = target.boot_check(VMID, timeout=BOOT_TIMEOUT)
+    assert manifest["efi"]["expected_serial"]["up"] in report.serial, report.serial[-2000:]
 
 
 def test_efidisk_holds_the_variables(target: LocalTarget, samples: Path, manifest: dict[str, Any]) -> None:
@@ -124,6 +137,15 @@ def test_secure_boot_on_i440fx_is_refused(target: LocalTarget, samples: Path,
     efi_vm(target, samples, manifest, "scsi0", secure=True, machine="pc-i440fx-7.2")
     with pytest.raises(TargetError, match=r"VM 120: Secure Boot .* needs a q35 machine"):
         target.command_line(VMID, "tcg")
+
+
+@pytest.mark.parametrize("machine", ["", "q35", "pc-q35-7.2"])
+def test_secure_boot_machine_is_q35_with_smm(target: LocalTarget, samples: Path,
+                                             manifest: dict[str, Any], machine: str) -> None:
+    """No machine key (PVE's default would be i440fx) or any q35 spelling: q35 with SMM."""
+    efi_vm(target, samples, manifest, "scsi0", secure=True, **({"machine": machine} if machine else {}))
+    argv = target.command_line(VMID, "tcg")
+    assert argv[argv.index("-machine") + 1] == "q35,smm=on"
 
 
 def test_unknown_efitype_is_refused(target: LocalTarget, samples: Path, manifest: dict[str, Any]) -> None:
