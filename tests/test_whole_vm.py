@@ -108,3 +108,39 @@ def test_kill_while_the_second_of_three_disks_is_written_resumes(tmp_path, manif
     assert v2p.state(120)["stages"]["verify"]["finished_at"] == first
     for index, name in enumerate(("esxi.vmdk", "data.vmdk", "logs.vmdk")):
         assert_same_bytes(raws[name], v2p.disk(120).with_name(f"vm-120-disk-{index}.qcow2"))
+
+
+def test_ova_made_by_vmware_tools_migrates_with_efi(tmp_path, manifest, v2p: V2P):
+    """tests/fixtures/v2p-fixture.ova: written by vmware/open-vmdk's ova-compose (EFI, secure boot,
+    NVMe disk, 4 vCPUs); its streamOptimized disk is read in place from the tar."""
+    from test_source_ovf import FIXTURES, fixture_raw
+
+    ova = tmp_path / "appliance.ova"
+    shutil.copyfile(FIXTURES / "v2p-fixture.ova", ova)
+    proc = v2p("migrate", str(ova), "--vmid", "121", "--bridge", "vmbr0", "--no-boot-check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nvme-controller" in proc.stdout
+    config = v2p.config(121)
+    assert (config["bios"], config["machine"], config["sockets"], config["memory"]) == ("ovmf", "q35", "4", "1024")
+    assert config["efidisk0"].startswith("local:121/vm-121-disk-1.qcow2,efitype=4m,pre-enrolled-keys=1")
+    assert config["scsi0"].startswith("local:121/vm-121-disk-0.qcow2,")
+    raw = tmp_path / "fixture.raw"
+    raw.write_bytes(fixture_raw())
+    assert_same_bytes(raw, v2p.disk(121))
+    assert not list(tmp_path.glob("*.vmdk")), "the OVA's disk was extracted next to it"
+
+
+def test_efi_vmx_boots_under_ovmf(tmp_path, manifest, samples, v2p: V2P):
+    folder = tmp_path / "efivm"
+    folder.mkdir()
+    shutil.copy2(samples / "efi" / "efi.vmdk", folder / "efi.vmdk")
+    (folder / "efivm.vmx").write_text(
+        'displayName = "efivm"\nguestOS = "debian12-64"\nfirmware = "efi"\nmemsize = "256"\n'
+        'scsi0.present = "TRUE"\nscsi0.virtualDev = "lsisas1068"\n'
+        'scsi0:0.present = "TRUE"\nscsi0:0.fileName = "efi.vmdk"\n')
+    proc = v2p("migrate", str(folder / "efivm.vmx"), "--vmid", "122", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "efi-lsi" in proc.stdout  # LSI SAS on EFI: onto virtio-scsi instead
+    config = v2p.config(122)
+    assert config["bios"] == "ovmf" and config["scsihw"] == "virtio-scsi-pci"
+    assert "v2p-efi-guest: up" in v2p.serial(122)

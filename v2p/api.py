@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import pveconfig
 from .dance import DanceOptions, DriverDance
 from .errors import NoSuchVMError, StateError
 from .events import EventHandler, ignore
@@ -53,6 +54,13 @@ class Migration:
     def plan(self) -> list[tuple[str, str, bool]]:
         """The stages as (name, what it does, already done), without running anything."""
         return self.pipeline.plan()
+
+    def disk_keys(self) -> list[str]:
+        """The config keys the VM's disks get on their first boot (ide0, scsi0, ...), boot disk first."""
+        spec = self.options.hardware(self.pipeline.source.spec())
+        options = self.options.resolved(spec)
+        assert options.ostype is not None
+        return [key for _disk, key in pveconfig.disk_keys(spec, options, ostype=options.ostype)]
 
     def run(self) -> dict[str, Any]:
         """Run every stage not yet done; return the final state record."""

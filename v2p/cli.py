@@ -390,7 +390,8 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, {spec.memory_mib} MiB, "
               f"{spec.firmware}")
         where = args.device or f"storage {args.storage}"
-        print(f"would migrate to VMID {args.vmid} on the {target.kind} target ({where}):")
+        keys = migration.disk_keys()
+        print(f"would migrate to VMID {args.vmid} on the {target.kind} target ({', '.join(keys)} on {where}):")
         for name, summary, done in migration.plan():
             print(f"  {name:<10} {'done, would skip' if done else summary}")
         return 0

@@ -23,6 +23,7 @@ from .sources import DiskInput, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
 from .storage import Storage
+from .targets import efi
 from .targets.base import DiskSink, Target
 from .testhooks import hold_point
 
@@ -232,6 +233,12 @@ class Create(Stage):
         if _ours(ctx):
             ctx.target.destroy_vm(ctx.vmid)
         ctx.target.create_vm(ctx.vmid, config)
+        if ctx.spec.firmware == "efi":
+            # The VM's own UEFI variable store, numbered after its data disks (which keep VMware's order).
+            storage = ctx.target.storage(ctx.options.storage)
+            volid = efi.create_efidisk(storage, ctx.vmid, secure=ctx.spec.secure_boot, index=len(ctx.disks()))
+            config["efidisk0"] = efi.efidisk_value(volid, secure=ctx.spec.secure_boot)
+            ctx.target.set_config(ctx.vmid, {"efidisk0": config["efidisk0"]})
         return {"config": config}
 
     def holds(self, ctx: Context, record: Record) -> bool:

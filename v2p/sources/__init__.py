@@ -55,7 +55,7 @@ def open_source(path: str | os.PathLike[str]) -> Source:
 
         return VmxSource(where)
     if kind in ("ovf", "ova"):
-        from . import ovf
+        from .ovf import OvaSource, OvfSource
 
-        return ovf.OvaSource(where) if kind == "ova" else ovf.OvfSource(where)
+        return OvaSource(where) if kind == "ova" else OvfSource(where)
     return DiskSource(where)
