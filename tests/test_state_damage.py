@@ -43,7 +43,7 @@ CASES: dict[str, tuple[Damage, str]] = {
     "request-string": (_set("request", "x"), "request is the string 'x', expected an object"),
     "request-without-source": (_drop("request.source"), "request.source is missing"),
     "stage-without-result": (_drop("stages.convert.result"), "stages.convert.result is missing"),
-    "partial-not-string": (_set("stages.convert.result.partial", 5), "stages.convert.result.partial is a whole number"),
+    "volid-not-string": (_set("stages.convert.result.volid", 5), "stages.convert.result.volid is a whole number"),
     "inspect-result-null": (_set("stages.inspect.result", None), "stages.inspect.result is null"),
     "version-string": (_set("version", "1"), "version is the string '1', expected a whole number"),
     "version-bool": (_set("version", True), "version is true, expected a whole number"),

@@ -36,7 +36,7 @@ def test_every_flavor_onto_a_loop_device_boots(flavor, tmp_path, samples, manife
         assert v2p.config(170)["scsi0"] == f"{dev},size=32M"
         assert guest_report(v2p.serial(170)) == ("virtio-scsi", "1af4:1004", manifest["marker"])
         state = v2p.state(170)["stages"]
-        assert state["convert"]["result"]["block"] is True and state["verify"]["result"]["verified"] is True
+        assert state["verify"]["result"]["volid"] == str(dev) and state["verify"]["result"]["verified"] is True
         # removing the VM never touches the user's device
         assert v2p("vm", "rm", "170").returncode == 0
         assert head(dev, len(raw)) == raw
