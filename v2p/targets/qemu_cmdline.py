@@ -39,9 +39,10 @@ def build(vmid: int, config: VMConfig, accel: str, *, run_dir: Path, qmp_path: P
     """The qemu-system-x86_64 argv for VM ``vmid`` with ``config``; ``volume_file`` maps a
     volume id to (path, format)."""
     firmware = efi.firmware(vmid, config)
+    machine = _machine(vmid, config, firmware)
     argv = [
         which("qemu-system-x86_64"), "-name", config.get("name", f"vm{vmid}"),
-        "-machine", _machine(vmid, config, firmware),
+        "-machine", machine,
         "-accel", accel, "-m", config.get("memory", "512"),
         "-smp", config.get("cores", "1"), "-nodefaults", "-display", "none",
         "-qmp", f"unix:{_qemu_escape(qmp_path)},server=on,wait=off",
@@ -56,7 +57,7 @@ def build(vmid: int, config: VMConfig, accel: str, *, run_dir: Path, qmp_path: P
     if firmware is not None:
         argv += _pflash_args(config, firmware, volume_file)
     order = _boot_order(config)
-    argv += _disk_args(vmid, config, order, volume_file)
+    argv += _disk_args(vmid, config, order, volume_file, q35=machine.startswith("q35"))
     argv += _nic_args(config, order)
     return argv
 
@@ -92,8 +93,22 @@ def _pflash_args(config: VMConfig, firmware: efi.Firmware,
                    f"file={_qemu_escape(path)}"]
 
 
+def _ide_address(index: int, *, q35: bool) -> str:
+    """Where ``ide<index>`` sits, as Proxmox places it (qemu-server's print_drivedevice_full).
+
+    i440fx's PIIX3 has two buses of two units. q35's IDE buses are the ICH9 AHCI's six ports,
+    one unit each (QEMU refuses unit 1 there): Proxmox keeps the even indices on their i440fx
+    bus (ide0 ide.0, ide2 ide.1) and moves the odd ones up two (ide1 ide.2, ide3 ide.3), and a
+    config must start here as it would on Proxmox.
+    """
+    bus, unit = index // 2, index % 2
+    if q35:
+        bus, unit = bus + 2 * unit, 0
+    return f"bus=ide.{bus},unit={unit}"
+
+
 def _disk_args(vmid: int, config: VMConfig, order: list[str],
-           volume_file: Callable[[str], tuple[Path, str]]) -> list[str]:
+               volume_file: Callable[[str], tuple[Path, str]], *, q35: bool = False) -> list[str]:
     argv: list[str] = []
     scsihw = config.get("scsihw", "lsi")
     controllers: set[str] = set()
@@ -110,14 +125,14 @@ def _disk_args(vmid: int, config: VMConfig, order: list[str],
             path, _fmt = volume_file(volid)
             argv += ["-drive", f"file={_qemu_escape(path)},format=raw,if=none,id=drive-{key},media=cdrom,"
                      "readonly=on",
-                     "-device", f"ide-cd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
+                     "-device", f"ide-cd,{_ide_address(index, q35=q35)},drive=drive-{key}{boot}"]
             continue
         if volid == "none":
             continue
         path, fmt = volume_file(volid)
         argv += ["-drive", f"file={_qemu_escape(path)},format={fmt},if=none,id=drive-{key},cache=writeback"]
         if bus == "ide":
-            argv += ["-device", f"ide-hd,bus=ide.{index // 2},unit={index % 2},drive=drive-{key}{boot}"]
+            argv += ["-device", f"ide-hd,{_ide_address(index, q35=q35)},drive=drive-{key}{boot}"]
         elif bus == "sata":
             if "ahci" not in controllers:
                 argv += ["-device", "ahci,id=ahci0"]
