@@ -22,7 +22,6 @@ from .runner import which
 from .sources import DiskInput, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
-from .storage import Storage
 from .targets import efi
 from .targets.base import DiskSink, Target
 from .testhooks import hold_point
@@ -51,7 +50,6 @@ class Context:
     spec: VMSpec
     records: dict[str, Record] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
-    _storage: Storage | None = None
     _inputs: dict[int, DiskInput] = field(default_factory=dict)
     _sinks: dict[int, DiskSink] = field(default_factory=dict)
 
@@ -76,24 +74,6 @@ class Context:
                                                        storage=self.options.storage, device=self.options.device,
                                                        force=self.options.force)
         return self._sinks[index]
-
-    def storage(self) -> Storage:
-        """The storage the disks go to (looked up once: the target reads its storage.cfg)."""
-        if self._storage is None:
-            if self.options.device:
-                self._storage = self.target.device_storage(self.options.device)
-            else:
-                self._storage = self.target.storage(self.options.storage)
-        return self._storage
-
-    def fmt(self) -> str:
-        """The disk format: asked for, or the storage's preferred one; refused if it cannot hold it."""
-        storage = self.storage()
-        fmt = self.options.fmt or storage.formats()[0]
-        if fmt not in storage.formats():
-            raise OptionError(f"--format {fmt}: {storage.describe()} holds {'/'.join(storage.formats())} "
-                              "volumes only", hint="leave --format out to get the storage's own format")
-        return fmt
 
     def tag(self) -> str:
         return f"v2p migration {self.migration_id}"
@@ -161,7 +141,7 @@ class Preflight(Stage):
                 ctx.emit(Event("warning" if finding.severity == "warning" else "info", self.name,
                                f"{finding.id}: {finding.message}"))
         rules.enforce(ctx.spec, findings)
-        fmt = ctx.fmt()
+        fmt = ctx.sink(0).fmt  # the sink refuses a --format its storage cannot hold
         if ctx.options.device and len(ctx.disks()) > 1:
             raise OptionError(f"--to-device takes one disk; {ctx.source.describe()} has {len(ctx.disks())}",
                               hint="migrate onto a storage (--storage) instead")
@@ -270,7 +250,7 @@ class Convert(Stage):
         else:
             bwlimit = ctx.options.bwlimit * 1024 if ctx.options.bwlimit else None
             sink.write(given.qemu, capacity=given.capacity, progress=progress, bwlimit=bwlimit)
-        return {"volid": sink.volid, "fmt": ctx.fmt(), "copied_with": ctx.options.copy_with,
+        return {"volid": sink.volid, "fmt": sink.fmt, "copied_with": ctx.options.copy_with,
                 "fingerprint": sink.fingerprint()}
 
     def holds(self, ctx: Context, record: Record) -> bool:
