@@ -88,9 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="QEMU acceleration for the local target (default: auto)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="tell what kind of disk a file is")
-    p.add_argument("paths", nargs="+", metavar="DISK")
+    p = sub.add_parser("inspect", help="tell what a disk is, or what a VM (.vmx, .ovf, .ova, VM folder) "
+                       "would become and which preflight rules it trips")
+    p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--vmid", type=parse_vmid, default=100, help="the VMID a VM's config is shown for (default: 100)")
+    p.add_argument("--network", action="append", default=[], metavar="NAME=BRIDGE", type=_network,
+                   help="as for migrate: the bridge for the NICs on VMware network NAME (repeatable)")
+    p.add_argument("--bridge", help="as for migrate: the bridge for NICs whose network has no --network")
+    p.add_argument("--ignore-rule", action="append", default=[], metavar="ID",
+                   help="as for migrate: turn an ignorable rule's error into a warning")
 
     p = sub.add_parser("migrate", help="migrate a VMware VM (.vmx, .ovf, .ova, VM folder) or one disk to a new VM")
     p.add_argument("source", metavar="SOURCE")
@@ -285,19 +292,64 @@ def _storage(args: argparse.Namespace, target: api.LocalTarget) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    rows = api.inspect_paths(args.paths)
+    rows = api.inspect_all(args.paths, vmid=args.vmid, networks=dict(args.network), bridge=args.bridge,
+                           ignore_rules=tuple(args.ignore_rule))
     if args.json:
         print(json.dumps([row.to_dict() for row in rows], indent=2))
     else:
         for row in rows:
-            if row.image is not None:
+            if isinstance(row, api.VMReport):
+                _print_vm(row)
+            elif row.image is not None:
                 _print_image(row.image)
             else:
                 print(f"{row.path}\n  verdict:  refused: {row.error}")
-    refused = [row for row in rows if row.error is not None]
-    for row in refused:
-        print(f"v2p: error: {row.error}", file=sys.stderr)
-    return max((row.error.exit_code for row in refused if row.error), default=0)
+    refused = [row.error for row in rows if row.error is not None]
+    for error in refused:
+        print(f"v2p: error: {error}", file=sys.stderr)
+    return max((error.exit_code for error in refused), default=0)
+
+
+def _print_vm(report: api.VMReport) -> None:
+    print(f"{report.path}")
+    spec = report.spec
+    if spec is None:  # the VM's description itself is refused
+        print(f"  verdict:   refused: {report.error}")
+        return
+    print(f"  vm:        {spec.name} ({report.kind})")
+    print(f"  firmware:  {spec.firmware}" + (", secure boot" if spec.secure_boot else ""))
+    print(f"  cpu:       {spec.sockets} socket(s) x {spec.cores} core(s)")
+    print(f"  memory:    {spec.memory_mib} MiB")
+    print(f"  guest os:  {spec.guest_os or '(not named)'} -> {report.ostype}")
+    for disk in report.disks:
+        about = [disk.spec.controller_model or disk.spec.controller, disk.spec.mode,
+                 f"{disk.capacity} bytes ({disk.capacity / (1 << 20):.1f} MiB)",
+                 *([disk.flavor] if disk.flavor else [])]
+        print(f"  disk:      {disk.spec.label} {disk.spec.source}{' (boot)' if disk.spec.boot else ''}, "
+              f"{', '.join(about)}{f' -> {disk.key}' if disk.key else ''}: {disk.verdict}")
+        if disk.error is not None:
+            print(f"    refused: {disk.error}")
+        for kind, text in disk.messages:
+            print(f"    {kind + ':':<9}{text}")
+    for index, nic in enumerate(spec.nics):
+        network = f"network {nic.network!r}" if nic.network is not None else "no network"
+        print(f"  nic:       net{index} {nic.model}, MAC {nic.mac or '(none)'}, {network}")
+    for cdrom in spec.cdroms:
+        print(f"  cdrom:     {cdrom.controller}{cdrom.bus}:{cdrom.unit}" + (f", {cdrom.image}" if cdrom.image else ""))
+    if spec.tpm:
+        print("  tpm:       vTPM")
+    for device in spec.passthrough:
+        print(f"  passthru:  {device}")
+    for thing in spec.unmapped:
+        print(f"  unmapped:  {thing}")
+    for text in report.warnings:
+        print(f"  warning:   {text}")
+    print(f"  config:    VMID {report.vmid} (volumes on <storage> once migrated)")
+    for key, value in report.config.items():
+        print(f"    {key}: {value}")
+    for finding in report.findings:
+        print(f"  rule:      {finding}" + (" (ignored)" if finding.ignored else ""))
+    print(f"  verdict:   {report.verdict}" + (f": {report.error}" if report.error else ""))
 
 
 def _print_image(image: DiskImage) -> None:
