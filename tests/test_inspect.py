@@ -143,7 +143,7 @@ def test_folder_rows_hide_extents_and_show_refusals(tmp_path, v2p, samples):
     folder = tmp_path / "vm"
     shutil.copytree(samples / "twoGbMaxExtentFlat", folder)
     (folder / "broken.vmdk").write_text('# Disk DescriptorFile\ncreateType="vmfs"\nRW 8 VMFS "/etc/passwd"\n')
-    (folder / "web01.vmx").write_text('displayName = "web01"\n')
+    (folder / "web01.nvram").write_bytes(b"NVRAM!!\n")  # not a disk: no row (a .vmx makes it a VM folder)
     proc = v2p("inspect", "--json", str(folder))
     rows = json.loads(proc.stdout)
     names = {r["path"].split("/")[-1]: r for r in rows}

@@ -264,11 +264,12 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
             chain = len(given.image.chain) if given.image is not None else 1
             records.append({"label": disk.label, "chain": chain, "capacity": given.capacity})
     report.findings = check_rules(spec, resolved, records)
-    if report.error is None:
-        try:
-            rules.enforce(spec, report.findings)
-        except RuleError as exc:
-            report.error = exc
+    try:
+        rules.enforce(spec, report.findings)
+    except RuleError as exc:
+        # Before a disk's own refusal: the rule says why (an RDM, an encrypted disk) in the words
+        # --ignore-rule and the README use; the disk's row keeps its own reason.
+        report.error = exc
     report.config = _vm_config(spec, resolved, vmid, report.disks)
     return report
 

@@ -325,7 +325,7 @@ def _print_vm(report: api.VMReport) -> None:
         about = [disk.spec.controller_model or disk.spec.controller, disk.spec.mode,
                  f"{disk.capacity} bytes ({disk.capacity / (1 << 20):.1f} MiB)",
                  *([disk.flavor] if disk.flavor else [])]
-        print(f"  disk:      {disk.spec.label} {disk.spec.source}{' (boot)' if disk.spec.boot else ''}, "
+        print(f"  disk:      {disk.spec.label} {disk.spec.source}{' (boot)' if disk.spec is spec.boot_disk() else ''}, "
               f"{', '.join(about)}{f' -> {disk.key}' if disk.key else ''}: {disk.verdict}")
         if disk.error is not None:
             print(f"    refused: {disk.error}")
