@@ -513,9 +513,10 @@ def test_shared_absent_and_odd_devices(tmp_path: Path) -> None:
         """)
     spec = VmxSource(vmx).spec()
     assert [(d.label, d.mode, d.shared, d.capacity) for d in spec.disks] == [
-        ("scsi0:0", "persistent", False, 0), ("scsi0:1", "independent-nonpersistent", True, 0),
-        ("scsi1:0", "persistent", True, 0)]
-    assert spec.encrypted
+        ("scsi0:0", "persistent", False, MiB), ("scsi0:1", "independent-nonpersistent", True, MiB),
+        ("scsi1:0", "persistent", True, MiB)]
+    # the key safe encrypts the VM's home files (a vTPM needs that); the disks themselves are plain
+    assert spec.home_encrypted and not spec.encrypted
     # a static MAC with no address is no MAC: the generated one is all there is
     assert spec.nics == [NicSpec("vlance", "00:0C:29:00:00:01", "nat"),
                          NicSpec("vlance", "00:50:56:80:00:02", "dvportgroup-42")]

@@ -132,7 +132,13 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
               default_bridge: str | None, chains: Mapping[str, int],
               capacities: Mapping[str, int]) -> Iterator[Finding]:
     resolved = pveconfig.resolve_ostype(spec, ostype)
-    if spec.encrypted:
+    # Only ciphertext disks stop the VM: a vTPM's encrypted home files (NVRAM) stay behind anyway.
+    locked = [f"{d.label} ({d.source})" for d in spec.disks if d.encrypted]
+    if locked:
+        yield _finding("encrypted-vm", f"disk{'s' if len(locked) > 1 else ''} {', '.join(locked)} "
+                                       f"{'are' if len(locked) > 1 else 'is'} encrypted (VM Encryption): "
+                                       "decrypt in VMware first")
+    elif spec.encrypted:
         yield _finding("encrypted-vm", "the VM is encrypted (VM Encryption): decrypt it in VMware first")
     for disk in spec.disks:
         if disk.rdm:
@@ -140,7 +146,7 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
         if disk.shared:
             yield _finding("shared-disk", f"disk {disk.label} ({disk.source}) is shared (multi-writer): "
                                           "shut down every VM that uses it before migrating")
-        if capacities.get(disk.label, disk.capacity) == 0:
+        if capacities.get(disk.label, disk.capacity) == 0 and not disk.encrypted:  # ciphertext: size unread
             yield _finding("zero-capacity-disk", f"disk {disk.label} ({disk.source}) has a capacity of 0 bytes")
     too_many = pveconfig.too_many_disks(spec, options, ostype=resolved)
     if too_many:
@@ -174,8 +180,9 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
             yield _finding("efi-lsi", f"--scsihw {options.scsihw}: OVMF has no driver for it, virtio-scsi-pci "
                                       "is used instead")
     if spec.tpm:
-        yield _finding("vtpm", "the VM has a vTPM: its state does not move (have the BitLocker recovery key "
-                               "at hand)")
+        home = " or its encrypted home files (NVRAM)" if spec.home_encrypted else ""
+        yield _finding("vtpm", f"the VM has a vTPM: its state does not move{home} (have the BitLocker "
+                               "recovery key at hand)")
     for device in spec.passthrough:
         yield _finding("passthrough-device", f"{device} is passed through from the ESXi host: dropped")
     if ostype is None and pve_ostype(spec.guest_os) is None:

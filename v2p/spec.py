@@ -16,29 +16,41 @@ from typing import Any
 
 CONTROLLER_KINDS = ("ide", "sata", "scsi", "nvme")
 
-# VMware's guestOS ids (the .vmx key, the OVF vmw:osType) -> PVE ostype. Matched in order, by prefix
-# after lower-casing and dropping "-64"; what matches nothing is "other" (a rule says so).
+# VMware's guest OS ids -> PVE ostype. Both spellings: the .vmx / OVF vmw:osType key
+# ("windows9-64", "vmware-photon-64") and vSphere's guestId ("windows9_64Guest",
+# "vmwarePhoton64Guest", "otherGuest64"), normalised by _guest_key. Matched in order, by prefix
+# (more specific first); what matches nothing is "other" (a rule says so).
 _GUEST_OS = (
-    ("windows11", "win11"), ("windows2022srv", "win11"), ("windows2019srv", "win10"),
-    ("windows9srv", "win10"), ("windows9", "win10"), ("windows8srv", "win8"), ("windows8", "win8"),
-    ("windows7srv", "win7"), ("windows7", "win7"), ("winserver2008r2", "win7"), ("longhorn", "w2k8"),
-    ("winvista", "wvista"), ("winnetstandard", "w2k3"), ("winnetenterprise", "w2k3"),
-    ("winnetdatacenter", "w2k3"), ("winnetweb", "w2k3"), ("winnet", "w2k3"), ("winxp", "wxp"),
-    ("win2000", "w2k"), ("windows", "win10"),
-    ("debian", "l26"), ("ubuntu", "l26"), ("centos", "l26"), ("rhel", "l26"), ("oraclelinux", "l26"),
-    ("sles", "l26"), ("opensuse", "l26"), ("fedora", "l26"), ("asianux", "l26"), ("amazonlinux", "l26"),
-    ("rockylinux", "l26"), ("almalinux", "l26"), ("vmware-photon", "l26"), ("coreos", "l26"),
+    # windows2019srvNext is Server 2022, windows2022srvNext Server 2025: PVE's win11 covers both.
+    ("windows2019srvnext", "win11"), ("windows2022srv", "win11"), ("windows11", "win11"), ("windows12", "win11"),
+    ("windows2019srv", "win10"), ("windows9srv", "win10"), ("windows9server", "win10"), ("windows9", "win10"),
+    ("windows8srv", "win8"), ("windows8server", "win8"), ("windows8", "win8"), ("windowshyperv", "win8"),
+    ("windows7srv", "win7"), ("windows7server", "win7"), ("windows7", "win7"), ("winserver2008r2", "win7"),
+    ("longhorn", "w2k8"), ("winlonghorn", "w2k8"), ("winvista", "wvista"),
+    ("winnet", "w2k3"), ("winxp", "wxp"), ("win2000", "w2k"), ("windows", "win10"),
+    ("debian", "l26"), ("ubuntu", "l26"), ("centos", "l26"), ("rhel", "l26"), ("redhat", "l26"),
+    ("oraclelinux", "l26"), ("sles", "l26"), ("suse", "l26"), ("opensuse", "l26"), ("fedora", "l26"),
+    ("asianux", "l26"), ("amazonlinux", "l26"), ("rockylinux", "l26"), ("almalinux", "l26"),
+    ("vmwarephoton", "l26"), ("coreos", "l26"), ("mandrake", "l26"), ("mandriva", "l26"),
+    ("turbolinux", "l26"), ("miraclelinux", "l26"), ("pardus", "l26"), ("genericlinux", "l26"),
     ("other6xlinux", "l26"), ("other5xlinux", "l26"), ("other4xlinux", "l26"), ("other3xlinux", "l26"),
     ("other26xlinux", "l26"), ("other24xlinux", "l24"), ("otherlinux", "l26"),
     ("solaris", "solaris"),
 )
 
 
+def _guest_key(guest_os: str) -> str:
+    """One spelling for both id forms: lower case, no '-'/'_', no 'Guest' and no '64' suffix."""
+    key = re.sub(r"[-_\s]", "", guest_os.lower())
+    key = key.removesuffix("guest").removesuffix("64")
+    return key.removesuffix("guest")  # otherGuest64
+
+
 def pve_ostype(guest_os: str | None) -> str | None:
-    """The PVE ostype for a VMware guestOS id, or None when v2p does not know it."""
-    if not guest_os:
+    """The PVE ostype for a VMware guest OS id (.vmx ``guestOS`` or vSphere ``guestId``), None if unknown."""
+    if not guest_os or not guest_os.strip():
         return None
-    key = guest_os.strip().lower().removesuffix("-64").replace("_", "")
+    key = _guest_key(guest_os)
     for prefix, ostype in _GUEST_OS:
         if key.startswith(prefix):
             return ostype
@@ -59,6 +71,7 @@ class DiskSpec:
     shared: bool = False  # multi-writer
     rdm: bool = False  # a raw device map (the "disk" is a pointer to a LUN)
     boot: bool = False  # the disk VMware boots from
+    encrypted: bool = False  # VM Encryption: its bytes are ciphertext whose key stays with VMware
 
     @property
     def label(self) -> str:
@@ -102,7 +115,10 @@ class VMSpec:
     nics: list[NicSpec] = field(default_factory=list)
     cdroms: list[CdromSpec] = field(default_factory=list)
     tpm: bool = False
+    # The disks are ciphertext (one of them, or the whole configuration is, so none can be read);
+    # a vTPM only needs the VM's home files (NVRAM, secrets in the config) encrypted: home_encrypted.
     encrypted: bool = False
+    home_encrypted: bool = False
     passthrough: list[str] = field(default_factory=list)  # USB / PCI devices that cannot move
     unmapped: list[str] = field(default_factory=list)  # other things the source had that v2p drops
 

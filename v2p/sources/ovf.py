@@ -365,7 +365,8 @@ def _system_settings(spec: VMSpec, hardware: ET.Element, config: dict[str, str],
     spec.secure_boot = _true(config.get("bootoptions.efisecurebootenabled")) or \
         _true(config.get("uefi.secureboot.enabled"))
     spec.tpm = _true(config.get("vtpm.present"))
-    spec.encrypted = "encryption.keysafe" in config or "encryption.data" in config
+    # An OVF export writes its disks through the host, decrypted: only the VM home's keys can be left.
+    spec.home_encrypted = any(key in config for key in ("encryption.keysafe", "encryption.data", "encryption.bundle"))
     for key in ("uuid.bios", "uuid"):
         if spec.uuid is None and key in config:
             spec.uuid = _uuid(config[key])

@@ -50,6 +50,13 @@ _USB = re.compile(r"^(usb|usb_xhci):(\d{1,4})\.present$")
 _PCI = re.compile(r"^pcipassthru(\d{1,4})\.present$")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-])(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}$")
+# What VM Encryption leaves in a disk's (text or embedded) descriptor: vSphere's wrapped key
+# (encryptionKeys) and its crypto I/O filter, or a hosted product's key safe.
+_DISK_CRYPT = re.compile(rb'^[ \t]*(?:encryptionkeys|encryption\.keysafe|encryption\.data)[ \t]*='
+                         rb'|^[ \t]*ddb\.iofilters[ \t]*=[ \t]*"[^"\r\n]*vmwarevmcrypt', re.IGNORECASE | re.MULTILINE)
+# Keys that hold the VM home's key safe: vSphere (encryption.bundle; a vTPM requires it) and
+# hosted products (encryption.keySafe + encryption.data; "fast" encryption leaves the disks plain).
+_HOME_CRYPT = ("encryption.keySafe", "encryption.data", "encryption.bundle")
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
@@ -250,9 +257,11 @@ class VmxSource(Source):
             memory_mib=vmx.number("memsize", DEFAULT_MEMSIZE),
             guest_os=vmx.get("guestOS") or None,
             tpm=vmx.flag("vtpm.present"),
-            encrypted=bool(vmx.get("encryption.keySafe") or vmx.get("encryption.data")),
+            home_encrypted=any((vmx.get(key) or "").strip() for key in _HOME_CRYPT),
         )
         self._devices(vmx, spec, images)
+        # Fully encrypted (hosted): the devices sit in encryption.data, so not one disk is readable.
+        spec.encrypted = any(d.encrypted for d in spec.disks) or (spec.home_encrypted and not spec.disks)
         self._nics(vmx, spec)
         self._other_devices(vmx, spec)
         self._mark_boot(vmx, spec)
@@ -280,14 +289,13 @@ class VmxSource(Source):
             elif device_type == "scsi-passthru":
                 spec.passthrough.append(f"{ns}: SCSI passthrough of host device {file_name or '?'}")
             elif device_type in _DISK_TYPES | _RDM_TYPES or not device_type:
-                spec.disks.append(self._disk(vmx, slot, device_type in _RDM_TYPES, spec.encrypted, images))
+                spec.disks.append(self._disk(vmx, slot, device_type in _RDM_TYPES, images))
             else:
                 spec.unmapped.append(f"{ns}: device type {device_type!r} ({file_name or 'no file'})")
         spec.disks.sort(key=controller_order)
         spec.cdroms.sort(key=lambda c: (CONTROLLER_KINDS.index(c.controller), c.bus, c.unit))
 
-    def _disk(self, vmx: VmxFile, slot: _Slot, rdm: bool, encrypted: bool,
-              images: dict[str, DiskImage]) -> DiskSpec:
+    def _disk(self, vmx: VmxFile, slot: _Slot, rdm: bool, images: dict[str, DiskImage]) -> DiskSpec:
         ns = slot.label
         file_name = vmx.get(f"{ns}.fileName")
         if not file_name:
@@ -308,12 +316,13 @@ class VmxSource(Source):
         descriptor = _descriptor(path, file_name)
         if descriptor is not None and (descriptor.create_type or "").lower() in _RDM_CREATE_TYPES:
             disk.rdm = True
-        if disk.rdm:
-            # The data is a LUN outside the folder (refused by inspection); the descriptor says its size.
+        disk.encrypted = _encrypted_disk(path, file_name)
+        if disk.rdm or disk.encrypted:
+            # An RDM's data is a LUN outside the folder (refused by inspection), an encrypted disk's is
+            # ciphertext: neither is inspected, the descriptor says the size.
             if descriptor is not None:
                 disk.capacity = sum(sectors for _a, sectors, _k, _f, _o in descriptor.extents) * SECTOR
-        elif not encrypted:
-            # An encrypted VM's disks are ciphertext, refused by its own rule; no size to learn here.
+        else:
             images[disk.label] = self._inspect(disk, path, check_boot=False)
             disk.capacity = images[disk.label].capacity
         return disk
@@ -420,7 +429,7 @@ class VmxSource(Source):
         for disk in spec.disks:
             if disk.label in images:
                 out += source_fingerprint(images[disk.label])
-            else:  # a raw device map or an encrypted VM's disk: its descriptor is what v2p read
+            else:  # a raw device map or an encrypted disk: its descriptor is what v2p read
                 path = self._disk_path(disk, self.name)
                 st = os.stat(path)
                 out.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
@@ -438,6 +447,25 @@ def _network(vmx: VmxFile, ns: str) -> str | None:
         return re.split(r"[\\/]", vnet.strip())[-1]
     connection = vmx.get(f"{ns}.connectionType")
     return connection.strip().lower() if connection and connection.strip() else None
+
+
+def _encrypted_disk(path: Path, name: str) -> bool:
+    """Whether VM Encryption marked the disk at ``path`` (its descriptor, text or embedded, says so)."""
+    try:
+        with vmdk_parser.open_regular(path, name) as src:
+            head = src.read(64 * 1024)
+            if vmdk_parser.looks_like_descriptor(head):
+                text = head + src.read(vmdk_parser.MAX_DESCRIPTOR - len(head))
+            elif head.startswith(vmdk_parser.KDMV):
+                # Only the embedded descriptor: guest data behind it may hold any text.
+                header = vmdk_parser.parse_sparse_header(head[:512], name)
+                src.seek(header.descriptor_offset * SECTOR)
+                text = src.read(min(header.descriptor_size * SECTOR, vmdk_parser.MAX_DESCRIPTOR))
+            else:
+                return False
+    except (OSError, SourceError):
+        return False
+    return _DISK_CRYPT.search(text) is not None
 
 
 def _descriptor(path: Path, name: str) -> vmdk_parser.Descriptor | None:
