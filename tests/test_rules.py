@@ -120,7 +120,8 @@ def test_rule_fires(rule_id: str) -> None:
 
 # rule id -> a VM close to tripping it that must not (the clean VM is the other case)
 QUIET: dict[str, tuple[Callable[[VMSpec], VMSpec], dict[str, Any]]] = {
-    "encrypted-vm": (lambda s: s, {}),
+    # a vTPM needs the VM's home files encrypted; with plain disks the VM migrates
+    "encrypted-vm": (_set(home_encrypted=True), {}),
     "rdm-disk": (lambda s: _disk(s, source="lun.vmdk"), {}),
     "shared-disk": (lambda s: _disk(s, shared=False, source="quorum.vmdk"), {}),
     # capacity 0 in a .vmx spec means "not known yet": inspection's capacity counts
@@ -233,3 +234,27 @@ def test_rules_table_is_complete() -> None:
         assert rule.severity in ("error", "warning", "info"), rule_id
         assert "\n" not in rule.reason and rule.reason, rule_id
         assert not rule.ignorable or rule.severity == "error", rule_id
+
+
+def test_encrypted_disks_are_named_and_not_called_empty() -> None:
+    """Only ciphertext disks stop the VM; their size is unread (0), which is no zero-capacity disk."""
+    spec = windows10_efi()
+    spec.home_encrypted = True
+    spec.encrypted = True
+    for disk in spec.disks[1:]:
+        disk.encrypted, disk.capacity = True, 0
+    findings = found(spec)
+    assert findings[0] == ("encrypted-vm", "error", "disks scsi0:0 (Win10.vmdk), scsi0:1 (Win10-1.vmdk) are "
+                                                    "encrypted (VM Encryption): decrypt in VMware first")
+    assert [rule for rule, _, _ in findings].count("encrypted-vm") == 1
+    assert "zero-capacity-disk" not in [rule for rule, _, _ in findings]
+
+
+def test_vtpm_with_an_encrypted_home_migrates_with_a_warning() -> None:
+    spec = windows10_efi()
+    spec.home_encrypted = True
+    findings = found(spec)
+    assert ("vtpm", "warning", "the VM has a vTPM: its state, in the encrypted NVRAM, does not move (have the "
+                               "BitLocker recovery key at hand)") in findings
+    assert all(severity != "error" for _, severity, _ in findings)
+    enforce(spec, check(spec, MigrationOptions(), bridges=BRIDGES))

@@ -180,8 +180,8 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
             yield _finding("efi-lsi", f"--scsihw {options.scsihw}: OVMF has no driver for it, virtio-scsi-pci "
                                       "is used instead")
     if spec.tpm:
-        home = " or its encrypted home files (NVRAM)" if spec.home_encrypted else ""
-        yield _finding("vtpm", f"the VM has a vTPM: its state does not move{home} (have the BitLocker "
+        where = ", in the encrypted NVRAM," if spec.home_encrypted else ""
+        yield _finding("vtpm", f"the VM has a vTPM: its state{where} does not move (have the BitLocker "
                                "recovery key at hand)")
     for device in spec.passthrough:
         yield _finding("passthrough-device", f"{device} is passed through from the ESXi host: dropped")
