@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -199,7 +200,9 @@ def test_dance_keeps_an_existing_second_disk(manifest, tmp_path, v2p, drivers_is
     proc = v2p("dance", "310", "--drivers-iso", str(drivers_iso))
     assert proc.returncode == 0, proc.stderr
     config = v2p.config(310)
-    assert config["ide1"] == "local:310/vm-310-disk-1.qcow2,size=64M" and config["virtio0"]
+    # the second disk moves with the system disk: Windows has viostor for every disk now
+    assert config["virtio1"] == "local:310/vm-310-disk-1.qcow2,size=64M" and config["virtio0"]
+    assert "ide1" not in config
     import json
 
     dance = json.loads((v2p.target / "migrations" / "310.dance.json").read_text())
@@ -226,3 +229,132 @@ def test_migrate_again_after_the_dance_finished_elsewhere_keeps_the_guests_disk(
     config = v2p.config(311)
     assert "ide0" not in config and config["boot"] == "order=virtio0"
     assert "windows up on virtio-blk (viostor)" in v2p.serial(311)
+
+
+def data_volume(v2p: V2P, vmid: int, index: int, byte: int) -> Path:
+    """A small blank qcow2 volume on the local storage with ``byte`` written in its first MiB."""
+    volume = v2p.target / "images" / str(vmid) / f"vm-{vmid}-disk-{index}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(volume), "16M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {byte} 0 1M", str(volume)], check=True,
+                   capture_output=True)
+    return volume
+
+
+def multi_disk_vm(manifest, tmp_path: Path, v2p: V2P, vmid: int, keys: tuple[str, ...],
+                  name: str = "winguest") -> dict[str, str]:
+    """The Windows stand-in migrated onto ide0, plus data disks on ``keys`` (as v2p's first boot
+    places a Windows VM's disks); a CD-ROM drive on ide2. Returns each key's config value."""
+    disk = standin(manifest, tmp_path, name)
+    assert v2p("migrate", str(disk), "--vmid", str(vmid), "--os", "win10", "--no-boot-check").returncode == 0
+    lines = [f"{key}: local:{vmid}/{data_volume(v2p, vmid, index, 0x10 + index).name},size=16M"
+             for index, key in enumerate(keys, start=1)]
+    conf = v2p.target / "qemu-server" / f"{vmid}.conf"
+    conf.write_text(conf.read_text() + "\n".join([*lines, "ide2: none,media=cdrom"]) + "\n")
+    config = v2p.config(vmid)
+    return {key: config[key] for key in ("ide0", *keys)}
+
+
+def pattern_of(volume: Path, byte: int) -> bool:
+    check = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -P {byte} 0 1M", str(volume)],
+                           capture_output=True, text=True)
+    return check.returncode == 0 and "Pattern verification failed" not in check.stdout
+
+
+def test_dance_moves_every_disk_onto_virtio_in_order(manifest, tmp_path, v2p, drivers_iso):
+    before = multi_disk_vm(manifest, tmp_path, v2p, 312, ("ide1", "ide3", "sata0"))
+    proc = v2p("dance", "312", "--drivers-iso", str(drivers_iso))
+    assert proc.returncode == 0, proc.stderr
+    assert "disks ide0 -> virtio0, ide1 -> virtio1, ide3 -> virtio2, sata0 -> virtio3" in proc.stdout
+    config = v2p.config(312)
+    assert [config[f"virtio{n}"] for n in range(4)] == list(before.values())
+    assert config["boot"] == "order=virtio0"
+    for gone in ("ide0", "ide1", "ide3", "sata0", "virtio4", "net1"):
+        assert gone not in config, f"{gone} left in the config"
+    assert config["ide2"] == "none,media=cdrom"  # the VM's own CD-ROM drive is back, the drivers ISO gone
+    assert "windows up on virtio-blk (viostor)" in v2p.serial(312)
+    images = v2p.target / "images" / "312"
+    assert sorted(p.name for p in images.iterdir()) == [f"vm-312-disk-{n}.qcow2" for n in range(4)]
+    assert all(pattern_of(images / f"vm-312-disk-{n}.qcow2", 0x10 + n) for n in range(1, 4))
+
+
+def test_dance_onto_scsi_moves_every_disk(manifest, tmp_path, v2p, drivers_iso):
+    before = multi_disk_vm(manifest, tmp_path, v2p, 313, ("ide1", "ide3"))
+    proc = v2p("dance", "313", "--bus", "scsi", "--drivers-iso", str(drivers_iso))
+    assert proc.returncode == 0, proc.stderr
+    config = v2p.config(313)
+    assert [config[f"scsi{n}"] for n in range(3)] == list(before.values())
+    assert config["boot"] == "order=scsi0" and config["scsihw"] == "virtio-scsi-pci"
+    assert not {"ide0", "ide1", "ide3", "scsi3"} & set(config)
+
+
+def test_rollback_restores_every_disk(manifest, tmp_path, v2p, drivers_iso):
+    before = multi_disk_vm(manifest, tmp_path, v2p, 314, ("ide1", "ide3"), "winguest-nodriver")
+    line = one_line_error(v2p("dance", "314", "--drivers-iso", str(drivers_iso), "--dance-wait", "3"))
+    assert "v2p dance 314 --continue" in line
+    confirm = v2p("dance", "314", "--continue", "--drivers-iso", str(drivers_iso), "--boot-wait", "20")
+    assert "rolled back to ide0, it boots there again" in confirm.stderr, confirm.stderr
+    config = v2p.config(314)
+    assert {key: config.get(key) for key in before} == before
+    assert config["boot"] == "order=ide0" and config["ide2"] == "none,media=cdrom"
+    assert not [key for key in config if key.startswith("virtio")], config
+    assert "v2p-guest: windows up on ide" in v2p.serial(314)
+
+
+WIN_VMX = """\
+.encoding = "UTF-8"
+config.version = "8"
+virtualHW.version = "14"
+displayName = "win files"
+guestOS = "windows9-64"
+memsize = "256"
+sata0.present = "TRUE"
+sata0:0.present = "TRUE"
+sata0:0.fileName = "{system}"
+sata0:1.present = "TRUE"
+sata0:1.fileName = "data.vmdk"
+sata0:2.present = "TRUE"
+sata0:2.fileName = "logs.vmdk"
+ethernet0.present = "TRUE"
+ethernet0.virtualDev = "e1000e"
+ethernet0.addressType = "generated"
+ethernet0.generatedAddress = "00:0c:29:12:34:70"
+"""
+
+
+def windows_vmx(manifest, tmp_path: Path) -> Path:
+    """The Windows stand-in's disk and two data disks of known bytes in a .vmx (all on SATA)."""
+    system = standin(manifest, tmp_path)
+    folder = system.parent
+    for index, name in enumerate(("data", "logs"), start=1):
+        raw = tmp_path / f"{name}.raw"
+        with open(raw, "wb") as handle:
+            handle.truncate(8 << 20)
+            handle.write(bytes([0x20 + index]) * (1 << 20))
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(raw), str(folder / f"{name}.vmdk")],
+                       check=True)
+    vmx = folder / "win.vmx"
+    vmx.write_text(WIN_VMX.format(system=system.name))
+    return vmx
+
+
+@pytest.mark.parametrize("point", [None, "dance:layout1", "dance:layout2"])
+def test_migrate_windows_vmx_with_three_disks_dances_them_all(point, manifest, tmp_path, v2p, drivers_iso):
+    args = ("migrate", str(windows_vmx(manifest, tmp_path)), "--vmid", "315", "--os", "win10", "--bus", "virtio",
+            "--bridge", "vmbr0", "--drivers-iso", str(drivers_iso))
+    if point:
+        proc = v2p.popen(*args, V2P_TEST_HOLD_AFTER=point)
+        wait_for(proc.stderr, f"holding after {point}", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = v2p(*args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    if point:
+        assert "[attach] already done" in done.stdout  # the moved disks still count as attached
+    config = v2p.config(315)
+    for n in range(3):
+        assert config[f"virtio{n}"].startswith(f"local:315/vm-315-disk-{n}.qcow2,"), config
+    assert config["boot"] == "order=virtio0" and config["net0"].startswith("virtio=")
+    assert not [key for key in config if key.startswith(("ide", "sata"))], config
+    assert "windows up on virtio-blk (viostor)" in v2p.serial(315)
+    images = v2p.target / "images" / "315"
+    assert all(pattern_of(images / f"vm-315-disk-{n}.qcow2", 0x20 + n) for n in (1, 2))

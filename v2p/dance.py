@@ -3,10 +3,10 @@
 Windows only installs a storage driver for a device it sees, and cannot boot
 from virtio until it has one. So: boot 1 on IDE with a small temporary virtio
 disk, the drivers ISO and a virtio NIC attached; wait until the guest has the
-driver (its own signal, or an operator's word); shut down; move the system
-disk to virtio and the NIC to virtio; boot 2 and confirm. A failed boot 2 is
-rolled back to the IDE layout and boot-checked there: the VM is never left
-unbootable.
+driver (its own signal, or an operator's word); shut down; move every disk
+on IDE/SATA to virtio (the system disk first, the others in their order) and
+the NIC to virtio; boot 2 and confirm. A failed boot 2 is rolled back to the
+IDE layout and boot-checked there: the VM is never left unbootable.
 
 Every step is a record in the dance's own state file (``<vmid>.dance.json``),
 so a crash anywhere resumes at the right step, and ``v2p dance VMID`` can
@@ -33,6 +33,11 @@ from .testhooks import hold_point
 TEMP_DISK_BYTES = 1 << 30
 STEPS = ("layout1", "boot1", "shutdown1", "layout2", "boot2")
 _DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
+_FIRST_BOOT_KEY = re.compile(r"^(ide|sata)(\d+)$")
+# How many disks each target bus takes (PVE's virtio0..15 and scsi0..30).
+_BUS_SLOTS = {"virtio": 16, "scsi": 31}
+# Where the drivers ISO may go when ide2, PVE's CD-ROM slot, holds a disk.
+_CD_KEYS = ("ide2", "ide0", "ide1", "ide3", *(f"sata{n}" for n in range(6)))
 
 
 @dataclass
@@ -118,22 +123,32 @@ class DriverDance:
         system_key = _system_disk(config)
         system = config[system_key]
         prefix = "virtio" if self.options.bus == "virtio" else "scsi"
-        temp_key = next(f"{prefix}{n}" for n in range(1, 31) if f"{prefix}{n}" not in config)
+        moves = _plan_moves(config, system_key, prefix, self.vmid)
+        # The temporary disk takes a key no disk has now or after the move, so that layout 2
+        # never sets and deletes one key at once.
+        taken = set(config) | {new for _old, _value, new in moves}
+        temp_key = next(f"{prefix}{n}" for n in range(1, _BUS_SLOTS[prefix]) if f"{prefix}{n}" not in taken)
+        cd_key = next((k for k in _CD_KEYS if k not in config or "media=cdrom" in config[k]), "")
+        if not cd_key:
+            raise DanceError(f"VM {self.vmid}: no IDE or SATA slot is free for the drivers ISO",
+                             hint="detach a CD-ROM or disk from ide0-3/sata0-5")
         # The temporary disk goes where the system disk is; a raw device gets it on "local".
         storage = self.target.storage("local" if system.startswith("/") else system.split(":", 1)[0])
         index = _free_disk_index(config, storage, self.vmid)
         temp = storage.create_empty(self.vmid, index, TEMP_DISK_BYTES)
         updates: VMConfig = {temp_key: f"{temp.volid},size=1G", "boot": f"order={system_key}",
-                             "ide2": f"{self.options.iso_volid},media=cdrom"}
+                             cd_key: f"{self.options.iso_volid},media=cdrom"}
         if self.options.bus == "scsi":
             updates["scsihw"] = "virtio-scsi-pci"
         if self.options.net_drivers and "net1" not in config:
             updates["net1"] = f"virtio={mac_for_nic(self.vmid, 1)},bridge=vmbr0"
         self.target.set_config(self.vmid, updates)
-        self._say(f"boot 1 layout: system disk on {system_key}, temporary {temp_key}, drivers ISO on ide2")
+        self._say(f"boot 1 layout: system disk on {system_key}, temporary {temp_key}, drivers ISO on {cd_key}")
+        # Everything layout 2 and a rollback need is taken from the config as it was before the dance.
         return {"system_key": system_key, "system_value": config[system_key], "temp_key": temp_key,
                 "temp_volid": temp.volid, "temp_index": index, "net0": config.get("net0", ""),
-                "boot": config.get("boot", ""),
+                "boot": config.get("boot", ""), "moves": [list(move) for move in moves],
+                "cd_key": cd_key, "cd_value": _own_cd(config.get(cd_key, ""), self.options.iso_volid),
                 "scsihw": config.get("scsihw", "")}
 
     def _boot1(self, confirmed: bool) -> dict[str, Any]:
@@ -178,16 +193,23 @@ class DriverDance:
     def _layout2(self) -> dict[str, Any]:
         before = self._done("layout1") or {}
         config = self.target.get_config(self.vmid)
-        new_key = "virtio0" if self.options.bus == "virtio" else "scsi0"
-        delete = [key for key in (before["temp_key"], "ide2", "net1", before["system_key"]) if key in config]
-        updates = {new_key: before["system_value"], "boot": f"order={new_key}"}
+        moves = _moves(before, self.options.bus)
+        new_key = moves[0][2]
+        updates = {new: value for _old, value, new in moves}
+        updates["boot"] = f"order={new_key}"
+        cd_key, cd_value = before.get("cd_key", "ide2"), before.get("cd_value", "")
+        if cd_value:
+            updates[cd_key] = cd_value  # the VM's own CD-ROM drive, back in place of the drivers ISO
         if before["net0"]:
             updates["net0"] = re.sub(r"^[a-z0-9]+=", "virtio=", before["net0"])
-        self.target.set_config(self.vmid, updates, delete=tuple(delete))
+        # Idempotent: a rerun after a crash sets the same keys and finds the old ones gone.
+        gone = (before["temp_key"], cd_key, "net1", *(old for old, _value, _new in moves))
+        delete = tuple(key for key in gone if key in config and key not in updates)
+        self.target.set_config(self.vmid, updates, delete=delete)
         self._remove_temp(before)
-        self._say(f"boot 2 layout: system disk {before['system_key']} -> {new_key}, NIC -> virtio, "
-                  "temporary disk removed")
-        return {"system_disk": new_key}
+        moved = ", ".join(f"{old} -> {new}" for old, _value, new in moves)
+        self._say(f"boot 2 layout: disks {moved}, NIC -> virtio, temporary disk removed")
+        return {"system_disk": new_key, "disks": {old: new for old, _value, new in moves}}
 
     def _remove_temp(self, before: dict[str, Any]) -> None:
         volid = before["temp_volid"]
@@ -216,12 +238,13 @@ class DriverDance:
     def _rollback(self, what: str) -> None:
         before = self._done("layout1") or {}
         self.target.stop(self.vmid, timeout=5)
-        new_key = (self._done("layout2") or {})["system_disk"]
-        updates = {before["system_key"]: before["system_value"], "boot": before["boot"] or
-                   f"order={before['system_key']}"}
+        moves = _moves(before, self.options.bus)
+        updates = {old: value for old, value, _new in moves}
+        updates["boot"] = before["boot"] or f"order={before['system_key']}"
         if before["net0"]:
             updates["net0"] = before["net0"]
-        self.target.set_config(self.vmid, updates, delete=(new_key,))
+        delete = tuple(new for _old, _value, new in moves if new not in updates)
+        self.target.set_config(self.vmid, updates, delete=delete)
         self.target.start(self.vmid, hold=True)
         seen, output = self.target.observe(self.vmid, timeout=self.options.boot2_wait, patterns={
             "up": self.options.ide_signal, "stop": STOP_CODE})
@@ -234,6 +257,35 @@ class DriverDance:
             f"rolled back to {before['system_key']}, {back}",
             hint="install the viostor driver in the guest, then run: v2p dance "
                  f"{self.vmid} --bus {self.options.bus}")
+
+
+def _plan_moves(config: VMConfig, system_key: str, prefix: str, vmid: int) -> list[tuple[str, str, str]]:
+    """(old key, value, new key) for each disk layout 2 moves: the system disk onto ``prefix``0,
+    then every other IDE/SATA disk in the order the first boot had them (IDE, then SATA)."""
+    others = sorted((key for key, value in config.items() if _FIRST_BOOT_KEY.match(key) and key != system_key
+                     and "media=cdrom" not in value and not value.startswith("none")),
+                    key=lambda key: (not key.startswith("ide"), int(re.sub(r"\D", "", key))))
+    moving = [system_key, *others]
+    # A disk already on the target bus that does not move keeps its key.
+    free = [key for key in (f"{prefix}{n}" for n in range(_BUS_SLOTS[prefix]))
+            if key not in config or key in moving]
+    if len(free) < len(moving):
+        raise DanceError(f"VM {vmid}: {len(moving)} disks to move onto {prefix}, but only {len(free)} "
+                         f"{prefix} slots are free", hint="use --bus scsi (31 slots)" if prefix == "virtio" else None)
+    return [(old, config[old], new) for old, new in zip(moving, free, strict=False)]
+
+
+def _moves(layout1: dict[str, Any], bus: str) -> list[tuple[str, str, str]]:
+    """The moves a layout 1 record planned; a record written before every disk moved has only the system disk."""
+    if "moves" in layout1:
+        return [(old, value, new) for old, value, new in layout1["moves"]]
+    return [(layout1["system_key"], layout1["system_value"], "virtio0" if bus == "virtio" else "scsi0")]
+
+
+def _own_cd(value: str, iso_volid: str) -> str:
+    """The VM's own CD-ROM drive; "" if it is the drivers ISO (a layout 1 rerun after a crash
+    finds the ISO it had attached already)."""
+    return "" if value.startswith(f"{iso_volid},") else value
 
 
 def _free_disk_index(config: VMConfig, storage: Any, vmid: int) -> int:
