@@ -144,3 +144,17 @@ def test_efi_vmx_boots_under_ovmf(tmp_path, manifest, samples, v2p: V2P):
     config = v2p.config(122)
     assert config["bios"] == "ovmf" and config["scsihw"] == "virtio-scsi-pci"
     assert "v2p-efi-guest: up" in v2p.serial(122)
+
+
+def test_unknown_guest_os_is_a_warning_and_os_silences_it(tmp_path, manifest, samples, v2p: V2P):
+    vmx, _raws = make_vm(tmp_path / "web01", samples)
+    vmx.write_text(vmx.read_text().replace('guestOS = "debian11-64"', 'guestOS = "beos"'))
+    proc = v2p("migrate", str(vmx), "--vmid", "120", "--bridge", "vmbr0", "--no-boot-check")
+    assert proc.returncode == 0, proc.stderr
+    assert "[preflight] warning: unknown-guest-os:" in proc.stdout
+    assert v2p.config(120)["ostype"] == "other"
+    other = V2P(tmp_path / "other")
+    proc = other("migrate", str(vmx), "--vmid", "120", "--bridge", "vmbr0", "--no-boot-check", "--os", "l26")
+    assert proc.returncode == 0, proc.stderr
+    assert "unknown-guest-os" not in proc.stdout
+    assert other.config(120)["ostype"] == "l26"

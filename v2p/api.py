@@ -263,7 +263,7 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
                                        given.messages))
             chain = len(given.image.chain) if given.image is not None else 1
             records.append({"label": disk.label, "chain": chain, "capacity": given.capacity})
-    report.findings = check_rules(spec, resolved, records)
+    report.findings = check_rules(spec, resolved, records, chosen_ostype=migration.chosen_ostype(spec))
     try:
         rules.enforce(spec, report.findings)
     except RuleError as exc:

@@ -177,9 +177,14 @@ class MigrationOptions:
         return replace(spec, sockets=self.sockets or spec.sockets, cores=self.cores or spec.cores,
                        memory_mib=self.memory or spec.memory_mib)
 
+    def chosen_ostype(self, spec: VMSpec) -> str | None:
+        """The ostype the user decided (``--os``), or l26 for a loose disk that says nothing;
+        None when the VM's own guest OS decides (and the rules judge it)."""
+        return self.ostype or (None if spec.guest_os else "l26")
+
     def resolved(self, spec: VMSpec) -> MigrationOptions:
         """These options with what the user left out taken from the VM's own hardware."""
-        ostype = self.ostype or (spec.ostype if spec.guest_os else "l26")
+        ostype = self.chosen_ostype(spec) or spec.ostype
         return replace(self, ostype=ostype, sockets=self.sockets or spec.sockets,
                        cores=self.cores or spec.cores, memory=self.memory or spec.memory_mib)
 

@@ -48,6 +48,7 @@ class Context:
     workdir: Path
     emit: EventHandler
     spec: VMSpec
+    chosen_ostype: str | None = None  # the user's --os (l26 for a loose disk); None: the guest OS decides
     records: dict[str, Record] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
     _inputs: dict[int, DiskInput] = field(default_factory=dict)
@@ -135,7 +136,8 @@ class Preflight(Stage):
         if ctx.target.vm_exists(ctx.vmid) and not _ours(ctx):
             raise VMIDExistsError(f"VMID {ctx.vmid} already exists on the {ctx.target.kind} target",
                                   hint=f"pick another --vmid, or remove it: v2p vm rm {ctx.vmid}")
-        findings = check_rules(ctx.spec, ctx.options, ctx.records["inspect"]["disks"])
+        findings = check_rules(ctx.spec, ctx.options, ctx.records["inspect"]["disks"],
+                               chosen_ostype=ctx.chosen_ostype)
         for finding in findings:
             if finding.severity != "error":
                 ctx.emit(Event("warning" if finding.severity == "warning" else "info", self.name,
@@ -167,9 +169,11 @@ class Preflight(Stage):
         return record
 
 
-def check_rules(spec: VMSpec, options: MigrationOptions, disks: list[Record]) -> list[rules.Finding]:
-    """The named preflight rules for this VM with these options (``disks``: the inspect stage's rows)."""
-    return rules.check(spec, options, ostype=options.ostype, bridges=options.networks,
+def check_rules(spec: VMSpec, options: MigrationOptions, disks: list[Record], *,
+                chosen_ostype: str | None) -> list[rules.Finding]:
+    """The named preflight rules for this VM with these options (``disks``: the inspect stage's rows;
+    ``chosen_ostype``: MigrationOptions.chosen_ostype of the user's options)."""
+    return rules.check(spec, options, ostype=chosen_ostype, bridges=options.networks,
                        default_bridge=options.bridge, chains={d["label"]: d["chain"] for d in disks},
                        capacities={d["label"]: d["capacity"] for d in disks}, ignore=options.ignore_rules)
 
