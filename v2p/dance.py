@@ -26,6 +26,7 @@ from .bootwatch import STOP_CODE, stop_code
 from .errors import DanceError, OperatorNeeded, TargetError
 from .events import Event, EventHandler, ignore
 from .options import mac_for_nic
+from .pveconfig import CDROM_KEY, SLOTS
 from .state import MigrationState, now
 from .targets.base import Target, VMConfig
 from .testhooks import hold_point
@@ -34,10 +35,8 @@ TEMP_DISK_BYTES = 1 << 30
 STEPS = ("layout1", "boot1", "shutdown1", "layout2", "boot2")
 _DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
 _FIRST_BOOT_KEY = re.compile(r"^(ide|sata)(\d+)$")
-# How many disks each target bus takes (PVE's virtio0..15 and scsi0..30).
-_BUS_SLOTS = {"virtio": 16, "scsi": 31}
 # Where the drivers ISO may go when ide2, PVE's CD-ROM slot, holds a disk.
-_CD_KEYS = ("ide2", "ide0", "ide1", "ide3", *(f"sata{n}" for n in range(6)))
+_CD_KEYS = (CDROM_KEY, *SLOTS["ide"], *SLOTS["sata"])
 
 
 @dataclass
@@ -127,7 +126,7 @@ class DriverDance:
         # The temporary disk takes a key no disk has now or after the move, so that layout 2
         # never sets and deletes one key at once.
         taken = set(config) | {new for _old, _value, new in moves}
-        temp_key = next(f"{prefix}{n}" for n in range(1, _BUS_SLOTS[prefix]) if f"{prefix}{n}" not in taken)
+        temp_key = next(key for key in SLOTS[prefix] if key not in taken)
         cd_key = next((k for k in _CD_KEYS if k not in config or "media=cdrom" in config[k]), "")
         if not cd_key:
             raise DanceError(f"VM {self.vmid}: no IDE or SATA slot is free for the drivers ISO",
@@ -197,7 +196,7 @@ class DriverDance:
         new_key = moves[0][2]
         updates = {new: value for _old, value, new in moves}
         updates["boot"] = f"order={new_key}"
-        cd_key, cd_value = before.get("cd_key", "ide2"), before.get("cd_value", "")
+        cd_key, cd_value = before.get("cd_key", CDROM_KEY), before.get("cd_value", "")
         if cd_value:
             updates[cd_key] = cd_value  # the VM's own CD-ROM drive, back in place of the drivers ISO
         if before["net0"]:
@@ -267,8 +266,7 @@ def _plan_moves(config: VMConfig, system_key: str, prefix: str, vmid: int) -> li
                     key=lambda key: (not key.startswith("ide"), int(re.sub(r"\D", "", key))))
     moving = [system_key, *others]
     # A disk already on the target bus that does not move keeps its key.
-    free = [key for key in (f"{prefix}{n}" for n in range(_BUS_SLOTS[prefix]))
-            if key not in config or key in moving]
+    free = [key for key in SLOTS[prefix] if key not in config or key in moving]
     if len(free) < len(moving):
         raise DanceError(f"VM {vmid}: {len(moving)} disks to move onto {prefix}, but only {len(free)} "
                          f"{prefix} slots are free", hint="use --bus scsi (31 slots)" if prefix == "virtio" else None)
