@@ -4,6 +4,7 @@ while the second of three disks is written resumes with only what is missing."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -81,6 +82,11 @@ def test_vmx_with_three_disks_and_two_nics_migrates_with_its_hardware(tmp_path, 
         assert volid == f"local:120/vm-120-disk-{index}.qcow2", config[key]
         assert_same_bytes(raws[name], v2p.disk(120).with_name(f"vm-120-disk-{index}.qcow2"))
     assert guest_report(v2p.serial(120)) == ("virtio-scsi", "1af4:1004", manifest["marker"])
+    # The guest sees every disk: the boot disk as 0x80, the two data disks (8 MiB each) after it.
+    seen = re.findall(r"(?m)^v2p-guest: disk 0x(8[0-7]) sectors=(\d+) marker=(\S+)\r?$", v2p.serial(120))
+    assert [(drive, int(sectors)) for drive, sectors, _marker in seen] == [
+        ("80", 65536), ("81", 8 * MiB // 512), ("82", 8 * MiB // 512)]
+    assert seen[0][2] == manifest["marker"]
 
 
 def test_unmapped_network_is_refused_before_anything_is_made(tmp_path, manifest, samples, v2p: V2P):
