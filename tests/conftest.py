@@ -48,6 +48,8 @@ FLAVORS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbM
            "streamOptimized", "esxi"]
 GUEST_LINE = re.compile(r"v2p-guest: boot controller=(\S+) pci=([0-9a-f]{4}:[0-9a-f]{4})")
 MARKER_LINE = re.compile(r"v2p-guest: last-sector marker=(\S+)")
+# One line per BIOS disk the sample guest sees: drive number, sectors, last-sector marker.
+DISK_LINE = re.compile(r"(?m)^v2p-guest: disk 0x(8[0-7]) sectors=(\d+) marker=(\S+)\r?$")
 
 
 @pytest.fixture(scope="session")
@@ -194,3 +196,29 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("v2p: error: ")
     return lines[0]
+
+
+def data_disk(path: Path, mib: int, marker: str) -> None:
+    """A blank raw disk of ``mib`` MiB whose last sector starts with ``marker`` (the guest prints it)."""
+    with open(path, "wb") as handle:
+        handle.truncate(mib << 20)
+        handle.seek((mib << 20) - 512)
+        handle.write(marker.encode())
+
+
+def vm_with_disks(target: Any, samples: Path, vmid: int, boot_key: str, data_disks: dict[str, tuple[int, str]],
+                  config: dict[str, str]) -> Any:
+    """A local-target VM: the sample guest's raw disk at ``boot_key``, then ``data_disks`` (key -> (MiB,
+    marker)) as raw volumes of the ``local`` storage; ``config`` adds the rest."""
+    storage = target.storage("local")
+    for index, key in enumerate([boot_key, *data_disks]):
+        volume = storage.volume(vmid, index, "raw")
+        volume.path.parent.mkdir(parents=True, exist_ok=True)
+        if key == boot_key:
+            shutil.copyfile(samples / "guest.raw", volume.path)
+        else:
+            data_disk(volume.path, *data_disks[key])
+        config[key] = volume.volid
+    target.create_vm(vmid, config)
+    return target
+

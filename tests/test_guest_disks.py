@@ -7,43 +7,23 @@ bootindex in that order, then the others as SeaBIOS found them."""
 
 from __future__ import annotations
 
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import GUEST_LINE, MARKER_LINE
+from conftest import DISK_LINE, GUEST_LINE, MARKER_LINE, vm_with_disks
 from v2p.targets.local import LocalTarget
 
 VMID = 130
-DISK_LINE = re.compile(r"(?m)^v2p-guest: disk 0x(8[0-7]) sectors=(\d+) marker=(\S+)\r?$")
 # Data disks: size and last-sector marker, each distinct from the boot disk's.
 DATA_DISKS = {"scsi1": (16, "V2P-DISK-SCSI1"), "sata0": (24, "V2P-DISK-SATA0")}
 
 
-def data_disk(path: Path, mib: int, marker: str) -> None:
-    with open(path, "wb") as f:
-        f.truncate(mib << 20)
-        f.seek((mib << 20) - 512)
-        f.write(marker.encode())
-
-
 def three_disk_vm(tmp_path: Path, samples: Path, boot: str) -> LocalTarget:
     target = LocalTarget(tmp_path / "target", accel="tcg")
-    storage = target.storage("local")
     config = {"name": "disks", "memory": "128", "scsihw": "virtio-scsi-pci", "boot": boot}
-    for index, key in enumerate(["scsi0", *DATA_DISKS]):
-        volume = storage.volume(VMID, index, "raw")
-        volume.path.parent.mkdir(parents=True, exist_ok=True)
-        if key == "scsi0":
-            shutil.copyfile(samples / "guest.raw", volume.path)
-        else:
-            data_disk(volume.path, *DATA_DISKS[key])
-        config[key] = volume.volid
-    target.create_vm(VMID, config)
-    return target
+    return vm_with_disks(target, samples, VMID, "scsi0", DATA_DISKS, config)
 
 
 @pytest.mark.parametrize(("boot", "order"), [

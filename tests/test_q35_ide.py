@@ -6,27 +6,18 @@ sees all three disks."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import GUEST_LINE, MARKER_LINE
+from conftest import DISK_LINE, GUEST_LINE, MARKER_LINE, vm_with_disks
 from v2p.targets import qemu_cmdline
 from v2p.targets.local import LocalTarget
 
 VMID = 140
-DISK_LINE = re.compile(r"(?m)^v2p-guest: disk 0x(8[0-7]) sectors=(\d+) marker=(\S+)\r?$")
 DATA_DISKS = {"ide1": (16, "V2P-DISK-IDE1"), "ide3": (24, "V2P-DISK-IDE3")}
-
-
-def data_disk(path: Path, mib: int, marker: str) -> None:
-    with open(path, "wb") as f:
-        f.truncate(mib << 20)
-        f.seek((mib << 20) - 512)
-        f.write(marker.encode())
 
 
 def cdrom(folder: Path) -> Path:
@@ -41,21 +32,11 @@ def cdrom(folder: Path) -> Path:
 
 def ide_vm(tmp_path: Path, samples: Path, machine: str | None) -> LocalTarget:
     target = LocalTarget(tmp_path / "target", accel="tcg")
-    storage = target.storage("local")
     config = {"name": "ide4", "memory": "128", "boot": "order=ide0",
               "ide2": f"{cdrom(tmp_path)},media=cdrom"}
     if machine:
         config["machine"] = machine
-    for index, key in enumerate(["ide0", *DATA_DISKS]):
-        volume = storage.volume(VMID, index, "raw")
-        volume.path.parent.mkdir(parents=True, exist_ok=True)
-        if key == "ide0":
-            shutil.copyfile(samples / "guest.raw", volume.path)
-        else:
-            data_disk(volume.path, *DATA_DISKS[key])
-        config[key] = volume.volid
-    target.create_vm(VMID, config)
-    return target
+    return vm_with_disks(target, samples, VMID, "ide0", DATA_DISKS, config)
 
 
 @pytest.mark.parametrize(("machine", "controller"), [

@@ -4,13 +4,12 @@ while the second of three disks is written resumes with only what is missing."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import signal
 import subprocess
 from pathlib import Path
 
-from conftest import V2P, assert_same_bytes, guest_report, one_line_error
+from conftest import DISK_LINE, V2P, assert_same_bytes, guest_report, one_line_error
 from test_resume import wait_for
 
 MiB = 1 << 20
@@ -83,7 +82,7 @@ def test_vmx_with_three_disks_and_two_nics_migrates_with_its_hardware(tmp_path, 
         assert_same_bytes(raws[name], v2p.disk(120).with_name(f"vm-120-disk-{index}.qcow2"))
     assert guest_report(v2p.serial(120)) == ("virtio-scsi", "1af4:1004", manifest["marker"])
     # The guest sees every disk: the boot disk as 0x80, the two data disks (8 MiB each) after it.
-    seen = re.findall(r"(?m)^v2p-guest: disk 0x(8[0-7]) sectors=(\d+) marker=(\S+)\r?$", v2p.serial(120))
+    seen = DISK_LINE.findall(v2p.serial(120))
     assert [(drive, int(sectors)) for drive, sectors, _marker in seen] == [
         ("80", 65536), ("81", 8 * MiB // 512), ("82", 8 * MiB // 512)]
     assert seen[0][2] == manifest["marker"]
