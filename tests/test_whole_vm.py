@@ -163,3 +163,18 @@ def test_unknown_guest_os_is_a_warning_and_os_silences_it(tmp_path, manifest, sa
     assert proc.returncode == 0, proc.stderr
     assert "unknown-guest-os" not in proc.stdout
     assert other.config(120)["ostype"] == "l26"
+
+
+def test_ova_without_manifest_migrates_with_a_warning(tmp_path, manifest, v2p: V2P):
+    import tarfile
+
+    from test_source_ovf import FIXTURES
+
+    ova = tmp_path / "nomf.ova"
+    with tarfile.open(FIXTURES / "v2p-fixture.ova") as src, tarfile.open(ova, "w") as dst:
+        for member in src.getmembers():
+            if not member.name.endswith(".mf"):
+                dst.addfile(member, src.extractfile(member))
+    proc = v2p("migrate", str(ova), "--vmid", "121", "--bridge", "vmbr0", "--no-boot-check")
+    assert proc.returncode == 0, proc.stderr
+    assert "[inspect] warning: " in proc.stdout and "no manifest" in proc.stdout

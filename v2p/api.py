@@ -244,7 +244,7 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
     resolved = migration.resolved(spec)
     assert resolved.ostype is not None
     report.spec, report.ostype = spec, resolved.ostype
-    report.warnings = list(getattr(source, "warnings", []))
+    report.warnings = source.notices()
     try:
         keys = {disk.label: key for disk, key in pveconfig.disk_keys(spec, resolved, ostype=resolved.ostype)}
     except RuleError:  # too many disks for the bus: the too-many-disks rule says so

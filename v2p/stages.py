@@ -118,6 +118,8 @@ class Inspect(Stage):
             disks.append({"label": disk.label, "source": disk.source, "capacity": given.capacity,
                           "flavor": given.flavor, "chain": len(image.chain) if image is not None else 1,
                           "image": image.to_dict() if image is not None else None})
+        for text in ctx.source.notices():
+            ctx.emit(Event("warning", self.name, text))
         return {"spec": ctx.spec.to_dict(), "disks": disks, "files": ctx.source.fingerprint()}
 
     def holds(self, ctx: Context, record: Record) -> bool:

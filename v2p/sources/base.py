@@ -59,3 +59,8 @@ class Source(abc.ABC):
     def fingerprint(self) -> list[dict[str, Any]]:
         """Size and mtime (or another cheap identity) of every file the source reads: a resumed
         run compares it to notice a source that changed."""
+
+    def notices(self) -> list[str]:
+        """Warnings about the source itself found by ``spec``/``disk_input`` (an OVA without a
+        manifest, a file the manifest does not list, ...), for the user to see. None by default."""
+        return []

@@ -730,6 +730,9 @@ class _Package(Source):
     def _file_of(self, disk: DiskSpec) -> FileRef:
         return self.envelope().disk_file(disk, self._where(self._descriptor_name()))
 
+    def notices(self) -> list[str]:
+        return list(self.warnings)
+
 
 class OvfSource(_Package):
     """An ``.ovf`` descriptor with its files in the same folder."""
