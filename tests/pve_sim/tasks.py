@@ -1,0 +1,93 @@
+"""PVE worker tasks: UPIDs in PVE's format, status and log as the API shows them.
+
+A task runs its work in a thread; the simulator's fault switches can make it
+fail or slow. Not for the work itself (that is ``cluster.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+_PIDS = itertools.count(os.getpid() * 10)
+
+
+class TaskFailed(Exception):
+    """Work that ends the task with this message as its exit status."""
+
+
+@dataclass
+class Task:
+    upid: str
+    node: str
+    pid: int
+    pstart: int
+    starttime: int
+    type: str
+    id: str
+    user: str
+    status: str = "running"
+    exitstatus: str | None = None
+    lines: list[str] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def status_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"upid": self.upid, "node": self.node, "pid": self.pid,
+                                "pstart": self.pstart, "starttime": self.starttime,
+                                "type": self.type, "id": self.id, "user": self.user,
+                                "status": self.status}
+        if self.exitstatus is not None:
+            data["exitstatus"] = self.exitstatus
+        return data
+
+
+def make_upid(node: str, pid: int, pstart: int, starttime: int, kind: str, ident: str, user: str) -> str:
+    """PVE::Tools::upid_encode: hex pid, pstart and starttime, then type, id, user."""
+    return f"UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{ident}:{user}:"
+
+
+class Tasks:
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.by_upid: dict[str, Task] = {}
+        self.fail_next: dict[str, str] = {}
+        self.slow_next: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def start(self, kind: str, ident: str, user: str, work: Callable[[Task], None]) -> Task:
+        pid = next(_PIDS)
+        now = int(time.time())
+        task = Task(make_upid(self.node, pid, now & 0xFFFFFF, now, kind, ident, user), self.node,
+                    pid, now & 0xFFFFFF, now, kind, ident, user)
+        with self.lock:
+            self.by_upid[task.upid] = task
+            failure = self.fail_next.pop(kind, None)
+            delay = self.slow_next.pop(kind, 0.0)
+        threading.Thread(target=self._run, args=(task, work, failure, delay), daemon=True).start()
+        return task
+
+    @staticmethod
+    def _run(task: Task, work: Callable[[Task], None], failure: str | None, delay: float) -> None:
+        try:
+            if delay:
+                time.sleep(delay)
+            if failure is not None:
+                raise TaskFailed(failure)
+            work(task)
+            task.exitstatus = "OK"
+            task.log("TASK OK")
+        except Exception as exc:  # noqa: BLE001 - every failure of a worker is its exit status
+            message = str(exc).strip() or type(exc).__name__
+            task.log(message)
+            task.exitstatus = message
+            task.log(f"TASK ERROR: {message}")
+        task.status = "stopped"
+        task.done.set()
