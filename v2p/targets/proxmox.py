@@ -1,0 +1,705 @@
+"""A Proxmox VE node as the target, driven over its HTTPS API (``proxmoxer``).
+
+Where: ``pve://[user@realm[!tokenid]@]host[:port]/node?storage=local-lvm`` (``target_from_url``).
+Secrets (an API token's secret, or a password) come from ``V2P_PVE_TOKEN`` /
+``V2P_PVE_PASSWORD`` or a secrets file, never from the URL (it ends up in argv and
+in state files), and are never logged nor ``describe()``d.
+
+TLS is verified against the system CAs by default; PVE's self-signed certificate
+is pinned with ``fingerprint=<SHA256 hex>`` (the peer's certificate digest is
+checked on every connection, the ticket request included); ``insecure=1`` turns
+checking off and only when asked.
+
+Disks: PVE storages are not local ``Storage`` objects, so ``storage()`` refuses
+and ``disk_sink`` is the only way bytes reach the node (``RemoteImportSink``):
+``qemu-img convert`` into a local qcow2 staging file, compared with the source
+there, then uploaded (with its SHA-256, which PVE checks) into a storage's
+``import`` content; the VM config attaches it with ``import-from``, which makes
+PVE copy it into a fresh volume of the disk's storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import stat
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import requests
+from proxmoxer import ResourceException
+from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, ProxmoxHTTPAuthBase, ProxmoxHttpSession
+from proxmoxer.core import ProxmoxResource
+from requests.adapters import HTTPAdapter
+
+from .. import convert
+from ..convert import Source as QemuInput
+from ..errors import NoSuchVMError, TargetError, VMIDExistsError
+from ..fsutil import private_dir
+from ..interrupts import check as check_interrupts
+from ..options import OptionError
+from ..storage import Storage, Volume
+from .base import BootReport, DiskSink, Target, VMConfig
+
+DEFAULT_PORT = 8006
+TOKEN_ENV = "V2P_PVE_TOKEN"
+PASSWORD_ENV = "V2P_PVE_PASSWORD"
+SECRETS_ENV = "V2P_PVE_SECRETS"
+TASK_POLL = 0.5
+_FINGERPRINT = re.compile(r"[0-9a-fA-F]{2}(?::?[0-9a-fA-F]{2}){31}")
+# Storage types whose disks are files (qcow2 by default); all others hold raw volumes only.
+_FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs", "cephfs", "btrfs"}
+
+
+@dataclass
+class PveSettings:
+    """Where a PVE target is and how v2p logs in; ``secret`` never leaves this object."""
+
+    host: str
+    node: str
+    port: int = DEFAULT_PORT
+    user: str = "root@pam"
+    token_id: str | None = None
+    storage: str = "local-lvm"
+    import_storage: str = "local"  # a storage with the ``import`` content type: uploads land there
+    fingerprint: str | None = None
+    insecure: bool = False
+    timeout: float = 30.0
+    secret: str = field(default="", repr=False)
+
+    def public(self) -> dict[str, str]:
+        return {"kind": "proxmox", "host": self.host, "port": str(self.port), "node": self.node,
+                "user": self.user + (f"!{self.token_id}" if self.token_id else "")}
+
+
+def _bool(value: str, where: str) -> bool:
+    if value.lower() in ("1", "yes", "true", "on"):
+        return True
+    if value.lower() in ("0", "no", "false", "off", ""):
+        return False
+    raise OptionError(f"{where}: {value!r} is not a yes/no value", hint="use 1 or 0")
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """``key = value`` lines (``token``, ``password``); refused if others may read it."""
+    try:
+        info = path.stat()
+        text = path.read_text()
+    except OSError as exc:
+        raise OptionError(f"{path}: cannot read the PVE secrets file: {exc.strerror}") from None
+    if info.st_mode & 0o077:
+        raise OptionError(f"{path}: the PVE secrets file is readable by others",
+                          hint=f"chmod 600 {path}")
+    found: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or key.strip() not in ("token", "password"):
+            raise OptionError(f"{path}:{number}: expected 'token = SECRET' or 'password = SECRET'")
+        found[key.strip()] = value.strip()
+    return found
+
+
+def _default_secrets_file(env: dict[str, str]) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "v2p" / "pve-secrets"
+
+
+def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
+    """Settings from ``pve://[user@realm[!tokenid]@]host[:port]/node?storage=NAME``.
+
+    Query keys: ``storage`` (disks), ``import`` (the storage uploads go to), ``fingerprint``,
+    ``insecure``, ``timeout``. The secret comes from ``env`` (``V2P_PVE_TOKEN`` with a token id,
+    else ``V2P_PVE_PASSWORD``) or the secrets file (``$V2P_PVE_SECRETS``, else
+    ``$XDG_CONFIG_HOME/v2p/pve-secrets``).
+    """
+    env = dict(os.environ) if env is None else env
+    where = "the PVE target URL"
+    parts = urlsplit(url)
+    if parts.scheme != "pve":
+        raise OptionError(f"{where} {url!r} does not start with pve://",
+                          hint="pve://root@pam!v2p@pve.example.com/pve?storage=local-lvm")
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        raise OptionError(f"{where} carries a password: refused (it would show in the process list "
+                          "and the state file)", hint=f"put it in ${PASSWORD_ENV} or ${TOKEN_ENV} instead")
+    settings = PveSettings(host="", node="")
+    if at:
+        user = unquote(userinfo)
+        if "!" in user:
+            user, settings.token_id = user.split("!", 1)
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", settings.token_id):
+                raise OptionError(f"{where}: {settings.token_id!r} is not an API token id")
+        if not re.fullmatch(r"[^\s@!:/]+@[A-Za-z0-9._-]+", user):
+            raise OptionError(f"{where}: {user!r} is not user@realm", hint="root@pam, v2p@pve, ...")
+        settings.user = user
+    host, port = hostport, ""
+    if hostport.startswith("["):  # an IPv6 literal
+        host, _, rest = hostport[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        host = f"[{host}]"
+    elif ":" in hostport:
+        host, port = hostport.rsplit(":", 1)
+    if not host or not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", host):
+        raise OptionError(f"{where} {url!r} names no host")
+    settings.host = host
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise OptionError(f"{where}: port {port!r} is not a port number")
+        settings.port = int(port)
+    node = parts.path.strip("/")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", node):
+        raise OptionError(f"{where} {url!r} names no node", hint="the node's name is the path: pve://HOST/NODE")
+    settings.node = node
+    for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if key == "storage":
+            settings.storage = value
+        elif key == "import":
+            settings.import_storage = value
+        elif key == "fingerprint":
+            if not _FINGERPRINT.fullmatch(value):
+                raise OptionError(f"{where}: fingerprint {value!r} is not a SHA-256 (64 hex digits)",
+                                  hint="see: pvenode cert info on the node")
+            settings.fingerprint = value.replace(":", "").lower()
+        elif key == "insecure":
+            settings.insecure = _bool(value, f"{where}: insecure")
+        elif key == "timeout":
+            try:
+                settings.timeout = float(value)
+            except ValueError:
+                raise OptionError(f"{where}: timeout {value!r} is not a number of seconds") from None
+        else:
+            raise OptionError(f"{where}: unknown setting {key!r}",
+                              hint="known: storage, import, fingerprint, insecure, timeout")
+    for name in (settings.storage, settings.import_storage):
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name):
+            raise OptionError(f"{where}: {name!r} is not a PVE storage id")
+    settings.secret = _secret(settings, env)
+    return settings
+
+
+def _secret(settings: PveSettings, env: dict[str, str]) -> str:
+    name, key = (TOKEN_ENV, "token") if settings.token_id else (PASSWORD_ENV, "password")
+    if env.get(name):
+        return env[name]
+    path = Path(env[SECRETS_ENV]) if env.get(SECRETS_ENV) else _default_secrets_file(env)
+    if path.exists() or env.get(SECRETS_ENV):
+        value = read_secrets_file(path).get(key)
+        if value:
+            return value
+    what = f"the secret of API token {settings.user}!{settings.token_id}" if settings.token_id \
+        else f"the password of {settings.user}"
+    raise OptionError(f"no {key} for the PVE target: {what} is needed",
+                      hint=f"set ${name}, or put '{key} = ...' in {path} (mode 600)")
+
+
+def form(values: dict[str, Any]) -> dict[str, str]:
+    """Form values as PVE reads them: booleans 0/1, numbers as text; None left out.
+    (requests percent-encodes the body, so ``;``, ``&`` and a second ``=`` survive.)"""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        out[key] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return out
+
+
+class FingerprintAdapter(HTTPAdapter):
+    """Accept exactly the peer certificate whose SHA-256 is ``fingerprint`` (urllib3 checks the
+    digest of the certificate the server presented, on every new connection)."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["assert_fingerprint"] = self.fingerprint
+        super().init_poolmanager(*args, **kwargs)
+
+
+class _TicketAuth(ProxmoxHTTPAuthBase):  # type: ignore[misc]
+    """User + password: a ticket fetched through v2p's own (pinned) session, renewed hourly.
+    (proxmoxer's own password auth posts the password with a bare ``requests.post``, which
+    would skip the fingerprint check.)"""
+
+    renew_age = 3600.0
+
+    def __init__(self, session: requests.Session, base_url: str, user: str, password: str,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._session, self._url, self._user, self._password = session, base_url, user, password
+        self.ticket, self.csrf, self.birth = "", "", 0.0
+
+    def login(self) -> None:
+        try:
+            resp = self._session.post(f"{self._url}/access/ticket", verify=self.verify_ssl,
+                                      timeout=self.timeout,
+                                      data={"username": self._user, "password": self._password})
+        except requests.RequestException as exc:
+            raise _connection_error(self._url, exc) from None
+        if resp.status_code != 200:
+            raise TargetError(f"PVE at {self._url}: logging in as {self._user} failed "
+                              f"({resp.status_code} {resp.reason})",
+                              hint=f"check the user and ${PASSWORD_ENV}; an API token is preferred")
+        data = resp.json()["data"]
+        self.ticket, self.csrf, self.birth = data["ticket"], data["CSRFPreventionToken"], time.monotonic()
+
+    def get_cookies(self) -> Any:
+        return requests.cookies.cookiejar_from_dict({"PVEAuthCookie": self.ticket})
+
+    def __call__(self, req: Any) -> Any:
+        if time.monotonic() - self.birth >= self.renew_age:
+            self.login()
+            req.prepare_cookies(self.get_cookies())
+        if req.method != "GET":
+            req.headers["CSRFPreventionToken"] = self.csrf
+        return req
+
+
+def _connection_error(url: str, exc: Exception) -> TargetError:
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.SSLError) or "Fingerprints did not match" in text:
+        if "Fingerprints did not match" in text:
+            return TargetError(f"PVE at {url}: the server's certificate does not have the pinned fingerprint",
+                               hint="compare with 'pvenode cert info' on the node; refused")
+        return TargetError(f"PVE at {url}: its TLS certificate is not trusted",
+                           hint="pin it: add ?fingerprint=<SHA-256 from 'pvenode cert info'> to the URL")
+    return TargetError(f"PVE at {url} cannot be reached: {type(exc).__name__}",
+                       hint="check the host and port (8006 by default)")
+
+
+class MultipartFile(io.RawIOBase):
+    """A multipart/form-data body streamed from a file: form fields, then the file (PVE's
+    upload reads the file part last). Its length is known, so no chunked encoding."""
+
+    def __init__(self, fields: dict[str, str], name: str, path: Path) -> None:
+        super().__init__()
+        self.boundary = uuid.uuid4().hex
+        head = b"".join(
+            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+            for key, value in fields.items())
+        head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="filename"; '
+                 f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+        self._parts: list[bytes | Path] = [head, path, f"\r\n--{self.boundary}--\r\n".encode()]
+        self._length = len(head) + path.stat().st_size + len(self._parts[2])  # type: ignore[arg-type]
+        self._chunks = self._iterate()
+        self._pending = b""
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _iterate(self) -> Iterator[bytes]:
+        for part in self._parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            with open(part, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    yield chunk
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._pending) < size:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._pending += chunk
+        if size < 0:
+            out, self._pending = self._pending, b""
+        else:
+            out, self._pending = self._pending[:size], self._pending[size:]
+        return out
+
+
+class ProxmoxTarget(Target):
+    """VMs on one node of a PVE cluster."""
+
+    kind = "proxmox"
+
+    def __init__(self, settings: PveSettings, *, state_root: Path | None = None) -> None:
+        self.settings = settings
+        self.base_url = f"https://{settings.host}:{settings.port}/api2/json"
+        self._state_root = state_root
+        verify: bool = not (settings.insecure or settings.fingerprint)
+        session = self._pinned(ProxmoxHttpSession())
+        session.headers["accept"] = JsonSerializer().get_accept_types()
+        if settings.token_id:
+            session.auth = ProxmoxHTTPApiTokenAuth(settings.user, settings.token_id, settings.secret,
+                                                   verify_ssl=verify, timeout=settings.timeout, service="PVE")
+        else:
+            auth = _TicketAuth(self._pinned(requests.Session()), self.base_url, settings.user, settings.secret,
+                               verify_ssl=verify, timeout=settings.timeout, service="PVE")
+            session.auth = auth
+            self._login = auth
+        self.session = session
+        self.verify = verify
+        self.api = ProxmoxResource(base_url=self.base_url, session=session, serializer=JsonSerializer())
+
+    def _pinned(self, session: Any) -> Any:
+        """``session`` with the certificate pin, if one is set."""
+        settings = self.settings
+        if settings.fingerprint and not settings.insecure:
+            session.mount(f"https://{settings.host}:{settings.port}/", FingerprintAdapter(settings.fingerprint))
+        return session
+
+    def __repr__(self) -> str:
+        return f"ProxmoxTarget({self.settings.host}:{self.settings.port}/{self.settings.node})"
+
+    # -- the API -----------------------------------------------------------
+    def call(self, method: str, path: str, **values: Any) -> Any:
+        """One API call; failures become TargetError (the secret never appears in them)."""
+        if getattr(self, "_login", None) is not None and not self._login.ticket:
+            self._login.login()
+        resource = self.api(path.strip("/"))
+        try:
+            if method == "GET":
+                return resource.get(**form(values))
+            if method == "DELETE":
+                return resource.delete(**form(values))
+            return getattr(resource, method.lower())(**form(values))
+        except ResourceException as exc:
+            raise self._api_error(method, path, exc) from None
+        except requests.RequestException as exc:
+            raise _connection_error(self.base_url, exc) from None
+
+    def _api_error(self, method: str, path: str, exc: ResourceException) -> TargetError:
+        detail = str(getattr(exc, "content", "") or "")
+        errors = getattr(exc, "errors", None)
+        if errors:
+            detail += " " + "; ".join(f"{key}: {value}" for key, value in dict(errors).items()) \
+                if isinstance(errors, dict) else f" {errors}"
+        status = getattr(exc, "status_code", 0)
+        hint = "the API token needs the privileges for this call (VM.Allocate, Datastore.AllocateSpace, ...)" \
+            if status in (401, 403) else None
+        return TargetError(f"PVE {method} {path}: {status} {detail.strip()}", hint=hint)
+
+    def wait_task(self, upid: str, *, what: str, timeout: float = 3600.0) -> None:
+        """Poll a task until it stops; an exit status other than OK is a TargetError with its log's tail."""
+        node = self.settings.node
+        deadline = time.monotonic() + timeout
+        path = f"nodes/{node}/tasks/{quote(upid, safe='')}"
+        while True:
+            check_interrupts()
+            status = self.call("GET", f"{path}/status")
+            if status.get("status") == "stopped":
+                break
+            if time.monotonic() > deadline:
+                raise TargetError(f"PVE task {what} still running after {timeout:.0f} s ({upid})",
+                                  hint="see the task log in the PVE web interface")
+            time.sleep(TASK_POLL)
+        exit_status = str(status.get("exitstatus", ""))
+        if exit_status != "OK":
+            lines = self.call("GET", f"{path}/log", start=0, limit=1000) or []
+            tail = " | ".join(str(line.get("t", "")) for line in lines[-5:])
+            raise TargetError(f"PVE task {what} failed: {exit_status}" + (f" ({tail})" if tail else ""),
+                              hint="the node's task log has the whole story")
+
+    def _task(self, result: Any, what: str) -> None:
+        if isinstance(result, str) and result.startswith("UPID:"):
+            self.wait_task(result, what=what)
+
+    def _qemu(self, vmid: int) -> str:
+        return f"nodes/{self.settings.node}/qemu/{vmid}"
+
+    # -- layout ------------------------------------------------------------
+    def describe(self) -> dict[str, str]:
+        return self.settings.public()
+
+    def state_dir(self) -> Path:
+        if self._state_root is not None:
+            return self._state_root
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        return Path(base) / "v2p" / "pve" / f"{self.settings.host}-{self.settings.node}"
+
+    def staging_dir(self) -> Path:
+        """Where disks are converted before their upload (ours alone)."""
+        folder = self.state_dir() / "staging"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return private_dir(folder)
+
+    def storage(self, name: str) -> Storage:
+        raise TargetError(f"storage {name!r} is on the PVE node {self.settings.host}, not on this machine",
+                          hint="disks reach a PVE target through its disk sink only")
+
+    def device_storage(self, device: str) -> Storage:
+        raise TargetError(f"--device {device}: a block device of the PVE node cannot be written from here",
+                          hint="leave --device out: the disk is uploaded into a PVE storage")
+
+    def storage_status(self, name: str) -> dict[str, Any]:
+        try:
+            found: dict[str, Any] = self.call("GET", f"nodes/{self.settings.node}/storage/{name}/status")
+        except TargetError as exc:
+            raise TargetError(f"no usable storage called {name!r} on PVE node {self.settings.node}: "
+                              f"{exc.message}", hint="see: pvesm status on the node") from None
+        return found
+
+    def disk_sink(self, vmid: int, index: int, *, fmt: str | None, storage: str, device: str | None = None,
+                  force: bool = False) -> DiskSink:
+        if device:
+            self.device_storage(device)
+        info = self.storage_status(storage)
+        formats = ["qcow2", "raw"] if info.get("type") in _FILE_STORAGES else ["raw"]
+        chosen = fmt or formats[0]
+        if chosen not in formats:
+            raise OptionError(f"--format {chosen}: PVE storage {storage} ({info.get('type')}) holds "
+                              f"{'/'.join(formats)} volumes only",
+                              hint="leave --format out to get the storage's own format")
+        return RemoteImportSink(self, vmid, index, fmt=chosen, storage=storage)
+
+    # -- VMs ---------------------------------------------------------------
+    def _resources(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.call("GET", "cluster/resources", type="vm") or []
+        return found
+
+    def vm_exists(self, vmid: int) -> bool:
+        # Cluster-wide, containers included: they share one ID space with VMs.
+        return any(int(entry.get("vmid", -1)) == vmid for entry in self._resources())
+
+    def list_vms(self) -> list[int]:
+        return sorted(int(entry["vmid"]) for entry in self._resources()
+                      if entry.get("type") == "qemu" and entry.get("node") == self.settings.node)
+
+    def _require(self, vmid: int) -> None:
+        if not any(int(entry.get("vmid", -1)) == vmid and entry.get("type") == "qemu"
+                   and entry.get("node") == self.settings.node for entry in self._resources()):
+            raise NoSuchVMError(f"VMID {vmid} does not exist on PVE node {self.settings.node}",
+                                hint="see: v2p vm list")
+
+    def create_vm(self, vmid: int, config: VMConfig) -> None:
+        taken = [entry for entry in self._resources() if int(entry.get("vmid", -1)) == vmid]
+        if taken:
+            what = taken[0].get("type", "guest")
+            raise VMIDExistsError(f"VMID {vmid} already exists on the PVE cluster ({what} on "
+                                  f"{taken[0].get('node', '?')})", hint="pick another --vmid")
+        self._task(self.call("POST", f"nodes/{self.settings.node}/qemu", vmid=vmid, **config),
+                   f"create VM {vmid}")
+
+    def get_config(self, vmid: int) -> VMConfig:
+        self._require(vmid)
+        found = self.call("GET", f"{self._qemu(vmid)}/config")
+        return {key: str(value) for key, value in found.items() if key != "digest"}
+
+    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = ()) -> None:
+        self._require(vmid)
+        values: dict[str, Any] = dict(updates)
+        if delete:
+            present = self.call("GET", f"{self._qemu(vmid)}/config")
+            gone = [key for key in delete if key in present and key not in updates]
+            if gone:  # PVE refuses to delete a key it does not have
+                values["delete"] = ",".join(gone)
+        if not values:
+            return
+        # POST runs as a task (an import-from or a new volume may take long); PUT would not wait.
+        self._task(self.call("POST", f"{self._qemu(vmid)}/config", **values), f"configure VM {vmid}")
+
+    def destroy_vm(self, vmid: int) -> None:
+        self._require(vmid)
+        if self.status(vmid) == "running":
+            self._task(self.call("POST", f"{self._qemu(vmid)}/status/stop"), f"stop VM {vmid}")
+        self._task(self.call("DELETE", self._qemu(vmid), purge=True, **{"destroy-unreferenced-disks": True}),
+                   f"destroy VM {vmid}")
+
+    # -- running -------------------------------------------------------------
+    def status(self, vmid: int) -> str:
+        self._require(vmid)
+        current = self.call("GET", f"{self._qemu(vmid)}/status/current")
+        return "running" if current.get("status") == "running" else "stopped"
+
+    def start(self, vmid: int, *, hold: bool = False) -> None:
+        # A PVE VM never dies with this process: ``hold`` cannot be honoured, and ``held`` says so.
+        if self.status(vmid) == "running":
+            raise TargetError(f"VM {vmid} is already running")
+        self._task(self.call("POST", f"{self._qemu(vmid)}/status/start"), f"start VM {vmid}")
+
+    def stop(self, vmid: int, *, timeout: float = 60.0) -> bool:
+        if self.status(vmid) != "running":
+            return True
+        try:
+            self._task(self.call("POST", f"{self._qemu(vmid)}/status/shutdown", timeout=int(max(timeout, 1)),
+                                 forceStop=False), f"shut down VM {vmid}")
+        except TargetError:
+            pass  # the guest ignored the power button: stopped hard below
+        if self.status(vmid) != "running":
+            return True
+        self._task(self.call("POST", f"{self._qemu(vmid)}/status/stop"), f"stop VM {vmid}")
+        return False
+
+    def guest_output(self, vmid: int) -> str:
+        # PVE offers a serial console only over a websocket (termproxy); v2p does not read it.
+        return ""
+
+    def _agent_ping(self, vmid: int) -> bool:
+        try:
+            self.call("POST", f"{self._qemu(vmid)}/agent/ping")
+            return True
+        except TargetError:
+            return False
+
+    def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
+        """Only whether the VM stops: the serial output is not read (``guest_output`` is '')."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            check_interrupts()
+            if self.status(vmid) != "running":
+                return "stopped", ""
+            time.sleep(1.0)
+        return "timeout", ""
+
+    def boot_check(self, vmid: int, *, timeout: float) -> BootReport:
+        """Start the VM and poll it: "up" once the guest agent answers (only if ``agent`` is on in
+        its config), "powered-off" if it stops, else "running" at the timeout. No serial console."""
+        started = time.monotonic()
+        if self.status(vmid) == "running":
+            self.stop(vmid, timeout=10)
+        agent = self.get_config(vmid).get("agent", "0").split(",")[0] in ("1", "enabled=1")
+        self.start(vmid)
+        notes = [] if agent else ["no guest agent configured: 'up' cannot be seen, only that the VM runs"]
+        while time.monotonic() - started < timeout:
+            check_interrupts()
+            if self.status(vmid) != "running":
+                return BootReport("powered-off", round(time.monotonic() - started, 2),
+                                  signal="the VM stopped", notes=notes)
+            if agent and self._agent_ping(vmid):
+                return BootReport("up", round(time.monotonic() - started, 2),
+                                  signal="the guest agent answered", notes=notes)
+            time.sleep(1.0)
+        return BootReport("running", round(time.monotonic() - started, 2), notes=notes)
+
+
+class RemoteImportSink(DiskSink):
+    """Disk ``index`` of VM ``vmid``: converted locally to qcow2, uploaded into the import
+    storage, attached with ``import-from`` (PVE copies it into ``storage`` as ``fmt``).
+
+    ``volid`` is the value PVE needs to create the disk once (``STORAGE:0,import-from=...``):
+    after the attach PVE's config names the volume it allocated. The staging file stays until
+    ``remove`` so a committed disk can still be verified (PVE has no download of import volumes).
+    """
+
+    in_place = False
+
+    def __init__(self, target: ProxmoxTarget, vmid: int, index: int, *, fmt: str, storage: str) -> None:
+        self.target, self.vmid, self.index, self.fmt, self.storage = target, vmid, index, fmt, storage
+        self.import_storage = target.settings.import_storage
+        self.filename = f"v2p-{vmid}-disk-{index}.qcow2"
+        self.import_volid = f"{self.import_storage}:import/{self.filename}"
+        self.volid = f"{storage}:0,import-from={self.import_volid},format={fmt}"
+
+    @property
+    def staging(self) -> Volume:
+        return Volume(self.import_volid, self.target.staging_dir() / self.filename, "qcow2")
+
+    def _content(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.target.call(
+            "GET", f"nodes/{self.target.settings.node}/storage/{self.import_storage}/content",
+            content="import") or []
+        return found
+
+    def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
+        staged = convert.measure(src, "qcow2")
+        final = convert.measure(src, self.fmt)
+        local_free = shutil.disk_usage(self.target.staging_dir()).free
+        if staged > local_free:
+            raise TargetError(f"not enough space in {self.target.staging_dir()} to stage the disk: "
+                              f"{staged} bytes needed, {local_free} free", hint="free some space")
+        rooms = {self.import_storage: staged}
+        rooms[self.storage] = rooms.get(self.storage, 0) + final
+        free = 0
+        for name, needed in rooms.items():
+            avail = int(self.target.storage_status(name).get("avail", 0))
+            if needed > avail:
+                raise TargetError(f"not enough space on PVE storage {name}: {needed} bytes needed, "
+                                  f"{avail} free", hint="free some space or choose another --storage")
+            free = avail if name == self.storage else free
+        return {"storage": f"PVE {self.target.settings.node}:{self.storage}", "format": self.fmt,
+                "required_bytes": sum(rooms.values()) if self.storage == self.import_storage else final,
+                "free_bytes": free}
+
+    def exists(self) -> bool:
+        return any(entry.get("volid") == self.import_volid for entry in self._content())
+
+    def written(self) -> bool:
+        return self.staging.path.exists() and not self.exists()
+
+    def write(self, src: QemuInput, *, capacity: int, progress: Callable[[float], None] | None = None,
+              bwlimit: int | None = None) -> None:
+        self._delete_upload()
+        staging = self.staging
+        staging.path.unlink(missing_ok=True)
+        try:
+            convert.convert(src, staging, capacity=capacity, bwlimit=bwlimit, on_progress=progress)
+        except BaseException:
+            staging.path.unlink(missing_ok=True)
+            raise
+
+    def verify(self, src: QemuInput, *, capacity: int) -> None:
+        if not self.staging.path.exists():
+            raise TargetError(f"nothing written for {self.import_volid} to verify (no staging file)",
+                              hint="run the same command again: the disk is written anew")
+        convert.compare(src, self.staging, capacity=capacity)
+
+    def commit(self) -> str:
+        if self.exists():
+            return self.volid
+        path = self.staging.path
+        if not path.exists():
+            raise TargetError(f"nothing written for {self.import_volid} to commit",
+                              hint="run the same command again: the disk is written anew")
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        body = MultipartFile({"content": "import", "checksum": digest.hexdigest(),
+                              "checksum-algorithm": "sha256"}, self.filename, path)
+        url = f"{self.target.base_url}/nodes/{self.target.settings.node}/storage/{self.import_storage}/upload"
+        try:
+            resp = self.target.session.post(url, data=body, headers={"Content-Type": body.content_type},
+                                             verify=self.target.verify, timeout=max(self.target.settings.timeout, 600))
+        except requests.RequestException as exc:
+            raise _connection_error(self.target.base_url, exc) from None
+        if resp.status_code >= 400:
+            raise TargetError(f"PVE upload of {self.filename} to {self.import_storage}: {resp.status_code} "
+                              f"{resp.reason} {resp.text[:300]}",
+                              hint=f"storage {self.import_storage} needs the 'import' content type "
+                                   "(pvesm set STORAGE --content images,import)")
+        upid = resp.json().get("data")
+        if isinstance(upid, str) and upid.startswith("UPID:"):
+            self.target.wait_task(upid, what=f"upload {self.filename}")
+        if not self.exists():
+            raise TargetError(f"PVE upload of {self.filename} finished but {self.import_volid} is not there")
+        return self.volid
+
+    def _delete_upload(self) -> None:
+        if self.exists():
+            node = self.target.settings.node
+            self.target._task(self.target.call(
+                "DELETE", f"nodes/{node}/storage/{self.import_storage}/content/{quote(self.import_volid)}"),
+                f"delete {self.import_volid}")
+
+    def remove(self) -> None:
+        self._delete_upload()
+        self.staging.path.unlink(missing_ok=True)
+
+    def fingerprint(self) -> dict[str, Any]:
+        path = self.staging.path
+        try:
+            return convert.fingerprint(path) if stat.S_ISREG(path.stat().st_mode) else {}
+        except OSError:
+            return {}
+
+    def __repr__(self) -> str:
+        return f"RemoteImportSink({self.volid})"
