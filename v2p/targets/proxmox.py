@@ -441,12 +441,13 @@ class ProxmoxTarget(Target):
                           hint="leave --device out: the disk is uploaded into a PVE storage")
 
     def storage_status(self, name: str) -> dict[str, Any]:
-        try:
-            found: dict[str, Any] = self.call("GET", f"nodes/{self.settings.node}/storage/{name}/status")
-        except TargetError as exc:
-            raise TargetError(f"no usable storage called {name!r} on PVE node {self.settings.node}: "
-                              f"{exc.message}", hint="see: pvesm status on the node") from None
-        return found
+        """The node's view of storage ``name``: type, content, avail (``GET /nodes/{node}/storage``)."""
+        found: list[dict[str, Any]] = self.call("GET", f"nodes/{self.settings.node}/storage") or []
+        for entry in found:
+            if entry.get("storage") == name:
+                return entry
+        raise TargetError(f"no storage called {name!r} on PVE node {self.settings.node}",
+                          hint=f"known: {', '.join(str(e.get('storage')) for e in found)}; see: pvesm status")
 
     def disk_sink(self, vmid: int, index: int, *, fmt: str | None, storage: str, device: str | None = None,
                   force: bool = False) -> DiskSink:
@@ -513,6 +514,15 @@ class ProxmoxTarget(Target):
             self._task(self.call("POST", f"{self._qemu(vmid)}/status/stop"), f"stop VM {vmid}")
         self._task(self.call("DELETE", self._qemu(vmid), purge=True, **{"destroy-unreferenced-disks": True}),
                    f"destroy VM {vmid}")
+        # Its disks' uploads and staging files are v2p's own copies of this VM's disks.
+        node, where = self.settings.node, self.settings.import_storage
+        ours = re.compile(rf"{re.escape(where)}:import/v2p-{vmid}-disk-\d+\.qcow2")
+        for entry in self.call("GET", f"nodes/{node}/storage/{where}/content", content="import") or []:
+            if ours.fullmatch(str(entry.get("volid", ""))):
+                self._task(self.call("DELETE", f"nodes/{node}/storage/{where}/content/"
+                                     f"{quote(entry['volid'], safe='')}"), f"delete {entry['volid']}")
+        for path in self.staging_dir().glob(f"v2p-{vmid}-disk-*.qcow2"):
+            path.unlink(missing_ok=True)
 
     # -- running -------------------------------------------------------------
     def status(self, vmid: int) -> str:
@@ -687,7 +697,7 @@ class RemoteImportSink(DiskSink):
         if self.exists():
             node = self.target.settings.node
             self.target._task(self.target.call(
-                "DELETE", f"nodes/{node}/storage/{self.import_storage}/content/{quote(self.import_volid)}"),
+                "DELETE", f"nodes/{node}/storage/{self.import_storage}/content/{quote(self.import_volid, safe='')}"),
                 f"delete {self.import_volid}")
 
     def remove(self) -> None:
