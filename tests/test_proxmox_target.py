@@ -271,3 +271,80 @@ def test_a_wrong_password_says_so_without_it(fake_pve: FakePve, tmp_path: Path) 
 
 def test_settings_repr_has_no_secret() -> None:
     assert TOKEN not in repr(PveSettings(host="h", node="n", secret=TOKEN))
+
+
+# -- against the PVE simulator (tests/pve_sim) ----------------------------------------
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Any]:
+    server = pytest.importorskip("pve_sim.server")
+    with server.PVESim(tmp_path / "sim") as running:
+        yield running
+
+
+def _sim_target(sim: Any, tmp_path: Path, *, user: str = "root@pam!v2p", env: dict[str, str] | None = None,
+                storage: str = "local") -> ProxmoxTarget:
+    url = f"pve://{user}@{sim.host}/{sim.cluster.node}?storage={storage}&fingerprint={sim.fingerprint}"
+    env = {"V2P_PVE_TOKEN": sim.tokens["root@pam!v2p"]} if env is None else env
+    return ProxmoxTarget(target_from_url(url, env), state_root=tmp_path / "state")
+
+
+def test_sim_config_round_trip_with_password(sim: Any, tmp_path: Path) -> None:
+    target = _sim_target(sim, tmp_path, user="root@pam", env={"V2P_PVE_PASSWORD": sim.users["root@pam"]})
+    config = {"name": "round-trip", "memory": "2048", "cores": "2", "ostype": "l26",
+              "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1", "tags": "a;b",
+              "boot": "order=net0", "description": "imported from web 01.vmx (a=1; b&c)"}
+    target.create_vm(121, config)
+    assert target.get_config(121) == config
+    target.set_config(121, {"cores": "4"}, delete=("tags", "nosuch"))
+    expected = {**config, "cores": "4"}
+    del expected["tags"]
+    assert target.get_config(121) == expected
+    assert 121 in target.list_vms() and target.status(121) == "stopped"
+
+
+def test_sim_vmids_are_shared_with_containers(sim: Any, tmp_path: Path) -> None:
+    sim.cluster.containers.add(200)
+    target = _sim_target(sim, tmp_path)
+    assert target.vm_exists(200) and 200 not in target.list_vms()
+    with pytest.raises(VMIDExistsError, match="200.*lxc"):
+        target.create_vm(200, {"name": "clash"})
+
+
+def test_sim_a_failed_task_says_what_its_log_says(sim: Any, tmp_path: Path) -> None:
+    target = _sim_target(sim, tmp_path)
+    sim.fail_next_task("qmcreate", "storage full, simulated")
+    with pytest.raises(TargetError, match="storage full, simulated"):
+        target.create_vm(130, {"name": "x"})
+
+
+def test_sim_disk_through_upload_and_import_from(sim: Any, tmp_path: Path) -> None:
+    from v2p.convert import Source as QemuInput
+
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes((b"v2p" * 100000).ljust(4 << 20, b"\0"))
+    capacity = raw.stat().st_size
+    target = _sim_target(sim, tmp_path)
+    sink = target.disk_sink(140, 0, fmt=None, storage="local-lvm")
+    assert sink.fmt == "raw" and sink.volid == "local-lvm:0,import-from=local:import/v2p-140-disk-0.qcow2,format=raw"
+    sink.write(QemuInput("raw", str(raw)), capacity=capacity)
+    sink.verify(QemuInput("raw", str(raw)), capacity=capacity)
+    assert sink.commit() == sink.volid and sink.exists()
+    target.create_vm(140, {"name": "disk", "scsi0": sink.volid, "boot": "order=scsi0"})
+    volume = target.get_config(140)["scsi0"].split(",")[0]
+    assert volume == "local-lvm:vm-140-disk-0"
+    proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw),
+                           str(sim.cluster.volume_path(volume))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    upload = [entry for entry in sim.log if entry.path.endswith("/upload")][0]
+    assert upload.params["content"] == "import" and upload.params["checksum-algorithm"] == "sha256"
+    target.destroy_vm(140)  # the VM, its disk and v2p's upload and staging file
+    assert not sim.cluster.volume_path(volume).exists()
+    assert not sink.exists() and not sink.written() and sink.fingerprint() == {}
+
+
+def test_sim_a_token_without_privileges(sim: Any, tmp_path: Path) -> None:
+    sim.privileges["root@pam!v2p"] = set()
+    with pytest.raises(TargetError, match="403") as info:
+        _sim_target(sim, tmp_path).create_vm(150, {"name": "x"})
+    assert "privileges" in str(info.value)

@@ -21,7 +21,6 @@ PVE copy it into a fresh volume of the disk's storage.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -277,12 +276,12 @@ def _connection_error(url: str, exc: Exception) -> TargetError:
                        hint="check the host and port (8006 by default)")
 
 
-class MultipartFile(io.RawIOBase):
+class MultipartFile:
     """A multipart/form-data body streamed from a file: form fields, then the file (PVE's
-    upload reads the file part last). Its length is known, so no chunked encoding."""
+    upload reads the file part last). Its length is known, so no chunked encoding.
+    (Not an ``io`` object: requests would take its failing ``tell()`` for a body already read.)"""
 
     def __init__(self, fields: dict[str, str], name: str, path: Path) -> None:
-        super().__init__()
         self.boundary = uuid.uuid4().hex
         head = b"".join(
             f'--{self.boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
@@ -309,9 +308,6 @@ class MultipartFile(io.RawIOBase):
             with open(part, "rb") as handle:
                 while chunk := handle.read(1 << 20):
                     yield chunk
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         while size < 0 or len(self._pending) < size:
@@ -677,8 +673,12 @@ class RemoteImportSink(DiskSink):
                               "checksum-algorithm": "sha256"}, self.filename, path)
         url = f"{self.target.base_url}/nodes/{self.target.settings.node}/storage/{self.import_storage}/upload"
         try:
-            resp = self.target.session.post(url, data=body, headers={"Content-Type": body.content_type},
-                                             verify=self.target.verify, timeout=max(self.target.settings.timeout, 600))
+            # requests' own request(): proxmoxer's would read the body into memory as a dict of fields.
+            session = self.target.session
+            resp = requests.Session.request(session, "POST", url, data=body,
+                                            headers={"Content-Type": body.content_type},
+                                            cookies=session.auth.get_cookies(), verify=self.target.verify,
+                                            timeout=max(self.target.settings.timeout, 600))
         except requests.RequestException as exc:
             raise _connection_error(self.target.base_url, exc) from None
         if resp.status_code >= 400:
