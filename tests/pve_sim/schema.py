@@ -299,6 +299,12 @@ def _volume_or_qm_path(value: str) -> str | None:
     return None if value in ("none", "cdrom") or value.startswith("/") else _volume_id(value)
 
 
+def _dns_name(value: str) -> str | None:
+    label = r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?"
+    ok = re.fullmatch(rf"({label}\.)*{label}", value)
+    return None if ok else "value does not look like a valid DNS name"
+
+
 def _bridge(value: str) -> str | None:
     return None if re.fullmatch(r"[-_.\w\d]+", value) else "invalid bridge ID"
 
@@ -340,5 +346,5 @@ _FORMATS = {
     "mac-addr": _mac, "pve-volume-id": _volume_id, "pve-volume-id-or-absolute-path": _volume_or_path,
     "pve-volume-id-or-qm-path": _volume_or_qm_path, "pve-bridge-id": _bridge, "pve-qm-boot": _boot,
     "pve-qm-bootdisk": _bootdisk, "disk-size": _disk_size, "pve-storage-content": _content,
-    "pve-userid": _userid,
+    "pve-userid": _userid, "dns-name": _dns_name,
 }

@@ -1,0 +1,571 @@
+"""What the simulated PVE node holds and does: VM configs, storages, volumes.
+
+Each API endpoint the simulator serves is one method here, called with
+parameters already checked against the schema (``server.py`` does HTTP, auth
+and that check). Disks are real files made with real ``qemu-img``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .schema import parse_property_string
+from .tasks import Task, Tasks
+
+DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)\d+$|^(efidisk|tpmstate)0$")
+NEW_VOLUME = re.compile(r"^([a-z][a-z0-9\-_.]*[a-z0-9]):(\d+(\.\d+)?)$", re.I)
+IMPORT_NAME = re.compile(r"\.(ova|ovf|qcow2|raw|vmdk|img)$")
+
+
+class PVEError(Exception):
+    """An API answer other than 200: HTTP ``status`` with PVE's message and per-parameter errors."""
+
+    def __init__(self, status: int, message: str, errors: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = errors
+
+
+def fail(message: str) -> PVEError:
+    """A handler's `die`: PVE answers 500 with the message."""
+    return PVEError(500, message)
+
+
+@dataclass
+class Storage:
+    name: str
+    type: str  # "dir" keeps <path>/images/<vmid>/...; "lvmthin" keeps raw files named like LVs
+    path: Path
+    content: set[str]
+
+    def volume_path(self, volname: str) -> Path:
+        if self.type == "dir":
+            if volname.startswith("import/") or volname.startswith("iso/"):
+                return self.path / volname
+            return self.path / "images" / volname
+        return self.path / volname
+
+
+@dataclass
+class VM:
+    vmid: int
+    config: dict[str, str]
+    pending: dict[str, str] = field(default_factory=dict)
+    pending_delete: set[str] = field(default_factory=set)
+    status: str = "stopped"
+    lock: str | None = None
+
+
+def qemu_img(*args: str) -> str:
+    done = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise fail(f"qemu-img {args[0]} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def format_size(size: int) -> str:
+    """PVE::JSONSchema::format_size: the largest unit that divides the size."""
+    for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size % factor == 0 and size >= factor:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def parse_kib_size(value: str) -> int:
+    """``pvesm alloc`` sizes: KiB unless suffixed M or G; bytes out."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)", value)
+    if not match:
+        raise PVEError(400, "Parameter verification failed.", {"size": f"unable to parse size '{value}'"})
+    factor = {"": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2)]
+    return int(float(match.group(1)) * factor)
+
+
+class Cluster:
+    """One node (``node``) with its storages under ``root``."""
+
+    def __init__(self, root: Path, node: str = "pve1") -> None:
+        self.node = node
+        self.root = root
+        self.lock = threading.RLock()
+        self.vms: dict[int, VM] = {}
+        self.containers: set[int] = set()
+        self.tasks = Tasks(node)
+        self.storages: dict[str, Storage] = {}
+        self.add_storage("local", "dir", {"iso", "vztmpl", "backup", "import", "images"})
+        self.add_storage("local-lvm", "lvmthin", {"images", "rootdir"})
+        self.guest_shuts_down = True
+        self.on_start: Callable[[VM], None] | None = None
+        self.on_stop: Callable[[VM], None] | None = None
+
+    def add_storage(self, name: str, kind: str, content: set[str]) -> Storage:
+        path = self.root / name
+        (path / "images").mkdir(parents=True, exist_ok=True)
+        (path / "import").mkdir(exist_ok=True)
+        storage = Storage(name, kind, path, content)
+        self.storages[name] = storage
+        return storage
+
+    # -- volumes -------------------------------------------------------------
+
+    def storage(self, name: str) -> Storage:
+        if name not in self.storages:
+            raise fail(f"storage '{name}' does not exist")
+        return self.storages[name]
+
+    def volume_path(self, volid: str) -> Path:
+        """The file behind ``volid`` (what `pvesm path` prints)."""
+        name, _, volname = volid.partition(":")
+        return self.storage(name).volume_path(volname)
+
+    def _existing_volume(self, volid: str) -> Path:
+        path = self.volume_path(volid)
+        if not path.exists():
+            raise fail(f"volume '{volid}' does not exist")
+        return path
+
+    def _next_disk_name(self, storage: Storage, vmid: int, fmt: str) -> str:
+        for n in range(10000):
+            base = f"vm-{vmid}-disk-{n}"
+            if storage.type == "dir":
+                if not any((storage.path / "images" / str(vmid)).glob(base + ".*")):
+                    return f"{vmid}/{base}.{fmt}"
+            elif not (storage.path / base).exists():
+                return base
+        raise fail("unable to allocate an image name")
+
+    def _create_file(self, storage: Storage, volname: str, fmt: str, size: int) -> str:
+        path = storage.volume_path(volname)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        qemu_img("create", "-f", fmt, str(path), str(size))
+        return f"{storage.name}:{volname}"
+
+    def volume_info(self, volid: str) -> dict[str, Any]:
+        info = json.loads(qemu_img("info", "--output=json", str(self._existing_volume(volid))))
+        return {"format": info["format"], "size": info["virtual-size"]}
+
+    # -- endpoints: cluster and node ---------------------------------------------
+
+    def version(self, p: dict[str, str], user: str) -> Any:
+        return {"version": "9.1.3", "release": "9.1", "repoid": "simulated"}
+
+    def nodes(self, p: dict[str, str], user: str) -> Any:
+        return [{"node": self.node, "status": "online", "type": "node", "id": f"node/{self.node}",
+                 "maxcpu": 2, "maxmem": 8 << 30, "ssl_fingerprint": ""}]
+
+    def _taken(self, vmid: int) -> bool:
+        return vmid in self.vms or vmid in self.containers
+
+    def nextid(self, p: dict[str, str], user: str) -> Any:
+        with self.lock:
+            if "vmid" in p:
+                if self._taken(int(p["vmid"])):
+                    raise PVEError(400, "Parameter verification failed.",
+                                   {"vmid": f"VM {p['vmid']} already exists"})
+                return p["vmid"]
+            return str(next(v for v in range(100, 1_000_000_000) if not self._taken(v)))
+
+    def resources(self, p: dict[str, str], user: str) -> Any:
+        with self.lock:
+            vms = [{"id": f"qemu/{vm.vmid}", "type": "qemu", "vmid": vm.vmid, "node": self.node,
+                    "name": vm.config.get("name", f"VM {vm.vmid}"), "status": vm.status}
+                   for vm in self.vms.values()]
+            cts = [{"id": f"lxc/{ct}", "type": "lxc", "vmid": ct, "node": self.node, "status": "stopped"}
+                   for ct in self.containers]
+        found = vms + cts
+        if p.get("type") in ("node", "storage", "sdn", "pool"):
+            return []
+        return found
+
+    def task_status(self, p: dict[str, str], user: str) -> Any:
+        task = self.tasks.by_upid.get(p["upid"])
+        if task is None:
+            raise fail(f"no such task '{p['upid']}'")
+        return task.status_data()
+
+    def task_log(self, p: dict[str, str], user: str) -> Any:
+        task = self.tasks.by_upid.get(p["upid"])
+        if task is None:
+            raise fail(f"no such task '{p['upid']}'")
+        start, limit = int(p.get("start", "0")), int(p.get("limit", "50"))
+        return [{"n": n + 1, "t": line} for n, line in enumerate(task.lines)][start:start + limit]
+
+    # -- endpoints: storage ---------------------------------------------------------
+
+    def storage_list(self, p: dict[str, str], user: str) -> Any:
+        found = []
+        for s in self.storages.values():
+            if "content" in p and p["content"] not in s.content:
+                continue
+            usage = shutil.disk_usage(s.path)
+            found.append({"storage": s.name, "type": s.type, "content": ",".join(sorted(s.content)),
+                          "active": 1, "enabled": 1, "shared": 0, "total": usage.total,
+                          "used": usage.used, "avail": usage.free})
+        return found
+
+    def storage_config(self, p: dict[str, str], user: str) -> Any:
+        s = self.storage(p["storage"])
+        data: dict[str, Any] = {"storage": s.name, "type": s.type, "content": ",".join(sorted(s.content)),
+                                "digest": "0" * 40}
+        if s.type == "dir":
+            data["path"] = str(s.path)
+        else:
+            data.update({"vgname": "pve", "thinpool": "data"})
+        return data
+
+    def storage_configs(self, p: dict[str, str], user: str) -> Any:
+        return [self.storage_config({"storage": name}, user) for name in self.storages]
+
+    def content_list(self, p: dict[str, str], user: str) -> Any:
+        s = self.storage(p["storage"])
+        found = []
+        if s.type == "dir":
+            files = [(f"{v.parent.name}/{v.name}", v, "images") for v in s.path.glob("images/*/*")]
+            files += [(f"import/{v.name}", v, "import") for v in s.path.glob("import/*")]
+        else:
+            files = [(v.name, v, "images") for v in s.path.glob("vm-*")]
+        for volname, path, content in sorted(files):
+            if "content" in p and p["content"] != content:
+                continue
+            entry: dict[str, Any] = {"volid": f"{s.name}:{volname}", "content": content,
+                                     "size": path.stat().st_size, "ctime": int(path.stat().st_mtime)}
+            match = re.match(r"(?:\d+/)?vm-(\d+)-", volname)
+            if match:
+                entry["vmid"] = int(match.group(1))
+                if "vmid" in p and p["vmid"] != match.group(1):
+                    continue
+            entry["format"] = path.suffix[1:] if s.type == "dir" else "raw"
+            found.append(entry)
+        return found
+
+    def content_alloc(self, p: dict[str, str], user: str) -> Any:
+        s = self.storage(p["storage"])
+        if "images" not in s.content:
+            raise fail(f"storage '{s.name}' does not support content-type 'images'")
+        vmid, name = int(p["vmid"]), p["filename"]
+        if not re.match(rf"vm-{vmid}-", name):
+            raise fail(f"illegal name '{name}' - should be 'vm-{vmid}-*'")
+        fmt = p.get("format", "raw" if s.type != "dir" else "raw")
+        if s.type != "dir" and fmt != "raw":
+            raise fail(f"unsupported format '{fmt}'")
+        if s.type == "dir":
+            if not name.endswith(f".{fmt}"):
+                name = f"{name}.{fmt}"
+            volname = f"{vmid}/{name}"
+        else:
+            volname = name
+        with self.lock:
+            if s.volume_path(volname).exists():
+                raise fail(f"volume '{s.name}:{volname}' already exists")
+            return self._create_file(s, volname, fmt, parse_kib_size(p["size"]))
+
+    def content_delete(self, p: dict[str, str], user: str) -> Any:
+        volid = p["volume"] if ":" in p["volume"] else f"{p['storage']}:{p['volume']}"
+        path = self._existing_volume(volid)
+
+        def work(task: Task) -> None:
+            path.unlink()
+            task.log(f"Removed volume '{volid}'")
+        return self.tasks.start("imgdel", volid, user, work).upid
+
+    def upload(self, p: dict[str, str], user: str, data_file: Path) -> Any:
+        s = self.storage(p["storage"])
+        content = p["content"]
+        if content not in s.content:
+            raise fail(f"storage '{s.name}' does not support '{content}' content")
+        # PVE normalizes the name (PVE::Storage::normalize_content_filename).
+        name = re.sub(r"[^\w\-.]", "_", p["filename"])
+        if content == "import" and not IMPORT_NAME.search(name):
+            raise fail("invalid filename or wrong extension")
+        target = s.path / ("import" if content == "import" else content) / name
+
+        def work(task: Task) -> None:
+            task.log(f"starting file import from: {data_file}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(data_file), target)
+            task.log(f"target file: {target}")
+            task.log(f"file size is: {target.stat().st_size}")
+        return self.tasks.start("imgcopy", "", user, work).upid
+
+    # -- endpoints: VMs ----------------------------------------------------------------
+
+    def vm(self, p: dict[str, str]) -> VM:
+        vm = self.vms.get(int(p["vmid"]))
+        if vm is None:
+            raise fail(f"Configuration file 'nodes/{self.node}/qemu-server/{p['vmid']}.conf' does not exist")
+        return vm
+
+    def _prepare_disks(self, vmid: int, p: dict[str, str], user: str) -> list[Callable[[Task], None]]:
+        """Check disk keys now (as the API call does before forking) and return the work that
+        allocates or imports their volumes, rewriting ``p`` to the new volume ids."""
+        work: list[Callable[[Task], None]] = []
+        for key in [k for k in p if DISK_KEY.match(k)]:
+            opts, _ = parse_property_string({"file": {"default_key": 1}}, p[key])
+            file = opts.get("file", "")
+            rest = [item for item in p[key].split(",")[1:]
+                    if item.partition("=")[0] not in ("import-from", "format", "file")]
+            source = opts.get("import-from")
+            match = NEW_VOLUME.match(file)
+            if opts.get("media") == "cdrom" or not match:
+                if source:
+                    raise PVEError(400, "Parameter verification failed.",
+                                   {key: "'import-from' requires special syntax - use <storage ID>:0,"
+                                         "import-from=<source>"})
+                if ":" in file and not file.startswith("/") and not file.startswith("none"):
+                    self._existing_volume(file)
+                continue
+            storage = self.storage(match.group(1))
+            if "images" not in storage.content:
+                raise fail(f"storage '{storage.name}' does not support content-type 'images'")
+            if source is not None:
+                if source.startswith("/"):
+                    if user != "root@pam":
+                        raise fail("Only root can pass arbitrary filesystem paths.")
+                    src = Path(source)
+                    if not src.exists():
+                        raise fail(f"could not find '{source}'")
+                else:
+                    src = self._existing_volume(source)
+            fmt = opts.get("format")
+            work.append(self._disk_work(vmid, key, p, storage, fmt, float(match.group(2)),
+                                        src if source is not None else None, rest))
+        return work
+
+    def _disk_work(self, vmid: int, key: str, p: dict[str, str], storage: Storage, fmt: str | None,
+                   size_gib: float, src: Path | None, rest: list[str]) -> Callable[[Task], None]:
+        def run(task: Task) -> None:
+            nonlocal fmt
+            if fmt is None:
+                # Without format= PVE keeps the source's format (a .vmdk import stays vmdk).
+                fmt = json.loads(qemu_img("info", "--output=json", str(src)))["format"] if src else "raw"
+                if storage.type == "dir" and fmt not in ("raw", "qcow2", "vmdk"):
+                    fmt = "raw"
+            if storage.type != "dir":
+                fmt = "raw"
+            with self.lock:
+                volname = self._next_disk_name(storage, vmid, fmt)
+                path = storage.volume_path(volname)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+            volid = f"{storage.name}:{volname}"
+            if src is not None:
+                task.log(f"importing disk '{src}' to VM {vmid} ...")
+                path.unlink()
+                qemu_img("convert", "-O", fmt, str(src), str(path))
+                task.log(f"Successfully imported disk as '{key}:{volid}'")
+            elif key == "efidisk0":
+                ovmf = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+                if fmt == "raw" and ovmf.exists():
+                    shutil.copyfile(ovmf, path)
+                else:
+                    path.unlink()
+                    qemu_img("create", "-f", fmt, str(path), "540672")
+            else:
+                path.unlink()
+                qemu_img("create", "-f", fmt, str(path), str(int(size_gib * (1 << 30))))
+            size = json.loads(qemu_img("info", "--output=json", str(path)))["virtual-size"]
+            p[key] = ",".join([volid, *rest, f"size={format_size(size)}"])
+        return run
+
+    def create_vm(self, p: dict[str, str], user: str) -> Any:
+        vmid = int(p["vmid"])
+        settings = {k: v for k, v in p.items() if k not in ("node", "vmid", "start")}
+        with self.lock:
+            if vmid in self.containers:
+                raise fail(f"CT {vmid} already exists on node '{self.node}'")
+            if vmid in self.vms:
+                raise fail(f"VM {vmid} already exists on node '{self.node}'")
+            disk_work = self._prepare_disks(vmid, settings, user)
+            vm = VM(vmid, {}, lock="create")
+            self.vms[vmid] = vm
+
+        def work(task: Task) -> None:
+            try:
+                for step in disk_work:
+                    step(task)
+            except Exception:
+                with self.lock:
+                    self._destroy_volumes(settings)
+                    del self.vms[vmid]
+                raise
+            with self.lock:
+                vm.config = settings
+                vm.lock = None
+        return self.tasks.start("qmcreate", str(vmid), user, work).upid
+
+    def _destroy_volumes(self, config: dict[str, str]) -> None:
+        for key, value in config.items():
+            if DISK_KEY.match(key) or key.startswith("unused"):
+                volid = value.split(",")[0]
+                if NEW_VOLUME.match(volid) or ":" not in volid or "media=cdrom" in value:
+                    continue
+                name = volid.partition(":")[0]
+                if name in self.storages:
+                    self.volume_path(volid).unlink(missing_ok=True)
+
+    def get_config(self, p: dict[str, str], user: str) -> Any:
+        vm = self.vm(p)
+        with self.lock:
+            config = dict(vm.config)
+            if p.get("current") != "1":
+                config.update(vm.pending)
+                for key in vm.pending_delete:
+                    config.pop(key, None)
+            config["digest"] = "0" * 40
+            if vm.lock:
+                config["lock"] = vm.lock
+            return config
+
+    def pending(self, p: dict[str, str], user: str) -> Any:
+        vm = self.vm(p)
+        keys = set(vm.config) | set(vm.pending)
+        found = []
+        for key in sorted(keys):
+            entry: dict[str, Any] = {"key": key}
+            if key in vm.config:
+                entry["value"] = vm.config[key]
+            if key in vm.pending:
+                entry["pending"] = vm.pending[key]
+            if key in vm.pending_delete:
+                entry["delete"] = 1
+            found.append(entry)
+        return found
+
+    def _update(self, vm: VM, settings: dict[str, str], deletes: list[str]) -> None:
+        """Apply now, or to pending while running; a replaced or removed disk becomes unusedN."""
+        with self.lock:
+            target = vm.pending if vm.status == "running" else vm.config
+            for key in deletes:
+                value = vm.config.get(key)
+                if vm.status == "running":
+                    vm.pending_delete.add(key)
+                    continue
+                vm.config.pop(key, None)
+                if value is None:
+                    continue
+                if key.startswith("unused"):
+                    self._destroy_volumes({key: value})
+                elif DISK_KEY.match(key):
+                    self._to_unused(vm, value)
+            for key, value in settings.items():
+                old = vm.config.get(key)
+                target[key] = value
+                if (old is not None and DISK_KEY.match(key) and vm.status != "running"
+                        and old.split(",")[0] != value.split(",")[0]):
+                    self._to_unused(vm, old)
+
+    def _to_unused(self, vm: VM, value: str) -> None:
+        volid = value.split(",")[0]
+        if "media=cdrom" in value or volid in ("none", "cdrom") or volid.startswith("/"):
+            return
+        n = next(i for i in range(256) if f"unused{i}" not in vm.config)
+        vm.config[f"unused{n}"] = volid
+
+    def _config_call(self, p: dict[str, str], user: str) -> tuple[VM, dict[str, str], list[str],
+                                                                   list[Callable[[Task], None]]]:
+        vm = self.vm(p)
+        settings = {k: v for k, v in p.items()
+                    if k not in ("node", "vmid", "delete", "digest", "revert", "skiplock",
+                                 "background_delay", "force")}
+        deletes = [d for d in re.split(r"[,; ]+", p.get("delete", "")) if d]
+        for key in deletes:
+            if key in settings:
+                raise PVEError(400, "Parameter verification failed.",
+                               {"delete": f"cannot set and delete '{key}' at the same time"})
+        if vm.lock and p.get("skiplock") != "1":
+            raise fail(f"VM is locked ({vm.lock})")
+        return vm, settings, deletes, self._prepare_disks(vm.vmid, settings, user)
+
+    def config_async(self, p: dict[str, str], user: str) -> Any:
+        vm, settings, deletes, disk_work = self._config_call(p, user)
+
+        def work(task: Task) -> None:
+            for step in disk_work:
+                step(task)
+            self._update(vm, settings, deletes)
+            task.log(f"update VM {vm.vmid}: {' '.join(f'-{k} {v}' for k, v in settings.items())}")
+        return self.tasks.start("qmconfig", str(vm.vmid), user, work).upid
+
+    def config_sync(self, p: dict[str, str], user: str) -> Any:
+        vm, settings, deletes, disk_work = self._config_call(p, user)
+        task = Task("", self.node, 0, 0, 0, "qmconfig", str(vm.vmid), user)
+        for step in disk_work:
+            step(task)
+        self._update(vm, settings, deletes)
+        return None
+
+    def status_current(self, p: dict[str, str], user: str) -> Any:
+        vm = self.vm(p)
+        data: dict[str, Any] = {"vmid": vm.vmid, "status": vm.status, "qmpstatus": vm.status,
+                                "name": vm.config.get("name", f"VM {vm.vmid}"),
+                                "cpus": int(vm.config.get("cores", "1")), "uptime": 0, "ha": {"managed": 0}}
+        if vm.lock:
+            data["lock"] = vm.lock
+        return data
+
+    def start(self, p: dict[str, str], user: str) -> Any:
+        vm = self.vm(p)
+
+        def work(task: Task) -> None:
+            with self.lock:
+                if vm.status == "running":
+                    raise fail(f"VM {vm.vmid} already running")
+                vm.config.update(vm.pending)
+                for key in vm.pending_delete:
+                    self._update(vm, {}, [key])
+                vm.pending.clear()
+                vm.pending_delete.clear()
+            if self.on_start:
+                self.on_start(vm)
+            vm.status = "running"
+        return self.tasks.start("qmstart", str(vm.vmid), user, work).upid
+
+    def _halt(self, vm: VM) -> None:
+        if self.on_stop:
+            self.on_stop(vm)
+        vm.status = "stopped"
+
+    def stop(self, p: dict[str, str], user: str) -> Any:
+        vm = self.vm(p)
+
+        def work(task: Task) -> None:
+            self._halt(vm)
+        return self.tasks.start("qmstop", str(vm.vmid), user, work).upid
+
+    def shutdown(self, p: dict[str, str], user: str) -> Any:
+        vm = self.vm(p)
+        timeout = int(p.get("timeout", "60"))
+
+        def work(task: Task) -> None:
+            if vm.status != "running":
+                raise fail(f"VM {vm.vmid} not running")
+            if self.guest_shuts_down:
+                self._halt(vm)
+                return
+            time.sleep(min(timeout, 5))
+            if p.get("forceStop") == "1":
+                self._halt(vm)
+                return
+            raise fail("VM quit/powerdown failed - got timeout")
+        return self.tasks.start("qmshutdown", str(vm.vmid), user, work).upid
+
+    def destroy(self, p: dict[str, str], user: str) -> Any:
+        vm = self.vm(p)
+        if vm.status == "running":
+            raise fail(f"VM {vm.vmid} is running - destroy failed")
+
+        def work(task: Task) -> None:
+            with self.lock:
+                self._destroy_volumes(vm.config)
+                self._destroy_volumes(vm.pending)
+                del self.vms[vm.vmid]
+        return self.tasks.start("qmdestroy", str(vm.vmid), user, work).upid

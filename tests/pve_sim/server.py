@@ -1,0 +1,431 @@
+"""The PVE API over HTTPS on 127.0.0.1, as strict as PVE's own API server.
+
+HTTP, authentication (tickets with CSRF tokens, API tokens), PVE's form
+decoding, schema checks and fault injection live here; what an endpoint does
+is in ``cluster.py``. Start one with ``PVESim(root).start()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import secrets
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from .cluster import Cluster, PVEError
+from .schema import Endpoint, Schema
+
+_SCHEMA: Schema | None = None
+
+
+def shared_schema() -> Schema:
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = Schema.load()
+    return _SCHEMA
+
+
+def decode_urlencoded(data: str) -> dict[str, str | None]:
+    """PVE::APIServer::AnyEvent::decode_urlencoded: pairs split on `&` AND `;`, and
+    ``my ($k, $v) = split(/=/, $kv)`` keeps only the text up to a second raw `=`."""
+    result: dict[str, str | None] = {}
+    for pair in re.split(r"[&;]", data):
+        if pair == "":
+            continue
+        fields = [f for f in pair.split("=")]
+        while len(fields) > 1 and fields[-1] == "":
+            fields.pop()  # Perl's split drops trailing empty fields
+        key = urllib.parse.unquote_plus(fields[0])
+        value = urllib.parse.unquote_plus(fields[1]) if len(fields) > 1 else None
+        old = result.get(key)
+        if value is not None and old is not None:
+            value = f"{old}\0{value}"
+        result[key] = value
+    return result
+
+
+def parse_multipart(body: bytes, content_type: str, spool: Path) -> tuple[dict[str, str], Path | None]:
+    """Form fields and the uploaded file (spooled to ``spool``) of a multipart body; the
+    file part's own name is the ``filename`` parameter, as PVE's upload handler takes it."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        raise PVEError(400, "Parameter verification failed.", {"filename": "no multipart boundary"})
+    fields: dict[str, str] = {}
+    upload: Path | None = None
+    for part in body.split(b"--" + match.group(1).encode())[1:]:
+        if part.startswith(b"--"):
+            break
+        head, _, data = part.partition(b"\r\n\r\n")
+        data = data[:-2] if data.endswith(b"\r\n") else data
+        disposition = head.decode("utf-8", "replace")
+        name = re.search(r'name="([^"]*)"', disposition)
+        filename = re.search(r'filename="([^"]*)"', disposition)
+        if not name:
+            continue
+        if filename:
+            fields[name.group(1)] = filename.group(1)
+            upload = spool / f"pveupload-{secrets.token_hex(8)}"
+            upload.write_bytes(data)
+        else:
+            fields[name.group(1)] = data.decode("utf-8")
+    return fields, upload
+
+
+def fingerprint(cert_pem: str) -> str:
+    """The SHA256 fingerprint as PVE shows it (colon-separated upper-case hex)."""
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert_pem)).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+@dataclass
+class Logged:
+    method: str
+    path: str
+    params: dict[str, str | None]
+    status: int
+    errors: dict[str, str] | None
+
+
+@dataclass
+class _Fault:
+    method: str
+    path: re.Pattern[str]
+    kind: str  # "error" or "drop"
+    status: int = 500
+    message: str = ""
+
+
+# Each endpoint: (method, schema path template) -> Cluster method name.
+ROUTES = {
+    ("GET", "/version"): "version",
+    ("GET", "/nodes"): "nodes",
+    ("GET", "/cluster/nextid"): "nextid",
+    ("GET", "/cluster/resources"): "resources",
+    ("GET", "/storage"): "storage_configs",
+    ("GET", "/storage/{storage}"): "storage_config",
+    ("GET", "/nodes/{node}/tasks/{upid}/status"): "task_status",
+    ("GET", "/nodes/{node}/tasks/{upid}/log"): "task_log",
+    ("GET", "/nodes/{node}/storage"): "storage_list",
+    ("GET", "/nodes/{node}/storage/{storage}/content"): "content_list",
+    ("POST", "/nodes/{node}/storage/{storage}/content"): "content_alloc",
+    ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"): "content_delete",
+    ("POST", "/nodes/{node}/storage/{storage}/upload"): "upload",
+    ("POST", "/nodes/{node}/qemu"): "create_vm",
+    ("GET", "/nodes/{node}/qemu/{vmid}/config"): "get_config",
+    ("POST", "/nodes/{node}/qemu/{vmid}/config"): "config_async",
+    ("PUT", "/nodes/{node}/qemu/{vmid}/config"): "config_sync",
+    ("GET", "/nodes/{node}/qemu/{vmid}/pending"): "pending",
+    ("GET", "/nodes/{node}/qemu/{vmid}/status/current"): "status_current",
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/start"): "start",
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/stop"): "stop",
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown"): "shutdown",
+    ("DELETE", "/nodes/{node}/qemu/{vmid}"): "destroy",
+}
+
+
+class PVESim:
+    """A simulated single-node PVE: ``start()`` serves it, ``url``/``fingerprint`` reach it.
+
+    Accounts: ``users`` (userid -> password), ``tokens`` ("user@realm!id" -> secret) and
+    ``privileges`` (userid or token id -> the privileges it has; absent means all).
+    """
+
+    def __init__(self, root: Path, *, node: str = "pve1", login_delay: float = 0.05,
+                 schema: Schema | None = None) -> None:
+        self.root = root
+        self.schema = schema or shared_schema()
+        self.cluster = Cluster(root / "storage", node)
+        self.login_delay = login_delay
+        self.users: dict[str, str] = {"root@pam": "rootpw"}
+        self.tokens: dict[str, str] = {"root@pam!v2p": "11111111-2222-3333-4444-555555555555"}
+        self.privileges: dict[str, set[str]] = {}
+        self.tickets: dict[str, tuple[str, str]] = {}  # ticket -> (user, CSRF token)
+        self.log: list[Logged] = []
+        self._faults: list[_Fault] = []
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self.port = 0
+        self.fingerprint = ""
+        self.cert_file = root / "tls" / "pve-ssl.pem"
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> PVESim:
+        tls = self.cert_file.parent
+        tls.mkdir(parents=True, exist_ok=True)
+        key = tls / "pve-ssl.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                        "-out", str(self.cert_file), "-days", "2", "-subj", f"/CN={self.cluster.node}",
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                       check=True, capture_output=True, timeout=60)
+        self.fingerprint = fingerprint(self.cert_file.read_text())
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, key)
+        sim = self
+
+        class Handler(_Handler):
+            simulator = sim
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.daemon_threads = True
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        self._httpd = httpd
+        self.port = httpd.server_address[1]
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self.cluster.on_stop:
+            for vm in list(self.cluster.vms.values()):
+                if vm.status == "running":
+                    self.cluster.on_stop(vm)
+
+    def __enter__(self) -> PVESim:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/api2/json"
+
+    # -- faults -------------------------------------------------------------------------
+
+    def fail_next_task(self, task_type: str, message: str = "simulated task failure") -> None:
+        """The next task of ``task_type`` (qmcreate, qmconfig, imgcopy, qmstart, ...) fails."""
+        with self.cluster.tasks.lock:
+            self.cluster.tasks.fail_next[task_type] = message
+
+    def slow_next_task(self, task_type: str, seconds: float) -> None:
+        with self.cluster.tasks.lock:
+            self.cluster.tasks.slow_next[task_type] = seconds
+
+    def fail_next_request(self, method: str, path: str, status: int = 500,
+                          message: str = "simulated failure") -> None:
+        """The next ``method`` request whose API path (after /api2/json) matches regex ``path``."""
+        with self._lock:
+            self._faults.append(_Fault(method, re.compile(path), "error", status, message))
+
+    def drop_next_request(self, method: str, path: str) -> None:
+        """The next matching request loses its connection half-way through its body."""
+        with self._lock:
+            self._faults.append(_Fault(method, re.compile(path), "drop"))
+
+    def take_fault(self, method: str, path: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.method == method and fault.path.search(path):
+                    self._faults.remove(fault)
+                    return fault
+        return None
+
+    # -- requests ---------------------------------------------------------------------
+
+    @property
+    def refused(self) -> list[Logged]:
+        """Requests that failed schema validation (400)."""
+        return [entry for entry in self.log if entry.status == 400]
+
+    def login(self, params: dict[str, str | None]) -> dict[str, Any]:
+        user = params.get("username") or ""
+        if "@" not in user and params.get("realm"):
+            user = f"{user}@{params['realm']}"
+        if self.users.get(user) != params.get("password") or user not in self.users:
+            time.sleep(self.login_delay)
+            raise PVEError(401, "authentication failure")
+        ticket = f"PVE:{user}:{int(time.time()):08X}::{base64.b64encode(secrets.token_bytes(32)).decode()}"
+        csrf = f"{int(time.time()):08X}:{base64.b64encode(secrets.token_bytes(20)).decode().rstrip('=')}"
+        with self._lock:
+            self.tickets[ticket] = (user, csrf)
+        return {"username": user, "ticket": ticket, "CSRFPreventionToken": csrf,
+                "cap": {"vms": {}, "storage": {}, "nodes": {}, "access": {}, "dc": {}}}
+
+    def authenticate(self, method: str, headers: Any) -> str:
+        """The authenticated id (``user@realm`` or ``user@realm!token``), else 401."""
+        auth = headers.get("Authorization", "")
+        if auth.startswith("PVEAPIToken="):
+            token_id, sep, secret = auth[len("PVEAPIToken="):].partition("=")
+            if not sep:
+                token_id, sep, secret = auth[len("PVEAPIToken="):].partition(":")
+            if self.tokens.get(token_id) != secret.strip():
+                raise PVEError(401, "invalid token value!")
+            return token_id
+        cookie = headers.get("Cookie", "")
+        match = re.search(r"PVEAuthCookie=([^;]+)", cookie)
+        if not match:
+            raise PVEError(401, "No ticket")
+        ticket = urllib.parse.unquote(match.group(1))
+        if ticket not in self.tickets:
+            raise PVEError(401, "invalid PVE ticket")
+        user, csrf = self.tickets[ticket]
+        if method != "GET" and headers.get("CSRFPreventionToken") != csrf:
+            raise PVEError(401, "Permission denied - invalid csrf token")
+        return user
+
+    def check_permissions(self, who: str, endpoint: Endpoint) -> None:
+        privs = self.privileges.get(who)
+        if privs is None:
+            return
+        check = (endpoint.info.get("permissions") or {}).get("check") or _CODE_CHECKS.get(
+            (endpoint.method, endpoint.template))
+        if check is not None and not _allowed(check, privs):
+            needed = _first_perm(check)
+            raise PVEError(403, f"Permission check failed ({needed})")
+
+
+# Endpoints whose schema says `user: all` and check privileges in their code.
+_CODE_CHECKS: dict[tuple[str, str], list[Any]] = {
+    ("POST", "/nodes/{node}/qemu"): ["perm", "/vms/{vmid}", ["VM.Allocate"]],
+}
+
+
+def _allowed(check: Any, privs: set[str]) -> bool:
+    if not isinstance(check, list) or not check:
+        return True
+    head = check[0]
+    if head == "perm":
+        wanted = check[2] if len(check) > 2 else []
+        any_of = "any" in check[3:] if len(check) > 3 else False
+        return (any if any_of else all)(p in privs for p in wanted)
+    if head == "and":
+        return all(_allowed(c, privs) for c in check[1:])
+    if head == "or":
+        return any(_allowed(c, privs) for c in check[1:])
+    return True
+
+
+def _first_perm(check: Any) -> str:
+    if isinstance(check, list) and check:
+        if check[0] == "perm" and len(check) > 2:
+            return f"{check[1]}, {', '.join(check[2])}"
+        for sub in check[1:]:
+            found = _first_perm(sub)
+            if found:
+                return found
+    return ""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    simulator: PVESim
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def _send(self, status: int, body: dict[str, Any] | None, reason: str | None = None) -> None:
+        payload = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status, (reason or "").split("\n")[0] or None)
+        self.send_header("Content-Type", "application/json;charset=UTF-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _drop(self, length: int) -> None:
+        self.rfile.read(length // 2)
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _handle(self, method: str) -> None:
+        sim = self.simulator
+        url = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get("Content-Length", "0") or "0")
+        if not url.path.startswith("/api2/json/"):
+            self.rfile.read(length)
+            self._send(404, None, "Not Found")
+            return
+        api_path = url.path[len("/api2/json"):]
+        fault = sim.take_fault(method, api_path)
+        if fault is not None and fault.kind == "drop":
+            self._drop(length)
+            return
+        body = self.rfile.read(length)
+        params: dict[str, str | None] = {}
+        upload: Path | None = None
+        status, errors = 200, None
+        try:
+            content_type = self.headers.get("Content-Type", "")
+            if method in ("POST", "PUT"):
+                if content_type.startswith("multipart/form-data"):
+                    spool = Path(tempfile.mkdtemp(dir=sim.root))
+                    fields, upload = parse_multipart(body, content_type, spool)
+                    params.update(fields)
+                elif content_type.startswith("application/json") and body:
+                    params.update({k: _json_param(v) for k, v in json.loads(body).items()})
+                else:
+                    params.update(decode_urlencoded(body.decode("utf-8")))
+            params.update(decode_urlencoded(url.query))
+            if (method, api_path.rstrip("/")) == ("POST", "/access/ticket"):
+                self._send(200, {"data": sim.login(params)})
+                return
+            who = sim.authenticate(method, self.headers)
+            segments = [urllib.parse.unquote(s) for s in api_path.split("/")]
+            endpoint = sim.schema.resolve(method, segments)
+            if endpoint is None:
+                raise PVEError(501, f"Method '{method} {api_path}' not implemented")
+            params.update(endpoint.path_params)
+            errors = sim.schema.validate(endpoint, params)
+            if errors:
+                raise PVEError(400, "Parameter verification failed.", errors)
+            sim.check_permissions(who, endpoint)
+            if fault is not None:
+                raise PVEError(fault.status, fault.message)
+            route = ROUTES.get((method, endpoint.template))
+            if route is None:
+                raise PVEError(501, f"simulator: '{method} {endpoint.template}' is not simulated")
+            given = {k: v for k, v in params.items() if v is not None}
+            if route == "upload":
+                if upload is None:
+                    raise PVEError(400, "Parameter verification failed.", {"filename": "no file uploaded"})
+                data = sim.cluster.upload(given, who, upload)
+            else:
+                data = getattr(sim.cluster, route)(given, who)
+            self._send(200, {"data": data})
+        except PVEError as error:
+            status, errors = error.status, error.errors
+            if error.status == 401 and error.message == "authentication failure":
+                self._send(401, None, error.message)
+            else:
+                reply: dict[str, Any] = {"data": None, "message": error.message + "\n"}
+                if error.errors:
+                    reply["errors"] = error.errors
+                self._send(error.status, reply, error.message)
+        finally:
+            sim.log.append(Logged(method, api_path, params, status, errors))
+
+
+def _json_param(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
