@@ -291,3 +291,30 @@ def test_slow_task_is_running_until_done(pve: PVESim) -> None:
     status = api(pve, "GET", f"/nodes/pve1/tasks/{urllib.parse.quote(upid, safe='')}/status").json()["data"]
     assert status["status"] == "running" and "exitstatus" not in status
     assert wait_task(pve, upid)["exitstatus"] == "OK"
+
+
+# -- running VMs for real ------------------------------------------------------------------
+
+def test_started_vm_runs_in_qemu_until_stopped(pve: PVESim) -> None:
+    runner = pve.run_vms()
+    spec = {**CREATE, "ide0": "local:0.01", "virtio0": "local-lvm:0.01", "scsi0": "local:0.01",
+            "scsihw": "virtio-scsi-pci", "ide2": "none,media=cdrom"}
+    assert wait_task(pve, api(pve, "POST", "/nodes/pve1/qemu", spec).json()["data"])["exitstatus"] == "OK"
+    argv = " ".join(runner.argv(pve.cluster.vms[100]))
+    assert "ide-hd,bus=ide.0,unit=0" in argv and "virtio-blk-pci" in argv and "virtio-scsi-pci" in argv
+    assert "mac=BC:24:11:00:00:01" in argv and "-m 1024" in argv
+    assert wait_task(pve, api(pve, "POST", "/nodes/pve1/qemu/100/status/start").json()["data"])["exitstatus"] \
+        == "OK"
+    process = runner.processes[100]
+    try:
+        assert process.running()
+        # SeaBIOS with no OS ignores the power button: PVE's shutdown times out, the VM runs on.
+        shutdown = api(pve, "POST", "/nodes/pve1/qemu/100/status/shutdown", {"timeout": "1"})
+        assert wait_task(pve, shutdown.json()["data"])["exitstatus"] == "VM quit/powerdown failed - got timeout"
+        assert api(pve, "GET", "/nodes/pve1/qemu/100/status/current").json()["data"]["status"] == "running"
+        forced = api(pve, "POST", "/nodes/pve1/qemu/100/status/shutdown", {"timeout": "1", "forceStop": "1"})
+        assert wait_task(pve, forced.json()["data"])["exitstatus"] == "OK"
+        assert not process.running()
+        assert api(pve, "GET", "/nodes/pve1/qemu/100/status/current").json()["data"]["status"] == "stopped"
+    finally:
+        process.kill()

@@ -104,8 +104,11 @@ class Cluster:
         self.add_storage("local", "dir", {"iso", "vztmpl", "backup", "import", "images"})
         self.add_storage("local-lvm", "lvmthin", {"images", "rootdir"})
         self.guest_shuts_down = True
+        # Hooks that run VMs for real (``realvm.QemuRunner``); without them a VM is only a state.
         self.on_start: Callable[[VM], None] | None = None
         self.on_stop: Callable[[VM], None] | None = None
+        self.on_powerdown: Callable[[VM, float], bool] | None = None
+        self.is_running: Callable[[VM], bool] | None = None
 
     def add_storage(self, name: str, kind: str, content: set[str]) -> Storage:
         path = self.root / name
@@ -503,8 +506,14 @@ class Cluster:
         self._update(vm, settings, deletes)
         return None
 
+    def refresh(self, vm: VM) -> None:
+        """A real guest may have powered itself off."""
+        if vm.status == "running" and self.is_running is not None and not self.is_running(vm):
+            vm.status = "stopped"
+
     def status_current(self, p: dict[str, str], user: str) -> Any:
         vm = self.vm(p)
+        self.refresh(vm)
         data: dict[str, Any] = {"vmid": vm.vmid, "status": vm.status, "qmpstatus": vm.status,
                                 "name": vm.config.get("name", f"VM {vm.vmid}"),
                                 "cpus": int(vm.config.get("cores", "1")), "uptime": 0, "ha": {"managed": 0}}
@@ -516,6 +525,7 @@ class Cluster:
         vm = self.vm(p)
 
         def work(task: Task) -> None:
+            self.refresh(vm)
             with self.lock:
                 if vm.status == "running":
                     raise fail(f"VM {vm.vmid} already running")
@@ -546,12 +556,18 @@ class Cluster:
         timeout = int(p.get("timeout", "60"))
 
         def work(task: Task) -> None:
+            self.refresh(vm)
             if vm.status != "running":
                 raise fail(f"VM {vm.vmid} not running")
-            if self.guest_shuts_down:
+            if self.on_powerdown is not None:
+                if self.on_powerdown(vm, timeout):
+                    vm.status = "stopped"
+                    return
+            elif self.guest_shuts_down:
                 self._halt(vm)
                 return
-            time.sleep(min(timeout, 5))
+            else:
+                time.sleep(min(timeout, 5))
             if p.get("forceStop") == "1":
                 self._halt(vm)
                 return
@@ -560,6 +576,7 @@ class Cluster:
 
     def destroy(self, p: dict[str, str], user: str) -> Any:
         vm = self.vm(p)
+        self.refresh(vm)
         if vm.status == "running":
             raise fail(f"VM {vm.vmid} is running - destroy failed")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import Cluster, PVEError
+from .realvm import QemuRunner
 from .schema import Endpoint, Schema
 
 _SCHEMA: Schema | None = None
@@ -194,6 +195,16 @@ class PVESim:
             for vm in list(self.cluster.vms.values()):
                 if vm.status == "running":
                     self.cluster.on_stop(vm)
+
+    def run_vms(self) -> QemuRunner:
+        """Run started VMs for real under TCG (``QemuRunner.run_dir(vmid)/serial.log`` is the
+        serial port); off by default, as most tests need only the API."""
+        runner = QemuRunner(self.cluster, self.root / "run")
+        self.cluster.on_start = runner.start
+        self.cluster.on_stop = runner.stop
+        self.cluster.on_powerdown = runner.powerdown
+        self.cluster.is_running = runner.running
+        return runner
 
     def __enter__(self) -> PVESim:
         return self.start()
