@@ -348,3 +348,28 @@ def test_sim_a_token_without_privileges(sim: Any, tmp_path: Path) -> None:
     with pytest.raises(TargetError, match="403") as info:
         _sim_target(sim, tmp_path).create_vm(150, {"name": "x"})
     assert "privileges" in str(info.value)
+
+
+def test_sim_no_secret_in_any_log(sim: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    password, token = sim.users["root@pam"], sim.tokens["root@pam!v2p"]
+    by_password = _sim_target(sim, tmp_path, user="root@pam", env={"V2P_PVE_PASSWORD": password})
+    by_password.create_vm(160, {"name": "logged"})
+    _sim_target(sim, tmp_path).set_config(160, {"cores": "2"})
+    assert caplog.records  # proxmoxer and urllib3 did log the calls
+    assert password not in caplog.text and token not in caplog.text
+
+
+def test_sim_stop_and_boot_check(sim: Any, tmp_path: Path) -> None:
+    target = _sim_target(sim, tmp_path)
+    target.create_vm(170, {"name": "runs", "memory": "64"})
+    report = target.boot_check(170, timeout=2)
+    assert report.outcome == "running" and "no guest agent" in report.notes[0]
+    assert target.status(170) == "running"
+    with pytest.raises(TargetError, match="already running"):
+        target.start(170)
+    assert target.stop(170, timeout=5) is True  # the simulated guest obeys the power button
+    sim.cluster.guest_shuts_down = False
+    target.start(170)
+    assert target.stop(170, timeout=1) is False and target.status(170) == "stopped"
+    assert target.stop(170) is True  # nothing to do
