@@ -333,6 +333,8 @@ def test_sim_disk_through_upload_and_import_from(sim: Any, tmp_path: Path) -> No
     target.create_vm(140, {"name": "disk", "scsi0": sink.volid, "boot": "order=scsi0"})
     volume = target.get_config(140)["scsi0"].split(",")[0]
     assert volume == "local-lvm:vm-140-disk-0"
+    assert sink.attached(target.get_config(140)["scsi0"]) and not sink.attached(sink.volid)
+    assert not sink.attached("local:140/vm-140-disk-0.qcow2") and not sink.attached("local-lvm:vm-141-disk-0")
     proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw),
                            str(sim.cluster.volume_path(volume))], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

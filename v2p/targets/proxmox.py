@@ -693,6 +693,15 @@ class RemoteImportSink(DiskSink):
             raise TargetError(f"PVE upload of {self.filename} finished but {self.import_volid} is not there")
         return self.volid
 
+    def attached(self, value: str) -> bool:
+        """Whether a disk key's ``value`` in the VM config is what PVE made of ``volid``: a volume of
+        this VM on ``storage`` (PVE rewrites ``STORAGE:0,import-from=...`` to the volume it allocated,
+        so comparing with ``volid`` cannot tell; Attach needs this to know it is done)."""
+        volume = value.split(",")[0]
+        name, _, rest = volume.partition(":")
+        return name == self.storage and "import-from=" not in value and \
+            re.fullmatch(rf"(?:{self.vmid}/)?vm-{self.vmid}-disk-\d+(?:\.(?:raw|qcow2))?", rest) is not None
+
     def _delete_upload(self) -> None:
         if self.exists():
             node = self.target.settings.node
