@@ -318,3 +318,21 @@ def test_started_vm_runs_in_qemu_until_stopped(pve: PVESim) -> None:
         assert api(pve, "GET", "/nodes/pve1/qemu/100/status/current").json()["data"]["status"] == "stopped"
     finally:
         process.kill()
+
+
+def test_proxmoxer_token_and_password(pve: PVESim) -> None:
+    """The client the Proxmox target uses talks to the simulator like to PVE."""
+    from proxmoxer import AuthenticationError, ProxmoxAPI, ResourceException
+
+    token = ProxmoxAPI("127.0.0.1", port=pve.port, user="root@pam", token_name="v2p",
+                       token_value=pve.tokens["root@pam!v2p"], verify_ssl=False)
+    upid = token.nodes("pve1").qemu.post(**CREATE)
+    assert wait_task(pve, upid)["exitstatus"] == "OK"
+    assert token.nodes("pve1").qemu(100).config.get()["boot"] == "order=ide0;net0"
+    with pytest.raises(ResourceException, match="ide4"):
+        token.nodes("pve1").qemu.post(vmid=101, ide4="local:1")
+    password = ProxmoxAPI("127.0.0.1", port=pve.port, user="root@pam", password="rootpw", verify_ssl=False)
+    assert [vm["vmid"] for vm in password.nodes("pve1").qemu.get()] == [100]
+    assert wait_task(pve, password.nodes("pve1").qemu(100).status.start.post())["exitstatus"] == "OK"
+    with pytest.raises(AuthenticationError):
+        ProxmoxAPI("127.0.0.1", port=pve.port, user="root@pam", password="wrong", verify_ssl=False)

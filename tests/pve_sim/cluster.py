@@ -511,6 +511,22 @@ class Cluster:
         if vm.status == "running" and self.is_running is not None and not self.is_running(vm):
             vm.status = "stopped"
 
+    def vm_list(self, p: dict[str, str], user: str) -> Any:
+        with self.lock:
+            vms = list(self.vms.values())
+        for vm in vms:
+            self.refresh(vm)
+        return [{"vmid": vm.vmid, "name": vm.config.get("name", f"VM {vm.vmid}"), "status": vm.status}
+                for vm in vms]
+
+    def agent_ping(self, p: dict[str, str], user: str) -> Any:
+        vm = self.vm(p)
+        self.refresh(vm)
+        if vm.status != "running":
+            raise fail(f"VM {vm.vmid} is not running")
+        # The sample guests carry no QEMU guest agent.
+        raise fail("QEMU guest agent is not running")
+
     def status_current(self, p: dict[str, str], user: str) -> Any:
         vm = self.vm(p)
         self.refresh(vm)
