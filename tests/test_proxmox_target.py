@@ -375,3 +375,37 @@ def test_sim_stop_and_boot_check(sim: Any, tmp_path: Path) -> None:
     target.start(170)
     assert target.stop(170, timeout=1) is False and target.status(170) == "stopped"
     assert target.stop(170) is True  # nothing to do
+
+
+def test_sim_a_failed_upload_is_committed_again(sim: Any, tmp_path: Path) -> None:
+    from v2p.convert import Source as QemuInput
+
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\x5a" * (2 << 20))
+    target = _sim_target(sim, tmp_path)
+    sink = target.disk_sink(180, 0, fmt=None, storage="local")
+    sink.write(QemuInput("raw", str(raw)), capacity=2 << 20)
+    written = sink.fingerprint()
+    sim.drop_next_request("POST", r"/upload$")
+    with pytest.raises(TargetError, match="connection to PVE .* failed or broke off") as info:
+        sink.commit()
+    assert sim.tokens["root@pam!v2p"] not in str(info.value)
+    sim.fail_next_task("imgcopy", "disk quota exceeded, simulated")
+    with pytest.raises(TargetError, match="disk quota exceeded, simulated"):
+        sink.commit()
+    assert not sink.exists() and sink.written() and sink.fingerprint() == written
+    assert sink.commit() == sink.volid and sink.exists()
+
+
+def test_sim_an_import_storage_without_import_content(sim: Any, tmp_path: Path) -> None:
+    from v2p.convert import Source as QemuInput
+
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(1 << 20))
+    url = f"pve://root@pam!v2p@{sim.host}/{sim.cluster.node}?import=local-lvm&fingerprint={sim.fingerprint}"
+    target = ProxmoxTarget(target_from_url(url, {"V2P_PVE_TOKEN": sim.tokens["root@pam!v2p"]}),
+                           state_root=tmp_path / "state")
+    sink = target.disk_sink(181, 0, fmt=None, storage="local-lvm")
+    sink.write(QemuInput("raw", str(raw)), capacity=1 << 20)
+    with pytest.raises(TargetError, match="'import' content type"):
+        sink.commit()

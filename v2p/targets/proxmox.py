@@ -266,14 +266,16 @@ class _TicketAuth(ProxmoxHTTPAuthBase):  # type: ignore[misc]
 
 def _connection_error(url: str, exc: Exception) -> TargetError:
     text = str(exc)
-    if isinstance(exc, requests.exceptions.SSLError) or "Fingerprints did not match" in text:
-        if "Fingerprints did not match" in text:
-            return TargetError(f"PVE at {url}: the server's certificate does not have the pinned fingerprint",
-                               hint="compare with 'pvenode cert info' on the node; refused")
+    if "Fingerprints did not match" in text:
+        return TargetError(f"PVE at {url}: the server's certificate does not have the pinned fingerprint",
+                           hint="compare with 'pvenode cert info' on the node; refused")
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return TargetError(f"PVE at {url}: its TLS certificate is not trusted",
                            hint="pin it: add ?fingerprint=<SHA-256 from 'pvenode cert info'> to the URL")
-    return TargetError(f"PVE at {url} cannot be reached: {type(exc).__name__}",
-                       hint="check the host and port (8006 by default)")
+    # The text names the URL and the socket's complaint, never a header (where a token would be).
+    reason = re.sub(r"\s+", " ", text)[-200:]
+    return TargetError(f"the connection to PVE at {url} failed or broke off: {type(exc).__name__} ({reason})",
+                       hint="check the host and port (8006 by default), then run the same command again")
 
 
 class MultipartFile:
