@@ -26,7 +26,7 @@ def pve(tmp_path: Path) -> Iterator[PVESim]:
     try:
         sim = PVESim(tmp_path / "pve", login_delay=0.3)
     except SchemaNotFound:
-        pytest.skip(f"no PVE API schema: put apidoc.json at {schema_candidates()[-2]} or set V2P_PVE_SCHEMA")
+        pytest.skip(f"no PVE API schema: put apidoc.json at {schema_candidates()[-3]} or set V2P_PVE_SCHEMA")
     with sim:
         yield sim
 
@@ -336,3 +336,10 @@ def test_proxmoxer_token_and_password(pve: PVESim) -> None:
     assert wait_task(pve, password.nodes("pve1").qemu(100).status.start.post())["exitstatus"] == "OK"
     with pytest.raises(AuthenticationError):
         ProxmoxAPI("127.0.0.1", port=pve.port, user="root@pam", password="wrong", verify_ssl=False)
+
+
+def test_every_simulated_endpoint_is_in_the_schema(pve: PVESim) -> None:
+    from pve_sim.server import ROUTES
+
+    templates = {(method, node["path"]) for _, node in pve.schema.nodes for method in node.get("info", {})}
+    assert set(ROUTES) - templates == set()

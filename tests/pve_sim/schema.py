@@ -8,6 +8,7 @@ that is ``server.py``.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -39,6 +40,8 @@ def schema_candidates() -> list[Path]:
     found.append(Path("/usr/share/pve-docs/api-viewer/apidata.js"))
     checkout = Path(__file__).resolve().parents[2]
     found += [checkout.parent / "shared/pve/apidoc.json", checkout.parent / "shared/pve/apidata.js"]
+    # A copy kept beside this module, should the project decide to carry one (gzipped).
+    found.append(Path(__file__).resolve().parent / "apidoc.json.gz")
     return found
 
 
@@ -51,9 +54,12 @@ def load_tree(path: Path | None = None) -> list[dict[str, Any]]:
                 break
         else:
             raise SchemaNotFound("no PVE API schema: set V2P_PVE_SCHEMA or put apidoc.json in "
-                                 + str(schema_candidates()[-2].parent))
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".js":
+                                 + str(schema_candidates()[-3].parent))
+    if path.suffix == ".gz":
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    else:
+        text = path.read_text(encoding="utf-8")
+    if path.name.endswith((".js", ".js.gz")):
         # apidata.js is `const apiSchema = [...];` followed by viewer code.
         text = text[text.index("=") + 1:]
         text = text[:text.index("\n];") + 2] if "\n];" in text else text[:text.rindex(";")]
