@@ -409,3 +409,9 @@ def test_sim_an_import_storage_without_import_content(sim: Any, tmp_path: Path) 
     sink.write(QemuInput("raw", str(raw)), capacity=1 << 20)
     with pytest.raises(TargetError, match="'import' content type"):
         sink.commit()
+
+
+def test_sim_a_vmid_taken_between_look_and_create(sim: Any, tmp_path: Path) -> None:
+    sim.fail_next_request("POST", r"^/nodes/[^/]+/qemu$", 500, "VM 190 already exists on node 'pve1'")
+    with pytest.raises(VMIDExistsError, match="190 already exists"):
+        _sim_target(sim, tmp_path).create_vm(190, {"name": "late"})

@@ -485,8 +485,13 @@ class ProxmoxTarget(Target):
             what = taken[0].get("type", "guest")
             raise VMIDExistsError(f"VMID {vmid} already exists on the PVE cluster ({what} on "
                                   f"{taken[0].get('node', '?')})", hint="pick another --vmid")
-        self._task(self.call("POST", f"nodes/{self.settings.node}/qemu", vmid=vmid, **config),
-                   f"create VM {vmid}")
+        try:
+            self._task(self.call("POST", f"nodes/{self.settings.node}/qemu", vmid=vmid, **config),
+                       f"create VM {vmid}")
+        except TargetError as exc:
+            if re.search(rf"\b(?:VM|CT) {vmid} already exists", exc.message):  # taken since we looked
+                raise VMIDExistsError(exc.message, hint="pick another --vmid") from None
+            raise
 
     def get_config(self, vmid: int) -> VMConfig:
         self._require(vmid)
