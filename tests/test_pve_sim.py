@@ -8,27 +8,16 @@ import ssl
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from pve_sim.schema import SchemaNotFound, schema_candidates
+from pve_sim.fixture import pve_fixture  # noqa: F401 - the `pve` fixture
 from pve_sim.server import PVESim
 
 # The simulator's certificate is self-signed; one test checks it by its file and fingerprint.
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-
-
-@pytest.fixture
-def pve(tmp_path: Path) -> Iterator[PVESim]:
-    try:
-        sim = PVESim(tmp_path / "pve", login_delay=0.3)
-    except SchemaNotFound:
-        pytest.skip(f"no PVE API schema: put apidoc.json at {schema_candidates()[-3]} or set V2P_PVE_SCHEMA")
-    with sim:
-        yield sim
 
 
 def token_header(sim: PVESim, token: str = "root@pam!v2p") -> dict[str, str]:

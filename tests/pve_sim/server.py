@@ -259,6 +259,16 @@ class PVESim:
         """Requests that failed schema validation (400)."""
         return [entry for entry in self.log if entry.status == 400]
 
+    @property
+    def unsimulated(self) -> list[Logged]:
+        """Requests PVE would serve but the simulator does not (or paths PVE lacks): 501."""
+        return [entry for entry in self.log if entry.status == 501]
+
+    def volumes(self) -> list[str]:
+        """Every volume id in every storage (import files included): what a cleanup must leave."""
+        return [entry["volid"] for name in self.cluster.storages
+                for entry in self.cluster.content_list({"storage": name}, "root@pam")]
+
     def login(self, params: dict[str, str | None]) -> dict[str, Any]:
         user = params.get("username") or ""
         if "@" not in user and params.get("realm"):
