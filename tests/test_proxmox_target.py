@@ -415,3 +415,12 @@ def test_sim_a_vmid_taken_between_look_and_create(sim: Any, tmp_path: Path) -> N
     sim.fail_next_request("POST", r"^/nodes/[^/]+/qemu$", 500, "VM 190 already exists on node 'pve1'")
     with pytest.raises(VMIDExistsError, match="190 already exists"):
         _sim_target(sim, tmp_path).create_vm(190, {"name": "late"})
+
+
+def test_sim_an_expired_ticket_is_renewed(sim: Any, tmp_path: Path) -> None:
+    target = _sim_target(sim, tmp_path, user="root@pam", env={"V2P_PVE_PASSWORD": sim.users["root@pam"]})
+    assert target.list_vms() == []
+    sim.tickets.clear()  # the node forgot the ticket (PVE's expire after two hours)
+    target.session.auth.renew_age = 0.0
+    target.create_vm(191, {"name": "renewed"})  # a POST: new ticket and its CSRF token
+    assert target.list_vms() == [191]

@@ -258,6 +258,7 @@ class _TicketAuth(ProxmoxHTTPAuthBase):  # type: ignore[misc]
     def __call__(self, req: Any) -> Any:
         if time.monotonic() - self.birth >= self.renew_age:
             self.login()
+            req.headers.pop("Cookie", None)  # the expired ticket's; prepare_cookies keeps an existing one
             req.prepare_cookies(self.get_cookies())
         if req.method != "GET":
             req.headers["CSRFPreventionToken"] = self.csrf
@@ -293,7 +294,7 @@ class MultipartFile:
         self._parts: list[bytes | Path] = [head, path, f"\r\n--{self.boundary}--\r\n".encode()]
         self._length = len(head) + path.stat().st_size + len(self._parts[2])  # type: ignore[arg-type]
         self._chunks = self._iterate()
-        self._pending = b""
+        self._pending, self._offset = b"", 0  # the chunk being read, and how far
 
     @property
     def content_type(self) -> str:
@@ -312,15 +313,17 @@ class MultipartFile:
                     yield chunk
 
     def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._pending) < size:
+        """Up to ``size`` bytes (at most one chunk: callers loop), b"" at the end."""
+        while not self._pending:
             chunk = next(self._chunks, b"")
             if not chunk:
-                break
-            self._pending += chunk
-        if size < 0:
-            out, self._pending = self._pending, b""
-        else:
-            out, self._pending = self._pending[:size], self._pending[size:]
+                return b""
+            self._pending, self._offset = chunk, 0
+        end = len(self._pending) if size < 0 else min(len(self._pending), self._offset + size)
+        out = self._pending[self._offset:end]
+        self._offset = end
+        if end == len(self._pending):
+            self._pending = b""
         return out
 
 
