@@ -332,3 +332,33 @@ def test_every_simulated_endpoint_is_in_the_schema(pve: PVESim) -> None:
 
     templates = {(method, node["path"]) for _, node in pve.schema.nodes for method in node.get("info", {})}
     assert set(ROUTES) - templates == set()
+
+
+def test_sample_guest_imported_and_booted_through_the_api(pve: PVESim, samples: Path,
+                                                          manifest: dict[str, Any]) -> None:
+    """The whole remote path by hand: upload the VMware disk, import it, start, the guest boots
+    from its PVE disk, finds its last sector and powers off; the disk holds the source's bytes."""
+    from conftest import assert_same_bytes
+
+    runner = pve.run_vms()
+    vmdk = samples / manifest["flavors"]["monolithicSparse"]["descriptor"]
+    assert wait_task(pve, upload(pve, vmdk).json()["data"])["exitstatus"] == "OK"
+    spec = {**CREATE, "ide0": f"local:0,import-from=local:import/{vmdk.name},format=qcow2"}
+    assert wait_task(pve, api(pve, "POST", "/nodes/pve1/qemu", spec).json()["data"])["exitstatus"] == "OK"
+    volid = api(pve, "GET", "/nodes/pve1/qemu/100/config").json()["data"]["ide0"].split(",")[0]
+    assert_same_bytes(samples / "guest.raw", pve.cluster.volume_path(volid))
+    assert wait_task(pve, api(pve, "POST", "/nodes/pve1/qemu/100/status/start").json()["data"])["exitstatus"] \
+        == "OK"
+    try:
+        for _ in range(1200):
+            if api(pve, "GET", "/nodes/pve1/qemu/100/status/current").json()["data"]["status"] == "stopped":
+                break
+            time.sleep(0.1)
+        serial = (runner.run_dir(100) / "serial.log").read_text(errors="replace")
+        assert manifest["expected_serial"]["marker"] in serial, serial
+        assert manifest["expected_serial"]["poweroff"] in serial, serial
+    finally:
+        process = runner.processes.get(100)
+        if process is not None:
+            process.kill()
+    assert pve.refused == [] and pve.unsimulated == []
