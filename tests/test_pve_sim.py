@@ -261,6 +261,32 @@ def test_failed_task_carries_its_error_in_status_and_log(pve: PVESim) -> None:
     assert wait_task(pve, upid)["exitstatus"] == "unable to create VM 100 - storage full"
     log = api(pve, "GET", f"/nodes/pve1/tasks/{urllib.parse.quote(upid, safe='')}/log").json()["data"]
     assert log[-1] == {"n": len(log), "t": "TASK ERROR: unable to create VM 100 - storage full"}
+    # As PVE's worker does, the failed creation leaves no VM behind.
+    assert api(pve, "GET", "/cluster/resources", {"type": "vm"}).json()["data"] == []
+
+
+def test_failed_import_leaves_no_vm_and_no_volume(pve: PVESim, source_vmdk: Path) -> None:
+    assert wait_task(pve, upload(pve, source_vmdk).json()["data"])["exitstatus"] == "OK"
+    spec = {**CREATE, "ide0": "local:0,import-from=local:import/disk.vmdk,format=qcow2",
+            "ide1": "local:0,import-from=local:import/nothere.vmdk,format=qcow2"}
+    missing = api(pve, "POST", "/nodes/pve1/qemu", spec)
+    assert missing.status_code == 500
+    assert missing.json()["message"] == "volume 'local:import/nothere.vmdk' does not exist\n"
+    # A VMDK cut after its header: qemu-img refuses it, the import task fails.
+    (pve.cluster.storages["local"].path / "import" / "bad.vmdk").write_bytes(source_vmdk.read_bytes()[:1024])
+    spec["ide1"] = "local:0,import-from=local:import/bad.vmdk,format=qcow2"
+    status = wait_task(pve, api(pve, "POST", "/nodes/pve1/qemu", spec).json()["data"])
+    assert "File truncated" in status["exitstatus"]
+    assert pve.volumes() == ["local:import/bad.vmdk", "local:import/disk.vmdk"]
+    assert api(pve, "GET", "/cluster/nextid").json()["data"] == "100"
+
+
+def test_vmid_of_a_container_is_taken(pve: PVESim) -> None:
+    pve.cluster.containers.add(100)
+    assert api(pve, "GET", "/cluster/nextid").json()["data"] == "101"
+    taken = api(pve, "POST", "/nodes/pve1/qemu", CREATE)
+    assert taken.status_code == 500 and "CT 100 already exists" in taken.json()["message"]
+    assert "already exists" in api(pve, "GET", "/cluster/nextid", {"vmid": "100"}).json()["errors"]["vmid"]
 
 
 def test_injected_500_and_dropped_connection(pve: PVESim, source_vmdk: Path) -> None:

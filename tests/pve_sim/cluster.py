@@ -297,7 +297,7 @@ class Cluster:
             shutil.move(str(data_file), target)
             task.log(f"target file: {target}")
             task.log(f"file size is: {target.stat().st_size}")
-        return self.tasks.start("imgcopy", "", user, work).upid
+        return self.tasks.start("imgcopy", "", user, work, lambda: data_file.unlink(missing_ok=True)).upid
 
     # -- endpoints: VMs ----------------------------------------------------------------
 
@@ -392,18 +392,17 @@ class Cluster:
             self.vms[vmid] = vm
 
         def work(task: Task) -> None:
-            try:
-                for step in disk_work:
-                    step(task)
-            except Exception:
-                with self.lock:
-                    self._destroy_volumes(settings)
-                    del self.vms[vmid]
-                raise
+            for step in disk_work:
+                step(task)
             with self.lock:
                 vm.config = settings
                 vm.lock = None
-        return self.tasks.start("qmcreate", str(vmid), user, work).upid
+
+        def undo() -> None:
+            with self.lock:
+                self._destroy_volumes(settings)
+                self.vms.pop(vmid, None)
+        return self.tasks.start("qmcreate", str(vmid), user, work, undo).upid
 
     def _destroy_volumes(self, config: dict[str, str]) -> None:
         for key, value in config.items():

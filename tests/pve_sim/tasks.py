@@ -62,7 +62,10 @@ class Tasks:
         self.slow_next: dict[str, float] = {}
         self.lock = threading.Lock()
 
-    def start(self, kind: str, ident: str, user: str, work: Callable[[Task], None]) -> Task:
+    def start(self, kind: str, ident: str, user: str, work: Callable[[Task], None],
+              on_failure: Callable[[], None] | None = None) -> Task:
+        """Run ``work`` as a task; ``on_failure`` undoes what the API call did before the task
+        (PVE's workers clean up after themselves, an injected failure included)."""
         pid = next(_PIDS)
         now = int(time.time())
         task = Task(make_upid(self.node, pid, now & 0xFFFFFF, now, kind, ident, user), self.node,
@@ -71,11 +74,12 @@ class Tasks:
             self.by_upid[task.upid] = task
             failure = self.fail_next.pop(kind, None)
             delay = self.slow_next.pop(kind, 0.0)
-        threading.Thread(target=self._run, args=(task, work, failure, delay), daemon=True).start()
+        threading.Thread(target=self._run, args=(task, work, failure, delay, on_failure), daemon=True).start()
         return task
 
     @staticmethod
-    def _run(task: Task, work: Callable[[Task], None], failure: str | None, delay: float) -> None:
+    def _run(task: Task, work: Callable[[Task], None], failure: str | None, delay: float,
+             on_failure: Callable[[], None] | None) -> None:
         try:
             if delay:
                 time.sleep(delay)
@@ -86,6 +90,8 @@ class Tasks:
             task.log("TASK OK")
         except Exception as exc:  # noqa: BLE001 - every failure of a worker is its exit status
             message = str(exc).strip() or type(exc).__name__
+            if on_failure is not None:
+                on_failure()
             task.log(message)
             task.exitstatus = message
             task.log(f"TASK ERROR: {message}")
