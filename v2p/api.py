@@ -33,6 +33,30 @@ __all__ = ["LocalTarget", "Migration", "Row", "Target", "VMReport", "dance", "in
            "inspect_paths", "inspect_vm", "local_target", "migrate", "remove", "status"]
 
 
+def make_target(where: str | dict[str, Any] | None = None, *, directory: str | os.PathLike[str] | None = None,
+                accel: str = "auto") -> Target:
+    """A target from a URL or a dict: ``None``/``"local"``/``{"kind": "local", "dir": ...}`` is the embedded
+    QEMU target, ``"pve://[user@realm[!token]@]host[:port]/node?storage=..."`` a Proxmox VE node (its
+    secret from ``$V2P_PVE_TOKEN`` / ``$V2P_PVE_PASSWORD`` or the secrets file, never from the URL)."""
+    if isinstance(where, dict):
+        where = dict(where)
+        kind = where.pop("kind", "local")
+        if kind == "local":
+            return local_target(where.get("dir", directory), accel=where.get("accel", accel))
+        if kind == "proxmox" and "url" in where:
+            where = str(where["url"])
+        else:
+            raise OptionError(f"unknown target {kind!r}", hint='use {"kind": "local"} or {"kind": "proxmox", '
+                              '"url": "pve://..."}')
+    if where is None or where == "local":
+        return local_target(directory, accel=accel)
+    if where.startswith("pve://"):
+        from .targets.proxmox import ProxmoxTarget, target_from_url
+
+        return ProxmoxTarget(target_from_url(where, dict(os.environ)))
+    raise OptionError(f"--target {where!r}: not a target v2p knows", hint="use local or pve://HOST/NODE")
+
+
 def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str = "auto") -> LocalTarget:
     """The embedded QEMU target (``V2P_TARGET_DIR`` or the XDG data dir by default)."""
     # An empty folder name (an unset shell variable, most likely) must not quietly mean the default one.

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="v2p", description="Move VMware VMs onto KVM.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--target", default="local", metavar="TARGET",
+                        help="where VMs go: local (default: the embedded QEMU target) or "
+                        "pve://[USER@REALM[!TOKENID]@]HOST[:PORT]/NODE[?storage=...&fingerprint=...] (the secret "
+                        "from $V2P_PVE_TOKEN or $V2P_PVE_PASSWORD, never the command line)")
     parser.add_argument("--target-dir", type=_target_dir, help="local target directory (default: $V2P_TARGET_DIR "
                         "or ~/.local/share/v2p/local)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
@@ -254,7 +258,7 @@ def _reader_gone() -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    target = api.local_target(args.target_dir, accel=args.accel)
+    target = api.make_target(args.target, directory=args.target_dir, accel=args.accel)
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "migrate":
@@ -262,6 +266,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(args, target)
     if args.command == "storage":
+        if not isinstance(target, api.LocalTarget):
+            raise OptionError("v2p storage manages the local target's storage.cfg",
+                              hint="on Proxmox VE use pvesm or the web UI")
         return _storage(args, target)
     if args.command == "dance":
         result = api.dance(args.vmid, target=target, bus=args.bus, confirmed=args.confirmed,

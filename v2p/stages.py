@@ -22,7 +22,6 @@ from .runner import which
 from .sources import DiskInput, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
-from .targets import efi
 from .targets.base import DiskSink, Target
 from .testhooks import hold_point
 
@@ -221,9 +220,8 @@ class Create(Stage):
         ctx.target.create_vm(ctx.vmid, config)
         if ctx.spec.firmware == "efi":
             # The VM's own UEFI variable store, numbered after its data disks (which keep VMware's order).
-            storage = ctx.target.storage(ctx.options.storage)
-            volid = efi.create_efidisk(storage, ctx.vmid, secure=ctx.spec.secure_boot, index=len(ctx.disks()))
-            config["efidisk0"] = efi.efidisk_value(volid, secure=ctx.spec.secure_boot)
+            config["efidisk0"] = ctx.target.efidisk(ctx.vmid, storage=ctx.options.storage,
+                                                    secure=ctx.spec.secure_boot, index=len(ctx.disks()))
             ctx.target.set_config(ctx.vmid, {"efidisk0": config["efidisk0"]})
         return {"config": config}
 
@@ -318,10 +316,10 @@ class Attach(Stage):
     def holds(self, ctx: Context, record: Record) -> bool:
         # The driver dance moves the disks (ide0 -> virtio0): attached anywhere still counts.
         try:
-            values = set(ctx.target.get_config(ctx.vmid).values())
+            values = list(ctx.target.get_config(ctx.vmid).values())
         except TargetError:
             return False
-        return all(value in values for value in record["keys"].values())
+        return all(any(ctx.sink(index).attached(value) for value in values) for index in range(len(ctx.disks())))
 
 
 class Drivers(Stage):

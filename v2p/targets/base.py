@@ -109,6 +109,12 @@ class DiskSink(abc.ABC):
         else of the temporary one; ``{}`` if neither does. Renaming on commit keeps it, so a record
         of the written volume still matches the committed one."""
 
+    def attached(self, value: str) -> bool:
+        """Whether a disk key's ``value`` in the VM config is this sink's volume (the attach stage
+        asks it on resume; a target that rewrites the value on attach, as PVE's import-from does,
+        answers for itself)."""
+        return value.split(",", 1)[0] == self.volid
+
 
 class Target(abc.ABC):
     """A place VMs are migrated to."""
@@ -146,6 +152,12 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def storage(self, name: str) -> Storage:
         """The configured storage called ``name`` (as PVE names storages)."""
+
+    def efidisk(self, vmid: int, *, storage: str, secure: bool, index: int) -> str:
+        """The ``efidisk0`` config value for a new UEFI variable store of VM ``vmid`` on ``storage``
+        (made now, or allocated by the target when the config is set); ``index``: the disk number
+        it may take."""
+        raise TargetError(f"the {self.kind} target cannot make an EFI variable store")
 
     def iso_places(self) -> tuple[Path, ...]:
         """Where this target keeps ISO images (searched for the drivers ISO)."""

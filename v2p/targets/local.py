@@ -28,7 +28,7 @@ from ..interrupts import check as check_interrupts
 from ..runner import which
 from ..state import vmid_of_name
 from ..storage import Storage, default_dir_storage, parse_storage_cfg
-from . import qemu_cmdline
+from . import efi, qemu_cmdline
 from .base import BootReport, DiskSink, Target, VMConfig
 from .sink import storage_sink
 from .supervisor import QemuProcess, close_quietly
@@ -154,6 +154,10 @@ class LocalTarget(Target):
     def disk_sink(self, vmid: int, index: int, *, fmt: str | None, storage: str, device: str | None = None,
                   force: bool = False) -> DiskSink:
         return storage_sink(self, vmid, index, fmt=fmt, storage=storage, device=device, force=force)
+
+    def efidisk(self, vmid: int, *, storage: str, secure: bool, index: int) -> str:
+        volid = efi.create_efidisk(self.storage(storage), vmid, secure=secure, index=index)
+        return efi.efidisk_value(volid, secure=secure)
 
     def iso_places(self) -> tuple[Path, ...]:
         return (self.directory / "template" / "iso" / "virtio-win.iso",)

@@ -332,6 +332,10 @@ class ProxmoxTarget(Target):
 
     kind = "proxmox"
 
+    def efidisk(self, vmid: int, *, storage: str, secure: bool, index: int) -> str:
+        """PVE allocates the variable store itself from ``STORAGE:1,...`` when the config is set."""
+        return _pve_efidisk(storage, secure)
+
     def __init__(self, settings: PveSettings, *, state_root: Path | None = None) -> None:
         self.settings = settings
         self.base_url = f"https://{settings.host}:{settings.port}/api2/json"
@@ -595,6 +599,12 @@ class ProxmoxTarget(Target):
                                   signal="the guest agent answered", notes=notes)
             time.sleep(1.0)
         return BootReport("running", round(time.monotonic() - started, 2), notes=notes)
+
+
+def _pve_efidisk(storage: str, secure: bool) -> str:
+    from ..pveconfig import efidisk
+
+    return efidisk(storage, secure_boot=secure)
 
 
 class RemoteImportSink(DiskSink):
