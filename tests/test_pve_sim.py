@@ -206,6 +206,21 @@ def test_upload_then_create_with_import(pve: PVESim, source_vmdk: Path) -> None:
     assert pve.refused == []
 
 
+def test_upload_checksum_is_verified(pve: PVESim, source_vmdk: Path) -> None:
+    digest = hashlib.sha256(source_vmdk.read_bytes()).hexdigest()
+    with source_vmdk.open("rb") as handle:
+        alone = api(pve, "POST", "/nodes/pve1/storage/local/upload", {"content": "import", "checksum": digest},
+                    files={"filename": (source_vmdk.name, handle)})
+    assert "requires this property" in refused(alone, "checksum-algorithm")
+    for checksum, status in (("0" * 64, "checksum mismatch"), (digest, "OK")):
+        with source_vmdk.open("rb") as handle:
+            response = api(pve, "POST", "/nodes/pve1/storage/local/upload",
+                           {"content": "import", "checksum": checksum, "checksum-algorithm": "sha256"},
+                           files={"filename": (source_vmdk.name, handle)})
+        assert wait_task(pve, response.json()["data"])["exitstatus"].startswith(status)
+    assert pve.volumes() == ["local:import/disk.vmdk"]
+
+
 def test_absolute_import_path_is_root_only(pve: PVESim, source_vmdk: Path) -> None:
     spec = {**CREATE, "scsi0": f"local-lvm:0,import-from={source_vmdk}", "scsihw": "virtio-scsi-pci"}
     response = api(pve, "POST", "/nodes/pve1/qemu", spec)

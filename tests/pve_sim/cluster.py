@@ -7,6 +7,7 @@ and that check). Disks are real files made with real ``qemu-img``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -293,6 +294,11 @@ class Cluster:
 
         def work(task: Task) -> None:
             task.log(f"starting file import from: {data_file}")
+            if "checksum" in p:
+                got = hashlib.new(p["checksum-algorithm"], data_file.read_bytes()).hexdigest()
+                if got != p["checksum"].lower():
+                    raise fail(f"checksum mismatch: got '{got}' != expect '{p['checksum']}'")
+                task.log("calculating checksum... checksum verified")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(data_file), target)
             task.log(f"target file: {target}")

@@ -153,6 +153,9 @@ def check_params(props: dict[str, Prop], params: dict[str, str | None], *,
             continue
         if value is None:
             continue
+        required = prop.get("requires")
+        if isinstance(required, str) and params.get(required) is None:
+            errors[required] = f"missing property - '{name}' requires this property"
         error = check_value(name, prop, value)
         if error:
             errors[name] = error

@@ -445,7 +445,8 @@ class _Handler(BaseHTTPRequestHandler):
                     reply["errors"] = error.errors
                 self._send(error.status, reply, error.message)
         finally:
-            sim.log.append(Logged(method, api_path, params, status, errors))
+            shown = {k: ("***" if k == "password" else v) for k, v in params.items()}
+            sim.log.append(Logged(method, api_path, shown, status, errors))
 
 
 def _json_param(value: Any) -> str:
