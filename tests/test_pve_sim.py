@@ -403,3 +403,17 @@ def test_sample_guest_imported_and_booted_through_the_api(pve: PVESim, samples: 
         if process is not None:
             process.kill()
     assert pve.refused == [] and pve.unsimulated == []
+
+
+def test_the_config_v2p_builds_is_one_pve_accepts(pve: PVESim) -> None:
+    """What ``inspect_vm`` says migrate would create (with a real storage and bridge in place
+    of its placeholders) passes PVE's schema for POST /nodes/{node}/qemu."""
+    import v2p.api
+
+    report = v2p.api.inspect_vm(Path(__file__).parent / "fixtures" / "v2p-fixture.ova", vmid=100)
+    config = {key: value.replace("<storage>", "local-lvm").replace("<unmapped>", "vmbr0")
+              for key, value in report.config.items()}
+    endpoint = pve.schema.resolve("POST", ["nodes", "pve1", "qemu"])
+    assert endpoint is not None
+    assert pve.schema.validate(endpoint, {"node": "pve1", "vmid": "100", **config}) == {}
+    assert pve.schema.validate(endpoint, {"node": "pve1", "vmid": "100", **report.config}) != {}
