@@ -150,7 +150,12 @@ def test_token_without_rights_is_403(pve: PVESim) -> None:
     pve.tokens["v2p@pve!ro"] = "secret"
     pve.privileges["v2p@pve!ro"] = {"VM.Audit"}
     response = api(pve, "POST", "/nodes/pve1/qemu", CREATE, headers=token_header(pve, "v2p@pve!ro"))
-    assert response.status_code == 403 and "VM.Allocate" in response.json()["message"]
+    assert response.status_code == 403
+    assert response.json()["message"] == "Permission check failed (/vms/100, VM.Allocate)\n"
+    with (Path(__file__).parent / "fixtures" / "v2p-fixture.yaml").open("rb") as handle:
+        upload = api(pve, "POST", "/nodes/pve1/storage/local/upload", {"content": "import"},
+                     files={"filename": ("x.qcow2", handle)}, headers=token_header(pve, "v2p@pve!ro"))
+    assert upload.json()["message"] == "Permission check failed (/storage/local, Datastore.AllocateTemplate)\n"
 
 
 def test_fingerprint_is_the_served_certificate(pve: PVESim) -> None:

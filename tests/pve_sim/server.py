@@ -305,14 +305,15 @@ class PVESim:
             raise PVEError(401, "Permission denied - invalid csrf token")
         return user
 
-    def check_permissions(self, who: str, endpoint: Endpoint) -> None:
+    def check_permissions(self, who: str, endpoint: Endpoint, params: dict[str, str | None]) -> None:
         privs = self.privileges.get(who)
         if privs is None:
             return
         check = (endpoint.info.get("permissions") or {}).get("check") or _CODE_CHECKS.get(
             (endpoint.method, endpoint.template))
         if check is not None and not _allowed(check, privs):
-            needed = _first_perm(check)
+            needed = re.sub(r"\{([\w-]+)\}", lambda m: params.get(m.group(1)) or m.group(0),
+                            _first_perm(check))
             raise PVEError(403, f"Permission check failed ({needed})")
 
 
@@ -421,7 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
             errors = sim.schema.validate(endpoint, params)
             if errors:
                 raise PVEError(400, "Parameter verification failed.", errors)
-            sim.check_permissions(who, endpoint)
+            sim.check_permissions(who, endpoint, params)
             if fault is not None:
                 raise PVEError(fault.status, fault.message)
             route = ROUTES.get((method, endpoint.template))
