@@ -433,3 +433,19 @@ def test_apidata_js_and_apidoc_json_are_read_alike() -> None:
     if js is None or doc is None:
         pytest.skip("needs both apidata.js and apidoc.json beside the checkout")
     assert load_tree(js) == load_tree(doc)
+
+
+def test_import_from_a_disk_inside_an_uploaded_ova(pve: PVESim, source_vmdk: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    ova = tmp_path / "appliance.ova"
+    with tarfile.open(ova, "w") as tar:
+        tar.add(source_vmdk, arcname="disk1.vmdk")
+    assert wait_task(pve, upload(pve, ova).json()["data"])["exitstatus"] == "OK"
+    spec = {**CREATE, "ide0": "local:0,import-from=local:import/appliance.ova/disk1.vmdk,format=qcow2"}
+    assert wait_task(pve, api(pve, "POST", "/nodes/pve1/qemu", spec).json()["data"])["exitstatus"] == "OK"
+    volid = api(pve, "GET", "/nodes/pve1/qemu/100/config").json()["data"]["ide0"].split(",")[0]
+    assert same_content(pve.cluster.volume_path(volid), source_vmdk)
+    missing = {**CREATE, "vmid": "101", "ide0": "local:0,import-from=local:import/appliance.ova/disk2.vmdk"}
+    assert api(pve, "POST", "/nodes/pve1/qemu", missing).status_code == 500
+    assert pve.volumes() == ["local:100/vm-100-disk-0.qcow2", "local:import/appliance.ova"]

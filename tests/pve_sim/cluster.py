@@ -7,14 +7,16 @@ and that check). Disks are real files made with real ``qemu-img``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
 import subprocess
+import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,41 @@ class VM:
     pending_delete: set[str] = field(default_factory=set)
     status: str = "stopped"
     lock: str | None = None
+
+
+def _ova_member(path: Path) -> tuple[Path, str] | None:
+    """``<storage>/import/x.ova/disk1.vmdk`` (PVE's volume of a disk inside an uploaded OVA):
+    the OVA and the member's name, if the OVA holds it."""
+    ova = path.parent
+    if ova.suffix != ".ova" or not ova.is_file():
+        return None
+    with tarfile.open(ova) as tar:
+        return (ova, path.name) if path.name in tar.getnames() else None
+
+
+@contextlib.contextmanager
+def _readable(src: Path) -> Iterator[Path]:
+    """A file qemu-img can read for ``src``: itself, or an OVA member extracted beside the OVA
+    for the time of the import (as PVE extracts into its import working storage)."""
+    member = _ova_member(src) if not src.exists() else None
+    if member is None:
+        yield src
+        return
+    ova, name = member
+    # Outside import/, so a content listing during the import does not show it.
+    work = ova.parent.parent / ".import-work"
+    work.mkdir(exist_ok=True)
+    extracted = work / f"{ova.name}.{name}"
+    with tarfile.open(ova) as tar:
+        handle = tar.extractfile(name)
+        if handle is None:
+            raise fail(f"'{name}' in '{ova.name}' is not a file")
+        with handle, extracted.open("wb") as out:
+            shutil.copyfileobj(handle, out)
+    try:
+        yield extracted
+    finally:
+        extracted.unlink(missing_ok=True)
 
 
 def qemu_img(*args: str) -> str:
@@ -133,9 +170,9 @@ class Cluster:
 
     def _existing_volume(self, volid: str) -> Path:
         path = self.volume_path(volid)
-        if not path.exists():
-            raise fail(f"volume '{volid}' does not exist")
-        return path
+        if path.exists() or _ova_member(path) is not None:
+            return path
+        raise fail(f"volume '{volid}' does not exist")
 
     def _next_disk_name(self, storage: Storage, vmid: int, fmt: str) -> str:
         for n in range(10000):
@@ -355,7 +392,10 @@ class Cluster:
             nonlocal fmt
             if fmt is None:
                 # Without format= PVE keeps the source's format (a .vmdk import stays vmdk).
-                fmt = json.loads(qemu_img("info", "--output=json", str(src)))["format"] if src else "raw"
+                fmt = "raw"
+                if src is not None:
+                    with _readable(src) as file:
+                        fmt = json.loads(qemu_img("info", "--output=json", str(file)))["format"]
                 if storage.type == "dir" and fmt not in ("raw", "qcow2", "vmdk"):
                     fmt = "raw"
             if storage.type != "dir":
@@ -369,7 +409,8 @@ class Cluster:
             if src is not None:
                 task.log(f"importing disk '{src}' to VM {vmid} ...")
                 path.unlink()
-                qemu_img("convert", "-O", fmt, str(src), str(path))
+                with _readable(src) as file:
+                    qemu_img("convert", "-O", fmt, str(file), str(path))
                 task.log(f"Successfully imported disk as '{key}:{volid}'")
             elif key == "efidisk0":
                 ovmf = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
