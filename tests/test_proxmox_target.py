@@ -277,8 +277,9 @@ def test_settings_repr_has_no_secret() -> None:
 
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[Any]:
-    server = pytest.importorskip("pve_sim.server")
-    with server.PVESim(tmp_path / "sim") as running:
+    from pve_sim.fixture import start_or_skip
+
+    with start_or_skip(tmp_path / "sim") as running:
         yield running
 
 

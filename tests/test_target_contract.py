@@ -68,8 +68,8 @@ _SIMS: dict[int, Any] = {}  # id(target) -> the PVE simulator it talks to
 
 
 def _sim_make(folder: Path) -> Target:
-    from pve_sim.server import PVESim
-    sim = PVESim(folder / "sim").start()
+    from pve_sim.fixture import start_or_skip
+    sim = start_or_skip(folder / "sim").start()
     sim.cluster.guest_shuts_down = False  # the stop test's halting guest ignores the power button
     url = f"pve://root@pam!v2p@{sim.host}/{sim.cluster.node}?storage=local&fingerprint={sim.fingerprint}"
     made = ProxmoxTarget(target_from_url(url, {"V2P_PVE_TOKEN": sim.tokens["root@pam!v2p"]}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,11 +13,16 @@ from .schema import SchemaNotFound, schema_candidates
 from .server import PVESim
 
 
-@pytest.fixture(name="pve")
-def pve_fixture(tmp_path: Path) -> Iterator[PVESim]:
+def start_or_skip(root: Path, **options: Any) -> PVESim:
+    """A simulator (not started: use it as a context manager, or ``.start()``); the test is skipped,
+    saying where to put it, when the PVE API schema is nowhere to be found (../shared/pve/README.md)."""
     try:
-        sim = PVESim(tmp_path / "pve", login_delay=0.3)
+        return PVESim(root, **options)
     except SchemaNotFound:
         pytest.skip(f"no PVE API schema: put apidoc.json at {schema_candidates()[-3]} or set V2P_PVE_SCHEMA")
-    with sim:
+
+
+@pytest.fixture(name="pve")
+def pve_fixture(tmp_path: Path) -> Iterator[PVESim]:
+    with start_or_skip(tmp_path / "pve", login_delay=0.3) as sim:
         yield sim
