@@ -26,14 +26,13 @@ from .bootwatch import STOP_CODE, stop_code
 from .errors import DanceError, OperatorNeeded, TargetError
 from .events import Event, EventHandler, ignore
 from .options import mac_for_nic
-from .pveconfig import CDROM_KEY, SLOTS
+from .pveconfig import CDROM_KEY, DISK_KEY, SLOTS
 from .state import MigrationState, now
 from .targets.base import Target, VMConfig
 from .testhooks import hold_point
 
 TEMP_DISK_BYTES = 1 << 30
 STEPS = ("layout1", "boot1", "shutdown1", "layout2", "boot2")
-_DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
 _FIRST_BOOT_KEY = re.compile(r"^(ide|sata)(\d+)$")
 # Where the drivers ISO may go when ide2, PVE's CD-ROM slot, holds a disk.
 _CD_KEYS = (CDROM_KEY, *SLOTS["ide"], *SLOTS["sata"])
@@ -302,9 +301,9 @@ def _system_disk(config: VMConfig) -> str:
     boot = config.get("boot", "")
     if boot.startswith("order="):
         for key in boot[len("order="):].split(";"):
-            if _DISK_KEY.match(key) and "media=cdrom" not in config.get(key, ""):
+            if DISK_KEY.match(key) and "media=cdrom" not in config.get(key, ""):
                 return key
-    disks = sorted(k for k in config if _DISK_KEY.match(k) and "media=cdrom" not in config[k])
+    disks = sorted(k for k in config if DISK_KEY.match(k) and "media=cdrom" not in config[k])
     if not disks:
         raise TargetError("the VM has no disk to move to virtio")
     return disks[0]

@@ -26,6 +26,8 @@ SLOTS: dict[str, tuple[str, ...]] = {
     "virtio": tuple(f"virtio{i}" for i in range(16)),
 }
 CDROM_KEY = "ide2"
+# A config key that names a drive (disk or CD-ROM): the one place that knows which keys are drives.
+DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
 # SCSI controllers OVMF (as Debian and PVE ship it) has no driver for: an EFI VM cannot boot from them.
 NO_OVMF_DRIVER = ("lsi", "lsi53c810", "megasas")
 # VMware's SCSI controllers of the LSI/BusLogic families (virtualDev / OVF ResourceSubType).

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import TargetError
+from ..pveconfig import DISK_KEY
 from ..runner import which
 from . import efi
 from .base import VMConfig
@@ -21,7 +22,6 @@ SCSI_CONTROLLERS = {
 }
 NIC_MODELS = {"e1000": "e1000", "virtio": "virtio-net-pci", "rtl8139": "rtl8139",
               "vmxnet3": "vmxnet3", "e1000e": "e1000e"}
-_DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
 
 
 def split_property(value: str) -> tuple[str, dict[str, str]]:
@@ -113,7 +113,7 @@ def _disk_args(vmid: int, config: VMConfig, order: list[str],
     scsihw = config.get("scsihw", "lsi")
     controllers: set[str] = set()
     for key in sorted(config):
-        match = _DISK_KEY.match(key)
+        match = DISK_KEY.match(key)
         if not match:
             continue
         bus, index = match.group(1), int(match.group(2))
@@ -159,7 +159,7 @@ def _boot_order(config: VMConfig) -> list[str]:
     boot = config.get("boot", "")
     if boot.startswith("order="):
         return [item for item in boot[len("order="):].split(";") if item]
-    disks = sorted(key for key in config if _DISK_KEY.match(key))
+    disks = sorted(key for key in config if DISK_KEY.match(key))
     return disks[:1]
 
 
