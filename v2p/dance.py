@@ -131,10 +131,9 @@ class DriverDance:
             raise DanceError(f"VM {self.vmid}: no IDE or SATA slot is free for the drivers ISO",
                              hint="detach a CD-ROM or disk from ide0-3/sata0-5")
         # The temporary disk goes where the system disk is; a raw device gets it on "local".
-        storage = self.target.storage("local" if system.startswith("/") else system.split(":", 1)[0])
-        index = _free_disk_index(config, storage, self.vmid)
-        temp = storage.create_empty(self.vmid, index, TEMP_DISK_BYTES)
-        updates: VMConfig = {temp_key: f"{temp.volid},size=1G", "boot": f"order={system_key}",
+        storage = "local" if system.startswith("/") else system.split(":", 1)[0]
+        temp_value = self.target.new_disk(self.vmid, config, storage=storage, size=TEMP_DISK_BYTES)
+        updates: VMConfig = {temp_key: temp_value, "boot": f"order={system_key}",
                              cd_key: f"{self.options.iso_volid},media=cdrom"}
         if self.options.bus == "scsi":
             updates["scsihw"] = "virtio-scsi-pci"
@@ -142,9 +141,11 @@ class DriverDance:
             updates["net1"] = f"virtio={mac_for_nic(self.vmid, 1)},bridge=vmbr0"
         self.target.set_config(self.vmid, updates)
         self._say(f"boot 1 layout: system disk on {system_key}, temporary {temp_key}, drivers ISO on {cd_key}")
-        # Everything layout 2 and a rollback need is taken from the config as it was before the dance.
+        # The target may have allocated the temporary volume only now (PVE's STORAGE:SIZE): its name
+        # is in the config. Everything else layout 2 and a rollback need is the config before the dance.
+        temp_volid = self.target.get_config(self.vmid)[temp_key].split(",")[0]
         return {"system_key": system_key, "system_value": config[system_key], "temp_key": temp_key,
-                "temp_volid": temp.volid, "temp_index": index, "net0": config.get("net0", ""),
+                "temp_volid": temp_volid, "net0": config.get("net0", ""),
                 "boot": config.get("boot", ""), "moves": [list(move) for move in moves],
                 "cd_key": cd_key, "cd_value": _own_cd(config.get(cd_key, ""), self.options.iso_volid),
                 "scsihw": config.get("scsihw", "")}
@@ -210,11 +211,7 @@ class DriverDance:
         return {"system_disk": new_key, "disks": {old: new for old, _value, new in moves}}
 
     def _remove_temp(self, before: dict[str, Any]) -> None:
-        volid = before["temp_volid"]
-        storage = self.target.storage(volid.split(":", 1)[0])
-        for candidate in (storage.volume(self.vmid, before["temp_index"], fmt) for fmt in storage.formats()):
-            if candidate.volid == volid and storage.exists(candidate):
-                storage.remove(candidate)
+        self.target.remove_volume(self.vmid, before["temp_volid"])
 
     def _boot2(self) -> dict[str, Any]:
         if self.target.status(self.vmid) != "running":
@@ -283,18 +280,6 @@ def _own_cd(value: str, iso_volid: str) -> str:
     """The VM's own CD-ROM drive; "" if it is the drivers ISO (a layout 1 rerun after a crash
     finds the ISO it had attached already)."""
     return "" if value.startswith(f"{iso_volid},") else value
-
-
-def _free_disk_index(config: VMConfig, storage: Any, vmid: int) -> int:
-    """The first ``vm-<vmid>-disk-N`` no config entry names and no volume occupies."""
-    used = " ".join(config.values())
-    for index in range(1, 100):
-        names = [storage.volume(vmid, index, fmt) for fmt in storage.formats()]
-        if any(v.volid.split(":", 1)[1].split(".")[0] in used for v in names if ":" in v.volid):
-            continue
-        if not any(storage.exists(v) for v in names):
-            return index
-    raise TargetError(f"VM {vmid}: no free disk index for the temporary disk")
 
 
 def _system_disk(config: VMConfig) -> str:

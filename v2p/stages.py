@@ -185,12 +185,9 @@ def check_drivers(target: Target, options: MigrationOptions) -> Record:
     if given and "," in given:
         raise OptionError(f"drivers ISO {given}: a path with a comma cannot go into a VM config",
                           hint="rename or link the ISO")
-    if given and ":" in given and not given.startswith("/"):
-        path = target.storage(given.split(":", 1)[0]).path_of(given)  # a PVE volid: local:iso/NAME.iso
-        volid = given
-    else:
-        path = drivers.locate(given, target.iso_places())
-        volid = str(path.resolve())
+    path, volid = target.drivers_iso(given)
+    if path is None:  # only on the target: attached as it is, its drivers unchecked
+        return {"drivers_iso": volid, "driver_folders": {}}
     iso = drivers.read_iso(path)
     storage_driver = "viostor" if options.bus == "virtio" else "vioscsi"
     wanted = (storage_driver, "NetKVM") if options.net_drivers else (storage_driver,)

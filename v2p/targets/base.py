@@ -135,6 +135,16 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def list_vms(self) -> list[int]: ...
 
+    def next_vmid(self, above: int = 0) -> int:
+        """The lowest VMID above ``above`` that no guest on the target has; free when asked only,
+        so creating it may still find it taken (``VMIDExistsError``)."""
+        taken = set(self.list_vms())
+        return next(vmid for vmid in range(max(above + 1, 100), 1_000_000_000) if vmid not in taken)
+
+    def tasks_waited(self) -> list[str]:
+        """The ids of the target's own tasks (PVE UPIDs) this object waited for, oldest first."""
+        return []
+
     @abc.abstractmethod
     def create_vm(self, vmid: int, config: VMConfig) -> None:
         """Create the VM shell; refuse if ``vmid`` is taken."""
@@ -158,6 +168,24 @@ class Target(abc.ABC):
         (made now, or allocated by the target when the config is set); ``index``: the disk number
         it may take."""
         raise TargetError(f"the {self.kind} target cannot make an EFI variable store")
+
+    def new_disk(self, vmid: int, config: VMConfig, *, storage: str, size: int) -> str:
+        """The config value for a new, empty disk of ``size`` bytes (whole GiB) on ``storage`` for VM
+        ``vmid`` whose config is ``config``: made now, or allocated by the target when the config is
+        set (read the config back for the volume id)."""
+        raise TargetError(f"the {self.kind} target cannot make a new disk")
+
+    def remove_volume(self, vmid: int, volid: str) -> None:
+        """Delete volume ``volid`` of VM ``vmid`` once no config key uses it (a no-op if it is gone)."""
+        raise TargetError(f"the {self.kind} target cannot remove volume {volid}")
+
+    def drivers_iso(self, given: str | None) -> tuple[Path | None, str]:
+        """The virtio drivers ISO: (a local file v2p can read to check it, or None when it lives
+        only on the target; the value a VM config's CD drive takes). ``given``: --drivers-iso."""
+        from .. import drivers
+
+        path = drivers.locate(given, self.iso_places())
+        return path, str(path.resolve())
 
     def iso_places(self) -> tuple[Path, ...]:
         """Where this target keeps ISO images (searched for the drivers ISO)."""

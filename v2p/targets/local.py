@@ -159,6 +159,33 @@ class LocalTarget(Target):
         volid = efi.create_efidisk(self.storage(storage), vmid, secure=secure, index=index)
         return efi.efidisk_value(volid, secure=secure)
 
+    def new_disk(self, vmid: int, config: VMConfig, *, storage: str, size: int) -> str:
+        place = self.storage(storage)
+        used = " ".join(config.values())
+        for index in range(1, 100):
+            names = [place.volume(vmid, index, fmt) for fmt in place.formats()]
+            if any(v.volid.split(":", 1)[1].split(".")[0] in used for v in names if ":" in v.volid):
+                continue  # named by the config (a volume of another format, or one not made yet)
+            if not any(place.exists(v) for v in names):
+                volume = place.create_empty(vmid, index, size)
+                return f"{volume.volid},size={size >> 30}G"
+        raise TargetError(f"VM {vmid}: no free disk index on storage {storage}")
+
+    def remove_volume(self, vmid: int, volid: str) -> None:
+        place = self.storage(volid.split(":", 1)[0])
+        if any(value.split(",")[0] == volid for value in self.get_config(vmid).values()):
+            raise TargetError(f"VM {vmid}: volume {volid} is still in use")
+        match = re.search(rf"vm-{vmid}-disk-(\d+)", volid)
+        index = int(match.group(1)) if match else -1
+        for volume in (place.volume(vmid, index, fmt) for fmt in place.formats()):
+            if volume.volid == volid and place.exists(volume):
+                place.remove(volume)
+
+    def drivers_iso(self, given: str | None) -> tuple[Path | None, str]:
+        if given and ":" in given and not given.startswith("/"):  # a PVE volid: local:iso/NAME.iso
+            return self.storage(given.split(":", 1)[0]).path_of(given), given
+        return super().drivers_iso(given)
+
     def iso_places(self) -> tuple[Path, ...]:
         return (self.directory / "template" / "iso" / "virtio-win.iso",)
 
