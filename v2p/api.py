@@ -2,6 +2,7 @@
 
     from v2p import migrate
     result = migrate("win7.vmdk", 102, ostype="win7", on_event=print)
+    result = migrate("web01.vmx", "auto", target=make_target("pve://..."))  # the next free VMID
 
 Progress arrives as ``Event``s through ``on_event``; errors are ``V2PError``s.
 """
@@ -12,12 +13,12 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import pveconfig, rules
 from .dance import DanceOptions, DriverDance
-from .errors import NoSuchVMError, RuleError, SourceError, StateError, V2PError
-from .events import EventHandler, ignore
+from .errors import LockedError, NoSuchVMError, RuleError, SourceError, StateError, V2PError, VMIDExistsError
+from .events import Event, EventHandler, ignore
 from .fsutil import remove_tree
 from .inspect import DiskImage, Row, inspect_disk, inspect_paths
 from .options import MigrationOptions, OptionError, check_seconds, check_vmid
@@ -69,14 +70,67 @@ def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str 
     return LocalTarget(Path(directory) if directory is not None else None, accel=accel)
 
 
-class Migration:
-    """One migration of ``source`` to ``vmid``; ``run()`` starts or resumes it."""
+AUTO = "auto"  # the VMID that means: the next free one on the target
+AUTO_TRIES = 5  # VMIDs tried when each is found taken by the time the VM is created
 
-    def __init__(self, source: str | os.PathLike[str] | Source, vmid: int, *, target: Target | None = None,
-                 on_event: EventHandler = ignore, **options: Any) -> None:
+
+class Migration:
+    """One migration of ``source`` to ``vmid``; ``run()`` starts or resumes it.
+
+    ``vmid="auto"``: an earlier ``auto`` migration of the same source, unfinished (resumed) or finished
+    with the same settings (nothing to do), keeps its VMID; else the target's next free VMID
+    (``Target.next_vmid``) with no migration record, and the next one again, a few times, when
+    creating the VM finds it taken. The chosen one is announced as an event and is ``.vmid``.
+    """
+
+    def __init__(self, source: str | os.PathLike[str] | Source, vmid: int | Literal["auto"], *,
+                 target: Target | None = None, on_event: EventHandler = ignore, **options: Any) -> None:
         self.options = MigrationOptions(**options)
         self.target = target or local_target()
-        self.pipeline = Pipeline(source, vmid, self.options, self.target, emit=on_event)
+        self.emit = on_event
+        self.picked = vmid == AUTO  # a VMID v2p chose afresh: another may take it first
+        if vmid == AUTO:
+            source = source if isinstance(source, Source) else open_source(source)
+            vmid = self._choose(source)
+        self.pipeline = Pipeline(source, check_vmid(vmid), self.options, self.target, emit=on_event)
+
+    @property
+    def vmid(self) -> int:
+        return self.pipeline.vmid
+
+    def _choose(self, source: Source) -> int:
+        earlier = self._earlier(source)
+        if earlier is not None:
+            self.picked = False
+            self.emit(Event("info", "vmid", f"VMID {earlier}: the earlier migration of {source.describe()}"))
+            return earlier
+        vmid = self._free_vmid(0)
+        self.emit(Event("info", "vmid", f"VMID {vmid}: the next free one on the {self.target.kind} target"))
+        return vmid
+
+    def _earlier(self, source: Source) -> int | None:
+        """The VMID of this source's unfinished migration on the target, or of its finished one with
+        these settings whose VM is still there."""
+        described, options = source.describe(), self.options.identity()
+        for state in list_states(self.target.state_dir()):
+            request = state.data.get("request") if state.error is None else None
+            if not isinstance(request, dict) or request.get("source") != described \
+                    or request.get("target") != self.target.describe():
+                continue
+            if not state.data.get("finished"):
+                return state.vmid
+            if request.get("options") == options and self.target.vm_exists(state.vmid):
+                return state.vmid
+        return None
+
+    def _free_vmid(self, above: int) -> int:
+        """The target's next free VMID above ``above`` that no migration record holds."""
+        while True:
+            vmid = self.target.next_vmid(above)
+            records = (MigrationState(self.target.state_dir(), vmid, suffix).path for suffix in ("", ".dance"))
+            if not any(os.path.lexists(path) for path in records):
+                return vmid
+            above = vmid
 
     def plan(self) -> list[tuple[str, str, bool]]:
         """The stages as (name, what it does, already done), without running anything."""
@@ -91,12 +145,25 @@ class Migration:
 
     def run(self) -> dict[str, Any]:
         """Run every stage not yet done; return the final state record."""
-        return self.pipeline.run()
+        for attempt in range(1, AUTO_TRIES + 1):
+            try:
+                return self.pipeline.run()
+            except (VMIDExistsError, LockedError) as exc:
+                # Free when asked, taken by the time of the create (or locked by another run):
+                # nothing was made under it, so the next one is as good.
+                if not self.picked or attempt == AUTO_TRIES:
+                    raise
+                taken = self.pipeline.vmid
+                vmid = self._free_vmid(taken)
+                self.emit(Event("info", "vmid", f"VMID {taken} is taken now ({exc.message}); trying VMID {vmid}"))
+                self.pipeline = Pipeline(self.pipeline.source, vmid, self.options, self.target, emit=self.emit)
+        raise AssertionError("unreachable")
 
 
-def migrate(source: str | os.PathLike[str] | Source, vmid: int, *, target: Target | None = None,
+def migrate(source: str | os.PathLike[str] | Source, vmid: int | Literal["auto"], *, target: Target | None = None,
             on_event: EventHandler = ignore, **options: Any) -> dict[str, Any]:
-    """Migrate (or resume migrating) ``source`` to VM ``vmid``; see ``MigrationOptions``."""
+    """Migrate (or resume migrating) ``source`` to VM ``vmid`` (``"auto"``: the next free one, see
+    ``Migration``); see ``MigrationOptions``."""
     return Migration(source, vmid, target=target, on_event=on_event, **options).run()
 
 

@@ -71,6 +71,10 @@ def _whole(option: str, bounds: tuple[int, int], unit: str = "") -> Callable[[st
     return parse
 
 
+def _vmid_or_auto(text: str) -> int | str:
+    return api.AUTO if text == api.AUTO else parse_vmid(text)
+
+
 def _target_dir(text: str) -> str:
     if not text:
         raise OptionError("--target-dir is empty", hint="give a directory, or leave the option out for "
@@ -105,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="migrate a VMware VM (.vmx, .ovf, .ova, VM folder) or one disk to a new VM")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("--vmid", type=parse_vmid, required=True)
+    p.add_argument("--vmid", type=_vmid_or_auto, required=True,
+                   help="the new VM's id, or auto: the next free one on the target (rerun, it resumes)")
     p.add_argument("--os", dest="ostype", default=None, choices=sorted(OSTYPES),
                    help="PVE ostype; Windows types boot from IDE, others from SCSI (default: the VM's guest "
                    "OS; l26 for a loose disk)")
@@ -143,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bwlimit", type=_whole("--bwlimit", BWLIMIT, "KiB/s"),
                    help="limit conversion I/O to this many KiB/s")
     p.add_argument("--dry-run", action="store_true", help="print the stages and stop")
+    p.add_argument("--keep-on-failure", action="store_true",
+                   help="on an error while the VM and its disks are made, keep them for a rerun that resumes "
+                   "(default: remove what this migration made)")
 
     p.add_argument("--drivers-iso", help="virtio-win ISO for the Windows driver dance (a path, or a PVE "
                    "volume such as local:iso/virtio-win.iso)")
@@ -216,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         print(f"v2p: error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):  # what else went wrong on the way out
+            print(f"v2p: {note}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # a path v2p was given or keeps state in is unusable
         if isinstance(exc, BrokenPipeError) and _stdout_gone():
@@ -443,14 +453,15 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         start=args.start, boot_check=args.boot_check, boot_timeout=args.boot_timeout,
         bwlimit=args.bwlimit, storage=args.storage, device=args.device, copy_with=args.copy_with,
         verify=args.verify, force=args.force, drivers_iso=args.drivers_iso, net_drivers=args.net_drivers,
-        arch=args.arch, dance_wait=args.dance_wait, shutdown_timeout=args.shutdown_timeout)
+        arch=args.arch, dance_wait=args.dance_wait, shutdown_timeout=args.shutdown_timeout,
+        keep_on_failure=args.keep_on_failure)
     if args.dry_run:
         spec = migration.pipeline.source.spec()
         print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, {spec.memory_mib} MiB, "
               f"{spec.firmware}")
         where = args.device or f"storage {args.storage}"
         keys = migration.disk_keys()
-        print(f"would migrate to VMID {args.vmid} on the {target.kind} target ({', '.join(keys)} on {where}):")
+        print(f"would migrate to VMID {migration.vmid} on the {target.kind} target ({', '.join(keys)} on {where}):")
         for name, summary, done in migration.plan():
             print(f"  {name:<10} {'done, would skip' if done else summary}")
         return 0
@@ -459,7 +470,7 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     finally:
         printer._close_bar()
     if not result.get("nothing_to_do"):  # else the pipeline's event already said so
-        print(f"VM {args.vmid} migrated from {args.source}")
+        print(f"VM {migration.vmid} migrated from {args.source}")
     return 0
 
 

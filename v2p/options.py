@@ -132,6 +132,8 @@ class MigrationOptions:
     arch: str = "amd64"  # the Windows guest's architecture (virtio-win folder name)
     dance_wait: float = 600.0  # boot 1: how long to wait for the guest's driver signal
     shutdown_timeout: float = 120.0
+    # On a failure while the VM and its disks are made, keep them for a rerun instead of removing them.
+    keep_on_failure: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -215,7 +217,7 @@ class MigrationOptions:
         data = asdict(self)
         # verify and boot_check may change too: the stages they govern check them in holds().
         for volatile in ("start", "boot_check", "boot_timeout", "bwlimit", "verify", "force", "drivers_iso",
-                         "dance_wait", "shutdown_timeout"):
+                         "dance_wait", "shutdown_timeout", "keep_on_failure"):
             data.pop(volatile)
         result: dict[str, Any] = json.loads(json.dumps(data))  # as the state file will give it back
         return result

@@ -4,6 +4,11 @@ On every run the runner walks the stages; a stage whose record is present and
 still holds is skipped, and from the first one that is missing or no longer
 holds, that stage and every one after it run again. A lock keeps two runs off
 one VMID; a finished migration is never re-run over an existing VM.
+
+A run that fails with an error while the VM and its disks are being made
+removes what this migration made (its VM, by its tag, and the volumes its disk
+sinks wrote) and its record, so a rerun starts clean; ``keep_on_failure``
+keeps them for a rerun that resumes. An interruption keeps them too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceError, StateError, V2PError, VMIDExistsError
+from . import interrupts, pveconfig
+from .errors import (
+    BootCheckError,
+    DanceError,
+    OperatorNeeded,
+    SourceError,
+    StateError,
+    V2PError,
+    VMIDExistsError,
+)
 from .events import Event, EventHandler, ignore
 from .fsutil import remove_tree
 from .options import MigrationOptions, check_vmid
@@ -28,6 +42,11 @@ from .testhooks import hold_point
 
 # Stages that must not run again once the disks are attached to the VM.
 BEFORE_THE_GUEST = ("inspect", "preflight", "create", "convert", "verify")
+# Stages that make things on the target: an error in one of them removes what the migration made.
+MAKING = ("create", "convert", "verify", "attach")
+# Errors after which everything stays: the VM is migrated and the user wants to look at it (the
+# dance has rolled back already), or the dance waits for an operator.
+KEEPS_ALL = (BootCheckError, DanceError, OperatorNeeded)
 
 
 def request_of(source: Source, vmid: int, options: MigrationOptions, target: Target) -> dict[str, Any]:
@@ -84,6 +103,7 @@ class Pipeline:
             hold_point("state-created")
         workdir = self.target.state_dir() / f"{self.vmid}.work"
         stage_name = "inspect"
+        ctx: Context | None = None
         try:
             spec = self.options.hardware(self._spec())
             ctx = Context(self.source, self.vmid, self.options.resolved(spec), self.target,
@@ -105,15 +125,19 @@ class Pipeline:
                         hint=f"to start over from the source, remove the VM first: v2p vm rm {self.vmid}")
                 rerun = True
                 self.emit(Event("stage-start", stage.name, stage.summary))
-                started = time.monotonic()
+                started, waited = time.monotonic(), len(self.target.tasks_waited())
                 result = stage.run(ctx)
                 seconds = time.monotonic() - started
+                result.update(self._made_by(stage.name, waited))
                 self.state.record(stage.name, result, seconds=seconds)
                 ctx.records[stage.name] = result
                 self.emit(Event("stage-done", stage.name, f"{seconds:.2f}s", data=result))
                 hold_point(stage.name)
         except BaseException as exc:
-            self._failed(stage_name, exc, workdir)
+            if ctx is not None and self._cleans_up(stage_name, exc):
+                self._clean_up(stage_name, exc, workdir, ctx)
+            else:
+                self._failed(stage_name, exc, workdir)
             raise
         self.state.data["finished"] = True
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
@@ -132,6 +156,65 @@ class Pipeline:
                 raise
             return VMSpec.from_dict(recorded)
 
+    def _made_by(self, stage: str, waited: int) -> dict[str, Any]:
+        """For the record of ``stage``: the target's tasks it waited for (PVE UPIDs) and, for
+        the stages that make the VM and attach its disks, the volumes its config names now."""
+        made: dict[str, Any] = {}
+        upids = self.target.tasks_waited()[waited:]
+        if upids:
+            made["upids"] = upids
+        if stage in ("create", "attach"):
+            config = self.target.get_config(self.vmid)
+            made["volids"] = sorted(
+                value.split(",")[0] for key, value in config.items()
+                if (pveconfig.DISK_KEY.match(key) or key in ("efidisk0", "tpmstate0"))
+                and "media=cdrom" not in value and ":" in value.split(",")[0])
+        return made
+
+    def _cleans_up(self, stage: str, exc: BaseException) -> bool:
+        """An error (not an interruption) in a stage that makes things, before any guest ran on
+        the disks: what the migration made is of no use as it stands."""
+        return (isinstance(exc, V2PError) and not isinstance(exc, KEEPS_ALL) and interrupts.received() is None
+                and stage_kind(stage) in MAKING and "attach" not in self.state.stages)
+
+    def _clean_up(self, stage: str, exc: BaseException, workdir: Path, ctx: Context) -> None:
+        """Remove the VM if it carries this migration's tag and every volume its disk sinks wrote,
+        then the record (``keep_on_failure``: keep them all and say so). Never a VM it did not make."""
+        assert isinstance(exc, V2PError)
+        what = "what it made"
+        try:
+            ours = self.target.vm_exists(self.vmid) and ctx.tag() in \
+                self.target.get_config(self.vmid).get("description", "")
+            written = [index for index in range(len(ctx.disks()))
+                       if ("convert" if index == 0 else f"convert:{index}") in (*self.state.stages, stage)]
+            if not ours and not written:  # the VMID was taken, the create refused: nothing of ours
+                self._failed(stage, exc, workdir)
+                return
+            what = (f"VM {self.vmid} and its disks" if written else f"VM {self.vmid}") if ours \
+                else "the disks it wrote"
+            if ctx.options.keep_on_failure:
+                self._note(exc, f"kept for a rerun, which resumes: {what} (--keep-on-failure)")
+                self._keep(stage, exc)
+                return
+            if ours:
+                self.target.destroy_vm(self.vmid)
+            for index in written:
+                ctx.sink(index).remove()
+        except (V2PError, OSError) as failed:
+            self._note(exc, f"kept for a rerun: {what}")
+            exc.add_note(f"removing it failed: {failed}; run the same command again to resume, "
+                         f"or remove it: v2p vm rm {self.vmid}")
+            self._keep(stage, exc)
+            return
+        self.state.remove()
+        remove_tree(workdir)
+        self._note(exc, f"removed {what}")
+
+    def _note(self, exc: V2PError, text: str) -> None:
+        """What became of the VM, on the error's own line (``v2p: error: ...; removed VM 150``)."""
+        exc.message = f"{exc.message}; {text}"
+        self.emit(Event("info", "cleanup", text))
+
     def _failed(self, stage: str, exc: BaseException, workdir: Path) -> None:
         """A run that made nothing on the target leaves no record (a refused source is not an
         unfinished migration); one that did notes where and why it stopped, for ``v2p status``."""
@@ -139,6 +222,10 @@ class Pipeline:
             self.state.remove()
             remove_tree(workdir)
             return
+        self._keep(stage, exc)
+
+    def _keep(self, stage: str, exc: BaseException) -> None:
+        """Note in the record where and why the run stopped, for ``v2p status`` and the rerun."""
         reason = str(exc) if isinstance(exc, V2PError) else \
             "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         self.state.data["failed"] = {"stage": stage, "error": reason, "at": now()}
