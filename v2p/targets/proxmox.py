@@ -340,6 +340,7 @@ class ProxmoxTarget(Target):
         self.settings = settings
         self.base_url = f"https://{settings.host}:{settings.port}/api2/json"
         self._state_root = state_root
+        self._waited: list[str] = []  # UPIDs of the tasks waited for: the state records them
         verify: bool = not (settings.insecure or settings.fingerprint)
         session = self._pinned(ProxmoxHttpSession())
         session.headers["accept"] = JsonSerializer().get_accept_types()
@@ -398,6 +399,7 @@ class ProxmoxTarget(Target):
         node = self.settings.node
         deadline = time.monotonic() + timeout
         path = f"nodes/{node}/tasks/{quote(upid, safe='')}"
+        self._waited.append(upid)
         while True:
             check_interrupts()
             status = self.call("GET", f"{path}/status")
@@ -479,6 +481,18 @@ class ProxmoxTarget(Target):
     def list_vms(self) -> list[int]:
         return sorted(int(entry["vmid"]) for entry in self._resources()
                       if entry.get("type") == "qemu" and entry.get("node") == self.settings.node)
+
+    def next_vmid(self, above: int = 0) -> int:
+        # PVE's own pick first; past ``above`` (found taken since, or held by a migration record)
+        # the lowest one no guest of the cluster has.
+        found = int(self.call("GET", "cluster/nextid"))
+        if found > above:
+            return found
+        taken = {int(entry.get("vmid", -1)) for entry in self._resources()}
+        return next(vmid for vmid in range(above + 1, 1_000_000_000) if vmid not in taken)
+
+    def tasks_waited(self) -> list[str]:
+        return list(self._waited)
 
     def _require(self, vmid: int) -> None:
         if not any(int(entry.get("vmid", -1)) == vmid and entry.get("type") == "qemu"
