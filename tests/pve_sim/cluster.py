@@ -272,6 +272,7 @@ class Cluster:
         if s.type == "dir":
             files = [(f"{v.parent.name}/{v.name}", v, "images") for v in s.path.glob("images/*/*")]
             files += [(f"import/{v.name}", v, "import") for v in s.path.glob("import/*")]
+            files += [(f"iso/{v.name}", v, "iso") for v in s.path.glob("iso/*")]
         else:
             files = [(v.name, v, "images") for v in s.path.glob("vm-*")]
         for volname, path, content in sorted(files):

@@ -32,8 +32,15 @@ class QemuRunner:
 
     def _qmp_path(self, vmid: int) -> Path:
         # AF_UNIX paths are limited to 108 bytes; pytest's tmp_path can be longer.
+        return self.qemu_server_dir / f"{vmid}.qmp"
+
+    @property
+    def qemu_server_dir(self) -> Path:
+        """The node's /var/run/qemu-server: ``<vmid>.serial0`` sockets (``serial0: socket``) live here."""
         tag = hashlib.sha1(str(self.run_root).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"pve-sim-{tag}-{vmid}.qmp"
+        folder = Path(tempfile.gettempdir()) / f"pve-sim-{tag}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder
 
     def volume_file(self, volid: str) -> tuple[Path, str]:
         path = self.cluster.volume_path(volid)
@@ -48,7 +55,8 @@ class QemuRunner:
         config["memory"] = config.get("memory", "512").removeprefix("current=").split(",")[0]
         run_dir = self.run_dir(vm.vmid)
         return qemu_cmdline.build(vm.vmid, config, "tcg", run_dir=run_dir, qmp_path=self._qmp_path(vm.vmid),
-                                  volume_file=self.volume_file)
+                                  volume_file=self.volume_file,
+                                  serial_socket=self.qemu_server_dir / f"{vm.vmid}.serial0")
 
     def start(self, vm: VM) -> None:
         argv = self.argv(vm)

@@ -40,6 +40,7 @@ from proxmoxer.core import ProxmoxResource
 from requests.adapters import HTTPAdapter
 
 from .. import convert
+from ..bootwatch import SETTLE, BootWatch
 from ..convert import Source as QemuInput
 from ..errors import NoSuchVMError, TargetError, VMIDExistsError
 from ..fsutil import private_dir
@@ -47,11 +48,13 @@ from ..interrupts import check as check_interrupts
 from ..options import OptionError
 from ..storage import Storage, Volume
 from .base import BootReport, DiskSink, Target, VMConfig
+from .serialtap import SerialTap
 
 DEFAULT_PORT = 8006
 TOKEN_ENV = "V2P_PVE_TOKEN"
 PASSWORD_ENV = "V2P_PVE_PASSWORD"
 SECRETS_ENV = "V2P_PVE_SECRETS"
+QEMU_RUN_ENV = "V2P_PVE_QEMU_RUN_DIR"  # where the node's qemu-server keeps VM sockets (tests point it elsewhere)
 TASK_POLL = 0.5
 _FINGERPRINT = re.compile(r"[0-9a-fA-F]{2}(?::?[0-9a-fA-F]{2}){31}")
 # Storage types whose disks are files (qcow2 by default); all others hold raw volumes only.
@@ -72,6 +75,7 @@ class PveSettings:
     fingerprint: str | None = None
     insecure: bool = False
     timeout: float = 30.0
+    on_node: bool = False  # v2p runs on the node: storage paths and VM serial sockets are local
     secret: str = field(default="", repr=False)
 
     def public(self) -> dict[str, str]:
@@ -171,6 +175,8 @@ def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
             settings.fingerprint = value.replace(":", "").lower()
         elif key == "insecure":
             settings.insecure = _bool(value, f"{where}: insecure")
+        elif key == "on-node":
+            settings.on_node = _bool(value, f"{where}: on-node")
         elif key == "timeout":
             try:
                 settings.timeout = float(value)
@@ -178,7 +184,7 @@ def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
                 raise OptionError(f"{where}: timeout {value!r} is not a number of seconds") from None
         else:
             raise OptionError(f"{where}: unknown setting {key!r}",
-                              hint="known: storage, import, fingerprint, insecure, timeout")
+                              hint="known: storage, import, fingerprint, insecure, timeout, on-node")
     for name in (settings.storage, settings.import_storage):
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name):
             raise OptionError(f"{where}: {name!r} is not a PVE storage id")
@@ -336,8 +342,85 @@ class ProxmoxTarget(Target):
         """PVE allocates the variable store itself from ``STORAGE:1,...`` when the config is set."""
         return _pve_efidisk(storage, secure)
 
+    def new_disk(self, vmid: int, config: VMConfig, *, storage: str, size: int) -> str:
+        return f"{storage}:{max(1, size >> 30)}"  # PVE allocates a volume of that many GiB
+
+    def remove_volume(self, vmid: int, volid: str) -> None:
+        """A disk key deleted from a stopped VM's config became ``unusedN``: deleting that key
+        destroys the volume (VM.Config.Disk suffices, no storage privilege)."""
+        config = self.get_config(vmid)
+        if any(value.split(",")[0] == volid for key, value in config.items() if not key.startswith("unused")):
+            raise TargetError(f"VM {vmid}: volume {volid} is still in use")
+        unused = [key for key, value in config.items() if key.startswith("unused") and value == volid]
+        if unused:
+            self.set_config(vmid, {}, delete=tuple(unused))
+
+    def drivers_iso(self, given: str | None) -> tuple[Path | None, str]:
+        """A volid (``local:iso/virtio-win.iso``) must be on the node; a local file is checked here
+        and uploaded into a storage with ``iso`` content unless a file of its name and size is there."""
+        from .. import drivers
+        from ..errors import DriversError
+
+        node = self.settings.node
+        if given and ":" in given and not given.startswith("/"):
+            storage = given.split(":", 1)[0]
+            present = self.call("GET", f"nodes/{node}/storage/{storage}/content", content="iso") or []
+            if not any(entry.get("volid") == given for entry in present):
+                raise DriversError(f"drivers ISO {given}: no such ISO on PVE node {node}",
+                                   hint="upload virtio-win.iso there, or pass the local file: --drivers-iso PATH")
+            return None, given
+        path = drivers.locate(given)
+        storage = self._iso_storage()
+        volid = f"{storage}:iso/{path.name}"
+        present = self.call("GET", f"nodes/{node}/storage/{storage}/content", content="iso") or []
+        same = [entry for entry in present if entry.get("volid") == volid]
+        if same and int(same[0].get("size", -1)) != path.stat().st_size:
+            raise DriversError(f"drivers ISO {path}: PVE node {node} has another {volid} (a different size)",
+                               hint=f"use that one (--drivers-iso {volid}) or rename your file")
+        if not same:
+            self.upload(storage, "iso", path, path.name)
+        return path, volid
+
+    def _iso_storage(self) -> str:
+        """Where ISOs go: the import storage if it takes ISOs, else ``local``, else the first that does."""
+        found: list[dict[str, Any]] = self.call("GET", f"nodes/{self.settings.node}/storage") or []
+        takes = [str(entry["storage"]) for entry in found if "iso" in str(entry.get("content", "")).split(",")]
+        for name in (self.settings.import_storage, "local", *takes):
+            if name in takes:
+                return name
+        raise TargetError(f"no storage on PVE node {self.settings.node} takes ISO images",
+                          hint="add the 'iso' content type to one (pvesm set local --content iso,...)")
+
+    def upload(self, storage: str, content: str, path: Path, filename: str) -> None:
+        """``path`` into ``storage``'s ``content`` (import, iso) as ``filename``, with its SHA-256, which
+        PVE checks; waits for the upload's task."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        body = MultipartFile({"content": content, "checksum": digest.hexdigest(),
+                              "checksum-algorithm": "sha256"}, filename, path)
+        url = f"{self.base_url}/nodes/{self.settings.node}/storage/{storage}/upload"
+        try:
+            # requests' own request(): proxmoxer's would read the body into memory as a dict of fields.
+            resp = requests.Session.request(self.session, "POST", url, data=body,
+                                            headers={"Content-Type": body.content_type},
+                                            cookies=self.session.auth.get_cookies(), verify=self.verify,
+                                            timeout=max(self.settings.timeout, 600))
+        except requests.RequestException as exc:
+            raise _connection_error(self.base_url, exc) from None
+        if resp.status_code >= 400:
+            raise TargetError(f"PVE upload of {filename} to {storage}: {resp.status_code} "
+                              f"{resp.reason} {resp.text[:300]}",
+                              hint=f"storage {storage} needs the '{content}' content type "
+                                   f"(pvesm set {storage} --content images,{content})")
+        upid = resp.json().get("data")
+        if isinstance(upid, str) and upid.startswith("UPID:"):
+            self.wait_task(upid, what=f"upload {filename}")
+
     def __init__(self, settings: PveSettings, *, state_root: Path | None = None) -> None:
         self.settings = settings
+        self._taps: dict[int, SerialTap] = {}
         self.base_url = f"https://{settings.host}:{settings.port}/api2/json"
         self._state_root = state_root
         self._waited: list[str] = []  # UPIDs of the tasks waited for: the state records them
@@ -554,65 +637,122 @@ class ProxmoxTarget(Target):
         current = self.call("GET", f"{self._qemu(vmid)}/status/current")
         return "running" if current.get("status") == "running" else "stopped"
 
+    def _serial_socket(self, vmid: int) -> Path:
+        return Path(os.environ.get(QEMU_RUN_ENV) or "/var/run/qemu-server") / f"{vmid}.serial0"
+
     def start(self, vmid: int, *, hold: bool = False) -> None:
         # A PVE VM never dies with this process: ``hold`` cannot be honoured, and ``held`` says so.
         if self.status(vmid) == "running":
             raise TargetError(f"VM {vmid} is already running")
-        self._task(self.call("POST", f"{self._qemu(vmid)}/status/start"), f"start VM {vmid}")
+        if self.settings.on_node:
+            # On the node the guest's serial port is read from its socket (what `qm terminal` uses);
+            # the port stays in the config: a COM port is harmless and Windows' EMS talks there.
+            if self.get_config(vmid).get("serial0") != "socket":
+                self.set_config(vmid, {"serial0": "socket"})
+            self._close_tap(vmid)
+            self._taps[vmid] = SerialTap(self._serial_socket(vmid))  # connects as soon as QEMU listens
+        try:
+            self._task(self.call("POST", f"{self._qemu(vmid)}/status/start"), f"start VM {vmid}")
+        except BaseException:
+            self._close_tap(vmid)
+            raise
+
+    def _close_tap(self, vmid: int) -> None:
+        tap = self._taps.pop(vmid, None)
+        if tap is not None:
+            tap.close()
 
     def stop(self, vmid: int, *, timeout: float = 60.0) -> bool:
         if self.status(vmid) != "running":
+            self._close_tap(vmid)
             return True
         try:
             self._task(self.call("POST", f"{self._qemu(vmid)}/status/shutdown", timeout=int(max(timeout, 1)),
                                  forceStop=False), f"shut down VM {vmid}")
         except TargetError:
             pass  # the guest ignored the power button: stopped hard below
-        if self.status(vmid) != "running":
-            return True
-        self._task(self.call("POST", f"{self._qemu(vmid)}/status/stop"), f"stop VM {vmid}")
-        return False
+        clean = self.status(vmid) != "running"
+        if not clean:
+            self._task(self.call("POST", f"{self._qemu(vmid)}/status/stop"), f"stop VM {vmid}")
+        self._close_tap(vmid)
+        return clean
 
     def guest_output(self, vmid: int) -> str:
-        # PVE offers a serial console only over a websocket (termproxy); v2p does not read it.
-        return ""
+        """The serial port since the VM was started, on the node (read from its socket); elsewhere ''
+        (PVE offers a remote serial console only over a websocket, which v2p does not read)."""
+        tap = self._taps.get(vmid)
+        return tap.text() if tap is not None else ""
 
-    def _agent_ping(self, vmid: int) -> bool:
+    def _agent(self, vmid: int) -> str | None:
+        """The guest's OS as its QEMU guest agent names it, once the agent answers; else None."""
         try:
             self.call("POST", f"{self._qemu(vmid)}/agent/ping")
-            return True
         except TargetError:
-            return False
+            return None
+        try:
+            info = self.call("GET", f"{self._qemu(vmid)}/agent/get-osinfo") or {}
+        except TargetError:
+            return "the guest"
+        found = info.get("result", info) if isinstance(info, dict) else {}
+        return str(found.get("pretty-name") or found.get("name") or "the guest")
 
     def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
-        """Only whether the VM stops: the serial output is not read (``guest_output`` is '')."""
+        """On the node: the serial output against ``patterns``; elsewhere only whether the VM stops."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             check_interrupts()
+            output = self.guest_output(vmid)
+            for name, pattern in patterns.items():
+                if output and re.search(pattern, output):
+                    return name, output
             if self.status(vmid) != "running":
-                return "stopped", ""
-            time.sleep(1.0)
-        return "timeout", ""
+                return "stopped", self.guest_output(vmid)
+            if time.monotonic() >= deadline:
+                return "timeout", output
+            time.sleep(0.5)
 
-    def boot_check(self, vmid: int, *, timeout: float) -> BootReport:
-        """Start the VM and poll it: "up" once the guest agent answers (only if ``agent`` is on in
-        its config), "powered-off" if it stops, else "running" at the timeout. No serial console."""
-        started = time.monotonic()
+    def boot_check(self, vmid: int, *, timeout: float, settle: float = SETTLE) -> BootReport:
+        """Start the VM and watch it. On the node: its serial port, read as the local target reads
+        it (``bootwatch``: login prompt, systemd target, Windows SAC, a STOP code...); the guest
+        agent, where the config has one; elsewhere only the VM's status (``running`` at the end)."""
         if self.status(vmid) == "running":
             self.stop(vmid, timeout=10)
-        agent = self.get_config(vmid).get("agent", "0").split(",")[0] in ("1", "enabled=1")
+        config = self.get_config(vmid)
+        agent = config.get("agent", "0").split(",")[0] in ("1", "enabled=1")
+        started = time.monotonic()
         self.start(vmid)
-        notes = [] if agent else ["no guest agent configured: 'up' cannot be seen, only that the VM runs"]
-        while time.monotonic() - started < timeout:
-            check_interrupts()
-            if self.status(vmid) != "running":
-                return BootReport("powered-off", round(time.monotonic() - started, 2),
-                                  signal="the VM stopped", notes=notes)
-            if agent and self._agent_ping(vmid):
-                return BootReport("up", round(time.monotonic() - started, 2),
-                                  signal="the guest agent answered", notes=notes)
-            time.sleep(1.0)
-        return BootReport("running", round(time.monotonic() - started, 2), notes=notes)
+        notes = []
+        if not self.settings.on_node and not agent:
+            notes.append("no serial console (v2p is not on the node) and no guest agent: "
+                         "only that the VM runs can be seen")
+        watch = BootWatch(vmid, timeout=timeout, settle=settle, started=started,
+                          serial_log=f"{self._serial_socket(vmid)} on node {self.settings.node}")
+
+        def report(outcome: str, signal: str) -> BootReport:
+            return BootReport(outcome, round(time.monotonic() - started, 2), signal=signal,
+                              serial=self.guest_output(vmid), notes=notes)
+
+        try:
+            while True:
+                check_interrupts()
+                now = time.monotonic()
+                if self.status(vmid) != "running":
+                    return report("powered-off", "the guest powered off")
+                if agent:
+                    name = self._agent(vmid)
+                    if name:
+                        return report("up", f"the guest agent answered ({name})")
+                if self.settings.on_node:
+                    verdict = watch.look(self.guest_output(vmid), "", now)
+                    if verdict is not None:
+                        return report(verdict.outcome, verdict.signal)
+                elif now - started >= (timeout if agent else min(settle, timeout)):
+                    # Nothing more to learn without a console or an agent than that it keeps running.
+                    return report("running", f"the VM still runs after {now - started:.0f}s")
+                time.sleep(0.5)
+        except BaseException:
+            self.stop(vmid, timeout=5)
+            raise
 
 
 def _pve_efidisk(storage: str, secure: bool) -> str:
@@ -699,30 +839,7 @@ class RemoteImportSink(DiskSink):
         if not path.exists():
             raise TargetError(f"nothing written for {self.import_volid} to commit",
                               hint="run the same command again: the disk is written anew")
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        body = MultipartFile({"content": "import", "checksum": digest.hexdigest(),
-                              "checksum-algorithm": "sha256"}, self.filename, path)
-        url = f"{self.target.base_url}/nodes/{self.target.settings.node}/storage/{self.import_storage}/upload"
-        try:
-            # requests' own request(): proxmoxer's would read the body into memory as a dict of fields.
-            session = self.target.session
-            resp = requests.Session.request(session, "POST", url, data=body,
-                                            headers={"Content-Type": body.content_type},
-                                            cookies=session.auth.get_cookies(), verify=self.target.verify,
-                                            timeout=max(self.target.settings.timeout, 600))
-        except requests.RequestException as exc:
-            raise _connection_error(self.target.base_url, exc) from None
-        if resp.status_code >= 400:
-            raise TargetError(f"PVE upload of {self.filename} to {self.import_storage}: {resp.status_code} "
-                              f"{resp.reason} {resp.text[:300]}",
-                              hint=f"storage {self.import_storage} needs the 'import' content type "
-                                   "(pvesm set STORAGE --content images,import)")
-        upid = resp.json().get("data")
-        if isinstance(upid, str) and upid.startswith("UPID:"):
-            self.target.wait_task(upid, what=f"upload {self.filename}")
+        self.target.upload(self.import_storage, "import", path, self.filename)
         if not self.exists():
             raise TargetError(f"PVE upload of {self.filename} finished but {self.import_volid} is not there")
         return self.volid

@@ -35,11 +35,17 @@ def split_property(value: str) -> tuple[str, dict[str, str]]:
 
 
 def build(vmid: int, config: VMConfig, accel: str, *, run_dir: Path, qmp_path: Path,
-          volume_file: Callable[[str], tuple[Path, str]]) -> list[str]:
+          volume_file: Callable[[str], tuple[Path, str]], serial_socket: Path | None = None) -> list[str]:
     """The qemu-system-x86_64 argv for VM ``vmid`` with ``config``; ``volume_file`` maps a
-    volume id to (path, format)."""
+    volume id to (path, format). The serial port is logged to ``run_dir/serial.log``; with
+    ``serial0: socket`` in the config it is also a listening unix socket at ``serial_socket``
+    (as qemu-server makes ``/var/run/qemu-server/<vmid>.serial0``)."""
     firmware = efi.firmware(vmid, config)
     machine = _machine(vmid, config, firmware)
+    serial = f"file,id=serial0,path={_qemu_escape(run_dir / 'serial.log')}"
+    if config.get("serial0") == "socket" and serial_socket is not None:
+        serial = (f"socket,id=serial0,path={_qemu_escape(serial_socket)},server=on,wait=off,"
+                  f"logfile={_qemu_escape(run_dir / 'serial.log')}")
     argv = [
         which("qemu-system-x86_64"), "-name", config.get("name", f"vm{vmid}"),
         "-machine", machine,
@@ -47,7 +53,7 @@ def build(vmid: int, config: VMConfig, accel: str, *, run_dir: Path, qmp_path: P
         "-smp", config.get("cores", "1"), "-nodefaults", "-display", "none",
         "-qmp", f"unix:{_qemu_escape(qmp_path)},server=on,wait=off",
         "-pidfile", str(run_dir / "qemu.pid"),
-        "-chardev", f"file,id=serial0,path={_qemu_escape(run_dir / 'serial.log')}",
+        "-chardev", serial,
         "-device", "isa-serial,chardev=serial0",
         "-chardev", f"file,id=fwlog,path={_qemu_escape(run_dir / 'firmware.log')}",
         "-device", "isa-debugcon,iobase=0x402,chardev=fwlog",
