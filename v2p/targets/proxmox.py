@@ -410,9 +410,14 @@ class ProxmoxTarget(Target):
         except requests.RequestException as exc:
             raise _connection_error(self.base_url, exc) from None
         if resp.status_code >= 400:
-            raise TargetError(f"PVE upload of {filename} to {storage}: {resp.status_code} "
-                              f"{resp.reason} {resp.text[:300]}",
-                              hint=f"storage {storage} needs the '{content}' content type "
+            try:  # PVE's error body: {"data": null, "message": "...\n"}
+                detail = str(resp.json().get("message") or "").strip()
+            except ValueError:
+                detail = resp.text[:300].strip()
+            denied = resp.status_code in (401, 403)
+            raise TargetError(f"PVE upload of {filename} to {storage}: {resp.status_code} {detail or resp.reason}",
+                              hint=f"the API token needs Datastore.AllocateTemplate on /storage/{storage}" if denied
+                              else f"storage {storage} needs the '{content}' content type "
                                    f"(pvesm set {storage} --content images,{content})")
         upid = resp.json().get("data")
         if isinstance(upid, str) and upid.startswith("UPID:"):
