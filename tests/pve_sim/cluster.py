@@ -27,6 +27,7 @@ from .tasks import Task, Tasks
 DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)\d+$|^(efidisk|tpmstate)0$")
 NEW_VOLUME = re.compile(r"^([a-z][a-z0-9\-_.]*[a-z0-9]):(\d+(\.\d+)?)$", re.I)
 IMPORT_NAME = re.compile(r"\.(ova|ovf|qcow2|raw|vmdk|img)$")
+IMAGE_NAME = re.compile(r"[^/]+\.(raw|qcow2|vmdk|subvol)")
 
 
 class PVEError(Exception):
@@ -147,6 +148,15 @@ class Cluster:
         self.on_stop: Callable[[VM], None] | None = None
         self.on_powerdown: Callable[[VM, float], bool] | None = None
         self.is_running: Callable[[VM], bool] | None = None
+        # Where the node's files appear to be in API answers (storage and volume paths): None is
+        # here, as when v2p runs on the node; another root plays a node that is another machine.
+        self.reported_root: Path | None = None
+
+    def node_path(self, path: Path) -> str:
+        """``path`` (under ``root``) as the node reports it."""
+        if self.reported_root is None:
+            return str(path)
+        return str(self.reported_root / path.relative_to(self.root))
 
     def add_storage(self, name: str, kind: str, content: set[str]) -> Storage:
         path = self.root / name
@@ -258,7 +268,7 @@ class Cluster:
         data: dict[str, Any] = {"storage": s.name, "type": s.type, "content": ",".join(sorted(s.content)),
                                 "digest": "0" * 40}
         if s.type == "dir":
-            data["path"] = str(s.path)
+            data["path"] = self.node_path(s.path)
         else:
             data.update({"vgname": "pve", "thinpool": "data"})
         return data
@@ -270,7 +280,9 @@ class Cluster:
         s = self.storage(p["storage"])
         found = []
         if s.type == "dir":
-            files = [(f"{v.parent.name}/{v.name}", v, "images") for v in s.path.glob("images/*/*")]
+            # PVE's list_images: only names ending in a disk format (so not v2p's .partial files).
+            files = [(f"{v.parent.name}/{v.name}", v, "images") for v in s.path.glob("images/*/*")
+                     if IMAGE_NAME.fullmatch(v.name)]
             files += [(f"import/{v.name}", v, "import") for v in s.path.glob("import/*")]
             files += [(f"iso/{v.name}", v, "iso") for v in s.path.glob("iso/*")]
         else:
@@ -309,6 +321,19 @@ class Cluster:
             if s.volume_path(volname).exists():
                 raise fail(f"volume '{s.name}:{volname}' already exists")
             return self._create_file(s, volname, fmt, parse_kib_size(p["size"]))
+
+    def content_get(self, p: dict[str, str], user: str) -> Any:
+        """PVE::API2::Storage::Content's GET: where the volume is and what it holds."""
+        volid = p["volume"]
+        if ":" in volid:
+            if "storage" in p and volid.partition(":")[0] != p["storage"]:
+                raise fail(f"storage ID mismatch ({volid.partition(':')[0]} != {p['storage']})")
+        else:
+            volid = f"{p['storage']}:{volid}"
+        path = self._existing_volume(volid)
+        info = json.loads(qemu_img("info", "--output=json", str(path)))
+        return {"path": self.node_path(path), "size": info["virtual-size"],
+                "used": info.get("actual-size", 0), "format": info["format"]}
 
     def content_delete(self, p: dict[str, str], user: str) -> Any:
         volid = p["volume"] if ":" in p["volume"] else f"{p['storage']}:{p['volume']}"

@@ -121,6 +121,7 @@ ROUTES = {
     ("GET", "/nodes/{node}/storage"): "storage_list",
     ("GET", "/nodes/{node}/storage/{storage}/content"): "content_list",
     ("POST", "/nodes/{node}/storage/{storage}/content"): "content_alloc",
+    ("GET", "/nodes/{node}/storage/{storage}/content/{volume}"): "content_get",
     ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"): "content_delete",
     ("POST", "/nodes/{node}/storage/{storage}/upload"): "upload",
     ("GET", "/nodes/{node}/qemu"): "vm_list",
@@ -320,6 +321,8 @@ class PVESim:
 # Endpoints whose schema says `user: all` and check privileges in their code.
 _CODE_CHECKS: dict[tuple[str, str], list[Any]] = {
     ("POST", "/nodes/{node}/qemu"): ["perm", "/vms/{vmid}", ["VM.Allocate"]],
+    # check_volume_access for a VM's disk (it also wants VM.Config.Disk on the owning VM).
+    ("GET", "/nodes/{node}/storage/{storage}/content/{volume}"): ["perm", "/storage/{storage}", ["Datastore.Audit"]],
 }
 
 

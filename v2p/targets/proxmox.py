@@ -555,6 +555,10 @@ class ProxmoxTarget(Target):
             raise OptionError(f"--format {chosen}: PVE storage {storage} ({info.get('type')}) holds "
                               f"{'/'.join(formats)} volumes only",
                               hint="leave --format out to get the storage's own format")
+        if self.settings.on_node:
+            from .pve_node import OnNodeSink  # the storage is on this machine: no upload, no import-from
+
+            return OnNodeSink(self, vmid, index, fmt=chosen, storage=storage, kind=str(info.get("type")))
         return RemoteImportSink(self, vmid, index, fmt=chosen, storage=storage)
 
     # -- VMs ---------------------------------------------------------------
