@@ -185,12 +185,13 @@ def test_preflight_refuses_a_storage_too_small(tmp_path, v2p):
         assert not (mount / "images").exists() and not (v2p.target / "qemu-server").exists()
 
 
-def test_disk_full_during_convert_then_resume(tmp_path, v2p):
+@pytest.mark.parametrize("keep", [True, False], ids=["keep-on-failure", "cleanup"])
+def test_disk_full_during_convert_then_resume(keep, tmp_path, v2p):
     disk = random_disk(tmp_path / "data-flat.vmdk", 16 * MiB, 8 * MiB)
     with small_filesystem(tmp_path, 24 * MiB) as mount:
         assert v2p("storage", "add", "small", "--type", "dir", "--path", str(mount)).returncode == 0
         args = ["migrate", str(disk), "--vmid", "177", "--storage", "small", "--no-boot-check"]
-        proc = v2p.popen(*args, "--bwlimit", "2048")
+        proc = v2p.popen(*args, "--bwlimit", "2048", *(["--keep-on-failure"] if keep else []))
         wait_for(proc.stdout, "[convert] write the disk", proc)
         filler = mount / "filler"
         free = shutil.disk_usage(mount).free
@@ -199,12 +200,19 @@ def test_disk_full_during_convert_then_resume(tmp_path, v2p):
         assert proc.returncode != 0
         assert "the target storage ran out of space while writing" in err and "Traceback" not in err
         assert "free some space and run the same command again" in err
-        assert not list((mount / "images" / "177").iterdir()), "a half-written disk was left"
-        assert "convert" not in v2p.state(177)["stages"]
+        folder = mount / "images" / "177"
+        assert not folder.exists() or not list(folder.iterdir()), "a half-written disk was left"
+        if keep:
+            assert "kept for a rerun, which resumes: VM 177 and its disks" in err
+            assert "convert" not in v2p.state(177)["stages"]
+        else:  # the VM and its record are gone: the rerun starts clean
+            assert "removed VM 177 and its disks" in err
+            assert not (v2p.target / "qemu-server" / "177.conf").exists()
+            assert not (v2p.target / "migrations" / "177.json").exists()
         filler.unlink()
         again = v2p(*args)
         assert again.returncode == 0, again.stderr
-        assert "[create] already done" in again.stdout
+        assert ("[create] already done" in again.stdout) == keep
         compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(disk),
                                   str(mount / "images" / "177" / "vm-177-disk-0.qcow2")],
                                  capture_output=True, text=True)
