@@ -449,7 +449,9 @@ class Cluster:
                 path.unlink()
                 qemu_img("create", "-f", fmt, str(path), str(int(size_gib * (1 << 30))))
             size = json.loads(qemu_img("info", "--output=json", str(path)))["virtual-size"]
-            p[key] = ",".join([volid, *rest, f"size={format_size(size)}"])
+            # PVE keeps one size, the new volume's (the drive is a hash when it is printed again)
+            kept = [item for item in rest if not item.startswith("size=")]
+            p[key] = ",".join([volid, *kept, f"size={format_size(size)}"])
         return run
 
     def create_vm(self, p: dict[str, str], user: str) -> Any:
@@ -537,6 +539,11 @@ class Cluster:
                 if (old is not None and DISK_KEY.match(key) and vm.status != "running"
                         and old.split(",")[0] != value.split(",")[0]):
                     self._to_unused(vm, old)
+            # qemu-server's write_vm_config: "remove 'unusedX' settings if we re-add a volume"
+            used = {value.split(",")[0] for config in (vm.config, vm.pending)
+                    for key, value in config.items() if DISK_KEY.match(key)}
+            for key in [key for key, value in vm.config.items() if key.startswith("unused") and value in used]:
+                del vm.config[key]
 
     def _to_unused(self, vm: VM, value: str) -> None:
         volid = value.split(",")[0]

@@ -1,0 +1,145 @@
+"""Guests booted through the PVE path: the simulator runs every VM v2p starts as a real QEMU (TCG),
+built from its PVE config as qemu-server would. Both ways v2p reaches PVE: from a workstation (the
+remote path: only the API, no serial console) and on the node (``on-node=1``: the guest's serial port
+read from its qemu-server socket). Every request v2p made passed the PVE schema."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pve_sim.fixture import pve_fixture  # noqa: F401
+from test_dance import drivers_iso, standin  # noqa: F401 - drivers_iso is a fixture
+from test_whole_vm import make_vm
+
+from conftest import DISK_LINE, V2P, assert_same_bytes, guest_report, one_line_error
+
+PATHS = ("remote", "on-node")
+
+
+def run(v2p: V2P, sim: Any, tmp_path: Path, path: str, *args: str, storage: str = "local"):  # type: ignore[no-untyped-def]
+    url = f"pve://root@pam!v2p@{sim.host}/{sim.cluster.node}?storage={storage}&fingerprint={sim.fingerprint}"
+    if path == "on-node":
+        url += "&on-node=1"
+    return v2p("--target", url, *args, V2P_PVE_TOKEN=sim.tokens["root@pam!v2p"],
+               XDG_DATA_HOME=str(tmp_path / "xdg"), V2P_PVE_QEMU_RUN_DIR=str(sim.runner.qemu_server_dir))
+
+
+def state(sim: Any, tmp_path: Path, vmid: int) -> dict[str, Any]:
+    folder = tmp_path / "xdg" / "v2p" / "pve" / f"{sim.host.split(':')[0]}-{sim.cluster.node}"
+    data: dict[str, Any] = json.loads((folder / f"{vmid}.json").read_text())
+    return data
+
+
+def serial_log(sim: Any, vmid: int) -> str:
+    """What the guest wrote on its serial port (the simulator's own log of the VM's last run)."""
+    return (sim.runner.run_dir(vmid) / "serial.log").read_text(errors="replace")
+
+
+def schema_clean(sim: Any) -> None:
+    assert sim.refused == [], sim.refused
+    assert sim.unsimulated == [], sim.unsimulated
+
+
+@pytest.fixture(name="sim")
+def running_sim(pve):  # type: ignore[no-untyped-def]
+    pve.runner = pve.run_vms()
+    return pve
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_linux_guest_boots_on_pve(sim, tmp_path, manifest, samples, source_of, v2p: V2P, path):
+    src = source_of("monolithicSparse")
+    proc = run(v2p, sim, tmp_path, path, "migrate", str(src.descriptor), "--vmid", "150", "--boot-timeout", "90")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = sim.cluster.vms[150].config
+    volid = config["scsi0"].split(",")[0]
+    assert_same_bytes(samples / "guest.raw", sim.cluster.volume_path(volid),
+                      "raw" if volid.endswith(".raw") or "/" not in volid else "qcow2")
+    controller, _pci, marker = guest_report(serial_log(sim, 150))
+    assert controller == "virtio-scsi" and marker == manifest["marker"]
+    boot = state(sim, tmp_path, 150)["stages"]["boot"]["result"]
+    if path == "on-node":
+        # v2p itself read the guest's words from the serial socket
+        assert config["serial0"] == "socket"
+        assert manifest["expected_serial"]["marker"] in boot["serial"]
+        assert boot["outcome"] == "powered-off"  # the sample guest powers off once it has reported
+    else:
+        assert "serial0" not in config and boot["serial"] == ""
+        assert boot["outcome"] in ("running", "powered-off")
+    assert sim.cluster.vms[150].status == "stopped"
+    schema_clean(sim)
+
+
+def wait_for_text(sim: Any, vmid: int, text: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in serial_log(sim, vmid):
+        assert time.monotonic() < deadline, f"the guest never said {text!r}:\n{serial_log(sim, vmid)[-1500:]}"
+        time.sleep(0.5)
+
+
+def assert_danced_on_pve(sim: Any, vmid: int) -> None:
+    config = sim.cluster.vms[vmid].config
+    assert config["virtio0"].startswith(f"local:{vmid}/vm-{vmid}-disk-0."), config
+    assert config["boot"] == "order=virtio0" and config["net0"].startswith("virtio=")
+    for gone in ("ide0", "ide2", "virtio1", "net1"):
+        assert gone not in config, f"{gone} left in the config: {config}"
+    assert not [key for key in config if key.startswith("unused")], config
+    # the temporary disk PVE allocated for boot 1 is gone again; the system disk is the only volume
+    assert [v for v in sim.volumes() if f"vm-{vmid}-" in v] == [config["virtio0"].split(",")[0]]
+    serial = serial_log(sim, vmid)
+    assert "v2p-guest: windows up on virtio-blk (viostor)" in serial and "STOP 0x" not in serial
+
+
+def test_windows_dance_on_the_node(sim, tmp_path, manifest, drivers_iso, v2p: V2P):  # noqa: F811
+    disk = standin(manifest, tmp_path)
+    proc = run(v2p, sim, tmp_path, "on-node", "migrate", str(disk), "--vmid", "160", "--os", "win7",
+               "--bus", "virtio", "--drivers-iso", str(drivers_iso))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_danced_on_pve(sim, 160)
+    dance = state(sim, tmp_path, 160)["stages"]["drivers"]["result"]
+    # both boots were confirmed by the guest's own words, read from the serial socket
+    assert dance["boot1"]["signal"] == "guest" and dance["boot2"]["confirmed_by"] == "guest"
+    assert "local:iso/virtio-win.iso" in [entry["volid"] for entry in sim.cluster.content_list(
+        {"storage": "local", "content": "iso"}, "root@pam")]
+    schema_clean(sim)
+
+
+def test_windows_dance_from_a_workstation_needs_the_operator(sim, tmp_path, manifest, drivers_iso,  # noqa: F811
+                                                             v2p: V2P):
+    disk = standin(manifest, tmp_path)
+    line = one_line_error(run(v2p, sim, tmp_path, "remote", "migrate", str(disk), "--vmid", "161", "--os", "win7",
+                              "--bus", "virtio", "--drivers-iso", str(drivers_iso), "--dance-wait", "3"))
+    # no serial console from here: the guest's driver install cannot be seen, the operator confirms it
+    assert "no sign from the guest that it has the virtio drivers after 3s" in line
+    assert "v2p dance 161 --continue" in line
+    assert sim.cluster.vms[161].status == "running"  # left up on IDE with the drivers ISO
+    assert sim.cluster.vms[161].config["ide2"].startswith("local:iso/virtio-win.iso,media=cdrom")
+    wait_for_text(sim, 161, "v2p-guest: driver viostor installed", 120)  # what the operator sees
+    done = run(v2p, sim, tmp_path, "remote", "dance", "161", "--continue", "--drivers-iso", str(drivers_iso),
+               "--boot-wait", "20")
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_for_text(sim, 161, "v2p-guest: windows up on virtio-blk (viostor)", 60)
+    assert_danced_on_pve(sim, 161)
+    schema_clean(sim)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_vmx_with_three_disks_boots_on_pve(sim, tmp_path, manifest, samples, v2p: V2P, path):
+    vmx, raws = make_vm(tmp_path / "web01", samples)
+    proc = run(v2p, sim, tmp_path, path, "migrate", str(vmx), "--vmid", "170", "--network", "LAN=vmbr0",
+               "--network", "DMZ=vmbr1", "--boot-timeout", "90")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = sim.cluster.vms[170].config
+    assert (config["name"], config["sockets"], config["cores"]) == ("web-01", "2", "2")
+    assert config["memory"] in ("768", "current=768") and config["scsihw"] == "virtio-scsi-pci"
+    assert config["net0"] == "virtio=00:50:56:AA:BB:CC,bridge=vmbr0" and config["boot"] == "order=scsi0"
+    for key, name in (("scsi0", "esxi.vmdk"), ("scsi1", "data.vmdk"), ("scsi2", "logs.vmdk")):
+        volid = config[key].split(",")[0]
+        fmt = "qcow2" if volid.endswith(".qcow2") else "raw"
+        assert_same_bytes(raws[name], sim.cluster.volume_path(volid), fmt)
+    assert len(DISK_LINE.findall(serial_log(sim, 170))) == 3, serial_log(sim, 170)[-2000:]  # the guest sees them all
+    schema_clean(sim)
