@@ -67,11 +67,13 @@ class Kind:
 _SIMS: dict[int, Any] = {}  # id(target) -> the PVE simulator it talks to
 
 
-def _sim_make(folder: Path) -> Target:
+def _sim_make(folder: Path, *, on_node: bool = False) -> Target:
+    """``on_node``: v2p on the node itself, writing the sim's storage (``on-node=1``)."""
     from pve_sim.fixture import start_or_skip
     sim = start_or_skip(folder / "sim").start()
     sim.cluster.guest_shuts_down = False  # the stop test's halting guest ignores the power button
     url = f"pve://root@pam!v2p@{sim.host}/{sim.cluster.node}?storage=local&fingerprint={sim.fingerprint}"
+    url += "&on-node=1" if on_node else ""
     made = ProxmoxTarget(target_from_url(url, {"V2P_PVE_TOKEN": sim.tokens["root@pam!v2p"]}),
                          state_root=folder / "state")
     _SIMS[id(made)] = sim
@@ -79,7 +81,8 @@ def _sim_make(folder: Path) -> Target:
 
 
 def _sim_volume_file(target: Target, volid: str) -> tuple[Path, str]:
-    """A PVE sink's volid is ``STORAGE:0,import-from=VOLID,...``: its bytes are the uploaded file."""
+    """A remote PVE sink's volid is ``STORAGE:0,import-from=VOLID,...``: its bytes are the uploaded
+    file; an on-node sink's is the volume itself."""
     cluster = _SIMS[id(target)].cluster
     source = volid.split("import-from=", 1)[1].split(",")[0] if "import-from=" in volid else volid
     return cluster.volume_path(source), "qcow2" if source.endswith(".qcow2") else "raw"
@@ -96,6 +99,11 @@ KINDS: dict[str, Kind] = {
                   ("dir", "lvm", "device"), _local_place),
     "proxmox-sim": Kind(_sim_make, _sim_volume_file, ("local",), lambda *args: {"storage": "local"},
                         close=lambda target: _SIMS.pop(id(target)).stop(), skips=_SIM_SKIPS),
+    # Its dir storage only: a volume PVE allocates (local-lvm) is written in place under its final
+    # name, which this suite's in-place checks take for a user's device (test_pve_on_node has it).
+    "proxmox-node": Kind(lambda folder: _sim_make(folder, on_node=True), _sim_volume_file, ("local",),
+                         lambda *args: {"storage": "local"}, close=lambda target: _SIMS.pop(id(target)).stop(),
+                         skips=_SIM_SKIPS),
 }
 
 
