@@ -39,3 +39,19 @@ def test_vmid_taken_on_pve_is_refused(pve, tmp_path, manifest, source_of, v2p: V
     line = one_line_error(run(v2p, pve, tmp_path, "migrate", str(src.descriptor), "--vmid", "150", "--cores", "2",
                               "--no-boot-check"))
     assert "VMID 150 already exists" in line
+
+
+def test_the_urls_storage_is_where_disks_go(pve, tmp_path, manifest, samples, source_of, v2p: V2P):
+    src = source_of("monolithicSparse")
+    url = pve_url(pve, "local-lvm")
+    proc = v2p("--target", url, "migrate", str(src.descriptor), "--vmid", "151", "--no-boot-check",
+               V2P_PVE_TOKEN=pve.tokens["root@pam!v2p"], XDG_DATA_HOME=str(tmp_path / "xdg"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    volid = pve.cluster.vms[151].config["scsi0"].split(",")[0]
+    assert volid.startswith("local-lvm:vm-151-disk-"), volid
+    assert_same_bytes(samples / "guest.raw", pve.cluster.volume_path(volid), "raw")
+    # --storage still wins over the URL's
+    proc = v2p("--target", url, "migrate", str(src.descriptor), "--vmid", "152", "--no-boot-check",
+               "--storage", "local", V2P_PVE_TOKEN=pve.tokens["root@pam!v2p"], XDG_DATA_HOME=str(tmp_path / "xdg"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert pve.cluster.vms[152].config["scsi0"].startswith("local:152/vm-152-disk-")

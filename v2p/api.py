@@ -85,8 +85,9 @@ class Migration:
 
     def __init__(self, source: str | os.PathLike[str] | Source, vmid: int | Literal["auto"], *,
                  target: Target | None = None, on_event: EventHandler = ignore, **options: Any) -> None:
-        self.options = MigrationOptions(**options)
         self.target = target or local_target()
+        options.setdefault("storage", self.target.default_storage())
+        self.options = MigrationOptions(**options)
         self.emit = on_event
         self.picked = vmid == AUTO  # a VMID v2p chose afresh: another may take it first
         if vmid == AUTO:

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bus", choices=BUSES, help="disk bus (default: ide for Windows, scsi otherwise)")
     p.add_argument("--format", dest="fmt", choices=FORMATS,
                    help="disk format (default: qcow2 on dir storages, raw on lvm and devices)")
-    p.add_argument("--storage", default="local", help="target storage from storage.cfg (default: local)")
+    p.add_argument("--storage", help="target storage (default: local; on PVE the pve:// URL's storage=)")
     p.add_argument("--to-device", dest="device", metavar="DEVICE",
                    help="write the disk onto this block device instead of a storage")
     p.add_argument("--copy-with", choices=COPIERS, default="qemu-img",
@@ -451,15 +451,15 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         fmt=args.fmt, name=args.name, cores=args.cores, memory=args.memory, sockets=args.sockets,
         networks=dict(args.network), bridge=args.bridge, ignore_rules=tuple(args.ignore_rule), scsihw=args.scsihw,
         start=args.start, boot_check=args.boot_check, boot_timeout=args.boot_timeout,
-        bwlimit=args.bwlimit, storage=args.storage, device=args.device, copy_with=args.copy_with,
+        bwlimit=args.bwlimit, device=args.device, copy_with=args.copy_with,
         verify=args.verify, force=args.force, drivers_iso=args.drivers_iso, net_drivers=args.net_drivers,
         arch=args.arch, dance_wait=args.dance_wait, shutdown_timeout=args.shutdown_timeout,
-        keep_on_failure=args.keep_on_failure)
+        keep_on_failure=args.keep_on_failure, **({"storage": args.storage} if args.storage else {}))
     if args.dry_run:
         spec = migration.pipeline.source.spec()
         print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, {spec.memory_mib} MiB, "
               f"{spec.firmware}")
-        where = args.device or f"storage {args.storage}"
+        where = args.device or f"storage {migration.options.storage}"
         keys = migration.disk_keys()
         print(f"would migrate to VMID {migration.vmid} on the {target.kind} target ({', '.join(keys)} on {where}):")
         for name, summary, done in migration.plan():

@@ -169,6 +169,10 @@ class Target(abc.ABC):
         it may take."""
         raise TargetError(f"the {self.kind} target cannot make an EFI variable store")
 
+    def default_storage(self) -> str:
+        """The storage disks go to when the user names none."""
+        return "local"
+
     def new_disk(self, vmid: int, config: VMConfig, *, storage: str, size: int) -> str:
         """The config value for a new, empty disk of ``size`` bytes (whole GiB) on ``storage`` for VM
         ``vmid`` whose config is ``config``: made now, or allocated by the target when the config is

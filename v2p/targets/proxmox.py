@@ -342,6 +342,9 @@ class ProxmoxTarget(Target):
         """PVE allocates the variable store itself from ``STORAGE:1,...`` when the config is set."""
         return _pve_efidisk(storage, secure)
 
+    def default_storage(self) -> str:
+        return self.settings.storage
+
     def new_disk(self, vmid: int, config: VMConfig, *, storage: str, size: int) -> str:
         return f"{storage}:{max(1, size >> 30)}"  # PVE allocates a volume of that many GiB
 
