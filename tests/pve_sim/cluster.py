@@ -327,7 +327,8 @@ class Cluster:
         volid = p["volume"]
         if ":" in volid:
             if "storage" in p and volid.partition(":")[0] != p["storage"]:
-                raise fail(f"storage ID mismatch ({volid.partition(':')[0]} != {p['storage']})")
+                raise PVEError(400, "Parameter verification failed.",
+                               {"volume": f"storage ID mismatch ({volid.partition(':')[0]} != {p['storage']})"})
         else:
             volid = f"{p['storage']}:{volid}"
         path = self._existing_volume(volid)

@@ -321,8 +321,10 @@ class PVESim:
 # Endpoints whose schema says `user: all` and check privileges in their code.
 _CODE_CHECKS: dict[tuple[str, str], list[Any]] = {
     ("POST", "/nodes/{node}/qemu"): ["perm", "/vms/{vmid}", ["VM.Allocate"]],
-    # check_volume_access for a VM's disk (it also wants VM.Config.Disk on the owning VM).
-    ("GET", "/nodes/{node}/storage/{storage}/content/{volume}"): ["perm", "/storage/{storage}", ["Datastore.Audit"]],
+    # PVE::Storage::check_volume_access for a VM's disk.
+    ("GET", "/nodes/{node}/storage/{storage}/content/{volume}"): [
+        "or", ["perm", "/storage/{storage}", ["Datastore.Allocate"]],
+        ["and", ["perm", "/storage/{storage}", ["Datastore.Audit"]], ["perm", "/vms/{owner}", ["VM.Config.Disk"]]]],
 }
 
 
