@@ -55,3 +55,14 @@ def test_the_urls_storage_is_where_disks_go(pve, tmp_path, manifest, samples, so
                "--storage", "local", V2P_PVE_TOKEN=pve.tokens["root@pam!v2p"], XDG_DATA_HOME=str(tmp_path / "xdg"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert pve.cluster.vms[152].config["scsi0"].startswith("local:152/vm-152-disk-")
+
+
+def test_a_url_without_node_finds_the_only_one(pve, tmp_path, manifest, source_of, v2p: V2P):
+    src = source_of("monolithicSparse")
+    # everything from the environment, as a site would set it once: --target pve
+    proc = v2p("--target", "pve", "migrate", str(src.descriptor), "--vmid", "153", "--no-boot-check",
+               V2P_PVE_HOST=pve.host.split(":")[0], V2P_PVE_PORT=pve.host.split(":")[1],
+               V2P_PVE_USER="root@pam!v2p", V2P_PVE_FINGERPRINT=pve.fingerprint,
+               V2P_PVE_TOKEN=pve.tokens["root@pam!v2p"], XDG_DATA_HOME=str(tmp_path / "xdg"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert pve.cluster.vms[153].config["scsi0"].startswith("local-lvm:vm-153-disk-")  # PVE's default storage

@@ -56,7 +56,9 @@ def test_url_ipv6_fingerprint_insecure() -> None:
 @pytest.mark.parametrize("url, message", [
     ("https://h/pve", "pve://"),
     ("pve://root@pam:secret@h/pve", "password: refused"),
-    ("pve://root@pam!t@h", "names no node"),
+    ("pve://root@pam!t@h/-x", "not a PVE node name"),
+    ("pve://root@pam!t@h/pve?timeout=0", "not a number of seconds"),
+    ("pve", "names no host"),
     ("pve://root@pam!t@h:99999/pve", "not a port"),
     ("pve://root@pam!t@h/pve?fingerprint=abc", "not a SHA-256"),
     ("pve://root@pam!t@h/pve?color=red", "unknown setting 'color'"),
@@ -425,3 +427,37 @@ def test_sim_an_expired_ticket_is_renewed(sim: Any, tmp_path: Path) -> None:
     target.session.auth.renew_age = 0.0
     target.create_vm(191, {"name": "renewed"})  # a POST: new ticket and its CSRF token
     assert target.list_vms() == [191]
+
+
+# -- settings from the environment and the settings file ---------------------------------
+
+def test_settings_from_the_environment_and_the_file(tmp_path: Path) -> None:
+    conf = tmp_path / "pve.conf"
+    conf.write_text("# site defaults\nhost = pve.example.com\nuser = v2p@pve!migrate\nstorage = tank\n"
+                    "node = n1\non-node = 1\n")
+    env = {**ENV, "V2P_PVE_CONFIG": str(conf)}
+    settings = target_from_url("pve", env)
+    assert (settings.host, settings.user, settings.token_id, settings.storage, settings.node, settings.on_node) \
+        == ("pve.example.com", "v2p@pve", "migrate", "tank", "n1", True)
+    # the environment over the file, the URL over both
+    settings = target_from_url("pve", {**env, "V2P_PVE_STORAGE": "fast", "V2P_PVE_NODE": "n2"})
+    assert (settings.storage, settings.node) == ("fast", "n2")
+    settings = target_from_url("pve://other/n3?storage=slow", {**env, "V2P_PVE_STORAGE": "fast"})
+    assert (settings.host, settings.node, settings.storage, settings.user) == ("other", "n3", "slow", "v2p@pve")
+    # $XDG_CONFIG_HOME/v2p/pve.conf is read without being named
+    (tmp_path / "xdg" / "v2p").mkdir(parents=True)
+    (tmp_path / "xdg" / "v2p" / "pve.conf").write_text("host = found.example.com\nuser = root@pam!t\n")
+    assert target_from_url("pve", {**ENV, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}).host == "found.example.com"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("token = abc\n", "does not belong in the settings file"),
+    ("colour = red\n", "expected 'key = value'"),
+    ("host\n", "expected 'key = value'"),
+])
+def test_bad_settings_file(tmp_path: Path, text: str, message: str) -> None:
+    conf = tmp_path / "pve.conf"
+    conf.write_text(text)
+    with pytest.raises(OptionError, match=message) as info:
+        target_from_url("pve://h/pve", {**ENV, "V2P_PVE_CONFIG": str(conf)})
+    assert str(conf) in str(info.value) and "abc" not in str(info.value)

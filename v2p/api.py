@@ -51,7 +51,7 @@ def make_target(where: str | dict[str, Any] | None = None, *, directory: str | o
                               '"url": "pve://..."}')
     if where is None or where == "local":
         return local_target(directory, accel=accel)
-    if where.startswith("pve://"):
+    if where == "pve" or where.startswith("pve://"):  # "pve": every setting from the environment or pve.conf
         from .targets.proxmox import ProxmoxTarget, target_from_url
 
         return ProxmoxTarget(target_from_url(where, dict(os.environ)))

@@ -112,21 +112,49 @@ def read_secrets_file(path: Path) -> dict[str, str]:
     return found
 
 
+def _config_home(env: dict[str, str]) -> Path:
+    return Path(env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config"))
+
+
 def _default_secrets_file(env: dict[str, str]) -> Path:
-    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "v2p" / "pve-secrets"
+    return _config_home(env) / "v2p" / "pve-secrets"
 
 
-def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
-    """Settings from ``pve://[user@realm[!tokenid]@]host[:port]/node?storage=NAME``.
+# Every setting but the secret, by the name the URL query, the config file and (upper-cased, - as _,
+# V2P_PVE_ before it) the environment use: V2P_PVE_HOST, V2P_PVE_NODE, V2P_PVE_ON_NODE, ...
+SETTINGS = ("host", "port", "node", "user", "storage", "import", "fingerprint", "insecure", "timeout", "on-node")
+CONFIG_ENV = "V2P_PVE_CONFIG"
 
-    Query keys: ``storage`` (disks), ``import`` (the storage uploads go to), ``fingerprint``,
-    ``insecure``, ``timeout``. The secret comes from ``env`` (``V2P_PVE_TOKEN`` with a token id,
-    else ``V2P_PVE_PASSWORD``) or the secrets file (``$V2P_PVE_SECRETS``, else
-    ``$XDG_CONFIG_HOME/v2p/pve-secrets``).
-    """
-    env = dict(os.environ) if env is None else env
+
+def _env_name(key: str) -> str:
+    return "V2P_PVE_" + key.upper().replace("-", "_")
+
+
+def read_config_file(path: Path) -> dict[str, str]:
+    """``key = value`` lines of the settings above; secrets are refused (they go in pve-secrets)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise OptionError(f"{path}: cannot read the PVE settings file: {exc.strerror}") from None
+    found: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = (part.strip() for part in line.partition("="))
+        if key in ("token", "password", "secret"):
+            raise OptionError(f"{path}:{number}: a {key} does not belong in the settings file",
+                              hint=f"put it in {_default_secrets_file(dict(os.environ))} (mode 600) or ${TOKEN_ENV}")
+        if not sep or key not in SETTINGS:
+            raise OptionError(f"{path}:{number}: expected 'key = value' with a key of: {', '.join(SETTINGS)}")
+        found[key] = value
+    return found
+
+
+def _url_values(url: str) -> dict[str, str]:
+    """The settings a ``pve://`` URL gives (``pve`` alone gives none)."""
     where = "the PVE target URL"
+    if url == "pve":
+        return {}
     parts = urlsplit(url)
     if parts.scheme != "pve":
         raise OptionError(f"{where} {url!r} does not start with pve://",
@@ -135,16 +163,7 @@ def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
     if ":" in userinfo:
         raise OptionError(f"{where} carries a password: refused (it would show in the process list "
                           "and the state file)", hint=f"put it in ${PASSWORD_ENV} or ${TOKEN_ENV} instead")
-    settings = PveSettings(host="", node="")
-    if at:
-        user = unquote(userinfo)
-        if "!" in user:
-            user, settings.token_id = user.split("!", 1)
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", settings.token_id):
-                raise OptionError(f"{where}: {settings.token_id!r} is not an API token id")
-        if not re.fullmatch(r"[^\s@!:/]+@[A-Za-z0-9._-]+", user):
-            raise OptionError(f"{where}: {user!r} is not user@realm", hint="root@pam, v2p@pve, ...")
-        settings.user = user
+    found: dict[str, str] = {"user": unquote(userinfo)} if at else {}
     host, port = hostport, ""
     if hostport.startswith("["):  # an IPv6 literal
         host, _, rest = hostport[1:].partition("]")
@@ -152,39 +171,72 @@ def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
         host = f"[{host}]"
     elif ":" in hostport:
         host, port = hostport.rsplit(":", 1)
+    found.update({key: value for key, value in (("host", host), ("port", port), ("node", parts.path.strip("/")))
+                  if value})
+    for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if key not in SETTINGS or key in ("host", "port", "node", "user"):
+            raise OptionError(f"{where}: unknown setting {key!r}",
+                              hint="known: storage, import, fingerprint, insecure, timeout, on-node")
+        found[key] = value
+    return found
+
+
+def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
+    """Settings from ``pve://[user@realm[!tokenid]@]host[:port][/node]?storage=NAME``, over the
+    environment (``V2P_PVE_HOST``, ``V2P_PVE_NODE``, ...), over the settings file
+    (``$V2P_PVE_CONFIG``, else ``$XDG_CONFIG_HOME/v2p/pve.conf``); ``url`` may be just ``pve``.
+
+    Query keys: ``storage`` (disks), ``import`` (the storage uploads go to), ``fingerprint``,
+    ``insecure``, ``timeout``, ``on-node``. The secret comes from ``env`` (``V2P_PVE_TOKEN`` with a
+    token id, else ``V2P_PVE_PASSWORD``) or the secrets file (``$V2P_PVE_SECRETS``, else
+    ``$XDG_CONFIG_HOME/v2p/pve-secrets``). No node anywhere: the target asks PVE (one node only).
+    """
+    env = dict(os.environ) if env is None else env
+    config = Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else _config_home(env) / "v2p" / "pve.conf"
+    values = read_config_file(config) if env.get(CONFIG_ENV) or config.exists() else {}
+    values.update({key: env[_env_name(key)] for key in SETTINGS if env.get(_env_name(key))})
+    values.update(_url_values(url))
+    where = "the PVE target"
+    settings = PveSettings(host="", node="")
+    user = values.get("user", settings.user)
+    if "!" in user:
+        user, settings.token_id = user.split("!", 1)
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", settings.token_id):
+            raise OptionError(f"{where}: {settings.token_id!r} is not an API token id")
+    if not re.fullmatch(r"[^\s@!:/]+@[A-Za-z0-9._-]+", user):
+        raise OptionError(f"{where}: {user!r} is not user@realm", hint="root@pam, v2p@pve, ...")
+    settings.user = user
+    host = values.get("host", "")
     if not host or not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", host):
-        raise OptionError(f"{where} {url!r} names no host")
+        raise OptionError(f"{where} {url!r} names no host",
+                          hint=f"pve://HOST/NODE, or set ${_env_name('host')}")
     settings.host = host
+    port = values.get("port", "")
     if port:
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise OptionError(f"{where}: port {port!r} is not a port number")
         settings.port = int(port)
-    node = parts.path.strip("/")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", node):
-        raise OptionError(f"{where} {url!r} names no node", hint="the node's name is the path: pve://HOST/NODE")
+    node = values.get("node", "")
+    if node and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", node):
+        raise OptionError(f"{where}: {node!r} is not a PVE node name", hint="the node's name is the path: pve://HOST/NODE")
     settings.node = node
-    for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if key == "storage":
-            settings.storage = value
-        elif key == "import":
-            settings.import_storage = value
-        elif key == "fingerprint":
-            if not _FINGERPRINT.fullmatch(value):
-                raise OptionError(f"{where}: fingerprint {value!r} is not a SHA-256 (64 hex digits)",
-                                  hint="see: pvenode cert info on the node")
-            settings.fingerprint = value.replace(":", "").lower()
-        elif key == "insecure":
-            settings.insecure = _bool(value, f"{where}: insecure")
-        elif key == "on-node":
-            settings.on_node = _bool(value, f"{where}: on-node")
-        elif key == "timeout":
-            try:
-                settings.timeout = float(value)
-            except ValueError:
-                raise OptionError(f"{where}: timeout {value!r} is not a number of seconds") from None
-        else:
-            raise OptionError(f"{where}: unknown setting {key!r}",
-                              hint="known: storage, import, fingerprint, insecure, timeout, on-node")
+    settings.storage = values.get("storage", settings.storage)
+    settings.import_storage = values.get("import", settings.import_storage)
+    if "fingerprint" in values:
+        value = values["fingerprint"]
+        if not _FINGERPRINT.fullmatch(value):
+            raise OptionError(f"{where}: fingerprint {value!r} is not a SHA-256 (64 hex digits)",
+                              hint="see: pvenode cert info on the node")
+        settings.fingerprint = value.replace(":", "").lower()
+    settings.insecure = _bool(values.get("insecure", ""), f"{where}: insecure")
+    settings.on_node = _bool(values.get("on-node", ""), f"{where}: on-node")
+    if "timeout" in values:
+        try:
+            settings.timeout = float(values["timeout"])
+        except ValueError:
+            raise OptionError(f"{where}: timeout {values['timeout']!r} is not a number of seconds") from None
+        if not 0 < settings.timeout < 86400:
+            raise OptionError(f"{where}: timeout {values['timeout']!r} is not a number of seconds")
     for name in (settings.storage, settings.import_storage):
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name):
             raise OptionError(f"{where}: {name!r} is not a PVE storage id")
@@ -446,6 +498,16 @@ class ProxmoxTarget(Target):
         self.session = session
         self.verify = verify
         self.api = ProxmoxResource(base_url=self.base_url, session=session, serializer=JsonSerializer())
+        if not settings.node:
+            settings.node = self._only_node()
+
+    def _only_node(self) -> str:
+        """The node when the settings name none: a cluster of one has no doubt about it."""
+        nodes = sorted(str(entry.get("node")) for entry in self.call("GET", "nodes") or [])
+        if len(nodes) != 1:
+            raise OptionError(f"PVE at {self.settings.host} has the nodes {', '.join(nodes) or '(none)'}: "
+                              "name the one VMs go to", hint=f"pve://{self.settings.host}/NODE, or set V2P_PVE_NODE")
+        return nodes[0]
 
     def _pinned(self, session: Any) -> Any:
         """``session`` with the certificate pin, if one is set."""
@@ -642,6 +704,10 @@ class ProxmoxTarget(Target):
                                      f"{quote(entry['volid'], safe='')}"), f"delete {entry['volid']}")
         for path in self.staging_dir().glob(f"v2p-{vmid}-disk-*.qcow2"):
             path.unlink(missing_ok=True)
+        if self.settings.on_node:
+            from .pve_node import remove_temporaries  # PVE's listing, so its destroy, never sees them
+
+            remove_temporaries(self, vmid)
 
     # -- running -------------------------------------------------------------
     def status(self, vmid: int) -> str:
