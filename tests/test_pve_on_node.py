@@ -81,10 +81,8 @@ def wait_until(found: Any, proc: subprocess.Popen[str], timeout: float = 60) -> 
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("storage", ["local", "local-lvm"])
-def test_killed_mid_write_then_rerun_finishes(pve: PVESim, tmp_path: Path, manifest: dict[str, Any],
-                                              samples: Path, source_of: Any, v2p: V2P, storage: str) -> None:
-    src = source_of("monolithicSparse")
+def kill_mid_write(pve: PVESim, tmp_path: Path, v2p: V2P, src: Any, storage: str) -> None:
+    """Migrate onto ``storage`` and SIGKILL v2p while qemu-img writes the disk into it."""
     images = pve.cluster.storages[storage].path
     # 1 MiB of data at 256 KiB/s: some four seconds of qemu-img writing into the storage.
     proc = v2p.popen("--target", node_url(pve), *migrate_args(src, storage, "--bwlimit", "256"),
@@ -99,6 +97,13 @@ def test_killed_mid_write_then_rerun_finishes(pve: PVESim, tmp_path: Path, manif
         proc.kill()
         proc.communicate()
     assert VMID in pve.cluster.vms and "scsi0" not in pve.cluster.vms[VMID].config  # nothing attached yet
+
+
+@pytest.mark.parametrize("storage", ["local", "local-lvm"])
+def test_killed_mid_write_then_rerun_finishes(pve: PVESim, tmp_path: Path, manifest: dict[str, Any],
+                                              samples: Path, source_of: Any, v2p: V2P, storage: str) -> None:
+    src = source_of("monolithicSparse")
+    kill_mid_write(pve, tmp_path, v2p, src, storage)
     again = run(v2p, pve, tmp_path, *migrate_args(src, storage))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "[convert] done in" in again.stdout
@@ -106,6 +111,19 @@ def test_killed_mid_write_then_rerun_finishes(pve: PVESim, tmp_path: Path, manif
     assert_same_bytes(samples / "guest.raw", pve.cluster.volume_path(volid),
                       "qcow2" if storage == "local" else "raw")
     assert_no_upload_and_clean(pve, tmp_path)
+
+
+@pytest.mark.parametrize("storage", ["local", "local-lvm"])
+def test_vm_rm_after_a_kill_mid_write_leaves_nothing(pve: PVESim, tmp_path: Path, manifest: dict[str, Any],
+                                                     source_of: Any, v2p: V2P, storage: str) -> None:
+    """PVE's destroy removes the volumes it knows of; v2p's temporary file, which PVE's listing
+    does not show, v2p removes itself."""
+    kill_mid_write(pve, tmp_path, v2p, source_of("monolithicSparse"), storage)
+    proc = v2p("--target", node_url(pve), "vm", "rm", str(VMID), **env(pve, tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert VMID not in pve.cluster.vms and pve.volumes() == []
+    assert not list(pve.cluster.root.rglob("*v2p-partial*"))
+    assert pve.refused == [] and pve.unsimulated == []
 
 
 @pytest.mark.parametrize("storage", ["local", "local-lvm"])

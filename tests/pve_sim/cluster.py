@@ -680,5 +680,10 @@ class Cluster:
             with self.lock:
                 self._destroy_volumes(vm.config)
                 self._destroy_volumes(vm.pending)
+                if p.get("destroy-unreferenced-disks") == "1":  # every volume the VMID owns, anywhere
+                    for name in self.storages:
+                        for entry in self.content_list({"storage": name, "vmid": str(vm.vmid)}, user):
+                            if entry["content"] == "images":
+                                self.volume_path(entry["volid"]).unlink(missing_ok=True)
                 del self.vms[vm.vmid]
         return self.tasks.start("qmdestroy", str(vm.vmid), user, work).upid

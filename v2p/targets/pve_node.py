@@ -248,3 +248,19 @@ class OnNodeSink(DiskSink):
 
     def __repr__(self) -> str:
         return f"OnNodeSink({self.storage.describe()}, disk {self.index} of VM {self.vmid}, {self.fmt})"
+
+
+def remove_temporaries(target: ProxmoxTarget, vmid: int) -> None:
+    """Delete the temporary files v2p left for VM ``vmid`` in the node's dir storages (a run
+    killed mid-write): PVE does not list them, so its destroy leaves them."""
+    node = target.settings.node
+    for entry in target.call("GET", f"nodes/{node}/storage", content="images") or []:
+        if entry.get("type") not in DIR_LAYOUT:
+            continue
+        try:
+            storage = NodeDirStorage(target, str(entry["storage"]), str(entry["type"]))
+        except TargetError:
+            continue  # a storage whose folder v2p cannot know never held a file of v2p's
+        folder = storage.volume(vmid, 0, "raw").path.parent
+        for path in folder.glob(f".vm-{vmid}-disk-*.v2p-partial"):  # DirStorage.volume(..., partial=True)
+            path.unlink(missing_ok=True)
