@@ -16,6 +16,7 @@ from test_dance import drivers_iso, standin  # noqa: F401 - drivers_iso is a fix
 from test_whole_vm import make_vm
 
 from conftest import DISK_LINE, V2P, assert_same_bytes, guest_report, one_line_error
+from v2p.targets.proxmox import ProxmoxTarget, target_from_url
 
 PATHS = ("remote", "on-node")
 
@@ -24,8 +25,10 @@ def run(v2p: V2P, sim: Any, tmp_path: Path, path: str, *args: str, storage: str 
     url = f"pve://root@pam!v2p@{sim.host}/{sim.cluster.node}?storage={storage}&fingerprint={sim.fingerprint}"
     if path == "on-node":
         url += "&on-node=1"
+    runner = getattr(sim, "runner", None)  # a simulator that runs no VM has no qemu-server folder
+    where = {"V2P_PVE_QEMU_RUN_DIR": str(runner.qemu_server_dir)} if runner else {}
     return v2p("--target", url, *args, V2P_PVE_TOKEN=sim.tokens["root@pam!v2p"],
-               XDG_DATA_HOME=str(tmp_path / "xdg"), V2P_PVE_QEMU_RUN_DIR=str(sim.runner.qemu_server_dir))
+               XDG_DATA_HOME=str(tmp_path / "xdg"), **where)
 
 
 def state(sim: Any, tmp_path: Path, vmid: int) -> dict[str, Any]:
@@ -143,3 +146,25 @@ def test_vmx_with_three_disks_boots_on_pve(sim, tmp_path, manifest, samples, v2p
         assert_same_bytes(raws[name], sim.cluster.volume_path(volid), fmt)
     assert len(DISK_LINE.findall(serial_log(sim, 170))) == 3, serial_log(sim, 170)[-2000:]  # the guest sees them all
     schema_clean(sim)
+
+
+def test_boot_check_through_the_guest_agent(pve, tmp_path, manifest, source_of, v2p: V2P):
+    """A VM whose config has ``agent: 1`` is "up" once its guest agent answers (from a workstation too);
+    v2p then names the OS the agent reports. (The simulator answers for an agent after 2 s of run.)"""
+    pve.cluster.agent_after = 2.0
+    src = source_of("monolithicSparse")
+    proc = run(v2p, pve, tmp_path, "remote", "migrate", str(src.descriptor), "--vmid", "180", "--no-boot-check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    url = f"pve://root@pam!v2p@{pve.host}/{pve.cluster.node}?fingerprint={pve.fingerprint}"
+    target = ProxmoxTarget(target_from_url(url, {"V2P_PVE_TOKEN": pve.tokens["root@pam!v2p"]}),
+                           state_root=tmp_path / "state")
+    target.set_config(180, {"agent": "1"})
+    report = target.boot_check(180, timeout=30)
+    assert (report.outcome, report.signal) == ("up", "the guest agent answered (Windows 10 Pro)")
+    assert 2.0 <= report.seconds < 30
+    target.stop(180, timeout=5)
+    pve.cluster.agent_after = None  # an agent that never answers: the check runs to its end, "running"
+    report = target.boot_check(180, timeout=4)
+    assert report.outcome == "running" and report.seconds >= 4
+    target.stop(180, timeout=5)
+    schema_clean(pve)

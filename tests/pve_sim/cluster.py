@@ -68,6 +68,7 @@ class VM:
     pending_delete: set[str] = field(default_factory=set)
     status: str = "stopped"
     lock: str | None = None
+    started: float = 0.0  # time.monotonic() of the last start
 
 
 def _ova_member(path: Path) -> tuple[Path, str] | None:
@@ -143,6 +144,11 @@ class Cluster:
         self.add_storage("local", "dir", {"iso", "vztmpl", "backup", "import", "images"})
         self.add_storage("local-lvm", "lvmthin", {"images", "rootdir"})
         self.guest_shuts_down = True
+        # A guest agent answering after this many seconds of a VM's run (the sample guests carry none:
+        # None means no agent ever answers); what get-osinfo says then.
+        self.agent_after: float | None = None
+        self.agent_os = {"id": "mswindows", "name": "Microsoft Windows", "pretty-name": "Windows 10 Pro",
+                         "version": "Microsoft Windows 10", "kernel-release": "19045", "machine": "x86_64"}
         # Hooks that run VMs for real (``realvm.QemuRunner``); without them a VM is only a state.
         self.on_start: Callable[[VM], None] | None = None
         self.on_stop: Callable[[VM], None] | None = None
@@ -604,8 +610,16 @@ class Cluster:
         self.refresh(vm)
         if vm.status != "running":
             raise fail(f"VM {vm.vmid} is not running")
-        # The sample guests carry no QEMU guest agent.
-        raise fail("QEMU guest agent is not running")
+        enabled = vm.config.get("agent", "0").split(",")[0] in ("1", "enabled=1")
+        if not enabled:
+            raise fail("No QEMU guest agent configured")
+        if self.agent_after is None or time.monotonic() - vm.started < self.agent_after:
+            raise fail("QEMU guest agent is not running")
+        return None
+
+    def agent_osinfo(self, p: dict[str, str], user: str) -> Any:
+        self.agent_ping(p, user)
+        return {"result": dict(self.agent_os)}
 
     def status_current(self, p: dict[str, str], user: str) -> Any:
         vm = self.vm(p)
@@ -633,6 +647,7 @@ class Cluster:
             if self.on_start:
                 self.on_start(vm)
             vm.status = "running"
+            vm.started = time.monotonic()
         return self.tasks.start("qmstart", str(vm.vmid), user, work).upid
 
     def _halt(self, vm: VM) -> None:

@@ -127,6 +127,7 @@ ROUTES = {
     ("GET", "/nodes/{node}/qemu"): "vm_list",
     ("POST", "/nodes/{node}/qemu"): "create_vm",
     ("POST", "/nodes/{node}/qemu/{vmid}/agent/ping"): "agent_ping",
+    ("GET", "/nodes/{node}/qemu/{vmid}/agent/get-osinfo"): "agent_osinfo",
     ("GET", "/nodes/{node}/qemu/{vmid}/config"): "get_config",
     ("POST", "/nodes/{node}/qemu/{vmid}/config"): "config_async",
     ("PUT", "/nodes/{node}/qemu/{vmid}/config"): "config_sync",
