@@ -6,6 +6,7 @@ read from its qemu-server socket). Every request v2p made passed the PVE schema.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,19 @@ def test_boot_check_through_the_guest_agent(pve, tmp_path, manifest, source_of, 
     assert report.outcome == "running" and report.seconds >= 4
     target.stop(180, timeout=5)
     schema_clean(pve)
+
+
+def test_drivers_iso_on_the_node_is_checked_there(sim, tmp_path, manifest, drivers_iso, v2p: V2P):  # noqa: F811
+    iso_folder = sim.cluster.storage("local").path / "iso"
+    iso_folder.mkdir(exist_ok=True)
+    shutil.copy(drivers_iso.parent / "no-w7.iso", iso_folder / "no-w7.iso")
+    disk = standin(manifest, tmp_path)
+    args = ("migrate", str(disk), "--vmid", "162", "--os", "win7", "--bus", "virtio")
+    # on the node v2p reads the ISO's file and finds the Windows 7 driver missing, before making anything
+    line = one_line_error(run(v2p, sim, tmp_path, "on-node", *args, "--drivers-iso", "local:iso/no-w7.iso"))
+    assert "no-w7.iso has no viostor" in line and "win7" in line
+    # a volume that is not there is refused on either path
+    line = one_line_error(run(v2p, sim, tmp_path, "remote", *args, "--drivers-iso", "local:iso/gone.iso"))
+    assert "drivers ISO local:iso/gone.iso: no such ISO on PVE node pve1" in line
+    assert 162 not in sim.cluster.vms and not [v for v in sim.volumes() if "162" in v]
+    schema_clean(sim)

@@ -423,6 +423,10 @@ class ProxmoxTarget(Target):
             if not any(entry.get("volid") == given for entry in present):
                 raise DriversError(f"drivers ISO {given}: no such ISO on PVE node {node}",
                                    hint="upload virtio-win.iso there, or pass the local file: --drivers-iso PATH")
+            if self.settings.on_node:  # the ISO's file is on this machine: checked like a local one
+                info = self.call("GET", f"nodes/{node}/storage/{storage}/content/{quote(given, safe='')}") or {}
+                if info.get("path") and Path(info["path"]).is_file():
+                    return Path(info["path"]), given
             return None, given
         path = drivers.locate(given)
         storage = self._iso_storage()
