@@ -33,7 +33,8 @@ def env(sim: PVESim, tmp_path: Path) -> dict[str, str]:
 
 
 def run(v2p: V2P, sim: PVESim, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return v2p("--target", node_url(sim), *args, **env(sim, tmp_path))
+    return v2p("--target", node_url(sim), *args, V2P_PVE_TOKEN=sim.tokens["root@pam!v2p"],
+               XDG_DATA_HOME=str(tmp_path / "xdg"))
 
 
 def migrate_args(src: Any, storage: str, *extra: str) -> tuple[str, ...]:
@@ -119,7 +120,7 @@ def test_vm_rm_after_a_kill_mid_write_leaves_nothing(pve: PVESim, tmp_path: Path
     """PVE's destroy removes the volumes it knows of; v2p's temporary file, which PVE's listing
     does not show, v2p removes itself."""
     kill_mid_write(pve, tmp_path, v2p, source_of("monolithicSparse"), storage)
-    proc = v2p("--target", node_url(pve), "vm", "rm", str(VMID), **env(pve, tmp_path))
+    proc = run(v2p, pve, tmp_path, "vm", "rm", str(VMID))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert VMID not in pve.cluster.vms and pve.volumes() == []
     assert not list(pve.cluster.root.rglob("*v2p-partial*"))
@@ -156,9 +157,12 @@ def test_the_efidisk_pve_made_keeps_its_name(pve: PVESim, tmp_path: Path, sample
     """PVE allocates an EFI VM's efidisk0 at create with the lowest free name (vm-150-disk-0): the
     VM's first disk takes the next one instead of overwriting it."""
     target = node_target(pve, tmp_path)
+    early = target.disk_sink(VMID, 0, fmt=fmt, storage=storage)  # as preflight makes it, before the VM
+    assert early.check(QemuInput("raw", str(samples / "guest.raw")), capacity=32 << 20)["format"] == "raw"
     target.create_vm(VMID, {"name": "efi", "bios": "ovmf"})
     target.set_config(VMID, {"efidisk0": target.efidisk(VMID, storage=storage, secure=False, index=1)})
     assert target.get_config(VMID)["efidisk0"].split(",")[0] == efivolid
+    assert early.volid == volid
     vars_before = pve.cluster.volume_path(efivolid).read_bytes()
     raw = samples / "guest.raw"
     source = QemuInput("raw", str(raw))
