@@ -194,3 +194,14 @@ def test_a_storage_on_node_cannot_take_is_refused(pve: PVESim, tmp_path: Path) -
     with pytest.raises(TargetError, match="PVE storage tank is btrfs: on-node=1 writes dir") as caught:
         node_target(pve, tmp_path).disk_sink(VMID, 0, fmt=None, storage="tank")
     assert "drop on-node=1" in str(caught.value.hint)
+
+
+def test_a_storage_pve_has_not_activated_is_refused(pve: PVESim, tmp_path: Path, samples: Path) -> None:
+    """An NFS storage PVE could not mount is an empty folder on the node: nothing is written there."""
+    pve.cluster.storages["local"].active = False
+    sink = node_target(pve, tmp_path).disk_sink(VMID, 0, fmt=None, storage="local")
+    with pytest.raises(TargetError, match="PVE storage local is not active on node pve1"):
+        sink.check(QemuInput("raw", str(samples / "guest.raw")), capacity=32 << 20)
+    with pytest.raises(TargetError, match="not active"):
+        sink.write(QemuInput("raw", str(samples / "guest.raw")), capacity=32 << 20)
+    assert not list(pve.cluster.root.rglob(f"*vm-{VMID}-*"))

@@ -51,6 +51,7 @@ class Storage:
     type: str  # "dir" keeps <path>/images/<vmid>/...; "lvmthin" keeps raw files named like LVs
     path: Path
     content: set[str]
+    active: bool = True  # False: PVE could not activate it (an NFS export it cannot mount)
 
     def volume_path(self, volname: str) -> Path:
         if self.type == "dir":
@@ -265,7 +266,7 @@ class Cluster:
                 continue
             usage = shutil.disk_usage(s.path)
             found.append({"storage": s.name, "type": s.type, "content": ",".join(sorted(s.content)),
-                          "active": 1, "enabled": 1, "shared": 0, "total": usage.total,
+                          "active": int(s.active), "enabled": 1, "shared": 0, "total": usage.total,
                           "used": usage.used, "avail": usage.free})
         return found
 

@@ -73,6 +73,11 @@ class NodeDirStorage(DirStorage):
     def _here(self) -> None:
         if not self.options["path"] or not self.root.is_dir():
             raise _not_here(self.target, self.name, self.options["path"] or "(none)")
+        # An NFS/CIFS storage PVE has not mounted is an empty folder: files written there would
+        # land on the node's own disk, where PVE never looks.
+        if str(self.target.storage_status(self.name).get("active", 1)) != "1":
+            raise TargetError(f"PVE storage {self.name} is not active on node {self.target.settings.node}",
+                              hint=f"see: pvesm status --storage {self.name}")
 
     def check(self, capacity: int, *, force: bool) -> None:
         self._here()
