@@ -110,19 +110,7 @@ class Migration:
         return vmid
 
     def _earlier(self, source: Source) -> int | None:
-        """The VMID of this source's unfinished migration on the target, or of its finished one with
-        these settings whose VM is still there."""
-        described, options = source.describe(), self.options.identity()
-        for state in list_states(self.target.state_dir()):
-            request = state.data.get("request") if state.error is None else None
-            if not isinstance(request, dict) or request.get("source") != described \
-                    or request.get("target") != self.target.describe():
-                continue
-            if not state.data.get("finished"):
-                return state.vmid
-            if request.get("options") == options and self.target.vm_exists(state.vmid):
-                return state.vmid
-        return None
+        return earlier_migration(self.target, source.describe(), self.options)
 
     def _free_vmid(self, above: int) -> int:
         """The target's next free VMID above ``above`` that no migration record holds."""
@@ -159,6 +147,23 @@ class Migration:
                 self.emit(Event("info", "vmid", f"VMID {taken} is taken now ({exc.message}); trying VMID {vmid}"))
                 self.pipeline = Pipeline(self.pipeline.source, vmid, self.options, self.target, emit=self.emit)
         raise AssertionError("unreachable")
+
+
+def earlier_migration(target: Target, described: str, options: MigrationOptions) -> int | None:
+    """The VMID of the unfinished migration of the source ``described`` (``Source.describe()``) on
+    ``target``, or of its finished one with these ``options`` whose VM is still there (what
+    ``vmid="auto"`` resumes; ``v2p plan status`` asks the same, reading only)."""
+    identity = options.identity()
+    for state in list_states(target.state_dir()):
+        request = state.data.get("request") if state.error is None else None
+        if not isinstance(request, dict) or request.get("source") != described \
+                or request.get("target") != target.describe():
+            continue
+        if not state.data.get("finished"):
+            return state.vmid
+        if request.get("options") == identity and target.vm_exists(state.vmid):
+            return state.vmid
+    return None
 
 
 def migrate(source: str | os.PathLike[str] | Source, vmid: int | Literal["auto"], *, target: Target | None = None,

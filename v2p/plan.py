@@ -1,0 +1,845 @@
+"""Plans: many migrations described in one YAML file, checked before anything runs.
+
+    defaults: {target: local, storage: local, bus: virtio}
+    vms:
+      - {source: vms/web01/web01.vmx, vmid: 120, name: web01}
+      - {source: disks/win7.vmdk, vmid: auto, os: win7}
+
+``Plan.load(path)`` reads a plan keeping each key's line and column, so every problem can be shown
+as ``FILE:LINE:COLUMN: message``; ``Plan.problems()`` adds what only the world can say (missing
+sources, unknown storages, a VM's preflight rule errors) without touching any target.
+``Plan.status()`` reads the migrations' state files; ``Plan.run()`` hands the VMs to ``v2p.planrun``.
+Not for: running migrations (``planrun``), nor deciding a VM's hardware (``options``, ``rules``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import yaml
+
+from . import api, rules
+from .errors import StateError, V2PError
+from .options import BUSES, COPIERS, FORMATS, OSTYPES, SCSIHW, MigrationOptions, OptionError, check_vmid
+from .state import MigrationState
+from .targets.base import Target
+
+if TYPE_CHECKING:
+    from .planrun import PlanReport
+
+__all__ = ["Plan", "PlanError", "PlanVM", "Problem", "VMStatus"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a plan. ``line``/``column`` are 1-based; 0 when the plan came from a dict
+    (then ``where`` names the place: ``vms[2].vmid``)."""
+
+    file: str
+    line: int
+    column: int
+    message: str
+    where: str = ""
+
+    def __str__(self) -> str:
+        if self.line:
+            return f"{self.file}:{self.line}:{self.column}: {self.message}"
+        return f"{self.file}: {self.where}: {self.message}" if self.where else f"{self.file}: {self.message}"
+
+
+class PlanError(V2PError):
+    """A plan that cannot be used as it stands; ``problems`` lists every one."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem], *, file: str) -> None:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"{problems[0]}{more}", hint=f"see them all: v2p plan validate {file}")
+        self.problems = problems
+
+
+@dataclass
+class PlanVM:
+    """One VM of a plan, defaults already merged in."""
+
+    name: str  # `name:` or the source file's stem; unique in the plan
+    source: Path  # absolute (relative paths are relative to the plan file's folder)
+    vmid: int | Literal["auto"]
+    target: str | dict[str, Any]  # what api.make_target takes
+    node: str | None  # PVE node (already folded into a pve:// target URL; kept for limits)
+    options: dict[str, Any]  # MigrationOptions keyword arguments
+    line: int  # where the VM starts in the plan file (for messages)
+    # Where each of its keys was written, the defaults' own for keys it did not set (for messages).
+    positions: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass
+class VMStatus:
+    """Where one VM of a plan stands, from its migration record (``state``: not started, running,
+    unfinished, failed, finished, unreadable, unknown)."""
+
+    name: str
+    vmid: int | None  # None: an ``auto`` VM not started yet, or a target that could not be asked
+    state: str
+    stage: str | None = None  # the last stage recorded
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "vmid": self.vmid, "state": self.state, "stage": self.stage,
+                "detail": self.detail}
+
+
+# --------------------------------------------------------------------------------------------------
+# What a plan may say.
+
+@dataclass(frozen=True)
+class Key:
+    kind: str  # str, int, bool, seconds, map, list, target, vmid, path
+    option: str | None = None  # the MigrationOptions argument it sets
+    choices: tuple[str, ...] = ()
+    place: str = "both"  # both, vm (per VM only)
+
+
+KEYS: dict[str, Key] = {
+    "source": Key("path", place="vm"),
+    "vmid": Key("vmid"),
+    "name": Key("str", "name", place="vm"),
+    "target": Key("target"),
+    "node": Key("str"),
+    "storage": Key("str", "storage"),
+    "networks": Key("map", "networks"),
+    "bridge": Key("str", "bridge"),
+    "format": Key("str", "fmt", FORMATS),
+    "bus": Key("str", "bus", BUSES),
+    "os": Key("str", "ostype", tuple(sorted(OSTYPES))),
+    "drivers_iso": Key("str", "drivers_iso"),
+    "start": Key("bool", "start"),
+    "bwlimit": Key("int", "bwlimit"),
+    "cores": Key("int", "cores"),
+    "memory": Key("int", "memory"),
+    "sockets": Key("int", "sockets"),
+    "boot_check": Key("bool", "boot_check"),
+    "boot_timeout": Key("seconds", "boot_timeout"),
+    "scsihw": Key("str", "scsihw", SCSIHW),
+    "ignore_rules": Key("list", "ignore_rules"),
+    "verify": Key("bool", "verify"),
+    "net_drivers": Key("bool", "net_drivers"),
+    "arch": Key("str", "arch", ("amd64", "x86")),
+    "dance_wait": Key("seconds", "dance_wait"),
+    "shutdown_timeout": Key("seconds", "shutdown_timeout"),
+    "keep_on_failure": Key("bool", "keep_on_failure"),
+    "copy_with": Key("str", "copy_with", COPIERS),
+    "device": Key("str", "device", place="vm"),
+}
+TOP_KEYS = ("defaults", "vms")
+TARGET_KEYS = ("kind", "dir", "url", "accel")
+# Keys that hold a secret wherever they appear: refused, never echoed.
+SECRET = re.compile(r"pass(word|wd)?|secret|token|api[_-]?key|credentials?", re.IGNORECASE)
+SECRET_HINT = "secrets stay out of plans: set $V2P_PVE_TOKEN (or $V2P_PVE_PASSWORD), or use the secrets file"
+# The CLI's option names in the option checks' messages, as a plan spells them.
+FLAGS = {"--os": "os", "--format": "format", "--bus": "bus", "--scsihw": "scsihw", "--name": "name",
+         "--cores": "cores", "--memory": "memory", "--sockets": "sockets", "--bwlimit": "bwlimit",
+         "--network": "networks", "--bridge": "bridge", "--boot-timeout": "boot_timeout",
+         "--dance-wait": "dance_wait", "--shutdown-timeout": "shutdown_timeout", "--copy-with": "copy_with",
+         "--arch": "arch", "--to-device": "device", "--ignore-rule": "ignore_rules"}
+_FLAG = re.compile("|".join(re.escape(flag) for flag in sorted(FLAGS, key=len, reverse=True)) + r"\b")
+_DECIMAL = re.compile(r"0|[1-9][0-9]*", re.ASCII)
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)
+
+
+def _plan_words(text: str) -> str:
+    return _FLAG.sub(lambda match: FLAGS[match.group(0)], text)
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML with positions.
+
+@dataclass
+class Node:
+    """A value read from the plan with where it was written (line 0: from a dict)."""
+
+    value: Any  # scalars: the Python value; mappings: list[tuple[Node, Node]]; sequences: list[Node]
+    kind: str  # scalar, map, seq
+    line: int = 0
+    column: int = 0
+    where: str = ""  # the path to it: vms[2].vmid
+    text: str | None = None  # a plain scalar's text as written (None: quoted, or from a dict)
+
+    def items(self) -> Iterator[tuple[str, Node, Node]]:
+        for key, value in self.value:
+            yield str(key.value if key.text is None else key.text), key, value
+
+    def describe(self) -> str:
+        if self.kind == "map":
+            return "a mapping"
+        if self.kind == "seq":
+            return "a list"
+        value = self.value
+        if value is None:
+            return "nothing"
+        if isinstance(value, bool):
+            return f"the yes/no value {self.text or str(value).lower()}"
+        if isinstance(value, (int, float)):
+            return f"the number {self.text or value}"
+        if isinstance(value, str):
+            return f"the text {value[:40]!r}"
+        return f"the value {self.text or value!r}"
+
+
+def _from_yaml(node: yaml.Node, where: str, constructor: yaml.constructor.SafeConstructor) -> Node:
+    line, column = node.start_mark.line + 1, node.start_mark.column + 1
+    if isinstance(node, yaml.MappingNode):
+        pairs = []
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+            pairs.append((_from_yaml(key, where, constructor),
+                          _from_yaml(value, f"{where}.{name}" if where else str(name), constructor)))
+        return Node(pairs, "map", line, column, where)
+    if isinstance(node, yaml.SequenceNode):
+        return Node([_from_yaml(item, f"{where}[{index}]", constructor) for index, item in enumerate(node.value)],
+                    "seq", line, column, where)
+    value = constructor.construct_object(node)
+    plain = node.style is None
+    return Node(value, "scalar", line, column, where, node.value if plain else None)
+
+
+def _from_data(data: Any, where: str = "") -> Node:
+    if isinstance(data, dict):
+        return Node([(Node(str(key), "scalar"), _from_data(value, f"{where}.{key}" if where else str(key)))
+                     for key, value in data.items()], "map", where=where)
+    if isinstance(data, (list, tuple)):
+        return Node([_from_data(item, f"{where}[{index}]") for index, item in enumerate(data)], "seq", where=where)
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
+    return Node(data, "scalar", where=where)
+
+
+def _mark(exc: yaml.YAMLError) -> tuple[int, int]:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan.
+
+class Plan:
+    """A list of VMs to migrate, read from YAML (``load``) or a dict (``from_dict``)."""
+
+    def __init__(self, path: Path | None, vms: list[PlanVM], *, problems: list[Problem] | None = None,
+                 file: str | None = None) -> None:
+        self.path = path
+        self.vms = vms
+        self.file = file or (str(path) if path is not None else "<plan>")
+        self._read_problems = list(problems or [])  # what reading it found (a strict load raises them)
+
+    # -- reading -------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, strict: bool = True, local_dir: str | None = None,
+             accel: str | None = None) -> Plan:
+        """Read the plan at ``path``. ``strict``: raise ``PlanError`` listing every problem of its
+        text (else keep them for ``problems()`` and leave the broken VMs out). ``local_dir`` /
+        ``accel``: for VMs on the local target whose plan names no ``dir`` (the CLI's --target-dir)."""
+        where = Path(os.path.abspath(path))
+        file = os.fspath(path)
+        try:
+            text = where.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PlanError([Problem(file, 1, 1, "the plan is not UTF-8 text")], file=file) from None
+        except OSError as exc:
+            raise OptionError(f"{file}: cannot read the plan: {exc.strerror}") from None
+        reader = _Reader(file, where.parent, local_dir=local_dir, accel=accel)
+        root = reader.parse(text)
+        return reader.plan(where, root, strict=strict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, base: str | os.PathLike[str], strict: bool = True,
+                  local_dir: str | None = None, accel: str | None = None) -> Plan:
+        """A plan from the data a YAML plan holds; relative sources are relative to ``base``."""
+        reader = _Reader("<plan>", Path(os.path.abspath(base)), local_dir=local_dir, accel=accel)
+        return reader.plan(None, _from_data(data), strict=strict)
+
+    # -- checking --------------------------------------------------------------
+    def problems(self) -> list[Problem]:
+        """Every problem of the plan: its text's, then what the sources and targets say (missing or
+        unreadable sources, unknown storages, VMIDs taken by other VMs, preflight rule errors).
+        Touches nothing: no state file, no VM, no lock; a target that cannot be reached is one problem."""
+        found = list(self._read_problems)
+        _Checker(self).check(found)
+        unique: dict[tuple[int, int, str, str], Problem] = {}
+        for problem in found:
+            unique.setdefault((problem.line, problem.column, problem.where, problem.message), problem)
+        return sorted(unique.values(), key=lambda p: (p.line, p.column))
+
+    # -- state -----------------------------------------------------------------
+    def status(self) -> list[VMStatus]:
+        """Each VM's state from its migration record (read-only, no lock: a running plan is shown)."""
+        targets = _Targets()
+        return [_status_of(vm, targets) for vm in self.vms]
+
+    def run(self, **options: Any) -> PlanReport:
+        """Run every VM of the plan (``v2p.planrun.run_plan``: parallel, dry_run, on_event, ...)."""
+        from .planrun import run_plan
+
+        if self._read_problems:
+            raise PlanError(self._read_problems, file=self.file)
+        return run_plan(self.vms, **options)
+
+
+class _Reader:
+    """Turns the YAML text (or a dict) into PlanVMs, collecting every problem on the way."""
+
+    def __init__(self, file: str, base: Path, *, local_dir: str | None, accel: str | None) -> None:
+        self.file = file
+        self.base = base
+        self.local_dir = local_dir
+        self.accel = accel
+        self.problems: list[Problem] = []
+        self.default_names: set[str] = set()
+
+    def problem(self, node: Node, message: str) -> None:
+        self.problems.append(Problem(self.file, node.line, node.column, message, node.where))
+
+    def parse(self, text: str) -> Node | None:
+        """The YAML document as Nodes; plain YAML only (no anchors, aliases or tags), no duplicate keys."""
+        try:
+            for event in yaml.parse(text, Loader=yaml.SafeLoader):
+                mark = event.start_mark
+                at = Node(None, "scalar", mark.line + 1, mark.column + 1)
+                if isinstance(event, yaml.AliasEvent):
+                    self.problem(at, f"alias *{event.anchor}: plans are plain YAML (no anchors or aliases); "
+                                     "put shared settings under defaults:")
+                elif getattr(event, "anchor", None):
+                    self.problem(at, f"anchor &{event.anchor}: plans are plain YAML (no anchors or aliases); "
+                                     "put shared settings under defaults:")
+                elif getattr(event, "tag", None) and not (isinstance(event, yaml.ScalarEvent) and event.tag == "!"):
+                    self.problem(at, f"tag {event.tag}: plans are plain YAML (no tags)")
+            if self.problems:
+                return None
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            line, column = _mark(exc)
+            what = getattr(exc, "problem", None) or str(exc)
+            context = getattr(exc, "context", None)
+            self.problems.append(Problem(self.file, line, column, f"not valid YAML: {context + ', ' if context else ''}"
+                                                                  f"{what}"))
+            return None
+        if node is None:
+            self.problems.append(Problem(self.file, 1, 1, "the plan is empty: it needs vms: (and may have defaults:)"))
+            return None
+        return _from_yaml(node, "", yaml.constructor.SafeConstructor())
+
+    def plan(self, path: Path | None, root: Node | None, *, strict: bool) -> Plan:
+        vms = self.vms(root) if root is not None else []
+        if strict and self.problems:
+            raise PlanError(self.problems, file=self.file)
+        return Plan(path, vms, problems=self.problems, file=self.file)
+
+    # -- the structure ---------------------------------------------------------
+    def mapping(self, node: Node, what: str) -> dict[str, tuple[Node, Node]] | None:
+        """A mapping's keys (their text) with their nodes; duplicate keys and secrets are problems."""
+        if node.kind != "map":
+            self.problem(node, f"{what}: expected a mapping (key: value lines), found {node.describe()}")
+            return None
+        seen: dict[str, tuple[Node, Node]] = {}
+        for name, key, value in node.items():
+            if name in seen:
+                self.problem(key, f"{what}: key {name!r} appears twice (first on line {seen[name][0].line})"
+                             if key.line else f"{what}: key {name!r} appears twice")
+                continue
+            seen[name] = (key, value)
+        return seen
+
+    def vms(self, root: Node) -> list[PlanVM]:
+        top = self.mapping(root, "the plan")
+        if top is None:
+            return []
+        for name, (key, _value) in top.items():
+            if name not in TOP_KEYS:
+                self.unknown(key, name, TOP_KEYS, "the plan", "a plan has defaults: and vms:")
+        defaults: dict[str, tuple[Node, Node]] = {}
+        self.default_names: set[str] = set()
+        if "defaults" in top:
+            if top["defaults"][1].kind == "map":
+                self.default_names = {name for name, _key, _value in top["defaults"][1].items()}
+            defaults = self.settings(top["defaults"][1], "defaults", vm=False) or {}
+        if "vms" not in top:
+            self.problems.append(Problem(self.file, root.line or 0, root.column or 0,
+                                         "the plan has no vms: (a list of the VMs to migrate)", "vms"))
+            return []
+        listed = top["vms"][1]
+        if listed.kind != "seq":
+            self.problem(listed, f"vms: expected a list of VMs (lines starting with '- '), found {listed.describe()}")
+            return []
+        if not listed.value:
+            self.problem(listed, "vms: the list is empty")
+        out = []
+        for index, entry in enumerate(listed.value):
+            vm = self.vm(entry, index, defaults)
+            if vm is not None:
+                out.append(vm)
+        self.duplicates(out)
+        return out
+
+    def unknown(self, key: Node, name: str, known: Any, what: str, hint: str = "") -> None:
+        if SECRET.search(name):
+            self.problem(key, f"{what}: {name!r} looks like a secret: refused ({SECRET_HINT})")
+            return
+        mean = _did_you_mean(name, known)
+        self.problem(key, f"{what}: unknown key {name!r}{mean}" + (f" ({hint})" if hint and not mean else ""))
+
+    def settings(self, node: Node, what: str, *, vm: bool) -> dict[str, tuple[Node, Node]] | None:
+        """The known keys of ``defaults:`` or one VM, each checked for its type."""
+        found = self.mapping(node, what)
+        if found is None:
+            return None
+        good: dict[str, tuple[Node, Node]] = {}
+        for name, (key, value) in found.items():
+            spec = KEYS.get(name)
+            if spec is None:
+                self.unknown(key, name, KEYS, what, "see pipelines/ for examples")
+                continue
+            if spec.place == "vm" and not vm:
+                self.problem(key, f"defaults: {name} is set per VM, not in defaults")
+                continue
+            if self.typed(name, spec, value):
+                good[name] = (key, value)
+        return good
+
+    def typed(self, name: str, spec: Key, node: Node) -> bool:
+        """Whether ``node`` has the type key ``name`` takes (a problem said if not)."""
+        value, kind = node.value, spec.kind
+        if node.kind == "scalar" and value is None:
+            self.problem(node, f"{name}: no value given")
+            return False
+        if kind in ("str", "path"):
+            if node.kind != "scalar" or not isinstance(value, str):
+                quote = f" (hint: quote it: {name}: \"{node.text}\")" if node.text is not None else ""
+                self.problem(node, f"{name}: expected text, found {node.describe()}{quote}")
+                return False
+            if spec.choices and value not in spec.choices:
+                self.problem(node, f"{name}: unknown {name} {value!r}{_did_you_mean(value, spec.choices)}"
+                             f" (one of: {', '.join(spec.choices)})")
+                return False
+            return True
+        if kind == "bool":
+            if node.kind != "scalar" or not isinstance(value, bool):
+                self.problem(node, f"{name}: expected true or false, found {node.describe()}")
+                return False
+            return True
+        if kind in ("int", "vmid"):
+            if kind == "vmid" and value == api.AUTO:
+                return True
+            written = node.text if node.text is not None else (str(value) if type(value) is int else None)
+            if node.kind != "scalar" or type(value) is not int or written is None or not _DECIMAL.fullmatch(written):
+                also = " or auto" if kind == "vmid" else ""
+                octal = " (YAML reads a leading 0 as octal)" if written and re.fullmatch(r"0[0-9]+", written) else ""
+                self.problem(node, f"{name}: expected a whole number in the digits 0-9{also}, "
+                                   f"found {node.describe()}{octal}")
+                return False
+            return True
+        if kind == "seconds":
+            written = node.text if node.text is not None else str(value)
+            if node.kind != "scalar" or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not _SECONDS.fullmatch(written):
+                self.problem(node, f"{name}: expected a number of seconds, found {node.describe()}")
+                return False
+            return True
+        if kind == "map":
+            entries = self.mapping(node, name)
+            if entries is None:
+                return False
+            good = True
+            for network, (_key, bridge) in entries.items():
+                if bridge.kind != "scalar" or not isinstance(bridge.value, str):
+                    self.problem(bridge, f"{name}: {network!r}: expected a bridge name, found {bridge.describe()}")
+                    good = False
+            return good
+        if kind == "list":
+            items = value if node.kind == "seq" else None
+            if items is None or any(item.kind != "scalar" or not isinstance(item.value, str) for item in items):
+                self.problem(node, f"{name}: expected a list of rule ids, found {node.describe()}")
+                return False
+            return True
+        if kind == "target":
+            return self.target_typed(node)
+        raise AssertionError(kind)
+
+    def target_typed(self, node: Node) -> bool:
+        if node.kind == "scalar" and isinstance(node.value, str):
+            return self.url_checked(node, node.value)
+        entries = self.mapping(node, "target")
+        if entries is None:
+            return False
+        good = True
+        for name, (key, value) in entries.items():
+            if name not in TARGET_KEYS:
+                self.unknown(key, name, TARGET_KEYS, "target", "a target has kind, dir, url, accel")
+                good = False
+            elif value.kind != "scalar" or not isinstance(value.value, str):
+                self.problem(value, f"target: {name}: expected text, found {value.describe()}")
+                good = False
+        if not good:
+            return False
+        kind = entries["kind"][1].value if "kind" in entries else "local"
+        if kind not in ("local", "proxmox"):
+            self.problem(entries["kind"][1], f"target: unknown kind {kind!r}{_did_you_mean(kind, ('local', 'proxmox'))}"
+                                             " (local or proxmox)")
+            return False
+        if kind == "proxmox":
+            if "url" not in entries:
+                self.problem(node, "target: a proxmox target needs url: pve://HOST/NODE")
+                return False
+            return self.url_checked(entries["url"][1], entries["url"][1].value)
+        if "accel" in entries and entries["accel"][1].value not in ("auto", "kvm", "tcg"):
+            self.problem(entries["accel"][1], "target: accel is auto, kvm or tcg")
+            return False
+        return True
+
+    def url_checked(self, node: Node, url: str) -> bool:
+        if url in ("local", "pve"):
+            return True
+        if not url.startswith("pve://"):
+            self.problem(node, f"target: {url[:40]!r} is not a target v2p knows (local, or pve://HOST/NODE)")
+            return False
+        parts = urlsplit(url)
+        if ":" in parts.netloc.rpartition("@")[0]:
+            self.problem(node, f"target: the URL carries a password: refused ({SECRET_HINT})")
+            return False
+        for key, _value in parse_qsl(parts.query, keep_blank_values=True):
+            if SECRET.search(key):
+                self.problem(node, f"target: the URL carries a secret ({key}=...): refused ({SECRET_HINT})")
+                return False
+        return True
+
+    # -- one VM -------------------------------------------------------------------
+    def vm(self, entry: Node, index: int, defaults: dict[str, tuple[Node, Node]]) -> PlanVM | None:
+        what = f"vms[{index}]"
+        own = self.settings(entry, what, vm=True)
+        if own is None:
+            return None
+        merged = {**defaults, **own}
+        given = {name for name, _key, _value in entry.items()}
+        if "source" not in given:
+            self.problem(entry, f"{what}: no source: (the .vmx, .ovf, .ova, VM folder or disk to migrate)")
+        if "vmid" not in given and "vmid" not in self.default_names:
+            self.problem(entry, f"{what}: no vmid: (a number, or auto for the next free one)")
+        valid = True
+        values = {name: value.value for name, (_key, value) in merged.items()}
+        positions = {name: (value.line, value.column) for name, (_key, value) in merged.items()}
+        options: dict[str, Any] = {}
+        for name, (_key, value) in merged.items():
+            spec = KEYS[name]
+            if spec.option is None:
+                continue
+            given = self.option_value(name, value)
+            try:
+                MigrationOptions(**{spec.option: given})
+                if name == "ignore_rules":
+                    rules.check_ignore(given)
+            except OptionError as exc:
+                self.problem(value, f"{name}: {_plan_words(exc.message)}")
+                valid = False
+                continue
+            options[spec.option] = given
+        vmid: int | Literal["auto"] = values.get("vmid", api.AUTO)
+        if isinstance(vmid, int):
+            try:
+                check_vmid(vmid)
+            except OptionError as exc:
+                self.problem(merged["vmid"][1], f"vmid: {exc}")
+                return None
+        target, node = self.target_of(merged)
+        if "source" not in own or "vmid" not in merged or target is None:
+            return None
+        if not valid:
+            return None
+        try:
+            MigrationOptions(**options)  # what only the options together say (bwlimit with dd, ...)
+        except OptionError as exc:
+            self.problem(entry, f"{what}: {_plan_words(str(exc))}")
+            return None
+        source = self.base / os.path.expanduser(values["source"])
+        name = values.get("name") or Path(values["source"].rstrip("/")).stem
+        line = entry.line
+        return PlanVM(name, Path(os.path.normpath(source)), vmid, target, node, options, line, positions)
+
+    def option_value(self, name: str, node: Node) -> Any:
+        if name == "networks":
+            return {network: bridge.value for network, _key, bridge in node.items()}
+        if name == "ignore_rules":
+            return tuple(item.value for item in node.value)
+        if name == "drivers_iso" and "/" in node.value and ":" not in node.value:
+            return os.path.normpath(self.base / os.path.expanduser(node.value))  # a path, not a PVE volume
+        if KEYS[name].kind == "seconds":
+            return float(node.value)
+        return node.value
+
+    def target_of(self, merged: dict[str, tuple[Node, Node]]) -> tuple[str | dict[str, Any] | None, str | None]:
+        """The target as api.make_target takes it, with the VM's node folded into a pve:// URL."""
+        given: Any = merged["target"][1] if "target" in merged else None
+        node = merged["node"][1] if "node" in merged else None
+        spec: Any = "local" if given is None else given.value
+        if isinstance(spec, list):
+            spec = {name: value.value for name, _key, value in given.items()}
+            if spec.get("kind", "local") == "proxmox":
+                spec = spec["url"]
+        if isinstance(spec, dict) or spec == "local":
+            if node is not None:
+                self.problem(node, "node: applies to a pve:// target only")
+                return None, None
+            local = dict(spec) if isinstance(spec, dict) else {"kind": "local"}
+            if local.get("dir"):
+                local["dir"] = os.path.normpath(self.base / os.path.expanduser(local["dir"]))
+            elif self.local_dir:
+                local["dir"] = self.local_dir
+            if self.accel and "accel" not in local:
+                local["accel"] = self.accel
+            return ("local" if local == {"kind": "local"} else local), None
+        url = str(spec)
+        if node is None:
+            return url, (urlsplit(url).path.strip("/") or None) if url != "pve" else None
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", node.value):
+            self.problem(node, f"node: {node.value!r} is not a PVE node name")
+            return None, None
+        parts = urlsplit("pve://" if url == "pve" else url)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + node.value, parts.query, "")), node.value
+
+    def duplicates(self, vms: list[PlanVM]) -> None:
+        names: dict[str, PlanVM] = {}
+        vmids: dict[tuple[str, int], PlanVM] = {}
+        autos: dict[Path, PlanVM] = {}
+        for vm in vms:
+            if vm.name in names:
+                line, column = vm.positions.get("name", vm.positions["source"])
+                first = names[vm.name]
+                self.problems.append(Problem(self.file, line, column,
+                                             f"name {vm.name!r} is also the name of the VM on line {first.line}"
+                                             " (names are unique in a plan: set name: to tell them apart)"))
+            names.setdefault(vm.name, vm)
+            if isinstance(vm.vmid, int):
+                key = (_cluster(vm.target), vm.vmid)
+                if key in vmids:
+                    line, column = vm.positions["vmid"]
+                    self.problems.append(Problem(self.file, line, column, f"vmid {vm.vmid} is also VM "
+                                                 f"{vmids[key].name}'s (line {vmids[key].line}) on the same target"))
+                vmids.setdefault(key, vm)
+            elif vm.source in autos:
+                line, column = vm.positions["vmid"]
+                self.problems.append(Problem(self.file, line, column, f"vmid auto: VM {autos[vm.source].name} "
+                                             f"(line {autos[vm.source].line}) migrates the same source with vmid "
+                                             "auto: both would resume one migration"))
+            else:
+                autos[vm.source] = vm
+
+
+def _cluster(target: str | dict[str, Any]) -> str:
+    """What shares one VMID space: a local target's folder, a PVE cluster (any node)."""
+    if isinstance(target, dict):
+        return f"local:{target.get('dir', '')}"
+    if target.startswith("pve://"):
+        return "pve:" + urlsplit(target).netloc.rpartition("@")[2]
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks against the world (read-only).
+
+class _Targets:
+    """Each distinct target made once; a target that cannot be made or reached is remembered as such."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, Target | V2PError] = {}
+
+    def get(self, spec: str | dict[str, Any]) -> Target | V2PError:
+        key = repr(sorted(spec.items())) if isinstance(spec, dict) else spec
+        if key not in self.made:
+            try:
+                self.made[key] = api.make_target(spec)
+            except V2PError as exc:
+                self.made[key] = exc
+        return self.made[key]
+
+
+class _Checker:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.targets = _Targets()
+        self.storages: dict[int, set[str] | V2PError] = {}
+        self.found: list[Problem] = []
+
+    def at(self, vm: PlanVM, key: str, message: str) -> None:
+        line, column = vm.positions.get(key, (vm.line, 1))
+        self.found.append(Problem(self.plan.file, line, column, message,
+                                  f"{vm.name}.{key}" if not line else ""))
+
+    def check(self, found: list[Problem]) -> None:
+        for vm in self.plan.vms:
+            target = self.targets.get(vm.target)
+            if isinstance(target, V2PError):
+                self.at(vm, "target" if "target" in vm.positions else "source", f"target: {target}")
+            else:
+                self.storage(vm, target)
+                self.vmid(vm, target)
+            self.drivers(vm)
+            if self.source(vm):
+                self.rules(vm)
+        found += self.found
+
+    def source(self, vm: PlanVM) -> bool:
+        path = vm.source
+        if not path.exists():
+            self.at(vm, "source", f"source {path}: no such file or folder")
+            return False
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            self.at(vm, "source", f"source {path}: not readable by this user")
+            return False
+        return True
+
+    def storage(self, vm: PlanVM, target: Target) -> None:
+        if vm.options.get("device"):
+            return
+        name = vm.options.get("storage") or target.default_storage()
+        known = self.storages.get(id(target))
+        if known is None:
+            known = self.storages[id(target)] = _storage_names(target)
+        if isinstance(known, V2PError):
+            self.at(vm, "target" if "target" in vm.positions else "source", f"target: {known}")
+            return
+        if name not in known:
+            where = "storage.cfg of the local target" if isinstance(target, api.LocalTarget) \
+                else f"{target.kind} target"
+            self.at(vm, "storage" if "storage" in vm.positions else "target",
+                    f"storage: no storage called {name!r} on the {where}{_did_you_mean(name, known)}"
+                    f" (known: {', '.join(sorted(known)) or 'none'})")
+
+    def vmid(self, vm: PlanVM, target: Target) -> None:
+        """A VMID another VM holds (one no migration of this source made) would fail the run."""
+        if not isinstance(vm.vmid, int):
+            return
+        try:
+            if not target.vm_exists(vm.vmid):
+                return
+            record = MigrationState(target.state_dir(), vm.vmid)
+            ours = record.load() and record.data.get("request", {}).get("source") == _described(vm.source)
+        except V2PError:
+            return  # the storage check has said what is wrong with the target, or the record is for status
+        if not ours:
+            self.at(vm, "vmid", f"vmid {vm.vmid} is taken on the {target.kind} target by a VM this plan's "
+                                "migration did not make (pick another, or vmid: auto)")
+
+    def drivers(self, vm: PlanVM) -> None:
+        iso = vm.options.get("drivers_iso")
+        if isinstance(iso, str) and iso.startswith("/") and not os.path.isfile(iso):
+            self.at(vm, "drivers_iso", f"drivers_iso {iso}: no such file")
+
+    def rules(self, vm: PlanVM) -> None:
+        """The preflight rules' errors, and a source the inspection refuses."""
+        try:
+            source = api.vm_source(vm.source)
+            if source is None:
+                if vm.source.is_dir():
+                    self.at(vm, "source", f"source {vm.source}: a folder to migrate must hold exactly one .vmx")
+                else:
+                    api.inspect(vm.source)
+                return
+            report = api.inspect_vm(source, vmid=vm.vmid if isinstance(vm.vmid, int) else 100,
+                                    **{k: v for k, v in vm.options.items() if k != "device"})
+        except V2PError as exc:
+            self.at(vm, "source", f"source {vm.source}: {exc}")
+            return
+        errors = [finding for finding in report.findings if finding.severity == "error"]
+        for finding in errors:
+            key = "networks" if finding.id == "unmapped-network" and "networks" in vm.positions else "source"
+            hint = " (map it under networks:, or set bridge:)" if finding.id == "unmapped-network" else ""
+            ignorable = f" (if that is safe here: ignore_rules: [{finding.id}])" if finding.id in rules.IGNORABLE \
+                else ""
+            self.at(vm, key, f"rule {finding.id}: {_plan_words(finding.message)}{hint}{ignorable}")
+        if report.error is not None and not errors:
+            self.at(vm, "source", f"source {vm.source}: {report.error}")
+
+
+def _storage_names(target: Target) -> set[str] | V2PError:
+    try:
+        if isinstance(target, api.LocalTarget):
+            return set(target.storages())
+        call = getattr(target, "call", None)
+        node = getattr(getattr(target, "settings", None), "node", None)
+        if call is None or node is None:
+            return set()
+        return {str(entry.get("storage")) for entry in call("GET", f"nodes/{node}/storage") or []}
+    except V2PError as exc:
+        return exc
+
+
+def _described(path: Path) -> str:
+    """What a migration of ``path`` records as its source (``Source.describe()``)."""
+    try:
+        return api.open_source(path).describe()
+    except V2PError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Status.
+
+def _status_of(vm: PlanVM, targets: _Targets) -> VMStatus:
+    target = targets.get(vm.target)
+    if isinstance(target, V2PError):
+        return VMStatus(vm.name, vm.vmid if isinstance(vm.vmid, int) else None, "unknown", detail=f"target: {target}")
+    vmid: int | None = vm.vmid if isinstance(vm.vmid, int) else None
+    try:
+        if vmid is None:
+            options = MigrationOptions(**{"storage": target.default_storage(), **vm.options})
+            vmid = api.earlier_migration(target, _described(vm.source), options)
+            if vmid is None:
+                return VMStatus(vm.name, None, "not started", detail="vmid auto: no migration of this source yet")
+        record = MigrationState(target.state_dir(), vmid)
+        if not record.load():
+            return VMStatus(vm.name, vmid, "running" if _locked(record.directory, vmid) else "not started")
+    except StateError as exc:
+        return VMStatus(vm.name, vmid, "unreadable", detail=str(exc))
+    except V2PError as exc:
+        return VMStatus(vm.name, vmid, "unknown", detail=str(exc))
+    data = record.data
+    stages = list(data["stages"])
+    last = stages[-1] if stages else None
+    source = data["request"].get("source")
+    if source != _described(vm.source):
+        return VMStatus(vm.name, vmid, "other", last, f"VMID {vmid} holds the migration of {source}, not of "
+                                                      "this VM's source")
+    if data["finished"]:
+        seconds = sum(float(stage.get("seconds", 0)) for stage in data["stages"].values())
+        return VMStatus(vm.name, vmid, "finished", last,
+                        f"at {data.get('finished_at', '?')} ({seconds:.0f} s of work)")
+    if _locked(record.directory, vmid):
+        done = f"{len(stages)} stage(s) done" + (f", last {last}" if last else "")
+        return VMStatus(vm.name, vmid, "running", last, done)
+    failed = data.get("failed")
+    if isinstance(failed, dict):
+        return VMStatus(vm.name, vmid, "failed", last, f"in {failed.get('stage')}: {failed.get('error')}")
+    return VMStatus(vm.name, vmid, "unfinished", last, f"{len(stages)} stage(s) done; rerun the plan to resume")
+
+
+def _locked(directory: Path, vmid: int) -> bool:
+    """Whether a run holds VMID ``vmid``'s lock, read from /proc/locks (taking the lock, even for a
+    moment, could make that run fail to start)."""
+    try:
+        info = (directory / f"{vmid}.lock").stat()
+        held = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    want = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return any("FLOCK" in line and want in line.split() for line in held.splitlines())
+
