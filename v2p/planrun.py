@@ -1,0 +1,615 @@
+"""Running a plan: many migrations at once, each in a process of its own.
+
+``run_plan`` starts one child (``python -m v2p.planrun``) per VM, at most ``parallel`` at once and at most
+``per_storage`` / ``per_node`` on one target storage / PVE node, and a VM only when its storage's free space,
+less what the running children have reserved, holds its disks. A child reads its one job as JSON on stdin
+(never argv: ``ps`` shows argv to every user, and a target URL or an option may carry what must not show
+there) and writes each ``Event`` as one JSON line on stdout with the VMID added, then a last ``result``,
+``error`` or ``interrupted`` line; its exit code is the CLI's.
+
+A child stops the way ``v2p migrate`` does on Ctrl-C (resumable, nothing half-written counted as done) on
+SIGINT from the parent, and on its stdin closing: the parent never closes it while the child runs, so the
+end of file means the parent is gone, even killed with SIGKILL. Nothing here prints (``planview`` shows the
+events and the report); reading plan files is ``plan``'s job, spreading VMs over a cluster is PVE's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol
+
+from . import api, interrupts
+from .errors import LockedError, V2PError
+from .events import Event
+from .options import OptionError
+from .state import MigrationState, VmidLock
+
+# Two children keep a 2-core machine responsive: each one's qemu-img convert is mostly one busy core
+# (decompressing streamOptimized grains, zero detection), its boot check one TCG/KVM vCPU thread, and the
+# parent and the user's shell need a little CPU too. Raise it with --parallel on bigger machines.
+PARALLEL = 2
+# Writers on one storage share its disks: past three streams the copies only take turns (seeks on
+# spinning disks, the same queue on an SSD) and each VM takes longer to finish, so a wave finishes no
+# sooner and more VMs sit half-done if it is stopped.
+PER_STORAGE = 3
+# A PVE node converts (import tasks) and boots (boot checks, the driver dance) what v2p sends it; four at
+# once leave a small node room for the guests it already runs.
+PER_NODE = 4
+# How long a VM whose VMID lock is held waits for it: after a ``plan run`` killed with SIGKILL its children
+# take a moment to stop (the boot check's QEMU goes first), and a rerun must neither run a second migration
+# of that VMID meanwhile (the lock sees to that) nor give the VM up for it.
+LOCK_WAIT = 120.0
+LOCK_RETRY = 1.0
+STDERR_TAIL = 20  # lines of a child's stderr kept for the report when it dies without an error line
+TICK = 0.2  # seconds between looks at the stop flag and at VMs waiting for a retry
+
+
+class PlanVM(Protocol):
+    """What ``run_plan`` reads of one VM of a plan (``v2p.plan.PlanVM``, defaults merged in)."""
+
+    name: str
+    source: Path
+    vmid: int | Literal["auto"]
+    target: str | dict[str, Any]
+    node: str | None
+    options: dict[str, Any]
+    line: int
+
+
+DONE = ("migrated", "nothing to do")  # the results that count as made it
+QUEUED = "queued"  # the first vm-wait event of every VM
+
+
+@dataclass
+class VMRun:
+    """One VM of a plan as the run sees it: its live state for a view, then its result for the report.
+
+    ``result``: waiting, running, migrated, nothing to do, failed, interrupted, not started, dry run.
+    ``moved``: the bytes this run wrote (disks an earlier run finished are not written again).
+    """
+
+    name: str
+    vmid: int | None
+    node: str
+    storage: str
+    result: str = "waiting"
+    stage: str = ""
+    done_bytes: int = 0  # of the disk being written now
+    total_bytes: int = 0
+    rate: float = 0.0  # bytes per second of that disk, over the last few seconds
+    moved: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    exit_code: int = 0
+    waiting_for: str = ""  # why it has not started yet
+    plan: list[tuple[str, str, bool]] = field(default_factory=list)  # dry run: (stage, summary, done)
+    about: list[str] = field(default_factory=list)  # dry run: what the VM is and where it would go
+    started: float | None = None  # monotonic, of this run's first start
+    _disk_bytes: dict[int, int] = field(default_factory=dict, repr=False)
+    _rate_at: tuple[float, int] = (0.0, 0)
+
+    @property
+    def ok(self) -> bool:
+        return self.result in DONE
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "vmid": self.vmid, "node": self.node, "storage": self.storage,
+                                "result": self.result, "stage": self.stage, "seconds": round(self.seconds, 3),
+                                "bytes_moved": self.moved, "exit_code": self.exit_code, "error": self.error}
+        if self.plan or self.about:
+            data["about"] = list(self.about)
+            data["stages"] = [{"stage": stage, "summary": summary, "done": done}
+                              for stage, summary, done in self.plan]
+        return data
+
+    def _progress(self, data: dict[str, Any]) -> None:
+        now, done = time.monotonic(), int(data.get("bytes", 0))
+        disk = int(data.get("disk", 0))
+        self.done_bytes, self.total_bytes = done, int(data.get("total", 0))
+        if done < self._disk_bytes.get(disk, 0) or self._rate_at[0] == 0.0:
+            self._rate_at = (now, done)  # a disk started (over): no rate across it
+        elif now - self._rate_at[0] >= 1.0:
+            self.rate = (done - self._rate_at[1]) / (now - self._rate_at[0])
+            self._rate_at = (now, done)
+        self._disk_bytes[disk] = done
+        self.moved = sum(self._disk_bytes.values())
+
+    def _disk_done(self, stage: str) -> None:
+        disk = int(stage.partition(":")[2] or 0)
+        if disk in self._disk_bytes and self.total_bytes:
+            self._disk_bytes[disk] = self.total_bytes
+            self.moved = sum(self._disk_bytes.values())
+        self.rate, self._rate_at = 0.0, (0.0, 0)
+
+
+@dataclass
+class PlanReport:
+    """The outcome of ``run_plan``: every VM's ``VMRun``, in plan order."""
+
+    vms: list[VMRun]
+    interrupted: int | None = None  # the signal that stopped the run, if one did
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.interrupted is None and (self.dry_run or all(vm.ok for vm in self.vms))
+
+    @property
+    def exit_code(self) -> int:
+        """0 only if every VM made it; 128 + the signal when stopped (as the CLI), else 1."""
+        if self.interrupted is not None:
+            return 128 + self.interrupted
+        return 0 if self.ok else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "exit_code": self.exit_code, "interrupted": self.interrupted,
+                "dry_run": self.dry_run, "vms": [vm.to_dict() for vm in self.vms]}
+
+
+PlanEventHandler = Callable[[VMRun, Event], None]
+
+
+def _ignore(_vm: VMRun, _event: Event) -> None:
+    """The default handler: events go nowhere."""
+
+
+@dataclass
+class _Need:
+    """What starting a VM takes: its storage (``key``), the bytes its disks still need and what is free."""
+
+    key: str
+    required: int
+    free: int | None  # None: not measured (nothing left to write, or the child will say why it cannot)
+
+
+@dataclass
+class _Child:
+    index: int
+    proc: subprocess.Popen[bytes]
+    need: _Need
+    started: float
+    buffers: dict[int, bytes] = field(default_factory=dict)
+    open_fds: set[int] = field(default_factory=set)
+    last: dict[str, Any] | None = None  # the result/error/interrupted line
+    stderr: list[str] = field(default_factory=list)
+
+
+class _Runner:
+    """The parent's loop: one thread, one selector over every child's stdout and stderr."""
+
+    def __init__(self, vms: list[PlanVM], *, parallel: int, per_storage: int, per_node: int,
+                 on_event: PlanEventHandler, stop: threading.Event | None, accel: str, lock_wait: float) -> None:
+        self.vms, self.parallel, self.per_storage, self.per_node = vms, parallel, per_storage, per_node
+        self.emit, self.stop, self.accel, self.lock_wait = on_event, stop, accel, lock_wait
+        self.runs = [VMRun(vm.name, vm.vmid if isinstance(vm.vmid, int) else None, vm.node or "",
+                           str(vm.options.get("device") or vm.options.get("storage") or "")) for vm in vms]
+        self.pending: list[int] = list(range(len(vms)))
+        self.not_before: dict[int, float] = {}
+        self.first_try: dict[int, float] = {}
+        self.running: dict[int, _Child] = {}
+        self.selector = selectors.DefaultSelector()
+        self.interrupted: int | None = None
+        self.measured: dict[int, _Need] = {}
+        self.changed = True  # something ended since the waiting VMs were last looked at
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> PlanReport:
+        for run in self.runs:  # a view learns every VM before the first one starts
+            self.emit(run, Event("vm-wait", "plan", QUEUED))
+        try:
+            while self.pending or self.running:
+                try:
+                    self._tick()
+                except KeyboardInterrupt:
+                    self._interrupt(interrupts.received() or signal.SIGINT)
+        finally:
+            for child in list(self.running.values()):  # only if the loop itself failed: never leave them
+                with contextlib.suppress(OSError):
+                    child.proc.send_signal(signal.SIGINT)
+            self.selector.close()
+        return PlanReport(self.runs, self.interrupted)
+
+    def _tick(self) -> None:
+        if self.interrupted is None and self.stop is not None and self.stop.is_set():
+            self._interrupt(signal.SIGINT)
+        if self.interrupted is None:
+            self._start_what_fits()
+        for key, _mask in self.selector.select(timeout=TICK):
+            self._read(key.data, key.fd)
+        for child in [c for c in self.running.values() if not c.open_fds]:
+            self._finish(child)
+
+    def _interrupt(self, signum: int) -> None:
+        """Stop: every child gets SIGINT (it stops resumably), nothing more starts."""
+        if self.interrupted is None:
+            self.interrupted = signum
+            for index in self.pending:
+                self.runs[index].result = "not started"
+            self.pending.clear()
+        for child in self.running.values():
+            with contextlib.suppress(OSError):
+                child.proc.send_signal(signal.SIGINT)
+
+    # -- starting ------------------------------------------------------------------------------------
+    def _start_what_fits(self) -> None:
+        now = time.monotonic()
+        retry_due = any(when <= now for when in self.not_before.values())
+        if not (self.changed or retry_due) or len(self.running) >= self.parallel:
+            return
+        self.changed = False
+        for index in list(self.pending):
+            if len(self.running) >= self.parallel:
+                break
+            if self.not_before.get(index, 0.0) > now:
+                continue
+            need = self.measured.get(index) or self._measure(index)
+            if need is None:
+                continue  # failed: it said why
+            run, before = self.runs[index], self.runs[index].waiting_for
+            if self._fits(index, need):
+                self.pending.remove(index)
+                self.not_before.pop(index, None)
+                self._spawn(index, need)
+            elif run.waiting_for != before:
+                self.emit(run, Event("vm-wait", "plan", f"waiting for {run.waiting_for}"))
+
+    def _fits(self, index: int, need: _Need) -> bool:
+        """Whether VM ``index`` may start now: the limits and its storage's free space; else its
+        ``waiting_for`` says what it waits for."""
+        node, run = self.vms[index].node or "", self.runs[index]
+        self.measured[index] = need
+        if sum(1 for c in self.running.values() if c.need.key == need.key) >= self.per_storage:
+            run.waiting_for = f"a free slot on {need.key} (at most {self.per_storage} at once)"
+            return False
+        if node and sum(1 for c in self.running.values() if self.vms[c.index].node == node) >= self.per_node:
+            run.waiting_for = f"a free slot on node {node} (at most {self.per_node} at once)"
+            return False
+        if need.free is not None:
+            reserved = sum(c.need.required for c in self.running.values() if c.need.key == need.key)
+            if need.required > need.free - reserved:
+                # What the running ones wrote already is out of ``free`` and still reserved: this errs
+                # towards waiting. Measured again once one of them ends.
+                run.waiting_for = (f"{_gib(need.required)} on {need.key} ({_gib(need.free)} free, "
+                                   f"{_gib(reserved)} reserved by the VMs running there)")
+                self.measured.pop(index)
+                return False
+        return True
+
+    def _measure(self, index: int) -> _Need | None:
+        """What VM ``index`` needs on its storage: ``qemu-img measure`` of every disk not yet written,
+        through its target's disk sink, as the preflight stage does. A VM that can never fit fails here;
+        one whose source cannot even be read is started anyway, so that it fails in its own words."""
+        vm, run = self.vms[index], self.runs[index]
+        try:
+            migration = _migration(vm, self.accel)
+        except V2PError:
+            return _Need(run.storage or "?", 0, None)
+        options = migration.options
+        run.storage = run.storage or options.device or options.storage
+        key = f"{_where(migration.target.describe())}:{options.device or options.storage}"
+        run.vmid = migration.vmid if vm.vmid != api.AUTO else run.vmid
+        state = MigrationState(migration.target.state_dir(), migration.vmid)
+        try:
+            recorded = state.data if state.load() else {}
+        except V2PError:
+            recorded = {}
+        if recorded.get("finished") or (vm.vmid != api.AUTO and self._locked(migration)):
+            return _Need(key, 0, None)
+        stages = recorded.get("stages", {}) if recorded.get("request", {}).get("options") == \
+            options.identity() else {}
+        required, free = 0, None
+        try:
+            pipeline = migration.pipeline
+            spec = options.hardware(pipeline.source.spec())
+            with tempfile.TemporaryDirectory(prefix="v2p-plan-measure-") as workdir:
+                for disk_index, disk in enumerate(spec.ordered_disks()):
+                    if ("convert" if disk_index == 0 else f"convert:{disk_index}") in stages:
+                        continue
+                    given = pipeline.source.disk_input(disk, Path(workdir) / str(disk_index))
+                    sink = migration.target.disk_sink(migration.vmid, disk_index, fmt=options.fmt,
+                                                      storage=options.storage, device=options.device,
+                                                      force=options.force)
+                    room = sink.check(given.qemu, capacity=given.capacity)
+                    required += int(room["required_bytes"])
+                    free = int(room["free_bytes"])
+        except V2PError as exc:
+            if "not enough space" not in exc.message:
+                return _Need(key, 0, None)  # the child's preflight says what is wrong, in its own words
+            self._fail(index, exc.exit_code, str(exc))
+            return None
+        if free is not None and required > free:
+            self._fail(index, 4, f"not enough space on {key}: its disks need {_gib(required)}, "
+                       f"{_gib(free)} are free even with no other VM of the plan running there "
+                       "(hint: free some space or give the VM another storage)")
+            return None
+        return _Need(key, required, free)
+
+    @staticmethod
+    def _locked(migration: api.Migration) -> bool:
+        """Whether another process holds the VMID's lock now (the child would be refused)."""
+        try:
+            with VmidLock(migration.target.state_dir(), migration.vmid):
+                return False
+        except LockedError:
+            return True
+        except OSError:
+            return False
+
+    def _fail(self, index: int, code: int, message: str) -> None:
+        run = self.runs[index]
+        run.result, run.error, run.exit_code, run.waiting_for = "failed", message, code, ""
+        self.pending.remove(index)
+        self.emit(run, Event("vm-done", "plan", f"failed: {message}"))
+
+    def _spawn(self, index: int, need: _Need) -> None:
+        vm, run = self.vms[index], self.runs[index]
+        job = {"name": vm.name, "source": str(vm.source), "vmid": vm.vmid, "target": vm.target,
+               "accel": self.accel, "options": vm.options}
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
+        # A session of its own: a Ctrl-C on the terminal reaches the parent only, which passes it on, so
+        # every child is stopped in one way whether the parent got SIGINT, SIGTERM or its stop flag.
+        proc = subprocess.Popen([sys.executable, "-m", "v2p.planrun"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        child = _Child(index, proc, need, time.monotonic())
+        try:
+            proc.stdin.write(json.dumps(job).encode() + b"\n")
+            proc.stdin.flush()  # kept open: its end of file tells the child that the parent is gone
+        except BrokenPipeError:
+            pass  # it died at once: its stderr says why
+        for stream in (proc.stdout, proc.stderr):
+            os.set_blocking(stream.fileno(), False)
+            self.selector.register(stream, selectors.EVENT_READ, child)
+            child.open_fds.add(stream.fileno())
+        self.running[index] = child
+        self.first_try.setdefault(index, child.started)
+        if run.started is None:
+            run.started = child.started
+        run.result, run.waiting_for, run.error = "running", "", None
+        self.emit(run, Event("vm-start", "plan", f"started (process {proc.pid})"))
+
+    # -- reading -------------------------------------------------------------------------------------
+    def _read(self, child: _Child, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(fd)
+            child.open_fds.discard(fd)
+            rest = child.buffers.pop(fd, b"")
+            if rest:
+                self._line(child, fd, rest)
+            return
+        lines = (child.buffers.get(fd, b"") + data).split(b"\n")
+        child.buffers[fd] = lines.pop()
+        for line in lines:
+            self._line(child, fd, line)
+
+    def _line(self, child: _Child, fd: int, raw: bytes) -> None:
+        text = raw.decode(errors="replace").rstrip("\r")
+        assert child.proc.stdout is not None
+        if fd != child.proc.stdout.fileno():
+            if text.strip():
+                child.stderr = [*child.stderr[-(STDERR_TAIL - 1):], text]
+            return
+        try:
+            message = json.loads(text)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            child.stderr = [*child.stderr[-(STDERR_TAIL - 1):], text]
+            return
+        run = self.runs[child.index]
+        if isinstance(message.get("vmid"), int):
+            run.vmid = message["vmid"]
+        if "kind" in message:
+            event = Event(str(message["kind"]), str(message.get("stage", "")), str(message.get("message", "")),
+                          dict(message.get("data") or {}))
+            if event.kind == "progress":
+                run._progress(event.data)
+            elif event.kind == "stage-start":
+                run.stage, run.done_bytes, run.total_bytes = event.stage, 0, 0
+            elif event.kind == "stage-done" and event.stage.startswith("convert"):
+                run._disk_done(event.stage)
+            self.emit(run, event)
+        else:
+            child.last = message
+
+    def _finish(self, child: _Child) -> None:
+        code = child.proc.wait()
+        assert child.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            child.proc.stdin.close()
+        del self.running[child.index]
+        self.changed = True
+        run, last = self.runs[child.index], child.last or {}
+        run.seconds += time.monotonic() - child.started
+        if code < 0:  # killed by a signal, not stopped by one
+            code = 128 - code
+        run.exit_code = code
+        if code == 0 and "result" in last:
+            run.result = "nothing to do" if last["result"].get("nothing_to_do") else "migrated"
+            run.stage = "finish"
+            self.emit(run, Event("vm-done", "plan", run.result))
+            return
+        if "interrupted" in last or (self.interrupted is not None and code in (130, 143)):
+            run.result, run.error = "interrupted", "interrupted; rerun the same command to resume"
+            self.emit(run, Event("vm-done", "plan", run.error))
+            return
+        if last.get("type") == "LockedError" and self.interrupted is None and \
+                time.monotonic() - self.first_try[child.index] < self.lock_wait:
+            # Its VMID is still locked, most likely by a child of a killed run that is still stopping.
+            run.result, run.waiting_for = "waiting", f"the lock on VMID {run.vmid}"
+            self.pending.insert(0, child.index)
+            self.not_before[child.index] = time.monotonic() + LOCK_RETRY
+            self.measured.pop(child.index, None)
+            self.emit(run, Event("info", "plan", f"VMID {run.vmid} is locked by another run; waiting"))
+            return
+        run.result = "failed"
+        if "error" in last:
+            run.error = str(last.get("text") or last["error"])
+            notes = [str(note) for note in last.get("notes") or ()]
+            if notes:
+                run.error += "; " + "; ".join(notes)
+        else:
+            tail = " / ".join(child.stderr[-3:]) or "no output"
+            run.error = f"the migration process ended with exit status {code}: {tail}"
+        if code == 0:
+            run.exit_code = 1
+        self.emit(run, Event("vm-done", "plan", f"failed: {run.error}"))
+
+
+def _where(described: dict[str, str]) -> str:
+    """A target's short name for messages and keys: its directory or PVE host/node."""
+    if described.get("kind") == "local":
+        return described.get("dir", "local")
+    host, node = described.get("host"), described.get("node")
+    return f"{host}/{node}" if host and node else json.dumps(described, sort_keys=True)
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.2f} GiB"
+
+
+def _migration(vm: PlanVM, accel: str) -> api.Migration:
+    """The VM's migration as a child would start it; built touching nothing (``vmid: auto`` asks the
+    target which VMID is free, or finds this source's earlier migration)."""
+    target = api.make_target(vm.target, accel=accel)
+    return api.Migration(vm.source, vm.vmid, target=target, **vm.options)
+
+
+def run_plan(vms: list[PlanVM], *, parallel: int = PARALLEL, dry_run: bool = False,
+             on_event: PlanEventHandler | None = None, per_storage: int = PER_STORAGE, per_node: int = PER_NODE,
+             stop: threading.Event | None = None, accel: str = "auto", lock_wait: float = LOCK_WAIT) -> PlanReport:
+    """Migrate (or resume) every VM of a plan, each in a child process; see the module docstring.
+
+    ``on_event(vm, event)`` gets each child's events (``vm`` is the VM's live ``VMRun``) and the run's own:
+    ``vm-start`` and ``vm-done`` (stage ``plan``). It is called on the calling thread. ``stop`` set (from
+    any thread) stops the run as SIGINT does: every child stops resumably and the report says
+    ``interrupted``. In the main thread a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under
+    ``interrupts.install``) does the same instead of propagating. One VM's failure stops no other.
+    ``dry_run``: what each VM would do, as ``v2p migrate --dry-run`` shows it, touching nothing.
+    """
+    for option, value in (("--parallel", parallel), ("per_storage", per_storage), ("per_node", per_node)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"{option} {value!r}: must be a whole number of at least 1")
+    emit = on_event or _ignore
+    if dry_run:
+        return _dry_run(vms, accel, emit)
+    return _Runner(vms, parallel=parallel, per_storage=per_storage, per_node=per_node, on_event=emit, stop=stop,
+                   accel=accel, lock_wait=lock_wait).run()
+
+
+def _dry_run(vms: list[PlanVM], accel: str, emit: PlanEventHandler) -> PlanReport:
+    runs = []
+    for vm in vms:
+        run = VMRun(vm.name, vm.vmid if isinstance(vm.vmid, int) else None, vm.node or "",
+                    str(vm.options.get("storage") or ""))
+        runs.append(run)
+        try:
+            migration = _migration(vm, accel)
+            spec = migration.pipeline.source.spec()
+            run.vmid, run.storage = migration.vmid, migration.options.device or migration.options.storage
+            where = migration.options.device or f"storage {migration.options.storage}"
+            run.about = [f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, "
+                         f"{spec.memory_mib} MiB, {spec.firmware}",
+                         f"would migrate to VMID {migration.vmid} on the {migration.target.kind} target "
+                         f"({', '.join(migration.disk_keys())} on {where})"]
+            run.plan = migration.plan()
+            run.result = "dry run"
+        except V2PError as exc:
+            run.result, run.error, run.exit_code = "failed", str(exc), exc.exit_code
+        emit(run, Event("vm-done", "plan", run.result if run.error is None else f"failed: {run.error}"))
+    return PlanReport(runs, dry_run=True)
+
+
+# -- the child ---------------------------------------------------------------------------------------------
+
+
+class _Lines:
+    """The child's stdout: one JSON object a line; once the parent is gone, nothing (not an error)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.gone = False
+        self.lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self.lock:
+            if self.gone:
+                return
+            try:
+                self.stream.write(json.dumps(message, default=str) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.gone = True
+
+
+def _watch_parent() -> None:
+    """Stop the migration as Ctrl-C does once stdin ends: the parent is gone (however it died)."""
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def child_main() -> int:
+    """``python -m v2p.planrun``: run one job read from stdin; events and the outcome as JSON lines."""
+    interrupts.install()
+    out = _Lines(sys.stdout)
+    line = sys.stdin.readline()
+    if not line:
+        return 1  # the parent went before it could say what to do
+    migration: api.Migration | None = None
+
+    def emit(event: Event) -> None:
+        out.send({"vmid": migration.vmid if migration is not None else None, "kind": event.kind,
+                  "stage": event.stage, "message": event.message, "data": event.data})
+
+    try:
+        job = json.loads(line)
+        threading.Thread(target=_watch_parent, name="v2p-parent-watch", daemon=True).start()
+        target = api.make_target(job["target"], accel=job.get("accel", "auto"))
+        migration = api.Migration(job["source"], job["vmid"], target=target, on_event=emit, **job["options"])
+        result = migration.run()
+        out.send({"vmid": migration.vmid, "result": {"nothing_to_do": bool(result.get("nothing_to_do")),
+                                                     "finished_at": result.get("finished_at")}})
+        return 0
+    except V2PError as exc:
+        out.send({"vmid": migration.vmid if migration is not None else None, "error": exc.message,
+                  "hint": exc.hint, "text": str(exc), "type": type(exc).__name__, "exit_code": exc.exit_code,
+                  "notes": list(getattr(exc, "__notes__", ()))})
+        return exc.exit_code
+    except KeyboardInterrupt:
+        signum = interrupts.received() or signal.SIGINT
+        out.send({"vmid": migration.vmid if migration is not None else None, "interrupted": signum})
+        return 128 + signum
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a path unusable, a job not as written above
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        out.send({"vmid": migration.vmid if migration is not None else None, "error": f"{where}{text}",
+                  "text": f"{where}{text}", "type": type(exc).__name__, "exit_code": 1})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())
