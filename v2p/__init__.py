@@ -8,12 +8,15 @@ from .api import Migration, inspect, local_target, migrate, status
 from .errors import V2PError
 from .events import Event
 from .inspect import DiskImage, Flavor
+from .plan import Plan, PlanError
 
 __all__ = [
            "DiskImage",
            "Event",
            "Flavor",
            "Migration",
+           "Plan",
+           "PlanError",
            "V2PError",
            "inspect",
            "local_target",

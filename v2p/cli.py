@@ -44,6 +44,7 @@ EXAMPLES = """examples:
   v2p migrate win7.vmdk --vmid 102 --os win7
   v2p status 102
   v2p vm list
+  v2p plan validate pipelines/wave-local.yaml
 """
 
 
@@ -194,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--thinpool", help="lvmthin: the thin pool")
     sp.add_argument("--lvm-config", help="lvm: extra --config for every LVM command (e.g. a device filter)")
 
+    pl = sub.add_parser("plan", help="migrate many VMs from a YAML plan (see pipelines/)").add_subparsers(
+        dest="plan_command", required=True, metavar="ACTION")
+    pp = pl.add_parser("validate", help="report every problem of a plan (FILE:LINE:COLUMN: message), "
+                       "touching nothing")
+    pp.add_argument("plan", metavar="PLAN")
+    pp = pl.add_parser("status", help="each VM's stage and result, from the state files (also while a "
+                       "plan runs)")
+    pp.add_argument("plan", metavar="PLAN")
+    pp.add_argument("--json", action="store_true", help="machine-readable output")
+    pp = pl.add_parser("run", help="migrate (or resume) every VM of a plan, several at once")
+    pp.add_argument("plan", metavar="PLAN")
+    pp.add_argument("--parallel", type=_whole("--parallel", (1, 64)), default=None,
+                    help="migrations at once (default: 2, which keeps a 2-core machine responsive)")
+    pp.add_argument("--dry-run", action="store_true", help="show what each VM would do and stop")
+    pp.add_argument("--json", action="store_true", help="write a machine-readable report on stdout")
+
     vm = sub.add_parser("vm", help="manage VMs on the local target").add_subparsers(
         dest="vm_command", required=True, metavar="ACTION")
     vm.add_parser("list", help="list VMs")
@@ -268,6 +285,8 @@ def _reader_gone() -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "plan":
+        return _plan(args)
     target = api.make_target(args.target, directory=args.target_dir, accel=args.accel)
     if args.command == "inspect":
         return _inspect(args)
@@ -288,6 +307,58 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"VM {args.vmid} now boots from {result['system_disk']}")
         return 0
     return _vm(args, target)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import Plan, PlanError
+
+    if args.target != "local":
+        raise OptionError("--target does not apply to plans: each VM's target is the plan's target: key",
+                          hint=f"set target: under defaults: in {args.plan}")
+    # --target-dir / --accel: for the plan's VMs on the local target whose plan names no dir / accel.
+    accel = args.accel if args.accel != "auto" else None
+    if args.plan_command == "validate":
+        plan = Plan.load(args.plan, strict=False, local_dir=args.target_dir, accel=accel)
+        problems = plan.problems()
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            return PlanError.exit_code
+        print(f"{args.plan}: {len(plan.vms)} VM{'s' if len(plan.vms) != 1 else ''}, OK")
+        return 0
+    plan = Plan.load(args.plan, local_dir=args.target_dir, accel=accel)
+    if args.plan_command == "status":
+        return _plan_status(args, plan)
+    from .planview import PlanView, dry_run_text, summary
+
+    # With --json, stdout holds the report alone: the view goes to stderr.
+    view = PlanView(sys.stderr if args.json else sys.stdout)
+    options: dict[str, Any] = {"parallel": args.parallel} if args.parallel is not None else {}
+    try:
+        report = plan.run(dry_run=args.dry_run, on_event=view, accel=args.accel, **options)
+    finally:
+        view.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif args.dry_run:
+        print(dry_run_text(report))
+    else:
+        print(summary(report))
+    return report.exit_code
+
+
+def _plan_status(args: argparse.Namespace, plan: Any) -> int:
+    statuses = plan.status()
+    if args.json:
+        print(json.dumps([status.to_dict() for status in statuses], indent=2))
+    else:
+        width = max([len(status.name) for status in statuses] + [4])
+        print(f"{'VM':<{width}}  {'VMID':>9}  {'STATE':<11}  STAGE / DETAIL")
+        for status in statuses:
+            vmid = str(status.vmid) if status.vmid is not None else "auto"
+            about = ", ".join(part for part in (status.stage and f"[{status.stage}]", status.detail) if part)
+            print(f"{status.name:<{width}}  {vmid:>9}  {status.state:<11}  {about}".rstrip())
+    return 5 if any(status.state == "unreadable" for status in statuses) else 0
 
 
 def _storage(args: argparse.Namespace, target: api.LocalTarget) -> int:

@@ -294,7 +294,8 @@ class Plan:
 
         if self._read_problems:
             raise PlanError(self._read_problems, file=self.file)
-        return run_plan(self.vms, **options)
+        vms: list[Any] = list(self.vms)  # run_plan reads them through its own PlanVM protocol
+        return run_plan(vms, **options)
 
 
 class _Reader:
@@ -369,7 +370,6 @@ class _Reader:
             if name not in TOP_KEYS:
                 self.unknown(key, name, TOP_KEYS, "the plan", "a plan has defaults: and vms:")
         defaults: dict[str, tuple[Node, Node]] = {}
-        self.default_names: set[str] = set()
         if "defaults" in top:
             if top["defaults"][1].kind == "map":
                 self.default_names = {name for name, _key, _value in top["defaults"][1].items()}
