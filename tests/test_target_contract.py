@@ -99,11 +99,10 @@ KINDS: dict[str, Kind] = {
                   ("dir", "lvm", "device"), _local_place),
     "proxmox-sim": Kind(_sim_make, _sim_volume_file, ("local",), lambda *args: {"storage": "local"},
                         close=lambda target: _SIMS.pop(id(target)).stop(), skips=_SIM_SKIPS),
-    # Its dir storage only: a volume PVE allocates (local-lvm) is written in place under its final
-    # name, which this suite's in-place checks take for a user's device (test_pve_on_node has it).
-    "proxmox-node": Kind(lambda folder: _sim_make(folder, on_node=True), _sim_volume_file, ("local",),
-                         lambda *args: {"storage": "local"}, close=lambda target: _SIMS.pop(id(target)).stop(),
-                         skips=_SIM_SKIPS),
+    # local-lvm: a volume PVE allocates, written in place under its final name.
+    "proxmox-node": Kind(lambda folder: _sim_make(folder, on_node=True), _sim_volume_file,
+                         ("local", "local-lvm"), lambda _target, place, *rest: {"storage": place},
+                         close=lambda target: _SIMS.pop(id(target)).stop(), skips=_SIM_SKIPS),
 }
 
 
@@ -134,6 +133,12 @@ class Placed:
 
     def sink(self, vmid: int, index: int = 0, fmt: str | None = None) -> DiskSink:
         return self.target.disk_sink(vmid, index, fmt=fmt, **self.place)
+
+    @property
+    def device(self) -> bool:
+        """A user's block device: there before anything is written, and never deleted (a volume a
+        target allocates to write in place comes and goes with the disk)."""
+        return "device" in self.place
 
     def same_bytes(self, volid: str, raw: Path) -> subprocess.CompletedProcess[str]:
         """qemu-img compare of the volume's bytes with ``raw`` (a device may be longer:
@@ -235,7 +240,7 @@ def test_disk_sink_write_verify_commit_remove(placed: Placed, samples: Path) -> 
     raw = samples / "guest.raw"
     capacity = raw.stat().st_size
     sink = placed.sink(140)
-    if sink.in_place:  # a device: there before anything is written, and always "written"
+    if placed.device:  # there before anything is written, and always "written"
         assert sink.exists() and sink.written()
     else:
         assert not sink.exists() and not sink.written() and sink.fingerprint() == {}
@@ -264,7 +269,7 @@ def test_disk_sink_write_verify_commit_remove(placed: Placed, samples: Path) -> 
 
     again.remove()
     fresh = placed.sink(140)
-    if fresh.in_place:  # a user's device is never deleted
+    if placed.device:  # a user's device is never deleted
         assert fresh.exists()
     else:
         assert not fresh.exists() and not fresh.written() and fresh.fingerprint() == {}
@@ -298,13 +303,13 @@ def test_a_failed_write_leaves_no_temporary_volume(placed: Placed, tmp_path: Pat
     sink = placed.sink(142)
     with pytest.raises(ToolError):
         sink.write(raw_input(tmp_path / "missing.raw"), capacity=MiB)
-    assert sink.written() is sink.in_place and sink.exists() is sink.in_place
+    assert sink.written() is placed.device and sink.exists() is placed.device
 
 
 def test_disk_sink_formats(placed: Placed) -> None:
     preferred = placed.sink(143)
     assert placed.sink(143, fmt=preferred.fmt).volid == preferred.volid
-    if not preferred.in_place:  # a device holds one disk, whichever index it is given for
+    if not placed.device:  # a device holds one disk, whichever index it is given for
         assert placed.sink(143, 1).volid != preferred.volid
     with pytest.raises(OptionError, match="--format vmdk"):
         placed.sink(143, fmt="vmdk")
@@ -316,7 +321,7 @@ def test_disk_sink_check(placed: Placed, samples: Path) -> None:
     room = sink.check(raw_input(raw), capacity=raw.stat().st_size)
     assert room["format"] == sink.fmt and room["storage"]
     assert 0 < room["required_bytes"] <= room["free_bytes"]
-    assert not sink.written() or sink.in_place  # a check writes nothing
+    assert not sink.written() or placed.device  # a check writes nothing
 
 
 def test_disk_sink_on_an_unknown_storage(target: Target) -> None:

@@ -243,7 +243,11 @@ class OnNodeSink(DiskSink):
         self._sink().verify(src, capacity=capacity)
 
     def commit(self) -> str:
-        return self._sink().commit()
+        sink = self._sink()
+        if self.in_place and not sink.exists():  # unlike a user's device, PVE's volume comes with the write
+            raise TargetError(f"{self.storage.describe()}: nothing written for {sink.volid} to commit",
+                              hint="run the same command again: the disk is written anew")
+        return sink.commit()
 
     def remove(self) -> None:
         self._sink().remove()
