@@ -22,7 +22,7 @@ LIMITED = "v2p@pve!limited"
 # What the least-privileged token of the README holds (see the schema's checks of each endpoint v2p calls).
 ALL_NEEDED = {"VM.Allocate", "VM.Audit", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.CPU", "VM.Config.Memory",
               "VM.Config.Network", "VM.Config.HWType", "VM.Config.Options", "VM.PowerMgmt", "Datastore.Audit",
-              "Datastore.AllocateSpace", "Datastore.AllocateTemplate"}
+              "Datastore.Allocate", "Datastore.AllocateSpace", "Datastore.AllocateTemplate"}
 
 
 def pve_url(sim: Any, user: str = "root@pam!v2p") -> str:
@@ -234,4 +234,24 @@ def test_token_without_rights_makes_nothing(pve: Any, tmp_path: Path, source: Pa
     line = one_line_error(migrate(v2p, pve, tmp_path, source, user=LIMITED))
     assert "403" in line and "VM.Allocate" in line and "privileges" in line, line
     assert_nothing_left(pve, tmp_path)
+    assert_schema_clean(pve)
+
+
+def test_token_that_cannot_delete_the_upload_says_what_it_kept(pve: Any, tmp_path: Path, samples: Path,
+                                                                source: Path, v2p: V2P) -> None:
+    pve.tokens[LIMITED] = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+    pve.privileges[LIMITED] = ALL_NEEDED - {"Datastore.Allocate"}
+    pve.fail_next_task("qmconfig", "unable to import disk, simulated")
+    proc = migrate(v2p, pve, tmp_path, source, user=LIMITED)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    first, second = proc.stderr.strip().splitlines()
+    assert "unable to import disk" in first and f"removed VM {VMID}, kept for a rerun: its disks" in first, first
+    assert second.startswith("v2p: removing it failed: ") and \
+        "403 Permission check failed (/storage/local, Datastore.Allocate)" in second, second
+    assert pve.cluster.vms == {}  # the VM went (VM.Allocate), its upload could not
+    assert pve.volumes() == [f"local:import/v2p-{VMID}-disk-0.qcow2"]
+    pve.privileges[LIMITED] = ALL_NEEDED
+    again = migrate(v2p, pve, tmp_path, source, user=LIMITED)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_migrated(pve, samples)
     assert_schema_clean(pve)

@@ -181,7 +181,7 @@ class Pipeline:
         """Remove the VM if it carries this migration's tag and every volume its disk sinks wrote,
         then the record (``keep_on_failure``: keep them all and say so). Never a VM it did not make."""
         assert isinstance(exc, V2PError)
-        what = "what it made"
+        ours, written, removed = False, [], False
         try:
             ours = self.target.vm_exists(self.vmid) and ctx.tag() in \
                 self.target.get_config(self.vmid).get("description", "")
@@ -190,25 +190,28 @@ class Pipeline:
             if not ours and not written:  # the VMID was taken, the create refused: nothing of ours
                 self._failed(stage, exc, workdir)
                 return
-            what = (f"VM {self.vmid} and its disks" if written else f"VM {self.vmid}") if ours \
-                else "the disks it wrote"
             if ctx.options.keep_on_failure:
-                self._note(exc, f"kept for a rerun, which resumes: {what} (--keep-on-failure)")
+                self._note(exc, f"kept for a rerun, which resumes: {_made(self.vmid, ours, written)} "
+                           "(--keep-on-failure)")
                 self._keep(stage, exc)
                 return
             if ours:
                 self.target.destroy_vm(self.vmid)
+                removed = True
             for index in written:
                 ctx.sink(index).remove()
         except (V2PError, OSError) as failed:
-            self._note(exc, f"kept for a rerun: {what}")
+            with contextlib.suppress(V2PError, OSError):  # the VM may be gone, its uploads not
+                removed = removed or (ours and not self.target.vm_exists(self.vmid))
+            kept = "its disks" if removed else _made(self.vmid, ours, written) if ours or written else "what it made"
+            self._note(exc, (f"removed VM {self.vmid}, " if removed else "") + f"kept for a rerun: {kept}")
             exc.add_note(f"removing it failed: {failed}; run the same command again to resume, "
                          f"or remove it: v2p vm rm {self.vmid}")
             self._keep(stage, exc)
             return
         self.state.remove()
         remove_tree(workdir)
-        self._note(exc, f"removed {what}")
+        self._note(exc, f"removed {_made(self.vmid, ours, written)}")
 
     def _note(self, exc: V2PError, text: str) -> None:
         """What became of the VM, on the error's own line (``v2p: error: ...; removed VM 150``)."""
@@ -278,6 +281,13 @@ class Pipeline:
                 f"VMID {self.vmid} has an unfinished migration of {recorded.get('source')} "
                 f"with different settings ({', '.join(diff)})",
                 hint=f"rerun it with the same settings to resume, or discard it: v2p vm rm {self.vmid}")
+
+
+def _made(vmid: int, ours: bool, written: list[int]) -> str:
+    """What a failed migration made, in its error line's words."""
+    if not ours:
+        return "the disks it wrote"
+    return f"VM {vmid} and its disks" if written else f"VM {vmid}"
 
 
 def _differences(recorded: dict[str, Any], request: dict[str, Any]) -> list[str]:

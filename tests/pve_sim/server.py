@@ -322,6 +322,9 @@ class PVESim:
 # Endpoints whose schema says `user: all` and check privileges in their code.
 _CODE_CHECKS: dict[tuple[str, str], list[Any]] = {
     ("POST", "/nodes/{node}/qemu"): ["perm", "/vms/{vmid}", ["VM.Allocate"]],
+    # PVE::API2::Storage::Content's delete, for anything but a backup.
+    ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"): [
+        "perm", "/storage/{storage}", ["Datastore.Allocate"]],
     # PVE::Storage::check_volume_access for a VM's disk.
     ("GET", "/nodes/{node}/storage/{storage}/content/{volume}"): [
         "or", ["perm", "/storage/{storage}", ["Datastore.Allocate"]],
