@@ -6,9 +6,11 @@ holds, that stage and every one after it run again. A lock keeps two runs off
 one VMID; a finished migration is never re-run over an existing VM.
 
 A run that fails with an error while the VM and its disks are being made
-removes what this migration made (its VM, by its tag, and the volumes its disk
-sinks wrote) and its record, so a rerun starts clean; ``keep_on_failure``
-keeps them for a rerun that resumes. An interruption keeps them too.
+(create to attach, before a guest ever ran on them) removes what this migration
+made (its VM, by its tag, and the volumes its disk sinks wrote) and its record,
+so a rerun starts clean; ``keep_on_failure`` keeps them for a rerun that
+resumes. An interruption keeps them too, as does any failure once the disks
+are attached (the boot check's, the dance's): the VM is migrated by then.
 """
 
 from __future__ import annotations
