@@ -78,6 +78,7 @@ class PlanVM:
     line: int  # where the VM starts in the plan file (for messages)
     # Where each of its keys was written, the defaults' own for keys it did not set (for messages).
     positions: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
+    where: str = field(default="", repr=False, compare=False)  # vms[N]: its place in the plan
 
 
 @dataclass
@@ -217,8 +218,11 @@ def _from_yaml(node: yaml.Node, where: str, constructor: yaml.constructor.SafeCo
 
 def _from_data(data: Any, where: str = "") -> Node:
     if isinstance(data, dict):
-        return Node([(Node(str(key), "scalar"), _from_data(value, f"{where}.{key}" if where else str(key)))
-                     for key, value in data.items()], "map", where=where)
+        pairs = []
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            pairs.append((Node(str(key), "scalar", where=path), _from_data(value, path)))
+        return Node(pairs, "map", where=where)
     if isinstance(data, (list, tuple)):
         return Node([_from_data(item, f"{where}[{index}]") for index, item in enumerate(data)], "seq", where=where)
     if isinstance(data, os.PathLike):
@@ -243,6 +247,7 @@ class Plan:
         self.vms = vms
         self.file = file or (str(path) if path is not None else "<plan>")
         self._read_problems = list(problems or [])  # what reading it found (a strict load raises them)
+        self._unbuilt: list[PlanVM] = []
 
     # -- reading -------------------------------------------------------------
     @classmethod
@@ -308,6 +313,7 @@ class _Reader:
         self.accel = accel
         self.problems: list[Problem] = []
         self.default_names: set[str] = set()
+        self.unbuilt: list[PlanVM] = []  # VMs left out for their problems: only their sources are checked
 
     def problem(self, node: Node, message: str) -> None:
         self.problems.append(Problem(self.file, node.line, node.column, message, node.where))
@@ -345,7 +351,9 @@ class _Reader:
         vms = self.vms(root) if root is not None else []
         if strict and self.problems:
             raise PlanError(self.problems, file=self.file)
-        return Plan(path, vms, problems=self.problems, file=self.file)
+        plan = Plan(path, vms, problems=self.problems, file=self.file)
+        plan._unbuilt = self.unbuilt
+        return plan
 
     # -- the structure ---------------------------------------------------------
     def mapping(self, node: Node, what: str) -> dict[str, tuple[Node, Node]] | None:
@@ -525,10 +533,21 @@ class _Reader:
 
     # -- one VM -------------------------------------------------------------------
     def vm(self, entry: Node, index: int, defaults: dict[str, tuple[Node, Node]]) -> PlanVM | None:
-        what = f"vms[{index}]"
-        own = self.settings(entry, what, vm=True)
+        own = self.settings(entry, f"vms[{index}]", vm=True)
         if own is None:
             return None
+        vm = self.vm_of(entry, index, own, defaults)
+        if vm is None and "source" in own:
+            # Still worth knowing whether it exists: every problem is said at once.
+            node = own["source"][1]
+            path = Path(os.path.normpath(self.base / os.path.expanduser(node.value)))
+            self.unbuilt.append(PlanVM(f"vms[{index}]", path, "auto", "local", None, {}, entry.line,
+                                       {"source": (node.line, node.column)}, f"vms[{index}]"))
+        return vm
+
+    def vm_of(self, entry: Node, index: int, own: dict[str, tuple[Node, Node]],
+              defaults: dict[str, tuple[Node, Node]]) -> PlanVM | None:
+        what = f"vms[{index}]"
         merged = {**defaults, **own}
         given = {name for name, _key, _value in entry.items()}
         if "source" not in given:
@@ -549,7 +568,8 @@ class _Reader:
                 if name == "ignore_rules":
                     rules.check_ignore(given)
             except OptionError as exc:
-                self.problem(value, f"{name}: {_plan_words(exc.message)}")
+                said = _plan_words(exc.message)
+                self.problem(value, said if said.startswith(f"{name} ") else f"{name}: {said}")
                 valid = False
                 continue
             options[spec.option] = given
@@ -573,7 +593,7 @@ class _Reader:
         source = self.base / os.path.expanduser(values["source"])
         name = values.get("name") or Path(values["source"].rstrip("/")).stem
         line = entry.line
-        return PlanVM(name, Path(os.path.normpath(source)), vmid, target, node, options, line, positions)
+        return PlanVM(name, Path(os.path.normpath(source)), vmid, target, node, options, line, positions, what)
 
     def option_value(self, name: str, node: Node) -> Any:
         if name == "networks":
@@ -672,17 +692,53 @@ class _Targets:
         return self.made[key]
 
 
+@dataclass
+class _Facts:
+    """What a target says about itself that a plan may contradict (asked once per target)."""
+
+    where: str  # for messages: "the local target", "PVE node pve1"
+    storages: dict[str, frozenset[str] | None]  # name -> content types (None: any)
+    bridges: frozenset[str] | None  # None: the target cannot tell
+    error: V2PError | None = None
+
+    @classmethod
+    def of(cls, target: Target) -> _Facts:
+        if isinstance(target, api.LocalTarget):
+            # Its VMs' NICs are QEMU user networking: a bridge name is only recorded in the config.
+            where = f"local target {target.directory}"
+            try:
+                return cls(where, {name: None for name in target.storages()}, None)
+            except V2PError as exc:
+                return cls(where, {}, None, exc)
+        from .targets.proxmox import ProxmoxTarget
+
+        if not isinstance(target, ProxmoxTarget):
+            return cls(f"{target.kind} target", {}, None)
+        node = target.settings.node
+        where = f"PVE node {node}"
+        try:
+            storages: dict[str, frozenset[str] | None] = {
+                str(entry.get("storage")): frozenset(str(entry.get("content", "")).split(","))
+                        for entry in target.call("GET", f"nodes/{node}/storage") or []}
+            bridges = frozenset(str(entry.get("iface")) for entry in
+                                target.call("GET", f"nodes/{node}/network", type="any_bridge") or [])
+        except V2PError as exc:
+            return cls(where, {}, None, exc)
+        return cls(where, storages, bridges)
+
+
 class _Checker:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.targets = _Targets()
-        self.storages: dict[int, set[str] | V2PError] = {}
+        self.facts: dict[int, _Facts] = {}
+        self.unreachable: dict[str, V2PError] = {}
         self.found: list[Problem] = []
 
     def at(self, vm: PlanVM, key: str, message: str) -> None:
         line, column = vm.positions.get(key, (vm.line, 1))
         self.found.append(Problem(self.plan.file, line, column, message,
-                                  f"{vm.name}.{key}" if not line else ""))
+                                  f"{vm.where or vm.name}.{key}" if not line else ""))
 
     def check(self, found: list[Problem]) -> None:
         for vm in self.plan.vms:
@@ -690,11 +746,24 @@ class _Checker:
             if isinstance(target, V2PError):
                 self.at(vm, "target" if "target" in vm.positions else "source", f"target: {target}")
             else:
-                self.storage(vm, target)
-                self.vmid(vm, target)
+                facts = self.facts.get(id(target))
+                if facts is None:
+                    # One cluster out of reach is one problem, not one per node the plan names.
+                    known = self.unreachable.get(_cluster(vm.target))
+                    facts = self.facts[id(target)] = _Facts("", {}, None, known) if known else _Facts.of(target)
+                    if facts.error is not None:
+                        self.unreachable.setdefault(_cluster(vm.target), facts.error)
+                if facts.error is not None:
+                    self.at(vm, "target" if "target" in vm.positions else "source", f"target: {facts.error}")
+                else:
+                    self.storage(vm, target, facts)
+                    self.bridges(vm, facts)
+                    self.vmid(vm, target)
             self.drivers(vm)
             if self.source(vm):
                 self.rules(vm)
+        for vm in self.plan._unbuilt:
+            self.source(vm)
         found += self.found
 
     def source(self, vm: PlanVM) -> bool:
@@ -707,22 +776,32 @@ class _Checker:
             return False
         return True
 
-    def storage(self, vm: PlanVM, target: Target) -> None:
+    def storage(self, vm: PlanVM, target: Target, facts: _Facts) -> None:
         if vm.options.get("device"):
             return
         name = vm.options.get("storage") or target.default_storage()
-        known = self.storages.get(id(target))
-        if known is None:
-            known = self.storages[id(target)] = _storage_names(target)
-        if isinstance(known, V2PError):
-            self.at(vm, "target" if "target" in vm.positions else "source", f"target: {known}")
+        key = "storage" if "storage" in vm.positions else "target"
+        if name not in facts.storages:
+            known = sorted(facts.storages)
+            self.at(vm, key, f"storage: no storage called {name!r} on the {facts.where}"
+                             f"{_did_you_mean(name, known)} (known: {', '.join(known) or 'none'})")
             return
-        if name not in known:
-            where = "storage.cfg of the local target" if isinstance(target, api.LocalTarget) \
-                else f"{target.kind} target"
-            self.at(vm, "storage" if "storage" in vm.positions else "target",
-                    f"storage: no storage called {name!r} on the {where}{_did_you_mean(name, known)}"
-                    f" (known: {', '.join(sorted(known)) or 'none'})")
+        content = facts.storages[name]
+        if content is not None and "images" not in content:
+            self.at(vm, key, f"storage: {name} on the {facts.where} does not hold VM disks (its content: "
+                             f"{', '.join(sorted(content))}; see: pvesm set {name} --content images,...)")
+
+    def bridges(self, vm: PlanVM, facts: _Facts) -> None:
+        if facts.bridges is None:
+            return
+        wanted = [("networks", bridge) for bridge in (vm.options.get("networks") or {}).values()]
+        if vm.options.get("bridge"):
+            wanted.append(("bridge", vm.options["bridge"]))
+        for key, bridge in wanted:
+            if bridge not in facts.bridges:
+                known = sorted(facts.bridges)
+                self.at(vm, key, f"{key}: no bridge called {bridge!r} on the {facts.where}"
+                                 f"{_did_you_mean(bridge, known)} (known: {', '.join(known) or 'none'})")
 
     def vmid(self, vm: PlanVM, target: Target) -> None:
         """A VMID another VM holds (one no migration of this source made) would fail the run."""
@@ -768,19 +847,6 @@ class _Checker:
             self.at(vm, key, f"rule {finding.id}: {_plan_words(finding.message)}{hint}{ignorable}")
         if report.error is not None and not errors:
             self.at(vm, "source", f"source {vm.source}: {report.error}")
-
-
-def _storage_names(target: Target) -> set[str] | V2PError:
-    try:
-        if isinstance(target, api.LocalTarget):
-            return set(target.storages())
-        call = getattr(target, "call", None)
-        node = getattr(getattr(target, "settings", None), "node", None)
-        if call is None or node is None:
-            return set()
-        return {str(entry.get("storage")) for entry in call("GET", f"nodes/{node}/storage") or []}
-    except V2PError as exc:
-        return exc
 
 
 def _described(path: Path) -> str:

@@ -144,6 +144,7 @@ class Cluster:
         self.storages: dict[str, Storage] = {}
         self.add_storage("local", "dir", {"iso", "vztmpl", "backup", "import", "images"})
         self.add_storage("local-lvm", "lvmthin", {"images", "rootdir"})
+        self.bridges = ["vmbr0"]  # the node's Linux bridges (GET /nodes/{node}/network)
         self.guest_shuts_down = True
         # A guest agent answering after this many seconds of a VM's run (the sample guests carry none:
         # None means no agent ever answers); what get-osinfo says then.
@@ -269,6 +270,14 @@ class Cluster:
                           "active": int(s.active), "enabled": 1, "shared": 0, "total": usage.total,
                           "used": usage.used, "avail": usage.free})
         return found
+
+    def network_list(self, p: dict[str, str], user: str) -> Any:
+        # Linux bridges only: type=bridge, any_bridge and any_local_bridge list them; the other kinds none.
+        if p.get("type") not in (None, "bridge", "any_bridge", "any_local_bridge"):
+            return []
+        return [{"iface": name, "type": "bridge", "active": 1, "autostart": 1, "families": ["inet"],
+                 "method": "manual", "method6": "manual", "priority": index, "bridge_ports": ""}
+                for index, name in enumerate(self.bridges)]
 
     def storage_config(self, p: dict[str, str], user: str) -> Any:
         s = self.storage(p["storage"])

@@ -119,6 +119,7 @@ ROUTES = {
     ("GET", "/nodes/{node}/tasks/{upid}/status"): "task_status",
     ("GET", "/nodes/{node}/tasks/{upid}/log"): "task_log",
     ("GET", "/nodes/{node}/storage"): "storage_list",
+    ("GET", "/nodes/{node}/network"): "network_list",
     ("GET", "/nodes/{node}/storage/{storage}/content"): "content_list",
     ("POST", "/nodes/{node}/storage/{storage}/content"): "content_alloc",
     ("GET", "/nodes/{node}/storage/{storage}/content/{volume}"): "content_get",
