@@ -344,6 +344,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(dry_run_text(report))
     else:
         print(summary(report))
+    if report.interrupted is not None:
+        print("v2p: interrupted; rerun the same command to resume", file=sys.stderr)
     return report.exit_code
 
 
