@@ -1,0 +1,145 @@
+"""`v2p plan status`: each VM of a plan with its VMID and where it stands, read from the migrations'
+state files without taking any lock (so it works while a plan runs), as lines or --json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import V2P, snapshot
+from test_resume import wait_for
+from v2p import Plan, api
+
+PLAN = """\
+defaults:
+  boot_check: false
+vms:
+  - source: disks/web.vmdk
+    vmid: 150
+    name: web
+  - source: disks/db.vmdk
+    vmid: auto
+    name: db
+  - source: disks/blank.vmdk
+    vmid: 152
+    name: blank
+    boot_check: true
+    boot_timeout: 20
+"""
+
+
+@pytest.fixture
+def plan(tmp_path: Path, samples: Path) -> Path:
+    """A plan of three loose disks: two copies of the sample guest and a blank disk nothing boots from."""
+    disks = tmp_path / "plan" / "disks"
+    disks.mkdir(parents=True)
+    for name in ("web", "db"):
+        shutil.copyfile(samples / "monolithicSparse" / "monolithicSparse.vmdk", disks / f"{name}.vmdk")
+    (tmp_path / "blank.raw").write_bytes(b"")
+    with open(tmp_path / "blank.raw", "r+b") as handle:
+        handle.truncate(4 << 20)
+    subprocess.run(["qemu-img", "convert", "-O", "vmdk", str(tmp_path / "blank.raw"), str(disks / "blank.vmdk")],
+                   check=True)
+    path = tmp_path / "plan" / "plan.yaml"
+    path.write_text(PLAN)
+    return path
+
+
+def status(v2p: V2P, plan: Path, *args: str) -> tuple[int, str]:
+    proc = v2p("plan", "status", str(plan), *args)
+    assert "Traceback" not in proc.stderr and proc.stderr == "", proc.stderr
+    return proc.returncode, proc.stdout
+
+
+def rows(v2p: V2P, plan: Path) -> dict[str, dict[str, Any]]:
+    code, out = status(v2p, plan, "--json")
+    assert code == 0
+    return {row["name"]: row for row in json.loads(out)}
+
+
+def migrate(v2p: V2P, plan: Path, name: str) -> dict[str, Any]:
+    """Migrate one VM of the plan through the library, as the plan says (plan run's children do the same)."""
+    vm = next(vm for vm in Plan.load(plan, local_dir=str(v2p.target), accel="tcg").vms if vm.name == name)
+    target = api.make_target(vm.target)
+    return api.migrate(vm.source, vm.vmid, target=target, **vm.options)
+
+
+def test_status_before_and_after_migrations(plan, v2p: V2P):
+    code, out = status(v2p, plan)
+    assert code == 0
+    assert out.splitlines() == [
+        "VM          VMID  STATE        STAGE / DETAIL",
+        "web          150  not started",
+        "db          auto  not started  vmid auto: no migration of this source yet",
+        "blank        152  not started",
+    ]
+    assert not v2p.target.exists()  # reading touches nothing
+
+    migrate(v2p, plan, "web")
+    before = snapshot(v2p.target)
+    found = rows(v2p, plan)
+    assert snapshot(v2p.target) == before
+    assert (found["web"]["vmid"], found["web"]["state"], found["web"]["stage"]) == (150, "finished", "finish")
+    assert (found["db"]["vmid"], found["db"]["state"]) == (None, "not started")
+    code, out = status(v2p, plan)
+    assert out.splitlines()[1].startswith("web          150  finished     [finish], at ")
+
+    # vmid auto: the VMID its migration took is found again from the source.
+    result = migrate(v2p, plan, "db")
+    found = rows(v2p, plan)
+    assert found["db"]["vmid"] == result["vmid"] == 100  # the lowest free one
+    assert found["db"]["state"] == "finished"
+
+    # A failure that keeps its record (the boot check) shows its stage and error.
+    with pytest.raises(api.V2PError):
+        migrate(v2p, plan, "blank")
+    found = rows(v2p, plan)
+    assert (found["blank"]["state"], found["blank"]["stage"]) == ("failed", "drivers")
+    assert found["blank"]["detail"].startswith("in boot: VM 152: the firmware found no bootable disk")
+
+
+def test_status_while_a_migration_runs_takes_no_lock(plan, v2p: V2P):
+    # The plan's first VM, held right after its convert stage with its VMID lock taken.
+    running = v2p.popen("migrate", str(plan.parent / "disks" / "web.vmdk"), "--vmid", "150", "--no-boot-check",
+                        V2P_TEST_HOLD_AFTER="convert")
+    try:
+        wait_for(running.stderr, "holding after convert", running)
+        before = snapshot(v2p.target)
+        found = rows(v2p, plan)
+        assert (found["web"]["state"], found["web"]["stage"]) == ("running", "convert")
+        assert found["web"]["detail"] == "4 stage(s) done, last convert"
+        assert snapshot(v2p.target) == before
+        # Had status taken the lock for a moment, this would have been refused while it did; it holds still.
+        assert running.poll() is None
+    finally:
+        running.send_signal(signal.SIGKILL)
+        running.wait()
+    found = rows(v2p, plan)
+    assert (found["web"]["state"], found["web"]["stage"]) == ("unfinished", "convert")
+    assert "rerun the plan to resume" in found["web"]["detail"]
+
+
+def test_a_damaged_record_is_reported_not_raised(plan, v2p: V2P):
+    (v2p.target / "migrations").mkdir(parents=True)
+    (v2p.target / "migrations" / "150.json").write_text("{ not json")
+    code, out = status(v2p, plan)
+    assert code == 5
+    line = out.splitlines()[1]
+    assert line.startswith("web          150  unreadable   ") and "state file is not valid JSON" in line
+    assert out.splitlines()[2].startswith("db          auto  not started")
+
+
+def test_a_vmid_holding_another_sources_migration_says_so(plan, v2p: V2P, samples):
+    other = plan.parent / "other.vmdk"
+    shutil.copyfile(samples / "monolithicSparse" / "monolithicSparse.vmdk", other)
+    proc = v2p("migrate", str(other), "--vmid", "150", "--no-boot-check")
+    assert proc.returncode == 0, proc.stderr
+    found = rows(v2p, plan)
+    assert found["web"]["state"] == "other"
+    assert f"holds the migration of {other}" in found["web"]["detail"]
