@@ -256,6 +256,10 @@ vms:
     vmid: 122
     storage: isos
     bridge: vmbr9
+  - source: disk/disk.vmdk
+    vmid: 123
+    node: pve9
+    name: elsewhere
 """)
     before = snapshot(pve.root)
     proc = v2p("plan", "validate", str(plan), V2P_PVE_TOKEN=pve.tokens["root@pam!v2p"],
@@ -266,6 +270,7 @@ vms:
         (14, 14, "storage: isos on the PVE node pve1 does not hold VM disks"),
         (15, 13, "bridge: no bridge called 'vmbr9' on the PVE node pve1 (did you mean 'vmbr1'?) (known: vmbr0, "
                  "vmbr1)"),
+        (18, 11, "node: no node called 'pve9' in the PVE cluster (did you mean 'pve1'?) (known: pve1)"),
     ])
     assert not pve.cluster.vms and snapshot(pve.root) == before  # nothing made on the node
     assert not (tmp_path / "xdg").exists()

@@ -700,6 +700,7 @@ class _Facts:
     storages: dict[str, frozenset[str] | None]  # name -> content types (None: any)
     bridges: frozenset[str] | None  # None: the target cannot tell
     error: V2PError | None = None
+    nodes: list[str] | None = None  # the cluster's nodes, when the one named is not among them
 
     @classmethod
     def of(cls, target: Target) -> _Facts:
@@ -717,6 +718,9 @@ class _Facts:
         node = target.settings.node
         where = f"PVE node {node}"
         try:
+            nodes = sorted(str(entry.get("node")) for entry in target.call("GET", "nodes") or [])
+            if node not in nodes:
+                return cls(where, {}, None, nodes=nodes)
             storages: dict[str, frozenset[str] | None] = {
                 str(entry.get("storage")): frozenset(str(entry.get("content", "")).split(","))
                         for entry in target.call("GET", f"nodes/{node}/storage") or []}
@@ -755,6 +759,11 @@ class _Checker:
                         self.unreachable.setdefault(_cluster(vm.target), facts.error)
                 if facts.error is not None:
                     self.at(vm, "target" if "target" in vm.positions else "source", f"target: {facts.error}")
+                elif facts.nodes is not None:
+                    node = vm.node or ""
+                    self.at(vm, "node" if "node" in vm.positions else "target",
+                            f"node: no node called {node!r} in the PVE cluster{_did_you_mean(node, facts.nodes)}"
+                            f" (known: {', '.join(facts.nodes) or 'none'})")
                 else:
                     self.storage(vm, target, facts)
                     self.bridges(vm, facts)
@@ -888,7 +897,7 @@ def _status_of(vm: PlanVM, targets: _Targets) -> VMStatus:
     if data["finished"]:
         seconds = sum(float(stage.get("seconds", 0)) for stage in data["stages"].values())
         return VMStatus(vm.name, vmid, "finished", last,
-                        f"at {data.get('finished_at', '?')} ({seconds:.0f} s of work)")
+                        f"at {data.get('finished_at', '?')} ({seconds:.1f} s of work)")
     if _locked(record.directory, vmid):
         done = f"{len(stages)} stage(s) done" + (f", last {last}" if last else "")
         return VMStatus(vm.name, vmid, "running", last, done)
