@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,29 @@ def test_a_vmid_holding_another_sources_migration_says_so(plan, v2p: V2P, sample
     found = rows(v2p, plan)
     assert found["web"]["state"] == "other"
     assert f"holds the migration of {other}" in found["web"]["detail"]
+
+
+def test_status_while_plan_run_goes(plan, v2p: V2P):
+    """`plan run` at its default parallelism (2), each child held after its convert stage: status shows
+    the two running at convert and the third waiting, and the run goes on undisturbed."""
+    run = v2p.popen("plan", "run", str(plan), V2P_TEST_HOLD_AFTER="convert")
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            found = rows(v2p, plan)
+            states = {name: (row["state"], row["stage"]) for name, row in found.items()}
+            if sorted(states.values()).count(("running", "convert")) == 2 or time.monotonic() > deadline:
+                break
+            assert run.poll() is None, run.communicate()
+            time.sleep(0.3)
+        assert sorted(states.values()) == [("not started", None), ("running", "convert"), ("running", "convert")]
+        assert found["db"]["vmid"] in (None, 100)  # auto: found once its record exists
+        assert run.poll() is None
+    finally:
+        run.send_signal(signal.SIGINT)  # stops the children resumably
+        out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, out + err
+    found = rows(v2p, plan)
+    assert sorted(row["state"] for row in found.values()) == ["interrupted", "interrupted", "not started"]
+    assert {row["detail"] for row in found.values() if row["state"] == "interrupted"} == {
+        "in convert; rerun the plan to resume"}

@@ -84,7 +84,8 @@ class PlanVM:
 @dataclass
 class VMStatus:
     """Where one VM of a plan stands, from its migration record (``state``: not started, running,
-    unfinished, failed, finished, unreadable, unknown)."""
+    unfinished, interrupted, failed, finished, other (its VMID holds another source's migration),
+    unreadable, unknown (its target could not be asked))."""
 
     name: str
     vmid: int | None  # None: an ``auto`` VM not started yet, or a target that could not be asked
@@ -902,6 +903,8 @@ def _status_of(vm: PlanVM, targets: _Targets) -> VMStatus:
         done = f"{len(stages)} stage(s) done" + (f", last {last}" if last else "")
         return VMStatus(vm.name, vmid, "running", last, done)
     failed = data.get("failed")
+    if isinstance(failed, dict) and failed.get("error") == "interrupted":  # Ctrl-C, SIGTERM: resumable
+        return VMStatus(vm.name, vmid, "interrupted", last, f"in {failed.get('stage')}; rerun the plan to resume")
     if isinstance(failed, dict):
         return VMStatus(vm.name, vmid, "failed", last, f"in {failed.get('stage')}: {failed.get('error')}")
     return VMStatus(vm.name, vmid, "unfinished", last, f"{len(stages)} stage(s) done; rerun the plan to resume")
