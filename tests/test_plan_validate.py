@@ -355,3 +355,16 @@ def test_the_local_wave_validates_once_its_folder_is_filled(tmp_path, manifest, 
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
     assert proc.stdout == f"{plan}: 6 VMs, OK\n"
     assert not v2p.target.exists()
+
+
+def test_a_plan_that_is_not_text_or_not_there(tmp_path, v2p: V2P):
+    plan = tmp_path / "plan.yaml"
+    plan.write_bytes(b"vms:\n  - source: caf\xe9.vmdk\n    vmid: 120\n")  # Latin-1, not UTF-8
+    proc = v2p("plan", "validate", str(plan))
+    assert proc.returncode == 2
+    assert problems_of(proc, plan) == [(2, 16, "the plan is not UTF-8 text (byte 0xe9)")]
+    proc = v2p("plan", "validate", str(tmp_path / "nope.yaml"))
+    assert (proc.returncode, proc.stderr) == (1, f"v2p: error: {tmp_path / 'nope.yaml'}: cannot read the plan: "
+                                                 "No such file or directory\n")
+    proc = v2p("--target", "pve://h/n", "plan", "status", str(plan))
+    assert proc.returncode == 1 and proc.stderr.startswith("v2p: error: --target does not apply to plans")

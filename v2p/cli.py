@@ -1,13 +1,15 @@
 """The ``v2p`` command: parses arguments, calls the library, prints.
 
 No logic a library user would need lives here; errors arrive as V2PError and
-leave as one line on stderr and a non-zero exit (``-v`` adds the traceback).
+leave as one line on stderr and a non-zero exit (``-v`` adds the traceback, and the
+library's log: every external command with its argv and duration).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import select
 import signal
@@ -86,7 +88,9 @@ def _target_dir(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="v2p", description="Move VMware VMs onto KVM.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every external command run (argv, exit status, seconds) on stderr, and "
+                        "tracebacks on errors")
     parser.add_argument("--target", default="local", metavar="TARGET",
                         help="where VMs go: local (default: the embedded QEMU target) or "
                         "pve://[USER@REALM[!TOKENID]@]HOST[:PORT]/NODE[?storage=...&fingerprint=...] (the secret "
@@ -233,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"v2p: error: {exc}")
         return exc.exit_code
     interrupts.install()  # SIGTERM stops a run the way Ctrl-C does: resumable, one line
+    if args.verbose:
+        _log_to_stderr()
     try:
         code = _dispatch(args)
         sys.stdout.flush()  # a reader gone away shows here, not in the interpreter's exit flush
@@ -255,6 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("v2p: interrupted; run the same command again to resume", file=sys.stderr)
         return 128 + (interrupts.received() or signal.SIGINT)
+
+
+def _log_to_stderr() -> None:
+    """``-v``: the library's DEBUG records (each external command it runs) as ``v2p: debug:`` lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("v2p: %(levelname)s: %(name)s: %(message)s"))
+    logger = logging.getLogger("v2p")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
 
 def _say(line: str) -> None:
@@ -318,8 +333,11 @@ def _plan(args: argparse.Namespace) -> int:
     # --target-dir / --accel: for the plan's VMs on the local target whose plan names no dir / accel.
     accel = args.accel if args.accel != "auto" else None
     if args.plan_command == "validate":
-        plan = Plan.load(args.plan, strict=False, local_dir=args.target_dir, accel=accel)
-        problems = plan.problems()
+        try:
+            plan = Plan.load(args.plan, strict=False, local_dir=args.target_dir, accel=accel)
+            problems = plan.problems()
+        except PlanError as exc:  # a text that cannot be read as YAML at all
+            problems = exc.problems
         for problem in problems:
             print(problem, file=sys.stderr)
         if problems:
@@ -489,8 +507,10 @@ class _Printer:
             print(f"[{event.stage}] already {event.message}, skipped", flush=True)
         elif event.kind == "stage-done":
             print(f"[{event.stage}] done in {event.message}", flush=True)
-        elif event.kind == "warning":
+        elif event.kind == "warning" or event.kind == "finding" and event.data.get("severity") == "warning":
             print(f"[{event.stage}] warning: {event.message}", flush=True)
+        elif event.kind == "finding" and event.data.get("severity") == "error":
+            return  # the run stops on it with its own error line
         else:
             print(f"[{event.stage}] {event.message}", flush=True)
 

@@ -260,11 +260,16 @@ class Plan:
         where = Path(os.path.abspath(path))
         file = os.fspath(path)
         try:
-            text = where.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise PlanError([Problem(file, 1, 1, "the plan is not UTF-8 text")], file=file) from None
+            raw = where.read_bytes()
         except OSError as exc:
             raise OptionError(f"{file}: cannot read the plan: {exc.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise PlanError([Problem(file, line, column, f"the plan is not UTF-8 text (byte {raw[exc.start]:#04x})")],
+                            file=file) from None
         reader = _Reader(file, where.parent, local_dir=local_dir, accel=accel)
         root = reader.parse(text)
         return reader.plan(where, root, strict=strict)
