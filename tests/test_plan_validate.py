@@ -214,6 +214,14 @@ def test_from_dict_names_the_place_and_strict_loads_raise_every_problem(tmp_path
         Plan.from_dict(data, base=tmp_path)
     assert len(raised.value.problems) == 2  # the text's own; the world's come from problems()
     assert [vm.source for vm in plan.vms] == [tmp_path / "x.vmdk"]
+    assert plan.vms[0].options == {"bus": "sata"}
+    # A VM's own wrong value is left out, not replaced by the default's (which it meant to override).
+    plan = Plan.from_dict({"defaults": {"bus": "sata", "vmid": "auto"},
+                           "vms": [{"source": "x.vmdk", "bus": "virtoi", "vmid": -1}]}, base=tmp_path, strict=False)
+    assert [(vm.vmid, vm.options) for vm in plan.vms] == []
+    plan = Plan.from_dict({"defaults": {"bus": "sata"}, "vms": [{"source": "x.vmdk", "bus": "virtoi", "vmid": 130}]},
+                          base=tmp_path, strict=False)
+    assert [(vm.vmid, vm.options) for vm in plan.vms] == [(130, {})]
 
 
 def test_plan_run_and_status_refuse_a_broken_plan_in_one_line(tmp_path, v2p: V2P):

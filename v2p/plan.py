@@ -249,6 +249,7 @@ class Plan:
         self.file = file or (str(path) if path is not None else "<plan>")
         self._read_problems = list(problems or [])  # what reading it found (a strict load raises them)
         self._unbuilt: list[PlanVM] = []
+        self._partial: set[int] = set()
 
     # -- reading -------------------------------------------------------------
     @classmethod
@@ -320,6 +321,7 @@ class _Reader:
         self.problems: list[Problem] = []
         self.default_names: set[str] = set()
         self.unbuilt: list[PlanVM] = []  # VMs left out for their problems: only their sources are checked
+        self.partial: set[int] = set()  # VMs (by id) with a setting left out for its problem: no rule checks
 
     def problem(self, node: Node, message: str) -> None:
         self.problems.append(Problem(self.file, node.line, node.column, message, node.where))
@@ -359,6 +361,7 @@ class _Reader:
             raise PlanError(self.problems, file=self.file)
         plan = Plan(path, vms, problems=self.problems, file=self.file)
         plan._unbuilt = self.unbuilt
+        plan._partial = self.partial
         return plan
 
     # -- the structure ---------------------------------------------------------
@@ -554,13 +557,14 @@ class _Reader:
     def vm_of(self, entry: Node, index: int, own: dict[str, tuple[Node, Node]],
               defaults: dict[str, tuple[Node, Node]]) -> PlanVM | None:
         what = f"vms[{index}]"
-        merged = {**defaults, **own}
         given = {name for name, _key, _value in entry.items()}
+        # A VM's own value that is wrong must not quietly become the default's: the key is left out.
+        merged = {name: pair for name, pair in {**defaults, **own}.items() if name in own or name not in given}
+        whole = not any(name in KEYS and name not in own for name in given)
         if "source" not in given:
             self.problem(entry, f"{what}: no source: (the .vmx, .ovf, .ova, VM folder or disk to migrate)")
         if "vmid" not in given and "vmid" not in self.default_names:
             self.problem(entry, f"{what}: no vmid: (a number, or auto for the next free one)")
-        valid = True
         values = {name: value.value for name, (_key, value) in merged.items()}
         positions = {name: (value.line, value.column) for name, (_key, value) in merged.items()}
         options: dict[str, Any] = {}
@@ -568,17 +572,17 @@ class _Reader:
             spec = KEYS[name]
             if spec.option is None:
                 continue
-            given = self.option_value(name, value)
+            chosen = self.option_value(name, value)
             try:
-                MigrationOptions(**{spec.option: given})
+                MigrationOptions(**{spec.option: chosen})
                 if name == "ignore_rules":
-                    rules.check_ignore(given)
+                    rules.check_ignore(chosen)
             except OptionError as exc:
                 said = _plan_words(exc.message)
                 self.problem(value, said if said.startswith(f"{name} ") else f"{name}: {said}")
-                valid = False
+                whole = False
                 continue
-            options[spec.option] = given
+            options[spec.option] = chosen
         vmid: int | Literal["auto"] = values.get("vmid", api.AUTO)
         if isinstance(vmid, int):
             try:
@@ -589,8 +593,6 @@ class _Reader:
         target, node = self.target_of(merged)
         if "source" not in own or "vmid" not in merged or target is None:
             return None
-        if not valid:
-            return None
         try:
             MigrationOptions(**options)  # what only the options together say (bwlimit with dd, ...)
         except OptionError as exc:
@@ -598,16 +600,18 @@ class _Reader:
             return None
         source = self.base / os.path.expanduser(values["source"])
         name = values.get("name") or Path(values["source"].rstrip("/")).stem
-        line = entry.line
-        return PlanVM(name, Path(os.path.normpath(source)), vmid, target, node, options, line, positions, what)
+        vm = PlanVM(name, Path(os.path.normpath(source)), vmid, target, node, options, entry.line, positions, what)
+        if not whole:
+            self.partial.add(id(vm))
+        return vm
 
     def option_value(self, name: str, node: Node) -> Any:
         if name == "networks":
             return {network: bridge.value for network, _key, bridge in node.items()}
         if name == "ignore_rules":
             return tuple(item.value for item in node.value)
-        if name == "drivers_iso" and "/" in node.value and ":" not in node.value:
-            return os.path.normpath(self.base / os.path.expanduser(node.value))  # a path, not a PVE volume
+        if name == "drivers_iso" and ":" not in node.value:  # a path, not a PVE volume (local:iso/...)
+            return os.path.normpath(self.base / os.path.expanduser(node.value))
         if KEYS[name].kind == "seconds":
             return float(node.value)
         return node.value
@@ -775,7 +779,8 @@ class _Checker:
                     self.bridges(vm, facts)
                     self.vmid(vm, target)
             self.drivers(vm)
-            if self.source(vm):
+            # The rules would judge the VM without the setting its problem left out: noise.
+            if self.source(vm) and id(vm) not in self.plan._partial:
                 self.rules(vm)
         for vm in self.plan._unbuilt:
             self.source(vm)
