@@ -502,3 +502,47 @@ def test_the_child_takes_its_job_on_stdin_and_stops_when_its_parent_is_gone(tmp_
     assert json.loads(proc.stdout.read().splitlines()[-1]) == {"vmid": 902, "interrupted": 2}
     state = json.loads((tmp_path / "target" / "migrations" / "902.json").read_text())
     assert not state["finished"] and "convert" not in state["stages"] and state["failed"]["error"] == "interrupted"
+
+
+def test_per_storage_limit(tmp_path, manifest, samples, v2p: V2P):
+    src = tmp_path / "src"
+    lines = []
+    for index, name in enumerate(("a", "b", "c")):
+        shutil.copytree(samples / "monolithicSparse", src / name)
+        lines.append(f"  - {{source: {src / name / 'monolithicSparse.vmdk'}, vmid: {611 + index}, name: {name}}}")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"defaults: {{target: {local_target(tmp_path / 'target')}, boot_check: false}}\nvms:\n"
+                    + "\n".join(lines) + "\n")
+    proc = plan_run(v2p, plan, "--parallel", "3", "--per-storage", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert concurrency(proc.stdout) == 1, proc.stdout
+    assert f"[b] VMID 612 waiting for a free slot on {tmp_path / 'target'}:local (at most 1 at once)" in proc.stdout
+    assert "3 of 3 VMs migrated" in proc.stdout
+
+
+def test_live_view_on_a_terminal(tmp_path, manifest, samples, v2p: V2P):
+    """On a TTY: one line per VM (stage, bytes of the disk's total, rate) redrawn in place."""
+    import pty
+
+    plan = slow_plan(tmp_path, manifest, samples, tmp_path / "target")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(v2p.argv("plan", "run", str(plan), "--parallel", "3"), stdout=slave, stderr=slave,
+                            stdin=subprocess.DEVNULL, env=v2p.env(), cwd=ROOT)
+    os.close(slave)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, screen.decode(errors="replace")
+    text = screen.decode(errors="replace")
+    assert "\x1b[4F\x1b[J" in text  # cursor up over the four VM lines, cleared, drawn again
+    assert re.search(r"web01 +502  convert:1 +[0-9.]+ of 24\.0 MiB +[0-9.]+ MiB/s", text), text[-3000:]
+    assert re.search(r"last +504  (queued|waiting)", text) or "last                       504  running" in text
+    assert "[web01] [convert] write" not in text  # stage lines are the plain output's, not the live view's
+    assert re.search(r"^web01 +502  migrated ", text.replace("\r", ""), re.M)

@@ -214,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="migrations at once (default: 2, which keeps a 2-core machine responsive)")
     pp.add_argument("--dry-run", action="store_true", help="show what each VM would do and stop")
     pp.add_argument("--json", action="store_true", help="write a machine-readable report on stdout")
+    pp.add_argument("--per-storage", type=_whole("--per-storage", (1, 64)), default=None,
+                    help="migrations at once onto one target storage (default: 3)")
+    pp.add_argument("--per-node", type=_whole("--per-node", (1, 64)), default=None,
+                    help="migrations at once onto one PVE node (default: 4)")
 
     vm = sub.add_parser("vm", help="manage VMs on the local target").add_subparsers(
         dest="vm_command", required=True, metavar="ACTION")
@@ -351,7 +355,9 @@ def _plan(args: argparse.Namespace) -> int:
 
     # With --json, stdout holds the report alone: the view goes to stderr.
     view = PlanView(sys.stderr if args.json else sys.stdout)
-    options: dict[str, Any] = {"parallel": args.parallel} if args.parallel is not None else {}
+    options: dict[str, Any] = {key: value for key, value in (
+        ("parallel", args.parallel), ("per_storage", args.per_storage), ("per_node", args.per_node))
+        if value is not None}
     try:
         report = plan.run(dry_run=args.dry_run, on_event=view, accel=args.accel, **options)
     finally:

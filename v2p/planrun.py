@@ -16,6 +16,7 @@ events and the report); reading plan files is ``plan``'s job, spreading VMs over
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import selectors
@@ -70,6 +71,7 @@ class PlanVM(Protocol):
 
 DONE = ("migrated", "nothing to do")  # the results that count as made it
 QUEUED = "queued"  # the first vm-wait event of every VM
+EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
 
 
 @dataclass
@@ -420,8 +422,10 @@ class _Runner:
         if isinstance(message.get("vmid"), int):
             run.vmid = message["vmid"]
         if "kind" in message:
-            event = Event(str(message["kind"]), str(message.get("stage", "")), str(message.get("message", "")),
-                          dict(message.get("data") or {}))
+            # Every field of Event the child sent (it sends them all: ``asdict``), whatever this Event has.
+            given = {name: message[name] for name in EVENT_FIELDS if name in message}
+            event = Event(**{**given, "kind": str(message["kind"]), "stage": str(message.get("stage", "")),
+                             "message": str(message.get("message", "")), "data": dict(message.get("data") or {})})
             if event.kind == "progress":
                 run._progress(event.data)
             elif event.kind == "stage-start":
@@ -582,8 +586,9 @@ def child_main() -> int:
     migration: api.Migration | None = None
 
     def emit(event: Event) -> None:
-        out.send({"vmid": migration.vmid if migration is not None else None, "kind": event.kind,
-                  "stage": event.stage, "message": event.message, "data": event.data})
+        sent = dataclasses.asdict(event)
+        sent["vmid"] = migration.vmid if migration is not None else sent.get("vmid")
+        out.send(sent)
 
     try:
         job = json.loads(line)
