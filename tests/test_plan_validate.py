@@ -188,6 +188,9 @@ def test_a_vmid_another_vm_holds_is_a_problem(folder, v2p: V2P):
     ("vms:\n  - {source: a.vmdk, vmid: 120, copy_with: dd, bwlimit: 10}\n", (2, "{"), "does not apply"),
     ("vms:\n  - {source: a.vmdk, vmid: 120, name: 'web_01'}\n", (2, "'web_01'"), "not a valid VM name"),
     ("vms:\n  - {source: a.vmdk, vmid: 120, bus: virtio, bus: ide}\n", (2, "bus: ide"), "key 'bus' appears twice"),
+    ("vms:\n  - {source: a.vmdk, vmid: 120, target: {url: 'pve://h/n', pve_token: x}}\n", (2, "pve_token"),
+     "'pve_token' looks like a secret"),
+    ("vms:\n  - {source: a.vmdk, vmid: 120, passthrough: x}\n", (2, "passthrough"), "unknown key 'passthrough'"),
 ])
 def test_each_kind_of_mistake_in_the_text(tmp_path, v2p: V2P, text, where, fragment):
     line, column = where

@@ -143,7 +143,7 @@ KEYS: dict[str, Key] = {
 TOP_KEYS = ("defaults", "vms")
 TARGET_KEYS = ("kind", "dir", "url", "accel")
 # Keys that hold a secret wherever they appear: refused, never echoed.
-SECRET = re.compile(r"pass(word|wd)?|secret|token|api[_-]?key|credentials?", re.IGNORECASE)
+SECRET = re.compile(r"(^|[_-])(pass(word|wd)?|secret|token|api[_-]?key|credentials?)($|[_-])", re.IGNORECASE)
 SECRET_HINT = "secrets stay out of plans: set $V2P_PVE_TOKEN (or $V2P_PVE_PASSWORD), or use the secrets file"
 # The CLI's option names in the option checks' messages, as a plan spells them.
 FLAGS = {"--os": "os", "--format": "format", "--bus": "bus", "--scsihw": "scsihw", "--name": "name",
