@@ -2,22 +2,36 @@
 
     from v2p import migrate
     result = migrate("win7.vmdk", 102, ostype="win7", on_event=print)
-    result = migrate("web01.vmx", "auto", target=make_target("pve://..."))  # the next free VMID
+    result = migrate("web01.vmx", "auto", target="pve://root@pam!v2p@pve1/pve1")  # the next free VMID
 
-Progress arrives as ``Event``s through ``on_event``; errors are ``V2PError``s.
+Progress arrives as ``Event``s through ``on_event`` (or ``Migration.events()``); errors are
+``V2PError``s, each with a ``message`` and, apart, a ``hint`` for people. Nothing here prints
+or exits; external commands are logged on the ``v2p.runner`` logger at DEBUG.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import pveconfig, rules
+from . import interrupts, pveconfig, rules
 from .dance import DanceOptions, DriverDance
-from .errors import LockedError, NoSuchVMError, RuleError, SourceError, StateError, V2PError, VMIDExistsError
+from .errors import (
+    Cancelled,
+    LockedError,
+    NoSuchVMError,
+    RuleError,
+    SourceError,
+    StateError,
+    V2PError,
+    VMIDExistsError,
+)
 from .events import Event, EventHandler, ignore
 from .fsutil import remove_tree
 from .inspect import DiskImage, Row, inspect_disk, inspect_paths
@@ -30,8 +44,12 @@ from .state import MigrationState, VmidLock, list_states
 from .targets.base import Target
 from .targets.local import LocalTarget
 
-__all__ = ["LocalTarget", "Migration", "Row", "Target", "VMReport", "dance", "inspect", "inspect_all",
-           "inspect_paths", "inspect_vm", "local_target", "migrate", "remove", "status"]
+__all__ = ["LocalTarget", "Migration", "MigrationStatus", "Row", "Target", "TargetSpec", "VMReport", "dance",
+           "inspect", "inspect_all", "inspect_paths", "inspect_vm", "local_target", "make_target", "migrate",
+           "remove", "status"]
+
+# What a target may be given as: a Target, or what ``make_target`` takes (a URL, "local", a dict).
+TargetSpec = Target | str | dict[str, Any] | None
 
 
 def make_target(where: str | dict[str, Any] | None = None, *, directory: str | os.PathLike[str] | None = None,
@@ -74,39 +92,151 @@ AUTO = "auto"  # the VMID that means: the next free one on the target
 AUTO_TRIES = 5  # VMIDs tried when each is found taken by the time the VM is created
 
 
+def as_target(target: TargetSpec) -> Target:
+    """``target`` itself, or the target ``make_target`` builds from it (None: the local one)."""
+    return target if isinstance(target, Target) else make_target(target)
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """A snapshot of one migration, safe to read from any thread (``Migration.status``).
+
+    ``state``: ``ready`` (not run yet), ``running``, ``finished``, ``failed``, ``cancelled``.
+    ``done``/``total``: bytes of the VM's disks written so far / in all (``total`` is 0 until
+    the inspect stage knows them); ``percent`` is ``done`` of ``total``.
+    """
+
+    vmid: int
+    state: str = "ready"
+    stage: str | None = None
+    done: int = 0
+    total: int = 0
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+    @property
+    def percent(self) -> float:
+        if self.state == "finished":
+            return 100.0
+        return round(100.0 * self.done / self.total, 1) if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """For a panel's JSON: the error as ``error`` (its message), ``hint`` and ``type``."""
+        data: dict[str, Any] = {"vmid": self.vmid, "state": self.state, "stage": self.stage,
+                                "percent": self.percent, "done": self.done, "total": self.total}
+        if self.result is not None:
+            data["result"] = {"finished_at": self.result.get("finished_at"),
+                              "nothing_to_do": bool(self.result.get("nothing_to_do")),
+                              "config": self.result.get("stages", {}).get("finish", {}).get("result", {})
+                              .get("config")}
+        if self.error is not None:
+            error = self.error
+            data["error"] = error.message if isinstance(error, V2PError) else str(error) or type(error).__name__
+            data["hint"] = error.hint if isinstance(error, V2PError) else None
+            data["type"] = type(error).__name__
+        return data
+
+
+class _Progress:
+    """Bytes written per disk, from the events (the status's done/total)."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, int] = {}
+        self.total: dict[int, int] = {}
+
+    def see(self, event: Event) -> None:
+        if event.stage == "inspect" and event.kind in ("stage-done", "stage-skip"):
+            disks = event.data.get("disks")
+            if isinstance(disks, list):
+                self.total = {index: int(disk.get("capacity", 0)) for index, disk in enumerate(disks)}
+        elif event.kind == "progress" and event.disk is not None and event.done is not None:
+            self.done[event.disk] = event.done
+            if event.total is not None:
+                self.total.setdefault(event.disk, event.total)
+        elif event.stage.startswith("convert") and event.kind in ("stage-done", "stage-skip") \
+                and event.disk is not None:
+            self.done[event.disk] = self.total.get(event.disk, 0)
+
+
 class Migration:
     """One migration of ``source`` to ``vmid``; ``run()`` starts or resumes it.
+
+    ``target``: a ``Target``, or what ``make_target`` takes (``"local"``, ``"pve://..."``,
+    ``{"kind": "local", "dir": ...}``); None is the local target.
 
     ``vmid="auto"``: an earlier ``auto`` migration of the same source, unfinished (resumed) or finished
     with the same settings (nothing to do), keeps its VMID; else the target's next free VMID
     (``Target.next_vmid``) with no migration record, and the next one again, a few times, when
     creating the VM finds it taken. The chosen one is announced as an event and is ``.vmid``.
+
+    Threads: ``run()`` (or ``events()``) in one thread; ``cancel()`` and ``status`` from any.
+    Events reach ``on_event`` in the thread that runs the migration, in order, each with
+    ``vmid`` set.
     """
 
     def __init__(self, source: str | os.PathLike[str] | Source, vmid: int | Literal["auto"], *,
-                 target: Target | None = None, on_event: EventHandler = ignore, **options: Any) -> None:
-        self.target = target or local_target()
+                 target: TargetSpec = None, on_event: EventHandler = ignore, **options: Any) -> None:
+        self.target = as_target(target)
         options.setdefault("storage", self.target.default_storage())
         self.options = MigrationOptions(**options)
-        self.emit = on_event
+        self._handler = on_event
+        self._listeners: list[EventHandler] = []
+        self._lock = threading.Lock()
+        self._token = interrupts.CancelToken()
+        self._progress = _Progress()
+        self._status: MigrationStatus | None = None
         self.picked = vmid == AUTO  # a VMID v2p chose afresh: another may take it first
         if vmid == AUTO:
             source = source if isinstance(source, Source) else open_source(source)
             vmid = self._choose(source)
-        self.pipeline = Pipeline(source, check_vmid(vmid), self.options, self.target, emit=on_event)
+        self.pipeline = Pipeline(source, check_vmid(vmid), self.options, self.target, emit=self.emit)
+        self._status = MigrationStatus(self.vmid)
 
     @property
     def vmid(self) -> int:
         return self.pipeline.vmid
 
+    @property
+    def status(self) -> MigrationStatus:
+        """Where the migration is now: stage, bytes written, and its result or error once it ended."""
+        with self._lock:
+            assert self._status is not None
+            return self._status
+
+    def _update(self, **changes: Any) -> None:
+        with self._lock:
+            assert self._status is not None
+            self._status = MigrationStatus(**{**vars(self._status), **changes})
+
+    def emit(self, event: Event) -> None:
+        """Pass ``event`` on (with this migration's VMID) to ``on_event`` and any ``events()`` reader."""
+        if self._status is not None:  # once the VMID is known: every event from the pipeline on
+            event = event.with_vmid(self.vmid)
+            self._progress.see(event)
+            stage = event.stage if event.kind in ("stage-start", "stage-done", "stage-skip", "progress") \
+                else self._status.stage
+            self._update(vmid=self.vmid, stage=stage, done=sum(self._progress.done.values()),
+                         total=sum(self._progress.total.values()))
+        self._handler(event)
+        for listener in list(self._listeners):
+            listener(event)
+
+    def cancel(self) -> None:
+        """Stop the migration running in another thread, soon (the external program it waits for is
+        killed): its ``run()`` raises ``Cancelled``, what it made stays, and a later ``run()``
+        resumes. Before ``run()``, the next ``run()`` stops at once."""
+        self._token.cancel()
+
     def _choose(self, source: Source) -> int:
         earlier = self._earlier(source)
         if earlier is not None:
             self.picked = False
-            self.emit(Event("info", "vmid", f"VMID {earlier}: the earlier migration of {source.describe()}"))
+            self.emit(Event("info", "vmid", f"VMID {earlier}: the earlier migration of {source.describe()}",
+                            vmid=earlier))
             return earlier
         vmid = self._free_vmid(0)
-        self.emit(Event("info", "vmid", f"VMID {vmid}: the next free one on the {self.target.kind} target"))
+        self.emit(Event("info", "vmid", f"VMID {vmid}: the next free one on the {self.target.kind} target",
+                        vmid=vmid))
         return vmid
 
     def _earlier(self, source: Source) -> int | None:
@@ -133,7 +263,55 @@ class Migration:
         return [key for _disk, key in pveconfig.disk_keys(spec, options, ostype=options.ostype)]
 
     def run(self) -> dict[str, Any]:
-        """Run every stage not yet done; return the final state record."""
+        """Run every stage not yet done; return the final state record (with ``nothing_to_do`` when
+        it had finished before). ``Cancelled`` if ``cancel()`` stopped it; ``LockedError`` while
+        another run (a thread or a process) migrates the same VMID on the target."""
+        token = self._token
+        self._progress = _Progress()
+        self._update(state="running", stage=None, done=0, total=0, result=None, error=None)
+        try:
+            with interrupts.cancelled_by(token):
+                token.check()
+                result = self._run()
+        except BaseException as exc:
+            self._update(state="cancelled" if isinstance(exc, Cancelled) else "failed", error=exc)
+            raise
+        finally:
+            if token.cancelled:  # spent: the next run() resumes
+                self._token = interrupts.CancelToken()
+        self._update(state="finished", result=result, done=self.status.total)
+        return result
+
+    def events(self) -> Iterator[Event]:
+        """Run the migration in a thread of its own and yield its events as they come; the iteration
+        ends when it does, raising its error if it failed (the result is then ``status.result``).
+        Leaving the loop early cancels the migration (and waits for it to stop)."""
+        pipe: queue.Queue[Event | None] = queue.Queue()
+        failed: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.run()
+            except BaseException as exc:  # handed to the reader, who raises it
+                failed.append(exc)
+            finally:
+                pipe.put(None)
+
+        self._listeners.append(pipe.put)
+        worker = threading.Thread(target=work, name=f"v2p-migration-{self.vmid}", daemon=True)
+        try:
+            worker.start()
+            while (event := pipe.get()) is not None:
+                yield event
+        finally:
+            if worker.is_alive():
+                self.cancel()
+                worker.join()
+            self._listeners.remove(pipe.put)
+        if failed:
+            raise failed[0]
+
+    def _run(self) -> dict[str, Any]:
         for attempt in range(1, AUTO_TRIES + 1):
             try:
                 return self.pipeline.run()
@@ -166,14 +344,15 @@ def earlier_migration(target: Target, described: str, options: MigrationOptions)
     return None
 
 
-def migrate(source: str | os.PathLike[str] | Source, vmid: int | Literal["auto"], *, target: Target | None = None,
+def migrate(source: str | os.PathLike[str] | Source, vmid: int | Literal["auto"], *, target: TargetSpec = None,
             on_event: EventHandler = ignore, **options: Any) -> dict[str, Any]:
     """Migrate (or resume migrating) ``source`` to VM ``vmid`` (``"auto"``: the next free one, see
-    ``Migration``); see ``MigrationOptions``."""
+    ``Migration``) on ``target`` (a ``Target``, a URL or a dict: see ``make_target``); see
+    ``MigrationOptions``."""
     return Migration(source, vmid, target=target, on_event=on_event, **options).run()
 
 
-def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confirmed: bool = False,
+def dance(vmid: int, *, target: TargetSpec = None, bus: str = "virtio", confirmed: bool = False,
           drivers_iso: str | None = None, net_drivers: bool = True, arch: str = "amd64",
           dance_wait: float = 600.0, boot_wait: float = 120.0, shutdown_timeout: float = 120.0,
           start: bool = False, on_event: EventHandler = ignore) -> dict[str, Any]:
@@ -186,7 +365,7 @@ def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confi
     dance_wait = check_seconds("--dance-wait", dance_wait)
     boot_wait = check_seconds("--boot-wait", boot_wait)
     shutdown_timeout = check_seconds("--shutdown-timeout", shutdown_timeout, zero=True)
-    target = target or local_target()
+    target = as_target(target)
     config = target.get_config(vmid)
     with VmidLock(target.state_dir(), vmid):
         pending = DriverDance.pending(target, vmid)
@@ -213,9 +392,9 @@ def dance(vmid: int, *, target: Target | None = None, bus: str = "virtio", confi
         return result
 
 
-def remove(vmid: int, target: Target | None = None) -> None:
+def remove(vmid: int, target: TargetSpec = None) -> None:
     """Remove a VM, its volumes (never a user's block device) and its records."""
-    target = target or local_target()
+    target = as_target(target)
     check_vmid(vmid)
     with VmidLock(target.state_dir(), vmid):
         # Records are removed without being read: this is how a damaged one is discarded.
@@ -403,9 +582,9 @@ def inspect_all(paths: list[str | os.PathLike[str]], *, vmid: int = 100,
     return out
 
 
-def status(target: Target | None = None, vmid: int | None = None) -> list[MigrationState]:
+def status(target: TargetSpec = None, vmid: int | None = None) -> list[MigrationState]:
     """The recorded migrations on ``target`` (all, or the one for ``vmid``)."""
-    target = target or local_target()
+    target = as_target(target)
     states = [s for s in list_states(target.state_dir()) if vmid is None or s.vmid == vmid]
     for state in states:
         if state.error is None:

@@ -63,6 +63,7 @@ class DriverDance:
         self.options = options
         self.emit = emit
         self.state = MigrationState(target.state_dir(), vmid, suffix=".dance")
+        self.step: str | None = None  # the step running now, named on its events
 
     # -- bookkeeping ---------------------------------------------------------
     def _load(self) -> None:
@@ -88,12 +89,12 @@ class DriverDance:
     def _record(self, step: str, result: dict[str, Any]) -> dict[str, Any]:
         self.state.stages[step] = {"finished_at": now(), "seconds": 0, "result": result}
         self.state.save()
-        self.emit(Event("info", "drivers", f"{step}: done"))
+        self.emit(Event("info", "drivers", f"{step}: done", step=step))
         hold_point(f"dance:{step}")
         return result
 
     def _say(self, text: str, kind: str = "info") -> None:
-        self.emit(Event(kind, "drivers", text))
+        self.emit(Event(kind, "drivers", text, step=self.step))
 
     # -- the dance -----------------------------------------------------------
     def run(self, *, confirmed: bool = False) -> dict[str, Any]:
@@ -108,6 +109,7 @@ class DriverDance:
         }
         for step in STEPS:
             if self._done(step) is None:
+                self.step = step
                 self._record(step, steps[step]())
         result = {"bus": self.options.bus, "system_disk": (self._done("layout2") or {})["system_disk"],
                   "confirmed": True, "boot1": self._done("boot1"), "boot2": self._done("boot2")}

@@ -25,6 +25,12 @@ class V2PError(Exception):
         return self.message
 
 
+class Cancelled(V2PError):
+    """The migration was cancelled (``Migration.cancel()``); what it made is kept, a rerun resumes."""
+
+    exit_code = 130  # as for Ctrl-C: stopped on request, resumable
+
+
 class SourceError(V2PError):
     """The source disk is missing, unreadable, or not something v2p can migrate."""
 

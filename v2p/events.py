@@ -1,13 +1,19 @@
 """Progress reporting: the pipeline emits ``Event``s, callers decide how to show them.
 
-The CLI turns them into lines and a tqdm bar; a hosting panel can forward them
-to its own UI. Nothing in the library prints.
+The CLI turns them into lines and a tqdm bar; ``v2p plan run`` sends them from
+each child as JSON lines (``dataclasses.asdict``); a hosting panel forwards
+them to its own UI. Nothing in the library prints.
+
+A migration calls its handler from the thread that runs it, one event after
+the other: per VM, events arrive in the order they happened. A handler shared
+by migrations in several threads is called from each of them, so it must be
+thread-safe itself (a ``queue.Queue`` is; ``Migration.events()`` uses one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -15,14 +21,35 @@ from typing import Any
 class Event:
     """One thing that happened during a migration.
 
-    ``kind`` is one of: ``stage-start``, ``stage-done``, ``stage-skip``,
-    ``progress`` (``data['percent']``), ``warning``, ``info``.
+    ``kind`` is one of:
+
+    * ``stage-start``, ``stage-done`` (``data``: the stage's record), ``stage-skip`` (done before);
+    * ``progress``: ``done`` of ``total`` bytes of disk ``disk`` written (``data['percent']``
+      too, and ``data['bytes']``, the same as ``done``);
+    * ``finding``: a preflight rule's finding, ``data['rule']`` its id (what ``ignore_rules``
+      takes), ``data['severity']`` ``error``/``warning``/``info``;
+    * ``warning``: something the user should know (a source notice, ``--no-verify``, ...);
+    * ``info``: anything else worth a line (the guest's serial lines, the VMID chosen, ...).
+
+    ``stage`` is the stage's record name (``convert:1`` for the second disk's copy);
+    ``disk`` the index of the disk an event is about (0 the boot disk), None for the VM;
+    ``step`` the driver dance's step (``layout1``, ``boot1``, ...) during the ``drivers`` stage;
+    ``vmid`` the VM's (set by ``Migration`` on every event it passes on).
     """
 
     kind: str
     stage: str
     message: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    vmid: int | None = None
+    disk: int | None = None
+    done: int | None = None
+    total: int | None = None
+    step: str | None = None
+
+    def with_vmid(self, vmid: int) -> Event:
+        """This event, naming ``vmid`` unless it names one already."""
+        return self if self.vmid is not None else replace(self, vmid=vmid)
 
 
 EventHandler = Callable[[Event], None]

@@ -25,6 +25,7 @@ from typing import Any
 from . import interrupts, pveconfig
 from .errors import (
     BootCheckError,
+    Cancelled,
     DanceError,
     OperatorNeeded,
     SourceError,
@@ -114,10 +115,12 @@ class Pipeline:
             rerun = False
             for stage in stages_for(len(spec.disks)):
                 stage_name = stage.name
+                interrupts.check()  # a cancel between stages stops here, not a stage later
                 record = self.state.stages.get(stage.name)
                 if record is not None and not rerun and stage.holds(ctx, record["result"]):
                     ctx.records[stage.name] = record["result"]
-                    self.emit(Event("stage-skip", stage.name, f"done at {record['finished_at']}"))
+                    self.emit(Event("stage-skip", stage.name, f"done at {record['finished_at']}",
+                                    data=record["result"], disk=stage.disk))
                     continue
                 if ctx.guest_owns_disk and stage_kind(stage.name) in BEFORE_THE_GUEST:
                     # The guest may have booted from this disk: redoing these would wipe what it wrote.
@@ -126,14 +129,14 @@ class Pipeline:
                         "disk is already attached (the source or the written disk changed since)",
                         hint=f"to start over from the source, remove the VM first: v2p vm rm {self.vmid}")
                 rerun = True
-                self.emit(Event("stage-start", stage.name, stage.summary))
+                self.emit(Event("stage-start", stage.name, stage.summary, disk=stage.disk))
                 started, waited = time.monotonic(), len(self.target.tasks_waited())
                 result = stage.run(ctx)
                 seconds = time.monotonic() - started
                 result.update(self._made_by(stage.name, waited))
                 self.state.record(stage.name, result, seconds=seconds)
                 ctx.records[stage.name] = result
-                self.emit(Event("stage-done", stage.name, f"{seconds:.2f}s", data=result))
+                self.emit(Event("stage-done", stage.name, f"{seconds:.2f}s", data=result, disk=stage.disk))
                 hold_point(stage.name)
         except BaseException as exc:
             if ctx is not None and self._cleans_up(stage_name, exc):
@@ -174,10 +177,10 @@ class Pipeline:
         return made
 
     def _cleans_up(self, stage: str, exc: BaseException) -> bool:
-        """An error (not an interruption) in a stage that makes things, before any guest ran on
+        """An error (not an interruption or a cancel) in a stage that makes things, before any guest ran on
         the disks: what the migration made is of no use as it stands."""
-        return (isinstance(exc, V2PError) and not isinstance(exc, KEEPS_ALL) and interrupts.received() is None
-                and stage_kind(stage) in MAKING and "attach" not in self.state.stages)
+        return (isinstance(exc, V2PError) and not isinstance(exc, (*KEEPS_ALL, Cancelled))
+                and interrupts.received() is None and stage_kind(stage) in MAKING and "attach" not in self.state.stages)
 
     def _clean_up(self, stage: str, exc: BaseException, workdir: Path, ctx: Context) -> None:
         """Remove the VM if it carries this migration's tag and every volume its disk sinks wrote,

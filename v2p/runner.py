@@ -2,36 +2,73 @@
 
 Argv lists only (never a shell string), a timeout on every call, stderr
 captured and turned into a ``ToolError`` that keeps the program's own message.
-Children get SIGKILL when v2p dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of
-v2p never leaves a ``qemu-img`` writing behind the back of the next run.
+Every call is logged on the ``v2p.runner`` logger at DEBUG: its argv, exit
+status and duration (``record.argv``, ``record.returncode``, ``record.seconds``).
+
+Children get SIGKILL when v2p dies: each program is started through
+``setpriv --pdeathsig KILL`` (util-linux), which sets the parent-death signal
+and then execs the program in its place, so a ``kill -9`` of v2p never leaves a
+``qemu-img`` writing behind the back of the next run. Not ``preexec_fn``: code
+between fork and exec is unsafe when other threads run (a panel's migrations
+in threads). The signal fires when the *thread* that started the program ends;
+the calls below wait for their program in that thread, so that is never early.
+
+A migration cancelled from another thread (``interrupts.CancelToken``) kills
+the program it is waiting for at once; the call then raises ``Cancelled``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import logging
 import os
+import shlex
 import shutil
-import signal
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import IO
 
+from . import interrupts
 from .errors import ToolError
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+log = logging.getLogger(__name__)
 
 INSTALL_HINTS = {
     "qemu-img": "install it: apt-get install qemu-utils",
     "qemu-system-x86_64": "install it: apt-get install qemu-system-x86",
     "nasm": "install it: apt-get install nasm",
+    "setpriv": "install it: apt-get install util-linux",
 }
 
 
-def _die_with_parent() -> None:
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _tethered(argv: list[str]) -> list[str]:
+    """``argv`` run so that it dies with the thread that starts it (see the module docstring)."""
+    return [which("setpriv"), "--pdeathsig", "KILL", "--", *argv]
+
+
+@contextmanager
+def _started(argv: list[str], **popen: object) -> Iterator[subprocess.Popen[bytes]]:
+    """Popen of ``argv`` (already resolved), killed on cancel, on any exception, and logged at the end."""
+    started = time.monotonic()
+    proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+        _tethered(argv), stdin=subprocess.DEVNULL, **popen)
+    try:
+        with interrupts.on_cancel(proc.kill):
+            yield proc
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        seconds = time.monotonic() - started
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: exit %s after %.3fs", shlex.join(argv), proc.returncode, seconds,
+                      extra={"argv": list(argv), "returncode": proc.returncode, "seconds": seconds})
 
 
 def which(program: str) -> str:
@@ -49,19 +86,22 @@ def _fail(argv: Sequence[str], what: str, stderr: str) -> ToolError:
 
 
 def run(argv: Sequence[str], *, timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` to completion; raise ToolError on timeout or (if ``check``) non-zero exit."""
+    """Run ``argv`` to completion; raise ToolError on timeout or (if ``check``) non-zero exit,
+    ``Cancelled`` if this thread's migration is cancelled meanwhile."""
+    interrupts.check()
     argv = [which(argv[0]), *argv[1:]]
-    try:
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ToolError(f"{argv[0]} timed out after {timeout:g}s",
-                        hint="the input may be corrupt or absurdly large") from exc
+    with _started(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            raise ToolError(f"{argv[0]} timed out after {timeout:g}s",
+                            hint="the input may be corrupt or absurdly large") from exc
+    interrupts.check()  # killed because the migration was cancelled: that, not its exit status
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     if check and proc.returncode != 0:
-        raise _fail(argv, f"failed (exit {proc.returncode})", proc.stderr)
-    return proc
+        raise _fail(argv, f"failed (exit {proc.returncode})", stderr)
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
 def run_streaming(
@@ -71,11 +111,9 @@ def run_streaming(
 
     The other stream is kept for the error message.
     """
+    interrupts.check()
     argv = [which(argv[0]), *argv[1:]]
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
-    ) as proc:
+    with _started(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         watched, other = (proc.stdout, proc.stderr) if stream == "stdout" else (proc.stderr, proc.stdout)
         errbuf: list[str] = []
         seen: list[str] = []
@@ -107,7 +145,9 @@ def run_streaming(
             timer.cancel()
             if proc.poll() is None:
                 proc.kill()
-        reader.join()
+            proc.wait()
+            reader.join()
+    interrupts.check()  # killed because the migration was cancelled: that, not its exit status
     if timed_out.is_set():
         raise ToolError(f"{argv[0]} timed out after {timeout:g}s")
     if rc != 0:

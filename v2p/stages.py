@@ -87,6 +87,7 @@ class Stage:
     # The fields of its record that ``holds`` and later stages read: a resumed run checks
     # them on load, so a damaged state file is one clear error instead of a traceback.
     fields: dict[str, FieldType] = {}
+    disk: int | None = None  # the disk a per-disk stage works on (its events say so)
 
     def run(self, ctx: Context) -> Record:
         raise NotImplementedError
@@ -107,13 +108,14 @@ class Inspect(Stage):
         for index, disk in enumerate(ctx.disks()):
             given = ctx.disk_input(index)
             for kind, text in given.messages:
-                ctx.emit(Event("warning" if kind == "warning" else "info", self.name, text))
+                ctx.emit(Event("warning" if kind == "warning" else "info", self.name, text, disk=index))
             image = given.image
             chain = f", snapshot chain of {len(image.chain)}" if image is not None and image.parent else ""
             boot = f", boot signature {image.boot_signature}" if image is not None else ""
             where = image.path.name if image is not None else disk.source
             ctx.emit(Event("info", self.name, f"{where}: {given.flavor}, {given.capacity} bytes"
-                           + (f", {len(image.extents)} extent(s)" if image is not None else "") + chain + boot))
+                           + (f", {len(image.extents)} extent(s)" if image is not None else "") + chain + boot,
+                           disk=index))
             disks.append({"label": disk.label, "source": disk.source, "capacity": given.capacity,
                           "flavor": given.flavor, "chain": len(image.chain) if image is not None else 1,
                           "image": image.to_dict() if image is not None else None})
@@ -139,10 +141,10 @@ class Preflight(Stage):
                                   hint=f"pick another --vmid, or remove it: v2p vm rm {ctx.vmid}")
         findings = check_rules(ctx.spec, ctx.options, ctx.records["inspect"]["disks"],
                                chosen_ostype=ctx.chosen_ostype)
+        # Errors too, before enforce raises: a panel lists every finding, not only the first error.
         for finding in findings:
-            if finding.severity != "error":
-                ctx.emit(Event("warning" if finding.severity == "warning" else "info", self.name,
-                               f"{finding.id}: {finding.message}"))
+            ctx.emit(Event("finding", self.name, f"{finding.id}: {finding.message}",
+                           data={"rule": finding.id, "severity": finding.severity}))
         rules.enforce(ctx.spec, findings)
         fmt = ctx.sink(0).fmt  # the sink refuses a --format its storage cannot hold
         if ctx.options.device and len(ctx.disks()) > 1:
@@ -234,16 +236,17 @@ class Convert(Stage):
     fields = {"volid": str, "fmt": str, "fingerprint": dict}
 
     def __init__(self, index: int = 0) -> None:
-        self.index = index
+        self.index = self.disk = index
         self.name = "convert" if index == 0 else f"convert:{index}"
 
     def run(self, ctx: Context) -> Record:
         sink, given = ctx.sink(self.index), ctx.disk_input(self.index)
 
         def progress(percent: float) -> None:
+            done = int(given.capacity * percent / 100)
             ctx.emit(Event("progress", self.name, data={
-                "disk": self.index, "percent": percent, "bytes": int(given.capacity * percent / 100),
-                "total": given.capacity}))
+                "disk": self.index, "percent": percent, "bytes": done, "total": given.capacity},
+                disk=self.index, done=done, total=given.capacity))
 
         if ctx.options.copy_with == "dd":
             assert given.image is not None  # preflight refused dd for anything but local raw data
@@ -268,7 +271,7 @@ class Verify(Stage):
     fields = {"volid": str, "verified": bool, "fingerprint": dict}
 
     def __init__(self, index: int = 0) -> None:
-        self.index = index
+        self.index = self.disk = index
         self.name = "verify" if index == 0 else f"verify:{index}"
 
     def run(self, ctx: Context) -> Record:
@@ -278,7 +281,7 @@ class Verify(Stage):
         if ctx.options.verify:
             sink.verify(given.qemu, capacity=given.capacity)
         else:
-            ctx.emit(Event("warning", self.name, "--no-verify: the written disk was not compared"))
+            ctx.emit(Event("warning", self.name, "--no-verify: the written disk was not compared", disk=self.index))
         volid = sink.commit()
         hold_point(f"{self.name}:committed")
         return {"volid": volid, "verified": ctx.options.verify, "fingerprint": sink.fingerprint()}
