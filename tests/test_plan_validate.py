@@ -379,3 +379,29 @@ def test_a_plan_that_is_not_text_or_not_there(tmp_path, v2p: V2P):
                                                  "No such file or directory\n")
     proc = v2p("--target", "pve://h/n", "plan", "status", str(plan))
     assert proc.returncode == 1 and proc.stderr.startswith("v2p: error: --target does not apply to plans")
+
+
+def test_vmids_are_unique_per_cluster_not_per_node(tmp_path):
+    data = {"defaults": {"target": "pve://root@pam!v2p@pve-a.example.com/pve1?storage=local-lvm"},
+            "vms": [{"source": "a.vmdk", "vmid": 120, "name": "one"},
+                    {"source": "b.vmdk", "vmid": 120, "name": "two", "node": "pve2"},
+                    {"source": "c.vmdk", "vmid": 120, "name": "three",
+                     "target": "pve://root@pam!v2p@pve-b.example.com/pve1"},
+                    {"source": "d.vmdk", "vmid": 120, "name": "four", "target": "local"}]}
+    plan = Plan.from_dict(data, base=tmp_path, strict=False)
+    assert [(vm.name, vm.target, vm.node) for vm in plan.vms] == [
+        ("one", "pve://root@pam!v2p@pve-a.example.com/pve1?storage=local-lvm", "pve1"),
+        ("two", "pve://root@pam!v2p@pve-a.example.com/pve2?storage=local-lvm", "pve2"),  # the node folded in
+        ("three", "pve://root@pam!v2p@pve-b.example.com/pve1", "pve1"),
+        ("four", "local", None)]
+    with pytest.raises(PlanError) as raised:
+        Plan.from_dict(data, base=tmp_path)
+    assert [str(problem) for problem in raised.value.problems] == [
+        "<plan>: vms[1].vmid: vmid 120 is also VM one's (vms[0]) on the same target"]
+    # Two `vmid: auto` VMs of one source would both find (and resume) the same migration.
+    twice = {"vms": [{"source": "a.vmdk", "vmid": "auto", "name": "x"}, {"source": "./a.vmdk", "vmid": "auto"}]}
+    with pytest.raises(PlanError) as raised:
+        Plan.from_dict(twice, base=tmp_path)
+    assert [str(problem) for problem in raised.value.problems] == [
+        "<plan>: vms[1].vmid: vmid auto: VM x (vms[0]) migrates the same source with vmid auto: both would resume "
+        "one migration"]

@@ -650,26 +650,28 @@ class _Reader:
         names: dict[str, PlanVM] = {}
         vmids: dict[tuple[str, int], PlanVM] = {}
         autos: dict[Path, PlanVM] = {}
+
+        def said(vm: PlanVM, key: str, message: str) -> None:
+            line, column = vm.positions.get(key, vm.positions.get("source", (vm.line, 1)))
+            self.problems.append(Problem(self.file, line, column, message, "" if line else f"{vm.where}.{key}"))
+
+        def place(vm: PlanVM) -> str:
+            return f"line {vm.line}" if vm.line else vm.where
+
         for vm in vms:
             if vm.name in names:
-                line, column = vm.positions.get("name", vm.positions["source"])
-                first = names[vm.name]
-                self.problems.append(Problem(self.file, line, column,
-                                             f"name {vm.name!r} is also the name of the VM on line {first.line}"
-                                             " (names are unique in a plan: set name: to tell them apart)"))
+                said(vm, "name", f"name {vm.name!r} is also the name of the VM on {place(names[vm.name])} "
+                                 "(names are unique in a plan: set name: to tell them apart)")
             names.setdefault(vm.name, vm)
             if isinstance(vm.vmid, int):
                 key = (_cluster(vm.target), vm.vmid)
                 if key in vmids:
-                    line, column = vm.positions["vmid"]
-                    self.problems.append(Problem(self.file, line, column, f"vmid {vm.vmid} is also VM "
-                                                 f"{vmids[key].name}'s (line {vmids[key].line}) on the same target"))
+                    said(vm, "vmid", f"vmid {vm.vmid} is also VM {vmids[key].name}'s ({place(vmids[key])}) on the "
+                                     "same target")
                 vmids.setdefault(key, vm)
             elif vm.source in autos:
-                line, column = vm.positions["vmid"]
-                self.problems.append(Problem(self.file, line, column, f"vmid auto: VM {autos[vm.source].name} "
-                                             f"(line {autos[vm.source].line}) migrates the same source with vmid "
-                                             "auto: both would resume one migration"))
+                said(vm, "vmid", f"vmid auto: VM {autos[vm.source].name} ({place(autos[vm.source])}) migrates the "
+                                 "same source with vmid auto: both would resume one migration")
             else:
                 autos[vm.source] = vm
 
