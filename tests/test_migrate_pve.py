@@ -28,6 +28,9 @@ def test_loose_disk_migrates_onto_pve(pve, tmp_path, manifest, samples, source_o
     assert config["boot"] == "order=scsi0" and config["ostype"] == "l26"
     assert_same_bytes(samples / "guest.raw", pve.cluster.volume_path(volid))
     assert pve.tokens["root@pam!v2p"] not in (proc.stdout + proc.stderr)
+    # once finished, neither the upload nor the local staging copy stays behind
+    assert pve.volumes() == [volid], pve.volumes()
+    assert not list((tmp_path / "xdg").rglob("*.qcow2"))
     again = run(v2p, pve, tmp_path, "migrate", str(src.descriptor), "--vmid", "150", "--no-boot-check")
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
 

@@ -148,6 +148,7 @@ class Pipeline:
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
         self.state.save()
         remove_tree(workdir)
+        self._release(ctx)
         return self.state.data
 
     def _spec(self) -> VMSpec:
@@ -175,6 +176,15 @@ class Pipeline:
                 if (pveconfig.DISK_KEY.match(key) or key in ("efidisk0", "tpmstate0"))
                 and "media=cdrom" not in value and ":" in value.split(",")[0])
         return made
+
+    def _release(self, ctx: Context) -> None:
+        """Copies only the migration needed (an upload, a staging file) go once it is finished
+        (a finished migration is never resumed, so nothing reads them again)."""
+        for index in range(len(ctx.disks())):
+            try:
+                ctx.sink(index).release()
+            except V2PError as exc:
+                self.emit(Event("warning", "finish", f"disk {index}: could not remove its staging copies: {exc}"))
 
     def _cleans_up(self, stage: str, exc: BaseException) -> bool:
         """An error (not an interruption or a cancel) in a stage that makes things, before any guest ran on

@@ -109,6 +109,11 @@ class DiskSink(abc.ABC):
         else of the temporary one; ``{}`` if neither does. Renaming on commit keeps it, so a record
         of the written volume still matches the committed one."""
 
+    def release(self) -> None:
+        """The migration is finished: drop what only it needed (a staging copy, an upload); the
+        attached volume stays. Nothing by default."""
+        return None
+
     def attached(self, value: str) -> bool:
         """Whether a disk key's ``value`` in the VM config is this sink's volume (the attach stage
         asks it on resume; a target that rewrites the value on attach, as PVE's import-from does,

@@ -946,6 +946,10 @@ class RemoteImportSink(DiskSink):
         self._delete_upload()
         self.staging.path.unlink(missing_ok=True)
 
+    def release(self) -> None:
+        # PVE copied the upload into the VM's own volume: neither copy is needed any more.
+        self.remove()
+
     def fingerprint(self) -> dict[str, Any]:
         path = self.staging.path
         try:
