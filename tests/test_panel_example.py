@@ -1,0 +1,131 @@
+"""examples/panel.py, the README's panel example, run for real: a web app on a free port whose
+worker threads migrate sample disks onto the local target; progress, result, cancel, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, SAMPLES, assert_same_bytes
+from test_resume import qemu_img_writing
+
+
+class PanelClient:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def until(self, vmid: int, test: Any, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            code, status = self.call("GET", f"/migrations/{vmid}")
+            assert code == 200, status
+            seen.append(status)
+            if test(status):
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"VMID {vmid} never got there: {seen[-3:]}")
+
+
+@pytest.fixture
+def panel(tmp_path: Path) -> Iterator[PanelClient]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "panel.py"), "--port", "0", "--target-dir",
+                             str(tmp_path / "target"), "--accel", "tcg"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), line + (proc.stderr.read() if proc.stderr else "")
+        yield PanelClient(line.split()[-1])
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err
+
+
+def test_panel_migrates_a_disk_and_reports_its_progress(panel, source_of, tmp_path):
+    src = source_of("monolithicSparse")
+    code, started = panel.call("POST", "/migrations", {"source": str(src.descriptor), "vmid": 120,
+                                                       "options": {"ostype": "l26", "bwlimit": 512}})
+    assert code == 202 and started["vmid"] == 120 and started["state"] in ("ready", "running"), started
+    # Mid-copy, the progress JSON tells the stage and the bytes written.
+    copying = panel.until(120, lambda s: s["stage"] == "convert" and s["done"] > 0 or s["state"] != "running")
+    assert copying["state"] == "running" and 0 < copying["percent"] < 100, copying
+    assert copying["total"] == 32 << 20
+    done = panel.until(120, lambda s: s["state"] != "running")
+    assert done["state"] == "finished", done
+    assert (done["percent"], done["done"], done["stage"]) == (100.0, 32 << 20, "finish")
+    assert done["result"]["nothing_to_do"] is False and done["result"]["config"]["scsi0"].startswith("local:120/")
+    assert "error" not in done
+    assert_same_bytes(SAMPLES / "guest.raw", tmp_path / "target" / "images" / "120" / "vm-120-disk-0.qcow2")
+    code, listed = panel.call("GET", "/migrations")
+    assert code == 200 and [m["vmid"] for m in listed] == [120]
+
+
+def test_panel_cancels_a_migration_and_resumes_it(panel, source_of, tmp_path):
+    src = source_of("monolithicFlat")
+    job = {"source": str(src.descriptor), "vmid": 121, "options": {"ostype": "l26", "bwlimit": 64,
+                                                                   "boot_check": False}}
+    assert panel.call("POST", "/migrations", job)[0] == 202
+    panel.until(121, lambda s: s["stage"] == "convert" and s["done"] > 0)
+    again, refused = panel.call("POST", "/migrations", job)
+    assert again == 409 and refused["hint"] == "cancel it first"
+    asked = time.monotonic()
+    code, _status = panel.call("POST", "/migrations/121/cancel")
+    assert code == 202
+    cancelled = panel.until(121, lambda s: s["state"] != "running", timeout=10)
+    assert time.monotonic() - asked < 3
+    assert cancelled["state"] == "cancelled" and cancelled["type"] == "Cancelled", cancelled
+    assert cancelled["error"] == "the migration was cancelled" and cancelled["hint"] == "run it again to resume"
+    assert not qemu_img_writing(tmp_path / "target" / "images" / "121" / ".vm-121-disk-0.qcow2.v2p-partial")
+    record = json.loads((tmp_path / "target" / "migrations" / "121.json").read_text())
+    created = record["stages"]["create"]["finished_at"]
+    assert "convert" not in record["stages"]
+
+    job["options"] = {"ostype": "l26", "boot_check": False}  # at full speed now
+    assert panel.call("POST", "/migrations", job)[0] == 202
+    done = panel.until(121, lambda s: s["state"] not in ("ready", "running"))
+    assert done["state"] == "finished" and done["result"]["nothing_to_do"] is False, done
+    record = json.loads((tmp_path / "target" / "migrations" / "121.json").read_text())
+    assert record["stages"]["create"]["finished_at"] == created, "the rerun started over instead of resuming"
+    assert_same_bytes(SAMPLES / "guest.raw", tmp_path / "target" / "images" / "121" / "vm-121-disk-0.qcow2")
+    # Asked once more: nothing to do.
+    assert panel.call("POST", "/migrations", job)[0] == 202
+    assert panel.until(121, lambda s: s["state"] == "finished")["result"]["nothing_to_do"] is True
+
+
+def test_panel_says_what_is_wrong_with_a_request(panel, tmp_path):
+    # Refused when asked: the target cannot be made (the message and the hint apart).
+    code, body = panel.call("POST", "/migrations", {"source": "x.vmdk", "vmid": 130, "target": {"kind": "vsphere"}})
+    assert code == 400 and body["type"] == "OptionError" and "vsphere" in body["error"], body
+    assert body["hint"] and body["hint"] not in body["error"]
+    assert panel.call("GET", "/migrations/130")[0] == 404
+    assert panel.call("POST", "/migrations/130/cancel")[0] == 404
+    assert panel.call("POST", "/migrations", {"vmid": 130})[0] == 400
+    assert panel.call("POST", "/migrations", {"source": "x.vmdk", "vmid": "next"})[0] == 400
+    # Refused by the run: the source is read by the worker; its status says why.
+    code, _body = panel.call("POST", "/migrations", {"source": str(tmp_path / "absent.vmdk"), "vmid": 131})
+    assert code == 202
+    failed = panel.until(131, lambda s: s["state"] not in ("ready", "running"))
+    assert failed["state"] == "failed" and failed["type"] == "SourceError" and "absent.vmdk" in failed["error"]
+    assert failed["hint"] is None or failed["hint"] not in failed["error"]
+    assert not (tmp_path / "target" / "migrations" / "131.json").exists()
