@@ -432,8 +432,8 @@ def test_free_space_is_reserved_across_running_vms(tmp_path, small_storage, v2p:
     plan.write_text(f"""\
 defaults: {{target: {local_target(target)}, storage: small, format: raw, boot_check: false, bwlimit: 16384}}
 vms:
-  - {{source: {disks["one"]}, vmid: 801, name: one}}
   - {{source: {disks["huge"]}, vmid: 802, name: huge}}
+  - {{source: {disks["one"]}, vmid: 801, name: one}}
   - {{source: {disks["two"]}, vmid: 803, name: two}}
 """)
     proc = plan_run(v2p, plan, "--parallel", "3")
@@ -447,7 +447,8 @@ vms:
     assert "[two] VMID 803 started" not in out and concurrency(out) == 1
     assert re.search(r"^one +801  migrated", out, re.M)
     assert re.search(r"^two: not enough space on dir: small: the disk needs 54525952 bytes", out, re.M), out
-    assert re.search(r"^huge: not enough space on dir: small", out, re.M), out  # never fits: at once
+    assert re.search(r"^huge: not enough space on dir: small", out, re.M), out
+    assert out.index("[huge] VMID 802 failed") < out.index("[one] VMID 801 started")  # never fits: at once
     assert sorted(p.name for p in (target / "qemu-server").iterdir()) == ["801.conf"]
     assert sorted(p.name for p in small_storage.rglob("*") if p.is_file()) == ["vm-801-disk-0.raw"]
 
@@ -546,3 +547,30 @@ def test_live_view_on_a_terminal(tmp_path, manifest, samples, v2p: V2P):
     assert re.search(r"last +504  (queued|waiting)", text) or "last                       504  running" in text
     assert "[web01] [convert] write" not in text  # stage lines are the plain output's, not the live view's
     assert re.search(r"^web01 +502  migrated ", text.replace("\r", ""), re.M)
+
+
+def test_stop_flag_from_another_thread_stops_the_run_resumably(tmp_path, manifest, samples):
+    """A panel runs a plan in a worker thread and stops it from another: as Ctrl-C does on the CLI."""
+    plan = slow_plan(tmp_path, manifest, samples, tmp_path / "target")
+    from v2p.plan import Plan
+
+    vms = Plan.load(plan).vms
+    stop = threading.Event()
+    seen: list[tuple[str, str]] = []
+
+    def on_event(run: Any, event: Any) -> None:
+        seen.append((run.name, event.kind))
+        if run.name == "slow" and event.kind == "progress":
+            stop.set()
+
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(run_plan(vms, parallel=3, on_event=on_event, stop=stop)))
+    worker.start()
+    worker.join(timeout=120)
+    report = result[0]
+    assert report.interrupted == signal.SIGINT and report.exit_code == 130
+    results = {vm.name: vm.result for vm in report.vms}
+    assert results["slow"] == "interrupted" and results["quick"] in ("migrated", "interrupted")
+    assert not json.loads((tmp_path / "target" / "migrations" / "503.json").read_text())["finished"]
+    again = run_plan(vms, parallel=3)
+    assert again.ok and [vm.result for vm in again.vms if vm.name == "slow"] == ["migrated"]

@@ -71,6 +71,7 @@ class PlanVM(Protocol):
 
 DONE = ("migrated", "nothing to do")  # the results that count as made it
 QUEUED = "queued"  # the first vm-wait event of every VM
+DRY_RUN = "dry run"  # the result of every VM a dry run would migrate
 EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
 
 
@@ -258,7 +259,7 @@ class _Runner:
                 continue
             need = self.measured.get(index) or self._measure(index)
             if need is None:
-                continue  # failed: it said why
+                continue  # failed or waits for room: it said so
             run, before = self.runs[index], self.runs[index].waiting_for
             if self._fits(index, need):
                 self.pending.remove(index)
@@ -329,14 +330,26 @@ class _Runner:
         except V2PError as exc:
             if "not enough space" not in exc.message:
                 return _Need(key, 0, None)  # the child's preflight says what is wrong, in its own words
-            self._fail(index, exc.exit_code, str(exc))
+            self._no_room(index, key, exc.exit_code, str(exc))
             return None
         if free is not None and required > free:
-            self._fail(index, 4, f"not enough space on {key}: its disks need {_gib(required)}, "
-                       f"{_gib(free)} are free even with no other VM of the plan running there "
-                       "(hint: free some space or give the VM another storage)")
+            self._no_room(index, key, 4, f"not enough space on {key}: its disks need {_gib(required)}, "
+                          f"{_gib(free)} are free (hint: free some space or give the VM another storage)")
             return None
         return _Need(key, required, free)
+
+    def _no_room(self, index: int, key: str, code: int, message: str) -> None:
+        """VM ``index`` does not fit on its storage as it is now. While other VMs of the plan run there it
+        waits (one that fails gives back what it wrote; a PVE upload is removed once imported); with none
+        running there it never will fit: it fails."""
+        run = self.runs[index]
+        if not any(child.need.key == key for child in self.running.values()):
+            self._fail(index, code, message)
+            return
+        waiting = f"room on {key}, or the VMs running there to end ({message})"
+        if run.waiting_for != waiting:
+            run.waiting_for = waiting
+            self.emit(run, Event("vm-wait", "plan", f"waiting for {waiting}"))
 
     @staticmethod
     def _locked(migration: api.Migration) -> bool:
@@ -537,7 +550,7 @@ def _dry_run(vms: list[PlanVM], accel: str, emit: PlanEventHandler) -> PlanRepor
                          f"would migrate to VMID {migration.vmid} on the {migration.target.kind} target "
                          f"({', '.join(migration.disk_keys())} on {where})"]
             run.plan = migration.plan()
-            run.result = "dry run"
+            run.result = DRY_RUN
         except V2PError as exc:
             run.result, run.error, run.exit_code = "failed", str(exc), exc.exit_code
         emit(run, Event("vm-done", "plan", run.result if run.error is None else f"failed: {run.error}"))

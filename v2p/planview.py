@@ -13,7 +13,7 @@ import time
 from typing import TextIO
 
 from .events import Event
-from .planrun import QUEUED, PlanReport, VMRun
+from .planrun import DRY_RUN, QUEUED, PlanReport, VMRun
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -46,7 +46,7 @@ class PlanView:
     @staticmethod
     def _line(vm: VMRun, event: Event) -> str | None:
         head = f"[{vm.name}]"
-        if event.kind == "progress" or (event.kind == "vm-wait" and event.message == QUEUED):
+        if event.kind == "progress" or (event.kind, event.message) in (("vm-wait", QUEUED), ("vm-done", DRY_RUN)):
             return None
         if event.kind == "stage-start":
             return f"{head} [{event.stage}] {event.message}"
