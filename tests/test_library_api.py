@@ -312,8 +312,7 @@ def test_the_library_writes_nothing_to_stdout_or_stderr(tmp_path, source_of, cap
 def test_every_external_command_is_logged_at_debug_with_argv_and_duration(tmp_path, source_of, caplog):
     src = source_of("monolithicSparse")
     caplog.set_level(logging.DEBUG, logger="v2p")
-    migrate(src.descriptor, 185, target=local_target(tmp_path / "target", accel="tcg"), ostype="l26",
-            boot_check=False)
+    migrate(src.descriptor, 185, target=local_target(tmp_path / "target", accel="tcg"), ostype="l26")
     records = [record for record in caplog.records if record.name == "v2p.runner"]
     assert records and all(record.levelno == logging.DEBUG for record in records)
     converts = [record for record in records if record.argv[:2] == [os.path.realpath("/usr/bin/qemu-img"), "convert"]
@@ -323,6 +322,10 @@ def test_every_external_command_is_logged_at_debug_with_argv_and_duration(tmp_pa
     assert convert.returncode == 0 and isinstance(convert.seconds, float) and convert.seconds > 0
     assert str(tmp_path / "target") in " ".join(convert.argv)
     assert "qemu-img convert" in convert.getMessage() and "exit 0 after" in convert.getMessage()
+    # QEMU (the boot check's) runs under a tether, not the runner: logged when it starts and ends.
+    qemu = [record for record in caplog.records if record.name == "v2p.tether"]
+    assert [record.getMessage().split(": ")[-1].split(" ")[0] for record in qemu] == ["started", "exit"]
+    assert qemu[0].argv[0].endswith("qemu-system-x86_64") and qemu[1].seconds > 0
 
 
 def test_cli_verbose_shows_the_commands_on_stderr(tmp_path, source_of):

@@ -44,6 +44,7 @@ from .errors import (
 )
 from .events import Event
 from .inspect import DiskImage, Flavor
+from .options import MigrationOptions, OptionError
 from .plan import Plan, PlanError
 
 __all__ = [
@@ -56,9 +57,11 @@ __all__ = [
            "Flavor",
            "LockedError",
            "Migration",
+           "MigrationOptions",
            "MigrationStatus",
            "NoSuchVMError",
            "OperatorNeeded",
+           "OptionError",
            "Plan",
            "PlanError",
            "RuleError",

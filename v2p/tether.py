@@ -26,13 +26,18 @@ This module is not for short-lived tools: those go through ``runner``.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+_log = logging.getLogger("v2p.tether")
 
 _RELEASE = b"release\n"
 
@@ -53,6 +58,8 @@ class Tether:
         finally:
             os.close(read_end)
         self.pid = self.proc.pid
+        self._argv, self._started = list(argv), time.monotonic()
+        _log.debug("%s: started (tether %s)", shlex.join(self._argv), self.pid, extra={"argv": self._argv})
 
     def alive(self) -> bool:
         """Whether the program still runs (while tethered)."""
@@ -70,11 +77,18 @@ class Tether:
                 pass
             self._close()
         self.proc.wait()
+        self._ended("released")
 
     def cut(self) -> None:
         """Kill the program now (the tether SIGKILLs it) and wait for both."""
         self._close()
         self.proc.wait()
+        self._ended(f"exit {self.proc.returncode}")
+
+    def _ended(self, how: str) -> None:
+        seconds = time.monotonic() - self._started
+        _log.debug("%s: %s after %.3fs", shlex.join(self._argv), how, seconds,
+                  extra={"argv": self._argv, "returncode": self.proc.returncode, "seconds": seconds})
 
     def _close(self) -> None:
         if self._life >= 0:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from . import interrupts
 from .errors import VerifyError
 from .runner import run
 
@@ -302,6 +303,7 @@ def _first_difference(source: Reader, target: Reader, capacity: int, window: int
         offset = 0
         try:
             while pending:
+                interrupts.check()  # a cancelled migration stops comparing within a window
                 n = min(window, capacity - offset)
                 source_read, target_read = pending.popleft()
                 source_segments, target_segments = source_read.result(), target_read.result()

@@ -368,6 +368,7 @@ class MultipartFile:
                 continue
             with open(part, "rb") as handle:
                 while chunk := handle.read(1 << 20):
+                    check_interrupts()  # a cancelled migration stops its upload within a MiB
                     yield chunk
 
     def read(self, size: int = -1) -> bytes:
@@ -456,6 +457,7 @@ class ProxmoxTarget(Target):
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 20):
+                check_interrupts()
                 digest.update(chunk)
         body = MultipartFile({"content": content, "checksum": digest.hexdigest(),
                               "checksum-algorithm": "sha256"}, filename, path)
