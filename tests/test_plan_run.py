@@ -303,28 +303,42 @@ def test_sigkill_midway_then_rerun_finishes_without_redoing_or_duplicating(tmp_p
                       and "[slow] VMID 503 started" in text)
     pids = children(seen)
     assert len(pids) == 3 and "[last] VMID 504 started" not in seen
+    finished_at = v2p.state(501)["finished_at"]
+    web01_convert = v2p.state(502)["stages"]["convert"]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # Run again at once: the killed run's children may still be stopping and hold their VMIDs' locks;
+    # the new run waits for them rather than run a second migration of a VMID next to theirs.
+    rerun = v2p.popen(*args)
     wait_gone(pids)  # the children noticed their parent's end and stopped, resumably
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and b"qemu-img" in _cmdline(p)
-                and str(target).encode() in _cmdline(p)]
-    before = {vmid: v2p.state(vmid) for vmid in (501, 502)}
-    assert before[501]["finished"] and not before[502]["finished"]
-    assert "convert" in before[502]["stages"] and "convert:1" not in before[502]["stages"]
-
-    again = v2p(*args, timeout=300)
-    assert again.returncode == 0, again.stdout + again.stderr
-    out = again.stdout
+    assert not orphans(target)  # nor did anything they ran outlive them
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out + err
     assert "[quick] [finish] VM 501 was already migrated" in out  # finished: not redone
     assert "[web01] [convert] already done" in out and "[web01] [convert:1] done in" in out
-    assert v2p.state(501)["finished_at"] == before[501]["finished_at"]
-    assert v2p.state(502)["stages"]["convert"] == before[502]["stages"]["convert"]
+    assert v2p.state(501)["finished_at"] == finished_at
+    assert v2p.state(502)["stages"]["convert"] == web01_convert
     assert "4 of 4 VMs migrated" in out
     # One VM per VMID, one volume per disk, no temporary volume left behind.
     assert sorted(p.stem for p in (target / "qemu-server").glob("*.conf")) == ["501", "502", "503", "504"]
     assert volumes(target) == {501: ["vm-501-disk-0.qcow2"], 503: ["vm-503-disk-0.qcow2"],
                                504: ["vm-504-disk-0.qcow2"],
                                502: [f"vm-502-disk-{i}.qcow2" for i in range(3)]}
+
+
+def orphans(target: Path) -> list[str]:
+    """qemu-img or QEMU processes working on ``target`` whose parent is gone (init adopted them)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        cmdline = _cmdline(pid)
+        if b"qemu" in cmdline and str(target).encode() in cmdline:
+            try:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == 1:
+                found.append(cmdline.decode(errors="replace"))
+    return found
 
 
 def _cmdline(pid: str) -> bytes:

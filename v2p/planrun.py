@@ -235,15 +235,18 @@ class _Runner:
             self._finish(child)
 
     def _interrupt(self, signum: int) -> None:
-        """Stop: every child gets SIGINT (it stops resumably), nothing more starts."""
-        if self.interrupted is None:
+        """Stop: every child gets SIGINT (it stops resumably), nothing more starts. Asked again while
+        they stop (a second Ctrl-C), they get SIGKILL: a killed migration resumes as well (its records
+        are written atomically; its QEMU and qemu-img die with it), it only skips tidying up."""
+        again = self.interrupted is not None
+        if not again:
             self.interrupted = signum
             for index in self.pending:
                 self.runs[index].result = "not started"
             self.pending.clear()
         for child in self.running.values():
             with contextlib.suppress(OSError):
-                child.proc.send_signal(signal.SIGINT)
+                child.proc.send_signal(signal.SIGKILL if again else signal.SIGINT)
 
     # -- starting ------------------------------------------------------------------------------------
     def _start_what_fits(self) -> None:
@@ -466,7 +469,7 @@ class _Runner:
             run.stage = "finish"
             self.emit(run, Event("vm-done", "plan", run.result))
             return
-        if "interrupted" in last or (self.interrupted is not None and code in (130, 143)):
+        if "interrupted" in last or (self.interrupted is not None and "error" not in last):
             run.result, run.error = "interrupted", "interrupted; rerun the same command to resume"
             self.emit(run, Event("vm-done", "plan", run.error))
             return
