@@ -371,7 +371,8 @@ def test_runner_starts_programs_without_preexec_fn(monkeypatch):
     assert runner.run(["qemu-img", "--version"], timeout=10).stdout.startswith("qemu-img")
     lines: list[str] = []
     runner.run_streaming(["qemu-img", "--help"], timeout=10, on_chunk=lines.append)
-    assert lines and len(seen) == 2
+    assert runner.run(["cat"], input="typed in\n", timeout=10).stdout == "typed in\n"
+    assert lines and len(seen) == 3
     assert all(kwargs.get("preexec_fn") is None for kwargs in seen)
 
 

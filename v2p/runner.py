@@ -52,8 +52,8 @@ def _tethered(argv: list[str]) -> list[str]:
 def _started(argv: list[str], **popen: object) -> Iterator[subprocess.Popen[bytes]]:
     """Popen of ``argv`` (already resolved), killed on cancel, on any exception, and logged at the end."""
     started = time.monotonic()
-    proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-        _tethered(argv), stdin=subprocess.DEVNULL, **popen)
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    proc: subprocess.Popen[bytes] = subprocess.Popen(_tethered(argv), **popen)  # type: ignore[call-overload]
     try:
         with interrupts.on_cancel(proc.kill):
             yield proc
@@ -85,14 +85,16 @@ def _fail(argv: Sequence[str], what: str, stderr: str) -> ToolError:
     return ToolError(f"{argv[0]} {what}: {detail}")
 
 
-def run(argv: Sequence[str], *, timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` to completion; raise ToolError on timeout or (if ``check``) non-zero exit,
-    ``Cancelled`` if this thread's migration is cancelled meanwhile."""
+def run(argv: Sequence[str], *, timeout: float, check: bool = True,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002 - subprocess.run's name
+    """Run ``argv`` to completion (``input`` on its stdin, else nothing); raise ToolError on timeout
+    or (if ``check``) non-zero exit, ``Cancelled`` if this thread's migration is cancelled meanwhile."""
     interrupts.check()
     argv = [which(argv[0]), *argv[1:]]
-    with _started(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
+    with _started(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(input.encode() if input is not None else None, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             proc.kill()
             raise ToolError(f"{argv[0]} timed out after {timeout:g}s",

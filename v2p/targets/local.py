@@ -15,17 +15,16 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ..bootwatch import SETTLE, BootWatch, Verdict
-from ..errors import NoSuchVMError, TargetError, VMIDExistsError
+from ..errors import NoSuchVMError, TargetError, ToolError, VMIDExistsError
 from ..fsutil import fresh_file, private_dir, write_atomic
 from ..interrupts import check as check_interrupts
-from ..runner import which
+from ..runner import run
 from ..state import vmid_of_name
 from ..storage import Storage, default_dir_storage, parse_storage_cfg
 from . import efi, qemu_cmdline
@@ -58,12 +57,10 @@ def probe_accel(requested: str = "auto") -> str:
         usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
         if usable:
             try:
-                proc = subprocess.run(
-                    [which("qemu-system-x86_64"), "-accel", "kvm", "-cpu", "host", "-M", "pc",
-                     "-nodefaults", "-display", "none", "-S", "-monitor", "stdio"],
-                    input="quit\n", capture_output=True, text=True, timeout=20)
+                proc = run(["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-M", "pc", "-nodefaults",
+                            "-display", "none", "-S", "-monitor", "stdio"], input="quit\n", timeout=20, check=False)
                 usable = proc.returncode == 0
-            except subprocess.TimeoutExpired:
+            except ToolError:  # timed out: as good as unusable
                 usable = False
         _accel_cache["auto"] = "kvm" if usable else "tcg"
     return _accel_cache["auto"]
