@@ -6,7 +6,9 @@ read from its qemu-server socket). Every request v2p made passed the PVE schema.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ def run(v2p: V2P, sim: Any, tmp_path: Path, path: str, *args: str, storage: str 
 
 
 def state(sim: Any, tmp_path: Path, vmid: int) -> dict[str, Any]:
-    folder = tmp_path / "xdg" / "v2p" / "pve" / f"{sim.host.split(':')[0]}-{sim.cluster.node}"
+    (folder,) = (tmp_path / "xdg" / "v2p" / "pve").glob(f"*-{sim.cluster.node}")  # <host>-<node>
     data: dict[str, Any] = json.loads((folder / f"{vmid}.json").read_text())
     return data
 
@@ -185,3 +187,31 @@ def test_drivers_iso_on_the_node_is_checked_there(sim, tmp_path, manifest, drive
     assert "drivers ISO local:iso/gone.iso: no such ISO on PVE node pve1" in line
     assert 162 not in sim.cluster.vms and not [v for v in sim.volumes() if "162" in v]
     schema_clean(sim)
+
+
+PVESH = Path(__file__).resolve().parent / "pve_sim" / "bin"
+
+
+def test_on_the_node_through_pvesh(sim, tmp_path, manifest, samples, source_of, v2p: V2P):
+    """backend=local: v2p on the node as root calls pvesh (here a stand-in that forwards each call to the
+    simulator, schema-checked), no token; disks go straight into the storage, the serial port is read."""
+    src = source_of("monolithicSparse")
+    env = {"PATH": f"{PVESH}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PVE_SIM_URL": f"https://{sim.host}/api2/json",
+           "PVE_SIM_AUTH": f"root@pam!v2p={sim.tokens['root@pam!v2p']}",
+           "XDG_DATA_HOME": str(tmp_path / "xdg"), "V2P_PVE_QEMU_RUN_DIR": str(sim.runner.qemu_server_dir)}
+    proc = v2p("--target", "pve:///pve1?backend=local&storage=local-lvm", "migrate", str(src.descriptor),
+               "--vmid", "190", "--boot-timeout", "90", **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = sim.cluster.vms[190].config
+    volid = config["scsi0"].split(",")[0]
+    assert volid == "local-lvm:vm-190-disk-0" and config["serial0"] == "socket"
+    assert_same_bytes(samples / "guest.raw", sim.cluster.volume_path(volid), "raw")
+    assert not [entry for entry in sim.log if "upload" in entry.path or "import-from" in json.dumps(entry.params)]
+    boot = state(sim, tmp_path, 190)["stages"]["boot"]["result"]
+    assert manifest["expected_serial"]["marker"] in boot["serial"]
+    schema_clean(sim)
+    # off a PVE node there is no pvesh: one line saying so
+    line = one_line_error(v2p("--target", "pve:///pve1?backend=local", "vm", "list",
+                              PATH="/usr/bin:/bin", XDG_DATA_HOME=str(tmp_path / "xdg")))
+    assert "pvesh" in line

@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import requests
 from proxmoxer import ResourceException
+from proxmoxer.backends.command_base import CommandBaseSession, JsonSimpleSerializer
 from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, ProxmoxHTTPAuthBase, ProxmoxHttpSession
 from proxmoxer.core import ProxmoxResource
 from requests.adapters import HTTPAdapter
@@ -46,6 +47,7 @@ from ..errors import NoSuchVMError, TargetError, VMIDExistsError
 from ..fsutil import private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
+from ..runner import run, which
 from ..storage import Storage, Volume
 from .base import BootReport, DiskSink, Target, VMConfig
 from .serialtap import SerialTap
@@ -76,6 +78,7 @@ class PveSettings:
     insecure: bool = False
     timeout: float = 30.0
     on_node: bool = False  # v2p runs on the node: storage paths and VM serial sockets are local
+    backend: str = "https"  # or "local": pvesh on the node itself, as root, no secret
     secret: str = field(default="", repr=False)
 
     def public(self) -> dict[str, str]:
@@ -122,7 +125,8 @@ def _default_secrets_file(env: dict[str, str]) -> Path:
 
 # Every setting but the secret, by the name the URL query, the config file and (upper-cased, - as _,
 # V2P_PVE_ before it) the environment use: V2P_PVE_HOST, V2P_PVE_NODE, V2P_PVE_ON_NODE, ...
-SETTINGS = ("host", "port", "node", "user", "storage", "import", "fingerprint", "insecure", "timeout", "on-node")
+SETTINGS = ("host", "port", "node", "user", "storage", "import", "fingerprint", "insecure", "timeout", "on-node",
+            "backend")
 CONFIG_ENV = "V2P_PVE_CONFIG"
 
 
@@ -176,7 +180,7 @@ def _url_values(url: str) -> dict[str, str]:
     for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
         if key not in SETTINGS or key in ("host", "port", "node", "user"):
             raise OptionError(f"{where}: unknown setting {key!r}",
-                              hint="known: storage, import, fingerprint, insecure, timeout, on-node")
+                              hint="known: storage, import, fingerprint, insecure, timeout, on-node, backend")
         found[key] = value
     return found
 
@@ -198,6 +202,13 @@ def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
     values.update(_url_values(url))
     where = "the PVE target"
     settings = PveSettings(host="", node="")
+    settings.backend = values.get("backend", "https")
+    if settings.backend not in ("https", "local"):
+        raise OptionError(f"{where}: backend {settings.backend!r} is not https or local",
+                          hint="local: v2p runs as root on the node and calls pvesh")
+    if settings.backend == "local":
+        values.setdefault("host", "localhost")  # pvesh talks to this node's own API
+        values["on-node"] = "1"
     user = values.get("user", settings.user)
     if "!" in user:
         user, settings.token_id = user.split("!", 1)
@@ -240,7 +251,8 @@ def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
     for name in (settings.storage, settings.import_storage):
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name):
             raise OptionError(f"{where}: {name!r} is not a PVE storage id")
-    settings.secret = _secret(settings, env)
+    if settings.backend == "https":  # pvesh runs as root: no secret
+        settings.secret = _secret(settings, env)
     return settings
 
 
@@ -335,6 +347,19 @@ def _connection_error(url: str, exc: Exception) -> TargetError:
     reason = re.sub(r"\s+", " ", text)[-200:]
     return TargetError(f"the connection to PVE at {url} failed or broke off: {type(exc).__name__} ({reason})",
                        hint="check the host and port (8006 by default), then run the same command again")
+
+
+class _PveshSession(CommandBaseSession):  # type: ignore[misc]
+    """proxmoxer's local backend, with pvesh run through v2p's runner (logged, cancellable, no
+    stray child); pvesh runs a call's worker task to its end before it returns."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(service="PVE", timeout=timeout)
+        which("pvesh")  # a clear error off a PVE node, before any call
+
+    def _exec(self, cmd: list[str]) -> tuple[str, str, int]:
+        done = run(cmd, timeout=self.timeout, check=False)
+        return done.stdout, done.stderr, done.returncode
 
 
 class MultipartFile:
@@ -454,6 +479,10 @@ class ProxmoxTarget(Target):
     def upload(self, storage: str, content: str, path: Path, filename: str) -> None:
         """``path`` into ``storage``'s ``content`` (import, iso) as ``filename``, with its SHA-256, which
         PVE checks; waits for the upload's task."""
+        if self.settings.backend == "local":
+            raise TargetError(f"{path}: backend=local cannot upload files (pvesh takes no file body)",
+                              hint=f"put it on the node's storage and name its volume, e.g. {storage}:{content}/"
+                                   f"{filename}")
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 20):
@@ -491,6 +520,13 @@ class ProxmoxTarget(Target):
         self._state_root = state_root
         self._waited: list[str] = []  # UPIDs of the tasks waited for: the state records them
         verify: bool = not (settings.insecure or settings.fingerprint)
+        self.verify = verify
+        if settings.backend == "local":
+            self.session = _PveshSession(timeout=max(settings.timeout, 3600.0))
+            self.api = ProxmoxResource(base_url="", session=self.session, serializer=JsonSimpleSerializer())
+            if not settings.node:
+                settings.node = self._only_node()
+            return
         session = self._pinned(ProxmoxHttpSession())
         session.headers["accept"] = JsonSerializer().get_accept_types()
         if settings.token_id:
@@ -502,7 +538,6 @@ class ProxmoxTarget(Target):
             session.auth = auth
             self._login = auth
         self.session = session
-        self.verify = verify
         self.api = ProxmoxResource(base_url=self.base_url, session=session, serializer=JsonSerializer())
         if not settings.node:
             settings.node = self._only_node()
@@ -530,6 +565,9 @@ class ProxmoxTarget(Target):
         """One API call; failures become TargetError (the secret never appears in them)."""
         if getattr(self, "_login", None) is not None and not self._login.ticket:
             self._login.login()
+        if self.settings.backend == "local":
+            # pvesh takes a UPID's colons as they are (a slash inside a volume id stays escaped)
+            path = path.replace("%3A", ":")
         resource = self.api(path.strip("/"))
         try:
             if method == "GET":
