@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from pve_sim.fixture import pve_fixture  # noqa: F401
+from test_boot import qemu_pids
 from test_whole_vm import make_vm
 
 import v2p
@@ -207,6 +208,31 @@ def test_cancelled_migration_object_runs_again_and_resumes(tmp_path, source_of):
     assert_same_bytes(SAMPLES / "guest.raw", tmp_path / "target" / "images" / "131" / "vm-131-disk-0.qcow2")
 
 
+def test_cancel_during_the_boot_check_stops_its_qemu_and_the_rerun_boots_again(tmp_path, source_of, manifest):
+    src = source_of("esxi")
+    target = local_target(tmp_path / "target", accel="tcg")
+    recorder = Recorder()
+    migration = Migration(src.descriptor, 135, target=target, ostype="l26", on_event=recorder)
+    thread, outcome = in_thread(migration.run)
+    recorder.wait_for(lambda e: e.kind == "stage-start" and e.stage == "boot")
+    deadline = time.monotonic() + 20
+    while not qemu_pids(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert qemu_pids(tmp_path), "the boot check's QEMU never started"
+    asked = time.monotonic()
+    migration.cancel()
+    thread.join(10)
+    assert outcome["ended"] - asked < 2.0 and isinstance(outcome.get("error"), Cancelled), outcome
+    assert not qemu_pids(tmp_path), "the boot check's QEMU outlived the cancel"
+    stages = json.loads((target.state_dir() / "135.json").read_text())["stages"]
+    assert "attach" in stages and "boot" not in stages
+    recorder.events.clear()
+    result = migration.run()
+    assert result["stages"]["boot"]["result"]["outcome"] == "powered-off"
+    assert ("stage-skip", "attach", None) in stage_sequence(recorder.of(135))
+    assert guest_report(result["stages"]["boot"]["result"]["serial"])[2] == manifest["marker"]
+
+
 def test_cancel_of_one_migration_leaves_the_other_running(tmp_path, source_of):
     target = local_target(tmp_path / "target", accel="tcg")
     recorder = Recorder()
@@ -239,6 +265,8 @@ def test_same_vmid_is_refused_while_another_thread_migrates_it(tmp_path, source_
         second.run()
     assert "VMID 150" in refused.value.message and refused.value.hint
     assert second.status.state == "failed"
+    with pytest.raises(LockedError):  # the same object, twice at once
+        first.run()
     assert first.status.state == "running"
     first.cancel()
     thread.join(10)

@@ -266,9 +266,14 @@ class Migration:
         """Run every stage not yet done; return the final state record (with ``nothing_to_do`` when
         it had finished before). ``Cancelled`` if ``cancel()`` stopped it; ``LockedError`` while
         another run (a thread or a process) migrates the same VMID on the target."""
+        with self._lock:
+            assert self._status is not None
+            if self._status.state == "running":  # its status is the running one's: leave it be
+                raise LockedError(f"VMID {self.vmid} is being migrated by this Migration already",
+                                  hint="wait for its run() to end")
+            self._status = MigrationStatus(self.vmid, state="running")
         token = self._token
         self._progress = _Progress()
-        self._update(state="running", stage=None, done=0, total=0, result=None, error=None)
         try:
             with interrupts.cancelled_by(token):
                 token.check()
