@@ -10,6 +10,7 @@ declare -A need=(
   [losetup]=mount
   [blkid]=util-linux
   [fallocate]=util-linux
+  [setpriv]=util-linux
   [mkfs.ext4]=e2fsprogs
   [pvcreate]=lvm2
   [xorriso]=xorriso
