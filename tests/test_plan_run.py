@@ -588,3 +588,23 @@ def test_stop_flag_from_another_thread_stops_the_run_resumably(tmp_path, manifes
     assert not json.loads((tmp_path / "target" / "migrations" / "503.json").read_text())["finished"]
     again = run_plan(vms, parallel=3)
     assert again.ok and [vm.result for vm in again.vms if vm.name == "slow"] == ["migrated"]
+
+
+def test_rule_warnings_read_as_warnings_in_plan_output() -> None:
+    """Findings of warning severity (kind "finding") keep their "warning:" label in `plan run`'s lines."""
+    import io
+
+    from v2p.events import Event
+    from v2p.planrun import VMRun
+    from v2p.planview import PlanView
+
+    out = io.StringIO()
+    view = PlanView(out, live=False)
+    vm = VMRun(name="web01", vmid=120, node="", storage="local")
+    view(vm, Event("finding", "preflight", "vtpm: the TPM state does not move",
+                   data={"rule": "vtpm", "severity": "warning"}))
+    view(vm, Event("finding", "preflight", "snapshot-chain: consolidated", data={"rule": "snapshot-chain",
+                                                                                 "severity": "info"}))
+    lines = out.getvalue().splitlines()
+    assert lines == ["[web01] [preflight] warning: vtpm: the TPM state does not move",
+                     "[web01] [preflight] snapshot-chain: consolidated"]

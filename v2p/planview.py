@@ -37,7 +37,7 @@ class PlanView:
             if line is not None:
                 print(line, file=self.stream, flush=True)
             return
-        if line is not None and event.kind in ("warning", "vm-done"):
+        if line is not None and (event.kind in ("warning", "vm-done") or _is_warning(event)):
             self._clear()
             print(line, file=self.stream)
         if event.kind != "progress" or time.monotonic() - self.last_draw >= REDRAW:
@@ -54,7 +54,7 @@ class PlanView:
             return f"{head} [{event.stage}] already {event.message}, skipped"
         if event.kind == "stage-done":
             return f"{head} [{event.stage}] done in {event.message}"
-        if event.kind == "warning":
+        if event.kind == "warning" or _is_warning(event):
             return f"{head} [{event.stage}] warning: {event.message}"
         if event.kind in ("vm-start", "vm-done", "vm-wait"):
             vmid = f" VMID {vm.vmid}" if vm.vmid is not None else ""
@@ -121,3 +121,8 @@ def dry_run_text(report: PlanReport) -> str:
         lines += [f"  {text}" for text in vm.about]
         lines += [f"    {name:<10} {'done, would skip' if done else text}" for name, text, done in vm.plan]
     return "\n".join(lines)
+
+
+def _is_warning(event: Event) -> bool:
+    """A preflight rule finding of warning severity (kind "finding"): shown like any warning."""
+    return event.kind == "finding" and event.data.get("severity") == "warning"
