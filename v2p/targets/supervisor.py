@@ -64,6 +64,7 @@ class QemuProcess:
         """
         self.qmp_path.unlink(missing_ok=True)
         self._tether = tether = Tether([*argv, "-S"], log=self.run_dir / "qemu.log")
+        monitor = None
         try:
             deadline = time.monotonic() + QMP_WAIT
             while not self.qmp_path.exists():
@@ -85,6 +86,8 @@ class QemuProcess:
                 raise self._failed(f"cannot talk QMP: {exc}") from None
         except BaseException:
             self.kill()
+            if monitor is not None:
+                close_quietly(monitor)  # QEMU is gone: the socket closes at once
             raise
         return monitor
 
@@ -103,7 +106,16 @@ class QemuProcess:
     def qmp(self) -> Any:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
-        monitor = QEMUMonitorProtocol(str(self.qmp_path))
+        class Monitor(QEMUMonitorProtocol):  # type: ignore[misc]
+            def __del__(self) -> None:
+                # qemu.qmp closes a forgotten session when collected; one an interrupt broke off
+                # mid-call cannot be closed again, and its traceback would land on stderr at exit.
+                try:
+                    super().__del__()
+                except Exception:  # noqa: S110 - nothing is left to close
+                    pass
+
+        monitor = Monitor(str(self.qmp_path))
         monitor.connect(negotiate=True)
         return monitor
 
