@@ -34,7 +34,7 @@ demo: samples
 	@grep -a 'v2p-guest' $(DEMO_DIR)/run/$(DEMO_VMID)/serial.log | tr -d '\r'
 
 test: samples lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: setup
 	$(BIN)/ruff check v2p tests bench sample_images
