@@ -57,7 +57,8 @@ TOKEN_ENV = "V2P_PVE_TOKEN"
 PASSWORD_ENV = "V2P_PVE_PASSWORD"
 SECRETS_ENV = "V2P_PVE_SECRETS"
 QEMU_RUN_ENV = "V2P_PVE_QEMU_RUN_DIR"  # where the node's qemu-server keeps VM sockets (tests point it elsewhere)
-TASK_POLL = 0.5
+TASK_POLL = 0.5  # seconds between polls of a long task; short ones are polled sooner (TASK_FIRST_POLL, doubling)
+TASK_FIRST_POLL = 0.05
 _FINGERPRINT = re.compile(r"[0-9a-fA-F]{2}(?::?[0-9a-fA-F]{2}){31}")
 # Storage types whose disks are files (qcow2 by default); all others hold raw volumes only.
 _FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs", "cephfs", "btrfs"}
@@ -597,6 +598,7 @@ class ProxmoxTarget(Target):
         deadline = time.monotonic() + timeout
         path = f"nodes/{node}/tasks/{quote(upid, safe='')}"
         self._waited.append(upid)
+        pause = TASK_FIRST_POLL  # most tasks (config, start, stop) end within a fraction of a second
         while True:
             check_interrupts()
             status = self.call("GET", f"{path}/status")
@@ -605,7 +607,8 @@ class ProxmoxTarget(Target):
             if time.monotonic() > deadline:
                 raise TargetError(f"PVE task {what} still running after {timeout:.0f} s ({upid})",
                                   hint="see the task log in the PVE web interface")
-            time.sleep(TASK_POLL)
+            time.sleep(pause)
+            pause = min(pause * 2, TASK_POLL)
         exit_status = str(status.get("exitstatus", ""))
         if exit_status != "OK":
             lines = self.call("GET", f"{path}/log", start=0, limit=1000) or []
