@@ -449,3 +449,23 @@ def test_migrate_takes_a_pve_url_string_as_its_target(tmp_path, source_of, pve, 
     assert any(event.kind == "progress" for event in recorder.of(200))
     assert pve.cluster.vms[200].config["scsi0"].startswith("local:200/vm-200-disk-")
     assert pve.refused == [] and pve.unsimulated == []
+
+
+def test_a_full_storage_is_its_own_error_type(tmp_path, source_of):
+    """A panel (and `plan run`) tells "no room" from other target errors by type, not by the message's words."""
+    from v2p import NoSpaceError, TargetError
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small)], check=True)
+    try:
+        target = local_target(tmp_path / "target")
+        target.add_storage("small", "dir", {"path": str(small)})
+        with pytest.raises(NoSpaceError) as info:
+            migrate(source_of("monolithicFlat").descriptor, 150, target=target, storage="small", boot_check=False)
+        assert isinstance(info.value, TargetError) and "not enough space" in info.value.message
+        assert info.value.hint and not target.vm_exists(150)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

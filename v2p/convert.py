@@ -19,7 +19,7 @@ from pathlib import Path
 from stat import S_ISBLK, S_ISREG
 
 from . import verify
-from .errors import SourceError, TargetError, ToolError
+from .errors import NoSpaceError, SourceError, TargetError, ToolError
 from .fsutil import private_dir, write_atomic
 from .inspect.model import DiskImage, ExtentKind
 from .runner import run, run_streaming
@@ -190,7 +190,7 @@ def _writing(dest: Volume, write: Callable[[], None]) -> None:
         write()
     except ToolError as exc:
         if "No space left on device" in exc.message or "ENOSPC" in exc.message:
-            raise TargetError(f"{dest.path}: the target storage ran out of space while writing",
+            raise NoSpaceError(f"{dest.path}: the target storage ran out of space while writing",
                               hint="free some space and run the same command again to resume") from None
         raise
 

@@ -53,6 +53,10 @@ class TargetError(V2PError):
     exit_code = 4
 
 
+class NoSpaceError(TargetError):
+    """A storage (or the staging folder) has less room than the disks need."""
+
+
 class VMIDExistsError(TargetError):
     """The VMID asked for is already taken on the target."""
 

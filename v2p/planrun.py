@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from . import api, interrupts
-from .errors import LockedError, V2PError
+from .errors import LockedError, NoSpaceError, V2PError
 from .events import Event
 from .options import OptionError
 from .state import MigrationState, VmidLock
@@ -331,7 +331,7 @@ class _Runner:
                     required += int(room["required_bytes"])
                     free = int(room["free_bytes"])
         except V2PError as exc:
-            if "not enough space" not in exc.message:
+            if not isinstance(exc, NoSpaceError):
                 return _Need(key, 0, None)  # the child's preflight says what is wrong, in its own words
             self._no_room(index, key, exc.exit_code, str(exc))
             return None

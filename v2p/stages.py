@@ -15,7 +15,7 @@ from typing import Any
 from . import drivers, pveconfig, rules
 from .bootwatch import clean
 from .dance import DanceOptions, DriverDance
-from .errors import SourceError, TargetError, VMIDExistsError
+from .errors import NoSpaceError, SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
 from .options import MigrationOptions, OptionError
 from .runner import which
@@ -161,7 +161,7 @@ class Preflight(Stage):
         if ctx.options.copy_with == "dd" and fmt != "raw":
             raise OptionError("--copy-with dd writes raw disks only", hint="add --format raw")
         if required > room["free_bytes"]:  # each disk fits alone; all of them must fit together
-            raise TargetError(f"not enough space on {room['storage']}: the disks need {required} bytes, "
+            raise NoSpaceError(f"not enough space on {room['storage']}: the disks need {required} bytes, "
                               f"{room['free_bytes']} are free", hint="free some space or choose another --storage")
         if ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance:
             which("qemu-system-x86_64")

@@ -43,7 +43,7 @@ from requests.adapters import HTTPAdapter
 from .. import convert
 from ..bootwatch import SETTLE, BootWatch
 from ..convert import Source as QemuInput
-from ..errors import NoSuchVMError, TargetError, VMIDExistsError
+from ..errors import NoSpaceError, NoSuchVMError, TargetError, VMIDExistsError
 from ..fsutil import private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
@@ -919,7 +919,7 @@ class RemoteImportSink(DiskSink):
         final = convert.measure(src, self.fmt)
         local_free = shutil.disk_usage(self.target.staging_dir()).free
         if staged > local_free:
-            raise TargetError(f"not enough space in {self.target.staging_dir()} to stage the disk: "
+            raise NoSpaceError(f"not enough space in {self.target.staging_dir()} to stage the disk: "
                               f"{staged} bytes needed, {local_free} free", hint="free some space")
         rooms = {self.import_storage: staged}
         rooms[self.storage] = rooms.get(self.storage, 0) + final
@@ -927,7 +927,7 @@ class RemoteImportSink(DiskSink):
         for name, needed in rooms.items():
             avail = int(self.target.storage_status(name).get("avail", 0))
             if needed > avail:
-                raise TargetError(f"not enough space on PVE storage {name}: {needed} bytes needed, "
+                raise NoSpaceError(f"not enough space on PVE storage {name}: {needed} bytes needed, "
                                   f"{avail} free", hint="free some space or choose another --storage")
             free = avail if name == self.storage else free
         return {"storage": f"PVE {self.target.settings.node}:{self.storage}", "format": self.fmt,

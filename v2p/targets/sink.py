@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import convert
 from ..convert import Source as QemuInput
-from ..errors import TargetError
+from ..errors import NoSpaceError, TargetError
 from ..inspect.model import DiskImage
 from ..options import OptionError
 from ..storage import Storage, Volume
@@ -58,7 +58,7 @@ class StorageSink(DiskSink):
         required = self.storage.required_bytes(capacity, convert.measure(src, self.fmt))
         free = self.storage.free_bytes()
         if required > free:
-            raise TargetError(f"not enough space on {self.storage.describe()}: the disk needs {required} "
+            raise NoSpaceError(f"not enough space on {self.storage.describe()}: the disk needs {required} "
                               f"bytes, {free} are free", hint="free some space or choose another --storage")
         return {"storage": self.storage.describe(), "format": self.fmt, "required_bytes": required,
                 "free_bytes": free}
