@@ -608,3 +608,29 @@ def test_rule_warnings_read_as_warnings_in_plan_output() -> None:
     lines = out.getvalue().splitlines()
     assert lines == ["[web01] [preflight] warning: vtpm: the TPM state does not move",
                      "[web01] [preflight] snapshot-chain: consolidated"]
+
+
+def test_a_child_that_ignores_sigint_is_killed_after_the_grace(monkeypatch) -> None:
+    """A stuck migration must not hold a stopped run forever: after STOP_GRACE it gets SIGKILL."""
+    import signal as sig
+    import time as clock
+
+    from v2p import planrun
+
+    monkeypatch.setattr(planrun, "STOP_GRACE", 0.5)
+    runner = planrun._Runner([], parallel=1, per_storage=1, per_node=1, on_event=lambda vm, event: None,
+                             stop=None, accel="tcg", lock_wait=1)
+    stuck = subprocess.Popen(["sh", "-c", "trap '' INT; sleep 60"])
+    try:
+        clock.sleep(0.2)  # the trap is set
+        child = planrun._Child(0, stuck, planrun._Need("local", 0, None), clock.monotonic(), open_fds={-1})
+        runner.running[0] = child
+        runner._interrupt(sig.SIGINT)
+        runner._tick()
+        assert stuck.poll() is None  # SIGINT ignored, still within the grace
+        clock.sleep(0.6)
+        runner._tick()
+        assert stuck.wait(timeout=5) == -sig.SIGKILL
+    finally:
+        stuck.kill()
+        runner.selector.close()

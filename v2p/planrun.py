@@ -55,6 +55,9 @@ LOCK_WAIT = 120.0
 LOCK_RETRY = 1.0
 STDERR_TAIL = 20  # lines of a child's stderr kept for the report when it dies without an error line
 TICK = 0.2  # seconds between looks at the stop flag and at VMs waiting for a retry
+# How long children get to stop on SIGINT before SIGKILL: v2p stops within a second or two (a PVE task in
+# flight is waited for), so a child still there after this is stuck, and a stuck child must not hold the run.
+STOP_GRACE = 120.0
 
 
 class PlanVM(Protocol):
@@ -204,6 +207,7 @@ class _Runner:
         self.running: dict[int, _Child] = {}
         self.selector = selectors.DefaultSelector()
         self.interrupted: int | None = None
+        self.stopping_since: float | None = None  # when the children got SIGINT
         self.measured: dict[int, _Need] = {}
         self.changed = True  # something ended since the waiting VMs were last looked at
 
@@ -229,6 +233,8 @@ class _Runner:
             self._interrupt(signal.SIGINT)
         if self.interrupted is None:
             self._start_what_fits()
+        elif self.stopping_since is not None and time.monotonic() - self.stopping_since > STOP_GRACE:
+            self._interrupt(self.interrupted)  # they ignored SIGINT: SIGKILL, as a second Ctrl-C does
         for key, _mask in self.selector.select(timeout=TICK):
             self._read(key.data, key.fd)
         for child in [c for c in self.running.values() if not c.open_fds]:
@@ -239,6 +245,7 @@ class _Runner:
         they stop (a second Ctrl-C), they get SIGKILL: a killed migration resumes as well (its records
         are written atomically; its QEMU and qemu-img die with it), it only skips tidying up."""
         again = self.interrupted is not None
+        self.stopping_since = None if again else time.monotonic()
         if not again:
             self.interrupted = signum
             for index in self.pending:
