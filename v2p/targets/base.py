@@ -48,10 +48,11 @@ class DiskSink(abc.ABC):
     * Written bytes sit under a temporary name until ``commit``: a VM config never
       names a volume that was not verified, and a run killed midway leaves only a
       temporary volume (``written``) that the next ``write`` replaces.
-    * A storage that writes in place (a block device) has no temporary name: there
-      ``written`` and ``exists`` both only say that the device is there, and
-      ``commit`` is a no-op; the caller's record (``fingerprint``) says whether it
-      holds what was written.
+    * A storage that writes in place (a block device, or a volume the target
+      allocates under its final name, as PVE does for LVs) has no temporary name:
+      there ``written`` and ``exists`` both only say that the device or volume is
+      there, and ``commit`` is a no-op; the caller's record (``fingerprint``) says
+      whether it holds what was written. Nothing attaches it before it is verified.
     * A full storage while writing is a ``TargetError`` whose hint says to rerun
       (the write starts over); a failed write leaves no temporary volume behind.
     * Written bytes are flushed to stable storage before ``write`` returns.
@@ -59,7 +60,7 @@ class DiskSink(abc.ABC):
 
     volid: str  # the final volume id the VM config attaches
     fmt: str  # "qcow2" or "raw"
-    in_place: bool  # written where it stays (a block device): no temporary name, nothing renamed
+    in_place: bool  # written where it stays (a block device, a target-allocated volume): nothing renamed
 
     @abc.abstractmethod
     def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
