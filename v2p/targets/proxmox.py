@@ -1,21 +1,12 @@
-"""A Proxmox VE node as the target, driven over its HTTPS API (``proxmoxer``).
+"""A Proxmox VE node as the target: ``ProxmoxTarget``, every PVE API call v2p makes (through
+``proxmoxer``: HTTPS with a token or a ticket, or pvesh on the node), tasks polled to their end, the
+guest watched through its serial socket (on the node) or its guest agent.
 
-Where: ``pve://[user@realm[!tokenid]@]host[:port]/node?storage=local-lvm`` (``target_from_url``).
-Secrets (an API token's secret, or a password) come from ``V2P_PVE_TOKEN`` /
-``V2P_PVE_PASSWORD`` or a secrets file, never from the URL (it ends up in argv and
-in state files), and are never logged nor ``describe()``d.
-
-TLS is verified against the system CAs by default; PVE's self-signed certificate
-is pinned with ``fingerprint=<SHA256 hex>`` (the peer's certificate digest is
-checked on every connection, the ticket request included); ``insecure=1`` turns
-checking off and only when asked.
-
-Disks: PVE storages are not local ``Storage`` objects, so ``storage()`` refuses
-and ``disk_sink`` is the only way bytes reach the node (``RemoteImportSink``):
-``qemu-img convert`` into a local qcow2 staging file, compared with the source
-there, then uploaded (with its SHA-256, which PVE checks) into a storage's
-``import`` content; the VM config attaches it with ``import-from``, which makes
-PVE copy it into a fresh volume of the disk's storage.
+Around it, one job each: ``pve_settings`` (where the node is, who v2p is there, the secret),
+``pve_transport`` (forms, TLS pinning, the ticket login, uploads, pvesh), ``pve_import`` (the remote
+path's disk sink: upload + ``import-from``), ``pve_node`` (the on-node disk sink: straight into the
+storage). PVE storages are not local ``Storage`` objects, so ``storage()`` refuses and ``disk_sink``
+is the only way bytes reach the node.
 """
 
 from __future__ import annotations
@@ -23,393 +14,43 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import stat
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import quote
 
 import requests
 from proxmoxer import ResourceException
-from proxmoxer.backends.command_base import CommandBaseSession, JsonSimpleSerializer
-from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, ProxmoxHTTPAuthBase, ProxmoxHttpSession
+from proxmoxer.backends.command_base import JsonSimpleSerializer
+from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, ProxmoxHttpSession
 from proxmoxer.core import ProxmoxResource
-from requests.adapters import HTTPAdapter
 
-from .. import convert
 from ..bootwatch import SETTLE, BootWatch
-from ..convert import Source as QemuInput
-from ..errors import NoSpaceError, NoSuchVMError, TargetError, VMIDExistsError
+from ..errors import NoSuchVMError, TargetError, VMIDExistsError
 from ..fsutil import private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
-from ..runner import run, which
-from ..storage import Storage, Volume
+from ..storage import Storage
 from .base import BootReport, DiskSink, Target, VMConfig
+from .pve_import import RemoteImportSink
+from .pve_settings import PveSettings, target_from_url
+from .pve_transport import (
+    FingerprintAdapter,
+    MultipartFile,
+    _connection_error,
+    _PveshSession,
+    _TicketAuth,
+    form,
+)
 from .serialtap import SerialTap
 
-DEFAULT_PORT = 8006
-TOKEN_ENV = "V2P_PVE_TOKEN"
-PASSWORD_ENV = "V2P_PVE_PASSWORD"
-SECRETS_ENV = "V2P_PVE_SECRETS"
+__all__ = ["ProxmoxTarget", "PveSettings", "RemoteImportSink", "target_from_url"]
+
 QEMU_RUN_ENV = "V2P_PVE_QEMU_RUN_DIR"  # where the node's qemu-server keeps VM sockets (tests point it elsewhere)
 TASK_POLL = 0.5  # seconds between polls of a long task; short ones are polled sooner (TASK_FIRST_POLL, doubling)
 TASK_FIRST_POLL = 0.05
-_FINGERPRINT = re.compile(r"[0-9a-fA-F]{2}(?::?[0-9a-fA-F]{2}){31}")
 # Storage types whose disks are files (qcow2 by default); all others hold raw volumes only.
 _FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs", "cephfs", "btrfs"}
-
-
-@dataclass
-class PveSettings:
-    """Where a PVE target is and how v2p logs in; ``secret`` never leaves this object."""
-
-    host: str
-    node: str
-    port: int = DEFAULT_PORT
-    user: str = "root@pam"
-    token_id: str | None = None
-    storage: str = "local-lvm"
-    import_storage: str = "local"  # a storage with the ``import`` content type: uploads land there
-    fingerprint: str | None = None
-    insecure: bool = False
-    timeout: float = 30.0
-    on_node: bool = False  # v2p runs on the node: storage paths and VM serial sockets are local
-    backend: str = "https"  # or "local": pvesh on the node itself, as root, no secret
-    secret: str = field(default="", repr=False)
-
-    def public(self) -> dict[str, str]:
-        return {"kind": "proxmox", "host": self.host, "port": str(self.port), "node": self.node,
-                "user": self.user + (f"!{self.token_id}" if self.token_id else "")}
-
-
-def _bool(value: str, where: str) -> bool:
-    if value.lower() in ("1", "yes", "true", "on"):
-        return True
-    if value.lower() in ("0", "no", "false", "off", ""):
-        return False
-    raise OptionError(f"{where}: {value!r} is not a yes/no value", hint="use 1 or 0")
-
-
-def read_secrets_file(path: Path) -> dict[str, str]:
-    """``key = value`` lines (``token``, ``password``); refused if others may read it."""
-    try:
-        info = path.stat()
-        text = path.read_text()
-    except OSError as exc:
-        raise OptionError(f"{path}: cannot read the PVE secrets file: {exc.strerror}") from None
-    if info.st_mode & 0o077:
-        raise OptionError(f"{path}: the PVE secrets file is readable by others",
-                          hint=f"chmod 600 {path}")
-    found: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or key.strip() not in ("token", "password"):
-            raise OptionError(f"{path}:{number}: expected 'token = SECRET' or 'password = SECRET'")
-        found[key.strip()] = value.strip()
-    return found
-
-
-def _config_home(env: dict[str, str]) -> Path:
-    return Path(env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config"))
-
-
-def _default_secrets_file(env: dict[str, str]) -> Path:
-    return _config_home(env) / "v2p" / "pve-secrets"
-
-
-# Every setting but the secret, by the name the URL query, the config file and (upper-cased, - as _,
-# V2P_PVE_ before it) the environment use: V2P_PVE_HOST, V2P_PVE_NODE, V2P_PVE_ON_NODE, ...
-SETTINGS = ("host", "port", "node", "user", "storage", "import", "fingerprint", "insecure", "timeout", "on-node",
-            "backend")
-CONFIG_ENV = "V2P_PVE_CONFIG"
-
-
-def _env_name(key: str) -> str:
-    return "V2P_PVE_" + key.upper().replace("-", "_")
-
-
-def read_config_file(path: Path) -> dict[str, str]:
-    """``key = value`` lines of the settings above; secrets are refused (they go in pve-secrets)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise OptionError(f"{path}: cannot read the PVE settings file: {exc.strerror}") from None
-    found: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        key, sep, value = (part.strip() for part in line.partition("="))
-        if key in ("token", "password", "secret"):
-            raise OptionError(f"{path}:{number}: a {key} does not belong in the settings file",
-                              hint=f"put it in {_default_secrets_file(dict(os.environ))} (mode 600) or ${TOKEN_ENV}")
-        if not sep or key not in SETTINGS:
-            raise OptionError(f"{path}:{number}: expected 'key = value' with a key of: {', '.join(SETTINGS)}")
-        found[key] = value
-    return found
-
-
-def _url_values(url: str) -> dict[str, str]:
-    """The settings a ``pve://`` URL gives (``pve`` alone gives none)."""
-    where = "the PVE target URL"
-    if url == "pve":
-        return {}
-    parts = urlsplit(url)
-    if parts.scheme != "pve":
-        raise OptionError(f"{where} {url!r} does not start with pve://",
-                          hint="pve://root@pam!v2p@pve.example.com/pve?storage=local-lvm")
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if ":" in userinfo:
-        raise OptionError(f"{where} carries a password: refused (it would show in the process list "
-                          "and the state file)", hint=f"put it in ${PASSWORD_ENV} or ${TOKEN_ENV} instead")
-    found: dict[str, str] = {"user": unquote(userinfo)} if at else {}
-    host, port = hostport, ""
-    if hostport.startswith("["):  # an IPv6 literal
-        host, _, rest = hostport[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        host = f"[{host}]"
-    elif ":" in hostport:
-        host, port = hostport.rsplit(":", 1)
-    found.update({key: value for key, value in (("host", host), ("port", port), ("node", parts.path.strip("/")))
-                  if value})
-    for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if key not in SETTINGS or key in ("host", "port", "node", "user"):
-            raise OptionError(f"{where}: unknown setting {key!r}",
-                              hint="known: storage, import, fingerprint, insecure, timeout, on-node, backend")
-        found[key] = value
-    return found
-
-
-def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
-    """Settings from ``pve://[user@realm[!tokenid]@]host[:port][/node]?storage=NAME``, over the
-    environment (``V2P_PVE_HOST``, ``V2P_PVE_NODE``, ...), over the settings file
-    (``$V2P_PVE_CONFIG``, else ``$XDG_CONFIG_HOME/v2p/pve.conf``); ``url`` may be just ``pve``.
-
-    Query keys: ``storage`` (disks), ``import`` (the storage uploads go to), ``fingerprint``,
-    ``insecure``, ``timeout``, ``on-node``. The secret comes from ``env`` (``V2P_PVE_TOKEN`` with a
-    token id, else ``V2P_PVE_PASSWORD``) or the secrets file (``$V2P_PVE_SECRETS``, else
-    ``$XDG_CONFIG_HOME/v2p/pve-secrets``). No node anywhere: the target asks PVE (one node only).
-    """
-    env = dict(os.environ) if env is None else env
-    config = Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else _config_home(env) / "v2p" / "pve.conf"
-    values = read_config_file(config) if env.get(CONFIG_ENV) or config.exists() else {}
-    values.update({key: env[_env_name(key)] for key in SETTINGS if env.get(_env_name(key))})
-    values.update(_url_values(url))
-    where = "the PVE target"
-    settings = PveSettings(host="", node="")
-    settings.backend = values.get("backend", "https")
-    if settings.backend not in ("https", "local"):
-        raise OptionError(f"{where}: backend {settings.backend!r} is not https or local",
-                          hint="local: v2p runs as root on the node and calls pvesh")
-    if settings.backend == "local":
-        values.setdefault("host", "localhost")  # pvesh talks to this node's own API
-        values["on-node"] = "1"
-    user = values.get("user", settings.user)
-    if "!" in user:
-        user, settings.token_id = user.split("!", 1)
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", settings.token_id):
-            raise OptionError(f"{where}: {settings.token_id!r} is not an API token id")
-    if not re.fullmatch(r"[^\s@!:/]+@[A-Za-z0-9._-]+", user):
-        raise OptionError(f"{where}: {user!r} is not user@realm", hint="root@pam, v2p@pve, ...")
-    settings.user = user
-    host = values.get("host", "")
-    if not host or not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", host):
-        raise OptionError(f"{where} {url!r} names no host",
-                          hint=f"pve://HOST/NODE, or set ${_env_name('host')}")
-    settings.host = host
-    port = values.get("port", "")
-    if port:
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise OptionError(f"{where}: port {port!r} is not a port number")
-        settings.port = int(port)
-    node = values.get("node", "")
-    if node and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", node):
-        raise OptionError(f"{where}: {node!r} is not a PVE node name", hint="the node's name is the path: pve://HOST/NODE")
-    settings.node = node
-    settings.storage = values.get("storage", settings.storage)
-    settings.import_storage = values.get("import", settings.import_storage)
-    if "fingerprint" in values:
-        value = values["fingerprint"]
-        if not _FINGERPRINT.fullmatch(value):
-            raise OptionError(f"{where}: fingerprint {value!r} is not a SHA-256 (64 hex digits)",
-                              hint="see: pvenode cert info on the node")
-        settings.fingerprint = value.replace(":", "").lower()
-    settings.insecure = _bool(values.get("insecure", ""), f"{where}: insecure")
-    settings.on_node = _bool(values.get("on-node", ""), f"{where}: on-node")
-    if "timeout" in values:
-        try:
-            settings.timeout = float(values["timeout"])
-        except ValueError:
-            raise OptionError(f"{where}: timeout {values['timeout']!r} is not a number of seconds") from None
-        if not 0 < settings.timeout < 86400:
-            raise OptionError(f"{where}: timeout {values['timeout']!r} is not a number of seconds")
-    for name in (settings.storage, settings.import_storage):
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name):
-            raise OptionError(f"{where}: {name!r} is not a PVE storage id")
-    if settings.backend == "https":  # pvesh runs as root: no secret
-        settings.secret = _secret(settings, env)
-    return settings
-
-
-def _secret(settings: PveSettings, env: dict[str, str]) -> str:
-    name, key = (TOKEN_ENV, "token") if settings.token_id else (PASSWORD_ENV, "password")
-    if env.get(name):
-        return env[name]
-    path = Path(env[SECRETS_ENV]) if env.get(SECRETS_ENV) else _default_secrets_file(env)
-    if path.exists() or env.get(SECRETS_ENV):
-        value = read_secrets_file(path).get(key)
-        if value:
-            return value
-    what = f"the secret of API token {settings.user}!{settings.token_id}" if settings.token_id \
-        else f"the password of {settings.user}"
-    raise OptionError(f"no {key} for the PVE target: {what} is needed",
-                      hint=f"set ${name}, or put '{key} = ...' in {path} (mode 600)")
-
-
-def form(values: dict[str, Any]) -> dict[str, str]:
-    """Form values as PVE reads them: booleans 0/1, numbers as text; None left out.
-    (requests percent-encodes the body, so ``;``, ``&`` and a second ``=`` survive.)"""
-    out: dict[str, str] = {}
-    for key, value in values.items():
-        if value is None:
-            continue
-        out[key] = ("1" if value else "0") if isinstance(value, bool) else str(value)
-    return out
-
-
-class FingerprintAdapter(HTTPAdapter):
-    """Accept exactly the peer certificate whose SHA-256 is ``fingerprint`` (urllib3 checks the
-    digest of the certificate the server presented, on every new connection)."""
-
-    def __init__(self, fingerprint: str) -> None:
-        self.fingerprint = fingerprint
-        super().__init__()
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["assert_fingerprint"] = self.fingerprint
-        super().init_poolmanager(*args, **kwargs)
-
-
-class _TicketAuth(ProxmoxHTTPAuthBase):  # type: ignore[misc]
-    """User + password: a ticket fetched through v2p's own (pinned) session, renewed hourly.
-    (proxmoxer's own password auth posts the password with a bare ``requests.post``, which
-    would skip the fingerprint check.)"""
-
-    renew_age = 3600.0
-
-    def __init__(self, session: requests.Session, base_url: str, user: str, password: str,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._session, self._url, self._user, self._password = session, base_url, user, password
-        self.ticket, self.csrf, self.birth = "", "", 0.0
-
-    def login(self) -> None:
-        try:
-            resp = self._session.post(f"{self._url}/access/ticket", verify=self.verify_ssl,
-                                      timeout=self.timeout,
-                                      data={"username": self._user, "password": self._password})
-        except requests.RequestException as exc:
-            raise _connection_error(self._url, exc) from None
-        if resp.status_code != 200:
-            raise TargetError(f"PVE at {self._url}: logging in as {self._user} failed "
-                              f"({resp.status_code} {resp.reason})",
-                              hint=f"check the user and ${PASSWORD_ENV}; an API token is preferred")
-        data = resp.json()["data"]
-        self.ticket, self.csrf, self.birth = data["ticket"], data["CSRFPreventionToken"], time.monotonic()
-
-    def get_cookies(self) -> Any:
-        return requests.cookies.cookiejar_from_dict({"PVEAuthCookie": self.ticket})
-
-    def __call__(self, req: Any) -> Any:
-        if time.monotonic() - self.birth >= self.renew_age:
-            self.login()
-            req.headers.pop("Cookie", None)  # the expired ticket's; prepare_cookies keeps an existing one
-            req.prepare_cookies(self.get_cookies())
-        if req.method != "GET":
-            req.headers["CSRFPreventionToken"] = self.csrf
-        return req
-
-
-def _connection_error(url: str, exc: Exception) -> TargetError:
-    text = str(exc)
-    if "Fingerprints did not match" in text:
-        return TargetError(f"PVE at {url}: the server's certificate does not have the pinned fingerprint",
-                           hint="compare with 'pvenode cert info' on the node; refused")
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        return TargetError(f"PVE at {url}: its TLS certificate is not trusted",
-                           hint="pin it: add ?fingerprint=<SHA-256 from 'pvenode cert info'> to the URL")
-    # The text names the URL and the socket's complaint, never a header (where a token would be).
-    reason = re.sub(r"\s+", " ", text)[-200:]
-    return TargetError(f"the connection to PVE at {url} failed or broke off: {type(exc).__name__} ({reason})",
-                       hint="check the host and port (8006 by default), then run the same command again")
-
-
-class _PveshSession(CommandBaseSession):  # type: ignore[misc]
-    """proxmoxer's local backend, with pvesh run through v2p's runner (logged, cancellable, no
-    stray child); pvesh runs a call's worker task to its end before it returns."""
-
-    def __init__(self, timeout: float) -> None:
-        super().__init__(service="PVE", timeout=timeout)
-        which("pvesh")  # a clear error off a PVE node, before any call
-
-    def _exec(self, cmd: list[str]) -> tuple[str, str, int]:
-        done = run(cmd, timeout=self.timeout, check=False)
-        return done.stdout, done.stderr, done.returncode
-
-
-class MultipartFile:
-    """A multipart/form-data body streamed from a file: form fields, then the file (PVE's
-    upload reads the file part last). Its length is known, so no chunked encoding.
-    (Not an ``io`` object: requests would take its failing ``tell()`` for a body already read.)"""
-
-    def __init__(self, fields: dict[str, str], name: str, path: Path) -> None:
-        self.boundary = uuid.uuid4().hex
-        head = b"".join(
-            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
-            for key, value in fields.items())
-        head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="filename"; '
-                 f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
-        self._parts: list[bytes | Path] = [head, path, f"\r\n--{self.boundary}--\r\n".encode()]
-        self._length = len(head) + path.stat().st_size + len(self._parts[2])  # type: ignore[arg-type]
-        self._chunks = self._iterate()
-        self._pending, self._offset = b"", 0  # the chunk being read, and how far
-
-    @property
-    def content_type(self) -> str:
-        return f"multipart/form-data; boundary={self.boundary}"
-
-    def __len__(self) -> int:
-        return self._length
-
-    def _iterate(self) -> Iterator[bytes]:
-        for part in self._parts:
-            if isinstance(part, bytes):
-                yield part
-                continue
-            with open(part, "rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    check_interrupts()  # a cancelled migration stops its upload within a MiB
-                    yield chunk
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes (at most one chunk: callers loop), b"" at the end."""
-        while not self._pending:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                return b""
-            self._pending, self._offset = chunk, 0
-        end = len(self._pending) if size < 0 else min(len(self._pending), self._offset + size)
-        out = self._pending[self._offset:end]
-        self._offset = end
-        if end == len(self._pending):
-            self._pending = b""
-        return out
 
 
 class ProxmoxTarget(Target):
@@ -884,121 +525,3 @@ def _pve_efidisk(storage: str, secure: bool) -> str:
     from ..pveconfig import efidisk
 
     return efidisk(storage, secure_boot=secure)
-
-
-class RemoteImportSink(DiskSink):
-    """Disk ``index`` of VM ``vmid``: converted locally to qcow2, uploaded into the import
-    storage, attached with ``import-from`` (PVE copies it into ``storage`` as ``fmt``).
-
-    ``volid`` is the value PVE needs to create the disk once (``STORAGE:0,import-from=...``):
-    after the attach PVE's config names the volume it allocated. The staging file stays until
-    ``remove`` so a committed disk can still be verified (PVE has no download of import volumes).
-    """
-
-    in_place = False
-
-    def __init__(self, target: ProxmoxTarget, vmid: int, index: int, *, fmt: str, storage: str) -> None:
-        self.target, self.vmid, self.index, self.fmt, self.storage = target, vmid, index, fmt, storage
-        self.import_storage = target.settings.import_storage
-        self.filename = f"v2p-{vmid}-disk-{index}.qcow2"
-        self.import_volid = f"{self.import_storage}:import/{self.filename}"
-        self.volid = f"{storage}:0,import-from={self.import_volid},format={fmt}"
-
-    @property
-    def staging(self) -> Volume:
-        return Volume(self.import_volid, self.target.staging_dir() / self.filename, "qcow2")
-
-    def _content(self) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = self.target.call(
-            "GET", f"nodes/{self.target.settings.node}/storage/{self.import_storage}/content",
-            content="import") or []
-        return found
-
-    def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
-        staged = convert.measure(src, "qcow2")
-        final = convert.measure(src, self.fmt)
-        local_free = shutil.disk_usage(self.target.staging_dir()).free
-        if staged > local_free:
-            raise NoSpaceError(f"not enough space in {self.target.staging_dir()} to stage the disk: "
-                              f"{staged} bytes needed, {local_free} free", hint="free some space")
-        rooms = {self.import_storage: staged}
-        rooms[self.storage] = rooms.get(self.storage, 0) + final
-        free = 0
-        for name, needed in rooms.items():
-            avail = int(self.target.storage_status(name).get("avail", 0))
-            if needed > avail:
-                raise NoSpaceError(f"not enough space on PVE storage {name}: {needed} bytes needed, "
-                                  f"{avail} free", hint="free some space or choose another --storage")
-            free = avail if name == self.storage else free
-        return {"storage": f"PVE {self.target.settings.node}:{self.storage}", "format": self.fmt,
-                "required_bytes": sum(rooms.values()) if self.storage == self.import_storage else final,
-                "free_bytes": free}
-
-    def exists(self) -> bool:
-        return any(entry.get("volid") == self.import_volid for entry in self._content())
-
-    def written(self) -> bool:
-        return self.staging.path.exists() and not self.exists()
-
-    def write(self, src: QemuInput, *, capacity: int, progress: Callable[[float], None] | None = None,
-              bwlimit: int | None = None) -> None:
-        self._delete_upload()
-        staging = self.staging
-        staging.path.unlink(missing_ok=True)
-        try:
-            convert.convert(src, staging, capacity=capacity, bwlimit=bwlimit, on_progress=progress)
-        except BaseException:
-            staging.path.unlink(missing_ok=True)
-            raise
-
-    def verify(self, src: QemuInput, *, capacity: int) -> None:
-        if not self.staging.path.exists():
-            raise TargetError(f"nothing written for {self.import_volid} to verify (no staging file)",
-                              hint="run the same command again: the disk is written anew")
-        convert.compare(src, self.staging, capacity=capacity)
-
-    def commit(self) -> str:
-        if self.exists():
-            return self.volid
-        path = self.staging.path
-        if not path.exists():
-            raise TargetError(f"nothing written for {self.import_volid} to commit",
-                              hint="run the same command again: the disk is written anew")
-        self.target.upload(self.import_storage, "import", path, self.filename)
-        if not self.exists():
-            raise TargetError(f"PVE upload of {self.filename} finished but {self.import_volid} is not there")
-        return self.volid
-
-    def attached(self, value: str) -> bool:
-        """Whether a disk key's ``value`` in the VM config is what PVE made of ``volid``: a volume of
-        this VM on ``storage`` (PVE rewrites ``STORAGE:0,import-from=...`` to the volume it allocated,
-        so comparing with ``volid`` cannot tell; Attach needs this to know it is done)."""
-        volume = value.split(",")[0]
-        name, _, rest = volume.partition(":")
-        return name == self.storage and "import-from=" not in value and \
-            re.fullmatch(rf"(?:{self.vmid}/)?vm-{self.vmid}-disk-\d+(?:\.(?:raw|qcow2))?", rest) is not None
-
-    def _delete_upload(self) -> None:
-        if self.exists():
-            node = self.target.settings.node
-            self.target._task(self.target.call(
-                "DELETE", f"nodes/{node}/storage/{self.import_storage}/content/{quote(self.import_volid, safe='')}"),
-                f"delete {self.import_volid}")
-
-    def remove(self) -> None:
-        self._delete_upload()
-        self.staging.path.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        # PVE copied the upload into the VM's own volume: neither copy is needed any more.
-        self.remove()
-
-    def fingerprint(self) -> dict[str, Any]:
-        path = self.staging.path
-        try:
-            return convert.fingerprint(path) if stat.S_ISREG(path.stat().st_mode) else {}
-        except OSError:
-            return {}
-
-    def __repr__(self) -> str:
-        return f"RemoteImportSink({self.volid})"

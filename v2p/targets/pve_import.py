@@ -1,0 +1,141 @@
+"""The remote path's disk sink: a disk converted locally to qcow2, verified there, uploaded (with its
+SHA-256, which PVE checks) into a storage's ``import`` content, and attached with ``import-from``, which
+makes PVE copy it into a fresh volume of the disk's storage. The path that works for API tokens.
+
+Not here: the on-node path (``pve_node``), the API calls themselves (``proxmox``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from .. import convert
+from ..convert import Source as QemuInput
+from ..errors import NoSpaceError, TargetError
+from ..storage import Volume
+from .base import DiskSink
+
+if TYPE_CHECKING:
+    from .proxmox import ProxmoxTarget
+
+class RemoteImportSink(DiskSink):
+    """Disk ``index`` of VM ``vmid``: converted locally to qcow2, uploaded into the import
+    storage, attached with ``import-from`` (PVE copies it into ``storage`` as ``fmt``).
+
+    ``volid`` is the value PVE needs to create the disk once (``STORAGE:0,import-from=...``):
+    after the attach PVE's config names the volume it allocated. The staging file stays until
+    ``remove`` so a committed disk can still be verified (PVE has no download of import volumes).
+    """
+
+    in_place = False
+
+    def __init__(self, target: ProxmoxTarget, vmid: int, index: int, *, fmt: str, storage: str) -> None:
+        self.target, self.vmid, self.index, self.fmt, self.storage = target, vmid, index, fmt, storage
+        self.import_storage = target.settings.import_storage
+        self.filename = f"v2p-{vmid}-disk-{index}.qcow2"
+        self.import_volid = f"{self.import_storage}:import/{self.filename}"
+        self.volid = f"{storage}:0,import-from={self.import_volid},format={fmt}"
+
+    @property
+    def staging(self) -> Volume:
+        return Volume(self.import_volid, self.target.staging_dir() / self.filename, "qcow2")
+
+    def _content(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.target.call(
+            "GET", f"nodes/{self.target.settings.node}/storage/{self.import_storage}/content",
+            content="import") or []
+        return found
+
+    def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
+        staged = convert.measure(src, "qcow2")
+        final = convert.measure(src, self.fmt)
+        local_free = shutil.disk_usage(self.target.staging_dir()).free
+        if staged > local_free:
+            raise NoSpaceError(f"not enough space in {self.target.staging_dir()} to stage the disk: "
+                              f"{staged} bytes needed, {local_free} free", hint="free some space")
+        rooms = {self.import_storage: staged}
+        rooms[self.storage] = rooms.get(self.storage, 0) + final
+        free = 0
+        for name, needed in rooms.items():
+            avail = int(self.target.storage_status(name).get("avail", 0))
+            if needed > avail:
+                raise NoSpaceError(f"not enough space on PVE storage {name}: {needed} bytes needed, "
+                                  f"{avail} free", hint="free some space or choose another --storage")
+            free = avail if name == self.storage else free
+        return {"storage": f"PVE {self.target.settings.node}:{self.storage}", "format": self.fmt,
+                "required_bytes": sum(rooms.values()) if self.storage == self.import_storage else final,
+                "free_bytes": free}
+
+    def exists(self) -> bool:
+        return any(entry.get("volid") == self.import_volid for entry in self._content())
+
+    def written(self) -> bool:
+        return self.staging.path.exists() and not self.exists()
+
+    def write(self, src: QemuInput, *, capacity: int, progress: Callable[[float], None] | None = None,
+              bwlimit: int | None = None) -> None:
+        self._delete_upload()
+        staging = self.staging
+        staging.path.unlink(missing_ok=True)
+        try:
+            convert.convert(src, staging, capacity=capacity, bwlimit=bwlimit, on_progress=progress)
+        except BaseException:
+            staging.path.unlink(missing_ok=True)
+            raise
+
+    def verify(self, src: QemuInput, *, capacity: int) -> None:
+        if not self.staging.path.exists():
+            raise TargetError(f"nothing written for {self.import_volid} to verify (no staging file)",
+                              hint="run the same command again: the disk is written anew")
+        convert.compare(src, self.staging, capacity=capacity)
+
+    def commit(self) -> str:
+        if self.exists():
+            return self.volid
+        path = self.staging.path
+        if not path.exists():
+            raise TargetError(f"nothing written for {self.import_volid} to commit",
+                              hint="run the same command again: the disk is written anew")
+        self.target.upload(self.import_storage, "import", path, self.filename)
+        if not self.exists():
+            raise TargetError(f"PVE upload of {self.filename} finished but {self.import_volid} is not there")
+        return self.volid
+
+    def attached(self, value: str) -> bool:
+        """Whether a disk key's ``value`` in the VM config is what PVE made of ``volid``: a volume of
+        this VM on ``storage`` (PVE rewrites ``STORAGE:0,import-from=...`` to the volume it allocated,
+        so comparing with ``volid`` cannot tell; Attach needs this to know it is done)."""
+        volume = value.split(",")[0]
+        name, _, rest = volume.partition(":")
+        return name == self.storage and "import-from=" not in value and \
+            re.fullmatch(rf"(?:{self.vmid}/)?vm-{self.vmid}-disk-\d+(?:\.(?:raw|qcow2))?", rest) is not None
+
+    def _delete_upload(self) -> None:
+        if self.exists():
+            node = self.target.settings.node
+            self.target._task(self.target.call(
+                "DELETE", f"nodes/{node}/storage/{self.import_storage}/content/{quote(self.import_volid, safe='')}"),
+                f"delete {self.import_volid}")
+
+    def remove(self) -> None:
+        self._delete_upload()
+        self.staging.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        # PVE copied the upload into the VM's own volume: neither copy is needed any more.
+        self.remove()
+
+    def fingerprint(self) -> dict[str, Any]:
+        path = self.staging.path
+        try:
+            return convert.fingerprint(path) if stat.S_ISREG(path.stat().st_mode) else {}
+        except OSError:
+            return {}
+
+    def __repr__(self) -> str:
+        return f"RemoteImportSink({self.volid})"

@@ -1,0 +1,230 @@
+"""Where a Proxmox VE target is and who v2p is there: ``PveSettings`` from a ``pve://`` URL, the
+``V2P_PVE_*`` environment and the settings file, in that order; the secret from the environment or the
+0600 secrets file, never from a URL or the settings file (both end up where others read them).
+
+Not here: talking to PVE (``pve_transport``), the target itself (``proxmox``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ..options import OptionError
+
+DEFAULT_PORT = 8006
+TOKEN_ENV = "V2P_PVE_TOKEN"
+PASSWORD_ENV = "V2P_PVE_PASSWORD"
+SECRETS_ENV = "V2P_PVE_SECRETS"
+_FINGERPRINT = re.compile(r"[0-9a-fA-F]{2}(?::?[0-9a-fA-F]{2}){31}")
+
+
+@dataclass
+class PveSettings:
+    """Where a PVE target is and how v2p logs in; ``secret`` never leaves this object."""
+
+    host: str
+    node: str
+    port: int = DEFAULT_PORT
+    user: str = "root@pam"
+    token_id: str | None = None
+    storage: str = "local-lvm"
+    import_storage: str = "local"  # a storage with the ``import`` content type: uploads land there
+    fingerprint: str | None = None
+    insecure: bool = False
+    timeout: float = 30.0
+    on_node: bool = False  # v2p runs on the node: storage paths and VM serial sockets are local
+    backend: str = "https"  # or "local": pvesh on the node itself, as root, no secret
+    secret: str = field(default="", repr=False)
+
+    def public(self) -> dict[str, str]:
+        return {"kind": "proxmox", "host": self.host, "port": str(self.port), "node": self.node,
+                "user": self.user + (f"!{self.token_id}" if self.token_id else "")}
+
+
+def _bool(value: str, where: str) -> bool:
+    if value.lower() in ("1", "yes", "true", "on"):
+        return True
+    if value.lower() in ("0", "no", "false", "off", ""):
+        return False
+    raise OptionError(f"{where}: {value!r} is not a yes/no value", hint="use 1 or 0")
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """``key = value`` lines (``token``, ``password``); refused if others may read it."""
+    try:
+        info = path.stat()
+        text = path.read_text()
+    except OSError as exc:
+        raise OptionError(f"{path}: cannot read the PVE secrets file: {exc.strerror}") from None
+    if info.st_mode & 0o077:
+        raise OptionError(f"{path}: the PVE secrets file is readable by others",
+                          hint=f"chmod 600 {path}")
+    found: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or key.strip() not in ("token", "password"):
+            raise OptionError(f"{path}:{number}: expected 'token = SECRET' or 'password = SECRET'")
+        found[key.strip()] = value.strip()
+    return found
+
+
+def _config_home(env: dict[str, str]) -> Path:
+    return Path(env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config"))
+
+
+def _default_secrets_file(env: dict[str, str]) -> Path:
+    return _config_home(env) / "v2p" / "pve-secrets"
+
+
+# Every setting but the secret, by the name the URL query, the config file and (upper-cased, - as _,
+# V2P_PVE_ before it) the environment use: V2P_PVE_HOST, V2P_PVE_NODE, V2P_PVE_ON_NODE, ...
+SETTINGS = ("host", "port", "node", "user", "storage", "import", "fingerprint", "insecure", "timeout", "on-node",
+            "backend")
+CONFIG_ENV = "V2P_PVE_CONFIG"
+
+
+def _env_name(key: str) -> str:
+    return "V2P_PVE_" + key.upper().replace("-", "_")
+
+
+def read_config_file(path: Path) -> dict[str, str]:
+    """``key = value`` lines of the settings above; secrets are refused (they go in pve-secrets)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise OptionError(f"{path}: cannot read the PVE settings file: {exc.strerror}") from None
+    found: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = (part.strip() for part in line.partition("="))
+        if key in ("token", "password", "secret"):
+            raise OptionError(f"{path}:{number}: a {key} does not belong in the settings file",
+                              hint=f"put it in {_default_secrets_file(dict(os.environ))} (mode 600) or ${TOKEN_ENV}")
+        if not sep or key not in SETTINGS:
+            raise OptionError(f"{path}:{number}: expected 'key = value' with a key of: {', '.join(SETTINGS)}")
+        found[key] = value
+    return found
+
+
+def _url_values(url: str) -> dict[str, str]:
+    """The settings a ``pve://`` URL gives (``pve`` alone gives none)."""
+    where = "the PVE target URL"
+    if url == "pve":
+        return {}
+    parts = urlsplit(url)
+    if parts.scheme != "pve":
+        raise OptionError(f"{where} {url!r} does not start with pve://",
+                          hint="pve://root@pam!v2p@pve.example.com/pve?storage=local-lvm")
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        raise OptionError(f"{where} carries a password: refused (it would show in the process list "
+                          "and the state file)", hint=f"put it in ${PASSWORD_ENV} or ${TOKEN_ENV} instead")
+    found: dict[str, str] = {"user": unquote(userinfo)} if at else {}
+    host, port = hostport, ""
+    if hostport.startswith("["):  # an IPv6 literal
+        host, _, rest = hostport[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        host = f"[{host}]"
+    elif ":" in hostport:
+        host, port = hostport.rsplit(":", 1)
+    found.update({key: value for key, value in (("host", host), ("port", port), ("node", parts.path.strip("/")))
+                  if value})
+    for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if key not in SETTINGS or key in ("host", "port", "node", "user"):
+            raise OptionError(f"{where}: unknown setting {key!r}",
+                              hint="known: storage, import, fingerprint, insecure, timeout, on-node, backend")
+        found[key] = value
+    return found
+
+
+def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
+    """Settings from ``pve://[user@realm[!tokenid]@]host[:port][/node]?storage=NAME``, over the
+    environment (``V2P_PVE_HOST``, ``V2P_PVE_NODE``, ...), over the settings file
+    (``$V2P_PVE_CONFIG``, else ``$XDG_CONFIG_HOME/v2p/pve.conf``); ``url`` may be just ``pve``.
+
+    Query keys: ``storage`` (disks), ``import`` (the storage uploads go to), ``fingerprint``,
+    ``insecure``, ``timeout``, ``on-node``. The secret comes from ``env`` (``V2P_PVE_TOKEN`` with a
+    token id, else ``V2P_PVE_PASSWORD``) or the secrets file (``$V2P_PVE_SECRETS``, else
+    ``$XDG_CONFIG_HOME/v2p/pve-secrets``). No node anywhere: the target asks PVE (one node only).
+    """
+    env = dict(os.environ) if env is None else env
+    config = Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else _config_home(env) / "v2p" / "pve.conf"
+    values = read_config_file(config) if env.get(CONFIG_ENV) or config.exists() else {}
+    values.update({key: env[_env_name(key)] for key in SETTINGS if env.get(_env_name(key))})
+    values.update(_url_values(url))
+    where = "the PVE target"
+    settings = PveSettings(host="", node="")
+    settings.backend = values.get("backend", "https")
+    if settings.backend not in ("https", "local"):
+        raise OptionError(f"{where}: backend {settings.backend!r} is not https or local",
+                          hint="local: v2p runs as root on the node and calls pvesh")
+    if settings.backend == "local":
+        values.setdefault("host", "localhost")  # pvesh talks to this node's own API
+        values["on-node"] = "1"
+    user = values.get("user", settings.user)
+    if "!" in user:
+        user, settings.token_id = user.split("!", 1)
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", settings.token_id):
+            raise OptionError(f"{where}: {settings.token_id!r} is not an API token id")
+    if not re.fullmatch(r"[^\s@!:/]+@[A-Za-z0-9._-]+", user):
+        raise OptionError(f"{where}: {user!r} is not user@realm", hint="root@pam, v2p@pve, ...")
+    settings.user = user
+    host = values.get("host", "")
+    if not host or not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", host):
+        raise OptionError(f"{where} {url!r} names no host",
+                          hint=f"pve://HOST/NODE, or set ${_env_name('host')}")
+    settings.host = host
+    port = values.get("port", "")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise OptionError(f"{where}: port {port!r} is not a port number")
+        settings.port = int(port)
+    node = values.get("node", "")
+    if node and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", node):
+        raise OptionError(f"{where}: {node!r} is not a PVE node name", hint="the node's name is the path: pve://HOST/NODE")
+    settings.node = node
+    settings.storage = values.get("storage", settings.storage)
+    settings.import_storage = values.get("import", settings.import_storage)
+    if "fingerprint" in values:
+        value = values["fingerprint"]
+        if not _FINGERPRINT.fullmatch(value):
+            raise OptionError(f"{where}: fingerprint {value!r} is not a SHA-256 (64 hex digits)",
+                              hint="see: pvenode cert info on the node")
+        settings.fingerprint = value.replace(":", "").lower()
+    settings.insecure = _bool(values.get("insecure", ""), f"{where}: insecure")
+    settings.on_node = _bool(values.get("on-node", ""), f"{where}: on-node")
+    if "timeout" in values:
+        try:
+            settings.timeout = float(values["timeout"])
+        except ValueError:
+            raise OptionError(f"{where}: timeout {values['timeout']!r} is not a number of seconds") from None
+        if not 0 < settings.timeout < 86400:
+            raise OptionError(f"{where}: timeout {values['timeout']!r} is not a number of seconds")
+    for name in (settings.storage, settings.import_storage):
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name):
+            raise OptionError(f"{where}: {name!r} is not a PVE storage id")
+    if settings.backend == "https":  # pvesh runs as root: no secret
+        settings.secret = _secret(settings, env)
+    return settings
+
+
+def _secret(settings: PveSettings, env: dict[str, str]) -> str:
+    name, key = (TOKEN_ENV, "token") if settings.token_id else (PASSWORD_ENV, "password")
+    if env.get(name):
+        return env[name]
+    path = Path(env[SECRETS_ENV]) if env.get(SECRETS_ENV) else _default_secrets_file(env)
+    if path.exists() or env.get(SECRETS_ENV):
+        value = read_secrets_file(path).get(key)
+        if value:
+            return value
+    what = f"the secret of API token {settings.user}!{settings.token_id}" if settings.token_id \
+        else f"the password of {settings.user}"
+    raise OptionError(f"no {key} for the PVE target: {what} is needed",
+                      hint=f"set ${name}, or put '{key} = ...' in {path} (mode 600)")

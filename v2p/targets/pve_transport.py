@@ -1,0 +1,165 @@
+"""How v2p talks to PVE: form values as PVE reads them, TLS pinned to a certificate fingerprint, the
+ticket login through that pinned session, one-line connection errors, a streamed multipart upload body,
+and pvesh (proxmoxer's local backend) run through v2p's runner.
+
+Not here: what the calls mean (``proxmox``), where the node is (``pve_settings``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import requests
+from proxmoxer.backends.command_base import CommandBaseSession
+from proxmoxer.backends.https import ProxmoxHTTPAuthBase
+from requests.adapters import HTTPAdapter
+
+from ..errors import TargetError
+from ..interrupts import check as check_interrupts
+from ..runner import run, which
+from .pve_settings import PASSWORD_ENV
+
+
+def form(values: dict[str, Any]) -> dict[str, str]:
+    """Form values as PVE reads them: booleans 0/1, numbers as text; None left out.
+    (requests percent-encodes the body, so ``;``, ``&`` and a second ``=`` survive.)"""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        out[key] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return out
+
+
+class FingerprintAdapter(HTTPAdapter):
+    """Accept exactly the peer certificate whose SHA-256 is ``fingerprint`` (urllib3 checks the
+    digest of the certificate the server presented, on every new connection)."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["assert_fingerprint"] = self.fingerprint
+        super().init_poolmanager(*args, **kwargs)
+
+
+class _TicketAuth(ProxmoxHTTPAuthBase):  # type: ignore[misc]
+    """User + password: a ticket fetched through v2p's own (pinned) session, renewed hourly.
+    (proxmoxer's own password auth posts the password with a bare ``requests.post``, which
+    would skip the fingerprint check.)"""
+
+    renew_age = 3600.0
+
+    def __init__(self, session: requests.Session, base_url: str, user: str, password: str,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._session, self._url, self._user, self._password = session, base_url, user, password
+        self.ticket, self.csrf, self.birth = "", "", 0.0
+
+    def login(self) -> None:
+        try:
+            resp = self._session.post(f"{self._url}/access/ticket", verify=self.verify_ssl,
+                                      timeout=self.timeout,
+                                      data={"username": self._user, "password": self._password})
+        except requests.RequestException as exc:
+            raise _connection_error(self._url, exc) from None
+        if resp.status_code != 200:
+            raise TargetError(f"PVE at {self._url}: logging in as {self._user} failed "
+                              f"({resp.status_code} {resp.reason})",
+                              hint=f"check the user and ${PASSWORD_ENV}; an API token is preferred")
+        data = resp.json()["data"]
+        self.ticket, self.csrf, self.birth = data["ticket"], data["CSRFPreventionToken"], time.monotonic()
+
+    def get_cookies(self) -> Any:
+        return requests.cookies.cookiejar_from_dict({"PVEAuthCookie": self.ticket})
+
+    def __call__(self, req: Any) -> Any:
+        if time.monotonic() - self.birth >= self.renew_age:
+            self.login()
+            req.headers.pop("Cookie", None)  # the expired ticket's; prepare_cookies keeps an existing one
+            req.prepare_cookies(self.get_cookies())
+        if req.method != "GET":
+            req.headers["CSRFPreventionToken"] = self.csrf
+        return req
+
+
+def _connection_error(url: str, exc: Exception) -> TargetError:
+    text = str(exc)
+    if "Fingerprints did not match" in text:
+        return TargetError(f"PVE at {url}: the server's certificate does not have the pinned fingerprint",
+                           hint="compare with 'pvenode cert info' on the node; refused")
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return TargetError(f"PVE at {url}: its TLS certificate is not trusted",
+                           hint="pin it: add ?fingerprint=<SHA-256 from 'pvenode cert info'> to the URL")
+    # The text names the URL and the socket's complaint, never a header (where a token would be).
+    reason = re.sub(r"\s+", " ", text)[-200:]
+    return TargetError(f"the connection to PVE at {url} failed or broke off: {type(exc).__name__} ({reason})",
+                       hint="check the host and port (8006 by default), then run the same command again")
+
+
+class _PveshSession(CommandBaseSession):  # type: ignore[misc]
+    """proxmoxer's local backend, with pvesh run through v2p's runner (logged, cancellable, no
+    stray child); pvesh runs a call's worker task to its end before it returns."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(service="PVE", timeout=timeout)
+        which("pvesh")  # a clear error off a PVE node, before any call
+
+    def _exec(self, cmd: list[str]) -> tuple[str, str, int]:
+        done = run(cmd, timeout=self.timeout, check=False)
+        return done.stdout, done.stderr, done.returncode
+
+
+class MultipartFile:
+    """A multipart/form-data body streamed from a file: form fields, then the file (PVE's
+    upload reads the file part last). Its length is known, so no chunked encoding.
+    (Not an ``io`` object: requests would take its failing ``tell()`` for a body already read.)"""
+
+    def __init__(self, fields: dict[str, str], name: str, path: Path) -> None:
+        self.boundary = uuid.uuid4().hex
+        head = b"".join(
+            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+            for key, value in fields.items())
+        head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="filename"; '
+                 f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+        self._parts: list[bytes | Path] = [head, path, f"\r\n--{self.boundary}--\r\n".encode()]
+        self._length = len(head) + path.stat().st_size + len(self._parts[2])  # type: ignore[arg-type]
+        self._chunks = self._iterate()
+        self._pending, self._offset = b"", 0  # the chunk being read, and how far
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _iterate(self) -> Iterator[bytes]:
+        for part in self._parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            with open(part, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    check_interrupts()  # a cancelled migration stops its upload within a MiB
+                    yield chunk
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (at most one chunk: callers loop), b"" at the end."""
+        while not self._pending:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                return b""
+            self._pending, self._offset = chunk, 0
+        end = len(self._pending) if size < 0 else min(len(self._pending), self._offset + size)
+        out = self._pending[self._offset:end]
+        self._offset = end
+        if end == len(self._pending):
+            self._pending = b""
+        return out
