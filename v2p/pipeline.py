@@ -278,7 +278,7 @@ class Pipeline:
             current = self.source.fingerprint()
         except (V2PError, OSError):
             return False  # moved or deleted after the migration: the VM is still the one it made
-        return current != recorded
+        return bool(current != recorded)
 
     def _stale(self, request: dict[str, Any]) -> bool:
         """A record that means nothing now: its VM was removed since it finished,

@@ -28,6 +28,7 @@ import yaml
 from . import api, rules
 from .errors import StateError, V2PError
 from .options import BUSES, COPIERS, FORMATS, OSTYPES, SCSIHW, MigrationOptions, OptionError, check_vmid
+from .sources import open_source
 from .state import MigrationState
 from .targets.base import Target
 
@@ -874,7 +875,7 @@ class _Checker:
 def _described(path: Path) -> str:
     """What a migration of ``path`` records as its source (``Source.describe()``)."""
     try:
-        return api.open_source(path).describe()
+        return open_source(path).describe()
     except V2PError:
         return str(path)
 

@@ -125,7 +125,7 @@ class Inspect(Stage):
 
     def holds(self, ctx: Context, record: Record) -> bool:
         try:
-            return ctx.source.fingerprint() == record["files"]
+            return bool(ctx.source.fingerprint() == record["files"])
         except (SourceError, OSError):
             return False
 
@@ -261,7 +261,7 @@ class Convert(Stage):
         sink = ctx.sink(self.index)
         if ctx.guest_owns_disk:  # it writes, a qcow2 grows: only that it is still there
             return sink.exists() or sink.written()
-        return sink.volid == record["volid"] and sink.fingerprint() == record["fingerprint"]
+        return bool(sink.volid == record["volid"] and sink.fingerprint() == record["fingerprint"])
 
 
 class Verify(Stage):

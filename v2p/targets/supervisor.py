@@ -106,7 +106,7 @@ class QemuProcess:
     def qmp(self) -> Any:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
-        class Monitor(QEMUMonitorProtocol):  # type: ignore[misc]
+        class Monitor(QEMUMonitorProtocol):
             def __del__(self) -> None:
                 # qemu.qmp closes a forgotten session when collected; one an interrupt broke off
                 # mid-call cannot be closed again, and its traceback would land on stderr at exit.
