@@ -162,8 +162,10 @@ class DriverDance:
             hold_point("dance:boot1-started")
         else:
             self._say("boot 1 is under way: still waiting for the guest's driver signal")
-        # With the operator's word there is nothing to wait for: just look once.
-        wait = 0.0 if confirmed else self.options.boot1_wait
+        # With the operator's word there is nothing to wait for: just look once. Nor is there when
+        # the guest's console cannot be read from here: its driver signal would never be seen.
+        sees = self.target.sees_console(self.vmid)
+        wait = 0.0 if confirmed or not sees else self.options.boot1_wait
         seen, output = self.target.observe(self.vmid, timeout=wait, patterns={
             "ready": self.options.driver_signal, "stop": STOP_CODE})
         if seen == "stop":
@@ -176,9 +178,10 @@ class DriverDance:
             return {"signal": "operator", "at": now()}
         # The operator installs the drivers in this very boot: it must outlive v2p.
         self.target.release(self.vmid)
+        why = f"no sign from the guest that it has the virtio drivers after {self.options.boot1_wait:g}s" if sees \
+            else "its console cannot be read from here, so the guest's driver install cannot be seen"
         raise OperatorNeeded(
-            f"VM {self.vmid}: no sign from the guest that it has the virtio drivers after "
-            f"{self.options.boot1_wait:g}s (it is still up on IDE with the drivers ISO attached)",
+            f"VM {self.vmid}: {why} (it is up on IDE with the drivers ISO attached)",
             hint=f"install them in the guest (Device Manager, the ISO on the CD drive), then run: "
                  f"v2p dance {self.vmid} --continue")
 

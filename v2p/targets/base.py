@@ -233,6 +233,11 @@ class Target(abc.ABC):
     def stop(self, vmid: int, *, timeout: float = 60.0) -> bool:
         """Shut the VM down (power button, then hard after ``timeout``); True if it went cleanly."""
 
+    def sees_console(self, vmid: int) -> bool:
+        """Whether ``guest_output`` shows what the guest writes on its serial port (else only whether
+        it runs can be seen: waiting for a word from the guest is pointless)."""
+        return True
+
     @abc.abstractmethod
     def guest_output(self, vmid: int) -> str:
         """What the guest printed on its serial port since it was last started ('' if unknown)."""
