@@ -307,8 +307,7 @@ class Plan:
 
         if self._read_problems:
             raise PlanError(self._read_problems, file=self.file)
-        vms: list[Any] = list(self.vms)  # run_plan reads them through its own PlanVM protocol
-        return run_plan(vms, **options)
+        return run_plan(self.vms, **options)
 
 
 class _Reader:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
@@ -195,7 +195,7 @@ class _Child:
 class _Runner:
     """The parent's loop: one thread, one selector over every child's stdout and stderr."""
 
-    def __init__(self, vms: list[PlanVM], *, parallel: int, per_storage: int, per_node: int,
+    def __init__(self, vms: Sequence[PlanVM], *, parallel: int, per_storage: int, per_node: int,
                  on_event: PlanEventHandler, stop: threading.Event | None, accel: str, lock_wait: float) -> None:
         self.vms, self.parallel, self.per_storage, self.per_node = vms, parallel, per_storage, per_node
         self.emit, self.stop, self.accel, self.lock_wait = on_event, stop, accel, lock_wait
@@ -522,7 +522,7 @@ def _migration(vm: PlanVM, accel: str) -> api.Migration:
     return api.Migration(vm.source, vm.vmid, target=target, **vm.options)
 
 
-def run_plan(vms: list[PlanVM], *, parallel: int = PARALLEL, dry_run: bool = False,
+def run_plan(vms: Sequence[PlanVM], *, parallel: int = PARALLEL, dry_run: bool = False,
              on_event: PlanEventHandler | None = None, per_storage: int = PER_STORAGE, per_node: int = PER_NODE,
              stop: threading.Event | None = None, accel: str = "auto", lock_wait: float = LOCK_WAIT) -> PlanReport:
     """Migrate (or resume) every VM of a plan, each in a child process; see the module docstring.
@@ -544,7 +544,7 @@ def run_plan(vms: list[PlanVM], *, parallel: int = PARALLEL, dry_run: bool = Fal
                    accel=accel, lock_wait=lock_wait).run()
 
 
-def _dry_run(vms: list[PlanVM], accel: str, emit: PlanEventHandler) -> PlanReport:
+def _dry_run(vms: Sequence[PlanVM], accel: str, emit: PlanEventHandler) -> PlanReport:
     runs = []
     for vm in vms:
         run = VMRun(vm.name, vm.vmid if isinstance(vm.vmid, int) else None, vm.node or "",
