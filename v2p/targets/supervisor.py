@@ -76,7 +76,7 @@ class QemuProcess:
                                     f"in {QMP_WAIT:g}s")
                 time.sleep(0.02)
             try:
-                monitor = self.qmp()
+                monitor = self._connect(tether, deadline)
                 hold_point("qemu:paused")
                 monitor.cmd("cont")
             except Exception as exc:
@@ -90,6 +90,19 @@ class QemuProcess:
                 close_quietly(monitor)  # QEMU is gone: the socket closes at once
             raise
         return monitor
+
+    def _connect(self, tether: Tether, deadline: float) -> Any:
+        """QMP, once QEMU listens: its socket file appears at bind(), a moment before listen(), and a
+        connection in between is refused (seen under load), so a refusal is retried while QEMU runs."""
+        while True:
+            try:
+                return self.qmp()
+            except Exception as exc:
+                refused = isinstance(getattr(exc, "exc", exc), ConnectionRefusedError)
+                if not refused or not tether.alive() or time.monotonic() > deadline:
+                    raise
+            check_interrupts()
+            time.sleep(0.05)
 
     def _failed(self, fallback: str) -> ToolError:
         text = _read(self.run_dir / "qemu.log").strip()
