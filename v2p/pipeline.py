@@ -38,7 +38,7 @@ from .fsutil import remove_tree
 from .options import MigrationOptions, check_vmid
 from .sources import Source, open_source
 from .spec import VMSpec
-from .stages import STAGES, Context, Stage, stage_kind, stages_for
+from .stages import STAGES, Context, Stage, disk_stage, stage_kind, stages_for
 from .state import MigrationState, VmidLock, check_fields, now
 from .targets.base import Target
 from .testhooks import hold_point
@@ -201,7 +201,7 @@ class Pipeline:
             ours = self.target.vm_exists(self.vmid) and ctx.tag() in \
                 self.target.get_config(self.vmid).get("description", "")
             written = [index for index in range(len(ctx.disks()))
-                       if ("convert" if index == 0 else f"convert:{index}") in (*self.state.stages, stage)]
+                       if disk_stage("convert", index) in (*self.state.stages, stage)]
             if not ours and not written:  # the VMID was taken, the create refused: nothing of ours
                 self._failed(stage, exc, workdir)
                 return

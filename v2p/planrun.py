@@ -35,6 +35,7 @@ from . import api, interrupts
 from .errors import LockedError, NoSpaceError, V2PError
 from .events import Event
 from .options import OptionError
+from .stages import disk_stage
 from .state import MigrationState, VmidLock
 
 # Two children keep a 2-core machine responsive: each one's qemu-img convert is mostly one busy core
@@ -328,7 +329,7 @@ class _Runner:
             spec = options.hardware(pipeline.source.spec())
             with tempfile.TemporaryDirectory(prefix="v2p-plan-measure-") as workdir:
                 for disk_index, disk in enumerate(spec.ordered_disks()):
-                    if ("convert" if disk_index == 0 else f"convert:{disk_index}") in stages:
+                    if disk_stage("convert", disk_index) in stages:
                         continue
                     given = pipeline.source.disk_input(disk, Path(workdir) / str(disk_index))
                     sink = migration.target.disk_sink(migration.vmid, disk_index, fmt=options.fmt,

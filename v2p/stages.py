@@ -30,6 +30,12 @@ GUEST_LINES = 20  # the guest's last serial lines shown after a boot check
 CHECK_STOP_GRACE = 5.0  # seconds the boot check's VM gets to act on the power button
 
 
+def disk_stage(kind: str, index: int) -> str:
+    """The record name of a per-disk stage: ``convert`` / ``verify`` for the boot disk (the names a
+    one-disk migration always had), ``convert:N`` / ``verify:N`` for disk N."""
+    return kind if index == 0 else f"{kind}:{index}"
+
+
 @dataclass
 class Context:
     """What every stage of one migration may read.
@@ -237,7 +243,7 @@ class Convert(Stage):
 
     def __init__(self, index: int = 0) -> None:
         self.index = self.disk = index
-        self.name = "convert" if index == 0 else f"convert:{index}"
+        self.name = disk_stage("convert", index)
 
     def run(self, ctx: Context) -> Record:
         sink, given = ctx.sink(self.index), ctx.disk_input(self.index)
@@ -272,7 +278,7 @@ class Verify(Stage):
 
     def __init__(self, index: int = 0) -> None:
         self.index = self.disk = index
-        self.name = "verify" if index == 0 else f"verify:{index}"
+        self.name = disk_stage("verify", index)
 
     def run(self, ctx: Context) -> Record:
         sink, given = ctx.sink(self.index), ctx.disk_input(self.index)
@@ -307,7 +313,7 @@ class Attach(Stage):
         updates: dict[str, str] = {}
         for disk, key in placed:
             index = by_label[disk.label]
-            volid = ctx.records["verify" if index == 0 else f"verify:{index}"]["volid"]
+            volid = ctx.records[disk_stage("verify", index)]["volid"]
             updates[key] = pveconfig.disk_value(volid, ctx.disk_input(index).capacity)
         updates["boot"] = pveconfig.boot_order([key for _disk, key in placed])
         ctx.target.set_config(ctx.vmid, updates)
