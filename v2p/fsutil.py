@@ -22,6 +22,13 @@ from .errors import TargetError
 PRIVATE_DIR = 0o700
 
 
+def data_home() -> Path:
+    """v2p's folder under ``$XDG_DATA_HOME`` (``~/.local/share/v2p``): where every target keeps its state
+    unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "v2p"
+
+
 def private_dir(folder: Path) -> Path:
     """Create ``folder`` (and its parents) 0700 if missing; refuse a link, a non-folder, or one not ours.
 

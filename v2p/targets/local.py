@@ -22,7 +22,7 @@ from typing import Any
 
 from ..bootwatch import SETTLE, BootWatch, Verdict
 from ..errors import NoSuchVMError, TargetError, ToolError, VMIDExistsError
-from ..fsutil import fresh_file, private_dir, write_atomic
+from ..fsutil import data_home, fresh_file, private_dir, write_atomic
 from ..interrupts import check as check_interrupts
 from ..runner import run
 from ..state import vmid_of_name
@@ -39,8 +39,7 @@ def default_dir() -> Path:
     """``$V2P_TARGET_DIR``, else ``$XDG_DATA_HOME/v2p/local`` (``~/.local/share/v2p/local``)."""
     if os.environ.get("V2P_TARGET_DIR"):
         return Path(os.environ["V2P_TARGET_DIR"])
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "v2p" / "local"
+    return data_home() / "local"
 
 
 def probe_accel(requested: str = "auto") -> str:
