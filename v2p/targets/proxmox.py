@@ -27,7 +27,7 @@ from proxmoxer.core import ProxmoxResource
 
 from ..bootwatch import SETTLE, BootWatch
 from ..errors import NoSuchVMError, TargetError, VMIDExistsError
-from ..fsutil import private_dir
+from ..fsutil import data_home, private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
 from ..storage import Storage
@@ -271,8 +271,7 @@ class ProxmoxTarget(Target):
     def state_dir(self) -> Path:
         if self._state_root is not None:
             return self._state_root
-        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-        return Path(base) / "v2p" / "pve" / f"{self.settings.host}-{self.settings.node}"
+        return data_home() / "pve" / f"{self.settings.host}-{self.settings.node}"
 
     def staging_dir(self) -> Path:
         """Where disks are converted before their upload (ours alone)."""
@@ -377,6 +376,12 @@ class ProxmoxTarget(Target):
         # POST runs as a task (an import-from or a new volume may take long); PUT would not wait.
         self._task(self.call("POST", f"{self._qemu(vmid)}/config", **values), f"configure VM {vmid}")
 
+    def delete_volume(self, volid: str) -> None:
+        """Delete ``volid`` (``STORAGE:VOLNAME``) from its storage and wait for PVE's task."""
+        storage = volid.split(":", 1)[0]
+        self._task(self.call("DELETE", f"nodes/{self.settings.node}/storage/{storage}/content/"
+                             f"{quote(volid, safe='')}"), f"delete {volid}")
+
     def destroy_vm(self, vmid: int) -> None:
         self._require(vmid)
         if self.status(vmid) == "running":
@@ -388,8 +393,7 @@ class ProxmoxTarget(Target):
         ours = re.compile(rf"{re.escape(where)}:import/v2p-{vmid}-disk-\d+\.qcow2")
         for entry in self.call("GET", f"nodes/{node}/storage/{where}/content", content="import") or []:
             if ours.fullmatch(str(entry.get("volid", ""))):
-                self._task(self.call("DELETE", f"nodes/{node}/storage/{where}/content/"
-                                     f"{quote(entry['volid'], safe='')}"), f"delete {entry['volid']}")
+                self.delete_volume(str(entry["volid"]))
         for path in self.staging_dir().glob(f"v2p-{vmid}-disk-*.qcow2"):
             path.unlink(missing_ok=True)
         if self.settings.on_node:

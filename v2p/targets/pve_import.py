@@ -12,7 +12,6 @@ import shutil
 import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from .. import convert
 from ..convert import Source as QemuInput
@@ -117,10 +116,7 @@ class RemoteImportSink(DiskSink):
 
     def _delete_upload(self) -> None:
         if self.exists():
-            node = self.target.settings.node
-            self.target._task(self.target.call(
-                "DELETE", f"nodes/{node}/storage/{self.import_storage}/content/{quote(self.import_volid, safe='')}"),
-                f"delete {self.import_volid}")
+            self.target.delete_volume(self.import_volid)
 
     def remove(self) -> None:
         self._delete_upload()

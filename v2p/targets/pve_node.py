@@ -156,8 +156,7 @@ class NodeVolumeStorage(Storage):
         return any(entry.get("volid") == volume.volid for entry in found)
 
     def remove(self, volume: Volume) -> None:
-        self.target._task(self.target.call("DELETE", f"{self._content}/{quote(volume.volid, safe='')}"),
-                          f"delete {volume.volid}")
+        self.target.delete_volume(volume.volid)
 
     def describe(self) -> str:
         return f"PVE {self.target.settings.node}:{self.name} ({self.pve_kind})"
