@@ -8,6 +8,8 @@ the subclass that matters to them.
 
 from __future__ import annotations
 
+import re
+
 
 class V2PError(Exception):
     """Base of every error v2p raises on purpose."""
@@ -109,3 +111,18 @@ class RuleError(V2PError):
     """The VM breaks a preflight rule (an error not ignored): nothing is created."""
 
     exit_code = 11
+
+
+def shown(value: object, *, typed: bool = False, limit: int = 40) -> str:
+    """A value a user gave, for an error message on one line: a tidy ASCII word plain when it is
+    what the user ``typed``, anything else quoted with every control character escaped (``'a\\nb'``),
+    so no value can split a message, forge a second line or move the terminal's cursor; cut at
+    ``limit`` characters."""
+    if isinstance(value, str):
+        if typed and len(value) <= limit and re.fullmatch(r"[-+0-9A-Za-z.]+", value, flags=re.ASCII):
+            return value
+        return repr(value if len(value) <= limit else value[:limit] + "...")
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:g}"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

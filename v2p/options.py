@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import V2PError
+from .errors import V2PError, shown
 from .spec import VMSpec
 
 WINDOWS_OSTYPES = {"wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11"}
@@ -91,14 +91,7 @@ def parse_seconds(text: str) -> float | None:
 
 
 def _shown(value: object, typed: bool = False) -> str:
-    """A value for an error message: what the user typed, plain if it is a tidy ASCII word, else quoted."""
-    if isinstance(value, str):
-        if typed and len(value) <= 40 and re.fullmatch(r"[-+0-9A-Za-z.]+", value, flags=re.ASCII):
-            return value
-        return repr(value if len(value) <= 40 else value[:40] + "...")
-    if isinstance(value, float) and not isinstance(value, bool):
-        return f"{value:g}"
-    return repr(value)
+    return shown(value, typed=typed)
 
 
 @dataclass

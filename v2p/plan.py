@@ -25,8 +25,9 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import yaml
 
-from . import api, rules
+from . import api, drivers, rules, stages
 from .errors import StateError, V2PError
+from .fsutil import read_regular
 from .options import BUSES, COPIERS, FORMATS, OSTYPES, SCSIHW, MigrationOptions, OptionError, check_vmid
 from .sources import open_source
 from .state import MigrationState
@@ -213,6 +214,10 @@ def _from_yaml(node: yaml.Node, where: str, constructor: yaml.constructor.SafeCo
     if isinstance(node, yaml.SequenceNode):
         return Node([_from_yaml(item, f"{where}[{index}]", constructor) for index, item in enumerate(node.value)],
                     "seq", line, column, where)
+    if node.tag == "tag:yaml.org,2002:int" and len(node.value) > MAX_NUMBER:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"a number {len(node.value)} characters long: no setting takes one that large",
+            node.start_mark)
     value = constructor.construct_object(node)
     plain = node.style is None
     return Node(value, "scalar", line, column, where, node.value if plain else None)
@@ -230,6 +235,22 @@ def _from_data(data: Any, where: str = "") -> Node:
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
     return Node(data, "scalar", where=where)
+
+
+# A plan holds a few settings per VM: its text is small, shallow, and made of plain scalars.
+MAX_BYTES = 1 << 20  # 1 MiB: some 10,000 VMs
+MAX_DEPTH = 16  # the plan, vms:, a VM, its networks:/target: ... need 4
+MAX_NUMBER = 30  # characters of a number as written: every range a plan key takes fits in 18 digits
+_SCALARS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:null")
+
+
+class _PlanLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML's stubs type SafeLoader as Any
+    """YAML's SafeLoader reading plain text, numbers, true/false and nothing else: what else YAML 1.1
+    reads into a value on its own (dates, the merge key ``<<``, ``=``) is read as text, which the key's
+    type check then names (``vmid: expected a whole number ..., found the text '2024-02-30'``)."""
+
+    yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag in _SCALARS]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def _mark(exc: yaml.YAMLError) -> tuple[int, int]:
@@ -261,10 +282,7 @@ class Plan:
         ``accel``: for VMs on the local target whose plan names no ``dir`` (the CLI's --target-dir)."""
         where = Path(os.path.abspath(path))
         file = os.fspath(path)
-        try:
-            raw = where.read_bytes()
-        except OSError as exc:
-            raise OptionError(f"{file}: cannot read the plan: {exc.strerror}") from None
+        raw = read_regular(path, MAX_BYTES, what="plan", error=OptionError)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -307,7 +325,17 @@ class Plan:
 
         if self._read_problems:
             raise PlanError(self._read_problems, file=self.file)
-        return run_plan(self.vms, **options)
+        # Every check validate makes, before anything is made: a VM with a problem fails at once (no
+        # state folder, no lock, no VM); the others run.
+        checker = _Checker(self)
+        checker.check([])
+        refused = {}
+        for vm in self.vms:
+            found = sorted(checker.of_vm.get(id(vm), []), key=lambda p: (p.line, p.column))
+            if found:
+                more = f" (and {len(found) - 1} more: v2p plan validate {self.file})" if len(found) > 1 else ""
+                refused[vm.name] = f"{found[0]}{more}"
+        return run_plan(self.vms, refused=refused, **options)
 
 
 class _Reader:
@@ -328,10 +356,19 @@ class _Reader:
 
     def parse(self, text: str) -> Node | None:
         """The YAML document as Nodes; plain YAML only (no anchors, aliases or tags), no duplicate keys."""
+        depth = 0
         try:
-            for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            for event in yaml.parse(text, Loader=_PlanLoader):
                 mark = event.start_mark
                 at = Node(None, "scalar", mark.line + 1, mark.column + 1)
+                if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                    depth += 1
+                    if depth > MAX_DEPTH:  # composing it would recurse once per level
+                        self.problem(at, f"nested more than {MAX_DEPTH} levels deep: a plan is defaults: "
+                                         "and vms:, each VM a mapping of settings")
+                        return None
+                elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                    depth -= 1
                 if isinstance(event, yaml.AliasEvent):
                     self.problem(at, f"alias *{event.anchor}: plans are plain YAML (no anchors or aliases); "
                                      "put shared settings under defaults:")
@@ -342,18 +379,20 @@ class _Reader:
                     self.problem(at, f"tag {event.tag}: plans are plain YAML (no tags)")
             if self.problems:
                 return None
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            node = yaml.compose(text, Loader=_PlanLoader)
+            if node is None:
+                self.problems.append(Problem(self.file, 1, 1,
+                                             "the plan is empty: it needs vms: (and may have defaults:)"))
+                return None
+            return _from_yaml(node, "", _PlanLoader(""))
         except yaml.YAMLError as exc:
             line, column = _mark(exc)
             what = getattr(exc, "problem", None) or str(exc)
             context = getattr(exc, "context", None)
-            self.problems.append(Problem(self.file, line, column, f"not valid YAML: {context + ', ' if context else ''}"
-                                                                  f"{what}"))
+            said = what if isinstance(exc, yaml.constructor.ConstructorError) else \
+                f"not valid YAML: {context + ', ' if context else ''}{what}"
+            self.problems.append(Problem(self.file, line, column, said))
             return None
-        if node is None:
-            self.problems.append(Problem(self.file, 1, 1, "the plan is empty: it needs vms: (and may have defaults:)"))
-            return None
-        return _from_yaml(node, "", yaml.constructor.SafeConstructor())
 
     def plan(self, path: Path | None, root: Node | None, *, strict: bool) -> Plan:
         vms = self.vms(root) if root is not None else []
@@ -412,6 +451,9 @@ class _Reader:
     def unknown(self, key: Node, name: str, known: Any, what: str, hint: str = "") -> None:
         if SECRET.search(name):
             self.problem(key, f"{what}: {name!r} looks like a secret: refused ({SECRET_HINT})")
+            return
+        if name == "<<":
+            self.problem(key, f"{what}: the merge key <<: is not for plans: put shared settings under defaults:")
             return
         mean = _did_you_mean(name, known)
         self.problem(key, f"{what}: unknown key {name!r}{mean}" + (f" ({hint})" if hint and not mean else ""))
@@ -750,11 +792,13 @@ class _Checker:
         self.facts: dict[int, _Facts] = {}
         self.unreachable: dict[str, V2PError] = {}
         self.found: list[Problem] = []
+        self.of_vm: dict[int, list[Problem]] = {}  # id(PlanVM) -> its problems
 
     def at(self, vm: PlanVM, key: str, message: str) -> None:
         line, column = vm.positions.get(key, (vm.line, 1))
-        self.found.append(Problem(self.plan.file, line, column, message,
-                                  f"{vm.where or vm.name}.{key}" if not line else ""))
+        problem = Problem(self.plan.file, line, column, message, f"{vm.where or vm.name}.{key}" if not line else "")
+        self.found.append(problem)
+        self.of_vm.setdefault(id(vm), []).append(problem)
 
     def check(self, found: list[Problem]) -> None:
         for vm in self.plan.vms:
@@ -780,10 +824,10 @@ class _Checker:
                     self.storage(vm, target, facts)
                     self.bridges(vm, facts)
                     self.vmid(vm, target)
-            self.drivers(vm)
             # The rules would judge the VM without the setting its problem left out: noise.
-            if self.source(vm) and id(vm) not in self.plan._partial:
-                self.rules(vm)
+            report = self.rules(vm) if self.source(vm) and id(vm) not in self.plan._partial else None
+            self.drivers(vm, target, report)
+            self.device(vm, target, report)
         for vm in self.plan._unbuilt:
             self.source(vm)
         found += self.found
@@ -840,12 +884,43 @@ class _Checker:
             self.at(vm, "vmid", f"vmid {vm.vmid} is taken on the {target.kind} target by a VM this plan's "
                                 "migration did not make (pick another, or vmid: auto)")
 
-    def drivers(self, vm: PlanVM) -> None:
+    def drivers(self, vm: PlanVM, target: Target | V2PError, report: api.VMReport | None) -> None:
+        """The drivers ISO the run would read, checked as the run checks it (without uploading it to a
+        PVE node): a file that is an ISO, with this Windows' drivers when the VM needs the dance."""
         iso = vm.options.get("drivers_iso")
-        if isinstance(iso, str) and iso.startswith("/") and not os.path.isfile(iso):
-            self.at(vm, "drivers_iso", f"drivers_iso {iso}: no such file")
+        if not isinstance(iso, str) or not iso:
+            return
+        try:
+            if ":" in iso and not iso.startswith("/"):  # a volume on the target: only a local one is read here
+                if not isinstance(target, api.LocalTarget):
+                    return
+                path: Path | None = target.drivers_iso(iso)[0]
+            else:
+                path = drivers.locate(iso)
+            if path is not None:
+                options = dict(vm.options)
+                if report is not None and report.ostype:  # the VM's own, as the run resolves it
+                    options["ostype"] = report.ostype
+                stages.driver_folders(path, MigrationOptions(**options))
+        except V2PError as exc:
+            self.at(vm, "drivers_iso", f"drivers_iso: {_plan_words(str(exc))}")
 
-    def rules(self, vm: PlanVM) -> None:
+    def device(self, vm: PlanVM, target: Target | V2PError, report: api.VMReport | None) -> None:
+        """A ``device:`` checked as the run's preflight checks it: it exists, is a block device, and
+        (the VM's disk known) is large enough, unmounted, unused and blank (or ``force``)."""
+        device = vm.options.get("device")
+        if not isinstance(device, str) or isinstance(target, V2PError):
+            return
+        try:
+            storage = target.device_storage(device)
+            if report is not None and report.disks:
+                storage.check(report.disks[0].capacity, force=bool(vm.options.get("force")))
+            else:
+                storage.free_bytes()
+        except V2PError as exc:
+            self.at(vm, "device", f"device: {_plan_words(str(exc))}")
+
+    def rules(self, vm: PlanVM) -> api.VMReport | None:
         """The preflight rules' errors, and a source the inspection refuses."""
         try:
             source = api.vm_source(vm.source)
@@ -854,12 +929,12 @@ class _Checker:
                     self.at(vm, "source", f"source {vm.source}: a folder to migrate must hold exactly one .vmx")
                 else:
                     api.inspect(vm.source)
-                return
+                return None
             report = api.inspect_vm(source, vmid=vm.vmid if isinstance(vm.vmid, int) else 100,
                                     **{k: v for k, v in vm.options.items() if k != "device"})
         except V2PError as exc:
             self.at(vm, "source", f"source {vm.source}: {exc}")
-            return
+            return None
         errors = [finding for finding in report.findings if finding.severity == "error"]
         for finding in errors:
             key = "networks" if finding.id == "unmapped-network" and "networks" in vm.positions else "source"
@@ -869,6 +944,7 @@ class _Checker:
             self.at(vm, key, f"rule {finding.id}: {_plan_words(finding.message)}{hint}{ignorable}")
         if report.error is not None and not errors:
             self.at(vm, "source", f"source {vm.source}: {report.error}")
+        return report
 
 
 def _described(path: Path) -> str:

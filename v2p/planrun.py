@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
@@ -197,8 +197,10 @@ class _Runner:
     """The parent's loop: one thread, one selector over every child's stdout and stderr."""
 
     def __init__(self, vms: Sequence[PlanVM], *, parallel: int, per_storage: int, per_node: int,
-                 on_event: PlanEventHandler, stop: threading.Event | None, accel: str, lock_wait: float) -> None:
+                 on_event: PlanEventHandler, stop: threading.Event | None, accel: str, lock_wait: float,
+                 refused: Mapping[str, str]) -> None:
         self.vms, self.parallel, self.per_storage, self.per_node = vms, parallel, per_storage, per_node
+        self.refused = refused
         self.emit, self.stop, self.accel, self.lock_wait = on_event, stop, accel, lock_wait
         self.runs = [VMRun(vm.name, vm.vmid if isinstance(vm.vmid, int) else None, vm.node or "",
                            str(vm.options.get("device") or vm.options.get("storage") or "")) for vm in vms]
@@ -216,6 +218,9 @@ class _Runner:
     def run(self) -> PlanReport:
         for run in self.runs:  # a view learns every VM before the first one starts
             self.emit(run, Event("vm-wait", "plan", QUEUED))
+        for index, vm in enumerate(self.vms):
+            if vm.name in self.refused:
+                self._fail(index, PlanRefused.exit_code, self.refused[vm.name])
         try:
             while self.pending or self.running:
                 try:
@@ -516,6 +521,12 @@ def _gib(size: int) -> str:
     return f"{size / (1 << 30):.2f} GiB"
 
 
+class PlanRefused(V2PError):
+    """A VM its plan's checks refused (``v2p plan validate`` says the same): it is not started."""
+
+    exit_code = 2  # as PlanError
+
+
 def _migration(vm: PlanVM, accel: str) -> api.Migration:
     """The VM's migration as a child would start it; built touching nothing (``vmid: auto`` asks the
     target which VMID is free, or finds this source's earlier migration)."""
@@ -525,7 +536,8 @@ def _migration(vm: PlanVM, accel: str) -> api.Migration:
 
 def run_plan(vms: Sequence[PlanVM], *, parallel: int = PARALLEL, dry_run: bool = False,
              on_event: PlanEventHandler | None = None, per_storage: int = PER_STORAGE, per_node: int = PER_NODE,
-             stop: threading.Event | None = None, accel: str = "auto", lock_wait: float = LOCK_WAIT) -> PlanReport:
+             stop: threading.Event | None = None, accel: str = "auto", lock_wait: float = LOCK_WAIT,
+             refused: Mapping[str, str] | None = None) -> PlanReport:
     """Migrate (or resume) every VM of a plan, each in a child process; see the module docstring.
 
     ``on_event(vm, event)`` gets each child's events (``vm`` is the VM's live ``VMRun``) and the run's own:
@@ -534,24 +546,28 @@ def run_plan(vms: Sequence[PlanVM], *, parallel: int = PARALLEL, dry_run: bool =
     ``interrupted``. In the main thread a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under
     ``interrupts.install``) does the same instead of propagating. One VM's failure stops no other.
     ``dry_run``: what each VM would do, as ``v2p migrate --dry-run`` shows it, touching nothing.
+    ``refused``: VM name -> why its plan's checks refused it (``Plan.run``): it fails before anything is
+    measured, locked or made for it.
     """
     for option, value in (("--parallel", parallel), ("per_storage", per_storage), ("per_node", per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise OptionError(f"{option} {value!r}: must be a whole number of at least 1")
     emit = on_event or _ignore
     if dry_run:
-        return _dry_run(vms, accel, emit)
+        return _dry_run(vms, accel, emit, refused or {})
     return _Runner(vms, parallel=parallel, per_storage=per_storage, per_node=per_node, on_event=emit, stop=stop,
-                   accel=accel, lock_wait=lock_wait).run()
+                   accel=accel, lock_wait=lock_wait, refused=refused or {}).run()
 
 
-def _dry_run(vms: Sequence[PlanVM], accel: str, emit: PlanEventHandler) -> PlanReport:
+def _dry_run(vms: Sequence[PlanVM], accel: str, emit: PlanEventHandler, refused: Mapping[str, str]) -> PlanReport:
     runs = []
     for vm in vms:
         run = VMRun(vm.name, vm.vmid if isinstance(vm.vmid, int) else None, vm.node or "",
                     str(vm.options.get("storage") or ""))
         runs.append(run)
         try:
+            if vm.name in refused:
+                raise PlanRefused(refused[vm.name])
             migration = _migration(vm, accel)
             spec = migration.pipeline.source.spec()
             run.vmid, run.storage = migration.vmid, migration.options.device or migration.options.storage

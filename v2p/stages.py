@@ -196,12 +196,19 @@ def check_drivers(target: Target, options: MigrationOptions) -> Record:
     path, volid = target.drivers_iso(given)
     if path is None:  # only on the target: attached as it is, its drivers unchecked
         return {"drivers_iso": volid, "driver_folders": {}}
+    return {"drivers_iso": volid, "driver_folders": driver_folders(path, options)}
+
+
+def driver_folders(path: Path, options: MigrationOptions) -> dict[str, str]:
+    """The folders of the drivers ISO at ``path`` this Windows needs ({} if it needs none); a
+    ``DriversError`` for a file that is no ISO, or an ISO without them."""
     iso = drivers.read_iso(path)
+    if not options.needs_dance:
+        return {}
     storage_driver = "viostor" if options.bus == "virtio" else "vioscsi"
     wanted = (storage_driver, "NetKVM") if options.net_drivers else (storage_driver,)
     assert options.ostype is not None
-    folders = iso.require(wanted, options.ostype, options.arch)
-    return {"drivers_iso": volid, "driver_folders": folders}
+    return iso.require(wanted, options.ostype, options.arch)
 
 
 def _ours(ctx: Context) -> bool:
