@@ -126,3 +126,12 @@ def shown(value: object, *, typed: bool = False, limit: int = 40) -> str:
         return f"{value:g}"
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def shown_path(path: object) -> str:
+    """A path for an error message: as it is when every character of it prints, else quoted and
+    escaped as ``shown`` does (a newline in a file name must not split the message)."""
+    text = str(path)
+    if text and text.isprintable() and text == text.strip():
+        return text
+    return repr(text)

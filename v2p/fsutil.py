@@ -17,7 +17,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from .errors import TargetError, V2PError, shown
+from .errors import TargetError, V2PError, shown_path
 
 PRIVATE_DIR = 0o700
 
@@ -145,17 +145,17 @@ def read_regular(path: str | os.PathLike[str], limit: int, *, what: str = "file"
     the kind of file is judged on the open descriptor, not on a name that may change in between;
     a device such as ``/dev/zero`` never ends, so the size is bounded whatever the file claims.
     """
-    shown_path = shown(os.fspath(path), limit=200)
+    shown = shown_path(os.fspath(path))
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise error(f"{what} {shown_path}: cannot read it: {exc.strerror}") from None
+        raise error(f"{shown}: cannot read the {what}: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise error(f"{what} {shown_path} is {describe_mode(info.st_mode)}, not a regular file: refused")
+            raise error(f"{what} {shown} is {describe_mode(info.st_mode)}, not a regular file: refused")
         if info.st_size > limit:
-            raise error(f"{what} {shown_path} is {info.st_size} bytes, more than the {limit} a {what} may be: refused")
+            raise error(f"{what} {shown} is {info.st_size} bytes, more than the {limit} a {what} may be: refused")
         chunks, total = [], 0
         while total <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - total))
@@ -164,9 +164,9 @@ def read_regular(path: str | os.PathLike[str], limit: int, *, what: str = "file"
             chunks.append(chunk)
             total += len(chunk)
         if total > limit:  # it grew while being read
-            raise error(f"{what} {shown_path} is more than {limit} bytes: refused")
+            raise error(f"{what} {shown} is more than {limit} bytes: refused")
         return b"".join(chunks)
     except OSError as exc:
-        raise error(f"{what} {shown_path}: cannot read it: {exc.strerror}") from None
+        raise error(f"{shown}: cannot read the {what}: {exc.strerror}") from None
     finally:
         os.close(fd)

@@ -903,7 +903,10 @@ class _Checker:
                     options["ostype"] = report.ostype
                 stages.driver_folders(path, MigrationOptions(**options))
         except V2PError as exc:
-            self.at(vm, "drivers_iso", f"drivers_iso: {_plan_words(str(exc))}")
+            said = _plan_words(str(exc))
+            named = said.startswith("drivers ISO ")
+            self.at(vm, "drivers_iso", "drivers_iso" + said.removeprefix("drivers ISO") if named
+                    else f"drivers_iso: {said}")
 
     def device(self, vm: PlanVM, target: Target | V2PError, report: api.VMReport | None) -> None:
         """A ``device:`` checked as the run's preflight checks it: it exists, is a block device, and
