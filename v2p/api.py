@@ -11,6 +11,7 @@ or exits; external commands are logged on the ``v2p.runner`` logger at DEBUG.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import tempfile
@@ -31,11 +32,13 @@ from .errors import (
     StateError,
     V2PError,
     VMIDExistsError,
+    shown,
+    shown_path,
 )
 from .events import Event, EventHandler, ignore
 from .fsutil import remove_tree
 from .inspect import DiskImage, Row, inspect_disk, inspect_paths
-from .options import MigrationOptions, OptionError, check_seconds, check_vmid
+from .options import MigrationOptions, OptionError, check_bool, check_seconds, check_text, check_vmid
 from .pipeline import Pipeline, check_records
 from .sources import DiskSource, Source, open_source
 from .spec import DiskSpec, VMSpec
@@ -52,11 +55,34 @@ __all__ = ["LocalTarget", "Migration", "MigrationStatus", "Row", "Target", "Targ
 TargetSpec = Target | str | dict[str, Any] | None
 
 
+TARGET_KEYS = ("kind", "dir", "url", "accel")
+ACCELS = ("auto", "kvm", "tcg")
+
+
+def _check_target_spec(where: object) -> None:
+    """What ``make_target`` takes, by type: a wrong one is an ``OptionError`` naming ``target``."""
+    if where is not None and not isinstance(where, (str, dict)):
+        raise OptionError(f"target={shown(where)}: must be \"local\", a pve:// URL, a dict such as "
+                          '{"kind": "local", "dir": ...}, or a Target')
+    if isinstance(where, str):
+        check_text("--target", where)
+    if isinstance(where, dict):
+        for key, value in where.items():
+            if key not in TARGET_KEYS:
+                raise OptionError(f"target: unknown key {shown(key)}",
+                                  hint="a target dict has " + ", ".join(TARGET_KEYS))
+            if key == "dir":
+                check_text("target: dir", value)
+            elif not isinstance(value, str):
+                raise OptionError(f"target: {key}={shown(value)}: must be text")
+
+
 def make_target(where: str | dict[str, Any] | None = None, *, directory: str | os.PathLike[str] | None = None,
                 accel: str = "auto") -> Target:
     """A target from a URL or a dict: ``None``/``"local"``/``{"kind": "local", "dir": ...}`` is the embedded
     QEMU target, ``"pve://[user@realm[!token]@]host[:port]/node?storage=..."`` a Proxmox VE node (its
     secret from ``$V2P_PVE_TOKEN`` / ``$V2P_PVE_PASSWORD`` or the secrets file, never from the URL)."""
+    _check_target_spec(where)
     if isinstance(where, dict):
         where = dict(where)
         kind = where.pop("kind", "local")
@@ -72,20 +98,37 @@ def make_target(where: str | dict[str, Any] | None = None, *, directory: str | o
     if where == "pve" or where.startswith("pve://"):  # "pve": every setting from the environment or pve.conf
         from .targets.proxmox import ProxmoxTarget, target_from_url
 
-        return ProxmoxTarget(target_from_url(where, dict(os.environ)))
+        try:
+            settings = target_from_url(where, dict(os.environ))
+        except ValueError as exc:  # what urllib refuses: an unclosed [IPv6 address, a port out of range
+            raise OptionError(f"--target {shown(where)}: not a URL v2p can read ({exc})",
+                              hint="pve://[USER@REALM[!TOKENID]@]HOST[:PORT]/NODE") from None
+        return ProxmoxTarget(settings)
     raise OptionError(f"--target {where!r}: not a target v2p knows", hint="use local or pve://HOST/NODE")
 
 
 def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str = "auto") -> LocalTarget:
     """The embedded QEMU target (``V2P_TARGET_DIR`` or the XDG data dir by default)."""
     # An empty folder name (an unset shell variable, most likely) must not quietly mean the default one.
+    if directory is not None and not isinstance(directory, (str, os.PathLike)):
+        check_text("--target-dir", directory)
     if directory is not None and not os.fspath(directory):
         raise OptionError("--target-dir is empty", hint="give a directory, or leave the option out for "
                           "$V2P_TARGET_DIR or ~/.local/share/v2p/local")
     if directory is None and os.environ.get("V2P_TARGET_DIR") == "":
         raise OptionError("$V2P_TARGET_DIR is set but empty",
                           hint="set it to a directory, or unset it for ~/.local/share/v2p/local")
-    return LocalTarget(Path(directory) if directory is not None else None, accel=accel)
+    if accel not in ACCELS:
+        raise OptionError(f"--accel {shown(accel)}: must be one of " + ", ".join(ACCELS))
+    folder = check_text("--target-dir", directory, optional=True)
+    if folder is not None:
+        # The kernel's own file systems take no folders of ours: say so now, not as an OSError mid-run.
+        real = os.path.realpath(folder)
+        for kernel in ("/proc", "/sys"):
+            if real == kernel or real.startswith(kernel + "/"):
+                raise OptionError(f"--target-dir {shown_path(folder)} is under {kernel}, the kernel's own file "
+                                  "system: refused", hint="give a folder on a disk")
+    return LocalTarget(Path(folder) if folder is not None else None, accel=accel)
 
 
 AUTO = "auto"  # the VMID that means: the next free one on the target
@@ -176,9 +219,15 @@ class Migration:
 
     def __init__(self, source: str | os.PathLike[str] | Source, vmid: int | Literal["auto"], *,
                  target: TargetSpec = None, on_event: EventHandler = ignore, **options: Any) -> None:
+        if not isinstance(source, Source):
+            check_source(source)
+        if vmid != AUTO:
+            check_vmid(vmid)
+        if not callable(on_event):
+            raise OptionError(f"on_event={shown(on_event)}: must be a function taking an Event")
         self.target = as_target(target)
         options.setdefault("storage", self.target.default_storage())
-        self.options = MigrationOptions(**options)
+        self.options = MigrationOptions.of(options)
         self._handler = on_event
         self._listeners: list[EventHandler] = []
         self._lock = threading.Lock()
@@ -275,7 +324,7 @@ class Migration:
         token = self._token
         self._progress = _Progress()
         try:
-            with interrupts.cancelled_by(token):
+            with interrupts.cancelled_by(token), _one_line_os_errors():
                 token.check()
                 result = self._run()
         except BaseException as exc:
@@ -332,6 +381,27 @@ class Migration:
         raise AssertionError("unreachable")
 
 
+def check_source(source: object) -> str:
+    """A source path as a caller gave it: text or a path object, no NUL (``SourceError`` naming it)."""
+    checked = check_text("source", source, controls=True, error=SourceError)
+    assert checked is not None
+    return checked
+
+
+@contextlib.contextmanager
+def _one_line_os_errors() -> Iterator[None]:
+    """An ``OSError`` no stage turned into its own error leaves as a ``V2PError`` naming the file (as the
+    CLI prints it), chained to the original: a library caller catches ``V2PError`` alone. A broken pipe
+    is the caller's own output going away: left as it is."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        where = f"{shown_path(exc.filename)}: " if exc.filename else ""
+        raise V2PError(f"{where}{exc.strerror or exc}") from exc
+
+
 def earlier_migration(target: Target, described: str, options: MigrationOptions) -> int | None:
     """The VMID of the unfinished migration of the source ``described`` (``Source.describe()``) on
     ``target``, or of its finished one with these ``options`` whose VM is still there (what
@@ -367,12 +437,13 @@ def dance(vmid: int, *, target: TargetSpec = None, bus: str = "virtio", confirme
     ``start``: leave the VM running on virtio afterwards (default: shut it down).
     """
     check_vmid(vmid)
+    confirmed, start = check_bool("confirmed", confirmed), check_bool("start", start)
     dance_wait = check_seconds("--dance-wait", dance_wait)
     boot_wait = check_seconds("--boot-wait", boot_wait)
     shutdown_timeout = check_seconds("--shutdown-timeout", shutdown_timeout, zero=True)
     target = as_target(target)
     config = target.get_config(vmid)
-    with VmidLock(target.state_dir(), vmid):
+    with VmidLock(target.state_dir(), vmid), _one_line_os_errors():
         pending = DriverDance.pending(target, vmid)
         if pending:
             # Finish the dance that was started, with its own settings (its ISO is attached).
@@ -399,9 +470,9 @@ def dance(vmid: int, *, target: TargetSpec = None, bus: str = "virtio", confirme
 
 def remove(vmid: int, target: TargetSpec = None) -> None:
     """Remove a VM, its volumes (never a user's block device) and its records."""
-    target = as_target(target)
     check_vmid(vmid)
-    with VmidLock(target.state_dir(), vmid):
+    target = as_target(target)
+    with VmidLock(target.state_dir(), vmid), _one_line_os_errors():
         # Records are removed without being read: this is how a damaged one is discarded.
         records = [MigrationState(target.state_dir(), vmid, suffix) for suffix in ("", ".dance")]
         recorded = any(os.path.lexists(record.path) for record in records)
@@ -417,7 +488,7 @@ def remove(vmid: int, target: TargetSpec = None) -> None:
 
 def inspect(path: str | os.PathLike[str]) -> DiskImage:
     """Inspect a disk image (headers only) and return what it is, or raise SourceError."""
-    return inspect_disk(path)
+    return inspect_disk(check_source(path))
 
 
 @dataclass
@@ -510,9 +581,9 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
     options that are wrong in themselves (a bad bridge name, an unknown rule id) raise ``OptionError``.
     """
     check_vmid(vmid)
-    migration = MigrationOptions(**options)
+    migration = MigrationOptions.of(options)
     rules.check_ignore(migration.ignore_rules)
-    source = path if isinstance(path, Source) else vm_source(path)
+    source = path if isinstance(path, Source) else vm_source(check_source(path))
     if source is None:
         raise SourceError(f"{path} is not a VM (.vmx, .ovf, .ova or a folder with one .vmx)",
                           hint="inspect disks with v2p inspect DISK")
@@ -577,9 +648,11 @@ def _vm_config(spec: VMSpec, options: MigrationOptions, vmid: int, disks: list[V
 def inspect_all(paths: list[str | os.PathLike[str]], *, vmid: int = 100,
                 **options: Any) -> list[Row | VMReport]:
     """``inspect_paths`` for disks and folders of disks, ``inspect_vm`` for each VM among ``paths``."""
+    if not isinstance(paths, (list, tuple)):
+        raise OptionError(f"paths={shown(paths)}: must be a list of paths")
     out: list[Row | VMReport] = []
     for path in paths:
-        source = vm_source(path)
+        source = vm_source(check_source(path))
         if source is None:
             out += inspect_paths([path])
         else:
@@ -589,6 +662,8 @@ def inspect_all(paths: list[str | os.PathLike[str]], *, vmid: int = 100,
 
 def status(target: TargetSpec = None, vmid: int | None = None) -> list[MigrationState]:
     """The recorded migrations on ``target`` (all, or the one for ``vmid``)."""
+    if vmid is not None:
+        check_vmid(vmid)
     target = as_target(target)
     states = [s for s in list_states(target.state_dir()) if vmid is None or s.vmid == vmid]
     for state in states:

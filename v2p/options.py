@@ -6,13 +6,14 @@ NIC model follows the same split (e1000 for Windows, virtio otherwise).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
 import numbers
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,49 @@ def _shown(value: object, typed: bool = False) -> str:
     return shown(value, typed=typed)
 
 
+# What each kind of MigrationOptions field takes, by its annotation: (test, in words).
+_KINDS: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "text (a str)"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "text (a str) or None"),
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "int | None": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool), "a whole number or None"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "dict[str, str]": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
+                                                             for k, x in v.items()),
+                       "a dict of text to text"),
+    "tuple[str, ...]": (lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v),
+                        "a list of text"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict"),
+}
+
+
+def check_text(keyword: str, value: object, *, optional: bool = False, controls: bool = False,
+               error: type[V2PError] | None = None) -> str | None:
+    """``value`` as text a path or name may be: a str (or a path object) without NUL or (unless
+    ``controls``) another control character, else an ``OptionError`` (or ``error``) naming ``keyword``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise (error or OptionError)(f"{keyword}={_shown(value)}: must be text (a str or a path)")
+    if not value:
+        raise (error or OptionError)(f"{keyword} is empty")
+    if "\0" in value:
+        raise (error or OptionError)(f"{keyword} {_shown(value)}: holds a NUL character, which no file name can")
+    if not controls and any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise (error or OptionError)(f"{keyword} {_shown(value)}: holds a control character (a newline, a tab, "
+                                     "...)", hint="no path or name v2p takes has one")
+    return value
+
+
+def check_bool(keyword: str, value: object) -> bool:
+    """True or False only: 'yes', 1 or None are not a choice a caller made."""
+    if not isinstance(value, bool):
+        raise OptionError(f"{keyword}={_shown(value)}: must be True or False")
+    return value
+
+
 @dataclass
 class MigrationOptions:
     """Everything that shapes the migrated VM (part of the state file's request)."""
@@ -129,7 +173,34 @@ class MigrationOptions:
     keep_on_failure: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, keywords: dict[str, Any]) -> MigrationOptions:
+        """Options from a library caller's keywords: an unknown keyword is an ``OptionError`` too."""
+        known = {option.name for option in fields(cls)}
+        for keyword in keywords:
+            if keyword not in known:
+                close = difflib.get_close_matches(str(keyword), sorted(known), n=1)
+                raise OptionError(f"unknown keyword {_shown(keyword)}" + (f" (did you mean {close[0]}?)" if close
+                                                                          else ""),
+                                  hint="see MigrationOptions for the keywords migrate() takes")
+        return cls(**keywords)
+
+    def _check_types(self) -> None:
+        """Each field of the type its annotation says, before any value check reads it: a caller's
+        wrong type is one ``OptionError`` naming the keyword, never a TypeError from deep inside."""
+        for option in fields(self):
+            test, words = _KINDS[str(option.type)]
+            value = getattr(self, option.name)
+            if not test(value):
+                raise OptionError(f"{option.name}={_shown(value)}: must be {words}")
+        # Where a path or a name goes, no control character (a NUL, a newline into a config): as the
+        # rest of the value checks, in the CLI's words (a plan says them in its own).
+        for flag, value in (("--storage", self.storage), ("--to-device", self.device),
+                            ("--drivers-iso", self.drivers_iso)):
+            check_text(flag, value, optional=True)
+
     def __post_init__(self) -> None:
+        self._check_types()
         if self.ostype is not None and self.ostype not in OSTYPES:
             raise OptionError(f"unknown --os {self.ostype!r}",
                               hint="use a PVE ostype: " + ", ".join(sorted(OSTYPES)))
@@ -150,9 +221,11 @@ class MigrationOptions:
             check_whole("--sockets", self.sockets, (1, 16))
         if self.memory is not None:
             check_whole("--memory", self.memory, MEMORY, "MiB")
-        for network, bridge in {**self.networks, "": self.bridge or "vmbr0"}.items():
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", bridge):
-                raise OptionError(f"--network {network}={bridge}: {bridge!r} is not a bridge name",
+        bridges = [(f"--network {_shown(f'{network}={bridge}', True)}", bridge)
+                   for network, bridge in self.networks.items()]
+        for flag, bridge in [*bridges, ("--bridge", self.bridge or "vmbr0")]:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", bridge, flags=re.ASCII):
+                raise OptionError(f"{flag}: {_shown(bridge)} is not a bridge name",
                                   hint="a Linux bridge such as vmbr0")
         self.ignore_rules = tuple(self.ignore_rules)
         if self.bwlimit is not None:

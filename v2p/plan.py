@@ -152,7 +152,8 @@ FLAGS = {"--os": "os", "--format": "format", "--bus": "bus", "--scsihw": "scsihw
          "--cores": "cores", "--memory": "memory", "--sockets": "sockets", "--bwlimit": "bwlimit",
          "--network": "networks", "--bridge": "bridge", "--boot-timeout": "boot_timeout",
          "--dance-wait": "dance_wait", "--shutdown-timeout": "shutdown_timeout", "--copy-with": "copy_with",
-         "--arch": "arch", "--to-device": "device", "--ignore-rule": "ignore_rules"}
+         "--arch": "arch", "--to-device": "device", "--ignore-rule": "ignore_rules", "--storage": "storage",
+         "--drivers-iso": "drivers_iso"}
 _FLAG = re.compile("|".join(re.escape(flag) for flag in sorted(FLAGS, key=len, reverse=True)) + r"\b")
 _DECIMAL = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 _SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)
