@@ -147,7 +147,7 @@ def test_vmids_are_ascii_digits(v2p: V2P, command: list[str], vmid: str) -> None
 
 def test_a_leading_zero_vmid_is_still_a_vmid(v2p: V2P) -> None:
     proc = v2p("status", "0100")
-    assert proc.stdout == "no migration recorded for VMID 100\n"
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "v2p: error: no migration recorded for VMID 100\n")
 
 
 def test_an_empty_target_dir_is_refused(v2p: V2P, tmp_path: Path) -> None:

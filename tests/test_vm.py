@@ -46,7 +46,7 @@ def test_vm_lifecycle(tmp_path, v2p):
     assert rm.returncode == 0, rm.stderr
     assert "no VMs" in v2p("vm", "list").stdout
     assert not (v2p.target / "images" / "140").exists()
-    assert "no migration recorded" in v2p("status", "140").stdout
+    assert "no migration recorded" in v2p("status", "140").stderr
 
 
 def test_stop_powers_off_through_acpi_when_guest_obeys(tmp_path, source_of, v2p):

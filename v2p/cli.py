@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import api, interrupts
-from .errors import V2PError
+from .errors import V2PError, one_line, shown_path
 from .events import Event
 from .inspect import DiskImage
 from .options import (
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _standard_streams()
     try:
         args = build_parser().parse_args(argv)
     except OptionError as exc:  # a value check run by argparse (see _seconds)
@@ -250,17 +251,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except V2PError as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"v2p: error: {exc}", file=sys.stderr)
+        _say(f"v2p: error: {exc}")
         for note in getattr(exc, "__notes__", ()):  # what else went wrong on the way out
-            print(f"v2p: {note}", file=sys.stderr)
+            _say(f"v2p: {note}")
         return exc.exit_code
     except OSError as exc:  # a path v2p was given or keeps state in is unusable
         if isinstance(exc, BrokenPipeError) and _stdout_gone():
             return _reader_gone()
         if args.verbose:
             traceback.print_exc()
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"v2p: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        where = f"{shown_path(exc.filename)}: " if exc.filename else ""
+        _say(f"v2p: error: {where}{exc.strerror or exc}")
         return 1
     except KeyboardInterrupt:
         print("v2p: interrupted; run the same command again to resume", file=sys.stderr)
@@ -277,10 +278,27 @@ def _log_to_stderr() -> None:
 
 
 def _say(line: str) -> None:
+    """One line on stderr, whatever a user's value in it holds (see ``one_line``)."""
     try:
-        print(line, file=sys.stderr)
+        print(one_line(line), file=sys.stderr)
     except OSError:  # nobody is listening on stderr either
         pass
+
+
+def _standard_streams() -> None:
+    """Started with stdin, stdout or stderr closed (``v2p ... >&-``), the next file v2p opens would
+    get that descriptor, and whatever is printed (or a child writes there) would land in it: give each
+    closed one /dev/null first, and Python a stream for it (it has None for a descriptor closed at start)."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False, errors="backslashreplace"))
 
 
 def _stdout_gone() -> bool:
@@ -343,7 +361,7 @@ def _plan(args: argparse.Namespace) -> int:
         except PlanError as exc:  # a text that cannot be read as YAML at all
             problems = exc.problems
         for problem in problems:
-            print(problem, file=sys.stderr)
+            _say(str(problem))
         if problems:
             return PlanError.exit_code
         print(f"{args.plan}: {len(plan.vms)} VM{'s' if len(plan.vms) != 1 else ''}, OK")
@@ -420,7 +438,7 @@ def _inspect(args: argparse.Namespace) -> int:
                 print(f"{row.path}\n  verdict:  refused: {row.error}")
     refused = [row.error for row in rows if row.error is not None]
     for error in refused:
-        print(f"v2p: error: {error}", file=sys.stderr)
+        _say(f"v2p: error: {error}")
     return max((error.exit_code for error in refused), default=0)
 
 
@@ -581,9 +599,11 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
                          indent=2))
         return 5 if damaged else 0
     if not states:
-        where = f"VMID {args.vmid}" if args.vmid is not None else "any VM"
-        print(f"no migration recorded for {where}")
-        return 1 if args.vmid is not None else 0
+        if args.vmid is not None:  # asked for one that is not there: an error, on stderr
+            _say(f"v2p: error: no migration recorded for VMID {args.vmid}")
+            return 1
+        print("no migration recorded for any VM")
+        return 0
     for state in states:
         if state.error is not None:
             print(f"VMID {state.vmid}: unreadable record: {state.error}")

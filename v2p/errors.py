@@ -135,3 +135,9 @@ def shown_path(path: object) -> str:
     if text and text.isprintable() and text == text.strip():
         return text
     return repr(text)
+
+
+def one_line(text: str) -> str:
+    """``text`` with every character that does not print (a newline, an escape sequence, a bidi
+    override) written as its escape: what goes to a terminal or a log as one line stays one."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)

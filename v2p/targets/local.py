@@ -26,7 +26,7 @@ from ..fsutil import data_home, fresh_file, private_dir, write_atomic
 from ..interrupts import check as check_interrupts
 from ..runner import run
 from ..state import vmid_of_name
-from ..storage import Storage, default_dir_storage, parse_storage_cfg
+from ..storage import Storage, check_storage, default_dir_storage, parse_storage_cfg
 from . import efi, qemu_cmdline
 from .base import BootReport, DiskSink, Target, VMConfig
 from .sink import storage_sink
@@ -187,6 +187,7 @@ class LocalTarget(Target):
 
     def add_storage(self, name: str, kind: str, options: dict[str, str]) -> None:
         """Add a storage to storage.cfg (checked by parsing the result first)."""
+        check_storage(name, kind, options)
         storages = self.storages()
         if name in storages:
             raise TargetError(f"storage {name!r} already exists in {self.storage_cfg}")
