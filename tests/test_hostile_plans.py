@@ -219,3 +219,18 @@ def test_plan_run_dry_run_says_the_same(tmp_path, capsys, disk) -> None:
     out, err = capsys.readouterr()
     assert code == 0 and "refused: " in out and "drivers_iso: /etc/passwd is not a readable ISO image" in out + err
     assert not target.exists()
+
+
+def test_a_value_with_a_newline_stays_on_its_problems_line(tmp_path, capsys) -> None:
+    target = tmp_path / "target"
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f'defaults: {{target: {{dir: {target}}}}}\n'
+                    f'vms:\n  - {{source: "a\\nb\\u001b[2J.vmdk", vmid: 101, name: a}}\n')
+    code, lines, _out = validate(capsys, plan)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"{plan}:3:") and "a\\nb\\x1b[2J.vmdk: no such file" in lines[0], lines
+    code = cli.main(["plan", "run", str(plan)])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in out + err
+    assert all(line.isprintable() for line in (out + err).splitlines()), out + err
+    assert not target.exists()
