@@ -26,8 +26,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import yaml
 
 from . import api, drivers, rules, stages
-from .errors import StateError, V2PError
-from .fsutil import read_regular
+from .errors import StateError, TargetError, V2PError, one_line, shown_path
+from .fsutil import describe_mode, read_regular
 from .options import BUSES, COPIERS, FORMATS, OSTYPES, SCSIHW, MigrationOptions, OptionError, check_vmid
 from .sources import open_source
 from .state import MigrationState
@@ -51,9 +51,10 @@ class Problem:
     where: str = ""
 
     def __str__(self) -> str:
+        # One line whatever the plan's values hold (a source path with a newline in it).
         if self.line:
-            return f"{self.file}:{self.line}:{self.column}: {self.message}"
-        return f"{self.file}: {self.where}: {self.message}" if self.where else f"{self.file}: {self.message}"
+            return one_line(f"{self.file}:{self.line}:{self.column}: {self.message}")
+        return one_line(f"{self.file}: {self.where}: {self.message}" if self.where else f"{self.file}: {self.message}")
 
 
 class PlanError(V2PError):
@@ -762,6 +763,14 @@ class _Facts:
         if isinstance(target, api.LocalTarget):
             # Its VMs' NICs are QEMU user networking: a bridge name is only recorded in the config.
             where = f"local target {target.directory}"
+            # The run makes the folder (and its parents): it must be one, or be makeable under one.
+            existing = target.directory
+            while not os.path.lexists(existing) and existing != existing.parent:
+                existing = existing.parent
+            if not existing.is_dir():
+                kind = describe_mode(os.lstat(existing).st_mode)
+                return cls(where, {}, None, TargetError(
+                    f"{shown_path(existing)} is {kind}, not a folder: the target folder cannot be made there"))
             try:
                 return cls(where, {name: None for name in target.storages()}, None)
             except V2PError as exc:
