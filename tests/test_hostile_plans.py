@@ -234,3 +234,17 @@ def test_a_value_with_a_newline_stays_on_its_problems_line(tmp_path, capsys) -> 
     assert code == 1 and "Traceback" not in out + err
     assert all(line.isprintable() for line in (out + err).splitlines()), out + err
     assert not target.exists()
+
+
+def test_a_target_folder_that_cannot_be_made(tmp_path, capsys, disk) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    for folder in (blocker, blocker / "below"):
+        plan = tmp_path / "plan.yaml"
+        plan.write_text(f"defaults: {{target: {{dir: {folder}}}}}\nvms:\n  - {{source: {disk}, vmid: 101}}\n")
+        line, _column, message = one_problem(capsys, plan)
+        assert line == 1 and message == f"target: {blocker} is a regular file, not a folder: the target folder " \
+                                        "cannot be made there", message
+        assert cli.main(["plan", "run", str(plan)]) == 1
+        assert "is a regular file, not a folder" in capsys.readouterr().out
+    assert blocker.read_text() == "mine"
