@@ -28,7 +28,17 @@ import yaml
 from . import api, drivers, rules, stages
 from .errors import StateError, TargetError, V2PError, one_line, shown_path
 from .fsutil import describe_mode, read_regular
-from .options import BUSES, COPIERS, FORMATS, OSTYPES, SCSIHW, MigrationOptions, OptionError, check_vmid
+from .options import (
+    BUSES,
+    COPIERS,
+    FORMATS,
+    OSTYPES,
+    SCSIHW,
+    MigrationOptions,
+    OptionError,
+    check_text,
+    check_vmid,
+)
 from .sources import open_source
 from .state import MigrationState
 from .targets.base import Target
@@ -282,9 +292,9 @@ class Plan:
         """Read the plan at ``path``. ``strict``: raise ``PlanError`` listing every problem of its
         text (else keep them for ``problems()`` and leave the broken VMs out). ``local_dir`` /
         ``accel``: for VMs on the local target whose plan names no ``dir`` (the CLI's --target-dir)."""
-        where = Path(os.path.abspath(path))
-        file = os.fspath(path)
-        raw = read_regular(path, MAX_BYTES, what="plan", error=OptionError)
+        file = check_text("plan", path, controls=True) or ""
+        where = Path(os.path.abspath(file))
+        raw = read_regular(file, MAX_BYTES, what="plan", error=OptionError)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
