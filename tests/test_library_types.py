@@ -122,3 +122,10 @@ def test_dance_remove_and_status_check_theirs_first(tmp_path) -> None:
     refused(lambda: api.local_target(5), OptionError, "--target-dir=5")
     refused(lambda: api.local_target(str(tmp_path), accel="kvmm"), OptionError, "--accel 'kvmm'")
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("path", ["/tmp/a\0b.yaml", 5, None])
+def test_a_plan_path_no_file_can_be(path) -> None:
+    from v2p import Plan
+
+    refused(lambda: Plan.load(path), OptionError, "plan")
