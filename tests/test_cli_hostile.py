@@ -15,6 +15,7 @@ import pytest
 
 from conftest import ROOT
 from v2p import cli
+from v2p.errors import V2PError
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +144,15 @@ def test_a_key_set_twice_in_storage_cfg_is_refused(tmp_path, capsys) -> None:
     (target / "storage.cfg").write_text("dir: bulk\n\tpath /srv/bulk\n\tpath /etc\n")
     line = error_line(capsys, "--target-dir", str(target), "storage", "list")
     assert line == f"v2p: error: {target / 'storage.cfg'}: line 3: storage bulk sets path twice"
+
+
+def test_a_device_on_a_pve_target_is_refused_by_the_flag_the_cli_has(monkeypatch) -> None:
+    from v2p import api
+
+    monkeypatch.setenv("V2P_PVE_TOKEN", "00000000-0000-0000-0000-000000000000")
+    target = api.make_target("pve://root@pam!v2p@127.0.0.1:9/pve1")  # never contacted
+    with pytest.raises(V2PError) as caught:
+        target.device_storage("/dev/sdb")
+    assert str(caught.value).startswith("--to-device /dev/sdb: ") and "--device" not in str(caught.value)
+    assert "--to-device" in {flag for action in cli.build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+                             .choices["migrate"]._actions for flag in action.option_strings}

@@ -284,8 +284,8 @@ class ProxmoxTarget(Target):
                           hint="disks reach a PVE target through its disk sink only")
 
     def device_storage(self, device: str) -> Storage:
-        raise TargetError(f"--device {device}: a block device of the PVE node cannot be written from here",
-                          hint="leave --device out: the disk is uploaded into a PVE storage")
+        raise TargetError(f"--to-device {device}: a block device of the PVE node cannot be written from here",
+                          hint="leave --to-device out: the disk is uploaded into a PVE storage")
 
     def storage_status(self, name: str) -> dict[str, Any]:
         """The node's view of storage ``name``: type, content, avail (``GET /nodes/{node}/storage``)."""
