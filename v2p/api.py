@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shlex
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from . import interrupts, pveconfig, rules
 from .dance import DanceOptions, DriverDance
 from .errors import (
     Cancelled,
+    ForeignVMError,
     LockedError,
     NoSuchVMError,
     RuleError,
@@ -397,22 +399,55 @@ def dance(vmid: int, *, target: TargetSpec = None, bus: str = "virtio", confirme
         return result
 
 
-def remove(vmid: int, target: TargetSpec = None) -> None:
-    """Remove a VM, its volumes (never a user's block device) and its records."""
+def remove(vmid: int, target: TargetSpec = None, *, confirm_name: str | None = None) -> None:
+    """Remove a VM v2p made, its volumes (never a user's block device) and its records.
+
+    A VM is v2p's when its description carries the tag of the migration that its record names
+    (``<vmid>.json``). Any other VM (made by hand or another tool, a clone of a v2p VM, one whose
+    record is gone) is removed only when ``confirm_name`` is its name (its VMID when it has none);
+    otherwise ``ForeignVMError`` and the VM is left as it is (v2p's own records of that VMID, which
+    describe no VM of v2p's, are discarded). A ``confirm_name`` that is not the VM's name is refused
+    the same way, whoever made the VM.
+    """
     target = as_target(target)
     check_vmid(vmid)
+    if confirm_name is not None and not isinstance(confirm_name, str):
+        raise OptionError(f"confirm_name must be the VM's name (a string), not {type(confirm_name).__name__}")
     with VmidLock(target.state_dir(), vmid):
         # Records are removed without being read: this is how a damaged one is discarded.
         records = [MigrationState(target.state_dir(), vmid, suffix) for suffix in ("", ".dance")]
         recorded = any(os.path.lexists(record.path) for record in records)
         if target.vm_exists(vmid):
+            config = target.get_config(vmid)
+            name = config.get("name") or str(vmid)
+            again = f"v2p vm rm {vmid} --force --confirm-name {_quoted(name)}"
+            if confirm_name is not None and confirm_name != name:
+                raise ForeignVMError(f"VM {vmid} is called {_quoted(name)}, not {_quoted(confirm_name)}: "
+                                     "nothing removed", hint=f"type its name back exactly: {again}")
+            tag = pveconfig.tagged_by(config)
+            if confirm_name is None and (tag is None or not records[0].names(tag)):
+                _discard(target, vmid, records)
+                discarded = "; discarded v2p's migration records of that VMID" if recorded else ""
+                raise ForeignVMError(f"VM {vmid} ({_quoted(name)}) was not made by v2p (no migration record "
+                                     f"here names it): not removed{discarded}",
+                                     hint=f"to remove it anyway, type its name back: {again}")
             target.destroy_vm(vmid)
         elif not recorded:
             raise NoSuchVMError(f"VMID {vmid} does not exist on the {target.kind} target and has no "
                                 "migration record", hint="see: v2p vm list, v2p status")
-        for record in records:
-            record.remove()
-        remove_tree(target.state_dir() / f"{vmid}.work")
+        _discard(target, vmid, records)
+
+
+def _discard(target: Target, vmid: int, records: list[MigrationState]) -> None:
+    """v2p's own traces of a VMID: its records and its work folder."""
+    for record in records:
+        record.remove()
+    remove_tree(target.state_dir() / f"{vmid}.work")
+
+
+def _quoted(name: str) -> str:
+    """A VM's name as a shell word on one line (a hand-written config may name it anything)."""
+    return shlex.quote(name) if name.isprintable() else repr(name)
 
 
 def inspect(path: str | os.PathLike[str]) -> DiskImage:

@@ -227,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("rm", "remove a VM, its disks and its migration record")):
         vp = vm.add_parser(name, help=text)
         vp.add_argument("vmid", type=parse_vmid, metavar="VMID")
+        if name == "rm":
+            vp.add_argument("--force", action="store_true",
+                            help="remove it even if v2p did not make it: its name must be typed back "
+                            "(--confirm-name, or asked for when stdin is a terminal)")
+            vp.add_argument("--confirm-name", metavar="NAME", help="with --force: the VM's name (its VMID "
+                            "if it has none)")
         if name == "stop":
             vp.add_argument("--timeout", type=_seconds("--timeout", zero=True), default=60.0,
                             help="seconds to wait for the guest before a hard stop; 0 stops it hard at "
@@ -605,6 +611,28 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
     return 5 if damaged else 0
 
 
+def _confirmed_name(args: argparse.Namespace, target: api.Target) -> str | None:
+    """``vm rm --force``: the VM's name as the user typed it back (``--confirm-name``, or asked for on
+    a terminal); the library removes a VM it did not make only when that is its name."""
+    if not args.force:
+        if args.confirm_name is not None:
+            raise OptionError("--confirm-name goes with --force", hint=f"v2p vm rm {args.vmid} --force "
+                              "--confirm-name NAME")
+        return None
+    if args.confirm_name is not None:
+        return str(args.confirm_name)
+    if not sys.stdin.isatty():
+        raise OptionError(f"vm rm {args.vmid} --force: the VM's name must be typed back",
+                          hint=f"add --confirm-name NAME (see: v2p vm show {args.vmid})")
+    if not target.vm_exists(args.vmid):
+        return None
+    name = target.get_config(args.vmid).get("name") or str(args.vmid)
+    try:
+        return input(f"VM {args.vmid} is called {name!r}; type its name to remove it: ")
+    except EOFError:
+        return ""
+
+
 def _vm(args: argparse.Namespace, target: api.Target) -> int:
     command = args.vm_command
     if command == "list":
@@ -626,7 +654,7 @@ def _vm(args: argparse.Namespace, target: api.Target) -> int:
         target.stop(vmid, timeout=args.timeout)
         print(f"VM {vmid} stopped")
     elif command == "rm":
-        api.remove(vmid, target)
+        api.remove(vmid, target, confirm_name=_confirmed_name(args, target))
         print(f"VM {vmid} removed")
     return 0
 

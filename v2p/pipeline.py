@@ -24,6 +24,7 @@ from typing import Any
 
 from . import interrupts, pveconfig
 from .errors import (
+    VMID_TAKEN_HINT,
     BootCheckError,
     Cancelled,
     DanceError,
@@ -101,7 +102,7 @@ class Pipeline:
         else:
             if self.target.vm_exists(self.vmid):
                 raise VMIDExistsError(f"VMID {self.vmid} already exists on the {self.target.kind} target",
-                                      hint=f"pick another --vmid, or remove it: v2p vm rm {self.vmid}")
+                                      hint=VMID_TAKEN_HINT)
             self.state.start(request, migration_id=uuid.uuid4().hex[:12])
             hold_point("state-created")
         workdir = self.target.state_dir() / f"{self.vmid}.work"
@@ -198,8 +199,8 @@ class Pipeline:
         assert isinstance(exc, V2PError)
         ours, written, removed = False, [], False
         try:
-            ours = self.target.vm_exists(self.vmid) and ctx.tag() in \
-                self.target.get_config(self.vmid).get("description", "")
+            ours = self.target.vm_exists(self.vmid) and \
+                pveconfig.tagged_by(self.target.get_config(self.vmid)) == ctx.migration_id
             written = [index for index in range(len(ctx.disks()))
                        if disk_stage("convert", index) in (*self.state.stages, stage)]
             if not ours and not written:  # the VMID was taken, the create refused: nothing of ours

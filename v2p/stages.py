@@ -15,7 +15,7 @@ from typing import Any
 from . import drivers, pveconfig, rules
 from .bootwatch import clean
 from .dance import DanceOptions, DriverDance
-from .errors import NoSpaceError, SourceError, TargetError, VMIDExistsError
+from .errors import VMID_TAKEN_HINT, NoSpaceError, SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
 from .options import MigrationOptions, OptionError
 from .runner import which
@@ -82,7 +82,7 @@ class Context:
         return self._sinks[index]
 
     def tag(self) -> str:
-        return f"v2p migration {self.migration_id}"
+        return pveconfig.migration_tag(self.migration_id)
 
 
 class Stage:
@@ -144,7 +144,7 @@ class Preflight(Stage):
     def run(self, ctx: Context) -> Record:
         if ctx.target.vm_exists(ctx.vmid) and not _ours(ctx):
             raise VMIDExistsError(f"VMID {ctx.vmid} already exists on the {ctx.target.kind} target",
-                                  hint=f"pick another --vmid, or remove it: v2p vm rm {ctx.vmid}")
+                                  hint=VMID_TAKEN_HINT)
         findings = check_rules(ctx.spec, ctx.options, ctx.records["inspect"]["disks"],
                                chosen_ostype=ctx.chosen_ostype)
         # Errors too, before enforce raises: a panel lists every finding, not only the first error.
@@ -206,7 +206,7 @@ def check_drivers(target: Target, options: MigrationOptions) -> Record:
 
 def _ours(ctx: Context) -> bool:
     try:
-        return ctx.tag() in ctx.target.get_config(ctx.vmid).get("description", "")
+        return pveconfig.tagged_by(ctx.target.get_config(ctx.vmid)) == ctx.migration_id
     except TargetError:
         return False
 

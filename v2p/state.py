@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import LockedError, StateError
 from .fsutil import open_lock_file, remove_stale_temporaries, write_atomic
+from .pveconfig import migration_tag
 
 STATE_VERSION = 1
 # A state file's name is its VMID: ASCII digits only (str.isdigit() also takes '²' and '١').
@@ -53,6 +54,7 @@ class MigrationState:
         self.path = directory / f"{vmid}{suffix}.json"
         self.data: dict[str, Any] = {}
         self.error: StateError | None = None  # set by list_states for a file that cannot be read
+        self.text = ""  # what ``load`` read, kept for ``names`` when it is damaged
 
     def load(self) -> bool:
         """Read the file if there is one; return whether there was.
@@ -62,7 +64,7 @@ class MigrationState:
         file, never a traceback later on.
         """
         try:
-            raw = self.path.read_text()
+            raw = self.text = self.path.read_text()
         except FileNotFoundError:
             return False
         except UnicodeDecodeError:
@@ -83,6 +85,16 @@ class MigrationState:
         self._check(data)
         self.data = data
         return True
+
+    def names(self, migration_id: str) -> bool:
+        """Whether this is the record of migration ``migration_id``. A damaged record (which
+        ``v2p vm rm`` must still be able to discard with its VM) is searched as text for the id:
+        its ``migration_id`` field or the tag its recorded VM config carries."""
+        try:
+            return self.load() and self.data.get("migration_id") == migration_id
+        except StateError:
+            return (f'"migration_id": "{migration_id}"' in self.text
+                    or f"({migration_tag(migration_id)})" in self.text)
 
     @property
     def discard_hint(self) -> str:

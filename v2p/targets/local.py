@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bootwatch import SETTLE, BootWatch, Verdict
-from ..errors import NoSuchVMError, TargetError, ToolError, VMIDExistsError
+from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, ToolError, VMIDExistsError
 from ..fsutil import data_home, fresh_file, private_dir, write_atomic
 from ..interrupts import check as check_interrupts
 from ..runner import run
@@ -220,7 +220,7 @@ class LocalTarget(Target):
         path = self._conf(vmid)
         if path.exists():
             raise VMIDExistsError(f"VMID {vmid} already exists on the local target ({path})",
-                                  hint=f"pick another --vmid, or remove it with: v2p vm rm {vmid}")
+                                  hint=VMID_TAKEN_HINT)
         self._write_config(vmid, config)
 
     def _write_config(self, vmid: int, config: VMConfig) -> None:

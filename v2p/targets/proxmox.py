@@ -26,7 +26,7 @@ from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, Pr
 from proxmoxer.core import ProxmoxResource
 
 from ..bootwatch import SETTLE, BootWatch
-from ..errors import NoSuchVMError, TargetError, VMIDExistsError
+from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, VMIDExistsError
 from ..fsutil import data_home, private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
@@ -349,13 +349,13 @@ class ProxmoxTarget(Target):
         if taken:
             what = taken[0].get("type", "guest")
             raise VMIDExistsError(f"VMID {vmid} already exists on the PVE cluster ({what} on "
-                                  f"{taken[0].get('node', '?')})", hint="pick another --vmid")
+                                  f"{taken[0].get('node', '?')})", hint=VMID_TAKEN_HINT)
         try:
             self._task(self.call("POST", f"nodes/{self.settings.node}/qemu", vmid=vmid, **config),
                        f"create VM {vmid}")
         except TargetError as exc:
             if re.search(rf"\b(?:VM|CT) {vmid} already exists", exc.message):  # taken since we looked
-                raise VMIDExistsError(exc.message, hint="pick another --vmid") from None
+                raise VMIDExistsError(exc.message, hint=VMID_TAKEN_HINT) from None
             raise
 
     def get_config(self, vmid: int) -> VMConfig:
