@@ -99,6 +99,8 @@ class Pipeline:
                 return done
             self._check_resumable(request)
             self.emit(Event("info", "resume", f"resuming the migration of VMID {self.vmid}"))
+            for upid in self.target.settle(self.vmid):  # e.g. the disk import of a run killed in attach
+                self.emit(Event("info", "resume", f"waited for {upid}, left running by an earlier run"))
         else:
             if self.target.vm_exists(self.vmid):
                 raise VMIDExistsError(f"VMID {self.vmid} already exists on the {self.target.kind} target",

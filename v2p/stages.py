@@ -316,8 +316,21 @@ class Attach(Stage):
             volid = ctx.records[disk_stage("verify", index)]["volid"]
             updates[key] = pveconfig.disk_value(volid, ctx.disk_input(index).capacity)
         updates["boot"] = pveconfig.boot_order([key for _disk, key in placed])
+        before = set(ctx.target.get_config(ctx.vmid).values())
         ctx.target.set_config(ctx.vmid, updates)
+        self._drop_duplicates(ctx, before)
         return {"keys": {key: value for key, value in updates.items() if key != "boot"}}
+
+    @staticmethod
+    def _drop_duplicates(ctx: Context, before: set[str]) -> None:
+        """A disk volume of this migration's that turned up unused while the disks were attached is
+        an earlier run's copy of a disk (its import finished just as this one began, and PVE made
+        this run's copy the disk): deleted, so no second copy of a disk stays behind."""
+        for key, value in ctx.target.get_config(ctx.vmid).items():
+            if key.startswith("unused") and value not in before and \
+                    any(ctx.sink(index).attached(value) for index in range(len(ctx.disks()))):
+                ctx.emit(Event("info", "attach", f"{value}: an earlier run's copy of a disk ({key}), removed"))
+                ctx.target.remove_volume(ctx.vmid, value)
 
     def holds(self, ctx: Context, record: Record) -> bool:
         # The driver dance moves the disks (ide0 -> virtio0): attached anywhere still counts.

@@ -116,6 +116,7 @@ ROUTES = {
     ("GET", "/cluster/resources"): "resources",
     ("GET", "/storage"): "storage_configs",
     ("GET", "/storage/{storage}"): "storage_config",
+    ("GET", "/nodes/{node}/tasks"): "task_list",
     ("GET", "/nodes/{node}/tasks/{upid}/status"): "task_status",
     ("GET", "/nodes/{node}/tasks/{upid}/log"): "task_log",
     ("GET", "/nodes/{node}/storage"): "storage_list",

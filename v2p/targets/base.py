@@ -147,6 +147,12 @@ class Target(abc.ABC):
         taken = set(self.list_vms())
         return next(vmid for vmid in range(max(above + 1, 100), 1_000_000_000) if vmid not in taken)
 
+    def settle(self, vmid: int) -> list[str]:
+        """Wait until no work on VM ``vmid`` that an earlier (killed) run started still runs on the
+        target, so that its config is final; the ids of the tasks waited for. Nothing by default
+        (a target whose work dies with v2p)."""
+        return []
+
     def tasks_waited(self) -> list[str]:
         """The ids of the target's own tasks (PVE UPIDs) this object waited for, oldest first."""
         return []

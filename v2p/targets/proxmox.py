@@ -235,10 +235,31 @@ class ProxmoxTarget(Target):
 
     def wait_task(self, upid: str, *, what: str, timeout: float = 3600.0) -> None:
         """Poll a task until it stops; an exit status other than OK is a TargetError with its log's tail."""
+        self._waited.append(upid)
+        status = self._stopped(upid, what=what, timeout=timeout)
+        exit_status = str(status.get("exitstatus", ""))
+        if exit_status != "OK":
+            path = f"nodes/{self.settings.node}/tasks/{quote(upid, safe='')}"
+            lines = self.call("GET", f"{path}/log", start=0, limit=1000) or []
+            tail = " | ".join(str(line.get("t", "")) for line in lines[-5:])
+            raise TargetError(f"PVE task {what} failed: {exit_status}" + (f" ({tail})" if tail else ""),
+                              hint="the node's task log has the whole story")
+
+    def settle(self, vmid: int) -> list[str]:
+        """Wait for VM ``vmid``'s tasks still running on the node: PVE finishes a task (a disk import)
+        whatever became of the run that started it, and the config it writes is what a rerun must
+        read. How they ended is the config's to tell. Returns their UPIDs."""
+        running = self.call("GET", f"nodes/{self.settings.node}/tasks", source="active", vmid=vmid) or []
+        upids = [str(entry["upid"]) for entry in running if str(entry.get("upid", "")).startswith("UPID:")]
+        for upid in upids:
+            self._stopped(upid, what=f"{upid.split(':')[5]} of VM {vmid}, left running by an earlier run")
+        return upids
+
+    def _stopped(self, upid: str, *, what: str, timeout: float = 3600.0) -> dict[str, Any]:
+        """Poll a task until it stops; its status."""
         node = self.settings.node
         deadline = time.monotonic() + timeout
         path = f"nodes/{node}/tasks/{quote(upid, safe='')}"
-        self._waited.append(upid)
         pause = TASK_FIRST_POLL  # most tasks (config, start, stop) end within a fraction of a second
         while True:
             check_interrupts()
@@ -250,12 +271,8 @@ class ProxmoxTarget(Target):
                                   hint="see the task log in the PVE web interface")
             time.sleep(pause)
             pause = min(pause * 2, TASK_POLL)
-        exit_status = str(status.get("exitstatus", ""))
-        if exit_status != "OK":
-            lines = self.call("GET", f"{path}/log", start=0, limit=1000) or []
-            tail = " | ".join(str(line.get("t", "")) for line in lines[-5:])
-            raise TargetError(f"PVE task {what} failed: {exit_status}" + (f" ({tail})" if tail else ""),
-                              hint="the node's task log has the whole story")
+        found: dict[str, Any] = status
+        return found
 
     def _task(self, result: Any, what: str) -> None:
         if isinstance(result, str) and result.startswith("UPID:"):
