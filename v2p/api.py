@@ -622,6 +622,13 @@ def inspect_all(paths: list[str | os.PathLike[str]], *, vmid: int = 100,
     return out
 
 
+def leftovers(target: TargetSpec = None) -> dict[str, dict[str, Any]]:
+    """What v2p meant to delete on ``target`` and could not (an upload PVE refused to delete), retried
+    now: what is still left, by volume id, with ``vmid``, ``error`` and ``since``. Every migration on
+    the target retries them too."""
+    return as_target(target).retry_leftovers()
+
+
 def status(target: TargetSpec = None, vmid: int | None = None) -> list[MigrationState]:
     """The recorded migrations on ``target`` (all, or the one for ``vmid``)."""
     target = as_target(target)

@@ -582,6 +582,9 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
 def _status(args: argparse.Namespace, target: api.Target) -> int:
     states = api.status(target, args.vmid)
     damaged = [state for state in states if state.error is not None]
+    for volid, left in api.leftovers(target).items():
+        print(f"left on the target: {volid} (VMID {left['vmid']}): deleting it failed since {left['since']}: "
+              f"{left['error']}; retried by every run and v2p status", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps([{"vmid": s.vmid, "error": str(s.error)} if s.error else s.data for s in states],
                          indent=2))

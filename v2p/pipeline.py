@@ -87,6 +87,9 @@ class Pipeline:
 
     def _run_locked(self) -> dict[str, Any]:
         request = self._request()
+        for volid, left in self.target.retry_leftovers(holding=self.vmid).items():
+            self.emit(Event("warning", "cleanup", f"{volid} (VMID {left['vmid']}) is still left on the target: "
+                            f"deleting it failed since {left['since']}: {left['error']}; retried on every run"))
         for suffix in ("", ".dance"):
             MigrationState(self.state.directory, self.vmid, suffix).remove_temporaries()
         if self.state.load() and self._stale(request):

@@ -316,7 +316,13 @@ class Attach(Stage):
             volid = ctx.records[disk_stage("verify", index)]["volid"]
             updates[key] = pveconfig.disk_value(volid, ctx.disk_input(index).capacity)
         updates["boot"] = pveconfig.boot_order([key for _disk, key in placed])
-        before = set(ctx.target.get_config(ctx.vmid).values())
+        current = ctx.target.get_config(ctx.vmid)
+        if all(key in current and ctx.sink(by_label[disk.label]).attached(current[key]) for disk, key in placed):
+            # A killed run's attach that the target finished without it (PVE's import goes on): done.
+            ctx.emit(Event("info", self.name, "the disks were attached by an earlier run (its import finished "
+                           "after it stopped)"))
+            return {"keys": {key: current[key] for _disk, key in placed}}
+        before = set(current.values())
         ctx.target.set_config(ctx.vmid, updates)
         self._drop_duplicates(ctx, before)
         return {"keys": {key: value for key, value in updates.items() if key != "boot"}}

@@ -9,17 +9,19 @@ pipeline records paths, sizes, hashes and the VM config only.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
 import os
 import re
+import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import LockedError, StateError
+from .errors import LockedError, StateError, V2PError
 from .fsutil import open_lock_file, remove_stale_temporaries, write_atomic
 from .pveconfig import migration_tag
 
@@ -230,3 +232,76 @@ def list_states(directory: Path) -> list[MigrationState]:
             state.error = exc
         states.append(state)
     return states
+
+
+class Leftovers:
+    """What v2p made on a target and meant to delete, whose deletion failed (PVE answered 500, the
+    node was away): ``<dir>/leftovers.json``, ``{volid: {"vmid", "error", "since"}}``. An entry stays
+    until a retry finds the volume gone or deletes it; every run on the target and ``v2p status``
+    retry (``Target.retry_leftovers``) and report what is still left. A leftover of a VMID another
+    run holds is left to that run (it may have made a volume of the same name since)."""
+
+    LIMIT = 1 << 20  # bytes: a list of volume ids, never more
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "leftovers.json"
+
+    def add(self, volid: str, vmid: int, error: str) -> None:
+        with self._locked():
+            entries = self._read()
+            entries[volid] = {"vmid": vmid, "error": error, "since": entries.get(volid, {}).get("since", now())}
+            write_atomic(self.path, json.dumps(entries, indent=2) + "\n")
+
+    def retry(self, delete: Callable[[str], None], *, holding: int | None = None) -> dict[str, dict[str, Any]]:
+        """Call ``delete(volid)`` (which succeeds when the volume is gone already) for each leftover
+        whose VMID is ``holding`` (the caller holds its lock) or free; return what is still left."""
+        with self._locked():
+            entries = self._read()
+            for volid, entry in list(entries.items()):
+                try:
+                    with contextlib.ExitStack() as held:
+                        if entry["vmid"] != holding:
+                            held.enter_context(VmidLock(self.directory, entry["vmid"]))
+                        delete(volid)
+                    del entries[volid]
+                except LockedError:
+                    continue
+                except V2PError as exc:
+                    entry["error"] = exc.message
+            if entries:
+                write_atomic(self.path, json.dumps(entries, indent=2) + "\n")
+            else:
+                with contextlib.suppress(OSError):  # gone already, or not v2p's list: nothing to keep
+                    self.path.unlink()
+            return entries
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = open_lock_file(self.directory / "leftovers.lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a few API calls at most
+            yield
+        finally:
+            os.close(fd)
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        """The entries; a file that is not what v2p writes counts as none (it is rewritten on the next
+        add: a damaged list must not stop migrations)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return {}
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}
+            data = json.loads(os.read(fd, self.LIMIT + 1)[:self.LIMIT] or b"{}")
+        except (OSError, ValueError, RecursionError):
+            return {}
+        finally:
+            os.close(fd)
+        if not isinstance(data, dict):
+            return {}
+        return {volid: entry for volid, entry in data.items()
+                if isinstance(entry, dict) and type(entry.get("vmid")) is int
+                and isinstance(entry.get("error"), str) and isinstance(entry.get("since"), str)}

@@ -153,6 +153,12 @@ class Target(abc.ABC):
         (a target whose work dies with v2p)."""
         return []
 
+    def retry_leftovers(self, *, holding: int | None = None) -> dict[str, dict[str, Any]]:
+        """Delete again what v2p meant to delete on the target and could not (``state.Leftovers``);
+        what is still left, by volume id (``vmid``, ``error``, ``since``). ``holding``: the VMID whose
+        lock the caller holds. Nothing by default (a target whose deletions do not fail half-way)."""
+        return {}
+
     def tasks_waited(self) -> list[str]:
         """The ids of the target's own tasks (PVE UPIDs) this object waited for, oldest first."""
         return []

@@ -30,6 +30,7 @@ from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, VMIDExistsErro
 from ..fsutil import data_home, private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
+from ..state import Leftovers
 from ..storage import Storage
 from .base import BootReport, DiskSink, Target, VMConfig
 from .pve_import import RemoteImportSink
@@ -399,6 +400,29 @@ class ProxmoxTarget(Target):
         self._task(self.call("DELETE", f"nodes/{self.settings.node}/storage/{storage}/content/"
                              f"{quote(volid, safe='')}"), f"delete {volid}")
 
+    def discard_volume(self, volid: str, vmid: int) -> None:
+        """Delete a volume v2p made for VM ``vmid`` and needs no more (an upload). If PVE refuses,
+        it is recorded as left on the target, retried by every later run and ``v2p status``
+        (``retry_leftovers``), and the TargetError says so."""
+        try:
+            self.delete_volume(volid)
+        except TargetError as exc:
+            Leftovers(self.state_dir()).add(volid, vmid, exc.message)
+            exc.message = (f"{volid}: could not be deleted ({exc.message}); recorded, retried by the next run "
+                           "and by v2p status")
+            raise
+
+    def retry_leftovers(self, *, holding: int | None = None) -> dict[str, dict[str, Any]]:
+        return Leftovers(self.state_dir()).retry(self._delete_if_there, holding=holding)
+
+    def _delete_if_there(self, volid: str) -> None:
+        storage, _, volname = volid.partition(":")
+        content = volname.split("/", 1)[0] if "/" in volname else None
+        listed = self.call("GET", f"nodes/{self.settings.node}/storage/{storage}/content",
+                           **({"content": content} if content in ("import", "iso") else {})) or []
+        if any(entry.get("volid") == volid for entry in listed):
+            self.delete_volume(volid)
+
     def destroy_vm(self, vmid: int) -> None:
         self._require(vmid)
         if self.status(vmid) == "running":
@@ -410,7 +434,7 @@ class ProxmoxTarget(Target):
         ours = re.compile(rf"{re.escape(where)}:import/v2p-{vmid}-disk-\d+\.qcow2")
         for entry in self.call("GET", f"nodes/{node}/storage/{where}/content", content="import") or []:
             if ours.fullmatch(str(entry.get("volid", ""))):
-                self.delete_volume(str(entry["volid"]))
+                self.discard_volume(str(entry["volid"]), vmid)
         for path in self.staging_dir().glob(f"v2p-{vmid}-disk-*.qcow2"):
             path.unlink(missing_ok=True)
         if self.settings.on_node:
