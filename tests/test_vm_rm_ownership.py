@@ -229,3 +229,20 @@ def test_library_remove_refuses_a_foreign_vm(hand_made: tuple[Path, Path], v2p: 
     assert_kept(conf, disk)
     lib.remove(120, target, confirm_name="precious")
     assert not conf.exists() and not disk.exists()
+
+
+@pytest.mark.parametrize("planted", ["fifo", "link-to-dev-zero"])
+def test_local_record_that_is_not_a_file_does_not_make_a_vm_v2p_s(planted: str, hand_made: tuple[Path, Path],
+                                                                   v2p: V2P) -> None:
+    """vm rm reads the record to tell whose the VM is: a FIFO or a link there neither hangs it nor
+    makes the hand-written VM v2p's."""
+    conf, disk = hand_made
+    record = v2p.target / "migrations" / "120.json"
+    record.parent.mkdir(parents=True)
+    if planted == "fifo":
+        os.mkfifo(record)
+    else:
+        record.symlink_to("/dev/zero")
+    line = one_line_error(v2p("vm", "rm", "120", timeout=30))
+    assert "VM 120 (precious) was not made by v2p" in line, line
+    assert_kept(conf, disk)

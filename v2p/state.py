@@ -91,7 +91,13 @@ class MigrationState:
     def names(self, migration_id: str) -> bool:
         """Whether this is the record of migration ``migration_id``. A damaged record (which
         ``v2p vm rm`` must still be able to discard with its VM) is searched as text for the id:
-        its ``migration_id`` field or the tag its recorded VM config carries."""
+        its ``migration_id`` field or the tag its recorded VM config carries. Anything but a regular
+        file (a FIFO, a link, a folder) names no migration and is not opened."""
+        try:
+            if not stat.S_ISREG(os.lstat(self.path).st_mode):
+                return False
+        except OSError:
+            return False
         try:
             return self.load() and self.data.get("migration_id") == migration_id
         except StateError:
