@@ -36,7 +36,8 @@ def migrate_args(source: Path) -> list[str]:
 
 
 def on_pve(v2p: V2P, sim: Any, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return v2p("--target", pve_url(sim), *args, **env(sim, tmp_path))
+    return v2p("--target", pve_url(sim), *args, V2P_PVE_TOKEN=sim.tokens[TOKEN_USER],
+               XDG_DATA_HOME=str(tmp_path / "xdg"))
 
 
 def running(sim: Any, kind: str) -> bool:
@@ -76,6 +77,38 @@ def test_kill_during_the_attach_import_then_rerun_leaves_one_copy(rerun: str, pv
     volid = config["scsi0"].split(",")[0]
     assert disk_volumes(pve) == [volid], pve.volumes()  # one copy of the disk, no upload left
     assert pve.volumes() == [volid]
+    assert_same_bytes(samples / "guest.raw", pve.cluster.volume_path(volid))
+    assert pve.refused == [] and pve.unsimulated == []
+
+
+def test_import_that_reaches_pve_after_the_rerun_looked_leaves_one_copy(pve: Any, tmp_path: Path, samples: Path,
+                                                                        source_of: Any, v2p: V2P) -> None:
+    """The killed run's attach request reaches PVE only after the rerun waited for the VM's tasks
+    (nothing then) and while it attaches: the two imports run one after the other (the config lock),
+    and the rerun deletes the copy that became ``unused0``."""
+    source = source_of("monolithicSparse").descriptor
+    held = pve.hold_next_request("POST", rf"^/nodes/[^/]+/qemu/{VMID}/config$")
+    first = v2p.popen("--target", pve_url(pve), *migrate_args(source), **env(pve, tmp_path))
+    assert held.arrived.wait(120), "the attach's request never came"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    def configs_read() -> int:
+        return len([e for e in pve.log if e.method == "GET" and e.path.endswith(f"/qemu/{VMID}/config")])
+    read = configs_read()
+    again = v2p.popen("--target", pve_url(pve), *migrate_args(source), **env(pve, tmp_path))
+    deadline = time.monotonic() + 120
+    while configs_read() == read:  # the rerun checks its VM (after it waited for the VM's tasks)
+        assert again.poll() is None and time.monotonic() < deadline, again.communicate()
+        time.sleep(0.02)
+    pve.slow_next_task("qmconfig", 6.0)  # the killed run's import: still going when the rerun attaches
+    held.release.set()
+    out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, out + err
+    config = pve.cluster.vms[VMID].config
+    assert not [key for key in config if key.startswith("unused")], config
+    volid = config["scsi0"].split(",")[0]
+    assert disk_volumes(pve) == [volid] and pve.volumes() == [volid], pve.volumes()
+    assert "an earlier run's copy of a disk (unused0), removed" in out, out
     assert_same_bytes(samples / "guest.raw", pve.cluster.volume_path(volid))
     assert pve.refused == [] and pve.unsimulated == []
 
