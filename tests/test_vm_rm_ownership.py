@@ -246,3 +246,17 @@ def test_local_record_that_is_not_a_file_does_not_make_a_vm_v2p_s(planted: str, 
     line = one_line_error(v2p("vm", "rm", "120", timeout=30))
     assert "VM 120 (precious) was not made by v2p" in line, line
     assert_kept(conf, disk)
+
+
+def test_local_vm_whose_description_holds_another_tag_is_still_v2p_s(source_of: Any, v2p: V2P) -> None:
+    """Words like a tag added to the description (a user's note, a source VM's name) before v2p's own
+    tag do not make v2p disown its VM."""
+    src = source_of("monolithicSparse")
+    made = v2p("migrate", str(src.descriptor), "--vmid", "122", "--os", "l26", "--no-boot-check")
+    assert made.returncode == 0, made.stderr
+    conf = v2p.target / "qemu-server" / "122.conf"
+    text = conf.read_text().replace("description: ", "description: copied from (v2p migration 0123456789ab); ")
+    conf.write_text(text)
+    removed = v2p("vm", "rm", "122")
+    assert removed.returncode == 0, removed.stderr
+    assert not conf.exists()

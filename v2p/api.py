@@ -414,7 +414,7 @@ def remove(vmid: int, target: TargetSpec = None, *, confirm_name: str | None = N
     if confirm_name is not None and not isinstance(confirm_name, str):
         raise OptionError(f"confirm_name must be the VM's name (a string), not {type(confirm_name).__name__}")
     with VmidLock(target.state_dir(), vmid):
-        # Records are removed without being read: this is how a damaged one is discarded.
+        # A damaged record is discarded all the same; it is read only to tell whose the VM is.
         records = [MigrationState(target.state_dir(), vmid, suffix) for suffix in ("", ".dance")]
         recorded = any(os.path.lexists(record.path) for record in records)
         if target.vm_exists(vmid):
@@ -424,8 +424,8 @@ def remove(vmid: int, target: TargetSpec = None, *, confirm_name: str | None = N
             if confirm_name is not None and confirm_name != name:
                 raise ForeignVMError(f"VM {vmid} is called {_quoted(name)}, not {_quoted(confirm_name)}: "
                                      "nothing removed", hint=f"type its name back exactly: {again}")
-            tag = pveconfig.tagged_by(config)
-            if confirm_name is None and (tag is None or not records[0].names(tag)):
+            ours = any(records[0].names(tag) for tag in pveconfig.tagged_by(config))
+            if confirm_name is None and not ours:
                 _discard(target, vmid, records)
                 discarded = "; discarded v2p's migration records of that VMID" if recorded else ""
                 raise ForeignVMError(f"VM {vmid} ({_quoted(name)}) was not made by v2p (no migration record "

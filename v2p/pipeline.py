@@ -205,7 +205,7 @@ class Pipeline:
         ours, written, removed = False, [], False
         try:
             ours = self.target.vm_exists(self.vmid) and \
-                pveconfig.tagged_by(self.target.get_config(self.vmid)) == ctx.migration_id
+                ctx.migration_id in pveconfig.tagged_by(self.target.get_config(self.vmid))
             written = [index for index in range(len(ctx.disks()))
                        if disk_stage("convert", index) in (*self.state.stages, stage)]
             if not ours and not written:  # the VMID was taken, the create refused: nothing of ours

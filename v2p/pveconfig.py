@@ -43,10 +43,10 @@ def migration_tag(migration_id: str) -> str:
     return f"v2p migration {migration_id}"
 
 
-def tagged_by(config: Mapping[str, str]) -> str | None:
-    """The id of the migration whose tag the VM config's description carries, or None (not v2p's)."""
-    match = _TAG.search(config.get("description", ""))
-    return match.group(1) if match else None
+def tagged_by(config: Mapping[str, str]) -> list[str]:
+    """The ids of the migrations whose tag the VM config's description carries ([]: not v2p's). More
+    than one when the source VM's own name held such words, or the user added some."""
+    return _TAG.findall(config.get("description", ""))
 
 
 def resolve_ostype(spec: VMSpec, explicit: str | None = None) -> str:

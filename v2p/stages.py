@@ -206,7 +206,7 @@ def check_drivers(target: Target, options: MigrationOptions) -> Record:
 
 def _ours(ctx: Context) -> bool:
     try:
-        return pveconfig.tagged_by(ctx.target.get_config(ctx.vmid)) == ctx.migration_id
+        return ctx.migration_id in pveconfig.tagged_by(ctx.target.get_config(ctx.vmid))
     except TargetError:
         return False
 

@@ -262,6 +262,8 @@ class Leftovers:
     def retry(self, delete: Callable[[str], None], *, holding: int | None = None) -> dict[str, dict[str, Any]]:
         """Call ``delete(volid)`` (which succeeds when the volume is gone already) for each leftover
         whose VMID is ``holding`` (the caller holds its lock) or free; return what is still left."""
+        if not os.path.lexists(self.path):  # the usual case: nothing to lock, nothing made
+            return {}
         with self._locked():
             entries = self._read()
             for volid, entry in list(entries.items()):
