@@ -108,6 +108,7 @@ def test_events_of_a_three_disk_vm_arrive_in_order_with_vmid_disk_stage_and_byte
         assert_same_bytes(raws[name], tmp_path / "target" / "images" / "120" / f"vm-120-disk-{index}.qcow2")
 
 
+@pytest.mark.slow
 def test_two_migrations_in_threads_at_once_each_in_order(tmp_path, source_of, manifest):
     target = local_target(tmp_path / "target", accel="tcg")
     recorder = Recorder()
@@ -186,6 +187,7 @@ def test_cancel_stops_qemu_img_within_two_seconds_and_a_later_run_resumes(tmp_pa
     assert_same_bytes(SAMPLES / "guest.raw", tmp_path / "target" / "images" / "130" / "vm-130-disk-0.qcow2")
 
 
+@pytest.mark.slow
 def test_cancelled_migration_object_runs_again_and_resumes(tmp_path, source_of):
     src = source_of("monolithicFlat")
     target = local_target(tmp_path / "target", accel="tcg")

@@ -62,6 +62,7 @@ def panel(tmp_path: Path) -> Iterator[PanelClient]:
     assert "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_panel_migrates_a_disk_and_reports_its_progress(panel, source_of, tmp_path):
     src = source_of("monolithicSparse")
     code, started = panel.call("POST", "/migrations", {"source": str(src.descriptor), "vmid": 120,

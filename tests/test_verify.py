@@ -204,6 +204,7 @@ def test_every_sample_flavor_verifies_on_a_loop_device(flavor, tmp_path, manifes
             convert.compare(src, device_volume(dev), capacity=image.capacity)
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_on_a_large_disk(tmp_path):
     """4 GiB with data at both ends, verified in a child process onto a loop device (the windowed
     reader) and as a raw file (qemu-img compare): its peak RSS stays well under 150 MB."""
