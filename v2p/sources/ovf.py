@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 import defusedxml.ElementTree as DET
 from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
 
+from .. import rules
 from ..convert import Source as QemuInput
 from ..convert import qemu_source
 from ..errors import SourceError, UnsafeSourceError
@@ -47,6 +48,9 @@ MAX_ENVELOPE = 32 << 20
 MAX_MANIFEST = 1 << 20
 # A real OVA holds a handful of members; a tar of millions of empty ones is an attack on memory.
 MAX_MEMBERS = 10_000
+# VMware's largest VM has a few hundred devices (256 disks, 10 NICs, controllers): many more items
+# is not a VM, and placing them on controllers would cost time that grows with their square.
+MAX_ITEMS = 2_000
 CHUNK = 1 << 20
 
 _HASHES = {"sha1": 40, "sha256": 64, "sha512": 128}
@@ -279,7 +283,12 @@ def parse_envelope(data: bytes, name: str) -> Envelope:
             only = (_attr(element, "configuration") or "").split()
             if only and configuration not in only:
                 continue  # belongs to another deployment option
+            if len(items) >= MAX_ITEMS:
+                raise SourceError(f"{name}: more than {MAX_ITEMS} hardware items: not one VM's hardware: refused")
             items.append(_item(element))
+    # Counted before anything else reads the items (and before any disk file is opened).
+    rules.refuse_counts(vm_name, disks=sum(1 for item in items if _migrated_disk(item, disks)),
+                        nics=sum(1 for item in items if item.rtype == ETHERNET))
     config: dict[str, str] = {}
     for element in hardware:
         if _ns(element.tag) == VMW and _local(element.tag) in ("Config", "ExtraConfig"):
@@ -300,6 +309,8 @@ def _references(root: ET.Element, name: str) -> dict[str, FileRef]:
     files: dict[str, FileRef] = {}
     for section in _children(root, "References"):
         for element in _children(section, "File"):
+            if len(files) >= MAX_ITEMS:
+                raise SourceError(f"{name}: more than {MAX_ITEMS} files in References: not one VM's: refused")
             file_id, href = _attr(element, "id") or "", _attr(element, "href") or ""
             if file_id in files:
                 raise SourceError(f"{name}: two files with the id {file_id!r} in References")
@@ -322,6 +333,8 @@ def _disk_section(root: ET.Element, name: str, files: dict[str, FileRef],
     for element in root.iter():
         if _local(element.tag) != "Disk" or _ns(element.tag) not in OVF_NAMESPACES:
             continue
+        if len(disks) >= MAX_ITEMS:
+            raise SourceError(f"{name}: more than {MAX_ITEMS} disks in the DiskSection: not one VM's: refused")
         disk_id = _attr(element, "diskId") or ""
         file_id = _attr(element, "fileRef")
         if file_id is not None and file_id not in files:
@@ -528,6 +541,14 @@ def _disk(item: _Item, controllers: dict[str, _Controller], disks: dict[str, _Di
     mode = (item.config.get("backing.diskmode") or "persistent").replace("_", "-")
     shared = item.config.get("backing.sharing", "").lower() == "sharingmultiwriter"
     return DiskSpec(controller.kind, controller.bus, unit, file_id, capacity, controller.model, mode, shared)
+
+
+def _migrated_disk(item: _Item, disks: dict[str, _Disk]) -> bool:
+    """Whether ``item`` is a disk with data (a blank disk of the DiskSection is not created)."""
+    if item.rtype != DISK:
+        return False
+    host = _host_disk(item) or ""
+    return not (host.startswith("disk:") and host[5:] in disks and disks[host[5:]].file_id is None)
 
 
 def _boot_instance(system: ET.Element) -> str | None:
