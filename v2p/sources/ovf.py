@@ -260,8 +260,6 @@ def parse_envelope(data: bytes, name: str) -> Envelope:
         raise SourceError(f"{name}: not an OVF envelope (the root element is {_local(root.tag)!r} "
                           f"in {_ns(root.tag) or 'no namespace'!r})")
     warnings: list[str] = []
-    files = _references(root, name)
-    disks = _disk_section(root, name, files, warnings)
     if any(_local(e.tag) == "VirtualSystemCollection" for e in root):
         raise SourceError(f"{name}: the package holds a collection of virtual machines (a vApp); "
                           "v2p migrates one VM at a time", hint="export each VM as its own OVF")
@@ -271,24 +269,27 @@ def parse_envelope(data: bytes, name: str) -> Envelope:
     system = systems[0]
     vm_name = next(((e.text or "").strip() for e in _children(system, "Name")), "") or \
         (_attr(system, "id") or "").strip() or Path(name).stem
+    hardware = _hardware_section(system, name)
+    configuration = _configuration(root)
+    elements = [element for element in hardware
+                if _local(element.tag) in ("Item", "EthernetPortItem", "StorageItem")
+                and _ns(element.tag) in OVF_NAMESPACES
+                # an item of another deployment option is not this VM's
+                and (not (_attr(element, "configuration") or "").split()
+                     or configuration in (_attr(element, "configuration") or "").split())]
+    # Counted first, from the bare elements: before the References and items are worked through,
+    # and long before any disk file is opened.
+    rules.refuse_counts(vm_name, disks=sum(1 for e in elements if _resource_type(e) == DISK),
+                        nics=sum(1 for e in elements if _resource_type(e) == ETHERNET))
+    if len(elements) > MAX_ITEMS:
+        raise SourceError(f"{name}: {len(elements)} hardware items, more than {MAX_ITEMS}: not one VM's "
+                          "hardware: refused")
+    files = _references(root, name)
+    disks = _disk_section(root, name, files, warnings)
     spec = VMSpec(name=vm_name)
     for section in _children(system, "OperatingSystemSection"):
         spec.guest_os = _vmw(section, "osType") or None
-    hardware = _hardware_section(system, name)
-    configuration = _configuration(root)
-    items = []
-    for element in hardware:
-        if _local(element.tag) in ("Item", "EthernetPortItem", "StorageItem") and \
-                _ns(element.tag) in OVF_NAMESPACES:
-            only = (_attr(element, "configuration") or "").split()
-            if only and configuration not in only:
-                continue  # belongs to another deployment option
-            if len(items) >= MAX_ITEMS:
-                raise SourceError(f"{name}: more than {MAX_ITEMS} hardware items: not one VM's hardware: refused")
-            items.append(_item(element))
-    # Counted before anything else reads the items (and before any disk file is opened).
-    rules.refuse_counts(vm_name, disks=sum(1 for item in items if _migrated_disk(item, disks)),
-                        nics=sum(1 for item in items if item.rtype == ETHERNET))
+    items = [_item(element) for element in elements]
     config: dict[str, str] = {}
     for element in hardware:
         if _ns(element.tag) == VMW and _local(element.tag) in ("Config", "ExtraConfig"):
@@ -543,12 +544,12 @@ def _disk(item: _Item, controllers: dict[str, _Controller], disks: dict[str, _Di
     return DiskSpec(controller.kind, controller.bus, unit, file_id, capacity, controller.model, mode, shared)
 
 
-def _migrated_disk(item: _Item, disks: dict[str, _Disk]) -> bool:
-    """Whether ``item`` is a disk with data (a blank disk of the DiskSection is not created)."""
-    if item.rtype != DISK:
-        return False
-    host = _host_disk(item) or ""
-    return not (host.startswith("disk:") and host[5:] in disks and disks[host[5:]].file_id is None)
+def _resource_type(element: ET.Element) -> int | None:
+    """An item's CIM ResourceType, read without building the item."""
+    for child in element:
+        if _local(child.tag) == "ResourceType" and _ns(child.tag).startswith(CIM):
+            return _int(child.text)
+    return None
 
 
 def _boot_instance(system: ET.Element) -> str | None:
