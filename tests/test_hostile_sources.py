@@ -4,7 +4,11 @@ member is gigabytes. Real files in tmp_path, real qemu-img disks, the real CLI w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ import pytest
 from conftest import V2P, one_line_error
 from v2p import api
 from v2p.errors import RuleError, SourceError
+from v2p.sources.ovf import OvaSource
 from v2p.sources.vmx import VmxSource, parse_vmx, sniff
 
 MiB = 1 << 20
@@ -238,3 +243,133 @@ def test_ovf_of_100000_controllers_is_refused_quickly(tmp_path: Path, v2p: V2P) 
     proc = v2p("inspect", str(ovf), "--bridge", "vmbr0", timeout=60)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "100005 hardware items, more than 2000: not one VM's hardware: refused" in proc.stdout + proc.stderr
+
+
+# -- OVA: disk members read in place, checked before their bytes are read ------------------------------
+
+GiB = 1 << 30
+
+
+def write_ova(path: Path, members: list[tuple[str, bytes | int]], head: bytes = b"") -> Path:
+    """A tar built by hand: a member given as an int is that many bytes long, ``head`` first and the
+    rest a hole (so a 4 GiB disk member costs no disk space)."""
+    with path.open("wb") as out:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = data if isinstance(data, int) else len(data)
+            out.write(info.tobuf(format=tarfile.GNU_FORMAT))
+            start = out.tell()
+            out.write(head if isinstance(data, int) else data)
+            out.seek(start + -(-info.size // 512) * 512)
+        out.write(bytes(1024))
+        out.truncate()
+    return path
+
+
+MBR = bytes(446) + bytes([0x80, 0, 2, 0, 0x83, 0, 0, 0, 1, 0, 0, 0]) + (4096).to_bytes(4, "little") + \
+    bytes(48) + b"\x55\xaa"
+
+
+def disk_ova(folder: Path, member: bytes | int, *, capacity: int, name: str = "box-disk1.img",
+             manifest: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    ovf = ovf_text(1, 1, disk_size=capacity).replace('ovf:href="d0.img"', f'ovf:href="{name}"').encode()
+    members: list[tuple[str, bytes | int]] = [("box.ovf", ovf)]
+    if manifest:
+        data = member if isinstance(member, bytes) else MBR + bytes(member - len(MBR))
+        members.append(("box.mf", f"SHA256(box.ovf)= {hashlib.sha256(ovf).hexdigest()}\n"
+                                   f"SHA256({name})= {hashlib.sha256(data).hexdigest()}\n".encode()))
+    members.append((name, member))
+    return write_ova(folder / "box.ova", members, head=MBR)
+
+
+def test_ova_raw_member_of_4_gib_is_read_in_place_not_copied(tmp_path: Path) -> None:
+    ova = disk_ova(tmp_path / "pkg", 4 * GiB, capacity=4 * GiB)
+    assert ova.stat().st_blocks * 512 < 16 * MiB  # the hole really is one
+    source = OvaSource(ova)
+    disk = source.spec().disks[0]
+    work = tmp_path / "work"
+    given = source.disk_input(disk, work)
+    window = json.loads(given.qemu.filename.removeprefix("json:"))
+    assert given.qemu.fmt == "raw" and window["driver"] == "raw" and window["size"] == 4 * GiB
+    assert window["file"] == {"driver": "file", "filename": str(ova)}
+    assert given.capacity == 4 * GiB and given.flavor == "raw"
+    assert not work.exists(), "the member was copied out"
+    # qemu reads exactly the member's bytes through the window: its MBR, then the hole
+    proc = subprocess.run(["qemu-img", "dd", "-f", "raw", "-O", "raw", "bs=512", "count=1",
+                           f"if={given.qemu.filename}", f"of={tmp_path / 'mbr'}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "mbr").read_bytes() == MBR
+
+
+def test_cli_inspect_of_a_4_gib_ova_copies_nothing(tmp_path: Path, v2p: V2P) -> None:
+    ova = disk_ova(tmp_path / "pkg", 4 * GiB, capacity=4 * GiB)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = v2p("inspect", "--json", str(ova), "--bridge", "vmbr0", TMPDIR=str(scratch))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    row = (report[0] if isinstance(report, list) else report)["disks"][0]
+    assert row["capacity"] == 4 * GiB and "read in place" in " ".join(row["notes"])
+
+
+def test_ova_raw_member_checked_against_the_declared_capacity_first(tmp_path: Path) -> None:
+    ova = disk_ova(tmp_path / "pkg", 16 * MiB, capacity=64 * MiB, manifest=True)
+    source = OvaSource(ova)
+    with pytest.raises(SourceError) as exc:
+        source.disk_input(source.spec().disks[0], tmp_path / "work")
+    assert (f"{ova}: member box-disk1.img: a raw disk of {16 * MiB} bytes, but the OVF declares a capacity of "
+            f"{64 * MiB}: refused") in str(exc.value)
+    assert not (tmp_path / "work").exists()
+
+
+def test_ova_raw_member_still_checked_against_the_manifest(tmp_path: Path) -> None:
+    ova = disk_ova(tmp_path / "pkg", 8 * MiB, capacity=8 * MiB, manifest=True)
+    source = OvaSource(ova)
+    given = source.disk_input(source.spec().disks[0], tmp_path / "work")
+    assert given.capacity == 8 * MiB
+    # one byte of the member changed inside the archive: the digest no longer matches
+    with tarfile.open(ova) as tar:
+        offset = tar.getmember("box-disk1.img").offset_data
+    with ova.open("r+b") as out:
+        out.seek(offset + 4 * MiB)
+        out.write(b"\x01")
+    source = OvaSource(ova)
+    with pytest.raises(SourceError, match="box-disk1.img: its SHA256 does not match the manifest"):
+        source.disk_input(source.spec().disks[0], tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(("member", "says"), [
+    (b"QFI\xfb" + bytes([0, 0, 0, 3]) + (512).to_bytes(8, "big") + bytes(60), "is a qcow2 image with a backing file"),
+    (b"QFI\xfb" + bytes([0, 0, 0, 3]) + bytes(24) + (1).to_bytes(4, "big") + bytes(40), "is an encrypted qcow2"),
+    (b"COWD" + bytes(508), "is an ESX snapshot delta extent"),
+    (bytes(4096), "with no boot sector, partition table or file system: not a disk image"),
+    (MBR + bytes(100), "not a whole number of 512-byte sectors"),
+    (b"", "is empty (0 bytes)"),
+])
+def test_ova_member_refused_from_its_header_nothing_staged(member: bytes, says: str, tmp_path: Path) -> None:
+    ova = disk_ova(tmp_path / "pkg", member + bytes(-len(member) % 512 if says != "not a whole number of "
+                                                    "512-byte sectors" else 0), capacity=0)
+    source = OvaSource(ova)
+    with pytest.raises(SourceError) as exc:
+        source.disk_input(source.spec().disks[0], tmp_path / "work")
+    assert f"{ova}: member box-disk1.img" in str(exc.value) and says in str(exc.value)
+    assert not (tmp_path / "work").exists()
+
+
+def test_killed_inspect_of_an_ova_leaves_no_copy(tmp_path: Path, v2p: V2P) -> None:
+    """A raw member of 4 GiB with a manifest: inspect reads it for its digest (seconds), copies
+    nothing; killed half-way it leaves nothing in $TMPDIR."""
+    ova = disk_ova(tmp_path / "pkg", 4 * GiB, capacity=4 * GiB, manifest=True)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = v2p.popen("inspect", str(ova), "--bridge", "vmbr0", TMPDIR=str(scratch))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and not any(scratch.iterdir()):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.kill()
+    proc.communicate()
+    big = [p for p in scratch.rglob("*") if p.is_file() and p.stat().st_blocks * 512 > MiB]
+    assert big == [], f"left behind: {big}"

@@ -18,7 +18,6 @@ import os
 import re
 import stat
 import tarfile
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,12 +28,12 @@ import defusedxml.ElementTree as DET
 from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
 
 from .. import rules
+from ..convert import INFO_TIMEOUT, qemu_source
 from ..convert import Source as QemuInput
-from ..convert import qemu_source
 from ..errors import SourceError, UnsafeSourceError
-from ..fsutil import private_dir
-from ..inspect import inspect_disk, vmdk
+from ..inspect import check_raw, describe_bytes, foreign_format, inspect_disk, vmdk
 from ..inspect.model import SECTOR, Flavor
+from ..runner import run
 from ..spec import CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
 from .base import DiskInput, Source
 
@@ -980,20 +979,58 @@ class OvaSource(_Package):
         return f"{self.path}: member {href}"
 
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
+        """Every disk member is read where it lies in the archive: nothing is copied out, so
+        inspecting an OVA of a 4 GiB disk reads headers (and its digest), and a killed run leaves
+        nothing behind. What the member's own bytes say is checked before the digest is taken."""
         ref = self._file_of(disk)
         member = self._member(ref.href)
         where = self._where(ref.href)
+        if member.size == 0:
+            raise SourceError(f"{where} is empty (0 bytes), not a disk image")
         with self._open(ref.href) as src:
             head = src.read(64 * 1024)
             if head.startswith(vmdk.KDMV):
                 self.verify(ref.href)
                 return self._in_place(src, member, where)
+            src.seek(max(0, member.size - SECTOR))
+            tail = src.read(SECTOR)
         if vmdk.looks_like_descriptor(head):
             raise SourceError(f"{where}: a VMDK text descriptor whose data lies in other files; "
                               "v2p converts self-contained disks from an OVA",
                               hint="re-export with ovftool (streamOptimized disks), or unpack the OVA "
                                    "with tar and give v2p the .ovf")
-        return self._staged(ref.href, member, workdir)
+        if head.startswith(vmdk.COWD) or head[:8] == vmdk.SESPARSE_MAGIC.to_bytes(8, "little"):
+            raise SourceError(f"{where} is an ESX snapshot delta extent, not a disk on its own",
+                              hint="consolidate the snapshots in VMware and export again")
+        return self._window(ref.href, member, where, disk, head, tail)
+
+    def _window(self, href: str, member: Member, where: str, disk: DiskSpec, head: bytes,
+                tail: bytes) -> DiskInput:
+        """A raw, qcow2, VHD(X) or VDI member: its format's driver over a raw window of the archive."""
+        window: dict[str, Any] = {"driver": "raw", "offset": member.offset, "size": member.size,
+                                  "file": {"driver": "file", "filename": str(self.path)}}
+        found = foreign_format(where, head, tail)
+        if found is None:
+            check_raw(where, head, member.size, describe_bytes(head))
+            if disk.capacity and disk.capacity != member.size:
+                raise SourceError(f"{where}: a raw disk of {member.size} bytes, but the OVF declares a capacity "
+                                  f"of {disk.capacity}: refused", hint="the package is damaged; export it again")
+            self.verify(href)
+            qemu = QemuInput("raw", "json:" + json.dumps(window))
+            flavor, capacity = Flavor.RAW, member.size
+        else:
+            flavor, fmt = found
+            self.verify(href)  # before qemu-img reads a byte of it
+            spec: dict[str, Any] = {"driver": fmt, "file": window}
+            if fmt == "qcow2":
+                spec["backing"] = None
+            qemu = QemuInput(fmt, "json:" + json.dumps(spec))
+            info = json.loads(run(["qemu-img", "info", "--output=json", "-f", fmt, qemu.filename],
+                                  timeout=INFO_TIMEOUT).stdout)
+            capacity = int(info["virtual-size"])
+        note = (f"{member.name} ({flavor.value}) is read in place from {self.path.name} (offset {member.offset}, "
+                f"{member.size} bytes); nothing is extracted")
+        return DiskInput(qemu, capacity, flavor.value, None, (("note", note),))
 
     def _in_place(self, src: BinaryIO, member: Member, where: str) -> DiskInput:
         """A hosted sparse VMDK (streamOptimized, as OVAs carry): qemu reads it where it lies,
@@ -1019,26 +1056,6 @@ class OvaSource(_Package):
         note = (f"{member.name} is read in place from {self.path.name} (offset {member.offset}, "
                 f"{member.size} bytes); nothing is extracted")
         return DiskInput(qemu, header.capacity * SECTOR, flavor.value, None, (("note", note),))
-
-    def _staged(self, href: str, member: Member, workdir: Path) -> DiskInput:
-        """Any other disk member (raw, qcow2, ...) is copied into the private workdir, checked
-        against the manifest on the way, and inspected there like a loose disk."""
-        stage = private_dir(workdir / "ova")
-        target = stage / re.sub(r"[^A-Za-z0-9._-]", "_", Path(member.name).name)
-        fd, tmp = tempfile.mkstemp(dir=stage, prefix=".staging-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                self.verify(href, copy=out.write)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        image = inspect_disk(target)
-        note = f"{member.name} ({image.flavor.value}) was copied out of {self.path.name} into {stage}"
-        return DiskInput(qemu_source(image, workdir), image.capacity, image.flavor.value, image,
-                         (("note", note), *image.messages))
 
     def fingerprint(self) -> list[dict[str, Any]]:
         st = os.stat(self.path)
