@@ -347,7 +347,7 @@ def test_ova_raw_member_still_checked_against_the_manifest(tmp_path: Path) -> No
     (bytes(4096), "with no boot sector, partition table or file system: not a disk image"),
     (MBR + bytes(100), "not a whole number of 512-byte sectors"),
     (b"", "is empty (0 bytes)"),
-])
+], ids=["qcow2-backing", "qcow2-encrypted", "cowd-delta", "zeros", "odd-size", "empty"])
 def test_ova_member_refused_from_its_header_nothing_staged(member: bytes, says: str, tmp_path: Path) -> None:
     ova = disk_ova(tmp_path / "pkg", member + bytes(-len(member) % 512 if says != "not a whole number of "
                                                     "512-byte sectors" else 0), capacity=0)
@@ -373,3 +373,13 @@ def test_killed_inspect_of_an_ova_leaves_no_copy(tmp_path: Path, v2p: V2P) -> No
     proc.communicate()
     big = [p for p in scratch.rglob("*") if p.is_file() and p.stat().st_blocks * 512 > MiB]
     assert big == [], f"left behind: {big}"
+
+
+def test_migrate_of_an_ova_raw_member_in_place_is_byte_identical(tmp_path: Path, v2p: V2P) -> None:
+    data = MBR + bytes(range(256)) * 4096 * 7 + bytes(8 * MiB - len(MBR) - 256 * 4096 * 7)
+    ova = disk_ova(tmp_path / "pkg", data, capacity=len(data), manifest=True)
+    proc = v2p("migrate", str(ova), "--vmid", "120", "--bridge", "vmbr0", "--no-boot-check", "--format", "raw")
+    assert proc.returncode == 0, proc.stderr
+    disk = v2p.target / "images" / "120" / "vm-120-disk-0.raw"
+    assert disk.read_bytes() == data
+    assert not (v2p.target / "migrations" / "120.work").exists()
