@@ -4,8 +4,8 @@ One envelope parser serves both (``parse_envelope``): defusedxml refuses DTDs,
 entities and external references, so an XML bomb or an entity reading
 ``/etc/passwd`` never gets expanded. ``OvfSource`` reads the files beside the
 ``.ovf``; ``OvaSource`` reads them inside the tar, in place: every member is
-checked but nothing is extracted, and a sparse VMDK member is converted
-straight from its offset in the archive. A ``.mf`` manifest is checked before
+checked but nothing is extracted, and every disk member (sparse VMDK, raw,
+qcow2, VHD(X), VDI) is converted straight from its offset in the archive. A ``.mf`` manifest is checked before
 a file it lists is used. Not for: deciding the KVM side (``spec.py`` onwards).
 """
 
