@@ -21,7 +21,7 @@ from . import vmdk
 from .model import SECTOR, DiskImage, Extent, ExtentKind, Flavor
 
 __all__ = ["inspect_disk", "inspect_paths", "Row", "DiskImage", "Extent", "ExtentKind", "Flavor",
-           "describe"]
+           "describe", "describe_bytes", "foreign_format", "check_raw"]
 
 _FLAT_CREATE_TYPES = {
     "monolithicflat": Flavor.MONOLITHIC_FLAT,
@@ -238,8 +238,26 @@ def _with_parent(image: DiskImage, desc: vmdk.Descriptor, name: str, walk: _Walk
     return replace(image, parent=parent, parent_cid=desc.parent_cid)
 
 
+def describe_bytes(head: bytes) -> str:
+    """libmagic's description of a file's first bytes (for data v2p reads in place, not by path)."""
+    try:
+        import magic
+
+        return str(magic.from_buffer(head))
+    except Exception:  # libmagic missing: the checks decide alone
+        return ""
+
+
 def _other_format(path: Path, name: str, head: bytes, tail: bytes) -> DiskImage | None:
-    """qcow2, VHD, VHDX, VDI: formats qemu-img reads itself, told apart by their magic."""
+    found = foreign_format(name, head, tail)
+    return _foreign(path, *found) if found is not None else None
+
+
+def foreign_format(name: str, head: bytes, tail: bytes) -> tuple[Flavor, str] | None:
+    """qcow2, VHD, VHDX, VDI: formats qemu-img reads itself, told apart by their magic; the flavor
+    and qemu's format name, None for anything else. ``head``: the first 64 KiB, ``tail``: the
+    last 512 bytes. What makes one read another file (a qcow2 backing or data file, a VHD's
+    parent) or need a key is refused here, from these bytes alone."""
     if head.startswith(b"QFI\xfb") and len(head) >= 72:
         backing_offset, = struct.unpack_from(">Q", head, 8)
         if backing_offset:
@@ -253,18 +271,18 @@ def _other_format(path: Path, name: str, head: bytes, tail: bytes) -> DiskImage 
         if version >= 3 and len(head) >= 80 and struct.unpack_from(">Q", head, 72)[0] & 0x4:
             raise UnsafeSourceError(f"{name} is a qcow2 image with an external data file: refused",
                                     hint="convert it to a self-contained image first")
-        return _foreign(path, Flavor.QCOW2, "qcow2")
+        return Flavor.QCOW2, "qcow2"
     if head.startswith(b"vhdxfile"):
-        return _foreign(path, Flavor.VHDX, "vhdx")
+        return Flavor.VHDX, "vhdx"
     if len(head) >= 0x44 and struct.unpack_from("<I", head, 0x40)[0] == 0xBEDA107F:
-        return _foreign(path, Flavor.VDI, "vdi")
+        return Flavor.VDI, "vdi"
     for footer in (tail, head[:SECTOR]):
         if footer.startswith(b"conectix") and len(footer) >= 0x40:
             disk_type, = struct.unpack_from(">I", footer, 0x3C)
             if disk_type == 4:
                 raise SourceError(f"{name} is a differencing VHD (it needs its parent): refused",
                                   hint="merge it into its parent first")
-            return _foreign(path, Flavor.VHD, "vpc")
+            return Flavor.VHD, "vpc"
     return None
 
 
@@ -280,7 +298,20 @@ def _foreign(path: Path, flavor: Flavor, fmt: str) -> DiskImage:
 
 
 def _raw(path: Path, name: str, head: bytes, size: int) -> DiskImage:
-    kind = describe(path)
+    check_raw(name, head, size, describe(path))
+    flavor = Flavor.FLAT_EXTENT if path.name.endswith("-flat.vmdk") else Flavor.RAW
+    warning = f"{path.name}: no VMDK descriptor found; treating it as raw data"
+    if flavor is Flavor.FLAT_EXTENT:
+        sibling = path.with_name(path.name[: -len("-flat.vmdk")] + ".vmdk")
+        if sibling.exists():
+            warning += f" (its descriptor {sibling.name} is beside it: pass that instead)"
+    extent = Extent(size // SECTOR, ExtentKind.FLAT, path, 0)
+    return DiskImage(path, flavor, "raw", size, (extent,), warnings=(warning,))
+
+
+def check_raw(name: str, head: bytes, size: int, kind: str) -> None:
+    """Refuse raw data of ``size`` bytes starting with ``head`` unless it is a disk: whole sectors,
+    and a boot signature or a partition table / file system libmagic names (``kind``)."""
     boot = len(head) >= SECTOR and head[510:512] == b"\x55\xaa"
     # Raw data is only taken as a disk when something says it is one: a boot
     # signature, or libmagic finding a partition table or file system on it.
@@ -293,14 +324,6 @@ def _raw(path: Path, name: str, head: bytes, size: int) -> DiskImage:
     if not diskish:
         raise SourceError(f"{name} is {what} with no boot sector, partition table or file system: "
                           "not a disk image", hint="give the VM's .vmdk descriptor or a raw/flat disk")
-    flavor = Flavor.FLAT_EXTENT if path.name.endswith("-flat.vmdk") else Flavor.RAW
-    warning = f"{path.name}: no VMDK descriptor found; treating it as raw data"
-    if flavor is Flavor.FLAT_EXTENT:
-        sibling = path.with_name(path.name[: -len("-flat.vmdk")] + ".vmdk")
-        if sibling.exists():
-            warning += f" (its descriptor {sibling.name} is beside it: pass that instead)"
-    extent = Extent(size // SECTOR, ExtentKind.FLAT, path, 0)
-    return DiskImage(path, flavor, "raw", size, (extent,), warnings=(warning,))
 
 
 def _with_boot_signature(image: DiskImage) -> DiskImage:
