@@ -77,7 +77,7 @@ def _depth(value: Any, limit: int) -> int:
 
 
 def _text(name: str, value: Any, limit: int = MAX_TEXT) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= limit or any(ord(c) < 32 for c in value):
+    if not isinstance(value, str) or not 0 < len(value) <= limit or not value.isprintable():  # no \n, NUL, \ud800
         raise Refused(HTTPStatus.BAD_REQUEST, f"{name} must be a string of 1 to {limit} printable characters")
     return value
 

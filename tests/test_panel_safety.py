@@ -174,6 +174,7 @@ def test_fields_of_the_wrong_type_are_refused(panel: Panel, source_of: Any) -> N
                  {"source": src, "vmid": 1_000_000_000}, {"source": src, "vmid": "120"}, {"source": src, "vmid": 120.0},
                  {"source": src, "vmid": 10 ** 30}, {"source": 12, "vmid": 120}, {"source": "", "vmid": 120},
                  {"source": [src], "vmid": 120}, {"source": src + "\x00x", "vmid": 120},
+                 {"source": src + "\ud800", "vmid": 120}, {"source": src + "\u2028", "vmid": 120},
                  {"source": src, "vmid": 120, "options": []}, {"source": src, "vmid": 120, "user": "root"},
                  {"source": "/" + "a" * 5000, "vmid": 120}):
         panel.refused(body)
