@@ -206,10 +206,12 @@ def test_sources_outside_the_source_folders_are_refused(panel: Panel, samples: P
     (root / "abs" / "vm.vmx").write_text(vmx + f'scsi0:0.fileName = "{theirs}"\n')
     (root / "rel").mkdir()
     (root / "rel" / "vm.vmx").write_text(vmx + 'scsi0:0.fileName = "../../tenant-b/vm/monolithicFlat.vmdk"\n')
+    os.mkfifo(root / "pipe.vmdk")  # inside, but no disk: refused at once, not read forever
     for source in (str(theirs), f"{root}/../tenant-b/vm/monolithicFlat.vmdk", "tenant-b/vm/monolithicFlat.vmdk",
                    str(root / "link.vmdk"), str(root / "linkdir" / "monolithicFlat.vmdk"),
                    str(mine / "monolithicFlat.vmdk"), str(root / "abs" / "vm.vmx"), str(root / "abs"),
-                   str(root / "rel" / "vm.vmx"), "/etc/passwd", "/dev/zero", "/proc/self/environ"):
+                   str(root / "rel" / "vm.vmx"), "/etc/passwd", "/dev/zero", "/proc/self/environ",
+                   str(root / "pipe.vmdk")):
         panel.refused({"source": source, "vmid": 120, "options": {"boot_check": False}})
     panel.made_nothing()
 
