@@ -441,6 +441,10 @@ def test_migrate_takes_a_pve_url_string_as_its_target(tmp_path, source_of, pve, 
     from test_migrate_pve import pve_url
 
     monkeypatch.setenv("V2P_PVE_TOKEN", pve.tokens["root@pam!v2p"])
+    # The environment's secret is its host's: configured here, so a URL naming that host gets it.
+    monkeypatch.setenv("V2P_PVE_HOST", "127.0.0.1")
+    monkeypatch.setenv("V2P_PVE_PORT", str(pve.port))
+    monkeypatch.setenv("V2P_PVE_FINGERPRINT", pve.fingerprint)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     url = pve_url(pve)
     recorder = Recorder()

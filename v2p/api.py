@@ -15,7 +15,7 @@ import os
 import queue
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,10 +53,15 @@ TargetSpec = Target | str | dict[str, Any] | None
 
 
 def make_target(where: str | dict[str, Any] | None = None, *, directory: str | os.PathLike[str] | None = None,
-                accel: str = "auto") -> Target:
+                accel: str = "auto", secret: str | None = None, env: Mapping[str, str] | None = None) -> Target:
     """A target from a URL or a dict: ``None``/``"local"``/``{"kind": "local", "dir": ...}`` is the embedded
-    QEMU target, ``"pve://[user@realm[!token]@]host[:port]/node?storage=..."`` a Proxmox VE node (its
-    secret from ``$V2P_PVE_TOKEN`` / ``$V2P_PVE_PASSWORD`` or the secrets file, never from the URL)."""
+    QEMU target, ``"pve://[user@realm[!token]@]host[:port]/node?storage=..."`` a Proxmox VE node.
+
+    A PVE secret never comes from the URL. It is ``secret`` when given; else ``$V2P_PVE_TOKEN`` /
+    ``$V2P_PVE_PASSWORD`` or the secrets file, sent only to the host the environment configures
+    (``$V2P_PVE_HOST`` or pve.conf): a URL naming any other is refused. ``env`` (``os.environ`` from the
+    CLI and plans, whose URLs are the operator's own) vouches for the URL: that environment's secret goes
+    to whatever host it names. Never pass ``env`` for a URL a client sent."""
     if isinstance(where, dict):
         where = dict(where)
         kind = where.pop("kind", "local")
@@ -72,7 +77,7 @@ def make_target(where: str | dict[str, Any] | None = None, *, directory: str | o
     if where == "pve" or where.startswith("pve://"):  # "pve": every setting from the environment or pve.conf
         from .targets.proxmox import ProxmoxTarget, target_from_url
 
-        return ProxmoxTarget(target_from_url(where, dict(os.environ)))
+        return ProxmoxTarget(target_from_url(where, None if env is None else dict(env), secret=secret))
     raise OptionError(f"--target {where!r}: not a target v2p knows", hint="use local or pve://HOST/NODE")
 
 

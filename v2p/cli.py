@@ -306,7 +306,8 @@ def _reader_gone() -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         return _plan(args)
-    target = api.make_target(args.target, directory=args.target_dir, accel=args.accel)
+    # The operator's own --target: their environment's PVE secret goes with it.
+    target = api.make_target(args.target, directory=args.target_dir, accel=args.accel, env=os.environ)
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "migrate":

@@ -519,7 +519,7 @@ def _gib(size: int) -> str:
 def _migration(vm: PlanVM, accel: str) -> api.Migration:
     """The VM's migration as a child would start it; built touching nothing (``vmid: auto`` asks the
     target which VMID is free, or finds this source's earlier migration)."""
-    target = api.make_target(vm.target, accel=accel)
+    target = api.make_target(vm.target, accel=accel, env=os.environ)  # a plan is the operator's own
     return api.Migration(vm.source, vm.vmid, target=target, **vm.options)
 
 
@@ -617,7 +617,7 @@ def child_main() -> int:
     try:
         job = json.loads(line)
         threading.Thread(target=_watch_parent, name="v2p-parent-watch", daemon=True).start()
-        target = api.make_target(job["target"], accel=job.get("accel", "auto"))
+        target = api.make_target(job["target"], accel=job.get("accel", "auto"), env=os.environ)
         migration = api.Migration(job["source"], job["vmid"], target=target, on_event=emit, **job["options"])
         result = migration.run()
         out.send({"vmid": migration.vmid, "result": {"nothing_to_do": bool(result.get("nothing_to_do")),
