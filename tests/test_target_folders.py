@@ -262,3 +262,16 @@ def test_read_small_refuses_what_is_not_a_small_plain_file(tmp_path: Path):
             read_small(path, limit=5)
     with pytest.raises(FileNotFoundError):
         read_small(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("linked", ["migrations", "qemu-server"])
+def test_listing_never_reads_through_a_linked_folder(linked, manifest, source_of, v2p: V2P, tmp_path: Path):
+    """``status`` and ``vm list`` list v2p's own folders only: another folder's records are not shown."""
+    src = source_of("monolithicSparse")
+    migrated(v2p, src.descriptor)
+    folder = v2p.target / linked
+    folder.rename(tmp_path / "elsewhere")
+    folder.symlink_to(tmp_path / "elsewhere")
+    command = ("status",) if linked == "migrations" else ("vm", "list")
+    line = one_line_error(v2p(*command))
+    assert f"{folder} is a symbolic link, not a folder: refused" in line

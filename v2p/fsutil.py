@@ -110,6 +110,16 @@ def private_dir(folder: Path, *, root: Path | None = None) -> Path:
     return folder
 
 
+def listdir_own(folder: Path) -> list[str]:
+    """The names in ``folder``, one of v2p's own (checked as ``private_dir`` does, never through a
+    link); none if it does not exist."""
+    try:
+        with own_dir(folder.parent, folder.name, create=False) as fd:
+            return os.listdir(fd)
+    except FileNotFoundError:
+        return []
+
+
 def read_small(path: Path, *, limit: int = SMALL_FILE) -> bytes:
     """The bytes of a small file of v2p's own (a state file, a config, a pid file).
 

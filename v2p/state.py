@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LockedError, StateError, TargetError
-from .fsutil import open_lock_file, own_dir, read_small, remove_entry, remove_stale_temporaries, write_atomic
+from .fsutil import (
+    listdir_own,
+    open_lock_file,
+    own_dir,
+    read_small,
+    remove_entry,
+    remove_stale_temporaries,
+    write_atomic,
+)
 
 STATE_VERSION = 1
 # A state file's name is its VMID: ASCII digits only (str.isdigit() also takes '²' and '١').
@@ -213,11 +221,10 @@ def list_states(directory: Path) -> list[MigrationState]:
     """Every migration state file in ``directory`` (by VMID); one that cannot be read carries its ``error``."""
     states: list[MigrationState] = []
     found = []
-    if directory.is_dir():
-        for path in directory.glob("*.json"):
-            vmid = vmid_of_name(path.stem)
-            if vmid is not None:
-                found.append(vmid)
+    for name in listdir_own(directory):
+        vmid = vmid_of_name(name[:-len(".json")]) if name.endswith(".json") else None
+        if vmid is not None:
+            found.append(vmid)
     for vmid in sorted(found):
         state = MigrationState(directory, vmid)
         try:

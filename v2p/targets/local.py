@@ -24,6 +24,7 @@ from ..errors import NoSuchVMError, TargetError, ToolError, VMIDExistsError
 from ..fsutil import (
     data_home,
     fresh_file,
+    listdir_own,
     own_dir,
     private_dir,
     read_small,
@@ -226,10 +227,8 @@ class LocalTarget(Target):
         return os.path.lexists(self._conf(vmid))  # whatever is there: get_config says what is wrong with it
 
     def list_vms(self) -> list[int]:
-        folder = self.directory / "qemu-server"
-        if not folder.is_dir():
-            return []
-        found = (vmid_of_name(path.stem) for path in folder.glob("*.conf"))
+        names = listdir_own(self.directory / "qemu-server")
+        found = (vmid_of_name(name[:-len(".conf")]) for name in names if name.endswith(".conf"))
         return sorted(vmid for vmid in found if vmid is not None)
 
     def create_vm(self, vmid: int, config: VMConfig) -> None:
