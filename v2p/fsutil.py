@@ -1,11 +1,16 @@
-"""Files v2p writes into its own folders: atomically, privately, never through a link.
+"""v2p's own folders and the small files in them: never through a link, never another user's.
 
-The target folder (state files, VM configs, storage.cfg, work files) is v2p's
-own, but anyone who can plant a symlink or a FIFO there must not get v2p to
-write somewhere else. So every file is created under a fresh random name with
-``O_CREAT | O_EXCL | O_NOFOLLOW`` (what ``mkstemp`` does), fsynced and renamed
-over the final name; folders are created private (0700) and a folder that is a
-link, or not ours, is refused. Not for: the disks themselves (storages do that).
+The target folder (state files, VM configs, storage.cfg, volumes, run and work
+files) is v2p's own, but anyone who can plant a symlink, a FIFO or a folder
+there must not get v2p to write, delete or read somewhere else, or to hang.
+So every folder v2p writes, renames or deletes under is opened from the
+operator's folder down without following links and must be ours and
+writable by nobody else (``open_dir``); files are created under a fresh name
+with ``O_CREAT | O_EXCL | O_NOFOLLOW``, fsynced and renamed over the final
+name relative to the folder's descriptor (``write_atomic``); and every small
+file read back is opened without following links or blocking and checked on
+the open descriptor (``read_small``). Not for: the disks' bytes (storages and
+qemu-img do that, inside folders opened here).
 """
 
 from __future__ import annotations
