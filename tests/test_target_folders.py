@@ -275,3 +275,26 @@ def test_listing_never_reads_through_a_linked_folder(linked, manifest, source_of
     command = ("status",) if linked == "migrations" else ("vm", "list")
     line = one_line_error(v2p(*command))
     assert f"{folder} is a symbolic link, not a folder: refused" in line
+
+
+def test_storage_folders_keep_their_modes_and_a_sticky_root_is_accepted(tmp_path: Path):
+    """A storage's existing folders may be PVE's (0755): v2p checks them but leaves their modes;
+    a sticky shared folder (like /tmp) may hold the target, a plain world-writable one may not."""
+    root = tmp_path / "vz"
+    (root / "images" / "120").mkdir(parents=True)
+    for folder in (root / "images", root / "images" / "120"):
+        os.chmod(folder, 0o755)
+    storage = DirStorage("local", {"path": str(root)})
+    partial = storage.allocate(120, 0, "raw", 1 << 20)
+    assert stat.S_IMODE(os.stat(root / "images").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(root / "images" / "120").st_mode) == 0o755
+    assert stat.S_IMODE(os.lstat(partial.path).st_mode) == 0o600
+    storage.allocate(121, 0, "raw", 1 << 20)
+    assert stat.S_IMODE(os.stat(root / "images" / "121").st_mode) == 0o700  # what v2p makes is private
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    DirStorage("s", {"path": str(shared)}).allocate(120, 0, "raw", 1 << 20)
+    os.chmod(shared, 0o777)
+    with pytest.raises(TargetError, match=re.escape(f"chmod go-w {shared}")):
+        DirStorage("s", {"path": str(shared)}).allocate(120, 0, "raw", 1 << 20)

@@ -41,7 +41,7 @@ def data_home() -> Path:
     return Path(base) / "v2p"
 
 
-def open_dir(root: Path, *parts: str, create: bool = True) -> int:
+def open_dir(root: Path, *parts: str, create: bool = True, private: bool = True) -> int:
     """A descriptor of the folder ``root/parts...``, for ``dir_fd`` operations; the caller closes it.
 
     ``root`` is the operator's folder (it may be reached through a link the
@@ -50,8 +50,10 @@ def open_dir(root: Path, *parts: str, create: bool = True) -> int:
     Each of ``parts`` is v2p's own: opened from the one before without
     following links, created 0700 when missing (if ``create``, else
     FileNotFoundError), refused unless it is a folder of this user that nobody
-    else can write to, and tightened to 0700. So no path component anybody else
-    can change lies between ``root`` and what v2p writes, renames or deletes.
+    else can write to, and tightened to 0700 if ``private`` (a storage's folders
+    may be shared with PVE, which reads them as root: their modes are left as
+    they are). So no path component anybody else can change lies between
+    ``root`` and what v2p writes, renames or deletes.
     """
     if create:
         with contextlib.suppress(FileExistsError):
@@ -61,7 +63,7 @@ def open_dir(root: Path, *parts: str, create: bool = True) -> int:
     except NotADirectoryError:
         raise TargetError(f"{root} is not a folder", hint="point v2p at a folder") from None
     try:
-        _check_dir(fd, root, trusted_owners=(os.geteuid(), 0), tighten=False)
+        _check_dir(fd, root, operators=True, tighten=False)
         where = root
         for part in parts:
             where = where / part
@@ -78,7 +80,7 @@ def open_dir(root: Path, *parts: str, create: bool = True) -> int:
                 raise
             os.close(fd)
             fd = child
-            _check_dir(fd, where, trusted_owners=(os.geteuid(),), tighten=True)
+            _check_dir(fd, where, operators=False, tighten=private)
     except BaseException:
         os.close(fd)
         raise
@@ -86,21 +88,22 @@ def open_dir(root: Path, *parts: str, create: bool = True) -> int:
 
 
 @contextlib.contextmanager
-def own_dir(root: Path, *parts: str, create: bool = True) -> Iterator[int]:
+def own_dir(root: Path, *parts: str, create: bool = True, private: bool = True) -> Iterator[int]:
     """``open_dir`` as a context: the folder's descriptor, closed on leaving."""
-    fd = open_dir(root, *parts, create=create)
+    fd = open_dir(root, *parts, create=create, private=private)
     try:
         yield fd
     finally:
         os.close(fd)
 
 
-def _check_dir(fd: int, where: Path, *, trusted_owners: tuple[int, ...], tighten: bool) -> None:
+def _check_dir(fd: int, where: Path, *, operators: bool, tighten: bool) -> None:
+    """The operator's folder may be root's, and sticky (nobody swaps our entries there); v2p's are ours."""
     info = os.fstat(fd)
-    if info.st_uid not in trusted_owners:
+    if info.st_uid not in ((os.geteuid(), 0) if operators else (os.geteuid(),)):
         raise TargetError(f"{where} belongs to uid {info.st_uid}, not to this user: refused",
                           hint=f"chown {os.geteuid()} {where}, or point v2p at a folder of your own")
-    if info.st_mode & 0o022 and not (info.st_mode & stat.S_ISVTX and not tighten):
+    if info.st_mode & 0o022 and not (operators and info.st_mode & stat.S_ISVTX):
         raise TargetError(f"{where} can be written to by other users: refused",
                           hint=f"chmod go-w {where}")
     if tighten and info.st_mode & 0o077:

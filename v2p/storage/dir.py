@@ -60,7 +60,7 @@ class DirStorage(Storage):
         return int(measured * (1 + MARGIN_FRACTION)) + MARGIN_BYTES
 
     def _folder(self, vmid: int, *, create: bool = True) -> contextlib.AbstractContextManager[int]:
-        return own_dir(self.root, "images", str(vmid), create=create)
+        return own_dir(self.root, "images", str(vmid), create=create, private=False)
 
     def check_vm(self, vmid: int) -> None:
         with contextlib.suppress(FileNotFoundError), self._folder(vmid, create=False):
@@ -99,7 +99,7 @@ class DirStorage(Storage):
 
     def remove_vm(self, vmid: int) -> None:
         try:
-            with own_dir(self.root, "images", create=False) as images:
+            with own_dir(self.root, "images", create=False, private=False) as images:
                 remove_tree_at(images, str(vmid))
         except FileNotFoundError:
             return
