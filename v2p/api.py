@@ -29,6 +29,7 @@ from .errors import (
     RuleError,
     SourceError,
     StateError,
+    TargetError,
     V2PError,
     VMIDExistsError,
 )
@@ -415,9 +416,15 @@ def remove(vmid: int, target: TargetSpec = None) -> None:
         elif not recorded:
             raise NoSuchVMError(f"VMID {vmid} does not exist on the {target.kind} target and has no "
                                 "migration record", hint="see: v2p vm list, v2p status")
-        for record in records:
-            record.remove()
         remove_tree(target.state_dir() / f"{vmid}.work")
+        left = []
+        for record in records:
+            try:
+                record.remove()
+            except TargetError as exc:  # something not v2p's at the record's name: the user removes it
+                left.append(exc)
+        if left:
+            raise left[0]
 
 
 def inspect(path: str | os.PathLike[str]) -> DiskImage:

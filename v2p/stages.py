@@ -17,6 +17,7 @@ from .bootwatch import clean
 from .dance import DanceOptions, DriverDance
 from .errors import NoSpaceError, SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
+from .fsutil import private_dir
 from .options import MigrationOptions, OptionError
 from .runner import which
 from .sources import DiskInput, Source
@@ -70,6 +71,7 @@ class Context:
 
     def disk_input(self, index: int) -> DiskInput:
         if index not in self._inputs:
+            private_dir(self.workdir)  # a source writes its own folders below it: none may be a link
             self._inputs[index] = self.source.disk_input(self.disks()[index], self.workdir)
         return self._inputs[index]
 
