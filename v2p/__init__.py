@@ -13,18 +13,10 @@ The library never prints and never exits: errors are ``V2PError`` subclasses
 commands are logged on the ``v2p.*`` loggers at DEBUG.
 """
 
-from .api import (
-    Migration,
-    MigrationStatus,
-    dance,
-    inspect,
-    inspect_vm,
-    local_target,
-    make_target,
-    migrate,
-    remove,
-    status,
-)
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BootCheckError,
     Cancelled,
@@ -43,10 +35,66 @@ from .errors import (
     VerifyError,
     VMIDExistsError,
 )
-from .events import Event
-from .inspect import DiskImage, Flavor
-from .options import MigrationOptions, OptionError
-from .plan import Plan, PlanError
+
+if TYPE_CHECKING:
+    from .api import (
+        Migration,
+        MigrationStatus,
+        dance,
+        inspect,
+        inspect_vm,
+        local_target,
+        make_target,
+        migrate,
+        remove,
+        status,
+    )
+    from .events import Event
+    from .inspect import DiskImage, Flavor
+    from .options import MigrationOptions, OptionError
+    from .plan import Plan, PlanError
+
+# The rest is imported when first used: ``v2p`` (the command) imports this package before it can
+# install its signal handlers, and the whole library takes most of a second to import under load;
+# a Ctrl-C in that time must still end in one line (see __main__).
+_LAZY = {
+    **dict.fromkeys(("Migration", "MigrationStatus", "dance", "inspect", "inspect_vm", "local_target",
+                     "make_target", "migrate", "remove", "status"), "api"),
+    "Event": "events",
+    **dict.fromkeys(("DiskImage", "Flavor"), "inspect"),
+    **dict.fromkeys(("MigrationOptions", "OptionError"), "options"),
+    **dict.fromkeys(("Plan", "PlanError"), "plan"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """``v2p.inspect`` is the function (as it was when this package imported everything at once), not
+    the subpackage of that name, which binds itself here when something first imports it."""
+
+    @property
+    def inspect(self) -> Any:
+        from .api import inspect
+
+        return inspect
+
+    @inspect.setter
+    def inspect(self, value: Any) -> None:
+        pass  # the subpackage, bound by the import system: reached through sys.modules, as before
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
            "BootCheckError",

@@ -373,6 +373,7 @@ def dance(vmid: int, *, target: TargetSpec = None, bus: str = "virtio", confirme
     target = as_target(target)
     config = target.get_config(vmid)
     with VmidLock(target.state_dir(), vmid):
+        target.remove_temporaries(vmid)
         pending = DriverDance.pending(target, vmid)
         if pending:
             # Finish the dance that was started, with its own settings (its ISO is attached).
@@ -413,6 +414,7 @@ def remove(vmid: int, target: TargetSpec = None) -> None:
         for record in records:
             record.remove()
         remove_tree(target.state_dir() / f"{vmid}.work")
+        target.remove_temporaries(vmid)
 
 
 def inspect(path: str | os.PathLike[str]) -> DiskImage:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..bootwatch import SETTLE, BootWatch, Verdict
 from ..errors import NoSuchVMError, TargetError, ToolError, VMIDExistsError
-from ..fsutil import data_home, fresh_file, private_dir, write_atomic
+from ..fsutil import data_home, fresh_file, private_dir, remove_stale_temporaries, write_atomic
 from ..interrupts import check as check_interrupts
 from ..runner import run
 from ..state import vmid_of_name
@@ -225,6 +225,10 @@ class LocalTarget(Target):
 
     def _write_config(self, vmid: int, config: VMConfig) -> None:
         write_atomic(self._conf(vmid), format_config(config))
+
+    def remove_temporaries(self, vmid: int) -> None:
+        path = self._conf(vmid)
+        remove_stale_temporaries(path.parent, path.name)  # write_atomic's, for <vmid>.conf
 
     def get_config(self, vmid: int) -> VMConfig:
         try:
