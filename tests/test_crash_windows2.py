@@ -118,6 +118,28 @@ def test_signal_while_the_library_loads_is_one_line(entry, signum, tmp_path, v2p
     assert out == ""
 
 
+def test_the_package_loads_its_parts_when_used_and_keeps_its_names():
+    """What lets the handlers go in first: ``import v2p`` no longer imports the library; every public
+    name still resolves, and ``v2p.inspect`` / ``v2p.dance`` stay the functions once the submodules of
+    those names are loaded."""
+    script = textwrap.dedent("""
+        import sys
+        import v2p
+        assert "v2p.api" not in sys.modules and "v2p.pipeline" not in sys.modules, sorted(sys.modules)
+        import v2p.cli, v2p.dance, v2p.inspect
+        from v2p import dance, inspect
+        assert callable(dance) and callable(inspect) and v2p.dance is dance and v2p.inspect is inspect
+        from v2p.dance import DriverDance
+        from v2p.inspect import DiskImage
+        assert DiskImage is v2p.DiskImage
+        for name in v2p.__all__:
+            getattr(v2p, name)
+        assert set(v2p.__all__) <= set(dir(v2p))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
 # -- a signal between the VM's config and its create record -------------------------------------------
 
 def _description(config_path: Path) -> str:

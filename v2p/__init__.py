@@ -78,19 +78,27 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+def _api_function(name: str) -> property:
+    def get(_package: types.ModuleType) -> Any:
+        return __getattr__(name)
+
+    def keep(_package: types.ModuleType, _value: Any) -> None:
+        pass  # the submodule, bound here by the import system: reached through sys.modules, as before
+
+    return property(get, keep)
+
+
 class _Package(types.ModuleType):
-    """``v2p.inspect`` is the function (as it was when this package imported everything at once), not
-    the subpackage of that name, which binds itself here when something first imports it."""
+    """``v2p.inspect`` and ``v2p.dance`` are the functions (as they were when this package imported
+    everything at once), not the submodules of those names, which bind themselves here when something
+    first imports them."""
 
-    @property
-    def inspect(self) -> Any:
-        from .api import inspect
-
-        return inspect
-
-    @inspect.setter
-    def inspect(self, value: Any) -> None:
-        pass  # the subpackage, bound by the import system: reached through sys.modules, as before
+    inspect = _api_function("inspect")
+    dance = _api_function("dance")
 
 
 sys.modules[__name__].__class__ = _Package
