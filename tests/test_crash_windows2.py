@@ -32,6 +32,8 @@ from test_migrate_pve import pve_url
 
 from conftest import ROOT, V2P, assert_same_bytes, one_line_error
 from test_resume import ARGS, wait_for
+from v2p.errors import LockedError
+from v2p.state import VmidLock
 
 STOPPED = "v2p: interrupted; run the same command again to resume"
 
@@ -203,6 +205,53 @@ def test_a_record_kept_by_a_kill_never_adopts_a_vm_with_a_longer_id(samples, sou
     line = one_line_error(v2p("migrate", str(src.descriptor), *ARGS))
     assert "VMID 120 already exists" in line
     assert conf.read_bytes() == before
+
+
+def test_plan_run_killed_right_after_a_config_is_written_resumes(samples, tmp_path, v2p):
+    """SIGKILL of a ``plan run``'s process group: its child sees its stdin end and stops itself with
+    SIGINT. Here that lands while the child's create stage has written the config and not yet its
+    record (a ``sitecustomize`` of the test's, for the child only, holds it there until the signal)."""
+    target = tmp_path / "target"
+    shutil.copytree(samples / "monolithicSparse", tmp_path / "src")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"defaults: {{target: {{kind: local, dir: {target}, accel: tcg}}, boot_check: false}}\n"
+                    f"vms:\n  - {{source: {tmp_path / 'src' / 'monolithicSparse.vmdk'}, vmid: 120, name: a}}\n")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(textwrap.dedent("""
+        import os, signal, sys, time
+        if "v2p.planrun" in sys.orig_argv or "v2p.planchild" in sys.orig_argv:
+            from v2p.targets.local import LocalTarget
+            _real = LocalTarget.create_vm
+
+            def _create_vm(self, vmid, config):
+                _real(self, vmid, config)
+                os.killpg(os.getppid(), signal.SIGKILL)  # the plan run, as `kill -9 -PGID` does
+                time.sleep(60)  # the child's own SIGINT (its stdin ended) lands here
+
+            LocalTarget.create_vm = _create_vm
+    """))
+    proc = subprocess.Popen(v2p.argv("plan", "run", str(plan)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=v2p.env(PYTHONPATH=str(shim)), start_new_session=True)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    state = target / "migrations" / "120.json"
+
+    def child_gone() -> bool:  # it holds the VMID lock until it ends
+        try:
+            with VmidLock(target / "migrations", 120):
+                return True
+        except LockedError:
+            return False
+
+    wait_until(child_gone, 60, "the plan's child never stopped")
+    assert (target / "qemu-server" / "120.conf").exists()
+    failed = json.loads(state.read_text())["failed"]
+    assert (failed["stage"], failed["error"]) == ("create", "interrupted"), failed
+    again = v2p("plan", "run", str(plan), timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 of 1 VMs migrated" in again.stdout, again.stdout
+    assert_same_bytes(samples / "guest.raw", v2p.disk(120))
 
 
 def test_interrupt_in_the_pve_create_resumes(pve, tmp_path, samples, source_of, v2p: V2P):
