@@ -51,9 +51,9 @@ def wrapped(v2p: V2P, setup: str, *args: str, timeout: float = 180, **env: str) 
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=v2p.env(**env), cwd=ROOT)
 
 
-def signal_after(where: str, name: str, signum: int) -> str:
+def signal_after(where: str, name: str, signum: int, *, before: bool = False) -> str:
     """Setup code: ``where.name`` (a module or class attribute) sends this process ``signum`` once,
-    right after it returns."""
+    right after it returns (``before``: as it is called, so the signal lands in it)."""
     return f"""
         import importlib, os, signal
         _path = {where!r}.split(".")
@@ -69,6 +69,9 @@ def signal_after(where: str, name: str, signum: int) -> str:
         _sent = []
 
         def _patched(*args, **kwargs):
+            if {before!r} and not _sent:
+                _sent.append(True)
+                os.kill(os.getpid(), {int(signum)})
             result = _real(*args, **kwargs)
             if not _sent:
                 _sent.append(True)
@@ -254,15 +257,19 @@ def test_plan_run_killed_right_after_a_config_is_written_resumes(samples, tmp_pa
     assert_same_bytes(samples / "guest.raw", v2p.disk(120))
 
 
-def test_interrupt_in_the_pve_create_resumes(pve, tmp_path, samples, source_of, v2p: V2P):
+@pytest.mark.parametrize("when", ["after its task", "while its task runs"])
+def test_interrupt_in_the_pve_create_resumes(when, pve, tmp_path, samples, source_of, v2p: V2P):
     src = source_of("monolithicSparse")
     env = {"V2P_PVE_TOKEN": pve.tokens["root@pam!v2p"], "XDG_DATA_HOME": str(tmp_path / "xdg")}
     args = ("--target", pve_url(pve), "migrate", str(src.descriptor), "--vmid", "150", "--no-boot-check")
-    stopped = wrapped(v2p, signal_after("v2p.targets.proxmox.ProxmoxTarget", "create_vm", signal.SIGINT),
-                      *args, **env)
+    setup = signal_after("v2p.targets.proxmox.ProxmoxTarget", "create_vm", signal.SIGINT) if when == "after its task" \
+        else signal_after("v2p.targets.proxmox.ProxmoxTarget", "wait_task", signal.SIGINT, before=True)
+    stopped = wrapped(v2p, setup, *args, **env)
     assert stopped.returncode == 130, stopped.stderr
     assert stderr_lines(stopped) == [STOPPED], stopped.stderr
-    assert 150 in pve.cluster.vms, "the simulator never created the VM"
+    wait_until(lambda: 150 in pve.cluster.vms, 30, "the simulator never created the VM")
+    record = json.loads(next((tmp_path / "xdg" / "v2p" / "pve").glob("*/150.json")).read_text())
+    assert "create" not in record["stages"] and record["failed"]["stage"] == "create", record
     again = v2p(*args, **env)
     assert again.returncode == 0, again.stdout + again.stderr
     volid = pve.cluster.vms[150].config["scsi0"].split(",")[0]
