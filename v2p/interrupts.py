@@ -10,7 +10,8 @@ watcher that expects QEMU to close the socket takes for a normal end.
 
 So ``install()`` makes both signals record themselves and raise, and every
 long wait calls ``check()``, which raises again if a signal came: nothing can
-swallow it for good.
+swallow it for good. Once a run's outcome is decided (``settle()``: its
+"finished" is being recorded) a signal is still noted but no longer raises.
 
 A library user runs migrations in threads, where signals do not reach, and
 stops one of them with ``Migration.cancel()``: the migration's thread runs
@@ -32,11 +33,9 @@ from types import FrameType
 from .errors import Cancelled
 
 _received: list[int] = []
+_settled: list[bool] = []  # set by settle(): the run's outcome is decided, a signal changes nothing
 # What the command says when a signal stops it (any time from its first import on).
 STOPPED = "v2p: interrupted; run the same command again to resume"
-
-
-_settled: list[bool] = []  # set by settle(): the run's outcome is decided, a signal changes nothing
 
 
 def install() -> None:
