@@ -379,6 +379,7 @@ def dance(vmid: int, *, target: TargetSpec = None, bus: str = "virtio", confirme
     target = as_target(target)
     config = target.get_config(vmid)
     with VmidLock(target.state_dir(), vmid):
+        target.remove_temporaries(vmid)
         pending = DriverDance.pending(target, vmid)
         if pending:
             # Finish the dance that was started, with its own settings (its ISO is attached).
@@ -417,6 +418,7 @@ def remove(vmid: int, target: TargetSpec = None) -> None:
             raise NoSuchVMError(f"VMID {vmid} does not exist on the {target.kind} target and has no "
                                 "migration record", hint="see: v2p vm list, v2p status")
         remove_tree(target.state_dir() / f"{vmid}.work")
+        target.remove_temporaries(vmid)
         left = []
         for record in records:
             try:

@@ -235,12 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    interrupts.install()  # SIGTERM stops a run the way Ctrl-C does: resumable, one line
     try:
         args = build_parser().parse_args(argv)
     except OptionError as exc:  # a value check run by argparse (see _seconds)
         _say(f"v2p: error: {exc}")
         return exc.exit_code
-    interrupts.install()  # SIGTERM stops a run the way Ctrl-C does: resumable, one line
     if args.verbose:
         _log_to_stderr()
     try:
@@ -263,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"v2p: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("v2p: interrupted; run the same command again to resume", file=sys.stderr)
-        return 128 + (interrupts.received() or signal.SIGINT)
+        print(interrupts.STOPPED, file=sys.stderr)
+        return interrupts.exit_status()
 
 
 def _log_to_stderr() -> None:

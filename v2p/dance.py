@@ -48,7 +48,9 @@ class DanceOptions:
     boot1_wait: float = 600.0  # how long to wait for the guest's driver signal
     boot2_wait: float = 120.0
     shutdown_timeout: float = 120.0
-    driver_signal: str = r"driver (viostor|vioscsi) installed"
+    # Installed in this boot, or found in on a boot after (the guest loads it for the virtio disk it
+    # sees on every boot): a rerun whose earlier boot 1 installed it but was killed before its record.
+    driver_signal: str = r"driver (viostor|vioscsi) installed|windows up on [a-z-]+ \((viostor|vioscsi)\)"
     virtio_signal: str = r"windows up on (virtio-blk|virtio-scsi)"
     ide_signal: str = r"windows up on (ide|sata)"
 

@@ -38,7 +38,7 @@ from .fsutil import remove_tree
 from .options import MigrationOptions, check_vmid
 from .sources import Source, open_source
 from .spec import VMSpec
-from .stages import STAGES, Context, Stage, disk_stage, stage_kind, stages_for
+from .stages import STAGES, Context, Stage, disk_stage, made_by, stage_kind, stages_for
 from .state import MigrationState, VmidLock, check_fields, now
 from .targets.base import Target
 from .testhooks import hold_point
@@ -88,6 +88,7 @@ class Pipeline:
         request = self._request()
         for suffix in ("", ".dance"):
             MigrationState(self.state.directory, self.vmid, suffix).remove_temporaries()
+        self.target.remove_temporaries(self.vmid)
         if self.state.load() and self._stale(request):
             self.state.remove()
             self.state.data = {}
@@ -144,6 +145,7 @@ class Pipeline:
             else:
                 self._failed(stage_name, exc, workdir)
             raise
+        interrupts.settle()  # every stage is done: a Ctrl-C from here on no longer stops a migrated VM's run
         self.state.data["finished"] = True
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
         self.state.save()
@@ -198,8 +200,8 @@ class Pipeline:
         assert isinstance(exc, V2PError)
         ours, written, removed = False, [], False
         try:
-            ours = self.target.vm_exists(self.vmid) and ctx.tag() in \
-                self.target.get_config(self.vmid).get("description", "")
+            ours = self.target.vm_exists(self.vmid) and made_by(self.target.get_config(self.vmid),
+                                                                 ctx.migration_id)
             written = [index for index in range(len(ctx.disks()))
                        if disk_stage("convert", index) in (*self.state.stages, stage)]
             if not ours and not written:  # the VMID was taken, the create refused: nothing of ours
@@ -235,12 +237,29 @@ class Pipeline:
 
     def _failed(self, stage: str, exc: BaseException, workdir: Path) -> None:
         """A run that made nothing on the target leaves no record (a refused source is not an
-        unfinished migration); one that did notes where and why it stopped, for ``v2p status``."""
-        if "create" not in self.state.stages:
+        unfinished migration); one that did notes where and why it stopped, for ``v2p status``.
+
+        The create stage's VM exists before its record does: a run stopped in that stage by anything
+        but its own error (a signal, a cancel; on PVE the create task may even finish afterwards)
+        keeps the record, so that the rerun knows the VM by the migration id in its description.
+        """
+        stopped_in_create = stage_kind(stage) == "create" and \
+            not (isinstance(exc, V2PError) and not isinstance(exc, Cancelled))
+        if "create" not in self.state.stages and not stopped_in_create and not self._vm_is_ours():
             self.state.remove()
             remove_tree(workdir)
             return
         self._keep(stage, exc)
+
+    def _vm_is_ours(self) -> bool:
+        """Whether the VMID holds the VM this record's migration created (never any other VM)."""
+        migration_id = self.state.data.get("migration_id")
+        if not isinstance(migration_id, str):
+            return False
+        try:
+            return self.target.vm_exists(self.vmid) and made_by(self.target.get_config(self.vmid), migration_id)
+        except (V2PError, OSError):
+            return False
 
     def _keep(self, stage: str, exc: BaseException) -> None:
         """Note in the record where and why the run stopped, for ``v2p status`` and the rerun."""
@@ -286,7 +305,8 @@ class Pipeline:
         data = self.state.data
         if data.get("finished"):
             return not self.target.vm_exists(self.vmid)
-        return "create" not in data.get("stages", {}) and data.get("request") != request
+        return "create" not in data.get("stages", {}) and data.get("request") != request \
+            and not self._vm_is_ours()  # a VM the record made, though its create was never recorded
 
     def _check_resumable(self, request: dict[str, Any]) -> None:
         recorded = self.state.data["request"]

@@ -8,6 +8,7 @@ state file through the pipeline only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .runner import which
 from .sources import DiskInput, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
-from .targets.base import DiskSink, Target
+from .targets.base import DiskSink, Target, VMConfig
 from .testhooks import hold_point
 
 Record = dict[str, Any]
@@ -85,6 +86,13 @@ class Context:
 
     def tag(self) -> str:
         return f"v2p migration {self.migration_id}"
+
+
+def made_by(config: VMConfig, migration_id: str) -> bool:
+    """Whether a VM config is the one migration ``migration_id`` created: its description carries
+    ``Context.tag()``, that id whole (never a longer one that starts with it)."""
+    tag = rf"\bv2p migration {re.escape(migration_id)}(?![0-9A-Za-z])"
+    return bool(migration_id) and re.search(tag, config.get("description", "")) is not None
 
 
 class Stage:
@@ -208,7 +216,7 @@ def check_drivers(target: Target, options: MigrationOptions) -> Record:
 
 def _ours(ctx: Context) -> bool:
     try:
-        return ctx.tag() in ctx.target.get_config(ctx.vmid).get("description", "")
+        return made_by(ctx.target.get_config(ctx.vmid), ctx.migration_id)
     except TargetError:
         return False
 

@@ -29,6 +29,7 @@ from ..fsutil import (
     private_dir,
     read_small,
     remove_entry,
+    remove_stale_temporaries,
     remove_tree_at,
     write_atomic,
 )
@@ -240,6 +241,10 @@ class LocalTarget(Target):
 
     def _write_config(self, vmid: int, config: VMConfig) -> None:
         write_atomic(self._conf(vmid), format_config(config), root=self.directory)
+
+    def remove_temporaries(self, vmid: int) -> None:
+        path = self._conf(vmid)
+        remove_stale_temporaries(path.parent, path.name)  # write_atomic's, for <vmid>.conf
 
     def get_config(self, vmid: int) -> VMConfig:
         text = self._read_text(self._conf(vmid))
