@@ -144,6 +144,9 @@ class Pipeline:
             else:
                 self._failed(stage_name, exc, workdir)
             raise
+        finally:
+            if ctx is not None:
+                ctx.close_inputs()  # the source files pinned since inspection
         self.state.data["finished"] = True
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
         self.state.save()

@@ -68,6 +68,11 @@ class Context:
         """The VM's disks, the boot disk first: disk N of the migration is ``disks()[N]``."""
         return self.spec.ordered_disks()
 
+    def close_inputs(self) -> None:
+        """Let go of the source files the disk inputs hold open (the next ``disk_input`` inspects again)."""
+        while self._inputs:
+            self._inputs.popitem()[1].close()
+
     def disk_input(self, index: int) -> DiskInput:
         if index not in self._inputs:
             self._inputs[index] = self.source.disk_input(self.disks()[index], self.workdir)
@@ -109,7 +114,7 @@ class Inspect(Stage):
     fields = {"spec": dict, "disks": list, "files": list}
 
     def run(self, ctx: Context) -> Record:
-        ctx._inputs.clear()
+        ctx.close_inputs()
         disks = []
         for index, disk in enumerate(ctx.disks()):
             given = ctx.disk_input(index)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import SourceError, UnsafeSourceError, V2PError
 from . import vmdk
-from .model import SECTOR, DiskImage, Extent, ExtentKind, Flavor
+from .model import SECTOR, DiskImage, Extent, ExtentKind, FileId, Flavor
 
 __all__ = ["inspect_disk", "inspect_paths", "Row", "DiskImage", "Extent", "ExtentKind", "Flavor",
            "describe"]
@@ -95,10 +95,12 @@ class _Walk:
 
 
 def _inspect_file(path: Path, name: str, walk: _Walk) -> DiskImage:
+    """The image at ``path``, its files' identities recorded as read (``DiskImage.ids``)."""
     walk.visited.add(Path(os.path.realpath(path)))
     try:
         with vmdk.open_regular(path, name) as src:
-            size = os.fstat(src.fileno()).st_size
+            opened = FileId.of(os.fstat(src.fileno()))
+            size = opened.size
             if size == 0:
                 raise SourceError(f"{name} is empty (0 bytes), not a disk image")
             head = src.read(_HEAD)
@@ -112,7 +114,12 @@ def _inspect_file(path: Path, name: str, walk: _Walk) -> DiskImage:
                 text = src.read()
     except OSError as exc:
         raise SourceError(f"{name}: cannot read: {exc.strerror}") from None
+    image = _inspect_bytes(path, name, head, tail, text, size, walk)
+    return replace(image, ids={**image.ids, path: opened})
 
+
+def _inspect_bytes(path: Path, name: str, head: bytes, tail: bytes, text: bytes, size: int,
+                   walk: _Walk) -> DiskImage:
     if head.startswith(vmdk.KDMV):
         return _hosted_sparse(path, name, head, size, walk)
     if head.startswith(vmdk.COWD) or (len(head) >= 8 and struct.unpack_from("<Q", head)[0]
@@ -190,7 +197,8 @@ def _from_descriptor(path: Path, name: str, data: bytes, walk: _Walk) -> DiskIma
     if (delta_kinds or key in _DELTA_CREATE_TYPES) and desc.parent_cid is None:
         raise SourceError(f"{name}: {create_type} snapshot delta without a parent "
                           "(parentCID is ffffffff): its unwritten sectors are unknown")
-    extents = vmdk.validate_extents(desc, path, extents_above=walk.extents, links_above=walk.links)
+    seen: dict[Path, os.stat_result] = {}
+    extents = vmdk.validate_extents(desc, path, extents_above=walk.extents, links_above=walk.links, seen=seen)
     walk.extents += len(desc.extents)
     walk.links += 1
     for extent in extents:
@@ -207,7 +215,8 @@ def _from_descriptor(path: Path, name: str, data: bytes, walk: _Walk) -> DiskIma
         warnings.append(f"{path.name} has RDONLY extents; reading them like RW ones")
     image = DiskImage(path, flavor, "vmdk", sum(e.size for e in extents), extents,
                       adapter_type=desc.adapter_type, create_type=create_type,
-                      warnings=tuple(warnings), notes=tuple(notes), cid=desc.cid, ddb=dict(desc.ddb))
+                      warnings=tuple(warnings), notes=tuple(notes), cid=desc.cid, ddb=dict(desc.ddb),
+                      ids={extent: FileId.of(st) for extent, st in seen.items()})
     if desc.parent_cid is not None:
         return _with_parent(image, desc, name, walk)
     return image
@@ -311,8 +320,11 @@ def _with_boot_signature(image: DiskImage) -> DiskImage:
     with tempfile.TemporaryDirectory(prefix="v2p-inspect-") as tmp:
         source = qemu_source(image, Path(tmp))
         out = Path(tmp) / "head.raw"
-        run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", "count=2",
-             f"if={source.filename}", f"of={out}"], timeout=30)
+        try:
+            run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", "count=2",
+                 f"if={source.filename}", f"of={out}"], timeout=30, pass_fds=source.fds)
+        finally:
+            source.close()
         data = out.read_bytes()
     if data[512:520] == b"EFI PART":
         signature = "gpt"

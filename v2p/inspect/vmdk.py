@@ -573,7 +573,7 @@ def check_open_files(extents: int, links: int, name: str) -> None:
 
 
 def validate_extents(desc: Descriptor, descriptor_path: Path, *, extents_above: int = 0,
-                     links_above: int = 0) -> tuple[Extent, ...]:
+                     links_above: int = 0, seen: dict[Path, os.stat_result] | None = None) -> tuple[Extent, ...]:
     """Turn the descriptor's extent lines into checked ``Extent``s.
 
     ``extents_above`` and ``links_above`` count the extent lines and links
@@ -584,6 +584,7 @@ def validate_extents(desc: Descriptor, descriptor_path: Path, *, extents_above: 
 
     RDONLY extents are read like RW ones (v2p only reads); qemu-img aborts on
     them, which is one more reason it only ever sees v2p's own descriptor.
+    ``seen`` (when given) gets each extent file's stat, as checked.
     """
     name = descriptor_path.name
     folder = descriptor_path.parent
@@ -625,6 +626,8 @@ def validate_extents(desc: Descriptor, descriptor_path: Path, *, extents_above: 
             files[fname] = path, stat_named(path, name, "extent file", fname,
                                             missing_hint="copy every file of the VM folder, not just the .vmdk")
         path, st = files[fname]
+        if seen is not None:
+            seen[path] = st
         described += len(f'RW {sectors} {kind_name} "" {offset or 0}\n'.encode()) + len(os.fsencode(path))
         if path == real_descriptor and kind.is_raw:
             raise UnsafeSourceError(f"{name}: flat extent points back at its own descriptor: refused")
