@@ -17,20 +17,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vmdkgen  # noqa: E402
-
-import v2p  # noqa: E402
-from conftest import SAMPLES  # noqa: E402
-from v2p import Event, local_target  # noqa: E402
-from v2p.errors import SourceError, V2PError, VMIDExistsError  # noqa: E402
+import v2p
+import vmdkgen
+from conftest import SAMPLES
+from v2p import Event, local_target
+from v2p.errors import SourceError, V2PError, VMIDExistsError
 
 pytestmark = pytest.mark.usefixtures("manifest")  # the sample images, built once per session
 

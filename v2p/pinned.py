@@ -16,8 +16,10 @@ Not for: files v2p writes itself (its descriptors, the zero file) or the target.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
 import stat
 import weakref
 from collections.abc import Mapping
@@ -27,6 +29,7 @@ from .errors import SourceError
 from .inspect.model import FileId
 
 _FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_HEADROOM = 64  # descriptors kept free beyond the pinned ones (pipes, logs, the target)
 _HINT = "leave the source files alone while v2p migrates them, then run the same command again"
 
 
@@ -41,6 +44,7 @@ class PinnedFiles:
         self._fds: dict[Path, int] = {}
         # A Source dropped without close() (a library caller's) still gives its descriptors back.
         self._closer = weakref.finalize(self, _close_all, self._fds)
+        make_room(len(ids))
         try:
             for path, ident in ids.items():
                 self._fds[path] = _open_checked(path, ident, follow=path == follow)
@@ -61,6 +65,24 @@ class PinnedFiles:
 
     def close(self) -> None:
         self._closer()
+
+
+def make_room(count: int) -> None:
+    """Raise this process's soft ``ulimit -n`` (never past the hard one) so ``count`` more files fit:
+    the pins of every disk stay open together, and qemu-img, which inherits the limit, gets the
+    pinned files on top of the ones it opens itself (``inspect.vmdk.check_open_files`` counts both)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = _HEADROOM
+    want = in_use + count + _HEADROOM
+    if want > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 def _close_all(fds: dict[Path, int]) -> None:

@@ -557,15 +557,19 @@ def stat_named(path: Path, name: str, what: str, fname: str, *, missing_hint: st
 
 def check_open_files(extents: int, links: int, name: str) -> None:
     """Refuse a chain of ``links`` descriptors and ``extents`` extent lines in all
-    that qemu-img could not open at once in reasonable time."""
+    that qemu-img could not open at once in reasonable time.
+
+    qemu-img opens a file per extent line and per link, and inherits the pinned source
+    files v2p hands it (at most one per extent or link, see pinned.py): all of them must fit under
+    the hard ``ulimit -n``, as far as which v2p raises its own (inherited) soft limit."""
     if extents > MAX_EXTENTS:
         raise SourceError(
             f"{name}: the disk has {extents} extents (snapshot chain included); v2p takes at most "
             f"{MAX_EXTENTS}, as qemu-img opens every one at once and slows down with the square of "
             "their number", hint="convert it to a single file in VMware first: "
                                  "vmware-vdiskmanager -r DISK.vmdk -t 0 ONE.vmdk")
-    opened = extents + links
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    opened = 2 * (extents + links)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if limit != resource.RLIM_INFINITY and opened + FD_HEADROOM > limit:
         raise SourceError(f"{name}: qemu-img would hold {opened} files open at once for this disk, "
                           f"more than this process may open (ulimit -n is {limit})",
