@@ -15,6 +15,8 @@ Real qemu-img, real files and links. Also: a rerun after a swap between runs ins
 from __future__ import annotations
 
 import os
+import random
+import resource
 import shutil
 import subprocess
 import time
@@ -284,3 +286,25 @@ def test_the_pinned_files_are_let_go_after_the_migration(tmp_path: Path) -> None
     leaked = [os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - before
               if os.path.exists(f"/proc/self/fd/{fd}")]
     assert not [p for p in leaked if str(tmp_path / "vm") in p], leaked
+
+
+def test_a_split_disk_of_300_extents_under_a_low_soft_ulimit_is_pinned_whole(tmp_path: Path) -> None:
+    """Every extent is held open (and handed to qemu-img besides the ones it opens): v2p makes room
+    up to the hard limit, and the one extent swapped mid-run is still read as it was."""
+    from test_inspect_limits import flat_split
+
+    data = random.Random(15).randbytes(300 * 16384)
+    source = flat_split(tmp_path / "vm", data, 300)
+    victim = tmp_path / "vm" / "disk-f150.vmdk"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard ulimit -n ({hard}) leaves no room to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        handler = Swapper("inspect", victim, swap_for_link, tmp_path)
+        error = migrate(source, tmp_path / "target", handler)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert error is None, error
+    assert handler.done
+    assert_safe(error, tmp_path / "target", [data], victim)

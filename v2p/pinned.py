@@ -78,7 +78,7 @@ def make_room(count: int) -> None:
         in_use = len(os.listdir("/proc/self/fd"))
     except OSError:
         in_use = _HEADROOM
-    want = in_use + count + _HEADROOM
+    want = in_use + 2 * count + _HEADROOM  # ours, and a child's: the passed ones and its own opens
     if want > soft:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE,
