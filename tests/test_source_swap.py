@@ -308,3 +308,34 @@ def test_a_split_disk_of_300_extents_under_a_low_soft_ulimit_is_pinned_whole(tmp
     assert error is None, error
     assert handler.done
     assert_safe(error, tmp_path / "target", [data], victim)
+
+
+# --- the top file of a disk: a link only where the user named one -------------------------------
+
+def test_a_vmx_disk_swapped_for_a_link_while_inspection_ran_is_refused(tmp_path: Path) -> None:
+    """A .vmx's disk path is one v2p resolved (inside the folder, no link): a link found there by the
+    inspection's own open (planted between the resolve and the open) is not followed into the copy."""
+    from v2p.inspect import inspect_disk
+
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    disk = folder / "disk.raw"
+    shutil.copyfile(SAMPLES / "guest.raw", disk)
+    host = tmp_path / "host.raw"
+    shutil.copyfile(SAMPLES / "guest.raw", host)  # a disk-like host file: inspection alone cannot tell
+    swap = folder / "disk.swap"
+    swap.symlink_to(host)
+    os.replace(swap, disk)  # the race lost: the inspection below opens the link
+    with pytest.raises(SourceError, match="disk.raw was replaced by a symbolic link after inspection") as info:
+        inspect_disk(disk, link_ok=False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_disk_the_user_names_through_a_link_still_migrates(tmp_path: Path) -> None:
+    (tmp_path / "disks").mkdir()
+    real = tmp_path / "disks" / "guest.raw"
+    shutil.copyfile(SAMPLES / "guest.raw", real)
+    named = tmp_path / "my-disk.raw"
+    named.symlink_to(real)
+    assert migrate(named, tmp_path / "target", lambda event: None) is None
+    assert (tmp_path / "target" / "images" / "150" / "vm-150-disk-0.raw").read_bytes() == real.read_bytes()

@@ -64,7 +64,7 @@ def image_info(path: Path, fmt: str) -> dict[str, object]:
 
 def pin(image: DiskImage) -> PinnedFiles:
     """Every file of ``image``, opened and checked to be the one inspection read (see pinned.py)."""
-    return PinnedFiles(image.file_ids, follow=image.path)
+    return PinnedFiles(image.file_ids, follow=image.path if image.named_link else None)
 
 
 def qemu_source(image: DiskImage, workdir: Path) -> Source:

@@ -36,8 +36,9 @@ _HINT = "leave the source files alone while v2p migrates them, then run the same
 class PinnedFiles:
     """Open descriptors of checked source files; ``path(p)`` is what a reader is given for ``p``.
 
-    ``follow`` is the one path that may be a link (the disk the user named); every
-    other file was found by its real path, so a link there now is a swap.
+    ``follow`` is the one path that may be a link (the disk the user named, a link when
+    inspected); every other file was found by its real path, so a link there now is a swap,
+    and one planted while inspection ran is refused too (still a link, or not the file read).
     """
 
     def __init__(self, ids: Mapping[Path, FileId], *, follow: Path | None = None) -> None:

@@ -55,16 +55,19 @@ def describe(path: Path) -> str:
         return ""
 
 
-def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True) -> DiskImage:
+def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True, link_ok: bool = True) -> DiskImage:
     """Inspect the disk at ``path``; raise SourceError if it is not one v2p can take.
 
     With ``check_boot``, also read the first two sectors of the (consolidated)
-    disk through qemu-img and report the MBR/GPT boot signature.
+    disk through qemu-img and report the MBR/GPT boot signature. ``link_ok``:
+    ``path`` may be a symbolic link the caller named (a loose disk); a path v2p
+    resolved itself (a .vmx's or .ovf's disk) is pinned without following one.
     """
     path = Path(path)
     name = str(path)
     # First: every later message names the file, and must stay one line.
     vmdk.refuse_line_break(os.path.abspath(path))
+    named_link = link_ok and os.path.islink(path)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -80,7 +83,7 @@ def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True) -> Di
     if kind is not None:
         raise SourceError(f"{name} is {kind}, not a regular file")
     image = _inspect_file(Path(os.path.abspath(path)), name, _Walk())
-    image = replace(image, magic=describe(image.path))
+    image = replace(image, magic=describe(image.path), named_link=named_link)
     return _with_boot_signature(image) if check_boot else image
 
 

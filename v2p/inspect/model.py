@@ -115,6 +115,7 @@ class DiskImage:
     header: dict[str, int] = field(default_factory=dict)  # a KDMV header's version, flags, ...
     magic: str = ""  # libmagic's description of ``path``: the coarse first look
     ids: dict[Path, FileId] = field(default_factory=dict)  # this link's own files, as inspection found them
+    named_link: bool = False  # ``path`` was a symbolic link the caller named: the one file pinned through a link
 
     @property
     def chain(self) -> tuple[DiskImage, ...]:

@@ -775,7 +775,7 @@ class OvfSource(_Package):
 
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
         ref = self._file_of(disk)
-        image = inspect_disk(self._resolve(ref.href))
+        image = inspect_disk(self._resolve(ref.href), link_ok=False)
         qemu = qemu_source(image, workdir)
         try:
             # The manifest is checked on the file qemu-img will read, not on whatever the path holds.
@@ -1030,7 +1030,7 @@ class OvaSource(_Package):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        image = inspect_disk(target)
+        image = inspect_disk(target, link_ok=False)
         note = f"{member.name} ({image.flavor.value}) was copied out of {self.path.name} into {stage}"
         return DiskInput(qemu_source(image, workdir), image.capacity, image.flavor.value, image,
                          (("note", note), *image.messages))

@@ -406,7 +406,7 @@ class VmxSource(Source):
 
     def _inspect(self, disk: DiskSpec, path: Path, *, check_boot: bool) -> DiskImage:
         try:
-            return inspect_disk(path, check_boot=check_boot)
+            return inspect_disk(path, check_boot=check_boot, link_ok=False)
         except SourceError as exc:
             raise type(exc)(f"{self.name}: {disk.label} ({disk.source}): {exc.message}", hint=exc.hint) from None
 
