@@ -339,3 +339,21 @@ def test_a_disk_the_user_names_through_a_link_still_migrates(tmp_path: Path) -> 
     named.symlink_to(real)
     assert migrate(named, tmp_path / "target", lambda event: None) is None
     assert (tmp_path / "target" / "images" / "150" / "vm-150-disk-0.raw").read_bytes() == real.read_bytes()
+
+
+def test_a_record_from_before_device_and_inode_were_kept_is_compared_on_what_it_holds(tmp_path: Path) -> None:
+    """A finished migration recorded by an older v2p (size and mtime only): its rerun is still nothing to do."""
+    import json
+
+    source, _victim, _fmt = DISKS["monolithicFlat extent"](tmp_path / "vm")
+    target = tmp_path / "target"
+    v2p.migrate(str(source), 150, target=local_target(target), boot_check=False, fmt="raw")
+    state = target / "migrations" / "150.json"
+    data = json.loads(state.read_text())
+    files = data["stages"]["inspect"]["result"]["files"]
+    assert all({"device", "inode"} <= entry.keys() for entry in files)
+    for entry in files:
+        del entry["device"], entry["inode"]
+    state.write_text(json.dumps(data))
+    result = v2p.migrate(str(source), 150, target=local_target(target), boot_check=False, fmt="raw")
+    assert "nothing to do" in result["nothing_to_do"]

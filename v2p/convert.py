@@ -304,6 +304,17 @@ def source_fingerprint(image: DiskImage) -> list[dict[str, object]]:
     return [{"path": str(path), **vars(ids[path])} for path in image.files]
 
 
+def same_files(recorded: object, current: list[dict[str, object]]) -> bool:
+    """Whether a recorded fingerprint (``Source.fingerprint``) still describes the source's files:
+    every field it holds is unchanged (one written before device and inode were recorded holds
+    path, size and mtime only, and is compared on those)."""
+    if not isinstance(recorded, list) or len(recorded) != len(current):
+        return False
+    return all(isinstance(old, dict) and {"path", "size", "mtime_ns"} <= old.keys()
+               and all(new.get(key) == value for key, value in old.items())
+               for old, new in zip(recorded, current, strict=True))
+
+
 def file_identity(path: Path) -> dict[str, object]:
     """``path``'s size, mtime, device and inode: enough to notice a source that changed, or another
     file put at its path (a resumed run that finds one inspects again)."""

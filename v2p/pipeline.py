@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import interrupts, pveconfig
+from .convert import same_files
 from .errors import (
     BootCheckError,
     Cancelled,
@@ -281,7 +282,7 @@ class Pipeline:
             current = self.source.fingerprint()
         except (V2PError, OSError):
             return False  # moved or deleted after the migration: the VM is still the one it made
-        return bool(current != recorded)
+        return not same_files(recorded, current)
 
     def _stale(self, request: dict[str, Any]) -> bool:
         """A record that means nothing now: its VM was removed since it finished,

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import drivers, pveconfig, rules
 from .bootwatch import clean
+from .convert import same_files
 from .dance import DanceOptions, DriverDance
 from .errors import NoSpaceError, SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
@@ -136,7 +137,7 @@ class Inspect(Stage):
 
     def holds(self, ctx: Context, record: Record) -> bool:
         try:
-            return bool(ctx.source.fingerprint() == record["files"])
+            return same_files(record["files"], ctx.source.fingerprint())
         except (SourceError, OSError):
             return False
 
