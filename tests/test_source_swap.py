@@ -357,3 +357,32 @@ def test_a_record_from_before_device_and_inode_were_kept_is_compared_on_what_it_
     state.write_text(json.dumps(data))
     result = v2p.migrate(str(source), 150, target=local_target(target), boot_check=False, fmt="raw")
     assert "nothing to do" in result["nothing_to_do"]
+
+
+def test_an_ovf_whose_disks_are_descriptors_reads_each_disk_from_its_own_pinned_files(tmp_path: Path) -> None:
+    """Each disk's descriptor (naming its own pinned extents) has its own folder: the second disk's
+    must not overwrite the first's (which would name files the first disk's reader does not hold)."""
+    from test_source_ovf import make_ovf
+
+    from v2p.sources.ovf import OvfSource
+
+    made, folder = tmp_path / "made", tmp_path / "pkg"
+    made.mkdir()
+    folder.mkdir()
+    disks, raws = {}, []
+    for number in (1, 2):
+        raw = tmp_path / f"raw{number}.raw"
+        raw.write_bytes(bytes([number]) * MiB + bytes(MiB) + bytes([number + 5]) * MiB)
+        raws.append(raw.read_bytes())
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat",
+                        str(raw), str(made / f"linux-disk{number}.vmdk")], check=True, capture_output=True)
+        shutil.copyfile(made / f"linux-disk{number}-flat.vmdk", folder / f"linux-disk{number}-flat.vmdk")
+        disks[f"vmdk{number}"] = made / f"linux-disk{number}.vmdk"
+    source = OvfSource(make_ovf(folder, disks, version=2, manifest=None))
+    given = [source.disk_input(disk, tmp_path / "work") for disk in source.spec().ordered_disks()]
+    for index, disk in enumerate(given):
+        out = tmp_path / f"out{index}.raw"
+        subprocess.run(["qemu-img", "convert", "-f", disk.qemu.fmt, "-O", "raw", disk.qemu.filename, str(out)],
+                       check=True, capture_output=True, pass_fds=disk.qemu.fds)
+        assert out.read_bytes() == raws[index], f"disk {index} reads another disk's bytes"
+        disk.close()

@@ -776,7 +776,8 @@ class OvfSource(_Package):
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
         ref = self._file_of(disk)
         image = inspect_disk(self._resolve(ref.href), link_ok=False)
-        qemu = qemu_source(image, workdir)
+        # One folder per disk, as for a .vmx: qemu_source writes its descriptors under fixed names.
+        qemu = qemu_source(image, workdir / f"{disk.controller}{disk.bus}-{disk.unit}")
         try:
             # The manifest is checked on the file qemu-img will read, not on whatever the path holds.
             assert qemu.pins is not None
