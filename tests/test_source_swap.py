@@ -386,3 +386,24 @@ def test_an_ovf_whose_disks_are_descriptors_reads_each_disk_from_its_own_pinned_
                        check=True, capture_output=True, pass_fds=disk.qemu.fds)
         assert out.read_bytes() == raws[index], f"disk {index} reads another disk's bytes"
         disk.close()
+
+
+def test_600_extent_lines_over_one_file_under_a_low_soft_ulimit_migrate(tmp_path: Path) -> None:
+    """Two pinned files, but qemu-img opens one per extent line: the room made counts those too."""
+    from test_inspect_limits import descriptor
+
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    data = random.Random(600).randbytes(600 * 4096)
+    (folder / "f").write_bytes(data)
+    source = descriptor(folder / "one.vmdk", "twoGbMaxExtentFlat", [f'RW 8 FLAT "f" {8 * i}' for i in range(600)])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard ulimit -n ({hard}) leaves no room to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        error = migrate(source, tmp_path / "target", lambda event: None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert error is None, error
+    assert (tmp_path / "target" / "images" / "150" / "vm-150-disk-0.raw").read_bytes() == data

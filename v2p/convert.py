@@ -64,7 +64,8 @@ def image_info(path: Path, fmt: str) -> dict[str, object]:
 
 def pin(image: DiskImage) -> PinnedFiles:
     """Every file of ``image``, opened and checked to be the one inspection read (see pinned.py)."""
-    return PinnedFiles(image.file_ids, follow=image.path if image.named_link else None)
+    opens = sum(len(link.extents) + 1 for link in image.chain)  # what qemu-img opens: extents and links
+    return PinnedFiles(image.file_ids, follow=image.path if image.named_link else None, reader_opens=opens)
 
 
 def qemu_source(image: DiskImage, workdir: Path) -> Source:

@@ -41,11 +41,12 @@ class PinnedFiles:
     and one planted while inspection ran is refused too (still a link, or not the file read).
     """
 
-    def __init__(self, ids: Mapping[Path, FileId], *, follow: Path | None = None) -> None:
+    def __init__(self, ids: Mapping[Path, FileId], *, follow: Path | None = None, reader_opens: int = 0) -> None:
+        """``reader_opens``: files a reader opens through these at once (qemu-img: one per extent line)."""
         self._fds: dict[Path, int] = {}
         # A Source dropped without close() (a library caller's) still gives its descriptors back.
         self._closer = weakref.finalize(self, _close_all, self._fds)
-        make_room(len(ids))
+        make_room(len(ids), reader_opens)
         try:
             for path, ident in ids.items():
                 self._fds[path] = _open_checked(path, ident, follow=path == follow)
@@ -68,10 +69,11 @@ class PinnedFiles:
         self._closer()
 
 
-def make_room(count: int) -> None:
-    """Raise this process's soft ``ulimit -n`` (never past the hard one) so ``count`` more files fit:
-    the pins of every disk stay open together, and qemu-img, which inherits the limit, gets the
-    pinned files on top of the ones it opens itself (``inspect.vmdk.check_open_files`` counts both)."""
+def make_room(count: int, reader_opens: int = 0) -> None:
+    """Raise this process's soft ``ulimit -n`` (never past the hard one) so ``count`` more files fit,
+    and a child handed them that opens ``reader_opens`` (at least ``count``) more: the pins of every
+    disk stay open together, and qemu-img inherits the limit with the pinned files on top of the
+    ones it opens itself (``inspect.vmdk.check_open_files`` counts both)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return
@@ -79,7 +81,7 @@ def make_room(count: int) -> None:
         in_use = len(os.listdir("/proc/self/fd"))
     except OSError:
         in_use = _HEADROOM
-    want = in_use + 2 * count + _HEADROOM  # ours, and a child's: the passed ones and its own opens
+    want = max(in_use + count, count + max(count, reader_opens)) + _HEADROOM
     if want > soft:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE,
