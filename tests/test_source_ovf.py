@@ -405,7 +405,7 @@ def ova_of(folder: Path, ova: Path) -> Path:
 
 def same_bytes(raw: Path, given: DiskInput) -> None:
     proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", given.qemu.fmt, str(raw),
-                           given.qemu.filename], capture_output=True, text=True)
+                           given.qemu.filename], capture_output=True, text=True, pass_fds=given.qemu.fds)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert given.capacity == raw.stat().st_size
 
@@ -462,12 +462,15 @@ def test_ova_members_read_in_place(tmp_path: Path, disks: dict[str, Path]) -> No
         spec = json.loads(given.qemu.filename.removeprefix("json:"))
         href = "win10-disk1.vmdk" if disk.source == "file1" else "win10-disk2.vmdk"
         assert (spec["file"]["offset"], spec["file"]["size"]) == offsets[href]
-        assert spec["file"]["file"]["filename"] == str(ova) and spec["backing"] is None
+        # the archive v2p checked, pinned open (a path swapped later is not read)
+        assert spec["file"]["file"]["filename"] == f"/dev/fd/{given.qemu.fds[0]}" and spec["backing"] is None
+        assert os.path.samefile(spec["file"]["file"]["filename"], ova)
         assert given.qemu.fmt == "vmdk" and given.flavor == "streamOptimized" and given.image is None
         same_bytes(disks["raw1" if disk.source == "file1" else "raw2"], given)
     assert not work.exists() or not any(work.rglob("*")), "an in-place member was staged"
-    assert source.fingerprint() == [{"path": str(ova), "size": ova.stat().st_size,
-                                     "mtime_ns": ova.stat().st_mtime_ns}]
+    st = ova.stat()
+    assert source.fingerprint() == [{"path": str(ova), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                     "device": st.st_dev, "inode": st.st_ino}]
 
 
 def test_ova_qcow2_members_are_read_in_place_too(tmp_path: Path, disks: dict[str, Path]) -> None:

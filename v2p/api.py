@@ -554,6 +554,7 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
                 report.disks.append(VMDisk(disk, keys.get(disk.label), disk.capacity, error=exc))
                 report.error = report.error or exc
                 continue
+            given.close()
             report.disks.append(VMDisk(disk, keys.get(disk.label), given.capacity, given.flavor, given.image,
                                        given.messages))
             chain = len(given.image.chain) if given.image is not None else 1

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import interrupts, pveconfig
+from .convert import same_files
 from .errors import (
     BootCheckError,
     Cancelled,
@@ -145,6 +146,9 @@ class Pipeline:
             else:
                 self._failed(stage_name, exc, workdir)
             raise
+        finally:
+            if ctx is not None:
+                ctx.close_inputs()  # the source files pinned since inspection
         interrupts.settle()  # every stage is done: a Ctrl-C from here on no longer stops a migrated VM's run
         self.state.data["finished"] = True
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
@@ -297,7 +301,7 @@ class Pipeline:
             current = self.source.fingerprint()
         except (V2PError, OSError):
             return False  # moved or deleted after the migration: the VM is still the one it made
-        return bool(current != recorded)
+        return not same_files(recorded, current)
 
     def _stale(self, request: dict[str, Any]) -> bool:
         """A record that means nothing now: its VM was removed since it finished,

@@ -336,7 +336,10 @@ class _Runner:
                     sink = migration.target.disk_sink(migration.vmid, disk_index, fmt=options.fmt,
                                                       storage=options.storage, device=options.device,
                                                       force=options.force)
-                    room = sink.check(given.qemu, capacity=given.capacity)
+                    try:
+                        room = sink.check(given.qemu, capacity=given.capacity)
+                    finally:
+                        given.close()
                     required += int(room["required_bytes"])
                     free = int(room["free_bytes"])
         except V2PError as exc:

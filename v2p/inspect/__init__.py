@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import SourceError, UnsafeSourceError, V2PError
 from . import vmdk
-from .model import SECTOR, DiskImage, Extent, ExtentKind, Flavor
+from .model import SECTOR, DiskImage, Extent, ExtentKind, FileId, Flavor
 
 __all__ = ["inspect_disk", "inspect_paths", "Row", "DiskImage", "Extent", "ExtentKind", "Flavor",
            "describe", "describe_bytes", "foreign_format", "check_raw"]
@@ -55,16 +55,19 @@ def describe(path: Path) -> str:
         return ""
 
 
-def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True) -> DiskImage:
+def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True, link_ok: bool = True) -> DiskImage:
     """Inspect the disk at ``path``; raise SourceError if it is not one v2p can take.
 
     With ``check_boot``, also read the first two sectors of the (consolidated)
-    disk through qemu-img and report the MBR/GPT boot signature.
+    disk through qemu-img and report the MBR/GPT boot signature. ``link_ok``:
+    ``path`` may be a symbolic link the caller named (a loose disk); a path v2p
+    resolved itself (a .vmx's or .ovf's disk) is pinned without following one.
     """
     path = Path(path)
     name = str(path)
     # First: every later message names the file, and must stay one line.
     vmdk.refuse_line_break(os.path.abspath(path))
+    named_link = link_ok and os.path.islink(path)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -80,7 +83,7 @@ def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True) -> Di
     if kind is not None:
         raise SourceError(f"{name} is {kind}, not a regular file")
     image = _inspect_file(Path(os.path.abspath(path)), name, _Walk())
-    image = replace(image, magic=describe(image.path))
+    image = replace(image, magic=describe(image.path), named_link=named_link)
     return _with_boot_signature(image) if check_boot else image
 
 
@@ -95,10 +98,12 @@ class _Walk:
 
 
 def _inspect_file(path: Path, name: str, walk: _Walk) -> DiskImage:
+    """The image at ``path``, its files' identities recorded as read (``DiskImage.ids``)."""
     walk.visited.add(Path(os.path.realpath(path)))
     try:
         with vmdk.open_regular(path, name) as src:
-            size = os.fstat(src.fileno()).st_size
+            opened = FileId.of(os.fstat(src.fileno()))
+            size = opened.size
             if size == 0:
                 raise SourceError(f"{name} is empty (0 bytes), not a disk image")
             head = src.read(_HEAD)
@@ -112,7 +117,12 @@ def _inspect_file(path: Path, name: str, walk: _Walk) -> DiskImage:
                 text = src.read()
     except OSError as exc:
         raise SourceError(f"{name}: cannot read: {exc.strerror}") from None
+    image = _inspect_bytes(path, name, head, tail, text, size, walk)
+    return replace(image, ids={**image.ids, path: opened})
 
+
+def _inspect_bytes(path: Path, name: str, head: bytes, tail: bytes, text: bytes, size: int,
+                   walk: _Walk) -> DiskImage:
     if head.startswith(vmdk.KDMV):
         return _hosted_sparse(path, name, head, size, walk)
     if head.startswith(vmdk.COWD) or (len(head) >= 8 and struct.unpack_from("<Q", head)[0]
@@ -190,7 +200,8 @@ def _from_descriptor(path: Path, name: str, data: bytes, walk: _Walk) -> DiskIma
     if (delta_kinds or key in _DELTA_CREATE_TYPES) and desc.parent_cid is None:
         raise SourceError(f"{name}: {create_type} snapshot delta without a parent "
                           "(parentCID is ffffffff): its unwritten sectors are unknown")
-    extents = vmdk.validate_extents(desc, path, extents_above=walk.extents, links_above=walk.links)
+    seen: dict[Path, os.stat_result] = {}
+    extents = vmdk.validate_extents(desc, path, extents_above=walk.extents, links_above=walk.links, seen=seen)
     walk.extents += len(desc.extents)
     walk.links += 1
     for extent in extents:
@@ -207,7 +218,8 @@ def _from_descriptor(path: Path, name: str, data: bytes, walk: _Walk) -> DiskIma
         warnings.append(f"{path.name} has RDONLY extents; reading them like RW ones")
     image = DiskImage(path, flavor, "vmdk", sum(e.size for e in extents), extents,
                       adapter_type=desc.adapter_type, create_type=create_type,
-                      warnings=tuple(warnings), notes=tuple(notes), cid=desc.cid, ddb=dict(desc.ddb))
+                      warnings=tuple(warnings), notes=tuple(notes), cid=desc.cid, ddb=dict(desc.ddb),
+                      ids={extent: FileId.of(st) for extent, st in seen.items()})
     if desc.parent_cid is not None:
         return _with_parent(image, desc, name, walk)
     return image
@@ -334,8 +346,11 @@ def _with_boot_signature(image: DiskImage) -> DiskImage:
     with tempfile.TemporaryDirectory(prefix="v2p-inspect-") as tmp:
         source = qemu_source(image, Path(tmp))
         out = Path(tmp) / "head.raw"
-        run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", "count=2",
-             f"if={source.filename}", f"of={out}"], timeout=30)
+        try:
+            run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", "count=2",
+                 f"if={source.filename}", f"of={out}"], timeout=30, pass_fds=source.fds)
+        finally:
+            source.close()
         data = out.read_bytes()
     if data[512:520] == b"EFI PART":
         signature = "gpt"

@@ -28,11 +28,12 @@ import defusedxml.ElementTree as DET
 from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
 
 from .. import rules
-from ..convert import INFO_TIMEOUT, qemu_source
+from ..convert import INFO_TIMEOUT, file_identity, qemu_source
 from ..convert import Source as QemuInput
 from ..errors import SourceError, UnsafeSourceError
 from ..inspect import check_raw, describe_bytes, foreign_format, inspect_disk, vmdk
-from ..inspect.model import SECTOR, Flavor
+from ..inspect.model import SECTOR, FileId, Flavor
+from ..pinned import PinnedFiles
 from ..runner import run
 from ..spec import CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
 from .base import DiskInput, Source
@@ -722,16 +723,18 @@ class _Package(Source):
                 raise self._mismatch(href, digest)
             self._verified.add(href)
 
-    def verify(self, href: str, copy: Callable[[bytes], object] | None = None) -> None:
+    def verify(self, href: str, copy: Callable[[bytes], object] | None = None, *,
+               through: str | None = None) -> None:
         """Check ``href`` against the manifest, reading it once in 1 MiB pieces (each also
-        handed to ``copy``, when given); a file already checked is not read again unless copied."""
+        handed to ``copy``, when given); a file already checked is not read again unless copied.
+        ``through``: the pinned file to read (``/dev/fd/N``), which is what the copy reads."""
         if href in self._verified and copy is None:
             return
         digest = self._digest_for(href)
         if digest is None and copy is None:
             return
         hasher = hashlib.new(digest.algorithm) if digest is not None else None
-        with self._open(href) as src:
+        with open(through, "rb") if through is not None else self._open(href) as src:
             while chunk := src.read(CHUNK):
                 if hasher is not None:
                     hasher.update(chunk)
@@ -793,10 +796,17 @@ class OvfSource(_Package):
 
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
         ref = self._file_of(disk)
-        self.verify(ref.href)
-        image = inspect_disk(self._resolve(ref.href))
-        return DiskInput(qemu_source(image, workdir), image.capacity, image.flavor.value, image,
-                         tuple(image.messages))
+        image = inspect_disk(self._resolve(ref.href), link_ok=False)
+        # One folder per disk, as for a .vmx: qemu_source writes its descriptors under fixed names.
+        qemu = qemu_source(image, workdir / f"{disk.controller}{disk.bus}-{disk.unit}")
+        try:
+            # The manifest is checked on the file qemu-img will read, not on whatever the path holds.
+            assert qemu.pins is not None
+            self.verify(ref.href, through=qemu.pins.path(image.path))
+        except BaseException:
+            qemu.close()
+            raise
+        return DiskInput(qemu, image.capacity, image.flavor.value, image, tuple(image.messages))
 
     def fingerprint(self) -> list[dict[str, Any]]:
         envelope = self.envelope()
@@ -806,9 +816,7 @@ class OvfSource(_Package):
         names += [envelope.disk_file(d, str(self.path)).href for d in envelope.spec.disks]
         out: list[dict[str, Any]] = []
         for href in dict.fromkeys(names):
-            path = self._resolve(href)
-            st = os.stat(path)
-            out.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+            out.append(file_identity(self._resolve(href)))
         return out
 
 
@@ -933,12 +941,16 @@ class OvaSource(_Package):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path)
         self._members: dict[str, Member] | None = None
+        self._id = FileId(-1, -1, -1, -1)  # the archive as first opened (``_open_package``)
         self._ovf = ""
 
     def _open_package(self) -> None:
         if self._members is not None:
             return
-        members = scan_tar(self.path, str(self.path))
+        # Every later read of the archive must find this very file (see ``_open``).
+        with vmdk.open_regular(self.path, str(self.path)) as handle:
+            self._id = FileId.of(os.fstat(handle.fileno()))
+            members = scan_tar(Path(f"/dev/fd/{handle.fileno()}"), str(self.path))
         ovfs = [m for m in members if m.lower().endswith(".ovf")]
         if len(ovfs) != 1:
             raise SourceError(f"{self.path}: {len(ovfs)} .ovf descriptors in the archive; an OVA has one",
@@ -969,10 +981,14 @@ class OvaSource(_Package):
 
     def _open(self, href: str) -> BinaryIO:
         member = self._member(href)
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+        st = os.fstat(fd)
+        why = "it is not a regular file any more" if not stat.S_ISREG(st.st_mode) else \
+            self._id.differs(FileId.of(st))
+        if why is not None:
             os.close(fd)
-            raise SourceError(f"{self.path} is not a regular file any more")
+            raise SourceError(f"{self.path} is not the archive first read: {why}: refused",
+                              hint="leave the source alone while v2p migrates it, then run the same command again")
         return _MemberFile(fd, member.offset, member.size)
 
     def _where(self, href: str) -> str:
@@ -1006,9 +1022,11 @@ class OvaSource(_Package):
 
     def _window(self, href: str, member: Member, where: str, disk: DiskSpec, head: bytes,
                 tail: bytes) -> DiskInput:
-        """A raw, qcow2, VHD(X) or VDI member: its format's driver over a raw window of the archive."""
+        """A raw, qcow2, VHD(X) or VDI member: its format's driver over a raw window of the archive
+        (the archive checked when its tar was read, whatever is at its path by then: see pinned.py)."""
+        pins = PinnedFiles({self.path: self._id})
         window: dict[str, Any] = {"driver": "raw", "offset": member.offset, "size": member.size,
-                                  "file": {"driver": "file", "filename": str(self.path)}}
+                                  "file": {"driver": "file", "filename": pins.path(self.path)}}
         found = foreign_format(where, head, tail)
         if found is None:
             check_raw(where, head, member.size, describe_bytes(head))
@@ -1016,7 +1034,7 @@ class OvaSource(_Package):
                 raise SourceError(f"{where}: a raw disk of {member.size} bytes, but the OVF declares a capacity "
                                   f"of {disk.capacity}: refused", hint="the package is damaged; export it again")
             self.verify(href)
-            qemu = QemuInput("raw", "json:" + json.dumps(window))
+            qemu = QemuInput("raw", "json:" + json.dumps(window), pins)
             flavor, capacity = Flavor.RAW, member.size
         else:
             flavor, fmt = found
@@ -1024,9 +1042,9 @@ class OvaSource(_Package):
             spec: dict[str, Any] = {"driver": fmt, "file": window}
             if fmt == "qcow2":
                 spec["backing"] = None
-            qemu = QemuInput(fmt, "json:" + json.dumps(spec))
+            qemu = QemuInput(fmt, "json:" + json.dumps(spec), pins)
             info = json.loads(run(["qemu-img", "info", "--output=json", "-f", fmt, qemu.filename],
-                                  timeout=INFO_TIMEOUT).stdout)
+                                  timeout=INFO_TIMEOUT, pass_fds=qemu.fds).stdout)
             capacity = int(info["virtual-size"])
         note = (f"{member.name} ({flavor.value}) is read in place from {self.path.name} (offset {member.offset}, "
                 f"{member.size} bytes); nothing is extracted")
@@ -1050,13 +1068,14 @@ class OvaSource(_Package):
                 raise SourceError(f"{where}: header capacity is {header.capacity} sectors, its embedded "
                                   f"descriptor says {described} (capacity mismatch)")
         flavor = Flavor.STREAM_OPTIMIZED if header.stream_optimized else Flavor.MONOLITHIC_SPARSE
+        # qemu reads the archive checked above, whatever is at its path by then (see pinned.py).
+        pins = PinnedFiles({self.path: self._id})
         window = {"driver": "raw", "offset": member.offset, "size": member.size,
-                  "file": {"driver": "file", "filename": str(self.path)}}
-        qemu = QemuInput("vmdk", "json:" + json.dumps({"driver": "vmdk", "file": window, "backing": None}))
+                  "file": {"driver": "file", "filename": pins.path(self.path)}}
+        qemu = QemuInput("vmdk", "json:" + json.dumps({"driver": "vmdk", "file": window, "backing": None}), pins)
         note = (f"{member.name} is read in place from {self.path.name} (offset {member.offset}, "
                 f"{member.size} bytes); nothing is extracted")
         return DiskInput(qemu, header.capacity * SECTOR, flavor.value, None, (("note", note),))
 
     def fingerprint(self) -> list[dict[str, Any]]:
-        st = os.stat(self.path)
-        return [{"path": str(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}]
+        return [file_identity(self.path)]

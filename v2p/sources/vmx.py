@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import rules
-from ..convert import qemu_source, source_fingerprint
+from ..convert import file_identity, qemu_source, source_fingerprint
 from ..errors import SourceError, UnsafeSourceError
 from ..inspect import inspect_disk
 from ..inspect import vmdk as vmdk_parser
@@ -433,7 +433,7 @@ class VmxSource(Source):
 
     def _inspect(self, disk: DiskSpec, path: Path, *, check_boot: bool) -> DiskImage:
         try:
-            return inspect_disk(path, check_boot=check_boot)
+            return inspect_disk(path, check_boot=check_boot, link_ok=False)
         except SourceError as exc:
             raise type(exc)(f"{self.name}: {disk.label} ({disk.source}): {exc.message}", hint=exc.hint) from None
 
@@ -449,17 +449,13 @@ class VmxSource(Source):
         return DiskInput(qemu, image.capacity, image.flavor.value, image, tuple(image.messages))
 
     def fingerprint(self) -> list[dict[str, Any]]:
-        st = os.stat(self.path)
-        out: list[dict[str, Any]] = [{"path": str(Path(os.path.abspath(self.path))), "size": st.st_size,
-                                      "mtime_ns": st.st_mtime_ns}]
+        out: list[dict[str, Any]] = [file_identity(Path(os.path.abspath(self.path)))]
         spec, images = self._build()
         for disk in spec.disks:
             if disk.label in images:
                 out += source_fingerprint(images[disk.label])
             else:  # a raw device map or an encrypted disk: its descriptor is what v2p read
-                path = self._disk_path(disk, self.name)
-                st = os.stat(path)
-                out.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+                out.append(file_identity(self._disk_path(disk, self.name)))
         return out
 
 
