@@ -16,7 +16,7 @@ import queue
 import shlex
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ from .errors import (
     RuleError,
     SourceError,
     StateError,
+    TargetError,
     V2PError,
     VMIDExistsError,
 )
@@ -55,10 +56,15 @@ TargetSpec = Target | str | dict[str, Any] | None
 
 
 def make_target(where: str | dict[str, Any] | None = None, *, directory: str | os.PathLike[str] | None = None,
-                accel: str = "auto") -> Target:
+                accel: str = "auto", secret: str | None = None, env: Mapping[str, str] | None = None) -> Target:
     """A target from a URL or a dict: ``None``/``"local"``/``{"kind": "local", "dir": ...}`` is the embedded
-    QEMU target, ``"pve://[user@realm[!token]@]host[:port]/node?storage=..."`` a Proxmox VE node (its
-    secret from ``$V2P_PVE_TOKEN`` / ``$V2P_PVE_PASSWORD`` or the secrets file, never from the URL)."""
+    QEMU target, ``"pve://[user@realm[!token]@]host[:port]/node?storage=..."`` a Proxmox VE node.
+
+    A PVE secret never comes from the URL. It is ``secret`` when given; else ``$V2P_PVE_TOKEN`` /
+    ``$V2P_PVE_PASSWORD`` or the secrets file, sent only to the host the environment configures
+    (``$V2P_PVE_HOST`` or pve.conf): a URL naming any other is refused. ``env`` (``os.environ`` from the
+    CLI and plans, whose URLs are the operator's own) vouches for the URL: that environment's secret goes
+    to whatever host it names. Never pass ``env`` for a URL a client sent."""
     if isinstance(where, dict):
         where = dict(where)
         kind = where.pop("kind", "local")
@@ -74,7 +80,7 @@ def make_target(where: str | dict[str, Any] | None = None, *, directory: str | o
     if where == "pve" or where.startswith("pve://"):  # "pve": every setting from the environment or pve.conf
         from .targets.proxmox import ProxmoxTarget, target_from_url
 
-        return ProxmoxTarget(target_from_url(where, dict(os.environ)))
+        return ProxmoxTarget(target_from_url(where, None if env is None else dict(env), secret=secret))
     raise OptionError(f"--target {where!r}: not a target v2p knows", hint="use local or pve://HOST/NODE")
 
 
@@ -375,6 +381,7 @@ def dance(vmid: int, *, target: TargetSpec = None, bus: str = "virtio", confirme
     target = as_target(target)
     config = target.get_config(vmid)
     with VmidLock(target.state_dir(), vmid):
+        target.remove_temporaries(vmid)
         pending = DriverDance.pending(target, vmid)
         if pending:
             # Finish the dance that was started, with its own settings (its ISO is attached).
@@ -439,10 +446,18 @@ def remove(vmid: int, target: TargetSpec = None, *, confirm_name: str | None = N
 
 
 def _discard(target: Target, vmid: int, records: list[MigrationState]) -> None:
-    """v2p's own traces of a VMID: its records and its work folder."""
-    for record in records:
-        record.remove()
+    """v2p's own traces of a VMID: its work folder, its config temporaries and its records (all of
+    them are tried; something not v2p's at a record's name is left for the user, named)."""
     remove_tree(target.state_dir() / f"{vmid}.work")
+    target.remove_temporaries(vmid)
+    left = []
+    for record in records:
+        try:
+            record.remove()
+        except TargetError as exc:
+            left.append(exc)
+    if left:
+        raise left[0]
 
 
 def _quoted(name: str) -> str:
@@ -575,6 +590,7 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
                 report.disks.append(VMDisk(disk, keys.get(disk.label), disk.capacity, error=exc))
                 report.error = report.error or exc
                 continue
+            given.close()
             report.disks.append(VMDisk(disk, keys.get(disk.label), given.capacity, given.flavor, given.image,
                                        given.messages))
             chain = len(given.image.chain) if given.image is not None else 1

@@ -241,12 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    interrupts.install()  # SIGTERM stops a run the way Ctrl-C does: resumable, one line
     try:
         args = build_parser().parse_args(argv)
     except OptionError as exc:  # a value check run by argparse (see _seconds)
         _say(f"v2p: error: {exc}")
         return exc.exit_code
-    interrupts.install()  # SIGTERM stops a run the way Ctrl-C does: resumable, one line
     if args.verbose:
         _log_to_stderr()
     try:
@@ -269,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"v2p: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("v2p: interrupted; run the same command again to resume", file=sys.stderr)
-        return 128 + (interrupts.received() or signal.SIGINT)
+        print(interrupts.STOPPED, file=sys.stderr)
+        return interrupts.exit_status()
 
 
 def _log_to_stderr() -> None:
@@ -312,7 +312,8 @@ def _reader_gone() -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         return _plan(args)
-    target = api.make_target(args.target, directory=args.target_dir, accel=args.accel)
+    # The operator's own --target: their environment's PVE secret goes with it.
+    target = api.make_target(args.target, directory=args.target_dir, accel=args.accel, env=os.environ)
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "migrate":

@@ -14,9 +14,11 @@ from typing import Any
 
 from . import drivers, pveconfig, rules
 from .bootwatch import clean
+from .convert import same_files
 from .dance import DanceOptions, DriverDance
 from .errors import VMID_TAKEN_HINT, NoSpaceError, SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
+from .fsutil import private_dir
 from .options import MigrationOptions, OptionError
 from .runner import which
 from .sources import DiskInput, Source
@@ -68,8 +70,14 @@ class Context:
         """The VM's disks, the boot disk first: disk N of the migration is ``disks()[N]``."""
         return self.spec.ordered_disks()
 
+    def close_inputs(self) -> None:
+        """Let go of the source files the disk inputs hold open (the next ``disk_input`` inspects again)."""
+        while self._inputs:
+            self._inputs.popitem()[1].close()
+
     def disk_input(self, index: int) -> DiskInput:
         if index not in self._inputs:
+            private_dir(self.workdir)  # a source writes its own folders below it: none may be a link
             self._inputs[index] = self.source.disk_input(self.disks()[index], self.workdir)
         return self._inputs[index]
 
@@ -109,7 +117,7 @@ class Inspect(Stage):
     fields = {"spec": dict, "disks": list, "files": list}
 
     def run(self, ctx: Context) -> Record:
-        ctx._inputs.clear()
+        ctx.close_inputs()
         disks = []
         for index, disk in enumerate(ctx.disks()):
             given = ctx.disk_input(index)
@@ -131,7 +139,7 @@ class Inspect(Stage):
 
     def holds(self, ctx: Context, record: Record) -> bool:
         try:
-            return bool(ctx.source.fingerprint() == record["files"])
+            return same_files(record["files"], ctx.source.fingerprint())
         except (SourceError, OSError):
             return False
 

@@ -21,8 +21,16 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import LockedError, StateError, V2PError
-from .fsutil import open_lock_file, remove_stale_temporaries, write_atomic
+from .errors import LockedError, StateError, TargetError, V2PError
+from .fsutil import (
+    listdir_own,
+    open_lock_file,
+    own_dir,
+    read_small,
+    remove_entry,
+    remove_stale_temporaries,
+    write_atomic,
+)
 from .pveconfig import migration_tag
 
 STATE_VERSION = 1
@@ -66,11 +74,13 @@ class MigrationState:
         file, never a traceback later on.
         """
         try:
-            raw = self.text = self.path.read_text()
+            raw = self.text = read_small(self.path).decode()
         except FileNotFoundError:
             return False
         except UnicodeDecodeError:
             raise self.damaged("it is not text") from None
+        except TargetError as exc:  # not a plain file, too big, unreadable
+            raise StateError(exc.message, hint=self.discard_hint) from None
         except OSError as exc:
             raise StateError(f"{self.path}: cannot read state file: {exc.strerror}",
                              hint=self.discard_hint) from None
@@ -150,8 +160,14 @@ class MigrationState:
         write_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the state file (and its temporaries) without reading it or following anything
+        at its name; a folder with something in it there is left, with a TargetError saying so."""
         self.remove_temporaries()
+        try:
+            with own_dir(self.directory.parent, self.directory.name, create=False) as folder:
+                remove_entry(folder, self.path.name, self.directory)
+        except FileNotFoundError:
+            return
 
     def remove_temporaries(self) -> None:
         """Temporary files of this state file left by a run killed mid-write (call under the VMID lock)."""
@@ -225,11 +241,10 @@ def list_states(directory: Path) -> list[MigrationState]:
     """Every migration state file in ``directory`` (by VMID); one that cannot be read carries its ``error``."""
     states: list[MigrationState] = []
     found = []
-    if directory.is_dir():
-        for path in directory.glob("*.json"):
-            vmid = vmid_of_name(path.stem)
-            if vmid is not None:
-                found.append(vmid)
+    for name in listdir_own(directory):
+        vmid = vmid_of_name(name[:-len(".json")]) if name.endswith(".json") else None
+        if vmid is not None:
+            found.append(vmid)
     for vmid in sorted(found):
         state = MigrationState(directory, vmid)
         try:

@@ -177,6 +177,12 @@ class Target(abc.ABC):
     def destroy_vm(self, vmid: int) -> None:
         """Stop the VM if needed and remove it with its disks."""
 
+    def remove_temporaries(self, vmid: int) -> None:
+        """Remove what a run killed mid-write left for VM ``vmid`` in the target's own folders (its
+        config's temporary files): only names v2p itself makes, a link removed and never followed.
+        Call under the VMID lock (no other run writes them then); the next run and ``vm rm`` do."""
+        return None  # a target that writes no files of its own (PVE writes through its API) has none
+
     @abc.abstractmethod
     def storage(self, name: str) -> Storage:
         """The configured storage called ``name`` (as PVE names storages)."""
