@@ -1,5 +1,6 @@
 # make demo  - set everything up, migrate a sample VMware disk, boot it, show what the guest said
 # make test  - set everything up, run the whole test suite
+# make test-fast - the in-process logic only (no CLI process, no simulator, no guest boot): under a minute
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ SAMPLES := sample_images/out
 DEMO_DIR := $(CURDIR)/.demo
 DEMO_VMID := 100
 
-.PHONY: setup system venv samples demo test lint bench clean
+.PHONY: setup system venv samples demo test test-fast lint bench clean
 
 setup: system venv
 
@@ -35,6 +36,9 @@ demo: samples
 
 test: samples lint
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+test-fast: samples
+	$(BIN)/python -m pytest -q -m 'not slow' tests
 
 lint: setup
 	$(BIN)/ruff check v2p tests bench sample_images

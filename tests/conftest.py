@@ -66,6 +66,17 @@ def samples(manifest: dict[str, Any]) -> Path:
     return Path(str(SAMPLES))
 
 
+# The fixtures that start real processes: the v2p CLI, the PVE simulator (and the QEMU guests it
+# runs), the example panel. A test using one is ``slow``; ``make test-fast`` runs the rest, the in-process logic.
+_SLOW_FIXTURES = {"v2p", "pve", "pve_remote", "pve_node", "panel"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
     global _may_use_samples

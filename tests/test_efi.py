@@ -16,6 +16,8 @@ from v2p.errors import TargetError
 from v2p.targets import efi
 from v2p.targets.local import LocalTarget
 
+pytestmark = pytest.mark.slow  # every test here boots a guest or runs a storage end to end
+
 VMID = 120
 BOOT_TIMEOUT = 120.0
 

@@ -108,6 +108,7 @@ def test_events_of_a_three_disk_vm_arrive_in_order_with_vmid_disk_stage_and_byte
         assert_same_bytes(raws[name], tmp_path / "target" / "images" / "120" / f"vm-120-disk-{index}.qcow2")
 
 
+@pytest.mark.slow
 def test_two_migrations_in_threads_at_once_each_in_order(tmp_path, source_of, manifest):
     target = local_target(tmp_path / "target", accel="tcg")
     recorder = Recorder()
@@ -186,6 +187,7 @@ def test_cancel_stops_qemu_img_within_two_seconds_and_a_later_run_resumes(tmp_pa
     assert_same_bytes(SAMPLES / "guest.raw", tmp_path / "target" / "images" / "130" / "vm-130-disk-0.qcow2")
 
 
+@pytest.mark.slow
 def test_cancelled_migration_object_runs_again_and_resumes(tmp_path, source_of):
     src = source_of("monolithicFlat")
     target = local_target(tmp_path / "target", accel="tcg")
@@ -439,6 +441,10 @@ def test_migrate_takes_a_pve_url_string_as_its_target(tmp_path, source_of, pve, 
     from test_migrate_pve import pve_url
 
     monkeypatch.setenv("V2P_PVE_TOKEN", pve.tokens["root@pam!v2p"])
+    # The environment's secret is its host's: configured here, so a URL naming that host gets it.
+    monkeypatch.setenv("V2P_PVE_HOST", "127.0.0.1")
+    monkeypatch.setenv("V2P_PVE_PORT", str(pve.port))
+    monkeypatch.setenv("V2P_PVE_FINGERPRINT", pve.fingerprint)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     url = pve_url(pve)
     recorder = Recorder()

@@ -391,6 +391,7 @@ vms:
     assert report["vms"][1]["exit_code"] == 2 and not report["ok"]
 
 
+@pytest.mark.slow
 def test_a_vmid_locked_by_another_run_waits_for_it_and_gives_up_after_a_while(tmp_path, manifest, samples):
     target = tmp_path / "target"
     shutil.copytree(samples / "monolithicSparse", tmp_path / "src")
@@ -563,6 +564,7 @@ def test_live_view_on_a_terminal(tmp_path, manifest, samples, v2p: V2P):
     assert re.search(r"^web01 +502  migrated ", text.replace("\r", ""), re.M)
 
 
+@pytest.mark.slow
 def test_stop_flag_from_another_thread_stops_the_run_resumably(tmp_path, manifest, samples):
     """A panel runs a plan in a worker thread and stops it from another: as Ctrl-C does on the CLI."""
     plan = slow_plan(tmp_path, manifest, samples, tmp_path / "target")
@@ -610,6 +612,7 @@ def test_rule_warnings_read_as_warnings_in_plan_output() -> None:
                      "[web01] [preflight] snapshot-chain: consolidated"]
 
 
+@pytest.mark.slow
 def test_a_child_that_ignores_sigint_is_killed_after_the_grace(monkeypatch) -> None:
     """A stuck migration must not hold a stopped run forever: after STOP_GRACE it gets SIGKILL."""
     import signal as sig

@@ -4,6 +4,7 @@ state files without taking any lock (so it works while a plan runs), as lines or
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -68,7 +69,7 @@ def rows(v2p: V2P, plan: Path, **env: str) -> dict[str, dict[str, Any]]:
 def migrate(v2p: V2P, plan: Path, name: str) -> dict[str, Any]:
     """Migrate one VM of the plan through the library, as the plan says (plan run's children do the same)."""
     vm = next(vm for vm in Plan.load(plan, local_dir=str(v2p.target), accel="tcg").vms if vm.name == name)
-    target = api.make_target(vm.target)
+    target = api.make_target(vm.target, env=os.environ)  # a plan's URL is the operator's own, as in plan run
     return api.migrate(vm.source, vm.vmid, target=target, **vm.options)
 
 

@@ -321,6 +321,7 @@ def test_sim_a_failed_task_says_what_its_log_says(sim: Any, tmp_path: Path) -> N
         target.create_vm(130, {"name": "x"})
 
 
+@pytest.mark.slow
 def test_sim_disk_through_upload_and_import_from(sim: Any, tmp_path: Path) -> None:
     from v2p.convert import Source as QemuInput
 
@@ -365,6 +366,7 @@ def test_sim_no_secret_in_any_log(sim: Any, tmp_path: Path, caplog: pytest.LogCa
     assert password not in caplog.text and token not in caplog.text
 
 
+@pytest.mark.slow
 def test_sim_stop_and_boot_check(sim: Any, tmp_path: Path) -> None:
     target = _sim_target(sim, tmp_path)
     target.create_vm(170, {"name": "runs", "memory": "64"})

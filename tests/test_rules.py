@@ -73,6 +73,8 @@ FIRING: dict[str, tuple[Callable[[VMSpec], VMSpec], list[tuple[str, str, str]]]]
     "too-many-disks": (_set(disks=[DiskSpec("scsi", u // 15, u % 15, f"d{u}.vmdk", GIB) for u in range(32)]), [
         ("too-many-disks", "error", "32 disks, but the first boot's scsi (31) holds 31: use --bus scsi (31) "
                                     "or --bus virtio (16)")]),
+    "too-many-nics": (_set(nics=[NicSpec("vmxnet3", f"00:50:56:01:02:{n:02x}", "VM Network") for n in range(33)]), [
+        ("too-many-nics", "error", "33 NICs, but PVE has net0..net31: remove NICs in VMware first")]),
     "unmapped-network": (_set(nics=[NicSpec("vmxnet3", "00:50:56:01:02:03", "DMZ")]), [
         ("unmapped-network", "error", "net0 is on network 'DMZ', which has no bridge: add --network "
                                       "'DMZ=BRIDGE'")]),
@@ -127,6 +129,8 @@ QUIET: dict[str, tuple[Callable[[VMSpec], VMSpec], dict[str, Any]]] = {
     # capacity 0 in a .vmx spec means "not known yet": inspection's capacity counts
     "zero-capacity-disk": (lambda s: _disk(s, capacity=0), {"capacities": {"scsi0:1": GIB}}),
     "too-many-disks": (_set(disks=[DiskSpec("scsi", u // 15, u % 15, f"d{u}.vmdk", GIB) for u in range(31)]), {}),
+    "too-many-nics": (_set(nics=[NicSpec("vmxnet3", f"00:50:56:01:02:{n:02x}", "VM Network") for n in range(32)]),
+                      {}),
     "unmapped-network": (_set(nics=[NicSpec("vmxnet3", "00:50:56:01:02:03", None)]), {}),
     "independent-disk": (lambda s: _disk(s, mode="persistent"), {}),
     "nvme-controller": (lambda s: _disk(s, controller="sata", unit=0, controller_model="ahci"), {}),

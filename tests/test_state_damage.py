@@ -119,8 +119,11 @@ def test_damaged_dance_record_is_one_line(manifest, v2p: V2P):
     conf.write_text("name: w\nostype: win10\nide0: local:120/vm-120-disk-0.qcow2\n")
     line = one_line_error(v2p("dance", "120"))
     assert f"{folder / '120.dance.json'}: state file is damaged" in line
-    assert v2p("vm", "rm", "120").returncode == 0
+    # The VM is not v2p's (a hand-written config): the damaged record goes, the VM stays.
+    kept = one_line_error(v2p("vm", "rm", "120"))
+    assert "VM 120 (w) was not made by v2p" in kept and "discarded v2p's migration records" in kept, kept
     assert not (folder / "120.dance.json").exists()
+    assert conf.read_text() == "name: w\nostype: win10\nide0: local:120/vm-120-disk-0.qcow2\n"
 
 
 def test_vm_rm_of_nothing_says_so(v2p: V2P):

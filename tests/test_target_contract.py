@@ -28,6 +28,8 @@ from v2p.targets.base import DiskSink, Target, VMConfig
 from v2p.targets.local import LocalTarget
 from v2p.targets.proxmox import ProxmoxTarget, target_from_url
 
+pytestmark = pytest.mark.slow  # every test here boots a guest or runs a storage end to end
+
 MiB = 1 << 20
 Place = dict[str, Any]  # the disk_sink keywords that send a disk to one place: storage, device
 

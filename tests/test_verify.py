@@ -33,8 +33,8 @@ KINDS = {"flat": ("vmdk", ["-o", "subformat=monolithicFlat"]), "sparse": ("vmdk"
          "stream": ("vmdk", ["-o", "subformat=streamOptimized"]), "qcow2": ("qcow2", [])}
 
 
-def qemu_img(*args: str) -> None:
-    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+def qemu_img(*args: str, pass_fds: tuple[int, ...] = ()) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True, pass_fds=pass_fds)
 
 
 def raw_disk(path: Path) -> bytes:
@@ -82,7 +82,7 @@ def write_device(src: convert.Source, dev: Path, filler: bytes = b"\xee") -> Non
     os.close(fd)
     with open(dev, "r+b") as handle:
         handle.write(filler * size)
-    qemu_img("convert", "-n", "-f", src.fmt, "-O", "raw", src.filename, str(dev))
+    qemu_img("convert", "-n", "-f", src.fmt, "-O", "raw", src.filename, str(dev), pass_fds=src.fds)
     fd = os.open(dev, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
@@ -93,7 +93,7 @@ def check(src: convert.Source, volume: Volume, window: int | None) -> None:
         convert.compare(src, volume, capacity=CAPACITY)
     else:
         verify.compare(src.fmt, src.filename, volume.path, volume.fmt, capacity=CAPACITY,
-                       is_block=volume.is_block, window=window)
+                       is_block=volume.is_block, window=window, pass_fds=src.fds)
 
 
 @pytest.mark.parametrize("window", [None, 64 * KiB], ids=["default window", "64 KiB windows"])
@@ -204,6 +204,7 @@ def test_every_sample_flavor_verifies_on_a_loop_device(flavor, tmp_path, manifes
             convert.compare(src, device_volume(dev), capacity=image.capacity)
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_on_a_large_disk(tmp_path):
     """4 GiB with data at both ends, verified in a child process onto a loop device (the windowed
     reader) and as a raw file (qemu-img compare): its peak RSS stays well under 150 MB."""

@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shlex
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,11 +26,13 @@ from . import interrupts, pveconfig, rules
 from .dance import DanceOptions, DriverDance
 from .errors import (
     Cancelled,
+    ForeignVMError,
     LockedError,
     NoSuchVMError,
     RuleError,
     SourceError,
     StateError,
+    TargetError,
     V2PError,
     VMIDExistsError,
     shown,
@@ -78,10 +81,15 @@ def _check_target_spec(where: object) -> None:
 
 
 def make_target(where: str | dict[str, Any] | None = None, *, directory: str | os.PathLike[str] | None = None,
-                accel: str = "auto") -> Target:
+                accel: str = "auto", secret: str | None = None, env: Mapping[str, str] | None = None) -> Target:
     """A target from a URL or a dict: ``None``/``"local"``/``{"kind": "local", "dir": ...}`` is the embedded
-    QEMU target, ``"pve://[user@realm[!token]@]host[:port]/node?storage=..."`` a Proxmox VE node (its
-    secret from ``$V2P_PVE_TOKEN`` / ``$V2P_PVE_PASSWORD`` or the secrets file, never from the URL)."""
+    QEMU target, ``"pve://[user@realm[!token]@]host[:port]/node?storage=..."`` a Proxmox VE node.
+
+    A PVE secret never comes from the URL. It is ``secret`` when given; else ``$V2P_PVE_TOKEN`` /
+    ``$V2P_PVE_PASSWORD`` or the secrets file, sent only to the host the environment configures
+    (``$V2P_PVE_HOST`` or pve.conf): a URL naming any other is refused. ``env`` (``os.environ`` from the
+    CLI and plans, whose URLs are the operator's own) vouches for the URL: that environment's secret goes
+    to whatever host it names. Never pass ``env`` for a URL a client sent."""
     _check_target_spec(where)
     if isinstance(where, dict):
         where = dict(where)
@@ -99,7 +107,7 @@ def make_target(where: str | dict[str, Any] | None = None, *, directory: str | o
         from .targets.proxmox import ProxmoxTarget, target_from_url
 
         try:
-            settings = target_from_url(where, dict(os.environ))
+            settings = target_from_url(where, None if env is None else dict(env), secret=secret)
         except ValueError as exc:  # what urllib refuses: an unclosed [IPv6 address, a port out of range
             raise OptionError(f"--target {shown(where)}: not a URL v2p can read ({exc})",
                               hint="pve://[USER@REALM[!TOKENID]@]HOST[:PORT]/NODE") from None
@@ -444,6 +452,7 @@ def dance(vmid: int, *, target: TargetSpec = None, bus: str = "virtio", confirme
     target = as_target(target)
     config = target.get_config(vmid)
     with VmidLock(target.state_dir(), vmid), _one_line_os_errors():
+        target.remove_temporaries(vmid)
         pending = DriverDance.pending(target, vmid)
         if pending:
             # Finish the dance that was started, with its own settings (its ISO is attached).
@@ -468,22 +477,63 @@ def dance(vmid: int, *, target: TargetSpec = None, bus: str = "virtio", confirme
         return result
 
 
-def remove(vmid: int, target: TargetSpec = None) -> None:
-    """Remove a VM, its volumes (never a user's block device) and its records."""
-    check_vmid(vmid)
+def remove(vmid: int, target: TargetSpec = None, *, confirm_name: str | None = None) -> None:
+    """Remove a VM v2p made, its volumes (never a user's block device) and its records.
+
+    A VM is v2p's when its description carries the tag of the migration that its record names
+    (``<vmid>.json``). Any other VM (made by hand or another tool, a clone of a v2p VM, one whose
+    record is gone) is removed only when ``confirm_name`` is its name (its VMID when it has none);
+    otherwise ``ForeignVMError`` and the VM is left as it is (v2p's own records of that VMID, which
+    describe no VM of v2p's, are discarded). A ``confirm_name`` that is not the VM's name is refused
+    the same way, whoever made the VM.
+    """
     target = as_target(target)
+    check_vmid(vmid)
+    if confirm_name is not None and not isinstance(confirm_name, str):
+        raise OptionError(f"confirm_name must be the VM's name (a string), not {type(confirm_name).__name__}")
     with VmidLock(target.state_dir(), vmid), _one_line_os_errors():
-        # Records are removed without being read: this is how a damaged one is discarded.
+        # A damaged record is discarded all the same; it is read only to tell whose the VM is.
         records = [MigrationState(target.state_dir(), vmid, suffix) for suffix in ("", ".dance")]
         recorded = any(os.path.lexists(record.path) for record in records)
         if target.vm_exists(vmid):
+            config = target.get_config(vmid)
+            name = config.get("name") or str(vmid)
+            again = f"v2p vm rm {vmid} --force --confirm-name {_quoted(name)}"
+            if confirm_name is not None and confirm_name != name:
+                raise ForeignVMError(f"VM {vmid} is called {_quoted(name)}, not {_quoted(confirm_name)}: "
+                                     "nothing removed", hint=f"type its name back exactly: {again}")
+            ours = any(records[0].names(tag) for tag in pveconfig.tagged_by(config))
+            if confirm_name is None and not ours:
+                _discard(target, vmid, records)
+                discarded = "; discarded v2p's migration records of that VMID" if recorded else ""
+                raise ForeignVMError(f"VM {vmid} ({_quoted(name)}) was not made by v2p (no migration record "
+                                     f"here names it): not removed{discarded}",
+                                     hint=f"to remove it anyway, type its name back: {again}")
             target.destroy_vm(vmid)
         elif not recorded:
             raise NoSuchVMError(f"VMID {vmid} does not exist on the {target.kind} target and has no "
                                 "migration record", hint="see: v2p vm list, v2p status")
-        for record in records:
+        _discard(target, vmid, records)
+
+
+def _discard(target: Target, vmid: int, records: list[MigrationState]) -> None:
+    """v2p's own traces of a VMID: its work folder, its config temporaries and its records (all of
+    them are tried; something not v2p's at a record's name is left for the user, named)."""
+    remove_tree(target.state_dir() / f"{vmid}.work")
+    target.remove_temporaries(vmid)
+    left = []
+    for record in records:
+        try:
             record.remove()
-        remove_tree(target.state_dir() / f"{vmid}.work")
+        except TargetError as exc:
+            left.append(exc)
+    if left:
+        raise left[0]
+
+
+def _quoted(name: str) -> str:
+    """A VM's name as a shell word on one line (a hand-written config may name it anything)."""
+    return shlex.quote(name) if name.isprintable() else repr(name)
 
 
 def inspect(path: str | os.PathLike[str]) -> DiskImage:
@@ -611,6 +661,7 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
                 report.disks.append(VMDisk(disk, keys.get(disk.label), disk.capacity, error=exc))
                 report.error = report.error or exc
                 continue
+            given.close()
             report.disks.append(VMDisk(disk, keys.get(disk.label), given.capacity, given.flavor, given.image,
                                        given.messages))
             chain = len(given.image.chain) if given.image is not None else 1
@@ -658,6 +709,13 @@ def inspect_all(paths: list[str | os.PathLike[str]], *, vmid: int = 100,
         else:
             out.append(inspect_vm(source, vmid=vmid, **options))
     return out
+
+
+def leftovers(target: TargetSpec = None) -> dict[str, dict[str, Any]]:
+    """What v2p meant to delete on ``target`` and could not (an upload PVE refused to delete), retried
+    now: what is still left, by volume id, with ``vmid``, ``error`` and ``since``. Every migration on
+    the target retries them too."""
+    return as_target(target).retry_leftovers()
 
 
 def status(target: TargetSpec = None, vmid: int | None = None) -> list[MigrationState]:

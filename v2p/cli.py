@@ -227,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("rm", "remove a VM, its disks and its migration record")):
         vp = vm.add_parser(name, help=text)
         vp.add_argument("vmid", type=parse_vmid, metavar="VMID")
+        if name == "rm":
+            vp.add_argument("--force", action="store_true",
+                            help="remove it even if v2p did not make it: its name must be typed back "
+                            "(--confirm-name, or asked for when stdin is a terminal)")
+            vp.add_argument("--confirm-name", metavar="NAME", help="with --force: the VM's name (its VMID "
+                            "if it has none)")
         if name == "stop":
             vp.add_argument("--timeout", type=_seconds("--timeout", zero=True), default=60.0,
                             help="seconds to wait for the guest before a hard stop; 0 stops it hard at "
@@ -236,12 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _standard_streams()
+    interrupts.install()  # SIGTERM stops a run the way Ctrl-C does: resumable, one line
     try:
         args = build_parser().parse_args(argv)
     except OptionError as exc:  # a value check run by argparse (see _seconds)
         _say(f"v2p: error: {exc}")
         return exc.exit_code
-    interrupts.install()  # SIGTERM stops a run the way Ctrl-C does: resumable, one line
     if args.verbose:
         _log_to_stderr()
     try:
@@ -264,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"v2p: error: {where}{exc.strerror or exc}")
         return 1
     except KeyboardInterrupt:
-        print("v2p: interrupted; run the same command again to resume", file=sys.stderr)
-        return 128 + (interrupts.received() or signal.SIGINT)
+        print(interrupts.STOPPED, file=sys.stderr)
+        return interrupts.exit_status()
 
 
 def _log_to_stderr() -> None:
@@ -324,7 +330,8 @@ def _reader_gone() -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         return _plan(args)
-    target = api.make_target(args.target, directory=args.target_dir, accel=args.accel)
+    # The operator's own --target: their environment's PVE secret goes with it.
+    target = api.make_target(args.target, directory=args.target_dir, accel=args.accel, env=os.environ)
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "migrate":
@@ -594,6 +601,9 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
 def _status(args: argparse.Namespace, target: api.Target) -> int:
     states = api.status(target, args.vmid)
     damaged = [state for state in states if state.error is not None]
+    for volid, left in api.leftovers(target).items():
+        print(f"left on the target: {volid} (VMID {left['vmid']}): deleting it failed since {left['since']}: "
+              f"{left['error']}; retried by every run and v2p status", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps([{"vmid": s.vmid, "error": str(s.error)} if s.error else s.data for s in states],
                          indent=2))
@@ -625,6 +635,28 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
     return 5 if damaged else 0
 
 
+def _confirmed_name(args: argparse.Namespace, target: api.Target) -> str | None:
+    """``vm rm --force``: the VM's name as the user typed it back (``--confirm-name``, or asked for on
+    a terminal); the library removes a VM it did not make only when that is its name."""
+    if not args.force:
+        if args.confirm_name is not None:
+            raise OptionError("--confirm-name goes with --force", hint=f"v2p vm rm {args.vmid} --force "
+                              "--confirm-name NAME")
+        return None
+    if args.confirm_name is not None:
+        return str(args.confirm_name)
+    if not sys.stdin.isatty():
+        raise OptionError(f"vm rm {args.vmid} --force: the VM's name must be typed back",
+                          hint=f"add --confirm-name NAME (see: v2p vm show {args.vmid})")
+    if not target.vm_exists(args.vmid):
+        return None
+    name = target.get_config(args.vmid).get("name") or str(args.vmid)
+    try:
+        return input(f"VM {args.vmid} is called {name!r}; type its name to remove it: ")
+    except EOFError:
+        return ""
+
+
 def _vm(args: argparse.Namespace, target: api.Target) -> int:
     command = args.vm_command
     if command == "list":
@@ -646,7 +678,7 @@ def _vm(args: argparse.Namespace, target: api.Target) -> int:
         target.stop(vmid, timeout=args.timeout)
         print(f"VM {vmid} stopped")
     elif command == "rm":
-        api.remove(vmid, target)
+        api.remove(vmid, target, confirm_name=_confirmed_name(args, target))
         print(f"VM {vmid} removed")
     return 0
 

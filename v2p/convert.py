@@ -1,27 +1,31 @@
 """Getting a disk's bytes onto the target: qemu-img convert, measure, compare.
 
 qemu-img never sees a descriptor v2p has not validated: a VMDK is handed over
-as a descriptor v2p writes itself from the checked extents (absolute paths,
-no blank lines, no RDONLY lines), so qemu-img's own path handling never comes
-into play. Not for: deciding where the output goes (that is the target's job).
+as a descriptor v2p writes itself from the checked extents (no blank lines, no
+RDONLY lines), so qemu-img's own path handling never comes into play; and it
+never opens a source file by the user's path: every file is pinned (pinned.py)
+and named by its ``/dev/fd/N``, so a path swapped after inspection is not read.
+Not for: deciding where the output goes (that is the target's job).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISBLK, S_ISREG
 
 from . import verify
 from .errors import NoSpaceError, SourceError, TargetError, ToolError
 from .fsutil import private_dir, write_atomic
-from .inspect.model import DiskImage, ExtentKind
+from .inspect.model import DiskImage, ExtentKind, FileId
+from .pinned import PinnedFiles
 from .runner import run, run_streaming
 from .storage import Volume
 from .storage.base import block_size
@@ -32,10 +36,23 @@ _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 @dataclass(frozen=True)
 class Source:
-    """A qemu-img input: a format and a filename (or ``json:`` spec) qemu-img may open as that format."""
+    """A qemu-img input: a format and a filename (or ``json:`` spec) qemu-img may open as that format.
+
+    ``pins`` holds the source files ``filename`` reads through ``/dev/fd/N``: every qemu-img
+    run on it gets them (``fds``), and ``close()`` gives them back once the disk is done.
+    """
 
     fmt: str
     filename: str
+    pins: PinnedFiles | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return self.pins.fds if self.pins is not None else ()
+
+    def close(self) -> None:
+        if self.pins is not None:
+            self.pins.close()
 
 
 def image_info(path: Path, fmt: str) -> dict[str, object]:
@@ -45,22 +62,37 @@ def image_info(path: Path, fmt: str) -> dict[str, object]:
     return info
 
 
+def pin(image: DiskImage) -> PinnedFiles:
+    """Every file of ``image``, opened and checked to be the one inspection read (see pinned.py)."""
+    opens = sum(len(link.extents) + 1 for link in image.chain)  # what qemu-img opens: extents and links
+    return PinnedFiles(image.file_ids, follow=image.path if image.named_link else None, reader_opens=opens)
+
+
 def qemu_source(image: DiskImage, workdir: Path) -> Source:
-    """The input qemu-img should read for ``image``; for a VMDK, descriptors v2p writes.
+    """The input qemu-img should read for ``image``, its files pinned; for a VMDK, descriptors v2p writes.
 
     A snapshot chain becomes one descriptor per link, each naming the next by
     absolute path (``parentFileNameHint``) with matching CIDs, so qemu-img
     reads the consolidated disk and never resolves a path of the source's own.
     """
+    pins = pin(image)
+    try:
+        return _qemu_source(image, workdir, pins)
+    except BaseException:
+        pins.close()
+        raise
+
+
+def _qemu_source(image: DiskImage, workdir: Path, pins: PinnedFiles) -> Source:
     if not image.is_vmdk:
-        return Source(image.qemu_format, str(image.path))
+        return Source(image.qemu_format, pins.path(image.path), pins)
     if image.parent is None and [e.path for e in image.extents] == [image.path]:
         # One self-contained sparse file: qemu reads it directly (a VMware
         # streamOptimized footer is only found that way), with any
         # parentFileNameHint in its embedded descriptor switched off.
-        spec = {"driver": "vmdk", "file": {"driver": "file", "filename": str(image.path)},
+        spec = {"driver": "vmdk", "file": {"driver": "file", "filename": pins.path(image.path)},
                 "backing": None}
-        return Source("vmdk", "json:" + json.dumps(spec))
+        return Source("vmdk", "json:" + json.dumps(spec), pins)
     private_dir(workdir)
     chain = image.chain
     target = workdir / "source.vmdk"
@@ -68,13 +100,13 @@ def qemu_source(image: DiskImage, workdir: Path) -> Source:
     for depth in range(len(chain) - 1, -1, -1):
         link = chain[depth]
         target = workdir / ("source.vmdk" if depth == 0 else f"source-parent{depth}.vmdk")
-        _write_descriptor(link, target, cid=f"{depth + 1:08x}", parent=parent_file,
+        _write_descriptor(link, target, pins, cid=f"{depth + 1:08x}", parent=parent_file,
                           parent_cid=f"{depth + 2:08x}")
         parent_file = target
-    return Source("vmdk", str(target))
+    return Source("vmdk", str(target), pins)
 
 
-def _write_descriptor(image: DiskImage, target: Path, *, cid: str, parent: Path | None,
+def _write_descriptor(image: DiskImage, target: Path, pins: PinnedFiles, *, cid: str, parent: Path | None,
                       parent_cid: str) -> None:
     kinds = {e.kind for e in image.extents}
     if ExtentKind.VMFSSPARSE in kinds:
@@ -102,9 +134,9 @@ def _write_descriptor(image: DiskImage, target: Path, *, cid: str, parent: Path 
             zeros = _zero_file(target.parent, extent.size)
             lines.append(f'RW {extent.sectors} FLAT "{_quotable(zeros)}" 0')
         elif extent.kind.is_raw:
-            lines.append(f'RW {extent.sectors} FLAT "{_quotable(extent.path)}" {extent.offset}')
+            lines.append(f'RW {extent.sectors} FLAT "{pins.path(extent.path)}" {extent.offset}')
         else:
-            lines.append(f'RW {extent.sectors} {extent.kind.value} "{_quotable(extent.path)}"')
+            lines.append(f'RW {extent.sectors} {extent.kind.value} "{pins.path(extent.path)}"')
     write_atomic(target, "\n".join(lines) + "\n")
 
 
@@ -133,7 +165,7 @@ def _quotable(path: Path) -> str:
 def measure(source: Source, out_fmt: str) -> int:
     """Bytes the converted image needs on the target (``qemu-img measure``'s 'required')."""
     proc = run(["qemu-img", "measure", "--output=json", "-f", source.fmt, "-O", out_fmt,
-                str(source.filename)], timeout=INFO_TIMEOUT)
+                str(source.filename)], timeout=INFO_TIMEOUT, pass_fds=source.fds)
     return int(json.loads(proc.stdout)["required"])
 
 
@@ -163,7 +195,8 @@ def convert(
         if match and on_progress is not None:
             on_progress(float(match.group(1)))
 
-    _writing(dest, lambda: run_streaming(argv, timeout=_timeout(capacity, bwlimit), on_chunk=chunk))
+    _writing(dest, lambda: run_streaming(argv, timeout=_timeout(capacity, bwlimit), on_chunk=chunk,
+                                         pass_fds=source.fds))
     _writing(dest, lambda: _fsync(dest.path))
 
 
@@ -206,6 +239,14 @@ def copy_dd(image: DiskImage, dest: Volume, *, target_is_zero: bool,
         raise SourceError("dd writes raw disks only", hint="add --format raw")
     if not dest.is_block:
         dest.path.touch()
+    with contextlib.closing(pin(image)) as pins:
+        _dd_extents(image, pins, dest, target_is_zero=target_is_zero, on_progress=on_progress)
+    if not dest.is_block:
+        os.truncate(dest.path, image.capacity)
+
+
+def _dd_extents(image: DiskImage, pins: PinnedFiles, dest: Volume, *, target_is_zero: bool,
+                on_progress: Callable[[float], None] | None) -> None:
     done = 0
     for extent in image.extents:
         if extent.path is None and target_is_zero:
@@ -215,7 +256,7 @@ def copy_dd(image: DiskImage, dest: Volume, *, target_is_zero: bool,
         # write in 64 KiB pieces, so a little data does not drag 4 MiB of zeros along.
         blocks = ["ibs=4M", "obs=64K", "conv=notrunc,sparse,fsync"] if target_is_zero else \
             ["bs=4M", "conv=notrunc,fsync"]
-        source = str(extent.path) if extent.path is not None else "/dev/zero"
+        source = pins.path(extent.path) if extent.path is not None else "/dev/zero"
         argv = ["dd", f"if={source}", f"of={dest.path}", *blocks,
                 "iflag=skip_bytes,count_bytes,fullblock", "oflag=seek_bytes", "status=progress",
                 f"skip={extent.offset * 512}", f"seek={done}", f"count={extent.size}"]
@@ -227,10 +268,8 @@ def copy_dd(image: DiskImage, dest: Volume, *, target_is_zero: bool,
                 on_progress(100.0 * (base + int(match.group(1))) / image.capacity)
 
         _writing(dest, functools.partial(run_streaming, argv, timeout=_timeout(extent.size, None),
-                                         on_chunk=chunk, stream="stderr"))
+                                         on_chunk=chunk, stream="stderr", pass_fds=pins.fds))
         done += extent.size
-    if not dest.is_block:
-        os.truncate(dest.path, image.capacity)
 
 
 def compare(source: Source, dest: Volume, *, capacity: int) -> None:
@@ -240,7 +279,7 @@ def compare(source: Source, dest: Volume, *, capacity: int) -> None:
     extents): only its first ``capacity`` bytes are compared.
     """
     verify.compare(source.fmt, source.filename, dest.path, dest.fmt, capacity=capacity,
-                   is_block=dest.is_block)
+                   is_block=dest.is_block, pass_fds=source.fds)
 
 
 def fingerprint(path: Path) -> dict[str, object]:
@@ -261,9 +300,24 @@ def fingerprint(path: Path) -> dict[str, object]:
 
 
 def source_fingerprint(image: DiskImage) -> list[dict[str, object]]:
-    """Size and mtime of every source file: enough to notice a source that changed."""
-    out: list[dict[str, object]] = []
-    for path in image.files:
-        stat = path.stat()
-        out.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return out
+    """Every source file as inspection found it (see ``file_identity``)."""
+    ids = image.file_ids
+    return [{"path": str(path), **vars(ids[path])} for path in image.files]
+
+
+def same_files(recorded: object, current: list[dict[str, object]]) -> bool:
+    """Whether a recorded fingerprint (``Source.fingerprint``) still describes the source's files:
+    every field it holds is unchanged (one written before device and inode were recorded holds
+    path, size and mtime only, and is compared on those)."""
+    if not isinstance(recorded, list) or len(recorded) != len(current):
+        return False
+    return all(isinstance(old, dict) and {"path", "size", "mtime_ns"} <= old.keys()
+               and all(new.get(key) == value for key, value in old.items())
+               for old, new in zip(recorded, current, strict=True))
+
+
+def file_identity(path: Path) -> dict[str, object]:
+    """``path``'s size, mtime, device and inode: enough to notice a source that changed, or another
+    file put at its path (a resumed run that finds one inspects again)."""
+    st = os.stat(path)
+    return {"path": str(path), **vars(FileId.of(st))}

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .bootwatch import STOP_CODE, stop_code
-from .errors import DanceError, OperatorNeeded, TargetError
+from .errors import DanceError, OperatorNeeded, StateError, TargetError
 from .events import Event, EventHandler, ignore
 from .options import mac_for_nic
 from .pveconfig import CDROM_KEY, DISK_KEY, SLOTS
-from .state import MigrationState, now
+from .state import FieldType, MigrationState, check_fields, now
 from .targets.base import Target, VMConfig
 from .testhooks import hold_point
 
@@ -48,7 +48,9 @@ class DanceOptions:
     boot1_wait: float = 600.0  # how long to wait for the guest's driver signal
     boot2_wait: float = 120.0
     shutdown_timeout: float = 120.0
-    driver_signal: str = r"driver (viostor|vioscsi) installed"
+    # Installed in this boot, or found in on a boot after (the guest loads it for the virtio disk it
+    # sees on every boot): a rerun whose earlier boot 1 installed it but was killed before its record.
+    driver_signal: str = r"driver (viostor|vioscsi) installed|windows up on [a-z-]+ \((viostor|vioscsi)\)"
     virtio_signal: str = r"windows up on (virtio-blk|virtio-scsi)"
     ide_signal: str = r"windows up on (ide|sata)"
 
@@ -67,7 +69,7 @@ class DriverDance:
 
     # -- bookkeeping ---------------------------------------------------------
     def _load(self) -> None:
-        if not self.state.load():
+        if not load_record(self.state):
             self.state.start(self.request())
 
     def request(self) -> dict[str, Any]:
@@ -78,8 +80,8 @@ class DriverDance:
     def pending(cls, target: Target, vmid: int) -> dict[str, Any] | None:
         """The settings of an unfinished dance of ``vmid``, if there is one."""
         state = MigrationState(target.state_dir(), vmid, suffix=".dance")
-        if state.load() and not state.data.get("finished"):
-            return dict(state.data.get("request", {}))
+        if load_record(state) and not state.data["finished"]:
+            return dict(state.data["request"])
         return None
 
     def _done(self, step: str) -> dict[str, Any] | None:
@@ -257,6 +259,67 @@ class DriverDance:
             f"rolled back to {before['system_key']}, {back}",
             hint="install the viostor driver in the guest, then run: v2p dance "
                  f"{self.vmid} --bus {self.options.bus}")
+
+
+# What each part of a dance record must hold: the fields the steps, a rerun and the pipeline read.
+_REQUEST: dict[str, FieldType] = {"bus": str, "iso_volid": str, "net_drivers": bool}
+_RESULT: dict[str, FieldType] = {"bus": str, "system_disk": str, "confirmed": bool}
+_STEP_FIELDS: dict[str, dict[str, FieldType]] = {
+    "layout1": {"system_key": str, "system_value": str, "temp_key": str, "temp_volid": str, "net0": str,
+                "boot": str},
+    "layout2": {"system_disk": str},
+}
+_STEP_OPTIONAL: dict[str, dict[str, FieldType]] = {
+    "layout1": {"moves": list, "cd_key": str, "cd_value": str, "scsihw": str},
+}
+
+
+def load_record(state: MigrationState) -> bool:
+    """Load a dance record (``<vmid>.dance.json``) and check it holds what the dance reads;
+    return whether there was one.
+
+    A damaged record is a one-line ``StateError`` naming the file, never a guess: it is not
+    treated as absent, since a dance half done (a temporary disk and the drivers ISO attached,
+    disks moved to virtio) cannot be told from the VM's config alone, and redoing it from there
+    would plan the moves from the wrong layout. The hint says how to start afresh.
+    """
+    hint = (f"check the VM's disks and CD-ROM (v2p vm show {state.vmid}: a dance half done leaves a "
+            f"temporary disk and the drivers ISO attached), then delete {state.path} and run the dance again")
+
+    def damaged(what: str) -> StateError:
+        return StateError(f"{state.path}: dance record is damaged: {what}", hint=hint)
+
+    try:
+        if not state.load():
+            return False
+    except StateError as exc:
+        if exc.hint == state.discard_hint:
+            raise StateError(exc.message, hint=hint) from None
+        raise
+    data = state.data
+    check_fields(data["request"], _REQUEST, "request.", damaged)
+    if data["finished"]:
+        if "result" not in data:
+            raise damaged("it is finished but has no result")
+        check_fields(data["result"], _RESULT, "result.", damaged)
+    stages = data["stages"]
+    for index, step in enumerate(STEPS):
+        if step not in stages:
+            continue
+        missing = [earlier for earlier in STEPS[:index] if earlier not in stages]
+        if missing:
+            raise damaged(f"step {step} is recorded, but not {missing[0]} before it")
+        result = stages[step]["result"]
+        check_fields(result, _STEP_FIELDS.get(step, {}), f"stages.{step}.result.", damaged)
+        check_fields(result, _STEP_OPTIONAL.get(step, {}), f"stages.{step}.result.", damaged, optional=True)
+        if step == "layout1":
+            for move in result.get("moves", []):
+                if not (isinstance(move, list) and len(move) == 3 and all(isinstance(m, str) for m in move)):
+                    raise damaged(f"stages.layout1.result.moves holds {str(move)[:40]!r}, not [old key, value, "
+                                  "new key]")
+            if "moves" in result and not result["moves"]:
+                raise damaged("stages.layout1.result.moves is empty (the system disk moves at least)")
+    return True
 
 
 def _plan_moves(config: VMConfig, system_key: str, prefix: str, vmid: int) -> list[tuple[str, str, str]]:

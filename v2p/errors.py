@@ -63,6 +63,15 @@ class VMIDExistsError(TargetError):
     """The VMID asked for is already taken on the target."""
 
 
+# What to do about a VMID some guest already has: never "remove it", which may not be v2p's to remove.
+VMID_TAKEN_HINT = "use --vmid auto, or pick another free --vmid"
+
+
+class ForeignVMError(TargetError):
+    """The VM was not made by v2p (no record of a migration whose tag it carries): v2p leaves it
+    alone unless told its name (``v2p vm rm VMID --force --confirm-name NAME``)."""
+
+
 class NoSuchVMError(TargetError):
     """The VMID asked for does not exist on the target."""
 

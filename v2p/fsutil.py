@@ -1,25 +1,37 @@
-"""Files v2p writes into its own folders: atomically, privately, never through a link.
+"""v2p's own folders and the small files in them: never through a link, never another user's.
 
-The target folder (state files, VM configs, storage.cfg, work files) is v2p's
-own, but anyone who can plant a symlink or a FIFO there must not get v2p to
-write somewhere else. So every file is created under a fresh random name with
-``O_CREAT | O_EXCL | O_NOFOLLOW`` (what ``mkstemp`` does), fsynced and renamed
-over the final name; folders are created private (0700) and a folder that is a
-link, or not ours, is refused. Not for: the disks themselves (storages do that).
+The target folder (state files, VM configs, storage.cfg, volumes, run and work
+files) is v2p's own, but anyone who can plant a symlink, a FIFO or a folder
+there must not get v2p to write, delete or read somewhere else, or to hang.
+So every folder v2p writes, renames or deletes under is opened from the
+operator's folder down without following links and must be ours and
+writable by nobody else (``open_dir``); files are created under a fresh name
+with ``O_CREAT | O_EXCL | O_NOFOLLOW``, fsynced and renamed over the final
+name relative to the folder's descriptor (``write_atomic``); and every small
+file read back is opened without following links or blocking and checked on
+the open descriptor (``read_small``). Not for: the disks' bytes (storages and
+qemu-img do that, inside folders opened here).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import shutil
 import stat
-import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import TargetError, V2PError, shown_path
 
 PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+# The files v2p reads back from its folders (state, configs, storage.cfg, pid files) are small;
+# anything bigger is not one of them (a link to /dev/zero, a runaway log).
+SMALL_FILE = 16 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def data_home() -> Path:
@@ -29,52 +41,200 @@ def data_home() -> Path:
     return Path(base) / "v2p"
 
 
-def private_dir(folder: Path) -> Path:
-    """Create ``folder`` (and its parents) 0700 if missing; refuse a link, a non-folder, or one not ours.
+def open_dir(root: Path, *parts: str, create: bool = True, private: bool = True) -> int:
+    """A descriptor of the folder ``root/parts...``, for ``dir_fd`` operations; the caller closes it.
 
-    A folder that exists with looser permissions (made by an older v2p, or by
-    the user) is tightened rather than refused.
+    ``root`` is the operator's folder (it may be reached through a link the
+    operator made); it must belong to this user or to root and not be writable
+    by others (a sticky folder like /tmp is fine: nobody can swap our entries in it).
+    Each of ``parts`` is v2p's own: opened from the one before without
+    following links, created 0700 when missing (if ``create``, else
+    FileNotFoundError), refused unless it is a folder of this user that nobody
+    else can write to, and tightened to 0700 if ``private`` (a storage's folders
+    may be shared with PVE, which reads them as root: their modes are left as
+    they are). So no path component anybody else can change lies between
+    ``root`` and what v2p writes, renames or deletes.
     """
-    folder.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-    info = os.lstat(folder)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise TargetError(f"{folder} is {describe_mode(info.st_mode)}, not a folder: refused",
-                          hint="remove it; v2p creates its own folders")
-    if info.st_uid != os.geteuid():
-        raise TargetError(f"{folder} belongs to uid {info.st_uid}, not to this user: refused",
-                          hint="remove it or point v2p at a folder of your own")
-    if info.st_mode & 0o077:
-        os.chmod(folder, PRIVATE_DIR, follow_symlinks=False)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            root.mkdir(mode=PRIVATE_DIR, parents=True)
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except NotADirectoryError:
+        raise TargetError(f"{root} is not a folder", hint="point v2p at a folder") from None
+    try:
+        _check_dir(fd, root, operators=True, tighten=False)
+        where = root
+        for part in parts:
+            where = where / part
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, PRIVATE_DIR, dir_fd=fd)
+            try:
+                child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    info = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                    raise TargetError(f"{where} is {describe_mode(info.st_mode)}, not a folder: refused",
+                                      hint=f"remove it (rm {where}); v2p creates its own folders") from None
+                raise
+            os.close(fd)
+            fd = child
+            _check_dir(fd, where, operators=False, tighten=private)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def own_dir(root: Path, *parts: str, create: bool = True, private: bool = True) -> Iterator[int]:
+    """``open_dir`` as a context: the folder's descriptor, closed on leaving."""
+    fd = open_dir(root, *parts, create=create, private=private)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _check_dir(fd: int, where: Path, *, operators: bool, tighten: bool) -> None:
+    """The operator's folder may be root's, and sticky (nobody swaps our entries there); v2p's are ours."""
+    info = os.fstat(fd)
+    if info.st_uid not in ((os.geteuid(), 0) if operators else (os.geteuid(),)):
+        raise TargetError(f"{where} belongs to uid {info.st_uid}, not to this user: refused",
+                          hint=f"chown {os.geteuid()} {where}, or point v2p at a folder of your own")
+    if info.st_mode & 0o022 and not (operators and info.st_mode & stat.S_ISVTX):
+        raise TargetError(f"{where} can be written to by other users: refused",
+                          hint=f"chmod go-w {where}")
+    if tighten and info.st_mode & 0o077:
+        os.fchmod(fd, PRIVATE_DIR)
+
+
+def private_dir(folder: Path, *, root: Path | None = None) -> Path:
+    """Create and check ``folder`` (see ``open_dir``): every component below ``root`` (by default the
+    folder's parent) is v2p's own, private and no link."""
+    base = root if root is not None else folder.parent
+    os.close(open_dir(base, *folder.relative_to(base).parts))
     return folder
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
+def listdir_own(folder: Path) -> list[str]:
+    """The names in ``folder``, one of v2p's own (checked as ``private_dir`` does, never through a
+    link); none if it does not exist."""
+    try:
+        with own_dir(folder.parent, folder.name, create=False) as fd:
+            return os.listdir(fd)
+    except FileNotFoundError:
+        return []
+
+
+def read_small(path: Path, *, limit: int = SMALL_FILE) -> bytes:
+    """The bytes of a small file of v2p's own (a state file, a config, a pid file).
+
+    Opened without following a link and without blocking (a FIFO planted at the
+    name neither hangs nor is read), checked on the open descriptor to be a
+    regular file of at most ``limit`` bytes, then read. A missing file is
+    FileNotFoundError; anything else at the name is a TargetError naming it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise unexpected_file(path, stat.S_IFLNK) from None
+        if exc.errno == errno.ENOENT:
+            raise
+        raise TargetError(f"{path}: cannot read: {exc.strerror}", hint=_remove_hint(path)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise unexpected_file(path, mode)
+    return _read_checked(fd, limit, lambda why: TargetError(f"{path} {why} (more than v2p ever writes there): "
+                                                             "refused", hint=_remove_hint(path)))
+
+
+def unexpected_file(path: Path, mode: int) -> TargetError:
+    """The error for something that is not a plain file at the name of one of v2p's files."""
+    return TargetError(f"{path} is {describe_mode(mode)}, not a file v2p wrote: refused",
+                       hint=_remove_hint(path, folder=stat.S_ISDIR(mode)))
+
+
+def _remove_hint(path: Path, *, folder: bool = False) -> str:
+    return f"it is not v2p's: look at it, then remove it by hand ({'rm -r' if folder else 'rm'} {path})"
+
+
+def remove_entry(folder_fd: int, name: str, where: Path) -> None:
+    """Remove ``name`` from the folder open as ``folder_fd`` (``where`` names it in messages).
+
+    A file, link, FIFO or device node is unlinked (which never opens or follows
+    it); an empty folder is removed; a folder with something in it is left
+    alone with a TargetError saying what to remove by hand.
+    """
+    try:
+        os.unlink(name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        try:
+            os.rmdir(name, dir_fd=folder_fd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise
+            raise unexpected_file(where / name, stat.S_IFDIR) from None
+
+
+def remove_tree_at(folder_fd: int, name: str) -> None:
+    """Remove the folder ``name`` (and all in it) from the folder open as ``folder_fd``; never follows
+    a link, at any depth (a link at ``name`` itself is unlinked)."""
+    try:
+        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        shutil.rmtree(name, dir_fd=folder_fd)
+    else:
+        os.unlink(name, dir_fd=folder_fd)
+
+
+def write_atomic(path: Path, data: bytes | str, *, root: Path | None = None) -> None:
     """Replace ``path`` with ``data``: a private temporary file beside it, fsynced, renamed over it.
 
     A kill at any moment leaves the old file or the new one, never a torn one,
-    and a link planted at ``path`` is replaced, never followed.
+    and a link planted at ``path`` is replaced, never followed. The folder is
+    checked as ``private_dir`` does (below ``root``, by default its parent).
     """
-    private_dir(path.parent)
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(raw)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    base = root if root is not None else path.parent.parent
+    with own_dir(base, *path.parent.relative_to(base).parts) as folder:
+        tmp = create_exclusive(folder, f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with os.fdopen(tmp[1], "wb") as handle:
+                handle.write(raw)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp[0], path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp[0], dir_fd=folder)
+            raise
+        os.fsync(folder)
 
 
-def fresh_file(path: Path) -> None:
-    """An empty private file at ``path``, replacing whatever was there (a planted link is removed, not followed)."""
+def create_exclusive(folder_fd: int, name: str) -> tuple[str, int]:
+    """(name, fd) of a new private file ``name`` in the folder open as ``folder_fd``; never opens
+    anything that was there (``O_EXCL | O_NOFOLLOW``): FileExistsError if the name is taken."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE,
+                 dir_fd=folder_fd)
+    return name, fd
+
+
+def fresh_file(folder_fd: int, name: str) -> None:
+    """An empty private file ``name`` in the folder open as ``folder_fd``, replacing whatever was
+    there (a planted link is removed, not followed)."""
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        os.unlink(name, dir_fd=folder_fd)
+    os.close(create_exclusive(folder_fd, name)[1])
 
 
 def fsync_dir(folder: Path) -> None:
@@ -90,24 +250,28 @@ def remove_stale_temporaries(folder: Path, name: str) -> None:
 
     Only call this while holding whatever lock keeps other writers of ``name`` away.
     """
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(folder):
-            if entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp") \
-                    and not entry.is_dir(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+    try:
+        with own_dir(folder.parent, folder.name, create=False) as fd:
+            for entry in os.scandir(fd):
+                if entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp") \
+                        and not entry.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.name, dir_fd=fd)
+    except FileNotFoundError:
+        return
 
 
 def open_lock_file(path: Path) -> int:
     """Open (creating it 0600) a lock file, refusing a link, a FIFO or anything but a plain file of ours."""
-    private_dir(path.parent)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the name is a symlink
-            raise TargetError(f"{path} is a symbolic link: refused",
-                              hint="remove it; v2p creates its lock files itself") from None
-        raise
+    with own_dir(path.parent.parent, path.parent.name) as folder:
+        try:
+            fd = os.open(path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         PRIVATE_FILE, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # the name is a symlink
+                raise TargetError(f"{path} is a symbolic link: refused",
+                                  hint="remove it; v2p creates its lock files itself") from None
+            raise
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.geteuid():
         os.close(fd)
@@ -130,16 +294,17 @@ def describe_mode(mode: int) -> str:
 
 def remove_tree(folder: Path) -> None:
     """Remove a folder of v2p's own and all in it; a link planted in its place is removed, never followed."""
-    if folder.is_symlink() or folder.is_file():
-        folder.unlink()
-    elif folder.is_dir():
-        shutil.rmtree(folder)
+    try:
+        with own_dir(folder.parent, create=False) as parent:
+            remove_tree_at(parent, folder.name)
+    except FileNotFoundError:
+        return
 
 
 def read_regular(path: str | os.PathLike[str], limit: int, *, what: str = "file",
                  error: type[V2PError] = TargetError) -> bytes:
-    """The bytes of the regular file at ``path``, at most ``limit`` of them; ``error`` (one line naming
-    ``path``) for anything else.
+    """The bytes of a regular file the user named (a plan: it may be a link), at most ``limit``;
+    ``error`` (one line naming ``path``) for anything else. ``read_small`` is for v2p's own files.
 
     The open never blocks (a FIFO with no writer would hang ``open``, one with a writer ``read``) and
     the kind of file is judged on the open descriptor, not on a name that may change in between;
@@ -151,22 +316,21 @@ def read_regular(path: str | os.PathLike[str], limit: int, *, what: str = "file"
     except OSError as exc:
         raise error(f"{shown}: cannot read the {what}: {exc.strerror}") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{what} {shown} is {describe_mode(info.st_mode)}, not a regular file: refused")
-        if info.st_size > limit:
-            raise error(f"{what} {shown} is {info.st_size} bytes, more than the {limit} a {what} may be: refused")
-        chunks, total = [], 0
-        while total <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > limit:  # it grew while being read
-            raise error(f"{what} {shown} is more than {limit} bytes: refused")
-        return b"".join(chunks)
+        return _read_checked(fd, limit, lambda why: error(f"{what} {shown} {why}: refused"))
     except OSError as exc:
         raise error(f"{shown}: cannot read the {what}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+
+
+def _read_checked(fd: int, limit: int, refuse: Callable[[str], V2PError]) -> bytes:
+    """Read the open ``fd`` (closed here): a regular file of at most ``limit`` bytes, else
+    ``refuse(why)`` is raised; a file that grows past ``limit`` while read is refused too."""
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse(f"is {describe_mode(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise refuse(f"is {info.st_size} bytes, more than {limit}")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise refuse(f"grew beyond {limit} bytes while read")
+    return data

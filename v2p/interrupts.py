@@ -10,7 +10,8 @@ watcher that expects QEMU to close the socket takes for a normal end.
 
 So ``install()`` makes both signals record themselves and raise, and every
 long wait calls ``check()``, which raises again if a signal came: nothing can
-swallow it for good.
+swallow it for good. Once a run's outcome is decided (``settle()``: its
+"finished" is being recorded) a signal is still noted but no longer raises.
 
 A library user runs migrations in threads, where signals do not reach, and
 stops one of them with ``Migration.cancel()``: the migration's thread runs
@@ -32,23 +33,42 @@ from types import FrameType
 from .errors import Cancelled
 
 _received: list[int] = []
+_settled: list[bool] = []  # set by settle(): the run's outcome is decided, a signal changes nothing
+# What the command says when a signal stops it (any time from its first import on).
+STOPPED = "v2p: interrupted; run the same command again to resume"
 
 
 def install() -> None:
     """SIGINT and SIGTERM both interrupt the run (``KeyboardInterrupt``); main thread only."""
+    _settled.clear()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
-    raise KeyboardInterrupt
+    if not _settled:
+        raise KeyboardInterrupt
+
+
+def settle() -> None:
+    """The run in the main thread has its outcome (a migration's "finished" is being recorded): a
+    signal from now on is noted but raises nothing, so the command ends as it would have (exit 0),
+    not as if it had been stopped. Only v2p's own handlers (``install``) heed this, and only for the
+    main thread, where signals land: a migration in another thread leaves them as they are."""
+    if threading.current_thread() is threading.main_thread():
+        _settled.append(True)
+
+
+def exit_status() -> int:
+    """The command's exit status after an interruption: 128 + the signal, as a shell reports it."""
+    return 128 + (received() or signal.SIGINT)
 
 
 def check() -> None:
     """Raise ``KeyboardInterrupt`` if SIGINT or SIGTERM arrived (even if that one was swallowed),
     ``Cancelled`` if this thread's migration was cancelled."""
-    if _received:
+    if _received and not _settled:
         raise KeyboardInterrupt
     token = _token.get()
     if token is not None:

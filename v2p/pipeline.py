@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from . import interrupts, pveconfig
+from .convert import same_files
 from .errors import (
+    VMID_TAKEN_HINT,
     BootCheckError,
     Cancelled,
     DanceError,
@@ -86,8 +88,12 @@ class Pipeline:
 
     def _run_locked(self) -> dict[str, Any]:
         request = self._request()
+        for volid, left in self.target.retry_leftovers(holding=self.vmid).items():
+            self.emit(Event("warning", "cleanup", f"{volid} (VMID {left['vmid']}) is still left on the target: "
+                            f"deleting it failed since {left['since']}: {left['error']}; retried on every run"))
         for suffix in ("", ".dance"):
             MigrationState(self.state.directory, self.vmid, suffix).remove_temporaries()
+        self.target.remove_temporaries(self.vmid)
         if self.state.load() and self._stale(request):
             self.state.remove()
             self.state.data = {}
@@ -98,10 +104,12 @@ class Pipeline:
                 return done
             self._check_resumable(request)
             self.emit(Event("info", "resume", f"resuming the migration of VMID {self.vmid}"))
+            for upid in self.target.settle(self.vmid):  # e.g. the disk import of a run killed in attach
+                self.emit(Event("info", "resume", f"waited for {upid}, left running by an earlier run"))
         else:
             if self.target.vm_exists(self.vmid):
                 raise VMIDExistsError(f"VMID {self.vmid} already exists on the {self.target.kind} target",
-                                      hint=f"pick another --vmid, or remove it: v2p vm rm {self.vmid}")
+                                      hint=VMID_TAKEN_HINT)
             self.state.start(request, migration_id=uuid.uuid4().hex[:12])
             hold_point("state-created")
         workdir = self.target.state_dir() / f"{self.vmid}.work"
@@ -144,6 +152,10 @@ class Pipeline:
             else:
                 self._failed(stage_name, exc, workdir)
             raise
+        finally:
+            if ctx is not None:
+                ctx.close_inputs()  # the source files pinned since inspection
+        interrupts.settle()  # every stage is done: a Ctrl-C from here on no longer stops a migrated VM's run
         self.state.data["finished"] = True
         self.state.data["finished_at"] = self.state.stages["finish"]["finished_at"]
         self.state.save()
@@ -198,8 +210,8 @@ class Pipeline:
         assert isinstance(exc, V2PError)
         ours, written, removed = False, [], False
         try:
-            ours = self.target.vm_exists(self.vmid) and ctx.tag() in \
-                self.target.get_config(self.vmid).get("description", "")
+            ours = self.target.vm_exists(self.vmid) and \
+                ctx.migration_id in pveconfig.tagged_by(self.target.get_config(self.vmid))
             written = [index for index in range(len(ctx.disks()))
                        if disk_stage("convert", index) in (*self.state.stages, stage)]
             if not ours and not written:  # the VMID was taken, the create refused: nothing of ours
@@ -235,12 +247,30 @@ class Pipeline:
 
     def _failed(self, stage: str, exc: BaseException, workdir: Path) -> None:
         """A run that made nothing on the target leaves no record (a refused source is not an
-        unfinished migration); one that did notes where and why it stopped, for ``v2p status``."""
-        if "create" not in self.state.stages:
+        unfinished migration); one that did notes where and why it stopped, for ``v2p status``.
+
+        The create stage's VM exists before its record does: a run stopped in that stage by anything
+        but its own error (a signal, a cancel; on PVE the create task may even finish afterwards)
+        keeps the record, so that the rerun knows the VM by the migration id in its description.
+        """
+        stopped_in_create = stage_kind(stage) == "create" and \
+            not (isinstance(exc, V2PError) and not isinstance(exc, Cancelled))
+        if "create" not in self.state.stages and not stopped_in_create and not self._vm_is_ours():
             self.state.remove()
             remove_tree(workdir)
             return
         self._keep(stage, exc)
+
+    def _vm_is_ours(self) -> bool:
+        """Whether the VMID holds the VM this record's migration created (never any other VM)."""
+        migration_id = self.state.data.get("migration_id")
+        if not isinstance(migration_id, str):
+            return False
+        try:
+            return self.target.vm_exists(self.vmid) and \
+                migration_id in pveconfig.tagged_by(self.target.get_config(self.vmid))
+        except (V2PError, OSError):
+            return False
 
     def _keep(self, stage: str, exc: BaseException) -> None:
         """Note in the record where and why the run stopped, for ``v2p status`` and the rerun."""
@@ -278,7 +308,7 @@ class Pipeline:
             current = self.source.fingerprint()
         except (V2PError, OSError):
             return False  # moved or deleted after the migration: the VM is still the one it made
-        return bool(current != recorded)
+        return not same_files(recorded, current)
 
     def _stale(self, request: dict[str, Any]) -> bool:
         """A record that means nothing now: its VM was removed since it finished,
@@ -286,7 +316,8 @@ class Pipeline:
         data = self.state.data
         if data.get("finished"):
             return not self.target.vm_exists(self.vmid)
-        return "create" not in data.get("stages", {}) and data.get("request") != request
+        return "create" not in data.get("stages", {}) and data.get("request") != request \
+            and not self._vm_is_ours()  # a VM the record made, though its create was never recorded
 
     def _check_resumable(self, request: dict[str, Any]) -> None:
         recorded = self.state.data["request"]

@@ -752,7 +752,7 @@ class _Targets:
         key = repr(sorted(spec.items())) if isinstance(spec, dict) else spec
         if key not in self.made:
             try:
-                self.made[key] = api.make_target(spec)
+                self.made[key] = api.make_target(spec, env=os.environ)  # a plan is the operator's own
             except V2PError as exc:
                 self.made[key] = exc
         return self.made[key]

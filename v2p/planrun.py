@@ -23,10 +23,9 @@ import selectors
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
@@ -34,6 +33,7 @@ from typing import IO, Any, Literal, Protocol
 from . import api, interrupts
 from .errors import LockedError, NoSpaceError, V2PError
 from .events import Event
+from .fsutil import private_dir, remove_tree
 from .options import OptionError
 from .stages import disk_stage
 from .state import MigrationState, VmidLock
@@ -54,6 +54,7 @@ PER_NODE = 4
 # of that VMID meanwhile (the lock sees to that) nor give the VM up for it.
 LOCK_WAIT = 120.0
 LOCK_RETRY = 1.0
+MEASURE_DIR = "plan-measure"  # in <vmid>.work: the disks staged to measure what a VM needs
 STDERR_TAIL = 20  # lines of a child's stderr kept for the report when it dies without an error line
 TICK = 0.2  # seconds between looks at the stop flag and at VMs waiting for a retry
 # How long children get to stop on SIGINT before SIGKILL: v2p stops within a second or two (a PVE task in
@@ -332,15 +333,18 @@ class _Runner:
         try:
             pipeline = migration.pipeline
             spec = options.hardware(pipeline.source.spec())
-            with tempfile.TemporaryDirectory(prefix="v2p-plan-measure-") as workdir:
+            with _measure_dir(migration) as workdir:
                 for disk_index, disk in enumerate(spec.ordered_disks()):
                     if disk_stage("convert", disk_index) in stages:
                         continue
-                    given = pipeline.source.disk_input(disk, Path(workdir) / str(disk_index))
+                    given = pipeline.source.disk_input(disk, workdir / str(disk_index))
                     sink = migration.target.disk_sink(migration.vmid, disk_index, fmt=options.fmt,
                                                       storage=options.storage, device=options.device,
                                                       force=options.force)
-                    room = sink.check(given.qemu, capacity=given.capacity)
+                    try:
+                        room = sink.check(given.qemu, capacity=given.capacity)
+                    finally:
+                        given.close()
                     required += int(room["required_bytes"])
                     free = int(room["free_bytes"])
         except V2PError as exc:
@@ -509,6 +513,24 @@ class _Runner:
         self.emit(run, Event("vm-done", "plan", f"failed: {run.error}"))
 
 
+@contextlib.contextmanager
+def _measure_dir(migration: api.Migration) -> Iterator[Path]:
+    """A folder for what measuring a VM's disks stages (an OVA's members), under its VMID lock in the
+    VM's own work folder on its target: what a run killed meanwhile left there, the next run's measure
+    removes first, and the migration's end removes with its work folder (never $TMPDIR, where nothing
+    would ever sweep it)."""
+    state_dir, vmid = migration.target.state_dir(), migration.vmid
+    with VmidLock(state_dir, vmid):
+        folder = private_dir(state_dir / f"{vmid}.work") / MEASURE_DIR
+        remove_tree(folder)
+        try:
+            yield private_dir(folder)
+        finally:
+            remove_tree(folder)
+            with contextlib.suppress(OSError):  # the work folder, if measuring alone made it
+                folder.parent.rmdir()
+
+
 def _where(described: dict[str, str]) -> str:
     """A target's short name for messages and keys: its directory or PVE host/node."""
     if described.get("kind") == "local":
@@ -530,7 +552,7 @@ class PlanRefused(V2PError):
 def _migration(vm: PlanVM, accel: str) -> api.Migration:
     """The VM's migration as a child would start it; built touching nothing (``vmid: auto`` asks the
     target which VMID is free, or finds this source's earlier migration)."""
-    target = api.make_target(vm.target, accel=accel)
+    target = api.make_target(vm.target, accel=accel, env=os.environ)  # a plan is the operator's own
     return api.Migration(vm.source, vm.vmid, target=target, **vm.options)
 
 
@@ -633,7 +655,7 @@ def child_main() -> int:
     try:
         job = json.loads(line)
         threading.Thread(target=_watch_parent, name="v2p-parent-watch", daemon=True).start()
-        target = api.make_target(job["target"], accel=job.get("accel", "auto"))
+        target = api.make_target(job["target"], accel=job.get("accel", "auto"), env=os.environ)
         migration = api.Migration(job["source"], job["vmid"], target=target, on_event=emit, **job["options"])
         result = migration.run()
         out.send({"vmid": migration.vmid, "result": {"nothing_to_do": bool(result.get("nothing_to_do")),

@@ -34,6 +34,19 @@ NO_OVMF_DRIVER = ("lsi", "lsi53c810", "megasas")
 VMWARE_LSI = ("lsilogic", "lsisas1068", "lsilogicsas", "buslogic")
 DEFAULT_BRIDGE = "vmbr0"  # where a NIC without a network name goes: PVE's standard bridge
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+# How a VM's description says which migration made it: "imported from NAME (v2p migration ID)".
+_TAG = re.compile(r"\(v2p migration ([0-9a-f]{1,32})\)")
+
+
+def migration_tag(migration_id: str) -> str:
+    """The words a VM's description carries to say migration ``migration_id`` made it."""
+    return f"v2p migration {migration_id}"
+
+
+def tagged_by(config: Mapping[str, str]) -> list[str]:
+    """The ids of the migrations whose tag the VM config's description carries ([]: not v2p's). More
+    than one when the source VM's own name held such words, or the user added some."""
+    return _TAG.findall(config.get("description", ""))
 
 
 def resolve_ostype(spec: VMSpec, explicit: str | None = None) -> str:

@@ -19,6 +19,12 @@ from .options import MigrationOptions, OptionError
 from .spec import VMSpec, dns_name, pve_ostype
 
 SEVERITIES = ("error", "warning", "info")
+# PVE's own limit, qemu-server's PVE/QemuServer.pm: `my $MAX_NETS = 32;` then
+# `for (my $i = 0; $i < $MAX_NETS; $i++) { $confdesc->{"net$i"} = $netdesc; }`, so net0..net31
+# and a net32 key is refused by the API (the local target would boot it and fail the check).
+MAX_NICS = 32
+# The most disks any first-boot bus holds (SCSI's 31): more are refused whatever --bus says.
+MAX_DISKS = max(len(keys) for keys in pveconfig.SLOTS.values())
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ RULES: dict[str, Rule] = {
                                                "create; remove it from the VM"),
     "too-many-disks": Rule("error", False, "more disks than the first boot's bus holds (IDE 3 beside the "
                                            "CD-ROM, SATA 6, SCSI 31, virtio 16); choose another --bus"),
+    "too-many-nics": Rule("error", False, f"more NICs than PVE's net0..net{MAX_NICS - 1} ({MAX_NICS}); remove "
+                                          "NICs in VMware first"),
     "unmapped-network": Rule("error", False, "a NIC's VMware network has no --network NAME=BRIDGE and no "
                                              "default bridge was given"),
     "independent-disk": Rule("warning", False, "an independent disk was never in VMware's snapshots; it is "
@@ -124,6 +132,22 @@ def enforce(spec: VMSpec, findings: list[Finding]) -> None:
     raise RuleError(f"VM {spec.name}: {first.id}: {first.message}{more}", hint=hint)
 
 
+def refuse_counts(name: str, *, disks: int, nics: int) -> None:
+    """Raise the rule's ``RuleError`` when a VM has more disks or NICs than any PVE VM can hold.
+
+    For sources to call with bare counts, before any disk is opened: a VM of 10,000 disks is
+    refused at once, not after each of them was inspected. ``check`` reports the same rules
+    (and the bus-dependent disk limit) for a VM that passes this.
+    """
+    if disks > MAX_DISKS:
+        raise RuleError(f"VM {name}: too-many-disks: {disks} disks, more than any bus holds "
+                        f"(SCSI {MAX_DISKS}): refused before reading them",
+                        hint="remove disks from the VM in VMware, or move their data onto fewer disks")
+    if nics > MAX_NICS:
+        raise RuleError(f"VM {name}: too-many-nics: {nics} NICs, more than PVE's net0..net{MAX_NICS - 1}",
+                        hint="remove NICs from the VM in VMware first")
+
+
 def _finding(rule_id: str, message: str, severity: str | None = None) -> Finding:
     return Finding(rule_id, severity or RULES[rule_id].severity, message)
 
@@ -151,6 +175,9 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
     too_many = pveconfig.too_many_disks(spec, options, ostype=resolved)
     if too_many:
         yield _finding("too-many-disks", f"{too_many}: use --bus scsi (31) or --bus virtio (16)")
+    if len(spec.nics) > MAX_NICS:
+        yield _finding("too-many-nics", f"{len(spec.nics)} NICs, but PVE has net0..net{MAX_NICS - 1}: "
+                                        "remove NICs in VMware first")
     for index, nic in enumerate(spec.nics):
         if nic.network is None or nic.network in bridges:
             continue

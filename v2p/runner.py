@@ -86,13 +86,16 @@ def _fail(argv: Sequence[str], what: str, stderr: str) -> ToolError:
 
 
 def run(argv: Sequence[str], *, timeout: float, check: bool = True,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002 - subprocess.run's name
+        input: str | None = None,  # noqa: A002 - subprocess.run's name
+        pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` to completion (``input`` on its stdin, else nothing); raise ToolError on timeout
-    or (if ``check``) non-zero exit, ``Cancelled`` if this thread's migration is cancelled meanwhile."""
+    or (if ``check``) non-zero exit, ``Cancelled`` if this thread's migration is cancelled meanwhile.
+    ``pass_fds``: open files the program gets under the same numbers (``/dev/fd/N``)."""
     interrupts.check()
     argv = [which(argv[0]), *argv[1:]]
     stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
-    with _started(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    with _started(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  pass_fds=tuple(pass_fds)) as proc:
         try:
             out, err = proc.communicate(input.encode() if input is not None else None, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
@@ -108,14 +111,15 @@ def run(argv: Sequence[str], *, timeout: float, check: bool = True,
 
 def run_streaming(
     argv: Sequence[str], *, timeout: float, on_chunk: Callable[[str], None], stream: str = "stdout",
+    pass_fds: Sequence[int] = (),
 ) -> None:
     """Run ``argv``, feeding each piece of its ``stream`` (split on CR or LF) to ``on_chunk``.
 
-    The other stream is kept for the error message.
+    The other stream is kept for the error message; ``pass_fds`` as for ``run``.
     """
     interrupts.check()
     argv = [which(argv[0]), *argv[1:]]
-    with _started(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    with _started(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds)) as proc:
         watched, other = (proc.stdout, proc.stderr) if stream == "stdout" else (proc.stderr, proc.stdout)
         errbuf: list[str] = []
         seen: list[str] = []

@@ -14,9 +14,11 @@ from typing import Any
 
 from . import drivers, pveconfig, rules
 from .bootwatch import clean
+from .convert import same_files
 from .dance import DanceOptions, DriverDance
-from .errors import NoSpaceError, SourceError, TargetError, VMIDExistsError
+from .errors import VMID_TAKEN_HINT, NoSpaceError, SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
+from .fsutil import private_dir
 from .options import MigrationOptions, OptionError
 from .runner import which
 from .sources import DiskInput, Source
@@ -68,8 +70,14 @@ class Context:
         """The VM's disks, the boot disk first: disk N of the migration is ``disks()[N]``."""
         return self.spec.ordered_disks()
 
+    def close_inputs(self) -> None:
+        """Let go of the source files the disk inputs hold open (the next ``disk_input`` inspects again)."""
+        while self._inputs:
+            self._inputs.popitem()[1].close()
+
     def disk_input(self, index: int) -> DiskInput:
         if index not in self._inputs:
+            private_dir(self.workdir)  # a source writes its own folders below it: none may be a link
             self._inputs[index] = self.source.disk_input(self.disks()[index], self.workdir)
         return self._inputs[index]
 
@@ -82,7 +90,7 @@ class Context:
         return self._sinks[index]
 
     def tag(self) -> str:
-        return f"v2p migration {self.migration_id}"
+        return pveconfig.migration_tag(self.migration_id)
 
 
 class Stage:
@@ -109,7 +117,7 @@ class Inspect(Stage):
     fields = {"spec": dict, "disks": list, "files": list}
 
     def run(self, ctx: Context) -> Record:
-        ctx._inputs.clear()
+        ctx.close_inputs()
         disks = []
         for index, disk in enumerate(ctx.disks()):
             given = ctx.disk_input(index)
@@ -131,7 +139,7 @@ class Inspect(Stage):
 
     def holds(self, ctx: Context, record: Record) -> bool:
         try:
-            return bool(ctx.source.fingerprint() == record["files"])
+            return same_files(record["files"], ctx.source.fingerprint())
         except (SourceError, OSError):
             return False
 
@@ -144,7 +152,7 @@ class Preflight(Stage):
     def run(self, ctx: Context) -> Record:
         if ctx.target.vm_exists(ctx.vmid) and not _ours(ctx):
             raise VMIDExistsError(f"VMID {ctx.vmid} already exists on the {ctx.target.kind} target",
-                                  hint=f"pick another --vmid, or remove it: v2p vm rm {ctx.vmid}")
+                                  hint=VMID_TAKEN_HINT)
         findings = check_rules(ctx.spec, ctx.options, ctx.records["inspect"]["disks"],
                                chosen_ostype=ctx.chosen_ostype)
         # Errors too, before enforce raises: a panel lists every finding, not only the first error.
@@ -213,7 +221,7 @@ def driver_folders(path: Path, options: MigrationOptions) -> dict[str, str]:
 
 def _ours(ctx: Context) -> bool:
     try:
-        return ctx.tag() in ctx.target.get_config(ctx.vmid).get("description", "")
+        return ctx.migration_id in pveconfig.tagged_by(ctx.target.get_config(ctx.vmid))
     except TargetError:
         return False
 
@@ -323,8 +331,27 @@ class Attach(Stage):
             volid = ctx.records[disk_stage("verify", index)]["volid"]
             updates[key] = pveconfig.disk_value(volid, ctx.disk_input(index).capacity)
         updates["boot"] = pveconfig.boot_order([key for _disk, key in placed])
+        current = ctx.target.get_config(ctx.vmid)
+        if all(key in current and ctx.sink(by_label[disk.label]).attached(current[key]) for disk, key in placed):
+            # A killed run's attach that the target finished without it (PVE's import goes on): done.
+            ctx.emit(Event("info", self.name, "the disks were attached by an earlier run (its import finished "
+                           "after it stopped)"))
+            return {"keys": {key: current[key] for _disk, key in placed}}
+        before = set(current.values())
         ctx.target.set_config(ctx.vmid, updates)
+        self._drop_duplicates(ctx, before)
         return {"keys": {key: value for key, value in updates.items() if key != "boot"}}
+
+    @staticmethod
+    def _drop_duplicates(ctx: Context, before: set[str]) -> None:
+        """A disk volume of this migration's that turned up unused while the disks were attached is
+        an earlier run's copy of a disk (its import finished just as this one began, and PVE made
+        this run's copy the disk): deleted, so no second copy of a disk stays behind."""
+        for key, value in ctx.target.get_config(ctx.vmid).items():
+            if key.startswith("unused") and value not in before and \
+                    any(ctx.sink(index).attached(value) for index in range(len(ctx.disks()))):
+                ctx.emit(Event("info", "attach", f"{value}: an earlier run's copy of a disk ({key}), removed"))
+                ctx.target.remove_volume(ctx.vmid, value)
 
     def holds(self, ctx: Context, record: Record) -> bool:
         # The driver dance moves the disks (ide0 -> virtio0): attached anywhere still counts.

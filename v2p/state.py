@@ -9,18 +9,29 @@ pipeline records paths, sizes, hashes and the VM config only.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
 import os
 import re
+import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import LockedError, StateError
-from .fsutil import open_lock_file, remove_stale_temporaries, write_atomic
+from .errors import LockedError, StateError, TargetError, V2PError
+from .fsutil import (
+    listdir_own,
+    open_lock_file,
+    own_dir,
+    read_small,
+    remove_entry,
+    remove_stale_temporaries,
+    write_atomic,
+)
+from .pveconfig import migration_tag
 
 STATE_VERSION = 1
 # A state file's name is its VMID: ASCII digits only (str.isdigit() also takes '²' and '١').
@@ -53,6 +64,7 @@ class MigrationState:
         self.path = directory / f"{vmid}{suffix}.json"
         self.data: dict[str, Any] = {}
         self.error: StateError | None = None  # set by list_states for a file that cannot be read
+        self.text = ""  # what ``load`` read, kept for ``names`` when it is damaged
 
     def load(self) -> bool:
         """Read the file if there is one; return whether there was.
@@ -62,11 +74,13 @@ class MigrationState:
         file, never a traceback later on.
         """
         try:
-            raw = self.path.read_text()
+            raw = self.text = read_small(self.path).decode()
         except FileNotFoundError:
             return False
         except UnicodeDecodeError:
             raise self.damaged("it is not text") from None
+        except TargetError as exc:  # not a plain file, too big, unreadable
+            raise StateError(exc.message, hint=self.discard_hint) from None
         except OSError as exc:
             raise StateError(f"{self.path}: cannot read state file: {exc.strerror}",
                              hint=self.discard_hint) from None
@@ -83,6 +97,22 @@ class MigrationState:
         self._check(data)
         self.data = data
         return True
+
+    def names(self, migration_id: str) -> bool:
+        """Whether this is the record of migration ``migration_id``. A damaged record (which
+        ``v2p vm rm`` must still be able to discard with its VM) is searched as text for the id:
+        its ``migration_id`` field or the tag its recorded VM config carries. Anything but a regular
+        file (a FIFO, a link, a folder) names no migration and is not opened."""
+        try:
+            if not stat.S_ISREG(os.lstat(self.path).st_mode):
+                return False
+        except OSError:
+            return False
+        try:
+            return self.load() and self.data.get("migration_id") == migration_id
+        except StateError:
+            return (f'"migration_id": "{migration_id}"' in self.text
+                    or f"({migration_tag(migration_id)})" in self.text)
 
     @property
     def discard_hint(self) -> str:
@@ -130,8 +160,14 @@ class MigrationState:
         write_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the state file (and its temporaries) without reading it or following anything
+        at its name; a folder with something in it there is left, with a TargetError saying so."""
         self.remove_temporaries()
+        try:
+            with own_dir(self.directory.parent, self.directory.name, create=False) as folder:
+                remove_entry(folder, self.path.name, self.directory)
+        except FileNotFoundError:
+            return
 
     def remove_temporaries(self) -> None:
         """Temporary files of this state file left by a run killed mid-write (call under the VMID lock)."""
@@ -205,11 +241,10 @@ def list_states(directory: Path) -> list[MigrationState]:
     """Every migration state file in ``directory`` (by VMID); one that cannot be read carries its ``error``."""
     states: list[MigrationState] = []
     found = []
-    if directory.is_dir():
-        for path in directory.glob("*.json"):
-            vmid = vmid_of_name(path.stem)
-            if vmid is not None:
-                found.append(vmid)
+    for name in listdir_own(directory):
+        vmid = vmid_of_name(name[:-len(".json")]) if name.endswith(".json") else None
+        if vmid is not None:
+            found.append(vmid)
     for vmid in sorted(found):
         state = MigrationState(directory, vmid)
         try:
@@ -218,3 +253,78 @@ def list_states(directory: Path) -> list[MigrationState]:
             state.error = exc
         states.append(state)
     return states
+
+
+class Leftovers:
+    """What v2p made on a target and meant to delete, whose deletion failed (PVE answered 500, the
+    node was away): ``<dir>/leftovers.json``, ``{volid: {"vmid", "error", "since"}}``. An entry stays
+    until a retry finds the volume gone or deletes it; every run on the target and ``v2p status``
+    retry (``Target.retry_leftovers``) and report what is still left. A leftover of a VMID another
+    run holds is left to that run (it may have made a volume of the same name since)."""
+
+    LIMIT = 1 << 20  # bytes: a list of volume ids, never more
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "leftovers.json"
+
+    def add(self, volid: str, vmid: int, error: str) -> None:
+        with self._locked():
+            entries = self._read()
+            entries[volid] = {"vmid": vmid, "error": error, "since": entries.get(volid, {}).get("since", now())}
+            write_atomic(self.path, json.dumps(entries, indent=2) + "\n")
+
+    def retry(self, delete: Callable[[str], None], *, holding: int | None = None) -> dict[str, dict[str, Any]]:
+        """Call ``delete(volid)`` (which succeeds when the volume is gone already) for each leftover
+        whose VMID is ``holding`` (the caller holds its lock) or free; return what is still left."""
+        if not os.path.lexists(self.path):  # the usual case: nothing to lock, nothing made
+            return {}
+        with self._locked():
+            entries = self._read()
+            for volid, entry in list(entries.items()):
+                try:
+                    with contextlib.ExitStack() as held:
+                        if entry["vmid"] != holding:
+                            held.enter_context(VmidLock(self.directory, entry["vmid"]))
+                        delete(volid)
+                    del entries[volid]
+                except LockedError:
+                    continue
+                except V2PError as exc:
+                    entry["error"] = exc.message
+            if entries:
+                write_atomic(self.path, json.dumps(entries, indent=2) + "\n")
+            else:
+                with contextlib.suppress(OSError):  # gone already, or not v2p's list: nothing to keep
+                    self.path.unlink()
+            return entries
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = open_lock_file(self.directory / "leftovers.lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a few API calls at most
+            yield
+        finally:
+            os.close(fd)
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        """The entries; a file that is not what v2p writes counts as none (it is rewritten on the next
+        add: a damaged list must not stop migrations)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return {}
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}
+            data = json.loads(os.read(fd, self.LIMIT + 1)[:self.LIMIT] or b"{}")
+        except (OSError, ValueError, RecursionError):
+            return {}
+        finally:
+            os.close(fd)
+        if not isinstance(data, dict):
+            return {}
+        return {volid: entry for volid, entry in data.items()
+                if isinstance(entry, dict) and type(entry.get("vmid")) is int
+                and isinstance(entry.get("error"), str) and isinstance(entry.get("since"), str)}

@@ -70,6 +70,7 @@ class VM:
     status: str = "stopped"
     lock: str | None = None
     started: float = 0.0  # time.monotonic() of the last start
+    config_lock: threading.Lock = field(default_factory=threading.Lock)  # /var/lock/qemu-server/lock-N.conf
 
 
 def _ova_member(path: Path) -> tuple[Path, str] | None:
@@ -250,6 +251,19 @@ class Cluster:
         if task is None:
             raise fail(f"no such task '{p['upid']}'")
         return task.status_data()
+
+    def task_list(self, p: dict[str, str], user: str) -> Any:
+        """The node's tasks (``source=active``: those running; ``vmid``: of that guest), newest first."""
+        source = p.get("source", "archive")
+        found = [task for task in self.tasks.by_upid.values()
+                 if (source == "all" or (task.status == "running") == (source == "active"))
+                 and ("vmid" not in p or task.id == p["vmid"])]
+        found.sort(key=lambda task: task.starttime, reverse=True)
+        start, limit = int(p.get("start", "0")), int(p.get("limit", "50"))
+        # A finished task's status is its exit status; a running one has none yet.
+        return [{key: value for key, value in task.status_data().items() if key not in ("exitstatus", "status")}
+                | ({"status": task.exitstatus} if task.exitstatus is not None else {})
+                for task in found][start:start + limit]
 
     def task_log(self, p: dict[str, str], user: str) -> Any:
         task = self.tasks.by_upid.get(p["upid"])
@@ -592,7 +606,9 @@ class Cluster:
                 step(task)
             self._update(vm, settings, deletes)
             task.log(f"update VM {vm.vmid}: {' '.join(f'-{k} {v}' for k, v in settings.items())}")
-        return self.tasks.start("qmconfig", str(vm.vmid), user, work).upid
+        # The worker holds the VM's config lock through every import (qemu-server's update_vm_api).
+        return self.tasks.start("qmconfig", str(vm.vmid), user, work, hold=vm.config_lock,
+                                hold_name=f"/var/lock/qemu-server/lock-{vm.vmid}.conf").upid
 
     def config_sync(self, p: dict[str, str], user: str) -> Any:
         vm, settings, deletes, disk_work = self._config_call(p, user)

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -103,9 +103,11 @@ class Logged:
 class _Fault:
     method: str
     path: re.Pattern[str]
-    kind: str  # "error" or "drop"
+    kind: str  # "error", "drop" or "hold"
     status: int = 500
     message: str = ""
+    arrived: threading.Event = field(default_factory=threading.Event)  # "hold": the request is here
+    release: threading.Event = field(default_factory=threading.Event)  # "hold": let it go on
 
 
 # Each endpoint: (method, schema path template) -> Cluster method name.
@@ -116,6 +118,7 @@ ROUTES = {
     ("GET", "/cluster/resources"): "resources",
     ("GET", "/storage"): "storage_configs",
     ("GET", "/storage/{storage}"): "storage_config",
+    ("GET", "/nodes/{node}/tasks"): "task_list",
     ("GET", "/nodes/{node}/tasks/{upid}/status"): "task_status",
     ("GET", "/nodes/{node}/tasks/{upid}/log"): "task_log",
     ("GET", "/nodes/{node}/storage"): "storage_list",
@@ -246,6 +249,15 @@ class PVESim:
         """The next matching request loses its connection half-way through its body."""
         with self._lock:
             self._faults.append(_Fault(method, re.compile(path), "drop"))
+
+    def hold_next_request(self, method: str, path: str) -> _Fault:
+        """The next matching request waits, received whole, until the test sets the returned fault's
+        ``release`` (``arrived`` is set when it is there): a request still on its way to the node
+        when its client died, handled afterwards as PVE handles any request it received."""
+        fault = _Fault(method, re.compile(path), "hold")
+        with self._lock:
+            self._faults.append(fault)
+        return fault
 
     def take_fault(self, method: str, path: str) -> _Fault | None:
         with self._lock:
@@ -405,6 +417,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop(length)
             return
         body = self.rfile.read(length)
+        if fault is not None and fault.kind == "hold":
+            fault.arrived.set()
+            fault.release.wait(120)
+            fault = None
         params: dict[str, str | None] = {}
         upload: Path | None = None
         status, errors = 200, None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _PIDS = itertools.count(os.getpid() * 10)
+LOCK_WAIT = 10.0  # seconds PVE's lock_file waits for a VM's config lock
 
 
 class TaskFailed(Exception):
@@ -63,9 +64,12 @@ class Tasks:
         self.lock = threading.Lock()
 
     def start(self, kind: str, ident: str, user: str, work: Callable[[Task], None],
-              on_failure: Callable[[], None] | None = None) -> Task:
+              on_failure: Callable[[], None] | None = None, *, hold: threading.Lock | None = None,
+              hold_name: str = "") -> Task:
         """Run ``work`` as a task; ``on_failure`` undoes what the API call did before the task
-        (PVE's workers clean up after themselves, an injected failure included)."""
+        (PVE's workers clean up after themselves, an injected failure included). ``hold``: a lock the
+        whole task holds, its slowness included (qemu-server's ``lock_config`` around a config
+        update and its disk imports), waited for 10 s as PVE's ``lock_file`` does (``hold_name``)."""
         pid = next(_PIDS)
         now = int(time.time())
         task = Task(make_upid(self.node, pid, now & 0xFFFFFF, now, kind, ident, user), self.node,
@@ -74,8 +78,31 @@ class Tasks:
             self.by_upid[task.upid] = task
             failure = self.fail_next.pop(kind, None)
             delay = self.slow_next.pop(kind, 0.0)
+        if hold is not None:
+            work = self._holding(hold, hold_name, delay, work)
+            delay = 0.0
         threading.Thread(target=self._run, args=(task, work, failure, delay, on_failure), daemon=True).start()
         return task
+
+    @staticmethod
+    def _holding(hold: threading.Lock, name: str, delay: float,
+                 work: Callable[[Task], None]) -> Callable[[Task], None]:
+        def holding(task: Task) -> None:
+            if not hold.acquire(timeout=LOCK_WAIT):
+                raise TaskFailed(f"can't lock file '{name}' - got timeout")
+            try:
+                if delay:
+                    time.sleep(delay)
+                work(task)
+            finally:
+                hold.release()
+        return holding
+
+    def active(self, vmid: str | None = None) -> list[Task]:
+        """The tasks still running (of VM ``vmid``: its id, as PVE's task list filters them)."""
+        with self.lock:
+            return [task for task in self.by_upid.values()
+                    if task.status == "running" and (vmid is None or task.id == vmid)]
 
     @staticmethod
     def _run(task: Task, work: Callable[[Task], None], failure: str | None, delay: float,

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from ..errors import SourceError, UnsafeSourceError, V2PError
 from . import vmdk
-from .model import SECTOR, DiskImage, Extent, ExtentKind, Flavor
+from .model import SECTOR, DiskImage, Extent, ExtentKind, FileId, Flavor
 
 __all__ = ["inspect_disk", "inspect_paths", "Row", "DiskImage", "Extent", "ExtentKind", "Flavor",
-           "describe"]
+           "describe", "describe_bytes", "foreign_format", "check_raw"]
 
 _FLAT_CREATE_TYPES = {
     "monolithicflat": Flavor.MONOLITHIC_FLAT,
@@ -55,16 +55,19 @@ def describe(path: Path) -> str:
         return ""
 
 
-def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True) -> DiskImage:
+def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True, link_ok: bool = True) -> DiskImage:
     """Inspect the disk at ``path``; raise SourceError if it is not one v2p can take.
 
     With ``check_boot``, also read the first two sectors of the (consolidated)
-    disk through qemu-img and report the MBR/GPT boot signature.
+    disk through qemu-img and report the MBR/GPT boot signature. ``link_ok``:
+    ``path`` may be a symbolic link the caller named (a loose disk); a path v2p
+    resolved itself (a .vmx's or .ovf's disk) is pinned without following one.
     """
     path = Path(path)
     name = str(path)
     # First: every later message names the file, and must stay one line.
     vmdk.refuse_line_break(os.path.abspath(path))
+    named_link = link_ok and os.path.islink(path)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -80,7 +83,7 @@ def inspect_disk(path: str | os.PathLike[str], *, check_boot: bool = True) -> Di
     if kind is not None:
         raise SourceError(f"{name} is {kind}, not a regular file")
     image = _inspect_file(Path(os.path.abspath(path)), name, _Walk())
-    image = replace(image, magic=describe(image.path))
+    image = replace(image, magic=describe(image.path), named_link=named_link)
     return _with_boot_signature(image) if check_boot else image
 
 
@@ -95,10 +98,12 @@ class _Walk:
 
 
 def _inspect_file(path: Path, name: str, walk: _Walk) -> DiskImage:
+    """The image at ``path``, its files' identities recorded as read (``DiskImage.ids``)."""
     walk.visited.add(Path(os.path.realpath(path)))
     try:
         with vmdk.open_regular(path, name) as src:
-            size = os.fstat(src.fileno()).st_size
+            opened = FileId.of(os.fstat(src.fileno()))
+            size = opened.size
             if size == 0:
                 raise SourceError(f"{name} is empty (0 bytes), not a disk image")
             head = src.read(_HEAD)
@@ -112,7 +117,12 @@ def _inspect_file(path: Path, name: str, walk: _Walk) -> DiskImage:
                 text = src.read()
     except OSError as exc:
         raise SourceError(f"{name}: cannot read: {exc.strerror}") from None
+    image = _inspect_bytes(path, name, head, tail, text, size, walk)
+    return replace(image, ids={**image.ids, path: opened})
 
+
+def _inspect_bytes(path: Path, name: str, head: bytes, tail: bytes, text: bytes, size: int,
+                   walk: _Walk) -> DiskImage:
     if head.startswith(vmdk.KDMV):
         return _hosted_sparse(path, name, head, size, walk)
     if head.startswith(vmdk.COWD) or (len(head) >= 8 and struct.unpack_from("<Q", head)[0]
@@ -190,7 +200,8 @@ def _from_descriptor(path: Path, name: str, data: bytes, walk: _Walk) -> DiskIma
     if (delta_kinds or key in _DELTA_CREATE_TYPES) and desc.parent_cid is None:
         raise SourceError(f"{name}: {create_type} snapshot delta without a parent "
                           "(parentCID is ffffffff): its unwritten sectors are unknown")
-    extents = vmdk.validate_extents(desc, path, extents_above=walk.extents, links_above=walk.links)
+    seen: dict[Path, os.stat_result] = {}
+    extents = vmdk.validate_extents(desc, path, extents_above=walk.extents, links_above=walk.links, seen=seen)
     walk.extents += len(desc.extents)
     walk.links += 1
     for extent in extents:
@@ -207,7 +218,8 @@ def _from_descriptor(path: Path, name: str, data: bytes, walk: _Walk) -> DiskIma
         warnings.append(f"{path.name} has RDONLY extents; reading them like RW ones")
     image = DiskImage(path, flavor, "vmdk", sum(e.size for e in extents), extents,
                       adapter_type=desc.adapter_type, create_type=create_type,
-                      warnings=tuple(warnings), notes=tuple(notes), cid=desc.cid, ddb=dict(desc.ddb))
+                      warnings=tuple(warnings), notes=tuple(notes), cid=desc.cid, ddb=dict(desc.ddb),
+                      ids={extent: FileId.of(st) for extent, st in seen.items()})
     if desc.parent_cid is not None:
         return _with_parent(image, desc, name, walk)
     return image
@@ -238,8 +250,26 @@ def _with_parent(image: DiskImage, desc: vmdk.Descriptor, name: str, walk: _Walk
     return replace(image, parent=parent, parent_cid=desc.parent_cid)
 
 
+def describe_bytes(head: bytes) -> str:
+    """libmagic's description of a file's first bytes (for data v2p reads in place, not by path)."""
+    try:
+        import magic
+
+        return str(magic.from_buffer(head))
+    except Exception:  # libmagic missing: the checks decide alone
+        return ""
+
+
 def _other_format(path: Path, name: str, head: bytes, tail: bytes) -> DiskImage | None:
-    """qcow2, VHD, VHDX, VDI: formats qemu-img reads itself, told apart by their magic."""
+    found = foreign_format(name, head, tail)
+    return _foreign(path, *found) if found is not None else None
+
+
+def foreign_format(name: str, head: bytes, tail: bytes) -> tuple[Flavor, str] | None:
+    """qcow2, VHD, VHDX, VDI: formats qemu-img reads itself, told apart by their magic; the flavor
+    and qemu's format name, None for anything else. ``head``: the first 64 KiB, ``tail``: the
+    last 512 bytes. What makes one read another file (a qcow2 backing or data file, a VHD's
+    parent) or need a key is refused here, from these bytes alone."""
     if head.startswith(b"QFI\xfb") and len(head) >= 72:
         backing_offset, = struct.unpack_from(">Q", head, 8)
         if backing_offset:
@@ -253,18 +283,18 @@ def _other_format(path: Path, name: str, head: bytes, tail: bytes) -> DiskImage 
         if version >= 3 and len(head) >= 80 and struct.unpack_from(">Q", head, 72)[0] & 0x4:
             raise UnsafeSourceError(f"{name} is a qcow2 image with an external data file: refused",
                                     hint="convert it to a self-contained image first")
-        return _foreign(path, Flavor.QCOW2, "qcow2")
+        return Flavor.QCOW2, "qcow2"
     if head.startswith(b"vhdxfile"):
-        return _foreign(path, Flavor.VHDX, "vhdx")
+        return Flavor.VHDX, "vhdx"
     if len(head) >= 0x44 and struct.unpack_from("<I", head, 0x40)[0] == 0xBEDA107F:
-        return _foreign(path, Flavor.VDI, "vdi")
+        return Flavor.VDI, "vdi"
     for footer in (tail, head[:SECTOR]):
         if footer.startswith(b"conectix") and len(footer) >= 0x40:
             disk_type, = struct.unpack_from(">I", footer, 0x3C)
             if disk_type == 4:
                 raise SourceError(f"{name} is a differencing VHD (it needs its parent): refused",
                                   hint="merge it into its parent first")
-            return _foreign(path, Flavor.VHD, "vpc")
+            return Flavor.VHD, "vpc"
     return None
 
 
@@ -280,7 +310,20 @@ def _foreign(path: Path, flavor: Flavor, fmt: str) -> DiskImage:
 
 
 def _raw(path: Path, name: str, head: bytes, size: int) -> DiskImage:
-    kind = describe(path)
+    check_raw(name, head, size, describe(path))
+    flavor = Flavor.FLAT_EXTENT if path.name.endswith("-flat.vmdk") else Flavor.RAW
+    warning = f"{path.name}: no VMDK descriptor found; treating it as raw data"
+    if flavor is Flavor.FLAT_EXTENT:
+        sibling = path.with_name(path.name[: -len("-flat.vmdk")] + ".vmdk")
+        if sibling.exists():
+            warning += f" (its descriptor {sibling.name} is beside it: pass that instead)"
+    extent = Extent(size // SECTOR, ExtentKind.FLAT, path, 0)
+    return DiskImage(path, flavor, "raw", size, (extent,), warnings=(warning,))
+
+
+def check_raw(name: str, head: bytes, size: int, kind: str) -> None:
+    """Refuse raw data of ``size`` bytes starting with ``head`` unless it is a disk: whole sectors,
+    and a boot signature or a partition table / file system libmagic names (``kind``)."""
     boot = len(head) >= SECTOR and head[510:512] == b"\x55\xaa"
     # Raw data is only taken as a disk when something says it is one: a boot
     # signature, or libmagic finding a partition table or file system on it.
@@ -293,14 +336,6 @@ def _raw(path: Path, name: str, head: bytes, size: int) -> DiskImage:
     if not diskish:
         raise SourceError(f"{name} is {what} with no boot sector, partition table or file system: "
                           "not a disk image", hint="give the VM's .vmdk descriptor or a raw/flat disk")
-    flavor = Flavor.FLAT_EXTENT if path.name.endswith("-flat.vmdk") else Flavor.RAW
-    warning = f"{path.name}: no VMDK descriptor found; treating it as raw data"
-    if flavor is Flavor.FLAT_EXTENT:
-        sibling = path.with_name(path.name[: -len("-flat.vmdk")] + ".vmdk")
-        if sibling.exists():
-            warning += f" (its descriptor {sibling.name} is beside it: pass that instead)"
-    extent = Extent(size // SECTOR, ExtentKind.FLAT, path, 0)
-    return DiskImage(path, flavor, "raw", size, (extent,), warnings=(warning,))
 
 
 def _with_boot_signature(image: DiskImage) -> DiskImage:
@@ -311,8 +346,11 @@ def _with_boot_signature(image: DiskImage) -> DiskImage:
     with tempfile.TemporaryDirectory(prefix="v2p-inspect-") as tmp:
         source = qemu_source(image, Path(tmp))
         out = Path(tmp) / "head.raw"
-        run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", "count=2",
-             f"if={source.filename}", f"of={out}"], timeout=30)
+        try:
+            run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", "count=2",
+                 f"if={source.filename}", f"of={out}"], timeout=30, pass_fds=source.fds)
+        finally:
+            source.close()
         data = out.read_bytes()
     if data[512:520] == b"EFI PART":
         signature = "gpt"

@@ -7,6 +7,7 @@ enough), so later stages never need to look at a descriptor again.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -65,6 +66,31 @@ class Extent:
 
 
 @dataclass(frozen=True)
+class FileId:
+    """Which file a path led to when inspection read it: a later open must find this very file
+    (same device and inode, not rewritten since: same size and mtime)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def differs(self, other: FileId) -> str | None:
+        """How ``other`` is not this file, in a few words; None if it is."""
+        if (other.device, other.inode) != (self.device, self.inode):
+            return "another file is there now (it was replaced or swapped)"
+        if other.size != self.size:
+            return f"it is {other.size} bytes now, {self.size} when inspected"
+        if other.mtime_ns != self.mtime_ns:
+            return "it was written to since"
+        return None
+
+
+@dataclass(frozen=True)
 class DiskImage:
     """A disk image v2p has inspected and found safe to hand to qemu-img.
 
@@ -88,6 +114,8 @@ class DiskImage:
     boot_signature: str | None = None  # "mbr", "gpt", "none"; None until checked
     header: dict[str, int] = field(default_factory=dict)  # a KDMV header's version, flags, ...
     magic: str = ""  # libmagic's description of ``path``: the coarse first look
+    ids: dict[Path, FileId] = field(default_factory=dict)  # this link's own files, as inspection found them
+    named_link: bool = False  # ``path`` was a symbolic link the caller named: the one file pinned through a link
 
     @property
     def chain(self) -> tuple[DiskImage, ...]:
@@ -116,6 +144,15 @@ class DiskImage:
             for path in link.own_files:
                 seen.setdefault(path, None)
         return tuple(seen)
+
+    @property
+    def file_ids(self) -> dict[Path, FileId]:
+        """Every file of ``files`` with the identity inspection found it with."""
+        out: dict[Path, FileId] = {}
+        for link in self.chain:
+            for path, ident in link.ids.items():
+                out.setdefault(path, ident)
+        return out
 
     @property
     def allocated(self) -> int:

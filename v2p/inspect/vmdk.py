@@ -557,15 +557,19 @@ def stat_named(path: Path, name: str, what: str, fname: str, *, missing_hint: st
 
 def check_open_files(extents: int, links: int, name: str) -> None:
     """Refuse a chain of ``links`` descriptors and ``extents`` extent lines in all
-    that qemu-img could not open at once in reasonable time."""
+    that qemu-img could not open at once in reasonable time.
+
+    qemu-img opens a file per extent line and per link, and inherits the pinned source
+    files v2p hands it (at most one per extent or link, see pinned.py): all of them must fit under
+    the hard ``ulimit -n``, as far as which v2p raises its own (inherited) soft limit."""
     if extents > MAX_EXTENTS:
         raise SourceError(
             f"{name}: the disk has {extents} extents (snapshot chain included); v2p takes at most "
             f"{MAX_EXTENTS}, as qemu-img opens every one at once and slows down with the square of "
             "their number", hint="convert it to a single file in VMware first: "
                                  "vmware-vdiskmanager -r DISK.vmdk -t 0 ONE.vmdk")
-    opened = extents + links
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    opened = 2 * (extents + links)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if limit != resource.RLIM_INFINITY and opened + FD_HEADROOM > limit:
         raise SourceError(f"{name}: qemu-img would hold {opened} files open at once for this disk, "
                           f"more than this process may open (ulimit -n is {limit})",
@@ -573,7 +577,7 @@ def check_open_files(extents: int, links: int, name: str) -> None:
 
 
 def validate_extents(desc: Descriptor, descriptor_path: Path, *, extents_above: int = 0,
-                     links_above: int = 0) -> tuple[Extent, ...]:
+                     links_above: int = 0, seen: dict[Path, os.stat_result] | None = None) -> tuple[Extent, ...]:
     """Turn the descriptor's extent lines into checked ``Extent``s.
 
     ``extents_above`` and ``links_above`` count the extent lines and links
@@ -584,6 +588,7 @@ def validate_extents(desc: Descriptor, descriptor_path: Path, *, extents_above: 
 
     RDONLY extents are read like RW ones (v2p only reads); qemu-img aborts on
     them, which is one more reason it only ever sees v2p's own descriptor.
+    ``seen`` (when given) gets each extent file's stat, as checked.
     """
     name = descriptor_path.name
     folder = descriptor_path.parent
@@ -625,6 +630,8 @@ def validate_extents(desc: Descriptor, descriptor_path: Path, *, extents_above: 
             files[fname] = path, stat_named(path, name, "extent file", fname,
                                             missing_hint="copy every file of the VM folder, not just the .vmdk")
         path, st = files[fname]
+        if seen is not None:
+            seen[path] = st
         described += len(f'RW {sectors} {kind_name} "" {offset or 0}\n'.encode()) + len(os.fsencode(path))
         if path == real_descriptor and kind.is_raw:
             raise UnsafeSourceError(f"{name}: flat extent points back at its own descriptor: refused")

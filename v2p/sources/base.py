@@ -33,6 +33,10 @@ class DiskInput:
     image: DiskImage | None = None
     messages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
+    def close(self) -> None:
+        """Let go of the source files held open for this disk (see pinned.py): nothing reads it after."""
+        self.qemu.close()
+
 
 class Source(abc.ABC):
     """A VM to migrate, as one kind of input describes it."""
@@ -52,13 +56,14 @@ class Source(abc.ABC):
 
     @abc.abstractmethod
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
-        """What qemu-img reads for ``disk``: inspected and validated. ``workdir`` is a private folder
+        """What qemu-img reads for ``disk``: inspected and validated, its files held open as they were
+        inspected (``convert.qemu_source``) until ``DiskInput.close()``. ``workdir`` is a private folder
         of this migration where the source may write descriptors or stage small files."""
 
     @abc.abstractmethod
     def fingerprint(self) -> list[dict[str, Any]]:
-        """Size and mtime (or another cheap identity) of every file the source reads: a resumed
-        run compares it to notice a source that changed."""
+        """Size, mtime, device and inode of every file the source reads (``convert.file_identity``):
+        a resumed run compares it to notice a source that changed or was swapped for another file."""
 
     def notices(self) -> list[str]:
         """Warnings about the source itself found by ``spec``/``disk_input`` (an OVA without a

@@ -4,8 +4,8 @@ One envelope parser serves both (``parse_envelope``): defusedxml refuses DTDs,
 entities and external references, so an XML bomb or an entity reading
 ``/etc/passwd`` never gets expanded. ``OvfSource`` reads the files beside the
 ``.ovf``; ``OvaSource`` reads them inside the tar, in place: every member is
-checked but nothing is extracted, and a sparse VMDK member is converted
-straight from its offset in the archive. A ``.mf`` manifest is checked before
+checked but nothing is extracted, and every disk member (sparse VMDK, raw,
+qcow2, VHD(X), VDI) is converted straight from its offset in the archive. A ``.mf`` manifest is checked before
 a file it lists is used. Not for: deciding the KVM side (``spec.py`` onwards).
 """
 
@@ -18,7 +18,6 @@ import os
 import re
 import stat
 import tarfile
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +27,14 @@ from typing import Any, BinaryIO
 import defusedxml.ElementTree as DET
 from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
 
+from .. import rules
+from ..convert import INFO_TIMEOUT, file_identity, qemu_source
 from ..convert import Source as QemuInput
-from ..convert import qemu_source
 from ..errors import SourceError, UnsafeSourceError
-from ..fsutil import private_dir
-from ..inspect import inspect_disk, vmdk
-from ..inspect.model import SECTOR, Flavor
+from ..inspect import check_raw, describe_bytes, foreign_format, inspect_disk, vmdk
+from ..inspect.model import SECTOR, FileId, Flavor
+from ..pinned import PinnedFiles
+from ..runner import run
 from ..spec import CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
 from .base import DiskInput, Source
 
@@ -47,6 +48,9 @@ MAX_ENVELOPE = 32 << 20
 MAX_MANIFEST = 1 << 20
 # A real OVA holds a handful of members; a tar of millions of empty ones is an attack on memory.
 MAX_MEMBERS = 10_000
+# VMware's largest VM has a few hundred devices (256 disks, 10 NICs, controllers): many more items
+# is not a VM, and placing them on controllers would cost time that grows with their square.
+MAX_ITEMS = 2_000
 CHUNK = 1 << 20
 
 _HASHES = {"sha1": 40, "sha256": 64, "sha512": 128}
@@ -256,8 +260,6 @@ def parse_envelope(data: bytes, name: str) -> Envelope:
         raise SourceError(f"{name}: not an OVF envelope (the root element is {_local(root.tag)!r} "
                           f"in {_ns(root.tag) or 'no namespace'!r})")
     warnings: list[str] = []
-    files = _references(root, name)
-    disks = _disk_section(root, name, files, warnings)
     if any(_local(e.tag) == "VirtualSystemCollection" for e in root):
         raise SourceError(f"{name}: the package holds a collection of virtual machines (a vApp); "
                           "v2p migrates one VM at a time", hint="export each VM as its own OVF")
@@ -267,19 +269,27 @@ def parse_envelope(data: bytes, name: str) -> Envelope:
     system = systems[0]
     vm_name = next(((e.text or "").strip() for e in _children(system, "Name")), "") or \
         (_attr(system, "id") or "").strip() or Path(name).stem
+    hardware = _hardware_section(system, name)
+    configuration = _configuration(root)
+    elements = [element for element in hardware
+                if _local(element.tag) in ("Item", "EthernetPortItem", "StorageItem")
+                and _ns(element.tag) in OVF_NAMESPACES
+                # an item of another deployment option is not this VM's
+                and (not (_attr(element, "configuration") or "").split()
+                     or configuration in (_attr(element, "configuration") or "").split())]
+    # Counted first, from the bare elements: before the References and items are worked through,
+    # and long before any disk file is opened.
+    rules.refuse_counts(vm_name, disks=sum(1 for e in elements if _resource_type(e) == DISK),
+                        nics=sum(1 for e in elements if _resource_type(e) == ETHERNET))
+    if len(elements) > MAX_ITEMS:
+        raise SourceError(f"{name}: {len(elements)} hardware items, more than {MAX_ITEMS}: not one VM's "
+                          "hardware: refused")
+    files = _references(root, name)
+    disks = _disk_section(root, name, files, warnings)
     spec = VMSpec(name=vm_name)
     for section in _children(system, "OperatingSystemSection"):
         spec.guest_os = _vmw(section, "osType") or None
-    hardware = _hardware_section(system, name)
-    configuration = _configuration(root)
-    items = []
-    for element in hardware:
-        if _local(element.tag) in ("Item", "EthernetPortItem", "StorageItem") and \
-                _ns(element.tag) in OVF_NAMESPACES:
-            only = (_attr(element, "configuration") or "").split()
-            if only and configuration not in only:
-                continue  # belongs to another deployment option
-            items.append(_item(element))
+    items = [_item(element) for element in elements]
     config: dict[str, str] = {}
     for element in hardware:
         if _ns(element.tag) == VMW and _local(element.tag) in ("Config", "ExtraConfig"):
@@ -300,6 +310,8 @@ def _references(root: ET.Element, name: str) -> dict[str, FileRef]:
     files: dict[str, FileRef] = {}
     for section in _children(root, "References"):
         for element in _children(section, "File"):
+            if len(files) >= MAX_ITEMS:
+                raise SourceError(f"{name}: more than {MAX_ITEMS} files in References: not one VM's: refused")
             file_id, href = _attr(element, "id") or "", _attr(element, "href") or ""
             if file_id in files:
                 raise SourceError(f"{name}: two files with the id {file_id!r} in References")
@@ -322,6 +334,8 @@ def _disk_section(root: ET.Element, name: str, files: dict[str, FileRef],
     for element in root.iter():
         if _local(element.tag) != "Disk" or _ns(element.tag) not in OVF_NAMESPACES:
             continue
+        if len(disks) >= MAX_ITEMS:
+            raise SourceError(f"{name}: more than {MAX_ITEMS} disks in the DiskSection: not one VM's: refused")
         disk_id = _attr(element, "diskId") or ""
         file_id = _attr(element, "fileRef")
         if file_id is not None and file_id not in files:
@@ -530,6 +544,14 @@ def _disk(item: _Item, controllers: dict[str, _Controller], disks: dict[str, _Di
     return DiskSpec(controller.kind, controller.bus, unit, file_id, capacity, controller.model, mode, shared)
 
 
+def _resource_type(element: ET.Element) -> int | None:
+    """An item's CIM ResourceType, read without building the item."""
+    for child in element:
+        if _local(child.tag) == "ResourceType" and _ns(child.tag).startswith(CIM):
+            return _int(child.text)
+    return None
+
+
 def _boot_instance(system: ET.Element) -> str | None:
     """The InstanceID of the first disk in VMware's boot order section, if it has one."""
     for element in system.iter(f"{{{VMW}}}BootOrderSection"):
@@ -701,16 +723,18 @@ class _Package(Source):
                 raise self._mismatch(href, digest)
             self._verified.add(href)
 
-    def verify(self, href: str, copy: Callable[[bytes], object] | None = None) -> None:
+    def verify(self, href: str, copy: Callable[[bytes], object] | None = None, *,
+               through: str | None = None) -> None:
         """Check ``href`` against the manifest, reading it once in 1 MiB pieces (each also
-        handed to ``copy``, when given); a file already checked is not read again unless copied."""
+        handed to ``copy``, when given); a file already checked is not read again unless copied.
+        ``through``: the pinned file to read (``/dev/fd/N``), which is what the copy reads."""
         if href in self._verified and copy is None:
             return
         digest = self._digest_for(href)
         if digest is None and copy is None:
             return
         hasher = hashlib.new(digest.algorithm) if digest is not None else None
-        with self._open(href) as src:
+        with open(through, "rb") if through is not None else self._open(href) as src:
             while chunk := src.read(CHUNK):
                 if hasher is not None:
                     hasher.update(chunk)
@@ -772,10 +796,17 @@ class OvfSource(_Package):
 
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
         ref = self._file_of(disk)
-        self.verify(ref.href)
-        image = inspect_disk(self._resolve(ref.href))
-        return DiskInput(qemu_source(image, workdir), image.capacity, image.flavor.value, image,
-                         tuple(image.messages))
+        image = inspect_disk(self._resolve(ref.href), link_ok=False)
+        # One folder per disk, as for a .vmx: qemu_source writes its descriptors under fixed names.
+        qemu = qemu_source(image, workdir / f"{disk.controller}{disk.bus}-{disk.unit}")
+        try:
+            # The manifest is checked on the file qemu-img will read, not on whatever the path holds.
+            assert qemu.pins is not None
+            self.verify(ref.href, through=qemu.pins.path(image.path))
+        except BaseException:
+            qemu.close()
+            raise
+        return DiskInput(qemu, image.capacity, image.flavor.value, image, tuple(image.messages))
 
     def fingerprint(self) -> list[dict[str, Any]]:
         envelope = self.envelope()
@@ -785,9 +816,7 @@ class OvfSource(_Package):
         names += [envelope.disk_file(d, str(self.path)).href for d in envelope.spec.disks]
         out: list[dict[str, Any]] = []
         for href in dict.fromkeys(names):
-            path = self._resolve(href)
-            st = os.stat(path)
-            out.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+            out.append(file_identity(self._resolve(href)))
         return out
 
 
@@ -912,12 +941,16 @@ class OvaSource(_Package):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path)
         self._members: dict[str, Member] | None = None
+        self._id = FileId(-1, -1, -1, -1)  # the archive as first opened (``_open_package``)
         self._ovf = ""
 
     def _open_package(self) -> None:
         if self._members is not None:
             return
-        members = scan_tar(self.path, str(self.path))
+        # Every later read of the archive must find this very file (see ``_open``).
+        with vmdk.open_regular(self.path, str(self.path)) as handle:
+            self._id = FileId.of(os.fstat(handle.fileno()))
+            members = scan_tar(Path(f"/dev/fd/{handle.fileno()}"), str(self.path))
         ovfs = [m for m in members if m.lower().endswith(".ovf")]
         if len(ovfs) != 1:
             raise SourceError(f"{self.path}: {len(ovfs)} .ovf descriptors in the archive; an OVA has one",
@@ -948,30 +981,74 @@ class OvaSource(_Package):
 
     def _open(self, href: str) -> BinaryIO:
         member = self._member(href)
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+        st = os.fstat(fd)
+        why = "it is not a regular file any more" if not stat.S_ISREG(st.st_mode) else \
+            self._id.differs(FileId.of(st))
+        if why is not None:
             os.close(fd)
-            raise SourceError(f"{self.path} is not a regular file any more")
+            raise SourceError(f"{self.path} is not the archive first read: {why}: refused",
+                              hint="leave the source alone while v2p migrates it, then run the same command again")
         return _MemberFile(fd, member.offset, member.size)
 
     def _where(self, href: str) -> str:
         return f"{self.path}: member {href}"
 
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
+        """Every disk member is read where it lies in the archive: nothing is copied out, so
+        inspecting an OVA of a 4 GiB disk reads headers (and its digest), and a killed run leaves
+        nothing behind. What the member's own bytes say is checked before the digest is taken."""
         ref = self._file_of(disk)
         member = self._member(ref.href)
         where = self._where(ref.href)
+        if member.size == 0:
+            raise SourceError(f"{where} is empty (0 bytes), not a disk image")
         with self._open(ref.href) as src:
             head = src.read(64 * 1024)
             if head.startswith(vmdk.KDMV):
                 self.verify(ref.href)
                 return self._in_place(src, member, where)
+            src.seek(max(0, member.size - SECTOR))
+            tail = src.read(SECTOR)
         if vmdk.looks_like_descriptor(head):
             raise SourceError(f"{where}: a VMDK text descriptor whose data lies in other files; "
                               "v2p converts self-contained disks from an OVA",
                               hint="re-export with ovftool (streamOptimized disks), or unpack the OVA "
                                    "with tar and give v2p the .ovf")
-        return self._staged(ref.href, member, workdir)
+        if head.startswith(vmdk.COWD) or head[:8] == vmdk.SESPARSE_MAGIC.to_bytes(8, "little"):
+            raise SourceError(f"{where} is an ESX snapshot delta extent, not a disk on its own",
+                              hint="consolidate the snapshots in VMware and export again")
+        return self._window(ref.href, member, where, disk, head, tail)
+
+    def _window(self, href: str, member: Member, where: str, disk: DiskSpec, head: bytes,
+                tail: bytes) -> DiskInput:
+        """A raw, qcow2, VHD(X) or VDI member: its format's driver over a raw window of the archive
+        (the archive checked when its tar was read, whatever is at its path by then: see pinned.py)."""
+        pins = PinnedFiles({self.path: self._id})
+        window: dict[str, Any] = {"driver": "raw", "offset": member.offset, "size": member.size,
+                                  "file": {"driver": "file", "filename": pins.path(self.path)}}
+        found = foreign_format(where, head, tail)
+        if found is None:
+            check_raw(where, head, member.size, describe_bytes(head))
+            if disk.capacity and disk.capacity != member.size:
+                raise SourceError(f"{where}: a raw disk of {member.size} bytes, but the OVF declares a capacity "
+                                  f"of {disk.capacity}: refused", hint="the package is damaged; export it again")
+            self.verify(href)
+            qemu = QemuInput("raw", "json:" + json.dumps(window), pins)
+            flavor, capacity = Flavor.RAW, member.size
+        else:
+            flavor, fmt = found
+            self.verify(href)  # before qemu-img reads a byte of it
+            spec: dict[str, Any] = {"driver": fmt, "file": window}
+            if fmt == "qcow2":
+                spec["backing"] = None
+            qemu = QemuInput(fmt, "json:" + json.dumps(spec), pins)
+            info = json.loads(run(["qemu-img", "info", "--output=json", "-f", fmt, qemu.filename],
+                                  timeout=INFO_TIMEOUT, pass_fds=qemu.fds).stdout)
+            capacity = int(info["virtual-size"])
+        note = (f"{member.name} ({flavor.value}) is read in place from {self.path.name} (offset {member.offset}, "
+                f"{member.size} bytes); nothing is extracted")
+        return DiskInput(qemu, capacity, flavor.value, None, (("note", note),))
 
     def _in_place(self, src: BinaryIO, member: Member, where: str) -> DiskInput:
         """A hosted sparse VMDK (streamOptimized, as OVAs carry): qemu reads it where it lies,
@@ -991,33 +1068,14 @@ class OvaSource(_Package):
                 raise SourceError(f"{where}: header capacity is {header.capacity} sectors, its embedded "
                                   f"descriptor says {described} (capacity mismatch)")
         flavor = Flavor.STREAM_OPTIMIZED if header.stream_optimized else Flavor.MONOLITHIC_SPARSE
+        # qemu reads the archive checked above, whatever is at its path by then (see pinned.py).
+        pins = PinnedFiles({self.path: self._id})
         window = {"driver": "raw", "offset": member.offset, "size": member.size,
-                  "file": {"driver": "file", "filename": str(self.path)}}
-        qemu = QemuInput("vmdk", "json:" + json.dumps({"driver": "vmdk", "file": window, "backing": None}))
+                  "file": {"driver": "file", "filename": pins.path(self.path)}}
+        qemu = QemuInput("vmdk", "json:" + json.dumps({"driver": "vmdk", "file": window, "backing": None}), pins)
         note = (f"{member.name} is read in place from {self.path.name} (offset {member.offset}, "
                 f"{member.size} bytes); nothing is extracted")
         return DiskInput(qemu, header.capacity * SECTOR, flavor.value, None, (("note", note),))
 
-    def _staged(self, href: str, member: Member, workdir: Path) -> DiskInput:
-        """Any other disk member (raw, qcow2, ...) is copied into the private workdir, checked
-        against the manifest on the way, and inspected there like a loose disk."""
-        stage = private_dir(workdir / "ova")
-        target = stage / re.sub(r"[^A-Za-z0-9._-]", "_", Path(member.name).name)
-        fd, tmp = tempfile.mkstemp(dir=stage, prefix=".staging-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                self.verify(href, copy=out.write)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        image = inspect_disk(target)
-        note = f"{member.name} ({image.flavor.value}) was copied out of {self.path.name} into {stage}"
-        return DiskInput(qemu_source(image, workdir), image.capacity, image.flavor.value, image,
-                         (("note", note), *image.messages))
-
     def fingerprint(self) -> list[dict[str, Any]]:
-        st = os.stat(self.path)
-        return [{"path": str(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}]
+        return [file_identity(self.path)]

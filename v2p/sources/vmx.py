@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..convert import qemu_source, source_fingerprint
+from .. import rules
+from ..convert import file_identity, qemu_source, source_fingerprint
 from ..errors import SourceError, UnsafeSourceError
 from ..inspect import inspect_disk
 from ..inspect import vmdk as vmdk_parser
@@ -57,6 +58,17 @@ _DISK_CRYPT = re.compile(rb'^[ \t]*(?:encryptionkeys|encryption\.keysafe|encrypt
 # Keys that hold the VM home's key safe: vSphere (encryption.bundle; a vTPM requires it) and
 # hosted products (encryption.keySafe + encryption.data; "fast" encryption leaves the disks plain).
 _HOME_CRYPT = ("encryption.keySafe", "encryption.data", "encryption.bundle")
+# The text encodings a .vmx may declare, by codecs.lookup's name: what VMware writes (UTF-8, the
+# Windows and ISO code pages, the East Asian multi-byte sets) and other ASCII-compatible ones, in
+# which a newline, '=', '"' and '|' are those bytes. Python also registers bytes-to-bytes codecs
+# (hex, zlib, rot13, ...), stateful or 16-bit ones (utf-16, iso2022) and "undefined": never text here.
+TEXT_ENCODINGS = frozenset({
+    "utf-8", "utf-8-sig", "ascii", "mac-roman", "koi8-r", "koi8-u", "tis-620",
+    *(f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16)),
+    *(f"cp{n}" for n in (437, 850, 852, 866, 874, 932, 949, 1250, 1251, 1252, 1253, 1254, 1255, 1256,
+                          1257, 1258)),
+    "shift_jis", "euc_jp", "gb2312", "gbk", "gb18030", "big5", "big5hkscs", "euc_kr",
+})
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
@@ -110,20 +122,16 @@ def parse_vmx(data: bytes, name: str) -> VmxFile:
     encoding = "utf-8"
     declared = _ENCODING.search(data)
     if declared:
-        label = declared.group(1).decode("ascii", "replace").strip()
-        try:
-            encoding = codecs.lookup(label).name
-        except LookupError:
-            at = data.count(b"\n", 0, declared.start()) + 1
-            raise SourceError(f"{name}:{at}: .encoding {label!r} is not an encoding v2p knows") from None
+        encoding = _text_encoding(declared.group(1), name, data.count(b"\n", 0, declared.start()) + 1)
     vmx = VmxFile(name)
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
         try:
             line = raw.decode(encoding)
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"{name}:{number}: not {encoding} text (byte {raw[exc.start]:#04x}): "
-                              "not a .vmx file") from None
+        except UnicodeError as exc:
+            at = getattr(exc, "start", None)
+            byte = f" (byte {raw[at]:#04x})" if isinstance(at, int) and 0 <= at < len(raw) else ""
+            raise SourceError(f"{name}:{number}: not {encoding} text{byte}: not a .vmx file") from None
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -144,14 +152,29 @@ def parse_vmx(data: bytes, name: str) -> VmxFile:
     return vmx
 
 
+def _text_encoding(raw: bytes, name: str, line: int) -> str:
+    """The codec of a ``.encoding`` label, if it is one of ``TEXT_ENCODINGS``; else a one-line SourceError."""
+    label = raw.decode("ascii", "replace").strip()
+    shown = repr(label[:40]) + ("..." if len(label) > 40 else "")
+    hint = 'VMware writes .encoding = "UTF-8" (or the Windows code page of the host, such as "windows-1252")'
+    try:
+        encoding = codecs.lookup(label).name
+    except (LookupError, ValueError):  # ValueError: a label with a NUL
+        raise SourceError(f"{name}:{line}: .encoding {shown} is not an encoding v2p knows", hint=hint) from None
+    if encoding not in TEXT_ENCODINGS:
+        raise SourceError(f"{name}:{line}: .encoding {shown} is not a text encoding a .vmx can be written in: "
+                          "refused", hint=hint)
+    return encoding
+
+
 def _unescape(value: str, encoding: str, name: str, number: int) -> str:
     """VMware's ``|XX`` escapes (|22 is ", |7C is |): bytes of the file's encoding, decoded with it."""
     if "|" not in value:
         return value
-    raw = _ESCAPE.sub(lambda m: bytes.fromhex(m.group(1).decode()), value.encode(encoding))
     try:
+        raw = _ESCAPE.sub(lambda m: bytes.fromhex(m.group(1).decode()), value.encode(encoding))
         return raw.decode(encoding)
-    except UnicodeDecodeError:
+    except UnicodeError:
         raise SourceError(f"{name}:{number}: an |XX escape makes bytes that are not {encoding} text") from None
 
 
@@ -274,6 +297,11 @@ class VmxSource(Source):
             if match and vmx.flag(key):
                 slots.append(_Slot(match.group(1), int(match.group(2)), int(match.group(3))))
         slots.sort(key=lambda s: (CONTROLLER_KINDS.index(s.controller), s.bus, s.unit))
+        # Count before a disk is opened: each is inspected below, and a VM of thousands is refused now.
+        disks = sum(1 for slot in slots if (vmx.get(f"{slot.label}.deviceType") or "").strip().lower()
+                    in _DISK_TYPES | _RDM_TYPES | {""} and (slot.controller == "ide" or vmx.flag(
+                        f"{slot.controller}{slot.bus}.present", default=True)))
+        rules.refuse_counts(spec.name, disks=disks, nics=len(_nic_ports(vmx)))
         for slot in slots:
             ns = slot.label
             controller = f"{slot.controller}{slot.bus}"
@@ -328,8 +356,7 @@ class VmxSource(Source):
         return disk
 
     def _nics(self, vmx: VmxFile, spec: VMSpec) -> None:
-        ports = sorted(int(m.group(1)) for key in vmx.settings if (m := _NIC.match(key)) and vmx.flag(key))
-        for port in ports:
+        for port in _nic_ports(vmx):
             ns = f"ethernet{port}"
             address_type = (vmx.get(f"{ns}.addressType") or "generated").strip().lower()
             keys = ([f"{ns}.address", f"{ns}.generatedAddress"] if address_type == "static"
@@ -406,7 +433,7 @@ class VmxSource(Source):
 
     def _inspect(self, disk: DiskSpec, path: Path, *, check_boot: bool) -> DiskImage:
         try:
-            return inspect_disk(path, check_boot=check_boot)
+            return inspect_disk(path, check_boot=check_boot, link_ok=False)
         except SourceError as exc:
             raise type(exc)(f"{self.name}: {disk.label} ({disk.source}): {exc.message}", hint=exc.hint) from None
 
@@ -422,18 +449,19 @@ class VmxSource(Source):
         return DiskInput(qemu, image.capacity, image.flavor.value, image, tuple(image.messages))
 
     def fingerprint(self) -> list[dict[str, Any]]:
-        st = os.stat(self.path)
-        out: list[dict[str, Any]] = [{"path": str(Path(os.path.abspath(self.path))), "size": st.st_size,
-                                      "mtime_ns": st.st_mtime_ns}]
+        out: list[dict[str, Any]] = [file_identity(Path(os.path.abspath(self.path)))]
         spec, images = self._build()
         for disk in spec.disks:
             if disk.label in images:
                 out += source_fingerprint(images[disk.label])
             else:  # a raw device map or an encrypted disk: its descriptor is what v2p read
-                path = self._disk_path(disk, self.name)
-                st = os.stat(path)
-                out.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+                out.append(file_identity(self._disk_path(disk, self.name)))
         return out
+
+
+def _nic_ports(vmx: VmxFile) -> list[int]:
+    """The N of each present ``ethernetN``, in order."""
+    return sorted(int(m.group(1)) for key in vmx.settings if (m := _NIC.match(key)) and vmx.flag(key))
 
 
 def _network(vmx: VmxFile, ns: str) -> str | None:

@@ -78,6 +78,11 @@ class Storage(abc.ABC):
         (beyond free space, which ``free_bytes`` answers). Nothing to check by default."""
         return None
 
+    def check_vm(self, vmid: int) -> None:
+        """Refuse, before anything is written, a place for ``vmid``'s volumes that v2p must not
+        write to (a folder that is a link, another user's, or writable by others). Nothing by default."""
+        return None
+
     def remove_vm(self, vmid: int) -> None:
         """Delete every volume of ``vmid`` this storage holds. Nothing by default (a user's device)."""
         return None

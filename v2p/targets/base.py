@@ -147,6 +147,18 @@ class Target(abc.ABC):
         taken = set(self.list_vms())
         return next(vmid for vmid in range(max(above + 1, 100), 1_000_000_000) if vmid not in taken)
 
+    def settle(self, vmid: int) -> list[str]:
+        """Wait until no work on VM ``vmid`` that an earlier (killed) run started still runs on the
+        target, so that its config is final; the ids of the tasks waited for. Nothing by default
+        (a target whose work dies with v2p)."""
+        return []
+
+    def retry_leftovers(self, *, holding: int | None = None) -> dict[str, dict[str, Any]]:
+        """Delete again what v2p meant to delete on the target and could not (``state.Leftovers``);
+        what is still left, by volume id (``vmid``, ``error``, ``since``). ``holding``: the VMID whose
+        lock the caller holds. Nothing by default (a target whose deletions do not fail half-way)."""
+        return {}
+
     def tasks_waited(self) -> list[str]:
         """The ids of the target's own tasks (PVE UPIDs) this object waited for, oldest first."""
         return []
@@ -164,6 +176,12 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def destroy_vm(self, vmid: int) -> None:
         """Stop the VM if needed and remove it with its disks."""
+
+    def remove_temporaries(self, vmid: int) -> None:
+        """Remove what a run killed mid-write left for VM ``vmid`` in the target's own folders (its
+        config's temporary files): only names v2p itself makes, a link removed and never followed.
+        Call under the VMID lock (no other run writes them then); the next run and ``vm rm`` do."""
+        return None  # a target that writes no files of its own (PVE writes through its API) has none
 
     @abc.abstractmethod
     def storage(self, name: str) -> Storage:

@@ -10,19 +10,29 @@ live in PVE's directory-storage layout ``images/<vmid>/vm-<vmid>-disk-N.fmt``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
-import shutil
-import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ..bootwatch import SETTLE, BootWatch, Verdict
-from ..errors import NoSuchVMError, TargetError, ToolError, VMIDExistsError
-from ..fsutil import data_home, fresh_file, private_dir, write_atomic
+from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, ToolError, VMIDExistsError
+from ..fsutil import (
+    data_home,
+    fresh_file,
+    listdir_own,
+    own_dir,
+    private_dir,
+    read_small,
+    remove_entry,
+    remove_stale_temporaries,
+    remove_tree_at,
+    write_atomic,
+)
 from ..interrupts import check as check_interrupts
 from ..runner import run
 from ..state import vmid_of_name
@@ -33,6 +43,7 @@ from .sink import storage_sink
 from .supervisor import QemuProcess, close_quietly
 
 _accel_cache: dict[str, str] = {}
+LOG_LIMIT = 64 << 20  # a guest's serial log, read whole while it is watched
 
 
 def default_dir() -> Path:
@@ -117,13 +128,7 @@ class LocalTarget(Target):
 
     def _socket_dir(self, vmid: int) -> Path:
         """The QMP socket's folder: ours alone (0700), or refused."""
-        folder = self._qmp_path(vmid).parent
-        folder.mkdir(mode=0o700, exist_ok=True)
-        info = folder.lstat()
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-            raise TargetError(f"{folder} is not a private directory of this user: refused",
-                              hint="remove it; v2p creates it with mode 0700")
-        return folder
+        return private_dir(self._qmp_path(vmid).parent)
 
     def serial_log(self, vmid: int) -> Path:
         return self._run_dir(vmid) / "serial.log"
@@ -136,9 +141,22 @@ class LocalTarget(Target):
     def storages(self) -> dict[str, Storage]:
         """``storage.cfg`` in the target dir (PVE syntax); ``local`` is the dir itself by default."""
         found: dict[str, Storage] = {"local": default_dir_storage(self.directory)}
-        if self.storage_cfg.exists():
-            found.update(parse_storage_cfg(self.storage_cfg.read_text(), str(self.storage_cfg)))
+        found.update(parse_storage_cfg(self._storage_cfg_text(), str(self.storage_cfg)))
         return found
+
+    def _storage_cfg_text(self) -> str:
+        return self._read_text(self.storage_cfg) or ""
+
+    @staticmethod
+    def _read_text(path: Path) -> str | None:
+        """A text file of the target (a config, storage.cfg), read safely; None when there is none."""
+        try:
+            return read_small(path).decode()
+        except FileNotFoundError:
+            return None
+        except UnicodeDecodeError:
+            raise TargetError(f"{path} is not text: refused",
+                              hint=f"it is not v2p's: look at it, then remove it by hand (rm {path})") from None
 
     def storage(self, name: str) -> Storage:
         storages = self.storages()
@@ -191,10 +209,10 @@ class LocalTarget(Target):
         storages = self.storages()
         if name in storages:
             raise TargetError(f"storage {name!r} already exists in {self.storage_cfg}")
-        text = self.storage_cfg.read_text() if self.storage_cfg.exists() else ""
+        text = self._storage_cfg_text()
         text += f"\n{kind}: {name}\n" + "".join(f"\t{key} {value}\n" for key, value in options.items())
         parse_storage_cfg(text, str(self.storage_cfg))
-        write_atomic(self.storage_cfg, text)
+        write_atomic(self.storage_cfg, text, root=self.directory)
 
     def volume_file(self, volid: str) -> tuple[Path, str]:
         """(path, format) of a disk named in a config: ``storage:volume`` or a device path."""
@@ -208,31 +226,32 @@ class LocalTarget(Target):
 
     # -- VMs ------------------------------------------------------------
     def vm_exists(self, vmid: int) -> bool:
-        return self._conf(vmid).exists()
+        return os.path.lexists(self._conf(vmid))  # whatever is there: get_config says what is wrong with it
 
     def list_vms(self) -> list[int]:
-        folder = self.directory / "qemu-server"
-        if not folder.is_dir():
-            return []
-        found = (vmid_of_name(path.stem) for path in folder.glob("*.conf"))
+        names = listdir_own(self.directory / "qemu-server")
+        found = (vmid_of_name(name[:-len(".conf")]) for name in names if name.endswith(".conf"))
         return sorted(vmid for vmid in found if vmid is not None)
 
     def create_vm(self, vmid: int, config: VMConfig) -> None:
         path = self._conf(vmid)
-        if path.exists():
+        if self.vm_exists(vmid):
             raise VMIDExistsError(f"VMID {vmid} already exists on the local target ({path})",
-                                  hint=f"pick another --vmid, or remove it with: v2p vm rm {vmid}")
+                                  hint=VMID_TAKEN_HINT)
         self._write_config(vmid, config)
 
     def _write_config(self, vmid: int, config: VMConfig) -> None:
-        write_atomic(self._conf(vmid), format_config(config))
+        write_atomic(self._conf(vmid), format_config(config), root=self.directory)
+
+    def remove_temporaries(self, vmid: int) -> None:
+        path = self._conf(vmid)
+        remove_stale_temporaries(path.parent, path.name)  # write_atomic's, for <vmid>.conf
 
     def get_config(self, vmid: int) -> VMConfig:
-        try:
-            return parse_config(self._conf(vmid).read_text())
-        except FileNotFoundError:
-            raise NoSuchVMError(f"VMID {vmid} does not exist on the local target",
-                                hint="see: v2p vm list") from None
+        text = self._read_text(self._conf(vmid))
+        if text is None:
+            raise NoSuchVMError(f"VMID {vmid} does not exist on the local target", hint="see: v2p vm list")
+        return parse_config(text)
 
     def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = ()) -> None:
         config = self.get_config(vmid)
@@ -248,8 +267,10 @@ class LocalTarget(Target):
             self._kill(vmid)
         for storage in self.storages().values():
             storage.remove_vm(vmid)
-        shutil.rmtree(self._run_dir(vmid), ignore_errors=True)
-        self._conf(vmid).unlink()
+        with contextlib.suppress(FileNotFoundError), own_dir(self.directory, "run", create=False) as runs:
+            remove_tree_at(runs, str(vmid))
+        with own_dir(self.directory, "qemu-server", create=False) as configs:
+            remove_entry(configs, self._conf(vmid).name, self._conf(vmid).parent)
 
     # -- running --------------------------------------------------------
     def _vm(self, vmid: int) -> QemuProcess:
@@ -284,10 +305,10 @@ class LocalTarget(Target):
         if self.status(vmid) == "running":
             raise TargetError(f"VM {vmid} is already running")
         argv = self.command_line(vmid, accel)
-        run_dir = private_dir(self._run_dir(vmid))
         # QEMU and the tether open these by name: make each a fresh file of ours, never a planted link.
-        for name in ("serial.log", "firmware.log", "qemu.log", "qemu.pid"):
-            fresh_file(run_dir / name)
+        with own_dir(self.directory, "run", str(vmid)) as run_dir:
+            for name in ("serial.log", "firmware.log", "qemu.log", "qemu.pid"):
+                fresh_file(run_dir, name)
         self._socket_dir(vmid)
         return self._vm(vmid).launch(argv)
 
@@ -369,6 +390,6 @@ class LocalTarget(Target):
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(errors="replace")
+        return read_small(path, limit=LOG_LIMIT).decode(errors="replace")
     except FileNotFoundError:
         return ""

@@ -26,10 +26,11 @@ from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, Pr
 from proxmoxer.core import ProxmoxResource
 
 from ..bootwatch import SETTLE, BootWatch
-from ..errors import NoSuchVMError, TargetError, VMIDExistsError
+from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, VMIDExistsError
 from ..fsutil import data_home, private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
+from ..state import Leftovers
 from ..storage import Storage
 from .base import BootReport, DiskSink, Target, VMConfig
 from .pve_import import RemoteImportSink
@@ -235,10 +236,31 @@ class ProxmoxTarget(Target):
 
     def wait_task(self, upid: str, *, what: str, timeout: float = 3600.0) -> None:
         """Poll a task until it stops; an exit status other than OK is a TargetError with its log's tail."""
+        self._waited.append(upid)
+        status = self._stopped(upid, what=what, timeout=timeout)
+        exit_status = str(status.get("exitstatus", ""))
+        if exit_status != "OK":
+            path = f"nodes/{self.settings.node}/tasks/{quote(upid, safe='')}"
+            lines = self.call("GET", f"{path}/log", start=0, limit=1000) or []
+            tail = " | ".join(str(line.get("t", "")) for line in lines[-5:])
+            raise TargetError(f"PVE task {what} failed: {exit_status}" + (f" ({tail})" if tail else ""),
+                              hint="the node's task log has the whole story")
+
+    def settle(self, vmid: int) -> list[str]:
+        """Wait for VM ``vmid``'s tasks still running on the node: PVE finishes a task (a disk import)
+        whatever became of the run that started it, and the config it writes is what a rerun must
+        read. How they ended is the config's to tell. Returns their UPIDs."""
+        running = self.call("GET", f"nodes/{self.settings.node}/tasks", source="active", vmid=vmid) or []
+        upids = [str(entry["upid"]) for entry in running if str(entry.get("upid", "")).startswith("UPID:")]
+        for upid in upids:
+            self._stopped(upid, what=f"{upid.split(':')[5]} of VM {vmid}, left running by an earlier run")
+        return upids
+
+    def _stopped(self, upid: str, *, what: str, timeout: float = 3600.0) -> dict[str, Any]:
+        """Poll a task until it stops; its status."""
         node = self.settings.node
         deadline = time.monotonic() + timeout
         path = f"nodes/{node}/tasks/{quote(upid, safe='')}"
-        self._waited.append(upid)
         pause = TASK_FIRST_POLL  # most tasks (config, start, stop) end within a fraction of a second
         while True:
             check_interrupts()
@@ -250,12 +272,8 @@ class ProxmoxTarget(Target):
                                   hint="see the task log in the PVE web interface")
             time.sleep(pause)
             pause = min(pause * 2, TASK_POLL)
-        exit_status = str(status.get("exitstatus", ""))
-        if exit_status != "OK":
-            lines = self.call("GET", f"{path}/log", start=0, limit=1000) or []
-            tail = " | ".join(str(line.get("t", "")) for line in lines[-5:])
-            raise TargetError(f"PVE task {what} failed: {exit_status}" + (f" ({tail})" if tail else ""),
-                              hint="the node's task log has the whole story")
+        found: dict[str, Any] = status
+        return found
 
     def _task(self, result: Any, what: str) -> None:
         if isinstance(result, str) and result.startswith("UPID:"):
@@ -349,13 +367,13 @@ class ProxmoxTarget(Target):
         if taken:
             what = taken[0].get("type", "guest")
             raise VMIDExistsError(f"VMID {vmid} already exists on the PVE cluster ({what} on "
-                                  f"{taken[0].get('node', '?')})", hint="pick another --vmid")
+                                  f"{taken[0].get('node', '?')})", hint=VMID_TAKEN_HINT)
         try:
             self._task(self.call("POST", f"nodes/{self.settings.node}/qemu", vmid=vmid, **config),
                        f"create VM {vmid}")
         except TargetError as exc:
             if re.search(rf"\b(?:VM|CT) {vmid} already exists", exc.message):  # taken since we looked
-                raise VMIDExistsError(exc.message, hint="pick another --vmid") from None
+                raise VMIDExistsError(exc.message, hint=VMID_TAKEN_HINT) from None
             raise
 
     def get_config(self, vmid: int) -> VMConfig:
@@ -382,6 +400,29 @@ class ProxmoxTarget(Target):
         self._task(self.call("DELETE", f"nodes/{self.settings.node}/storage/{storage}/content/"
                              f"{quote(volid, safe='')}"), f"delete {volid}")
 
+    def discard_volume(self, volid: str, vmid: int) -> None:
+        """Delete a volume v2p made for VM ``vmid`` and needs no more (an upload). If PVE refuses,
+        it is recorded as left on the target, retried by every later run and ``v2p status``
+        (``retry_leftovers``), and the TargetError says so."""
+        try:
+            self.delete_volume(volid)
+        except TargetError as exc:
+            Leftovers(self.state_dir()).add(volid, vmid, exc.message)
+            exc.message = (f"{volid}: could not be deleted ({exc.message}); recorded, retried by the next run "
+                           "and by v2p status")
+            raise
+
+    def retry_leftovers(self, *, holding: int | None = None) -> dict[str, dict[str, Any]]:
+        return Leftovers(self.state_dir()).retry(self._delete_if_there, holding=holding)
+
+    def _delete_if_there(self, volid: str) -> None:
+        storage, _, volname = volid.partition(":")
+        content = volname.split("/", 1)[0] if "/" in volname else None
+        listed = self.call("GET", f"nodes/{self.settings.node}/storage/{storage}/content",
+                           **({"content": content} if content in ("import", "iso") else {})) or []
+        if any(entry.get("volid") == volid for entry in listed):
+            self.delete_volume(volid)
+
     def destroy_vm(self, vmid: int) -> None:
         self._require(vmid)
         if self.status(vmid) == "running":
@@ -393,7 +434,7 @@ class ProxmoxTarget(Target):
         ours = re.compile(rf"{re.escape(where)}:import/v2p-{vmid}-disk-\d+\.qcow2")
         for entry in self.call("GET", f"nodes/{node}/storage/{where}/content", content="import") or []:
             if ours.fullmatch(str(entry.get("volid", ""))):
-                self.delete_volume(str(entry["volid"]))
+                self.discard_volume(str(entry["volid"]), vmid)
         for path in self.staging_dir().glob(f"v2p-{vmid}-disk-*.qcow2"):
             path.unlink(missing_ok=True)
         if self.settings.on_node:

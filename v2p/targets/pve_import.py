@@ -116,11 +116,13 @@ class RemoteImportSink(DiskSink):
 
     def _delete_upload(self) -> None:
         if self.exists():
-            self.target.delete_volume(self.import_volid)
+            self.target.discard_volume(self.import_volid, self.vmid)
 
     def remove(self) -> None:
-        self._delete_upload()
-        self.staging.path.unlink(missing_ok=True)
+        try:
+            self._delete_upload()
+        finally:  # the local copy goes even when PVE keeps the upload (recorded as left over)
+            self.staging.path.unlink(missing_ok=True)
 
     def release(self) -> None:
         # PVE copied the upload into the VM's own volume: neither copy is needed any more.

@@ -1,6 +1,11 @@
 """Where a Proxmox VE target is and who v2p is there: ``PveSettings`` from a ``pve://`` URL, the
-``V2P_PVE_*`` environment and the settings file, in that order; the secret from the environment or the
-0600 secrets file, never from a URL or the settings file (both end up where others read them).
+``V2P_PVE_*`` environment and the settings file, in that order; the secret from the caller, the environment
+or the 0600 secrets file, never from a URL or the settings file (both end up where others read them).
+
+A secret goes only to the host it was configured for: the environment's (and the secrets file's) is the
+host the environment configures, unless the caller vouches for the URL by passing the environment itself
+(the CLI does: its ``--target`` is the operator's own). A URL from anyone else gets no secret but one the
+caller passes.
 
 Not here: talking to PVE (``pve_transport``), the target itself (``proxmox``).
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -53,6 +59,26 @@ def _bool(value: str, where: str) -> bool:
     raise OptionError(f"{where}: {value!r} is not a yes/no value", hint="use 1 or 0")
 
 
+def clean_secret(value: str, where: str, *, token: bool) -> str:
+    """``value`` without the one line end a file leaves (``\\n``, ``\\r\\n``); refused, never echoed, when
+    anything else in it is a control character (or, for a token, which travels in an HTTP header, not
+    printable ASCII)."""
+    if not isinstance(value, str):
+        raise OptionError(f"{where}: the secret is not a string")
+    value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+    if token:
+        bad = any(not 0x21 <= ord(char) <= 0x7e for char in value)
+        allowed = "printable ASCII without spaces"
+    else:
+        bad = any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value)
+        allowed = "no control characters"
+    if bad:
+        raise OptionError(f"{where}: the secret holds a control or other character a secret cannot have "
+                          f"(a line break inside it?): refused", hint=f"a PVE secret is {allowed}; "
+                          "copy it again from the node")
+    return value
+
+
 def read_secrets_file(path: Path) -> dict[str, str]:
     """``key = value`` lines (``token``, ``password``); refused if others may read it."""
     try:
@@ -70,7 +96,7 @@ def read_secrets_file(path: Path) -> dict[str, str]:
         key, sep, value = line.partition("=")
         if not sep or key.strip() not in ("token", "password"):
             raise OptionError(f"{path}:{number}: expected 'token = SECRET' or 'password = SECRET'")
-        found[key.strip()] = value.strip()
+        found[key.strip()] = clean_secret(value.strip(), f"{path}:{number}", token=key.strip() == "token")
     return found
 
 
@@ -113,6 +139,15 @@ def read_config_file(path: Path) -> dict[str, str]:
     return found
 
 
+def _no_secret_in_user(user: str, where: str) -> None:
+    """A password (``user:pw``) or token secret (``user!id=SECRET``, PVE's own spelling) in the user
+    part ends up in argv and records: refused without echoing it."""
+    if ":" in user or "=" in user:
+        what = "a token secret" if "=" in user else "a password"
+        raise OptionError(f"{where} carries {what}: refused (it would show in the process list "
+                          "and the state file)", hint=f"put it in ${TOKEN_ENV} or ${PASSWORD_ENV} instead")
+
+
 def _url_values(url: str) -> dict[str, str]:
     """The settings a ``pve://`` URL gives (``pve`` alone gives none)."""
     where = "the PVE target URL"
@@ -123,9 +158,8 @@ def _url_values(url: str) -> dict[str, str]:
         raise OptionError(f"{where} {url!r} does not start with pve://",
                           hint="pve://root@pam!v2p@pve.example.com/pve?storage=local-lvm")
     userinfo, at, hostport = parts.netloc.rpartition("@")
-    if ":" in userinfo:
-        raise OptionError(f"{where} carries a password: refused (it would show in the process list "
-                          "and the state file)", hint=f"put it in ${PASSWORD_ENV} or ${TOKEN_ENV} instead")
+    _no_secret_in_user(userinfo, where)
+    _no_secret_in_user(unquote(userinfo), where)
     found: dict[str, str] = {"user": unquote(userinfo)} if at else {}
     host, port = hostport, ""
     if hostport.startswith("["):  # an IPv6 literal
@@ -144,7 +178,7 @@ def _url_values(url: str) -> dict[str, str]:
     return found
 
 
-def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
+def target_from_url(url: str, env: dict[str, str] | None = None, *, secret: str | None = None) -> PveSettings:
     """Settings from ``pve://[user@realm[!tokenid]@]host[:port][/node]?storage=NAME``, over the
     environment (``V2P_PVE_HOST``, ``V2P_PVE_NODE``, ...), over the settings file
     (``$V2P_PVE_CONFIG``, else ``$XDG_CONFIG_HOME/v2p/pve.conf``); ``url`` may be just ``pve``.
@@ -153,11 +187,18 @@ def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
     ``insecure``, ``timeout``, ``on-node``. The secret comes from ``env`` (``V2P_PVE_TOKEN`` with a
     token id, else ``V2P_PVE_PASSWORD``) or the secrets file (``$V2P_PVE_SECRETS``, else
     ``$XDG_CONFIG_HOME/v2p/pve-secrets``). No node anywhere: the target asks PVE (one node only).
+
+    Whose secret goes where: ``secret``, when given, is this URL's. Else passing ``env`` says that
+    environment's secret belongs to whatever host the URL names (the CLI passes its own: the URL is the
+    operator's). With ``env`` left out (the process environment), its secret goes only to the host it
+    configures: a URL naming another host, port, fingerprint or ``insecure`` is refused, not sent it.
     """
+    vouched = env is not None
     env = dict(os.environ) if env is None else env
     config = Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else _config_home(env) / "v2p" / "pve.conf"
     values = read_config_file(config) if env.get(CONFIG_ENV) or config.exists() else {}
     values.update({key: env[_env_name(key)] for key in SETTINGS if env.get(_env_name(key))})
+    configured = dict(values)
     values.update(_url_values(url))
     where = "the PVE target"
     settings = PveSettings(host="", node="")
@@ -169,6 +210,7 @@ def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
         values.setdefault("host", "localhost")  # pvesh talks to this node's own API
         values["on-node"] = "1"
     user = values.get("user", settings.user)
+    _no_secret_in_user(user, where)
     if "!" in user:
         user, settings.token_id = user.split("!", 1)
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", settings.token_id):
@@ -211,14 +253,43 @@ def target_from_url(url: str, env: dict[str, str] | None = None) -> PveSettings:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name):
             raise OptionError(f"{where}: {name!r} is not a PVE storage id")
     if settings.backend == "https":  # pvesh runs as root: no secret
-        settings.secret = _secret(settings, env)
+        if secret is not None:
+            settings.secret = clean_secret(secret, "the secret given for the PVE target", token=bool(settings.token_id))
+            if not settings.secret:
+                raise OptionError("the secret given for the PVE target is empty")
+        else:
+            if not vouched:
+                _configured_here(settings, configured)
+            settings.secret = _secret(settings, env)
     return settings
+
+
+def _endpoint(values: dict[str, str]) -> tuple[str, str, bool, str]:
+    """Where a secret would go and how the host is checked: host, port, insecure, fingerprint."""
+    insecure = values.get("insecure", "").lower() in ("1", "yes", "true", "on")
+    port = values.get("port") or str(DEFAULT_PORT)
+    return (values.get("host", "").lower(), str(int(port)) if port.isdigit() else port, insecure,
+            values.get("fingerprint", "").replace(":", "").lower())
+
+
+def _configured_here(settings: PveSettings, configured: dict[str, str]) -> None:
+    """Refuse unless ``settings`` talk to the host the environment (or pve.conf) configures, checked the
+    way it says: the environment's secret is that host's, not a URL's from somewhere else."""
+    host, port, insecure, fingerprint = _endpoint(configured)
+    if (settings.host.lower(), str(settings.port), settings.insecure, settings.fingerprint or "") \
+            == (host, port, insecure, fingerprint) and host:
+        return
+    there = f"{host}:{port}" if host else "no host"
+    raise OptionError(f"the PVE target {settings.host}:{settings.port} is not the host this environment configures "
+                      f"({there}, with its certificate check): its secret is not sent there",
+                      hint="pass that host's secret yourself (make_target(url, secret=...)), or configure the host: "
+                      f"${_env_name('host')} or 'host =' in pve.conf")
 
 
 def _secret(settings: PveSettings, env: dict[str, str]) -> str:
     name, key = (TOKEN_ENV, "token") if settings.token_id else (PASSWORD_ENV, "password")
-    if env.get(name):
-        return env[name]
+    if env.get(name) and env[name] not in ("\n", "\r\n"):
+        return clean_secret(env[name], f"${name}", token=bool(settings.token_id))
     path = Path(env[SECRETS_ENV]) if env.get(SECRETS_ENV) else _default_secrets_file(env)
     if path.exists() or env.get(SECRETS_ENV):
         value = read_secrets_file(path).get(key)

@@ -55,6 +55,7 @@ class StorageSink(DiskSink):
     # -- DiskSink --------------------------------------------------------------
     def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
         self.storage.check(capacity, force=self.force)
+        self.storage.check_vm(self.vmid)
         required = self.storage.required_bytes(capacity, convert.measure(src, self.fmt))
         free = self.storage.free_bytes()
         if required > free:

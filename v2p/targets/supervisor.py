@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ToolError
+from ..errors import TargetError, ToolError
+from ..fsutil import read_small
 from ..interrupts import check as check_interrupts
 from ..testhooks import hold_point
 from ..tether import Tether
@@ -38,8 +39,8 @@ class QemuProcess:
     def pid(self) -> int | None:
         """QEMU's pid if it runs (the pidfile, checked against /proc so a reused pid does not count)."""
         try:
-            pid = int((self.run_dir / "qemu.pid").read_text().strip())
-        except (FileNotFoundError, ValueError):
+            pid = int(read_small(self.run_dir / "qemu.pid", limit=64).strip())
+        except (FileNotFoundError, ValueError, TargetError):  # none, or not a pid file QEMU wrote
             return None
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -191,6 +192,6 @@ def close_quietly(monitor: Any) -> None:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(errors="replace")
+        return read_small(path).decode(errors="replace")
     except FileNotFoundError:
         return ""
