@@ -149,8 +149,8 @@ def test_a_key_set_twice_in_storage_cfg_is_refused(tmp_path, capsys) -> None:
 def test_a_device_on_a_pve_target_is_refused_by_the_flag_the_cli_has(monkeypatch) -> None:
     from v2p import api
 
-    monkeypatch.setenv("V2P_PVE_TOKEN", "00000000-0000-0000-0000-000000000000")
-    target = api.make_target("pve://root@pam!v2p@127.0.0.1:9/pve1")  # never contacted
+    target = api.make_target("pve://root@pam!v2p@127.0.0.1:9/pve1",  # never contacted
+                             secret="00000000-0000-0000-0000-000000000000")
     with pytest.raises(V2PError) as caught:
         target.device_storage("/dev/sdb")
     assert str(caught.value).startswith("--to-device /dev/sdb: ") and "--device" not in str(caught.value)

@@ -148,8 +148,8 @@ def read_small(path: Path, *, limit: int = SMALL_FILE) -> bytes:
     if not stat.S_ISREG(mode):
         os.close(fd)
         raise unexpected_file(path, mode)
-    return _read_checked(fd, limit, lambda why: TargetError(f"{path} {why} (more than v2p ever writes there): "
-                                                             "refused", hint=_remove_hint(path)))
+    return _read_checked(fd, limit, lambda why: TargetError(f"{path} {why}: refused", hint=_remove_hint(path)),
+                         f"v2p ever writes there ({limit})")
 
 
 def unexpected_file(path: Path, mode: int) -> TargetError:
@@ -316,21 +316,22 @@ def read_regular(path: str | os.PathLike[str], limit: int, *, what: str = "file"
     except OSError as exc:
         raise error(f"{shown}: cannot read the {what}: {exc.strerror}") from None
     try:
-        return _read_checked(fd, limit, lambda why: error(f"{what} {shown} {why}: refused"))
+        return _read_checked(fd, limit, lambda why: error(f"{what} {shown} {why}: refused"),
+                             f"the {limit} bytes a {what} may be")
     except OSError as exc:
         raise error(f"{shown}: cannot read the {what}: {exc.strerror}") from None
 
 
-def _read_checked(fd: int, limit: int, refuse: Callable[[str], V2PError]) -> bytes:
-    """Read the open ``fd`` (closed here): a regular file of at most ``limit`` bytes, else
-    ``refuse(why)`` is raised; a file that grows past ``limit`` while read is refused too."""
+def _read_checked(fd: int, limit: int, refuse: Callable[[str], V2PError], bound: str) -> bytes:
+    """Read the open ``fd`` (closed here): a regular file of at most ``limit`` bytes (``bound`` says
+    whose limit), else ``refuse(why)`` is raised; one that grows past ``limit`` while read too."""
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise refuse(f"is {describe_mode(info.st_mode)}, not a regular file")
         if info.st_size > limit:
-            raise refuse(f"is {info.st_size} bytes, more than {limit}")
+            raise refuse(f"is {info.st_size} bytes, more than {bound}")
         data = handle.read(limit + 1)
     if len(data) > limit:
-        raise refuse(f"grew beyond {limit} bytes while read")
+        raise refuse(f"grew beyond {bound} while read")
     return data
