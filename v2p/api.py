@@ -15,7 +15,6 @@ import contextlib
 import os
 import queue
 import shlex
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from .errors import (
     shown_path,
 )
 from .events import Event, EventHandler, ignore
-from .fsutil import remove_tree
+from .fsutil import remove_tree, scratch_dir
 from .inspect import DiskImage, Row, inspect_disk, inspect_paths
 from .options import MigrationOptions, OptionError, check_bool, check_seconds, check_text, check_vmid
 from .pipeline import Pipeline, check_records
@@ -653,7 +652,7 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
         keys = {}
     records = []
     # The pipeline's inspect stage, disk by disk, in a private folder qemu_source may write to.
-    with tempfile.TemporaryDirectory(prefix="v2p-inspect-vm-") as workdir:
+    with scratch_dir("inspect-vm") as workdir:
         for index, disk in enumerate(spec.ordered_disks()):
             try:
                 given = source.disk_input(disk, Path(workdir) / str(index))  # nothing is read from it after

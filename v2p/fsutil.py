@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -195,6 +197,53 @@ def remove_tree_at(folder_fd: int, name: str) -> None:
         shutil.rmtree(name, dir_fd=folder_fd)
     else:
         os.unlink(name, dir_fd=folder_fd)
+
+
+SCRATCH = "v2p-scratch"  # under $TMPDIR: one folder per user, one locked folder per use inside
+
+
+@contextlib.contextmanager
+def scratch_dir(kind: str) -> Iterator[Path]:
+    """A private folder for one short job (inspecting a VM, reading a boot sector), removed on leaving.
+
+    It lies in ``$TMPDIR/v2p-scratch-<uid>/`` (0700, ours, checked as every folder of v2p's is)
+    and is flock'ed while in use; a folder there whose lock nobody holds was left by a process that
+    was killed (SIGKILL runs no cleanup), and is swept by the next user of ``scratch_dir``. Never
+    follows a link: a planted one is removed like any leftover.
+    """
+    base = Path(tempfile.gettempdir())
+    with own_dir(base, f"{SCRATCH}-{os.getuid()}") as parent:
+        _sweep_scratch(parent)
+        name = f"{kind}-{secrets.token_hex(8)}"
+        os.mkdir(name, PRIVATE_DIR, dir_fd=parent)
+        fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new folder: nobody else holds it
+            yield base / f"{SCRATCH}-{os.getuid()}" / name
+        finally:
+            try:
+                remove_tree_at(parent, name)
+            finally:
+                os.close(fd)
+
+
+def _sweep_scratch(parent: int) -> None:
+    """Remove the scratch folders of processes that died without removing theirs (no lock held)."""
+    for entry in os.scandir(parent):
+        try:
+            fd = os.open(entry.name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+        except OSError:  # a link, a file, gone meanwhile: not a live scratch folder
+            with contextlib.suppress(OSError):
+                remove_tree_at(parent, entry.name)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # in use by a live process
+        finally:
+            os.close(fd)  # our lock goes with it; the tree goes next
+        with contextlib.suppress(OSError):
+            remove_tree_at(parent, entry.name)
 
 
 def write_atomic(path: Path, data: bytes | str, *, root: Path | None = None) -> None:

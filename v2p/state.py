@@ -312,17 +312,9 @@ class Leftovers:
         """The entries; a file that is not what v2p writes counts as none (it is rewritten on the next
         add: a damaged list must not stop migrations)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+            data = json.loads(read_small(self.path, limit=self.LIMIT) or b"{}")
+        except (OSError, TargetError, ValueError, RecursionError):
             return {}
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return {}
-            data = json.loads(os.read(fd, self.LIMIT + 1)[:self.LIMIT] or b"{}")
-        except (OSError, ValueError, RecursionError):
-            return {}
-        finally:
-            os.close(fd)
         if not isinstance(data, dict):
             return {}
         return {volid: entry for volid, entry in data.items()

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import SourceError, UnsafeSourceError, V2PError
+from ..fsutil import scratch_dir
 from . import vmdk
 from .model import SECTOR, DiskImage, Extent, ExtentKind, FileId, Flavor
 
@@ -343,7 +343,7 @@ def _with_boot_signature(image: DiskImage) -> DiskImage:
     from ..convert import qemu_source
     from ..runner import run
 
-    with tempfile.TemporaryDirectory(prefix="v2p-inspect-") as tmp:
+    with scratch_dir("boot-sector") as tmp:
         source = qemu_source(image, Path(tmp))
         out = Path(tmp) / "head.raw"
         try:
