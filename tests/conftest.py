@@ -233,3 +233,21 @@ def vm_with_disks(target: Any, samples: Path, vmid: int, boot_key: str, data_dis
     target.create_vm(vmid, config)
     return target
 
+
+@pytest.fixture
+def restore_signal_handlers() -> Any:
+    """For tests that call ``cli.main`` in-process: it installs v2p's SIGINT/SIGTERM handlers;
+    pytest gets its own back afterwards."""
+    import signal
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def small_vmdk(tmp_path: Path) -> Path:
+    """A 16 MiB VMDK made by the real qemu-img, for tests that need any real disk to name."""
+    path = tmp_path / "disk.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(path), "16M"], check=True)
+    return path

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +15,12 @@ from conftest import ROOT
 from v2p import cli
 from v2p.errors import V2PError
 
-
-@pytest.fixture(autouse=True)
-def signal_handlers() -> Iterator[None]:
-    """cli.main installs v2p's SIGINT/SIGTERM handlers: give pytest its own back."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
+pytestmark = pytest.mark.usefixtures("restore_signal_handlers")  # cli.main runs in this process
 
 
 @pytest.fixture
-def disk(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.vmdk"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(path), "16M"], check=True)
-    return path
+def disk(small_vmdk: Path) -> Path:
+    return small_vmdk
 
 
 def error_line(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -8,11 +8,9 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,21 +21,12 @@ from v2p import cli
 PROBLEM = re.compile(r"^(?P<file>[^\n]+?):(?P<line>\d+):(?P<column>\d+): (?P<message>[^\n]*)$")
 
 
-@pytest.fixture(autouse=True)
-def signal_handlers() -> Iterator[None]:
-    """cli.main installs v2p's SIGINT/SIGTERM handlers: give pytest its own back."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
+pytestmark = pytest.mark.usefixtures("restore_signal_handlers")  # cli.main runs in this process
 
 
 @pytest.fixture
-def disk(tmp_path: Path) -> Path:
-    """A small real VMDK (qemu-img made) the plans name."""
-    path = tmp_path / "disk.vmdk"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(path), "16M"], check=True)
-    return path
+def disk(small_vmdk: Path) -> Path:
+    return small_vmdk
 
 
 def validate(capsys: pytest.CaptureFixture[str], plan: Path | str, *extra: str) -> tuple[int, list[str], str]:

@@ -3,7 +3,6 @@ no AttributeError, TypeError, ValueError or OSError of its own reaches a caller 
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,8 @@ from v2p.options import OptionError
 
 
 @pytest.fixture
-def disk(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.vmdk"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(path), "16M"], check=True)
-    return path
+def disk(small_vmdk: Path) -> Path:
+    return small_vmdk
 
 
 def refused(call: Callable[[], Any], kind: type[V2PError], *fragments: str) -> str:
