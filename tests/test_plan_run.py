@@ -214,6 +214,7 @@ def test_six_vms_at_parallel_3_all_boot_on_their_bus_and_a_rerun_does_nothing(
 def test_the_same_wave_onto_the_pve_simulator(pve, tmp_path, manifest, samples, drivers_iso,  # noqa: F811
                                                v2p: V2P):
     pve.runner = pve.run_vms()
+    pve.cluster.bridges.append("vmbr1")  # the wave's DMZ network: plan run checks the node has it
     url = (f"pve://root@pam!v2p@{pve.host}/{pve.cluster.node}?storage=local&fingerprint={pve.fingerprint}"
            "&on-node=1")  # on the node: the dance reads the guest's serial port (no operator needed)
     plan = tmp_path / "wave-pve.yaml"
@@ -622,7 +623,7 @@ def test_a_child_that_ignores_sigint_is_killed_after_the_grace(monkeypatch) -> N
 
     monkeypatch.setattr(planrun, "STOP_GRACE", 0.5)
     runner = planrun._Runner([], parallel=1, per_storage=1, per_node=1, on_event=lambda vm, event: None,
-                             stop=None, accel="tcg", lock_wait=1)
+                             stop=None, accel="tcg", lock_wait=1, refused={})
     stuck = subprocess.Popen(["sh", "-c", "trap '' INT; sleep 60"])
     try:
         clock.sleep(0.2)  # the trap is set

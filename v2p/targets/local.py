@@ -389,7 +389,9 @@ class LocalTarget(Target):
                           firmware=_read(firmware)[-2000:], resets=watch.resets, accel=accel)
 
 def _read(path: Path) -> str:
+    """A run log as text, line ends as Python's text mode gives them (a serial port sends \\r\\n)."""
     try:
-        return read_small(path, limit=LOG_LIMIT).decode(errors="replace")
+        text = read_small(path, limit=LOG_LIMIT).decode(errors="replace")
     except FileNotFoundError:
         return ""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
