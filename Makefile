@@ -1,6 +1,6 @@
 # make demo  - set everything up, migrate a sample VMware disk, boot it, show what the guest said
 # make test  - set everything up, run the whole test suite
-# make test-fast - the in-process logic only (no CLI process, no simulator, no guest boot): under a minute
+# make test-fast - the in-process logic only (no CLI process, no simulator, no guest boot): about 50 s
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -68,7 +68,7 @@ def samples(manifest: dict[str, Any]) -> Path:
 
 # The fixtures that start real processes: the v2p CLI, the PVE simulator (and the QEMU guests it
 # runs), the example panel. A test using one is ``slow``; ``make test-fast`` runs the rest, the in-process logic.
-_SLOW_FIXTURES = {"v2p", "pve", "pve_remote", "pve_node", "panel"}
+_SLOW_FIXTURES = {"v2p", "pve", "pve_remote", "pve_node", "sim", "panel"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

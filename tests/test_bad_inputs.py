@@ -475,6 +475,7 @@ def test_corpus_is_large_enough():
     assert len(CASES) >= 40
 
 
+@pytest.mark.slow  # the v2p command, twice a case
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_is_refused_clearly(name, tmp_path, samples):
     v2p, path, expected, secret = run_case(name, tmp_path, samples)
@@ -510,6 +511,7 @@ def shown_warnings(stdout: str) -> list[str]:
     return [line.split("] warning: ", 1)[1] for line in stdout.splitlines() if "] warning: " in line]
 
 
+@pytest.mark.slow  # the v2p command, twice a case
 @pytest.mark.parametrize("name", sorted(WARNINGS))
 def test_quirks_qemu_gets_wrong_migrate_exactly(name, tmp_path, samples):
     old, new, warnings = WARNINGS[name]

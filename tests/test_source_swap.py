@@ -31,6 +31,8 @@ from conftest import SAMPLES
 from v2p import Event, local_target
 from v2p.errors import SourceError, V2PError, VMIDExistsError
 
+pytestmark = pytest.mark.slow  # each case migrates a disk end to end
+
 pytestmark = pytest.mark.usefixtures("manifest")  # the sample images, built once per session
 
 MiB = 1 << 20
