@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -210,3 +210,31 @@ def test_a_secret_passed_or_vouched_for_goes_to_the_url(clean_env, listener):
     with pytest.raises(OptionError, match="empty"):
         make_target(url, secret="")
     assert listener.connections == 0  # made, not used: a node named, nothing asked yet
+
+
+@pytest.mark.parametrize("which", ["settings", "secrets"])
+def test_a_fifo_or_device_at_the_operators_pve_file_is_refused_not_waited_on(tmp_path: Path, which: str) -> None:
+    """pve.conf / pve-secrets were read with read_text(): a FIFO there hung every command."""
+    from v2p.targets.pve_settings import read_config_file, read_secrets_file
+
+    read = read_config_file if which == "settings" else read_secrets_file
+    fifo = tmp_path / "pve-file"
+    os.mkfifo(fifo, 0o600)
+    zero = tmp_path / "zero-link"
+    zero.symlink_to("/dev/zero")
+    for path, kind in ((fifo, "FIFO"), (zero, "character device")):
+        outcome: list[BaseException] = []
+        worker = threading.Thread(target=lambda p=path, out=outcome: out.append(_raised(read, p)), daemon=True)
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), f"reading {path} hung"
+        assert isinstance(outcome[0], OptionError), outcome
+        assert str(path) in str(outcome[0]) and kind in str(outcome[0]) and "\n" not in str(outcome[0])
+
+
+def _raised(call: Callable[..., object], *args: object) -> BaseException:
+    try:
+        call(*args)
+    except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+        return exc
+    raise AssertionError(f"{call}{args} did not refuse")

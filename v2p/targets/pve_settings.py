@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from ..fsutil import read_regular
 from ..options import OptionError
 
 DEFAULT_PORT = 8006
 TOKEN_ENV = "V2P_PVE_TOKEN"
 PASSWORD_ENV = "V2P_PVE_PASSWORD"
 SECRETS_ENV = "V2P_PVE_SECRETS"
+CONFIG_LIMIT = 1 << 20  # pve.conf and pve-secrets: a few lines each
 _FINGERPRINT = re.compile(r"[0-9a-fA-F]{2}(?::?[0-9a-fA-F]{2}){31}")
 
 
@@ -79,13 +81,22 @@ def clean_secret(value: str, where: str, *, token: bool) -> str:
     return value
 
 
+def _read_operators_file(path: Path, what: str) -> str:
+    """The operator's own file (it may be a link, e.g. to a mounted secret): a regular file read
+    without blocking (a FIFO there would hang every command) and bounded, as UTF-8 text."""
+    try:
+        return read_regular(path, CONFIG_LIMIT, what=what, error=OptionError).decode()
+    except UnicodeDecodeError:
+        raise OptionError(f"{path}: the {what} is not UTF-8 text") from None
+
+
 def read_secrets_file(path: Path) -> dict[str, str]:
     """``key = value`` lines (``token``, ``password``); refused if others may read it."""
     try:
         info = path.stat()
-        text = path.read_text()
     except OSError as exc:
         raise OptionError(f"{path}: cannot read the PVE secrets file: {exc.strerror}") from None
+    text = _read_operators_file(path, "PVE secrets file")
     if info.st_mode & 0o077:
         raise OptionError(f"{path}: the PVE secrets file is readable by others",
                           hint=f"chmod 600 {path}")
@@ -121,10 +132,7 @@ def _env_name(key: str) -> str:
 
 def read_config_file(path: Path) -> dict[str, str]:
     """``key = value`` lines of the settings above; secrets are refused (they go in pve-secrets)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise OptionError(f"{path}: cannot read the PVE settings file: {exc.strerror}") from None
+    text = _read_operators_file(path, "PVE settings file")
     found: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
