@@ -34,6 +34,7 @@ from ..state import Leftovers
 from ..storage import Storage
 from .base import BootReport, DiskSink, Target, VMConfig
 from .pve_import import RemoteImportSink
+from .pve_releases import LIST_IMPORT, PveRelease
 from .pve_settings import PveSettings, target_from_url
 from .pve_transport import (
     FingerprintAdapter,
@@ -162,6 +163,7 @@ class ProxmoxTarget(Target):
         self.base_url = f"https://{settings.host}:{settings.port}/api2/json"
         self._state_root = state_root
         self._waited: list[str] = []  # UPIDs of the tasks waited for: the state records them
+        self._release: PveRelease | None = None  # GET /version's answer, asked once
         verify: bool = not (settings.insecure or settings.fingerprint)
         self.verify = verify
         if settings.backend == "local":
@@ -222,6 +224,21 @@ class ProxmoxTarget(Target):
             raise self._api_error(method, path, exc) from None
         except requests.RequestException as exc:
             raise _connection_error(self.base_url, exc) from None
+
+    def pve_release(self) -> PveRelease:
+        """The node's release (``GET /version``, asked once): what it can do (``pve_releases``)."""
+        if self._release is None:
+            self._release = PveRelease.from_answer(self.call("GET", "version"), self.settings.host)
+        return self._release
+
+    def import_content(self, storage: str) -> list[dict[str, Any]]:
+        """Storage ``storage``'s ``import`` content; none on a release that has no such content type
+        (it would answer the listing 400, and nothing can have been uploaded there)."""
+        if not self.pve_release().has(LIST_IMPORT):
+            return []
+        found: list[dict[str, Any]] = self.call(
+            "GET", f"nodes/{self.settings.node}/storage/{storage}/content", content="import") or []
+        return found
 
     def _api_error(self, method: str, path: str, exc: ResourceException) -> TargetError:
         detail = str(getattr(exc, "content", "") or "")
@@ -418,8 +435,9 @@ class ProxmoxTarget(Target):
     def _delete_if_there(self, volid: str) -> None:
         storage, _, volname = volid.partition(":")
         content = volname.split("/", 1)[0] if "/" in volname else None
-        listed = self.call("GET", f"nodes/{self.settings.node}/storage/{storage}/content",
-                           **({"content": content} if content in ("import", "iso") else {})) or []
+        listed = self.import_content(storage) if content == "import" else \
+            self.call("GET", f"nodes/{self.settings.node}/storage/{storage}/content",
+                      **({"content": content} if content == "iso" else {})) or []
         if any(entry.get("volid") == volid for entry in listed):
             self.delete_volume(volid)
 
@@ -430,9 +448,9 @@ class ProxmoxTarget(Target):
         self._task(self.call("DELETE", self._qemu(vmid), purge=True, **{"destroy-unreferenced-disks": True}),
                    f"destroy VM {vmid}")
         # Its disks' uploads and staging files are v2p's own copies of this VM's disks.
-        node, where = self.settings.node, self.settings.import_storage
+        where = self.settings.import_storage
         ours = re.compile(rf"{re.escape(where)}:import/v2p-{vmid}-disk-\d+\.qcow2")
-        for entry in self.call("GET", f"nodes/{node}/storage/{where}/content", content="import") or []:
+        for entry in self.import_content(where):
             if ours.fullmatch(str(entry.get("volid", ""))):
                 self.discard_volume(str(entry["volid"]), vmid)
         for path in self.staging_dir().glob(f"v2p-{vmid}-disk-*.qcow2"):

@@ -18,6 +18,7 @@ from ..convert import Source as QemuInput
 from ..errors import NoSpaceError, TargetError
 from ..storage import Volume
 from .base import DiskSink
+from .pve_releases import REMOTE_INSTEAD, REMOTE_PATH
 
 if TYPE_CHECKING:
     from .proxmox import ProxmoxTarget
@@ -45,12 +46,11 @@ class RemoteImportSink(DiskSink):
         return Volume(self.import_volid, self.target.staging_dir() / self.filename, "qcow2")
 
     def _content(self) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = self.target.call(
-            "GET", f"nodes/{self.target.settings.node}/storage/{self.import_storage}/content",
-            content="import") or []
-        return found
+        return self.target.import_content(self.import_storage)
 
     def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
+        self.target.pve_release().require(REMOTE_PATH, path="the upload path (a disk uploaded, then import-from)",
+                                      instead=REMOTE_INSTEAD)
         staged = convert.measure(src, "qcow2")
         final = convert.measure(src, self.fmt)
         local_free = shutil.disk_usage(self.target.staging_dir()).free
