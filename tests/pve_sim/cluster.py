@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import releases
 from .schema import parse_property_string
 from .tasks import Task, Tasks
 
@@ -135,15 +136,18 @@ def parse_kib_size(value: str) -> int:
 class Cluster:
     """One node (``node``) with its storages under ``root``."""
 
-    def __init__(self, root: Path, node: str = "pve1") -> None:
+    def __init__(self, root: Path, node: str = "pve1", release: str | None = None) -> None:
         self.node = node
+        self.release = releases.release(release)
         self.root = root
         self.lock = threading.RLock()
         self.vms: dict[int, VM] = {}
         self.containers: set[int] = set()
         self.tasks = Tasks(node)
         self.storages: dict[str, Storage] = {}
-        self.add_storage("local", "dir", {"iso", "vztmpl", "backup", "import", "images"})
+        # A named release: a fresh LVM-thin install's storages (releases.SimRelease.local_content).
+        self.add_storage("local", "dir", set(self.release.local_content) if release else
+                         {"iso", "vztmpl", "backup", "import", "images"})
         self.add_storage("local-lvm", "lvmthin", {"images", "rootdir"})
         self.bridges = ["vmbr0"]  # the node's Linux bridges (GET /nodes/{node}/network)
         self.guest_shuts_down = True
@@ -216,7 +220,13 @@ class Cluster:
     # -- endpoints: cluster and node ---------------------------------------------
 
     def version(self, p: dict[str, str], user: str) -> Any:
-        return {"version": "9.1.3", "release": "9.1", "repoid": "simulated"}
+        return releases.version_info(self.release)
+
+    def set_content(self, name: str, content: set[str]) -> None:
+        """``pvesm set NAME --content ...`` (as an admin sets up an import storage)."""
+        storage = self.storage(name)
+        releases.check_storage_content(self.release, storage.type, content)
+        storage.content = set(content)
 
     def nodes(self, p: dict[str, str], user: str) -> Any:
         return [{"node": self.node, "status": "online", "type": "node", "id": f"node/{self.node}",
@@ -275,6 +285,7 @@ class Cluster:
     # -- endpoints: storage ---------------------------------------------------------
 
     def storage_list(self, p: dict[str, str], user: str) -> Any:
+        releases.check_content_param(self.release, p.get("content"))
         found = []
         for s in self.storages.values():
             if "content" in p and p["content"] not in s.content:
@@ -307,6 +318,7 @@ class Cluster:
         return [self.storage_config({"storage": name}, user) for name in self.storages]
 
     def content_list(self, p: dict[str, str], user: str) -> Any:
+        releases.check_content_param(self.release, p.get("content"))
         s = self.storage(p["storage"])
         found = []
         if s.type == "dir":
@@ -378,6 +390,7 @@ class Cluster:
     def upload(self, p: dict[str, str], user: str, data_file: Path) -> Any:
         s = self.storage(p["storage"])
         content = p["content"]
+        releases.check_upload(self.release, content, p["filename"])
         if content not in s.content:
             raise fail(f"storage '{s.name}' does not support '{content}' content")
         # PVE normalizes the name (PVE::Storage::normalize_content_filename).
@@ -437,6 +450,7 @@ class Cluster:
                     if not src.exists():
                         raise fail(f"could not find '{source}'")
                 else:
+                    releases.check_import_from(self.release, key, source)
                     src = self._existing_volume(source)
             fmt = opts.get("format")
             work.append(self._disk_work(vmid, key, p, storage, fmt, float(match.group(2)),

@@ -152,10 +152,12 @@ class PVESim:
     """
 
     def __init__(self, root: Path, *, node: str = "pve1", login_delay: float = 0.05,
-                 schema: Schema | None = None) -> None:
+                 schema: Schema | None = None, release: str | None = None, port: int = 0) -> None:
         self.root = root
         self.schema = schema or shared_schema()
-        self.cluster = Cluster(root / "storage", node)
+        # release: "8.0" ... "9.1" (tests/pve_sim/releases.py); None is 9.1 with test-friendly storages.
+        self.cluster = Cluster(root / "storage", node, release)
+        self.listen_port = port
         self.login_delay = login_delay
         self.users: dict[str, str] = {"root@pam": "rootpw"}
         self.tokens: dict[str, str] = {"root@pam!v2p": "11111111-2222-3333-4444-555555555555"}
@@ -186,7 +188,7 @@ class PVESim:
 
         class Handler(_Handler):
             simulator = sim
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd = ThreadingHTTPServer(("127.0.0.1", self.listen_port), Handler)
         httpd.daemon_threads = True
         httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
         self._httpd = httpd
