@@ -195,7 +195,8 @@ def test_anyone_can_start_it(tmp_path: Path) -> None:
         token = re.search(r"API token:\s+(\S+)", head)
         assert url and token and re.search(r"fingerprint: ([0-9A-F]{2}:){31}[0-9A-F]{2}", head), head
         assert "pve://root@pam!v2p@127.0.0.1:" in head and "local (dir: backup,iso,vztmpl)" in head, head
-        answer = requests.get(f"{url.group(1)}/version", verify=str(tmp_path / "sim" / "tls" / "pve-ssl.pem"), timeout=10,
+        cert = tmp_path / "sim" / "tls" / "pve-ssl.pem"
+        answer = requests.get(f"{url.group(1)}/version", verify=str(cert), timeout=10,
                               headers={"Authorization": f"PVEAPIToken={token.group(1)}"})
         assert answer.json()["data"]["version"] == "8.4.1"
         assert "11111111-2222" not in token.group(1)  # a token of its own, not the tests' fixed one
