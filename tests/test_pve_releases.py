@@ -49,13 +49,15 @@ def test_on_the_node_every_release_migrates_and_removes(node: PVESim, tmp_path: 
     volid = node.cluster.vms[VMID].config["scsi0"].split(",")[0]
     assert volid == f"local-lvm:vm-{VMID}-disk-0"
     assert_same_bytes(samples / "guest.raw", node.cluster.volume_path(volid), "raw")
+    migrated = len(node.log)
     removed = run(v2p, node, tmp_path, "storage=local-lvm&on-node=1", "vm", "rm", str(VMID))
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert VMID not in node.cluster.vms and node.volumes() == []
     assert uploads(node) == []
     # 8.0 has no 'import' content type: the cleanup's listing of it would be a 400 there
     assert node.refused == [] and node.unsimulated == []
-    assert [entry.path for entry in node.log].count("/version") == 1
+    # the removal asks the release (may it list 'import' content?) once; the on-node path needs nothing
+    assert [entry.path for entry in node.log[migrated:]].count("/version") == 1
 
 
 @pytest.mark.parametrize("release", ["8.4", "9.0", "9.1"])
