@@ -5,6 +5,7 @@ privilege-separated token's intersection with its user)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,22 @@ def test_sim_permissions_inherit_and_intersect_as_pve() -> None:
     assert acl.answer({"path": "/vms/4"}, TOKEN) == {"/vms/4": {"VM.Audit": 1}}
     acl.grant("/", USER, set(ALL_PRIVILEGES), propagate=False)  # not below /
     assert set(acl.permissions(USER, "/storage/x")) == set()
+
+
+def test_the_readme_role_is_exactly_what_v2p_checks() -> None:
+    from v2p.targets.pve_privileges import migration_needs
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text().replace("\\\n", " ")
+    found = re.search(r'pveum role add V2P -privs "([^"]+)"', readme)
+    assert found, "the README's role line"
+    create = {"name": "x", "sockets": "1", "cores": "1", "memory": "512", "ostype": "win11", "bios": "ovmf",
+              "scsihw": "pvscsi", "machine": "q35", "smbios1": "uuid=1", "ide2": "none,media=cdrom",
+              "net0": "e1000=00:11:22:33:44:55,bridge=vmbr0", "description": "imported"}
+    update = {"efidisk0": "local-lvm:1,efitype=4m", "ide0": "local-lvm:1", "boot": "order=ide0",
+              "ide3": "local:iso/virtio-win.iso,media=cdrom"}
+    needed: set[str] = set()
+    for on_node in (False, True):
+        needed |= {need.privilege for need in migration_needs(
+            VMID, create, update, upload_storage=None if on_node else "local", storage="local-lvm",
+            on_node=on_node, power=True, iso_upload="local")}
+    assert set(found.group(1).split()) == needed
