@@ -27,6 +27,12 @@ ROLE = {
     "/storage/local": ("Datastore.AllocateTemplate", "Datastore.Allocate", "Datastore.Audit"),
     "/sdn/zones/localnetwork/vmbr0": ("SDN.Use",),
 }
+# The on-node path (on-node=1): no upload; v2p reads the storage's path and writes its volumes itself.
+ROLE_ON_NODE = {
+    "/vms": ROLE["/vms"],
+    "/storage/local": ("Datastore.AllocateSpace", "Datastore.Allocate"),
+    "/sdn/zones/localnetwork/vmbr0": ("SDN.Use",),
+}
 CHECKED = {"/vms": f"/vms/{VMID}"}  # where PVE (and v2p's error) names the need
 
 
@@ -41,9 +47,9 @@ def grant(sim: Any, role: dict[str, tuple[str, ...]]) -> None:
             sim.acl.grant(path, TOKEN, set(privs))
 
 
-def migrate(v2p: V2P, sim: Any, tmp_path: Path, src: Path, *args: str) -> Any:
-    url = (f"pve://{TOKEN}@{sim.host}/{sim.cluster.node}?storage=local-lvm&import=local"
-           f"&fingerprint={sim.fingerprint}")
+def migrate(v2p: V2P, sim: Any, tmp_path: Path, src: Path, *args: str, on_node: bool = False) -> Any:
+    where = "storage=local&on-node=1" if on_node else "storage=local-lvm&import=local"
+    url = f"pve://{TOKEN}@{sim.host}/{sim.cluster.node}?{where}&fingerprint={sim.fingerprint}"
     return v2p("--target", url, "migrate", str(src), "--vmid", str(VMID), "--no-boot-check",
                "--bridge", "vmbr0", *args, V2P_PVE_TOKEN=SECRET, XDG_DATA_HOME=str(tmp_path / "xdg"))
 
@@ -66,8 +72,34 @@ def test_a_token_lacking_one_privilege_is_refused_before_anything_is_made(
     line = one_line_error(proc)
     assert f"{CHECKED.get(path, path)}: {priv}" in line, line
     assert "lacks privileges" in line and SECRET not in line
-    assert pve.volumes() == before and not made(pve)[: -len(before) or None], made(pve)
+    assert pve.volumes() == before and not pve.cluster.vms and not any(e.method != "GET" for e in pve.log), \
+        made(pve)
     assert not any(e.path.endswith("/upload") for e in pve.log)
+
+
+ON_NODE_CASES = [(path, priv) for path, privs in ROLE_ON_NODE.items() for priv in privs]
+
+
+@pytest.mark.parametrize(("path", "priv"), ON_NODE_CASES, ids=[f"{p}:{q}" for p, q in ON_NODE_CASES])
+def test_on_the_node_a_token_lacking_one_privilege_is_refused(
+        pve: Any, tmp_path: Path, manifest: Any, source_of: Any, v2p: V2P, path: str, priv: str) -> None:
+    grant(pve, {where: tuple(p for p in privs if (where, p) != (path, priv))
+                for where, privs in ROLE_ON_NODE.items()})
+    before = pve.volumes()
+    line = one_line_error(migrate(v2p, pve, tmp_path, source_of("monolithicSparse").descriptor, on_node=True))
+    assert f"{CHECKED.get(path, path)}: {priv}" in line, line
+    assert pve.volumes() == before and not pve.cluster.vms and not any(e.method != "GET" for e in pve.log)
+
+
+def test_on_the_node_the_documented_role_migrates(pve: Any, tmp_path: Path, manifest: Any, samples: Path,
+                                                  source_of: Any, v2p: V2P) -> None:
+    grant(pve, ROLE_ON_NODE)
+    proc = migrate(v2p, pve, tmp_path, source_of("monolithicSparse").descriptor, on_node=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    volid = pve.cluster.vms[VMID].config["scsi0"].split(",")[0]
+    assert volid.startswith(f"local:{VMID}/vm-{VMID}-disk-"), volid
+    assert_same_bytes(samples / "guest.raw", pve.cluster.volume_path(volid))
+    assert not pve.refused, pve.refused
 
 
 def test_a_token_lacking_several_is_told_each(pve: Any, tmp_path: Path, manifest: Any, source_of: Any,
