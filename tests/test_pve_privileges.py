@@ -199,3 +199,30 @@ def test_the_readme_role_is_exactly_what_v2p_checks() -> None:
             VMID, create, update, upload_storage=None if on_node else "local", storage="local-lvm",
             on_node=on_node, power=True, iso_upload="local")}
     assert set(found.group(1).split()) == needed
+
+
+@pytest.mark.parametrize(("iso", "path", "priv"), [
+    ("local:iso/virtio-win.iso", "/vms/170", "VM.Config.CDROM"),
+    ("local:iso/virtio-win.iso", "/vms/170", "VM.PowerMgmt"),
+    # check_volume_access: any of Audit, AllocateSpace, Allocate lets the ISO be attached
+    ("local:iso/virtio-win.iso", "/storage/local", "Datastore.Audit Datastore.AllocateSpace Datastore.Allocate"),
+    ("local:iso/virtio-win.iso", "/sdn/zones/localnetwork/vmbr0", "SDN.Use"),  # the dance's second NIC
+    (None, "/storage/local", "Datastore.AllocateTemplate"),  # a local ISO file is uploaded
+])
+def test_the_driver_dance_needs_are_checked(pve: Any, tmp_path: Path, iso: str | None, path: str,
+                                            priv: str) -> None:
+    from v2p.errors import TargetError
+    from v2p.targets.proxmox import ProxmoxTarget, target_from_url
+
+    everything = set(ALL_PRIVILEGES) - {"VM.Monitor", "VM.GuestAgent.Audit"}
+    grant(pve, {"/": tuple(everything)})
+    pve.acl.grant(path, TOKEN, everything - set(priv.split()))
+    url = f"pve://{TOKEN}@{pve.host}/{pve.cluster.node}?storage=local-lvm&import=local-lvm" \
+          f"&fingerprint={pve.fingerprint}"
+    target = ProxmoxTarget(target_from_url(url, {"V2P_PVE_TOKEN": SECRET}), state_root=tmp_path / "state")
+    create = {"name": "w", "ostype": "win11", "net0": "e1000=00:11:22:33:44:55,bridge=vmbr1"}
+    update = {"ide0": "local-lvm:1", "boot": "order=ide0"}
+    target.check_access(170, create, update, storage="local-lvm", power=False)  # no dance: all there
+    with pytest.raises(TargetError, match=rf"{path}: {priv.split()[0]}\b"):
+        target.check_access(170, create, update, storage="local-lvm", power=True, dance=True, drivers_iso=iso)
+    assert not pve.cluster.vms and not any(e.method != "GET" for e in pve.log)

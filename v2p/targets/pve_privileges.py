@@ -21,7 +21,8 @@ What PVE checks, read from its sources (proxmox/qemu-server ``src/PVE/API2/Qemu.
 * reading a VM (config, status, cluster/resources) VM.Audit; start, shutdown, stop VM.PowerMgmt; the
   guest agent (PVE::API2::Qemu::Agent) VM.Monitor before qemu-server 9.0.3, VM.GuestAgent.Audit since.
 
-The token's effective privileges come from ``GET /access/permissions?path=P``, one call per path: PVE
+The token's effective privileges come from ``GET /access/permissions?path=P`` (pve-access-control
+since January 2020, PVE 6.1: every release v2p supports), one call per path: PVE
 computes them there as its own checks do (RPCEnvironment::permissions: inheritance with propagate,
 NoAccess, pools, and a privilege-separated token's intersection with its user).
 
