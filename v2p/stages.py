@@ -160,6 +160,7 @@ class Preflight(Stage):
             ctx.emit(Event("finding", self.name, f"{finding.id}: {finding.message}",
                            data={"rule": finding.id, "severity": finding.severity}))
         rules.enforce(ctx.spec, findings)
+        check_access(ctx)  # before the sinks: a storage the token may not see is not even listed
         fmt = ctx.sink(0).fmt  # the sink refuses a --format its storage cannot hold
         if ctx.options.device and len(ctx.disks()) > 1:
             raise OptionError(f"--to-device takes one disk; {ctx.source.describe()} has {len(ctx.disks())}",
@@ -193,6 +194,25 @@ def check_rules(spec: VMSpec, options: MigrationOptions, disks: list[Record], *,
     return rules.check(spec, options, ostype=chosen_ostype, bridges=options.networks,
                        default_bridge=options.bridge, chains={d["label"]: d["chain"] for d in disks},
                        capacities={d["label"]: d["capacity"] for d in disks}, ignore=options.ignore_rules)
+
+
+def check_access(ctx: Context) -> None:
+    """The target's permissions for everything this migration will write (the Create and Attach
+    stages' config, the boot check's or --start's power), before anything is made."""
+    create = pveconfig.vm_config(ctx.spec, ctx.options, bridges=ctx.options.networks,
+                                 default_bridge=ctx.options.bridge, tag=ctx.tag(), vmid=ctx.vmid,
+                                 ostype=ctx.options.ostype)
+    update: dict[str, str] = {}
+    if ctx.spec.firmware == "efi":
+        update["efidisk0"] = pveconfig.efidisk(ctx.options.storage, secure_boot=ctx.spec.secure_boot)
+    placed = pveconfig.disk_keys(ctx.spec, ctx.options, ostype=ctx.options.ostype or "l26")
+    by_label = {disk.label: index for index, disk in enumerate(ctx.disks())}
+    for disk, key in placed:  # each disk a new volume on the storage (PVE's STORAGE:GiB)
+        update[key] = f"{ctx.options.storage}:{max(1, ctx.disk_input(by_label[disk.label]).capacity >> 30)}"
+    update["boot"] = pveconfig.boot_order([key for _disk, key in placed])
+    power = bool(ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance)
+    ctx.target.check_access(ctx.vmid, create, update, storage=ctx.options.storage, power=power,
+                            dance=bool(ctx.options.needs_dance), drivers_iso=ctx.options.drivers_iso)
 
 
 def check_drivers(target: Target, options: MigrationOptions) -> Record:

@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from .acl import ALL_PRIVILEGES, Acl, acl_checks, acl_filter
 from .cluster import Cluster, PVEError
 from .realvm import QemuRunner
 from .schema import Endpoint, Schema
@@ -113,6 +114,7 @@ class _Fault:
 # Each endpoint: (method, schema path template) -> Cluster method name.
 ROUTES = {
     ("GET", "/version"): "version",
+    ("GET", "/access/permissions"): "access_permissions",  # answered by PVESim (acl.py), not the cluster
     ("GET", "/nodes"): "nodes",
     ("GET", "/cluster/nextid"): "nextid",
     ("GET", "/cluster/resources"): "resources",
@@ -162,6 +164,7 @@ class PVESim:
         self.users: dict[str, str] = {"root@pam": "rootpw"}
         self.tokens: dict[str, str] = {"root@pam!v2p": "11111111-2222-3333-4444-555555555555"}
         self.privileges: dict[str, set[str]] = {}
+        self.acl = Acl()  # per-path ACLs, roles, privsep tokens: for the ids it names (acl.py)
         self.tickets: dict[str, tuple[str, str]] = {}  # ticket -> (user, CSRF token)
         self.log: list[Logged] = []
         self._faults: list[_Fault] = []
@@ -322,7 +325,19 @@ class PVESim:
             raise PVEError(401, "Permission denied - invalid csrf token")
         return user
 
+    def access_permissions(self, p: dict[str, str], who: str) -> Any:
+        """GET /access/permissions: the ACL's answer; for an id with a flat privilege set (``privileges``),
+        that set on every path asked; everything for anyone else (the sim's root-like default)."""
+        if self.acl.governs(who):
+            return self.acl.answer(p, who)
+        flat = self.privileges.get(p.get("userid") or who)
+        held = {priv: 1 for priv in (ALL_PRIVILEGES if flat is None else sorted(flat))}
+        return {p.get("path") or "/": held} if held else {}
+
     def check_permissions(self, who: str, endpoint: Endpoint, params: dict[str, str | None]) -> None:
+        if self.acl.governs(who):
+            acl_checks(self.acl, who, endpoint, params)
+            return
         privs = self.privileges.get(who)
         if privs is None:
             return
@@ -457,12 +472,16 @@ class _Handler(BaseHTTPRequestHandler):
             if route is None:
                 raise PVEError(501, f"simulator: '{method} {endpoint.template}' is not simulated")
             given = {k: v for k, v in params.items() if v is not None}
-            if route == "upload":
+            if route == "access_permissions":
+                data = sim.access_permissions(given, who)
+            elif route == "upload":
                 if upload is None:
                     raise PVEError(400, "Parameter verification failed.", {"filename": "no file uploaded"})
                 data = sim.cluster.upload(given, who, upload)
             else:
                 data = getattr(sim.cluster, route)(given, who)
+            if sim.acl.governs(who):
+                data = acl_filter(sim.acl, who, endpoint.method, endpoint.template, given, data)
             self._send(200, {"data": data})
         except PVEError as error:
             status, errors = error.status, error.errors

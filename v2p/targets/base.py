@@ -163,6 +163,15 @@ class Target(abc.ABC):
         """The ids of the target's own tasks (PVE UPIDs) this object waited for, oldest first."""
         return []
 
+    def check_access(self, vmid: int, create: VMConfig, update: VMConfig, *, storage: str, power: bool,
+                     dance: bool = False, drivers_iso: str | None = None) -> None:
+        """Refuse, before anything is made, a migration the target would refuse part-way for want of a
+        permission: ``create`` the config VM ``vmid`` is created with, ``update`` what is set on it later
+        (EFI store, disks, boot order) with the disks on ``storage``; ``power``: the VM is started;
+        ``dance``: the driver dance runs with ``drivers_iso`` (--drivers-iso). Nothing by default (a
+        target whose files are v2p's own)."""
+        return None
+
     @abc.abstractmethod
     def create_vm(self, vmid: int, config: VMConfig) -> None:
         """Create the VM shell; refuse if ``vmid`` is taken."""

@@ -72,13 +72,44 @@ class ProxmoxTarget(Target):
 
     def remove_volume(self, vmid: int, volid: str) -> None:
         """A disk key deleted from a stopped VM's config became ``unusedN``: deleting that key
-        destroys the volume (VM.Config.Disk suffices, no storage privilege)."""
+        destroys the volume (VM.Config.Disk, and Datastore.AllocateSpace on its storage:
+        qemu-server's PVE::QemuServer::try_deallocate_drive)."""
         config = self.get_config(vmid)
         if any(value.split(",")[0] == volid for key, value in config.items() if not key.startswith("unused")):
             raise TargetError(f"VM {vmid}: volume {volid} is still in use")
         unused = [key for key, value in config.items() if key.startswith("unused") and value == volid]
         if unused:
             self.set_config(vmid, {}, delete=tuple(unused))
+
+    def check_access(self, vmid: int, create: VMConfig, update: VMConfig, *, storage: str, power: bool,
+                     dance: bool = False, drivers_iso: str | None = None) -> None:
+        """Every privilege this migration needs, per ACL path, checked against the caller's effective
+        privileges before anything is made (``pve_privileges``)."""
+        from . import pve_privileges as privileges
+
+        settings = self.settings
+        update = dict(update)
+        iso_upload = None
+        if dance:  # dance.py: a temporary virtio disk, virtio-scsi, a second NIC on vmbr0, the ISO in a CD drive
+            update.update({"virtio15": f"{storage}:1", "scsihw": "virtio-scsi-pci", "net1": "virtio,bridge=vmbr0"})
+            if drivers_iso and ":" in drivers_iso and not drivers_iso.startswith("/"):
+                update["ide3"] = f"{drivers_iso},media=cdrom"
+            else:
+                iso_upload = self._iso_storage()
+                update["ide3"] = f"{iso_upload}:iso/virtio-win.iso,media=cdrom"
+        agent = any(key == "agent" and value.split(",")[0] in ("1", "enabled=1")
+                    for key, value in {**create, **update}.items())
+        agent_priv = None
+        if power and agent:
+            version = str((self.call("GET", "version") or {}).get("version", "0"))
+            release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+            agent_priv = privileges.agent_privilege(release)
+        needs = privileges.migration_needs(
+            vmid, create, update, upload_storage=None if settings.on_node else settings.import_storage,
+            storage=storage, on_node=settings.on_node, power=power, agent_privilege=agent_priv,
+            iso_upload=iso_upload)
+        who = f"{settings.user}!{settings.token_id}" if settings.token_id else (settings.user or "root@pam")
+        privileges.check(self, needs, who=who)
 
     def drivers_iso(self, given: str | None) -> tuple[Path | None, str]:
         """A volid (``local:iso/virtio-win.iso``) must be on the node; a local file is checked here
@@ -206,7 +237,7 @@ class ProxmoxTarget(Target):
         return f"ProxmoxTarget({self.settings.host}:{self.settings.port}/{self.settings.node})"
 
     # -- the API -----------------------------------------------------------
-    def call(self, method: str, path: str, **values: Any) -> Any:
+    def call(self, method: str, path: str, /, **values: Any) -> Any:
         """One API call; failures become TargetError (the secret never appears in them)."""
         if getattr(self, "_login", None) is not None and not self._login.ticket:
             self._login.login()
