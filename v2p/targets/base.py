@@ -163,6 +163,11 @@ class Target(abc.ABC):
         """The ids of the target's own tasks (PVE UPIDs) this object waited for, oldest first."""
         return []
 
+    def task_warnings(self) -> list[str]:
+        """What the target's tasks this object waited for warned of while succeeding (a PVE task
+        that ended ``WARNINGS: n``), one line each, oldest first; the caller shows them."""
+        return []
+
     @abc.abstractmethod
     def create_vm(self, vmid: int, config: VMConfig) -> None:
         """Create the VM shell; refuse if ``vmid`` is taken."""

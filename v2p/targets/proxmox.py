@@ -162,6 +162,7 @@ class ProxmoxTarget(Target):
         self.base_url = f"https://{settings.host}:{settings.port}/api2/json"
         self._state_root = state_root
         self._waited: list[str] = []  # UPIDs of the tasks waited for: the state records them
+        self._warnings: list[str] = []  # what the tasks that ended WARNINGS: n warned of, oldest first
         verify: bool = not (settings.insecure or settings.fingerprint)
         self.verify = verify
         if settings.backend == "local":
@@ -235,16 +236,36 @@ class ProxmoxTarget(Target):
         return TargetError(f"PVE {method} {path}: {status} {detail.strip()}", hint=hint)
 
     def wait_task(self, upid: str, *, what: str, timeout: float = 3600.0) -> None:
-        """Poll a task until it stops; an exit status other than OK is a TargetError with its log's tail."""
+        """Poll a task until it stops; an exit status other than OK or ``WARNINGS: n`` is a
+        TargetError with its log's tail. A task that warned succeeded (pve-common ``PVE::UPID``,
+        ``status_is_error``: only OK and ``WARNINGS: n`` are not errors; ``RESTEnvironment::warn``,
+        which ``log_warn`` calls in a worker, prints ``WARN: ...`` into the task log and counts it,
+        and ``fork_worker`` ends such a task ``TASK WARNINGS: n``): its ``WARN:`` lines are kept
+        (``task_warnings``) for the caller to show."""
         self._waited.append(upid)
         status = self._stopped(upid, what=what, timeout=timeout)
         exit_status = str(status.get("exitstatus", ""))
-        if exit_status != "OK":
-            path = f"nodes/{self.settings.node}/tasks/{quote(upid, safe='')}"
-            lines = self.call("GET", f"{path}/log", start=0, limit=1000) or []
-            tail = " | ".join(str(line.get("t", "")) for line in lines[-5:])
-            raise TargetError(f"PVE task {what} failed: {exit_status}" + (f" ({tail})" if tail else ""),
-                              hint="the node's task log has the whole story")
+        if exit_status == "OK":
+            return
+        lines = [str(line.get("t", "")) for line in self._task_log(upid)]
+        if re.fullmatch(r"WARNINGS: \d+", exit_status):
+            said = [line[len("WARN:"):].strip() for line in lines if line.startswith("WARN:")]
+            for text in said or [f"the task ended {exit_status} (its log shows none)"]:
+                self._warnings.append(f"PVE task {what}: {text}")
+            return
+        tail = " | ".join(lines[-5:])
+        raise TargetError(f"PVE task {what} failed: {exit_status}" + (f" ({tail})" if tail else ""),
+                          hint="the node's task log has the whole story")
+
+    def _task_log(self, upid: str) -> list[dict[str, Any]]:
+        """The task's whole log (``GET .../tasks/{upid}/log``, pve-manager ``PVE::API2::Tasks``
+        ``read_task_log``: 50 lines unless ``limit`` says more)."""
+        path = f"nodes/{self.settings.node}/tasks/{quote(upid, safe='')}/log"
+        found: list[dict[str, Any]] = self.call("GET", path, start=0, limit=5000) or []
+        return found
+
+    def task_warnings(self) -> list[str]:
+        return list(self._warnings)
 
     def settle(self, vmid: int) -> list[str]:
         """Wait for VM ``vmid``'s tasks still running on the node: PVE finishes a task (a disk import)
