@@ -57,7 +57,7 @@ def source(source_of: Any) -> Path:
 
 @pytest.mark.parametrize(("task", "stage", "what"), [
     ("qmcreate", "create", f"create VM {VMID}"),
-    ("qmconfig", "attach", f"configure VM {VMID}"),  # the disk's import-from
+    ("qmconfig", "attach", f"import disk scsi0 of VM {VMID}"),  # the disk's import-from, a call of its own
     ("qmstart", "finish", f"start VM {VMID}"),
 ])
 def test_a_task_that_ends_with_warnings_succeeded(task: str, stage: str, what: str, pve: Any, tmp_path: Path,

@@ -32,6 +32,7 @@ from .errors import (
     OperatorNeeded,
     SourceError,
     StateError,
+    TaskStillRunning,
     V2PError,
     VMIDExistsError,
 )
@@ -50,8 +51,9 @@ BEFORE_THE_GUEST = ("inspect", "preflight", "create", "convert", "verify")
 # Stages that make things on the target: an error in one of them removes what the migration made.
 MAKING = ("create", "convert", "verify", "attach")
 # Errors after which everything stays: the VM is migrated and the user wants to look at it (the
-# dance has rolled back already), or the dance waits for an operator.
-KEEPS_ALL = (BootCheckError, DanceError, OperatorNeeded)
+# dance has rolled back already), the dance waits for an operator, or a target's task still works
+# on the VM (a disk import that outlived its wait: the rerun waits for it, ``Target.settle``).
+KEEPS_ALL = (BootCheckError, DanceError, OperatorNeeded, TaskStillRunning)
 
 
 def request_of(source: Source, vmid: int, options: MigrationOptions, target: Target) -> dict[str, Any]:

@@ -337,10 +337,16 @@ class Attach(Stage):
             ctx.emit(Event("info", self.name, "the disks were attached by an earlier run (its import finished "
                            "after it stopped)"))
             return {"keys": {key: current[key] for _disk, key in placed}}
+        keys = {key: updates[key] for _disk, key in placed}
+        for disk, key in placed:
+            if key in current and ctx.sink(by_label[disk.label]).attached(current[key]):
+                # imported by an earlier run (one import per disk): sent again, it would be a second copy
+                keys[key] = current[key]
+                del updates[key]
         before = set(current.values())
         ctx.target.set_config(ctx.vmid, updates)
         self._drop_duplicates(ctx, before)
-        return {"keys": {key: value for key, value in updates.items() if key != "boot"}}
+        return {"keys": keys}
 
     @staticmethod
     def _drop_duplicates(ctx: Context, before: set[str]) -> None:
