@@ -51,8 +51,8 @@ QEMU_RUN_ENV = "V2P_PVE_QEMU_RUN_DIR"  # where the node's qemu-server keeps VM s
 TASK_POLL = 0.5  # seconds between polls of a long task; short ones are polled sooner (TASK_FIRST_POLL, doubling)
 TASK_FIRST_POLL = 0.05
 TASK_TIMEOUT = 3600.0  # seconds a task is waited for, unless its work needs more (import_timeout)
-IMPORT_FLOOR = 600.0  # a disk import's wait: this, plus its size at IMPORT_RATE bytes a second
-IMPORT_RATE = float(20 << 20)  # a slow storage's copy rate: 1 TiB is waited for 15 hours
+IMPORT_FLOOR = TASK_TIMEOUT  # a disk import's wait: this, plus its size at IMPORT_RATE bytes a second
+IMPORT_RATE = float(20 << 20)  # a slow storage's copy rate: 1 TiB is waited for about 16 hours
 # Storage types whose disks are files (qcow2 by default); all others hold raw volumes only.
 _FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs", "cephfs", "btrfs"}
 
@@ -606,14 +606,14 @@ class ProxmoxTarget(Target):
 
 def import_timeout(value: str) -> float:
     """How long to wait for the import of the disk key ``value`` (``STORAGE:0,import-from=...,size=32G``):
-    TASK_TIMEOUT, and longer for a disk that needs it at IMPORT_RATE bytes a second (qemu-server's
-    import reads the whole source and writes the whole volume: ``qemu-img convert`` in
-    ``PVE::QemuServer::ImportDisk``/``clone_disk``)."""
+    IMPORT_FLOOR, plus its size (``size=``, the disk's capacity) at IMPORT_RATE bytes a second
+    (qemu-server's import reads the whole source and writes the whole volume: ``qemu-img convert``
+    through ``clone_disk``, from ``create_disks``' ``$import_from_volid``)."""
     from ..pveconfig import parse_pve_size
 
     sizes = [parse_pve_size(item.partition("=")[2]) for item in value.split(",") if item.startswith("size=")]
     size = max([found for found in sizes if found is not None] or [0])
-    return max(TASK_TIMEOUT, IMPORT_FLOOR + size / IMPORT_RATE)
+    return IMPORT_FLOOR + size / IMPORT_RATE
 
 
 def _pve_efidisk(storage: str, secure: bool) -> str:
