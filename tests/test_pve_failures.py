@@ -209,7 +209,8 @@ def test_upids_and_volids_are_recorded(pve: Any, tmp_path: Path, source: Path, v
     create, attach, verify = stages["create"]["result"], stages["attach"]["result"], stages["verify"]["result"]
     assert [upid.split(":")[5] for upid in create["upids"]] == ["qmcreate"] and create["volids"] == []
     assert [upid.split(":")[5] for upid in verify["upids"]] == ["imgcopy"]
-    assert [upid.split(":")[5] for upid in attach["upids"]] == ["qmconfig"]
+    # the disk's import-from in a call of its own, then the boot order
+    assert [upid.split(":")[5] for upid in attach["upids"]] == ["qmconfig", "qmconfig"]
     assert attach["volids"] == [pve.cluster.vms[int(VMID)].config["scsi0"].split(",")[0]]
     assert "upids" not in stages["inspect"]["result"]
 

@@ -680,6 +680,8 @@ def _vm(args: argparse.Namespace, target: api.Target) -> int:
     elif command == "rm":
         api.remove(vmid, target, confirm_name=_confirmed_name(args, target))
         print(f"VM {vmid} removed")
+    for text in target.task_warnings():  # the target's tasks succeeded, with these warnings
+        print(f"warning: {text}", flush=True)
     return 0
 
 

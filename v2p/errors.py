@@ -67,6 +67,11 @@ class VMIDExistsError(TargetError):
 VMID_TAKEN_HINT = "use --vmid auto, or pick another free --vmid"
 
 
+class TaskStillRunning(TargetError):
+    """A target's task outlived v2p's wait for it: it goes on there (a PVE worker does not stop with
+    v2p), so what it makes is left for a rerun, which waits for it, not cleaned up under it."""
+
+
 class ForeignVMError(TargetError):
     """The VM was not made by v2p (no record of a migration whose tag it carries): v2p leaves it
     alone unless told its name (``v2p vm rm VMID --force --confirm-name NAME``)."""

@@ -32,6 +32,7 @@ from .errors import (
     OperatorNeeded,
     SourceError,
     StateError,
+    TaskStillRunning,
     V2PError,
     VMIDExistsError,
 )
@@ -50,8 +51,9 @@ BEFORE_THE_GUEST = ("inspect", "preflight", "create", "convert", "verify")
 # Stages that make things on the target: an error in one of them removes what the migration made.
 MAKING = ("create", "convert", "verify", "attach")
 # Errors after which everything stays: the VM is migrated and the user wants to look at it (the
-# dance has rolled back already), or the dance waits for an operator.
-KEEPS_ALL = (BootCheckError, DanceError, OperatorNeeded)
+# dance has rolled back already), the dance waits for an operator, or a target's task still works
+# on the VM (a disk import that outlived its wait: the rerun waits for it, ``Target.settle``).
+KEEPS_ALL = (BootCheckError, DanceError, OperatorNeeded, TaskStillRunning)
 
 
 def request_of(source: Source, vmid: int, options: MigrationOptions, target: Target) -> dict[str, Any]:
@@ -70,6 +72,7 @@ class Pipeline:
         self.target = target
         self.emit = emit
         self.state = MigrationState(target.state_dir(), vmid)
+        self._warned = len(target.task_warnings())  # the target's task warnings shown so far
 
     def plan(self) -> list[tuple[str, str, bool]]:
         """(stage, summary, already done) for each stage, touching nothing."""
@@ -141,12 +144,14 @@ class Pipeline:
                 started, waited = time.monotonic(), len(self.target.tasks_waited())
                 result = stage.run(ctx)
                 seconds = time.monotonic() - started
+                self._task_warnings(stage.name)
                 result.update(self._made_by(stage.name, waited))
                 self.state.record(stage.name, result, seconds=seconds)
                 ctx.records[stage.name] = result
                 self.emit(Event("stage-done", stage.name, f"{seconds:.2f}s", data=result, disk=stage.disk))
                 hold_point(stage.name)
         except BaseException as exc:
+            self._task_warnings(stage_name)
             if ctx is not None and self._cleans_up(stage_name, exc):
                 self._clean_up(stage_name, exc, workdir, ctx)
             else:
@@ -173,6 +178,13 @@ class Pipeline:
             if "attach" not in self.state.stages or not isinstance(recorded, dict):
                 raise
             return VMSpec.from_dict(recorded)
+
+    def _task_warnings(self, stage: str) -> None:
+        """The target's tasks' warnings not shown yet, as warnings of ``stage``: they succeeded."""
+        found = self.target.task_warnings()
+        for text in found[self._warned:]:
+            self.emit(Event("warning", stage, text))
+        self._warned = len(found)
 
     def _made_by(self, stage: str, waited: int) -> dict[str, Any]:
         """For the record of ``stage``: the target's tasks it waited for (PVE UPIDs) and, for
@@ -224,6 +236,7 @@ class Pipeline:
                 return
             if ours:
                 self.target.destroy_vm(self.vmid)
+                self._task_warnings("cleanup")
                 removed = True
             for index in written:
                 ctx.sink(index).remove()

@@ -114,6 +114,14 @@ def pve_size(capacity: int) -> str:
     return str(capacity)
 
 
+def parse_pve_size(value: str) -> int | None:
+    """``size=`` as PVE writes it (``32G``, ``540K``, a plain byte count) in bytes; None if it is not one."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)", value.strip())
+    if not match:
+        return None
+    return int(float(match.group(1)) * (1 << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[match.group(2)]))
+
+
 def disk_value(volid: str, capacity: int) -> str:
     """The value of a disk key: ``local:120/vm-120-disk-0.qcow2,size=32G``."""
     return f"{volid},size={pve_size(capacity)}"

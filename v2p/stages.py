@@ -352,15 +352,26 @@ class Attach(Stage):
             updates[key] = pveconfig.disk_value(volid, ctx.disk_input(index).capacity)
         updates["boot"] = pveconfig.boot_order([key for _disk, key in placed])
         current = ctx.target.get_config(ctx.vmid)
-        if all(key in current and ctx.sink(by_label[disk.label]).attached(current[key]) for disk, key in placed):
-            # A killed run's attach that the target finished without it (PVE's import goes on): done.
+        keys = {key: updates[key] for _disk, key in placed}
+        for disk, key in placed:
+            if key in current and ctx.sink(by_label[disk.label]).attached(current[key]):
+                # A killed run's import that the target finished without it (PVE's import goes on; one
+                # import per disk): sent again, it would be a second copy of the disk.
+                keys[key] = current[key]
+                del updates[key]
+        if len(updates) == 1:
             ctx.emit(Event("info", self.name, "the disks were attached by an earlier run (its import finished "
                            "after it stopped)"))
-            return {"keys": {key: current[key] for _disk, key in placed}}
-        before = set(current.values())
-        ctx.target.set_config(ctx.vmid, updates)
-        self._drop_duplicates(ctx, before)
-        return {"keys": {key: value for key, value in updates.items() if key != "boot"}}
+        elif len(updates) <= len(placed):
+            ctx.emit(Event("info", self.name, f"{', '.join(k for k in keys if k not in updates)}: attached by an "
+                           "earlier run (its import finished after it stopped)"))
+        if current.get("boot") == updates["boot"]:
+            del updates["boot"]
+        if updates:
+            before = set(current.values())
+            ctx.target.set_config(ctx.vmid, updates)
+            self._drop_duplicates(ctx, before)
+        return {"keys": keys}
 
     @staticmethod
     def _drop_duplicates(ctx: Context, before: set[str]) -> None:

@@ -420,10 +420,11 @@ class Cluster:
             raise fail(f"Configuration file 'nodes/{self.node}/qemu-server/{p['vmid']}.conf' does not exist")
         return vm
 
-    def _prepare_disks(self, vmid: int, p: dict[str, str], user: str) -> list[Callable[[Task], None]]:
-        """Check disk keys now (as the API call does before forking) and return the work that
+    def _prepare_disks(self, vmid: int, p: dict[str, str], user: str) -> dict[str, Callable[[Task], None]]:
+        """Check disk keys now (as the API call does before forking: qemu-server's
+        ``check_drive_param`` and ``check_storage_access``) and return, by key, the work that
         allocates or imports their volumes, rewriting ``p`` to the new volume ids."""
-        work: list[Callable[[Task], None]] = []
+        work: dict[str, Callable[[Task], None]] = {}
         for key in [k for k in p if DISK_KEY.match(k)]:
             opts, _ = parse_property_string({"file": {"default_key": 1}}, p[key])
             file = opts.get("file", "")
@@ -431,7 +432,8 @@ class Cluster:
                     if item.partition("=")[0] not in ("import-from", "format", "file")]
             source = opts.get("import-from")
             match = NEW_VOLUME.match(file)
-            if opts.get("media") == "cdrom" or not match:
+            # check_drive_param: import-from only with $NEW_DISK_RE and a size of 0 (STORAGE:0)
+            if opts.get("media") == "cdrom" or not match or (source and float(match.group(2)) != 0):
                 if source:
                     raise PVEError(400, "Parameter verification failed.",
                                    {key: "'import-from' requires special syntax - use <storage ID>:0,"
@@ -450,12 +452,28 @@ class Cluster:
                     if not src.exists():
                         raise fail(f"could not find '{source}'")
                 else:
+                    # check_storage_access: a PVE volume is imported from images or import content only
+                    vtype = self._vtype(source)
+                    if vtype not in ("images", "import"):
+                        raise PVEError(400, "Parameter verification failed.",
+                                       {key: f"{source} has wrong type '{vtype}' - needs to be 'images' or "
+                                             "'import'"})
                     releases.check_import_from(self.release, key, source)
                     src = self._existing_volume(source)
             fmt = opts.get("format")
-            work.append(self._disk_work(vmid, key, p, storage, fmt, float(match.group(2)),
-                                        src if source is not None else None, rest))
+            work[key] = self._disk_work(vmid, key, p, storage, fmt, float(match.group(2)),
+                                        src if source is not None else None, rest)
         return work
+
+    def _vtype(self, volid: str) -> str:
+        """PVE::Storage::Plugin::parse_volname's content type of ``volid``: its folder on a dir storage
+        (``import/``, ``iso/``, ``vztmpl/``, ``dump/`` as backup), images otherwise."""
+        name, _, volname = volid.partition(":")
+        storage = self.storage(name)
+        if storage.type != "dir" or "/" not in volname or re.fullmatch(r"\d+/[^/]+", volname):
+            return "images"
+        folder = volname.split("/", 1)[0]
+        return {"dump": "backup", "template": "vztmpl"}.get(folder, folder)
 
     def _disk_work(self, vmid: int, key: str, p: dict[str, str], storage: Storage, fmt: str | None,
                    size_gib: float, src: Path | None, rest: list[str]) -> Callable[[Task], None]:
@@ -512,7 +530,7 @@ class Cluster:
             self.vms[vmid] = vm
 
         def work(task: Task) -> None:
-            for step in disk_work:
+            for step in disk_work.values():  # create_vm: all or nothing (its vollist freed on failure)
                 step(task)
             with self.lock:
                 vm.config = settings
@@ -591,14 +609,19 @@ class Cluster:
                 del vm.config[key]
 
     def _to_unused(self, vm: VM, value: str) -> None:
+        """qemu-server's ``vmconfig_register_unused_drive``: only a volume the VM owns
+        (``vm_is_volid_owner``: named ``vm-<vmid>-...``/``base-<vmid>-...``) becomes ``unusedN``."""
         volid = value.split(",")[0]
         if "media=cdrom" in value or volid in ("none", "cdrom") or volid.startswith("/"):
+            return
+        owner = re.match(r"[^:]+:(?:\d+/)?(?:vm|base)-(\d+)-", volid)
+        if owner is None or int(owner.group(1)) != vm.vmid:
             return
         n = next(i for i in range(256) if f"unused{i}" not in vm.config)
         vm.config[f"unused{n}"] = volid
 
     def _config_call(self, p: dict[str, str], user: str) -> tuple[VM, dict[str, str], list[str],
-                                                                   list[Callable[[Task], None]]]:
+                                                                   dict[str, Callable[[Task], None]]]:
         vm = self.vm(p)
         settings = {k: v for k, v in p.items()
                     if k not in ("node", "vmid", "delete", "digest", "revert", "skiplock",
@@ -612,13 +635,36 @@ class Cluster:
             raise fail(f"VM is locked ({vm.lock})")
         return vm, settings, deletes, self._prepare_disks(vm.vmid, settings, user)
 
+    def _update_keys(self, vm: VM, task: Task, settings: dict[str, str], deletes: list[str],
+                     disk_work: dict[str, Callable[[Task], None]]) -> None:
+        """qemu-server's ``update_vm_api`` (its ``$updatefn``): the deletes, then key by key into
+        ``[pending]`` (a disk key's volume made by ``create_disks`` first), each written as it is
+        done, so a failure stops there and leaves the keys before it in ``[pending]``; at the end a
+        stopped VM gets every pending change applied (``vmconfig_apply_pending``), earlier calls'
+        leftovers included."""
+        self._update(vm, {}, deletes)
+        for key in list(settings):
+            with self.lock:
+                if vm.pending.get(key) == settings[key]:
+                    continue  # "skip if nothing changed"
+            if key in disk_work:
+                disk_work[key](task)
+            with self.lock:
+                old = vm.pending.get(key)
+                if old is not None and DISK_KEY.match(key) and old.split(",")[0] != settings[key].split(",")[0]:
+                    self._to_unused(vm, old)  # vmconfig_register_unused_drive of the pending drive replaced
+                vm.pending[key] = settings[key]
+                vm.pending_delete.discard(key)
+        with self.lock:
+            if vm.status != "running":
+                pending, vm.pending = vm.pending, {}
+                self._update(vm, pending, [])
+
     def config_async(self, p: dict[str, str], user: str) -> Any:
         vm, settings, deletes, disk_work = self._config_call(p, user)
 
         def work(task: Task) -> None:
-            for step in disk_work:
-                step(task)
-            self._update(vm, settings, deletes)
+            self._update_keys(vm, task, settings, deletes, disk_work)
             task.log(f"update VM {vm.vmid}: {' '.join(f'-{k} {v}' for k, v in settings.items())}")
         # The worker holds the VM's config lock through every import (qemu-server's update_vm_api).
         return self.tasks.start("qmconfig", str(vm.vmid), user, work, hold=vm.config_lock,
@@ -627,9 +673,7 @@ class Cluster:
     def config_sync(self, p: dict[str, str], user: str) -> Any:
         vm, settings, deletes, disk_work = self._config_call(p, user)
         task = Task("", self.node, 0, 0, 0, "qmconfig", str(vm.vmid), user)
-        for step in disk_work:
-            step(task)
-        self._update(vm, settings, deletes)
+        self._update_keys(vm, task, settings, deletes, disk_work)
         return None
 
     def refresh(self, vm: VM) -> None:

@@ -244,6 +244,12 @@ class PVESim:
         with self.cluster.tasks.lock:
             self.cluster.tasks.slow_next[task_type] = seconds
 
+    def warn_next_task(self, task_type: str, *messages: str) -> None:
+        """The next task of ``task_type`` (qmcreate, qmconfig, qmstart, qmdestroy, imgdel, ...) logs
+        each message as ``WARN: ...`` and ends ``WARNINGS: n`` (as a ``log_warn`` in PVE's worker)."""
+        with self.cluster.tasks.lock:
+            self.cluster.tasks.warn_next[task_type] = list(messages) or ["simulated warning"]
+
     def fail_next_request(self, method: str, path: str, status: int = 500,
                           message: str = "simulated failure") -> None:
         """The next ``method`` request whose API path (after /api2/json) matches regex ``path``."""

@@ -36,9 +36,16 @@ class Task:
     exitstatus: str | None = None
     lines: list[str] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    warnings: int = 0
 
     def log(self, line: str) -> None:
         self.lines.append(line)
+
+    def warn(self, message: str) -> None:
+        """pve-common ``PVE::RESTEnvironment::warn`` (what ``log_warn`` calls in a worker): a
+        ``WARN:`` line in the task log, counted for the task's end."""
+        self.log(f"WARN: {message}")
+        self.warnings += 1
 
     def status_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"upid": self.upid, "node": self.node, "pid": self.pid,
@@ -61,6 +68,7 @@ class Tasks:
         self.by_upid: dict[str, Task] = {}
         self.fail_next: dict[str, str] = {}
         self.slow_next: dict[str, float] = {}
+        self.warn_next: dict[str, list[str]] = {}
         self.lock = threading.Lock()
 
     def start(self, kind: str, ident: str, user: str, work: Callable[[Task], None],
@@ -78,9 +86,12 @@ class Tasks:
             self.by_upid[task.upid] = task
             failure = self.fail_next.pop(kind, None)
             delay = self.slow_next.pop(kind, 0.0)
+            warnings = self.warn_next.pop(kind, [])
         if hold is not None:
             work = self._holding(hold, hold_name, delay, work)
             delay = 0.0
+        if warnings:
+            work = self._warning(warnings, work)
         threading.Thread(target=self._run, args=(task, work, failure, delay, on_failure), daemon=True).start()
         return task
 
@@ -98,6 +109,14 @@ class Tasks:
                 hold.release()
         return holding
 
+    @staticmethod
+    def _warning(warnings: list[str], work: Callable[[Task], None]) -> Callable[[Task], None]:
+        def warning(task: Task) -> None:
+            for message in warnings:
+                task.warn(message)
+            work(task)
+        return warning
+
     def active(self, vmid: str | None = None) -> list[Task]:
         """The tasks still running (of VM ``vmid``: its id, as PVE's task list filters them)."""
         with self.lock:
@@ -113,8 +132,14 @@ class Tasks:
             if failure is not None:
                 raise TaskFailed(failure)
             work(task)
-            task.exitstatus = "OK"
-            task.log("TASK OK")
+            # pve-common PVE::RESTEnvironment::fork_worker: a worker that warned ends "TASK WARNINGS: n",
+            # which PVE::UPID::read_status gives as the exit status "WARNINGS: n" (not an error).
+            if task.warnings:
+                task.exitstatus = f"WARNINGS: {task.warnings}"
+                task.log(f"TASK WARNINGS: {task.warnings}")
+            else:
+                task.exitstatus = "OK"
+                task.log("TASK OK")
         except Exception as exc:  # noqa: BLE001 - every failure of a worker is its exit status
             message = str(exc).strip() or type(exc).__name__
             if on_failure is not None:

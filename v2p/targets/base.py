@@ -172,6 +172,11 @@ class Target(abc.ABC):
         target whose files are v2p's own)."""
         return None
 
+    def task_warnings(self) -> list[str]:
+        """What the target's tasks this object waited for warned of while succeeding (a PVE task
+        that ended ``WARNINGS: n``), one line each, oldest first; the caller shows them."""
+        return []
+
     @abc.abstractmethod
     def create_vm(self, vmid: int, config: VMConfig) -> None:
         """Create the VM shell; refuse if ``vmid`` is taken."""

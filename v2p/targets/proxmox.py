@@ -26,7 +26,7 @@ from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, Pr
 from proxmoxer.core import ProxmoxResource
 
 from ..bootwatch import SETTLE, BootWatch
-from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, VMIDExistsError
+from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, TaskStillRunning, VMIDExistsError
 from ..fsutil import data_home, private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
@@ -51,6 +51,9 @@ __all__ = ["ProxmoxTarget", "PveSettings", "RemoteImportSink", "target_from_url"
 QEMU_RUN_ENV = "V2P_PVE_QEMU_RUN_DIR"  # where the node's qemu-server keeps VM sockets (tests point it elsewhere)
 TASK_POLL = 0.5  # seconds between polls of a long task; short ones are polled sooner (TASK_FIRST_POLL, doubling)
 TASK_FIRST_POLL = 0.05
+TASK_TIMEOUT = 3600.0  # seconds a task is waited for, unless its work needs more (import_timeout)
+IMPORT_FLOOR = TASK_TIMEOUT  # a disk import's wait: this, plus its size at IMPORT_RATE bytes a second
+IMPORT_RATE = float(20 << 20)  # a slow storage's copy rate: 1 TiB is waited for about 16 hours
 # Storage types whose disks are files (qcow2 by default); all others hold raw volumes only.
 _FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs", "cephfs", "btrfs"}
 
@@ -195,6 +198,7 @@ class ProxmoxTarget(Target):
         self._state_root = state_root
         self._waited: list[str] = []  # UPIDs of the tasks waited for: the state records them
         self._release: PveRelease | None = None  # GET /version's answer, asked once
+        self._warnings: list[str] = []  # what the tasks that ended WARNINGS: n warned of, oldest first
         verify: bool = not (settings.insecure or settings.fingerprint)
         self.verify = verify
         if settings.backend == "local":
@@ -282,17 +286,37 @@ class ProxmoxTarget(Target):
             if status in (401, 403) else None
         return TargetError(f"PVE {method} {path}: {status} {detail.strip()}", hint=hint)
 
-    def wait_task(self, upid: str, *, what: str, timeout: float = 3600.0) -> None:
-        """Poll a task until it stops; an exit status other than OK is a TargetError with its log's tail."""
+    def wait_task(self, upid: str, *, what: str, timeout: float = TASK_TIMEOUT) -> None:
+        """Poll a task until it stops; an exit status other than OK or ``WARNINGS: n`` is a
+        TargetError with its log's tail. A task that warned succeeded (pve-common ``PVE::UPID``,
+        ``status_is_error``: only OK and ``WARNINGS: n`` are not errors; ``RESTEnvironment::warn``,
+        which ``log_warn`` calls in a worker, prints ``WARN: ...`` into the task log and counts it,
+        and ``fork_worker`` ends such a task ``TASK WARNINGS: n``): its ``WARN:`` lines are kept
+        (``task_warnings``) for the caller to show."""
         self._waited.append(upid)
         status = self._stopped(upid, what=what, timeout=timeout)
         exit_status = str(status.get("exitstatus", ""))
-        if exit_status != "OK":
-            path = f"nodes/{self.settings.node}/tasks/{quote(upid, safe='')}"
-            lines = self.call("GET", f"{path}/log", start=0, limit=1000) or []
-            tail = " | ".join(str(line.get("t", "")) for line in lines[-5:])
-            raise TargetError(f"PVE task {what} failed: {exit_status}" + (f" ({tail})" if tail else ""),
-                              hint="the node's task log has the whole story")
+        if exit_status == "OK":
+            return
+        lines = [str(line.get("t", "")) for line in self._task_log(upid)]
+        if re.fullmatch(r"WARNINGS: \d+", exit_status):
+            said = [line[len("WARN:"):].strip() for line in lines if line.startswith("WARN:")]
+            for text in said or [f"the task ended {exit_status} (its log shows none)"]:
+                self._warnings.append(f"PVE task {what}: {text}")
+            return
+        tail = " | ".join(lines[-5:])
+        raise TargetError(f"PVE task {what} failed: {exit_status}" + (f" ({tail})" if tail else ""),
+                          hint="the node's task log has the whole story")
+
+    def _task_log(self, upid: str) -> list[dict[str, Any]]:
+        """The task's whole log (``GET .../tasks/{upid}/log``, pve-manager ``PVE::API2::Tasks``
+        ``read_task_log``: 50 lines unless ``limit`` says more)."""
+        path = f"nodes/{self.settings.node}/tasks/{quote(upid, safe='')}/log"
+        found: list[dict[str, Any]] = self.call("GET", path, start=0, limit=5000) or []
+        return found
+
+    def task_warnings(self) -> list[str]:
+        return list(self._warnings)
 
     def settle(self, vmid: int) -> list[str]:
         """Wait for VM ``vmid``'s tasks still running on the node: PVE finishes a task (a disk import)
@@ -304,7 +328,7 @@ class ProxmoxTarget(Target):
             self._stopped(upid, what=f"{upid.split(':')[5]} of VM {vmid}, left running by an earlier run")
         return upids
 
-    def _stopped(self, upid: str, *, what: str, timeout: float = 3600.0) -> dict[str, Any]:
+    def _stopped(self, upid: str, *, what: str, timeout: float = TASK_TIMEOUT) -> dict[str, Any]:
         """Poll a task until it stops; its status."""
         node = self.settings.node
         deadline = time.monotonic() + timeout
@@ -316,16 +340,17 @@ class ProxmoxTarget(Target):
             if status.get("status") == "stopped":
                 break
             if time.monotonic() > deadline:
-                raise TargetError(f"PVE task {what} still running after {timeout:.0f} s ({upid})",
-                                  hint="see the task log in the PVE web interface")
+                raise TaskStillRunning(f"PVE task {what} still running after {timeout:.0f} s ({upid}); it goes "
+                                       "on on the node", hint="run the same command again: it waits for the "
+                                       "task and resumes (its log is in the PVE web interface)")
             time.sleep(pause)
             pause = min(pause * 2, TASK_POLL)
         found: dict[str, Any] = status
         return found
 
-    def _task(self, result: Any, what: str) -> None:
+    def _task(self, result: Any, what: str, *, timeout: float = TASK_TIMEOUT) -> None:
         if isinstance(result, str) and result.startswith("UPID:"):
-            self.wait_task(result, what=what)
+            self.wait_task(result, what=what, timeout=timeout)
 
     def _qemu(self, vmid: int) -> str:
         return f"nodes/{self.settings.node}/qemu/{vmid}"
@@ -440,7 +465,17 @@ class ProxmoxTarget(Target):
         if not values:
             return
         # POST runs as a task (an import-from or a new volume may take long); PUT would not wait.
-        self._task(self.call("POST", f"{self._qemu(vmid)}/config", **values), f"configure VM {vmid}")
+        # One disk import per call: qemu-server's update_vm_api imports key by key (create_disks),
+        # writes each into [pending] and applies them only at the end, so a call that stops part-way
+        # (a kill, a failed second import) leaves the disks it imported in [pending], and re-sending
+        # one makes the first copy unusedN (vmconfig_register_unused_drive). Alone, each import's
+        # task is waited for as long as its disk's size needs; the other keys follow in one call.
+        for key in [key for key, value in values.items() if "import-from=" in value]:
+            value = values.pop(key)
+            self._task(self.call("POST", f"{self._qemu(vmid)}/config", **{key: value}),
+                       f"import disk {key} of VM {vmid}", timeout=import_timeout(value))
+        if values:
+            self._task(self.call("POST", f"{self._qemu(vmid)}/config", **values), f"configure VM {vmid}")
 
     def delete_volume(self, volid: str) -> None:
         """Delete ``volid`` (``STORAGE:VOLNAME``) from its storage and wait for PVE's task."""
@@ -616,6 +651,18 @@ class ProxmoxTarget(Target):
         except BaseException:
             self.stop(vmid, timeout=5)
             raise
+
+
+def import_timeout(value: str) -> float:
+    """How long to wait for the import of the disk key ``value`` (``STORAGE:0,import-from=...,size=32G``):
+    IMPORT_FLOOR, plus its size (``size=``, the disk's capacity) at IMPORT_RATE bytes a second
+    (qemu-server's import reads the whole source and writes the whole volume: ``qemu-img convert``
+    through ``clone_disk``, from ``create_disks``' ``$import_from_volid``)."""
+    from ..pveconfig import parse_pve_size
+
+    sizes = [parse_pve_size(item.partition("=")[2]) for item in value.split(",") if item.startswith("size=")]
+    size = max([found for found in sizes if found is not None] or [0])
+    return IMPORT_FLOOR + size / IMPORT_RATE
 
 
 def _pve_efidisk(storage: str, secure: bool) -> str:
