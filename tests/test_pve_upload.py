@@ -27,7 +27,7 @@ from v2p.api import Migration
 from v2p.convert import Source as QemuInput
 from v2p.errors import TargetError
 from v2p.events import Event
-from v2p.targets.proxmox import ProxmoxTarget, target_from_url
+from v2p.targets.proxmox import ProxmoxTarget, RemoteImportSink, target_from_url
 
 BOUNDARY = "b0und4ry"
 DATA = b"\r\n--not-the-boundary--\r\n" + bytes(range(256)) * 16 + b"\r\n"  # ends like a delimiter would
@@ -181,6 +181,7 @@ def test_a_disk_upload_is_taken_with_its_checksum(sim: PVESim, tmp_path: Path,
     monkeypatch.setattr(ProxmoxHttpSession, "request", spy)
     target = target_of(sim, tmp_path, "&storage=local")
     sink = target.disk_sink(150, 0, fmt=None, storage="local")
+    assert isinstance(sink, RemoteImportSink)
     sink.write(QemuInput("raw", str(raw)), capacity=raw.stat().st_size)
     staged = sink.staging.path
     seen: list[tuple[int, int]] = []
