@@ -286,6 +286,8 @@ vms:
     assert not pve.cluster.vms and snapshot(pve.root) == before  # nothing made on the node
     assert not (tmp_path / "xdg").exists()
     assert pve.refused == [] and pve.unsimulated == []
+    # the hint keeps the storage's content types (pvesm set --content replaces the list)
+    assert "see: pvesm set isos --content iso,images)" in proc.stdout + proc.stderr
 
 
 def test_an_unreachable_pve_is_one_problem(folder, tmp_path, v2p: V2P):

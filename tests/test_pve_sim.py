@@ -220,7 +220,7 @@ def test_upload_checksum_is_verified(pve: PVESim, source_vmdk: Path) -> None:
     for checksum, status in (("0" * 64, "checksum mismatch"), (digest, "OK")):
         with source_vmdk.open("rb") as handle:
             response = api(pve, "POST", "/nodes/pve1/storage/local/upload",
-                           {"content": "import", "checksum": checksum, "checksum-algorithm": "sha256"},
+                           {"content": "import", "checksum-algorithm": "sha256", "checksum": checksum},
                            files={"filename": (source_vmdk.name, handle)})
         assert wait_task(pve, response.json()["data"])["exitstatus"].startswith(status)
     assert pve.volumes() == ["local:import/disk.vmdk"]

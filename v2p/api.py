@@ -199,7 +199,7 @@ class _Progress:
             disks = event.data.get("disks")
             if isinstance(disks, list):
                 self.total = {index: int(disk.get("capacity", 0)) for index, disk in enumerate(disks)}
-        elif event.kind == "progress" and event.disk is not None and event.done is not None:
+        elif event.kind == "progress" and event.step is None and event.disk is not None and event.done is not None:
             self.done[event.disk] = event.done
             if event.total is not None:
                 self.total.setdefault(event.disk, event.total)

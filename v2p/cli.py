@@ -529,7 +529,7 @@ class _Printer:
 
     def __call__(self, event: Event) -> None:
         if event.kind == "progress":
-            self._progress(event.data["bytes"], event.data["total"])
+            self._progress(event.data["bytes"], event.data["total"], event.step or "convert")
             return
         self._close_bar()
         if event.kind == "stage-start":
@@ -545,13 +545,13 @@ class _Printer:
         else:
             print(f"[{event.stage}] {event.message}", flush=True)
 
-    def _progress(self, done: int, total: int) -> None:
+    def _progress(self, done: int, total: int, desc: str) -> None:
         if not sys.stderr.isatty():
             return
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                             leave=False)
         self.bar.update(done - self.bar.n)
 

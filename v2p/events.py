@@ -25,7 +25,8 @@ class Event:
 
     * ``stage-start``, ``stage-done`` (``data``: the stage's record), ``stage-skip`` (done before);
     * ``progress``: ``done`` of ``total`` bytes of disk ``disk`` written (``data['percent']``
-      too, and ``data['bytes']``, the same as ``done``);
+      too, and ``data['bytes']``, the same as ``done``); with ``step`` ``upload``, bytes of an
+      upload to the target instead (a disk's staged file, ``disk`` set, or the drivers ISO);
     * ``finding``: a preflight rule's finding, ``data['rule']`` its id (what ``ignore_rules``
       takes), ``data['severity']`` ``error``/``warning``/``info``;
     * ``warning``: something the user should know (a source notice, ``--no-verify``, ...);
@@ -33,7 +34,8 @@ class Event:
 
     ``stage`` is the stage's record name (``convert:1`` for the second disk's copy);
     ``disk`` the index of the disk an event is about (0 the boot disk), None for the VM;
-    ``step`` the driver dance's step (``layout1``, ``boot1``, ...) during the ``drivers`` stage;
+    ``step`` the driver dance's step (``layout1``, ``boot1``, ...) during the ``drivers`` stage, and
+    ``upload`` for an upload to the target (in ``verify``, or ``preflight`` for the drivers ISO);
     ``vmid`` the VM's (set by ``Migration`` on every event it passes on).
     """
 

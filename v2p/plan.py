@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import yaml
 
-from . import api, drivers, rules, stages
+from . import api, drivers, pveconfig, rules, stages
 from .errors import StateError, TargetError, V2PError, one_line, shown_path
 from .fsutil import describe_mode, read_regular
 from .options import (
@@ -875,7 +875,8 @@ class _Checker:
         content = facts.storages[name]
         if content is not None and "images" not in content:
             self.at(vm, key, f"storage: {name} on the {facts.where} does not hold VM disks (its content: "
-                             f"{', '.join(sorted(content))}; see: pvesm set {name} --content images,...)")
+                             f"{', '.join(sorted(content))}; see: "
+                             f"{pveconfig.content_added(name, sorted(content), 'images')})")
 
     def bridges(self, vm: PlanVM, facts: _Facts) -> None:
         if facts.bridges is None:

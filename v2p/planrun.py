@@ -122,17 +122,18 @@ class VMRun:
                               for stage, summary, done in self.plan]
         return data
 
-    def _progress(self, data: dict[str, Any]) -> None:
+    def _progress(self, data: dict[str, Any], *, counted: bool = True) -> None:
         now, done = time.monotonic(), int(data.get("bytes", 0))
-        disk = int(data.get("disk", 0))
+        disk = int(data.get("disk") or 0)
         self.done_bytes, self.total_bytes = done, int(data.get("total", 0))
         if done < self._disk_bytes.get(disk, 0) or self._rate_at[0] == 0.0:
             self._rate_at = (now, done)  # a disk started (over): no rate across it
         elif now - self._rate_at[0] >= 1.0:
             self.rate = (done - self._rate_at[1]) / (now - self._rate_at[0])
             self._rate_at = (now, done)
-        self._disk_bytes[disk] = done
-        self.moved = sum(self._disk_bytes.values())
+        if counted:
+            self._disk_bytes[disk] = done
+            self.moved = sum(self._disk_bytes.values())
 
     def _disk_done(self, stage: str) -> None:
         disk = int(stage.partition(":")[2] or 0)
@@ -460,7 +461,7 @@ class _Runner:
             event = Event(**{**given, "kind": str(message["kind"]), "stage": str(message.get("stage", "")),
                              "message": str(message.get("message", "")), "data": dict(message.get("data") or {})})
             if event.kind == "progress":
-                run._progress(event.data)
+                run._progress(event.data, counted=event.step is None)  # an upload's bytes are not the disk's
             elif event.kind == "stage-start":
                 run.stage, run.done_bytes, run.total_bytes = event.stage, 0, 0
             elif event.kind == "stage-done" and event.stage.startswith("convert"):

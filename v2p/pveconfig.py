@@ -11,7 +11,7 @@ VM may be migrated at all (``rules.py``), nor the driver dance's later layout.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from .errors import RuleError
 from .options import WINDOWS_OSTYPES, MigrationOptions, mac_for_nic
@@ -47,6 +47,14 @@ def tagged_by(config: Mapping[str, str]) -> list[str]:
     """The ids of the migrations whose tag the VM config's description carries ([]: not v2p's). More
     than one when the source VM's own name held such words, or the user added some."""
     return _TAG.findall(config.get("description", ""))
+
+
+def content_added(storage: str, current: Iterable[str], content: str) -> str:
+    """The ``pvesm set`` line that gives ``storage`` the ``content`` type and keeps every type it has
+    (``current``, in its order): ``--content`` sets the whole list (pve-storage
+    ``PVE/API2/Storage/Config.pm``, ``update``), so a line naming only some types takes the rest away."""
+    kept = [kind for kind in current if kind]
+    return f"pvesm set {storage} --content {','.join(kept + ([] if content in kept else [content]))}"
 
 
 def resolve_ostype(spec: VMSpec, explicit: str | None = None) -> str:

@@ -24,7 +24,7 @@ from .runner import which
 from .sources import DiskInput, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
-from .targets.base import DiskSink, Target
+from .targets.base import ByteProgress, DiskSink, Target
 from .testhooks import hold_point
 
 Record = dict[str, Any]
@@ -183,7 +183,8 @@ class Preflight(Stage):
         record: Record = {"storage": room["storage"], "format": fmt, "required_bytes": required,
                           "free_bytes": room["free_bytes"], "findings": [vars(f) for f in findings]}
         if ctx.options.needs_dance:
-            record.update(check_drivers(ctx.target, ctx.options))
+            record.update(check_drivers(ctx.target, ctx.options,
+                                        progress=upload_progress(ctx, self.name, "the drivers ISO")))
         return record
 
 
@@ -215,13 +216,32 @@ def check_access(ctx: Context) -> None:
                             dance=bool(ctx.options.needs_dance), drivers_iso=ctx.options.drivers_iso)
 
 
-def check_drivers(target: Target, options: MigrationOptions) -> Record:
-    """Find the drivers ISO and make sure it has what this Windows needs (before anything is made)."""
+def upload_progress(ctx: Context, stage: str, what: str, disk: int | None = None) -> ByteProgress:
+    """Progress of an upload to the target during ``stage``, as events of the step ``upload``: a line
+    when it starts and when all is sent (the target then checks and stores it), ``progress`` events
+    with the bytes sent between (``data['bytes']``/``data['total']``, as a disk's write has)."""
+
+    def report(done: int, total: int) -> None:
+        if done == 0:
+            ctx.emit(Event("info", stage, f"upload: sending {what} to the target ({total} bytes)",
+                           disk=disk, step="upload"))
+        data = {"percent": 100.0 * done / total if total else 100.0, "bytes": done, "total": total}
+        ctx.emit(Event("progress", stage, data=data if disk is None else {"disk": disk, **data},
+                       disk=disk, done=done, total=total, step="upload"))
+        if done >= total:
+            ctx.emit(Event("info", stage, f"upload: {what} sent; the target checks and stores it",
+                           disk=disk, step="upload"))
+    return report
+
+
+def check_drivers(target: Target, options: MigrationOptions, *, progress: ByteProgress | None = None) -> Record:
+    """Find the drivers ISO and make sure it has what this Windows needs (before anything is made);
+    an upload of it reports to ``progress``."""
     given = options.drivers_iso
     if given and "," in given:
         raise OptionError(f"drivers ISO {given}: a path with a comma cannot go into a VM config",
                           hint="rename or link the ISO")
-    path, volid = target.drivers_iso(given)
+    path, volid = target.drivers_iso(given, progress=progress)
     if path is None:  # only on the target: attached as it is, its drivers unchecked
         return {"drivers_iso": volid, "driver_folders": {}}
     return {"drivers_iso": volid, "driver_folders": driver_folders(path, options)}
@@ -323,7 +343,7 @@ class Verify(Stage):
             sink.verify(given.qemu, capacity=given.capacity)
         else:
             ctx.emit(Event("warning", self.name, "--no-verify: the written disk was not compared", disk=self.index))
-        volid = sink.commit()
+        volid = sink.commit(progress=upload_progress(ctx, self.name, f"disk {self.index}", self.index))
         hold_point(f"{self.name}:committed")
         return {"volid": volid, "verified": ctx.options.verify, "fingerprint": sink.fingerprint()}
 

@@ -27,8 +27,11 @@ from .tasks import Task, Tasks
 
 DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)\d+$|^(efidisk|tpmstate)0$")
 NEW_VOLUME = re.compile(r"^([a-z][a-z0-9\-_.]*[a-z0-9]):(\d+(\.\d+)?)$", re.I)
-IMPORT_NAME = re.compile(r"\.(ova|ovf|qcow2|raw|vmdk|img)$")
 IMAGE_NAME = re.compile(r"[^/]+\.(raw|qcow2|vmdk|subvol)")
+# pve-storage Storage.pm: $SAFE_CHAR_CLASS_RE+ then $UPLOAD_IMPORT_EXT_RE_1, not anchored at the start
+UPLOAD_IMPORT_NAME = re.compile(r"[a-zA-Z0-9\-.+=_]+\.(ova|qcow2|raw|vmdk)$")
+# Storage types whose plugin has a path (Status.pm, upload: "can't upload to storage type ...")
+_PATH_STORAGES = {"dir", "nfs", "cifs", "cephfs", "btrfs", "glusterfs"}
 
 
 class PVEError(Exception):
@@ -107,6 +110,24 @@ def _readable(src: Path) -> Iterator[Path]:
         yield extracted
     finally:
         extracted.unlink(missing_ok=True)
+
+
+def normalize_content_filename(filename: str) -> str:
+    """PVE::Storage::normalize_content_filename: chomp, the last path component, unsafe characters to ``_``."""
+    filename = filename[:-1] if filename.endswith("\n") else filename
+    filename = re.sub(r"^.*[/\\]", "", filename, flags=re.S)
+    return re.sub(r"[^a-zA-Z0-9_.-]", "_", filename)
+
+
+def _untrusted_image_info(path: Path, fmt: str | None) -> None:
+    """PVE::Storage::Plugin::file_size_info with ``$untrusted``: qemu-img must read it (as ``fmt``, or
+    its own guess for an ISO), and it may have no backing file."""
+    args = ["info", "--output=json", *(["-f", fmt] if fmt else []), str(path)]
+    done = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise fail("failed to query file information with qemu-img")
+    if json.loads(done.stdout).get("backing-filename"):
+        raise fail(f"backing file not allowed for untrusted image '{path}'!")
 
 
 def qemu_img(*args: str) -> str:
@@ -388,28 +409,64 @@ class Cluster:
         return self.tasks.start("imgdel", volid, user, work).upid
 
     def upload(self, p: dict[str, str], user: str, data_file: Path) -> Any:
+        """pve-storage ``PVE/API2/Storage/Status.pm``, ``upload``: ``data_file`` is pveproxy's spool file
+        (``/var/tmp/pveupload-*``, its ``tmpfilename``). Checked in the handler's order; the task then
+        verifies the checksum and the image, and *copies* the spool file into the storage (``cp``),
+        removing the spool file only after: while it copies, the upload takes its size twice."""
         s = self.storage(p["storage"])
+        if s.type not in _PATH_STORAGES:  # only storages with a path take uploads
+            raise fail(f"can't upload to storage type '{s.type}'")
         content = p["content"]
         releases.check_upload(self.release, content, p["filename"])
+        size = data_file.stat().st_size
+        name = normalize_content_filename(p["filename"])
+        image_format: str | None = None
+        if content == "iso":
+            if not re.search(r"[^/]+\.(?:iso|img)$", name, re.I):  # $ISO_EXT_RE_0
+                raise PVEError(400, "Parameter verification failed.", {"filename": "wrong file extension"})
+        elif content == "vztmpl":
+            if not re.search(r"[^/]+\.(?:tar(?!\.)|tar\.(?:gz|xz|zst|bz2))$", name, re.I):  # $VZTMPL_EXT_RE_1
+                raise PVEError(400, "Parameter verification failed.", {"filename": "wrong file extension"})
+        elif content == "import":
+            found = UPLOAD_IMPORT_NAME.search(name)
+            if not found:
+                raise PVEError(400, "Parameter verification failed.",
+                               {"filename": "invalid filename or wrong extension"})
+            image_format = None if found.group(1) == "ova" else found.group(1)
+        else:
+            raise PVEError(400, "Parameter verification failed.",
+                           {"content": f"upload content type '{content}' not allowed"})
         if content not in s.content:
             raise fail(f"storage '{s.name}' does not support '{content}' content")
-        # PVE normalizes the name (PVE::Storage::normalize_content_filename).
-        name = re.sub(r"[^\w\-.]", "_", p["filename"])
-        if content == "import" and not IMPORT_NAME.search(name):
-            raise fail("invalid filename or wrong extension")
-        target = s.path / ("import" if content == "import" else content) / name
+        target = s.path / content / name
 
         def work(task: Task) -> None:
             task.log(f"starting file import from: {data_file}")
-            if "checksum" in p:
-                got = hashlib.new(p["checksum-algorithm"], data_file.read_bytes()).hexdigest()
-                if got != p["checksum"].lower():
-                    raise fail(f"checksum mismatch: got '{got}' != expect '{p['checksum']}'")
-                task.log("calculating checksum... checksum verified")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(data_file), target)
+            try:
+                if "checksum-algorithm" in p:
+                    got = hashlib.new(p["checksum-algorithm"], data_file.read_bytes()).hexdigest()
+                    if got.lower() != p["checksum"].lower():
+                        raise fail(f"checksum mismatch: got '{got}' != expect '{p['checksum']}'")
+                    task.log("calculating checksum...OK, checksum verified")
+                if content == "iso" or image_format is not None:
+                    # PVE::Storage::file_size_info($tmpfilename, 10, $format, 1): an untrusted image
+                    _untrusted_image_info(data_file, image_format)
+            except BaseException:
+                data_file.unlink(missing_ok=True)
+                raise
+            task.log(f"target node: {self.node}")
             task.log(f"target file: {target}")
-            task.log(f"file size is: {target.stat().st_size}")
+            task.log(f"file size is: {size}")
+            task.log(f"command: cp -- {data_file} {target}")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(data_file, target)  # NOTE: PVE overwrites an existing file
+            except OSError as exc:
+                target.unlink(missing_ok=True)
+                raise fail(f"import failed: {exc}") from None
+            finally:
+                data_file.unlink(missing_ok=True)
+            task.log("finished file import successfully")
         return self.tasks.start("imgcopy", "", user, work, lambda: data_file.unlink(missing_ok=True)).upid
 
     # -- endpoints: VMs ----------------------------------------------------------------

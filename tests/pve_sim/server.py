@@ -15,7 +15,6 @@ import secrets
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -26,6 +25,7 @@ from typing import Any
 
 from .acl import ALL_PRIVILEGES, Acl, acl_checks, acl_filter
 from .cluster import Cluster, PVEError
+from .multipart import Upload, UploadRefused, file_upload_multipart, parse_content_type
 from .realvm import QemuRunner
 from .schema import Endpoint, Schema
 
@@ -56,33 +56,6 @@ def decode_urlencoded(data: str) -> dict[str, str | None]:
             value = f"{old}\0{value}"
         result[key] = value
     return result
-
-
-def parse_multipart(body: bytes, content_type: str, spool: Path) -> tuple[dict[str, str], Path | None]:
-    """Form fields and the uploaded file (spooled to ``spool``) of a multipart body; the
-    file part's own name is the ``filename`` parameter, as PVE's upload handler takes it."""
-    match = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not match:
-        raise PVEError(400, "Parameter verification failed.", {"filename": "no multipart boundary"})
-    fields: dict[str, str] = {}
-    upload: Path | None = None
-    for part in body.split(b"--" + match.group(1).encode())[1:]:
-        if part.startswith(b"--"):
-            break
-        head, _, data = part.partition(b"\r\n\r\n")
-        data = data[:-2] if data.endswith(b"\r\n") else data
-        disposition = head.decode("utf-8", "replace")
-        name = re.search(r'name="([^"]*)"', disposition)
-        filename = re.search(r'filename="([^"]*)"', disposition)
-        if not name:
-            continue
-        if filename:
-            fields[name.group(1)] = filename.group(1)
-            upload = spool / f"pveupload-{secrets.token_hex(8)}"
-            upload.write_bytes(data)
-        else:
-            fields[name.group(1)] = data.decode("utf-8")
-    return fields, upload
 
 
 def fingerprint(cert_pem: str) -> str:
@@ -173,6 +146,9 @@ class PVESim:
         self.port = 0
         self.fingerprint = ""
         self.cert_file = root / "tls" / "pve-ssl.pem"
+        # The node's /var/tmp, on its root file system: pveproxy spools every upload there first
+        # (pve-http-server AnyEvent.pm, get_upload_filename), then the upload task copies it.
+        self.var_tmp = root / "var-tmp"
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -421,6 +397,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def _send_raw(self, status: int, reason: str, payload: bytes) -> None:
+        """``AnyEvent.pm``, ``error``: the message as the reason and the body, no JSON, no content type."""
+        self.send_response(status, reason)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _upload_body(self, api_path: str, content_type: str, boundary: str | None, body: bytes,
+                     query: dict[str, str | None]) -> Upload:
+        """A multipart body, taken only by the upload call (``AnyEvent.pm``, ``authenticate_and_handle_request``:
+        an ``isUpload`` request goes to ``file_upload_multipart``; any other path with a content type other
+        than form-urlencoded or JSON is answered 506). An upload without a boundary or with a ``tmpfilename``
+        query parameter dies there outside any answer (``unshift_read_header`` only warns, the client waits
+        for nothing): the simulator answers 506 instead of leaving the client hanging."""
+        given = {key: value for key, value in query.items() if value is not None}
+        if not re.fullmatch(r"/nodes/[^/]+/storage/[^/]+/upload/?", api_path) or not boundary \
+                or "tmpfilename" in given:
+            raise UploadRefused(f"upload 'Content-Type '{content_type}' not implemented", status=506)
+        self.simulator.var_tmp.mkdir(parents=True, exist_ok=True)
+        return file_upload_multipart(body, boundary, given, self.simulator.var_tmp)
+
     def _drop(self, length: int) -> None:
         self.rfile.read(length // 2)
         self.close_connection = True
@@ -445,16 +442,14 @@ class _Handler(BaseHTTPRequestHandler):
             fault.release.wait(120)
             fault = None
         params: dict[str, str | None] = {}
-        upload: Path | None = None
+        upload: Upload | None = None
         status, errors = 200, None
         try:
             content_type = self.headers.get("Content-Type", "")
-            if method in ("POST", "PUT"):
-                if content_type.startswith("multipart/form-data"):
-                    spool = Path(tempfile.mkdtemp(dir=sim.root))
-                    fields, upload = parse_multipart(body, content_type, spool)
-                    params.update(fields)
-                elif content_type.startswith("application/json") and body:
+            ct, boundary = parse_content_type(content_type)
+            multipart = method in ("POST", "PUT") and ct == "multipart/form-data"
+            if method in ("POST", "PUT") and not multipart:
+                if content_type.startswith("application/json") and body:
                     params.update({k: _json_param(v) for k, v in json.loads(body).items()})
                 else:
                     params.update(decode_urlencoded(body.decode("utf-8")))
@@ -463,6 +458,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, {"data": sim.login(params)})
                 return
             who = sim.authenticate(method, self.headers)
+            if multipart:  # read after authentication, as pveproxy reads an upload's body
+                upload = self._upload_body(api_path, content_type, boundary, body, params)
+                params = {**upload.params}
             segments = [urllib.parse.unquote(s) for s in api_path.split("/")]
             endpoint = sim.schema.resolve(method, segments)
             if endpoint is None:
@@ -482,13 +480,17 @@ class _Handler(BaseHTTPRequestHandler):
                 data = sim.access_permissions(given, who)
             elif route == "upload":
                 if upload is None:
-                    raise PVEError(400, "Parameter verification failed.", {"filename": "no file uploaded"})
-                data = sim.cluster.upload(given, who, upload)
+                    raise PVEError(500, "missing temporary file name")  # Status.pm, upload: no tmpfilename
+                data = sim.cluster.upload(given, who, upload.spool)
             else:
                 data = getattr(sim.cluster, route)(given, who)
             if sim.acl.governs(who):
                 data = acl_filter(sim.acl, who, endpoint.method, endpoint.template, given, data)
             self._send(200, {"data": data})
+        except UploadRefused as refused:
+            status, reason, payload = refused.response()
+            errors = {"multipart": refused.message}
+            self._send_raw(status, reason, payload)
         except PVEError as error:
             status, errors = error.status, error.errors
             if error.status == 401 and error.message == "authentication failure":
@@ -499,6 +501,8 @@ class _Handler(BaseHTTPRequestHandler):
                     reply["errors"] = error.errors
                 self._send(error.status, reply, error.message)
         finally:
+            if upload is not None and status != 200:  # no task took the spooled file
+                upload.spool.unlink(missing_ok=True)
             shown = {k: ("***" if k == "password" else v) for k, v in params.items()}
             sim.log.append(Logged(method, api_path, shown, status, errors))
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from ..inspect.model import DiskImage
 
 VMConfig = dict[str, str]
+# Bytes sent so far and in all, for a transfer that is not a disk's write (an upload to the target).
+ByteProgress = Callable[[int, int], None]
 
 
 @dataclass
@@ -95,10 +97,11 @@ class DiskSink(abc.ABC):
         one holds exactly the bytes of ``src``. Nothing is removed either way."""
 
     @abc.abstractmethod
-    def commit(self) -> str:
+    def commit(self, *, progress: ByteProgress | None = None) -> str:
         """Give the temporary volume its final name and return ``volid``. Idempotent: a volume
         already committed (say, by a run killed before it could record that) is left as it is.
-        ``TargetError`` if there is neither."""
+        ``TargetError`` if there is neither. A sink whose commit sends the bytes somewhere (an
+        upload) reports them to ``progress``."""
 
     @abc.abstractmethod
     def remove(self) -> None:
@@ -221,9 +224,10 @@ class Target(abc.ABC):
         """Delete volume ``volid`` of VM ``vmid`` once no config key uses it (a no-op if it is gone)."""
         raise TargetError(f"the {self.kind} target cannot remove volume {volid}")
 
-    def drivers_iso(self, given: str | None) -> tuple[Path | None, str]:
+    def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None) -> tuple[Path | None, str]:
         """The virtio drivers ISO: (a local file v2p can read to check it, or None when it lives
-        only on the target; the value a VM config's CD drive takes). ``given``: --drivers-iso."""
+        only on the target; the value a VM config's CD drive takes). ``given``: --drivers-iso. A
+        target that uploads the file reports the bytes sent to ``progress``."""
         from .. import drivers
 
         path = drivers.locate(given, self.iso_places())

@@ -38,7 +38,7 @@ from ..runner import run
 from ..state import vmid_of_name
 from ..storage import Storage, check_storage, default_dir_storage, parse_storage_cfg
 from . import efi, qemu_cmdline
-from .base import BootReport, DiskSink, Target, VMConfig
+from .base import BootReport, ByteProgress, DiskSink, Target, VMConfig
 from .sink import storage_sink
 from .supervisor import QemuProcess, close_quietly
 
@@ -195,7 +195,7 @@ class LocalTarget(Target):
             if volume.volid == volid and place.exists(volume):
                 place.remove(volume)
 
-    def drivers_iso(self, given: str | None) -> tuple[Path | None, str]:
+    def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None) -> tuple[Path | None, str]:
         if given and ":" in given and not given.startswith("/"):  # a PVE volid: local:iso/NAME.iso
             return self.storage(given.split(":", 1)[0]).path_of(given), given
         return super().drivers_iso(given)

@@ -25,6 +25,7 @@ from proxmoxer.backends.command_base import JsonSimpleSerializer
 from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, ProxmoxHttpSession
 from proxmoxer.core import ProxmoxResource
 
+from .. import pveconfig
 from ..bootwatch import SETTLE, BootWatch
 from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, TaskStillRunning, VMIDExistsError
 from ..fsutil import data_home, private_dir
@@ -32,13 +33,13 @@ from ..interrupts import check as check_interrupts
 from ..options import OptionError
 from ..state import Leftovers
 from ..storage import Storage
-from .base import BootReport, DiskSink, Target, VMConfig
+from .base import BootReport, ByteProgress, DiskSink, Target, VMConfig
 from .pve_import import RemoteImportSink
 from .pve_releases import LIST_IMPORT, PveRelease
 from .pve_settings import PveSettings, target_from_url
 from .pve_transport import (
     FingerprintAdapter,
-    MultipartFile,
+    UploadFile,
     _connection_error,
     _PveshSession,
     _TicketAuth,
@@ -46,7 +47,7 @@ from .pve_transport import (
 )
 from .serialtap import SerialTap
 
-__all__ = ["ProxmoxTarget", "PveSettings", "RemoteImportSink", "target_from_url"]
+__all__ = ["ProxmoxTarget", "PveSettings", "RemoteImportSink", "target_from_url", "upload_name"]
 
 QEMU_RUN_ENV = "V2P_PVE_QEMU_RUN_DIR"  # where the node's qemu-server keeps VM sockets (tests point it elsewhere)
 TASK_POLL = 0.5  # seconds between polls of a long task; short ones are polled sooner (TASK_FIRST_POLL, doubling)
@@ -104,9 +105,7 @@ class ProxmoxTarget(Target):
                     for key, value in {**create, **update}.items())
         agent_priv = None
         if power and agent:
-            version = str((self.call("GET", "version") or {}).get("version", "0"))
-            release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-            agent_priv = privileges.agent_privilege(release)
+            agent_priv = privileges.agent_privilege(self.pve_release().version)
         needs = privileges.migration_needs(
             vmid, create, update, upload_storage=None if settings.on_node else settings.import_storage,
             storage=storage, on_node=settings.on_node, power=power, agent_privilege=agent_priv,
@@ -114,9 +113,10 @@ class ProxmoxTarget(Target):
         who = f"{settings.user}!{settings.token_id}" if settings.token_id else (settings.user or "root@pam")
         privileges.check(self, needs, who=who)
 
-    def drivers_iso(self, given: str | None) -> tuple[Path | None, str]:
+    def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None) -> tuple[Path | None, str]:
         """A volid (``local:iso/virtio-win.iso``) must be on the node; a local file is checked here
-        and uploaded into a storage with ``iso`` content unless a file of its name and size is there."""
+        and uploaded into a storage with ``iso`` content unless a file of its name and size is there
+        (its name as PVE stores it: ``upload_name``)."""
         from .. import drivers
         from ..errors import DriversError
 
@@ -134,29 +134,62 @@ class ProxmoxTarget(Target):
             return None, given
         path = drivers.locate(given)
         storage = self._iso_storage()
-        volid = f"{storage}:iso/{path.name}"
+        name = upload_name(path.name, "iso")
+        volid = f"{storage}:iso/{name}"
         present = self.call("GET", f"nodes/{node}/storage/{storage}/content", content="iso") or []
         same = [entry for entry in present if entry.get("volid") == volid]
         if same and int(same[0].get("size", -1)) != path.stat().st_size:
             raise DriversError(f"drivers ISO {path}: PVE node {node} has another {volid} (a different size)",
                                hint=f"use that one (--drivers-iso {volid}) or rename your file")
         if not same:
-            self.upload(storage, "iso", path, path.name)
+            self.upload(storage, "iso", path, name, progress=progress)
         return path, volid
 
     def _iso_storage(self) -> str:
         """Where ISOs go: the import storage if it takes ISOs, else ``local``, else the first that does."""
         found: list[dict[str, Any]] = self.call("GET", f"nodes/{self.settings.node}/storage") or []
-        takes = [str(entry["storage"]) for entry in found if "iso" in str(entry.get("content", "")).split(",")]
+        takes = [str(entry["storage"]) for entry in found if "iso" in str(entry.get("content", "")).split(",")
+                 and _usable(entry)]
         for name in (self.settings.import_storage, "local", *takes):
             if name in takes:
                 return name
+        where = next((name for name in (self.settings.import_storage, "local") if any(
+            entry.get("storage") == name for entry in found)), self.settings.import_storage)
         raise TargetError(f"no storage on PVE node {self.settings.node} takes ISO images",
-                          hint="add the 'iso' content type to one (pvesm set local --content iso,...)")
+                          hint=self.content_hint(where, "iso", found))
 
-    def upload(self, storage: str, content: str, path: Path, filename: str) -> None:
+    def content_hint(self, storage: str, content: str, found: list[dict[str, Any]] | None = None) -> str:
+        """What to do about ``storage`` lacking the ``content`` type: the ``pvesm set`` line that adds it
+        and keeps every type the storage has (``--content`` replaces the list), or, for a storage PVE
+        cannot upload into, that it cannot; and which storages of the node already have it."""
+        node = self.settings.node
+        if found is None:
+            found = self.call("GET", f"nodes/{node}/storage") or []
+        entry = next((e for e in found if e.get("storage") == storage), None)
+        having = [str(e["storage"]) for e in found
+                  if content in str(e.get("content", "")).split(",") and _usable(e)]
+        if entry is None:
+            advice = f"there is no storage {storage} on node {node}"
+        elif entry.get("type") not in _FILE_STORAGES:
+            # pve-storage PVE/API2/Storage/Status.pm, upload: "can't upload to storage type ..." (no path)
+            advice = f"{storage} is of type {entry.get('type')}, which PVE cannot upload files into"
+        else:
+            current = [c for c in str(entry.get("content", "")).split(",") if c]
+            advice = f"add it: {pveconfig.content_added(storage, current, content)}"
+        if having:
+            others = ", ".join(having)
+            advice += f"; storages on node {node} with '{content}' content: {others}"
+            if content == "import":
+                advice += f" (choose one with import={having[0]} in the target URL)"
+        else:
+            advice += f"; no storage on node {node} has '{content}' content yet"
+        return advice
+
+    def upload(self, storage: str, content: str, path: Path, filename: str, *,
+               progress: ByteProgress | None = None) -> None:
         """``path`` into ``storage``'s ``content`` (import, iso) as ``filename``, with its SHA-256, which
-        PVE checks; waits for the upload's task."""
+        PVE checks; through proxmoxer's session, the bytes sent reported to ``progress``; waits for the
+        upload's task (PVE's checksum check and its copy into the storage)."""
         if self.settings.backend == "local":
             raise TargetError(f"{path}: backend=local cannot upload files (pvesh takes no file body)",
                               hint=f"put it on the node's storage and name its volume, e.g. {storage}:{content}/"
@@ -166,30 +199,47 @@ class ProxmoxTarget(Target):
             while chunk := handle.read(1 << 20):
                 check_interrupts()
                 digest.update(chunk)
-        body = MultipartFile({"content": content, "checksum": digest.hexdigest(),
-                              "checksum-algorithm": "sha256"}, filename, path)
+        if getattr(self, "_login", None) is not None and not self._login.ticket:
+            self._login.login()
         url = f"{self.base_url}/nodes/{self.settings.node}/storage/{storage}/upload"
         try:
-            # requests' own request(): proxmoxer's would read the body into memory as a dict of fields.
-            resp = requests.Session.request(self.session, "POST", url, data=body,
-                                            headers={"Content-Type": body.content_type},
-                                            cookies=self.session.auth.get_cookies(), verify=self.verify,
-                                            timeout=max(self.settings.timeout, 600))
+            with UploadFile(path, filename, progress) as body:
+                if progress is not None:
+                    progress(0, body.total)
+                # pveproxy reads an upload's form with anchored regexes in a fixed order: content, then
+                # checksum-algorithm, then checksum, then the file part, which must be named "filename"
+                # (pve-http-server src/PVE/APIServer/AnyEvent.pm, file_upload_multipart); another order is
+                # refused before PVE's API sees the request. proxmoxer's session sends a dict's fields in
+                # its order and the file (any io.IOBase value) last, streamed with requests-toolbelt.
+                fields = {"content": content, "checksum-algorithm": "sha256", "checksum": digest.hexdigest(),
+                          "filename": body}
+                resp = self.session.request("POST", url, data=fields, timeout=max(self.settings.timeout, 600))
         except requests.RequestException as exc:
             raise _connection_error(self.base_url, exc) from None
+        except OverflowError:  # proxmoxer without requests-toolbelt reads a file into memory, up to 2 GiB
+            raise TargetError(f"PVE upload of {filename}: a file of this size needs the requests-toolbelt package",
+                              hint="pip install requests-toolbelt (v2p depends on it)") from None
         if resp.status_code >= 400:
-            try:  # PVE's error body: {"data": null, "message": "...\n"}
+            try:  # PVE's API error body: {"data": null, "message": "...\n"}; pveproxy's own: the text
                 detail = str(resp.json().get("message") or "").strip()
             except ValueError:
                 detail = resp.text[:300].strip()
-            denied = resp.status_code in (401, 403)
             raise TargetError(f"PVE upload of {filename} to {storage}: {resp.status_code} {detail or resp.reason}",
-                              hint=f"the API token needs Datastore.AllocateTemplate on /storage/{storage}" if denied
-                              else f"storage {storage} needs the '{content}' content type "
-                                   f"(pvesm set {storage} --content images,{content})")
+                              hint=self._upload_hint(storage, content, resp.status_code, detail))
         upid = resp.json().get("data")
         if isinstance(upid, str) and upid.startswith("UPID:"):
             self.wait_task(upid, what=f"upload {filename}")
+
+    def _upload_hint(self, storage: str, content: str, status: int, detail: str) -> str | None:
+        if status in (401, 403):
+            return f"the API token needs Datastore.AllocateTemplate on /storage/{storage}"
+        if f"does not support '{content}' content" in detail or "can't upload to storage type" in detail:
+            return self.content_hint(storage, content)
+        if status == 400 and not detail:
+            # pveproxy's own refusals (file_upload_multipart) whose message spans lines are sent as a bare
+            # "400 Bad Request" (AnyEvent.pm, response); the whole message is in the node's log.
+            return "pveproxy refused the upload's form; its reason is in the node's log (journalctl -u pveproxy)"
+        return None
 
     def __init__(self, settings: PveSettings, *, state_root: Path | None = None) -> None:
         self.settings = settings
@@ -663,6 +713,21 @@ def import_timeout(value: str) -> float:
     sizes = [parse_pve_size(item.partition("=")[2]) for item in value.split(",") if item.startswith("size=")]
     size = max([found for found in sizes if found is not None] or [0])
     return IMPORT_FLOOR + size / IMPORT_RATE
+
+
+def _usable(entry: dict[str, Any]) -> bool:
+    """A storage of ``GET /nodes/{node}/storage`` that is enabled and active there."""
+    return bool(int(entry.get("enabled", 1) or 0)) and bool(int(entry.get("active", 1) or 0))
+
+
+def upload_name(name: str, content: str) -> str:
+    """The name PVE stores an upload of ``name`` under: pve-storage ``PVE/Storage.pm``,
+    ``normalize_content_filename`` (each character but ``[a-zA-Z0-9_.-]`` becomes ``_``); an ISO
+    also needs its extension (``PVE/API2/Storage/Status.pm``, ``upload``: ``$ISO_EXT_RE_0``)."""
+    name = re.sub(r"[^a-zA-Z0-9_.-]", "_", name)
+    if content == "iso" and not re.search(r"\.(?:iso|img)$", name, re.I):
+        name += ".iso"
+    return name
 
 
 def _pve_efidisk(storage: str, secure: bool) -> str:

@@ -17,7 +17,7 @@ from .. import convert
 from ..convert import Source as QemuInput
 from ..errors import NoSpaceError, TargetError
 from ..storage import Volume
-from .base import DiskSink
+from .base import ByteProgress, DiskSink
 from .pve_releases import REMOTE_INSTEAD, REMOTE_PATH
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class RemoteImportSink(DiskSink):
     def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
         self.target.pve_release().require(REMOTE_PATH, path="the upload path (a disk uploaded, then import-from)",
                                       instead=REMOTE_INSTEAD)
+        self._check_import_content()
         staged = convert.measure(src, "qcow2")
         final = convert.measure(src, self.fmt)
         local_free = shutil.disk_usage(self.target.staging_dir()).free
@@ -69,6 +70,20 @@ class RemoteImportSink(DiskSink):
         return {"storage": f"PVE {self.target.settings.node}:{self.storage}", "format": self.fmt,
                 "required_bytes": sum(rooms.values()) if self.storage == self.import_storage else final,
                 "free_bytes": free}
+
+    def _check_import_content(self) -> None:
+        """Refuse, before anything is made, an import storage without ``import`` in its content, which PVE
+        refuses the upload for (pve-storage ``PVE/API2/Storage/Status.pm``, ``upload``; a storage type
+        without a path cannot have it); the hint keeps the storage's content types and names the
+        storages that have it."""
+        info = self.target.storage_status(self.import_storage)
+        content = [kind for kind in str(info.get("content", "")).split(",") if kind]
+        if "import" in content:
+            return
+        raise TargetError(f"PVE storage {self.import_storage} ({info.get('type')}) on node "
+                          f"{self.target.settings.node} cannot take disk uploads: its content types are "
+                          f"{', '.join(content) or 'none'}, without 'import'",
+                          hint=self.target.content_hint(self.import_storage, "import"))
 
     def exists(self) -> bool:
         return any(entry.get("volid") == self.import_volid for entry in self._content())
@@ -93,14 +108,14 @@ class RemoteImportSink(DiskSink):
                               hint="run the same command again: the disk is written anew")
         convert.compare(src, self.staging, capacity=capacity)
 
-    def commit(self) -> str:
+    def commit(self, *, progress: ByteProgress | None = None) -> str:
         if self.exists():
             return self.volid
         path = self.staging.path
         if not path.exists():
             raise TargetError(f"nothing written for {self.import_volid} to commit",
                               hint="run the same command again: the disk is written anew")
-        self.target.upload(self.import_storage, "import", path, self.filename)
+        self.target.upload(self.import_storage, "import", path, self.filename, progress=progress)
         if not self.exists():
             raise TargetError(f"PVE upload of {self.filename} finished but {self.import_volid} is not there")
         return self.volid

@@ -29,7 +29,7 @@ from ..convert import Source as QemuInput
 from ..errors import NoSuchVMError, TargetError
 from ..inspect.model import DiskImage
 from ..storage import DirStorage, Storage, Volume
-from .base import DiskSink
+from .base import ByteProgress, DiskSink
 from .sink import StorageSink
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ class OnNodeSink(DiskSink):
     def verify(self, src: QemuInput, *, capacity: int) -> None:
         self._sink().verify(src, capacity=capacity)
 
-    def commit(self) -> str:
+    def commit(self, *, progress: ByteProgress | None = None) -> str:
         sink = self._sink()
         if self.in_place and not sink.exists():  # unlike a user's device, PVE's volume comes with the write
             raise TargetError(f"{self.storage.describe()}: nothing written for {sink.volid} to commit",

@@ -1,5 +1,5 @@
 """How v2p talks to PVE: form values as PVE reads them, TLS pinned to a certificate fingerprint, the
-ticket login through that pinned session, one-line connection errors, a streamed multipart upload body,
+ticket login through that pinned session, one-line connection errors, the file an upload streams,
 and pvesh (proxmoxer's local backend) run through v2p's runner.
 
 Not here: what the calls mean (``proxmox``), where the node is (``pve_settings``).
@@ -7,10 +7,10 @@ Not here: what the calls mean (``proxmox``), where the node is (``pve_settings``
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from requests.adapters import HTTPAdapter
 from ..errors import TargetError
 from ..interrupts import check as check_interrupts
 from ..runner import run, which
+from .base import ByteProgress
 from .pve_settings import PASSWORD_ENV
 
 
@@ -116,50 +117,26 @@ class _PveshSession(CommandBaseSession):  # type: ignore[misc]
         return done.stdout, done.stderr, done.returncode
 
 
-class MultipartFile:
-    """A multipart/form-data body streamed from a file: form fields, then the file (PVE's
-    upload reads the file part last). Its length is known, so no chunked encoding.
-    (Not an ``io`` object: requests would take its failing ``tell()`` for a body already read.)"""
+class UploadFile(io.FileIO):
+    """The file of an upload, read by proxmoxer's session as it sends it (``ProxmoxHttpSession.request``
+    takes any ``io.IOBase`` value of ``data`` as a file part, and streams it with requests-toolbelt).
+    Its ``name`` is the name PVE gets (requests takes the part's ``filename`` from it); each read
+    lets a cancelled migration stop, and reports the bytes read so far to ``progress`` (every 1 MiB
+    or 1 %, whichever is more, and at the end)."""
 
-    def __init__(self, fields: dict[str, str], name: str, path: Path) -> None:
-        self.boundary = uuid.uuid4().hex
-        head = b"".join(
-            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
-            for key, value in fields.items())
-        head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="filename"; '
-                 f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
-        self._parts: list[bytes | Path] = [head, path, f"\r\n--{self.boundary}--\r\n".encode()]
-        self._length = len(head) + path.stat().st_size + len(self._parts[2])  # type: ignore[arg-type]
-        self._chunks = self._iterate()
-        self._pending, self._offset = b"", 0  # the chunk being read, and how far
+    def __init__(self, path: Path, name: str, progress: ByteProgress | None = None) -> None:
+        super().__init__(path, "rb")
+        self.name = name
+        self.total = os.fstat(self.fileno()).st_size
+        self._progress, self._reported = progress, 0
+        self._every = max(1 << 20, self.total // 100)
 
-    @property
-    def content_type(self) -> str:
-        return f"multipart/form-data; boundary={self.boundary}"
-
-    def __len__(self) -> int:
-        return self._length
-
-    def _iterate(self) -> Iterator[bytes]:
-        for part in self._parts:
-            if isinstance(part, bytes):
-                yield part
-                continue
-            with open(part, "rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    check_interrupts()  # a cancelled migration stops its upload within a MiB
-                    yield chunk
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes (at most one chunk: callers loop), b"" at the end."""
-        while not self._pending:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                return b""
-            self._pending, self._offset = chunk, 0
-        end = len(self._pending) if size < 0 else min(len(self._pending), self._offset + size)
-        out = self._pending[self._offset:end]
-        self._offset = end
-        if end == len(self._pending):
-            self._pending = b""
-        return out
+    def read(self, size: int | None = -1, /) -> bytes:
+        check_interrupts()  # a cancelled migration stops its upload within a read
+        chunk = super().read(size)
+        if self._progress is not None and chunk:
+            done = self.tell()
+            if done - self._reported >= self._every or done >= self.total:
+                self._reported = done
+                self._progress(done, self.total)
+        return chunk

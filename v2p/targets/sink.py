@@ -18,7 +18,7 @@ from ..errors import NoSpaceError, TargetError
 from ..inspect.model import DiskImage
 from ..options import OptionError
 from ..storage import Storage, Volume
-from .base import DiskSink, Target
+from .base import ByteProgress, DiskSink, Target
 
 
 class StorageSink(DiskSink):
@@ -95,7 +95,7 @@ class StorageSink(DiskSink):
                               hint="run the same command again: the disk is written anew")
         convert.compare(src, written, capacity=capacity)
 
-    def commit(self) -> str:
+    def commit(self, *, progress: ByteProgress | None = None) -> str:
         if self.in_place or self._committed():
             return self.volid
         if not self.storage.exists(self._partial):
