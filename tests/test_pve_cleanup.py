@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pve_sim.fixture import pve_fixture  # noqa: F401
+from pve_sim.fixture import TOKEN_USER, on_pve, pve_fixture, pve_url  # noqa: F401
 
 from conftest import V2P, assert_same_bytes
 
 VMID = 150
-TOKEN_USER = "root@pam!v2p"
 UPLOAD = f"local:import/v2p-{VMID}-disk-0.qcow2"
 DELETE_UPLOAD = r"^/nodes/[^/]+/storage/local/content/local(:|%3A)import"
 
-
-def pve_url(sim: Any) -> str:
-    return f"pve://{TOKEN_USER}@{sim.host}/{sim.cluster.node}?storage=local&fingerprint={sim.fingerprint}"
 
 
 def env(sim: Any, tmp_path: Path) -> dict[str, str]:
@@ -34,10 +29,6 @@ def env(sim: Any, tmp_path: Path) -> dict[str, str]:
 def migrate_args(source: Path) -> list[str]:
     return ["migrate", str(source), "--vmid", str(VMID), "--no-boot-check"]
 
-
-def on_pve(v2p: V2P, sim: Any, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return v2p("--target", pve_url(sim), *args, V2P_PVE_TOKEN=sim.tokens[TOKEN_USER],
-               XDG_DATA_HOME=str(tmp_path / "xdg"))
 
 
 def running(sim: Any, kind: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pve_sim.fixture import pve_fixture  # noqa: F401
+from pve_sim.fixture import TOKEN_USER, on_pve, pve_fixture, pve_url  # noqa: F401
 from test_whole_vm import make_vm
 
 from conftest import V2P, assert_same_bytes, one_line_error
@@ -25,17 +25,9 @@ from v2p.targets import proxmox
 from v2p.targets.proxmox import ProxmoxTarget, import_timeout, target_from_url
 
 VMID = 150
-TOKEN_USER = "root@pam!v2p"
 WARNING = "Machine type 'pc-i440fx-5.1' is deprecated, simulated"
 
 
-def pve_url(sim: Any) -> str:
-    return f"pve://{TOKEN_USER}@{sim.host}/{sim.cluster.node}?storage=local&fingerprint={sim.fingerprint}"
-
-
-def on_pve(v2p: V2P, sim: Any, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return v2p("--target", pve_url(sim), *args, V2P_PVE_TOKEN=sim.tokens[TOKEN_USER],
-               XDG_DATA_HOME=str(tmp_path / "xdg"))
 
 
 def migrate(v2p: V2P, sim: Any, tmp_path: Path, source: Path, *args: str) -> subprocess.CompletedProcess[str]:

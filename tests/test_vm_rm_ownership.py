@@ -17,23 +17,13 @@ from typing import Any
 import pytest
 import requests
 import urllib3
-from pve_sim.fixture import pve_fixture  # noqa: F401
+from pve_sim.fixture import TOKEN_USER, on_pve, pve_fixture, pve_url  # noqa: F401
 
 import v2p as lib
 from conftest import V2P, one_line_error
 
-TOKEN_USER = "root@pam!v2p"
-
-
 # -- the PVE simulator -------------------------------------------------------------------------------
 
-def pve_url(sim: Any) -> str:
-    return f"pve://{TOKEN_USER}@{sim.host}/{sim.cluster.node}?storage=local&fingerprint={sim.fingerprint}"
-
-
-def on_pve(v2p: V2P, sim: Any, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return v2p("--target", pve_url(sim), *args, V2P_PVE_TOKEN=sim.tokens[TOKEN_USER],
-               XDG_DATA_HOME=str(tmp_path / "xdg"))
 
 
 def pve_api(sim: Any, method: str, path: str, **values: str) -> Any:

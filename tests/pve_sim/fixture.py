@@ -3,6 +3,7 @@ any QEMU it runs) at the end. Use it with ``from pve_sim.fixture import pve_fixt
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,3 +27,19 @@ def start_or_skip(root: Path, **options: Any) -> PVESim:
 def pve_fixture(tmp_path: Path) -> Iterator[PVESim]:
     with start_or_skip(tmp_path / "pve", login_delay=0.3) as sim:
         yield sim
+
+
+TOKEN_USER = "root@pam!v2p"  # the simulator's root API token
+
+
+def pve_url(sim: PVESim, user: str = TOKEN_USER) -> str:
+    """The ``--target`` of the simulator's node, its ``local`` storage, its certificate pinned."""
+    return f"pve://{user}@{sim.host}/{sim.cluster.node}?storage=local&fingerprint={sim.fingerprint}"
+
+
+def on_pve(v2p: Any, sim: PVESim, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real ``v2p`` command (conftest's ``V2P``) against the simulator with its root token."""
+    result: subprocess.CompletedProcess[str] = v2p("--target", pve_url(sim), *args,
+                                                   V2P_PVE_TOKEN=sim.tokens[TOKEN_USER],
+                                                   XDG_DATA_HOME=str(tmp_path / "xdg"))
+    return result
