@@ -332,6 +332,9 @@ class ProxmoxTarget(Target):
             detail += " " + "; ".join(f"{key}: {value}" for key, value in dict(errors).items()) \
                 if isinstance(errors, dict) else f" {errors}"
         status = getattr(exc, "status_code", 0)
+        # pvesh's error is its stderr, lines as "<status> <reason>" then "<param>: <error>", which proxmoxer
+        # keeps whole (command_base.py, CommandBaseSession.request): one line, the status said once
+        detail = re.sub(rf"^{status} ", "", " ".join(detail.split()))
         hint = "the API token needs the privileges for this call (VM.Allocate, Datastore.AllocateSpace, ...)" \
             if status in (401, 403) else None
         return TargetError(f"PVE {method} {path}: {status} {detail.strip()}", hint=hint)

@@ -11,6 +11,7 @@ import io
 import os
 import re
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,16 @@ from ..interrupts import check as check_interrupts
 from ..runner import run, which
 from .base import ByteProgress
 from .pve_settings import PASSWORD_ENV
+
+# The proxmoxer releases backend=local works with (pyproject.toml pins the same range; a test holds
+# them equal). v2p gives proxmoxer's CommandBaseSession its own _exec, a method proxmoxer does not
+# document, whose return shape changed in a minor release: ``(stdout, stderr)`` up to 2.2.0, ``(stdout,
+# stderr, exit_code)`` from 2.3.0 (proxmoxer backends/command_base.py, CommandBaseSession.request;
+# backends/local.py, LocalSession._exec). Its public local backend runs pvesh with a bare Popen (no
+# log, no cancel, no parent-death signal, a child left running on timeout), so v2p keeps the seam
+# and pins it, and a next minor release is checked before it is admitted.
+PROXMOXER_RANGE = ">=2.3,<2.4"
+_PROXMOXER_SERIES = (2, 3)
 
 
 def form(values: dict[str, Any]) -> dict[str, str]:
@@ -109,12 +120,27 @@ class _PveshSession(CommandBaseSession):  # type: ignore[misc]
     stray child); pvesh runs a call's worker task to its end before it returns."""
 
     def __init__(self, timeout: float) -> None:
+        _require_proxmoxer_series()
         super().__init__(service="PVE", timeout=timeout)
         which("pvesh")  # a clear error off a PVE node, before any call
 
     def _exec(self, cmd: list[str]) -> tuple[str, str, int]:
         done = run(cmd, timeout=self.timeout, check=False)
         return done.stdout, done.stderr, done.returncode
+
+
+def _require_proxmoxer_series() -> None:
+    """The installed proxmoxer is of the series whose ``_exec`` shape ``_PveshSession`` gives, else a
+    one-line refusal (pip honours the pin; a distro's python3-proxmoxer on the node does not)."""
+    try:
+        installed = version("proxmoxer")
+    except PackageNotFoundError:  # imported without its metadata: nothing to judge it by
+        installed = "(unknown release)"
+    if tuple(int(part) for part in re.findall(r"\d+", installed)[:2]) != _PROXMOXER_SERIES:
+        raise TargetError(f"proxmoxer {installed} is installed; backend=local needs proxmoxer{PROXMOXER_RANGE} "
+                          "(it runs pvesh through a part of proxmoxer that changes between releases)",
+                          hint=f"pip install 'proxmoxer{PROXMOXER_RANGE}' into v2p's environment, or use "
+                               "the HTTPS API with on-node=1")
 
 
 class UploadFile(io.FileIO):
