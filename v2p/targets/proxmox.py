@@ -35,6 +35,7 @@ from ..state import Leftovers
 from ..storage import Storage
 from .base import BootReport, ByteProgress, DiskSink, Target, VMConfig
 from .pve_import import RemoteImportSink
+from .pve_kinds import FILE_KINDS, disk_format
 from .pve_releases import LIST_IMPORT, PveRelease
 from .pve_settings import PveSettings, target_from_url
 from .pve_transport import (
@@ -55,8 +56,7 @@ TASK_FIRST_POLL = 0.05
 TASK_TIMEOUT = 3600.0  # seconds a task is waited for, unless its work needs more (import_timeout)
 IMPORT_FLOOR = TASK_TIMEOUT  # a disk import's wait: this, plus its size at IMPORT_RATE bytes a second
 IMPORT_RATE = float(20 << 20)  # a slow storage's copy rate: 1 TiB is waited for about 16 hours
-# Storage types whose disks are files (qcow2 by default); all others hold raw volumes only.
-_FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs", "cephfs", "btrfs"}
+_FILE_STORAGES = FILE_KINDS  # storage types with a path: PVE uploads into them (pve_kinds)
 
 
 class ProxmoxTarget(Target):
@@ -442,12 +442,7 @@ class ProxmoxTarget(Target):
         if device:
             self.device_storage(device)
         info = self.storage_status(storage)
-        formats = ["qcow2", "raw"] if info.get("type") in _FILE_STORAGES else ["raw"]
-        chosen = fmt or formats[0]
-        if chosen not in formats:
-            raise OptionError(f"--format {chosen}: PVE storage {storage} ({info.get('type')}) holds "
-                              f"{'/'.join(formats)} volumes only",
-                              hint="leave --format out to get the storage's own format")
+        chosen = disk_format(storage, info, fmt, release=self.pve_release().version)
         if self.settings.on_node:
             from .pve_node import OnNodeSink  # the storage is on this machine: no upload, no import-from
 
