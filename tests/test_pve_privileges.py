@@ -26,6 +26,7 @@ ROLE = {
     "/storage/local-lvm": ("Datastore.AllocateSpace",),
     "/storage/local": ("Datastore.AllocateTemplate", "Datastore.Allocate", "Datastore.Audit"),
     "/sdn/zones/localnetwork/vmbr0": ("SDN.Use",),
+    "/nodes/pve1": ("Sys.Audit",),  # GET /nodes/{node}/status: room for the upload's /var/tmp spool
 }
 # The on-node path (on-node=1): no upload; v2p reads the storage's path and writes its volumes itself.
 ROLE_ON_NODE = {
