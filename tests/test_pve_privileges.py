@@ -198,7 +198,7 @@ def test_the_readme_role_is_exactly_what_v2p_checks() -> None:
     for on_node in (False, True):
         needed |= {need.privilege for need in migration_needs(
             VMID, create, update, upload_storage=None if on_node else "local", storage="local-lvm",
-            on_node=on_node, power=True, iso_upload="local")}
+            on_node=on_node, power=True, iso_upload="local", node="pve1")}
     assert set(found.group(1).split()) == needed
 
 

@@ -109,10 +109,7 @@ class ProxmoxTarget(Target):
         needs = privileges.migration_needs(
             vmid, create, update, upload_storage=None if settings.on_node else settings.import_storage,
             storage=storage, on_node=settings.on_node, power=power, agent_privilege=agent_priv,
-            iso_upload=iso_upload)
-        if not settings.on_node:  # GET /nodes/{node}/status (pve-manager Nodes.pm, status): the upload's spool room
-            needs.append(privileges.Need(f"/nodes/{settings.node}", "Sys.Audit",
-                                         "read the node's root file system room (uploads spool in /var/tmp)"))
+            iso_upload=iso_upload, node=settings.node)
         who = f"{settings.user}!{settings.token_id}" if settings.token_id else (settings.user or "root@pam")
         privileges.check(self, needs, who=who)
 
