@@ -181,3 +181,16 @@ def test_rbd_without_krbd_is_refused_on_the_node(pve: PVESim, tmp_path: Path) ->
         target.disk_sink(VMID, 0, fmt=None, storage="ceph")
     assert "drop on-node=1" in str(caught.value.hint)
     assert pve.volumes() == []
+
+
+def test_the_drivers_iso_upload_is_checked_for_room_too(pve: PVESim, tmp_path: Path) -> None:
+    """Every upload is spooled in /var/tmp, the drivers ISO's too: a / without room for it and its copy
+    in local (on /) is refused before it is sent."""
+    iso = tmp_path / "virtio-win.iso"
+    iso.write_bytes(b"\0" * (1 << 20))  # refused before PVE would look at it
+    pve.cluster.set_free("/", (1 << 20) + (1 << 19))
+    with pytest.raises(TargetError, match=r"not enough space on node pve1's root file system \(/var/tmp and "
+                                          r"storage local\) for the upload of virtio-win\.iso") as caught:
+        target_of(pve, tmp_path).drivers_iso(str(iso))
+    assert f"{2 << 20} bytes needed" in str(caught.value)
+    assert not [e for e in pve.log if e.path.endswith("/upload")] and pve.volumes() == []

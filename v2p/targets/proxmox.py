@@ -142,6 +142,11 @@ class ProxmoxTarget(Target):
             raise DriversError(f"drivers ISO {path}: PVE node {node} has another {volid} (a different size)",
                                hint=f"use that one (--drivers-iso {volid}) or rename your file")
         if not same:
+            from .pve_space import ROOTFS, check_phases
+
+            size = path.stat().st_size
+            check_phases(self, {f"the upload of {name} (pveproxy's spool, then its copy into {storage})":
+                                {ROOTFS: size, storage: size}})
             self.upload(storage, "iso", path, name, progress=progress)
         return path, volid
 

@@ -148,8 +148,6 @@ def migration_needs(vmid: int, create: Mapping[str, str], update: Mapping[str, s
         needs += [Need(where, "Datastore.AllocateTemplate", "upload the disks (import content)"),
                   Need(where, "Datastore.Allocate", "delete the uploads once imported"),
                   Need(where, "Datastore.Audit", "list the uploads", ("Datastore.AllocateSpace",))]
-        if node:  # pve-manager PVE/API2/Nodes.pm, status (rootfs): room for the upload's /var/tmp spool (pve_space)
-            needs.append(Need(f"/nodes/{node}", "Sys.Audit", "room for the uploads' /var/tmp spool"))
     if on_node:
         # PVE::API2::Storage::Config read (the storage's path), Content create/info/delete of the volumes.
         needs.append(Need(f"/storage/{storage}", "Datastore.Allocate", "write the disks on the node"))
@@ -161,6 +159,9 @@ def migration_needs(vmid: int, create: Mapping[str, str], update: Mapping[str, s
             needs.append(Need(vm, agent_privilege, "ask the guest agent"))
     if iso_upload:
         needs.append(Need(f"/storage/{iso_upload}", "Datastore.AllocateTemplate", "upload the drivers ISO"))
+    if node and (upload_storage or iso_upload):
+        # pve-manager PVE/API2/Nodes.pm, status (rootfs): room for an upload's /var/tmp spool (pve_space)
+        needs.append(Need(f"/nodes/{node}", "Sys.Audit", "room for the uploads' /var/tmp spool"))
     unique: dict[tuple[str, str], Need] = {}
     for need in needs:
         unique.setdefault((need.path, need.privilege), need)
