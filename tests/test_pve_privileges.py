@@ -26,6 +26,7 @@ ROLE = {
     "/storage/local-lvm": ("Datastore.AllocateSpace",),
     "/storage/local": ("Datastore.AllocateTemplate", "Datastore.Allocate", "Datastore.Audit"),
     "/sdn/zones/localnetwork/vmbr0": ("SDN.Use",),
+    "/nodes/pve1": ("Sys.Audit",),  # GET /nodes/{node}/status: room for the upload's /var/tmp spool
 }
 # The on-node path (on-node=1): no upload; v2p reads the storage's path and writes its volumes itself.
 ROLE_ON_NODE = {
@@ -197,7 +198,7 @@ def test_the_readme_role_is_exactly_what_v2p_checks() -> None:
     for on_node in (False, True):
         needed |= {need.privilege for need in migration_needs(
             VMID, create, update, upload_storage=None if on_node else "local", storage="local-lvm",
-            on_node=on_node, power=True, iso_upload="local")}
+            on_node=on_node, power=True, iso_upload="local", node="pve1")}
     assert set(found.group(1).split()) == needed
 
 

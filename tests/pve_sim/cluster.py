@@ -56,6 +56,8 @@ class Storage:
     path: Path
     content: set[str]
     active: bool = True  # False: PVE could not activate it (an NFS export it cannot mount)
+    on_rootfs: bool = False  # a folder on the node's root file system (a fresh install's local, /var/lib/vz)
+    size: int | None = None  # its file system's size in bytes (Cluster.set_free); None: the real one's
 
     def volume_path(self, volname: str) -> Path:
         if self.type == "dir":
@@ -112,6 +114,13 @@ def _readable(src: Path) -> Iterator[Path]:
         extracted.unlink(missing_ok=True)
 
 
+def _du(path: Path) -> int:
+    """The bytes the files under ``path`` take on disk (``du``)."""
+    if not path.exists():
+        return 0
+    return sum(f.lstat().st_blocks * 512 for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def normalize_content_filename(filename: str) -> str:
     """PVE::Storage::normalize_content_filename: chomp, the last path component, unsafe characters to ``_``."""
     filename = filename[:-1] if filename.endswith("\n") else filename
@@ -166,9 +175,13 @@ class Cluster:
         self.containers: set[int] = set()
         self.tasks = Tasks(node)
         self.storages: dict[str, Storage] = {}
+        # The node's root file system: /var/tmp, where pveproxy spools uploads (PVESim.var_tmp), and the
+        # storages on it. rootfs_size None: the real file system's room, as df reports it.
+        self.var_tmp = root.parent / "var-tmp"
+        self.rootfs_size: int | None = None
         # A named release: a fresh LVM-thin install's storages (releases.SimRelease.local_content).
         self.add_storage("local", "dir", set(self.release.local_content) if release else
-                         {"iso", "vztmpl", "backup", "import", "images"})
+                         {"iso", "vztmpl", "backup", "import", "images"}).on_rootfs = True
         self.add_storage("local-lvm", "lvmthin", {"images", "rootdir"})
         self.bridges = ["vmbr0"]  # the node's Linux bridges (GET /nodes/{node}/network)
         self.guest_shuts_down = True
@@ -199,6 +212,50 @@ class Cluster:
         storage = Storage(name, kind, path, content)
         self.storages[name] = storage
         return storage
+
+    # -- room ----------------------------------------------------------------
+    # PVE reports a storage's room from its file system (Plugin.pm status: df of the path; LVM-thin its pool)
+    # and the root file system's from df('/') (pve-manager PVE/API2/Nodes.pm, status: rootfs). A write past
+    # the room fails as the kernel fails it: ENOSPC.
+
+    def set_free(self, place: str, free: int) -> None:
+        """Make ``place`` (a storage's name, or "/" for the root file system) have ``free`` bytes free now."""
+        if place == "/":
+            self.rootfs_size = self._rootfs_used() + free
+        else:
+            storage = self.storage(place)
+            if storage.on_rootfs:
+                raise ValueError(f"storage {place} is on the root file system: set the room of '/'")
+            storage.size = _du(storage.path) + free
+
+    def _rootfs_used(self) -> int:
+        return _du(self.var_tmp) + sum(_du(s.path) for s in self.storages.values() if s.on_rootfs)
+
+    def room(self, place: str) -> tuple[int, int, int]:
+        """``place``'s (total, used, avail) in bytes."""
+        storage = None if place == "/" else self.storage(place)
+        if storage is None or storage.on_rootfs:
+            if self.rootfs_size is None:
+                usage = shutil.disk_usage(self.var_tmp if self.var_tmp.exists() else self.root)
+                return usage.total, usage.used, usage.free
+            used = self._rootfs_used()
+            return self.rootfs_size, used, max(0, self.rootfs_size - used)
+        if storage.size is None:
+            usage = shutil.disk_usage(storage.path)
+            return usage.total, usage.used, usage.free
+        used = _du(storage.path)
+        return storage.size, used, max(0, storage.size - used)
+
+    def spool_room(self) -> int | None:
+        """The bytes pveproxy can spool into /var/tmp now (None: as many as the real disk takes)."""
+        return None if self.rootfs_size is None else self.room("/")[2]
+
+    def node_status(self, p: dict[str, str], user: str) -> Any:
+        """pve-manager ``PVE/API2/Nodes.pm``, ``status`` (the parts v2p reads): rootfs is ``df('/')``."""
+        total, used, avail = self.room("/")
+        return {"rootfs": {"total": total, "used": used, "free": total - used, "avail": avail},
+                "pveversion": f"pve-manager/{releases.version_info(self.release)['version']}",
+                "cpu": 0.01, "memory": {"total": 8 << 30, "used": 1 << 30, "free": 7 << 30}}
 
     # -- volumes -------------------------------------------------------------
 
@@ -311,10 +368,10 @@ class Cluster:
         for s in self.storages.values():
             if "content" in p and p["content"] not in s.content:
                 continue
-            usage = shutil.disk_usage(s.path)
+            total, used, avail = self.room(s.name)
             found.append({"storage": s.name, "type": s.type, "content": ",".join(sorted(s.content)),
-                          "active": int(s.active), "enabled": 1, "shared": 0, "total": usage.total,
-                          "used": usage.used, "avail": usage.free})
+                          "active": int(s.active), "enabled": 1, "shared": 0, "total": total,
+                          "used": used, "avail": avail})
         return found
 
     def network_list(self, p: dict[str, str], user: str) -> Any:
@@ -460,6 +517,8 @@ class Cluster:
             task.log(f"command: cp -- {data_file} {target}")
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
+                if size > self.room(s.name)[2]:  # cp's write past the file system's room
+                    raise OSError(f"cp: error writing '{target}': No space left on device")
                 shutil.copyfile(data_file, target)  # NOTE: PVE overwrites an existing file
             except OSError as exc:
                 target.unlink(missing_ok=True)
@@ -557,6 +616,9 @@ class Cluster:
                 path.unlink()
                 with _readable(src) as file:
                     qemu_img("convert", "-O", fmt, str(file), str(path))
+                if self.room(storage.name)[2] <= 0:  # qemu-img convert's write past the room: ENOSPC
+                    path.unlink(missing_ok=True)
+                    raise fail(f"qemu-img: error while writing to '{path}': No space left on device")
                 task.log(f"Successfully imported disk as '{key}:{volid}'")
             elif key == "efidisk0":
                 ovmf = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")

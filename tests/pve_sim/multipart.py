@@ -84,10 +84,12 @@ def parse_content_type(content_type: str) -> tuple[str, str | None]:
     return ct, None
 
 
-def file_upload_multipart(body: bytes, boundary: str, params: dict[str, str], spool_dir: Path) -> Upload:
+def file_upload_multipart(body: bytes, boundary: str, params: dict[str, str], spool_dir: Path, *,
+                          room: int | None = None) -> Upload:
     """The body of an upload whose ``Content-Type`` gave ``boundary``, read as ``file_upload_multipart``
     reads it; ``params`` are the query's (``decode_urlencoded($request->url->query())``). Raises
-    ``UploadRefused`` where pveproxy dies."""
+    ``UploadRefused`` where pveproxy dies. ``room``: the bytes ``spool_dir``'s file system has free
+    (None: as many as the real one takes)."""
     params = dict(params)
     bound = re.escape(boundary.encode())
     delim = rb"--" + bound + _NEWLINE  # my $delim_re = qr/--\Q$boundary\E${newline_re}/;
@@ -141,6 +143,9 @@ def file_upload_multipart(body: bytes, boundary: str, params: dict[str, str], sp
         # s/^(.*?)${newline_re}?+${close_delim_re}.*$//s
         end = re.match(rb"(?s)(.*?)" + _NEWLINE + rb"?+" + close_delim, buf)
         if end:
+            if room is not None and len(end.group(1)) > room:
+                # syswrite($rstate->{outfh}, $data) == $write_length or die "write to temporary file failed - $!\n"
+                raise _die("write to temporary file failed - No space left on device\n")
             spool.write_bytes(end.group(1))
             phase = 100
 

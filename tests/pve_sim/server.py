@@ -98,6 +98,7 @@ ROUTES = {
     ("GET", "/nodes/{node}/tasks/{upid}/log"): "task_log",
     ("GET", "/nodes/{node}/storage"): "storage_list",
     ("GET", "/nodes/{node}/network"): "network_list",
+    ("GET", "/nodes/{node}/status"): "node_status",
     ("GET", "/nodes/{node}/storage/{storage}/content"): "content_list",
     ("POST", "/nodes/{node}/storage/{storage}/content"): "content_alloc",
     ("GET", "/nodes/{node}/storage/{storage}/content/{volume}"): "content_get",
@@ -148,7 +149,7 @@ class PVESim:
         self.cert_file = root / "tls" / "pve-ssl.pem"
         # The node's /var/tmp, on its root file system: pveproxy spools every upload there first
         # (pve-http-server AnyEvent.pm, get_upload_filename), then the upload task copies it.
-        self.var_tmp = root / "var-tmp"
+        self.var_tmp = self.cluster.var_tmp  # root / "var-tmp"; its room: cluster.set_free("/", ...)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -416,7 +417,8 @@ class _Handler(BaseHTTPRequestHandler):
                 or "tmpfilename" in given:
             raise UploadRefused(f"upload 'Content-Type '{content_type}' not implemented", status=506)
         self.simulator.var_tmp.mkdir(parents=True, exist_ok=True)
-        return file_upload_multipart(body, boundary, given, self.simulator.var_tmp)
+        return file_upload_multipart(body, boundary, given, self.simulator.var_tmp,
+                                     room=self.simulator.cluster.spool_room())
 
     def _drop(self, length: int) -> None:
         self.rfile.read(length // 2)

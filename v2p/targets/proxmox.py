@@ -35,6 +35,7 @@ from ..state import Leftovers
 from ..storage import Storage
 from .base import BootReport, ByteProgress, DiskSink, Target, VMConfig
 from .pve_import import RemoteImportSink
+from .pve_kinds import FILE_KINDS, disk_format
 from .pve_releases import LIST_IMPORT, PveRelease
 from .pve_settings import PveSettings, target_from_url
 from .pve_transport import (
@@ -55,8 +56,7 @@ TASK_FIRST_POLL = 0.05
 TASK_TIMEOUT = 3600.0  # seconds a task is waited for, unless its work needs more (import_timeout)
 IMPORT_FLOOR = TASK_TIMEOUT  # a disk import's wait: this, plus its size at IMPORT_RATE bytes a second
 IMPORT_RATE = float(20 << 20)  # a slow storage's copy rate: 1 TiB is waited for about 16 hours
-# Storage types whose disks are files (qcow2 by default); all others hold raw volumes only.
-_FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs", "cephfs", "btrfs"}
+_FILE_STORAGES = FILE_KINDS  # storage types with a path: PVE uploads into them (pve_kinds)
 
 
 class ProxmoxTarget(Target):
@@ -109,7 +109,7 @@ class ProxmoxTarget(Target):
         needs = privileges.migration_needs(
             vmid, create, update, upload_storage=None if settings.on_node else settings.import_storage,
             storage=storage, on_node=settings.on_node, power=power, agent_privilege=agent_priv,
-            iso_upload=iso_upload)
+            iso_upload=iso_upload, node=settings.node)
         who = f"{settings.user}!{settings.token_id}" if settings.token_id else (settings.user or "root@pam")
         privileges.check(self, needs, who=who)
 
@@ -142,6 +142,11 @@ class ProxmoxTarget(Target):
             raise DriversError(f"drivers ISO {path}: PVE node {node} has another {volid} (a different size)",
                                hint=f"use that one (--drivers-iso {volid}) or rename your file")
         if not same:
+            from .pve_space import ROOTFS, check_phases
+
+            size = path.stat().st_size
+            check_phases(self, {f"the upload of {name} (pveproxy's spool, then its copy into {storage})":
+                                {ROOTFS: size, storage: size}})
             self.upload(storage, "iso", path, name, progress=progress)
         return path, volid
 
@@ -445,12 +450,7 @@ class ProxmoxTarget(Target):
         if device:
             self.device_storage(device)
         info = self.storage_status(storage)
-        formats = ["qcow2", "raw"] if info.get("type") in _FILE_STORAGES else ["raw"]
-        chosen = fmt or formats[0]
-        if chosen not in formats:
-            raise OptionError(f"--format {chosen}: PVE storage {storage} ({info.get('type')}) holds "
-                              f"{'/'.join(formats)} volumes only",
-                              hint="leave --format out to get the storage's own format")
+        chosen = disk_format(storage, info, fmt, release=self.pve_release().version)
         if self.settings.on_node:
             from .pve_node import OnNodeSink  # the storage is on this machine: no upload, no import-from
 

@@ -19,6 +19,7 @@ from ..errors import NoSpaceError, TargetError
 from ..storage import Volume
 from .base import ByteProgress, DiskSink
 from .pve_releases import REMOTE_INSTEAD, REMOTE_PATH
+from .pve_space import ROOTFS, check_phases
 
 if TYPE_CHECKING:
     from .proxmox import ProxmoxTarget
@@ -58,18 +59,18 @@ class RemoteImportSink(DiskSink):
         if staged > local_free:
             raise NoSpaceError(f"not enough space in {self.target.staging_dir()} to stage the disk: "
                               f"{staged} bytes needed, {local_free} free", hint="free some space")
-        rooms = {self.import_storage: staged}
-        rooms[self.storage] = rooms.get(self.storage, 0) + final
-        free = 0
-        for name, needed in rooms.items():
-            avail = int(self.target.storage_status(name).get("avail", 0))
-            if needed > avail:
-                raise NoSpaceError(f"not enough space on PVE storage {name}: {needed} bytes needed, "
-                                  f"{avail} free", hint="free some space or choose another --storage")
-            free = avail if name == self.storage else free
+        # Where the upload and the import take room on the node, step by step (``pve_space``): the
+        # upload in /var/tmp and its copy in the import storage at once, then the upload and the import.
+        imported = {self.import_storage: staged}
+        imported[self.storage] = imported.get(self.storage, 0) + final
+        check_phases(self.target, {
+            f"the upload of {self.filename} (pveproxy's spool, then its copy into {self.import_storage})":
+                {ROOTFS: staged, self.import_storage: staged},
+            f"the import of {self.filename} into {self.storage} (the upload stays until it is done)": imported,
+        })
+        free = int(self.target.storage_status(self.storage).get("avail", 0))
         return {"storage": f"PVE {self.target.settings.node}:{self.storage}", "format": self.fmt,
-                "required_bytes": sum(rooms.values()) if self.storage == self.import_storage else final,
-                "free_bytes": free}
+                "required_bytes": imported[self.storage], "free_bytes": free}
 
     def _check_import_content(self) -> None:
         """Refuse, before anything is made, an import storage without ``import`` in its content, which PVE

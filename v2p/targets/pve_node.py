@@ -8,7 +8,7 @@ machine, and a disk is converted straight into the storage, with no upload and n
 * a storage with PVE's directory layout (``dir``, ``nfs``, ``cifs``): ``qemu-img
   convert`` into a temporary file in ``images/<vmid>/`` that PVE's listing ignores
   (v2p's own ``DirStorage`` under the path PVE reports), renamed once verified;
-* any other storage (``lvm``, ``lvmthin``, ``zfspool``, ``rbd`` with krbd, ...): a
+* any other storage (``lvm``, ``lvmthin``, ``zfspool``, ``rbd`` with krbd; without it refused): a
   raw volume allocated through the API (``POST .../storage/{storage}/content``) and
   written in place at the path PVE reports for it (``GET .../content/{volume}``).
 
@@ -176,6 +176,12 @@ class OnNodeSink(DiskSink):
         if kind in OTHER_FILES:
             raise TargetError(f"PVE storage {storage} is {kind}: on-node=1 writes dir, nfs and cifs storages "
                               "and block storages (lvm, lvmthin, zfspool, ...)", hint=_no_upload_hint())
+        if kind == "rbd" and not _krbd(target, storage):
+            # pve-storage RBDPlugin.pm, path: without krbd a volume's path is an "rbd:pool/image:..." URI
+            # for QEMU's librbd, not a device of this machine; with krbd it is /dev/rbd-pve/... (mapped).
+            raise TargetError(f"PVE storage {storage} is rbd without krbd: its volumes are no devices on this "
+                              "machine, and on-node=1 writes RBD volumes only where PVE maps them (krbd 1)",
+                              hint=_no_upload_hint())
         self.target, self.vmid, self.index, self.fmt = target, vmid, index, fmt
         self.storage: Storage = NodeDirStorage(target, storage, kind) if kind in DIR_LAYOUT \
             else NodeVolumeStorage(target, storage, kind)
@@ -256,6 +262,12 @@ class OnNodeSink(DiskSink):
 
     def __repr__(self) -> str:
         return f"OnNodeSink({self.storage.describe()}, disk {self.index} of VM {self.vmid}, {self.fmt})"
+
+
+def _krbd(target: ProxmoxTarget, storage: str) -> bool:
+    """Whether RBD storage ``storage`` maps its volumes through the kernel (``krbd`` in its configuration)."""
+    config: dict[str, Any] = target.call("GET", f"storage/{storage}") or {}
+    return str(config.get("krbd", "0")) in ("1", "true")
 
 
 def remove_temporaries(target: ProxmoxTarget, vmid: int) -> None:

@@ -130,11 +130,12 @@ def config_needs(vmid: int, values: Mapping[str, str], *, create: bool) -> list[
 
 def migration_needs(vmid: int, create: Mapping[str, str], update: Mapping[str, str], *,
                     upload_storage: str | None, storage: str, on_node: bool, power: bool,
-                    agent_privilege: str | None = None, iso_upload: str | None = None) -> list[Need]:
+                    agent_privilege: str | None = None, iso_upload: str | None = None,
+                    node: str | None = None) -> list[Need]:
     """Every (path, privilege) a migration of VM ``vmid`` needs: ``create`` the keys of POST /qemu,
     ``update`` those set later; ``upload_storage`` the import storage of the remote path (None on the
     node); ``power`` whether the VM is started (boot check, --start, driver dance); ``iso_upload`` the
-    storage the drivers ISO is uploaded into."""
+    storage the drivers ISO is uploaded into; ``node`` the node (its status tells the room uploads spool in)."""
     vm = f"/vms/{vmid}"
     needs = [Need(vm, "VM.Allocate", "create the VM (and destroy it on a failure)"),
              Need(vm, "VM.Audit", "read the VM's config and status")]
@@ -158,6 +159,9 @@ def migration_needs(vmid: int, create: Mapping[str, str], update: Mapping[str, s
             needs.append(Need(vm, agent_privilege, "ask the guest agent"))
     if iso_upload:
         needs.append(Need(f"/storage/{iso_upload}", "Datastore.AllocateTemplate", "upload the drivers ISO"))
+    if node and (upload_storage or iso_upload):
+        # pve-manager PVE/API2/Nodes.pm, status (rootfs): room for an upload's /var/tmp spool (pve_space)
+        needs.append(Need(f"/nodes/{node}", "Sys.Audit", "room for the uploads' /var/tmp spool"))
     unique: dict[tuple[str, str], Need] = {}
     for need in needs:
         unique.setdefault((need.path, need.privilege), need)
