@@ -194,3 +194,29 @@ def test_the_drivers_iso_upload_is_checked_for_room_too(pve: PVESim, tmp_path: P
         target_of(pve, tmp_path).drivers_iso(str(iso))
     assert f"{2 << 20} bytes needed" in str(caught.value)
     assert not [e for e in pve.log if e.path.endswith("/upload")] and pve.volumes() == []
+
+
+def test_every_upload_of_a_vm_is_counted_on_its_import_storage(pve: PVESim, tmp_path: Path, samples: Path,
+                                                               v2p: V2P) -> None:
+    """Each upload stays in the import storage until the migration ends: a three-disk VM whose disks fit
+    there one at a time, not all together, is refused before anything is made (each disk's own check
+    passed before)."""
+    from test_whole_vm import make_vm
+
+    vmx, _raws = make_vm(tmp_path / "web01", samples)
+    staged = []
+    for name in ("esxi.vmdk", "data.vmdk", "logs.vmdk"):
+        out = subprocess.run(["qemu-img", "measure", "--output=json", "-f", "vmdk", "-O", "qcow2",
+                              str(vmx.parent / name)], check=True, capture_output=True, text=True).stdout
+        staged.append(int(json.loads(out)["required"]))
+    pve.cluster.add_storage("imports", "dir", {"import"})
+    free = sum(staged) - 1
+    assert free >= max(staged)  # each upload fits there alone
+    pve.cluster.set_free("imports", free)
+    done = v2p("--target", url(pve, "&import=imports"), "migrate", str(vmx), "--vmid", str(VMID),
+               "--no-boot-check", "--storage", "local-lvm", "--network", "LAN=vmbr0", "--network", "DMZ=vmbr0",
+               V2P_PVE_TOKEN=pve.tokens["root@pam!v2p"], XDG_DATA_HOME=str(tmp_path / "xdg"))
+    line = one_line_error(done)
+    assert f"not enough space on PVE {pve.cluster.node}:imports: the disks need {sum(staged)} bytes there, " \
+           f"{free} are free" in line, line
+    assert_nothing_made(pve)

@@ -166,6 +166,7 @@ class Preflight(Stage):
             raise OptionError(f"--to-device takes one disk; {ctx.source.describe()} has {len(ctx.disks())}",
                               hint="migrate onto a storage (--storage) instead")
         required, room = 0, {}
+        held: dict[str, list[int]] = {}  # storage -> [bytes all disks keep there, free there]
         for index in range(len(ctx.disks())):
             given = ctx.disk_input(index)
             if ctx.options.copy_with == "dd" and (given.image is None or not given.image.is_plain_raw):
@@ -173,11 +174,14 @@ class Preflight(Stage):
                                   hint="leave --copy-with out: qemu-img reads every flavor")
             room = ctx.sink(index).check(given.qemu, capacity=given.capacity)
             required += room["required_bytes"]
+            for place in (room, *room.get("also", ())):
+                held.setdefault(place["storage"], [0, place["free_bytes"]])[0] += place["required_bytes"]
         if ctx.options.copy_with == "dd" and fmt != "raw":
             raise OptionError("--copy-with dd writes raw disks only", hint="add --format raw")
-        if required > room["free_bytes"]:  # each disk fits alone; all of them must fit together
-            raise NoSpaceError(f"not enough space on {room['storage']}: the disks need {required} bytes, "
-                              f"{room['free_bytes']} are free", hint="free some space or choose another --storage")
+        for storage, (needed, free) in held.items():  # each disk fits alone; all of them must fit together
+            if needed > free:
+                raise NoSpaceError(f"not enough space on {storage}: the disks need {needed} bytes there, "
+                                  f"{free} are free", hint="free some space or choose another --storage")
         if ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance:
             which("qemu-system-x86_64")
         record: Record = {"storage": room["storage"], "format": fmt, "required_bytes": required,

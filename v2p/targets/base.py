@@ -67,8 +67,10 @@ class DiskSink(abc.ABC):
     @abc.abstractmethod
     def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
         """Refuse, before anything is written, a storage that cannot take this disk; returns
-        ``storage`` (its description), ``format``, ``required_bytes`` and ``free_bytes``. With
-        several disks on one storage the caller sums ``required_bytes`` per ``storage``."""
+        ``storage`` (its description), ``format``, ``required_bytes`` and ``free_bytes``, and in
+        ``also`` (optional) the other storages the disk keeps room on until the migration ends, each
+        with ``storage``, ``required_bytes``, ``free_bytes`` (a PVE upload in its import storage). With
+        several disks the caller sums ``required_bytes`` per ``storage``."""
 
     @abc.abstractmethod
     def exists(self) -> bool:

@@ -69,8 +69,15 @@ class RemoteImportSink(DiskSink):
             f"the import of {self.filename} into {self.storage} (the upload stays until it is done)": imported,
         })
         free = int(self.target.storage_status(self.storage).get("avail", 0))
-        return {"storage": f"PVE {self.target.settings.node}:{self.storage}", "format": self.fmt,
-                "required_bytes": imported[self.storage], "free_bytes": free}
+        record: dict[str, Any] = {"storage": self._described(self.storage), "format": self.fmt,
+                                  "required_bytes": imported[self.storage], "free_bytes": free}
+        if self.import_storage != self.storage:  # every upload stays there until the migration ends
+            record["also"] = [{"storage": self._described(self.import_storage), "required_bytes": staged,
+                               "free_bytes": int(self.target.storage_status(self.import_storage).get("avail", 0))}]
+        return record
+
+    def _described(self, storage: str) -> str:
+        return f"PVE {self.target.settings.node}:{storage}"
 
     def _check_import_content(self) -> None:
         """Refuse, before anything is made, an import storage without ``import`` in its content, which PVE
