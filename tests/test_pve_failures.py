@@ -22,7 +22,8 @@ LIMITED = "v2p@pve!limited"
 # What the least-privileged token of the README holds (see the schema's checks of each endpoint v2p calls).
 ALL_NEEDED = {"VM.Allocate", "VM.Audit", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.CPU", "VM.Config.Memory",
               "VM.Config.Network", "VM.Config.HWType", "VM.Config.Options", "VM.PowerMgmt", "Datastore.Audit",
-              "Datastore.Allocate", "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "SDN.Use"}
+              "Datastore.Allocate", "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "SDN.Use",
+              "Sys.Audit"}  # Sys.Audit: GET /nodes/{node}/status, the node's room for the upload spool
 
 
 def pve_url(sim: Any, user: str = "root@pam!v2p") -> str:
