@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from v2p.fsutil import SCRATCH, scratch_dir
+from v2p.fsutil import SCRATCH, SCRATCH_GRACE, scratch_dir
 
 CHILD = """
 import sys, time
@@ -20,6 +20,14 @@ with scratch_dir("inspect-vm") as folder:
     print(folder, flush=True)
     time.sleep(600)
 """
+
+
+def _age(*paths: Path) -> None:
+    """As if SCRATCH_GRACE had passed since these were made (a young folder may be a live one's, made
+    and not yet locked)."""
+    old = time.time() - SCRATCH_GRACE - 5
+    for path in paths:
+        os.utime(path, (old, old), follow_symlinks=False)
 
 
 def _child(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
@@ -43,11 +51,15 @@ def test_a_killed_runs_scratch_folder_is_swept_and_a_live_ones_kept(tmp_path: Pa
         victim.mkdir()
         (victim / "keep").write_text("not v2p's")
         os.symlink(victim, live_folder.parent / "inspect-vm-planted")
+        young = live_folder.parent / "inspect-vm-young"
+        young.mkdir()  # another process's, between its mkdir and its lock: never swept
+        _age(dead_folder, live_folder, live_folder.parent / "inspect-vm-planted")
         with scratch_dir("inspect-vm") as mine:
             assert mine.parent == live_folder.parent and mine.is_dir()
             assert not dead_folder.exists(), "the killed run's scratch folder was left"
             assert (live_folder / "work.vmdk").exists(), "a live run's scratch folder was swept"
             assert not os.path.lexists(live_folder.parent / "inspect-vm-planted")
+            assert young.is_dir(), "a folder younger than the grace was swept (it may be about to be locked)"
             assert (victim / "keep").read_text() == "not v2p's"
         assert not mine.exists()
         assert oct(live_folder.parent.stat().st_mode & 0o777) == "0o700"
@@ -81,6 +93,7 @@ def test_inspect_of_a_vm_leaves_nothing_in_tmpdir_after_a_kill(tmp_path: Path, s
         assert proc.poll() is None, "inspect ended before its scratch folder was seen"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+    _age(*tmp.glob(f"{SCRATCH}-*/*"))
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert list(tmp.glob(f"{SCRATCH}-*/*")) == []

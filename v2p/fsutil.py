@@ -23,6 +23,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -207,9 +208,9 @@ def scratch_dir(kind: str) -> Iterator[Path]:
     """A private folder for one short job (inspecting a VM, reading a boot sector), removed on leaving.
 
     It lies in ``$TMPDIR/v2p-scratch-<uid>/`` (0700, ours, checked as every folder of v2p's is)
-    and is flock'ed while in use; a folder there whose lock nobody holds was left by a process that
-    was killed (SIGKILL runs no cleanup), and is swept by the next user of ``scratch_dir``. Never
-    follows a link: a planted one is removed like any leftover.
+    and is flock'ed while in use; a folder there whose lock nobody holds (and older than a minute)
+    was left by a process that was killed (SIGKILL runs no cleanup), and is swept by the next user of
+    ``scratch_dir``. Never follows a link: a planted one is removed like any leftover.
     """
     base = Path(tempfile.gettempdir())
     with own_dir(base, f"{SCRATCH}-{os.getuid()}") as parent:
@@ -227,9 +228,17 @@ def scratch_dir(kind: str) -> Iterator[Path]:
                 os.close(fd)
 
 
+SCRATCH_GRACE = 60.0  # seconds: a younger folder may be between its mkdir and its lock (another process's)
+
+
 def _sweep_scratch(parent: int) -> None:
-    """Remove the scratch folders of processes that died without removing theirs (no lock held)."""
+    """Remove the scratch folders of processes that died without removing theirs (no lock held, and
+    older than SCRATCH_GRACE: a folder is made, then locked, and another process may be in between)."""
+    now = time.time()
     for entry in os.scandir(parent):
+        with contextlib.suppress(OSError):
+            if now - entry.stat(follow_symlinks=False).st_mtime < SCRATCH_GRACE:
+                continue
         try:
             fd = os.open(entry.name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
         except OSError:  # a link, a file, gone meanwhile: not a live scratch folder
