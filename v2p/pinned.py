@@ -49,7 +49,7 @@ class PinnedFiles:
         make_room(len(ids), reader_opens)
         try:
             for path, ident in ids.items():
-                self._fds[path] = _open_checked(path, ident, follow=path == follow)
+                self._fds[path] = open_checked(path, ident, follow=path == follow)
         except BaseException:
             self.close()
             raise
@@ -94,7 +94,8 @@ def _close_all(fds: dict[Path, int]) -> None:
     fds.clear()
 
 
-def _open_checked(path: Path, ident: FileId, *, follow: bool) -> int:
+def open_checked(path: Path, ident: FileId, *, follow: bool) -> int:
+    """``path`` opened read-only, checked on the open descriptor to be the file ``ident`` describes."""
     try:
         fd = os.open(path, _FLAGS if follow else _FLAGS | os.O_NOFOLLOW)
     except OSError as exc:

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import re
-import stat
 import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from ..convert import Source as QemuInput
 from ..errors import SourceError, UnsafeSourceError
 from ..inspect import check_raw, describe_bytes, foreign_format, inspect_disk, vmdk
 from ..inspect.model import SECTOR, FileId, Flavor
-from ..pinned import PinnedFiles
+from ..pinned import PinnedFiles, open_checked
 from ..runner import run
 from ..spec import CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
 from .base import DiskInput, Source
@@ -981,15 +980,7 @@ class OvaSource(_Package):
 
     def _open(self, href: str) -> BinaryIO:
         member = self._member(href)
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
-        st = os.fstat(fd)
-        why = "it is not a regular file any more" if not stat.S_ISREG(st.st_mode) else \
-            self._id.differs(FileId.of(st))
-        if why is not None:
-            os.close(fd)
-            raise SourceError(f"{self.path} is not the archive first read: {why}: refused",
-                              hint="leave the source alone while v2p migrates it, then run the same command again")
-        return _MemberFile(fd, member.offset, member.size)
+        return _MemberFile(open_checked(self.path, self._id, follow=False), member.offset, member.size)
 
     def _where(self, href: str) -> str:
         return f"{self.path}: member {href}"
