@@ -143,3 +143,28 @@ def test_a_proxmoxer_of_the_old_exec_shape_is_refused_in_one_line(tmp_path: Path
                XDG_DATA_HOME=str(tmp_path / "xdg"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "web01" in proc.stdout
+
+
+def test_an_import_through_pvesh_is_given_the_import_s_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pvesh runs a call's task to its end before it returns: the call that imports a disk gets the
+    wait that grows with the disk (import_timeout), the others the base timeout (a fixed hour before)."""
+    from v2p.targets import pve_transport
+    from v2p.targets.proxmox import TASK_TIMEOUT, import_timeout
+
+    fake_pvesh(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    given: list[tuple[str, float]] = []
+    real_run = pve_transport.run
+
+    def run(cmd: list[str], *, timeout: float, check: bool) -> object:
+        given.append((f"{cmd[1]} {cmd[2]}", timeout))
+        return real_run(cmd, timeout=timeout, check=check)
+
+    monkeypatch.setattr(pve_transport, "run", run)
+    target = ProxmoxTarget(target_from_url("pve:///pve1?backend=local", env={}))
+    value = "local:0,import-from=local:import/v2p-120-disk-0.qcow2,format=qcow2,size=2T"
+    target.set_config(120, {"scsi1": value})  # the fake pvesh answers with the config: no task to wait for
+    assert ("create /nodes/pve1/qemu/120/config", import_timeout(value)) in given, given
+    assert import_timeout(value) > 24 * 3600
+    assert ("get /cluster/resources", TASK_TIMEOUT) in given, given
+    assert target.session.timeout == TASK_TIMEOUT  # restored after the call

@@ -162,6 +162,47 @@ def test_an_import_that_outlives_its_wait_keeps_everything_and_the_rerun_makes_o
     assert_same_bytes(samples / "guest.raw", pve.cluster.volume_path(volid))
 
 
+@pytest.mark.parametrize("logging", [True, False])
+def test_a_rerun_waits_for_a_left_import_while_it_logs_progress(
+        logging: bool, pve: Any, tmp_path: Path, samples: Path, source: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun cannot know which disk a left-running import copies: it waits as long as the task's log
+    grows (qemu-server logs "transferred ... (N%)"), and gives up after TASK_TIMEOUT of silence."""
+    monkeypatch.setattr(proxmox, "IMPORT_FLOOR", 0.0)
+    monkeypatch.setattr(proxmox, "IMPORT_RATE", float(32 << 20))  # the first run waits 1 s
+    monkeypatch.setattr(proxmox, "TASK_TIMEOUT", 2.0)  # the rerun: 2 s without a new log line
+    pve.slow_next_task("qmconfig", 7.0, logging=logging)
+    with pytest.raises(TaskStillRunning):
+        api.migrate(source, VMID, target=target(pve, tmp_path), boot_check=False)
+    monkeypatch.setattr(proxmox, "IMPORT_FLOOR", 3600.0)
+    if logging:
+        api.migrate(source, VMID, target=target(pve, tmp_path), boot_check=False)
+        assert_migrated(pve, samples)
+        assert imports(pve) == [["scsi0"], ["boot"]]
+        return
+    with pytest.raises(TaskStillRunning) as raised:  # a silent task: given up on, still nothing removed
+        api.migrate(source, VMID, target=target(pve, tmp_path), boot_check=False)
+    assert "left running by an earlier run still running after 2 s" in raised.value.message, raised.value.message
+    assert VMID in pve.cluster.vms and any(task.type == "qmconfig" for task in pve.cluster.tasks.active())
+
+
+def test_the_wait_for_an_upload_task_grows_with_the_file(
+        pve: Any, tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pveproxy answers an upload with a task that copies the spooled file into the storage: it is
+    waited for IMPORT_FLOOR plus the file's size at IMPORT_RATE (a fixed hour before)."""
+    monkeypatch.setattr(proxmox, "IMPORT_FLOOR", 0.0)
+    monkeypatch.setattr(proxmox, "IMPORT_RATE", float(1 << 40))  # a few KiB of qcow2: well under a second
+    pve.slow_next_task("imgcopy", 3.0)
+    with pytest.raises(TaskStillRunning) as raised:
+        api.migrate(source, VMID, target=target(pve, tmp_path), boot_check=False)
+    assert re.search(rf"PVE task upload v2p-{VMID}-disk-0.qcow2 still running after 0 s", raised.value.message), \
+        raised.value.message
+    monkeypatch.setattr(proxmox, "IMPORT_RATE", 1.0)  # a byte a second: the same upload is waited for
+    pve.slow_next_task("imgcopy", 3.0)
+    api.migrate(source, VMID + 1, target=target(pve, tmp_path), boot_check=False)
+    assert VMID + 1 in pve.cluster.vms
+
+
 # -- the simulator's qemu-server rules ------------------------------------------------------------------
 
 
@@ -202,6 +243,21 @@ def test_the_imported_line_gets_the_real_size(pve: Any, tmp_path: Path, samples:
     pve_target.set_config(VMID, {"scsi0": f"local:0,import-from={src},format=raw,size=7G,cache=none"})
     value = pve.cluster.vms[VMID].config["scsi0"]
     assert re.fullmatch(rf"local:{VMID}/vm-{VMID}-disk-0\.raw,cache=none,size=32M", value), value
+
+
+def test_new_disks_are_numbered_per_extension_as_pve_allocates_them(pve: Any, tmp_path: Path,
+                                                                    samples: Path) -> None:
+    """pve-storage Plugin.pm get_next_vm_diskname: on a dir storage the number is the lowest one no
+    volume *of the same format* uses (the ".$fmt" suffix is part of its regex); LVM-like storages count
+    every volume of the VM."""
+    pve_target, src = sim_vm(pve, tmp_path, samples)
+    pve_target.set_config(VMID, {"efidisk0": "local:1,format=raw,efitype=4m"})
+    pve_target.set_config(VMID, {"scsi0": f"local:0,import-from={src},format=qcow2"})
+    pve_target.set_config(VMID, {"scsi1": f"local:0,import-from={src},format=raw"})
+    config = pve.cluster.vms[VMID].config
+    names = [config[key].split(",")[0] for key in ("efidisk0", "scsi0", "scsi1")]
+    assert names == [f"local:{VMID}/vm-{VMID}-disk-0.raw", f"local:{VMID}/vm-{VMID}-disk-0.qcow2",
+                     f"local:{VMID}/vm-{VMID}-disk-1.raw"], names
 
 
 def test_a_config_call_stops_at_its_first_failing_key_and_leaves_the_keys_before_it_pending(

@@ -69,13 +69,18 @@ class Kind:
 _SIMS: dict[int, Any] = {}  # id(target) -> the PVE simulator it talks to
 
 
-def _sim_make(folder: Path, *, on_node: bool = False) -> Target:
-    """``on_node``: v2p on the node itself, writing the sim's storage (``on-node=1``)."""
+def _sim_make(folder: Path, *, on_node: bool = False, release: str | None = None) -> Target:
+    """``on_node``: v2p on the node itself, writing the sim's storage (``on-node=1``). ``release``: a
+    node of that release as a fresh install leaves it (its VM disks on local-lvm); for the path from a
+    workstation, `local` set up as the README says, its content types kept plus ``import``."""
     from pve_sim.fixture import start_or_skip
-    sim = start_or_skip(folder / "sim").start()
+    sim = start_or_skip(folder / "sim", release=release).start()
     sim.cluster.guest_shuts_down = False  # the stop test's halting guest ignores the power button
-    url = f"pve://root@pam!v2p@{sim.host}/{sim.cluster.node}?storage=local&fingerprint={sim.fingerprint}"
+    storage = "local" if release is None else "local-lvm"
+    url = f"pve://root@pam!v2p@{sim.host}/{sim.cluster.node}?storage={storage}&fingerprint={sim.fingerprint}"
     url += "&on-node=1" if on_node else ""
+    if release is not None and not on_node:
+        sim.cluster.set_content("local", sim.cluster.storage("local").content | {"import"})
     made = ProxmoxTarget(target_from_url(url, {"V2P_PVE_TOKEN": sim.tokens["root@pam!v2p"]}),
                          state_root=folder / "state")
     _SIMS[id(made)] = sim
@@ -105,6 +110,15 @@ KINDS: dict[str, Kind] = {
     "proxmox-node": Kind(lambda folder: _sim_make(folder, on_node=True), _sim_volume_file,
                          ("local", "local-lvm"), lambda _target, place, *rest: {"storage": place},
                          close=lambda target: _SIMS.pop(id(target)).stop(), skips=_SIM_SKIPS),
+    # The releases where the paths' behaviour differs (tests/pve_sim/releases.py): 8.4 is the first
+    # that takes a qcow2 upload into `import` (the workstation path); 8.0 takes none, so it is the
+    # on-node path's oldest node. 9.x is the default simulator above.
+    "proxmox-sim@8.4": Kind(lambda folder: _sim_make(folder, release="8.4"), _sim_volume_file,
+                            ("local-lvm",), lambda *args: {"storage": "local-lvm"},
+                            close=lambda target: _SIMS.pop(id(target)).stop(), skips=_SIM_SKIPS),
+    "proxmox-node@8.0": Kind(lambda folder: _sim_make(folder, on_node=True, release="8.0"), _sim_volume_file,
+                             ("local-lvm",), lambda *args: {"storage": "local-lvm"},
+                             close=lambda target: _SIMS.pop(id(target)).stop(), skips=_SIM_SKIPS),
 }
 
 
@@ -174,9 +188,14 @@ def guest_config(volid: str, size: str, **extra: str) -> VMConfig:
             "ide0": f"{volid},size={size}", "boot": "order=ide0", **extra}
 
 
+def home(target: Target) -> str:
+    """The storage a kind's VM disks go to by default (a PVE release's fresh install: local-lvm)."""
+    return target.settings.storage if isinstance(target, ProxmoxTarget) else "local"
+
+
 def put_disk(target: Target, vmid: int, raw: Path) -> DiskSink:
     """``raw`` written, verified and committed as disk 0 of ``vmid`` on the default storage."""
-    sink = target.disk_sink(vmid, 0, fmt=None, storage="local")
+    sink = target.disk_sink(vmid, 0, fmt=None, storage=home(target))
     capacity = raw.stat().st_size
     sink.write(raw_input(raw), capacity=capacity)
     sink.verify(raw_input(raw), capacity=capacity)
@@ -377,7 +396,7 @@ def test_destroy_removes_a_running_vm_and_its_disks(target: Target, halting_disk
     assert target.status(152) == "running"
     target.destroy_vm(152)
     assert not target.vm_exists(152) and 152 not in target.list_vms()
-    fresh = target.disk_sink(152, 0, fmt=None, storage="local")
+    fresh = target.disk_sink(152, 0, fmt=None, storage=home(target))
     assert not fresh.exists() and not fresh.written()
     target.create_vm(152, {"name": "again"})  # the VMID is free again
     assert target.get_config(152) == {"name": "again"}

@@ -276,14 +276,21 @@ class Cluster:
         raise fail(f"volume '{volid}' does not exist")
 
     def _next_disk_name(self, storage: Storage, vmid: int, fmt: str) -> str:
-        for n in range(10000):
-            base = f"vm-{vmid}-disk-{n}"
-            if storage.type == "dir":
-                if not any((storage.path / "images" / str(vmid)).glob(base + ".*")):
-                    return f"{vmid}/{base}.{fmt}"
-            elif not (storage.path / base).exists():
-                return base
-        raise fail("unable to allocate an image name")
+        """pve-storage Plugin.pm find_free_diskname -> get_next_vm_diskname: the lowest n no listed
+        volume of the VM uses. A dir storage adds the format suffix (add_fmt_suffix=1) and matches
+        it in $get_vm_disk_number's regex, so the numbers are counted *per extension*: with
+        ``vm-N-disk-0.raw`` there, a qcow2 disk is ``vm-N-disk-0.qcow2``. Block storages match
+        any ``(vm|base)-N-disk-(\\d+)``."""
+        suffix = rf".{re.escape(fmt)}" if storage.type == "dir" else ""  # ".$fmt" unescaped, as there
+        pattern = re.compile(rf"(vm|base)-{vmid}-disk-(\d+){suffix}")
+        folder = storage.path / "images" / str(vmid) if storage.type == "dir" else storage.path
+        names = [path.name for path in folder.iterdir()] if folder.is_dir() else []
+        taken = {int(match.group(2)) for name in names if (match := pattern.search(name))}
+        for n in range(1024):  # $MAX_VOLUMES_PER_GUEST
+            if n not in taken:
+                base = f"vm-{vmid}-disk-{n}"
+                return f"{vmid}/{base}.{fmt}" if storage.type == "dir" else base
+        raise fail(f"unable to allocate an image name for VM {vmid} in storage '{storage.name}'")
 
     def _create_file(self, storage: Storage, volname: str, fmt: str, size: int) -> str:
         path = storage.volume_path(volname)

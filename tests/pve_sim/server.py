@@ -217,9 +217,13 @@ class PVESim:
         with self.cluster.tasks.lock:
             self.cluster.tasks.fail_next[task_type] = message
 
-    def slow_next_task(self, task_type: str, seconds: float) -> None:
+    def slow_next_task(self, task_type: str, seconds: float, *, logging: bool = False) -> None:
+        """The next task of ``task_type`` takes ``seconds`` longer; ``logging``: it logs its progress
+        meanwhile, as a disk import does."""
         with self.cluster.tasks.lock:
             self.cluster.tasks.slow_next[task_type] = seconds
+            if logging:
+                self.cluster.tasks.logging_next.add(task_type)
 
     def warn_next_task(self, task_type: str, *messages: str) -> None:
         """The next task of ``task_type`` (qmcreate, qmconfig, qmstart, qmdestroy, imgdel, ...) logs

@@ -68,6 +68,7 @@ class Tasks:
         self.by_upid: dict[str, Task] = {}
         self.fail_next: dict[str, str] = {}
         self.slow_next: dict[str, float] = {}
+        self.logging_next: set[str] = set()  # slowed task types that log progress as they go
         self.warn_next: dict[str, list[str]] = {}
         self.lock = threading.Lock()
 
@@ -86,9 +87,11 @@ class Tasks:
             self.by_upid[task.upid] = task
             failure = self.fail_next.pop(kind, None)
             delay = self.slow_next.pop(kind, 0.0)
+            logging = kind in self.logging_next
+            self.logging_next.discard(kind)
             warnings = self.warn_next.pop(kind, [])
         if hold is not None:
-            work = self._holding(hold, hold_name, delay, work)
+            work = self._holding(hold, hold_name, delay, work, logging)
             delay = 0.0
         if warnings:
             work = self._warning(warnings, work)
@@ -97,13 +100,12 @@ class Tasks:
 
     @staticmethod
     def _holding(hold: threading.Lock, name: str, delay: float,
-                 work: Callable[[Task], None]) -> Callable[[Task], None]:
+                 work: Callable[[Task], None], logging: bool) -> Callable[[Task], None]:
         def holding(task: Task) -> None:
             if not hold.acquire(timeout=LOCK_WAIT):
                 raise TaskFailed(f"can't lock file '{name}' - got timeout")
             try:
-                if delay:
-                    time.sleep(delay)
+                _pause(task, delay, logging)
                 work(task)
             finally:
                 hold.release()
@@ -127,8 +129,7 @@ class Tasks:
     def _run(task: Task, work: Callable[[Task], None], failure: str | None, delay: float,
              on_failure: Callable[[], None] | None) -> None:
         try:
-            if delay:
-                time.sleep(delay)
+            _pause(task, delay, False)
             if failure is not None:
                 raise TaskFailed(failure)
             work(task)
@@ -149,3 +150,18 @@ class Tasks:
             task.log(f"TASK ERROR: {message}")
         task.status = "stopped"
         task.done.set()
+
+
+PROGRESS_EVERY = 0.5  # seconds between a slowed task's progress lines
+
+
+def _pause(task: Task, delay: float, logging: bool) -> None:
+    """Wait ``delay`` seconds (an injected slowness). ``logging``: as a disk import does meanwhile,
+    log its progress (qemu-server PVE::QemuServer::QemuImage::convert runs ``qemu-img convert -p`` and
+    prints "transferred X of Y (N%)" as the percentage moves)."""
+    end = time.monotonic() + delay
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, PROGRESS_EVERY))
+        if logging:
+            done = min(100.0, 100.0 * (1 - max(end - time.monotonic(), 0.0) / delay))
+            task.log(f"transferred {done * 0.32:.1f} MiB of 32.0 MiB ({done:.2f}%)")

@@ -11,10 +11,12 @@ is the only way bytes reach the node.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -233,7 +235,9 @@ class ProxmoxTarget(Target):
                               hint=self._upload_hint(storage, content, resp.status_code, detail))
         upid = resp.json().get("data")
         if isinstance(upid, str) and upid.startswith("UPID:"):
-            self.wait_task(upid, what=f"upload {filename}")
+            # pve-storage API2/Storage/Status.pm upload: the task copies pveproxy's spool file into the
+            # storage (or checks an ISO), so its time grows with the file's size
+            self.wait_task(upid, what=f"upload {filename}", timeout=size_timeout(os.path.getsize(path)))
 
     def _upload_hint(self, storage: str, content: str, status: int, detail: str) -> str | None:
         if status in (401, 403):
@@ -257,7 +261,7 @@ class ProxmoxTarget(Target):
         verify: bool = not (settings.insecure or settings.fingerprint)
         self.verify = verify
         if settings.backend == "local":
-            self.session = _PveshSession(timeout=max(settings.timeout, 3600.0))
+            self.session = _PveshSession(timeout=max(settings.timeout, TASK_TIMEOUT))
             self.api = ProxmoxResource(base_url="", session=self.session, serializer=JsonSimpleSerializer())
             if not settings.node:
                 settings.node = self._only_node()
@@ -383,21 +387,31 @@ class ProxmoxTarget(Target):
         running = self.call("GET", f"nodes/{self.settings.node}/tasks", source="active", vmid=vmid) or []
         upids = [str(entry["upid"]) for entry in running if str(entry.get("upid", "")).startswith("UPID:")]
         for upid in upids:
-            self._stopped(upid, what=f"{upid.split(':')[5]} of VM {vmid}, left running by an earlier run")
+            # Which disk it imports, and so how long it may take, no answer says: it is waited for as
+            # long as its log grows (qemu-server's import logs "transferred ... (N%)" as it goes:
+            # PVE::QemuServer::QemuImage convert), and given up on after TASK_TIMEOUT of silence.
+            self._stopped(upid, what=f"{upid.split(':')[5]} of VM {vmid}, left running by an earlier run",
+                          timeout=TASK_TIMEOUT, while_logging=True)
         return upids
 
-    def _stopped(self, upid: str, *, what: str, timeout: float = TASK_TIMEOUT) -> dict[str, Any]:
-        """Poll a task until it stops; its status."""
+    def _stopped(self, upid: str, *, what: str, timeout: float = TASK_TIMEOUT,
+                 while_logging: bool = False) -> dict[str, Any]:
+        """Poll a task until it stops; its status. ``while_logging``: ``timeout`` counts from the
+        last time the task's log grew (a task of unknown size that still makes progress)."""
         node = self.settings.node
         deadline = time.monotonic() + timeout
         path = f"nodes/{node}/tasks/{quote(upid, safe='')}"
         pause = TASK_FIRST_POLL  # most tasks (config, start, stop) end within a fraction of a second
+        logged = len(self._task_log(upid)) if while_logging else 0
         while True:
             check_interrupts()
             status = self.call("GET", f"{path}/status")
             if status.get("status") == "stopped":
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and while_logging and len(self._task_log(upid)) > logged:
+                logged = len(self._task_log(upid))
+                deadline = time.monotonic() + timeout
+            elif time.monotonic() > deadline:
                 raise TaskStillRunning(f"PVE task {what} still running after {timeout:.0f} s ({upid}); it goes "
                                        "on on the node", hint="run the same command again: it waits for the "
                                        "task and resumes (its log is in the PVE web interface)")
@@ -405,6 +419,20 @@ class ProxmoxTarget(Target):
             pause = min(pause * 2, TASK_POLL)
         found: dict[str, Any] = status
         return found
+
+    @contextlib.contextmanager
+    def _call_timeout(self, seconds: float) -> Iterator[None]:
+        """Calls inside may take ``seconds``: pvesh (backend=local) runs a call's task to its end
+        before it returns, so its process is given the task's time (an HTTP call returns the UPID)."""
+        if not isinstance(self.session, _PveshSession):
+            yield
+            return
+        before = self.session.timeout
+        self.session.timeout = max(before, seconds)
+        try:
+            yield
+        finally:
+            self.session.timeout = before
 
     def _task(self, result: Any, what: str, *, timeout: float = TASK_TIMEOUT) -> None:
         if isinstance(result, str) and result.startswith("UPID:"):
@@ -525,8 +553,9 @@ class ProxmoxTarget(Target):
         # task is waited for as long as its disk's size needs; the other keys follow in one call.
         for key in [key for key, value in values.items() if "import-from=" in value]:
             value = values.pop(key)
-            self._task(self.call("POST", f"{self._qemu(vmid)}/config", **{key: value}),
-                       f"import disk {key} of VM {vmid}", timeout=import_timeout(value))
+            with self._call_timeout(import_timeout(value)):  # pvesh returns when the import has ended
+                upid = self.call("POST", f"{self._qemu(vmid)}/config", **{key: value})
+            self._task(upid, f"import disk {key} of VM {vmid}", timeout=import_timeout(value))
         if values:
             self._task(self.call("POST", f"{self._qemu(vmid)}/config", **values), f"configure VM {vmid}")
 
@@ -714,7 +743,12 @@ def import_timeout(value: str) -> float:
     from ..pveconfig import parse_pve_size
 
     sizes = [parse_pve_size(item.partition("=")[2]) for item in value.split(",") if item.startswith("size=")]
-    size = max([found for found in sizes if found is not None] or [0])
+    return size_timeout(max([found for found in sizes if found is not None] or [0]))
+
+
+def size_timeout(size: int) -> float:
+    """How long a task that reads or writes ``size`` bytes once (an import, an upload's copy out of
+    pveproxy's spool) is waited for: IMPORT_FLOOR plus ``size`` at IMPORT_RATE bytes a second."""
     return IMPORT_FLOOR + size / IMPORT_RATE
 
 
