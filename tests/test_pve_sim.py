@@ -201,7 +201,8 @@ def test_upload_then_create_with_import(pve: PVESim, source_vmdk: Path) -> None:
     config = api(pve, "GET", "/nodes/pve1/qemu/100/config").json()["data"]
     assert config["ide0"] == "local:100/vm-100-disk-0.qcow2,size=3M"
     # Without format= the import keeps the source's format, as PVE does.
-    assert config["ide1"] == "local:100/vm-100-disk-1.vmdk,size=3M"
+    # numbered per extension as get_next_vm_diskname does: disk-0.qcow2 leaves disk-0.vmdk free
+    assert config["ide1"] == "local:100/vm-100-disk-0.vmdk,size=3M"
     assert config["net0"] == CREATE["net0"] and config["boot"] == CREATE["boot"]
     disk = pve.cluster.volume_path("local:100/vm-100-disk-0.qcow2")
     assert disk.is_file() and same_content(disk, source_vmdk)
