@@ -127,6 +127,11 @@ class RuleError(V2PError):
     exit_code = 11
 
 
+# A migration that finished, whose boot check saw neither a sign of a running OS nor of a failure:
+# not an error (nothing is cleaned up, the VM stays), but never exit 0 ("boot not confirmed").
+EXIT_BOOT_UNCONFIRMED = 12
+
+
 def shown(value: object, *, typed: bool = False, limit: int = 40) -> str:
     """A value a user gave, for an error message on one line: a tidy ASCII word plain when it is
     what the user ``typed``, anything else quoted with every control character escaped (``'a\\nb'``),

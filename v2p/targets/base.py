@@ -25,11 +25,40 @@ VMConfig = dict[str, str]
 ByteProgress = Callable[[int, int], None]
 
 
+# The three ends of a boot check (issue 17). ``failed`` and ``unconfirmed`` are never called "up".
+BOOT_UP, BOOT_FAILED, BOOT_UNCONFIRMED = "up", "failed", "unconfirmed"
+
+
+@dataclass
+class GuestIO:
+    """What the host side of a running VM counts, whatever the guest prints: the signs of a boot that
+    need no serial console (a real VM mostly prints nothing there).
+
+    ``reads``: bytes the guest has read from each drive since it started, keyed by the drive's config
+    key (``scsi0``, ``ide0``, ``virtio1``, ``efidisk0``, ``ide2`` for a CD): QEMU's
+    ``query-blockstats`` ``rd_bytes`` (locally over QMP; on PVE ``GET .../status/current``'s
+    ``blockstat``, qemu-server ``vmstatus`` with ``full``, keys with ``drive-`` stripped).
+    ``sent``: bytes the guest has sent on each NIC, keyed by the NIC's config key (``net0``; PVE's
+    ``nics`` are keyed ``tap<vmid>i<n>``: ``netout``, the tap's receive counter).
+    ``panicked``: the guest reported a panic (QEMU's ``GUEST_PANICKED``, a pvpanic device; local only).
+    """
+
+    reads: dict[str, int] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)
+    panicked: bool = False
+
+
 @dataclass
 class BootReport:
-    """What a boot check saw: how the guest ended up and what it said."""
+    """What a boot check saw: how the guest ended up and what said so.
 
-    outcome: str  # "up" | "powered-off" | "running" (no sign either way before the timeout)
+    ``outcome``: ``up`` (a positive sign the OS runs, named in ``signal``), ``failed`` (a negative
+    sign, named in ``signal``) or ``unconfirmed`` (neither before the timeout: ``signal`` says what was
+    seen). ``signs``: each sign observed, name -> seconds after the start it appeared and its value
+    (for the state file and the bench table), e.g. ``{"boot disk reads": {"at": 4.2, "value": 41943040}}``.
+    """
+
+    outcome: str  # BOOT_UP | BOOT_FAILED | BOOT_UNCONFIRMED
     seconds: float
     signal: str = ""  # what ended the check: "login prompt on the serial console", ...
     serial: str = ""
@@ -37,6 +66,7 @@ class BootReport:
     resets: int = 0
     accel: str = ""
     notes: list[str] = field(default_factory=list)
+    signs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class DiskSink(abc.ABC):
@@ -275,6 +305,11 @@ class Target(abc.ABC):
         """Whether ``guest_output`` shows what the guest writes on its serial port (else only whether
         it runs can be seen: waiting for a word from the guest is pointless)."""
         return True
+
+    def guest_io(self, vmid: int) -> GuestIO | None:
+        """The running VM's I/O counters now (``GuestIO``), or None where the target cannot tell
+        (the VM not running included)."""
+        return None
 
     @abc.abstractmethod
     def guest_output(self, vmid: int) -> str:
