@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import SourceError, UnsafeSourceError, V2PError
 from ..fsutil import scratch_dir
-from . import vmdk
+from . import bootsector, vmdk
 from .model import SECTOR, DiskImage, Extent, ExtentKind, FileId, Flavor
 
 __all__ = ["inspect_disk", "inspect_paths", "Row", "DiskImage", "Extent", "ExtentKind", "Flavor",
@@ -339,25 +339,19 @@ def check_raw(name: str, head: bytes, size: int, kind: str) -> None:
 
 
 def _with_boot_signature(image: DiskImage) -> DiskImage:
-    """Read sectors 0-1 of the consolidated disk (through v2p's validated source) and judge them."""
-    from ..convert import qemu_source
-    from ..runner import run
-
-    with scratch_dir("boot-sector") as tmp:
-        source = qemu_source(image, Path(tmp))
-        out = Path(tmp) / "head.raw"
-        try:
-            run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", "count=2",
-                 f"if={source.filename}", f"of={out}"], timeout=30, pass_fds=source.fds)
-        finally:
-            source.close()
-        data = out.read_bytes()
+    """Read the first sectors of the consolidated disk (through v2p's validated source): the boot
+    signature, and the partition table the firmware choice needs (``bootsector.layout``)."""
+    data = _read_head(image, bootsector.SECTORS_READ)
+    wanted = bootsector.entries_end(data)
+    if wanted > len(data) and len(data) == bootsector.SECTORS_READ * SECTOR:  # an unusual GPT: its entries
+        data = _read_head(image, -(-wanted // SECTOR))
     if data[512:520] == b"EFI PART":
         signature = "gpt"
     elif data[510:512] == b"\x55\xaa":
         signature = "mbr"
     else:
         signature = "none"
+    boot = bootsector.layout(data)
     warnings = list(image.warnings)
     if signature == "none":
         text = (f"{image.path.name}: no MBR or GPT boot signature in the first sector; "
@@ -366,7 +360,24 @@ def _with_boot_signature(image: DiskImage) -> DiskImage:
             text += "; if it should boot, re-export it from VMware as a preallocated disk " \
                     "(descriptor plus -flat.vmdk) and try again"
         warnings.append(text)
-    return replace(image, boot_signature=signature, warnings=tuple(warnings))
+    return replace(image, boot_signature=signature, boot_firmware=boot.firmware, boot_detail=boot.detail,
+                   warnings=tuple(warnings))
+
+
+def _read_head(image: DiskImage, sectors: int) -> bytes:
+    """The first ``sectors`` sectors of the disk (fewer if it is smaller), through qemu-img."""
+    from ..convert import qemu_source
+    from ..runner import run
+
+    with scratch_dir("boot-sector") as tmp:
+        source = qemu_source(image, Path(tmp))
+        out = Path(tmp) / "head.raw"
+        try:
+            run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", f"count={sectors}",
+                 f"if={source.filename}", f"of={out}"], timeout=30, pass_fds=source.fds)
+        finally:
+            source.close()
+        return out.read_bytes()
 
 
 @dataclass(frozen=True)
