@@ -26,6 +26,7 @@ from v2p.plan import Plan
 from v2p.sources.disk import DiskSource
 
 MiB = 1 << 20
+FIXTURES = Path(__file__).parent / "fixtures"
 ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
@@ -208,6 +209,16 @@ def test_efi_vmx_with_a_bios_only_disk_warns_and_keeps_efi(tmp_path: Path, sampl
     assert severity == "warning"
     assert message.startswith("the source says EFI, but boot disk scsi0:0 (guest.raw): MBR, boot code: OVMF will "
                               "most likely find no boot loader on it; kept (--bios seabios to change)")
+
+
+def test_efi_ova_whose_disk_read_in_place_is_bios_only_warns() -> None:
+    """The issue's OVA fixture: VMware's tools wrote an EFI VM around an MBR disk; its disk is read
+    in place from the archive, and its first sectors through that same window."""
+    report = api.inspect_vm(FIXTURES / "v2p-fixture.ova", bridge="vmbr0")
+    assert report.config["bios"] == "ovmf"
+    assert findings(report)["firmware-mismatch"] == (
+        "warning", "the source says EFI, but boot disk nvme0:0 (file0): MBR, boot code: OVMF will most likely "
+                   "find no boot loader on it; kept (--bios seabios to change)")
 
 
 def test_matching_vmx_has_no_firmware_finding(tmp_path: Path, samples: Path) -> None:

@@ -665,7 +665,7 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
                                        given.messages))
             chain = len(given.image.chain) if given.image is not None else 1
             records.append({"label": disk.label, "chain": chain, "capacity": given.capacity,
-                            **boot_layout(given.image)})
+                            **boot_layout(given)})
     report.findings = check_rules(spec, resolved, records, chosen_ostype=migration.chosen_ostype(spec))
     try:
         rules.enforce(spec, report.findings)

@@ -19,7 +19,6 @@ from .dance import DanceOptions, DriverDance
 from .errors import VMID_TAKEN_HINT, NoSpaceError, SourceError, TargetError, VMIDExistsError
 from .events import Event, EventHandler
 from .fsutil import private_dir
-from .inspect import DiskImage
 from .options import MigrationOptions, OptionError
 from .runner import which
 from .sources import DiskInput, Source
@@ -133,7 +132,7 @@ class Inspect(Stage):
                            disk=index))
             disks.append({"label": disk.label, "source": disk.source, "capacity": given.capacity,
                           "flavor": given.flavor, "chain": len(image.chain) if image is not None else 1,
-                          **boot_layout(image),
+                          **boot_layout(given),
                           "image": image.to_dict() if image is not None else None})
         for text in ctx.source.notices():
             ctx.emit(Event("warning", self.name, text))
@@ -205,11 +204,12 @@ def check_rules(spec: VMSpec, options: MigrationOptions, disks: list[Record], *,
                               if d.get("boot_firmware")})
 
 
-def boot_layout(image: DiskImage | None) -> Record:
+def boot_layout(given: DiskInput) -> Record:
     """An inspect record's ``boot_firmware``/``boot_detail`` (what check_rules' ``boots`` reads)."""
-    if image is None or image.boot_firmware is None:
+    if given.boot_firmware is None:
         return {}
-    return {"boot_firmware": image.boot_firmware, "boot_detail": image.boot_detail}
+    firmware, detail = given.boot_firmware
+    return {"boot_firmware": firmware, "boot_detail": detail}
 
 
 def check_access(ctx: Context) -> None:

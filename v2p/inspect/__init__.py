@@ -21,7 +21,7 @@ from . import bootsector, vmdk
 from .model import SECTOR, DiskImage, Extent, ExtentKind, FileId, Flavor
 
 __all__ = ["inspect_disk", "inspect_paths", "Row", "DiskImage", "Extent", "ExtentKind", "Flavor",
-           "describe", "describe_bytes", "foreign_format", "check_raw"]
+           "describe", "describe_bytes", "foreign_format", "check_raw", "read_head"]
 
 _FLAT_CREATE_TYPES = {
     "monolithicflat": Flavor.MONOLITHIC_FLAT,
@@ -341,10 +341,14 @@ def check_raw(name: str, head: bytes, size: int, kind: str) -> None:
 def _with_boot_signature(image: DiskImage) -> DiskImage:
     """Read the first sectors of the consolidated disk (through v2p's validated source): the boot
     signature, and the partition table the firmware choice needs (``bootsector.layout``)."""
-    data = _read_head(image, bootsector.SECTORS_READ)
-    wanted = bootsector.entries_end(data)
-    if wanted > len(data) and len(data) == bootsector.SECTORS_READ * SECTOR:  # an unusual GPT: its entries
-        data = _read_head(image, -(-wanted // SECTOR))
+    from ..convert import qemu_source
+
+    with scratch_dir("boot-sector") as tmp:
+        source = qemu_source(image, Path(tmp))
+        try:
+            data = read_head(source.fmt, source.filename, source.fds)
+        finally:
+            source.close()
     if data[512:520] == b"EFI PART":
         signature = "gpt"
     elif data[510:512] == b"\x55\xaa":
@@ -364,19 +368,24 @@ def _with_boot_signature(image: DiskImage) -> DiskImage:
                    warnings=tuple(warnings))
 
 
-def _read_head(image: DiskImage, sectors: int) -> bytes:
-    """The first ``sectors`` sectors of the disk (fewer if it is smaller), through qemu-img."""
-    from ..convert import qemu_source
+def read_head(fmt: str, filename: str, fds: tuple[int, ...] = ()) -> bytes:
+    """The disk's first sectors as ``bootsector.layout`` needs them, read by qemu-img from ``filename``
+    (format ``fmt``, a path or a ``json:`` spec reading the pinned ``fds``): ``SECTORS_READ``, and
+    further for a GPT whose entries lie beyond them. Fewer when the disk is smaller."""
+    data = _read_sectors(fmt, filename, fds, bootsector.SECTORS_READ)
+    wanted = bootsector.entries_end(data)
+    if wanted > len(data) == bootsector.SECTORS_READ * SECTOR:
+        data = _read_sectors(fmt, filename, fds, -(-wanted // SECTOR))
+    return data
+
+
+def _read_sectors(fmt: str, filename: str, fds: tuple[int, ...], sectors: int) -> bytes:
     from ..runner import run
 
     with scratch_dir("boot-sector") as tmp:
-        source = qemu_source(image, Path(tmp))
         out = Path(tmp) / "head.raw"
-        try:
-            run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", f"count={sectors}",
-                 f"if={source.filename}", f"of={out}"], timeout=30, pass_fds=source.fds)
-        finally:
-            source.close()
+        run(["qemu-img", "dd", "-f", fmt, "-O", "raw", "bs=512", f"count={sectors}", f"if={filename}",
+             f"of={out}"], timeout=30, pass_fds=fds)
         return out.read_bytes()
 
 
