@@ -246,6 +246,8 @@ def test_bios_option_in_the_library_and_in_plans(tmp_path: Path) -> None:
 # --- end to end: the CLI on the local target, a real boot ----------------------------------------
 
 def test_loose_uefi_disk_migrates_and_boots_under_ovmf(samples: Path, manifest: dict[str, Any], v2p: V2P) -> None:
+    shown = v2p("inspect", str(samples / "efi" / "efi.vmdk")).stdout
+    assert "  boot:      gpt, boots only by UEFI (GPT, an EFI system partition, no BIOS boot code)" in shown
     proc = v2p("migrate", str(samples / "efi" / "efi.vmdk"), "--vmid", "301")
     config = v2p.config(301)
     assert (config["bios"], config["machine"]) == ("ovmf", "q35"), proc.stdout + proc.stderr

@@ -518,7 +518,9 @@ def _print_image(image: DiskImage) -> None:
             print(f"  {'extent:' if not depth else '  extent:':<10} {extent.kind.value} "
                   f"{extent.sectors} sectors{where}{offset}")
     if image.boot_signature:
-        print(f"  boot:      {image.boot_signature}")
+        boots = {"bios": "boots by BIOS", "efi": "boots only by UEFI", "both": "boots by BIOS and UEFI",
+                 "none": "no firmware can boot it"}.get(image.boot_firmware or "")
+        print(f"  boot:      {image.boot_signature}" + (f", {boots} ({image.boot_detail})" if boots else ""))
     for kind, text in image.messages:
         print(f"  {kind + ':':<10} {text}")
     print(f"  verdict:   {image.verdict}")
