@@ -230,6 +230,9 @@ def test_matching_vmx_has_no_firmware_finding(tmp_path: Path, samples: Path) -> 
 
 def test_bios_option_in_the_library_and_in_plans(tmp_path: Path) -> None:
     assert MigrationOptions.of({"bios": "ovmf"}).bios == "ovmf"
+    # a resumed run must ask for the same firmware; without --bios, records made before it match
+    assert MigrationOptions(bios="ovmf").identity()["bios"] == "ovmf"
+    assert "bios" not in MigrationOptions().identity()
     with pytest.raises(OptionError, match="unknown --bios 'uefi'"):
         MigrationOptions(bios="uefi")
     (tmp_path / "a.vmdk").write_bytes(b"")

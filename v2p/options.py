@@ -295,6 +295,8 @@ class MigrationOptions:
         for volatile in ("start", "boot_check", "boot_timeout", "bwlimit", "verify", "force", "drivers_iso",
                          "dance_wait", "shutdown_timeout", "keep_on_failure"):
             data.pop(volatile)
+        if data["bios"] is None:  # as recorded before --bios existed: those records still match
+            data.pop("bios")
         result: dict[str, Any] = json.loads(json.dumps(data))  # as the state file will give it back
         return result
 
