@@ -346,7 +346,7 @@ def _with_boot_signature(image: DiskImage) -> DiskImage:
     with scratch_dir("boot-sector") as tmp:
         source = qemu_source(image, Path(tmp))
         try:
-            data = read_head(source.fmt, source.filename, source.fds)
+            data = read_head(source.fmt, source.filename, source.fds, workdir=Path(tmp))
         finally:
             source.close()
     if data[512:520] == b"EFI PART":
@@ -368,25 +368,30 @@ def _with_boot_signature(image: DiskImage) -> DiskImage:
                    warnings=tuple(warnings))
 
 
-def read_head(fmt: str, filename: str, fds: tuple[int, ...] = ()) -> bytes:
+def read_head(fmt: str, filename: str, fds: tuple[int, ...] = (), *, workdir: Path | None = None) -> bytes:
     """The disk's first sectors as ``bootsector.layout`` needs them, read by qemu-img from ``filename``
     (format ``fmt``, a path or a ``json:`` spec reading the pinned ``fds``): ``SECTORS_READ``, and
-    further for a GPT whose entries lie beyond them. Fewer when the disk is smaller."""
-    data = _read_sectors(fmt, filename, fds, bootsector.SECTORS_READ)
+    further for a GPT whose entries lie beyond them. Fewer when the disk is smaller. ``workdir``:
+    a private folder to write the copy in (else a scratch folder of its own)."""
+    if workdir is None:
+        with scratch_dir("boot-sector") as tmp:
+            return read_head(fmt, filename, fds, workdir=Path(tmp))
+    data = _read_sectors(fmt, filename, fds, bootsector.SECTORS_READ, workdir)
     wanted = bootsector.entries_end(data)
     if wanted > len(data) == bootsector.SECTORS_READ * SECTOR:
-        data = _read_sectors(fmt, filename, fds, -(-wanted // SECTOR))
+        data = _read_sectors(fmt, filename, fds, -(-wanted // SECTOR), workdir)
     return data
 
 
-def _read_sectors(fmt: str, filename: str, fds: tuple[int, ...], sectors: int) -> bytes:
+def _read_sectors(fmt: str, filename: str, fds: tuple[int, ...], sectors: int, workdir: Path) -> bytes:
     from ..runner import run
 
-    with scratch_dir("boot-sector") as tmp:
-        out = Path(tmp) / "head.raw"
-        run(["qemu-img", "dd", "-f", fmt, "-O", "raw", "bs=512", f"count={sectors}", f"if={filename}",
-             f"of={out}"], timeout=30, pass_fds=fds)
-        return out.read_bytes()
+    out = workdir / "head.raw"
+    run(["qemu-img", "dd", "-f", fmt, "-O", "raw", "bs=512", f"count={sectors}", f"if={filename}",
+         f"of={out}"], timeout=30, pass_fds=fds)
+    data = out.read_bytes()
+    out.unlink()
+    return data
 
 
 @dataclass(frozen=True)
