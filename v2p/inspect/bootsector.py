@@ -18,7 +18,7 @@ MBR ("The GPT Protective MBR and Partition Table", D. B. Sedory: the same
 code as an MBR disk of Windows 7/8), which only boots an active MBR
 partition and finds none: that code alone does not make a disk BIOS-bootable.
 A disk boots by UEFI when it has an EFI system partition (GPT type
-C12A7328-..., or MBR type 0xEF: UEFI 2.10, 5.2.2 and 5.3.3).
+C12A7328-..., or MBR OS type 0xEF: UEFI 2.10, 5.2 and 5.3.3).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ SECTORS_READ = 34  # the MBR, the GPT header and 128 entries of 128 bytes: every
 MAX_ENTRIES_BYTES = 1 << 20  # a GPT whose entries reach further is not read (no real one does)
 ESP_TYPE = uuid.UUID("C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
 BIOS_BOOT_TYPE = uuid.UUID("21686148-6449-6E6F-744E-656564454649")  # "Hah!IdontNeedEFI"
-LEGACY_BIOS_BOOTABLE = 1 << 2  # GPT partition attribute bit 2 (UEFI 2.10, table 5-8)
+LEGACY_BIOS_BOOTABLE = 1 << 2  # GPT partition attribute bit 2, "Legacy BIOS Bootable" (UEFI 2.10, 5.3.3)
 MBR_ESP, MBR_PROTECTIVE, MBR_ACTIVE = 0xEF, 0xEE, 0x80
 _CODE = slice(0, 440)  # the MBR's boot code (then the disk signature and the partition table)
 # GRUB's boot.img (grub-core/boot/i386/pc/boot.S, notification_string: .asciz "GRUB ").
