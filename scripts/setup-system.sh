@@ -14,6 +14,7 @@ declare -A need=(
   [mkfs.ext4]=e2fsprogs
   [pvcreate]=lvm2
   [xorriso]=xorriso
+  [sfdisk]=fdisk
 )
 missing=()
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -27,6 +28,10 @@ fi
 # UEFI firmware (bios: ovmf VMs): a package of files, no command to look for.
 if [ ! -e /usr/share/OVMF/OVMF_CODE_4M.fd ]; then
   missing+=(ovmf)
+fi
+# Real BIOS boot code (syslinux's MBRs) the firmware-choice tests write onto GPT disks.
+if [ ! -e /usr/lib/syslinux/mbr/gptmbr.bin ]; then
+  missing+=(syslinux-common)
 fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   missing+=(python3-venv python3-pip)

@@ -225,6 +225,9 @@ def test_ova_from_vmware_tools(tmp_path, v2p: V2P):
         "  rule:      info: unmapped-network: net0 (network 'VM Network') has no --network mapping: it goes to the "
         "default bridge vmbr0",
         "  rule:      warning: nvme-controller: disk nvme0:0 is on an NVMe controller: attached as scsi0",
+        # VMware's tools made an EFI VM of a disk with only an MBR and its boot code (issue 17)
+        "  rule:      warning: firmware-mismatch: the source says EFI, but boot disk nvme0:0 (file0): MBR, boot "
+        "code: OVMF will most likely find no boot loader on it; kept (--bios seabios to change)",
         "  rule:      info: secure-boot: EFI secure boot: kept on, with pre-enrolled keys",
         "  rule:      info: generated-mac: net0 has no usable MAC: it gets a new one",
     ]

@@ -82,6 +82,10 @@ FIRING: dict[str, tuple[Callable[[VMSpec], VMSpec], list[tuple[str, str, str]]]]
         ("independent-disk", "warning", "disk scsi0:1 is independent-persistent: migrated as a normal disk")]),
     "nvme-controller": (lambda s: _disk(s, controller="nvme", unit=0, controller_model=None), [
         ("nvme-controller", "warning", "disk nvme0:0 is on an NVMe controller: attached as scsi1")]),
+    "firmware-mismatch": (_set(firmware="efi"), [  # the boot disk's layout comes from inspection: CHECK_ARGS
+        ("firmware-mismatch", "warning", "the source says EFI, but boot disk scsi0:0 (web01.vmdk): MBR, boot code: "
+                                         "OVMF will most likely find no boot loader on it; kept (--bios seabios "
+                                         "to change)")]),
     "efi-lsi": (lambda s: _disk(_set(firmware="efi")(s), controller_model="lsilogic"), [
         ("efi-lsi", "warning", "disk scsi0:1 on an LSI/BusLogic controller: OVMF has no driver for it, "
                                "attached on scsi instead")]),
@@ -98,6 +102,10 @@ FIRING: dict[str, tuple[Callable[[VMSpec], VMSpec], list[tuple[str, str, str]]]]
         ("snapshot-chain", "info", "disk scsi0:1 has 2 snapshots: the consolidated disk is migrated")]),
     "secure-boot": (_set(firmware="efi", secure_boot=True), [
         ("secure-boot", "info", "EFI secure boot: kept on, with pre-enrolled keys")]),
+    "uefi-disk": (_set(firmware="efi", firmware_from="disk"), [
+        ("uefi-disk", "info", "boot disk scsi0:0 (web01.vmdk): GPT, an EFI system partition, no BIOS boot code: "
+                              "only UEFI can boot it, so the VM gets OVMF (bios: ovmf, machine: q35, an efidisk); "
+                              "--bios seabios keeps SeaBIOS")]),
     "vm-name": (_set(name="Web Server #1"), [
         ("vm-name", "info", "VM name 'Web Server #1' is not a DNS name: cleaned to 'Web-Server-1'")]),
     "generated-mac": (_set(nics=[NicSpec("e1000", None, "VM Network"), NicSpec("e1000", "00:50:56", "Backup")]), [
@@ -106,7 +114,10 @@ FIRING: dict[str, tuple[Callable[[VMSpec], VMSpec], list[tuple[str, str, str]]]]
     "unmapped-device": (_set(unmapped=["sound card (hdaudio)"]), [
         ("unmapped-device", "info", "sound card (hdaudio): dropped")]),
 }
-CHECK_ARGS: dict[str, dict[str, Any]] = {"snapshot-chain": {"chains": {"scsi0:0": 1, "scsi0:1": 3}}}
+CHECK_ARGS: dict[str, dict[str, Any]] = {"snapshot-chain": {"chains": {"scsi0:0": 1, "scsi0:1": 3}},
+                                         "firmware-mismatch": {"boots": {"scsi0:0": ("bios", "MBR, boot code")}},
+                                         "uefi-disk": {"boots": {"scsi0:0": ("efi", "GPT, an EFI system partition, "
+                                                                                    "no BIOS boot code")}}}
 
 
 def test_every_rule_has_a_firing_case() -> None:
@@ -134,12 +145,15 @@ QUIET: dict[str, tuple[Callable[[VMSpec], VMSpec], dict[str, Any]]] = {
     "unmapped-network": (_set(nics=[NicSpec("vmxnet3", "00:50:56:01:02:03", None)]), {}),
     "independent-disk": (lambda s: _disk(s, mode="persistent"), {}),
     "nvme-controller": (lambda s: _disk(s, controller="sata", unit=0, controller_model="ahci"), {}),
+    # a disk that boots both ways suits either firmware
+    "firmware-mismatch": (_set(firmware="efi"), {"boots": {"scsi0:0": ("both", "GPT, ...")}}),
     "efi-lsi": (lambda s: _disk(_set(firmware="bios")(s), controller_model="lsilogic"), {}),
     "vtpm": (_set(tpm=False, firmware="efi"), {}),
     "passthrough-device": (_set(passthrough=[]), {}),
     "unknown-guest-os": (_set(guest_os="netware6"), {"ostype": "other"}),  # the user chose
     "snapshot-chain": (lambda s: s, {"chains": {"scsi0:0": 1, "scsi0:1": 1}}),
     "secure-boot": (_set(firmware="efi", secure_boot=False), {}),
+    "uefi-disk": (_set(firmware_from="disk"), {"boots": {"scsi0:0": ("bios", "MBR, boot code")}}),
     "vm-name": (_set(name="web01.example.com"), {}),
     "generated-mac": (_set(nics=[NicSpec("e1000", "00:50:56:AA:BB:CC", "VM Network")]), {}),
     "unmapped-device": (_set(unmapped=[]), {}),

@@ -44,7 +44,7 @@ from .options import MigrationOptions, OptionError, check_bool, check_seconds, c
 from .pipeline import Pipeline, check_records
 from .sources import DiskSource, Source, open_source
 from .spec import DiskSpec, VMSpec
-from .stages import check_drivers, check_rules
+from .stages import boot_layout, check_drivers, check_rules
 from .state import MigrationState, VmidLock, list_states
 from .targets.base import Target
 from .targets.local import LocalTarget
@@ -664,7 +664,8 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
             report.disks.append(VMDisk(disk, keys.get(disk.label), given.capacity, given.flavor, given.image,
                                        given.messages))
             chain = len(given.image.chain) if given.image is not None else 1
-            records.append({"label": disk.label, "chain": chain, "capacity": given.capacity})
+            records.append({"label": disk.label, "chain": chain, "capacity": given.capacity,
+                            **boot_layout(given)})
     report.findings = check_rules(spec, resolved, records, chosen_ostype=migration.chosen_ostype(spec))
     try:
         rules.enforce(spec, report.findings)

@@ -23,6 +23,7 @@ from .errors import V2PError, one_line, shown_path
 from .events import Event
 from .inspect import DiskImage
 from .options import (
+    BIOSES,
     BUSES,
     BWLIMIT,
     COPIERS,
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=_whole("--memory", MEMORY, "MiB"), default=None,
                    help="MiB (default: the VM's; 512 for a loose disk)")
     p.add_argument("--scsihw", choices=SCSIHW, default="virtio-scsi-pci")
+    p.add_argument("--bios", choices=BIOSES, help="the VM's firmware (default: the VM's; for a loose disk "
+                   "ovmf when only UEFI can boot it, else seabios)")
     p.add_argument("--start", action=argparse.BooleanOptionalAction, default=False,
                    help="leave the VM running at the end (default: stopped)")
     p.add_argument("--boot-check", action=argparse.BooleanOptionalAction, default=True,
@@ -515,7 +518,9 @@ def _print_image(image: DiskImage) -> None:
             print(f"  {'extent:' if not depth else '  extent:':<10} {extent.kind.value} "
                   f"{extent.sectors} sectors{where}{offset}")
     if image.boot_signature:
-        print(f"  boot:      {image.boot_signature}")
+        boots = {"bios": "boots by BIOS", "efi": "boots only by UEFI", "both": "boots by BIOS and UEFI",
+                 "none": "no firmware can boot it"}.get(image.boot_firmware or "")
+        print(f"  boot:      {image.boot_signature}" + (f", {boots} ({image.boot_detail})" if boots else ""))
     for kind, text in image.messages:
         print(f"  {kind + ':':<10} {text}")
     print(f"  verdict:   {image.verdict}")
@@ -574,13 +579,14 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         args.source, args.vmid, target=target, on_event=printer, ostype=args.ostype, bus=args.bus,
         fmt=args.fmt, name=args.name, cores=args.cores, memory=args.memory, sockets=args.sockets,
         networks=dict(args.network), bridge=args.bridge, ignore_rules=tuple(args.ignore_rule), scsihw=args.scsihw,
+        bios=args.bios,
         start=args.start, boot_check=args.boot_check, boot_timeout=args.boot_timeout,
         bwlimit=args.bwlimit, device=args.device, copy_with=args.copy_with,
         verify=args.verify, force=args.force, drivers_iso=args.drivers_iso, net_drivers=args.net_drivers,
         arch=args.arch, dance_wait=args.dance_wait, shutdown_timeout=args.shutdown_timeout,
         keep_on_failure=args.keep_on_failure, **({"storage": args.storage} if args.storage else {}))
     if args.dry_run:
-        spec = migration.pipeline.source.spec()
+        spec = migration.options.hardware(migration.pipeline.source.spec())
         print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, {spec.memory_mib} MiB, "
               f"{spec.firmware}")
         where = args.device or f"storage {migration.options.storage}"

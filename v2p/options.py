@@ -25,6 +25,7 @@ OSTYPES = WINDOWS_OSTYPES | {"l24", "l26", "solaris", "other"}
 BUSES = ("ide", "sata", "scsi", "virtio")
 FORMATS = ("qcow2", "raw")
 COPIERS = ("qemu-img", "dd")
+BIOSES = ("seabios", "ovmf")  # PVE's bios values v2p may set
 SCSIHW = ("lsi", "lsi53c810", "megasas", "pvscsi", "virtio-scsi-pci", "virtio-scsi-single")
 
 
@@ -156,6 +157,7 @@ class MigrationOptions:
     bridge: str | None = None  # for NICs whose network has no entry in ``networks``
     ignore_rules: tuple[str, ...] = ()
     scsihw: str = "virtio-scsi-pci"
+    bios: str | None = None  # seabios | ovmf; None: the source's firmware (a loose disk: what it boots by)
     start: bool = False
     boot_check: bool = True
     boot_timeout: float = 60.0
@@ -211,6 +213,8 @@ class MigrationOptions:
             raise OptionError(f"unknown --format {self.fmt!r}", hint="use qcow2 or raw")
         if self.scsihw not in SCSIHW:
             raise OptionError(f"unknown --scsihw {self.scsihw!r}", hint="use one of " + ", ".join(SCSIHW))
+        if self.bios is not None and self.bios not in BIOSES:
+            raise OptionError(f"unknown --bios {self.bios!r}", hint="use seabios or ovmf")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?", self.name):
             raise OptionError(f"--name {self.name!r} is not a valid VM name",
                               hint="use letters, digits, '-' and '.' (a DNS name, as PVE requires)")
@@ -242,9 +246,14 @@ class MigrationOptions:
             raise OptionError(f"--to-device {self.device!r} is not an absolute device path")
 
     def hardware(self, spec: VMSpec) -> VMSpec:
-        """``spec`` with the hardware the user asked for instead (--sockets, --cores, --memory)."""
-        return replace(spec, sockets=self.sockets or spec.sockets, cores=self.cores or spec.cores,
+        """``spec`` with the hardware the user asked for instead (--sockets, --cores, --memory, --bios)."""
+        spec = replace(spec, sockets=self.sockets or spec.sockets, cores=self.cores or spec.cores,
                        memory_mib=self.memory or spec.memory_mib)
+        if self.bios is None:
+            return spec
+        firmware = "efi" if self.bios == "ovmf" else "bios"
+        return replace(spec, firmware=firmware, firmware_from="option",
+                       secure_boot=spec.secure_boot and firmware == "efi")
 
     def chosen_ostype(self, spec: VMSpec) -> str | None:
         """The ostype the user decided (``--os``), or l26 for a loose disk that says nothing;
@@ -286,6 +295,8 @@ class MigrationOptions:
         for volatile in ("start", "boot_check", "boot_timeout", "bwlimit", "verify", "force", "drivers_iso",
                          "dance_wait", "shutdown_timeout", "keep_on_failure"):
             data.pop(volatile)
+        if data["bios"] is None:  # as recorded before --bios existed: those records still match
+            data.pop("bios")
         result: dict[str, Any] = json.loads(json.dumps(data))  # as the state file will give it back
         return result
 

@@ -29,6 +29,7 @@ from . import api, drivers, pveconfig, rules, stages
 from .errors import StateError, TargetError, V2PError, one_line, shown_path
 from .fsutil import describe_mode, read_regular
 from .options import (
+    BIOSES,
     BUSES,
     COPIERS,
     FORMATS,
@@ -143,6 +144,7 @@ KEYS: dict[str, Key] = {
     "boot_check": Key("bool", "boot_check"),
     "boot_timeout": Key("seconds", "boot_timeout"),
     "scsihw": Key("str", "scsihw", SCSIHW),
+    "bios": Key("str", "bios", BIOSES),
     "ignore_rules": Key("list", "ignore_rules"),
     "verify": Key("bool", "verify"),
     "net_drivers": Key("bool", "net_drivers"),
@@ -164,7 +166,7 @@ FLAGS = {"--os": "os", "--format": "format", "--bus": "bus", "--scsihw": "scsihw
          "--network": "networks", "--bridge": "bridge", "--boot-timeout": "boot_timeout",
          "--dance-wait": "dance_wait", "--shutdown-timeout": "shutdown_timeout", "--copy-with": "copy_with",
          "--arch": "arch", "--to-device": "device", "--ignore-rule": "ignore_rules", "--storage": "storage",
-         "--drivers-iso": "drivers_iso"}
+         "--drivers-iso": "drivers_iso", "--bios": "bios"}
 _FLAG = re.compile("|".join(re.escape(flag) for flag in sorted(FLAGS, key=len, reverse=True)) + r"\b")
 _DECIMAL = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 _SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)

@@ -53,6 +53,9 @@ RULES: dict[str, Rule] = {
                                                "migrated as a normal disk"),
     "nvme-controller": Rule("warning", False, "PVE offers no NVMe controller: the disk is attached on the "
                                               "VM's first-boot bus instead"),
+    "firmware-mismatch": Rule("warning", False, "the VM's firmware is not one its boot disk can boot by: a "
+                                                "BIOS VM whose disk boots only by UEFI, or an EFI VM whose "
+                                                "disk has no EFI system partition; --bios chooses"),
     "efi-lsi": Rule("warning", False, "OVMF has no LSI/BusLogic/MegaRAID driver: an EFI VM's disks go to "
                                       "virtio-scsi (or IDE/SATA for Windows) instead"),
     "vtpm": Rule("warning", False, "the vTPM's state does not move: BitLocker will ask for its recovery "
@@ -65,6 +68,9 @@ RULES: dict[str, Rule] = {
                                           "runs) is migrated, the snapshots are not kept"),
     "secure-boot": Rule("info", False, "EFI secure boot stays on with pre-enrolled Microsoft and "
                                        "distribution keys; keys enrolled by hand (MOK, own PK) do not move"),
+    "uefi-disk": Rule("info", False, "a loose disk that only UEFI can boot (GPT, an EFI system partition, no "
+                                     "BIOS boot code) gets OVMF, q35 and an EFI vars disk; --bios seabios "
+                                     "keeps SeaBIOS"),
     "vm-name": Rule("info", False, "the VM name is not a DNS name, which PVE requires: it is cleaned"),
     "generated-mac": Rule("info", False, "a NIC has no usable MAC: v2p gives it a stable one in Proxmox's "
                                          "range (DHCP reservations keyed on the old one will not match)"),
@@ -104,17 +110,19 @@ def check_ignore(ids: Iterable[str]) -> set[str]:
 def check(spec: VMSpec, options: MigrationOptions, *, ostype: str | None = None,
           bridges: Mapping[str, str] | None = None, default_bridge: str | None = None,
           chains: Mapping[str, int] | None = None, capacities: Mapping[str, int] | None = None,
-          ignore: Iterable[str] = ()) -> list[Finding]:
+          boots: Mapping[str, tuple[str, str]] | None = None, ignore: Iterable[str] = ()) -> list[Finding]:
     """Every rule ``spec`` trips, in ``RULES`` order (then the VM's order of disks / NICs).
 
     ``ostype`` is the user's explicit --os (None: the spec's guest OS decides). ``chains`` maps a
     disk's label (``scsi0:1``) to the length of its snapshot chain, ``capacities`` to its size in
-    bytes, both as inspection found them (a .vmx spec says neither). An ignored error comes back as
-    a warning with ``ignored`` set.
+    bytes, both as inspection found them (a .vmx spec says neither); ``boots`` to the firmware that
+    can boot it and what shows it (``DiskImage.boot_firmware``, ``boot_detail``). An ignored error
+    comes back as a warning with ``ignored`` set.
     """
     ignored = check_ignore(ignore)
     found = list(_findings(spec, options, ostype=ostype, bridges=bridges or {}, default_bridge=default_bridge,
                            chains=chains or {}, capacities=capacities or {}))
+    found += _firmware_findings(spec, boots or {})
     order = list(RULES)
     found.sort(key=lambda finding: order.index(finding.id))  # stable: the VM's own order within a rule
     return [Finding(f.id, "warning", f.message, ignored=True) if f.severity == "error" and f.id in ignored
@@ -150,6 +158,29 @@ def refuse_counts(name: str, *, disks: int, nics: int) -> None:
 
 def _finding(rule_id: str, message: str, severity: str | None = None) -> Finding:
     return Finding(rule_id, severity or RULES[rule_id].severity, message)
+
+
+def _firmware_findings(spec: VMSpec, boots: Mapping[str, tuple[str, str]]) -> Iterator[Finding]:
+    """What the boot disk's partition table says about the VM's firmware (sources/disk.py chose a
+    loose disk's from it; a .vmx's, an OVF's or --bios's may disagree with it: kept, and said)."""
+    disk = spec.boot_disk()
+    if disk is None or disk.label not in boots:
+        return
+    can, detail = boots[disk.label]
+    about = f"boot disk {disk.label} ({disk.source}): {detail}"
+    if spec.firmware_from == "disk":
+        if spec.firmware == "efi":
+            yield _finding("uefi-disk", f"{about}: only UEFI can boot it, so the VM gets OVMF (bios: ovmf, "
+                                        "machine: q35, an efidisk); --bios seabios keeps SeaBIOS")
+        return
+    efi = spec.firmware == "efi"
+    if (efi and can != "bios") or (not efi and can != "efi"):
+        return
+    by_option = spec.firmware_from == "option"
+    said = f"--bios {'ovmf' if efi else 'seabios'}" if by_option else f"the source says {'EFI' if efi else 'BIOS'}"
+    outcome = "OVMF will most likely find no boot loader on it" if efi else "SeaBIOS cannot boot it"
+    kept = "kept as asked" if by_option else f"kept (--bios {'seabios' if efi else 'ovmf'} to change)"
+    yield _finding("firmware-mismatch", f"{said}, but {about}: {outcome}; {kept}")
 
 
 def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, bridges: Mapping[str, str],

@@ -106,6 +106,9 @@ class VMSpec:
     name: str
     uuid: str | None = None  # the SMBIOS (BIOS) UUID: Windows activation and licences key on it
     firmware: str = "bios"  # "bios" | "efi"
+    # Who chose ``firmware``: "source" (the .vmx / OVF says, BIOS when it says nothing, as VMware
+    # does), "disk" (a loose disk: its partition table, see sources/disk.py), "option" (--bios).
+    firmware_from: str = "source"
     secure_boot: bool = False
     sockets: int = 1
     cores: int = 1  # per socket

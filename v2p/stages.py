@@ -132,6 +132,7 @@ class Inspect(Stage):
                            disk=index))
             disks.append({"label": disk.label, "source": disk.source, "capacity": given.capacity,
                           "flavor": given.flavor, "chain": len(image.chain) if image is not None else 1,
+                          **boot_layout(given),
                           "image": image.to_dict() if image is not None else None})
         for text in ctx.source.notices():
             ctx.emit(Event("warning", self.name, text))
@@ -198,7 +199,17 @@ def check_rules(spec: VMSpec, options: MigrationOptions, disks: list[Record], *,
     ``chosen_ostype``: MigrationOptions.chosen_ostype of the user's options)."""
     return rules.check(spec, options, ostype=chosen_ostype, bridges=options.networks,
                        default_bridge=options.bridge, chains={d["label"]: d["chain"] for d in disks},
-                       capacities={d["label"]: d["capacity"] for d in disks}, ignore=options.ignore_rules)
+                       capacities={d["label"]: d["capacity"] for d in disks}, ignore=options.ignore_rules,
+                       boots={d["label"]: (d["boot_firmware"], d.get("boot_detail", "")) for d in disks
+                              if d.get("boot_firmware")})
+
+
+def boot_layout(given: DiskInput) -> Record:
+    """An inspect record's ``boot_firmware``/``boot_detail`` (what check_rules' ``boots`` reads)."""
+    if given.boot_firmware is None:
+        return {}
+    firmware, detail = given.boot_firmware
+    return {"boot_firmware": firmware, "boot_detail": detail}
 
 
 def check_access(ctx: Context) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from ..errors import SourceError, UnsafeSourceError, V2PError
 from ..fsutil import scratch_dir
-from . import vmdk
+from . import bootsector, vmdk
 from .model import SECTOR, DiskImage, Extent, ExtentKind, FileId, Flavor
 
 __all__ = ["inspect_disk", "inspect_paths", "Row", "DiskImage", "Extent", "ExtentKind", "Flavor",
-           "describe", "describe_bytes", "foreign_format", "check_raw"]
+           "describe", "describe_bytes", "foreign_format", "check_raw", "read_head"]
 
 _FLAT_CREATE_TYPES = {
     "monolithicflat": Flavor.MONOLITHIC_FLAT,
@@ -339,25 +339,23 @@ def check_raw(name: str, head: bytes, size: int, kind: str) -> None:
 
 
 def _with_boot_signature(image: DiskImage) -> DiskImage:
-    """Read sectors 0-1 of the consolidated disk (through v2p's validated source) and judge them."""
+    """Read the first sectors of the consolidated disk (through v2p's validated source): the boot
+    signature, and the partition table the firmware choice needs (``bootsector.layout``)."""
     from ..convert import qemu_source
-    from ..runner import run
 
     with scratch_dir("boot-sector") as tmp:
         source = qemu_source(image, Path(tmp))
-        out = Path(tmp) / "head.raw"
         try:
-            run(["qemu-img", "dd", "-f", source.fmt, "-O", "raw", "bs=512", "count=2",
-                 f"if={source.filename}", f"of={out}"], timeout=30, pass_fds=source.fds)
+            data = read_head(source.fmt, source.filename, source.fds, workdir=Path(tmp))
         finally:
             source.close()
-        data = out.read_bytes()
     if data[512:520] == b"EFI PART":
         signature = "gpt"
     elif data[510:512] == b"\x55\xaa":
         signature = "mbr"
     else:
         signature = "none"
+    boot = bootsector.layout(data)
     warnings = list(image.warnings)
     if signature == "none":
         text = (f"{image.path.name}: no MBR or GPT boot signature in the first sector; "
@@ -366,7 +364,34 @@ def _with_boot_signature(image: DiskImage) -> DiskImage:
             text += "; if it should boot, re-export it from VMware as a preallocated disk " \
                     "(descriptor plus -flat.vmdk) and try again"
         warnings.append(text)
-    return replace(image, boot_signature=signature, warnings=tuple(warnings))
+    return replace(image, boot_signature=signature, boot_firmware=boot.firmware, boot_detail=boot.detail,
+                   warnings=tuple(warnings))
+
+
+def read_head(fmt: str, filename: str, fds: tuple[int, ...] = (), *, workdir: Path | None = None) -> bytes:
+    """The disk's first sectors as ``bootsector.layout`` needs them, read by qemu-img from ``filename``
+    (format ``fmt``, a path or a ``json:`` spec reading the pinned ``fds``): ``SECTORS_READ``, and
+    further for a GPT whose entries lie beyond them. Fewer when the disk is smaller. ``workdir``:
+    a private folder to write the copy in (else a scratch folder of its own)."""
+    if workdir is None:
+        with scratch_dir("boot-sector") as tmp:
+            return read_head(fmt, filename, fds, workdir=Path(tmp))
+    data = _read_sectors(fmt, filename, fds, bootsector.SECTORS_READ, workdir)
+    wanted = bootsector.entries_end(data)
+    if wanted > len(data) == bootsector.SECTORS_READ * SECTOR:
+        data = _read_sectors(fmt, filename, fds, -(-wanted // SECTOR), workdir)
+    return data
+
+
+def _read_sectors(fmt: str, filename: str, fds: tuple[int, ...], sectors: int, workdir: Path) -> bytes:
+    from ..runner import run
+
+    out = workdir / "head.raw"
+    run(["qemu-img", "dd", "-f", fmt, "-O", "raw", "bs=512", f"count={sectors}", f"if={filename}",
+         f"of={out}"], timeout=30, pass_fds=fds)
+    data = out.read_bytes()
+    out.unlink()
+    return data
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,10 @@ class DiskImage:
     parent: DiskImage | None = None
     ddb: dict[str, str] = field(default_factory=dict)
     boot_signature: str | None = None  # "mbr", "gpt", "none"; None until checked
+    # Which firmware can boot the disk (bootsector.BootLayout.firmware): "bios", "efi" (UEFI only),
+    # "both", "none"; None until checked. ``boot_detail`` says what in its first sectors shows it.
+    boot_firmware: str | None = None
+    boot_detail: str = ""
     header: dict[str, int] = field(default_factory=dict)  # a KDMV header's version, flags, ...
     magic: str = ""  # libmagic's description of ``path``: the coarse first look
     ids: dict[Path, FileId] = field(default_factory=dict)  # this link's own files, as inspection found them
@@ -209,6 +213,8 @@ class DiskImage:
             "chain": [str(link.path) for link in self.chain],
             "ddb": dict(self.ddb),
             "boot_signature": self.boot_signature,
+            "boot_firmware": self.boot_firmware,
+            "boot_detail": self.boot_detail,
             "header": dict(self.header),
             "magic": self.magic,
             "verdict": self.verdict,

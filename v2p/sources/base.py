@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..convert import Source as QemuInput
+from ..inspect.bootsector import BootLayout
 from ..inspect.model import DiskImage
 from ..spec import DiskSpec, VMSpec
 
@@ -24,7 +25,8 @@ class DiskInput:
 
     ``image`` is the inspected disk when its bytes are local files v2p checked
     (the dd copier and ``inspect`` use it); ``messages`` are notes/warnings of
-    the inspection, as ("note" | "warning", text).
+    the inspection, as ("note" | "warning", text); ``boot`` the boot layout of
+    a disk that has no ``image``.
     """
 
     qemu: QemuInput
@@ -32,6 +34,14 @@ class DiskInput:
     flavor: str
     image: DiskImage | None = None
     messages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    boot: BootLayout | None = None  # a disk without ``image`` (read in place from an OVA): how it boots
+
+    @property
+    def boot_firmware(self) -> tuple[str, str] | None:
+        """(which firmware can boot the disk, what shows it), as inspection found it; None if unread."""
+        if self.image is not None and self.image.boot_firmware is not None:
+            return self.image.boot_firmware, self.image.boot_detail
+        return (self.boot.firmware, self.boot.detail) if self.boot is not None else None
 
     def close(self) -> None:
         """Let go of the source files held open for this disk (see pinned.py): nothing reads it after."""

@@ -2,7 +2,9 @@
 
 The hardware is not in the file: the spec has one disk on the controller the
 descriptor's ``ddb.adapterType`` names (else SCSI) and nothing else; the
-user's options (``--os``, ``--cores``, ``--memory``) fill in the rest.
+user's options (``--os``, ``--cores``, ``--memory``, ``--bios``) fill in the
+rest. The firmware is the one the disk can boot with: UEFI for a disk only
+UEFI can boot (``inspect/bootsector.py``), else BIOS, as before.
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ class DiskSource(Source):
         disk = DiskSpec(controller=controller, bus=0, unit=0, source=self.path.name, capacity=image.capacity,
                         controller_model=model, boot=True)
         # A VM without a NIC is rarely what anyone wants: one, its model and MAC from the mapping.
-        return VMSpec(name=dns_name(stem), disks=[disk], nics=[NicSpec(model="e1000")])
+        # A disk BIOS can boot too (a hybrid GPT, an MBR) stays on SeaBIOS: PVE's default, and the
+        # firmware such a disk most likely had. The rules say so when the disk chose UEFI.
+        firmware = "efi" if image.boot_firmware == "efi" else "bios"
+        return VMSpec(name=dns_name(stem), disks=[disk], nics=[NicSpec(model="e1000")], firmware=firmware,
+                      firmware_from="disk")
 
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
         image = self.image()

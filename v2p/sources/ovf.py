@@ -30,7 +30,7 @@ from .. import rules
 from ..convert import INFO_TIMEOUT, file_identity, qemu_source
 from ..convert import Source as QemuInput
 from ..errors import SourceError, UnsafeSourceError
-from ..inspect import check_raw, describe_bytes, foreign_format, inspect_disk, vmdk
+from ..inspect import bootsector, check_raw, describe_bytes, foreign_format, inspect_disk, read_head, vmdk
 from ..inspect.model import SECTOR, FileId, Flavor
 from ..pinned import PinnedFiles, open_checked
 from ..runner import run
@@ -1039,7 +1039,7 @@ class OvaSource(_Package):
             capacity = int(info["virtual-size"])
         note = (f"{member.name} ({flavor.value}) is read in place from {self.path.name} (offset {member.offset}, "
                 f"{member.size} bytes); nothing is extracted")
-        return DiskInput(qemu, capacity, flavor.value, None, (("note", note),))
+        return DiskInput(qemu, capacity, flavor.value, None, (("note", note),), boot=_boot(qemu))
 
     def _in_place(self, src: BinaryIO, member: Member, where: str) -> DiskInput:
         """A hosted sparse VMDK (streamOptimized, as OVAs carry): qemu reads it where it lies,
@@ -1066,7 +1066,12 @@ class OvaSource(_Package):
         qemu = QemuInput("vmdk", "json:" + json.dumps({"driver": "vmdk", "file": window, "backing": None}), pins)
         note = (f"{member.name} is read in place from {self.path.name} (offset {member.offset}, "
                 f"{member.size} bytes); nothing is extracted")
-        return DiskInput(qemu, header.capacity * SECTOR, flavor.value, None, (("note", note),))
+        return DiskInput(qemu, header.capacity * SECTOR, flavor.value, None, (("note", note),), boot=_boot(qemu))
 
     def fingerprint(self) -> list[dict[str, Any]]:
         return [file_identity(self.path)]
+
+
+def _boot(qemu: QemuInput) -> bootsector.BootLayout:
+    """How a disk read in place boots: its first sectors, read through the same checked window."""
+    return bootsector.layout(read_head(qemu.fmt, qemu.filename, qemu.fds))
