@@ -106,7 +106,7 @@ DEAD_MIB = 2
 DEAD_CASES: dict[str, tuple[str | None, str, str]] = {
     "zeros": (None, "failed",
               "no boot code at all: SeaBIOS prints 'No bootable device.' (firmware log, "
-              "isa-debugcon 0x402) and retries every 60 s"),
+              "isa-debugcon 0x402) and idles (QEMU's default reboot-timeout: no retry)"),
     "halt": ("DEAD_HALT", "unconfirmed",
              "boot sector that halts (cli; hlt): a stuck boot loader; reads only the MBR, "
              "prints nothing, never resets"),
