@@ -38,7 +38,7 @@ from .options import (
     parse_vmid,
     parse_whole,
 )
-from .stages import STAGES, boot_exit_code, boot_outcome, boot_words
+from .stages import BOOT_SKIPPED, STAGES, boot_exit_code, boot_outcome, boot_words
 from .storage import KINDS
 from .targets.base import BOOT_FAILED, BOOT_UP
 
@@ -638,7 +638,7 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
         for name in (stage.name for stage in STAGES):
             record = stages.get(name)
             when = f"done {record['finished_at']} ({record['seconds']:.2f}s)" if record else "pending"
-            if name == "boot" and record and boot != "skipped":
+            if name == "boot" and record and boot != BOOT_SKIPPED:
                 when = f"{'failed' if boot == BOOT_FAILED else 'done'} {record['finished_at']} " \
                        f"({record['seconds']:.2f}s): {boot_words(boot, signal)}"
             print(f"  {name:<10} {when}")

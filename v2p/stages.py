@@ -447,7 +447,7 @@ BOOT_SKIPPED = "skipped"  # no boot check (--no-boot-check): nothing was seen, n
 _OLD_OUTCOMES = {"powered-off": (BOOT_UP, "the guest shut itself down"), "running": (BOOT_UNCONFIRMED, "")}
 # What to do about a failed boot, by the sign that said so (the signal's words, bootwatch's names).
 _FAILED_HINTS = (
-    (re.compile(r"STOP|Stop code", re.I),
+    (re.compile(r"STOP:? 0x|Stop code|bugcheck", re.I),
      "a Windows guest without the virtio driver: migrate it with its --os (win7, win10, ...) so v2p "
      "installs the driver on IDE first"),
     (re.compile(r"bootable|boot option|boot device", re.I),
@@ -458,8 +458,9 @@ _FAILED_HINTS = (
      "the boot loader cannot find its files: check the disk order (v2p inspect) and the guest's "
      "boot loader configuration (the disk names it boots from)"),
     (re.compile(r"panic", re.I),
-     "the guest's kernel panicked: see its last lines above (a missing storage driver in its "
-     "initramfs is the usual cause: virtio-scsi for --bus scsi)"),
+     "the guest's kernel panicked: see its last lines above (after a move from VMware, a storage "
+     "driver missing from its initramfs is the usual cause: add virtio_scsi/virtio_blk to it in "
+     "VMware first, or migrate with --bus sata)"),
     (re.compile(r"reset", re.I), "the guest restarts while booting: see its last lines above"),
 )
 
