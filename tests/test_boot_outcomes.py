@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from v2p import cli
-from v2p.api import local_target, migrate
+from v2p.api import Migration, local_target, migrate
 from v2p.errors import EXIT_BOOT_UNCONFIRMED, BootCheckError
 from v2p.plan import Plan
 from v2p.targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, BootReport
@@ -91,6 +91,14 @@ def test_the_library_result_and_the_state_record_say_how_the_boot_ended(tmp_path
     stage = record["stages"]["boot"]["result"]
     assert (stage["outcome"], stage["signal"], stage["seconds"]) == (boot, signal, 4.25)
     assert stage["signs"] == (SIGNS if seen.outcome == BOOT_UP else {})
+
+
+def test_a_panels_status_carries_the_boot_outcome(tmp_path, small_vmdk):
+    migration = Migration(small_vmdk, 145, target=ScriptedBoot(tmp_path / "target", report(BOOT_UNCONFIRMED, QUIET)))
+    migration.run()
+    shown = migration.status.to_dict()
+    assert shown["state"] == "finished"
+    assert (shown["result"]["boot"], shown["result"]["boot_signal"]) == (BOOT_UNCONFIRMED, QUIET)
 
 
 def test_no_boot_check_is_skipped_not_up(tmp_path, small_vmdk):
