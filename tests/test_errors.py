@@ -91,7 +91,7 @@ def test_disk_that_does_not_boot_fails_the_boot_check(tmp_path, v2p):
     proc = v2p("migrate", str(blank), "--vmid", "136", "--boot-timeout", "20")
     line = one_line_error(proc)
     assert proc.returncode == 7
-    assert "VM 136: the firmware found no bootable disk" in line
+    assert "VM 136 did not boot: the firmware found nothing to boot" in line
     # the VM and its verified disk stay for inspection; the boot stage's record says it failed (a rerun
     # boots it again), the migration is unfinished
     state = v2p.state(136)

@@ -105,7 +105,7 @@ def test_status_before_and_after_migrations(plan, v2p: V2P):
     found = rows(v2p, plan)
     # The failed boot check is recorded (what it saw), so it is the last stage; the record says how it ended.
     assert (found["blank"]["state"], found["blank"]["stage"], found["blank"]["boot"]) == ("failed", "boot", "failed")
-    assert found["blank"]["detail"].startswith("in boot: VM 152: the firmware found no bootable disk")
+    assert found["blank"]["detail"].startswith("in boot: VM 152 did not boot: the firmware found nothing to boot")
 
 
 def test_status_while_a_migration_runs_takes_no_lock(plan, v2p: V2P):
