@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import struct
 import subprocess
 import tempfile
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from v2p.targets import qemu_cmdline
+from v2p.targets.local import PcapCount
 from v2p.targets.supervisor import QemuProcess, close_quietly
 
 from .cluster import VM, Cluster
@@ -30,6 +30,7 @@ class QemuRunner:
         self.run_root = run_root
         self.processes: dict[int, QemuProcess] = {}
         self._qmp_lock = threading.Lock()  # QEMU's QMP socket takes one client at a time
+        self._counts: dict[tuple[int, str], tuple[PcapCount, PcapCount]] = {}
 
     def run_dir(self, vmid: int) -> Path:
         """Where VM ``vmid`` keeps ``serial.log`` (its serial port), ``qemu.log`` and its pidfile."""
@@ -62,18 +63,18 @@ class QemuRunner:
         argv = qemu_cmdline.build(vm.vmid, config, "tcg", run_dir=run_dir, qmp_path=self._qmp_path(vm.vmid),
                                   volume_file=self.volume_file,
                                   serial_socket=self.qemu_server_dir / f"{vm.vmid}.serial0")
-        # A node counts a NIC's bytes on its tap device (/proc/net/dev); here each NIC's user-mode
-        # netdev gets two dumps: what the guest sent (the netdev's receive queue, "rx") and what
-        # it was sent ("tx") (QEMU net/filter.c: a packet passes the sender's tx filters, then
-        # its peer's rx filters).
+        # qemu-server gives a VM no pvpanic device (PVE/QemuServer.pm config_to_command adds none):
+        # a guest's panic shows on PVE as nothing but the guest's own words.
+        at = argv.index("pvpanic")
+        del argv[at - 1:at + 1]
+        # A node counts a NIC's bytes on its tap device (/proc/net/dev). The builder dumps what the
+        # guest sends (its user-mode netdev's receive queue, qemu_cmdline.pcap_name); here a second
+        # dump takes what the guest is sent: the netdev's transmit queue, "tx" (QEMU net/filter.c:
+        # a frame passes its sender's tx filters, then its peer's rx filters).
         for key in sorted(k for k in config if re.fullmatch(r"net\d+", k)):
-            for queue, name in (("rx", "sent"), ("tx", "received")):
-                argv += ["-object", f"filter-dump,id=sim-{name}-{key},netdev={key},queue={queue},"
-                         f"file={self._dump(vm.vmid, key, name)}"]
+            argv += ["-object", f"filter-dump,id=sim-received-{key},netdev={key},queue=tx,"
+                     f"file={run_dir / _received(key)}"]
         return argv
-
-    def _dump(self, vmid: int, key: str, name: str) -> Path:
-        return self.run_dir(vmid) / f"{key}-{name}.pcap"
 
     def query(self, vm: VM, command: str) -> Any:
         """One QMP command's ``return`` from VM ``vm``'s QEMU (qemu-server's ``mon_cmd``); None
@@ -88,14 +89,22 @@ class QemuRunner:
                 return None
             try:
                 return monitor.cmd(command)
+            except Exception:
+                if process.running():
+                    raise
+                return None  # it exited mid-command (a guest's power-off)
             finally:
                 close_quietly(monitor)
 
     def nic_bytes(self, vm: VM, key: str) -> tuple[int, int]:
         """(bytes the guest sent, bytes it was sent) on NIC ``key`` since it started: what its tap
-        device's receive and transmit counters are on a node."""
-        return (pcap_bytes(self._dump(vm.vmid, key, "sent")),
-                pcap_bytes(self._dump(vm.vmid, key, "received")))
+        device's receive and transmit counters are on a node; counted as the local target counts
+        (``PcapCount``)."""
+        run_dir = self.run_dir(vm.vmid)
+        with self._qmp_lock:
+            counts = self._counts.setdefault((vm.vmid, key), (
+                PcapCount(run_dir / qemu_cmdline.pcap_name(key)), PcapCount(run_dir / _received(key))))
+            return counts[0].count(), counts[1].count()
 
     def start(self, vm: VM) -> None:
         argv = self.argv(vm)
@@ -103,6 +112,8 @@ class QemuRunner:
         run_dir.mkdir(parents=True, exist_ok=True)
         for path in run_dir.glob("net*.pcap"):  # the counters start again with each run
             path.unlink()
+        for found in [found for found in self._counts if found[0] == vm.vmid]:
+            del self._counts[found]
         for name in ("serial.log", "firmware.log", "qemu.log", "qemu.pid"):
             (run_dir / name).unlink(missing_ok=True)
             (run_dir / name).touch()
@@ -135,22 +146,6 @@ class QemuRunner:
         return False
 
 
-def pcap_bytes(path: Path) -> int:
-    """The bytes of every frame in the pcap file QEMU's filter-dump writes (net/dump.c: a
-    ``pcap_file_hdr``, then per frame a ``pcap_sf_pkthdr`` whose ``len`` is the frame's length),
-    host byte order as QEMU writes it; 0 if there is none yet. A frame being written is skipped."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return 0
-    if len(data) < 24:
-        return 0
-    order = "<" if struct.unpack_from("<I", data)[0] == 0xA1B2C3D4 else ">"
-    total, offset = 0, 24
-    while offset + 16 <= len(data):
-        _sec, _usec, caplen, length = struct.unpack_from(f"{order}IIII", data, offset)
-        if offset + 16 + caplen > len(data):
-            break
-        total += length
-        offset += 16 + caplen
-    return total
+
+def _received(key: str) -> str:
+    return f"{key}-received.pcap"
