@@ -730,7 +730,7 @@ class ProxmoxTarget(Target):
                 io = status_io(vmid, self._current(vmid))
                 if io is None:
                     watch.event(now, STOPPED)
-                else:
+                elif io.reads or io.sent or io.panicked:  # none: qemu-server's QMP queries failed this time
                     watch.observe_io(now, io)
                 serial = self.guest_output(vmid)
                 verdict = watch.look(serial, "", now)
