@@ -20,6 +20,8 @@ Produces (all paths relative to OUTDIR):
     winguest-nodriver/winguest-nodriver.vmdk
     efi/efi.raw, efi/efi.vmdk      UEFI guest (efi_guest.asm as \\EFI\\BOOT\\BOOTX64.EFI
                                    on a FAT16 ESP in a GPT disk; monolithicSparse VMDK)
+    dead/zeros.raw, dead/halt.raw, dead/resetloop.raw, dead/grubrescue.raw, dead/panic.raw
+                                   dead cases (dead.asm; manifest["dead"])
     manifest.json                  what was built (written last)
 
 The stand-ins are in manifest["standins"], NOT in manifest["flavors"]; their
@@ -29,8 +31,8 @@ guest is manifest["efi"] (its line: manifest["efi"]["expected_serial"]).
 Python 3.11 standard library only; `nasm` and `qemu-img` are run through
 subprocess with argv lists (the GPT and the FAT of the EFI disk are written
 here, byte by byte, so no mtools/sgdisk and no mount).  The build is skipped
-when manifest.json is newer than guest.asm, standin.inc, efi_guest.asm and
-this file, was made for the same --size-mib and all listed files still exist
+when manifest.json is newer than guest.asm, standin.inc, efi_guest.asm,
+dead.asm and this file, was made for the same --size-mib and all listed files still exist
 (--force rebuilds).  Can also be imported: build(outdir, ...) returns the
 manifest dict.
 """
@@ -55,6 +57,7 @@ HERE = Path(__file__).resolve().parent
 ASM_SOURCE = HERE / "guest.asm"
 ASM_INCLUDES = (HERE / "standin.inc",)  # %include'd by guest.asm
 EFI_ASM_SOURCE = HERE / "efi_guest.asm"
+DEAD_ASM_SOURCE = HERE / "dead.asm"
 THIS_FILE = Path(__file__).resolve()
 
 SECTOR = 512
@@ -86,11 +89,43 @@ STANDIN_VMDK_FLAVOR = "monolithicSparse"
 STANDIN_FLAG_LBA = 2048  # driver flag sector, passed to nasm as well
 FLAG_MAGIC = "V2P-DRIVERS "
 
-# UEFI guest disk: GPT, one ESP (FAT16, one sector per cluster) at 1 MiB.
+# UEFI guest disk: GPT, one ESP (FAT16, one sector per cluster) at 1 MiB.  The guest
+# reads 10 MiB of its ESP as its "kernel" (efi_guest.asm), so the ESP is 12 MiB.
 EFI_NAME = "efi"
-EFI_DISK_MIB = 8
+EFI_DISK_MIB = 16
 EFI_ESP_FIRST_LBA = 2048
-EFI_ESP_SECTORS = 8192  # 4 MiB: 8095 clusters, inside FAT16's 4085..65524
+EFI_ESP_SECTORS = 24576  # 12 MiB: 24351 clusters, inside FAT16's 4085..65524
+EFI_KERNEL_BYTES = 10 * MIB  # KERNEL_BYTES in efi_guest.asm
+KERNEL_BYTES = 10 * MIB  # KERNEL_BYTES in guest.asm: what the BIOS guest reads of its disk
+SHUTDOWN_WAIT_S = 2  # both guests wait this long (about) between their line and the power-off
+
+# Dead cases (dead.asm, OUTDIR/dead/NAME.raw): name -> (NASM define or None for no boot
+# code, what a boot check should conclude, one-line description).
+DEAD_DIR = "dead"
+DEAD_MIB = 2
+DEAD_CASES: dict[str, tuple[str | None, str, str]] = {
+    "zeros": (None, "failed",
+              "no boot code at all: SeaBIOS prints 'No bootable device.' (firmware log, "
+              "isa-debugcon 0x402) and idles (QEMU's default reboot-timeout: no retry)"),
+    "halt": ("DEAD_HALT", "unconfirmed",
+             "boot sector that halts (cli; hlt): a stuck boot loader; reads only the MBR, "
+             "prints nothing, never resets"),
+    "resetloop": ("DEAD_RESETLOOP", "failed",
+                  "boot sector that triple-faults (lidt limit 0; int 3): the machine resets "
+                  "and boots it again, forever (QMP RESET, reason guest-reset)"),
+    "grubrescue": ("DEAD_GRUBRESCUE", "failed",
+                   "GRUB 2 without its prefix partition: 'error: no such partition.', "
+                   "'Entering rescue mode...', 'grub rescue> ' on COM1 and the screen (INT 10h), "
+                   "then idles (sti; hlt)"),
+    "panic": ("DEAD_PANIC", "failed",
+              "Linux that cannot mount its root: 'Kernel panic - not syncing: VFS: Unable to "
+              "mount root fs on unknown-block(0,0)' on COM1, PVPANIC_PANICKED to I/O port 0x505 "
+              "(GUEST_PANICKED with -device pvpanic), halts"),
+}
+DEAD_SERIAL = {
+    "grubrescue": ["error: no such partition.", "Entering rescue mode...", "grub rescue> "],
+    "panic": ["Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)"],
+}
 EFI_LINE = "v2p-efi-guest: up"
 # Fixed GUIDs, serial and timestamps keep the image byte-for-byte reproducible.
 EFI_DISK_GUID = "5632502d-4546-4900-8000-000000000001"
@@ -399,7 +434,39 @@ def _build_efi(stage: Path, tools: dict[str, str], quiet: bool) -> dict:
         "virtual_size": size,
         "sectors": size // SECTOR,
         "expected_serial": {"up": EFI_LINE},
+        "kernel_bytes": EFI_KERNEL_BYTES,
+        "shutdown_wait_s": SHUTDOWN_WAIT_S,
     }
+
+
+def _build_dead(stage: Path, tools: dict[str, str], quiet: bool) -> dict:
+    d = stage / DEAD_DIR
+    d.mkdir()
+    dead: dict[str, dict] = {}
+    for name, (define, outcome, description) in DEAD_CASES.items():
+        raw_path = d / f"{name}.raw"
+        boot = b""
+        if define is not None:
+            bin_path = d / f"{name}.bin"
+            run([tools["nasm"], "-f", "bin", f"-D{define}", "-o", str(bin_path), str(DEAD_ASM_SOURCE)])
+            boot = bin_path.read_bytes()
+            bin_path.unlink()
+            if len(boot) != SECTOR or boot[510:512] != b"\x55\xaa":
+                raise BuildError(f"dead.asm -D{define}: not one boot sector with 55 AA")
+        with open(raw_path, "wb") as f:
+            f.truncate(DEAD_MIB * MIB)
+            f.write(boot)
+        dead[name] = {
+            "raw": f"{DEAD_DIR}/{name}.raw",
+            "raw_sha256": sha256_file(raw_path),
+            "virtual_size": DEAD_MIB * MIB,
+            "nasm_define": define,
+            "boot_check": outcome,
+            "description": description,
+            "expected_serial": DEAD_SERIAL.get(name, []),
+        }
+    log(f"{DEAD_DIR}: {', '.join(f'{n}.raw' for n in dead)} ({DEAD_MIB} MiB each)", quiet)
+    return dead
 
 
 # ---------------------------------------------------------------------------
@@ -486,15 +553,18 @@ def up_to_date(outdir: Path, size_mib: int) -> dict | None:
         mtime = manifest_path.stat().st_mtime
     except (OSError, ValueError):
         return None
-    newest_input = max(p.stat().st_mtime
-                       for p in (ASM_SOURCE, EFI_ASM_SOURCE, THIS_FILE, *ASM_INCLUDES))
+    newest_input = max(p.stat().st_mtime for p in (ASM_SOURCE, EFI_ASM_SOURCE, DEAD_ASM_SOURCE,
+                                                   THIS_FILE, *ASM_INCLUDES))
     if mtime <= newest_input:
         return None
     if manifest.get("schema") != SCHEMA_VERSION or manifest.get("size_mib") != size_mib:
         return None
     if set(manifest.get("standins", {})) != set(STANDINS) or "efi" not in manifest:
         return None
+    if set(manifest.get("dead", {})) != set(DEAD_CASES):
+        return None
     paths = [manifest["raw"]["path"], manifest["efi"]["raw"], *manifest["efi"]["files"]]
+    paths += [entry["raw"] for entry in manifest["dead"].values()]
     for entry in manifest["flavors"].values():
         paths += entry["files"]
     for entry in manifest["standins"].values():
@@ -621,6 +691,9 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
     # 7. the UEFI guest (its own disk, independent of --size-mib)
     efi = _build_efi(stage, tools, quiet)
 
+    # 8. the dead cases (tiny disks of their own)
+    dead = _build_dead(stage, tools, quiet)
+
     manifest = {
         "schema": SCHEMA_VERSION,
         "size_mib": size_mib,
@@ -636,9 +709,25 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
             "marker": f"v2p-guest: last-sector marker={marker}",
             "poweroff": "v2p-guest: poweroff",
         },
+        # what the guest does besides printing, as an OS does: reads this much of its
+        # boot disk before the first line, waits this long before the power-off
+        "kernel_bytes": KERNEL_BYTES,
+        "shutdown_wait_s": SHUTDOWN_WAIT_S,
         "flavors": flavors,
         "standins": standins,
         "efi": efi,
+        "dead": dead,
+        # not an image of its own: the BIOS-only guest.raw booted under OVMF (bios: ovmf)
+        "bios_on_uefi": {
+            "raw": "guest.raw",
+            "firmware": "ovmf",
+            "boot_check": "failed",
+            "description": "a BIOS-only disk (MBR boot code, no EFI system partition) under "
+                           "UEFI firmware: OVMF finds no boot option on it and either starts "
+                           "its UEFI Shell ('Shell> ', Debian's OVMF_CODE_4M.fd) or says "
+                           "'BdsDxe: No bootable option or device was found' (builds "
+                           "without the shell); the disk's boot code never runs",
+        },
         "standin_serial": {
             # after the same controller/sectors/marker lines as the plain guest;
             # {controller} = the name from the boot controller= line
@@ -655,9 +744,9 @@ def _build(outdir: Path, size_mib: int, tools: dict[str, str], quiet: bool) -> d
         },
     }
 
-    # 8. move into place (replacing earlier outputs), manifest last
+    # 9. move into place (replacing earlier outputs), manifest last
     standin_outputs = [p for name in standins for p in (f"{name}.bin", f"{name}.raw", name)]
-    for name in ["guest.bin", "guest.raw", *flavors, *standin_outputs, EFI_NAME]:
+    for name in ["guest.bin", "guest.raw", *flavors, *standin_outputs, EFI_NAME, DEAD_DIR]:
         target = outdir / name
         if target.is_dir():
             shutil.rmtree(target)

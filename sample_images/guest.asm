@@ -8,6 +8,10 @@
 ;              bytes 510..511 are 55 AA.
 ;   LBA 1..n   stage 2: the actual probe logic.
 ;
+; Before its first line stage 2 reads its "kernel", 10 MiB of the boot disk
+; (load_kernel), and after its last line it waits ~2 s (wait_ticks) before
+; the power-off: what a hypervisor sees of a real OS that prints nothing.
+;
 ; Output on COM1 only (0x3F8, 115200 8N1; see putc for why there is no INT 10h
 ; mirror), every line ending in CR LF:
 ;   v2p-guest: boot controller=<NAME> pci=<vvvv>:<dddd>
@@ -16,7 +20,7 @@
 ;   v2p-guest: disk 0x<dd> sectors=<decimal> marker=<TEXT>|<none>
 ;       (one line per BIOS hard disk 80h.., see report_disks)
 ;   v2p-guest: poweroff
-; then an ACPI S5 soft-off (PM1a_CNT = PMBASE+4, SLP_EN|SLP_TYP=0 = 0x2000),
+; then, ~2 s later, an ACPI S5 soft-off (PM1a_CNT = PMBASE+4, SLP_EN|SLP_TYP=0 = 0x2000),
 ; which makes QEMU exit; if that does not work: cli/hlt forever.
 ;
 ; Controller detection (see find_boot_controller):

@@ -5,6 +5,7 @@ Linux getty does."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,6 +15,8 @@ import pytest
 
 from conftest import V2P
 from v2p import bootwatch, interrupts
+from v2p.targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, BootReport
+from v2p.targets.local import LocalTarget
 
 # Boot sectors: set up COM1, print a message, then halt with interrupts off (a guest that
 # never acts on the ACPI power button). With no message, a guest that is up but silent.
@@ -273,3 +276,101 @@ def test_a_swallowed_interrupt_is_not_lost() -> None:
         interrupts._received.clear()
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+# -- the three outcomes on real boots (issue 17): what a dead guest and a live one end as ---------
+# Boot sectors of the dead cases (each of them a real failure, not something only our guests print).
+HALTS = "cli\nhlt\njmp $-1\n"  # a boot loader stuck with nothing on screen
+TRIPLE_FAULT = "cli\nlidt [idt]\nint 3\nidt: dw 0\ndd 0\n"  # no IDT: the CPU resets, again and again
+PANICS = "mov al, 1\nmov dx, 0x505\nout dx, al\ncli\nhlt\n"  # pvpanic: "guest panicked" (bit 0)
+
+
+def boot_sector_disk(folder: Path, name: str, code: str) -> Path:
+    """A 32 MiB raw disk whose boot sector runs ``code`` (16-bit, at 0x7c00)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    asm = folder / f"{name}.asm"
+    asm.write_text(f"bits 16\norg 0x7c00\n{code}\ntimes 510-($-$$) db 0\ndw 0xaa55\n")
+    subprocess.run(["nasm", "-f", "bin", "-o", str(folder / f"{name}.bin"), str(asm)], check=True)
+    disk = folder / f"{name}.raw"
+    disk.write_bytes((folder / f"{name}.bin").read_bytes() + bytes((32 << 20) - 512))
+    return disk
+
+
+def boot(tmp_path: Path, disk: Path, *, timeout: float, **extra: str) -> BootReport:
+    """Boot ``disk`` (a path, as scsi0 on virtio-scsi, a NIC out of the boot order) on a local
+    target and return the boot check's report."""
+    target = LocalTarget(tmp_path / "target", accel="tcg")
+    config = {"name": "case", "memory": "256", "scsihw": "virtio-scsi-single", "scsi0": str(disk),
+              "boot": "order=scsi0", "net0": "virtio=52:54:00:12:34:56,bridge=vmbr0", **extra}
+    target.create_vm(170, config)
+    try:
+        return target.boot_check(170, timeout=timeout)
+    finally:
+        if target.status(170) == "running":
+            target._kill(170)
+
+
+@pytest.mark.slow
+def test_a_disk_without_boot_code_fails(tmp_path: Path) -> None:
+    zeros = tmp_path / "zeros.raw"
+    zeros.write_bytes(bytes(32 << 20))
+    report = boot(tmp_path, zeros, timeout=60)
+    assert report.outcome == BOOT_FAILED, report
+    assert report.signal == "the firmware found nothing to boot: No bootable device", report.signal
+    assert report.seconds < 15, report  # SeaBIOS gives up within a second or two of TCG
+    assert report.signs["no bootable device"]["at"] < 15
+
+
+@pytest.mark.slow
+def test_a_halting_boot_sector_is_unconfirmed_at_the_timeout(tmp_path: Path) -> None:
+    """What the old check called up ("20s without a reset after the firmware handed over")."""
+    report = boot(tmp_path, boot_sector_disk(tmp_path, "halt", HALTS), timeout=30)
+    assert report.outcome == BOOT_UNCONFIRMED, report
+    assert 30 <= report.seconds < 40, report
+    assert "no sign of an OS within 30s" in report.signal and "scsi0 read" in report.signal, report.signal
+    assert "boot disk reads" not in report.signs and "network" not in report.signs, report.signs
+    assert report.signs["firmware handover"]["at"] < 10, report.signs
+    assert report.signs["boot disk read in all"]["value"] < 64 << 10, report.signs  # SeaBIOS's few sectors
+
+
+@pytest.mark.slow
+def test_a_boot_sector_that_resets_in_a_loop_fails(tmp_path: Path) -> None:
+    report = boot(tmp_path, boot_sector_disk(tmp_path, "triple", TRIPLE_FAULT), timeout=60)
+    assert report.outcome == BOOT_FAILED, report
+    assert "reset 3 times" in report.signal and report.resets == 3, report
+    assert report.seconds < 20, report
+
+
+@pytest.mark.slow
+def test_a_guest_panic_fails(tmp_path: Path) -> None:
+    report = boot(tmp_path, boot_sector_disk(tmp_path, "panic", PANICS), timeout=60)
+    assert report.outcome == BOOT_FAILED, report
+    assert "panic" in report.signal, report.signal
+    assert report.seconds < 15, report
+    assert "guest panic" in report.signs
+
+
+@pytest.mark.slow
+def test_the_sample_guest_is_up_by_its_acpi_power_off(tmp_path: Path, samples: Path) -> None:
+    report = boot(tmp_path, samples / "guest.raw", timeout=60)
+    assert report.outcome == BOOT_UP, report
+    assert report.signal == "the guest shut itself down (ACPI)", report.signal
+    assert report.seconds < 15, report
+
+
+@pytest.mark.slow
+def test_the_efi_sample_under_seabios_is_not_up(tmp_path: Path, samples: Path) -> None:
+    """Issue 17's first case: it was "guest up after 20.71s"."""
+    report = boot(tmp_path, samples / "efi" / "efi.raw", timeout=40)
+    assert report.outcome in (BOOT_FAILED, BOOT_UNCONFIRMED), report
+    assert report.seconds < 50, report
+
+
+@pytest.mark.slow
+def test_a_bios_disk_under_ovmf_fails(tmp_path: Path, samples: Path) -> None:
+    report = boot(tmp_path, samples / "guest.raw", timeout=90, bios="ovmf", machine="q35")
+    assert report.outcome == BOOT_FAILED, report
+    # OVMF's words when it has no shell; Debian's OVMF falls through to its UEFI shell instead.
+    assert re.search(r'No bootable option or device was found|starting Boot\w+ "EFI Internal Shell"',
+                     report.signal), report.signal
+    assert report.seconds < 60, report

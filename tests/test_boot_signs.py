@@ -30,6 +30,10 @@ def reads(count: int, key: str = "scsi0") -> GuestIO:
     ("BdsDxe: failed to load Boot0001 \"UEFI QEMU HARDDISK QM00001 \" from PciRoot(0x0)/Pci(0x1,0x1)"
      "/Ata(Primary,Master,0x0): Not Found\r\nBdsDxe: No bootable option or device was found.\r\n"
      "BdsDxe: Press any key to enter the Boot Manager Menu.\r\n", "", "no bootable device"),
+    ("BdsDxe: failed to load Boot0001 \"UEFI QEMU QEMU HARDDISK \" from PciRoot(0x0)/Pci(0x1,0x0)/Scsi(0x0,0x0)"
+     ": Not Found\r\nBdsDxe: loading Boot0002 \"EFI Internal Shell\" from Fv(7CB8BDC9-F8EB-4F34-AAEA-3EE4AF6516A1)"
+     "\r\nBdsDxe: starting Boot0002 \"EFI Internal Shell\" from Fv(7CB8BDC9-F8EB-4F34-AAEA-3EE4AF6516A1)\r\n"
+     "UEFI Interactive Shell v2.2\r\nShell> ", "", "no bootable device"),
     ("error: no such partition.\r\nEntering rescue mode...\r\ngrub rescue> ", "", "grub rescue"),
     ("error: unknown filesystem.\r\n", "", "grub rescue"),
     ("[    1.52] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\r\n", "",

@@ -12,7 +12,11 @@ Failure (``failed``), checked first:
 * the firmware finding nothing bootable: SeaBIOS ``No bootable device.`` (src/boot.c,
   ``boot_fail``), OVMF ``BdsDxe: No bootable option or device was found.`` (edk2
   OvmfPkg/Library/PlatformBootManagerLib/BdsPlatform.c, ``PlatformBootManagerUnableToBoot``,
-  printed on the console: the serial port here) — in either text;
+  printed on the console: the serial port here) — in either text; an OVMF built with the UEFI
+  shell (Debian's) has it as its last boot option (PlatformBootManagerLib, ``PlatformRegisterFvBootOption``
+  of "EFI Internal Shell") and starts it instead: ``BdsDxe: starting Boot0002 "EFI Internal
+  Shell"`` (MdeModulePkg/Universal/BdsDxe/BdsEntry.c) is the same failure (measured: a BIOS-only
+  disk under OVMF);
 * GRUB stranded: ``grub rescue>``, ``error: no such partition``, ``error: unknown filesystem``;
 * Linux ``Kernel panic - not syncing``;
 * a guest panic event (QEMU ``GUEST_PANICKED``, from a pvpanic device; or a SHUTDOWN whose
@@ -61,7 +65,8 @@ READY = (
 )
 # Failure signs in the guest's or the firmware's text: (sign name, pattern).
 FAILURES = (
-    ("no bootable device", re.compile(r"No bootable device|No bootable option or device was found")),
+    ("no bootable device", re.compile(r"No bootable device|No bootable option or device was found"
+                                      r"|BdsDxe: starting Boot[0-9A-Fa-f]{4} \"EFI Internal Shell\"")),
     ("grub rescue", re.compile(r"grub rescue>|error: no such partition|error: unknown filesystem")),
     ("kernel panic", re.compile(r"Kernel panic - not syncing[^\n]*")),
 )
