@@ -15,7 +15,7 @@ from pve_sim.fixture import pve_fixture  # noqa: F401
 from test_pve_guests import run, schema_clean
 
 from conftest import V2P
-from v2p.targets.base import BOOT_UNCONFIRMED, BOOT_UP
+from v2p.targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 from v2p.targets.proxmox import QEMU_RUN_ENV, ProxmoxTarget, status_io, target_from_url
 
 PATHS = ("remote", "on-node")
@@ -152,5 +152,26 @@ def test_dead_disk_is_never_up(sim, tmp_path, monkeypatch, path):  # type: ignor
         assert "scsi0 read" in report.signal and report.seconds >= 10
         if path == "remote":
             assert "no serial console" in report.notes[0]
+        target.stop(vmid, timeout=1)
+    schema_clean(sim)
+
+
+# Helper C's dead guests (sample_images/dead.asm): a boot loader stranded at GRUB's rescue prompt, a
+# kernel panic (its words on COM1, then the pvpanic port, which a PVE VM does not have), a reset loop.
+# From a workstation PVE shows none of that: never up. On the node the guest's own words are read.
+DEAD_ON_THE_NODE = {"grubrescue": BOOT_FAILED, "panic": BOOT_FAILED, "resetloop": BOOT_UNCONFIRMED}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dead_guests_of_the_samples(sim, tmp_path, monkeypatch, samples, path):  # type: ignore[no-untyped-def]
+    target = target_for(sim, tmp_path, path, monkeypatch)
+    for vmid, name in enumerate(DEAD_ON_THE_NODE, start=230):
+        vm_on_disk(sim, target, vmid, (samples / "dead" / f"{name}.raw").read_bytes())
+        report = target.boot_check(vmid, timeout=10, settle=3)
+        expected = DEAD_ON_THE_NODE[name] if path == "on-node" else BOOT_UNCONFIRMED
+        assert (name, report.outcome) == (name, expected), report
+        if report.outcome == BOOT_FAILED:
+            assert report.seconds < 10  # the words end the check
+        assert report.signs["boot disk read in all"]["value"] < MIB
         target.stop(vmid, timeout=1)
     schema_clean(sim)
