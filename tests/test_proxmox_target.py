@@ -358,7 +358,7 @@ def test_sim_stop_and_boot_check(sim: Any, tmp_path: Path) -> None:
     target = _sim_target(sim, tmp_path)
     target.create_vm(170, {"name": "runs", "memory": "64"})
     report = target.boot_check(170, timeout=2)
-    assert report.outcome == "running" and "no guest agent" in report.notes[0]
+    assert report.outcome == "unconfirmed" and "no serial console" in report.notes[0]  # no disk, no agent
     assert target.status(170) == "running"
     with pytest.raises(TargetError, match="already running"):
         target.start(170)
