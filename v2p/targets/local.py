@@ -38,7 +38,7 @@ from ..runner import run
 from ..state import vmid_of_name
 from ..storage import Storage, check_storage, default_dir_storage, parse_storage_cfg
 from . import efi, qemu_cmdline
-from .base import BootReport, ByteProgress, DiskSink, Target, VMConfig
+from .base import BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
 from .sink import storage_sink
 from .supervisor import QemuProcess, close_quietly
 
@@ -324,6 +324,25 @@ class LocalTarget(Target):
 
     def guest_output(self, vmid: int) -> str:
         return _read(self.serial_log(vmid))
+
+    def guest_io(self, vmid: int) -> GuestIO | None:
+        """QMP ``query-blockstats``: ``rd_bytes`` of each drive, keyed by its config key (the
+        command line names the drives ``drive-<key>``)."""
+        vm = self._vm(vmid)
+        if not vm.running():
+            return None
+        try:
+            monitor = vm.qmp()
+        except Exception:  # QEMU is exiting, or another client holds its one QMP connection
+            return None
+        try:
+            stats = monitor.cmd("query-blockstats")
+        except Exception:  # QEMU exited under us
+            return None
+        finally:
+            close_quietly(monitor)
+        return GuestIO(reads={entry["device"].removeprefix("drive-"): int(entry["stats"]["rd_bytes"])
+                              for entry in stats if str(entry.get("device", "")).startswith("drive-")})
 
     def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
         """Watch a running VM's serial port until one of ``patterns`` (name -> regex)
