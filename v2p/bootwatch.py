@@ -1,27 +1,54 @@
-"""When a boot check is over: what a booting guest shows, read in one place.
+"""When a boot check is over, and how it ended: the decision engine, fed what a target sees.
 
-The signs are ones real guests give, not our stand-ins:
+Pure: a target (or the driver dance) feeds ``BootWatch`` the guest's serial text, the firmware's
+log text, the resets, QEMU's events and ``GuestIO`` samples as time goes on; ``look`` says
+``up``, ``failed`` or ``unconfirmed`` once it can. This module starts, reads and stops nothing.
 
-* up: a getty login prompt (``debian login: `` — agetty, busybox getty,
-  mingetty all print ``<hostname> login: ``), systemd reaching its multi-user
-  or graphical target, Windows' Emergency Management Services (SAC) on the
-  serial port; or, for a guest that says nothing on its serial port, the
-  firmware having handed over to the boot sector and the guest then running
-  ``settle`` seconds without a reset;
-* down: a Windows STOP code (``*** STOP: 0x0000007B``, ``Stop code:
-  INACCESSIBLE_BOOT_DEVICE`` on EMS), the firmware finding no bootable disk,
-  or a boot loop (resets).
+The signs are ones real guests give (Linux, Windows, BSDs), not only our stand-ins:
 
-Target-agnostic: a target feeds ``BootWatch`` the serial and firmware text
-and the resets it sees; this module starts and stops nothing.
+Failure (``failed``), checked first:
+
+* a Windows STOP code on EMS (``*** STOP: 0x0000007B`` XP..2008R2, ``Stop code: NAME`` 8+);
+* the firmware finding nothing bootable: SeaBIOS ``No bootable device.`` (src/boot.c,
+  ``boot_fail``), OVMF ``BdsDxe: No bootable option or device was found.`` (edk2
+  OvmfPkg/Library/PlatformBootManagerLib/BdsPlatform.c, ``PlatformBootManagerUnableToBoot``,
+  printed on the console: the serial port here) — in either text;
+* GRUB stranded: ``grub rescue>``, ``error: no such partition``, ``error: unknown filesystem``;
+* Linux ``Kernel panic - not syncing``;
+* a guest panic event (QEMU ``GUEST_PANICKED``, from a pvpanic device; or a SHUTDOWN whose
+  reason is ``guest-panic``);
+* a reset loop: ``BOOT_LOOP_RESETS`` (3) resets (a Windows bugcheck restarts by default).
+
+Up (``up``), each named in the verdict's signal:
+
+* serial: a getty login prompt, systemd reaching its multi-user or graphical target, Windows
+  SAC — at once;
+* the guest powering itself off through ACPI (local: QMP ``SHUTDOWN`` with reason
+  ``guest-shutdown``; firmware and boot sectors do not speak ACPI) — at once;
+* block I/O: the boot disk (the first key of ``boot: order=``) has read ``OS_READ_BYTES`` since
+  the last reset (a firmware or a stuck boot sector reads KiB, a boot loader its own few hundred
+  KiB, an OS its kernel and initrd, Windows its boot drivers: MiB; measured in bench/README.md,
+  "Boot signs"), then ``SETTLE`` seconds passed with no reset and no failure sign (a Windows that
+  bugchecks 0x7B has read tens of MiB first; its automatic restart is a reset);
+* network: bytes sent on a NIC that is not in the boot order (no firmware PXE sends there:
+  qemu-server starts QEMU with ``-boot strict=on``, v2p's local command line gives such NICs no
+  option ROM), then the same settle.
+
+Otherwise, at the timeout: ``unconfirmed``, the signal says what was seen. A guest that stops on
+its own for another reason (PVE cannot tell why) is up only if a block I/O or network sign was
+already seen, else unconfirmed.
+
+``BootWatch.signs`` keeps every sign seen: name -> ``{"at": seconds after start, "value": ...}``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from .errors import BootCheckError
+from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, BootReport, GuestIO
 
 # A Windows bugcheck as EMS prints it (XP..2008R2 "*** STOP: 0x...", 8+ "Stop code: NAME"),
 # and as our stand-in prints it.
@@ -31,13 +58,23 @@ READY = (
     ("systemd target", re.compile(r"Reached target [^\n]*?(?:Multi-User System|Graphical Interface)")),
     ("Windows SAC", re.compile(r"(?m)SAC started and initialized|^SAC>")),
 )
-NO_BOOTABLE = re.compile(r"No bootable device")
-# SeaBIOS's debug port at the moment it jumps to a boot sector (or an option ROM's entry point).
+# Failure signs in the guest's or the firmware's text: (sign name, pattern).
+FAILURES = (
+    ("no bootable device", re.compile(r"No bootable device|No bootable option or device was found")),
+    ("grub rescue", re.compile(r"grub rescue>|error: no such partition|error: unknown filesystem")),
+    ("kernel panic", re.compile(r"Kernel panic - not syncing[^\n]*")),
+)
+# SeaBIOS's debug port at the moment it jumps to a boot sector (src/boot.c, ``call_boot_entry``).
 HANDOVER = re.compile(r"Booting from [0-9a-fA-F]{4}:[0-9a-fA-F]{4}")
 BOOT_LOOP_RESETS = 3
-SETTLE = 20.0  # seconds a silent guest must run after the handover to count as up
-_SILENT_FIRMWARE = 5.0  # SeaBIOS writes its debug log within a second; OVMF's release build never
+SETTLE = 20.0  # seconds a guest must run, without reset or failure, after a block I/O or network sign
+OS_READ_BYTES = 8 << 20  # boot disk reads that only an OS loading itself makes (bench/README.md)
 _ESCAPES = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78])|\r")
+
+# QMP events a target passes on (QEMU qapi/run-state.json); SHUTDOWN's ``reason`` tells who.
+SHUTDOWN, RESET, GUEST_PANICKED = "SHUTDOWN", "RESET", "GUEST_PANICKED"
+# A VM that stopped and nobody can say why (PVE's status only turns ``stopped``).
+STOPPED = "STOPPED"
 
 
 def clean(text: str) -> str:
@@ -59,58 +96,184 @@ def ready_sign(output: str) -> str | None:
     return None
 
 
+def failure_sign(output: str) -> tuple[str, str] | None:
+    """(sign name, the text that said so) of the first failure sign in ``output``, if any."""
+    text = clean(output)
+    code = stop_code(text)
+    if code:
+        return "STOP code", code
+    for name, pattern in FAILURES:
+        match = pattern.search(text)
+        if match:
+            return name, match.group(0).strip()
+    return None
+
+
+def mib(count: int) -> str:
+    """A byte count as people read it: ``512 bytes``, ``36 KiB``, ``8.0 MiB``, ``41 MiB``."""
+    if count < 1 << 10:
+        return f"{count} bytes"
+    if count < 1 << 20:
+        return f"{count >> 10} KiB"
+    return f"{count / (1 << 20):.1f} MiB" if count < 10 << 20 else f"{count >> 20} MiB"
+
+
 @dataclass
 class Verdict:
-    """How a boot check ended: ``outcome`` up | powered-off | running, ``signal`` what said so."""
+    """How a boot check ended: ``outcome`` up | failed | unconfirmed, ``signal`` what said so."""
 
     outcome: str
     signal: str
 
 
 class BootWatch:
-    """Reads one boot as it happens; ``look`` returns a verdict once there is one."""
+    """Reads one boot as it happens; ``look`` returns a verdict once there is one (and then the
+    same one on every later call).
 
-    def __init__(self, vmid: int, *, timeout: float, settle: float, started: float, serial_log: str = "") -> None:
+    ``boot_disk``: the config key of the disk the firmware boots (its block I/O sign), None if
+    none. ``boot_nics``: NICs in the boot order (a firmware may PXE there: no network sign).
+    """
+
+    def __init__(self, vmid: int, *, timeout: float, settle: float = SETTLE, started: float,
+                 boot_disk: str | None = None, boot_nics: Collection[str] = (),
+                 os_read_bytes: int = OS_READ_BYTES, serial_log: str = "") -> None:
         self.vmid = vmid
         self.timeout = timeout
         self.settle = settle
         self.started = started
+        self.boot_disk = boot_disk
+        self.boot_nics = frozenset(boot_nics)
+        self.os_read_bytes = os_read_bytes
         self.serial_log = serial_log
         self.resets = 0
-        self._handovers_before = 0  # handovers the firmware log held at the last reset
-        self._handed_over_at: float | None = None
+        self.signs: dict[str, dict[str, Any]] = {}
+        self.io = GuestIO()  # the last sample
+        self._base = GuestIO()  # the counters at the last reset: a sign counts what came after
+        self._candidate: tuple[str, float] | None = None  # (signal, since) of an unsettled I/O sign
+        self._stopped: tuple[str, str | None] | None = None  # (event, reason)
+        self._panicked = False
+        self._verdict: Verdict | None = None
 
-    def reset(self, now: float, firmware: str) -> None:
+    # -- feeding ----------------------------------------------------------
+    def observe_io(self, now: float, io: GuestIO) -> None:
+        """A sample of the VM's counters (``Target.guest_io``)."""
+        self.io = io
+        if io.panicked:
+            self._panic(now, "pvpanic")
+        if self.boot_disk is not None:
+            read = io.reads.get(self.boot_disk, 0) - self._base.reads.get(self.boot_disk, 0)
+            if read >= self.os_read_bytes:
+                self._sign(now, "boot disk reads", read)
+                self._candidate = self._candidate or (f"boot disk reads ({mib(read)})", now)
+        for nic, count in sorted(io.sent.items()):
+            sent = count - self._base.sent.get(nic, 0)
+            if nic not in self.boot_nics and sent > 0:
+                self._sign(now, "network", {nic: sent})
+                self._candidate = self._candidate or (f"the guest sent {sent} bytes on {nic}", now)
+
+    def event(self, now: float, name: str, data: Mapping[str, Any] | None = None) -> None:
+        """A QMP event (``SHUTDOWN`` with its ``reason``, ``RESET``, ``GUEST_PANICKED``), or
+        ``STOPPED`` for a VM seen stopped without a reason. A RESET should rather come through
+        ``reset`` (with the firmware log); here it counts the same."""
+        reason = (data or {}).get("reason")
+        if name == GUEST_PANICKED or (name == SHUTDOWN and reason == "guest-panic"):
+            self._panic(now, str((data or {}).get("action", reason or "")))
+        elif name == RESET:
+            self.reset(now, "")
+        elif name in (SHUTDOWN, STOPPED) and self._stopped is None:
+            self._stopped = (name, None if reason is None else str(reason))
+            self._sign(now, "stopped", reason or "on its own")
+
+    def reset(self, now: float, firmware: str = "") -> None:
+        """The guest reset (QMP ``RESET``): an I/O sign starts over from the counters now."""
         self.resets += 1
-        if self.resets >= BOOT_LOOP_RESETS:
-            raise BootCheckError(f"VM {self.vmid} reset {self.resets} times while booting (a boot loop)",
-                                 hint=f"see the guest's serial log: {self.serial_log}")
-        self._handovers_before = len(HANDOVER.findall(firmware))
-        self._handed_over_at = None
+        self._sign(now, "resets", self.resets)
+        self.signs["resets"]["value"] = self.resets  # when the first came, how many in all
+        self._base = self.io
+        self._candidate = None
 
+    # -- deciding ---------------------------------------------------------
     def look(self, serial: str, firmware: str, now: float) -> Verdict | None:
-        code = stop_code(serial)
-        if code:
-            raise BootCheckError(
-                f"VM {self.vmid} stopped with {code}",
-                hint="a Windows guest without the virtio driver: migrate it with its --os "
-                     "(win7, win10, ...) so v2p installs the driver on IDE first")
-        if NO_BOOTABLE.search(firmware):
-            raise BootCheckError(
-                f"VM {self.vmid}: the firmware found no bootable disk",
-                hint="the disk has no boot sector on this bus; check `v2p inspect` "
-                     "of the source and the VM's boot order")
+        """The verdict, from everything fed so far and the texts now; None while there is none."""
+        if self._verdict is None:
+            self._verdict = self._decide(serial, firmware, now)
+        return self._verdict
+
+    def _decide(self, serial: str, firmware: str, now: float) -> Verdict | None:
+        handover = HANDOVER.search(firmware)
+        if handover:
+            self._sign(now, "firmware handover", handover.group(0))
+        for text in (serial, firmware):
+            failure = failure_sign(text)
+            if failure:
+                self._sign(now, failure[0], failure[1])
+                return Verdict(BOOT_FAILED, failure[1] if failure[0] == "STOP code"
+                               else f"{_FAILURE_WORDS[failure[0]]}: {failure[1]}")
+        if self._panicked:
+            return Verdict(BOOT_FAILED, "the guest reported a panic (pvpanic)")
+        if self.resets >= BOOT_LOOP_RESETS:
+            return Verdict(BOOT_FAILED, f"the guest reset {self.resets} times while booting (a boot loop)")
         sign = ready_sign(serial)
         if sign:
-            return Verdict("up", f"{sign} on the serial console")
-        if self._handed_over_at is None:
-            if len(HANDOVER.findall(firmware)) > self._handovers_before:
-                self._handed_over_at = now
-            elif not firmware and self.resets == 0 and now - self.started >= _SILENT_FIRMWARE:
-                # A firmware that keeps no debug log (OVMF release builds): count from the start.
-                self._handed_over_at = self.started
-        if self._handed_over_at is not None and now - self._handed_over_at >= self.settle:
-            return Verdict("up", f"ran {self.settle:g}s without a reset after the firmware handed over")
+            self._sign(now, sign, True)
+            return Verdict(BOOT_UP, f"{sign} on the serial console")
+        if self._stopped is not None:
+            return self._stopped_verdict(now)
+        if self._candidate is not None and now - self._candidate[1] >= self.settle:
+            return Verdict(BOOT_UP, f"{self._candidate[0]}, then {self.settle:g}s without a reset")
         if now - self.started >= self.timeout:
-            return Verdict("running", f"no sign of readiness within {self.timeout:g}s")
+            return Verdict(BOOT_UNCONFIRMED, f"no sign of an OS within {self.timeout:g}s: {self.seen()}")
         return None
+
+    def _stopped_verdict(self, now: float) -> Verdict:
+        event, reason = self._stopped or (STOPPED, None)
+        if reason == "guest-shutdown":
+            self._sign(now, "ACPI power-off", True)
+            return Verdict(BOOT_UP, "the guest shut itself down (ACPI)")
+        if reason is None and self._candidate is not None:
+            return Verdict(BOOT_UP, f"{self._candidate[0]}, then the guest stopped on its own")
+        how = f"the VM stopped ({reason})" if reason else "the VM stopped on its own"
+        return Verdict(BOOT_UNCONFIRMED, f"{how} with no sign of an OS: {self.seen()}")
+
+    def seen(self) -> str:
+        """What was seen, in words, for an unconfirmed boot."""
+        words = []
+        if self.boot_disk is not None:
+            words.append(f"{self.boot_disk} read {mib(self.io.reads.get(self.boot_disk, 0))}")
+        sent = sum(count for nic, count in self.io.sent.items() if nic not in self.boot_nics)
+        if self.io.sent:
+            words.append(f"{sent} bytes sent")
+        if "firmware handover" in self.signs:
+            words.append(f"the firmware handed over at {self.signs['firmware handover']['at']}s")
+        if self.resets:
+            words.append(f"{self.resets} reset(s)")
+        return ", ".join(words) or "nothing"
+
+    def report(self, now: float, *, serial: str = "", firmware: str = "", accel: str = "",
+               notes: list[str] | None = None) -> BootReport:
+        """The ``BootReport`` of this watch as it stands (``look`` must have given a verdict)."""
+        verdict = self._verdict or Verdict(BOOT_UNCONFIRMED, f"the check ended early: {self.seen()}")
+        signs = dict(self.signs)
+        if self.boot_disk is not None:
+            signs["boot disk read in all"] = {"at": round(now - self.started, 2),
+                                              "value": self.io.reads.get(self.boot_disk, 0)}
+        return BootReport(outcome=verdict.outcome, seconds=round(now - self.started, 2), signal=verdict.signal,
+                          serial=serial, firmware=firmware, resets=self.resets, accel=accel,
+                          notes=list(notes or []), signs=signs)
+
+    # -- helpers ----------------------------------------------------------
+    def _panic(self, now: float, how: str) -> None:
+        self._panicked = True
+        self._sign(now, "guest panic", how or True)
+
+    def _sign(self, now: float, name: str, value: Any) -> None:
+        if name in self.signs:  # when a sign first appeared is what the table wants
+            return
+        self.signs[name] = {"at": round(now - self.started, 2), "value": value}
+
+
+_FAILURE_WORDS = {
+    "no bootable device": "the firmware found nothing to boot",
+    "grub rescue": "the boot loader is stranded",
+    "kernel panic": "the kernel panicked",
+}
