@@ -73,6 +73,9 @@ bits 16
 org 0x7C00
 
 COM1            equ 0x3F8
+KERNEL_SEG      equ 0x2000          ; 64 KiB scratch at 0x20000 for the "kernel" reads
+KERNEL_BYTES    equ 10 * 1024 * 1024    ; what load_kernel reads of the boot disk
+SHUTDOWN_TICKS  equ 37              ; ~2 s of IRQ0 ticks (18.2 Hz) before power-off
 STAGE2_ADDR     equ 0x7E00          ; right behind the MBR
 EDD_BUF         equ 0x0600          ; 0x50 bytes, free low memory
 DAP_BUF         equ 0x0580          ; 16-byte disk address packet
@@ -209,6 +212,7 @@ stage2:
         ; console; start on a fresh line so every v2p-guest line starts a line.
         call    crlf
         call    get_edd
+        call    load_kernel
         call    find_boot_controller
 
 %ifdef DEBUG_EDD
@@ -263,9 +267,92 @@ stage2:
         call    puts
         call    crlf
         call    uart_drain
+        mov     cx, SHUTDOWN_TICKS      ; an OS does not power off the instant
+        call    wait_ticks              ; it has loaded (see wait_ticks)
         call    acpi_poweroff
         jmp     halt_forever
 %endif
+
+; ---------------------------------------------------------------------------
+; load_kernel: read the "kernel" as a boot loader loads kernel + initrd:
+; KERNEL_BYTES of the boot disk from the first sector behind stage 2 (or up
+; to the last sector but one, if the disk ends sooner), with INT 13h AH=42h
+; in chunks of up to 127 sectors into the scratch segment KERNEL_SEG.  What
+; is read is thrown away: the point is the boot disk's read counters, which
+; is all a hypervisor sees of a real OS that prints nothing (QEMU
+; query-blockstats rd_bytes, PVE status/current blockstat).  A read error
+; ends the load quietly; the printed lines do not change.
+load_kernel:
+        mov     ecx, 512                ; bytes per sector: EDD's, else 512
+        cmp     byte [edd_ok], 1
+        jne     .bps
+        movzx   eax, word [EDD_BUF + 0x18]
+        cmp     eax, 512                ; only 512..4096, a power of two in practice
+        jb      .bps
+        cmp     eax, 4096
+        ja      .bps
+        mov     ecx, eax
+.bps:
+        xor     edx, edx
+        mov     eax, 127 * 512          ; sectors per call: fits one 64 KiB segment
+        div     ecx
+        mov     [kern_chunk], ax
+        xor     edx, edx
+        mov     eax, KERNEL_BYTES
+        div     ecx
+        mov     [kern_left], eax
+        cmp     byte [edd_ok], 1        ; without a size: read until an error
+        jne     .next
+        cmp     dword [total_hi], 0
+        jne     .next
+        mov     eax, [total_lo]
+        sub     eax, KERNEL_FIRST_LBA + 1   ; keep off the last sector
+        jbe     .done
+        cmp     eax, [kern_left]
+        jae     .next
+        mov     [kern_left], eax
+.next:
+        mov     eax, [kern_left]
+        test    eax, eax
+        jz      .done
+        movzx   ecx, word [kern_chunk]
+        cmp     eax, ecx
+        jae     .call
+        mov     ecx, eax
+.call:
+        mov     si, DAP_BUF
+        mov     word [si], 0x0010       ; size 16, reserved 0
+        mov     [si + 2], cx            ; sectors
+        mov     word [si + 4], 0        ; offset
+        mov     word [si + 6], KERNEL_SEG
+        mov     eax, [kern_lba]
+        mov     [si + 8], eax
+        mov     dword [si + 12], 0
+        mov     dl, [boot_drive]
+        mov     ah, 0x42
+        int     0x13
+        jc      .done
+        movzx   eax, word [DAP_BUF + 2] ; what the BIOS says it transferred
+        test    eax, eax
+        jz      .done
+        add     [kern_lba], eax
+        sub     [kern_left], eax
+        jae     .next                   ; (a BIOS reporting more than asked: done)
+.done:
+        ret
+
+; wait_ticks: CX timer ticks (IRQ0 at 18.2 Hz, counted by the BIOS at
+; 0040:006C), halting between them as an idle OS does (~0 host CPU).
+wait_ticks:
+        sti
+.tick:
+        mov     eax, [0x46C]
+.same:
+        hlt
+        cmp     eax, [0x46C]
+        je      .same
+        loop    .tick
+        ret
 
 ; ---------------------------------------------------------------------------
 ; get_edd: INT 13h AH=48h on the boot drive -> EDD_BUF, total_lo/hi, edd_ok
@@ -841,8 +928,12 @@ addon_id:       dd 0xFFFFFFFF
 virtio_id:      dd 0xFFFFFFFF
 chip_id:        dd 0xFFFFFFFF
 pm_bdf:         dw 0xFFFF
+kern_lba:       dd KERNEL_FIRST_LBA
+kern_left:      dd 0
+kern_chunk:     dw 127
 
                 align 512, db 0
 stage2_end:
 
 STAGE2_SECTORS  equ (stage2_end - stage2_start) / 512
+KERNEL_FIRST_LBA equ 1 + STAGE2_SECTORS
