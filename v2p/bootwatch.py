@@ -48,6 +48,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .pveconfig import DISK_KEY, parse_boot_order
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, BootReport, GuestIO
 
 # A Windows bugcheck as EMS prints it (XP..2008R2 "*** STOP: 0x...", 8+ "Stop code: NAME"),
@@ -116,6 +117,15 @@ def mib(count: int) -> str:
     if count < 1 << 20:
         return f"{count >> 10} KiB"
     return f"{count / (1 << 20):.1f} MiB" if count < 10 << 20 else f"{count >> 20} MiB"
+
+
+def boot_devices(config: Mapping[str, str]) -> tuple[str | None, tuple[str, ...]]:
+    """(the boot disk's key, the NICs in the boot order) of a VM config: ``BootWatch``'s
+    ``boot_disk`` and ``boot_nics``. The boot disk is the first disk of ``boot: order=`` that is
+    not a CD-ROM."""
+    order = parse_boot_order(config)
+    disks = [key for key in order if DISK_KEY.match(key) and "media=cdrom" not in config.get(key, "")]
+    return (disks[0] if disks else None), tuple(key for key in order if re.fullmatch(r"net\d+", key))
 
 
 @dataclass

@@ -114,6 +114,15 @@ def boot_order(keys: list[str]) -> str:
     return f"order={keys[0]}"
 
 
+def parse_boot_order(config: Mapping[str, str]) -> list[str]:
+    """The keys of ``boot: order=a;b`` in order; without one, the first disk (as v2p's local target
+    boots a config that names none)."""
+    boot = config.get("boot", "")
+    if boot.startswith("order="):
+        return [item for item in boot[len("order="):].split(";") if item]
+    return sorted(key for key in config if DISK_KEY.match(key))[:1]
+
+
 def pve_size(capacity: int) -> str:
     """A byte count as PVE writes ``size=`` (the largest unit that divides it exactly)."""
     for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):

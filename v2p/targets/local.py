@@ -14,12 +14,13 @@ import contextlib
 import hashlib
 import os
 import re
+import struct
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ..bootwatch import SETTLE, BootWatch, Verdict
+from ..bootwatch import RESET, SETTLE, STOPPED, BootWatch, Verdict, boot_devices
 from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, ToolError, VMIDExistsError
 from ..fsutil import (
     data_home,
@@ -38,7 +39,7 @@ from ..runner import run
 from ..state import vmid_of_name
 from ..storage import Storage, check_storage, default_dir_storage, parse_storage_cfg
 from . import efi, qemu_cmdline
-from .base import BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
+from .base import BOOT_FAILED, BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
 from .sink import storage_sink
 from .supervisor import QemuProcess, close_quietly
 
@@ -106,6 +107,8 @@ class LocalTarget(Target):
         self.directory = Path(os.path.abspath(directory or default_dir()))
         self.accel_request = accel
         self._vms: dict[int, QemuProcess] = {}
+        self._monitors: dict[int, Any] = {}  # the QMP session a boot check holds (QEMU takes one at a time)
+        self._dumps: dict[tuple[int, str], PcapCount] = {}
 
     # -- layout ---------------------------------------------------------
     def describe(self) -> dict[str, str]:
@@ -307,8 +310,13 @@ class LocalTarget(Target):
         argv = self.command_line(vmid, accel)
         # QEMU and the tether open these by name: make each a fresh file of ours, never a planted link.
         with own_dir(self.directory, "run", str(vmid)) as run_dir:
-            for name in ("serial.log", "firmware.log", "qemu.log", "qemu.pid"):
+            nics = [key for key in self.get_config(vmid) if re.fullmatch(r"net\d+", key)]
+            for name in ("serial.log", "firmware.log", "qemu.log", "qemu.pid", *map(qemu_cmdline.pcap_name, nics)):
                 fresh_file(run_dir, name)
+        for old in [known for known in self._dumps if known[0] == vmid]:
+            del self._dumps[old]
+        for key in nics:
+            self._dumps[vmid, key] = PcapCount(self._run_dir(vmid) / qemu_cmdline.pcap_name(key))
         self._socket_dir(vmid)
         return self._vm(vmid).launch(argv)
 
@@ -324,25 +332,6 @@ class LocalTarget(Target):
 
     def guest_output(self, vmid: int) -> str:
         return _read(self.serial_log(vmid))
-
-    def guest_io(self, vmid: int) -> GuestIO | None:
-        """QMP ``query-blockstats``: ``rd_bytes`` of each drive, keyed by its config key (the
-        command line names the drives ``drive-<key>``)."""
-        vm = self._vm(vmid)
-        if not vm.running():
-            return None
-        try:
-            monitor = vm.qmp()
-        except Exception:  # QEMU is exiting, or another client holds its one QMP connection
-            return None
-        try:
-            stats = monitor.cmd("query-blockstats")
-        except Exception:  # QEMU exited under us
-            return None
-        finally:
-            close_quietly(monitor)
-        return GuestIO(reads={entry["device"].removeprefix("drive-"): int(entry["stats"]["rd_bytes"])
-                              for entry in stats if str(entry.get("device", "")).startswith("drive-")})
 
     def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
         """Watch a running VM's serial port until one of ``patterns`` (name -> regex)
@@ -361,12 +350,43 @@ class LocalTarget(Target):
                 return "timeout", output
             time.sleep(0.1)
 
-    def boot_check(self, vmid: int, *, timeout: float, settle: float = SETTLE) -> BootReport:
-        """Boot the VM held and watch it until it is up, powers off, fails or ``timeout`` passes.
+    def guest_io(self, vmid: int) -> GuestIO | None:
+        """Bytes read per drive (QMP ``query-blockstats``, ``drive-<key>``), bytes the guest sent
+        per NIC (its ``filter-dump`` pcap) and whether it panicked (``query-status``: a pvpanic
+        guest pauses in ``guest-panicked``, QEMU's default ``-action panic=pause``)."""
+        vm = self._vm(vmid)
+        if not vm.running():
+            return None
+        monitor = self._monitors.get(vmid)
+        try:
+            if monitor is not None:
+                return self._guest_io(vmid, monitor)
+            monitor = vm.qmp()
+            try:
+                return self._guest_io(vmid, monitor)
+            finally:
+                close_quietly(monitor)
+        except Exception:  # QEMU exiting or gone: nothing to count
+            return None
 
-        An up or still running guest is left running, still held (it dies with
-        this process): the caller releases or stops it. On a failure or an
-        interrupt the VM is killed before the exception leaves.
+    def _guest_io(self, vmid: int, monitor: Any) -> GuestIO:
+        reads = {}
+        for entry in monitor.cmd("query-blockstats"):  # qemu.qmp's ``cmd`` gives the return value
+            device = entry.get("device", "")
+            if device.startswith("drive-"):
+                reads[device[len("drive-"):]] = int(entry["stats"]["rd_bytes"])
+        status = monitor.cmd("query-status").get("status")
+        sent = {key: dump.count() for (owner, key), dump in self._dumps.items() if owner == vmid}
+        return GuestIO(reads=reads, sent=sent, panicked=status == "guest-panicked")
+
+    def boot_check(self, vmid: int, *, timeout: float, settle: float = SETTLE) -> BootReport:
+        """Boot the VM held and watch it (``bootwatch``) until it is up, failed, or ``timeout``
+        passes (unconfirmed); every quarter second its serial and firmware logs, QMP events and
+        ``guest_io`` counters are fed to the watch.
+
+        An up or unconfirmed guest still running is left running, still held (it dies with
+        this process): the caller releases or stops it. A failed one is killed (it has nothing
+        to run; ``vm start`` boots it again), as is any on an interrupt.
         """
         vm = self._vm(vmid)
         if vm.running():
@@ -374,38 +394,84 @@ class LocalTarget(Target):
         accel = probe_accel(self.accel_request)
         run_dir = self._run_dir(vmid)
         serial, firmware = run_dir / "serial.log", run_dir / "firmware.log"
+        boot_disk, boot_nics = boot_devices(self.get_config(vmid))
         started = time.monotonic()
         monitor = self._launch(vmid)
-        watch = BootWatch(vmid, timeout=timeout, settle=settle, started=started, serial_log=str(serial))
+        self._monitors[vmid] = monitor
+        watch = BootWatch(vmid, timeout=timeout, settle=settle, started=started, serial_log=str(serial),
+                          boot_disk=boot_disk, boot_nics=boot_nics)
         verdict: Verdict | None = None
         try:
             while verdict is None:
                 check_interrupts()
-                verdict = watch.look(_read(serial), _read(firmware), time.monotonic())
+                now = time.monotonic()
+                io = self.guest_io(vmid)
+                if io is not None:
+                    watch.observe_io(now, io)
+                verdict = watch.look(_read(serial), _read(firmware), now)
                 if verdict is not None:
                     break
-                try:
-                    event = monitor.pull_event(wait=0.25)
-                except Exception:  # nothing within the wait, or QEMU closed the socket on exit
-                    event = None
-                    if not vm.running():
-                        verdict = Verdict("powered-off", "the guest powered off")
-                if event is None:
-                    continue
-                if event.get("event") == "SHUTDOWN":
-                    verdict = Verdict("powered-off", "the guest powered off")
-                elif event.get("event") == "RESET":
-                    watch.reset(time.monotonic(), _read(firmware))
+                for event in _events(monitor, wait=0.25):
+                    if event.get("event") == RESET:
+                        watch.reset(time.monotonic(), _read(firmware))
+                    else:
+                        watch.event(time.monotonic(), str(event.get("event")), event.get("data"))
+                if not vm.running():
+                    watch.event(time.monotonic(), STOPPED)
         except BaseException:
+            self._monitors.pop(vmid, None)
             close_quietly(monitor)
             vm.kill()
             raise
+        self._monitors.pop(vmid, None)
         close_quietly(monitor)
-        if verdict.outcome == "powered-off" and not vm.wait_exit(10):
+        if verdict.outcome == BOOT_FAILED:
             vm.kill()
-        return BootReport(outcome=verdict.outcome, signal=verdict.signal,
-                          seconds=round(time.monotonic() - started, 2), serial=_read(serial),
-                          firmware=_read(firmware)[-2000:], resets=watch.resets, accel=accel)
+        elif "stopped" in watch.signs and not vm.wait_exit(10):
+            vm.kill()  # it stopped: QEMU exits by itself, or never will
+        return watch.report(time.monotonic(), serial=_read(serial), firmware=_read(firmware)[-2000:], accel=accel)
+
+
+def _events(monitor: Any, *, wait: float) -> list[dict[str, Any]]:
+    """The QMP events that came within ``wait`` seconds, all of them if several did."""
+    events = []
+    try:
+        event = monitor.pull_event(wait=wait)
+        while event is not None:
+            events.append(event)
+            event = monitor.pull_event(wait=False)
+    except Exception:  # nothing within the wait, or QEMU closed the socket on exit
+        pass
+    return events
+
+
+class PcapCount:
+    """Bytes of the frames in a growing pcap file (QEMU's ``filter-dump``: libpcap format, a
+    24-byte header, then per frame a 16-byte record header whose last field is its length on the
+    wire; net/dump.c ``dump_receive_iov``), read on from where the last count stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 24
+        self._total = 0
+
+    def count(self) -> int:
+        try:
+            with open(self.path, "rb") as dump:
+                dump.seek(self._offset)
+                data = dump.read()
+        except FileNotFoundError:
+            return self._total
+        at = 0
+        while at + 16 <= len(data):
+            captured, length = struct.unpack_from("<II", data, at + 8)
+            if at + 16 + captured > len(data):
+                break  # a frame still being written
+            self._total += length
+            at += 16 + captured
+        self._offset += at
+        return self._total
+
 
 def _read(path: Path) -> str:
     """A run log as text, line ends as Python's text mode gives them (a serial port sends \\r\\n)."""

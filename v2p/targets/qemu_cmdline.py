@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import TargetError
-from ..pveconfig import DISK_KEY
+from ..pveconfig import DISK_KEY, parse_boot_order
 from ..runner import which
 from . import efi
 from .base import VMConfig
@@ -57,14 +57,17 @@ def build(vmid: int, config: VMConfig, accel: str, *, run_dir: Path, qmp_path: P
         "-device", "isa-serial,chardev=serial0",
         "-chardev", f"file,id=fwlog,path={_qemu_escape(run_dir / 'firmware.log')}",
         "-device", "isa-debugcon,iobase=0x402,chardev=fwlog",
+        # A guest kernel's panic becomes QMP GUEST_PANICKED (Linux drivers/misc/pvpanic, Windows
+        # 10+ pvpanic.sys; QEMU hw/misc/pvpanic-isa.c, port 0x505), the VM pauses: a boot check sign.
+        "-device", "pvpanic",
     ]
     if accel == "kvm":
         argv += ["-cpu", "host"]
     if firmware is not None:
         argv += _pflash_args(config, firmware, volume_file)
-    order = _boot_order(config)
+    order = parse_boot_order(config)
     argv += _disk_args(vmid, config, order, volume_file, q35=machine.startswith("q35"))
-    argv += _nic_args(config, order)
+    argv += _nic_args(config, order, run_dir)
     return argv
 
 def _machine(vmid: int, config: VMConfig, firmware: efi.Firmware | None) -> str:
@@ -161,15 +164,12 @@ def _qemu_escape(path: Path) -> str:
     return str(path).replace(",", ",,")
 
 
-def _boot_order(config: VMConfig) -> list[str]:
-    boot = config.get("boot", "")
-    if boot.startswith("order="):
-        return [item for item in boot[len("order="):].split(";") if item]
-    disks = sorted(key for key in config if DISK_KEY.match(key))
-    return disks[:1]
+def pcap_name(key: str) -> str:
+    """The file in the run folder where NIC ``key``'s guest-sent frames are dumped."""
+    return f"{key}.pcap"
 
 
-def _nic_args(config: VMConfig, order: list[str]) -> list[str]:
+def _nic_args(config: VMConfig, order: list[str], run_dir: Path) -> list[str]:
     argv: list[str] = []
     for key in sorted(config):
         if not re.fullmatch(r"net\d+", key):
@@ -182,5 +182,10 @@ def _nic_args(config: VMConfig, order: list[str]) -> list[str]:
         if mac:
             device += f",mac={mac}"
         device += f",bootindex={order.index(key) + 1}" if key in order else ",romfile="
-        argv += ["-netdev", f"user,id={key}", "-device", device]
+        # What the guest sends, as pcap: the boot check's network sign. ``queue=rx`` is the
+        # netdev's receive queue, the frames the NIC sends to it (QEMU net/filter.c, docs of
+        # ``-object filter-dump``; net/dump.c writes each frame as it passes, unbuffered).
+        argv += ["-netdev", f"user,id={key}", "-device", device,
+                 "-object", f"filter-dump,id=dump-{key},netdev={key},queue=rx,"
+                 f"file={_qemu_escape(run_dir / pcap_name(key))}"]
     return argv
