@@ -195,6 +195,10 @@ class Cluster:
         self.on_stop: Callable[[VM], None] | None = None
         self.on_powerdown: Callable[[VM, float], bool] | None = None
         self.is_running: Callable[[VM], bool] | None = None
+        # A running VM's QEMU asked over QMP (the command's ``return``), and its NICs' byte counters
+        # ((sent by the guest, sent to it) per config key): what a node's qemu-server reads.
+        self.qmp: Callable[[VM, str], Any] | None = None
+        self.nic_bytes: Callable[[VM, str], tuple[int, int]] | None = None
         # Where the node's files appear to be in API answers (storage and volume paths): None is
         # here, as when v2p runs on the node; another root plays a node that is another machine.
         self.reported_root: Path | None = None
@@ -832,13 +836,62 @@ class Cluster:
         return {"result": dict(self.agent_os)}
 
     def status_current(self, p: dict[str, str], user: str) -> Any:
+        """qemu-server's ``vmstatus($vmid, 1)`` (PVE/QemuServer.pm; API2/Qemu.pm ``vm_status`` asks
+        it ``$full``), field by field as it fills them; of a VM the simulator runs for real, the
+        QEMU-side ones from that QEMU over QMP (query-status, query-blockstats, query-version)."""
         vm = self.vm(p)
         self.refresh(vm)
-        data: dict[str, Any] = {"vmid": vm.vmid, "status": vm.status, "qmpstatus": vm.status,
-                                "name": vm.config.get("name", f"VM {vm.vmid}"),
-                                "cpus": int(vm.config.get("cores", "1")), "uptime": 0, "ha": {"managed": 0}}
+        config = vm.config
+        data: dict[str, Any] = {"vmid": vm.vmid, "status": vm.status,
+                                "name": config.get("name", f"VM {vm.vmid}"),
+                                "cpus": int(config.get("sockets", "1")) * int(config.get("cores", "1")),
+                                "maxmem": int(config.get("memory", "512").removeprefix("current=")
+                                              .split(",")[0]) << 20,
+                                "disk": 0, "maxdisk": 0, "uptime": 0, "cpu": 0, "mem": 0, "memhost": 0,
+                                "netin": 0, "netout": 0, "ha": {"managed": 0}}
+        if any(re.fullmatch(r"serial\d", key) for key in config):  # conf_has_serial
+            data["serial"] = 1
         if vm.lock:
             data["lock"] = vm.lock
+        if config.get("agent", "0").split(",")[0] in ("1", "enabled=1"):
+            data["agent"] = 1
+        if vm.status != "running":
+            return data
+        data["uptime"] = int(time.monotonic() - vm.started)
+        # The tap device of each NIC on a bridge, "tap${vmid}i$i" (print_netdev_full; one without a
+        # bridge is QEMU's user network, no tap): netout is the tap's receive counter (what the guest
+        # sent), netin its transmit counter (read_proc_net_dev).
+        for key in sorted(key for key in config if re.fullmatch(r"net\d+", key)
+                          and "bridge=" in config[key]):
+            sent, received = self.nic_bytes(vm, key) if self.nic_bytes is not None else (0, 0)
+            data["netout"] += sent
+            data["netin"] += received
+            data.setdefault("nics", {})[f"tap{vm.vmid}i{key[3:]}"] = {"netout": sent, "netin": received}
+        if self.qmp is None:  # a VM that is only a state: no QEMU to ask
+            data["qmpstatus"] = "running"
+            return data
+        status = self.qmp(vm, "query-status")
+        if status is None:  # QEMU went away since: what the node then answers on its next look
+            vm.status = "stopped"
+            return self.status_current(p, user)
+        data["qmpstatus"] = status["status"]  # $statuscb: query-status's status
+        # $blockstatscb: each backend's stats under its drive ID, "drive-" stripped from the backend's
+        # name ("device"), else from the qdev ID (qdev_id_to_drive_id; -blockdev, machine 10.0+); the
+        # totals are diskread/diskwrite.
+        blockstat: dict[str, Any] = {}
+        for entry in self.qmp(vm, "query-blockstats") or []:
+            if entry.get("device"):
+                drive_id = entry["device"].replace("drive-", "", 1)
+            elif entry.get("qdev"):
+                drive_id = _qdev_id_to_drive_id(entry["qdev"])
+            else:
+                continue
+            blockstat[drive_id] = entry["stats"]
+        data["blockstat"] = blockstat
+        data["diskread"] = sum(int(stats["rd_bytes"]) for stats in blockstat.values())
+        data["diskwrite"] = sum(int(stats["wr_bytes"]) for stats in blockstat.values())
+        version = (self.qmp(vm, "query-version") or {}).get("qemu")  # $versioncb
+        data["running-qemu"] = f"{version['major']}.{version['minor']}.{version['micro']}" if version else "unknown"
         return data
 
     def start(self, p: dict[str, str], user: str) -> Any:
@@ -912,3 +965,15 @@ class Cluster:
                                 self.volume_path(entry["volid"]).unlink(missing_ok=True)
                 del self.vms[vm.vmid]
         return self.tasks.start("qmdestroy", str(vm.vmid), user, work).upid
+
+
+def _qdev_id_to_drive_id(qdev: str) -> str:
+    """qemu-server PVE/QemuServer/Blockdev.pm ``qdev_id_to_drive_id``."""
+    match = re.fullmatch(r"/machine/peripheral/(virtio\d+)/virtio-backend", qdev)
+    if match:
+        return match.group(1)
+    if re.fullmatch(r"/machine/(?:system|virt)\.flash0", qdev):
+        return "pflash0"
+    if re.fullmatch(r"/machine/(?:system|virt)\.flash1", qdev):
+        return "efidisk0"
+    return qdev  # for SCSI/SATA/IDE it's the same

@@ -194,6 +194,8 @@ class PVESim:
         self.cluster.on_stop = runner.stop
         self.cluster.on_powerdown = runner.powerdown
         self.cluster.is_running = runner.running
+        self.cluster.qmp = runner.query
+        self.cluster.nic_bytes = runner.nic_bytes
         return runner
 
     def __enter__(self) -> PVESim:

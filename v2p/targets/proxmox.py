@@ -17,6 +17,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,14 +29,14 @@ from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, Pr
 from proxmoxer.core import ProxmoxResource
 
 from .. import pveconfig
-from ..bootwatch import SETTLE, BootWatch
+from ..bootwatch import SETTLE, STOPPED, BootWatch, boot_devices
 from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, TaskStillRunning, VMIDExistsError
 from ..fsutil import data_home, private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
 from ..state import Leftovers
 from ..storage import Storage
-from .base import BootReport, ByteProgress, DiskSink, Target, VMConfig
+from .base import BOOT_FAILED, BOOT_UP, BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
 from .pve_import import RemoteImportSink
 from .pve_kinds import FILE_KINDS, disk_format
 from .pve_releases import LIST_IMPORT, PveRelease
@@ -53,6 +54,7 @@ from .serialtap import SerialTap
 __all__ = ["ProxmoxTarget", "PveSettings", "RemoteImportSink", "target_from_url", "upload_name"]
 
 QEMU_RUN_ENV = "V2P_PVE_QEMU_RUN_DIR"  # where the node's qemu-server keeps VM sockets (tests point it elsewhere)
+POLL = 1.0  # seconds between looks at a booting VM (each is a QMP round trip on the node)
 TASK_POLL = 0.5  # seconds between polls of a long task; short ones are polled sooner (TASK_FIRST_POLL, doubling)
 TASK_FIRST_POLL = 0.05
 TASK_TIMEOUT = 3600.0  # seconds a task is waited for, unless its work needs more (import_timeout)
@@ -691,48 +693,84 @@ class ProxmoxTarget(Target):
                 return "timeout", output
             time.sleep(0.5)
 
+    def guest_io(self, vmid: int) -> GuestIO | None:
+        """The running VM's counters from ``GET .../status/current`` (``status_io``); None if it
+        does not run."""
+        return status_io(vmid, self._current(vmid))
+
+    def _current(self, vmid: int) -> dict[str, Any]:
+        found: dict[str, Any] = self.call("GET", f"{self._qemu(vmid)}/status/current") or {}
+        return found
+
     def boot_check(self, vmid: int, *, timeout: float, settle: float = SETTLE) -> BootReport:
-        """Start the VM and watch it. On the node: its serial port, read as the local target reads
-        it (``bootwatch``: login prompt, systemd target, Windows SAC, a STOP code...); the guest
-        agent, where the config has one; elsewhere only the VM's status (``running`` at the end)."""
+        """Start the VM and watch it (``bootwatch``) through what PVE tells from anywhere: its
+        status, each drive's reads and each NIC's bytes sent (``status/current``); the guest
+        agent, where the config has one; on the node also its serial port, read as the local
+        target reads it (login prompt, systemd target, Windows SAC, a STOP code...). PVE keeps no
+        firmware log: reads count from the start. A VM that stops on its own is up only if a sign
+        of an OS came first. A failed boot is stopped; any other is left running."""
         if self.status(vmid) == "running":
             self.stop(vmid, timeout=10)
         config = self.get_config(vmid)
         agent = config.get("agent", "0").split(",")[0] in ("1", "enabled=1")
+        boot_disk, boot_nics = boot_devices(config)
         started = time.monotonic()
         self.start(vmid)
         notes = []
-        if not self.settings.on_node and not agent:
-            notes.append("no serial console (v2p is not on the node) and no guest agent: "
-                         "only that the VM runs can be seen")
+        if not self.settings.on_node:
+            notes.append("no serial console (v2p is not on the node): watched through PVE's status "
+                         "(boot disk reads, NIC bytes sent)" + (" and the guest agent" if agent else ""))
         watch = BootWatch(vmid, timeout=timeout, settle=settle, started=started,
+                          boot_disk=boot_disk, boot_nics=boot_nics,
                           serial_log=f"{self._serial_socket(vmid)} on node {self.settings.node}")
-
-        def report(outcome: str, signal: str) -> BootReport:
-            return BootReport(outcome, round(time.monotonic() - started, 2), signal=signal,
-                              serial=self.guest_output(vmid), notes=notes)
-
         try:
             while True:
                 check_interrupts()
                 now = time.monotonic()
-                if self.status(vmid) != "running":
-                    return report("powered-off", "the guest powered off")
-                if agent:
+                io = status_io(vmid, self._current(vmid))
+                if io is None:
+                    watch.event(now, STOPPED)
+                else:
+                    watch.observe_io(now, io)
+                serial = self.guest_output(vmid)
+                verdict = watch.look(serial, "", now)
+                if verdict is None and io is not None and agent:
                     name = self._agent(vmid)
                     if name:
-                        return report("up", f"the guest agent answered ({name})")
-                if self.settings.on_node:
-                    verdict = watch.look(self.guest_output(vmid), "", now)
-                    if verdict is not None:
-                        return report(verdict.outcome, verdict.signal)
-                elif now - started >= (timeout if agent else min(settle, timeout)):
-                    # Nothing more to learn without a console or an agent than that it keeps running.
-                    return report("running", f"the VM still runs after {now - started:.0f}s")
-                time.sleep(0.5)
+                        report = watch.report(now, serial=serial, notes=notes)
+                        report.signs["guest agent"] = {"at": report.seconds, "value": name}
+                        return replace(report, outcome=BOOT_UP, signal=f"the guest agent answered ({name})")
+                if verdict is not None:
+                    if verdict.outcome == BOOT_FAILED:
+                        self.stop(vmid, timeout=5)
+                    return watch.report(time.monotonic(), serial=self.guest_output(vmid), notes=notes)
+                # status/current is a QMP round trip on the node (vmstatus with $full): once a second
+                time.sleep(max(0.0, now + POLL - time.monotonic()))
         except BaseException:
             self.stop(vmid, timeout=5)
             raise
+
+
+def status_io(vmid: int, current: dict[str, Any]) -> GuestIO | None:
+    """``GuestIO`` from VM ``vmid``'s ``GET /nodes/{node}/qemu/{vmid}/status/current``; None unless
+    it runs. qemu-server's ``vmstatus($vmid, 1)`` (PVE/QemuServer.pm; API2/Qemu.pm ``vm_status``
+    passes ``$full`` = 1) gives ``blockstat``: QMP query-blockstats' ``stats`` per drive, keyed by
+    the config key (the backend's name with ``drive-`` stripped; since qemu-server 9.0.7, with
+    -blockdev, the qdev id through ``qdev_id_to_drive_id``: commit bcaf38e5, "fix #6556", before
+    PVE 9.0's release), and ``nics``: per tap device ``tap<vmid>i<n>`` (net<n>, print_netdev_full)
+    ``netout``, the tap's receive counter in /proc/net/dev, so the bytes the guest sent (both there
+    since qemu-server 4.0, commit 604ea644, 2015). ``qmpstatus`` is QMP query-status' ``status``
+    (``guest-panicked``: a pvpanic device with QEMU's default panic action)."""
+    if current.get("status") != "running":
+        return None
+    reads = {str(key): int(stats.get("rd_bytes") or 0) for key, stats in (current.get("blockstat") or {}).items()
+             if key and isinstance(stats, dict)}
+    sent = {}
+    for device, counters in (current.get("nics") or {}).items():
+        match = re.fullmatch(rf"tap{vmid}i(\d+)", str(device))
+        if match and isinstance(counters, dict):
+            sent[f"net{match.group(1)}"] = int(counters.get("netout") or 0)
+    return GuestIO(reads=reads, sent=sent, panicked=current.get("qmpstatus") == "guest-panicked")
 
 
 def import_timeout(value: str) -> float:
