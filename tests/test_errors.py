@@ -88,10 +88,15 @@ def test_disk_that_does_not_boot_fails_the_boot_check(tmp_path, v2p):
     data[1080:1082] = b"\x53\xef"
     blank = tmp_path / "data-flat.vmdk"
     blank.write_bytes(bytes(data))
-    line = one_line_error(v2p("migrate", str(blank), "--vmid", "136", "--boot-timeout", "20"))
+    proc = v2p("migrate", str(blank), "--vmid", "136", "--boot-timeout", "20")
+    line = one_line_error(proc)
+    assert proc.returncode == 7
     assert "VM 136: the firmware found no bootable disk" in line
-    # the VM and its verified disk stay for inspection; the boot stage is not recorded
-    assert "boot" not in v2p.state(136)["stages"]
+    # the VM and its verified disk stay for inspection; the boot stage's record says it failed (a rerun
+    # boots it again), the migration is unfinished
+    state = v2p.state(136)
+    assert state["stages"]["boot"]["result"]["outcome"] == "failed"
+    assert state["failed"]["stage"] == "boot" and not state["finished"]
 
 
 def test_verbose_shows_the_traceback(tmp_path, v2p):

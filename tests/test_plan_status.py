@@ -103,7 +103,8 @@ def test_status_before_and_after_migrations(plan, v2p: V2P):
     with pytest.raises(api.V2PError):
         migrate(v2p, plan, "blank")
     found = rows(v2p, plan)
-    assert (found["blank"]["state"], found["blank"]["stage"]) == ("failed", "drivers")
+    # The failed boot check is recorded (what it saw), so it is the last stage; the record says how it ended.
+    assert (found["blank"]["state"], found["blank"]["stage"], found["blank"]["boot"]) == ("failed", "boot", "failed")
     assert found["blank"]["detail"].startswith("in boot: VM 152: the firmware found no bootable disk")
 
 

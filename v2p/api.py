@@ -44,7 +44,7 @@ from .options import MigrationOptions, OptionError, check_bool, check_seconds, c
 from .pipeline import Pipeline, check_records
 from .sources import DiskSource, Source, open_source
 from .spec import DiskSpec, VMSpec
-from .stages import check_drivers, check_rules
+from .stages import boot_outcome, check_drivers, check_rules
 from .state import MigrationState, VmidLock, list_states
 from .targets.base import Target
 from .targets.local import LocalTarget
@@ -177,6 +177,7 @@ class MigrationStatus:
         if self.result is not None:
             data["result"] = {"finished_at": self.result.get("finished_at"),
                               "nothing_to_do": bool(self.result.get("nothing_to_do")),
+                              "boot": self.result.get("boot"), "boot_signal": self.result.get("boot_signal"),
                               "config": self.result.get("stages", {}).get("finish", {}).get("result", {})
                               .get("config")}
         if self.error is not None:
@@ -320,8 +321,10 @@ class Migration:
 
     def run(self) -> dict[str, Any]:
         """Run every stage not yet done; return the final state record (with ``nothing_to_do`` when
-        it had finished before). ``Cancelled`` if ``cancel()`` stopped it; ``LockedError`` while
-        another run (a thread or a process) migrates the same VMID on the target."""
+        it had finished before) and how its boot check ended (``boot``, ``boot_signal``: see
+        ``with_boot``; a failed boot raises ``BootCheckError``). ``Cancelled`` if ``cancel()`` stopped
+        it; ``LockedError`` while another run (a thread or a process) migrates the same VMID on the
+        target."""
         with self._lock:
             assert self._status is not None
             if self._status.state == "running":  # its status is the running one's: leave it be
@@ -333,7 +336,7 @@ class Migration:
         try:
             with interrupts.cancelled_by(token), _one_line_os_errors():
                 token.check()
-                result = self._run()
+                result = with_boot(self._run())
         except BaseException as exc:
             self._update(state="cancelled" if isinstance(exc, Cancelled) else "failed", error=exc)
             raise
@@ -388,6 +391,17 @@ class Migration:
         raise AssertionError("unreachable")
 
 
+def with_boot(result: dict[str, Any]) -> dict[str, Any]:
+    """A migration's record with how its boot check ended on top: ``boot`` is ``up`` (a sign the OS
+    runs, named in ``boot_signal``), ``unconfirmed`` (no sign either way: ``boot_signal`` says what
+    was seen; the VM is migrated, but nobody has seen it work), or ``skipped`` (no boot check). A
+    ``failed`` boot never returns: it raises ``BootCheckError``."""
+    stages = result.get("stages")
+    record = stages.get("boot") if isinstance(stages, dict) else None
+    boot, signal = boot_outcome(record.get("result") if isinstance(record, dict) else None)
+    return {**result, "boot": boot, "boot_signal": signal}
+
+
 def check_source(source: object) -> str:
     """A source path as a caller gave it: text or a path object, no NUL (``SourceError`` naming it)."""
     checked = check_text("source", source, controls=True, error=SourceError)
@@ -430,7 +444,8 @@ def migrate(source: str | os.PathLike[str] | Source, vmid: int | Literal["auto"]
             on_event: EventHandler = ignore, **options: Any) -> dict[str, Any]:
     """Migrate (or resume migrating) ``source`` to VM ``vmid`` (``"auto"``: the next free one, see
     ``Migration``) on ``target`` (a ``Target``, a URL or a dict: see ``make_target``); see
-    ``MigrationOptions``."""
+    ``MigrationOptions``. The result is the migration's record with ``boot`` and ``boot_signal`` on
+    top (``with_boot``): check ``boot``, a migration that finished has not always been seen to boot."""
     return Migration(source, vmid, target=target, on_event=on_event, **options).run()
 
 

@@ -38,8 +38,9 @@ from .options import (
     parse_vmid,
     parse_whole,
 )
-from .stages import STAGES
+from .stages import BOOT_SKIPPED, STAGES, boot_exit_code, boot_outcome, boot_words
 from .storage import KINDS
+from .targets.base import BOOT_FAILED, BOOT_UP
 
 EXAMPLES = """examples:
   v2p inspect win7.vmdk
@@ -593,9 +594,12 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         result = migration.run()
     finally:
         printer._close_bar()
+    boot = boot_words(result["boot"], result["boot_signal"])
     if not result.get("nothing_to_do"):  # else the pipeline's event already said so
-        print(f"VM {migration.vmid} migrated from {args.source}")
-    return 0
+        print(f"VM {migration.vmid} migrated from {args.source}; {boot}")
+    elif result["boot"] != BOOT_UP:  # what the recorded check saw still holds
+        print(f"VM {migration.vmid}: {boot}")
+    return boot_exit_code(result["boot"])
 
 
 def _status(args: argparse.Namespace, target: api.Target) -> int:
@@ -605,8 +609,8 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
         print(f"left on the target: {volid} (VMID {left['vmid']}): deleting it failed since {left['since']}: "
               f"{left['error']}; retried by every run and v2p status", file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps([{"vmid": s.vmid, "error": str(s.error)} if s.error else s.data for s in states],
-                         indent=2))
+        print(json.dumps([{"vmid": s.vmid, "error": str(s.error)} if s.error else api.with_boot(s.data)
+                          for s in states], indent=2))
         return 5 if damaged else 0
     if not states:
         if args.vmid is not None:  # asked for one that is not there: an error, on stderr
@@ -620,8 +624,11 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
             continue
         data = state.data
         failed = data.get("failed")
+        boot, signal = boot_outcome(data["stages"].get("boot", {}).get("result"))
         if data["finished"]:
-            verdict = "finished"
+            verdict = f"finished; {boot_words(boot, signal)}"
+        elif failed and boot == BOOT_FAILED:
+            verdict = f"{boot_words(boot, signal)} (rerun migrate to check the boot again)"
         elif failed:
             verdict = f"stopped in {failed.get('stage')}: {failed.get('error')} (rerun migrate to resume)"
         else:
@@ -631,6 +638,9 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
         for name in (stage.name for stage in STAGES):
             record = stages.get(name)
             when = f"done {record['finished_at']} ({record['seconds']:.2f}s)" if record else "pending"
+            if name == "boot" and record and boot != BOOT_SKIPPED:
+                when = f"{'failed' if boot == BOOT_FAILED else 'done'} {record['finished_at']} " \
+                       f"({record['seconds']:.2f}s): {boot_words(boot, signal)}"
             print(f"  {name:<10} {when}")
     return 5 if damaged else 0
 

@@ -41,7 +41,7 @@ from .fsutil import remove_tree
 from .options import MigrationOptions, check_vmid
 from .sources import Source, open_source
 from .spec import VMSpec
-from .stages import STAGES, Context, Stage, disk_stage, stage_kind, stages_for
+from .stages import STAGES, BootFailed, Context, Stage, disk_stage, stage_kind, stages_for
 from .state import MigrationState, VmidLock, check_fields, now
 from .targets.base import Target
 from .testhooks import hold_point
@@ -152,6 +152,9 @@ class Pipeline:
                 hold_point(stage.name)
         except BaseException as exc:
             self._task_warnings(stage_name)
+            if isinstance(exc, BootFailed):  # what the failed boot showed, for `status` (a rerun boots again)
+                with contextlib.suppress(OSError, V2PError):  # the error itself must still reach the user
+                    self.state.record(stage_name, exc.record, seconds=float(exc.record.get("seconds") or 0.0))
             if ctx is not None and self._cleans_up(stage_name, exc):
                 self._clean_up(stage_name, exc, workdir, ctx)
             else:

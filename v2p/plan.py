@@ -98,17 +98,20 @@ class PlanVM:
 class VMStatus:
     """Where one VM of a plan stands, from its migration record (``state``: not started, running,
     unfinished, interrupted, failed, finished, other (its VMID holds another source's migration),
-    unreadable, unknown (its target could not be asked))."""
+    unreadable, unknown (its target could not be asked)); ``boot``: how its boot check ended, once
+    it did (up, unconfirmed, failed, skipped; "" before), ``boot_signal`` what was seen."""
 
     name: str
     vmid: int | None  # None: an ``auto`` VM not started yet, or a target that could not be asked
     state: str
     stage: str | None = None  # the last stage recorded
     detail: str = ""
+    boot: str = ""
+    boot_signal: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "vmid": self.vmid, "state": self.state, "stage": self.stage,
-                "detail": self.detail}
+                "detail": self.detail, "boot": self.boot or None, "boot_signal": self.boot_signal or None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1001,25 +1004,32 @@ def _status_of(vm: PlanVM, targets: _Targets) -> VMStatus:
     except V2PError as exc:
         return VMStatus(vm.name, vmid, "unknown", detail=str(exc))
     data = record.data
-    stages = list(data["stages"])
-    last = stages[-1] if stages else None
+    recorded = list(data["stages"])
+    last = recorded[-1] if recorded else None
     source = data["request"].get("source")
     if source != _described(vm.source):
         return VMStatus(vm.name, vmid, "other", last, f"VMID {vmid} holds the migration of {source}, not of "
                                                       "this VM's source")
+    boot_record = data["stages"].get("boot")
+    boot, signal = stages.boot_outcome(boot_record.get("result") if isinstance(boot_record, dict) else None)
+    if boot_record is None:
+        boot = ""  # not that far yet
     if data["finished"]:
         seconds = sum(float(stage.get("seconds", 0)) for stage in data["stages"].values())
-        return VMStatus(vm.name, vmid, "finished", last,
-                        f"at {data.get('finished_at', '?')} ({seconds:.1f} s of work)")
+        return VMStatus(vm.name, vmid, "finished", last, f"at {data.get('finished_at', '?')} ({seconds:.1f} s of "
+                        f"work); {stages.boot_words(boot, signal)}", boot, signal)
     if _locked(record.directory, vmid):
-        done = f"{len(stages)} stage(s) done" + (f", last {last}" if last else "")
-        return VMStatus(vm.name, vmid, "running", last, done)
+        done = f"{len(recorded)} stage(s) done" + (f", last {last}" if last else "")
+        return VMStatus(vm.name, vmid, "running", last, done, boot, signal)
     failed = data.get("failed")
     if isinstance(failed, dict) and failed.get("error") == "interrupted":  # Ctrl-C, SIGTERM: resumable
-        return VMStatus(vm.name, vmid, "interrupted", last, f"in {failed.get('stage')}; rerun the plan to resume")
+        return VMStatus(vm.name, vmid, "interrupted", last, f"in {failed.get('stage')}; rerun the plan to resume",
+                        boot, signal)
     if isinstance(failed, dict):
-        return VMStatus(vm.name, vmid, "failed", last, f"in {failed.get('stage')}: {failed.get('error')}")
-    return VMStatus(vm.name, vmid, "unfinished", last, f"{len(stages)} stage(s) done; rerun the plan to resume")
+        return VMStatus(vm.name, vmid, "failed", last, f"in {failed.get('stage')}: {failed.get('error')}",
+                        boot, signal)
+    return VMStatus(vm.name, vmid, "unfinished", last, f"{len(recorded)} stage(s) done; rerun the plan to resume",
+                    boot, signal)
 
 
 def _locked(directory: Path, vmid: int) -> bool:

@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from . import api, interrupts
-from .errors import LockedError, NoSpaceError, V2PError
+from .errors import EXIT_BOOT_UNCONFIRMED, BootCheckError, LockedError, NoSpaceError, V2PError
 from .events import Event
 from .fsutil import private_dir, remove_tree
 from .options import OptionError
-from .stages import disk_stage
+from .stages import BOOT_SKIPPED, BootFailed, boot_exit_code, boot_words, disk_stage
 from .state import MigrationState, VmidLock
+from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 
 # Two children keep a 2-core machine responsive: each one's qemu-img convert is mostly one busy core
 # (decompressing streamOptimized grains, zero detection), its boot check one TCG/KVM vCPU thread, and the
@@ -85,6 +86,8 @@ class VMRun:
     """One VM of a plan as the run sees it: its live state for a view, then its result for the report.
 
     ``result``: waiting, running, migrated, nothing to do, failed, interrupted, not started, dry run.
+    ``boot``: how its boot check ended, once known: up, unconfirmed (migrated, but no sign the OS runs:
+    ``boot_signal`` says what was seen), failed (the migration failed there), skipped (not checked).
     ``moved``: the bytes this run wrote (disks an earlier run finished are not written again).
     """
 
@@ -102,6 +105,8 @@ class VMRun:
     error: str | None = None
     exit_code: int = 0
     waiting_for: str = ""  # why it has not started yet
+    boot: str = ""  # up | unconfirmed | failed | skipped; "" while unknown (not that far, or not run)
+    boot_signal: str = ""
     plan: list[tuple[str, str, bool]] = field(default_factory=list)  # dry run: (stage, summary, done)
     about: list[str] = field(default_factory=list)  # dry run: what the VM is and where it would go
     started: float | None = None  # monotonic, of this run's first start
@@ -115,7 +120,8 @@ class VMRun:
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "vmid": self.vmid, "node": self.node, "storage": self.storage,
                                 "result": self.result, "stage": self.stage, "seconds": round(self.seconds, 3),
-                                "bytes_moved": self.moved, "exit_code": self.exit_code, "error": self.error}
+                                "bytes_moved": self.moved, "exit_code": self.exit_code, "error": self.error,
+                                "boot": self.boot or None, "boot_signal": self.boot_signal or None}
         if self.plan or self.about:
             data["about"] = list(self.about)
             data["stages"] = [{"stage": stage, "summary": summary, "done": done}
@@ -152,19 +158,35 @@ class PlanReport:
     dry_run: bool = False
 
     @property
-    def ok(self) -> bool:
+    def migrated(self) -> bool:
+        """Every VM made it (migrated or nothing to do), whether or not its boot was seen."""
         return self.interrupted is None and (self.dry_run or all(vm.ok for vm in self.vms))
 
     @property
+    def ok(self) -> bool:
+        """Every VM made it and none is only "boot not confirmed": what exit code 0 says."""
+        return self.migrated and not self.boots().get(BOOT_UNCONFIRMED)
+
+    def boots(self) -> dict[str, int]:
+        """How many VMs' boot checks ended each way (up, unconfirmed, failed, skipped), in that order."""
+        counts = {outcome: sum(1 for vm in self.vms if vm.boot == outcome)
+                  for outcome in (BOOT_UP, BOOT_UNCONFIRMED, BOOT_FAILED, BOOT_SKIPPED)}
+        return {outcome: count for outcome, count in counts.items() if count}
+
+    @property
     def exit_code(self) -> int:
-        """0 only if every VM made it; 128 + the signal when stopped (as the CLI), else 1."""
+        """0 only if every VM made it with its boot seen up (or not checked); EXIT_BOOT_UNCONFIRMED
+        (12) if every VM made it but some boots were not confirmed; 128 + the signal when stopped (as
+        the CLI); else 1."""
         if self.interrupted is not None:
             return 128 + self.interrupted
-        return 0 if self.ok else 1
+        if not self.migrated:
+            return 1
+        return 0 if self.ok else EXIT_BOOT_UNCONFIRMED
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "exit_code": self.exit_code, "interrupted": self.interrupted,
-                "dry_run": self.dry_run, "vms": [vm.to_dict() for vm in self.vms]}
+                "dry_run": self.dry_run, "boot": self.boots(), "vms": [vm.to_dict() for vm in self.vms]}
 
 
 PlanEventHandler = Callable[[VMRun, Event], None]
@@ -482,10 +504,13 @@ class _Runner:
         if code < 0:  # killed by a signal, not stopped by one
             code = 128 - code
         run.exit_code = code
-        if code == 0 and "result" in last:
-            run.result = "nothing to do" if last["result"].get("nothing_to_do") else "migrated"
+        if code in (0, EXIT_BOOT_UNCONFIRMED) and isinstance(last.get("result"), dict):
+            result = last["result"]
+            run.result = "nothing to do" if result.get("nothing_to_do") else "migrated"
             run.stage = "finish"
-            self.emit(run, Event("vm-done", "plan", run.result))
+            run.boot, run.boot_signal = str(result.get("boot") or BOOT_SKIPPED), str(result.get("boot_signal") or "")
+            said = "" if run.boot == BOOT_SKIPPED else f"; {boot_words(run.boot, run.boot_signal)}"
+            self.emit(run, Event("vm-done", "plan", run.result + said))
             return
         if "interrupted" in last or (self.interrupted is not None and "error" not in last):
             run.result, run.error = "interrupted", "interrupted; rerun the same command to resume"
@@ -501,6 +526,8 @@ class _Runner:
             self.emit(run, Event("info", "plan", f"VMID {run.vmid} is locked by another run; waiting"))
             return
         run.result = "failed"
+        if last.get("boot") == BOOT_FAILED:
+            run.boot, run.boot_signal = BOOT_FAILED, str(last.get("boot_signal") or "")
         if "error" in last:
             run.error = str(last.get("text") or last["error"])
             notes = [str(note) for note in last.get("notes") or ()]
@@ -660,12 +687,17 @@ def child_main() -> int:
         migration = api.Migration(job["source"], job["vmid"], target=target, on_event=emit, **job["options"])
         result = migration.run()
         out.send({"vmid": migration.vmid, "result": {"nothing_to_do": bool(result.get("nothing_to_do")),
-                                                     "finished_at": result.get("finished_at")}})
-        return 0
+                                                     "finished_at": result.get("finished_at"),
+                                                     "boot": result["boot"], "boot_signal": result["boot_signal"]}})
+        return boot_exit_code(result["boot"])
     except V2PError as exc:
+        failed: dict[str, Any] = {}
+        if isinstance(exc, BootCheckError):
+            seen = exc.record.get("signal") if isinstance(exc, BootFailed) else None
+            failed = {"boot": BOOT_FAILED, "boot_signal": str(seen or exc.message)}
         out.send({"vmid": migration.vmid if migration is not None else None, "error": exc.message,
                   "hint": exc.hint, "text": str(exc), "type": type(exc).__name__, "exit_code": exc.exit_code,
-                  "notes": list(getattr(exc, "__notes__", ()))})
+                  "notes": list(getattr(exc, "__notes__", ())), **failed})
         return exc.exit_code
     except KeyboardInterrupt:
         signum = interrupts.received() or signal.SIGINT

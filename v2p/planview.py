@@ -14,6 +14,8 @@ from typing import TextIO
 
 from .events import Event
 from .planrun import DRY_RUN, QUEUED, PlanReport, VMRun
+from .stages import BOOT_SKIPPED, boot_words
+from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -92,22 +94,37 @@ def row_line(vm: VMRun) -> str:
         return f"{vm.name:<20} {vmid:>9}  {doing:<12} {size:<24} {rate}".rstrip()
     if vm.result == "waiting" and vm.waiting_for:
         return f"{vm.name:<20} {vmid:>9}  waiting for {vm.waiting_for}"
-    return f"{vm.name:<20} {vmid:>9}  {vm.result}"
+    boot = f", boot {BOOT_SAID[vm.boot]}" if vm.boot in (BOOT_UP, BOOT_UNCONFIRMED, BOOT_FAILED) else ""
+    return f"{vm.name:<20} {vmid:>9}  {vm.result}{boot}"
 
 
 def summary(report: PlanReport) -> str:
-    """The table at the end: VM, VMID, result, seconds, GiB moved; the errors under it."""
-    lines = [f"{'VM':<20} {'VMID':>9}  {'RESULT':<14} {'SECONDS':>8} {'GIB MOVED':>10}"]
+    """The table at the end: VM, VMID, result, boot, seconds, GiB moved; the errors and the boots not
+    confirmed under it; then the counts, boots up / not confirmed / failed apart."""
+    lines = [f"{'VM':<20} {'VMID':>9}  {'RESULT':<14} {'BOOT':<13} {'SECONDS':>8} {'GIB MOVED':>10}"]
     for vm in report.vms:
         vmid = str(vm.vmid) if vm.vmid is not None else "-"
-        lines.append(f"{vm.name:<20} {vmid:>9}  {vm.result:<14} {vm.seconds:8.1f} {vm.moved / GiB:10.3f}")
+        boot = BOOT_SAID.get(vm.boot, vm.boot or "-")
+        lines.append(f"{vm.name:<20} {vmid:>9}  {vm.result:<14} {boot:<13} {vm.seconds:8.1f} {vm.moved / GiB:10.3f}")
     for vm in report.vms:
         if vm.error and vm.result != "interrupted":
             lines.append(f"{vm.name}: {vm.error}")
+        elif vm.boot == BOOT_UNCONFIRMED:
+            lines.append(f"{vm.name}: {boot_words(vm.boot, vm.boot_signal)}")
     done = sum(1 for vm in report.vms if vm.ok)
+    counted = report.boots()
+    boots = ", ".join(f"{count} {BOOT_SAID[outcome]}" for outcome, count in counted.items())
     lines.append(f"{done} of {len(report.vms)} VMs migrated" + (" or already done" if any(
-        vm.result == "nothing to do" for vm in report.vms) else ""))
+        vm.result == "nothing to do" for vm in report.vms) else "") + (f"; boot: {boots}" if boots else ""))
+    if counted.get(BOOT_UNCONFIRMED):
+        lines.append(UNCONFIRMED_ADVICE)
     return "\n".join(lines)
+
+
+# A boot outcome in the summary's column and in its counts: "not confirmed" is never shortened to "up".
+BOOT_SAID = {BOOT_UP: "up", BOOT_UNCONFIRMED: "not confirmed", BOOT_FAILED: "failed", BOOT_SKIPPED: "not checked"}
+UNCONFIRMED_ADVICE = ("boot not confirmed: the VM is migrated and kept, but v2p saw no sign that its OS runs; "
+                      "start it and look at its console before relying on it")
 
 
 def dry_run_text(report: PlanReport) -> str:

@@ -8,6 +8,7 @@ state file through the pipeline only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from . import drivers, pveconfig, rules
 from .bootwatch import clean
 from .convert import same_files
 from .dance import DanceOptions, DriverDance
-from .errors import VMID_TAKEN_HINT, NoSpaceError, SourceError, TargetError, VMIDExistsError
+from .errors import (
+    EXIT_BOOT_UNCONFIRMED,
+    VMID_TAKEN_HINT,
+    BootCheckError,
+    NoSpaceError,
+    SourceError,
+    TargetError,
+    VMIDExistsError,
+)
 from .events import Event, EventHandler
 from .fsutil import private_dir
 from .options import MigrationOptions, OptionError
@@ -24,7 +33,7 @@ from .runner import which
 from .sources import DiskInput, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
-from .targets.base import ByteProgress, DiskSink, Target
+from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, ByteProgress, DiskSink, Target
 from .testhooks import hold_point
 
 Record = dict[str, Any]
@@ -431,27 +440,145 @@ class Drivers(Stage):
         return DriverDance(ctx.target, ctx.vmid, options, emit=ctx.emit).run()
 
 
+BOOT_SKIPPED = "skipped"  # no boot check (--no-boot-check): nothing was seen, nothing is claimed
+# The targets' words before issue 17, in new state files until every target returns the three outcomes,
+# and in the records of migrations made before: a guest that powered itself off did so through ACPI,
+# which only a running OS does; one still running at the end showed no sign either way.
+_OLD_OUTCOMES = {"powered-off": (BOOT_UP, "the guest shut itself down"), "running": (BOOT_UNCONFIRMED, "")}
+# What to do about a failed boot, by the sign that said so (the signal's words, bootwatch's names).
+_FAILED_HINTS = (
+    (re.compile(r"STOP:? 0x|Stop code|bugcheck", re.I),
+     "a Windows guest without the virtio driver: migrate it with its --os (win7, win10, ...) so v2p "
+     "installs the driver on IDE first"),
+    (re.compile(r"bootable|boot option|boot device", re.I),
+     "the firmware found nothing to boot: check the VM's boot order (v2p vm show), how the source "
+     "boots (v2p inspect: a GPT disk with only an EFI system partition needs --bios ovmf, an MBR "
+     "disk --bios seabios)"),
+    (re.compile(r"grub|rescue|partition|filesystem", re.I),
+     "the boot loader cannot find its files: check the disk order (v2p inspect) and the guest's "
+     "boot loader configuration (the disk names it boots from)"),
+    (re.compile(r"panic", re.I),
+     "the guest's kernel panicked: see its last lines above (after a move from VMware, a storage "
+     "driver missing from its initramfs is the usual cause: add virtio_scsi/virtio_blk to it in "
+     "VMware first, or migrate with --bus sata)"),
+    (re.compile(r"reset", re.I), "the guest restarts while booting: see its last lines above"),
+)
+
+
+def boot_outcome(record: Record | None) -> tuple[str, str]:
+    """The boot stage's ``record`` (None: not run) as (``up`` | ``failed`` | ``unconfirmed`` |
+    ``skipped``, what was seen): what the CLI, ``status``, the library's result and a plan report say.
+    Read defensively: ``v2p status`` shows records of any age."""
+    if not isinstance(record, dict):
+        return BOOT_SKIPPED, ""
+    outcome, signal = record.get("outcome"), str(record.get("signal") or "")
+    if outcome in _OLD_OUTCOMES:
+        outcome, said = _OLD_OUTCOMES[str(outcome)]
+        signal = said or signal
+    if outcome in (BOOT_UP, BOOT_FAILED, BOOT_UNCONFIRMED):
+        return str(outcome), signal
+    return BOOT_SKIPPED, ""
+
+
+def boot_words(outcome: str, signal: str) -> str:
+    """A boot outcome as every report says it: never "up" for one that was not seen to be up."""
+    if outcome == BOOT_UP:
+        return f"boot: up ({signal})" if signal else "boot: up"
+    if outcome == BOOT_UNCONFIRMED:
+        return f"boot not confirmed: {signal or 'no sign either way'}"
+    if outcome == BOOT_FAILED:
+        return f"boot failed: {signal}" if signal else "boot failed"
+    return "boot not checked"
+
+
+def boot_exit_code(outcome: str) -> int:
+    """The exit code of a migration that ended with this boot outcome: 0 only for a boot seen up (or
+    not checked), ``EXIT_BOOT_UNCONFIRMED`` for one seen neither up nor failed, 7 for a failed one."""
+    if outcome == BOOT_UNCONFIRMED:
+        return EXIT_BOOT_UNCONFIRMED
+    return BootCheckError.exit_code if outcome == BOOT_FAILED else 0
+
+
+def failed_hint(signal: str) -> str:
+    for pattern, hint in _FAILED_HINTS:
+        if pattern.search(signal):
+            return hint
+    return "see the guest's last lines above and its serial log; the VM is kept as it is"
+
+
+class BootFailed(BootCheckError):
+    """The boot check saw the guest fail; ``record`` is the boot stage's record of what it saw, kept
+    in the state file (for ``v2p status`` and a plan's status) though the stage failed."""
+
+    def __init__(self, message: str, *, hint: str | None, record: Record) -> None:
+        super().__init__(message, hint=hint)
+        self.record = record
+
+
 class BootCheck(Stage):
     name = "boot"
-    summary = "boot the VM and watch it come up"
+    summary = "boot the VM and watch for a sign that its OS runs (or that it failed)"
 
     def run(self, ctx: Context) -> Record:
-        if ctx.records.get("drivers", {}).get("confirmed"):
-            return {"skipped": "the driver dance's second boot confirmed the guest is up on virtio"}
+        dance = ctx.records.get("drivers", {})
+        if dance.get("confirmed"):
+            seen = _danced(dance)
+            if seen["outcome"] == BOOT_FAILED:
+                raise BootFailed(f"VM {ctx.vmid} did not boot on virtio: {seen['signal']}",
+                                 hint=failed_hint(seen["signal"]), record=seen)
+            return {"skipped": "the driver dance's second boot (on virtio) was the boot check", **seen}
         if not ctx.options.boot_check:
             return {"skipped": True}
-        report = ctx.target.boot_check(ctx.vmid, timeout=ctx.options.boot_timeout)
+        try:
+            report = ctx.target.boot_check(ctx.vmid, timeout=ctx.options.boot_timeout)
+        except BootFailed:
+            raise
+        except BootCheckError as exc:  # a target that still raises on a failed boot (before issue 17)
+            record: Record = {"outcome": BOOT_FAILED, "signal": exc.message, "signs": {}}
+            raise BootFailed(exc.message, hint=exc.hint, record=record) from exc
         # A real guest prints hundreds of kernel lines: its last words are what tell.
         lines = [line.strip() for line in clean(report.serial).splitlines() if line.strip()]
         for line in lines[-GUEST_LINES:]:
             ctx.emit(Event("info", self.name, f"guest: {line}"))
-        ctx.emit(Event("info", self.name, f"guest {report.outcome} after {report.seconds}s: {report.signal} "
-                       f"({report.accel})"))
-        return {"outcome": report.outcome, "signal": report.signal, "seconds": report.seconds,
-                "accel": report.accel, "resets": report.resets, "serial": report.serial[-4096:]}
+        outcome, signal = boot_outcome({"outcome": report.outcome, "signal": report.signal})
+        if outcome == BOOT_SKIPPED:  # a target's word this stage does not know: claim nothing
+            outcome, signal = BOOT_UNCONFIRMED, f"the check ended as {report.outcome!r}: {report.signal}"
+        for sign, seen in report.signs.items():
+            ctx.emit(Event("info", self.name, f"sign: {sign} at {seen.get('at', '?')}s"
+                           + (f" ({seen['value']})" if seen.get("value") not in (None, "") else "")))
+        record = {"outcome": outcome, "signal": signal, "signs": dict(report.signs), "seconds": report.seconds,
+                  "accel": report.accel, "resets": report.resets, "notes": list(report.notes),
+                  "serial": report.serial[-4096:]}
+        accel = f" ({report.accel})" if report.accel else ""
+        if outcome == BOOT_FAILED:
+            ctx.emit(Event("info", self.name, f"boot failed after {report.seconds}s: {signal}{accel}"))
+            raise BootFailed(f"VM {ctx.vmid} did not boot: {signal}", hint=failed_hint(signal), record=record)
+        if outcome == BOOT_UNCONFIRMED:
+            ctx.emit(Event("warning", self.name, f"boot not confirmed after {report.seconds}s: {signal}{accel}"))
+        else:
+            ctx.emit(Event("info", self.name, f"guest up after {report.seconds}s: {signal}{accel}"))
+        for note in report.notes:
+            ctx.emit(Event("info", self.name, note))
+        return record
 
     def holds(self, ctx: Context, record: Record) -> bool:
+        if record.get("outcome") == BOOT_FAILED:
+            return False  # a rerun boots it again (the user may have fixed the VM meanwhile)
         return not (ctx.options.boot_check and record.get("skipped") is True)
+
+
+def _danced(dance: Record) -> Record:
+    """The boot outcome of a driver dance whose second boot (on virtio) showed the guest up: the
+    dance's own boot-2 record where it says one, else up (the dance rolls back any other end)."""
+    boot2 = dance.get("boot2")
+    boot2 = boot2 if isinstance(boot2, dict) else {}
+    outcome, signal = boot_outcome(boot2 if "outcome" in boot2 else None)
+    if outcome == BOOT_SKIPPED:
+        by = boot2.get("confirmed_by")
+        outcome, signal = BOOT_UP, {"guest": "the guest's own word on virtio (the driver dance's second boot)",
+                                    "still running": "the driver dance's second boot ran on virtio without a "
+                                                     "STOP code"}.get(str(by), "the driver dance's second boot")
+    return {"outcome": outcome, "signal": signal}
 
 
 class Finish(Stage):
