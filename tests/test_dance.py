@@ -61,7 +61,8 @@ def test_standin_is_honest_straight_onto_virtio_it_stops_0x7b(manifest, tmp_path
     disk = standin(manifest, tmp_path)
     line = one_line_error(v2p("migrate", str(disk), "--vmid", "301", "--os", "other", "--bus", "virtio",
                               "--boot-timeout", "30"))
-    assert "VM 301 stopped with STOP 0x0000007B INACCESSIBLE_BOOT_DEVICE" in line
+    assert "VM 301 did not boot: STOP 0x0000007B INACCESSIBLE_BOOT_DEVICE" in line
+    assert v2p.state(301)["stages"]["boot"]["result"]["outcome"] == "failed"
     assert "--os" in line
 
 
