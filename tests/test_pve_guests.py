@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from pve_sim.fixture import pve_fixture  # noqa: F401
-from test_dance import drivers_iso, standin  # noqa: F401 - drivers_iso is a fixture
+from test_dance import assert_boot2_up_by_io, assert_driver_seen_by_reads, drivers_iso, standin  # noqa: F401 - drivers_iso is a fixture
 from test_whole_vm import make_vm
 
 from conftest import DISK_LINE, V2P, assert_same_bytes, guest_report, one_line_error
@@ -24,14 +24,15 @@ from v2p.targets.proxmox import ProxmoxTarget, target_from_url
 PATHS = ("remote", "on-node")
 
 
-def run(v2p: V2P, sim: Any, tmp_path: Path, path: str, *args: str, storage: str = "local"):  # type: ignore[no-untyped-def]
+def run(v2p: V2P, sim: Any, tmp_path: Path, path: str, *args: str, storage: str = "local",  # type: ignore[no-untyped-def]
+        timeout: float = 120):
     url = f"pve://root@pam!v2p@{sim.host}/{sim.cluster.node}?storage={storage}&fingerprint={sim.fingerprint}"
     if path == "on-node":
         url += "&on-node=1"
     runner = getattr(sim, "runner", None)  # a simulator that runs no VM has no qemu-server folder
     where = {"V2P_PVE_QEMU_RUN_DIR": str(runner.qemu_server_dir)} if runner else {}
     return v2p("--target", url, *args, V2P_PVE_TOKEN=sim.tokens["root@pam!v2p"],
-               XDG_DATA_HOME=str(tmp_path / "xdg"), **where)
+               XDG_DATA_HOME=str(tmp_path / "xdg"), timeout=timeout, **where)
 
 
 def state(sim: Any, tmp_path: Path, vmid: int) -> dict[str, Any]:
@@ -80,13 +81,6 @@ def test_linux_guest_boots_on_pve(sim, tmp_path, manifest, samples, source_of, v
     schema_clean(sim)
 
 
-def wait_for_text(sim: Any, vmid: int, text: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while text not in serial_log(sim, vmid):
-        assert time.monotonic() < deadline, f"the guest never said {text!r}:\n{serial_log(sim, vmid)[-1500:]}"
-        time.sleep(0.5)
-
-
 def assert_danced_on_pve(sim: Any, vmid: int) -> None:
     config = sim.cluster.vms[vmid].config
     assert config["virtio0"].startswith(f"local:{vmid}/vm-{vmid}-disk-0."), config
@@ -100,39 +94,55 @@ def assert_danced_on_pve(sim: Any, vmid: int) -> None:
     assert "v2p-guest: windows up on virtio-blk (viostor)" in serial and "STOP 0x" not in serial
 
 
-def test_windows_dance_on_the_node(sim, tmp_path, manifest, drivers_iso, v2p: V2P):  # noqa: F811
+@pytest.mark.parametrize("path", PATHS)
+def test_windows_dance_goes_on_by_itself(sim, tmp_path, manifest, drivers_iso, v2p: V2P, path):  # noqa: F811
+    """From a workstation as on the node: boot 1 goes on once PVE's blockstat shows the guest reading
+    its temporary disk (the driver is in), boot 2 is judged by the virtio system disk's reads."""
+    vmid = 160 if path == "on-node" else 161
     disk = standin(manifest, tmp_path)
-    proc = run(v2p, sim, tmp_path, "on-node", "migrate", str(disk), "--vmid", "160", "--os", "win7",
+    proc = run(v2p, sim, tmp_path, path, "migrate", str(disk), "--vmid", str(vmid), "--os", "win7",
                "--bus", "virtio", "--drivers-iso", str(drivers_iso))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert_danced_on_pve(sim, 160)
-    dance = state(sim, tmp_path, 160)["stages"]["drivers"]["result"]
-    # both boots were confirmed by the guest's own words, read from the serial socket
-    assert dance["boot1"]["signal"] == "guest" and dance["boot2"]["confirmed_by"] == "guest"
+    assert_danced_on_pve(sim, vmid)
+    dance = state(sim, tmp_path, vmid)["stages"]["drivers"]["result"]
+    assert_driver_seen_by_reads(dance)
+    assert_boot2_up_by_io(dance)
     assert "local:iso/virtio-win.iso" in [entry["volid"] for entry in sim.cluster.content_list(
         {"storage": "local", "content": "iso"}, "root@pam")]
     schema_clean(sim)
 
 
-def test_windows_dance_from_a_workstation_needs_the_operator(sim, tmp_path, manifest, drivers_iso,  # noqa: F811
-                                                             v2p: V2P):
-    disk = standin(manifest, tmp_path)
+# From a workstation PVE tells no resets (status/current has no counter of them): a blue screen's
+# automatic restarts look like one boot reading its disk on and on (measured: 100 MiB in 21 s, ten
+# boots of the stand-in's 10 MiB), which the boot check takes for an OS that loaded and ran on.
+REMOTE_RESETS_UNSEEN = pytest.mark.xfail(strict=True, reason="boot check from a workstation sees no resets: "
+                                         "a reset-looping boot 2 is called up (issue 17, to the engine)")
+
+
+@pytest.mark.parametrize("path", ["on-node", pytest.param("remote", marks=REMOTE_RESETS_UNSEEN)])
+def test_windows_dance_without_the_driver_needs_the_operator_then_rolls_back(sim, tmp_path, manifest, drivers_iso,  # noqa: F811
+                                                                            v2p: V2P, path):
+    """A guest that never reads its temporary disk: the operator step after --dance-wait; the operator's
+    word is wrong, boot 2 blue-screens and restarts, and v2p rolls back to IDE."""
+    vmid = 163 if path == "on-node" else 164
+    disk = standin(manifest, tmp_path, "winguest-nodriver")
     started = time.monotonic()
-    line = one_line_error(run(v2p, sim, tmp_path, "remote", "migrate", str(disk), "--vmid", "161", "--os", "win7",
-                              "--bus", "virtio", "--drivers-iso", str(drivers_iso)))
-    # no serial console from here: the guest's driver install cannot be seen, so v2p does not wait the
-    # 600 s of --dance-wait for it; the operator confirms it
-    assert time.monotonic() - started < 60
-    assert "its console cannot be read from here" in line
-    assert "v2p dance 161 --continue" in line
-    assert sim.cluster.vms[161].status == "running"  # left up on IDE with the drivers ISO
-    assert sim.cluster.vms[161].config["ide2"].startswith("local:iso/virtio-win.iso,media=cdrom")
-    wait_for_text(sim, 161, "v2p-guest: driver viostor installed", 120)  # what the operator sees
-    done = run(v2p, sim, tmp_path, "remote", "dance", "161", "--continue", "--drivers-iso", str(drivers_iso),
-               "--boot-wait", "20")
-    assert done.returncode == 0, done.stdout + done.stderr
-    wait_for_text(sim, 161, "v2p-guest: windows up on virtio-blk (viostor)", 60)
-    assert_danced_on_pve(sim, 161)
+    line = one_line_error(run(v2p, sim, tmp_path, path, "migrate", str(disk), "--vmid", str(vmid), "--os", "win7",
+                              "--bus", "virtio", "--drivers-iso", str(drivers_iso), "--dance-wait", "10"))
+    assert "no sign that the guest has the virtio drivers after 10s: it never read its temporary disk virtio1" \
+        in line
+    assert f"v2p dance {vmid} --continue" in line and time.monotonic() - started < 120
+    assert sim.cluster.vms[vmid].status == "running"  # left up on IDE with the drivers ISO
+    assert sim.cluster.vms[vmid].config["ide2"].startswith("local:iso/virtio-win.iso,media=cdrom")
+    done = run(v2p, sim, tmp_path, path, "dance", str(vmid), "--continue", "--drivers-iso", str(drivers_iso),
+               "--boot-wait", "90", timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"VM {vmid} did not boot on virtio" in done.stderr, done.stdout + done.stderr
+    assert "rolled back to ide0, it boots there again" in done.stderr, done.stderr
+    config = sim.cluster.vms[vmid].config
+    assert config["ide0"].startswith(f"local:{vmid}/vm-{vmid}-disk-0.") and config["boot"] == "order=ide0"
+    assert not [key for key in config if key.startswith("virtio")], config
+    assert sim.cluster.vms[vmid].status == "stopped"
     schema_clean(sim)
 
 

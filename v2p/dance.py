@@ -3,10 +3,22 @@
 Windows only installs a storage driver for a device it sees, and cannot boot
 from virtio until it has one. So: boot 1 on IDE with a small temporary virtio
 disk, the drivers ISO and a virtio NIC attached; wait until the guest has the
-driver (its own signal, or an operator's word); shut down; move every disk
-on IDE/SATA to virtio (the system disk first, the others in their order) and
-the NIC to virtio; boot 2 and confirm. A failed boot 2 is rolled back to the
-IDE layout and boot-checked there: the VM is never left unbootable.
+driver; shut down; move every disk on IDE/SATA to virtio (the system disk
+first, the others in their order) and the NIC to virtio; boot 2 and confirm.
+A failed boot 2 is rolled back to the IDE layout and boot-checked there: the
+VM is never left unbootable.
+
+How boot 1 knows the driver is in, whatever the guest prints: the moment
+Windows binds viostor (or vioscsi) to the temporary disk, its partition
+manager reads that disk, and Windows loads the driver for it on every boot
+after. Nothing else reads it: the firmware reads only the disk it boots
+(SeaBIOS, measured: 0 bytes; src/boot.c reads the boot drive's MBR only), so
+the temporary disk's read counter (``Target.guest_io``) is the sign. Where the
+firmware might scan disks (OVMF), only reads after the boot disk shows the OS
+loading count. A target that cannot count (no ``guest_io``) or a guest that
+never reads it within ``--dance-wait`` hands over to the operator
+(``v2p dance VMID --continue``). Boot 2, and the rollback's boot, are judged
+as any boot is (``Target.boot_check``, ``v2p.bootwatch``).
 
 Every step is a record in the dance's own state file (``<vmid>.dance.json``),
 so a crash anywhere resumes at the right step, and ``v2p dance VMID`` can
@@ -18,20 +30,24 @@ install drivers in is released.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .bootwatch import STOP_CODE, stop_code
+from .bootwatch import OS_READ_BYTES, failure_sign, mib
 from .errors import DanceError, OperatorNeeded, StateError, TargetError
 from .events import Event, EventHandler, ignore
+from .interrupts import check as check_interrupts
 from .options import mac_for_nic
 from .pveconfig import CDROM_KEY, DISK_KEY, SLOTS
 from .state import FieldType, MigrationState, check_fields, now
-from .targets.base import Target, VMConfig
+from .targets.base import BOOT_FAILED, BOOT_UP, BootReport, GuestIO, Target, VMConfig
 from .testhooks import hold_point
 
 TEMP_DISK_BYTES = 1 << 30
+POLL = 0.25  # seconds between two looks at a boot-1 guest's counters
+NO_COUNTERS = 5.0  # a target that gives no counters for this long after the start cannot count
 STEPS = ("layout1", "boot1", "shutdown1", "layout2", "boot2")
 _FIRST_BOOT_KEY = re.compile(r"^(ide|sata)(\d+)$")
 # Where the drivers ISO may go when ide2, PVE's CD-ROM slot, holds a disk.
@@ -40,19 +56,44 @@ _CD_KEYS = (CDROM_KEY, *SLOTS["ide"], *SLOTS["sata"])
 
 @dataclass
 class DanceOptions:
-    """How the dance runs; the signals are regexes on the guest's serial output."""
+    """How the dance runs."""
 
     bus: str = "virtio"  # "virtio" (viostor, virtio0) or "scsi" (vioscsi, scsi0 on virtio-scsi-pci)
     iso_volid: str = ""  # the drivers ISO as the target names it (path or storage:iso/NAME.iso)
     net_drivers: bool = True
-    boot1_wait: float = 600.0  # how long to wait for the guest's driver signal
-    boot2_wait: float = 120.0
+    boot1_wait: float = 600.0  # how long to wait for the guest to read its temporary disk
+    boot2_wait: float = 120.0  # the boot check of boot 2 (and of a rollback's boot)
     shutdown_timeout: float = 120.0
-    # Installed in this boot, or found in on a boot after (the guest loads it for the virtio disk it
-    # sees on every boot): a rerun whose earlier boot 1 installed it but was killed before its record.
-    driver_signal: str = r"driver (viostor|vioscsi) installed|windows up on [a-z-]+ \((viostor|vioscsi)\)"
-    virtio_signal: str = r"windows up on (virtio-blk|virtio-scsi)"
-    ide_signal: str = r"windows up on (ide|sata)"
+
+
+class TemporaryDiskReads:
+    """Whether a boot-1 guest reads the dance's temporary disk: the sign its virtio driver is in.
+
+    Fed ``GuestIO`` samples; ``seen`` is the bytes the guest read there once it did. Which reads
+    count: all of them under SeaBIOS, which reads only the disk it boots (src/boot.c
+    ``boot_disk``: the boot drive's MBR; its virtio-blk and virtio-scsi set-up reads no sector:
+    0 bytes measured on i440fx and q35); under OVMF, whose drivers may read a disk's partition
+    table while it connects devices, only those after the boot disk has read ``OS_READ_BYTES`` (an
+    OS loading itself; the firmware is done by then). A guest already running when the watch began
+    (a rerun finding boot 1 up) under OVMF: only reads from then on.
+    """
+
+    def __init__(self, temp_key: str, boot_key: str, *, firmware_scans: bool, fresh: bool) -> None:
+        self.temp_key = temp_key
+        self.boot_key = boot_key
+        self.baseline: int | None = None if firmware_scans and fresh else 0
+        self._late = firmware_scans and not fresh
+        self.seen: int | None = None
+
+    def feed(self, io: GuestIO) -> int | None:
+        read = io.reads.get(self.temp_key, 0)
+        if self._late:
+            self.baseline, self._late = read, False
+        if self.baseline is None and io.reads.get(self.boot_key, 0) >= OS_READ_BYTES:
+            self.baseline = read
+        if self.seen is None and self.baseline is not None and read > self.baseline:
+            self.seen = read - self.baseline
+        return self.seen
 
 
 class DriverDance:
@@ -113,8 +154,9 @@ class DriverDance:
             if self._done(step) is None:
                 self.step = step
                 self._record(step, steps[step]())
+        boot2 = self._done("boot2") or {}
         result = {"bus": self.options.bus, "system_disk": (self._done("layout2") or {})["system_disk"],
-                  "confirmed": True, "boot1": self._done("boot1"), "boot2": self._done("boot2")}
+                  "confirmed": _confirmed(boot2), "boot1": self._done("boot1"), "boot2": boot2}
         self.state.data["finished"] = True
         self.state.data["result"] = result
         self.state.save()
@@ -155,33 +197,54 @@ class DriverDance:
                 "scsihw": config.get("scsihw", "")}
 
     def _boot1(self, confirmed: bool) -> dict[str, Any]:
-        if confirmed and self.target.status(self.vmid) != "running":
+        layout = self._done("layout1") or {}
+        temp_key = layout["temp_key"]
+        running = self.target.status(self.vmid) == "running"
+        if confirmed and not running:
             # The operator says the guest has its drivers and it is already shut down.
             return {"signal": "operator", "at": now()}
-        if self.target.status(self.vmid) != "running":
+        if not running:
             self.target.start(self.vmid, hold=True)
-            self._say("boot 1 (IDE): waiting for the guest to install the virtio drivers")
+            self._say(f"boot 1 (IDE): waiting for the guest to install the virtio drivers (it reads {temp_key} "
+                      "once it has them)")
             hold_point("dance:boot1-started")
         else:
-            self._say("boot 1 is under way: still waiting for the guest's driver signal")
-        # With the operator's word there is nothing to wait for: just look once. Nor is there when
-        # the guest's console cannot be read from here: its driver signal would never be seen.
-        sees = self.target.sees_console(self.vmid)
-        wait = 0.0 if confirmed or not sees else self.options.boot1_wait
-        seen, output = self.target.observe(self.vmid, timeout=wait, patterns={
-            "ready": self.options.driver_signal, "stop": STOP_CODE})
-        if seen == "stop":
-            self.target.stop(self.vmid, timeout=5)
-            raise DanceError(f"VM {self.vmid} stopped with {_stop_code(output)} on its first (IDE) boot",
-                             hint="the guest does not boot on IDE either: check it in VMware first")
-        if seen == "ready":
-            return {"signal": "guest", "at": now()}
+            self._say(f"boot 1 is under way: still waiting for the guest to read {temp_key}")
+        config = self.target.get_config(self.vmid)
+        reads = TemporaryDiskReads(temp_key, layout["system_key"], firmware_scans=config.get("bios") == "ovmf",
+                                   fresh=not running)
+        # With the operator's word there is nothing to wait for: just look once.
+        started = time.monotonic()
+        deadline = started + (0.0 if confirmed else self.options.boot1_wait)
+        counted = False
+        while True:
+            check_interrupts()
+            io = self.target.guest_io(self.vmid)
+            failure = failure_sign(self.target.guest_output(self.vmid))
+            if failure:
+                self.target.stop(self.vmid, timeout=5)
+                raise DanceError(f"VM {self.vmid} stopped with {failure[1]} on its first (IDE) boot",
+                                 hint="the guest does not boot on IDE either: check it in VMware first")
+            if io is not None:
+                counted = True
+                seen = reads.feed(io)
+                if seen is not None:
+                    self._say(f"the guest read {mib(seen)} of {temp_key}: its virtio storage driver is in")
+                    return {"signal": "temporary disk reads", "disk": temp_key, "reads": seen,
+                            "seconds": round(time.monotonic() - started, 2), "at": now()}
+            if self.target.status(self.vmid) != "running" or time.monotonic() >= deadline:
+                break
+            if not counted and time.monotonic() - started >= NO_COUNTERS:
+                break  # the target cannot count this guest's reads: no sign can come
+            time.sleep(POLL)
         if confirmed:
             return {"signal": "operator", "at": now()}
         # The operator installs the drivers in this very boot: it must outlive v2p.
         self.target.release(self.vmid)
-        why = f"no sign from the guest that it has the virtio drivers after {self.options.boot1_wait:g}s" if sees \
-            else "its console cannot be read from here, so the guest's driver install cannot be seen"
+        why = f"no sign that the guest has the virtio drivers after {self.options.boot1_wait:g}s: it never " \
+              f"read its temporary disk {temp_key}" if counted \
+            else f"the {self.target.kind} target cannot tell from here what the guest reads, so its driver " \
+                 "install cannot be seen"
         raise OperatorNeeded(
             f"VM {self.vmid}: {why} (it is up on IDE with the drivers ISO attached)",
             hint=f"install them in the guest (Device Manager, the ISO on the CD drive), then run: "
@@ -221,21 +284,14 @@ class DriverDance:
         self.target.remove_volume(self.vmid, before["temp_volid"])
 
     def _boot2(self) -> dict[str, Any]:
-        if self.target.status(self.vmid) != "running":
-            self.target.start(self.vmid, hold=True)
-            self._say("boot 2 (virtio): waiting for the guest to come up")
-            hold_point("dance:boot2-started")
-        seen, output = self.target.observe(self.vmid, timeout=self.options.boot2_wait, patterns={
-            "up": self.options.virtio_signal, "stop": STOP_CODE})
-        if seen == "up":
-            return {"confirmed_by": "guest"}
-        if seen == "timeout":
-            self._say(f"no word from the guest, but it has run {self.options.boot2_wait:g}s on virtio "
-                      "without a STOP code")
-            return {"confirmed_by": "still running"}
-        what = _stop_code(output) if seen == "stop" else "a stop of its own"
-        self._rollback(what)
-        raise AssertionError("unreachable")
+        # Judged as any boot is: I/O on the virtio system disk, no reset loop, network, no STOP code.
+        self._say("boot 2 (virtio): watching the guest come up")
+        report = self.target.boot_check(self.vmid, timeout=self.options.boot2_wait)
+        if report.outcome == BOOT_FAILED:
+            self._rollback(report.signal)
+        if report.outcome != BOOT_UP:
+            self._say(f"boot 2 on virtio is not confirmed: {report.signal}", "warning")
+        return _boot_record(report)
 
     def _rollback(self, what: str) -> None:
         before = self._done("layout1") or {}
@@ -247,11 +303,11 @@ class DriverDance:
             updates["net0"] = before["net0"]
         delete = tuple(new for _old, _value, new in moves if new not in updates)
         self.target.set_config(self.vmid, updates, delete=delete)
-        self.target.start(self.vmid, hold=True)
-        seen, output = self.target.observe(self.vmid, timeout=self.options.boot2_wait, patterns={
-            "up": self.options.ide_signal, "stop": STOP_CODE})
+        report = self.target.boot_check(self.vmid, timeout=self.options.boot2_wait)
         self.target.stop(self.vmid, timeout=self.options.shutdown_timeout)
-        back = "it boots there again" if seen in ("up", "timeout") else f"but it fails there too ({seen})"
+        back = {BOOT_UP: f"it boots there again ({report.signal})",
+                BOOT_FAILED: f"but it fails there too ({report.signal})"}.get(
+                    report.outcome, f"its boot there is not confirmed ({report.signal})")
         # Start the next attempt from the IDE layout: the dance's records go.
         self.state.remove()
         raise DanceError(
@@ -259,6 +315,17 @@ class DriverDance:
             f"rolled back to {before['system_key']}, {back}",
             hint="install the viostor driver in the guest, then run: v2p dance "
                  f"{self.vmid} --bus {self.options.bus}")
+
+
+def _confirmed(boot2: dict[str, Any]) -> bool:
+    """Whether boot 2 was seen up (a record from before boot checks had outcomes: its word)."""
+    return bool(boot2.get("outcome") == BOOT_UP or boot2.get("confirmed_by"))
+
+
+def _boot_record(report: BootReport) -> dict[str, Any]:
+    """What the dance keeps of a boot check: how it ended, what said so, and the signs seen."""
+    return {"outcome": report.outcome, "signal": report.signal, "seconds": report.seconds,
+            "resets": report.resets, "signs": report.signs}
 
 
 # What each part of a dance record must hold: the fields the steps, a rerun and the pipeline read.
@@ -361,6 +428,3 @@ def _system_disk(config: VMConfig) -> str:
         raise TargetError("the VM has no disk to move to virtio")
     return disks[0]
 
-
-def _stop_code(output: str) -> str:
-    return stop_code(output) or "a STOP code"
