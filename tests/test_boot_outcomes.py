@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from v2p import cli
-from v2p.api import Migration, local_target, migrate
+from v2p.api import Migration, migrate
 from v2p.errors import EXIT_BOOT_UNCONFIRMED, BootCheckError
 from v2p.plan import Plan
 from v2p.targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, BootReport
@@ -48,12 +48,10 @@ class ScriptedBoot(LocalTarget):
         return self.seen
 
 
-def scripted(monkeypatch: pytest.MonkeyPatch, seen: BootReport | BootCheckError) -> None:
+def scripted(monkeypatch: pytest.MonkeyPatch, seen: BootReport) -> None:
     """Every LocalTarget of this process (the CLI's own) ends its boot check with ``seen``."""
 
     def boot_check(self: LocalTarget, vmid: int, *, timeout: float, settle: float = 20.0) -> BootReport:
-        if isinstance(seen, BootCheckError):
-            raise seen
         return seen
 
     monkeypatch.setattr(LocalTarget, "boot_check", boot_check)
@@ -133,15 +131,6 @@ def test_a_windows_stop_code_keeps_the_os_hint(tmp_path, small_vmdk):
     with pytest.raises(BootCheckError) as raised:
         migrate(small_vmdk, 143, target=ScriptedBoot(tmp_path / "target", report(BOOT_FAILED, stop)))
     assert "0x0000007B" in raised.value.message and raised.value.hint and "--os" in raised.value.hint
-
-
-def test_a_target_that_still_raises_on_a_failed_boot_is_recorded_too(tmp_path, small_vmdk, monkeypatch):
-    scripted(monkeypatch, BootCheckError("VM 144: the firmware found no bootable disk", hint="check it"))
-    with pytest.raises(BootCheckError) as raised:
-        migrate(small_vmdk, 144, target=local_target(tmp_path / "target", accel="tcg"))
-    assert str(raised.value) == "VM 144: the firmware found no bootable disk (hint: check it)"
-    stage = recorded(tmp_path / "target", 144)["stages"]["boot"]["result"]
-    assert (stage["outcome"], stage["signal"]) == (BOOT_FAILED, "VM 144: the firmware found no bootable disk")
 
 
 # -- the command ---------------------------------------------------------------------------------------------

@@ -97,6 +97,33 @@ def test_boot_disk_reads_then_settle_is_up() -> None:
     assert w.signs["boot disk reads"] == {"at": 3.0, "value": OS_READ_BYTES}
 
 
+def test_where_resets_are_not_seen_reads_that_go_on_at_a_boot_s_pace_are_not_up() -> None:
+    """PVE's API shows no resets: a boot loop (a blue screen's automatic restart) is one long boot
+    whose reads never level off. Measured on the simulator: the no-driver stand-in on virtio read
+    100 MiB in 21 s, ten of its 10 MiB boots."""
+    w = watch(timeout=60.0, resets_seen=False)
+    t = 0.0
+    while t < 60.0:
+        t += 2.0
+        w.observe_io(t, reads(int(t / 2) * 10 * MiB))  # another boot's worth every 2 s
+        verdict = w.look("", "", t)
+        assert verdict is None or verdict.outcome != BOOT_UP, verdict
+    assert verdict is not None and verdict.outcome == BOOT_UNCONFIRMED
+    assert "its reads never levelled off" in verdict.signal, verdict.signal
+
+
+def test_where_resets_are_not_seen_reads_that_level_off_are_up() -> None:
+    w = watch(resets_seen=False)
+    w.observe_io(2.0, reads(10 * MiB))
+    w.observe_io(4.0, reads(19 * MiB))  # still loading (another boot's worth: the settle starts over)
+    w.observe_io(6.0, reads(21 * MiB))  # then quiet
+    assert w.look("", "", 4.0 + SETTLE - 0.1) is None
+    verdict = w.look("", "", 4.0 + SETTLE)
+    assert verdict is not None and verdict.outcome == BOOT_UP
+    assert verdict.signal == f"boot disk reads (19 MiB), then {SETTLE:g}s with its reads levelled off (no resets " \
+                             "seen here)", verdict.signal
+
+
 def test_reads_of_another_disk_are_no_sign() -> None:
     w = watch(timeout=30.0)
     w.observe_io(1.0, GuestIO(reads={"scsi1": 100 * MiB, "scsi0": 4096}))

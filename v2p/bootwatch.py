@@ -147,11 +147,15 @@ class BootWatch:
 
     ``boot_disk``: the config key of the disk the firmware boots (its block I/O sign), None if
     none. ``boot_nics``: NICs in the boot order (a firmware may PXE there: no network sign).
+    ``resets_seen``: whether the target passes the guest's resets on. Where it cannot (PVE's API
+    shows none), a boot loop is one long boot that keeps reading its disk, so the block I/O sign
+    there also needs the reads to level off: the settle starts over whenever the boot disk has read
+    another ``os_read_bytes`` (another boot's worth) within it.
     """
 
     def __init__(self, vmid: int, *, timeout: float, settle: float = SETTLE, started: float,
                  boot_disk: str | None = None, boot_nics: Collection[str] = (),
-                 os_read_bytes: int = OS_READ_BYTES, serial_log: str = "") -> None:
+                 os_read_bytes: int = OS_READ_BYTES, serial_log: str = "", resets_seen: bool = True) -> None:
         self.vmid = vmid
         self.timeout = timeout
         self.settle = settle
@@ -160,11 +164,14 @@ class BootWatch:
         self.boot_nics = frozenset(boot_nics)
         self.os_read_bytes = os_read_bytes
         self.serial_log = serial_log
+        self.resets_seen = resets_seen
         self.resets = 0
         self.signs: dict[str, dict[str, Any]] = {}
         self.io = GuestIO()  # the last sample
         self._base = GuestIO()  # the counters at the last reset: a sign counts what came after
         self._candidate: tuple[str, float] | None = None  # (signal, since) of an unsettled I/O sign
+        self._disk_mark: int | None = None  # the boot disk's reads when its sign's settle began
+        self._restarts = 0  # settles started over by more reads (resets_seen False)
         self._stopped: tuple[str, str | None] | None = None  # (event, reason)
         self._panicked = False
         self._verdict: Verdict | None = None
@@ -179,7 +186,12 @@ class BootWatch:
             read = io.reads.get(self.boot_disk, 0) - self._base.reads.get(self.boot_disk, 0)
             if read >= self.os_read_bytes:
                 self._sign(now, "boot disk reads", read)
-                self._candidate = self._candidate or (f"boot disk reads ({mib(read)})", now)
+                again = self._disk_mark is not None and read - self._disk_mark >= self.os_read_bytes
+                if self._candidate is None or (again and not self.resets_seen):
+                    if again:
+                        self._restarts += 1
+                        self._sign(now, "boot disk kept reading", read)
+                    self._candidate, self._disk_mark = (f"boot disk reads ({mib(read)})", now), read
         for nic, count in sorted(io.sent.items()):
             sent = count - self._base.sent.get(nic, 0)
             if nic not in self.boot_nics and sent > 0:
@@ -205,7 +217,7 @@ class BootWatch:
         self._sign(now, "resets", self.resets)
         self.signs["resets"]["value"] = self.resets  # when the first came, how many in all
         self._base = self.io
-        self._candidate = None
+        self._candidate, self._disk_mark = None, None
 
     # -- deciding ---------------------------------------------------------
     def look(self, serial: str, firmware: str, now: float) -> Verdict | None:
@@ -235,7 +247,8 @@ class BootWatch:
         if self._stopped is not None:
             return self._stopped_verdict(now)
         if self._candidate is not None and now - self._candidate[1] >= self.settle:
-            return Verdict(BOOT_UP, f"{self._candidate[0]}, then {self.settle:g}s without a reset")
+            calm = "without a reset" if self.resets_seen else "with its reads levelled off (no resets seen here)"
+            return Verdict(BOOT_UP, f"{self._candidate[0]}, then {self.settle:g}s {calm}")
         if now - self.started >= self.timeout:
             return Verdict(BOOT_UNCONFIRMED, f"no sign of an OS within {self.timeout:g}s: {self.seen()}")
         return None
@@ -262,6 +275,9 @@ class BootWatch:
             words.append(f"the firmware handed over at {self.signs['firmware handover']['at']}s")
         if self.resets:
             words.append(f"{self.resets} reset(s)")
+        if self._restarts:
+            words.append(f"its reads never levelled off ({self._restarts + 1} boots' worth): resets cannot be "
+                         "seen here, so a boot loop looks the same")
         return ", ".join(words) or "nothing"
 
     def report(self, now: float, *, serial: str = "", firmware: str = "", accel: str = "",

@@ -39,7 +39,7 @@ from .options import (
     parse_vmid,
     parse_whole,
 )
-from .stages import BOOT_SKIPPED, STAGES, boot_exit_code, boot_outcome, boot_words
+from .stages import BOOT_SKIPPED, STAGES, boot_exit_code, boot_outcome, boot_words, dance_boot
 from .storage import KINDS
 from .targets.base import BOOT_FAILED, BOOT_UP
 
@@ -352,8 +352,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                            drivers_iso=args.drivers_iso, net_drivers=args.net_drivers, arch=args.arch,
                            dance_wait=args.dance_wait, boot_wait=args.boot_wait,
                            shutdown_timeout=args.shutdown_timeout, start=args.start, on_event=_Printer())
-        print(f"VM {args.vmid} now boots from {result['system_disk']}")
-        return 0
+        boot = dance_boot(result)  # boot 2 on virtio, judged as any boot check (a failed one rolled back)
+        print(f"VM {args.vmid} now boots from {result['system_disk']}; {boot_words(boot['outcome'], boot['signal'])}")
+        return boot_exit_code(boot["outcome"])
     return _vm(args, target)
 
 

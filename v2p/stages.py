@@ -452,9 +452,9 @@ class Drivers(Stage):
 
 
 BOOT_SKIPPED = "skipped"  # no boot check (--no-boot-check): nothing was seen, nothing is claimed
-# The targets' words before issue 17, in new state files until every target returns the three outcomes,
-# and in the records of migrations made before: a guest that powered itself off did so through ACPI,
-# which only a running OS does; one still running at the end showed no sign either way.
+# The targets' words before the three outcomes, in the records of migrations made before: a guest that
+# powered itself off did so through ACPI, which only a running OS does; one still running at the end
+# showed no sign either way.
 _OLD_OUTCOMES = {"powered-off": (BOOT_UP, "the guest shut itself down"), "running": (BOOT_UNCONFIRMED, "")}
 # What to do about a failed boot, by the sign that said so (the signal's words, bootwatch's names).
 _FAILED_HINTS = (
@@ -532,21 +532,19 @@ class BootCheck(Stage):
 
     def run(self, ctx: Context) -> Record:
         dance = ctx.records.get("drivers", {})
-        if dance.get("confirmed"):
-            seen = _danced(dance)
+        boot2 = dance.get("boot2")
+        boot2 = boot2 if isinstance(boot2, dict) else {}
+        if dance.get("confirmed") or boot2.get("outcome") == BOOT_UNCONFIRMED:
+            # The dance's boot 2 (on virtio) was a boot check of this very layout: a second one would
+            # see what it saw (an unconfirmed boot 2 stays unconfirmed, it is not booted again).
+            seen = dance_boot(dance)
             if seen["outcome"] == BOOT_FAILED:
                 raise BootFailed(f"VM {ctx.vmid} did not boot on virtio: {seen['signal']}",
                                  hint=failed_hint(seen["signal"]), record=seen)
             return {"skipped": "the driver dance's second boot (on virtio) was the boot check", **seen}
         if not ctx.options.boot_check:
             return {"skipped": True}
-        try:
-            report = ctx.target.boot_check(ctx.vmid, timeout=ctx.options.boot_timeout)
-        except BootFailed:
-            raise
-        except BootCheckError as exc:  # a target that still raises on a failed boot (before issue 17)
-            record: Record = {"outcome": BOOT_FAILED, "signal": exc.message, "signs": {}}
-            raise BootFailed(exc.message, hint=exc.hint, record=record) from exc
+        report = ctx.target.boot_check(ctx.vmid, timeout=ctx.options.boot_timeout)
         # A real guest prints hundreds of kernel lines: its last words are what tell.
         lines = [line.strip() for line in clean(report.serial).splitlines() if line.strip()]
         for line in lines[-GUEST_LINES:]:
@@ -578,9 +576,10 @@ class BootCheck(Stage):
         return not (ctx.options.boot_check and record.get("skipped") is True)
 
 
-def _danced(dance: Record) -> Record:
-    """The boot outcome of a driver dance whose second boot (on virtio) showed the guest up: the
-    dance's own boot-2 record where it says one, else up (the dance rolls back any other end)."""
+def dance_boot(dance: Record) -> Record:
+    """The boot outcome of a driver dance's second boot (on virtio): its own boot-2 record where it
+    says one (up or unconfirmed: the dance rolls back a failed one), else up (a record from before
+    boot checks had outcomes, which the dance kept only when it saw the guest up)."""
     boot2 = dance.get("boot2")
     boot2 = boot2 if isinstance(boot2, dict) else {}
     outcome, signal = boot_outcome(boot2 if "outcome" in boot2 else None)

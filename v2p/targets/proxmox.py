@@ -720,8 +720,10 @@ class ProxmoxTarget(Target):
         if not self.settings.on_node:
             notes.append("no serial console (v2p is not on the node): watched through PVE's status "
                          "(boot disk reads, NIC bytes sent)" + (" and the guest agent" if agent else ""))
+        # PVE's API shows no guest resets (vmstatus has no such counter; QEMU's RESET events go to
+        # qmeventd only for a shutdown): a boot loop must show in the reads levelling off or not.
         watch = BootWatch(vmid, timeout=timeout, settle=settle, started=started,
-                          boot_disk=boot_disk, boot_nics=boot_nics,
+                          boot_disk=boot_disk, boot_nics=boot_nics, resets_seen=False,
                           serial_log=f"{self._serial_socket(vmid)} on node {self.settings.node}")
         try:
             while True:
