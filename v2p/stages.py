@@ -447,6 +447,7 @@ class Drivers(Stage):
         options = DanceOptions(bus=ctx.options.bus or "virtio",
                                iso_volid=ctx.records["preflight"]["drivers_iso"],
                                net_drivers=ctx.options.net_drivers, boot1_wait=ctx.options.dance_wait,
+                               boot2_wait=ctx.options.boot_timeout,  # boot 2 is this migration's boot check
                                shutdown_timeout=ctx.options.shutdown_timeout)
         return DriverDance(ctx.target, ctx.vmid, options, emit=ctx.emit).run()
 
