@@ -163,6 +163,18 @@ def test_serial_signs_are_up_at_once(text: str) -> None:
     assert verdict is not None and verdict.outcome == BOOT_UP and verdict.signal.endswith("on the serial console")
 
 
+def test_a_sign_read_elsewhere_is_up_unless_a_failure_shows() -> None:
+    w = watch()
+    w.ready(4.0, "the guest agent answered", "Debian GNU/Linux 12")
+    verdict = w.look("", "", 4.0)
+    assert verdict is not None and verdict.outcome == BOOT_UP
+    assert verdict.signal == "the guest agent answered (Debian GNU/Linux 12)"
+    w = watch()
+    w.ready(4.0, "the guest agent answered", "Windows")
+    verdict = w.look("Stop code: CRITICAL_PROCESS_DIED", "", 4.0)
+    assert verdict is not None and verdict.outcome == BOOT_FAILED
+
+
 def test_an_acpi_power_off_is_up() -> None:
     w = watch()
     w.event(6.0, "SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})

@@ -174,6 +174,7 @@ class BootWatch:
         self._restarts = 0  # settles started over by more reads (resets_seen False)
         self._stopped: tuple[str, str | None] | None = None  # (event, reason)
         self._panicked = False
+        self._ready: str | None = None  # a positive sign fed through ``ready``
         self._verdict: Verdict | None = None
 
     # -- feeding ----------------------------------------------------------
@@ -211,6 +212,13 @@ class BootWatch:
             self._stopped = (name, None if reason is None else str(reason))
             self._sign(now, "stopped", reason or "on its own")
 
+    def ready(self, now: float, sign: str, value: Any = True) -> None:
+        """A positive sign the target read elsewhere (the guest agent answering): up at the next
+        ``look``, unless that look finds a failure sign first."""
+        self._sign(now, sign, value)
+        if self._ready is None:
+            self._ready = sign if value is True else f"{sign} ({value})"
+
     def reset(self, now: float, firmware: str = "") -> None:
         """The guest reset (QMP ``RESET``): an I/O sign starts over from the counters now."""
         self.resets += 1
@@ -244,6 +252,8 @@ class BootWatch:
         if sign:
             self._sign(now, sign, True)
             return Verdict(BOOT_UP, f"{sign} on the serial console")
+        if self._ready is not None:
+            return Verdict(BOOT_UP, self._ready)
         if self._stopped is not None:
             return self._stopped_verdict(now)
         if self._candidate is not None and now - self._candidate[1] >= self.settle:

@@ -17,7 +17,6 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -36,7 +35,7 @@ from ..interrupts import check as check_interrupts
 from ..options import OptionError
 from ..state import Leftovers
 from ..storage import Storage
-from .base import BOOT_FAILED, BOOT_UP, BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
+from .base import BOOT_FAILED, BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
 from .pve_import import RemoteImportSink
 from .pve_kinds import FILE_KINDS, disk_format
 from .pve_releases import LIST_IMPORT, PveRelease
@@ -734,14 +733,11 @@ class ProxmoxTarget(Target):
                     watch.event(now, STOPPED)
                 elif io.reads or io.sent or io.panicked:  # none: qemu-server's QMP queries failed this time
                     watch.observe_io(now, io)
-                serial = self.guest_output(vmid)
-                verdict = watch.look(serial, "", now)
-                if verdict is None and io is not None and agent:
+                if io is not None and agent:
                     name = self._agent(vmid)
                     if name:
-                        report = watch.report(now, serial=serial, notes=notes)
-                        report.signs["guest agent"] = {"at": report.seconds, "value": name}
-                        return replace(report, outcome=BOOT_UP, signal=f"the guest agent answered ({name})")
+                        watch.ready(now, "the guest agent answered", name)
+                verdict = watch.look(self.guest_output(vmid), "", now)
                 if verdict is not None:
                     if verdict.outcome == BOOT_FAILED:
                         self.stop(vmid, timeout=5)
