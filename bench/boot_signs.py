@@ -135,6 +135,9 @@ def measure(target: LocalTarget, vmid: int, disk: Path, extra: dict[str, str], s
                 else:
                     watch.event(time.monotonic(), name, event.get("data"))
             if not target._vm(vmid).running():
+                verdict = watch.look(serial, firmware, time.monotonic())  # the events of its last moments
+                if verdict is not None and verdict_at is None:
+                    verdict_at = (round(time.monotonic() - started, 2), verdict.outcome, verdict.signal)
                 break
     finally:
         target._monitors.pop(vmid, None)

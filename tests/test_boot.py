@@ -374,3 +374,13 @@ def test_a_bios_disk_under_ovmf_fails(tmp_path: Path, samples: Path) -> None:
     assert re.search(r'No bootable option or device was found|starting Boot\w+ "EFI Internal Shell"',
                      report.signal), report.signal
     assert report.seconds < 60, report
+
+
+@pytest.mark.slow
+def test_a_boot_loader_at_its_rescue_prompt_fails(tmp_path: Path, samples: Path) -> None:
+    """GRUB 2 without its prefix partition, as it really prints it (sample_images/dead.asm, on the
+    screen and COM1): failed on its words, long before the timeout, never up."""
+    report = boot(tmp_path, samples / "dead" / "grubrescue.raw", timeout=60)
+    assert report.outcome == BOOT_FAILED, report
+    assert report.signal.startswith("the boot loader is stranded: "), report.signal
+    assert report.seconds < 15, report
