@@ -16,7 +16,7 @@ import os
 import queue
 import shlex
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +46,9 @@ from .sources import DiskSource, Source, open_source
 from .spec import DiskSpec, VMSpec
 from .stages import boot_layout, boot_outcome, check_drivers, check_rules
 from .state import MigrationState, VmidLock, list_states
+from .targets import make_target
 from .targets.base import Target
+from .targets.kind_local import local_target
 from .targets.local import LocalTarget
 
 __all__ = ["LocalTarget", "Migration", "MigrationStatus", "Row", "Target", "TargetSpec", "VMReport", "dance",
@@ -55,87 +57,6 @@ __all__ = ["LocalTarget", "Migration", "MigrationStatus", "Row", "Target", "Targ
 
 # What a target may be given as: a Target, or what ``make_target`` takes (a URL, "local", a dict).
 TargetSpec = Target | str | dict[str, Any] | None
-
-
-TARGET_KEYS = ("kind", "dir", "url", "accel")
-ACCELS = ("auto", "kvm", "tcg")
-
-
-def _check_target_spec(where: object) -> None:
-    """What ``make_target`` takes, by type: a wrong one is an ``OptionError`` naming ``target``."""
-    if where is not None and not isinstance(where, (str, dict)):
-        raise OptionError(f"target={shown(where)}: must be \"local\", a pve:// URL, a dict such as "
-                          '{"kind": "local", "dir": ...}, or a Target')
-    if isinstance(where, str):
-        check_text("--target", where)
-    if isinstance(where, dict):
-        for key, value in where.items():
-            if key not in TARGET_KEYS:
-                raise OptionError(f"target: unknown key {shown(key)}",
-                                  hint="a target dict has " + ", ".join(TARGET_KEYS))
-            if key == "dir":
-                check_text("target: dir", value)
-            elif not isinstance(value, str):
-                raise OptionError(f"target: {key}={shown(value)}: must be text")
-
-
-def make_target(where: str | dict[str, Any] | None = None, *, directory: str | os.PathLike[str] | None = None,
-                accel: str = "auto", secret: str | None = None, env: Mapping[str, str] | None = None) -> Target:
-    """A target from a URL or a dict: ``None``/``"local"``/``{"kind": "local", "dir": ...}`` is the embedded
-    QEMU target, ``"pve://[user@realm[!token]@]host[:port]/node?storage=..."`` a Proxmox VE node.
-
-    A PVE secret never comes from the URL. It is ``secret`` when given; else ``$V2P_PVE_TOKEN`` /
-    ``$V2P_PVE_PASSWORD`` or the secrets file, sent only to the host the environment configures
-    (``$V2P_PVE_HOST`` or pve.conf): a URL naming any other is refused. ``env`` (``os.environ`` from the
-    CLI and plans, whose URLs are the operator's own) vouches for the URL: that environment's secret goes
-    to whatever host it names. Never pass ``env`` for a URL a client sent."""
-    _check_target_spec(where)
-    if isinstance(where, dict):
-        where = dict(where)
-        kind = where.pop("kind", "local")
-        if kind == "local":
-            return local_target(where.get("dir", directory), accel=where.get("accel", accel))
-        if kind == "proxmox" and "url" in where:
-            where = str(where["url"])
-        else:
-            raise OptionError(f"unknown target {kind!r}", hint='use {"kind": "local"} or {"kind": "proxmox", '
-                              '"url": "pve://..."}')
-    if where is None or where == "local":
-        return local_target(directory, accel=accel)
-    if where == "pve" or where.startswith("pve://"):  # "pve": every setting from the environment or pve.conf
-        from .targets.proxmox import ProxmoxTarget, target_from_url
-
-        try:
-            settings = target_from_url(where, None if env is None else dict(env), secret=secret)
-        except ValueError as exc:  # what urllib refuses: an unclosed [IPv6 address, a port out of range
-            raise OptionError(f"--target {shown(where)}: not a URL v2p can read ({exc})",
-                              hint="pve://[USER@REALM[!TOKENID]@]HOST[:PORT]/NODE") from None
-        return ProxmoxTarget(settings)
-    raise OptionError(f"--target {where!r}: not a target v2p knows", hint="use local or pve://HOST/NODE")
-
-
-def local_target(directory: str | os.PathLike[str] | None = None, *, accel: str = "auto") -> LocalTarget:
-    """The embedded QEMU target (``V2P_TARGET_DIR`` or the XDG data dir by default)."""
-    # An empty folder name (an unset shell variable, most likely) must not quietly mean the default one.
-    if directory is not None and not isinstance(directory, (str, os.PathLike)):
-        check_text("--target-dir", directory)
-    if directory is not None and not os.fspath(directory):
-        raise OptionError("--target-dir is empty", hint="give a directory, or leave the option out for "
-                          "$V2P_TARGET_DIR or ~/.local/share/v2p/local")
-    if directory is None and os.environ.get("V2P_TARGET_DIR") == "":
-        raise OptionError("$V2P_TARGET_DIR is set but empty",
-                          hint="set it to a directory, or unset it for ~/.local/share/v2p/local")
-    if accel not in ACCELS:
-        raise OptionError(f"--accel {shown(accel)}: must be one of " + ", ".join(ACCELS))
-    folder = check_text("--target-dir", directory, optional=True)
-    if folder is not None:
-        # The kernel's own file systems take no folders of ours: say so now, not as an OSError mid-run.
-        real = os.path.realpath(folder)
-        for kernel in ("/proc", "/sys"):
-            if real == kernel or real.startswith(kernel + "/"):
-                raise OptionError(f"--target-dir {shown_path(folder)} is under {kernel}, the kernel's own file "
-                                  "system: refused", hint="give a folder on a disk")
-    return LocalTarget(Path(folder) if folder is not None else None, accel=accel)
 
 
 AUTO = "auto"  # the VMID that means: the next free one on the target

@@ -41,7 +41,9 @@ from .options import (
 )
 from .stages import BOOT_SKIPPED, STAGES, boot_exit_code, boot_outcome, boot_words, dance_boot
 from .storage import KINDS
+from .targets import KINDS as TARGET_KINDS
 from .targets.base import BOOT_FAILED, BOOT_UP
+from .targets.kind_local import ACCELS
 
 EXAMPLES = """examples:
   v2p inspect win7.vmdk
@@ -94,12 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show every external command run (argv, exit status, seconds) on stderr, and "
                         "tracebacks on errors")
     parser.add_argument("--target", default="local", metavar="TARGET",
-                        help="where VMs go: local (default: the embedded QEMU target) or "
-                        "pve://[USER@REALM[!TOKENID]@]HOST[:PORT]/NODE[?storage=...&fingerprint=...] (the secret "
-                        "from $V2P_PVE_TOKEN or $V2P_PVE_PASSWORD, never the command line)")
+                        help="where VMs go: " + " or ".join(kind.usage for kind in TARGET_KINDS.values()))
     parser.add_argument("--target-dir", type=_target_dir, help="local target directory (default: $V2P_TARGET_DIR "
                         "or ~/.local/share/v2p/local)")
-    parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+    parser.add_argument("--accel", choices=ACCELS, default="auto",
                         help="QEMU acceleration for the local target (default: auto)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

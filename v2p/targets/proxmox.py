@@ -27,7 +27,7 @@ from proxmoxer.backends.command_base import JsonSimpleSerializer
 from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, ProxmoxHttpSession
 from proxmoxer.core import ProxmoxResource
 
-from .. import pveconfig
+from .. import credentials, pveconfig
 from ..bootwatch import SETTLE, STOPPED, BootWatch, boot_devices
 from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, TaskStillRunning, VMIDExistsError
 from ..fsutil import data_home, private_dir
@@ -41,7 +41,6 @@ from .pve_kinds import FILE_KINDS, disk_format
 from .pve_releases import LIST_IMPORT, PveRelease
 from .pve_settings import PveSettings, target_from_url
 from .pve_transport import (
-    FingerprintAdapter,
     UploadFile,
     _connection_error,
     _PveshSession,
@@ -259,7 +258,7 @@ class ProxmoxTarget(Target):
         self._waited: list[str] = []  # UPIDs of the tasks waited for: the state records them
         self._release: PveRelease | None = None  # GET /version's answer, asked once
         self._warnings: list[str] = []  # what the tasks that ended WARNINGS: n warned of, oldest first
-        verify: bool = not (settings.insecure or settings.fingerprint)
+        verify = credentials.verifies(fingerprint=settings.fingerprint, insecure=settings.insecure)
         self.verify = verify
         if settings.backend == "local":
             self.session = _PveshSession(timeout=max(settings.timeout, TASK_TIMEOUT))
@@ -293,9 +292,8 @@ class ProxmoxTarget(Target):
     def _pinned(self, session: Any) -> Any:
         """``session`` with the certificate pin, if one is set."""
         settings = self.settings
-        if settings.fingerprint and not settings.insecure:
-            session.mount(f"https://{settings.host}:{settings.port}/", FingerprintAdapter(settings.fingerprint))
-        return session
+        return credentials.pinned(session, f"https://{settings.host}:{settings.port}/", settings.fingerprint,
+                                  insecure=settings.insecure)
 
     def __repr__(self) -> str:
         return f"ProxmoxTarget({self.settings.host}:{self.settings.port}/{self.settings.node})"

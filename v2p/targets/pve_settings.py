@@ -7,6 +7,9 @@ host the environment configures, unless the caller vouches for the URL by passin
 (the CLI does: its ``--target`` is the operator's own). A URL from anyone else gets no secret but one the
 caller passes.
 
+The rules for secrets and pinning (what a secret may hold, the 0600 file, whose secret goes where) are
+``v2p.credentials``'; here the PVE names for them.
+
 Not here: talking to PVE (``pve_transport``), the target itself (``proxmox``).
 """
 
@@ -14,20 +17,19 @@ from __future__ import annotations
 
 import os
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ..fsutil import read_regular
+from .. import credentials
+from ..credentials import Endpoint, read_operators_file, yes_no
 from ..options import OptionError
 
 DEFAULT_PORT = 8006
 TOKEN_ENV = "V2P_PVE_TOKEN"
 PASSWORD_ENV = "V2P_PVE_PASSWORD"
 SECRETS_ENV = "V2P_PVE_SECRETS"
-CONFIG_LIMIT = 1 << 20  # pve.conf and pve-secrets: a few lines each
-_FINGERPRINT = re.compile(r"[0-9a-fA-F]{2}(?::?[0-9a-fA-F]{2}){31}")
+SECRETS_FILE = "PVE secrets file"
 
 
 @dataclass
@@ -53,70 +55,18 @@ class PveSettings:
                 "user": self.user + (f"!{self.token_id}" if self.token_id else "")}
 
 
-def _bool(value: str, where: str) -> bool:
-    if value.lower() in ("1", "yes", "true", "on"):
-        return True
-    if value.lower() in ("0", "no", "false", "off", ""):
-        return False
-    raise OptionError(f"{where}: {value!r} is not a yes/no value", hint="use 1 or 0")
-
-
 def clean_secret(value: str, where: str, *, token: bool) -> str:
-    """``value`` without the one line end a file leaves (``\\n``, ``\\r\\n``); refused, never echoed, when
-    anything else in it is a control character (or, for a token, which travels in an HTTP header, not
-    printable ASCII)."""
-    if not isinstance(value, str):
-        raise OptionError(f"{where}: the secret is not a string")
-    value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
-    if token:
-        bad = any(not 0x21 <= ord(char) <= 0x7e for char in value)
-        allowed = "printable ASCII without spaces"
-    else:
-        bad = any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value)
-        allowed = "no control characters"
-    if bad:
-        raise OptionError(f"{where}: the secret holds a control or other character a secret cannot have "
-                          f"(a line break inside it?): refused", hint=f"a PVE secret is {allowed}; "
-                          "copy it again from the node")
-    return value
-
-
-def _read_operators_file(path: Path, what: str) -> str:
-    """The operator's own file (it may be a link, e.g. to a mounted secret): a regular file read
-    without blocking (a FIFO there would hang every command) and bounded, as UTF-8 text."""
-    try:
-        return read_regular(path, CONFIG_LIMIT, what=what, error=OptionError).decode()
-    except UnicodeDecodeError:
-        raise OptionError(f"{path}: the {what} is not UTF-8 text") from None
+    """A PVE secret as ``credentials.clean_secret`` accepts it."""
+    return credentials.clean_secret(value, where, token=token)
 
 
 def read_secrets_file(path: Path) -> dict[str, str]:
     """``key = value`` lines (``token``, ``password``); refused if others may read it."""
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise OptionError(f"{path}: cannot read the PVE secrets file: {exc.strerror}") from None
-    text = _read_operators_file(path, "PVE secrets file")
-    if info.st_mode & 0o077:
-        raise OptionError(f"{path}: the PVE secrets file is readable by others",
-                          hint=f"chmod 600 {path}")
-    found: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or key.strip() not in ("token", "password"):
-            raise OptionError(f"{path}:{number}: expected 'token = SECRET' or 'password = SECRET'")
-        found[key.strip()] = clean_secret(value.strip(), f"{path}:{number}", token=key.strip() == "token")
-    return found
-
-
-def _config_home(env: dict[str, str]) -> Path:
-    return Path(env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config"))
+    return credentials.read_secrets_file(path, what=SECRETS_FILE)
 
 
 def _default_secrets_file(env: dict[str, str]) -> Path:
-    return _config_home(env) / "v2p" / "pve-secrets"
+    return credentials.config_home(env) / "v2p" / "pve-secrets"
 
 
 # Every setting but the secret, by the name the URL query, the config file and (upper-cased, - as _,
@@ -132,7 +82,7 @@ def _env_name(key: str) -> str:
 
 def read_config_file(path: Path) -> dict[str, str]:
     """``key = value`` lines of the settings above; secrets are refused (they go in pve-secrets)."""
-    text = _read_operators_file(path, "PVE settings file")
+    text = read_operators_file(path, "PVE settings file")
     found: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -203,7 +153,7 @@ def target_from_url(url: str, env: dict[str, str] | None = None, *, secret: str 
     """
     vouched = env is not None
     env = dict(os.environ) if env is None else env
-    config = Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else _config_home(env) / "v2p" / "pve.conf"
+    config = Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else credentials.config_home(env) / "v2p" / "pve.conf"
     values = read_config_file(config) if env.get(CONFIG_ENV) or config.exists() else {}
     values.update({key: env[_env_name(key)] for key in SETTINGS if env.get(_env_name(key))})
     configured = dict(values)
@@ -243,13 +193,10 @@ def target_from_url(url: str, env: dict[str, str] | None = None, *, secret: str 
     settings.storage = values.get("storage", settings.storage)
     settings.import_storage = values.get("import", settings.import_storage)
     if "fingerprint" in values:
-        value = values["fingerprint"]
-        if not _FINGERPRINT.fullmatch(value):
-            raise OptionError(f"{where}: fingerprint {value!r} is not a SHA-256 (64 hex digits)",
-                              hint="see: pvenode cert info on the node")
-        settings.fingerprint = value.replace(":", "").lower()
-    settings.insecure = _bool(values.get("insecure", ""), f"{where}: insecure")
-    settings.on_node = _bool(values.get("on-node", ""), f"{where}: on-node")
+        settings.fingerprint = credentials.fingerprint(values["fingerprint"], where,
+                                                       hint="see: pvenode cert info on the node")
+    settings.insecure = yes_no(values.get("insecure", ""), f"{where}: insecure")
+    settings.on_node = yes_no(values.get("on-node", ""), f"{where}: on-node")
     if "timeout" in values:
         try:
             settings.timeout = float(values["timeout"])
@@ -272,22 +219,14 @@ def target_from_url(url: str, env: dict[str, str] | None = None, *, secret: str 
     return settings
 
 
-def _endpoint(values: dict[str, str]) -> tuple[str, str, bool, str]:
-    """Where a secret would go and how the host is checked: host, port, insecure, fingerprint."""
-    insecure = values.get("insecure", "").lower() in ("1", "yes", "true", "on")
-    port = values.get("port") or str(DEFAULT_PORT)
-    return (values.get("host", "").lower(), str(int(port)) if port.isdigit() else port, insecure,
-            values.get("fingerprint", "").replace(":", "").lower())
-
-
 def _configured_here(settings: PveSettings, configured: dict[str, str]) -> None:
     """Refuse unless ``settings`` talk to the host the environment (or pve.conf) configures, checked the
     way it says: the environment's secret is that host's, not a URL's from somewhere else."""
-    host, port, insecure, fingerprint = _endpoint(configured)
-    if (settings.host.lower(), str(settings.port), settings.insecure, settings.fingerprint or "") \
-            == (host, port, insecure, fingerprint) and host:
+    wanted = Endpoint.of(configured, DEFAULT_PORT)
+    if Endpoint(settings.host.lower(), str(settings.port), settings.insecure, settings.fingerprint or "") == wanted \
+            and wanted.host:
         return
-    there = f"{host}:{port}" if host else "no host"
+    there = f"{wanted.host}:{wanted.port}" if wanted.host else "no host"
     raise OptionError(f"the PVE target {settings.host}:{settings.port} is not the host this environment configures "
                       f"({there}, with its certificate check): its secret is not sent there",
                       hint="pass that host's secret yourself (make_target(url, secret=...)), or configure the host: "
@@ -296,13 +235,10 @@ def _configured_here(settings: PveSettings, configured: dict[str, str]) -> None:
 
 def _secret(settings: PveSettings, env: dict[str, str]) -> str:
     name, key = (TOKEN_ENV, "token") if settings.token_id else (PASSWORD_ENV, "password")
-    if env.get(name) and env[name] not in ("\n", "\r\n"):
-        return clean_secret(env[name], f"${name}", token=bool(settings.token_id))
     path = Path(env[SECRETS_ENV]) if env.get(SECRETS_ENV) else _default_secrets_file(env)
-    if path.exists() or env.get(SECRETS_ENV):
-        value = read_secrets_file(path).get(key)
-        if value:
-            return value
+    value = credentials.find_secret(env, name, key, path, named=bool(env.get(SECRETS_ENV)), what=SECRETS_FILE)
+    if value:
+        return value
     what = f"the secret of API token {settings.user}!{settings.token_id}" if settings.token_id \
         else f"the password of {settings.user}"
     raise OptionError(f"no {key} for the PVE target: {what} is needed",

@@ -1,5 +1,5 @@
-"""How v2p talks to PVE: form values as PVE reads them, TLS pinned to a certificate fingerprint, the
-ticket login through that pinned session, one-line connection errors, the file an upload streams,
+"""How v2p talks to PVE: form values as PVE reads them, the ticket login through the session pinned to
+the node's certificate (the pin itself: ``v2p.credentials``), one-line connection errors, the file an upload streams,
 and pvesh (proxmoxer's local backend) run through v2p's runner.
 
 Not here: what the calls mean (``proxmox``), where the node is (``pve_settings``).
@@ -18,8 +18,8 @@ from typing import Any
 import requests
 from proxmoxer.backends.command_base import CommandBaseSession
 from proxmoxer.backends.https import ProxmoxHTTPAuthBase
-from requests.adapters import HTTPAdapter
 
+from ..credentials import tls_refusal
 from ..errors import TargetError
 from ..interrupts import check as check_interrupts
 from ..runner import run, which
@@ -46,19 +46,6 @@ def form(values: dict[str, Any]) -> dict[str, str]:
             continue
         out[key] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     return out
-
-
-class FingerprintAdapter(HTTPAdapter):
-    """Accept exactly the peer certificate whose SHA-256 is ``fingerprint`` (urllib3 checks the
-    digest of the certificate the server presented, on every new connection)."""
-
-    def __init__(self, fingerprint: str) -> None:
-        self.fingerprint = fingerprint
-        super().__init__()
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["assert_fingerprint"] = self.fingerprint
-        super().init_poolmanager(*args, **kwargs)
 
 
 class _TicketAuth(ProxmoxHTTPAuthBase):  # type: ignore[misc]
@@ -103,10 +90,11 @@ class _TicketAuth(ProxmoxHTTPAuthBase):  # type: ignore[misc]
 
 def _connection_error(url: str, exc: Exception) -> TargetError:
     text = str(exc)
-    if "Fingerprints did not match" in text:
+    refused = tls_refusal(exc)
+    if refused == "pin":
         return TargetError(f"PVE at {url}: the server's certificate does not have the pinned fingerprint",
                            hint="compare with 'pvenode cert info' on the node; refused")
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+    if refused == "untrusted":
         return TargetError(f"PVE at {url}: its TLS certificate is not trusted",
                            hint="pin it: add ?fingerprint=<SHA-256 from 'pvenode cert info'> to the URL")
     # The text names the URL and the socket's complaint, never a header (where a token would be).
