@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import yaml
 
 from . import api, drivers, pveconfig, rules, stages
-from .errors import StateError, TargetError, V2PError, one_line, shown_path
-from .fsutil import describe_mode, read_regular
+from .credentials import SECRET_NAME
+from .errors import StateError, V2PError, one_line
+from .fsutil import read_regular
 from .options import (
     BIOSES,
     BUSES,
@@ -42,7 +42,9 @@ from .options import (
 )
 from .sources import open_source
 from .state import MigrationState
+from .targets import KINDS, kind_of, target_keys
 from .targets.base import Target
+from .targets.kind_local import ACCELS
 
 if TYPE_CHECKING:
     from .planrun import PlanReport
@@ -159,9 +161,8 @@ KEYS: dict[str, Key] = {
     "device": Key("str", "device", place="vm"),
 }
 TOP_KEYS = ("defaults", "vms")
-TARGET_KEYS = ("kind", "dir", "url", "accel")
-# Keys that hold a secret wherever they appear: refused, never echoed.
-SECRET = re.compile(r"(^|[_-])(pass(word|wd)?|secret|token|api[_-]?key|credentials?)($|[_-])", re.IGNORECASE)
+TARGET_KEYS = target_keys()
+SECRET = SECRET_NAME  # keys that hold a secret wherever they appear: refused, never echoed
 SECRET_HINT = "secrets stay out of plans: set $V2P_PVE_TOKEN (or $V2P_PVE_PASSWORD), or use the secrets file"
 # The CLI's option names in the option checks' messages, as a plan spells them.
 FLAGS = {"--os": "os", "--format": "format", "--bus": "bus", "--scsihw": "scsihw", "--name": "name",
@@ -561,42 +562,38 @@ class _Reader:
         good = True
         for name, (key, value) in entries.items():
             if name not in TARGET_KEYS:
-                self.unknown(key, name, TARGET_KEYS, "target", "a target has kind, dir, url, accel")
+                self.unknown(key, name, TARGET_KEYS, "target", "a target has " + ", ".join(TARGET_KEYS))
                 good = False
             elif value.kind != "scalar" or not isinstance(value.value, str):
                 self.problem(value, f"target: {name}: expected text, found {value.describe()}")
                 good = False
         if not good:
             return False
-        kind = entries["kind"][1].value if "kind" in entries else "local"
-        if kind not in ("local", "proxmox"):
-            self.problem(entries["kind"][1], f"target: unknown kind {kind!r}{_did_you_mean(kind, ('local', 'proxmox'))}"
-                                             " (local or proxmox)")
+        kind = entries["kind"][1].value if "kind" in entries else next(iter(KINDS))
+        if kind not in KINDS:
+            self.problem(entries["kind"][1], f"target: unknown kind {kind!r}{_did_you_mean(kind, KINDS)}"
+                                             f" ({' or '.join(KINDS)})")
             return False
-        if kind == "proxmox":
+        if "url" in KINDS[kind].keys:  # a kind named by its URL
             if "url" not in entries:
-                self.problem(node, "target: a proxmox target needs url: pve://HOST/NODE")
+                self.problem(node, f"target: a {kind} target needs url: {KINDS[kind].example}")
                 return False
             return self.url_checked(entries["url"][1], entries["url"][1].value)
-        if "accel" in entries and entries["accel"][1].value not in ("auto", "kvm", "tcg"):
+        if "accel" in entries and entries["accel"][1].value not in ACCELS:
             self.problem(entries["accel"][1], "target: accel is auto, kvm or tcg")
             return False
         return True
 
     def url_checked(self, node: Node, url: str) -> bool:
-        if url in ("local", "pve"):
-            return True
-        if not url.startswith("pve://"):
-            self.problem(node, f"target: {url[:40]!r} is not a target v2p knows (local, or pve://HOST/NODE)")
+        kind = kind_of(url)
+        if kind is None:
+            known = ", or ".join(kind.example for kind in KINDS.values())
+            self.problem(node, f"target: {url[:40]!r} is not a target v2p knows ({known})")
             return False
-        parts = urlsplit(url)
-        if ":" in parts.netloc.rpartition("@")[0]:
-            self.problem(node, f"target: the URL carries a password: refused ({SECRET_HINT})")
+        refused = kind.refusal(url)
+        if refused is not None:
+            self.problem(node, f"target: {refused} ({SECRET_HINT})")
             return False
-        for key, _value in parse_qsl(parts.query, keep_blank_values=True):
-            if SECRET.search(key):
-                self.problem(node, f"target: the URL carries a secret ({key}=...): refused ({SECRET_HINT})")
-                return False
         return True
 
     # -- one VM -------------------------------------------------------------------
@@ -682,7 +679,7 @@ class _Reader:
         spec: Any = "local" if given is None else given.value
         if isinstance(spec, list):
             spec = {name: value.value for name, _key, value in given.items()}
-            if spec.get("kind", "local") == "proxmox":
+            if "url" in KINDS[spec.get("kind", next(iter(KINDS)))].keys:  # a kind named by its URL
                 spec = spec["url"]
         if isinstance(spec, dict) or spec == "local":
             if node is not None:
@@ -697,13 +694,18 @@ class _Reader:
                 local["accel"] = self.accel
             return ("local" if local == {"kind": "local"} else local), None
         url = str(spec)
-        if node is None:
-            return url, (urlsplit(url).path.strip("/") or None) if url != "pve" else None
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", node.value):
-            self.problem(node, f"node: {node.value!r} is not a PVE node name")
+        kind = kind_of(url)
+        if kind is None or kind.with_node is None:
+            if node is not None:
+                self.problem(node, "node: applies to a pve:// target only")
+                return None, None
+            return url, None
+        try:
+            return kind.with_node(url, None if node is None else node.value)
+        except OptionError as exc:
+            assert node is not None
+            self.problem(node, f"node: {exc.message}")
             return None, None
-        parts = urlsplit("pve://" if url == "pve" else url)
-        return urlunsplit((parts.scheme, parts.netloc, "/" + node.value, parts.query, "")), node.value
 
     def duplicates(self, vms: list[PlanVM]) -> None:
         names: dict[str, PlanVM] = {}
@@ -739,9 +741,8 @@ def _cluster(target: str | dict[str, Any]) -> str:
     """What shares one VMID space: a local target's folder, a PVE cluster (any node)."""
     if isinstance(target, dict):
         return f"local:{target.get('dir', '')}"
-    if target.startswith("pve://"):
-        return "pve:" + urlsplit(target).netloc.rpartition("@")[2]
-    return target
+    kind = kind_of(target)
+    return kind.cluster(target) if kind is not None else target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -775,39 +776,17 @@ class _Facts:
 
     @classmethod
     def of(cls, target: Target) -> _Facts:
-        if isinstance(target, api.LocalTarget):
-            # Its VMs' NICs are QEMU user networking: a bridge name is only recorded in the config.
-            where = f"local target {target.directory}"
-            # The run makes the folder (and its parents): it must be one, or be makeable under one.
-            existing = target.directory
-            while not os.path.lexists(existing) and existing != existing.parent:
-                existing = existing.parent
-            if not existing.is_dir():
-                kind = describe_mode(os.lstat(existing).st_mode)
-                return cls(where, {}, None, TargetError(
-                    f"{shown_path(existing)} is {kind}, not a folder: the target folder cannot be made there"))
-            try:
-                return cls(where, {name: None for name in target.storages()}, None)
-            except V2PError as exc:
-                return cls(where, {}, None, exc)
-        from .targets.proxmox import ProxmoxTarget
-
-        if not isinstance(target, ProxmoxTarget):
-            return cls(f"{target.kind} target", {}, None)
-        node = target.settings.node
-        where = f"PVE node {node}"
+        where = target.place()
         try:
-            nodes = sorted(str(entry.get("node")) for entry in target.call("GET", "nodes") or [])
-            if node not in nodes:
-                return cls(where, {}, None, nodes=nodes)
-            storages: dict[str, frozenset[str] | None] = {
-                str(entry.get("storage")): frozenset(str(entry.get("content", "")).split(","))
-                        for entry in target.call("GET", f"nodes/{node}/storage") or []}
-            bridges = frozenset(str(entry.get("iface")) for entry in
-                                target.call("GET", f"nodes/{node}/network", type="any_bridge") or [])
+            target.check_usable()
+            node = target.node()
+            if node is not None:
+                nodes = target.nodes()
+                if node not in nodes:
+                    return cls(where, {}, None, nodes=nodes)
+            return cls(where, target.storage_contents(), target.bridges())
         except V2PError as exc:
             return cls(where, {}, None, exc)
-        return cls(where, storages, bridges)
 
 
 class _Checker:
@@ -918,9 +897,11 @@ class _Checker:
             return
         try:
             if ":" in iso and not iso.startswith("/"):  # a volume on the target: only a local one is read here
-                if not isinstance(target, api.LocalTarget):
+                if isinstance(target, V2PError):
                     return
-                path: Path | None = target.drivers_iso(iso)[0]
+                path: Path | None = target.iso_file(iso)
+                if path is None:
+                    return
             else:
                 path = drivers.locate(iso)
             if path is not None:

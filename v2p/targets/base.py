@@ -273,6 +273,37 @@ class Target(abc.ABC):
         """A block device on the target host, written in place."""
         return BlockStorage(device)
 
+    # -- what a plan is checked against before anything runs (read-only; a V2PError: out of reach) --
+    def place(self) -> str:
+        """The target in a plan's messages, after "on the": "local target /srv/v2p", "PVE node pve1"."""
+        return f"{self.kind} target"
+
+    def check_usable(self) -> None:
+        """Raise what would stop every run on this target before it made anything (a folder that cannot
+        be made). Nothing by default."""
+        return None
+
+    def node(self) -> str | None:
+        """The node VMs go to, on a target of several (a PVE cluster); None on a target of one place."""
+        return None
+
+    def nodes(self) -> list[str]:
+        """Every node of the target's cluster, sorted (asked only when ``node`` is not None)."""
+        return []
+
+    def storage_contents(self) -> dict[str, frozenset[str] | None]:
+        """The storages a plan may name, each with the content types it holds (None: any)."""
+        return {}
+
+    def bridges(self) -> frozenset[str] | None:
+        """The bridges a NIC may be put on; None where the target cannot tell (or ignores them)."""
+        return None
+
+    def iso_file(self, volume: str) -> Path | None:
+        """A file on this machine holding ISO volume ``volume`` (``local:iso/NAME.iso``), to check before
+        a run; None when it lives only on the target (the run checks it there)."""
+        return None
+
     @abc.abstractmethod
     def disk_sink(self, vmid: int, index: int, *, fmt: str | None, storage: str, device: str | None = None,
                   force: bool = False) -> DiskSink:

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ..bootwatch import RESET, SETTLE, STOPPED, BootWatch, Verdict, boot_devices
-from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, ToolError, VMIDExistsError
+from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, ToolError, VMIDExistsError, shown_path
 from ..fsutil import (
     data_home,
+    describe_mode,
     fresh_file,
     listdir_own,
     own_dir,
@@ -205,6 +206,25 @@ class LocalTarget(Target):
 
     def iso_places(self) -> tuple[Path, ...]:
         return (self.directory / "template" / "iso" / "virtio-win.iso",)
+
+    def iso_file(self, volume: str) -> Path | None:
+        return self.drivers_iso(volume)[0]
+
+    def place(self) -> str:
+        return f"local target {self.directory}"
+
+    def check_usable(self) -> None:
+        # The run makes the folder (and its parents): it must be one, or be makeable under one.
+        existing = self.directory
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise TargetError(f"{shown_path(existing)} is {describe_mode(os.lstat(existing).st_mode)}, not a "
+                              "folder: the target folder cannot be made there")
+
+    def storage_contents(self) -> dict[str, frozenset[str] | None]:
+        # Its VMs' NICs are QEMU user networking: a bridge name is only recorded in the config (no bridges()).
+        return {name: None for name in self.storages()}
 
     def add_storage(self, name: str, kind: str, options: dict[str, str]) -> None:
         """Add a storage to storage.cfg (checked by parsing the result first)."""

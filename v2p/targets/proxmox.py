@@ -463,6 +463,24 @@ class ProxmoxTarget(Target):
         raise TargetError(f"--to-device {device}: a block device of the PVE node cannot be written from here",
                           hint="leave --to-device out: the disk is uploaded into a PVE storage")
 
+    # -- what a plan is checked against --------------------------------------
+    def place(self) -> str:
+        return f"PVE node {self.settings.node}"
+
+    def node(self) -> str | None:
+        return self.settings.node
+
+    def nodes(self) -> list[str]:
+        return sorted(str(entry.get("node")) for entry in self.call("GET", "nodes") or [])
+
+    def storage_contents(self) -> dict[str, frozenset[str] | None]:
+        return {str(entry.get("storage")): frozenset(str(entry.get("content", "")).split(","))
+                for entry in self.call("GET", f"nodes/{self.settings.node}/storage") or []}
+
+    def bridges(self) -> frozenset[str] | None:
+        return frozenset(str(entry.get("iface")) for entry in
+                         self.call("GET", f"nodes/{self.settings.node}/network", type="any_bridge") or [])
+
     def storage_status(self, name: str) -> dict[str, Any]:
         """The node's view of storage ``name``: type, content, avail (``GET /nodes/{node}/storage``)."""
         found: list[dict[str, Any]] = self.call("GET", f"nodes/{self.settings.node}/storage") or []
