@@ -512,7 +512,7 @@ class VMReport:
     """What ``inspect_vm`` found: the VM's hardware, the PVE config a migration with these options
     would create, each disk, the preflight rules' findings, and the error migrate would stop with."""
 
-    path: Path
+    path: str  # the source as it describes itself: a path, or a URI
     kind: str  # the source's kind: vmx, ovf, ova
     vmid: int
     spec: VMSpec | None = None
@@ -572,7 +572,7 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
     if source is None:
         raise SourceError(f"{path} is not a VM (.vmx, .ovf, .ova or a folder with one .vmx)",
                           hint="inspect disks with v2p inspect DISK")
-    report = VMReport(Path(source.describe()), source.kind, vmid)
+    report = VMReport(source.describe(), source.kind, vmid)
     try:
         spec = migration.hardware(source.spec())
     except V2PError as exc:

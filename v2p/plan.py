@@ -40,7 +40,7 @@ from .options import (
     check_text,
     check_vmid,
 )
-from .sources import open_source
+from .sources import is_uri, open_source
 from .state import MigrationState
 from .targets import KINDS, kind_of, target_keys
 from .targets.base import Target
@@ -86,7 +86,7 @@ class PlanVM:
     """One VM of a plan, defaults already merged in."""
 
     name: str  # `name:` or the source file's stem; unique in the plan
-    source: Path  # absolute (relative paths are relative to the plan file's folder)
+    source: str  # a URI as written, or an absolute path (a relative one is relative to the plan file's folder)
     vmid: int | Literal["auto"]
     target: str | dict[str, Any]  # what api.make_target takes
     node: str | None  # PVE node (already folded into a pve:// target URL; kept for limits)
@@ -605,9 +605,8 @@ class _Reader:
         if vm is None and "source" in own:
             # Still worth knowing whether it exists: every problem is said at once.
             node = own["source"][1]
-            path = Path(os.path.normpath(self.base / os.path.expanduser(node.value)))
-            self.unbuilt.append(PlanVM(f"vms[{index}]", path, "auto", "local", None, {}, entry.line,
-                                       {"source": (node.line, node.column)}, f"vms[{index}]"))
+            self.unbuilt.append(PlanVM(f"vms[{index}]", self.source_of(node.value), "auto", "local", None, {},
+                                       entry.line, {"source": (node.line, node.column)}, f"vms[{index}]"))
         return vm
 
     def vm_of(self, entry: Node, index: int, own: dict[str, tuple[Node, Node]],
@@ -654,12 +653,18 @@ class _Reader:
         except OptionError as exc:
             self.problem(entry, f"{what}: {_plan_words(str(exc))}")
             return None
-        source = self.base / os.path.expanduser(values["source"])
         name = values.get("name") or Path(values["source"].rstrip("/")).stem
-        vm = PlanVM(name, Path(os.path.normpath(source)), vmid, target, node, options, entry.line, positions, what)
+        vm = PlanVM(name, self.source_of(values["source"]), vmid, target, node, options, entry.line, positions, what)
         if not whole:
             self.partial.add(id(vm))
         return vm
+
+    def source_of(self, written: str) -> str:
+        """A VM's ``source:``: a URI a source kind reads as written, else a path made absolute against
+        the plan's folder (``~`` expanded)."""
+        if is_uri(written):
+            return written
+        return os.path.normpath(self.base / os.path.expanduser(written))
 
     def option_value(self, name: str, node: Node) -> Any:
         if name == "networks":
@@ -710,7 +715,7 @@ class _Reader:
     def duplicates(self, vms: list[PlanVM]) -> None:
         names: dict[str, PlanVM] = {}
         vmids: dict[tuple[str, int], PlanVM] = {}
-        autos: dict[Path, PlanVM] = {}
+        autos: dict[str, PlanVM] = {}
 
         def said(vm: PlanVM, key: str, message: str) -> None:
             line, column = vm.positions.get(key, vm.positions.get("source", (vm.line, 1)))
@@ -837,7 +842,9 @@ class _Checker:
         found += self.found
 
     def source(self, vm: PlanVM) -> bool:
-        path = vm.source
+        if is_uri(vm.source):
+            return True  # a remote source: its kind says what is wrong with it when it is opened
+        path = Path(vm.source)
         if not path.exists():
             self.at(vm, "source", f"source {path}: no such file or folder")
             return False
@@ -935,7 +942,7 @@ class _Checker:
         try:
             source = api.vm_source(vm.source)
             if source is None:
-                if vm.source.is_dir():
+                if os.path.isdir(vm.source):
                     self.at(vm, "source", f"source {vm.source}: a folder to migrate must hold exactly one .vmx")
                 else:
                     api.inspect(vm.source)
@@ -957,12 +964,12 @@ class _Checker:
         return report
 
 
-def _described(path: Path) -> str:
-    """What a migration of ``path`` records as its source (``Source.describe()``)."""
+def _described(source: str) -> str:
+    """What a migration of ``source`` records as its source (``Source.describe()``)."""
     try:
-        return open_source(path).describe()
+        return open_source(source).describe()
     except V2PError:
-        return str(path)
+        return source
 
 
 # --------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class PlanVM(Protocol):
     """What ``run_plan`` reads of one VM of a plan (``v2p.plan.PlanVM``, defaults merged in)."""
 
     name: str
-    source: Path
+    source: str  # a URI, or an absolute path
     vmid: int | Literal["auto"]
     target: str | dict[str, Any]
     node: str | None
