@@ -216,7 +216,7 @@ def test_from_dict_names_the_place_and_strict_loads_raise_every_problem(tmp_path
     with pytest.raises(PlanError) as raised:
         Plan.from_dict(data, base=tmp_path)
     assert len(raised.value.problems) == 2  # the text's own; the world's come from problems()
-    assert [vm.source for vm in plan.vms] == [tmp_path / "x.vmdk"]
+    assert [vm.source for vm in plan.vms] == [str(tmp_path / "x.vmdk")]  # a source string (a path, or a URI)
     assert plan.vms[0].options == {"bus": "sata"}
     # A VM's own wrong value is left out, not replaced by the default's (which it meant to override).
     plan = Plan.from_dict({"defaults": {"bus": "sata", "vmid": "auto"},
