@@ -154,7 +154,7 @@ vms:
     assert loaded.vms[0].options["networks"] == {"LAN": "vmbr0", "DMZ": "vmbr1"}  # the VM's own, not merged
     assert loaded.vms[1].options == {"networks": {"VM Network": "vmbr0"}, "ostype": "win10", "bus": "ide"}
     assert loaded.vms[2].options["boot_timeout"] == 90.5 and loaded.vms[2].options["start"] is True
-    assert loaded.vms[1].source == folder / "disk" / "disk.vmdk"
+    assert loaded.vms[1].source == str(folder / "disk" / "disk.vmdk")
 
 
 def test_a_vmid_another_vm_holds_is_a_problem(folder, v2p: V2P):
@@ -351,16 +351,17 @@ def test_the_local_wave_validates_once_its_folder_is_filled(tmp_path, manifest, 
     plan.parent.mkdir()
     shutil.copyfile(ROOT / "pipelines" / "wave-local.yaml", plan)
     for vm in Plan.load(plan).vms:
+        source = Path(vm.source)
         if vm.name in ("web01", "db01"):  # a .vmx, and a VM folder holding one
-            make_vm(vm.source if vm.name == "db01" else vm.source.parent, samples)
+            make_vm(source if vm.name == "db01" else source.parent, samples)
             continue
-        vm.source.parent.mkdir(parents=True, exist_ok=True)
-        if vm.source.suffix == ".ova":
-            shutil.copyfile(FIXTURES / "v2p-fixture.ova", vm.source)
+        source.parent.mkdir(parents=True, exist_ok=True)
+        if source.suffix == ".ova":
+            shutil.copyfile(FIXTURES / "v2p-fixture.ova", source)
         else:
             windows = vm.options.get("ostype", "").startswith("win")
             shutil.copyfile(standin(manifest, tmp_path) if windows else
-                            samples / "monolithicSparse" / "monolithicSparse.vmdk", vm.source)
+                            samples / "monolithicSparse" / "monolithicSparse.vmdk", source)
             shutil.rmtree(tmp_path / "src", ignore_errors=True)
     (plan.parent / "iso").mkdir()
     shutil.copyfile(drivers_iso, plan.parent / "iso" / "virtio-win.iso")
