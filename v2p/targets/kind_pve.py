@@ -14,11 +14,9 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from ..credentials import SECRET_NAME
 from ..errors import shown
 from ..options import OptionError
 from .kinds import TargetKind, TargetOptions, register, unknown_dict
-from .pve_settings import target_from_url
 
 if TYPE_CHECKING:
     from .proxmox import ProxmoxTarget
@@ -27,7 +25,8 @@ _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 
 
 def _from_url(url: str, options: TargetOptions) -> ProxmoxTarget:
-    from .proxmox import ProxmoxTarget
+    from .proxmox import ProxmoxTarget  # proxmoxer and requests: loaded when a PVE target is made, not before
+    from .pve_settings import target_from_url
 
     try:
         settings = target_from_url(url, None if options.env is None else dict(options.env), secret=options.secret)
@@ -45,6 +44,8 @@ def _from_dict(settings: dict[str, Any], options: TargetOptions) -> ProxmoxTarge
 
 def _refusal(url: str) -> str | None:
     """A password or a secret query key in the URL (the plan is a file others read)."""
+    from ..credentials import SECRET_NAME
+
     if url == "pve":
         return None
     parts = urlsplit(url)
