@@ -637,7 +637,7 @@ class _Reader:
             return {network: bridge.value for network, _key, bridge in node.items()}
         if name == "ignore_rules":
             return tuple(item.value for item in node.value)
-        if name == "drivers_iso" and ":" not in node.value:  # a path, not a PVE volume (local:iso/...)
+        if name == "drivers_iso" and node.value and ":" not in node.value:  # a path, not a volume (local:iso/...)
             return os.path.normpath(self.base / os.path.expanduser(node.value))
         if KEYS[name].kind == "seconds":
             return float(node.value)
