@@ -79,14 +79,13 @@ def _target_dir(text: str) -> str:
     return text
 
 
-def _add_option(parser: argparse.ArgumentParser, option: Option, *, given: bool = True,
-                help: str | None = "") -> None:
-    """``option``'s flag on ``parser``, read as its kind says, into ``args.<keyword>``. ``given``: its
-    default is None, so that the library's (or the target's: storage) applies when the flag is left out
-    (see ``_given``); else the table's default. ``help``: "" for the table's."""
+def _add_option(parser: argparse.ArgumentParser, option: Option, *, default: Any = None,
+                help_text: str | None = None) -> None:
+    """``option``'s flag on ``parser``, read as its kind says, into ``args.<keyword>``. ``default``:
+    None for ``migrate``, whose options left out are left to the library (or the target: storage) by
+    ``_given``. ``help_text``: instead of the table's."""
     assert option.flag is not None
-    kwargs: dict[str, Any] = {"dest": option.keyword, "default": None if given else option.default,
-                              "help": option.help if help == "" else help}
+    kwargs: dict[str, Any] = {"dest": option.keyword, "default": default, "help": help_text or option.help}
     if option.metavar:
         kwargs["metavar"] = option.metavar
     if option.kind == "choice":
@@ -99,8 +98,6 @@ def _add_option(parser: argparse.ArgumentParser, option: Option, *, given: bool 
         kwargs["type"] = _seconds(option.flag, zero=option.zero)
     elif option.kind in ("bridges", "rules"):
         kwargs.update(action="append", type=_network if option.kind == "bridges" else str)
-        if not given:
-            kwargs["default"] = []
     parser.add_argument(option.flag, **kwargs)
 
 
@@ -137,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     for keyword, text in (("networks", "the bridge for the NICs on VMware network NAME (repeatable)"),
                           ("bridge", "the bridge for NICs whose network has no --network"),
                           ("ignore_rules", "turn an ignorable rule's error into a warning")):
-        _add_option(p, OPTION[keyword], given=False, help=f"as for migrate: {text}")
+        _add_option(p, OPTION[keyword], default=[] if keyword != "bridge" else None,
+                    help_text=f"as for migrate: {text}")
 
     p = sub.add_parser("migrate", help="migrate a VMware VM (.vmx, .ovf, .ova, VM folder) or one disk to a new VM")
     p.add_argument("source", metavar="SOURCE")
@@ -154,12 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue", dest="confirmed", action="store_true",
                    help="the guest has its drivers now (after v2p asked you to check)")
     for keyword in ("drivers_iso", "net_drivers", "arch", "dance_wait"):
-        _add_option(p, OPTION[keyword], given=False, help=None)
+        _add_option(p, OPTION[keyword], default=OPTION[keyword].default)
     p.add_argument("--boot-wait", type=_seconds("--boot-wait"), default=120.0,
                    help="seconds to watch the virtio boot for a STOP code (default: 120)")
-    _add_option(p, OPTION["shutdown_timeout"], given=False, help=None)
-    _add_option(p, OPTION["start"], given=False, help="leave the VM running on virtio afterwards (default: shut "
-                "it down)")
+    _add_option(p, OPTION["shutdown_timeout"], default=OPTION["shutdown_timeout"].default)
+    _add_option(p, OPTION["start"], default=False, help_text="leave the VM running on virtio afterwards "
+                "(default: shut it down)")
 
     p = sub.add_parser("status", help="show the stages of recorded migrations")
     p.add_argument("vmid", nargs="?", type=parse_vmid, metavar="VMID")
