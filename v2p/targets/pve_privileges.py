@@ -196,5 +196,5 @@ def check(target: ProxmoxTarget, needs: list[Need], *, who: str) -> None:
     if lacking:
         raise TargetError(f"PVE {who} lacks privileges this migration needs: "
                           + ", ".join(str(need) for need in lacking),
-                          hint="grant them before anything is made: see the README's 'Privileges' "
+                          hint="grant them before anything is made: see docs/proxmox.md, 'Privileges, checked first' "
                                "(pveum role add V2P ...; pveum acl modify PATH -token ... -role V2P)")
