@@ -27,12 +27,12 @@ import defusedxml.ElementTree as DET
 from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
 
 from .. import rules
-from ..convert import INFO_TIMEOUT, file_identity, qemu_source
-from ..convert import Source as QemuInput
+from ..convert import file_identity
 from ..errors import SourceError, UnsafeSourceError
 from ..inspect import bootsector, check_raw, describe_bytes, foreign_format, inspect_disk, read_head, vmdk
-from ..inspect.model import SECTOR, FileId, Flavor
-from ..pinned import PinnedFiles, open_checked
+from ..inspect.model import SECTOR, Flavor
+from ..inspect.qemu_input import INFO_TIMEOUT, QemuInput, qemu_source
+from ..pinned import FileId, PinnedFiles, open_checked
 from ..runner import run
 from ..spec import CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
 from .base import DiskInput, Source
