@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import SourceError, UnsafeSourceError, V2PError
 from ..fsutil import scratch_dir
 from ..pinned import FileId
+from ..runner import run
 from . import bootsector, vmdk
 from .model import SECTOR, DiskImage, Extent, ExtentKind, Flavor
 from .qemu_input import image_info, qemu_source
@@ -382,8 +383,6 @@ def read_head(fmt: str, filename: str, fds: tuple[int, ...] = (), *, workdir: Pa
 
 
 def _read_sectors(fmt: str, filename: str, fds: tuple[int, ...], sectors: int, workdir: Path) -> bytes:
-    from ..runner import run
-
     out = workdir / "head.raw"
     run(["qemu-img", "dd", "-f", fmt, "-O", "raw", "bs=512", f"count={sectors}", f"if={filename}",
          f"of={out}"], timeout=30, pass_fds=fds)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -194,33 +193,22 @@ class OvfPackage(Source):
                 raise self._mismatch(href, digest)
             self._verified.add(href)
 
-    def verify(self, href: str, copy: Callable[[bytes], object] | None = None, *,
-               through: str | None = None) -> None:
-        """Check ``href`` against the manifest, reading it once in 1 MiB pieces (each also
-        handed to ``copy``, when given); a file already checked is not read again unless copied.
-        ``through``: the pinned file to read (``/dev/fd/N``), which is what the copy reads."""
-        if href in self._verified and copy is None:
+    def verify(self, href: str, *, through: str | None = None) -> None:
+        """Check ``href`` against the manifest, reading it once in 1 MiB pieces; a file already checked
+        is not read again. ``through``: the pinned file to read (``/dev/fd/N``), which is what the copy
+        reads."""
+        if href in self._verified:
             return
         digest = self._digest_for(href)
-        if digest is None and copy is None:
+        if digest is None:
             return
-        hasher = hashlib.new(digest.algorithm) if digest is not None else None
+        hasher = hashlib.new(digest.algorithm)
         with open(through, "rb") if through is not None else self._open(href) as src:
             while chunk := src.read(CHUNK):
-                if hasher is not None:
-                    hasher.update(chunk)
-                if copy is not None:
-                    copy(chunk)
-        if digest is not None and hasher is not None:
-            if hasher.hexdigest() != digest.hexdigest:
-                raise self._mismatch(href, digest)
-            self._verified.add(href)
-
-    def verify_all(self) -> None:
-        """Check every file the manifest lists (spec() checks only the descriptor, disk_input() its disk)."""
-        self.envelope()
-        for fname in self._manifest or {}:
-            self.verify(fname)
+                hasher.update(chunk)
+        if hasher.hexdigest() != digest.hexdigest:
+            raise self._mismatch(href, digest)
+        self._verified.add(href)
 
     def _file_of(self, disk: DiskSpec) -> FileRef:
         return self.envelope().disk_file(disk, self._where(self._descriptor_name()))
