@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from blockdev import LVM_ENV, loop_device, volume_group
-from v2p.convert import Source as QemuInput
 from v2p.errors import NoSuchVMError, TargetError, ToolError, VerifyError, VMIDExistsError
+from v2p.inspect.qemu_input import QemuInput
 from v2p.options import OptionError
 from v2p.targets.base import DiskSink, Target, VMConfig
 from v2p.targets.local import LocalTarget
