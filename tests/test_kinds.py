@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from test_source_vmx import WINDOWS_VMX, make_disk, write_vmx
 
-from v2p import Plan, sources, targets
+from v2p import Plan, sources
 from v2p.api import inspect_vm, make_target
 from v2p.options import OptionError
 from v2p.sources import DiskSource, Source, SourceKind, open_source, sniff
 from v2p.sources.vmx import VmxSource
-from v2p.targets import TargetKind, TargetOptions
+from v2p.targets import factory as targets
+from v2p.targets.factory import TargetKind, TargetOptions
 from v2p.targets.local import LocalTarget
 
 ROOT = Path(__file__).resolve().parents[1]

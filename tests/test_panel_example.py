@@ -1,4 +1,4 @@
-"""examples/panel.py, the README's panel example, run for real: a web app on a free port whose
+"""examples/panel.py, the panel example of docs/library.md, run for real: a web app on a free port whose
 worker threads migrate sample disks onto the local target; progress, result, cancel, resume.
 (Its refusals of hostile requests: test_panel_safety.py.)"""
 

@@ -620,6 +620,7 @@ def test_a_child_that_ignores_sigint_is_killed_after_the_grace(monkeypatch) -> N
     import time as clock
 
     from v2p import planrun
+    from v2p.planschedule import Need
 
     monkeypatch.setattr(planrun, "STOP_GRACE", 0.5)
     runner = planrun._Runner([], parallel=1, per_storage=1, per_node=1, on_event=lambda vm, event: None,
@@ -627,7 +628,7 @@ def test_a_child_that_ignores_sigint_is_killed_after_the_grace(monkeypatch) -> N
     stuck = subprocess.Popen(["sh", "-c", "trap '' INT; sleep 60"])
     try:
         clock.sleep(0.2)  # the trap is set
-        child = planrun._Child(0, stuck, planrun._Need("local", 0, None), clock.monotonic(), open_fds={-1})
+        child = planrun._Child(0, stuck, Need("local", 0, None), clock.monotonic(), open_fds={-1})
         runner.running[0] = child
         runner._interrupt(sig.SIGINT)
         runner._tick()

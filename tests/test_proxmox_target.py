@@ -310,7 +310,7 @@ def test_sim_a_failed_task_says_what_its_log_says(sim: Any, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_sim_disk_through_upload_and_import_from(sim: Any, tmp_path: Path) -> None:
-    from v2p.convert import Source as QemuInput
+    from v2p.inspect.qemu_input import QemuInput
 
     raw = tmp_path / "disk.raw"
     raw.write_bytes((b"v2p" * 100000).ljust(4 << 20, b"\0"))
@@ -370,7 +370,7 @@ def test_sim_stop_and_boot_check(sim: Any, tmp_path: Path) -> None:
 
 
 def test_sim_a_failed_upload_is_committed_again(sim: Any, tmp_path: Path) -> None:
-    from v2p.convert import Source as QemuInput
+    from v2p.inspect.qemu_input import QemuInput
 
     raw = tmp_path / "disk.raw"
     raw.write_bytes(b"\x5a" * (2 << 20))
@@ -390,7 +390,7 @@ def test_sim_a_failed_upload_is_committed_again(sim: Any, tmp_path: Path) -> Non
 
 
 def test_sim_an_import_storage_without_import_content(sim: Any, tmp_path: Path) -> None:
-    from v2p.convert import Source as QemuInput
+    from v2p.inspect.qemu_input import QemuInput
 
     raw = tmp_path / "disk.raw"
     raw.write_bytes(bytes(1 << 20))

@@ -19,7 +19,7 @@ from conftest import V2P, assert_same_bytes, one_line_error
 VMID = "150"
 CREATE = r"^/nodes/[^/]+/qemu$"
 LIMITED = "v2p@pve!limited"
-# What the least-privileged token of the README holds (see the schema's checks of each endpoint v2p calls).
+# What the least-privileged token of docs/proxmox.md holds (see the schema's checks of each endpoint v2p calls).
 ALL_NEEDED = {"VM.Allocate", "VM.Audit", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.CPU", "VM.Config.Memory",
               "VM.Config.Network", "VM.Config.HWType", "VM.Config.Options", "VM.PowerMgmt", "Datastore.Audit",
               "Datastore.Allocate", "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "SDN.Use",

@@ -17,8 +17,8 @@ from pve_sim.fixture import pve_fixture  # noqa: F401
 from pve_sim.server import PVESim
 
 from conftest import V2P, assert_same_bytes, one_line_error
-from v2p.convert import Source as QemuInput
 from v2p.errors import TargetError
+from v2p.inspect.qemu_input import QemuInput
 from v2p.targets.proxmox import ProxmoxTarget, target_from_url
 
 VMID = 150

@@ -18,7 +18,7 @@ from conftest import V2P, assert_same_bytes, one_line_error
 
 USER, TOKEN, SECRET = "v2p@pve", "v2p@pve!mig", "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
 VMID = 160
-# The README's role, per path, for the remote path (disks on local-lvm, uploads into local, NIC on
+# The role docs/proxmox.md gives, per path, for the remote path (disks on local-lvm, uploads into local, NIC on
 # vmbr0), no boot check. /vms is granted with propagate, so /vms/160 inherits it.
 ROLE = {
     "/vms": ("VM.Allocate", "VM.Audit", "VM.Config.CPU", "VM.Config.Memory", "VM.Config.Options",
@@ -183,12 +183,12 @@ def test_sim_permissions_inherit_and_intersect_as_pve() -> None:
     assert set(acl.permissions(USER, "/storage/x")) == set()
 
 
-def test_the_readme_role_is_exactly_what_v2p_checks() -> None:
+def test_the_documented_role_is_exactly_what_v2p_checks() -> None:
     from v2p.targets.pve_privileges import migration_needs
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text().replace("\\\n", " ")
-    found = re.search(r'pveum role add V2P -privs "([^"]+)"', readme)
-    assert found, "the README's role line"
+    docs = (Path(__file__).parent.parent / "docs" / "proxmox.md").read_text().replace("\\\n", " ")
+    found = re.search(r'pveum role add V2P -privs "([^"]+)"', docs)
+    assert found, "docs/proxmox.md's role line"
     create = {"name": "x", "sockets": "1", "cores": "1", "memory": "512", "ostype": "win11", "bios": "ovmf",
               "scsihw": "pvscsi", "machine": "q35", "smbios1": "uuid=1", "ide2": "none,media=cdrom",
               "net0": "e1000=00:11:22:33:44:55,bridge=vmbr0", "description": "imported"}

@@ -104,7 +104,7 @@ def test_the_counts_reach_the_import_storage_and_the_target_storage(pve: PVESim,
                                                                     manifest: dict[str, Any],
                                                                     source_of: Any) -> None:
     """Checked in-process: each place is refused at exactly what it needs, and passes one byte above."""
-    from v2p.convert import Source as QemuInput
+    from v2p.inspect.qemu_input import QemuInput
 
     src = source_of("monolithicSparse")
     staged, final = staged_size(src), 32 << 20

@@ -24,9 +24,9 @@ from pve_sim.server import PVESim
 from conftest import V2P, one_line_error
 from v2p import pveconfig
 from v2p.api import Migration
-from v2p.convert import Source as QemuInput
 from v2p.errors import TargetError
 from v2p.events import Event
+from v2p.inspect.qemu_input import QemuInput
 from v2p.targets.proxmox import ProxmoxTarget, RemoteImportSink, target_from_url
 
 BOUNDARY = "b0und4ry"

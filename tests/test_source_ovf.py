@@ -18,7 +18,10 @@ import pytest
 
 from v2p.errors import SourceError
 from v2p.sources.base import DiskInput
-from v2p.sources.ovf import OvaSource, OvfSource, parse_envelope, parse_manifest, units
+from v2p.sources.ovf import OvaSource, OvfSource
+from v2p.sources.ovf_mapping import parse_envelope
+from v2p.sources.ovf_package import parse_manifest
+from v2p.sources.ovf_xml import units
 from v2p.spec import CdromSpec, DiskSpec, NicSpec, VMSpec
 
 MiB = 1 << 20

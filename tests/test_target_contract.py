@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from blockdev import LVM_ENV, loop_device, volume_group
-from v2p.convert import Source as QemuInput
 from v2p.errors import NoSuchVMError, TargetError, ToolError, VerifyError, VMIDExistsError
+from v2p.inspect.qemu_input import QemuInput
 from v2p.options import OptionError
 from v2p.targets.base import DiskSink, Target, VMConfig
 from v2p.targets.local import LocalTarget
@@ -72,7 +72,7 @@ _SIMS: dict[int, Any] = {}  # id(target) -> the PVE simulator it talks to
 def _sim_make(folder: Path, *, on_node: bool = False, release: str | None = None) -> Target:
     """``on_node``: v2p on the node itself, writing the sim's storage (``on-node=1``). ``release``: a
     node of that release as a fresh install leaves it (its VM disks on local-lvm); for the path from a
-    workstation, `local` set up as the README says, its content types kept plus ``import``."""
+    workstation, `local` set up as docs/proxmox.md says, its content types kept plus ``import``."""
     from pve_sim.fixture import start_or_skip
     sim = start_or_skip(folder / "sim", release=release).start()
     sim.cluster.guest_shuts_down = False  # the stop test's halting guest ignores the power button

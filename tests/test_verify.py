@@ -18,6 +18,7 @@ from conftest import FLAVORS
 from v2p import convert, verify
 from v2p.errors import VerifyError
 from v2p.inspect import inspect_disk
+from v2p.inspect.qemu_input import QemuInput, qemu_source
 from v2p.storage import Volume
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -50,14 +51,14 @@ def raw_disk(path: Path) -> bytes:
     return bytes(data)
 
 
-def source(tmp_path: Path, kind: str) -> convert.Source:
+def source(tmp_path: Path, kind: str) -> QemuInput:
     raw = tmp_path / "disk.raw"
     if not raw.exists():
         raw_disk(raw)
     fmt, options = KINDS[kind]
     out = tmp_path / f"source-{kind}.{fmt}"
     qemu_img("convert", "-f", "raw", "-O", fmt, *options, str(raw), str(out))
-    return convert.Source(fmt, str(out))
+    return QemuInput(fmt, str(out))
 
 
 def flip(path: Path, offset: int) -> None:
@@ -75,7 +76,7 @@ def device_volume(dev: Path) -> Volume:
     return Volume("dev", dev, "raw", is_block=True)
 
 
-def write_device(src: convert.Source, dev: Path, filler: bytes = b"\xee") -> None:
+def write_device(src: QemuInput, dev: Path, filler: bytes = b"\xee") -> None:
     """The disk onto ``dev`` with qemu-img, like the convert stage; the device's tail keeps ``filler``."""
     fd = os.open(dev, os.O_RDONLY)
     size = os.lseek(fd, 0, os.SEEK_END)
@@ -88,7 +89,7 @@ def write_device(src: convert.Source, dev: Path, filler: bytes = b"\xee") -> Non
     os.close(fd)
 
 
-def check(src: convert.Source, volume: Volume, window: int | None) -> None:
+def check(src: QemuInput, volume: Volume, window: int | None) -> None:
     if window is None:
         convert.compare(src, volume, capacity=CAPACITY)
     else:
@@ -194,7 +195,7 @@ def test_a_source_of_another_size_fails(tmp_path):
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_every_sample_flavor_verifies_on_a_loop_device(flavor, tmp_path, manifest, source_of):
     image = inspect_disk(source_of(flavor).descriptor)
-    src = convert.qemu_source(image, tmp_path / "work")
+    src = qemu_source(image, tmp_path / "work")
     with loop_device(tmp_path / "dev.img", image.capacity) as dev:
         write_device(src, dev)
         convert.compare(src, device_volume(dev), capacity=image.capacity)
@@ -260,7 +261,7 @@ def test_a_device_end_that_is_not_block_aligned(tmp_path):
     os.truncate(raw, capacity)
     vmdk = tmp_path / "odd.vmdk"
     qemu_img("convert", "-f", "raw", "-O", "vmdk", str(raw), str(vmdk))
-    src = convert.Source("vmdk", str(vmdk))
+    src = QemuInput("vmdk", str(vmdk))
     with loop_device(tmp_path / "dev.img", capacity) as dev:
         write_device(src, dev)
         with open(dev, "rb") as handle:

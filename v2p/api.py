@@ -46,8 +46,8 @@ from .sources import DiskSource, Source, open_source
 from .spec import DiskSpec, VMSpec
 from .stages import boot_layout, boot_outcome, check_drivers, check_rules
 from .state import MigrationState, VmidLock, list_states
-from .targets import make_target
 from .targets.base import Target
+from .targets.factory import make_target
 from .targets.kind_local import local_target
 from .targets.local import LocalTarget
 

@@ -22,16 +22,8 @@ from . import api, interrupts
 from .errors import V2PError, one_line, shown_path
 from .events import Event
 from .inspect import DiskImage
+from .option_table import OPTION, OPTIONS, Option
 from .options import (
-    BIOSES,
-    BUSES,
-    BWLIMIT,
-    COPIERS,
-    CORES,
-    FORMATS,
-    MEMORY,
-    OSTYPES,
-    SCSIHW,
     OptionError,
     check_seconds,
     check_whole,
@@ -41,8 +33,8 @@ from .options import (
 )
 from .stages import BOOT_SKIPPED, STAGES, boot_exit_code, boot_outcome, boot_words, dance_boot
 from .storage import KINDS
-from .targets import KINDS as TARGET_KINDS
 from .targets.base import BOOT_FAILED, BOOT_UP
+from .targets.factory import KINDS as TARGET_KINDS
 from .targets.kind_local import ACCELS
 
 EXAMPLES = """examples:
@@ -89,6 +81,37 @@ def _target_dir(text: str) -> str:
     return text
 
 
+def _add_option(parser: argparse.ArgumentParser, option: Option, *, default: Any = None,
+                help_text: str | None = None) -> None:
+    """``option``'s flag on ``parser``, read as its kind says, into ``args.<keyword>``. ``default``:
+    None for ``migrate``, whose options left out are left to the library (or the target: storage) by
+    ``_given``. ``help_text``: instead of the table's."""
+    assert option.flag is not None
+    kwargs: dict[str, Any] = {"dest": option.keyword, "default": default, "help": help_text or option.help}
+    if option.metavar:
+        kwargs["metavar"] = option.metavar
+    if option.kind == "choice":
+        kwargs["choices"] = option.choices
+    elif option.kind == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction if option.negatable else "store_true"
+    elif option.kind == "whole":
+        kwargs["type"] = _whole(option.flag, option.bounds, option.unit)
+    elif option.kind == "seconds":
+        kwargs["type"] = _seconds(option.flag, zero=option.zero)
+    elif option.kind in ("bridges", "rules"):
+        kwargs.update(action="append", type=_network if option.kind == "bridges" else str)
+    parser.add_argument(option.flag, **kwargs)
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The migration options given on the command line, as the library's keywords."""
+    given = {option.keyword: getattr(args, option.keyword) for option in OPTIONS
+             if getattr(args, option.keyword, None) is not None}
+    if "networks" in given:
+        given["networks"] = dict(given["networks"])
+    return given
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="v2p", description="Move VMware VMs onto KVM.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,85 +131,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--vmid", type=parse_vmid, default=100, help="the VMID a VM's config is shown for (default: 100)")
-    p.add_argument("--network", action="append", default=[], metavar="NAME=BRIDGE", type=_network,
-                   help="as for migrate: the bridge for the NICs on VMware network NAME (repeatable)")
-    p.add_argument("--bridge", help="as for migrate: the bridge for NICs whose network has no --network")
-    p.add_argument("--ignore-rule", action="append", default=[], metavar="ID",
-                   help="as for migrate: turn an ignorable rule's error into a warning")
+    for keyword, text in (("networks", "the bridge for the NICs on VMware network NAME (repeatable)"),
+                          ("bridge", "the bridge for NICs whose network has no --network"),
+                          ("ignore_rules", "turn an ignorable rule's error into a warning")):
+        _add_option(p, OPTION[keyword], default=[] if keyword != "bridge" else None,
+                    help_text=f"as for migrate: {text}")
 
     p = sub.add_parser("migrate", help="migrate a VMware VM (.vmx, .ovf, .ova, VM folder) or one disk to a new VM")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--vmid", type=_vmid_or_auto, required=True,
                    help="the new VM's id, or auto: the next free one on the target (rerun, it resumes)")
-    p.add_argument("--os", dest="ostype", default=None, choices=sorted(OSTYPES),
-                   help="PVE ostype; Windows types boot from IDE, others from SCSI (default: the VM's guest "
-                   "OS; l26 for a loose disk)")
-    p.add_argument("--network", action="append", default=[], metavar="NAME=BRIDGE", type=_network,
-                   help="put the VM's NICs on VMware network NAME onto bridge BRIDGE (repeatable)")
-    p.add_argument("--bridge", help="the bridge for NICs whose network has no --network (default: none for "
-                   "named networks: refused; vmbr0 for a loose disk's NIC)")
-    p.add_argument("--ignore-rule", action="append", default=[], metavar="ID",
-                   help="turn an ignorable preflight rule's error into a warning (see v2p inspect)")
-    p.add_argument("--bus", choices=BUSES, help="disk bus (default: ide for Windows, scsi otherwise)")
-    p.add_argument("--format", dest="fmt", choices=FORMATS,
-                   help="disk format (default: qcow2 on dir storages, raw on lvm and devices)")
-    p.add_argument("--storage", help="target storage (default: local; on PVE the pve:// URL's storage=)")
-    p.add_argument("--to-device", dest="device", metavar="DEVICE",
-                   help="write the disk onto this block device instead of a storage")
-    p.add_argument("--copy-with", choices=COPIERS, default="qemu-img",
-                   help="qemu-img (default, every flavor) or dd (raw/flat sources only)")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                   help="compare the written disk with the source (default: on)")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite a device that carries a partition table or file system, or is held open")
-    p.add_argument("--name")
-    p.add_argument("--sockets", type=_whole("--sockets", (1, 16)), default=None,
-                   help="default: the VM's (1 for a loose disk)")
-    p.add_argument("--cores", type=_whole("--cores", CORES), default=None,
-                   help="per socket (default: the VM's; 1 for a loose disk)")
-    p.add_argument("--memory", type=_whole("--memory", MEMORY, "MiB"), default=None,
-                   help="MiB (default: the VM's; 512 for a loose disk)")
-    p.add_argument("--scsihw", choices=SCSIHW, default="virtio-scsi-pci")
-    p.add_argument("--bios", choices=BIOSES, help="the VM's firmware (default: the VM's; for a loose disk "
-                   "ovmf when only UEFI can boot it, else seabios)")
-    p.add_argument("--start", action=argparse.BooleanOptionalAction, default=False,
-                   help="leave the VM running at the end (default: stopped)")
-    p.add_argument("--boot-check", action=argparse.BooleanOptionalAction, default=True,
-                   help="boot the VM once and watch it come up (default: on)")
-    p.add_argument("--boot-timeout", type=_seconds("--boot-timeout"), default=60.0, help="seconds (default: 60)")
-    p.add_argument("--bwlimit", type=_whole("--bwlimit", BWLIMIT, "KiB/s"),
-                   help="limit conversion I/O to this many KiB/s")
+    for option in OPTIONS:
+        if option.flag is not None:
+            _add_option(p, option)
     p.add_argument("--dry-run", action="store_true", help="print the stages and stop")
-    p.add_argument("--keep-on-failure", action="store_true",
-                   help="on an error while the VM and its disks are made, keep them for a rerun that resumes "
-                   "(default: remove what this migration made)")
-
-    p.add_argument("--drivers-iso", help="virtio-win ISO for the Windows driver dance (a path, or a PVE "
-                   "volume such as local:iso/virtio-win.iso)")
-    p.add_argument("--net-drivers", action=argparse.BooleanOptionalAction, default=True,
-                   help="Windows onto virtio: also install NetKVM and move the NIC to virtio (default: on)")
-    p.add_argument("--arch", choices=("amd64", "x86"), default="amd64",
-                   help="the Windows guest's architecture")
-    p.add_argument("--dance-wait", type=_seconds("--dance-wait"), default=600.0,
-                   help="seconds to wait for the guest to install its drivers on the IDE boot (default: 600)")
-    p.add_argument("--shutdown-timeout", type=_seconds("--shutdown-timeout", zero=True), default=120.0,
-                   help="seconds the guest gets to shut down on the power button; 0 stops it hard at once "
-                   "(default: 120)")
 
     p = sub.add_parser("dance", help="move an existing Windows VM from IDE to virtio (two boots)")
     p.add_argument("vmid", type=parse_vmid, metavar="VMID")
     p.add_argument("--bus", choices=("virtio", "scsi"), default="virtio")
     p.add_argument("--continue", dest="confirmed", action="store_true",
                    help="the guest has its drivers now (after v2p asked you to check)")
-    p.add_argument("--drivers-iso")
-    p.add_argument("--net-drivers", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--arch", choices=("amd64", "x86"), default="amd64")
-    p.add_argument("--dance-wait", type=_seconds("--dance-wait"), default=600.0)
+    for keyword in ("drivers_iso", "net_drivers", "arch", "dance_wait"):
+        _add_option(p, OPTION[keyword], default=OPTION[keyword].default)
     p.add_argument("--boot-wait", type=_seconds("--boot-wait"), default=120.0,
                    help="seconds to watch the virtio boot for a STOP code (default: 120)")
-    p.add_argument("--shutdown-timeout", type=_seconds("--shutdown-timeout", zero=True), default=120.0)
-    p.add_argument("--start", action=argparse.BooleanOptionalAction, default=False,
-                   help="leave the VM running on virtio afterwards (default: shut it down)")
+    _add_option(p, OPTION["shutdown_timeout"], default=OPTION["shutdown_timeout"].default)
+    _add_option(p, OPTION["start"], default=False, help_text="leave the VM running on virtio afterwards "
+                "(default: shut it down)")
 
     p = sub.add_parser("status", help="show the stages of recorded migrations")
     p.add_argument("vmid", nargs="?", type=parse_vmid, metavar="VMID")
@@ -436,8 +407,8 @@ def _storage(args: argparse.Namespace, target: api.LocalTarget) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    rows = api.inspect_all(args.paths, vmid=args.vmid, networks=dict(args.network), bridge=args.bridge,
-                           ignore_rules=tuple(args.ignore_rule))
+    rows = api.inspect_all(args.paths, vmid=args.vmid, networks=dict(args.networks), bridge=args.bridge,
+                           ignore_rules=tuple(args.ignore_rules))
     if args.json:
         print(json.dumps([row.to_dict() for row in rows], indent=2))
     else:
@@ -577,21 +548,12 @@ def _network(text: str) -> tuple[str, str]:
 
 def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     printer = _Printer()
-    migration = api.Migration(
-        args.source, args.vmid, target=target, on_event=printer, ostype=args.ostype, bus=args.bus,
-        fmt=args.fmt, name=args.name, cores=args.cores, memory=args.memory, sockets=args.sockets,
-        networks=dict(args.network), bridge=args.bridge, ignore_rules=tuple(args.ignore_rule), scsihw=args.scsihw,
-        bios=args.bios,
-        start=args.start, boot_check=args.boot_check, boot_timeout=args.boot_timeout,
-        bwlimit=args.bwlimit, device=args.device, copy_with=args.copy_with,
-        verify=args.verify, force=args.force, drivers_iso=args.drivers_iso, net_drivers=args.net_drivers,
-        arch=args.arch, dance_wait=args.dance_wait, shutdown_timeout=args.shutdown_timeout,
-        keep_on_failure=args.keep_on_failure, **({"storage": args.storage} if args.storage else {}))
+    migration = api.Migration(args.source, args.vmid, target=target, on_event=printer, **_given(args))
     if args.dry_run:
         spec = migration.options.hardware(migration.pipeline.source.spec())
         print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, {spec.memory_mib} MiB, "
               f"{spec.firmware}")
-        where = args.device or f"storage {migration.options.storage}"
+        where = migration.options.device or f"storage {migration.options.storage}"
         keys = migration.disk_keys()
         print(f"would migrate to VMID {migration.vmid} on the {target.kind} target ({', '.join(keys)} on {where}):")
         for name, summary, done in migration.plan():

@@ -1,10 +1,10 @@
 """Getting a disk's bytes onto the target: qemu-img convert, measure, compare.
 
-qemu-img never sees a descriptor v2p has not validated: a VMDK is handed over
-as a descriptor v2p writes itself from the checked extents (no blank lines, no
-RDONLY lines), so qemu-img's own path handling never comes into play; and it
-never opens a source file by the user's path: every file is pinned (pinned.py)
-and named by its ``/dev/fd/N``, so a path swapped after inspection is not read.
+What qemu-img reads is a ``QemuInput`` (inspect/qemu_input.py): descriptors v2p
+wrote itself from the checked extents (no blank lines, no RDONLY lines), so
+qemu-img's own path handling never comes into play, and every source file
+pinned (pinned.py) and named by its ``/dev/fd/N``, so a path swapped after
+inspection is not read.
 Not for: deciding where the output goes (that is the target's job).
 """
 
@@ -17,152 +17,22 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from stat import S_ISBLK, S_ISREG
+from stat import S_ISBLK
 
 from . import verify
-from .errors import NoSpaceError, SourceError, TargetError, ToolError
-from .fsutil import private_dir, write_atomic
-from .inspect.model import DiskImage, ExtentKind, FileId
-from .pinned import PinnedFiles
+from .errors import NoSpaceError, SourceError, ToolError
+from .inspect.model import DiskImage
+from .inspect.qemu_input import INFO_TIMEOUT, QemuInput, pin
+from .pinned import FileId, PinnedFiles
 from .runner import run, run_streaming
 from .storage import Volume
 from .storage.base import block_size
 
-INFO_TIMEOUT = 30.0
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
-@dataclass(frozen=True)
-class Source:
-    """A qemu-img input: a format and a filename (or ``json:`` spec) qemu-img may open as that format.
-
-    ``pins`` holds the source files ``filename`` reads through ``/dev/fd/N``: every qemu-img
-    run on it gets them (``fds``), and ``close()`` gives them back once the disk is done.
-    """
-
-    fmt: str
-    filename: str
-    pins: PinnedFiles | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return self.pins.fds if self.pins is not None else ()
-
-    def close(self) -> None:
-        if self.pins is not None:
-            self.pins.close()
-
-
-def image_info(path: Path, fmt: str) -> dict[str, object]:
-    """``qemu-img info`` of ``path`` read as ``fmt`` (always explicit)."""
-    proc = run(["qemu-img", "info", "--output=json", "-f", fmt, str(path)], timeout=INFO_TIMEOUT)
-    info: dict[str, object] = json.loads(proc.stdout)
-    return info
-
-
-def pin(image: DiskImage) -> PinnedFiles:
-    """Every file of ``image``, opened and checked to be the one inspection read (see pinned.py)."""
-    opens = sum(len(link.extents) + 1 for link in image.chain)  # what qemu-img opens: extents and links
-    return PinnedFiles(image.file_ids, follow=image.path if image.named_link else None, reader_opens=opens)
-
-
-def qemu_source(image: DiskImage, workdir: Path) -> Source:
-    """The input qemu-img should read for ``image``, its files pinned; for a VMDK, descriptors v2p writes.
-
-    A snapshot chain becomes one descriptor per link, each naming the next by
-    absolute path (``parentFileNameHint``) with matching CIDs, so qemu-img
-    reads the consolidated disk and never resolves a path of the source's own.
-    """
-    pins = pin(image)
-    try:
-        return _qemu_source(image, workdir, pins)
-    except BaseException:
-        pins.close()
-        raise
-
-
-def _qemu_source(image: DiskImage, workdir: Path, pins: PinnedFiles) -> Source:
-    if not image.is_vmdk:
-        return Source(image.qemu_format, pins.path(image.path), pins)
-    if image.parent is None and [e.path for e in image.extents] == [image.path]:
-        # One self-contained sparse file: qemu reads it directly (a VMware
-        # streamOptimized footer is only found that way), with any
-        # parentFileNameHint in its embedded descriptor switched off.
-        spec = {"driver": "vmdk", "file": {"driver": "file", "filename": pins.path(image.path)},
-                "backing": None}
-        return Source("vmdk", "json:" + json.dumps(spec), pins)
-    private_dir(workdir)
-    chain = image.chain
-    target = workdir / "source.vmdk"
-    parent_file: Path | None = None
-    for depth in range(len(chain) - 1, -1, -1):
-        link = chain[depth]
-        target = workdir / ("source.vmdk" if depth == 0 else f"source-parent{depth}.vmdk")
-        _write_descriptor(link, target, pins, cid=f"{depth + 1:08x}", parent=parent_file,
-                          parent_cid=f"{depth + 2:08x}")
-        parent_file = target
-    return Source("vmdk", str(target), pins)
-
-
-def _write_descriptor(image: DiskImage, target: Path, pins: PinnedFiles, *, cid: str, parent: Path | None,
-                      parent_cid: str) -> None:
-    kinds = {e.kind for e in image.extents}
-    if ExtentKind.VMFSSPARSE in kinds:
-        create_type = "vmfsSparse"
-    elif ExtentKind.SESPARSE in kinds:
-        create_type = "seSparse"
-    elif ExtentKind.SPARSE in kinds:
-        create_type = "twoGbMaxExtentSparse"
-    else:
-        create_type = "twoGbMaxExtentFlat"
-    lines = [
-        "# Disk DescriptorFile",
-        "# written by v2p from the validated extents of " + _quotable(image.path),
-        "version=1",
-        f"CID={cid}",
-        f"parentCID={parent_cid if parent else 'ffffffff'}",
-        f'createType="{create_type}"',
-    ]
-    if parent is not None:
-        lines.append(f'parentFileNameHint="{_quotable(parent)}"')
-    for extent in image.extents:
-        if extent.kind is ExtentKind.ZERO or extent.path is None:
-            # qemu silently drops ZERO extent lines (the disk comes out short):
-            # describe them as a sparse file of zeros instead.
-            zeros = _zero_file(target.parent, extent.size)
-            lines.append(f'RW {extent.sectors} FLAT "{_quotable(zeros)}" 0')
-        elif extent.kind.is_raw:
-            lines.append(f'RW {extent.sectors} FLAT "{pins.path(extent.path)}" {extent.offset}')
-        else:
-            lines.append(f'RW {extent.sectors} {extent.kind.value} "{pins.path(extent.path)}"')
-    write_atomic(target, "\n".join(lines) + "\n")
-
-
-def _zero_file(folder: Path, size: int) -> Path:
-    """A sparse file of at least ``size`` zero bytes (it takes no space)."""
-    path = folder / "zeros.raw"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-    try:
-        if not S_ISREG(os.fstat(fd).st_mode):
-            raise TargetError(f"{path} is not a plain file: refused", hint=f"remove {folder}")
-        if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-    return path
-
-
-def _quotable(path: Path) -> str:
-    text = str(path)
-    if '"' in text or "\n" in text or "\r" in text:
-        raise SourceError(f"{text}: a path with a quote or a line break cannot be described to qemu-img",
-                          hint="rename the folder or file")
-    return text
-
-
-def measure(source: Source, out_fmt: str) -> int:
+def measure(source: QemuInput, out_fmt: str) -> int:
     """Bytes the converted image needs on the target (``qemu-img measure``'s 'required')."""
     proc = run(["qemu-img", "measure", "--output=json", "-f", source.fmt, "-O", out_fmt,
                 str(source.filename)], timeout=INFO_TIMEOUT, pass_fds=source.fds)
@@ -170,7 +40,7 @@ def measure(source: Source, out_fmt: str) -> int:
 
 
 def convert(
-    source: Source, dest: Volume, *, capacity: int, target_is_zero: bool = False,
+    source: QemuInput, dest: Volume, *, capacity: int, target_is_zero: bool = False,
     bwlimit: int | None = None, on_progress: Callable[[float], None] | None = None,
 ) -> None:
     """``qemu-img convert`` ``source`` into ``dest``.
@@ -272,7 +142,7 @@ def _dd_extents(image: DiskImage, pins: PinnedFiles, dest: Volume, *, target_is_
         done += extent.size
 
 
-def compare(source: Source, dest: Volume, *, capacity: int) -> None:
+def compare(source: QemuInput, dest: Volume, *, capacity: int) -> None:
     """Raise VerifyError unless ``dest`` holds exactly the bytes of ``source`` (see verify.py).
 
     A block device may be larger than the disk (an LV rounded up to whole
@@ -306,7 +176,7 @@ def source_fingerprint(image: DiskImage) -> list[dict[str, object]]:
 
 
 def same_files(recorded: object, current: list[dict[str, object]]) -> bool:
-    """Whether a recorded fingerprint (``Source.fingerprint``) still describes the source's files:
+    """Whether a recorded fingerprint (``sources.base.Source.fingerprint``) still describes the source's files:
     every field it holds is unchanged (one written before device and inode were recorded holds
     path, size and mtime only, and is compared on those)."""
     if not isinstance(recorded, list) or len(recorded) != len(current):

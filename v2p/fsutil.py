@@ -295,14 +295,6 @@ def fresh_file(folder_fd: int, name: str) -> None:
     os.close(create_exclusive(folder_fd, name)[1])
 
 
-def fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def remove_stale_temporaries(folder: Path, name: str) -> None:
     """Remove the temporary files ``write_atomic`` left for ``name`` when a run was killed mid-write.
 

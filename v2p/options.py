@@ -18,23 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import V2PError, shown
+from .option_table import MAX_SECONDS, OPTION, OPTIONS, Option
+from .option_table import WINDOWS_OSTYPES as WINDOWS_OSTYPES  # pveconfig's
 from .spec import VMSpec
 
-WINDOWS_OSTYPES = {"wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11"}
-OSTYPES = WINDOWS_OSTYPES | {"l24", "l26", "solaris", "other"}
-BUSES = ("ide", "sata", "scsi", "virtio")
-FORMATS = ("qcow2", "raw")
-COPIERS = ("qemu-img", "dd")
-BIOSES = ("seabios", "ovmf")  # PVE's bios values v2p may set
-SCSIHW = ("lsi", "lsi53c810", "megasas", "pvscsi", "virtio-scsi-pci", "virtio-scsi-single")
-
-
-# A day: longer waits are typing mistakes, and timer calls overflow on huge values.
-MAX_SECONDS = 86400.0
-CORES = (1, 512)
-MEMORY = (16, 4 << 20)  # MiB: 16 MiB - 4 TiB
-BWLIMIT = (1, 1 << 30)  # KiB/s: up to 1 TiB/s
 VMIDS = (100, 999_999_999)  # PVE's range
+VM_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?")
+BRIDGE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", re.ASCII)
 
 
 class OptionError(V2PError):
@@ -96,21 +86,74 @@ def _shown(value: object, typed: bool = False) -> str:
     return shown(value, typed=typed)
 
 
-# What each kind of MigrationOptions field takes, by its annotation: (test, in words).
-_KINDS: dict[str, tuple[Any, str]] = {
-    "str": (lambda v: isinstance(v, str), "text (a str)"),
-    "str | None": (lambda v: v is None or isinstance(v, str), "text (a str) or None"),
+# What each kind of option takes from a library caller: (test, in words). Numbers have none here:
+# their range checks (check_whole, check_seconds) refuse every other type too, in their words.
+_TEXT = (lambda v: isinstance(v, str), "text (a str)")
+_TYPES: dict[str, tuple[Any, str]] = {
+    "bridges": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()),
+                "a dict of text to text"),
+    "rules": (lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v), "a list of text"),
     "bool": (lambda v: isinstance(v, bool), "True or False"),
-    # Numbers: their range checks (check_whole, check_seconds) refuse every other type too, in their words.
-    "int | None": (lambda v: True, ""),
-    "float": (lambda v: True, ""),
-    "dict[str, str]": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
-                                                             for k, x in v.items()),
-                       "a dict of text to text"),
-    "tuple[str, ...]": (lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v),
-                        "a list of text"),
-    "dict[str, Any]": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict"),
+    "extra": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict"),
+    **{kind: _TEXT for kind in ("choice", "text", "device", "vm-name", "bridge")},
 }
+
+
+def _check_type(option: Option, value: object) -> None:
+    """``value`` of the type ``option`` takes, before any value check reads it: a caller's wrong type
+    is one ``OptionError`` naming the keyword, never a TypeError from deep inside."""
+    if option.kind not in _TYPES or value is None and option.optional:
+        return
+    test, words = _TYPES[option.kind]
+    if not test(value):
+        optional = " or None" if option.optional else ""
+        raise OptionError(f"{option.keyword}={_shown(value)}: must be {words}{optional}")
+
+
+def check_option(option: Option, value: Any, label: str | None = None) -> Any:
+    """``value`` checked as ``option`` takes it, an ``OptionError`` in the words of ``label`` (its
+    CLI flag unless given: a plan gives its key); returns it as kept (seconds a float, rules a tuple)."""
+    label = label or option.flag or option.keyword
+    if value is None and option.optional:
+        return None
+    kind = option.kind
+    if kind == "choice" and value not in option.choices:
+        choices = option.choices
+        hint = f"use {option.choices_are}: {', '.join(choices)}" if option.choices_are else \
+            f"use {choices[0]} or {choices[1]}" if len(choices) == 2 else f"use one of {', '.join(choices)}"
+        raise OptionError(f"unknown {label} {value!r}", hint=hint)
+    if kind in ("text", "device"):
+        check_text(label, value)
+    if kind == "device" and not value.startswith("/"):
+        raise OptionError(f"{label} {value!r} is not an absolute device path")
+    if kind == "vm-name" and not VM_NAME.fullmatch(value):
+        raise OptionError(f"{label} {value!r} is not a valid VM name",
+                          hint="use letters, digits, '-' and '.' (a DNS name, as PVE requires)")
+    if kind == "bridge":
+        _check_bridge(label, value)
+    if kind == "bridges":
+        for network, bridge in value.items():
+            _check_bridge(f"{label} {_shown(f'{network}={bridge}', True)}", bridge)
+    if kind == "rules":
+        return tuple(value)
+    if kind == "whole":
+        return check_whole(label, value, option.bounds, option.unit)
+    if kind == "seconds":
+        return check_seconds(label, value, zero=option.zero)
+    return value
+
+
+def _check_bridge(label: str, bridge: str) -> None:
+    if not BRIDGE.fullmatch(bridge):
+        raise OptionError(f"{label}: {_shown(bridge)} is not a bridge name", hint="a Linux bridge such as vmbr0")
+
+
+def _default(keyword: str) -> Any:
+    """The table's default for a ``MigrationOptions`` field (a fresh one where it is a dict)."""
+    default = OPTION[keyword].default
+    if isinstance(default, dict):
+        return field(default_factory=dict)
+    return field(default=default)
 
 
 def check_text(keyword: str, value: object, *, optional: bool = False, controls: bool = False,
@@ -142,39 +185,40 @@ def check_bool(keyword: str, value: object) -> bool:
 
 @dataclass
 class MigrationOptions:
-    """Everything that shapes the migrated VM (part of the state file's request)."""
+    """Everything that shapes the migrated VM (part of the state file's request); what each field
+    means, its default and its range are in ``option_table.OPTIONS``."""
 
     # None: what the source says (a .vmx's guestOS, numvcpus, memsize, ...); a loose disk says
     # nothing, so it gets l26, 1 socket x 1 core, 512 MiB.
-    ostype: str | None = None
-    bus: str | None = None
-    fmt: str | None = None  # None: the storage's preferred format (qcow2 on dir, raw elsewhere)
-    name: str | None = None
-    cores: int | None = None  # per socket
-    memory: int | None = None  # MiB, as PVE counts
-    sockets: int | None = None
-    networks: dict[str, str] = field(default_factory=dict)  # VMware network name -> bridge
-    bridge: str | None = None  # for NICs whose network has no entry in ``networks``
-    ignore_rules: tuple[str, ...] = ()
-    scsihw: str = "virtio-scsi-pci"
-    bios: str | None = None  # seabios | ovmf; None: the source's firmware (a loose disk: what it boots by)
-    start: bool = False
-    boot_check: bool = True
-    boot_timeout: float = 60.0
-    bwlimit: int | None = None  # KiB/s, as PVE counts
-    storage: str = "local"
-    device: str | None = None  # a block device to write the disk onto, instead of a storage
-    copy_with: str = "qemu-img"  # or "dd" (raw/flat sources only)
-    verify: bool = True
-    force: bool = False  # overwrite a block device that carries data or is held open
-    drivers_iso: str | None = None  # virtio-win ISO for the Windows driver dance
-    net_drivers: bool = True  # also bring in NetKVM and move the NIC to virtio
-    arch: str = "amd64"  # the Windows guest's architecture (virtio-win folder name)
-    dance_wait: float = 600.0  # boot 1: how long to wait for the guest's driver signal
-    shutdown_timeout: float = 120.0
+    ostype: str | None = _default("ostype")
+    bus: str | None = _default("bus")
+    fmt: str | None = _default("fmt")  # None: the storage's preferred format (qcow2 on dir, raw elsewhere)
+    name: str | None = _default("name")
+    cores: int | None = _default("cores")  # per socket
+    memory: int | None = _default("memory")  # MiB, as PVE counts
+    sockets: int | None = _default("sockets")
+    networks: dict[str, str] = _default("networks")  # VMware network name -> bridge
+    bridge: str | None = _default("bridge")  # for NICs whose network has no entry in ``networks``
+    ignore_rules: tuple[str, ...] = _default("ignore_rules")
+    scsihw: str = _default("scsihw")
+    bios: str | None = _default("bios")  # seabios | ovmf; None: the source's firmware (a loose disk: what it boots by)
+    start: bool = _default("start")
+    boot_check: bool = _default("boot_check")
+    boot_timeout: float = _default("boot_timeout")
+    bwlimit: int | None = _default("bwlimit")  # KiB/s, as PVE counts
+    storage: str = _default("storage")
+    device: str | None = _default("device")  # a block device to write the disk onto, instead of a storage
+    copy_with: str = _default("copy_with")  # or "dd" (raw/flat sources only)
+    verify: bool = _default("verify")
+    force: bool = _default("force")  # overwrite a block device that carries data or is held open
+    drivers_iso: str | None = _default("drivers_iso")  # virtio-win ISO for the Windows driver dance
+    net_drivers: bool = _default("net_drivers")  # also bring in NetKVM and move the NIC to virtio
+    arch: str = _default("arch")  # the Windows guest's architecture (virtio-win folder name)
+    dance_wait: float = _default("dance_wait")  # boot 1: how long to wait for the guest's driver signal
+    shutdown_timeout: float = _default("shutdown_timeout")
     # On a failure while the VM and its disks are made, keep them for a rerun instead of removing them.
-    keep_on_failure: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    keep_on_failure: bool = _default("keep_on_failure")
+    extra: dict[str, Any] = _default("extra")
 
     @classmethod
     def of(cls, keywords: dict[str, Any]) -> MigrationOptions:
@@ -188,62 +232,14 @@ class MigrationOptions:
                                   hint="see MigrationOptions for the keywords migrate() takes")
         return cls(**keywords)
 
-    def _check_types(self) -> None:
-        """Each field of the type its annotation says, before any value check reads it: a caller's
-        wrong type is one ``OptionError`` naming the keyword, never a TypeError from deep inside."""
-        for option in fields(self):
-            test, words = _KINDS[str(option.type)]
-            value = getattr(self, option.name)
-            if not test(value):
-                raise OptionError(f"{option.name}={_shown(value)}: must be {words}")
-        # Where a path or a name goes, no control character (a NUL, a newline into a config): as the
-        # rest of the value checks, in the CLI's words (a plan says them in its own).
-        for flag, value in (("--storage", self.storage), ("--to-device", self.device),
-                            ("--drivers-iso", self.drivers_iso)):
-            check_text(flag, value, optional=True)
-
     def __post_init__(self) -> None:
-        self._check_types()
-        if self.ostype is not None and self.ostype not in OSTYPES:
-            raise OptionError(f"unknown --os {self.ostype!r}",
-                              hint="use a PVE ostype: " + ", ".join(sorted(OSTYPES)))
-        if self.bus is not None and self.bus not in BUSES:
-            raise OptionError(f"unknown --bus {self.bus!r}", hint="use one of " + ", ".join(BUSES))
-        if self.fmt is not None and self.fmt not in FORMATS:
-            raise OptionError(f"unknown --format {self.fmt!r}", hint="use qcow2 or raw")
-        if self.scsihw not in SCSIHW:
-            raise OptionError(f"unknown --scsihw {self.scsihw!r}", hint="use one of " + ", ".join(SCSIHW))
-        if self.bios is not None and self.bios not in BIOSES:
-            raise OptionError(f"unknown --bios {self.bios!r}", hint="use seabios or ovmf")
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?", self.name):
-            raise OptionError(f"--name {self.name!r} is not a valid VM name",
-                              hint="use letters, digits, '-' and '.' (a DNS name, as PVE requires)")
+        # Every type first: a value check may read another option (copy_with with bwlimit).
+        for option in OPTIONS:
+            _check_type(option, getattr(self, option.keyword))
+        for option in OPTIONS:
+            setattr(self, option.keyword, check_option(option, getattr(self, option.keyword)))
         if self.copy_with == "dd" and self.bwlimit:
             raise OptionError("--bwlimit does not apply to --copy-with dd", hint="leave one of them out")
-        if self.cores is not None:
-            check_whole("--cores", self.cores, CORES)
-        if self.sockets is not None:
-            check_whole("--sockets", self.sockets, (1, 16))
-        if self.memory is not None:
-            check_whole("--memory", self.memory, MEMORY, "MiB")
-        bridges = [(f"--network {_shown(f'{network}={bridge}', True)}", bridge)
-                   for network, bridge in self.networks.items()]
-        for flag, bridge in [*bridges, ("--bridge", self.bridge or "vmbr0")]:
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,15}", bridge, flags=re.ASCII):
-                raise OptionError(f"{flag}: {_shown(bridge)} is not a bridge name",
-                                  hint="a Linux bridge such as vmbr0")
-        self.ignore_rules = tuple(self.ignore_rules)
-        if self.bwlimit is not None:
-            check_whole("--bwlimit", self.bwlimit, BWLIMIT, "KiB/s")
-        self.boot_timeout = check_seconds("--boot-timeout", self.boot_timeout)
-        self.dance_wait = check_seconds("--dance-wait", self.dance_wait)
-        self.shutdown_timeout = check_seconds("--shutdown-timeout", self.shutdown_timeout, zero=True)
-        if self.copy_with not in COPIERS:
-            raise OptionError(f"unknown --copy-with {self.copy_with!r}", hint="use qemu-img or dd")
-        if self.arch not in ("amd64", "x86", "ARM64"):
-            raise OptionError(f"unknown --arch {self.arch!r}", hint="use amd64 or x86")
-        if self.device is not None and not self.device.startswith("/"):
-            raise OptionError(f"--to-device {self.device!r} is not an absolute device path")
 
     def hardware(self, spec: VMSpec) -> VMSpec:
         """``spec`` with the hardware the user asked for instead (--sockets, --cores, --memory, --bios)."""
@@ -292,9 +288,9 @@ class MigrationOptions:
         """The options a resumed run must repeat exactly (start/boot-check may change)."""
         data = asdict(self)
         # verify and boot_check may change too: the stages they govern check them in holds().
-        for volatile in ("start", "boot_check", "boot_timeout", "bwlimit", "verify", "force", "drivers_iso",
-                         "dance_wait", "shutdown_timeout", "keep_on_failure"):
-            data.pop(volatile)
+        for option in OPTIONS:
+            if option.volatile:
+                data.pop(option.keyword)
         if data["bios"] is None:  # as recorded before --bios existed: those records still match
             data.pop("bios")
         result: dict[str, Any] = json.loads(json.dumps(data))  # as the state file will give it back

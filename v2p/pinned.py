@@ -23,14 +23,39 @@ import resource
 import stat
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SourceError
-from .inspect.model import FileId
 
 _FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _HEADROOM = 64  # descriptors kept free beyond the pinned ones (pipes, logs, the target)
 _HINT = "leave the source files alone while v2p migrates them, then run the same command again"
+
+
+@dataclass(frozen=True)
+class FileId:
+    """Which file a path led to when inspection read it: a later open must find this very file
+    (same device and inode, not rewritten since: same size and mtime)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def differs(self, other: FileId) -> str | None:
+        """How ``other`` is not this file, in a few words; None if it is."""
+        if (other.device, other.inode) != (self.device, self.inode):
+            return "another file is there now (it was replaced or swapped)"
+        if other.size != self.size:
+            return f"it is {other.size} bytes now, {self.size} when inspected"
+        if other.mtime_ns != self.mtime_ns:
+            return "it was written to since"
+        return None
 
 
 class PinnedFiles:

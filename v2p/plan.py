@@ -28,22 +28,12 @@ from . import api, drivers, pveconfig, rules, stages
 from .credentials import SECRET_NAME
 from .errors import StateError, V2PError, one_line
 from .fsutil import read_regular
-from .options import (
-    BIOSES,
-    BUSES,
-    COPIERS,
-    FORMATS,
-    OSTYPES,
-    SCSIHW,
-    MigrationOptions,
-    OptionError,
-    check_text,
-    check_vmid,
-)
+from .option_table import OPTION, OPTIONS, PLAN_WORDS, Option
+from .options import MigrationOptions, OptionError, check_option, check_text, check_vmid
 from .sources import is_uri, open_source
 from .state import MigrationState
-from .targets import KINDS, kind_of, target_keys
 from .targets.base import Target
+from .targets.factory import KINDS, kind_of, target_keys
 from .targets.kind_local import ACCELS
 
 if TYPE_CHECKING:
@@ -128,56 +118,34 @@ class Key:
     place: str = "both"  # both, vm (per VM only)
 
 
+# How a plan writes each kind of option (option_table.Kind).
+_PLAN_KINDS = {"choice": "str", "text": "str", "device": "str", "vm-name": "str", "bridge": "str", "bridges": "map",
+               "rules": "list", "whole": "int", "seconds": "seconds", "bool": "bool"}
+
+
+def _key(option: Option) -> Key:
+    return Key(_PLAN_KINDS[option.kind], option.keyword, option.choices, "vm" if option.per_vm else "both")
+
+
 KEYS: dict[str, Key] = {
     "source": Key("path", place="vm"),
     "vmid": Key("vmid"),
-    "name": Key("str", "name", place="vm"),
     "target": Key("target"),
     "node": Key("str"),
-    "storage": Key("str", "storage"),
-    "networks": Key("map", "networks"),
-    "bridge": Key("str", "bridge"),
-    "format": Key("str", "fmt", FORMATS),
-    "bus": Key("str", "bus", BUSES),
-    "os": Key("str", "ostype", tuple(sorted(OSTYPES))),
-    "drivers_iso": Key("str", "drivers_iso"),
-    "start": Key("bool", "start"),
-    "bwlimit": Key("int", "bwlimit"),
-    "cores": Key("int", "cores"),
-    "memory": Key("int", "memory"),
-    "sockets": Key("int", "sockets"),
-    "boot_check": Key("bool", "boot_check"),
-    "boot_timeout": Key("seconds", "boot_timeout"),
-    "scsihw": Key("str", "scsihw", SCSIHW),
-    "bios": Key("str", "bios", BIOSES),
-    "ignore_rules": Key("list", "ignore_rules"),
-    "verify": Key("bool", "verify"),
-    "net_drivers": Key("bool", "net_drivers"),
-    "arch": Key("str", "arch", ("amd64", "x86")),
-    "dance_wait": Key("seconds", "dance_wait"),
-    "shutdown_timeout": Key("seconds", "shutdown_timeout"),
-    "keep_on_failure": Key("bool", "keep_on_failure"),
-    "copy_with": Key("str", "copy_with", COPIERS),
-    "device": Key("str", "device", place="vm"),
+    **{option.plan_key: _key(option) for option in OPTIONS if option.plan_key is not None},
 }
 TOP_KEYS = ("defaults", "vms")
 TARGET_KEYS = target_keys()
 SECRET = SECRET_NAME  # keys that hold a secret wherever they appear: refused, never echoed
 SECRET_HINT = "secrets stay out of plans: set $V2P_PVE_TOKEN (or $V2P_PVE_PASSWORD), or use the secrets file"
-# The CLI's option names in the option checks' messages, as a plan spells them.
-FLAGS = {"--os": "os", "--format": "format", "--bus": "bus", "--scsihw": "scsihw", "--name": "name",
-         "--cores": "cores", "--memory": "memory", "--sockets": "sockets", "--bwlimit": "bwlimit",
-         "--network": "networks", "--bridge": "bridge", "--boot-timeout": "boot_timeout",
-         "--dance-wait": "dance_wait", "--shutdown-timeout": "shutdown_timeout", "--copy-with": "copy_with",
-         "--arch": "arch", "--to-device": "device", "--ignore-rule": "ignore_rules", "--storage": "storage",
-         "--drivers-iso": "drivers_iso", "--bios": "bios"}
-_FLAG = re.compile("|".join(re.escape(flag) for flag in sorted(FLAGS, key=len, reverse=True)) + r"\b")
+# The CLI's option names in messages of deeper checks (rules, drivers, devices), as a plan spells them.
+_FLAG = re.compile("|".join(re.escape(flag) for flag in sorted(PLAN_WORDS, key=len, reverse=True)) + r"\b")
 _DECIMAL = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 _SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)
 
 
 def _plan_words(text: str) -> str:
-    return _FLAG.sub(lambda match: FLAGS[match.group(0)], text)
+    return _FLAG.sub(lambda match: PLAN_WORDS[match.group(0)], text)
 
 
 def _did_you_mean(word: str, choices: Any) -> str:
@@ -629,12 +597,12 @@ class _Reader:
                 continue
             chosen = self.option_value(name, value)
             try:
-                MigrationOptions(**{spec.option: chosen})
+                check_option(OPTION[spec.option], chosen, label=name)
                 if name == "ignore_rules":
                     rules.check_ignore(chosen)
             except OptionError as exc:
                 said = _plan_words(exc.message)
-                self.problem(value, said if said.startswith(f"{name} ") else f"{name}: {said}")
+                self.problem(value, said if said.startswith((f"{name} ", f"{name}:")) else f"{name}: {said}")
                 whole = False
                 continue
             options[spec.option] = chosen
@@ -671,7 +639,7 @@ class _Reader:
             return {network: bridge.value for network, _key, bridge in node.items()}
         if name == "ignore_rules":
             return tuple(item.value for item in node.value)
-        if name == "drivers_iso" and ":" not in node.value:  # a path, not a PVE volume (local:iso/...)
+        if name == "drivers_iso" and node.value and ":" not in node.value:  # a path, not a volume (local:iso/...)
             return os.path.normpath(self.base / os.path.expanduser(node.value))
         if KEYS[name].kind == "seconds":
             return float(node.value)

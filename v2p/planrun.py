@@ -35,6 +35,8 @@ from .errors import EXIT_BOOT_UNCONFIRMED, BootCheckError, LockedError, NoSpaceE
 from .events import Event
 from .fsutil import private_dir, remove_tree
 from .options import OptionError
+from .planschedule import Need, Scheduler, gib
+from .sizing import SpaceNeed
 from .stages import BOOT_SKIPPED, BootFailed, boot_exit_code, boot_words, disk_stage
 from .state import MigrationState, VmidLock
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
@@ -197,19 +199,10 @@ def _ignore(_vm: VMRun, _event: Event) -> None:
 
 
 @dataclass
-class _Need:
-    """What starting a VM takes: its storage (``key``), the bytes its disks still need and what is free."""
-
-    key: str
-    required: int
-    free: int | None  # None: not measured (nothing left to write, or the child will say why it cannot)
-
-
-@dataclass
 class _Child:
     index: int
     proc: subprocess.Popen[bytes]
-    need: _Need
+    need: Need
     started: float
     buffers: dict[int, bytes] = field(default_factory=dict)
     open_fds: set[int] = field(default_factory=set)
@@ -218,25 +211,23 @@ class _Child:
 
 
 class _Runner:
-    """The parent's loop: one thread, one selector over every child's stdout and stderr."""
+    """The parent's loop: one thread, one selector over every child's stdout and stderr; which VM starts
+    when is its ``Scheduler``'s to say."""
 
     def __init__(self, vms: Sequence[PlanVM], *, parallel: int, per_storage: int, per_node: int,
                  on_event: PlanEventHandler, stop: threading.Event | None, accel: str, lock_wait: float,
                  refused: Mapping[str, str]) -> None:
-        self.vms, self.parallel, self.per_storage, self.per_node = vms, parallel, per_storage, per_node
+        self.vms = vms
+        self.schedule = Scheduler(len(vms), parallel=parallel, per_storage=per_storage, per_node=per_node)
         self.refused = refused
         self.emit, self.stop, self.accel, self.lock_wait = on_event, stop, accel, lock_wait
         self.runs = [VMRun(vm.name, vm.vmid if isinstance(vm.vmid, int) else None, vm.node or "",
                            str(vm.options.get("device") or vm.options.get("storage") or "")) for vm in vms]
-        self.pending: list[int] = list(range(len(vms)))
-        self.not_before: dict[int, float] = {}
         self.first_try: dict[int, float] = {}
         self.running: dict[int, _Child] = {}
         self.selector = selectors.DefaultSelector()
         self.interrupted: int | None = None
         self.stopping_since: float | None = None  # when the children got SIGINT
-        self.measured: dict[int, _Need] = {}
-        self.changed = True  # something ended since the waiting VMs were last looked at
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> PlanReport:
@@ -246,7 +237,7 @@ class _Runner:
             if vm.name in self.refused:
                 self._fail(index, PlanRefused.exit_code, self.refused[vm.name])
         try:
-            while self.pending or self.running:
+            while self.schedule.pending or self.running:
                 try:
                     self._tick()
                 except KeyboardInterrupt:
@@ -278,67 +269,37 @@ class _Runner:
         self.stopping_since = None if again else time.monotonic()
         if not again:
             self.interrupted = signum
-            for index in self.pending:
+            for index in self.schedule.stop():
                 self.runs[index].result = "not started"
-            self.pending.clear()
         for child in self.running.values():
             with contextlib.suppress(OSError):
                 child.proc.send_signal(signal.SIGKILL if again else signal.SIGINT)
 
     # -- starting ------------------------------------------------------------------------------------
     def _start_what_fits(self) -> None:
-        now = time.monotonic()
-        retry_due = any(when <= now for when in self.not_before.values())
-        if not (self.changed or retry_due) or len(self.running) >= self.parallel:
-            return
-        self.changed = False
-        for index in list(self.pending):
-            if len(self.running) >= self.parallel:
-                break
-            if self.not_before.get(index, 0.0) > now:
-                continue
-            need = self.measured.get(index) or self._measure(index)
+        for index in self.schedule.due(time.monotonic()):
+            need = self.schedule.measured.get(index) or self._measure(index)
             if need is None:
                 continue  # failed or waits for room: it said so
-            run, before = self.runs[index], self.runs[index].waiting_for
-            if self._fits(index, need):
-                self.pending.remove(index)
-                self.not_before.pop(index, None)
+            run = self.runs[index]
+            waiting = self.schedule.waits_for(index, need)
+            if waiting is None:
+                self.schedule.start(index, need)
                 self._spawn(index, need)
-            elif run.waiting_for != before:
-                self.emit(run, Event("vm-wait", "plan", f"waiting for {run.waiting_for}"))
+            elif waiting != run.waiting_for:
+                run.waiting_for = waiting
+                self.emit(run, Event("vm-wait", "plan", f"waiting for {waiting}"))
 
-    def _fits(self, index: int, need: _Need) -> bool:
-        """Whether VM ``index`` may start now: the limits and its storage's free space; else its
-        ``waiting_for`` says what it waits for."""
-        node, run = self.vms[index].node or "", self.runs[index]
-        self.measured[index] = need
-        if sum(1 for c in self.running.values() if c.need.key == need.key) >= self.per_storage:
-            run.waiting_for = f"a free slot on {need.key} (at most {self.per_storage} at once)"
-            return False
-        if node and sum(1 for c in self.running.values() if self.vms[c.index].node == node) >= self.per_node:
-            run.waiting_for = f"a free slot on node {node} (at most {self.per_node} at once)"
-            return False
-        if need.free is not None:
-            reserved = sum(c.need.required for c in self.running.values() if c.need.key == need.key)
-            if need.required > need.free - reserved:
-                # What the running ones wrote already is out of ``free`` and still reserved: this errs
-                # towards waiting. Measured again once one of them ends.
-                run.waiting_for = (f"{_gib(need.required)} on {need.key} ({_gib(need.free)} free, "
-                                   f"{_gib(reserved)} reserved by the VMs running there)")
-                self.measured.pop(index)
-                return False
-        return True
-
-    def _measure(self, index: int) -> _Need | None:
+    def _measure(self, index: int) -> Need | None:
         """What VM ``index`` needs on its storage: ``qemu-img measure`` of every disk not yet written,
         through its target's disk sink, as the preflight stage does. A VM that can never fit fails here;
         one whose source cannot even be read is started anyway, so that it fails in its own words."""
         vm, run = self.vms[index], self.runs[index]
+        node = vm.node or ""
         try:
             migration = _migration(vm, self.accel)
         except V2PError:
-            return _Need(run.storage or "?", 0, None)
+            return Need(run.storage or "?", 0, None, node)
         options = migration.options
         run.storage = run.storage or options.device or options.storage
         key = f"{_where(migration.target.describe())}:{options.device or options.storage}"
@@ -349,10 +310,10 @@ class _Runner:
         except V2PError:
             recorded = {}
         if recorded.get("finished") or (vm.vmid != api.AUTO and self._locked(migration)):
-            return _Need(key, 0, None)
+            return Need(key, 0, None, node)
         stages = recorded.get("stages", {}) if recorded.get("request", {}).get("options") == \
             options.identity() else {}
-        required, free = 0, None
+        space = SpaceNeed()
         try:
             pipeline = migration.pipeline
             spec = options.hardware(pipeline.source.spec())
@@ -365,28 +326,27 @@ class _Runner:
                                                       storage=options.storage, device=options.device,
                                                       force=options.force)
                     try:
-                        room = sink.check(given.qemu, capacity=given.capacity)
+                        space.add(sink.check(given.qemu, capacity=given.capacity))
                     finally:
                         given.close()
-                    required += int(room["required_bytes"])
-                    free = int(room["free_bytes"])
         except V2PError as exc:
             if not isinstance(exc, NoSpaceError):
-                return _Need(key, 0, None)  # the child's preflight says what is wrong, in its own words
+                return Need(key, 0, None, node)  # the child's preflight says what is wrong, in its own words
             self._no_room(index, key, exc.exit_code, str(exc))
             return None
+        required, free = space.required, space.free
         if free is not None and required > free:
-            self._no_room(index, key, 4, f"not enough space on {key}: its disks need {_gib(required)}, "
-                          f"{_gib(free)} are free (hint: free some space or give the VM another storage)")
+            self._no_room(index, key, 4, f"not enough space on {key}: its disks need {gib(required)}, "
+                          f"{gib(free)} are free (hint: free some space or give the VM another storage)")
             return None
-        return _Need(key, required, free)
+        return Need(key, required, free, node)
 
     def _no_room(self, index: int, key: str, code: int, message: str) -> None:
         """VM ``index`` does not fit on its storage as it is now. While other VMs of the plan run there it
         waits (one that fails gives back what it wrote; a PVE upload is removed once imported); with none
         running there it never will fit: it fails."""
         run = self.runs[index]
-        if not any(child.need.key == key for child in self.running.values()):
+        if not self.schedule.running_on(key):
             self._fail(index, code, message)
             return
         waiting = f"room on {key}, or the VMs running there to end ({message})"
@@ -408,10 +368,10 @@ class _Runner:
     def _fail(self, index: int, code: int, message: str) -> None:
         run = self.runs[index]
         run.result, run.error, run.exit_code, run.waiting_for = "failed", message, code, ""
-        self.pending.remove(index)
+        self.schedule.drop(index)
         self.emit(run, Event("vm-done", "plan", f"failed: {message}"))
 
-    def _spawn(self, index: int, need: _Need) -> None:
+    def _spawn(self, index: int, need: Need) -> None:
         vm, run = self.vms[index], self.runs[index]
         job = {"name": vm.name, "source": str(vm.source), "vmid": vm.vmid, "target": vm.target,
                "accel": self.accel, "options": vm.options}
@@ -498,7 +458,7 @@ class _Runner:
         with contextlib.suppress(OSError):
             child.proc.stdin.close()
         del self.running[child.index]
-        self.changed = True
+        self.schedule.end(child.index)
         run, last = self.runs[child.index], child.last or {}
         run.seconds += time.monotonic() - child.started
         if code < 0:  # killed by a signal, not stopped by one
@@ -520,9 +480,7 @@ class _Runner:
                 time.monotonic() - self.first_try[child.index] < self.lock_wait:
             # Its VMID is still locked, most likely by a child of a killed run that is still stopping.
             run.result, run.waiting_for = "waiting", f"the lock on VMID {run.vmid}"
-            self.pending.insert(0, child.index)
-            self.not_before[child.index] = time.monotonic() + LOCK_RETRY
-            self.measured.pop(child.index, None)
+            self.schedule.retry(child.index, time.monotonic() + LOCK_RETRY)
             self.emit(run, Event("info", "plan", f"VMID {run.vmid} is locked by another run; waiting"))
             return
         run.result = "failed"
@@ -565,10 +523,6 @@ def _where(described: dict[str, str]) -> str:
         return described.get("dir", "local")
     host, node = described.get("host"), described.get("node")
     return f"{host}/{node}" if host and node else json.dumps(described, sort_keys=True)
-
-
-def _gib(size: int) -> str:
-    return f"{size / (1 << 30):.2f} GiB"
 
 
 class PlanRefused(V2PError):

@@ -30,6 +30,7 @@ from .events import Event, EventHandler
 from .fsutil import private_dir
 from .options import MigrationOptions, OptionError
 from .runner import which
+from .sizing import SpaceNeed
 from .sources import DiskInput, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
@@ -175,27 +176,24 @@ class Preflight(Stage):
         if ctx.options.device and len(ctx.disks()) > 1:
             raise OptionError(f"--to-device takes one disk; {ctx.source.describe()} has {len(ctx.disks())}",
                               hint="migrate onto a storage (--storage) instead")
-        required, room = 0, {}
-        held: dict[str, list[int]] = {}  # storage -> [bytes all disks keep there, free there]
+        space = SpaceNeed()
         for index in range(len(ctx.disks())):
             given = ctx.disk_input(index)
             if ctx.options.copy_with == "dd" and (given.image is None or not given.image.is_plain_raw):
                 raise OptionError(f"--copy-with dd: disk {index} is {given.flavor}, dd copies raw data only",
                                   hint="leave --copy-with out: qemu-img reads every flavor")
-            room = ctx.sink(index).check(given.qemu, capacity=given.capacity)
-            required += room["required_bytes"]
-            for place in (room, *room.get("also", ())):
-                held.setdefault(place["storage"], [0, place["free_bytes"]])[0] += place["required_bytes"]
+            space.add(ctx.sink(index).check(given.qemu, capacity=given.capacity))
         if ctx.options.copy_with == "dd" and fmt != "raw":
             raise OptionError("--copy-with dd writes raw disks only", hint="add --format raw")
-        for storage, (needed, free) in held.items():  # each disk fits alone; all of them must fit together
-            if needed > free:
-                raise NoSpaceError(f"not enough space on {storage}: the disks need {needed} bytes there, "
-                                  f"{free} are free", hint="free some space or choose another --storage")
+        short = space.short()  # each disk fits alone; all of them must fit together
+        if short is not None:
+            storage, needed, free = short
+            raise NoSpaceError(f"not enough space on {storage}: the disks need {needed} bytes there, "
+                               f"{free} are free", hint="free some space or choose another --storage")
         if ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance:
             which("qemu-system-x86_64")
-        record: Record = {"storage": room["storage"], "format": fmt, "required_bytes": required,
-                          "free_bytes": room["free_bytes"], "findings": [vars(f) for f in findings]}
+        record: Record = {"storage": space.storage, "format": fmt, "required_bytes": space.required,
+                          "free_bytes": space.free, "findings": [vars(f) for f in findings]}
         if ctx.options.needs_dance:
             record.update(check_drivers(ctx.target, ctx.options,
                                         progress=upload_progress(ctx, self.name, "the drivers ISO")))

@@ -17,8 +17,11 @@ from pathlib import Path
 
 from ..errors import SourceError, UnsafeSourceError, V2PError
 from ..fsutil import scratch_dir
+from ..pinned import FileId
+from ..runner import run
 from . import bootsector, vmdk
-from .model import SECTOR, DiskImage, Extent, ExtentKind, FileId, Flavor
+from .model import SECTOR, DiskImage, Extent, ExtentKind, Flavor
+from .qemu_input import image_info, qemu_source
 
 __all__ = ["inspect_disk", "inspect_paths", "Row", "DiskImage", "Extent", "ExtentKind", "Flavor",
            "describe", "describe_bytes", "foreign_format", "check_raw", "read_head"]
@@ -301,8 +304,6 @@ def foreign_format(name: str, head: bytes, tail: bytes) -> tuple[Flavor, str] | 
 def _foreign(path: Path, flavor: Flavor, fmt: str) -> DiskImage:
     """A format qemu-img reads itself; its size is whatever qemu-img says it is
     (a VHD's footer and qemu's CHS rounding can disagree)."""
-    from ..convert import image_info
-
     capacity = int(str(image_info(path, fmt)["virtual-size"]))
     return DiskImage(path, flavor, fmt, capacity,
                      notes=(f"{path.name} is not a VMDK but a {flavor.value} image; "
@@ -341,8 +342,6 @@ def check_raw(name: str, head: bytes, size: int, kind: str) -> None:
 def _with_boot_signature(image: DiskImage) -> DiskImage:
     """Read the first sectors of the consolidated disk (through v2p's validated source): the boot
     signature, and the partition table the firmware choice needs (``bootsector.layout``)."""
-    from ..convert import qemu_source
-
     with scratch_dir("boot-sector") as tmp:
         source = qemu_source(image, Path(tmp))
         try:
@@ -384,8 +383,6 @@ def read_head(fmt: str, filename: str, fds: tuple[int, ...] = (), *, workdir: Pa
 
 
 def _read_sectors(fmt: str, filename: str, fds: tuple[int, ...], sectors: int, workdir: Path) -> bytes:
-    from ..runner import run
-
     out = workdir / "head.raw"
     run(["qemu-img", "dd", "-f", fmt, "-O", "raw", "bs=512", f"count={sectors}", f"if={filename}",
          f"of={out}"], timeout=30, pass_fds=fds)

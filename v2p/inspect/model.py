@@ -7,10 +7,11 @@ enough), so later stages never need to look at a descriptor again.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+
+from ..pinned import FileId
 
 SECTOR = 512
 
@@ -63,31 +64,6 @@ class Extent:
     @property
     def size(self) -> int:
         return self.sectors * SECTOR
-
-
-@dataclass(frozen=True)
-class FileId:
-    """Which file a path led to when inspection read it: a later open must find this very file
-    (same device and inode, not rewritten since: same size and mtime)."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileId:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def differs(self, other: FileId) -> str | None:
-        """How ``other`` is not this file, in a few words; None if it is."""
-        if (other.device, other.inode) != (self.device, self.inode):
-            return "another file is there now (it was replaced or swapped)"
-        if other.size != self.size:
-            return f"it is {other.size} bytes now, {self.size} when inspected"
-        if other.mtime_ns != self.mtime_ns:
-            return "it was written to since"
-        return None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ COWD = b"COWD"
 SESPARSE_MAGIC = 0x00000000CAFEBABE
 
 FLAG_COMPRESSED = 0x10000
-FLAG_MARKERS = 0x20000
 COMPRESSION_DEFLATE = 1
 
 # Descriptors are a few hundred bytes; twoGbMaxExtent ones grow by a line per

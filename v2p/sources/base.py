@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..convert import Source as QemuInput
 from ..inspect.bootsector import BootLayout
 from ..inspect.model import DiskImage
+from ..inspect.qemu_input import QemuInput
 from ..spec import DiskSpec, VMSpec
 
 
@@ -67,7 +67,7 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
         """What qemu-img reads for ``disk``: inspected and validated, its files held open as they were
-        inspected (``convert.qemu_source``) until ``DiskInput.close()``. ``workdir`` is a private folder
+        inspected (``inspect.qemu_input.qemu_source``) until ``DiskInput.close()``. ``workdir`` is a private folder
         of this migration where the source may write descriptors or stage small files."""
 
     @abc.abstractmethod

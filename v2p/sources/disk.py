@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..convert import qemu_source, source_fingerprint
+from ..convert import source_fingerprint
 from ..inspect import DiskImage, inspect_disk
+from ..inspect.qemu_input import qemu_source
 from ..spec import DiskSpec, NicSpec, VMSpec, dns_name
 from .base import DiskInput, Source
 

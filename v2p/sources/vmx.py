@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import rules
-from ..convert import file_identity, qemu_source, source_fingerprint
+from ..convert import file_identity, source_fingerprint
 from ..errors import SourceError, UnsafeSourceError
 from ..inspect import inspect_disk
 from ..inspect import vmdk as vmdk_parser
 from ..inspect.model import SECTOR, DiskImage
+from ..inspect.qemu_input import qemu_source
 from ..spec import CONTROLLER_KINDS, CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
 from .base import DiskInput, Source
 

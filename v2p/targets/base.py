@@ -17,8 +17,8 @@ from ..errors import TargetError
 from ..storage import BlockStorage, Storage
 
 if TYPE_CHECKING:
-    from ..convert import Source as QemuInput
     from ..inspect.model import DiskImage
+    from ..inspect.qemu_input import QemuInput
 
 VMConfig = dict[str, str]
 # Bytes sent so far and in all, for a transfer that is not a disk's write (an upload to the target).

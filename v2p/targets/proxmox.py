@@ -27,19 +27,22 @@ from proxmoxer.backends.command_base import JsonSimpleSerializer
 from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, ProxmoxHttpSession
 from proxmoxer.core import ProxmoxResource
 
-from .. import credentials, pveconfig
+from .. import credentials, drivers, pveconfig
 from ..bootwatch import SETTLE, STOPPED, BootWatch, boot_devices
-from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, TaskStillRunning, VMIDExistsError
+from ..errors import VMID_TAKEN_HINT, DriversError, NoSuchVMError, TargetError, TaskStillRunning, VMIDExistsError
 from ..fsutil import data_home, private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
 from ..state import Leftovers
 from ..storage import Storage
+from . import pve_privileges as privileges
 from .base import BOOT_FAILED, BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
 from .pve_import import RemoteImportSink
 from .pve_kinds import FILE_KINDS, disk_format
+from .pve_node import OnNodeSink, remove_temporaries
 from .pve_releases import LIST_IMPORT, PveRelease
 from .pve_settings import PveSettings, target_from_url
+from .pve_space import ROOTFS, check_phases
 from .pve_transport import (
     UploadFile,
     _connection_error,
@@ -91,8 +94,6 @@ class ProxmoxTarget(Target):
                      dance: bool = False, drivers_iso: str | None = None) -> None:
         """Every privilege this migration needs, per ACL path, checked against the caller's effective
         privileges before anything is made (``pve_privileges``)."""
-        from . import pve_privileges as privileges
-
         settings = self.settings
         update = dict(update)
         iso_upload = None
@@ -119,9 +120,6 @@ class ProxmoxTarget(Target):
         """A volid (``local:iso/virtio-win.iso``) must be on the node; a local file is checked here
         and uploaded into a storage with ``iso`` content unless a file of its name and size is there
         (its name as PVE stores it: ``upload_name``)."""
-        from .. import drivers
-        from ..errors import DriversError
-
         node = self.settings.node
         if given and ":" in given and not given.startswith("/"):
             storage = given.split(":", 1)[0]
@@ -144,8 +142,6 @@ class ProxmoxTarget(Target):
             raise DriversError(f"drivers ISO {path}: PVE node {node} has another {volid} (a different size)",
                                hint=f"use that one (--drivers-iso {volid}) or rename your file")
         if not same:
-            from .pve_space import ROOTFS, check_phases
-
             size = path.stat().st_size
             check_phases(self, {f"the upload of {name} (pveproxy's spool, then its copy into {storage})":
                                 {ROOTFS: size, storage: size}})
@@ -497,8 +493,7 @@ class ProxmoxTarget(Target):
         info = self.storage_status(storage)
         chosen = disk_format(storage, info, fmt, release=self.pve_release().version)
         if self.settings.on_node:
-            from .pve_node import OnNodeSink  # the storage is on this machine: no upload, no import-from
-
+            # the storage is on this machine: no upload, no import-from
             return OnNodeSink(self, vmid, index, fmt=chosen, storage=storage, kind=str(info.get("type")))
         return RemoteImportSink(self, vmid, index, fmt=chosen, storage=storage)
 
@@ -621,9 +616,7 @@ class ProxmoxTarget(Target):
         for path in self.staging_dir().glob(f"v2p-{vmid}-disk-*.qcow2"):
             path.unlink(missing_ok=True)
         if self.settings.on_node:
-            from .pve_node import remove_temporaries  # PVE's listing, so its destroy, never sees them
-
-            remove_temporaries(self, vmid)
+            remove_temporaries(self, vmid)  # PVE's listing, so its destroy, never sees them
 
     # -- running -------------------------------------------------------------
     def status(self, vmid: int) -> str:
@@ -792,9 +785,7 @@ def import_timeout(value: str) -> float:
     IMPORT_FLOOR, plus its size (``size=``, the disk's capacity) at IMPORT_RATE bytes a second
     (qemu-server's import reads the whole source and writes the whole volume: ``qemu-img convert``
     through ``clone_disk``, from ``create_disks``' ``$import_from_volid``)."""
-    from ..pveconfig import parse_pve_size
-
-    sizes = [parse_pve_size(item.partition("=")[2]) for item in value.split(",") if item.startswith("size=")]
+    sizes = [pveconfig.parse_pve_size(item.partition("=")[2]) for item in value.split(",") if item.startswith("size=")]
     return size_timeout(max([found for found in sizes if found is not None] or [0]))
 
 
@@ -820,6 +811,4 @@ def upload_name(name: str, content: str) -> str:
 
 
 def _pve_efidisk(storage: str, secure: bool) -> str:
-    from ..pveconfig import efidisk
-
-    return efidisk(storage, secure_boot=secure)
+    return pveconfig.efidisk(storage, secure_boot=secure)

@@ -14,15 +14,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import convert
-from ..convert import Source as QemuInput
 from ..errors import NoSpaceError, TargetError
+from ..inspect.qemu_input import QemuInput
 from ..storage import Volume
 from .base import ByteProgress, DiskSink
 from .pve_releases import REMOTE_INSTEAD, REMOTE_PATH
 from .pve_space import ROOTFS, check_phases
 
 if TYPE_CHECKING:
-    from .proxmox import ProxmoxTarget
+    from .pve_host import PveHost
 
 class RemoteImportSink(DiskSink):
     """Disk ``index`` of VM ``vmid``: converted locally to qcow2, uploaded into the import
@@ -35,7 +35,7 @@ class RemoteImportSink(DiskSink):
 
     in_place = False
 
-    def __init__(self, target: ProxmoxTarget, vmid: int, index: int, *, fmt: str, storage: str) -> None:
+    def __init__(self, target: PveHost, vmid: int, index: int, *, fmt: str, storage: str) -> None:
         self.target, self.vmid, self.index, self.fmt, self.storage = target, vmid, index, fmt, storage
         self.import_storage = target.settings.import_storage
         self.filename = f"v2p-{vmid}-disk-{index}.qcow2"

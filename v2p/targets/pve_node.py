@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from ..convert import Source as QemuInput
 from ..errors import NoSuchVMError, TargetError
 from ..inspect.model import DiskImage
+from ..inspect.qemu_input import QemuInput
 from ..storage import DirStorage, Storage, Volume
 from .base import ByteProgress, DiskSink
 from .sink import StorageSink
 
 if TYPE_CHECKING:
-    from .proxmox import ProxmoxTarget
+    from .pve_host import PveHost
 
 # Storages whose disks are files in <path>/images/<vmid>/ (PVE's DirPlugin and its NFS/CIFS children).
 DIR_LAYOUT = {"dir", "nfs", "cifs"}
@@ -53,7 +53,7 @@ def _no_upload_hint() -> str:
     return "drop on-node=1 from the target URL to upload the disk instead"
 
 
-def _not_here(target: ProxmoxTarget, storage: str, path: str) -> TargetError:
+def _not_here(target: PveHost, storage: str, path: str) -> TargetError:
     return TargetError(f"PVE storage {storage}'s path {path} is not on this machine: on-node=1 needs v2p to run "
                        f"on node {target.settings.node}", hint=_no_upload_hint())
 
@@ -61,7 +61,7 @@ def _not_here(target: ProxmoxTarget, storage: str, path: str) -> TargetError:
 class NodeDirStorage(DirStorage):
     """A PVE storage with the directory layout, at the path its configuration gives."""
 
-    def __init__(self, target: ProxmoxTarget, name: str, kind: str) -> None:
+    def __init__(self, target: PveHost, name: str, kind: str) -> None:
         config: dict[str, Any] = target.call("GET", f"storage/{name}") or {}
         overrides = str(config.get("content-dirs", ""))
         if re.search(r"(?:^|,)\s*images=", overrides):
@@ -95,7 +95,7 @@ class NodeVolumeStorage(Storage):
     deleted through the API, written in place. A volume's path is known once it exists
     (``path_of`` asks PVE); ``volume()`` gives the volid only."""
 
-    def __init__(self, target: ProxmoxTarget, name: str, kind: str) -> None:
+    def __init__(self, target: PveHost, name: str, kind: str) -> None:
         super().__init__(name, {})
         self.target, self.pve_kind = target, kind
 
@@ -171,7 +171,7 @@ class OnNodeSink(DiskSink):
     every sink made for the disk after the create names the same volume.
     """
 
-    def __init__(self, target: ProxmoxTarget, vmid: int, index: int, *, fmt: str, storage: str,
+    def __init__(self, target: PveHost, vmid: int, index: int, *, fmt: str, storage: str,
                  kind: str) -> None:
         if kind in OTHER_FILES:
             raise TargetError(f"PVE storage {storage} is {kind}: on-node=1 writes dir, nfs and cifs storages "
@@ -264,13 +264,13 @@ class OnNodeSink(DiskSink):
         return f"OnNodeSink({self.storage.describe()}, disk {self.index} of VM {self.vmid}, {self.fmt})"
 
 
-def _krbd(target: ProxmoxTarget, storage: str) -> bool:
+def _krbd(target: PveHost, storage: str) -> bool:
     """Whether RBD storage ``storage`` maps its volumes through the kernel (``krbd`` in its configuration)."""
     config: dict[str, Any] = target.call("GET", f"storage/{storage}") or {}
     return str(config.get("krbd", "0")) in ("1", "true")
 
 
-def remove_temporaries(target: ProxmoxTarget, vmid: int) -> None:
+def remove_temporaries(target: PveHost, vmid: int) -> None:
     """Delete the temporary files v2p left for VM ``vmid`` in the node's dir storages (a run
     killed mid-write): PVE does not list them, so its destroy leaves them."""
     node = target.settings.node

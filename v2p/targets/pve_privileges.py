@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TargetError
 
 if TYPE_CHECKING:
-    from .proxmox import ProxmoxTarget
+    from .pve_host import PveHost
 
 # PVE::API2::Qemu's option groups, as $check_vm_modify_config_perm maps them to privileges.
 _KEY_GROUPS: dict[str, frozenset[str]] = {
@@ -179,7 +179,7 @@ def missing(needs: list[Need], held: Mapping[str, set[str]]) -> list[Need]:
     return [need for need in needs if not need.met_by(held.get(need.path, set()))]
 
 
-def effective(target: ProxmoxTarget, paths: set[str]) -> dict[str, set[str]]:
+def effective(target: PveHost, paths: set[str]) -> dict[str, set[str]]:
     """The caller's effective privileges on each path, as PVE computes them (``GET /access/permissions``
     with ``path``: PVE::API2::AccessControl ``permissions`` -> RPCEnvironment::permissions)."""
     held: dict[str, set[str]] = {}
@@ -190,11 +190,11 @@ def effective(target: ProxmoxTarget, paths: set[str]) -> dict[str, set[str]]:
     return held
 
 
-def check(target: ProxmoxTarget, needs: list[Need], *, who: str) -> None:
+def check(target: PveHost, needs: list[Need], *, who: str) -> None:
     """Refuse, in one error naming every ``path: privilege`` missing, a migration ``who`` cannot finish."""
     lacking = missing(needs, effective(target, {need.path for need in needs}))
     if lacking:
         raise TargetError(f"PVE {who} lacks privileges this migration needs: "
                           + ", ".join(str(need) for need in lacking),
-                          hint="grant them before anything is made: see the README's 'Privileges' "
+                          hint="grant them before anything is made: see docs/proxmox.md, 'Privileges, checked first' "
                                "(pveum role add V2P ...; pveum acl modify PATH -token ... -role V2P)")

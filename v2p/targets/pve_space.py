@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING, Any
 from ..errors import NoSpaceError
 
 if TYPE_CHECKING:
-    from .proxmox import ProxmoxTarget
+    from .pve_host import PveHost
 
 ROOTFS = "/"  # the node's root file system, where /var/tmp is
 
 
-def rootfs(target: ProxmoxTarget) -> dict[str, Any]:
+def rootfs(target: PveHost) -> dict[str, Any]:
     """``rootfs`` of ``GET /nodes/{node}/status``: total, used, free, avail (bytes)."""
     found = target.call("GET", f"nodes/{target.settings.node}/status") or {}
     room: dict[str, Any] = found.get("rootfs") or {}
     return room
 
 
-def check_phases(target: ProxmoxTarget, phases: Mapping[str, Mapping[str, int]]) -> None:
+def check_phases(target: PveHost, phases: Mapping[str, Mapping[str, int]]) -> None:
     """Refuse, in one line, a step that needs more than a file system of the node has free. ``phases``:
     for each step (``what`` it is, as the message names it), the bytes it holds at once per place
     (``ROOTFS`` or a storage's name). Places on one file system are added up."""

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import convert
-from ..convert import Source as QemuInput
 from ..errors import NoSpaceError, TargetError
 from ..inspect.model import DiskImage
+from ..inspect.qemu_input import QemuInput
 from ..options import OptionError
 from ..storage import Storage, Volume
 from .base import ByteProgress, DiskSink, Target

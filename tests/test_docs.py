@@ -1,0 +1,109 @@
+"""The README and docs/ against the code they describe: links that lead somewhere, a section for
+every command, every option of every command named, the rule table equal to ``v2p.rules.RULES``,
+every plan key listed, a row for every exit code. In-process and quick (no v2p process)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub makes of a Markdown file's headings (lower case, punctuation dropped,
+    spaces to hyphens)."""
+    found = set()
+    for line in path.read_text().splitlines():
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading:
+            text = heading.group(1).strip().lower()
+            found.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: path.name)
+def test_every_link_leads_somewhere(doc: Path) -> None:
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        file, _, anchor = target.partition("#")
+        where = (doc.parent / file).resolve() if file else doc
+        assert where.exists(), f"{doc.name}: link to {target}: no such file"
+        if anchor:
+            assert anchor in anchors(where), f"{doc.name}: link to {target}: no such heading"
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    """Every command of ``v2p`` (``migrate``, ``plan run``, ...) and its parser."""
+    from v2p.cli import build_parser
+
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found[f"{prefix}{name}"] = sub
+                    walk(sub, f"{prefix}{name} ")
+
+    walk(build_parser(), "")
+    return found
+
+
+def test_every_command_has_its_section_and_every_option_is_named() -> None:
+    cli = (ROOT / "docs" / "cli.md").read_text()
+    plans = (ROOT / "docs" / "plans.md").read_text()
+    for command, parser in commands().items():
+        assert f"## `v2p {command.split()[0]}`" in cli, f"docs/cli.md has no section for v2p {command}"
+        assert f"v2p {command}" in cli, f"docs/cli.md never shows v2p {command}"
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag in ("-h", "--help"):
+                    continue
+                assert flag in cli or (command.startswith("plan") and flag in plans), \
+                    f"v2p {command} {flag}: not in docs/cli.md"
+    from v2p.cli import build_parser
+
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in cli, f"global option {flag}: not in docs/cli.md"
+
+
+def test_the_rule_table_is_the_rules() -> None:
+    from v2p.rules import RULES
+
+    mapping = (ROOT / "docs" / "mapping.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| (error|warning|info) \| (yes|no|–) \|", mapping, re.MULTILINE)
+    assert [row[0] for row in rows] == list(RULES), "docs/mapping.md's rule ids, in RULES order"
+    for rule_id, severity, ignorable in rows:
+        rule = RULES[rule_id]
+        assert severity == rule.severity, rule_id
+        assert ignorable == ("yes" if rule.ignorable else "no" if rule.severity == "error" else "–"), rule_id
+
+
+def test_every_plan_key_is_listed() -> None:
+    from v2p.plan import KEYS
+
+    plans = (ROOT / "docs" / "plans.md").read_text()
+    for key in KEYS:
+        assert f"`{key}`" in plans, f"plan key {key}: not in docs/plans.md"
+
+
+def test_every_exit_code_has_its_row() -> None:
+    import v2p
+    from v2p.errors import EXIT_BOOT_UNCONFIRMED
+
+    cli = (ROOT / "docs" / "cli.md").read_text()
+    codes = {getattr(v2p, name).exit_code for name in v2p.__all__
+             if isinstance(getattr(v2p, name), type) and issubclass(getattr(v2p, name), v2p.V2PError)}
+    for code in sorted(codes | {0, EXIT_BOOT_UNCONFIRMED}):
+        if code == 130:
+            assert "| 130, 143 |" in cli
+        else:
+            assert re.search(rf"^\| {code} \|", cli, re.MULTILINE), f"exit code {code}: no row in docs/cli.md"
