@@ -125,11 +125,10 @@ def test_bad_settings_are_refused_before_anything_is_made(extra, message, source
     assert nothing_created(v2p.target)
 
 
-def test_unusable_target_dir_is_one_line(tmp_path, source_of):
-    from conftest import V2P
-
+def test_unusable_target_dir_is_one_line(tmp_path, source_of, inproc):
     afile = tmp_path / "afile"
     afile.write_text("x")
     src = source_of("esxi")
-    line = one_line_error(V2P(afile)("migrate", str(src.descriptor), "--vmid", "140"))
+    inproc.target = afile
+    line = one_line_error(inproc("migrate", str(src.descriptor), "--vmid", "140"))
     assert str(afile) in line

@@ -110,6 +110,7 @@ def test_the_limit_counts_the_whole_snapshot_chain(tmp_path):
         inspect_disk(top, check_boot=False)
 
 
+@pytest.mark.usefixtures("v2p_process")  # its own ulimit -n
 def test_a_disk_qemu_img_cannot_open_under_ulimit_n_is_refused_by_v2p(tmp_path):
     folder = tmp_path / "vm"
     data = random.Random(9).randbytes(300 * 4096)
