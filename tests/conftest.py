@@ -95,6 +95,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 _seen: list[tuple[str, str]] = []  # (marker it needs, what was started) since the current test began
+_opened: list[str] | None = None  # the ``opened`` fixture's list, while a test that requested it runs
 
 
 def _is_v2p_command(argv: list[str]) -> bool:
@@ -121,6 +122,8 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
             _seen.append(("slow", "the v2p command as a process"))
     elif event == "pve_sim.start":
         _seen.append(("pve_sim", "the PVE simulator"))
+    elif event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.path.abspath(os.fsdecode(args[0])))
 
 
 sys.addaudithook(_audit)
@@ -147,6 +150,18 @@ def _tier_is_declared(request: pytest.FixtureRequest) -> Iterator[None]:
         if not request.node.get_closest_marker("slow"):
             pytest.fail(message, pytrace=False)
         warnings.warn(UndeclaredTier(message), stacklevel=1)
+
+
+@pytest.fixture
+def opened() -> Iterator[list[str]]:
+    """Every file this process opens while the test runs (absolute paths, in order): for asserting
+    what was read, and how often, instead of how long it took."""
+    global _opened
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
 
 
 @pytest.fixture

@@ -154,15 +154,20 @@ def test_folder_rows_hide_extents_and_show_refusals(tmp_path, v2p, samples):
 
 
 def test_two_tib_sparse_header_inspects_in_milliseconds(tmp_path):
+    """It reads the header and the grain directory, not the 128 MiB of grain tables
+    (bench/speed_claims.py times it: milliseconds)."""
     import subprocess
-    import time
 
     from v2p.inspect import inspect_disk
 
+    def bytes_read() -> int:  # by this process, through read(2) and the like
+        return int(next(line for line in Path("/proc/self/io").read_text().splitlines()
+                        if line.startswith("rchar:")).split()[1])
+
     path = tmp_path / "big.vmdk"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(path), "2T"], check=True)
-    started = time.perf_counter()
+    before = bytes_read()
     image = inspect_disk(path)
-    elapsed = time.perf_counter() - started
+    read = bytes_read() - before
     assert image.capacity == 2 << 40 and image.flavor == "monolithicSparse"
-    assert elapsed < 1.0, elapsed
+    assert read < 64 << 20, read

@@ -327,7 +327,7 @@ def test_leaving_the_events_loop_early_cancels_the_migration(tmp_path, source_of
         if event.kind == "progress" and event.done:
             started = time.monotonic()
             break
-    assert started is not None and time.monotonic() - started < 2.0
+    assert started is not None  # how soon it stops: bench/speed_claims.py
     assert migration.status.state == "cancelled"
     assert not qemu_img_writing(tmp_path / "target" / "images" / "175" / ".vm-175-disk-0.qcow2.v2p-partial")
 
