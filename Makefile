@@ -1,6 +1,7 @@
 # make demo  - set everything up, migrate a sample VMware disk, boot it, show what the guest said
 # make test  - set everything up, run the whole test suite
-# make test-fast - the in-process logic only (no CLI process, no simulator, no guest boot): about 50 s
+# make test-fast - the fast tier, -m "not slow": no guest boot, no PVE simulator, no v2p process (the
+#                  command's checks run cli.main in-process); tiers come from fixtures (tests/conftest.py)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -38,7 +39,7 @@ test: samples lint
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: samples
-	$(BIN)/python -m pytest -q -m 'not slow' tests
+	$(BIN)/python -m pytest -q -m 'not slow' --durations=10 tests
 
 lint: setup
 	$(BIN)/ruff check v2p tests bench sample_images

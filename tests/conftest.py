@@ -10,6 +10,8 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,25 +68,122 @@ def samples(manifest: dict[str, Any]) -> Path:
     return Path(str(SAMPLES))
 
 
-# The fixtures that start real processes: the v2p CLI, the PVE simulator (and the QEMU guests it
-# runs), the example panel. A test using one is ``slow``; ``make test-fast`` runs the rest, the in-process logic.
-_SLOW_FIXTURES = {"v2p", "pve", "pve_remote", "pve_node", "sim", "panel"}
+# The tiers. A test's markers come from the fixtures it requests (directly or through another fixture),
+# never from a mark written on the test:
+#   boots    it boots a guest under QEMU (the ``boots`` fixture says so)
+#   pve_sim  it starts the PVE simulator (``pve``, a module's own ``sim``, or ``pve_start`` for several)
+#   slow     either of those, or it runs the v2p command as a process (``v2p``, ``v2p_process``, the
+#            example ``panel``); ``make test-fast`` runs the rest: ``-m "not slow"``
+# A test that boots, starts the simulator or runs the command without requesting the fixture that
+# says so fails (``_tier_is_declared``): the fast tier cannot grow slow tests unnoticed.
+_MARKING_FIXTURES = {
+    "boots": {"boots"},
+    "pve_sim": {"pve", "sim", "pve_start"},
+    "slow": {"v2p", "v2p_process", "panel"},
+}
+_SLOW_MARKS = ("boots", "pve_sim")  # each implies slow
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        requested = set(getattr(item, "fixturenames", ()))
+        for mark, fixtures in _MARKING_FIXTURES.items():
+            if requested & fixtures:
+                item.add_marker(mark)
+        if any(item.get_closest_marker(mark) for mark in _SLOW_MARKS) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
-    global _may_use_samples
-    _may_use_samples = "manifest" in getattr(item, "fixturenames", ())
+_seen: list[tuple[str, str]] = []  # (marker it needs, what was started) since the current test began
+_opened: list[str] | None = None  # the ``opened`` fixture's list, while a test that requested it runs
+
+
+def _is_v2p_command(argv: list[str]) -> bool:
+    """``python -m v2p ...``, the console script, or a ``python -c`` that runs the CLI."""
+    for index, arg in enumerate(argv):
+        if arg == "-m" and argv[index + 1:index + 2] == ["v2p"]:
+            return True
+        if arg == "-c" and "v2p" in "".join(argv[index + 1:index + 2]):
+            return True
+    return bool(argv) and Path(argv[0]).name == "v2p"
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    """Notes what a test starts, in this process (its own threads included): a QEMU guest (a
+    qemu-system with a QMP socket; a ``-version`` probe is not a boot), the PVE simulator, the v2p
+    command. Children's children are not seen: a test running the command is slow already."""
+    if event == "subprocess.Popen":
+        argv = [os.fsdecode(arg) for arg in args[1]] if isinstance(args[1], (list, tuple)) else [str(args[1])]
+        if any(Path(arg).name.startswith("qemu-system") for arg in argv) and "-qmp" in argv:
+            _seen.append(("boots", "a QEMU guest"))
+        elif "tests.pve_sim" in argv:  # python -m tests.pve_sim
+            _seen.append(("pve_sim", "the PVE simulator as a process"))
+        elif _is_v2p_command(argv):
+            _seen.append(("slow", "the v2p command as a process"))
+    elif event == "pve_sim.start":
+        _seen.append(("pve_sim", "the PVE simulator"))
+    elif event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.path.abspath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(_audit)
+
+_WHICH_FIXTURE = {"boots": "`boots`", "pve_sim": "`pve` (or `pve_start`)", "slow": "`v2p` (or `v2p_process`)"}
+
+
+class UndeclaredTier(pytest.PytestWarning):
+    """A slow test booted a guest or started the simulator without the fixture that marks it so."""
+
+
+@pytest.fixture(autouse=True)
+def _tier_is_declared(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that started what its markers do not admit (see ``_MARKING_FIXTURES``) fails if that puts
+    it in the fast tier; a slow one gets a warning (its ``boots``/``pve_sim`` marker is missing)."""
+    _seen.clear()
+    yield
+    undeclared = sorted({(mark, what) for mark, what in _seen if not request.node.get_closest_marker(mark)})
+    _seen.clear()
+    if undeclared:
+        message = ("this test started " + ", ".join(what for _mark, what in undeclared) + " without requesting "
+                   + " or ".join(_WHICH_FIXTURE[mark] for mark, _what in undeclared)
+                   + ": its tier markers come from its fixtures (conftest's _MARKING_FIXTURES)")
+        if not request.node.get_closest_marker("slow"):
+            pytest.fail(message, pytrace=False)
+        warnings.warn(UndeclaredTier(message), stacklevel=1)
+
+
+@pytest.fixture
+def opened() -> Iterator[list[str]]:
+    """Every file this process opens while the test runs (absolute paths, in order): for asserting
+    what was read, and how often, instead of how long it took."""
+    global _opened
+    _opened = []
     try:
-        yield
+        yield _opened
     finally:
-        _may_use_samples = True
+        _opened = None
+
+
+@pytest.fixture
+def boots() -> None:
+    """Requested by a test that boots a guest (in this process or through the command): marks it
+    ``boots`` and ``slow``."""
+
+
+@pytest.fixture
+def pve_start() -> Callable[..., Any]:
+    """``start_or_skip`` (pve_sim/fixture.py) for a test that starts simulators of its own (several,
+    or of given releases): marks it ``pve_sim`` and ``slow``."""
+    from pve_sim.fixture import start_or_skip
+
+    return start_or_skip
+
+
+@pytest.fixture
+def v2p_process() -> list[str]:
+    """The argv that starts the v2p command as its own process, for a test whose subject is the
+    process (signals, a closed pipe, what its argv shows): marks it ``slow``."""
+    return [sys.executable, "-m", "v2p"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
@@ -166,6 +265,65 @@ class V2P:
 @pytest.fixture
 def v2p(tmp_path: Path) -> V2P:
     return V2P(tmp_path / "target")
+
+
+class InProcessV2P(V2P):
+    """``V2P``, the command run by calling ``v2p.cli.main`` in this process: what a test of the
+    command's words, exit codes and effects needs, without the second of a new interpreter. It starts
+    as ``python -m v2p`` would: the same argv, cwd and environment (``V2P_*`` cleared, ``env`` added),
+    no signal from an earlier test pending; it leaves the process as it found it (signal handlers, the
+    ``v2p`` logger). ``popen`` still starts a process. Not for a test whose subject is the process
+    (signals, a closed pipe or stream, its argv, the interpreter's exit): request ``v2p`` there."""
+
+    def __init__(self, target: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(target)
+        self._capfd = capfd
+        self._monkeypatch = monkeypatch
+
+    def __call__(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+        return self.bare(*self.argv(*args)[3:], **env)  # after [python, -m, v2p]
+
+    def bare(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """``v2p ARGS`` as given: without the ``--accel tcg --target-dir`` every other call adds."""
+        import logging
+        import signal
+
+        from v2p import cli, interrupts
+
+        argv = [sys.executable, "-m", "v2p", *args]
+        logger = logging.getLogger("v2p")
+        handlers, level = list(logger.handlers), logger.level
+        signals = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        pending = list(interrupts._received), list(interrupts._settled)
+        self._capfd.readouterr()  # what the test printed before is not the command's
+        with self._monkeypatch.context() as patch:
+            for key in [key for key in os.environ if key.startswith("V2P_")]:
+                patch.delenv(key)
+            for key, value in env.items():
+                patch.setenv(key, value)
+            patch.chdir(ROOT)
+            interrupts._received.clear()
+            interrupts._settled.clear()
+            try:
+                code: int | str | None = cli.main(list(args))
+            except SystemExit as exc:  # argparse's refusals leave through sys.exit(2)
+                code = exc.code
+            finally:
+                logger.handlers[:] = handlers
+                logger.setLevel(level)
+                for signum, handler in signals.items():
+                    signal.signal(signum, handler)
+                interrupts._received[:], interrupts._settled[:] = pending
+        out, err = self._capfd.readouterr()
+        if isinstance(code, str):  # sys.exit("text"): the interpreter prints it and exits 1
+            code, err = 1, err + code + "\n"
+        return subprocess.CompletedProcess(argv, code or 0, out, err)
+
+
+@pytest.fixture
+def inproc(tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> InProcessV2P:
+    """The ``v2p`` fixture's command, run in this process (``InProcessV2P``): the same target folder."""
+    return InProcessV2P(tmp_path / "target", capfd, monkeypatch)
 
 
 @pytest.fixture(autouse=True)

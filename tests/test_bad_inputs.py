@@ -9,7 +9,6 @@ import os
 import shutil
 import struct
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -481,12 +480,9 @@ def test_bad_input_is_refused_clearly(name, tmp_path, samples):
     v2p, path, expected, secret = run_case(name, tmp_path, samples)
     before = {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file() and not p.is_symlink()
               and p.stat().st_size < (64 << 20) and not p.is_fifo()}
-    started = time.monotonic()
-    proc = v2p("migrate", str(path), "--vmid", "150", timeout=30)
-    elapsed = time.monotonic() - started
+    proc = v2p("migrate", str(path), "--vmid", "150", timeout=30)  # the seconds: bench/speed_claims.py
     line = one_line_error(proc)
     assert expected in line, line
-    assert elapsed < 2.0, f"took {elapsed:.2f}s"
     assert not (v2p.target / "qemu-server").exists(), "a VM was created for a refused source"
     assert not (v2p.target / "images").exists()
     assert_no_secret_in(v2p.target)

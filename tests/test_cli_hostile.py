@@ -82,6 +82,7 @@ def closed_stdout(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=env, timeout=120, preexec_fn=lambda: os.close(1))
 
 
+@pytest.mark.usefixtures("v2p_process")  # a process started with stdout closed is the subject
 def test_migrate_with_stdout_closed_finishes_cleanly(tmp_path, disk) -> None:
     target = tmp_path / "t"
     proc = closed_stdout("--target-dir", str(target), "migrate", str(disk), "--vmid", "101", "--no-boot-check")

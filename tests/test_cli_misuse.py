@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,20 +71,20 @@ NUMBER_CASES = [
 
 @pytest.mark.parametrize(("args", "message"), NUMBER_CASES, ids=lambda v: " ".join(v)[-40:] if isinstance(v, list)
                          else None)
-def test_bad_numbers_are_refused_in_one_line(v2p: V2P, args: list[str], message: str) -> None:
-    proc = v2p(*args)
+def test_bad_numbers_are_refused_in_one_line(inproc: V2P, args: list[str], message: str) -> None:
+    proc = inproc(*args)
     assert one_error_line(proc) == message
     assert proc.returncode == 1
-    assert_target_untouched(v2p)
+    assert_target_untouched(inproc)
 
 
 @pytest.mark.parametrize("timeout", ["-1", "nan"])
-def test_a_bad_boot_timeout_does_not_skip_the_boot_check(v2p: V2P, source_of: Any, timeout: str) -> None:
+def test_a_bad_boot_timeout_does_not_skip_the_boot_check(inproc: V2P, source_of: Any, timeout: str) -> None:
     """Before: the boot check ended at once and the migration reported success."""
     src = source_of("monolithicSparse")
-    proc = v2p("migrate", str(src.descriptor), "--vmid", "100", "--boot-timeout", timeout)
+    proc = inproc("migrate", str(src.descriptor), "--vmid", "100", "--boot-timeout", timeout)
     assert one_error_line(proc) == f"--boot-timeout {timeout}: {SECONDS}"
-    assert_target_untouched(v2p)
+    assert_target_untouched(inproc)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, -1.0, 0, 1e9, True, "60", None])
@@ -132,39 +131,36 @@ VMID_COMMANDS = [["migrate", "x.vmdk", "--vmid", "{}"], ["dance", "{}"], ["statu
 
 @pytest.mark.parametrize("vmid", ["١٠٠", "1_000", "+100", " 100", "１００", "100.0"])
 @pytest.mark.parametrize("command", VMID_COMMANDS, ids=lambda c: " ".join(c[:2]))
-def test_vmids_are_ascii_digits(v2p: V2P, command: list[str], vmid: str) -> None:
+def test_vmids_are_ascii_digits(inproc: V2P, command: list[str], vmid: str) -> None:
     # A VM 100 (and 1000) exists, so that taking the text as a number would find it.
     for number in (100, 1000):
-        folder = v2p.target / "qemu-server"
+        folder = inproc.target / "qemu-server"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{number}.conf").write_text("name: keep\nmemory: 512\n")
-    proc = v2p(*(arg.format(vmid) for arg in command))
+    proc = inproc(*(arg.format(vmid) for arg in command))
     shown = vmid if vmid in ("+100", "100.0") else repr(vmid)
     assert one_error_line(proc) == f"VMID {shown}: {VMID_DIGITS}"
-    assert (v2p.target / "qemu-server" / "100.conf").exists()
-    assert not (v2p.target / "run" / "100").exists() or not any((v2p.target / "run" / "100").iterdir())
+    assert (inproc.target / "qemu-server" / "100.conf").exists()
+    assert not (inproc.target / "run" / "100").exists() or not any((inproc.target / "run" / "100").iterdir())
 
 
-def test_a_leading_zero_vmid_is_still_a_vmid(v2p: V2P) -> None:
-    proc = v2p("status", "0100")
+def test_a_leading_zero_vmid_is_still_a_vmid(inproc: V2P) -> None:
+    proc = inproc("status", "0100")
     assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "v2p: error: no migration recorded for VMID 100\n")
 
 
-def test_an_empty_target_dir_is_refused(v2p: V2P, tmp_path: Path) -> None:
+def test_an_empty_target_dir_is_refused(inproc: V2P, tmp_path: Path) -> None:
     xdg = tmp_path / "xdg"
-    proc = v2p("--target-dir", "", "vm", "list", XDG_DATA_HOME=str(xdg), HOME=str(tmp_path))
+    proc = inproc("--target-dir", "", "vm", "list", XDG_DATA_HOME=str(xdg), HOME=str(tmp_path))
     assert one_error_line(proc).startswith("--target-dir is empty (hint: give a directory")
     assert not xdg.exists()
     with pytest.raises(OptionError, match="--target-dir is empty"):
         api.local_target("")
 
 
-def test_an_empty_v2p_target_dir_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_empty_v2p_target_dir_is_refused(inproc: V2P, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     xdg = tmp_path / "xdg"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("V2P_")}
-    env.update(V2P_TARGET_DIR="", XDG_DATA_HOME=str(xdg), HOME=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "v2p", "vm", "list"], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=60)
+    proc = inproc.bare("vm", "list", V2P_TARGET_DIR="", XDG_DATA_HOME=str(xdg), HOME=str(tmp_path))
     assert one_error_line(proc).startswith("$V2P_TARGET_DIR is set but empty")
     assert not xdg.exists()
     monkeypatch.setenv("V2P_TARGET_DIR", "")
@@ -187,12 +183,12 @@ MISUSE = [
 
 
 @pytest.mark.parametrize("args", MISUSE, ids=lambda a: " ".join(a) or "(nothing)")
-def test_misuse_is_one_line_with_a_help_hint(v2p: V2P, args: list[str]) -> None:
-    proc = v2p(*args)
+def test_misuse_is_one_line_with_a_help_hint(inproc: V2P, args: list[str]) -> None:
+    proc = inproc(*args)
     line = one_error_line(proc)
     assert proc.returncode == 2
     assert line.endswith("--help)"), line
-    assert_target_untouched(v2p)
+    assert_target_untouched(inproc)
 
 
 def run_into_closed_pipe(v2p: V2P, *args: str) -> subprocess.CompletedProcess[str]:

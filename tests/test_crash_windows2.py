@@ -123,6 +123,7 @@ def test_signal_while_the_library_loads_is_one_line(entry, signum, tmp_path, v2p
     assert out == ""
 
 
+@pytest.mark.usefixtures("v2p_process")  # a fresh interpreter's imports are the subject
 def test_the_package_loads_its_parts_when_used_and_keeps_its_names():
     """What lets the handlers go in first: ``import v2p`` no longer imports the library; every public
     name still resolves, and ``v2p.inspect`` / ``v2p.dance`` stay the functions once the submodules of

@@ -31,6 +31,7 @@ def three_disk_vm(tmp_path: Path, samples: Path, boot: str) -> LocalTarget:
     ("order=scsi0", ["scsi0", "sata0", "scsi1"]),
     ("order=scsi0;scsi1;sata0", ["scsi0", "scsi1", "sata0"]),
 ])
+@pytest.mark.usefixtures("boots")
 def test_guest_reports_every_disk(tmp_path: Path, samples: Path, manifest: dict[str, Any],
                                   boot: str, order: list[str]) -> None:
     target = three_disk_vm(tmp_path, samples, boot)

@@ -115,6 +115,7 @@ def run_v2p(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
                           env=env, preexec_fn=limit)
 
 
+@pytest.mark.usefixtures("v2p_process")  # its own address-space limit
 @pytest.mark.parametrize("command", ["validate", "run", "status"])
 def test_a_plan_that_is_dev_zero_is_refused_at_once(command) -> None:
     proc = run_v2p("plan", command, "/dev/zero")
@@ -123,6 +124,7 @@ def test_a_plan_that_is_dev_zero_is_refused_at_once(command) -> None:
                                         "refused"], proc.stderr
 
 
+@pytest.mark.usefixtures("v2p_process")  # its own address-space limit, and a timeout should it hang
 @pytest.mark.parametrize("writer", [False, True])
 def test_a_plan_that_is_a_fifo_is_refused_without_hanging(tmp_path, writer) -> None:
     fifo = tmp_path / "plan.yaml"

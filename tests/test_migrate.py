@@ -64,6 +64,7 @@ def test_dry_run_prints_stages_and_creates_nothing(source_of, v2p):
     assert not (v2p.target / "images").exists()
 
 
+@pytest.mark.usefixtures("boots")
 def test_library_migrate_reports_events(manifest, source_of, tmp_path):
     from v2p import local_target, migrate
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pve_sim.fixture import start_or_skip
 from pve_sim.releases import RELEASES
 from pve_sim.server import PVESim
 
@@ -24,8 +23,8 @@ FLAVOR = "monolithicSparse"  # a small sample qemu-img maps (the simulated LVs a
 
 
 @pytest.fixture(params=list(RELEASES))
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    with start_or_skip(tmp_path / "pve", release=request.param) as sim:
+def node(request: pytest.FixtureRequest, tmp_path: Path, pve_start: Any) -> Any:
+    with pve_start(tmp_path / "pve", release=request.param) as sim:
         yield sim
 
 
@@ -62,8 +61,8 @@ def test_on_the_node_every_release_migrates_and_removes(node: PVESim, tmp_path: 
 
 @pytest.mark.parametrize("release", ["8.4", "9.0", "9.1"])
 def test_the_upload_path_migrates_where_the_release_takes_it(release: str, tmp_path: Path, samples: Path,
-                                                             source_of: Any, v2p: V2P) -> None:
-    with start_or_skip(tmp_path / "pve", release=release) as sim:
+                                                             source_of: Any, v2p: V2P, pve_start: Any) -> None:
+    with pve_start(tmp_path / "pve", release=release) as sim:
         if "import" not in sim.cluster.storages["local"].content:  # a fresh 8.x install: the admin adds it
             sim.cluster.set_content("local", sim.cluster.storages["local"].content | {"import"})
         proc = migrate(v2p, sim, tmp_path, source_of(FLAVOR), "storage=local-lvm&import=local")
@@ -84,8 +83,8 @@ def test_the_upload_path_migrates_where_the_release_takes_it(release: str, tmp_p
     ("8.3", "cannot upload a .qcow2/.raw/.vmdk disk image into 'import' content (PVE 8.4 and later can"),
 ])
 def test_the_upload_path_is_refused_before_anything_is_made(release: str, lacks: str, tmp_path: Path,
-                                                             source_of: Any, v2p: V2P) -> None:
-    with start_or_skip(tmp_path / "pve", release=release) as sim:
+                                                             source_of: Any, v2p: V2P, pve_start: Any) -> None:
+    with pve_start(tmp_path / "pve", release=release) as sim:
         if release == "8.3":  # an admin gave `local` the import content type: uploads of OVAs only
             sim.cluster.set_content("local", sim.cluster.storages["local"].content | {"import"})
         line = one_line_error(migrate(v2p, sim, tmp_path, source_of(FLAVOR), "storage=local-lvm&import=local"))
@@ -136,16 +135,16 @@ def test_each_threshold_matches_the_simulated_packages() -> None:
 
 # -- the simulator plays each release's code -------------------------------------------------------
 
-def test_the_simulator_refuses_what_each_release_refuses(tmp_path: Path) -> None:
+def test_the_simulator_refuses_what_each_release_refuses(tmp_path: Path, pve_start: Any) -> None:
     from pve_sim.cluster import PVEError
 
-    with start_or_skip(tmp_path / "pve", release="8.0") as sim:
+    with pve_start(tmp_path / "pve", release="8.0") as sim:
         assert sim.cluster.version({}, "root@pam")["version"] == "8.0.3"
         with pytest.raises(PVEError) as caught:
             sim.cluster.content_list({"storage": "local", "content": "import"}, "root@pam")
         assert caught.value.status == 400
     for release in ("8.0", "8.2"):
-        with start_or_skip(tmp_path / release, release=release) as sim:
+        with pve_start(tmp_path / release, release=release) as sim:
             with pytest.raises(PVEError, match="Parameter verification failed"):
                 sim.cluster.set_content("local", {"iso", "import"})
             spool = tmp_path / release / "x.qcow2"
@@ -156,13 +155,13 @@ def test_the_simulator_refuses_what_each_release_refuses(tmp_path: Path) -> None
             assert caught.value.status == 400 and caught.value.errors == {
                 "content": "upload content type 'import' not allowed" if release == "8.2"
                 else "invalid content type 'import'"}
-    with start_or_skip(tmp_path / "8.3", release="8.3") as sim:
+    with pve_start(tmp_path / "8.3", release="8.3") as sim:
         sim.cluster.set_content("local", {"iso", "import"})
         with pytest.raises(PVEError) as caught:
             sim.cluster.upload({"storage": "local", "content": "import", "filename": "x.qcow2"}, "root@pam",
                                tmp_path / "8.3" / "x.qcow2")
         assert caught.value.errors == {"filename": "invalid filename or wrong extension"}
-    with start_or_skip(tmp_path / "8.2b", release="8.2") as sim:
+    with pve_start(tmp_path / "8.2b", release="8.2") as sim:
         with pytest.raises(PVEError) as caught:
             sim.cluster._prepare_disks(VMID, {"scsi0": "local-lvm:0,import-from=local:import/x.qcow2"}, "root@pam")
         assert caught.value.errors == {"scsi0": "local:import/x.qcow2 has wrong type 'import' - not an image"}
@@ -171,12 +170,13 @@ def test_the_simulator_refuses_what_each_release_refuses(tmp_path: Path) -> None
 @pytest.mark.parametrize("release, local", [
     ("8.0", "backup,iso,vztmpl"), ("8.4", "backup,iso,vztmpl"), ("9.0", "backup,import,iso,vztmpl"),
 ])
-def test_a_fresh_install_has_its_releases_storages(release: str, local: str, tmp_path: Path) -> None:
-    with start_or_skip(tmp_path / "pve", release=release) as sim:
+def test_a_fresh_install_has_its_releases_storages(release: str, local: str, tmp_path: Path, pve_start: Any) -> None:
+    with pve_start(tmp_path / "pve", release=release) as sim:
         found = {entry["storage"]: entry["content"] for entry in sim.cluster.storage_list({}, "root@pam")}
         assert found == {"local": local, "local-lvm": "images,rootdir"}
 
 
+@pytest.mark.usefixtures("pve_start")  # it starts one as its own process
 def test_anyone_can_start_it(tmp_path: Path) -> None:
     """``python -m tests.pve_sim --release 8.4 --port 0``: the URL, fingerprint and a token, then it serves."""
     import os

@@ -44,6 +44,7 @@ def ide_vm(tmp_path: Path, samples: Path, machine: str | None) -> LocalTarget:
     ("pc-q35-7.2", ("sata", "8086:2922")),
     (None, ("ide", "8086:7010")),  # i440fx: PIIX3, two units per bus as before
 ])
+@pytest.mark.usefixtures("boots")
 def test_disks_on_ide0_ide1_ide3_and_a_cd_on_ide2_boot(tmp_path: Path, samples: Path, manifest: dict[str, Any],
                                                       machine: str | None, controller: tuple[str, str]) -> None:
     target = ide_vm(tmp_path, samples, machine)

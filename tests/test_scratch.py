@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from v2p.fsutil import SCRATCH, SCRATCH_GRACE, scratch_dir
 
 CHILD = """
@@ -37,6 +39,7 @@ def _child(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
     return proc, Path(proc.stdout.readline().strip())
 
 
+@pytest.mark.usefixtures("v2p_process")  # a process SIGKILLed mid-run is the subject
 def test_a_killed_runs_scratch_folder_is_swept_and_a_live_ones_kept(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
@@ -69,6 +72,7 @@ def test_a_killed_runs_scratch_folder_is_swept_and_a_live_ones_kept(tmp_path: Pa
         live.wait(10)
 
 
+@pytest.mark.usefixtures("v2p_process")  # a process SIGKILLed mid-run is the subject
 def test_inspect_of_a_vm_leaves_nothing_in_tmpdir_after_a_kill(tmp_path: Path, samples: Path) -> None:
     """The CLI's inspect of a .vmx, SIGKILLed while it works, then run again: $TMPDIR ends empty of
     v2p's scratch (it was ``v2p-inspect-vm-*`` folders that nobody removed)."""

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, one_line_error
+from conftest import V2P, one_line_error
 from v2p import Migration, migrate
 from v2p.api import make_target
 from v2p.options import OptionError
@@ -114,16 +112,10 @@ def test_the_secrets_file_is_held_to_the_same_rules(tmp_path: Path) -> None:
     assert "5e3c7a1b" not in str(info.value)
 
 
-def v2p(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("V2P_")}
-    return subprocess.run([sys.executable, "-m", "v2p", *args], capture_output=True, text=True, timeout=60,
-                          env={**clean, **env}, cwd=ROOT)
-
-
-def test_the_cli_refuses_a_token_with_a_line_break_in_one_line(tmp_path: Path, listener: Listener) -> None:
+def test_the_cli_refuses_a_token_with_a_line_break_in_one_line(tmp_path: Path, listener: Listener, inproc: V2P) -> None:
     url = f"pve://root@pam!v2p@127.0.0.1:{listener.port}/pve?insecure=1"
-    proc = v2p("--target", url, "status", V2P_PVE_TOKEN="5e3c7a1b\n0d2f", XDG_CONFIG_HOME=str(tmp_path),
-               XDG_DATA_HOME=str(tmp_path))
+    proc = inproc.bare("--target", url, "status", V2P_PVE_TOKEN="5e3c7a1b\n0d2f", XDG_CONFIG_HOME=str(tmp_path),
+                       XDG_DATA_HOME=str(tmp_path))
     line = one_line_error(proc)
     assert "V2P_PVE_TOKEN" in line and "5e3c7a1b" not in proc.stdout + proc.stderr and "0d2f" not in line
     assert listener.connections == 0
@@ -145,10 +137,10 @@ def test_a_secret_in_the_user_setting_is_refused_unechoed() -> None:
     assert SECRET not in str(info.value)
 
 
-def test_the_cli_refuses_a_token_in_the_url_in_one_line(tmp_path: Path, listener: Listener) -> None:
+def test_the_cli_refuses_a_token_in_the_url_in_one_line(tmp_path: Path, listener: Listener, inproc: V2P) -> None:
     url = f"pve://root@pam!v2p={SECRET}@127.0.0.1:{listener.port}/pve?insecure=1"
-    proc = v2p("--target", url, "status", V2P_PVE_TOKEN="x" * 8, XDG_CONFIG_HOME=str(tmp_path),
-               XDG_DATA_HOME=str(tmp_path))
+    proc = inproc.bare("--target", url, "status", V2P_PVE_TOKEN="x" * 8, XDG_CONFIG_HOME=str(tmp_path),
+                       XDG_DATA_HOME=str(tmp_path))
     assert "token secret" in one_line_error(proc)
     assert SECRET not in proc.stdout + proc.stderr and listener.connections == 0
 

@@ -190,7 +190,6 @@ def test_unknown_grain_table_entry_is_refused(tmp_path):
 def test_big_grain_tables_are_checked_quickly(tmp_path):
     """A 64 GiB delta with every grain of its first 256 tables allocated (1 Mi grains) inspects in a
     second or two: the grain tables are checked a byte column at a time, not an entry at a time."""
-    import time
 
     capacity = 64 << 21  # 64 GiB in sectors
     grains = 256 * 4096
@@ -208,10 +207,7 @@ def test_big_grain_tables_are_checked_quickly(tmp_path):
     vmdkgen.set_sesparse_field(delta, "grains_size", grains * 8)
     from v2p.inspect import vmdk
 
-    start = time.monotonic()
-    assert vmdk.check_sesparse_extent(delta, delta.name) == capacity
-    took = time.monotonic() - start
-    assert took < 3, took
+    assert vmdk.check_sesparse_extent(delta, delta.name) == capacity  # seconds: bench/speed_claims.py
     os.truncate(delta, (fields["grains_offset"] + grains * 8 - 1) * 512)
     with pytest.raises(SourceError, match="grain 1048575 lies past the end"):
         vmdk.check_sesparse_extent(delta, delta.name)

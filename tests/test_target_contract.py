@@ -122,7 +122,12 @@ KINDS: dict[str, Kind] = {
 }
 
 
-@pytest.fixture(params=sorted(KINDS))
+def _tiered(value: Any, kind: str) -> Any:
+    """A fixture parameter of kind ``kind``: one that starts the PVE simulator is marked so."""
+    return pytest.param(value, marks=pytest.mark.pve_sim) if kind.startswith("proxmox") else value
+
+
+@pytest.fixture(params=[_tiered(k, k) for k in sorted(KINDS)])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -164,7 +169,7 @@ class Placed:
                               capture_output=True, text=True)
 
 
-@pytest.fixture(params=[(k, p) for k in sorted(KINDS) for p in KINDS[k].places], ids="-".join)
+@pytest.fixture(params=[_tiered((k, p), k) for k in sorted(KINDS) for p in KINDS[k].places], ids="-".join)
 def placed(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Placed]:
     kind_name, place = request.param
     kind = KINDS[kind_name]

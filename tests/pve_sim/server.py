@@ -15,6 +15,7 @@ import secrets
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -154,6 +155,7 @@ class PVESim:
     # -- life cycle -------------------------------------------------------------------
 
     def start(self) -> PVESim:
+        sys.audit("pve_sim.start")  # tests/conftest.py checks that the test declared it (pve_sim marker)
         tls = self.cert_file.parent
         tls.mkdir(parents=True, exist_ok=True)
         key = tls / "pve-ssl.key"
