@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from .releases import RELEASES
-from .schema import SchemaNotFound
+from .schema import SchemaNotFound, schema_candidates
 from .server import PVESim
 
 
@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root or Path(tempfile.mkdtemp(prefix="pve-sim-"))
     try:
         sim = PVESim(root, release=args.release, port=args.port)
-    except SchemaNotFound as exc:
-        print(exc, file=sys.stderr)
+    except SchemaNotFound:
+        print(f"no PVE API schema: put apidoc.json at {schema_candidates()[-3]} or set V2P_PVE_SCHEMA",
+              file=sys.stderr)
         return 2
     try:
         sim.start()

@@ -10,18 +10,17 @@ from typing import Any
 
 import pytest
 
-from .schema import SchemaNotFound
+from .schema import SchemaNotFound, schema_candidates
 from .server import PVESim
 
 
 def start_or_skip(root: Path, **options: Any) -> PVESim:
     """A simulator (not started: use it as a context manager, or ``.start()``); the test is skipped,
-    saying where to put it, when the PVE API schema is nowhere to be found (the copy kept in
-    ``schema.VENDORED`` was removed)."""
+    saying where to put it, when the PVE API schema is nowhere to be found (../shared/pve/README.md)."""
     try:
         return PVESim(root, **options)
-    except SchemaNotFound as exc:
-        pytest.skip(str(exc))
+    except SchemaNotFound:
+        pytest.skip(f"no PVE API schema: put apidoc.json at {schema_candidates()[-3]} or set V2P_PVE_SCHEMA")
 
 
 @pytest.fixture(name="pve")

@@ -1,7 +1,6 @@
 """The real PVE API schema, and checking a request against it as PVE does.
 
-Loads ``apidoc.json``/``apidata.js`` (a copy is kept beside this module, ``apidoc.json.xz``:
-see ``SCHEMA.md``), maps a
+Loads ``apidoc.json``/``apidata.js`` (see ``../shared/pve/README.md``), maps a
 request (method, path) to its schema entry and checks every parameter the way
 PVE::JSONSchema does, with PVE's own error texts. It does not act on requests:
 that is ``server.py``.
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import lzma
 import os
 import re
 from dataclasses import dataclass
@@ -31,24 +29,19 @@ MISSING = "property is missing and it is not optional"
 
 
 class SchemaNotFound(Exception):
-    """No schema file in any of the places ``schema_candidates`` names."""
-
-
-# PVE 9.1's schema, kept with the tests (SCHEMA.md says where it comes from), so that a clone
-# alone runs every PVE test: none skips for want of ../shared.
-VENDORED = Path(__file__).resolve().parent / "apidoc.json.xz"
+    """No schema file in any of the places PVE's README names."""
 
 
 def schema_candidates() -> list[Path]:
-    """Where the schema is looked for, in order: ``V2P_PVE_SCHEMA`` (to try another release's), the
-    copy kept here, a PVE node's own, then ``../shared/pve/`` beside the checkout."""
+    """Where the schema is looked for, in order (the README of ../shared/pve)."""
     found = []
     if os.environ.get("V2P_PVE_SCHEMA"):
         found.append(Path(os.environ["V2P_PVE_SCHEMA"]))
-    found.append(VENDORED)
     found.append(Path("/usr/share/pve-docs/api-viewer/apidata.js"))
     checkout = Path(__file__).resolve().parents[2]
     found += [checkout.parent / "shared/pve/apidoc.json", checkout.parent / "shared/pve/apidata.js"]
+    # A copy kept beside this module, should the project decide to carry one (gzipped).
+    found.append(Path(__file__).resolve().parent / "apidoc.json.gz")
     return found
 
 
@@ -60,15 +53,13 @@ def load_tree(path: Path | None = None) -> list[dict[str, Any]]:
                 path = candidate
                 break
         else:
-            raise SchemaNotFound(f"no PVE API schema: {VENDORED} is missing from the checkout (restore it "
-                                 "with git), or set V2P_PVE_SCHEMA to an apidoc.json or apidata.js")
+            raise SchemaNotFound("no PVE API schema: set V2P_PVE_SCHEMA or put apidoc.json in "
+                                 + str(schema_candidates()[-3].parent))
     if path.suffix == ".gz":
         text = gzip.decompress(path.read_bytes()).decode("utf-8")
-    elif path.suffix == ".xz":
-        text = lzma.decompress(path.read_bytes()).decode("utf-8")
     else:
         text = path.read_text(encoding="utf-8")
-    if path.name.endswith((".js", ".js.gz", ".js.xz")):
+    if path.name.endswith((".js", ".js.gz")):
         # apidata.js is `const apiSchema = [...];` followed by viewer code.
         text = text[text.index("=") + 1:]
         text = text[:text.index("\n];") + 2] if "\n];" in text else text[:text.rindex(";")]
