@@ -37,7 +37,7 @@ from typing import Any
 
 from .bootwatch import OS_READ_BYTES, failure_sign, mib
 from .errors import DanceError, OperatorNeeded, StateError, TargetError
-from .events import Event, EventHandler, ignore
+from .events import Event, EventHandler, EventKind, ignore
 from .interrupts import check as check_interrupts
 from .options import mac_for_nic
 from .pveconfig import CDROM_KEY, DISK_KEY, SLOTS
@@ -136,7 +136,7 @@ class DriverDance:
         hold_point(f"dance:{step}")
         return result
 
-    def _say(self, text: str, kind: str = "info") -> None:
+    def _say(self, text: str, kind: EventKind = "info") -> None:
         self.emit(Event(kind, "drivers", text, step=self.step))
 
     # -- the dance -----------------------------------------------------------
