@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args
 EventKind = Literal["stage-start", "stage-done", "stage-skip", "progress", "finding", "warning", "info",
                     "vm-wait", "vm-start", "vm-done"]
 EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
+STAGE_KINDS: frozenset[EventKind] = frozenset({"stage-start", "stage-done", "stage-skip"})  # about one stage
+PLAN_KINDS: frozenset[EventKind] = frozenset({"vm-wait", "vm-start", "vm-done"})  # about a plan's VM
 
 
 @dataclass(frozen=True)

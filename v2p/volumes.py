@@ -32,13 +32,13 @@ def disk_name(vmid: int, index: int, fmt: str | None = None) -> str:
     return f"vm-{vmid}-disk-{index}" + (f".{fmt}" if fmt else "")
 
 
-def upload_name(vmid: int, index: int) -> str:
+def import_name(vmid: int, index: int) -> str:
     """The file v2p uploads disk ``index`` of VM ``vmid`` as (into a storage's ``import/``)."""
     return f"v2p-{vmid}-disk-{index}.qcow2"
 
 
-def upload_index(name: str, vmid: int) -> int | None:
-    """The disk index of ``name`` if it is one of v2p's uploads for VM ``vmid`` (``upload_name``), else None."""
+def import_index(name: str, vmid: int) -> int | None:
+    """The disk index of ``name`` if it is one of v2p's uploads for VM ``vmid`` (``import_name``), else None."""
     match = re.fullmatch(rf"v2p-{vmid}-disk-(\d+)\.qcow2", name)
     return int(match.group(1)) if match else None
 
@@ -207,6 +207,14 @@ def parse_drive(value: str) -> Drive:
 def print_drive(drive: Drive) -> str:
     """``Drive`` -> a drive key's value, the volume first (qemu-server ``print_drive``)."""
     return print_property_string({"file": drive.volume, **drive.options}, default_key="file")
+
+
+def drive_is_cdrom(value: str) -> bool:
+    """Whether a config value is a CD-ROM drive (``media=cdrom``), as qemu-server's ``drive_is_cdrom``."""
+    try:
+        return parse_drive(value).is_cdrom
+    except ValueError:
+        return False
 
 
 def drive_volume(value: str) -> str:
