@@ -91,7 +91,8 @@ def test_a_disk_volume_is_printed_in_both_layouts() -> None:
 
 def test_iso_and_import_volumes() -> None:
     iso = VolumeRef.iso("local", "virtio-win.iso")
-    assert (str(iso), iso.content, iso.filename, iso.vmid) == ("local:iso/virtio-win.iso", "iso", "virtio-win.iso", None)
+    assert (str(iso), iso.content, iso.filename, iso.vmid) == \
+        ("local:iso/virtio-win.iso", "iso", "virtio-win.iso", None)
     upload = VolumeRef.imported("local", import_name(130, 2))
     assert str(upload) == "local:import/v2p-130-disk-2.qcow2" and upload.content == "import"
     assert import_index(upload.filename, 130) == 2 and import_index(upload.filename, 13) is None
