@@ -37,13 +37,14 @@ from typing import Any
 
 from .bootwatch import OS_READ_BYTES, failure_sign, mib
 from .errors import DanceError, OperatorNeeded, StateError, TargetError
-from .events import Event, EventHandler, ignore
+from .events import Event, EventHandler, EventKind, ignore
 from .interrupts import check as check_interrupts
 from .options import mac_for_nic
-from .pveconfig import CDROM_KEY, DISK_KEY, SLOTS
+from .pveconfig import CDROM_KEY, DISK_KEY, SLOTS, cdrom_value
 from .state import FieldType, MigrationState, check_fields, now
 from .targets.base import BOOT_FAILED, BOOT_UP, BootReport, GuestIO, Target, VMConfig
 from .testhooks import hold_point
+from .volumes import VolumeRef, drive_is_cdrom, drive_volume
 
 TEMP_DISK_BYTES = 1 << 30
 POLL = 0.25  # seconds between two looks at a boot-1 guest's counters
@@ -136,7 +137,7 @@ class DriverDance:
         hold_point(f"dance:{step}")
         return result
 
-    def _say(self, text: str, kind: str = "info") -> None:
+    def _say(self, text: str, kind: EventKind = "info") -> None:
         self.emit(Event(kind, "drivers", text, step=self.step))
 
     # -- the dance -----------------------------------------------------------
@@ -172,15 +173,16 @@ class DriverDance:
         # never sets and deletes one key at once.
         taken = set(config) | {new for _old, _value, new in moves}
         temp_key = next(key for key in SLOTS[prefix] if key not in taken)
-        cd_key = next((k for k in _CD_KEYS if k not in config or "media=cdrom" in config[k]), "")
+        cd_key = next((k for k in _CD_KEYS if k not in config or drive_is_cdrom(config[k])), "")
         if not cd_key:
             raise DanceError(f"VM {self.vmid}: no IDE or SATA slot is free for the drivers ISO",
                              hint="detach a CD-ROM or disk from ide0-3/sata0-5")
         # The temporary disk goes where the system disk is; a raw device gets it on "local".
-        storage = "local" if system.startswith("/") else system.split(":", 1)[0]
+        system_ref = VolumeRef.maybe(drive_volume(system))
+        storage = "local" if system.startswith("/") or system_ref is None else system_ref.storage
         temp_value = self.target.new_disk(self.vmid, config, storage=storage, size=TEMP_DISK_BYTES)
         updates: VMConfig = {temp_key: temp_value, "boot": f"order={system_key}",
-                             cd_key: f"{self.options.iso_volid},media=cdrom"}
+                             cd_key: cdrom_value(self.options.iso_volid)}
         if self.options.bus == "scsi":
             updates["scsihw"] = "virtio-scsi-pci"
         if self.options.net_drivers and "net1" not in config:
@@ -189,7 +191,7 @@ class DriverDance:
         self._say(f"boot 1 layout: system disk on {system_key}, temporary {temp_key}, drivers ISO on {cd_key}")
         # The target may have allocated the temporary volume only now (PVE's STORAGE:SIZE): its name
         # is in the config. Everything else layout 2 and a rollback need is the config before the dance.
-        temp_volid = self.target.get_config(self.vmid)[temp_key].split(",")[0]
+        temp_volid = drive_volume(self.target.get_config(self.vmid)[temp_key])
         return {"system_key": system_key, "system_value": config[system_key], "temp_key": temp_key,
                 "temp_volid": temp_volid, "net0": config.get("net0", ""),
                 "boot": config.get("boot", ""), "moves": [list(move) for move in moves],
@@ -393,7 +395,7 @@ def _plan_moves(config: VMConfig, system_key: str, prefix: str, vmid: int) -> li
     """(old key, value, new key) for each disk layout 2 moves: the system disk onto ``prefix``0,
     then every other IDE/SATA disk in the order the first boot had them (IDE, then SATA)."""
     others = sorted((key for key, value in config.items() if _FIRST_BOOT_KEY.match(key) and key != system_key
-                     and "media=cdrom" not in value and not value.startswith("none")),
+                     and not drive_is_cdrom(value) and drive_volume(value) != "none"),
                     key=lambda key: (not key.startswith("ide"), int(re.sub(r"\D", "", key))))
     moving = [system_key, *others]
     # A disk already on the target bus that does not move keeps its key.
@@ -414,16 +416,16 @@ def _moves(layout1: dict[str, Any], bus: str) -> list[tuple[str, str, str]]:
 def _own_cd(value: str, iso_volid: str) -> str:
     """The VM's own CD-ROM drive; "" if it is the drivers ISO (a layout 1 rerun after a crash
     finds the ISO it had attached already)."""
-    return "" if value.startswith(f"{iso_volid},") else value
+    return "" if drive_volume(value) == iso_volid else value
 
 
 def _system_disk(config: VMConfig) -> str:
     boot = config.get("boot", "")
     if boot.startswith("order="):
         for key in boot[len("order="):].split(";"):
-            if DISK_KEY.match(key) and "media=cdrom" not in config.get(key, ""):
+            if DISK_KEY.match(key) and not drive_is_cdrom(config.get(key, "")):
                 return key
-    disks = sorted(k for k in config if DISK_KEY.match(k) and "media=cdrom" not in config[k])
+    disks = sorted(k for k in config if DISK_KEY.match(k) and not drive_is_cdrom(config[k]))
     if not disks:
         raise TargetError("the VM has no disk to move to virtio")
     return disks[0]

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
+
+# What an event says happened; ``Event``'s docstring says what each kind carries.
+EventKind = Literal["stage-start", "stage-done", "stage-skip", "progress", "finding", "warning", "info",
+                    "vm-wait", "vm-start", "vm-done"]
+EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
+STAGE_KINDS: frozenset[EventKind] = frozenset({"stage-start", "stage-done", "stage-skip"})  # about one stage
+PLAN_KINDS: frozenset[EventKind] = frozenset({"vm-wait", "vm-start", "vm-done"})  # about a plan's VM
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,11 @@ class Event:
     * ``finding``: a preflight rule's finding, ``data['rule']`` its id (what ``ignore_rules``
       takes), ``data['severity']`` ``error``/``warning``/``info``;
     * ``warning``: something the user should know (a source notice, ``--no-verify``, ...);
-    * ``info``: anything else worth a line (the guest's serial lines, the VMID chosen, ...).
+    * ``info``: anything else worth a line (the guest's serial lines, the VMID chosen, ...);
+    * ``vm-wait``, ``vm-start``, ``vm-done`` (stage ``plan``, from ``v2p plan run`` only): a VM of
+      the plan is queued or waits for another (``message`` says which), its migration started
+      (``message``: the child process), or it ended (``message``: its result, ``failed: ...``,
+      or ``dry run``).
 
     ``stage`` is the stage's record name (``convert:1`` for the second disk's copy);
     ``disk`` the index of the disk an event is about (0 the boot disk), None for the VM;
@@ -39,7 +50,7 @@ class Event:
     ``vmid`` the VM's (set by ``Migration`` on every event it passes on).
     """
 
-    kind: str
+    kind: EventKind
     stage: str
     message: str = ""
     data: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +59,10 @@ class Event:
     done: int | None = None
     total: int | None = None
     step: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in EVENT_KINDS:  # a kind read back from a plan's child, or an untyped caller
+            raise ValueError(f"unknown event kind {self.kind!r}: one of {', '.join(sorted(EVENT_KINDS))}")
 
     def with_vmid(self, vmid: int) -> Event:
         """This event, naming ``vmid`` unless it names one already."""

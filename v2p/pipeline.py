@@ -45,6 +45,7 @@ from .stages import STAGES, BootFailed, Context, Stage, disk_stage, stage_kind, 
 from .state import MigrationState, VmidLock, check_fields, now
 from .targets.base import Target
 from .testhooks import hold_point
+from .volumes import VolumeRef, drive_is_cdrom, drive_volume
 
 # Stages that must not run again once the disks are attached to the VM.
 BEFORE_THE_GUEST = ("inspect", "preflight", "create", "convert", "verify")
@@ -199,9 +200,9 @@ class Pipeline:
         if stage in ("create", "attach"):
             config = self.target.get_config(self.vmid)
             made["volids"] = sorted(
-                value.split(",")[0] for key, value in config.items()
+                drive_volume(value) for key, value in config.items()
                 if (pveconfig.DISK_KEY.match(key) or key in ("efidisk0", "tpmstate0"))
-                and "media=cdrom" not in value and ":" in value.split(",")[0])
+                and not drive_is_cdrom(value) and VolumeRef.maybe(drive_volume(value)))
         return made
 
     def _release(self, ctx: Context) -> None:

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TextIO
 
-from .events import Event
+from .events import PLAN_KINDS, Event
 from .planrun import DRY_RUN, QUEUED, PlanReport, VMRun
 from .stages import BOOT_SKIPPED, boot_words
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
@@ -39,7 +39,7 @@ class PlanView:
             if line is not None:
                 print(line, file=self.stream, flush=True)
             return
-        if line is not None and (event.kind in ("warning", "vm-done") or _is_warning(event)):
+        if line is not None and (event.kind == "warning" or event.kind == "vm-done" or _is_warning(event)):
             self._clear()
             print(line, file=self.stream)
         if event.kind != "progress" or time.monotonic() - self.last_draw >= REDRAW:
@@ -58,7 +58,7 @@ class PlanView:
             return f"{head} [{event.stage}] done in {event.message}"
         if event.kind == "warning" or _is_warning(event):
             return f"{head} [{event.stage}] warning: {event.message}"
-        if event.kind in ("vm-start", "vm-done", "vm-wait"):
+        if event.kind in PLAN_KINDS:
             vmid = f" VMID {vm.vmid}" if vm.vmid is not None else ""
             return f"{head}{vmid} {event.message}"
         return f"{head} [{event.stage}] {event.message}"

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from .errors import RuleError
 from .options import WINDOWS_OSTYPES, MigrationOptions, mac_for_nic
 from .spec import DiskSpec, VMSpec, dns_name
+from .volumes import Drive, new_volume, parse_property_string, print_drive
 
 # PVE's key slots per bus, in the order v2p fills them. ide2 is PVE's CD-ROM slot (the drivers
 # ISO goes there in the dance), so IDE holds three disks.
@@ -141,7 +142,20 @@ def parse_pve_size(value: str) -> int | None:
 
 def disk_value(volid: str, capacity: int) -> str:
     """The value of a disk key: ``local:120/vm-120-disk-0.qcow2,size=32G``."""
-    return f"{volid},size={pve_size(capacity)}"
+    return print_drive(Drive(volid, {"size": pve_size(capacity)}))
+
+
+def cdrom_value(volume: str) -> str:
+    """The value of a CD-ROM drive holding ``volume`` (an ISO's volid, or ``none`` for an empty drive)."""
+    return print_drive(Drive(volume, {"media": "cdrom"}))
+
+
+def agent_enabled(value: str) -> bool:
+    """Whether an ``agent`` value (``1``, ``enabled=1,fstrim_cloned_disks=1``) turns the guest agent on."""
+    try:
+        return parse_property_string(value, default_key="enabled").get("enabled") == "1"
+    except ValueError:
+        return False
 
 
 def efidisk(storage: str, *, secure_boot: bool) -> str:
@@ -150,12 +164,13 @@ def efidisk(storage: str, *, secure_boot: bool) -> str:
     4m is the OVMF build with secure boot support; pre-enrolled keys (Microsoft and the major
     distributions) only when VMware had secure boot on, else the guest would start enforcing it.
     """
-    return f"{storage}:1,efitype=4m,pre-enrolled-keys={1 if secure_boot else 0}"
+    return print_drive(Drive(new_volume(storage, 1), {"efitype": "4m",
+                                                     "pre-enrolled-keys": str(1 if secure_boot else 0)}))
 
 
 def tpmstate(storage: str) -> str:
     """The value of ``tpmstate0`` for a fresh TPM 2.0 (VMware's TPM state never moves)."""
-    return f"{storage}:1,version=v2.0"
+    return print_drive(Drive(new_volume(storage, 1), {"version": "v2.0"}))
 
 
 def smbios_uuid(text: str | None) -> str | None:
@@ -225,7 +240,7 @@ def vm_config(spec: VMSpec, options: MigrationOptions, *, bridges: Mapping[str, 
     if uuid:
         config["smbios1"] = f"uuid={uuid}"
     if spec.cdroms:
-        config[CDROM_KEY] = "none,media=cdrom"  # ISO images stay behind; the drive is kept empty
+        config[CDROM_KEY] = cdrom_value("none")  # ISO images stay behind; the drive is kept empty
     model = nic_model(resolved)
     for index, nic in enumerate(spec.nics):
         bridge = nic_bridge(nic.network, bridges, default_bridge)

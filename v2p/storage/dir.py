@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import TargetError
 from ..fsutil import create_exclusive, own_dir, remove_tree_at
+from ..volumes import VolumeRef, disk_name
 from .base import Storage, Volume
 
 # Room kept free beyond what qemu-img measure asks for: metadata growth,
@@ -35,19 +36,20 @@ class DirStorage(Storage):
         return ("qcow2", "raw")
 
     def volume(self, vmid: int, index: int, fmt: str, *, partial: bool = False) -> Volume:
-        name = f"vm-{vmid}-disk-{index}.{fmt}"
+        name = disk_name(vmid, index, fmt)
         path = self.root / "images" / str(vmid) / name
         if partial:
             path = path.with_name(f".{name}.v2p-partial")
-        return Volume(f"{self.name}:{vmid}/{name}", path, fmt)
+        return Volume(str(VolumeRef.disk(self.name, vmid, index, fmt)), path, fmt)
 
     def path_of(self, volid: str) -> Path:
-        storage, _, rest = volid.partition(":")
-        if storage == self.name and re.fullmatch(r"iso/[^/]+\.iso", rest):
-            return self.root / "template" / rest  # PVE's ISO layout: template/iso/NAME.iso
-        if storage != self.name or not re.fullmatch(r"\d+/vm-\d+-disk-\d+\.(qcow2|raw)", rest):
+        ref = VolumeRef.maybe(volid)
+        if ref and ref.storage == self.name and ref.content == "iso" and ref.volname.endswith(".iso"):
+            return self.root / "template" / ref.volname  # PVE's ISO layout: template/iso/NAME.iso
+        if ref is None or ref.storage != self.name or ref.folder is None or ref.disk_index is None \
+                or ref.fmt not in ("qcow2", "raw"):
             raise TargetError(f"volume {volid!r} is not a volume of storage {self.name}")
-        return self.root / "images" / rest
+        return self.root / "images" / ref.volname
 
     def free_bytes(self) -> int:
         folder = self.root

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import TargetError
 from ..runner import run
+from ..volumes import VolumeRef, disk_name
 from .base import Storage, Volume
 
 TEST_LOOP_ENV = "V2P_TEST_LVM_LOOP_ACTIVATION"
@@ -60,15 +61,16 @@ class LvmStorage(Storage):
         return {"size": size, "free": free, "extent": extent}
 
     def lv_name(self, vmid: int, index: int, *, partial: bool = False) -> str:
-        return f"vm-{vmid}-disk-{index}" + (PARTIAL_SUFFIX if partial else "")
+        return disk_name(vmid, index) + (PARTIAL_SUFFIX if partial else "")
 
     def volume(self, vmid: int, index: int, fmt: str, *, partial: bool = False) -> Volume:
         name = self.lv_name(vmid, index, partial=partial)
         return Volume(f"{self.name}:{name}", Path(f"/dev/{self.vg}/{name}"), "raw", is_block=True)
 
     def path_of(self, volid: str) -> Path:
-        storage, _, name = volid.partition(":")
-        if storage != self.name or not name.startswith("vm-"):
+        ref = VolumeRef.maybe(volid)
+        name = ref.volname if ref else ""
+        if ref is None or ref.storage != self.name or not name.startswith("vm-"):
             raise TargetError(f"volume {volid!r} is not a volume of storage {self.name}")
         if self.loop_activation:
             return self._loop_of(name) or Path(f"/dev/{self.vg}/{name}")
@@ -98,7 +100,7 @@ class LvmStorage(Storage):
         for stale in (partial, self.volume(vmid, index, fmt)):
             if self.exists(stale):
                 self.remove(stale)
-        name = partial.volid.partition(":")[2]
+        name = VolumeRef.parse(partial.volid).volname
         self._lvm("lvcreate", *self.create_argv(name, capacity))
         return Volume(partial.volid, self._activate(name), "raw", is_block=True)
 
@@ -118,15 +120,15 @@ class LvmStorage(Storage):
         return False  # a thick LV holds whatever the PV held before
 
     def commit(self, partial: Volume, final: Volume) -> None:
-        self._lvm("lvrename", self.vg, partial.volid.partition(":")[2], final.volid.partition(":")[2])
+        self._lvm("lvrename", self.vg, VolumeRef.parse(partial.volid).volname, VolumeRef.parse(final.volid).volname)
 
     def exists(self, volume: Volume) -> bool:
-        name = volume.volid.partition(":")[2]
+        name = VolumeRef.parse(volume.volid).volname
         out = self._lvm("lvs", "--noheadings", "-o", "lv_name", f"{self.vg}/{name}", check=False)
         return bool(out.strip())
 
     def remove(self, volume: Volume) -> None:
-        name = volume.volid.partition(":")[2]
+        name = VolumeRef.parse(volume.volid).volname
         if self.loop_activation:
             loop = self._loop_of(name)
             if loop:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import TargetError
 from ..runner import run
 from ..storage import Storage
+from ..volumes import Drive, parse_drive, print_drive
 from .base import VMConfig
 
 OVMF_DIR = Path("/usr/share/OVMF")  # Debian's ovmf package
@@ -61,9 +62,11 @@ def efidisk_options(config: VMConfig) -> tuple[str, dict[str, str]] | None:
     value = config.get("efidisk0")
     if not value:
         return None
-    volid, *rest = value.split(",")
-    options = dict(item.partition("=")[::2] for item in rest)
-    return volid, options
+    try:
+        drive = parse_drive(value)
+    except ValueError as exc:
+        raise TargetError(f"efidisk0: {exc}") from None
+    return drive.volume, drive.options
 
 
 def firmware(vmid: int, config: VMConfig) -> Firmware | None:
@@ -85,7 +88,8 @@ def efidisk_value(volid: str, *, secure: bool, efitype: str = DEFAULT_EFITYPE) -
     """The ``efidisk0`` config value for a vars volume made by ``create_efidisk``."""
     _code, template = ovmf_files(secure, efitype)
     size_kib = template.stat().st_size // 1024
-    return f"{volid},efitype={efitype},pre-enrolled-keys={int(secure)},size={size_kib}K"
+    return print_drive(Drive(volid, {"efitype": efitype, "pre-enrolled-keys": str(int(secure)),
+                                     "size": f"{size_kib}K"}))
 
 
 def create_efidisk(storage: Storage, vmid: int, *, secure: bool, efitype: str = DEFAULT_EFITYPE,

@@ -39,6 +39,7 @@ from ..interrupts import check as check_interrupts
 from ..runner import run
 from ..state import vmid_of_name
 from ..storage import Storage, check_storage, default_dir_storage, parse_storage_cfg
+from ..volumes import Drive, VolumeRef, drive_volume, print_drive
 from . import efi, qemu_cmdline
 from .base import BOOT_FAILED, BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
 from .sink import storage_sink
@@ -179,29 +180,32 @@ class LocalTarget(Target):
 
     def new_disk(self, vmid: int, config: VMConfig, *, storage: str, size: int) -> str:
         place = self.storage(storage)
-        used = " ".join(config.values())
+        refs = (VolumeRef.maybe(drive_volume(value)) for value in config.values())
+        used = {ref.disk_of(vmid) for ref in refs if ref}
         for index in range(1, 100):
-            names = [place.volume(vmid, index, fmt) for fmt in place.formats()]
-            if any(v.volid.split(":", 1)[1].split(".")[0] in used for v in names if ":" in v.volid):
-                continue  # named by the config (a volume of another format, or one not made yet)
-            if not any(place.exists(v) for v in names):
+            if index in used:
+                continue  # named by the config (on any storage, in any format, or not made yet)
+            if not any(place.exists(v) for v in (place.volume(vmid, index, fmt) for fmt in place.formats())):
                 volume = place.create_empty(vmid, index, size)
-                return f"{volume.volid},size={size >> 30}G"
+                return print_drive(Drive(volume.volid, {"size": f"{size >> 30}G"}))
         raise TargetError(f"VM {vmid}: no free disk index on storage {storage}")
 
     def remove_volume(self, vmid: int, volid: str) -> None:
-        place = self.storage(volid.split(":", 1)[0])
-        if any(value.split(",")[0] == volid for value in self.get_config(vmid).values()):
+        ref = VolumeRef.parse(volid)
+        place = self.storage(ref.storage)
+        if any(drive_volume(value) == volid for value in self.get_config(vmid).values()):
             raise TargetError(f"VM {vmid}: volume {volid} is still in use")
-        match = re.search(rf"vm-{vmid}-disk-(\d+)", volid)
-        index = int(match.group(1)) if match else -1
+        index = ref.disk_of(vmid)
+        if index is None:
+            return
         for volume in (place.volume(vmid, index, fmt) for fmt in place.formats()):
             if volume.volid == volid and place.exists(volume):
                 place.remove(volume)
 
     def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None) -> tuple[Path | None, str]:
-        if given and ":" in given and not given.startswith("/"):  # a PVE volid: local:iso/NAME.iso
-            return self.storage(given.split(":", 1)[0]).path_of(given), given
+        ref = VolumeRef.maybe(given) if given and not given.startswith("/") else None
+        if given and ref:  # a PVE volid: local:iso/NAME.iso
+            return self.storage(ref.storage).path_of(given), given
         return super().drivers_iso(given)
 
     def iso_places(self) -> tuple[Path, ...]:
@@ -241,11 +245,11 @@ class LocalTarget(Target):
         """(path, format) of a disk named in a config: ``storage:volume`` or a device path."""
         if volid.startswith("/"):
             return Path(volid), "raw"
-        name, sep, rest = volid.partition(":")
-        if not sep:
+        ref = VolumeRef.maybe(volid)
+        if ref is None:
             raise TargetError(f"volume {volid!r} names no storage")
-        path = self.storage(name).path_of(volid)
-        return path, "qcow2" if rest.endswith(".qcow2") else "raw"
+        path = self.storage(ref.storage).path_of(volid)
+        return path, "qcow2" if ref.volname.endswith(".qcow2") else "raw"
 
     # -- VMs ------------------------------------------------------------
     def vm_exists(self, vmid: int) -> bool:

@@ -35,6 +35,7 @@ from ..interrupts import check as check_interrupts
 from ..options import OptionError
 from ..state import Leftovers
 from ..storage import Storage
+from ..volumes import VolumeRef, drive_volume, import_index, parse_drive
 from . import pve_privileges as privileges
 from .base import BOOT_FAILED, BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
 from .pve_import import RemoteImportSink
@@ -84,7 +85,7 @@ class ProxmoxTarget(Target):
         destroys the volume (VM.Config.Disk, and Datastore.AllocateSpace on its storage:
         qemu-server's PVE::QemuServer::try_deallocate_drive)."""
         config = self.get_config(vmid)
-        if any(value.split(",")[0] == volid for key, value in config.items() if not key.startswith("unused")):
+        if any(drive_volume(value) == volid for key, value in config.items() if not key.startswith("unused")):
             raise TargetError(f"VM {vmid}: volume {volid} is still in use")
         unused = [key for key, value in config.items() if key.startswith("unused") and value == volid]
         if unused:
@@ -99,13 +100,12 @@ class ProxmoxTarget(Target):
         iso_upload = None
         if dance:  # dance.py: a temporary virtio disk, virtio-scsi, a second NIC on vmbr0, the ISO in a CD drive
             update.update({"virtio15": f"{storage}:1", "scsihw": "virtio-scsi-pci", "net1": "virtio,bridge=vmbr0"})
-            if drivers_iso and ":" in drivers_iso and not drivers_iso.startswith("/"):
-                update["ide3"] = f"{drivers_iso},media=cdrom"
+            if drivers_iso and VolumeRef.maybe(drivers_iso) and not drivers_iso.startswith("/"):
+                update["ide3"] = pveconfig.cdrom_value(drivers_iso)
             else:
                 iso_upload = self._iso_storage()
-                update["ide3"] = f"{iso_upload}:iso/virtio-win.iso,media=cdrom"
-        agent = any(key == "agent" and value.split(",")[0] in ("1", "enabled=1")
-                    for key, value in {**create, **update}.items())
+                update["ide3"] = pveconfig.cdrom_value(str(VolumeRef.iso(iso_upload, "virtio-win.iso")))
+        agent = any(key == "agent" and pveconfig.agent_enabled(value) for key, value in {**create, **update}.items())
         agent_priv = None
         if power and agent:
             agent_priv = privileges.agent_privilege(self.pve_release().version)
@@ -121,8 +121,9 @@ class ProxmoxTarget(Target):
         and uploaded into a storage with ``iso`` content unless a file of its name and size is there
         (its name as PVE stores it: ``upload_name``)."""
         node = self.settings.node
-        if given and ":" in given and not given.startswith("/"):
-            storage = given.split(":", 1)[0]
+        ref = VolumeRef.maybe(given) if given and not given.startswith("/") else None
+        if given and ref:
+            storage = ref.storage
             present = self.call("GET", f"nodes/{node}/storage/{storage}/content", content="iso") or []
             if not any(entry.get("volid") == given for entry in present):
                 raise DriversError(f"drivers ISO {given}: no such ISO on PVE node {node}",
@@ -573,7 +574,7 @@ class ProxmoxTarget(Target):
 
     def delete_volume(self, volid: str) -> None:
         """Delete ``volid`` (``STORAGE:VOLNAME``) from its storage and wait for PVE's task."""
-        storage = volid.split(":", 1)[0]
+        storage = VolumeRef.parse(volid).storage
         self._task(self.call("DELETE", f"nodes/{self.settings.node}/storage/{storage}/content/"
                              f"{quote(volid, safe='')}"), f"delete {volid}")
 
@@ -593,11 +594,10 @@ class ProxmoxTarget(Target):
         return Leftovers(self.state_dir()).retry(self._delete_if_there, holding=holding)
 
     def _delete_if_there(self, volid: str) -> None:
-        storage, _, volname = volid.partition(":")
-        content = volname.split("/", 1)[0] if "/" in volname else None
-        listed = self.import_content(storage) if content == "import" else \
-            self.call("GET", f"nodes/{self.settings.node}/storage/{storage}/content",
-                      **({"content": content} if content == "iso" else {})) or []
+        ref = VolumeRef.parse(volid)
+        listed = self.import_content(ref.storage) if ref.content == "import" else \
+            self.call("GET", f"nodes/{self.settings.node}/storage/{ref.storage}/content",
+                      **({"content": "iso"} if ref.content == "iso" else {})) or []
         if any(entry.get("volid") == volid for entry in listed):
             self.delete_volume(volid)
 
@@ -609,9 +609,10 @@ class ProxmoxTarget(Target):
                    f"destroy VM {vmid}")
         # Its disks' uploads and staging files are v2p's own copies of this VM's disks.
         where = self.settings.import_storage
-        ours = re.compile(rf"{re.escape(where)}:import/v2p-{vmid}-disk-\d+\.qcow2")
         for entry in self.import_content(where):
-            if ours.fullmatch(str(entry.get("volid", ""))):
+            ref = VolumeRef.maybe(str(entry.get("volid", "")))
+            if ref and ref.storage == where and ref.content == "import" \
+                    and import_index(ref.filename, vmid) is not None:
                 self.discard_volume(str(entry["volid"]), vmid)
         for path in self.staging_dir().glob(f"v2p-{vmid}-disk-*.qcow2"):
             path.unlink(missing_ok=True)
@@ -720,7 +721,7 @@ class ProxmoxTarget(Target):
         if self.status(vmid) == "running":
             self.stop(vmid, timeout=10)
         config = self.get_config(vmid)
-        agent = config.get("agent", "0").split(",")[0] in ("1", "enabled=1")
+        agent = pveconfig.agent_enabled(config.get("agent", "0"))
         boot_disk, boot_nics = boot_devices(config)
         started = time.monotonic()
         self.start(vmid)
@@ -785,8 +786,7 @@ def import_timeout(value: str) -> float:
     IMPORT_FLOOR, plus its size (``size=``, the disk's capacity) at IMPORT_RATE bytes a second
     (qemu-server's import reads the whole source and writes the whole volume: ``qemu-img convert``
     through ``clone_disk``, from ``create_disks``' ``$import_from_volid``)."""
-    sizes = [pveconfig.parse_pve_size(item.partition("=")[2]) for item in value.split(",") if item.startswith("size=")]
-    return size_timeout(max([found for found in sizes if found is not None] or [0]))
+    return size_timeout(pveconfig.parse_pve_size(parse_drive(value).options.get("size", "0")) or 0)
 
 
 def size_timeout(size: int) -> float:

@@ -7,7 +7,6 @@ Not here: the on-node path (``pve_node``), the API calls themselves (``proxmox``
 
 from __future__ import annotations
 
-import re
 import shutil
 import stat
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from .. import convert
 from ..errors import NoSpaceError, TargetError
 from ..inspect.qemu_input import QemuInput
 from ..storage import Volume
+from ..volumes import Drive, VolumeRef, drive_volume, import_name, new_volume, print_drive
 from .base import ByteProgress, DiskSink
 from .pve_releases import REMOTE_INSTEAD, REMOTE_PATH
 from .pve_space import ROOTFS, check_phases
@@ -38,9 +38,9 @@ class RemoteImportSink(DiskSink):
     def __init__(self, target: PveHost, vmid: int, index: int, *, fmt: str, storage: str) -> None:
         self.target, self.vmid, self.index, self.fmt, self.storage = target, vmid, index, fmt, storage
         self.import_storage = target.settings.import_storage
-        self.filename = f"v2p-{vmid}-disk-{index}.qcow2"
-        self.import_volid = f"{self.import_storage}:import/{self.filename}"
-        self.volid = f"{storage}:0,import-from={self.import_volid},format={fmt}"
+        self.filename = import_name(vmid, index)
+        self.import_volid = str(VolumeRef.imported(self.import_storage, self.filename))
+        self.volid = print_drive(Drive(new_volume(storage, 0), {"import-from": self.import_volid, "format": fmt}))
 
     @property
     def staging(self) -> Volume:
@@ -132,10 +132,9 @@ class RemoteImportSink(DiskSink):
         """Whether a disk key's ``value`` in the VM config is what PVE made of ``volid``: a volume of
         this VM on ``storage`` (PVE rewrites ``STORAGE:0,import-from=...`` to the volume it allocated,
         so comparing with ``volid`` cannot tell; Attach needs this to know it is done)."""
-        volume = value.split(",")[0]
-        name, _, rest = volume.partition(":")
-        return name == self.storage and "import-from=" not in value and \
-            re.fullmatch(rf"(?:{self.vmid}/)?vm-{self.vmid}-disk-\d+(?:\.(?:raw|qcow2))?", rest) is not None
+        ref = VolumeRef.maybe(drive_volume(value))
+        return ref is not None and ref.storage == self.storage and "import-from=" not in value and \
+            ref.disk_of(self.vmid) is not None
 
     def _delete_upload(self) -> None:
         if self.exists():

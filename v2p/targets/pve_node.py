@@ -29,6 +29,7 @@ from ..errors import NoSuchVMError, TargetError
 from ..inspect.model import DiskImage
 from ..inspect.qemu_input import QemuInput
 from ..storage import DirStorage, Storage, Volume
+from ..volumes import VolumeRef, drive_volume
 from .base import ByteProgress, DiskSink
 from .sink import StorageSink
 
@@ -108,7 +109,7 @@ class NodeVolumeStorage(Storage):
 
     def volume(self, vmid: int, index: int, fmt: str, *, partial: bool = False) -> Volume:
         # No temporary name (PVE cannot rename a volume): partial and final are one volume.
-        volid = f"{self.name}:vm-{vmid}-disk-{index}"
+        volid = str(VolumeRef.disk(self.name, vmid, index))
         return Volume(volid, Path(volid), "raw", is_block=True)
 
     def path_of(self, volid: str) -> Path:
@@ -133,7 +134,7 @@ class NodeVolumeStorage(Storage):
         volume = self.volume(vmid, index, fmt)
         if self.exists(volume):  # an earlier, unfinished write of this disk
             self.remove(volume)
-        name = volume.volid.partition(":")[2]
+        name = VolumeRef.parse(volume.volid).volname
         made = self.target.call("POST", self._content, vmid=vmid, filename=name,
                                 size=str(-(-capacity // 1024)), format="raw")
         if made != volume.volid:
@@ -151,8 +152,8 @@ class NodeVolumeStorage(Storage):
         """Written in place: nothing to rename."""
 
     def exists(self, volume: Volume) -> bool:
-        vmid = re.match(r"[^:]+:vm-(\d+)-", volume.volid)
-        found = self.target.call("GET", self._content, **({"vmid": vmid.group(1)} if vmid else {})) or []
+        vmid = VolumeRef.parse(volume.volid).vmid
+        found = self.target.call("GET", self._content, **({"vmid": str(vmid)} if vmid is not None else {})) or []
         return any(entry.get("volid") == volume.volid for entry in found)
 
     def remove(self, volume: Volume) -> None:
@@ -200,10 +201,10 @@ class OnNodeSink(DiskSink):
         config = self._config()
         taken = set()
         for key in _OWN_VOLUMES:
-            name, _, rest = (config or {}).get(key, "").split(",")[0].partition(":")
-            match = re.fullmatch(rf"(?:{self.vmid}/)?vm-{self.vmid}-disk-(\d+)(?:\.\w+)?", rest)
-            if name == self.storage.name and match:
-                taken.add(int(match.group(1)))
+            ref = VolumeRef.maybe(drive_volume((config or {}).get(key, "")))
+            number = ref.disk_of(self.vmid) if ref and ref.storage == self.storage.name else None
+            if number is not None:
+                taken.add(number)
         number = next(itertools.islice((n for n in itertools.count() if n not in taken), self.index, None))
         sink = StorageSink(self.storage, self.vmid, number, self.fmt)
         if config is not None:
@@ -219,7 +220,7 @@ class OnNodeSink(DiskSink):
         after they are written and verified, so such a volume is someone else's)."""
         volid = self.volid
         for key, value in (self._config() or {}).items():
-            if value.split(",")[0] == volid:
+            if drive_volume(value) == volid:
                 raise TargetError(f"PVE storage {self.storage.name}: {volid} is already {key} of VM {self.vmid}: "
                                   f"disk {self.index} will not overwrite it",
                                   hint=f"detach it from VM {self.vmid}, or choose another --storage")

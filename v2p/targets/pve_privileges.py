@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TargetError
+from ..volumes import VolumeRef, new_volume_storage, parse_drive, parse_property_string
 
 if TYPE_CHECKING:
     from .pve_host import PveHost
@@ -55,7 +56,6 @@ _KEY_GROUPS: dict[str, frozenset[str]] = {
     "VM.Config.Disk": frozenset({"boot", "bootdisk", "vmstatestorage"}),
 }
 _DRIVE = re.compile(r"(?:ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0")
-_NEW_VOLUME = re.compile(r"([^/:\s]+):(\d+(?:\.\d+)?)")  # PVE::QemuServer::Drive's NEW_DISK_RE, with a storage
 AGENT_RELEASE = (9, 0)  # qemu-server 9.0.3 / libpve-access-control 9.0.2: VM.Monitor -> VM.GuestAgent.*
 
 
@@ -93,10 +93,10 @@ def key_privilege(key: str) -> str:
 def _volume_access(volid: str, vmid: int, why: str) -> list[Need]:
     """PVE::Storage::check_volume_access for a volume named in a config: an ISO or an import volume
     needs Datastore.AllocateSpace or Audit (or Allocate); the VM's own volume needs nothing more."""
-    storage, _, volname = volid.partition(":")
-    if re.match(rf"(?:{vmid}/)?(?:vm|base)-{vmid}-", volname):
+    ref = VolumeRef.parse(volid)
+    if ref.owned_by(vmid):
         return []
-    return [Need(f"/storage/{storage}", "Datastore.Audit", why,
+    return [Need(f"/storage/{ref.storage}", "Datastore.Audit", why,
                  ("Datastore.AllocateSpace", "Datastore.Allocate"))]
 
 
@@ -105,16 +105,15 @@ def config_needs(vmid: int, values: Mapping[str, str], *, create: bool) -> list[
     vm = f"/vms/{vmid}"
     needs: list[Need] = []
     for key, value in values.items():
-        volid, *options = value.split(",")
-        opts = dict(item.partition("=")[::2] for item in options)
         if _DRIVE.fullmatch(key):
-            cdrom = opts.get("media") == "cdrom"
+            drive = parse_drive(value)
+            volid, opts, cdrom = drive.volume, drive.options, drive.is_cdrom
             if not create:
                 needs.append(Need(vm, "VM.Config.CDROM" if cdrom else "VM.Config.Disk", f"{key} (update_vm)"))
-            new = _NEW_VOLUME.fullmatch(volid)
+            new = new_volume_storage(volid)
             if new and not cdrom:
-                needs.append(Need(f"/storage/{new.group(1)}", "Datastore.AllocateSpace", f"a new volume for {key}"))
-            elif ":" in volid:
+                needs.append(Need(f"/storage/{new}", "Datastore.AllocateSpace", f"a new volume for {key}"))
+            elif VolumeRef.maybe(volid):
                 needs += _volume_access(volid, vmid, f"{key} names {volid}")
             if opts.get("import-from"):
                 needs += _volume_access(opts["import-from"], vmid, f"{key} imports {opts['import-from']}")
@@ -122,7 +121,8 @@ def config_needs(vmid: int, values: Mapping[str, str], *, create: bool) -> list[
         if re.fullmatch(r"unused\d+", key):
             continue
         needs.append(Need(vm, key_privilege(key), f"config key {key}"))
-        if re.fullmatch(r"net\d+", key) and opts.get("bridge"):
+        opts = parse_property_string(value, default_key="model") if re.fullmatch(r"net\d+", key) else {}
+        if opts.get("bridge"):
             # PVE::GuestHelpers::check_vnet_access: a plain Linux bridge is in zone 'localnetwork'.
             needs.append(Need(f"/sdn/zones/localnetwork/{opts['bridge']}", "SDN.Use", f"{key} on {opts['bridge']}"))
     return needs

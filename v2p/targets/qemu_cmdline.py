@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import TargetError
 from ..pveconfig import DISK_KEY, parse_boot_order
 from ..runner import which
+from ..volumes import parse_drive
 from . import efi
 from .base import VMConfig
 
@@ -126,7 +127,11 @@ def _disk_args(vmid: int, config: VMConfig, order: list[str],
         if not match:
             continue
         bus, index = match.group(1), int(match.group(2))
-        volid, opts = split_property(config[key])
+        try:
+            drive = parse_drive(config[key])
+        except ValueError as exc:
+            raise TargetError(f"VM {vmid}: {key}: {exc}") from None
+        volid, opts = drive.volume, drive.options
         boot = f",bootindex={order.index(key) + 1}" if key in order else ""
         if opts.get("media") == "cdrom":
             if volid == "none":
