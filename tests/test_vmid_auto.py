@@ -43,7 +43,7 @@ def test_auto_skips_vms_and_migration_records(samples: Path, source_of: Any, v2p
     proc = v2p("migrate", str(src.descriptor), *ARGS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[vmid] VMID 102: the next free one on the local target" in proc.stdout
-    assert proc.stdout.splitlines()[-1] == f"VM 102 migrated from {src.descriptor}"
+    assert proc.stdout.splitlines()[-1] == f"VM 102 migrated from {src.descriptor}; boot not checked"
     assert_same_bytes(samples / "guest.raw", v2p.disk(102))
     assert conf.read_text() == "name: someone-else\nmemory: 1024\n"
     again = v2p("migrate", str(src.descriptor), *ARGS)  # the same command: the same VM, nothing to do
