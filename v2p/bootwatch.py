@@ -54,6 +54,7 @@ from typing import Any
 
 from .pveconfig import DISK_KEY, parse_boot_order
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, BootReport, GuestIO
+from .volumes import drive_is_cdrom
 
 # A Windows bugcheck as EMS prints it (XP..2008R2 "*** STOP: 0x...", 8+ "Stop code: NAME"),
 # and as our stand-in prints it.
@@ -129,7 +130,7 @@ def boot_devices(config: Mapping[str, str]) -> tuple[str | None, tuple[str, ...]
     ``boot_disk`` and ``boot_nics``. The boot disk is the first disk of ``boot: order=`` that is
     not a CD-ROM."""
     order = parse_boot_order(config)
-    disks = [key for key in order if DISK_KEY.match(key) and "media=cdrom" not in config.get(key, "")]
+    disks = [key for key in order if DISK_KEY.match(key) and not drive_is_cdrom(config.get(key, ""))]
     return (disks[0] if disks else None), tuple(key for key in order if re.fullmatch(r"net\d+", key))
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .bootwatch import OS_READ_BYTES, failure_sign, mib
+from .bootwatch import OS_READ_BYTES, boot_devices, failure_sign, mib
 from .errors import DanceError, OperatorNeeded, StateError, TargetError
 from .events import Event, EventHandler, EventKind, ignore
 from .interrupts import check as check_interrupts
@@ -420,11 +420,9 @@ def _own_cd(value: str, iso_volid: str) -> str:
 
 
 def _system_disk(config: VMConfig) -> str:
-    boot = config.get("boot", "")
-    if boot.startswith("order="):
-        for key in boot[len("order="):].split(";"):
-            if DISK_KEY.match(key) and not drive_is_cdrom(config.get(key, "")):
-                return key
+    booted, _nics = boot_devices(config)
+    if booted is not None:
+        return booted
     disks = sorted(k for k in config if DISK_KEY.match(k) and not drive_is_cdrom(config[k]))
     if not disks:
         raise TargetError("the VM has no disk to move to virtio")

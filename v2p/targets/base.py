@@ -332,11 +332,6 @@ class Target(abc.ABC):
     def stop(self, vmid: int, *, timeout: float = 60.0) -> bool:
         """Shut the VM down (power button, then hard after ``timeout``); True if it went cleanly."""
 
-    def sees_console(self, vmid: int) -> bool:
-        """Whether ``guest_output`` shows what the guest writes on its serial port (else only whether
-        it runs can be seen: waiting for a word from the guest is pointless)."""
-        return True
-
     def guest_io(self, vmid: int) -> GuestIO | None:
         """The running VM's I/O counters now (``GuestIO``), or None where the target cannot tell
         (the VM not running included)."""

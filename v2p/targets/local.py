@@ -376,8 +376,9 @@ class LocalTarget(Target):
 
     def guest_io(self, vmid: int) -> GuestIO | None:
         """Bytes read per drive (QMP ``query-blockstats``, ``drive-<key>``), bytes the guest sent
-        per NIC (its ``filter-dump`` pcap) and whether it panicked (``query-status``: a pvpanic
-        guest pauses in ``guest-panicked``, QEMU's default ``-action panic=pause``)."""
+        per NIC (its ``filter-dump`` pcap) and whether it panicked (``query-status``
+        ``guest-panicked``: under ``-action panic=pause``; with QEMU 7.2's default, poweroff, the
+        panic comes as the GUEST_PANICKED event the boot check reads instead)."""
         vm = self._vm(vmid)
         if not vm.running():
             return None

@@ -665,9 +665,6 @@ class ProxmoxTarget(Target):
         self._close_tap(vmid)
         return clean
 
-    def sees_console(self, vmid: int) -> bool:
-        return self.settings.on_node  # the serial socket is on the node only
-
     def guest_output(self, vmid: int) -> str:
         """The serial port since the VM was started, on the node (read from its socket); elsewhere ''
         (PVE offers a remote serial console only over a websocket, which v2p does not read)."""
