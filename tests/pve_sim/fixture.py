@@ -3,6 +3,7 @@ any QEMU it runs) at the end. Use it with ``from pve_sim.fixture import pve_fixt
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,15 @@ from .server import PVESim
 
 def start_or_skip(root: Path, **options: Any) -> PVESim:
     """A simulator (not started: use it as a context manager, or ``.start()``); the test is skipped,
-    saying where to put it, when the PVE API schema is nowhere to be found (../shared/pve/README.md)."""
+    saying where to put it, when the PVE API schema is nowhere to be found (../shared/pve/README.md).
+    Where a run must not skip them (``.ci/run`` sets ``V2P_REQUIRE_PVE_SCHEMA=1``), it fails instead."""
     try:
         return PVESim(root, **options)
     except SchemaNotFound:
-        pytest.skip(f"no PVE API schema: put apidoc.json at {schema_candidates()[-3]} or set V2P_PVE_SCHEMA")
+        message = f"no PVE API schema: put apidoc.json at {schema_candidates()[-3]} or set V2P_PVE_SCHEMA"
+        if os.environ.get("V2P_REQUIRE_PVE_SCHEMA"):
+            pytest.fail(message + " (V2P_REQUIRE_PVE_SCHEMA is set: PVE tests may not be skipped)")
+        pytest.skip(message)
 
 
 @pytest.fixture(name="pve")
