@@ -10,7 +10,8 @@ kind ``fake``), so what a test proves with it holds for the real kinds' contract
 
 Not for: proving a guest boots (tests/test_boot*.py boot the sample guest), nor PVE's protocol (the
 simulator). Every call a test may count is in ``FakeTarget.calls``; a one-shot failure goes in
-``FakeTarget.fail`` (method name -> the exception its next call raises).
+``FakeTarget.fail`` (method name, or method and first argument as ``"write local:100/vm-100-disk-1.qcow2"``
+-> the exception its next such call raises).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class FakeTarget(Target):
 
     def _call(self, method: str, *args: Any) -> None:
         self.calls.append((method, args))
-        failure = self.fail.pop(method, None)
+        failure = self.fail.pop(method, None) or (self.fail.pop(f"{method} {args[0]}", None) if args else None)
         if failure is not None:
             raise failure
 
@@ -296,7 +297,7 @@ class FakeSource(Source):
         disks = [DiskSpec("scsi", 0, unit, str(path), capacity=path.stat().st_size, controller_model="pvscsi",
                           boot=unit == 0) for unit, path in enumerate(self.disks)]
         return VMSpec(name=self.name, guest_os=self.guest_os, memory_mib=64, disks=disks,
-                      nics=[NicSpec("vmxnet3", "00:50:56:00:00:01", "VM Network")])
+                      nics=[NicSpec("vmxnet3", "00:50:56:00:00:01")])
 
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
         self.inputs += 1
