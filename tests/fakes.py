@@ -17,7 +17,6 @@ simulator). Every call a test may count is in ``FakeTarget.calls``; a one-shot f
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from v2p.pveconfig import DISK_KEY
 from v2p.sources.base import DiskInput, Source
 from v2p.spec import DiskSpec, NicSpec, VMSpec
 from v2p.storage import DirStorage, Storage
-from v2p.targets.base import BOOT_UP, BootReport, DiskSink, GuestIO, Target, VMConfig
+from v2p.targets.base import BOOT_UP, BootReport, Capabilities, DiskSink, GuestIO, Target, VMConfig
 from v2p.targets.sink import StorageSink, storage_sink
 from v2p.volumes import Drive, VolumeRef, drive_volume, print_drive
 
@@ -72,6 +71,7 @@ class FakeTarget(Target):
     """VMs in memory, volumes in ``folder``'s dir storage ``local``; guests as ``guests`` script them."""
 
     kind = "fake"
+    capabilities = Capabilities(guest_io=True)
 
     def __init__(self, folder: Path, *, free: dict[str, int] | None = None) -> None:
         self.folder = folder
@@ -206,13 +206,6 @@ class FakeTarget(Target):
     def guest_output(self, vmid: int) -> str:
         started = any(s.vmid == vmid for s in self.started)
         return self.guest(vmid).output if started else ""
-
-    def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
-        output = self.guest_output(vmid)
-        for name, pattern in patterns.items():
-            if re.search(pattern, output):
-                return name, output
-        return ("stopped" if vmid not in self.running else "timeout"), output
 
     def boot_check(self, vmid: int, *, timeout: float) -> BootReport:
         self._call("boot_check", vmid)

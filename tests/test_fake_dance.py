@@ -16,7 +16,7 @@ import pytest
 from fakes import FakeGuest, FakeTarget, up
 from v2p.dance import DanceOptions, DriverDance
 from v2p.errors import DanceError, OperatorNeeded
-from v2p.targets.base import BOOT_FAILED, BootReport, GuestIO, VMConfig
+from v2p.targets.base import BOOT_FAILED, BootReport, Capabilities, GuestIO, VMConfig
 
 VMID = 312
 ISO = "local:iso/virtio-win.iso"
@@ -111,6 +111,20 @@ def test_a_target_that_cannot_count_hands_over_to_the_operator(fake: FakeTarget)
     result = danced(fake).run(confirmed=True)
     assert result["boot1"]["signal"] == "operator" and result["system_disk"] == "virtio0"
     assert fake.count("new_disk") == 1 and fake.count("start") == 1
+
+
+def test_a_target_without_counters_is_not_asked_for_them(fake: FakeTarget,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Capabilities.guest_io`` False: boot 1 goes to the operator at once, without waiting for counters."""
+    monkeypatch.setattr(dance, "NO_COUNTERS", 3600.0)
+    fake.capabilities = Capabilities()
+
+    def never(_config: VMConfig) -> GuestIO:
+        raise AssertionError("guest_io asked of a target that cannot count")
+
+    fake.guests[VMID].io = never
+    with pytest.raises(OperatorNeeded, match="the fake target cannot tell from here what the guest reads"):
+        danced(fake, boot1_wait=3600.0).run()
 
 
 def test_a_guest_that_never_reads_its_temporary_disk(fake: FakeTarget) -> None:

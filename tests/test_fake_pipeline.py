@@ -211,3 +211,12 @@ def test_a_failed_boot_keeps_the_vm_and_the_rerun_boots_again(fake: FakeTarget, 
     rerun()
     assert rerun.of("stage-start") == ["boot", "finish"]
     assert fake.count("create_vm") == 1 and fake.count("write") == 2 and fake.count("boot_check") == 2
+
+
+def test_copy_with_dd_onto_a_target_that_cannot_is_refused_before_anything_is_made(
+        fake: FakeTarget, source: FakeSource) -> None:
+    assert not fake.capabilities.copies_with_dd
+    run = Run(source, fake, copy_with="dd", fmt="raw")
+    with pytest.raises(TargetError, match="--copy-with dd: this target cannot copy disks with dd"):
+        run()
+    assert run.of("stage-done") == ["inspect"] and fake.list_vms() == [] and fake.count("write") == 0

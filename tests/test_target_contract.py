@@ -22,6 +22,7 @@ import pytest
 
 from blockdev import LVM_ENV, loop_device, volume_group
 from fakes import FakeGuest, FakeTarget
+from targetwatch import observe
 from v2p.errors import NoSuchVMError, TargetError, ToolError, VerifyError, VMIDExistsError
 from v2p.inspect.qemu_input import QemuInput
 from v2p.options import OptionError
@@ -387,7 +388,7 @@ def test_the_sample_guest_runs_then_stops(target: Target, samples: Path) -> None
         status = target.status(150)
         assert status == "running" or "v2p-guest: poweroff" in target.guest_output(150), status
         # The guest reports itself, then powers the VM off over ACPI.
-        seen, output = target.observe(150, timeout=90, patterns={})
+        seen, output = observe(target, 150, timeout=90, patterns={})
         assert seen == "stopped", output[-2000:]
         assert "v2p-guest: poweroff" in target.guest_output(150)
         assert target.status(150) == "stopped"
