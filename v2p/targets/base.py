@@ -191,7 +191,9 @@ class Target(abc.ABC):
     ``tasks_waited``, ``task_warnings``, ``remove_temporaries``, ``check_access``); the dance
     ``new_disk``, ``remove_volume``, ``guest_io``, ``guest_output``; ``api``/``cli`` ``list_vms``,
     ``next_vmid``, ``default_storage``; plan checks the read-only facts below (``place`` .. ``iso_file``).
-    ``storage``, ``device_storage`` and ``iso_places`` serve the kinds' own sinks and ``drivers_iso``.
+    ``device_storage`` and ``iso_places`` serve the kinds' own sinks and ``drivers_iso``. A kind whose storages
+    are v2p's own (``v2p.storage``) looks them up itself (``LocalTarget.storage``, for ``sink.storage_sink``):
+    no stage asks for a storage object.
     """
 
     kind: str = "target"
@@ -266,10 +268,6 @@ class Target(abc.ABC):
         config's temporary files): only names v2p itself makes, a link removed and never followed.
         Call under the VMID lock (no other run writes them then); the next run and ``vm rm`` do."""
         return None  # a target that writes no files of its own (PVE writes through its API) has none
-
-    @abc.abstractmethod
-    def storage(self, name: str) -> Storage:
-        """The configured storage called ``name`` (as PVE names storages)."""
 
     def efidisk(self, vmid: int, *, storage: str, secure: bool, index: int) -> str:
         """The ``efidisk0`` config value for a new UEFI variable store of VM ``vmid`` on ``storage``

@@ -5,8 +5,8 @@ guest watched through its serial socket (on the node) or its guest agent.
 Around it, one job each: ``pve_settings`` (where the node is, who v2p is there, the secret),
 ``pve_transport`` (forms, TLS pinning, the ticket login, uploads, pvesh), ``pve_import`` (the remote
 path's disk sink: upload + ``import-from``), ``pve_node`` (the on-node disk sink: straight into the
-storage). PVE storages are not local ``Storage`` objects, so ``storage()`` refuses and ``disk_sink``
-is the only way bytes reach the node.
+storage). PVE storages are not local ``Storage`` objects (it has no ``storage()``): ``disk_sink`` is the
+only way bytes reach the node.
 """
 
 from __future__ import annotations
@@ -454,10 +454,6 @@ class ProxmoxTarget(Target):
         folder = self.state_dir() / "staging"
         folder.parent.mkdir(parents=True, exist_ok=True)
         return private_dir(folder)
-
-    def storage(self, name: str) -> Storage:
-        raise TargetError(f"storage {name!r} is on the PVE node {self.settings.host}, not on this machine",
-                          hint="disks reach a PVE target through its disk sink only")
 
     def device_storage(self, device: str) -> Storage:
         raise TargetError(f"--to-device {device}: a block device of the PVE node cannot be written from here",
