@@ -25,7 +25,6 @@ from typing import Any
 from v2p.convert import file_identity
 from v2p.errors import NoSuchVMError, TargetError, VMIDExistsError
 from v2p.inspect.qemu_input import QemuInput
-from v2p.pveconfig import DISK_KEY
 from v2p.sources.base import DiskInput, Source
 from v2p.spec import DiskSpec, NicSpec, VMSpec
 from v2p.storage import DirStorage, Storage
@@ -215,11 +214,6 @@ class FakeTarget(Target):
         if not self.guest(vmid).powers_off:
             self.running[vmid] = True  # a guest still running is left held
         return report
-
-    def boots_on(self, vmid: int) -> list[dict[str, str]]:
-        """Each boot of ``vmid`` (start or boot check), as the disk keys it ran with and their volumes."""
-        return [{key: drive_volume(value) for key, value in s.config.items() if DISK_KEY.match(key)}
-                for s in self.started if s.vmid == vmid]
 
 
 def _files(folder: Path) -> list[str]:
