@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from targetwatch import observe
 from v2p.errors import TargetError
 from v2p.targets import efi
 from v2p.targets.local import LocalTarget
@@ -126,7 +127,7 @@ def test_secure_boot_refuses_the_unsigned_guest(target: LocalTarget, samples: Pa
     assert "q35,smm=on" in argv and "OVMF_CODE_4M.ms.fd" in argv
     target.start(VMID, hold=True)
     try:
-        seen, output = target.observe(VMID, timeout=BOOT_TIMEOUT, patterns={
+        seen, output = observe(target, VMID, timeout=BOOT_TIMEOUT, patterns={
             "denied": r"failed to load Boot\d+ \"UEFI QEMU QEMU HARDDISK[^\n]*Access Denied",
             "up": manifest["efi"]["expected_serial"]["up"]})
     finally:

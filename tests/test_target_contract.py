@@ -21,14 +21,15 @@ from typing import Any
 import pytest
 
 from blockdev import LVM_ENV, loop_device, volume_group
+from fakes import FakeGuest, FakeTarget
+from targetwatch import observe
 from v2p.errors import NoSuchVMError, TargetError, ToolError, VerifyError, VMIDExistsError
 from v2p.inspect.qemu_input import QemuInput
 from v2p.options import OptionError
 from v2p.targets.base import DiskSink, Target, VMConfig
 from v2p.targets.local import LocalTarget
 from v2p.targets.proxmox import ProxmoxTarget, target_from_url
-
-pytestmark = pytest.mark.slow  # every test here boots a guest or runs a storage end to end
+from v2p.volumes import VolumeRef
 
 MiB = 1 << 20
 Place = dict[str, Any]  # the disk_sink keywords that send a disk to one place: storage, device
@@ -54,6 +55,21 @@ def _local_place(target: Target, place: str, tmp: Path, stack: contextlib.ExitSt
 def _local_volume_file(target: Target, volid: str) -> tuple[Path, str]:
     assert isinstance(target, LocalTarget)
     return target.volume_file(volid)
+
+
+def _fake_make(folder: Path) -> Target:
+    """The fake with the contract's guests scripted: VM 150's (the sample guest) reports itself and powers
+    off; 151's and 152's (the halting disk) stay up and ignore the power button."""
+    made = FakeTarget(folder)
+    made.guests[150] = FakeGuest(output="v2p-guest: poweroff\n", powers_off=True)
+    made.guests[151] = made.guests[152] = FakeGuest(obeys_power_button=False)
+    return made
+
+
+def _fake_volume_file(target: Target, volid: str) -> tuple[Path, str]:
+    assert isinstance(target, FakeTarget)
+    ref = VolumeRef.parse(volid)
+    return target.storage(ref.storage).path_of(volid), "qcow2" if ref.volname.endswith(".qcow2") else "raw"
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ _SIM_SKIPS = {
 }
 
 KINDS: dict[str, Kind] = {
+    "fake": Kind(_fake_make, _fake_volume_file, ("dir",), lambda *args: {"storage": "local"}),
     "local": Kind(lambda folder: LocalTarget(folder, accel="tcg"), _local_volume_file,
                   ("dir", "lvm", "device"), _local_place),
     "proxmox-sim": Kind(_sim_make, _sim_volume_file, ("local",), lambda *args: {"storage": "local"},
@@ -123,8 +140,11 @@ KINDS: dict[str, Kind] = {
 
 
 def _tiered(value: Any, kind: str) -> Any:
-    """A fixture parameter of kind ``kind``: one that starts the PVE simulator is marked so."""
-    return pytest.param(value, marks=pytest.mark.pve_sim) if kind.startswith("proxmox") else value
+    """A fixture parameter of kind ``kind``: one that starts the PVE simulator is marked so, and every
+    real kind is slow (it boots a guest or runs a storage end to end); the fake is the fast tier's."""
+    if kind.startswith("proxmox"):
+        return pytest.param(value, marks=[pytest.mark.pve_sim, pytest.mark.slow])
+    return value if kind == "fake" else pytest.param(value, marks=pytest.mark.slow)
 
 
 @pytest.fixture(params=[_tiered(k, k) for k in sorted(KINDS)])
@@ -368,7 +388,7 @@ def test_the_sample_guest_runs_then_stops(target: Target, samples: Path) -> None
         status = target.status(150)
         assert status == "running" or "v2p-guest: poweroff" in target.guest_output(150), status
         # The guest reports itself, then powers the VM off over ACPI.
-        seen, output = target.observe(150, timeout=90, patterns={})
+        seen, output = observe(target, 150, timeout=90, patterns={})
         assert seen == "stopped", output[-2000:]
         assert "v2p-guest: poweroff" in target.guest_output(150)
         assert target.status(150) == "stopped"

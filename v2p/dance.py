@@ -218,10 +218,10 @@ class DriverDance:
         # With the operator's word there is nothing to wait for: just look once.
         started = time.monotonic()
         deadline = started + (0.0 if confirmed else self.options.boot1_wait)
-        counted = False
+        counted, counts = False, self.target.capabilities.guest_io
         while True:
             check_interrupts()
-            io = self.target.guest_io(self.vmid)
+            io = self.target.guest_io(self.vmid) if counts else None
             failure = failure_sign(self.target.guest_output(self.vmid))
             if failure:
                 self.target.stop(self.vmid, timeout=5)
@@ -236,7 +236,7 @@ class DriverDance:
                             "seconds": round(time.monotonic() - started, 2), "at": now()}
             if self.target.status(self.vmid) != "running" or time.monotonic() >= deadline:
                 break
-            if not counted and time.monotonic() - started >= NO_COUNTERS:
+            if not counted and (not counts or time.monotonic() - started >= NO_COUNTERS):
                 break  # the target cannot count this guest's reads: no sign can come
             time.sleep(POLL)
         if confirmed:

@@ -92,7 +92,8 @@ class Pipeline:
 
     def _run_locked(self) -> dict[str, Any]:
         request = self._request()
-        for volid, left in self.target.retry_leftovers(holding=self.vmid).items():
+        tasks = self.target.capabilities.tasks  # work of an earlier run may outlive it on the target
+        for volid, left in (self.target.retry_leftovers(holding=self.vmid) if tasks else {}).items():
             self.emit(Event("warning", "cleanup", f"{volid} (VMID {left['vmid']}) is still left on the target: "
                             f"deleting it failed since {left['since']}: {left['error']}; retried on every run"))
         for suffix in ("", ".dance"):
@@ -108,7 +109,8 @@ class Pipeline:
                 return done
             self._check_resumable(request)
             self.emit(Event("info", "resume", f"resuming the migration of VMID {self.vmid}"))
-            for upid in self.target.settle(self.vmid):  # e.g. the disk import of a run killed in attach
+            # E.g. the disk import of a run killed in attach.
+            for upid in self.target.settle(self.vmid) if tasks else []:
                 self.emit(Event("info", "resume", f"waited for {upid}, left running by an earlier run"))
         else:
             if self.target.vm_exists(self.vmid):

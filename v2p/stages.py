@@ -34,7 +34,7 @@ from .sizing import SpaceNeed
 from .sources import DiskInput, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
-from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, ByteProgress, DiskSink, Target
+from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, ByteProgress, DiskSink, Target, no_dd
 from .testhooks import hold_point
 
 Record = dict[str, Any]
@@ -176,6 +176,8 @@ class Preflight(Stage):
         if ctx.options.device and len(ctx.disks()) > 1:
             raise OptionError(f"--to-device takes one disk; {ctx.source.describe()} has {len(ctx.disks())}",
                               hint="migrate onto a storage (--storage) instead")
+        if ctx.options.copy_with == "dd" and not ctx.target.capabilities.copies_with_dd:
+            raise no_dd()
         space = SpaceNeed()
         for index in range(len(ctx.disks())):
             given = ctx.disk_input(index)
@@ -238,8 +240,9 @@ def check_access(ctx: Context) -> None:
                             dance=bool(ctx.options.needs_dance), drivers_iso=ctx.options.drivers_iso)
 
 
-def upload_progress(ctx: Context, stage: str, what: str, disk: int | None = None) -> ByteProgress:
-    """Progress of an upload to the target during ``stage``, as events of the step ``upload``: a line
+def upload_progress(ctx: Context, stage: str, what: str, disk: int | None = None) -> ByteProgress | None:
+    """Progress of an upload to the target during ``stage`` (None: the target uploads nothing,
+    ``Capabilities.uploads``), as events of the step ``upload``: a line
     when it starts and when all is sent (the target then checks and stores it), ``progress`` events
     with the bytes sent between (``data['bytes']``/``data['total']``, as a disk's write has)."""
 
@@ -253,7 +256,7 @@ def upload_progress(ctx: Context, stage: str, what: str, disk: int | None = None
         if done >= total:
             ctx.emit(Event("info", stage, f"upload: {what} sent; the target checks and stores it",
                            disk=disk, step="upload"))
-    return report
+    return report if ctx.target.capabilities.uploads else None
 
 
 def check_drivers(target: Target, options: MigrationOptions, *, progress: ByteProgress | None = None) -> Record:

@@ -120,8 +120,7 @@ class DiskSink(abc.ABC):
 
     def write_dd(self, image: DiskImage, *, progress: Callable[[float], None] | None = None) -> None:
         """Like ``write``, but copy a plain raw ``image`` with ``dd`` (the seed procedure's copier)."""
-        raise TargetError("--copy-with dd: this target cannot copy disks with dd",
-                          hint="leave --copy-with out: qemu-img writes to every target")
+        raise no_dd()
 
     @abc.abstractmethod
     def verify(self, src: QemuInput, *, capacity: int) -> None:
@@ -157,10 +156,48 @@ class DiskSink(abc.ABC):
         return value.split(",", 1)[0] == self.volid
 
 
+def no_dd() -> TargetError:
+    """The refusal of ``--copy-with dd`` by a target whose sinks cannot take it (``copies_with_dd``)."""
+    return TargetError("--copy-with dd: this target cannot copy disks with dd",
+                       hint="leave --copy-with out: qemu-img writes to every target")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target can do, as data: the yes/no questions the stages, the dance and the CLI ask a target,
+    each answered once where the kind is declared (not by a default method that raises or returns None).
+
+    ``guest_io``: ``Target.guest_io`` gives a running guest's I/O counters (the dance's boot-1 sign; without
+    them the dance hands boot 1 to the operator at once). ``copies_with_dd``: its disk sinks take
+    ``--copy-with dd`` (``DiskSink.write_dd``; preflight refuses it otherwise, before anything is made).
+    ``uploads``: committing a disk or finding the drivers ISO may send bytes to the target (the stages
+    then report them as progress events of the step ``upload``). ``tasks``: work on the target outlives
+    v2p (PVE's tasks, and deletions that can fail half-way): the pipeline asks ``retry_leftovers`` and
+    ``settle`` of such a target only.
+    """
+
+    guest_io: bool = False
+    copies_with_dd: bool = False
+    uploads: bool = False
+    tasks: bool = False
+
+
 class Target(abc.ABC):
-    """A place VMs are migrated to."""
+    """A place VMs are migrated to.
+
+    Who asks what (issue 18, "narrow the Target interface"): the stages and the pipeline use the VM and
+    disk methods (``vm_exists`` .. ``destroy_vm``, ``disk_sink``, ``efidisk``, ``status``/``start``/``stop``/
+    ``held``/``release``, ``boot_check``) and the task hooks (``settle``, ``retry_leftovers``,
+    ``tasks_waited``, ``task_warnings``, ``remove_temporaries``, ``check_access``); the dance
+    ``new_disk``, ``remove_volume``, ``guest_io``, ``guest_output``; ``api``/``cli`` ``list_vms``,
+    ``next_vmid``, ``default_storage``; plan checks the read-only facts below (``place`` .. ``iso_file``).
+    ``device_storage`` and ``iso_places`` serve the kinds' own sinks and ``drivers_iso``. A kind whose storages
+    are v2p's own (``v2p.storage``) looks them up itself (``LocalTarget.storage``, for ``sink.storage_sink``):
+    no stage asks for a storage object.
+    """
 
     kind: str = "target"
+    capabilities: Capabilities = Capabilities()
 
     @abc.abstractmethod
     def describe(self) -> dict[str, str]:
@@ -231,10 +268,6 @@ class Target(abc.ABC):
         config's temporary files): only names v2p itself makes, a link removed and never followed.
         Call under the VMID lock (no other run writes them then); the next run and ``vm rm`` do."""
         return None  # a target that writes no files of its own (PVE writes through its API) has none
-
-    @abc.abstractmethod
-    def storage(self, name: str) -> Storage:
-        """The configured storage called ``name`` (as PVE names storages)."""
 
     def efidisk(self, vmid: int, *, storage: str, secure: bool, index: int) -> str:
         """The ``efidisk0`` config value for a new UEFI variable store of VM ``vmid`` on ``storage``
@@ -340,11 +373,6 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def guest_output(self, vmid: int) -> str:
         """What the guest printed on its serial port since it was last started ('' if unknown)."""
-
-    @abc.abstractmethod
-    def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
-        """Watch a running VM until a pattern (name -> regex) matches its output, it
-        stops, or ``timeout`` passes: ("<name>" | "stopped" | "timeout", output)."""
 
     @abc.abstractmethod
     def boot_check(self, vmid: int, *, timeout: float) -> BootReport:

@@ -41,7 +41,7 @@ from ..state import vmid_of_name
 from ..storage import Storage, check_storage, default_dir_storage, parse_storage_cfg
 from ..volumes import Drive, VolumeRef, drive_volume, print_drive
 from . import efi, qemu_cmdline
-from .base import BOOT_FAILED, BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
+from .base import BOOT_FAILED, BootReport, ByteProgress, Capabilities, DiskSink, GuestIO, Target, VMConfig
 from .sink import storage_sink
 from .supervisor import QemuProcess, close_quietly
 
@@ -104,6 +104,7 @@ class LocalTarget(Target):
     """VMs kept in ``directory`` and run locally under QEMU."""
 
     kind = "local"
+    capabilities = Capabilities(guest_io=True, copies_with_dd=True)
 
     def __init__(self, directory: Path | None = None, *, accel: str = "auto") -> None:
         self.directory = Path(os.path.abspath(directory or default_dir()))
@@ -356,23 +357,6 @@ class LocalTarget(Target):
 
     def guest_output(self, vmid: int) -> str:
         return _read(self.serial_log(vmid))
-
-    def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
-        """Watch a running VM's serial port until one of ``patterns`` (name -> regex)
-        shows up, the VM stops, or ``timeout`` passes: ("<name>" | "stopped" | "timeout", output)."""
-        compiled = {name: re.compile(regex) for name, regex in patterns.items()}
-        deadline = time.monotonic() + timeout
-        while True:
-            check_interrupts()
-            output = self.guest_output(vmid)
-            for name, regex in compiled.items():
-                if regex.search(output):
-                    return name, output
-            if self.status(vmid) != "running":
-                return "stopped", self.guest_output(vmid)
-            if time.monotonic() > deadline:
-                return "timeout", output
-            time.sleep(0.1)
 
     def guest_io(self, vmid: int) -> GuestIO | None:
         """Bytes read per drive (QMP ``query-blockstats``, ``drive-<key>``), bytes the guest sent

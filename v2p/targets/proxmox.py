@@ -5,8 +5,8 @@ guest watched through its serial socket (on the node) or its guest agent.
 Around it, one job each: ``pve_settings`` (where the node is, who v2p is there, the secret),
 ``pve_transport`` (forms, TLS pinning, the ticket login, uploads, pvesh), ``pve_import`` (the remote
 path's disk sink: upload + ``import-from``), ``pve_node`` (the on-node disk sink: straight into the
-storage). PVE storages are not local ``Storage`` objects, so ``storage()`` refuses and ``disk_sink``
-is the only way bytes reach the node.
+storage). PVE storages are not local ``Storage`` objects (it has no ``storage()``): ``disk_sink`` is the
+only way bytes reach the node.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ..state import Leftovers
 from ..storage import Storage
 from ..volumes import VolumeRef, drive_volume, import_index, parse_drive
 from . import pve_privileges as privileges
-from .base import BOOT_FAILED, BootReport, ByteProgress, DiskSink, GuestIO, Target, VMConfig
+from .base import BOOT_FAILED, BootReport, ByteProgress, Capabilities, DiskSink, GuestIO, Target, VMConfig
 from .pve_import import RemoteImportSink
 from .pve_kinds import FILE_KINDS, disk_format
 from .pve_node import OnNodeSink, remove_temporaries
@@ -249,6 +249,9 @@ class ProxmoxTarget(Target):
 
     def __init__(self, settings: PveSettings, *, state_root: Path | None = None) -> None:
         self.settings = settings
+        # On the node v2p writes the storages itself (dd included); from elsewhere disks and ISOs are uploaded.
+        self.capabilities = Capabilities(guest_io=True, copies_with_dd=settings.on_node, uploads=not settings.on_node,
+                                         tasks=True)
         self._taps: dict[int, SerialTap] = {}
         self.base_url = f"https://{settings.host}:{settings.port}/api2/json"
         self._state_root = state_root
@@ -451,10 +454,6 @@ class ProxmoxTarget(Target):
         folder = self.state_dir() / "staging"
         folder.parent.mkdir(parents=True, exist_ok=True)
         return private_dir(folder)
-
-    def storage(self, name: str) -> Storage:
-        raise TargetError(f"storage {name!r} is on the PVE node {self.settings.host}, not on this machine",
-                          hint="disks reach a PVE target through its disk sink only")
 
     def device_storage(self, device: str) -> Storage:
         raise TargetError(f"--to-device {device}: a block device of the PVE node cannot be written from here",
@@ -683,21 +682,6 @@ class ProxmoxTarget(Target):
             return "the guest"
         found = info.get("result", info) if isinstance(info, dict) else {}
         return str(found.get("pretty-name") or found.get("name") or "the guest")
-
-    def observe(self, vmid: int, *, timeout: float, patterns: dict[str, str]) -> tuple[str, str]:
-        """On the node: the serial output against ``patterns``; elsewhere only whether the VM stops."""
-        deadline = time.monotonic() + timeout
-        while True:
-            check_interrupts()
-            output = self.guest_output(vmid)
-            for name, pattern in patterns.items():
-                if output and re.search(pattern, output):
-                    return name, output
-            if self.status(vmid) != "running":
-                return "stopped", self.guest_output(vmid)
-            if time.monotonic() >= deadline:
-                return "timeout", output
-            time.sleep(0.5)
 
     def guest_io(self, vmid: int) -> GuestIO | None:
         """The running VM's counters from ``GET .../status/current`` (``status_io``); None if it

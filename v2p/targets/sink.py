@@ -10,7 +10,7 @@ nor recording progress (the caller keeps the record; ``fingerprint`` feeds it).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .. import convert
 from ..errors import NoSpaceError, TargetError
@@ -18,7 +18,7 @@ from ..inspect.model import DiskImage
 from ..inspect.qemu_input import QemuInput
 from ..options import OptionError
 from ..storage import Storage, Volume
-from .base import ByteProgress, DiskSink, Target
+from .base import ByteProgress, DiskSink
 
 
 class StorageSink(DiskSink):
@@ -122,7 +122,15 @@ class StorageSink(DiskSink):
         return f"StorageSink({self.storage.describe()}, {self.volid}, {self.fmt})"
 
 
-def storage_sink(target: Target, vmid: int, index: int, *, fmt: str | None, storage: str,
+class Storages(Protocol):
+    """A target whose storages are ``v2p.storage`` objects it looks up by name (the local target)."""
+
+    def storage(self, name: str) -> Storage: ...
+
+    def device_storage(self, device: str) -> Storage: ...
+
+
+def storage_sink(target: Storages, vmid: int, index: int, *, fmt: str | None, storage: str,
                  device: str | None = None, force: bool = False) -> StorageSink:
     """``Target.disk_sink`` for a target whose storages are ``v2p.storage`` objects."""
     where = target.device_storage(device) if device else target.storage(storage)
