@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from v2p import cli, rules
+from v2p import cli, cli_args, rules
 from v2p.option_table import MAX_SECONDS, OPTION, OPTIONS, PLAN_WORDS, Option
 from v2p.options import MigrationOptions, OptionError, check_option
 from v2p.plan import KEYS, Plan, PlanError
@@ -97,7 +97,7 @@ def command_line(option: Option, value: Any) -> MigrationOptions | str | None:
     except SystemExit:  # argparse's refusal (a choice that is not one), said on stderr
         return "refused by argparse"
     try:
-        options = MigrationOptions.of(cli._given(args))
+        options = MigrationOptions.of(cli_args.given(args))
         rules.check_ignore(options.ignore_rules)
         return options
     except OptionError as exc:
