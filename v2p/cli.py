@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import api, interrupts
+from .boot_outcomes import BOOT_SKIPPED, boot_exit_code, boot_outcome, boot_words
 from .cli_args import build_parser, given, say
 from .errors import V2PError, shown_path
 from .events import Event
@@ -27,7 +28,7 @@ from .inspect import DiskImage
 from .options import (
     OptionError,
 )
-from .stages import BOOT_SKIPPED, STAGES, boot_exit_code, boot_outcome, boot_words, dance_boot
+from .stages import STAGES, dance_boot
 from .targets.base import BOOT_FAILED, BOOT_UP
 
 

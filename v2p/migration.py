@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import interrupts, pveconfig
+from .boot_outcomes import boot_outcome
 from .errors import (
     Cancelled,
     LockedError,
@@ -29,7 +30,6 @@ from .events import Event, EventHandler, ignore
 from .options import MigrationOptions, OptionError, check_text, check_vmid
 from .pipeline import Pipeline
 from .sources import Source, open_source
-from .stages import boot_outcome
 from .state import MigrationState, list_states
 from .targets.base import Target
 from .targets.factory import make_target

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import api, stages
+from . import api, boot_outcomes
 from .errors import StateError, V2PError
 from .options import MigrationOptions
 from .plan_checks import Targets, described
@@ -42,13 +42,13 @@ def status_of(vm: PlanVM, targets: Targets) -> VMStatus:
         return VMStatus(vm.name, vmid, "other", last, f"VMID {vmid} holds the migration of {source}, not of "
                                                       "this VM's source")
     boot_record = data["stages"].get("boot")
-    boot, signal = stages.boot_outcome(boot_record.get("result") if isinstance(boot_record, dict) else None)
+    boot, signal = boot_outcomes.boot_outcome(boot_record.get("result") if isinstance(boot_record, dict) else None)
     if boot_record is None:
         boot = ""  # not that far yet
     if data["finished"]:
         seconds = sum(float(stage.get("seconds", 0)) for stage in data["stages"].values())
         return VMStatus(vm.name, vmid, "finished", last, f"at {data.get('finished_at', '?')} ({seconds:.1f} s of "
-                        f"work); {stages.boot_words(boot, signal)}", boot, signal)
+                        f"work); {boot_outcomes.boot_words(boot, signal)}", boot, signal)
     if locked(record.directory, vmid):
         done = f"{len(recorded)} stage(s) done" + (f", last {last}" if last else "")
         return VMStatus(vm.name, vmid, "running", last, done, boot, signal)

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import api, interrupts
+from .boot_outcomes import BootFailed, boot_exit_code
 from .errors import BootCheckError, V2PError
 from .events import Event
-from .stages import BootFailed, boot_exit_code
 from .targets.base import BOOT_FAILED
 
 STDERR_TAIL = 20  # lines of a child's stderr kept for the report when it dies without an error line

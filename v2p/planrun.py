@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from . import api, interrupts
+from .boot_outcomes import BOOT_SKIPPED, boot_words
 from .errors import EXIT_BOOT_UNCONFIRMED, LockedError, NoSpaceError, V2PError
 from .events import Event
 from .fsutil import private_dir, remove_tree
@@ -33,7 +34,7 @@ from .options import OptionError
 from .planchild import Child, Children, event_of
 from .planschedule import Need, Scheduler, gib
 from .sizing import SpaceNeed
-from .stages import BOOT_SKIPPED, boot_words, disk_stage
+from .stages import disk_stage
 from .state import MigrationState, VmidLock
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 
