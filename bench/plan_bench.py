@@ -89,7 +89,7 @@ class TreeSampler(threading.Thread):
             total += rss
             # The parent's own children only: a process forked by a child carries the child's command
             # line until it execs.
-            children += parents.get(pid) == self.root and b"v2p.planrun" in cmdline
+            children += parents.get(pid) == self.root and b"v2p.planchild" in cmdline
             key = (pid, start)
             name = status.get("Name", "?")
             if hwm > self.hwm.get(key, (0, ""))[0]:

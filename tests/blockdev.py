@@ -12,7 +12,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-LVM_ENV = {"V2P_TEST_LVM_LOOP_ACTIVATION": "1", "LVM_SUPPRESS_FD_WARNINGS": "1"}
+# A `python -m v2p` started with these activates LVs through loop devices (lvm_loop/sitecustomize.py);
+# in a test's own process: lvm_loop.loop_activation.LoopActivation on LvmStorage.activation.
+LVM_LOOP = Path(__file__).resolve().parent / "lvm_loop"
+LVM_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, (str(LVM_LOOP), os.environ.get("PYTHONPATH")))),
+           "LVM_SUPPRESS_FD_WARNINGS": "1"}
 NO_DM = ["--config", "global { activation = 0 }"]
 
 

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from v2p import cli, plan, rules
+from v2p import cli, cli_args, rules
 from v2p.option_table import MAX_SECONDS, OPTION, OPTIONS, PLAN_WORDS, Option
 from v2p.options import MigrationOptions, OptionError, check_option
 from v2p.plan import KEYS, Plan, PlanError
+from v2p.plan_schema import plan_words
 
 # The Python type each kind of option has on MigrationOptions (optional: "| None" too).
 ANNOTATIONS = {"choice": "str", "text": "str", "device": "str", "vm-name": "str", "bridge": "str",
@@ -96,7 +97,7 @@ def command_line(option: Option, value: Any) -> MigrationOptions | str | None:
     except SystemExit:  # argparse's refusal (a choice that is not one), said on stderr
         return "refused by argparse"
     try:
-        options = MigrationOptions.of(cli._given(args))
+        options = MigrationOptions.of(cli_args.given(args))
         rules.check_ignore(options.ignore_rules)
         return options
     except OptionError as exc:
@@ -210,9 +211,9 @@ def test_the_dance_and_inspect_share_the_declarations() -> None:
 
 def test_flags_in_deeper_messages_are_said_in_plan_words() -> None:
     assert PLAN_WORDS == {option.flag: option.plan_key for option in OPTIONS if option.flag and option.plan_key}
-    assert plan._plan_words("--ignore-rule 'x': no such rule") == "ignore_rules 'x': no such rule"
-    assert plan._plan_words("--bwlimit does not apply to --copy-with dd") == "bwlimit does not apply to copy_with dd"
-    assert plan._plan_words("pass --force to overwrite it") == "pass --force to overwrite it"  # not in plans
+    assert plan_words("--ignore-rule 'x': no such rule") == "ignore_rules 'x': no such rule"
+    assert plan_words("--bwlimit does not apply to --copy-with dd") == "bwlimit does not apply to copy_with dd"
+    assert plan_words("pass --force to overwrite it") == "pass --force to overwrite it"  # not in plans
 
 
 def test_every_option_says_what_it_is() -> None:

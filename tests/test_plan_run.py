@@ -481,7 +481,7 @@ def test_dry_run_shows_each_vms_stages_and_touches_nothing(tmp_path, manifest, s
 
 
 def child(job: dict[str, Any]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "v2p.planrun"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "v2p.planchild"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(job) + "\n")
@@ -619,8 +619,7 @@ def test_a_child_that_ignores_sigint_is_killed_after_the_grace(monkeypatch) -> N
     import signal as sig
     import time as clock
 
-    from v2p import planrun
-    from v2p.planschedule import Need
+    from v2p import planchild, planrun
 
     monkeypatch.setattr(planrun, "STOP_GRACE", 0.5)
     runner = planrun._Runner([], parallel=1, per_storage=1, per_node=1, on_event=lambda vm, event: None,
@@ -628,7 +627,7 @@ def test_a_child_that_ignores_sigint_is_killed_after_the_grace(monkeypatch) -> N
     stuck = subprocess.Popen(["sh", "-c", "trap '' INT; sleep 60"])
     try:
         clock.sleep(0.2)  # the trap is set
-        child = planrun._Child(0, stuck, Need("local", 0, None), clock.monotonic(), open_fds={-1})
+        child = planchild.Child(0, stuck, clock.monotonic(), open_fds={-1})
         runner.running[0] = child
         runner._interrupt(sig.SIGINT)
         runner._tick()
@@ -638,4 +637,4 @@ def test_a_child_that_ignores_sigint_is_killed_after_the_grace(monkeypatch) -> N
         assert stuck.wait(timeout=5) == -sig.SIGKILL
     finally:
         stuck.kill()
-        runner.selector.close()
+        runner.children.close()

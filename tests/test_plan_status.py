@@ -18,6 +18,7 @@ from pve_sim.fixture import pve_fixture  # noqa: F401
 from conftest import V2P, snapshot
 from test_resume import wait_for
 from v2p import Plan, api
+from v2p.errors import V2PError
 
 PLAN = """\
 defaults:
@@ -100,7 +101,7 @@ def test_status_before_and_after_migrations(plan, v2p: V2P):
     assert found["db"]["state"] == "finished"
 
     # A failure that keeps its record (the boot check) shows its stage and error.
-    with pytest.raises(api.V2PError):
+    with pytest.raises(V2PError):
         migrate(v2p, plan, "blank")
     found = rows(v2p, plan)
     # The failed boot check is recorded (what it saw), so it is the last stage; the record says how it ended.

@@ -314,3 +314,16 @@ def test_lvm_config_reaches_every_lvm_command(vg, source_of, v2p):
     line = one_line_error(v2p("migrate", str(src.descriptor), "--vmid", "183", "--storage", "vmdata",
                               **LVM_ENV))
     assert f"volume group '{name}' not found" in line
+
+
+def test_no_setting_changes_how_lvm_is_activated(monkeypatch):
+    """Production LVM has one activation, device-mapper: the suite's loop devices are plugged in from
+    tests/lvm_loop, and no V2P_TEST_* switch outside the one hook module reaches v2p's code."""
+    from v2p.storage.lvm import Activation, LvmStorage, LvmThinStorage
+
+    monkeypatch.setenv("V2P_TEST_LVM_LOOP_ACTIVATION", "1")  # the retired switch: read by nothing
+    assert type(LvmStorage.activation) is Activation and LvmThinStorage.activation is LvmStorage.activation
+    package = Path(__file__).resolve().parents[1] / "v2p"
+    switches = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
+                      if "V2P_TEST_" in path.read_text())
+    assert switches == ["testhooks.py"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lvm_loop.loop_activation import LoopActivation
 
 from blockdev import LVM_ENV, loop_device, volume_group
 from fakes import FakeGuest, FakeTarget
@@ -26,6 +27,7 @@ from targetwatch import observe
 from v2p.errors import NoSuchVMError, TargetError, ToolError, VerifyError, VMIDExistsError
 from v2p.inspect.qemu_input import QemuInput
 from v2p.options import OptionError
+from v2p.storage.lvm import LvmStorage
 from v2p.targets.base import DiskSink, Target, VMConfig
 from v2p.targets.local import LocalTarget
 from v2p.targets.proxmox import ProxmoxTarget, target_from_url
@@ -41,8 +43,9 @@ def _local_place(target: Target, place: str, tmp: Path, stack: contextlib.ExitSt
     if place == "dir":
         return {"storage": "local"}
     if place == "lvm":
-        for key, value in LVM_ENV.items():
+        for key, value in LVM_ENV.items():  # for any `python -m v2p` it starts
             monkeypatch.setenv(key, value)
+        monkeypatch.setattr(LvmStorage, "activation", LoopActivation())
         vg, _pv = stack.enter_context(volume_group(tmp))
         target.add_storage("vmdata", "lvm", {"vgname": vg})
         return {"storage": "vmdata"}

@@ -67,3 +67,11 @@ def test_stop_powers_off_through_acpi_when_guest_obeys(tmp_path, source_of, v2p)
 def test_unknown_vm(v2p):
     line = one_line_error(v2p("vm", "show", "999"))
     assert "VMID 999 does not exist" in line
+
+
+def test_stopping_an_unknown_vm_is_an_error(inproc):
+    """As `vm show` and `vm rm` say: no VM 998 on the local target, not "VM 998 stopped"."""
+    show, stop = inproc("vm", "show", "998"), inproc("vm", "stop", "998")
+    assert one_line_error(stop) == one_line_error(show)
+    assert "VMID 998 does not exist on the local target" in one_line_error(stop) and stop.stdout == ""
+    assert stop.returncode == show.returncode

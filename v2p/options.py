@@ -14,7 +14,6 @@ import numbers
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from .errors import V2PError, shown
@@ -276,11 +275,6 @@ class MigrationOptions:
         return self.is_windows and self.bus in ("virtio", "scsi")
 
     @property
-    def attach_bus(self) -> str:
-        """The bus the converted disk is attached to first (IDE when a dance follows)."""
-        return "ide" if self.needs_dance else self.disk_bus
-
-    @property
     def nic_model(self) -> str:
         return "e1000" if self.is_windows else "virtio"
 
@@ -325,8 +319,3 @@ def mac_for_nic(vmid: int, index: int) -> str:
     digest = hashlib.sha256(f"{vmid}:net{index}".encode()).digest()
     return "BC:24:11:" + ":".join(f"{b:02X}" for b in digest[:3])
 
-
-def mac_for(vmid: int, source: Path) -> str:
-    """A stable MAC in Proxmox's range (BC:24:11) for a VM without one of its own."""
-    digest = hashlib.sha256(f"{vmid}:{os.path.abspath(source)}".encode()).digest()
-    return "BC:24:11:" + ":".join(f"{b:02X}" for b in digest[:3])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import interrupts, pveconfig
+from .boot_outcomes import BootFailed
 from .convert import same_files
 from .errors import (
     VMID_TAKEN_HINT,
@@ -41,7 +42,7 @@ from .fsutil import remove_tree
 from .options import MigrationOptions, check_vmid
 from .sources import Source, open_source
 from .spec import VMSpec
-from .stages import STAGES, BootFailed, Context, Stage, disk_stage, stage_kind, stages_for
+from .stages import STAGES, Context, Stage, disk_stage, stage_kind, stages_for
 from .state import MigrationState, VmidLock, check_fields, now
 from .targets.base import Target
 from .testhooks import hold_point

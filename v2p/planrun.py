@@ -2,10 +2,9 @@
 
 ``run_plan`` starts one child (``python -m v2p.planrun``) per VM, at most ``parallel`` at once and at most
 ``per_storage`` / ``per_node`` on one target storage / PVE node, and a VM only when its storage's free space,
-less what the running children have reserved, holds its disks. A child reads its one job as JSON on stdin
-(never argv: ``ps`` shows argv to every user, and a target URL or an option may carry what must not show
-there) and writes each ``Event`` as one JSON line on stdout with the VMID added, then a last ``result``,
-``error`` or ``interrupted`` line; its exit code is the CLI's.
+less what the running children have reserved, holds its disks. The children and the lines they write are
+``planchild``'s (the job on stdin, each ``Event`` a JSON line); which VM starts when is ``planschedule``'s;
+this module keeps the books: each VM's ``VMRun``, its measure, its outcome, the ``PlanReport``.
 
 A child stops the way ``v2p migrate`` does on Ctrl-C (resumable, nothing half-written counted as done) on
 SIGINT from the parent, and on its stdin closing: the parent never closes it while the child runs, so the
@@ -16,28 +15,26 @@ events and the report); reading plan files is ``plan``'s job, spreading VMs over
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
-import selectors
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from . import api, interrupts
-from .errors import EXIT_BOOT_UNCONFIRMED, BootCheckError, LockedError, NoSpaceError, V2PError
+from .boot_outcomes import BOOT_SKIPPED, boot_words
+from .errors import EXIT_BOOT_UNCONFIRMED, LockedError, NoSpaceError, V2PError
 from .events import Event
 from .fsutil import private_dir, remove_tree
 from .options import OptionError
+from .planchild import Child, Children, event_of
 from .planschedule import Need, Scheduler, gib
 from .sizing import SpaceNeed
-from .stages import BOOT_SKIPPED, BootFailed, boot_exit_code, boot_words, disk_stage
+from .stages import disk_stage
 from .state import MigrationState, VmidLock
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 
@@ -58,7 +55,6 @@ PER_NODE = 4
 LOCK_WAIT = 120.0
 LOCK_RETRY = 1.0
 MEASURE_DIR = "plan-measure"  # in <vmid>.work: the disks staged to measure what a VM needs
-STDERR_TAIL = 20  # lines of a child's stderr kept for the report when it dies without an error line
 TICK = 0.2  # seconds between looks at the stop flag and at VMs waiting for a retry
 # How long children get to stop on SIGINT before SIGKILL: v2p stops within a second or two (a PVE task in
 # flight is waited for), so a child still there after this is stuck, and a stuck child must not hold the run.
@@ -80,7 +76,6 @@ class PlanVM(Protocol):
 DONE = ("migrated", "nothing to do")  # the results that count as made it
 QUEUED = "queued"  # the first vm-wait event of every VM
 DRY_RUN = "dry run"  # the result of every VM a dry run would migrate
-EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
 
 
 @dataclass
@@ -198,21 +193,9 @@ def _ignore(_vm: VMRun, _event: Event) -> None:
     """The default handler: events go nowhere."""
 
 
-@dataclass
-class _Child:
-    index: int
-    proc: subprocess.Popen[bytes]
-    need: Need
-    started: float
-    buffers: dict[int, bytes] = field(default_factory=dict)
-    open_fds: set[int] = field(default_factory=set)
-    last: dict[str, Any] | None = None  # the result/error/interrupted line
-    stderr: list[str] = field(default_factory=list)
-
-
 class _Runner:
-    """The parent's loop: one thread, one selector over every child's stdout and stderr; which VM starts
-    when is its ``Scheduler``'s to say."""
+    """The parent's loop, in one thread: which VM starts when is its ``Scheduler``'s to say, the children
+    and their lines its ``Children``'s; here each VM's measure, events and outcome are booked."""
 
     def __init__(self, vms: Sequence[PlanVM], *, parallel: int, per_storage: int, per_node: int,
                  on_event: PlanEventHandler, stop: threading.Event | None, accel: str, lock_wait: float,
@@ -224,8 +207,8 @@ class _Runner:
         self.runs = [VMRun(vm.name, vm.vmid if isinstance(vm.vmid, int) else None, vm.node or "",
                            str(vm.options.get("device") or vm.options.get("storage") or "")) for vm in vms]
         self.first_try: dict[int, float] = {}
-        self.running: dict[int, _Child] = {}
-        self.selector = selectors.DefaultSelector()
+        self.running: dict[int, Child] = {}
+        self.children = Children(self._message)
         self.interrupted: int | None = None
         self.stopping_since: float | None = None  # when the children got SIGINT
 
@@ -246,7 +229,7 @@ class _Runner:
             for child in list(self.running.values()):  # only if the loop itself failed: never leave them
                 with contextlib.suppress(OSError):
                     child.proc.send_signal(signal.SIGINT)
-            self.selector.close()
+            self.children.close()
         return PlanReport(self.runs, self.interrupted)
 
     def _tick(self) -> None:
@@ -256,8 +239,7 @@ class _Runner:
             self._start_what_fits()
         elif self.stopping_since is not None and time.monotonic() - self.stopping_since > STOP_GRACE:
             self._interrupt(self.interrupted)  # they ignored SIGINT: SIGKILL, as a second Ctrl-C does
-        for key, _mask in self.selector.select(timeout=TICK):
-            self._read(key.data, key.fd)
+        self.children.wait(TICK)
         for child in [c for c in self.running.values() if not c.open_fds]:
             self._finish(child)
 
@@ -285,7 +267,7 @@ class _Runner:
             waiting = self.schedule.waits_for(index, need)
             if waiting is None:
                 self.schedule.start(index, need)
-                self._spawn(index, need)
+                self._spawn(index)
             elif waiting != run.waiting_for:
                 run.waiting_for = waiting
                 self.emit(run, Event("vm-wait", "plan", f"waiting for {waiting}"))
@@ -371,77 +353,25 @@ class _Runner:
         self.schedule.drop(index)
         self.emit(run, Event("vm-done", "plan", f"failed: {message}"))
 
-    def _spawn(self, index: int, need: Need) -> None:
+    def _spawn(self, index: int) -> None:
         vm, run = self.vms[index], self.runs[index]
         job = {"name": vm.name, "source": str(vm.source), "vmid": vm.vmid, "target": vm.target,
                "accel": self.accel, "options": vm.options}
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
-        # A session of its own: a Ctrl-C on the terminal reaches the parent only, which passes it on, so
-        # every child is stopped in one way whether the parent got SIGINT, SIGTERM or its stop flag.
-        proc = subprocess.Popen([sys.executable, "-m", "v2p.planrun"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        child = _Child(index, proc, need, time.monotonic())
-        try:
-            proc.stdin.write(json.dumps(job).encode() + b"\n")
-            proc.stdin.flush()  # kept open: its end of file tells the child that the parent is gone
-        except BrokenPipeError:
-            pass  # it died at once: its stderr says why
-        for stream in (proc.stdout, proc.stderr):
-            os.set_blocking(stream.fileno(), False)
-            self.selector.register(stream, selectors.EVENT_READ, child)
-            child.open_fds.add(stream.fileno())
+        child = self.children.spawn(index, job)
         self.running[index] = child
         self.first_try.setdefault(index, child.started)
         if run.started is None:
             run.started = child.started
         run.result, run.waiting_for, run.error = "running", "", None
-        self.emit(run, Event("vm-start", "plan", f"started (process {proc.pid})"))
+        self.emit(run, Event("vm-start", "plan", f"started (process {child.proc.pid})"))
 
-    # -- reading -------------------------------------------------------------------------------------
-    def _read(self, child: _Child, fd: int) -> None:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.selector.unregister(fd)
-            child.open_fds.discard(fd)
-            rest = child.buffers.pop(fd, b"")
-            if rest:
-                self._line(child, fd, rest)
-            return
-        lines = (child.buffers.get(fd, b"") + data).split(b"\n")
-        child.buffers[fd] = lines.pop()
-        for line in lines:
-            self._line(child, fd, line)
-
-    def _line(self, child: _Child, fd: int, raw: bytes) -> None:
-        text = raw.decode(errors="replace").rstrip("\r")
-        assert child.proc.stdout is not None
-        if fd != child.proc.stdout.fileno():
-            if text.strip():
-                child.stderr = [*child.stderr[-(STDERR_TAIL - 1):], text]
-            return
-        try:
-            message = json.loads(text)
-        except ValueError:
-            message = None
-        if not isinstance(message, dict):
-            child.stderr = [*child.stderr[-(STDERR_TAIL - 1):], text]
-            return
+    # -- what the children say ------------------------------------------------------------------------
+    def _message(self, child: Child, message: dict[str, Any]) -> None:
         run = self.runs[child.index]
         if isinstance(message.get("vmid"), int):
             run.vmid = message["vmid"]
         if "kind" in message:
-            # Every field of Event the child sent (it sends them all: ``asdict``), whatever this Event has.
-            given = {name: message[name] for name in EVENT_FIELDS if name in message}
-            event = Event(**{**given, "kind": str(message["kind"]), "stage": str(message.get("stage", "")),
-                             "message": str(message.get("message", "")), "data": dict(message.get("data") or {})})
+            event = event_of(message)
             if event.kind == "progress":
                 run._progress(event.data, counted=event.step is None)  # an upload's bytes are not the disk's
             elif event.kind == "stage-start":
@@ -452,17 +382,12 @@ class _Runner:
         else:
             child.last = message
 
-    def _finish(self, child: _Child) -> None:
-        code = child.proc.wait()
-        assert child.proc.stdin is not None
-        with contextlib.suppress(OSError):
-            child.proc.stdin.close()
+    def _finish(self, child: Child) -> None:
+        code = self.children.reap(child)
         del self.running[child.index]
         self.schedule.end(child.index)
         run, last = self.runs[child.index], child.last or {}
         run.seconds += time.monotonic() - child.started
-        if code < 0:  # killed by a signal, not stopped by one
-            code = 128 - code
         run.exit_code = code
         if code in (0, EXIT_BOOT_UNCONFIRMED) and isinstance(last.get("result"), dict):
             result = last["result"]
@@ -586,84 +511,3 @@ def _dry_run(vms: Sequence[PlanVM], accel: str, emit: PlanEventHandler, refused:
             run.result, run.error, run.exit_code = "failed", str(exc), exc.exit_code
         emit(run, Event("vm-done", "plan", run.result if run.error is None else f"failed: {run.error}"))
     return PlanReport(runs, dry_run=True)
-
-
-# -- the child ---------------------------------------------------------------------------------------------
-
-
-class _Lines:
-    """The child's stdout: one JSON object a line; once the parent is gone, nothing (not an error)."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.gone = False
-        self.lock = threading.Lock()
-
-    def send(self, message: dict[str, Any]) -> None:
-        with self.lock:
-            if self.gone:
-                return
-            try:
-                self.stream.write(json.dumps(message, default=str) + "\n")
-                self.stream.flush()
-            except (OSError, ValueError):
-                self.gone = True
-
-
-def _watch_parent() -> None:
-    """Stop the migration as Ctrl-C does once stdin ends: the parent is gone (however it died)."""
-    try:
-        while os.read(0, 4096):
-            pass
-    except OSError:
-        pass
-    os.kill(os.getpid(), signal.SIGINT)
-
-
-def child_main() -> int:
-    """``python -m v2p.planrun``: run one job read from stdin; events and the outcome as JSON lines."""
-    interrupts.install()
-    out = _Lines(sys.stdout)
-    line = sys.stdin.readline()
-    if not line:
-        return 1  # the parent went before it could say what to do
-    migration: api.Migration | None = None
-
-    def emit(event: Event) -> None:
-        sent = dataclasses.asdict(event)
-        sent["vmid"] = migration.vmid if migration is not None else sent.get("vmid")
-        out.send(sent)
-
-    try:
-        job = json.loads(line)
-        threading.Thread(target=_watch_parent, name="v2p-parent-watch", daemon=True).start()
-        target = api.make_target(job["target"], accel=job.get("accel", "auto"), env=os.environ)
-        migration = api.Migration(job["source"], job["vmid"], target=target, on_event=emit, **job["options"])
-        result = migration.run()
-        out.send({"vmid": migration.vmid, "result": {"nothing_to_do": bool(result.get("nothing_to_do")),
-                                                     "finished_at": result.get("finished_at"),
-                                                     "boot": result["boot"], "boot_signal": result["boot_signal"]}})
-        return boot_exit_code(result["boot"])
-    except V2PError as exc:
-        failed: dict[str, Any] = {}
-        if isinstance(exc, BootCheckError):
-            seen = exc.record.get("signal") if isinstance(exc, BootFailed) else None
-            failed = {"boot": BOOT_FAILED, "boot_signal": str(seen or exc.message)}
-        out.send({"vmid": migration.vmid if migration is not None else None, "error": exc.message,
-                  "hint": exc.hint, "text": str(exc), "type": type(exc).__name__, "exit_code": exc.exit_code,
-                  "notes": list(getattr(exc, "__notes__", ())), **failed})
-        return exc.exit_code
-    except KeyboardInterrupt:
-        signum = interrupts.received() or signal.SIGINT
-        out.send({"vmid": migration.vmid if migration is not None else None, "interrupted": signum})
-        return 128 + signum
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # a path unusable, a job not as written above
-        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
-        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-        out.send({"vmid": migration.vmid if migration is not None else None, "error": f"{where}{text}",
-                  "text": f"{where}{text}", "type": type(exc).__name__, "exit_code": 1})
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(child_main())

@@ -12,9 +12,9 @@ import sys
 import time
 from typing import TextIO
 
+from .boot_outcomes import BOOT_SKIPPED, boot_words
 from .events import PLAN_KINDS, Event
 from .planrun import DRY_RUN, QUEUED, PlanReport, VMRun
-from .stages import BOOT_SKIPPED, boot_words
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 
 MiB = 1 << 20

@@ -18,7 +18,6 @@ from .errors import RuleError
 from .options import MigrationOptions, OptionError
 from .spec import VMSpec, dns_name, pve_ostype
 
-SEVERITIES = ("error", "warning", "info")
 # PVE's own limit, qemu-server's PVE/QemuServer.pm: `my $MAX_NETS = 32;` then
 # `for (my $i = 0; $i < $MAX_NETS; $i++) { $confdesc->{"net$i"} = $netdesc; }`, so net0..net31
 # and a net32 key is refused by the API (the local target would boot it and fail the check).

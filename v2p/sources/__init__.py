@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SourceError
+from ..kindtable import KindTable
 from .base import DiskInput, Source
 from .disk import DiskSource
 
@@ -32,28 +33,13 @@ class SourceKind:
     sniff: Callable[[bytes], bool] | None = None  # whether a local file's first 8 KiB are of this kind
 
 
-KINDS: dict[str, SourceKind] = {}  # by name; local files are sniffed in this order
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def register(kind: SourceKind) -> SourceKind:
-    """Add ``kind`` to the table (a name already taken is a programming error)."""
-    if kind.name in KINDS:
-        raise ValueError(f"source kind {kind.name!r} is registered twice")
-    KINDS[kind.name] = kind
-    return kind
-
-
-def _uri_kind(text: str) -> SourceKind | None:
-    scheme = _SCHEME.match(text)
-    if scheme is None:
-        return None
-    return next((kind for kind in KINDS.values() if scheme.group(1) in kind.schemes), None)
+KINDS: KindTable[SourceKind] = KindTable("source")  # by name; local files are sniffed in this order
+register = KINDS.register
 
 
 def is_uri(source: str | os.PathLike[str]) -> bool:
     """Whether ``source`` is a URI a registered kind reads (else it is a local path)."""
-    return isinstance(source, str) and _uri_kind(source) is not None
+    return isinstance(source, str) and KINDS.by_scheme(source) is not None
 
 
 def sniff(path: Path) -> str:
@@ -70,7 +56,7 @@ def open_source(source: str | os.PathLike[str]) -> Source:
     """The source ``source`` names: a URI a kind registered, a disk, a ``.vmx`` (or a VM folder holding
     one), an ``.ovf`` or ``.ova``."""
     if isinstance(source, str):
-        kind = _uri_kind(source)
+        kind = KINDS.by_scheme(source)
         if kind is not None:
             return kind.open(source)
     where = Path(os.path.abspath(source))

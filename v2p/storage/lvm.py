@@ -1,34 +1,59 @@
 """LVM storages: raw logical volumes on a volume group (``lvm``) or thin
 volumes in a thin pool (``lvmthin``), named ``vm-<vmid>-disk-<n>`` like PVE.
 
-Every LVM command goes through ``_lvm()`` so a storage's ``lvm-config``
+Every LVM command goes through ``lvm()`` so a storage's ``lvm-config``
 option (for example a device filter that keeps LVM off the raw ``sd*`` paths
 of a multipathed shared VG) reaches all of them.
 
-Activation is a plug: normally device-mapper (``/dev/<vg>/<lv>``). The test
-suite, on machines without device-mapper, sets ``V2P_TEST_LVM_LOOP_ACTIVATION``
-and gets a loop device over the LV's extents on its PV instead: the same
-bytes, in the same place on the PV, through a different kernel driver.
+How an LV becomes a block device is one plug, ``LvmStorage.activation``; v2p
+itself has one kind, ``Activation`` (device-mapper: ``/dev/<vg>/<lv>``). The
+test suite, on machines without device-mapper, plugs in its own from test code
+(``tests/lvm_loop``): no setting of v2p's changes how LVM is activated.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import TargetError
 from ..runner import run
 from ..volumes import VolumeRef, disk_name
 from .base import Storage, Volume
 
-TEST_LOOP_ENV = "V2P_TEST_LVM_LOOP_ACTIVATION"
 PARTIAL_SUFFIX = "-v2p-partial"
+
+
+class Activation:
+    """How a new LV becomes the block device v2p writes: device-mapper, as LVM does by itself (``lvcreate
+    --activate ly``, udev makes ``/dev/<vg>/<lv>``); ``lvremove`` deactivates it."""
+
+    lvm_config = ""  # added to every LVM command's --config
+    create_args: tuple[str, ...] = ("--activate", "ly", "--wipesignatures", "y")  # for lvcreate of a raw LV
+
+    def device(self, storage: LvmStorage, name: str) -> Path:
+        """The block device of LV ``name``, active or not."""
+        return Path(f"/dev/{storage.vg}/{name}")
+
+    def activate(self, storage: LvmStorage, name: str) -> Path:
+        """The block device of LV ``name`` just created, once it is there."""
+        path = self.device(storage, name)
+        deadline = time.monotonic() + 10
+        while not path.exists():  # udev creates the node
+            if time.monotonic() > deadline:
+                raise TargetError(f"{path} did not appear after lvcreate",
+                                  hint="is device-mapper available (dm_mod loaded)?")
+            time.sleep(0.05)
+        return path
+
+    def deactivate(self, storage: LvmStorage, name: str) -> None:
+        """Before ``lvremove``: nothing to do, it deactivates the LV itself."""
 
 
 class LvmStorage(Storage):
     kind = "lvm"
+    activation: ClassVar[Activation] = Activation()
 
     @property
     def vg(self) -> str:
@@ -37,14 +62,10 @@ class LvmStorage(Storage):
     def formats(self) -> tuple[str, ...]:
         return ("raw",)
 
-    @property
-    def loop_activation(self) -> bool:
-        return bool(os.environ.get(TEST_LOOP_ENV))
-
-    def _lvm(self, command: str, *args: str, check: bool = True) -> str:
-        config = self.options.get("lvm-config", "")
-        if self.loop_activation:
-            config += " global { activation = 0 }"
+    def lvm(self, command: str, *args: str, check: bool = True) -> str:
+        """An LVM command's stdout ("" when it failed and ``check`` is false), with the storage's
+        ``lvm-config`` and the activation's."""
+        config = self.options.get("lvm-config", "") + self.activation.lvm_config
         argv = [command]
         if config.strip():
             argv += ["--config", config.strip()]
@@ -52,7 +73,7 @@ class LvmStorage(Storage):
         return proc.stdout if proc.returncode == 0 else ""
 
     def vg_info(self) -> dict[str, int]:
-        out = self._lvm("vgs", "--noheadings", "--units", "b", "--nosuffix", "--separator", ":",
+        out = self.lvm("vgs", "--noheadings", "--units", "b", "--nosuffix", "--separator", ":",
                         "-o", "vg_size,vg_free,vg_extent_size", self.vg, check=False)
         if not out.strip():
             raise TargetError(f"storage {self.name}: volume group {self.vg!r} not found",
@@ -72,9 +93,7 @@ class LvmStorage(Storage):
         name = ref.volname if ref else ""
         if ref is None or ref.storage != self.name or not name.startswith("vm-"):
             raise TargetError(f"volume {volid!r} is not a volume of storage {self.name}")
-        if self.loop_activation:
-            return self._loop_of(name) or Path(f"/dev/{self.vg}/{name}")
-        return Path(f"/dev/{self.vg}/{name}")
+        return self.activation.device(self, name)
 
     def free_bytes(self) -> int:
         return self.vg_info()["free"]
@@ -89,11 +108,7 @@ class LvmStorage(Storage):
     def create_argv(self, name: str, capacity: int) -> list[str]:
         """The lvcreate arguments for a raw LV of at least ``capacity`` bytes (whole extents)."""
         extents = -(-capacity // self.vg_info()["extent"])
-        if self.loop_activation:
-            activation = ["--activate", "n", "--zero", "n", "--wipesignatures", "n"]
-        else:
-            activation = ["--activate", "ly", "--wipesignatures", "y"]
-        return [*activation, "--yes", "--name", name, "--extents", str(extents), self.vg]
+        return [*self.activation.create_args, "--yes", "--name", name, "--extents", str(extents), self.vg]
 
     def allocate(self, vmid: int, index: int, fmt: str, capacity: int, *, force: bool = False) -> Volume:
         partial = self.volume(vmid, index, fmt, partial=True)
@@ -101,81 +116,33 @@ class LvmStorage(Storage):
             if self.exists(stale):
                 self.remove(stale)
         name = VolumeRef.parse(partial.volid).volname
-        self._lvm("lvcreate", *self.create_argv(name, capacity))
-        return Volume(partial.volid, self._activate(name), "raw", is_block=True)
-
-    def _activate(self, name: str) -> Path:
-        if self.loop_activation:
-            return self._loop_map(name)
-        path = Path(f"/dev/{self.vg}/{name}")
-        deadline = time.monotonic() + 10
-        while not path.exists():  # udev creates the node
-            if time.monotonic() > deadline:
-                raise TargetError(f"{path} did not appear after lvcreate",
-                                  hint="is device-mapper available (dm_mod loaded)?")
-            time.sleep(0.05)
-        return path
+        self.lvm("lvcreate", *self.create_argv(name, capacity))
+        return Volume(partial.volid, self.activation.activate(self, name), "raw", is_block=True)
 
     def reads_as_zero(self, volume: Volume) -> bool:
         return False  # a thick LV holds whatever the PV held before
 
     def commit(self, partial: Volume, final: Volume) -> None:
-        self._lvm("lvrename", self.vg, VolumeRef.parse(partial.volid).volname, VolumeRef.parse(final.volid).volname)
+        self.lvm("lvrename", self.vg, VolumeRef.parse(partial.volid).volname, VolumeRef.parse(final.volid).volname)
 
     def exists(self, volume: Volume) -> bool:
         name = VolumeRef.parse(volume.volid).volname
-        out = self._lvm("lvs", "--noheadings", "-o", "lv_name", f"{self.vg}/{name}", check=False)
+        out = self.lvm("lvs", "--noheadings", "-o", "lv_name", f"{self.vg}/{name}", check=False)
         return bool(out.strip())
 
     def remove(self, volume: Volume) -> None:
         name = VolumeRef.parse(volume.volid).volname
-        if self.loop_activation:
-            loop = self._loop_of(name)
-            if loop:
-                run(["losetup", "-d", str(loop)], timeout=30)
-        self._lvm("lvremove", "--yes", f"{self.vg}/{name}", check=False)
+        self.activation.deactivate(self, name)
+        self.lvm("lvremove", "--yes", f"{self.vg}/{name}", check=False)
 
     def remove_vm(self, vmid: int) -> None:
-        out = self._lvm("lvs", "--noheadings", "-o", "lv_name", self.vg, check=False)
+        out = self.lvm("lvs", "--noheadings", "-o", "lv_name", self.vg, check=False)
         for name in out.split():
             if name.startswith(f"vm-{vmid}-disk-"):
                 self.remove(Volume(f"{self.name}:{name}", Path("/dev") / self.vg / name, "raw", True))
 
     def describe(self) -> str:
         return f"{self.kind}: {self.name} (vg {self.vg})"
-
-    # -- loop "activation" for machines without device-mapper (tests) ---------
-    def _extent_map(self, name: str) -> tuple[str, int, int]:
-        """(PV, byte offset, byte length) of a single-segment LV."""
-        out = self._lvm("lvs", "--noheadings", "--units", "b", "--nosuffix", "--separator", "|",
-                        "-o", "lv_size,seg_pe_ranges", f"{self.vg}/{name}")
-        rows = [row.strip() for row in out.splitlines() if row.strip()]
-        if len(rows) != 1:
-            raise TargetError(f"{self.vg}/{name} has {len(rows)} segments; loop activation maps one")
-        size, ranges = rows[0].split("|")
-        pv, _, span = ranges.strip().rpartition(":")
-        first = int(span.split("-")[0])
-        pe_start = int(self._lvm("pvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start",
-                                 pv).strip())
-        return pv, pe_start + first * self.vg_info()["extent"], int(size)
-
-    def _loop_map(self, name: str) -> Path:
-        pv, offset, size = self._extent_map(name)
-        out = run(["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size), pv],
-                  timeout=30).stdout
-        return Path(out.strip())
-
-    def _loop_of(self, name: str) -> Path | None:
-        try:
-            pv, offset, _size = self._extent_map(name)
-        except TargetError:
-            return None
-        listing = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,OFFSET"],
-                      timeout=30, check=False).stdout
-        for loop in json.loads(listing or '{"loopdevices": []}').get("loopdevices", []):
-            if loop.get("back-file") == pv and int(loop.get("offset") or 0) == offset:
-                return Path(loop["name"])
-        return None
 
 
 class LvmThinStorage(LvmStorage):
@@ -186,7 +153,7 @@ class LvmThinStorage(LvmStorage):
         return self.options["thinpool"]
 
     def pool_info(self) -> tuple[int, float]:
-        out = self._lvm("lvs", "--noheadings", "--units", "b", "--nosuffix", "--separator", ":",
+        out = self.lvm("lvs", "--noheadings", "--units", "b", "--nosuffix", "--separator", ":",
                         "-o", "lv_size,data_percent", f"{self.vg}/{self.pool}", check=False)
         if not out.strip():
             raise TargetError(f"storage {self.name}: thin pool {self.vg}/{self.pool} not found",

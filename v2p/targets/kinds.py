@@ -7,11 +7,11 @@ checks look kinds up here and nowhere else. Not here: any kind's own code.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..kindtable import KindTable, scheme_of
 from ..options import OptionError
 
 if TYPE_CHECKING:
@@ -61,20 +61,11 @@ class TargetKind:
 
     def names(self, url: str) -> bool:
         """Whether ``url`` is one of this kind's."""
-        scheme = _SCHEME.match(url)
-        return url in self.words or (scheme is not None and scheme.group(1) in self.schemes)
+        return url in self.words or scheme_of(url) in self.schemes
 
 
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-KINDS: dict[str, TargetKind] = {}  # by name, in the order registered (the first is the default)
-
-
-def register(kind: TargetKind) -> TargetKind:
-    """Add ``kind`` to the table (a name already taken is a programming error)."""
-    if kind.name in KINDS:
-        raise ValueError(f"target kind {kind.name!r} is registered twice")
-    KINDS[kind.name] = kind
-    return kind
+KINDS: KindTable[TargetKind] = KindTable("target")  # by name, in the order registered (the first is the default)
+register = KINDS.register
 
 
 def kind_of(url: str) -> TargetKind | None:

@@ -353,6 +353,7 @@ class LocalTarget(Target):
 
         Returns whether the guest shut down on the power button by itself.
         """
+        self.get_config(vmid)  # no such VM: NoSuchVMError, as status() and the PVE target's stop say
         return self._vm(vmid).stop(timeout)
 
     def guest_output(self, vmid: int) -> str:

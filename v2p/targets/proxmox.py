@@ -5,7 +5,8 @@ guest watched through its serial socket (on the node) or its guest agent.
 Around it, one job each: ``pve_settings`` (where the node is, who v2p is there, the secret),
 ``pve_transport`` (forms, TLS pinning, the ticket login, uploads, pvesh), ``pve_import`` (the remote
 path's disk sink: upload + ``import-from``), ``pve_node`` (the on-node disk sink: straight into the
-storage). PVE storages are not local ``Storage`` objects (it has no ``storage()``): ``disk_sink`` is the
+storage), ``pve_files`` (the drivers ISO, the storage that takes ISOs, content-type hints).
+PVE storages are not local ``Storage`` objects (it has no ``storage()``): ``disk_sink`` is the
 only way bytes reach the node.
 """
 
@@ -27,23 +28,24 @@ from proxmoxer.backends.command_base import JsonSimpleSerializer
 from proxmoxer.backends.https import JsonSerializer, ProxmoxHTTPApiTokenAuth, ProxmoxHttpSession
 from proxmoxer.core import ProxmoxResource
 
-from .. import credentials, drivers, pveconfig
+from .. import credentials, pveconfig
 from ..bootwatch import SETTLE, STOPPED, BootWatch, boot_devices
-from ..errors import VMID_TAKEN_HINT, DriversError, NoSuchVMError, TargetError, TaskStillRunning, VMIDExistsError
+from ..errors import VMID_TAKEN_HINT, NoSuchVMError, TargetError, TaskStillRunning, VMIDExistsError
 from ..fsutil import data_home, private_dir
 from ..interrupts import check as check_interrupts
 from ..options import OptionError
 from ..state import Leftovers
 from ..storage import Storage
 from ..volumes import VolumeRef, drive_volume, import_index, parse_drive
+from . import pve_files
 from . import pve_privileges as privileges
 from .base import BOOT_FAILED, BootReport, ByteProgress, Capabilities, DiskSink, GuestIO, Target, VMConfig
+from .pve_files import upload_name
 from .pve_import import RemoteImportSink
-from .pve_kinds import FILE_KINDS, disk_format
+from .pve_kinds import disk_format
 from .pve_node import OnNodeSink, remove_temporaries
 from .pve_releases import LIST_IMPORT, PveRelease
 from .pve_settings import PveSettings, target_from_url
-from .pve_space import ROOTFS, check_phases
 from .pve_transport import (
     UploadFile,
     _connection_error,
@@ -62,7 +64,6 @@ TASK_FIRST_POLL = 0.05
 TASK_TIMEOUT = 3600.0  # seconds a task is waited for, unless its work needs more (import_timeout)
 IMPORT_FLOOR = TASK_TIMEOUT  # a disk import's wait: this, plus its size at IMPORT_RATE bytes a second
 IMPORT_RATE = float(20 << 20)  # a slow storage's copy rate: 1 TiB is waited for about 16 hours
-_FILE_STORAGES = FILE_KINDS  # storage types with a path: PVE uploads into them (pve_kinds)
 
 
 class ProxmoxTarget(Target):
@@ -118,76 +119,15 @@ class ProxmoxTarget(Target):
 
     def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None) -> tuple[Path | None, str]:
         """A volid (``local:iso/virtio-win.iso``) must be on the node; a local file is checked here
-        and uploaded into a storage with ``iso`` content unless a file of its name and size is there
-        (its name as PVE stores it: ``upload_name``)."""
-        node = self.settings.node
-        ref = VolumeRef.maybe(given) if given and not given.startswith("/") else None
-        if given and ref:
-            storage = ref.storage
-            present = self.call("GET", f"nodes/{node}/storage/{storage}/content", content="iso") or []
-            if not any(entry.get("volid") == given for entry in present):
-                raise DriversError(f"drivers ISO {given}: no such ISO on PVE node {node}",
-                                   hint="upload virtio-win.iso there, or pass the local file: --drivers-iso PATH")
-            if self.settings.on_node:  # the ISO's file is on this machine: checked like a local one
-                info = self.call("GET", f"nodes/{node}/storage/{storage}/content/{quote(given, safe='')}") or {}
-                if info.get("path") and Path(info["path"]).is_file():
-                    return Path(info["path"]), given
-            return None, given
-        path = drivers.locate(given)
-        storage = self._iso_storage()
-        name = upload_name(path.name, "iso")
-        volid = f"{storage}:iso/{name}"
-        present = self.call("GET", f"nodes/{node}/storage/{storage}/content", content="iso") or []
-        same = [entry for entry in present if entry.get("volid") == volid]
-        if same and int(same[0].get("size", -1)) != path.stat().st_size:
-            raise DriversError(f"drivers ISO {path}: PVE node {node} has another {volid} (a different size)",
-                               hint=f"use that one (--drivers-iso {volid}) or rename your file")
-        if not same:
-            size = path.stat().st_size
-            check_phases(self, {f"the upload of {name} (pveproxy's spool, then its copy into {storage})":
-                                {ROOTFS: size, storage: size}})
-            self.upload(storage, "iso", path, name, progress=progress)
-        return path, volid
+        and uploaded (``pve_files.drivers_iso``)."""
+        return pve_files.drivers_iso(self, given, progress=progress)
 
     def _iso_storage(self) -> str:
-        """Where ISOs go: the import storage if it takes ISOs, else ``local``, else the first that does."""
-        found: list[dict[str, Any]] = self.call("GET", f"nodes/{self.settings.node}/storage") or []
-        takes = [str(entry["storage"]) for entry in found if "iso" in str(entry.get("content", "")).split(",")
-                 and _usable(entry)]
-        for name in (self.settings.import_storage, "local", *takes):
-            if name in takes:
-                return name
-        where = next((name for name in (self.settings.import_storage, "local") if any(
-            entry.get("storage") == name for entry in found)), self.settings.import_storage)
-        raise TargetError(f"no storage on PVE node {self.settings.node} takes ISO images",
-                          hint=self.content_hint(where, "iso", found))
+        return pve_files.iso_storage(self)
 
     def content_hint(self, storage: str, content: str, found: list[dict[str, Any]] | None = None) -> str:
-        """What to do about ``storage`` lacking the ``content`` type: the ``pvesm set`` line that adds it
-        and keeps every type the storage has (``--content`` replaces the list), or, for a storage PVE
-        cannot upload into, that it cannot; and which storages of the node already have it."""
-        node = self.settings.node
-        if found is None:
-            found = self.call("GET", f"nodes/{node}/storage") or []
-        entry = next((e for e in found if e.get("storage") == storage), None)
-        having = [str(e["storage"]) for e in found
-                  if content in str(e.get("content", "")).split(",") and _usable(e)]
-        if entry is None:
-            advice = f"there is no storage {storage} on node {node}"
-        elif entry.get("type") not in _FILE_STORAGES:
-            # pve-storage PVE/API2/Storage/Status.pm, upload: "can't upload to storage type ..." (no path)
-            advice = f"{storage} is of type {entry.get('type')}, which PVE cannot upload files into"
-        else:
-            current = [c for c in str(entry.get("content", "")).split(",") if c]
-            advice = f"add it: {pveconfig.content_added(storage, current, content)}"
-        if having:
-            others = ", ".join(having)
-            advice += f"; storages on node {node} with '{content}' content: {others}"
-            if content == "import":
-                advice += f" (choose one with import={having[0]} in the target URL)"
-        else:
-            advice += f"; no storage on node {node} has '{content}' content yet"
-        return advice
+        """What to do about ``storage`` lacking the ``content`` type (``pve_files.content_hint``)."""
+        return pve_files.content_hint(self, storage, content, found)
 
     def upload(self, storage: str, content: str, path: Path, filename: str, *,
                progress: ByteProgress | None = None) -> None:
@@ -774,21 +714,6 @@ def size_timeout(size: int) -> float:
     """How long a task that reads or writes ``size`` bytes once (an import, an upload's copy out of
     pveproxy's spool) is waited for: IMPORT_FLOOR plus ``size`` at IMPORT_RATE bytes a second."""
     return IMPORT_FLOOR + size / IMPORT_RATE
-
-
-def _usable(entry: dict[str, Any]) -> bool:
-    """A storage of ``GET /nodes/{node}/storage`` that is enabled and active there."""
-    return bool(int(entry.get("enabled", 1) or 0)) and bool(int(entry.get("active", 1) or 0))
-
-
-def upload_name(name: str, content: str) -> str:
-    """The name PVE stores an upload of ``name`` under: pve-storage ``PVE/Storage.pm``,
-    ``normalize_content_filename`` (each character but ``[a-zA-Z0-9_.-]`` becomes ``_``); an ISO
-    also needs its extension (``PVE/API2/Storage/Status.pm``, ``upload``: ``$ISO_EXT_RE_0``)."""
-    name = re.sub(r"[^a-zA-Z0-9_.-]", "_", name)
-    if content == "iso" and not re.search(r"\.(?:iso|img)$", name, re.I):
-        name += ".iso"
-    return name
 
 
 def _pve_efidisk(storage: str, secure: bool) -> str:
