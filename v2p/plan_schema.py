@@ -23,7 +23,6 @@ from .plan_model import PlanError, PlanVM, Problem
 from .plan_yaml import MAX_DEPTH, Node, PlanLoader, error_mark, from_yaml
 from .sources import is_uri
 from .targets.factory import KINDS, kind_of, target_keys
-from .targets.kind_local import ACCELS
 
 
 @dataclass(frozen=True)
@@ -291,9 +290,10 @@ class Reader:
                 self.problem(node, f"target: a {kind} target needs url: {KINDS[kind].example}")
                 return False
             return self.url_checked(entries["url"][1], entries["url"][1].value)
-        if "accel" in entries and entries["accel"][1].value not in ACCELS:
-            self.problem(entries["accel"][1], "target: accel is auto, kvm or tcg")
-            return False
+        for name, allowed in KINDS[kind].choices.items():
+            if name in entries and entries[name][1].value not in allowed:
+                self.problem(entries[name][1], f"target: {name} is {', '.join(allowed[:-1])} or {allowed[-1]}")
+                return False
         return True
 
     def url_checked(self, node: Node, url: str) -> bool:

@@ -55,4 +55,5 @@ def _from_dict(settings: dict[str, Any], options: TargetOptions) -> LocalTarget:
 
 
 KIND = register(TargetKind("local", "local", "local (default: the embedded QEMU target)", '{"kind": "local"}',
-                           _from_url, _from_dict, words=("local",), keys=("dir", "accel")))
+                           _from_url, _from_dict, words=("local",), keys=("dir", "accel"),
+                           choices={"accel": ACCELS}))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..kindtable import KindTable, scheme_of
@@ -51,6 +51,7 @@ class TargetKind:
     words: tuple[str, ...] = ()  # whole strings naming the kind ("local"; "pve": settings from elsewhere)
     schemes: tuple[str, ...] = ()  # URL schemes: ("pve",) for pve://...
     keys: tuple[str, ...] = ()  # a target dict's keys besides "kind"
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a key's allowed values, if few
     # What a plan may not write in one of its URLs (a secret): the refusal's message, else None.
     refusal: Callable[[str], str | None] = _no_refusal
     # The URL going to the plan's ``node:`` (None: the one it names) and that node (``OptionError``: not
