@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from blockdev import LVM_ENV, loop_device, volume_group
+from v2p.endpoint import DiskEndpoint
 from v2p.errors import NoSuchVMError, TargetError, ToolError, VerifyError, VMIDExistsError
-from v2p.inspect.qemu_input import QemuInput
 from v2p.options import OptionError
 from v2p.targets.base import DiskSink, Target, VMConfig
 from v2p.targets.local import LocalTarget
@@ -184,8 +184,8 @@ def placed(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
     kind.close(made)
 
 
-def raw_input(path: Path) -> QemuInput:
-    return QemuInput("raw", str(path))
+def raw_input(path: Path) -> DiskEndpoint:
+    return DiskEndpoint("raw", str(path))
 
 
 def guest_config(volid: str, size: str, **extra: str) -> VMConfig:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SourceError
-from .base import DiskInput, Source
+from .base import DiskFacts, DiskInput, LocalSource, Source
 from .disk import DiskSource
 
-__all__ = ["KINDS", "DiskInput", "DiskSource", "Source", "SourceKind", "is_uri", "open_source", "register", "sniff"]
+__all__ = ["KINDS", "DiskFacts", "DiskInput", "DiskSource", "LocalSource", "Source", "SourceKind", "is_uri",
+           "open_source", "register", "sniff"]
 
 
 @dataclass(frozen=True)
