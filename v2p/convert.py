@@ -60,6 +60,8 @@ def convert(
             argv.append("--target-is-zero")
     if bwlimit:
         argv += ["-r", str(bwlimit)]
+    if source.parallel:
+        argv += ["-m", str(source.parallel)]
     argv += [source.filename, str(dest.path)]
 
     def chunk(text: str) -> None:

@@ -41,6 +41,8 @@ class DiskEndpoint:
     for any other layout. ``rereadable`` is False when reading the disk again costs what the
     first read did (a download): the pipeline then reads it once into a local stage.
     ``capacity`` and ``flavor`` are the source's facts, when it gave them (a test's plain file need not).
+    ``parallel`` caps the requests qemu-img convert keeps in flight (``-m``); None leaves its default
+    (QEMU 7.2's curl driver can hang with more than one: an HTTP endpoint sets 1).
     """
 
     fmt: str
@@ -51,6 +53,7 @@ class DiskEndpoint:
     secrets: Mapping[str, bytes] = field(default_factory=dict, compare=False, repr=False)
     raw: tuple[RawExtent, ...] | None = None
     rereadable: bool = True
+    parallel: int | None = None
 
     @property
     def fds(self) -> tuple[int, ...]:
