@@ -6,7 +6,7 @@ each from the server, what it would do if the endpoint said it could be read aga
 The disk: ``--size-mib`` (1024) of raw, one MiB of random data every ``--every-mib`` (8), holes between.
 Writes only under ``--workdir``.
 
-    python3 bench/remote_source.py [--size-mib 1024] [--every-mib 8] [--workdir /var/tmp/v2p-remote-bench]
+    python3 bench/remote_source.py [--size-mib 1024] [--every-mib 8] [--workdir bench/out/remote]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--every-mib", type=int, default=8)
-    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/v2p-remote-bench"))
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "remote")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     disk = args.workdir / "disk.raw"

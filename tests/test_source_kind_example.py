@@ -88,3 +88,20 @@ def test_a_wrong_cookie_is_one_line_and_the_source_is_closed(served: DiskServer,
     assert "403" in line and "wrong" not in line
     assert served.refused and not served.ranges
     assert served.uri in CLOSED
+
+
+def test_secrets_reach_qemu_img_in_private_files_removed_after() -> None:
+    import stat
+
+    from v2p.endpoint import DiskEndpoint, qemu_args
+
+    with qemu_args(DiskEndpoint("raw", "x", secrets={"a": b"first-value", "b": b"second-value"})) as args:
+        files = [Path(arg.partition("file=")[2]) for arg in args if arg.startswith("secret,")]
+        assert args[0::2] == ["--object", "--object"] and len(files) == 2
+        assert [path.read_bytes() for path in files] == [b"first-value", b"second-value"]
+        assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in files)
+        assert stat.S_IMODE(files[0].parent.stat().st_mode) == 0o700
+        assert not any("value" in arg for arg in args)
+    assert not files[0].parent.exists()
+    with qemu_args(DiskEndpoint("raw", "x")) as none:
+        assert none == []
