@@ -29,6 +29,10 @@ fi
 if [ ! -e /usr/share/OVMF/OVMF_CODE_4M.fd ]; then
   missing+=(ovmf)
 fi
+# qemu's curl block driver (http/https), a module Debian ships apart: the example source kind's tests read through it.
+if ! compgen -G '/usr/lib/*/qemu/block-curl.so' >/dev/null; then
+  missing+=(qemu-block-extra)
+fi
 # Real BIOS boot code (syslinux's MBRs) the firmware-choice tests write onto GPT disks.
 if [ ! -e /usr/lib/syslinux/mbr/gptmbr.bin ]; then
   missing+=(syslinux-common)

@@ -291,8 +291,8 @@ def test_ova_raw_member_of_4_gib_is_read_in_place_not_copied(tmp_path: Path) -> 
     disk = source.spec().disks[0]
     work = tmp_path / "work"
     given = source.disk_input(disk, work)
-    window = json.loads(given.qemu.filename.removeprefix("json:"))
-    assert given.qemu.fmt == "raw" and window["driver"] == "raw" and window["size"] == 4 * GiB
+    window = json.loads(given.endpoint.filename.removeprefix("json:"))
+    assert given.endpoint.fmt == "raw" and window["driver"] == "raw" and window["size"] == 4 * GiB
     # the archive as first read, pinned (pinned.py): qemu-img gets its open descriptor
     assert window["file"]["driver"] == "file" and window["file"]["filename"].startswith("/dev/fd/")
     assert os.path.samefile(window["file"]["filename"], ova)
@@ -300,8 +300,8 @@ def test_ova_raw_member_of_4_gib_is_read_in_place_not_copied(tmp_path: Path) -> 
     assert not work.exists(), "the member was copied out"
     # qemu reads exactly the member's bytes through the window: its MBR, then the hole
     proc = subprocess.run(["qemu-img", "dd", "-f", "raw", "-O", "raw", "bs=512", "count=1",
-                           f"if={given.qemu.filename}", f"of={tmp_path / 'mbr'}"], capture_output=True, text=True,
-                          pass_fds=given.qemu.fds)
+                           f"if={given.endpoint.filename}", f"of={tmp_path / 'mbr'}"], capture_output=True, text=True,
+                          pass_fds=given.endpoint.fds)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "mbr").read_bytes() == MBR
 

@@ -310,7 +310,7 @@ def test_sim_a_failed_task_says_what_its_log_says(sim: Any, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_sim_disk_through_upload_and_import_from(sim: Any, tmp_path: Path) -> None:
-    from v2p.inspect.qemu_input import QemuInput
+    from v2p.endpoint import DiskEndpoint
 
     raw = tmp_path / "disk.raw"
     raw.write_bytes((b"v2p" * 100000).ljust(4 << 20, b"\0"))
@@ -318,8 +318,8 @@ def test_sim_disk_through_upload_and_import_from(sim: Any, tmp_path: Path) -> No
     target = _sim_target(sim, tmp_path)
     sink = target.disk_sink(140, 0, fmt=None, storage="local-lvm")
     assert sink.fmt == "raw" and sink.volid == "local-lvm:0,import-from=local:import/v2p-140-disk-0.qcow2,format=raw"
-    sink.write(QemuInput("raw", str(raw)), capacity=capacity)
-    sink.verify(QemuInput("raw", str(raw)), capacity=capacity)
+    sink.write(DiskEndpoint("raw", str(raw)), capacity=capacity)
+    sink.verify(DiskEndpoint("raw", str(raw)), capacity=capacity)
     assert sink.commit() == sink.volid and sink.exists()
     target.create_vm(140, {"name": "disk", "scsi0": sink.volid, "boot": "order=scsi0"})
     volume = target.get_config(140)["scsi0"].split(",")[0]
@@ -370,13 +370,13 @@ def test_sim_stop_and_boot_check(sim: Any, tmp_path: Path) -> None:
 
 
 def test_sim_a_failed_upload_is_committed_again(sim: Any, tmp_path: Path) -> None:
-    from v2p.inspect.qemu_input import QemuInput
+    from v2p.endpoint import DiskEndpoint
 
     raw = tmp_path / "disk.raw"
     raw.write_bytes(b"\x5a" * (2 << 20))
     target = _sim_target(sim, tmp_path)
     sink = target.disk_sink(180, 0, fmt=None, storage="local")
-    sink.write(QemuInput("raw", str(raw)), capacity=2 << 20)
+    sink.write(DiskEndpoint("raw", str(raw)), capacity=2 << 20)
     written = sink.fingerprint()
     sim.drop_next_request("POST", r"/upload$")
     with pytest.raises(TargetError, match="connection to PVE .* failed or broke off") as info:
@@ -390,7 +390,7 @@ def test_sim_a_failed_upload_is_committed_again(sim: Any, tmp_path: Path) -> Non
 
 
 def test_sim_an_import_storage_without_import_content(sim: Any, tmp_path: Path) -> None:
-    from v2p.inspect.qemu_input import QemuInput
+    from v2p.endpoint import DiskEndpoint
 
     raw = tmp_path / "disk.raw"
     raw.write_bytes(bytes(1 << 20))
@@ -398,7 +398,7 @@ def test_sim_an_import_storage_without_import_content(sim: Any, tmp_path: Path) 
     target = ProxmoxTarget(target_from_url(url, {"V2P_PVE_TOKEN": sim.tokens["root@pam!v2p"]}),
                            state_root=tmp_path / "state")
     sink = target.disk_sink(181, 0, fmt=None, storage="local-lvm")
-    sink.write(QemuInput("raw", str(raw)), capacity=1 << 20)
+    sink.write(DiskEndpoint("raw", str(raw)), capacity=1 << 20)
     with pytest.raises(TargetError, match="can't upload to storage type 'lvmthin'.*import=local"):
         sink.commit()
 

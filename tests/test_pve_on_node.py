@@ -17,8 +17,8 @@ from pve_sim.fixture import pve_fixture  # noqa: F401
 from pve_sim.server import PVESim
 
 from conftest import V2P, assert_same_bytes, one_line_error
+from v2p.endpoint import DiskEndpoint
 from v2p.errors import TargetError
-from v2p.inspect.qemu_input import QemuInput
 from v2p.targets.proxmox import ProxmoxTarget, target_from_url
 
 VMID = 150
@@ -158,14 +158,14 @@ def test_the_efidisk_pve_made_keeps_its_name(pve: PVESim, tmp_path: Path, sample
     VM's first disk takes the next one instead of overwriting it."""
     target = node_target(pve, tmp_path)
     early = target.disk_sink(VMID, 0, fmt=fmt, storage=storage)  # as preflight makes it, before the VM
-    assert early.check(QemuInput("raw", str(samples / "guest.raw")), capacity=32 << 20)["format"] == "raw"
+    assert early.check(DiskEndpoint("raw", str(samples / "guest.raw")), capacity=32 << 20)["format"] == "raw"
     target.create_vm(VMID, {"name": "efi", "bios": "ovmf"})
     target.set_config(VMID, {"efidisk0": target.efidisk(VMID, storage=storage, secure=False, index=1)})
     assert target.get_config(VMID)["efidisk0"].split(",")[0] == efivolid
     assert early.volid == volid
     vars_before = pve.cluster.volume_path(efivolid).read_bytes()
     raw = samples / "guest.raw"
-    source = QemuInput("raw", str(raw))
+    source = DiskEndpoint("raw", str(raw))
     sink = target.disk_sink(VMID, 0, fmt=fmt, storage=storage)
     assert sink.volid == volid and not sink.exists()
     sink.write(source, capacity=raw.stat().st_size)
@@ -185,7 +185,7 @@ def test_a_volume_the_vm_uses_is_never_overwritten(pve: PVESim, tmp_path: Path, 
                        filename=f"vm-{VMID}-disk-0", size="1024", format="raw")
     target.set_config(VMID, {"scsi5": f"{made},size=1M"})  # attached by someone else
     with pytest.raises(TargetError, match=f"vm-{VMID}-disk-0 is already scsi5 of VM {VMID}"):
-        sink.write(QemuInput("raw", str(samples / "guest.raw")), capacity=32 << 20)
+        sink.write(DiskEndpoint("raw", str(samples / "guest.raw")), capacity=32 << 20)
     assert pve.cluster.volume_path(made).stat().st_size == 1 << 20
 
 
@@ -201,7 +201,7 @@ def test_a_storage_pve_has_not_activated_is_refused(pve: PVESim, tmp_path: Path,
     pve.cluster.storages["local"].active = False
     sink = node_target(pve, tmp_path).disk_sink(VMID, 0, fmt=None, storage="local")
     with pytest.raises(TargetError, match="PVE storage local is not active on node pve1"):
-        sink.check(QemuInput("raw", str(samples / "guest.raw")), capacity=32 << 20)
+        sink.check(DiskEndpoint("raw", str(samples / "guest.raw")), capacity=32 << 20)
     with pytest.raises(TargetError, match="not active"):
-        sink.write(QemuInput("raw", str(samples / "guest.raw")), capacity=32 << 20)
+        sink.write(DiskEndpoint("raw", str(samples / "guest.raw")), capacity=32 << 20)
     assert not list(pve.cluster.root.rglob(f"*vm-{VMID}-*"))

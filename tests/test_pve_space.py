@@ -104,7 +104,7 @@ def test_the_counts_reach_the_import_storage_and_the_target_storage(pve: PVESim,
                                                                     manifest: dict[str, Any],
                                                                     source_of: Any) -> None:
     """Checked in-process: each place is refused at exactly what it needs, and passes one byte above."""
-    from v2p.inspect.qemu_input import QemuInput
+    from v2p.endpoint import DiskEndpoint
 
     src = source_of("monolithicSparse")
     staged, final = staged_size(src), 32 << 20
@@ -112,7 +112,7 @@ def test_the_counts_reach_the_import_storage_and_the_target_storage(pve: PVESim,
     pve.cluster.add_storage("disks", "dir", {"images"})
     pve.cluster.set_free("/", 1 << 30)
     target = target_of(pve, tmp_path, "&import=imports")
-    given = QemuInput("vmdk", str(src.descriptor))
+    given = DiskEndpoint("vmdk", str(src.descriptor))
     for place, needed, what in (("imports", staged, "for the upload of"), ("disks", final, "for the import of")):
         other = "disks" if place == "imports" else "imports"
         pve.cluster.set_free(other, 1 << 30)

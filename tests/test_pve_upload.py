@@ -24,9 +24,9 @@ from pve_sim.server import PVESim
 from conftest import V2P, one_line_error
 from v2p import pveconfig
 from v2p.api import Migration
+from v2p.endpoint import DiskEndpoint
 from v2p.errors import TargetError
 from v2p.events import Event
-from v2p.inspect.qemu_input import QemuInput
 from v2p.targets.proxmox import ProxmoxTarget, RemoteImportSink, target_from_url
 
 BOUNDARY = "b0und4ry"
@@ -182,7 +182,7 @@ def test_a_disk_upload_is_taken_with_its_checksum(sim: PVESim, tmp_path: Path,
     target = target_of(sim, tmp_path, "&storage=local")
     sink = target.disk_sink(150, 0, fmt=None, storage="local")
     assert isinstance(sink, RemoteImportSink)
-    sink.write(QemuInput("raw", str(raw)), capacity=raw.stat().st_size)
+    sink.write(DiskEndpoint("raw", str(raw)), capacity=raw.stat().st_size)
     staged = sink.staging.path
     seen: list[tuple[int, int]] = []
     assert sink.commit(progress=lambda done, total: seen.append((done, total))) == sink.volid

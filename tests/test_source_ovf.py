@@ -407,8 +407,8 @@ def ova_of(folder: Path, ova: Path) -> Path:
 
 
 def same_bytes(raw: Path, given: DiskInput) -> None:
-    proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", given.qemu.fmt, str(raw),
-                           given.qemu.filename], capture_output=True, text=True, pass_fds=given.qemu.fds)
+    proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", given.endpoint.fmt, str(raw),
+                           given.endpoint.filename], capture_output=True, text=True, pass_fds=given.endpoint.fds)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert given.capacity == raw.stat().st_size
 
@@ -462,13 +462,13 @@ def test_ova_members_read_in_place(tmp_path: Path, disks: dict[str, Path]) -> No
     work = tmp_path / "work"
     for disk in source.spec().disks:
         given = source.disk_input(disk, work)
-        spec = json.loads(given.qemu.filename.removeprefix("json:"))
+        spec = json.loads(given.endpoint.filename.removeprefix("json:"))
         href = "win10-disk1.vmdk" if disk.source == "file1" else "win10-disk2.vmdk"
         assert (spec["file"]["offset"], spec["file"]["size"]) == offsets[href]
         # the archive v2p checked, pinned open (a path swapped later is not read)
-        assert spec["file"]["file"]["filename"] == f"/dev/fd/{given.qemu.fds[0]}" and spec["backing"] is None
+        assert spec["file"]["file"]["filename"] == f"/dev/fd/{given.endpoint.fds[0]}" and spec["backing"] is None
         assert os.path.samefile(spec["file"]["file"]["filename"], ova)
-        assert given.qemu.fmt == "vmdk" and given.flavor == "streamOptimized" and given.image is None
+        assert given.endpoint.fmt == "vmdk" and given.flavor == "streamOptimized" and given.image is None
         same_bytes(disks["raw1" if disk.source == "file1" else "raw2"], given)
     assert not work.exists() or not any(work.rglob("*")), "an in-place member was staged"
     st = ova.stat()
@@ -482,7 +482,7 @@ def test_ova_qcow2_members_are_read_in_place_too(tmp_path: Path, disks: dict[str
     work = tmp_path / "work"
     for disk in source.spec().disks:
         given = source.disk_input(disk, work)
-        spec = json.loads(given.qemu.filename.removeprefix("json:"))
+        spec = json.loads(given.endpoint.filename.removeprefix("json:"))
         assert spec["driver"] == "qcow2" and spec["backing"] is None and spec["file"]["driver"] == "raw"
         assert given.flavor == "qcow2" and given.image is None
         same_bytes(disks["raw1" if disk.source == "root" else "raw2"], given)
@@ -714,7 +714,7 @@ def test_ova_from_vmware_ova_compose(tmp_path: Path) -> None:
     raw = tmp_path / "fixture.img"
     raw.write_bytes(fixture_raw())
     given = source.disk_input(source.spec().disks[0], tmp_path / "work")
-    assert given.qemu.filename.startswith("json:") and given.flavor == "streamOptimized"
+    assert given.endpoint.filename.startswith("json:") and given.flavor == "streamOptimized"
     same_bytes(raw, given)
 
 

@@ -384,8 +384,8 @@ def test_an_ovf_whose_disks_are_descriptors_reads_each_disk_from_its_own_pinned_
     given = [source.disk_input(disk, tmp_path / "work") for disk in source.spec().ordered_disks()]
     for index, disk in enumerate(given):
         out = tmp_path / f"out{index}.raw"
-        subprocess.run(["qemu-img", "convert", "-f", disk.qemu.fmt, "-O", "raw", disk.qemu.filename, str(out)],
-                       check=True, capture_output=True, pass_fds=disk.qemu.fds)
+        subprocess.run(["qemu-img", "convert", "-f", disk.endpoint.fmt, "-O", "raw", disk.endpoint.filename, str(out)],
+                       check=True, capture_output=True, pass_fds=disk.endpoint.fds)
         assert out.read_bytes() == raws[index], f"disk {index} reads another disk's bytes"
         disk.close()
 

@@ -193,8 +193,8 @@ def test_disk_input_and_fingerprint(linux_vm: Path, tmp_path: Path, manifest, sa
     assert (esxi.capacity, esxi.flavor) == (manifest["virtual_size"], "vmfs")
     assert esxi.image is not None and esxi.image.path == linux_vm.parent / "esxi.vmdk"
     out = tmp_path / "esxi.raw"
-    subprocess.run(["qemu-img", "convert", "-f", esxi.qemu.fmt, "-O", "raw", esxi.qemu.filename, str(out)],
-                   check=True, pass_fds=esxi.qemu.fds)
+    subprocess.run(["qemu-img", "convert", "-f", esxi.endpoint.fmt, "-O", "raw", esxi.endpoint.filename, str(out)],
+                   check=True, pass_fds=esxi.endpoint.fds)
     assert out.read_bytes() == (samples / "guest.raw").read_bytes()
     data = source.disk_input(spec.disks[1], work)
     assert (data.capacity, data.flavor) == (2 * MiB, "monolithicSparse")
@@ -234,8 +234,8 @@ def test_snapshot_delta_gives_the_consolidated_disk(tmp_path: Path) -> None:
     assert disk.image is not None and [link.path.name for link in disk.image.chain] == \
         ["web01-000001.vmdk", "web01.vmdk"]
     out = tmp_path / "out.raw"
-    subprocess.run(["qemu-img", "convert", "-f", disk.qemu.fmt, "-O", "raw", disk.qemu.filename, str(out)],
-                   check=True, pass_fds=disk.qemu.fds)
+    subprocess.run(["qemu-img", "convert", "-f", disk.endpoint.fmt, "-O", "raw", disk.endpoint.filename, str(out)],
+                   check=True, pass_fds=disk.endpoint.fds)
     assert out.read_bytes() == b"\x11" * MiB + bytes(3 * MiB) + b"\x22" * MiB
     assert [Path(p["path"]).name for p in source.fingerprint()] == \
         ["web01.vmx", "web01-000001.vmdk", "web01.vmdk"]

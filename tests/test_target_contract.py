@@ -24,8 +24,8 @@ from lvm_loop.loop_activation import LoopActivation
 from blockdev import LVM_ENV, loop_device, volume_group
 from fakes import FakeGuest, FakeTarget
 from targetwatch import observe
+from v2p.endpoint import DiskEndpoint
 from v2p.errors import NoSuchVMError, TargetError, ToolError, VerifyError, VMIDExistsError
-from v2p.inspect.qemu_input import QemuInput
 from v2p.options import OptionError
 from v2p.storage.lvm import LvmStorage
 from v2p.targets.base import DiskSink, Target, VMConfig
@@ -207,8 +207,8 @@ def placed(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
     kind.close(made)
 
 
-def raw_input(path: Path) -> QemuInput:
-    return QemuInput("raw", str(path))
+def raw_input(path: Path) -> DiskEndpoint:
+    return DiskEndpoint("raw", str(path))
 
 
 def guest_config(volid: str, size: str, **extra: str) -> VMConfig:

@@ -16,9 +16,10 @@ import pytest
 from blockdev import loop_device
 from conftest import FLAVORS
 from v2p import convert, verify
+from v2p.endpoint import DiskEndpoint
 from v2p.errors import VerifyError
 from v2p.inspect import inspect_disk
-from v2p.inspect.qemu_input import QemuInput, qemu_source
+from v2p.inspect.qemu_input import qemu_source
 from v2p.storage import Volume
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -51,14 +52,14 @@ def raw_disk(path: Path) -> bytes:
     return bytes(data)
 
 
-def source(tmp_path: Path, kind: str) -> QemuInput:
+def source(tmp_path: Path, kind: str) -> DiskEndpoint:
     raw = tmp_path / "disk.raw"
     if not raw.exists():
         raw_disk(raw)
     fmt, options = KINDS[kind]
     out = tmp_path / f"source-{kind}.{fmt}"
     qemu_img("convert", "-f", "raw", "-O", fmt, *options, str(raw), str(out))
-    return QemuInput(fmt, str(out))
+    return DiskEndpoint(fmt, str(out))
 
 
 def flip(path: Path, offset: int) -> None:
@@ -76,7 +77,7 @@ def device_volume(dev: Path) -> Volume:
     return Volume("dev", dev, "raw", is_block=True)
 
 
-def write_device(src: QemuInput, dev: Path, filler: bytes = b"\xee") -> None:
+def write_device(src: DiskEndpoint, dev: Path, filler: bytes = b"\xee") -> None:
     """The disk onto ``dev`` with qemu-img, like the convert stage; the device's tail keeps ``filler``."""
     fd = os.open(dev, os.O_RDONLY)
     size = os.lseek(fd, 0, os.SEEK_END)
@@ -89,7 +90,7 @@ def write_device(src: QemuInput, dev: Path, filler: bytes = b"\xee") -> None:
     os.close(fd)
 
 
-def check(src: QemuInput, volume: Volume, window: int | None) -> None:
+def check(src: DiskEndpoint, volume: Volume, window: int | None) -> None:
     if window is None:
         convert.compare(src, volume, capacity=CAPACITY)
     else:
@@ -261,7 +262,7 @@ def test_a_device_end_that_is_not_block_aligned(tmp_path):
     os.truncate(raw, capacity)
     vmdk = tmp_path / "odd.vmdk"
     qemu_img("convert", "-f", "raw", "-O", "vmdk", str(raw), str(vmdk))
-    src = QemuInput("vmdk", str(vmdk))
+    src = DiskEndpoint("vmdk", str(vmdk))
     with loop_device(tmp_path / "dev.img", capacity) as dev:
         write_device(src, dev)
         with open(dev, "rb") as handle:

@@ -337,6 +337,8 @@ class _Printer:
     def _progress(self, done: int, total: int, desc: str) -> None:
         if not sys.stderr.isatty():
             return
+        if self.bar is not None and self.bar.desc != desc:  # a fetch's bar, then the copy's
+            self._close_bar()
         if self.bar is None:
             from tqdm import tqdm
 

@@ -1,16 +1,16 @@
 """Getting a disk's bytes onto the target: qemu-img convert, measure, compare.
 
-What qemu-img reads is a ``QemuInput`` (inspect/qemu_input.py): descriptors v2p
-wrote itself from the checked extents (no blank lines, no RDONLY lines), so
-qemu-img's own path handling never comes into play, and every source file
-pinned (pinned.py) and named by its ``/dev/fd/N``, so a path swapped after
-inspection is not read.
+What qemu-img reads is a ``DiskEndpoint`` (endpoint.py). For a local disk, that
+is descriptors v2p wrote itself from the checked extents (no blank lines, no
+RDONLY lines), so qemu-img's own path handling never comes into play, and every
+source file pinned (pinned.py) and named by its ``/dev/fd/N``, so a path swapped
+after inspection is not read. An endpoint's secrets reach qemu-img as
+``--object secret`` files (``endpoint.qemu_args``), never on its argv.
 Not for: deciding where the output goes (that is the target's job).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -21,10 +21,11 @@ from pathlib import Path
 from stat import S_ISBLK
 
 from . import verify
+from .endpoint import DiskEndpoint, RawExtent, qemu_args
 from .errors import NoSpaceError, SourceError, ToolError
 from .inspect.model import DiskImage
-from .inspect.qemu_input import INFO_TIMEOUT, QemuInput, pin
-from .pinned import FileId, PinnedFiles
+from .inspect.qemu_input import INFO_TIMEOUT
+from .pinned import FileId
 from .runner import run, run_streaming
 from .storage import Volume
 from .storage.base import block_size
@@ -32,15 +33,16 @@ from .storage.base import block_size
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
-def measure(source: QemuInput, out_fmt: str) -> int:
+def measure(source: DiskEndpoint, out_fmt: str) -> int:
     """Bytes the converted image needs on the target (``qemu-img measure``'s 'required')."""
-    proc = run(["qemu-img", "measure", "--output=json", "-f", source.fmt, "-O", out_fmt,
-                str(source.filename)], timeout=INFO_TIMEOUT, pass_fds=source.fds)
+    with qemu_args(source) as objects:
+        proc = run(["qemu-img", "measure", *objects, "--output=json", "-f", source.fmt, "-O", out_fmt,
+                    str(source.filename)], timeout=INFO_TIMEOUT, pass_fds=source.fds)
     return int(json.loads(proc.stdout)["required"])
 
 
 def convert(
-    source: QemuInput, dest: Volume, *, capacity: int, target_is_zero: bool = False,
+    source: DiskEndpoint, dest: Volume, *, capacity: int, target_is_zero: bool = False,
     bwlimit: int | None = None, on_progress: Callable[[float], None] | None = None,
 ) -> None:
     """``qemu-img convert`` ``source`` into ``dest``.
@@ -58,6 +60,8 @@ def convert(
             argv.append("--target-is-zero")
     if bwlimit:
         argv += ["-r", str(bwlimit)]
+    if source.parallel:
+        argv += ["-m", str(source.parallel)]
     argv += [source.filename, str(dest.path)]
 
     def chunk(text: str) -> None:
@@ -65,8 +69,9 @@ def convert(
         if match and on_progress is not None:
             on_progress(float(match.group(1)))
 
-    _writing(dest, lambda: run_streaming(argv, timeout=_timeout(capacity, bwlimit), on_chunk=chunk,
-                                         pass_fds=source.fds))
+    with qemu_args(source) as objects:
+        _writing(dest, lambda: run_streaming(argv[:2] + objects + argv[2:], timeout=_timeout(capacity, bwlimit),
+                                             on_chunk=chunk, pass_fds=source.fds))
     _writing(dest, lambda: _fsync(dest.path))
 
 
@@ -98,58 +103,80 @@ def _writing(dest: Volume, write: Callable[[], None]) -> None:
         raise
 
 
-def copy_dd(image: DiskImage, dest: Volume, *, target_is_zero: bool,
+def copy_dd(source: DiskEndpoint, dest: Volume, *, target_is_zero: bool,
             on_progress: Callable[[float], None] | None = None) -> None:
     """The seed procedure's ``dd``, done right: each raw extent at its offset, 4 MiB
     blocks, zero blocks skipped (``conv=sparse``) only where the target reads as zeros."""
-    if not image.is_plain_raw:
-        raise SourceError(f"{image.path.name} is {image.flavor}: dd copies raw data only",
+    if source.raw is None:
+        raise SourceError(f"{_named(source)} is {source.flavor or source.fmt}: dd copies raw data only",
                           hint="use the default --copy-with qemu-img for sparse disks")
     if not dest.is_block and dest.fmt != "raw":
         raise SourceError("dd writes raw disks only", hint="add --format raw")
     if not dest.is_block:
         dest.path.touch()
-    with contextlib.closing(pin(image)) as pins:
-        _dd_extents(image, pins, dest, target_is_zero=target_is_zero, on_progress=on_progress)
+    capacity = sum(extent.size for extent in source.raw)
+    _dd_extents(source.raw, capacity, source.fds, dest, target_is_zero=target_is_zero, on_progress=on_progress)
     if not dest.is_block:
-        os.truncate(dest.path, image.capacity)
+        os.truncate(dest.path, capacity)
 
 
-def _dd_extents(image: DiskImage, pins: PinnedFiles, dest: Volume, *, target_is_zero: bool,
-                on_progress: Callable[[float], None] | None) -> None:
+def _named(source: DiskEndpoint) -> str:
+    return "the disk" if source.filename.startswith("json:") else Path(source.filename).name
+
+
+def _dd_extents(extents: tuple[RawExtent, ...], capacity: int, fds: tuple[int, ...], dest: Volume, *,
+                target_is_zero: bool, on_progress: Callable[[float], None] | None) -> None:
     done = 0
-    for extent in image.extents:
-        if extent.path is None and target_is_zero:
+    for extent in extents:
+        if extent.filename is None and target_is_zero:
             done += extent.size
             continue
         # conv=sparse skips all-zero *output* blocks: read 4 MiB at a time but
         # write in 64 KiB pieces, so a little data does not drag 4 MiB of zeros along.
         blocks = ["ibs=4M", "obs=64K", "conv=notrunc,sparse,fsync"] if target_is_zero else \
             ["bs=4M", "conv=notrunc,fsync"]
-        source = pins.path(extent.path) if extent.path is not None else "/dev/zero"
+        source = extent.filename if extent.filename is not None else "/dev/zero"
         argv = ["dd", f"if={source}", f"of={dest.path}", *blocks,
                 "iflag=skip_bytes,count_bytes,fullblock", "oflag=seek_bytes", "status=progress",
-                f"skip={extent.offset * 512}", f"seek={done}", f"count={extent.size}"]
+                f"skip={extent.offset}", f"seek={done}", f"count={extent.size}"]
         base = done
 
         def chunk(text: str, base: int = base) -> None:
             match = re.match(r"^(\d+) bytes", text)
             if match and on_progress is not None:
-                on_progress(100.0 * (base + int(match.group(1))) / image.capacity)
+                on_progress(100.0 * (base + int(match.group(1))) / capacity)
 
         _writing(dest, functools.partial(run_streaming, argv, timeout=_timeout(extent.size, None),
-                                         on_chunk=chunk, stream="stderr", pass_fds=pins.fds))
+                                         on_chunk=chunk, stream="stderr", pass_fds=fds))
         done += extent.size
 
 
-def compare(source: QemuInput, dest: Volume, *, capacity: int) -> None:
+def compare(source: DiskEndpoint, dest: Volume, *, capacity: int) -> None:
     """Raise VerifyError unless ``dest`` holds exactly the bytes of ``source`` (see verify.py).
 
     A block device may be larger than the disk (an LV rounded up to whole
     extents): only its first ``capacity`` bytes are compared.
     """
-    verify.compare(source.fmt, source.filename, dest.path, dest.fmt, capacity=capacity,
-                   is_block=dest.is_block, pass_fds=source.fds)
+    with qemu_args(source) as objects:
+        verify.compare(source.fmt, source.filename, dest.path, dest.fmt, capacity=capacity,
+                       is_block=dest.is_block, pass_fds=source.fds, objects=objects)
+
+
+def stage(source: DiskEndpoint, path: Path, *, capacity: int,
+          on_progress: Callable[[float], None] | None = None) -> DiskEndpoint:
+    """A local raw copy of ``source`` at ``path``, read once (the source's one read when reading it
+    again would cost a second download): written as ``path`` + ``.part`` and renamed when whole, so
+    a copy already at ``path`` is taken as it is. The copy is sparse where the disk reads as zeros."""
+    if not path.is_file() or path.stat().st_size != capacity:
+        partial = path.with_name(path.name + ".part")
+        partial.unlink(missing_ok=True)
+        try:
+            convert(source, Volume("", partial, "raw"), capacity=capacity, on_progress=on_progress)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, path)
+    return DiskEndpoint("raw", str(path), capacity, source.flavor, raw=(RawExtent(str(path), 0, capacity),))
 
 
 def fingerprint(path: Path) -> dict[str, object]:

@@ -33,7 +33,9 @@ class Event:
     * ``stage-start``, ``stage-done`` (``data``: the stage's record), ``stage-skip`` (done before);
     * ``progress``: ``done`` of ``total`` bytes of disk ``disk`` written (``data['percent']``
       too, and ``data['bytes']``, the same as ``done``); with ``step`` ``upload``, bytes of an
-      upload to the target instead (a disk's staged file, ``disk`` set, or the drivers ISO);
+      upload to the target instead (a disk's staged file, ``disk`` set, or the drivers ISO); with
+      ``step`` ``fetch``, bytes of disk ``disk`` read from a source that is not read twice (a
+      download) into the migration's local stage, which the copy and verify then read;
     * ``finding``: a preflight rule's finding, ``data['rule']`` its id (what ``ignore_rules``
       takes), ``data['severity']`` ``error``/``warning``/``info``;
     * ``warning``: something the user should know (a source notice, ``--no-verify``, ...);
@@ -46,7 +48,8 @@ class Event:
     ``stage`` is the stage's record name (``convert:1`` for the second disk's copy);
     ``disk`` the index of the disk an event is about (0 the boot disk), None for the VM;
     ``step`` the driver dance's step (``layout1``, ``boot1``, ...) during the ``drivers`` stage, and
-    ``upload`` for an upload to the target (in ``verify``, or ``preflight`` for the drivers ISO);
+    ``upload`` for an upload to the target (in ``verify``, or ``preflight`` for the drivers ISO),
+    ``fetch`` for a source's disk read into the local stage (in ``convert``, or ``verify`` on a resume);
     ``vmid`` the VM's (set by ``Migration`` on every event it passes on).
     """
 

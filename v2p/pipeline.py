@@ -88,7 +88,8 @@ class Pipeline:
         return request_of(self.source, self.vmid, self.options, self.target)
 
     def run(self) -> dict[str, Any]:
-        with VmidLock(self.target.state_dir(), self.vmid):
+        # The source's session (if its kind has one) is closed however the run ends, Ctrl-C included.
+        with VmidLock(self.target.state_dir(), self.vmid), self.source.opened(self.emit):
             return self._run_locked()
 
     def _run_locked(self) -> dict[str, Any]:

@@ -303,14 +303,15 @@ class _Runner:
                 for disk_index, disk in enumerate(spec.ordered_disks()):
                     if disk_stage("convert", disk_index) in stages:
                         continue
-                    given = pipeline.source.disk_input(disk, workdir / str(disk_index))
-                    sink = migration.target.disk_sink(migration.vmid, disk_index, fmt=options.fmt,
-                                                      storage=options.storage, device=options.device,
-                                                      force=options.force)
                     try:
-                        space.add(sink.check(given.qemu, capacity=given.capacity))
+                        capacity = pipeline.source.disk_facts(disk, workdir / str(disk_index)).capacity
+                        endpoint = pipeline.source.disk_endpoint(disk, workdir / str(disk_index))
+                        sink = migration.target.disk_sink(migration.vmid, disk_index, fmt=options.fmt,
+                                                          storage=options.storage, device=options.device,
+                                                          force=options.force)
+                        space.add(sink.check(endpoint, capacity=capacity))
                     finally:
-                        given.close()
+                        pipeline.source.release_disks()
         except V2PError as exc:
             if not isinstance(exc, NoSpaceError):
                 return Need(key, 0, None, node)  # the child's preflight says what is wrong, in its own words

@@ -15,8 +15,9 @@ from typing import Any
 from . import drivers, pveconfig, rules
 from .boot_outcomes import BOOT_SKIPPED, BootFailed, boot_outcome, failed_hint
 from .bootwatch import clean
-from .convert import same_files
+from .convert import same_files, stage
 from .dance import DanceOptions, DriverDance
+from .endpoint import DiskEndpoint
 from .errors import (
     VMID_TAKEN_HINT,
     NoSpaceError,
@@ -29,7 +30,7 @@ from .fsutil import private_dir
 from .options import MigrationOptions, OptionError
 from .runner import which
 from .sizing import SpaceNeed
-from .sources import DiskInput, Source
+from .sources import DiskFacts, Source
 from .spec import DiskSpec, VMSpec
 from .state import FieldType
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, ByteProgress, DiskSink, Target, no_dd
@@ -52,7 +53,7 @@ class Context:
 
     ``options`` are the user's, completed from the VM's own hardware
     (``MigrationOptions.resolved``); ``source`` is read through the Source
-    interface only: no stage knows whether it is a disk, a .vmx or an .ova.
+    interface only: no stage knows whether it is a disk, a .vmx or an .ova, nor where its bytes are.
     """
 
     source: Source
@@ -66,7 +67,7 @@ class Context:
     chosen_ostype: str | None = None  # the user's --os (l26 for a loose disk); None: the guest OS decides
     records: dict[str, Record] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
-    _inputs: dict[int, DiskInput] = field(default_factory=dict)
+    _copied: dict[int, DiskEndpoint] = field(default_factory=dict)
     _sinks: dict[int, DiskSink] = field(default_factory=dict)
 
     @property
@@ -79,15 +80,47 @@ class Context:
         return self.spec.ordered_disks()
 
     def close_inputs(self) -> None:
-        """Let go of the source files the disk inputs hold open (the next ``disk_input`` inspects again)."""
-        while self._inputs:
-            self._inputs.popitem()[1].close()
+        """Let go of what the source holds open for its disks (the next ``facts`` inspects again)."""
+        self._copied.clear()
+        self.source.release_disks()
 
-    def disk_input(self, index: int) -> DiskInput:
-        if index not in self._inputs:
-            private_dir(self.workdir)  # a source writes its own folders below it: none may be a link
-            self._inputs[index] = self.source.disk_input(self.disks()[index], self.workdir)
-        return self._inputs[index]
+    def facts(self, index: int) -> DiskFacts:
+        """Disk ``index`` as the source describes it, without a copy starting."""
+        private_dir(self.workdir)  # a source writes its own folders below it: none may be a link
+        return self.source.disk_facts(self.disks()[index], self.workdir)
+
+    def endpoint(self, index: int) -> DiskEndpoint:
+        """What qemu-img opens to read disk ``index`` from the source."""
+        private_dir(self.workdir)
+        return self.source.disk_endpoint(self.disks()[index], self.workdir)
+
+    def copy_source(self, index: int, stage_name: str) -> DiskEndpoint:
+        """What convert and verify read for disk ``index``: the source's endpoint, or, when reading
+        it again would cost a second download (``rereadable`` False), a local stage of it read
+        once into the workdir (``progress`` events of step ``fetch`` while it is read)."""
+        if index not in self._copied:
+            given = self.endpoint(index)
+            if given.rereadable:
+                return given
+            capacity = self.facts(index).capacity
+            path = private_dir(self.workdir / "stage") / f"disk{index}.raw"
+            if not path.is_file():
+                self.emit(Event("info", stage_name, f"fetch: reading disk {index} from the source into a local "
+                                f"stage ({capacity} bytes)", disk=index, step="fetch"))
+
+            def progress(percent: float) -> None:
+                done = int(capacity * percent / 100)
+                self.emit(Event("progress", stage_name, data={
+                    "disk": index, "percent": percent, "bytes": done, "total": capacity},
+                    disk=index, done=done, total=capacity, step="fetch"))
+
+            self._copied[index] = stage(given, path, capacity=capacity, on_progress=progress)
+        return self._copied[index]
+
+    def drop_stage(self, index: int) -> None:
+        """Remove disk ``index``'s local stage, if it has one (its disk is verified: nothing reads it after)."""
+        if self._copied.pop(index, None) is not None:
+            (self.workdir / "stage" / f"disk{index}.raw").unlink(missing_ok=True)
 
     def sink(self, index: int) -> DiskSink:
         """Where disk ``index`` goes on the target (the stages never build a target path)."""
@@ -128,7 +161,7 @@ class Inspect(Stage):
         ctx.close_inputs()
         disks = []
         for index, disk in enumerate(ctx.disks()):
-            given = ctx.disk_input(index)
+            given = ctx.facts(index)
             for kind, text in given.messages:
                 ctx.emit(Event("warning" if kind == "warning" else "info", self.name, text, disk=index))
             image = given.image
@@ -178,11 +211,11 @@ class Preflight(Stage):
             raise no_dd()
         space = SpaceNeed()
         for index in range(len(ctx.disks())):
-            given = ctx.disk_input(index)
-            if ctx.options.copy_with == "dd" and (given.image is None or not given.image.is_plain_raw):
+            given, endpoint = ctx.facts(index), ctx.endpoint(index)
+            if ctx.options.copy_with == "dd" and endpoint.raw is None:
                 raise OptionError(f"--copy-with dd: disk {index} is {given.flavor}, dd copies raw data only",
                                   hint="leave --copy-with out: qemu-img reads every flavor")
-            space.add(ctx.sink(index).check(given.qemu, capacity=given.capacity))
+            space.add(ctx.sink(index).check(endpoint, capacity=given.capacity))
         if ctx.options.copy_with == "dd" and fmt != "raw":
             raise OptionError("--copy-with dd writes raw disks only", hint="add --format raw")
         short = space.short()  # each disk fits alone; all of them must fit together
@@ -211,7 +244,7 @@ def check_rules(spec: VMSpec, options: MigrationOptions, disks: list[Record], *,
                               if d.get("boot_firmware")})
 
 
-def boot_layout(given: DiskInput) -> Record:
+def boot_layout(given: DiskFacts) -> Record:
     """An inspect record's ``boot_firmware``/``boot_detail`` (what check_rules' ``boots`` reads)."""
     if given.boot_firmware is None:
         return {}
@@ -231,7 +264,7 @@ def check_access(ctx: Context) -> None:
     placed = pveconfig.disk_keys(ctx.spec, ctx.options, ostype=ctx.options.ostype or "l26")
     by_label = {disk.label: index for index, disk in enumerate(ctx.disks())}
     for disk, key in placed:  # each disk a new volume on the storage (PVE's STORAGE:GiB)
-        update[key] = f"{ctx.options.storage}:{max(1, ctx.disk_input(by_label[disk.label]).capacity >> 30)}"
+        update[key] = f"{ctx.options.storage}:{max(1, ctx.facts(by_label[disk.label]).capacity >> 30)}"
     update["boot"] = pveconfig.boot_order([key for _disk, key in placed])
     power = bool(ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance)
     ctx.target.check_access(ctx.vmid, create, update, storage=ctx.options.storage, power=power,
@@ -324,20 +357,20 @@ class Convert(Stage):
         self.name = disk_stage("convert", index)
 
     def run(self, ctx: Context) -> Record:
-        sink, given = ctx.sink(self.index), ctx.disk_input(self.index)
+        sink, capacity = ctx.sink(self.index), ctx.facts(self.index).capacity
+        source = ctx.copy_source(self.index, self.name)
 
         def progress(percent: float) -> None:
-            done = int(given.capacity * percent / 100)
+            done = int(capacity * percent / 100)
             ctx.emit(Event("progress", self.name, data={
-                "disk": self.index, "percent": percent, "bytes": done, "total": given.capacity},
-                disk=self.index, done=done, total=given.capacity))
+                "disk": self.index, "percent": percent, "bytes": done, "total": capacity},
+                disk=self.index, done=done, total=capacity))
 
-        if ctx.options.copy_with == "dd":
-            assert given.image is not None  # preflight refused dd for anything but local raw data
-            sink.write_dd(given.image, progress=progress)
+        if ctx.options.copy_with == "dd":  # preflight refused dd for anything but plain raw data
+            sink.write_dd(source, progress=progress)
         else:
             bwlimit = ctx.options.bwlimit * 1024 if ctx.options.bwlimit else None
-            sink.write(given.qemu, capacity=given.capacity, progress=progress, bwlimit=bwlimit)
+            sink.write(source, capacity=capacity, progress=progress, bwlimit=bwlimit)
         return {"volid": sink.volid, "fmt": sink.fmt, "copied_with": ctx.options.copy_with,
                 "fingerprint": sink.fingerprint()}
 
@@ -359,13 +392,14 @@ class Verify(Stage):
         self.name = disk_stage("verify", index)
 
     def run(self, ctx: Context) -> Record:
-        sink, given = ctx.sink(self.index), ctx.disk_input(self.index)
+        sink = ctx.sink(self.index)
         # A run killed (or out of space for its state file) between the rename and the record
         # left the volume under its final name: the sink verifies it wherever it is.
         if ctx.options.verify:
-            sink.verify(given.qemu, capacity=given.capacity)
+            sink.verify(ctx.copy_source(self.index, self.name), capacity=ctx.facts(self.index).capacity)
         else:
             ctx.emit(Event("warning", self.name, "--no-verify: the written disk was not compared", disk=self.index))
+        ctx.drop_stage(self.index)
         volid = sink.commit(progress=upload_progress(ctx, self.name, f"disk {self.index}", self.index))
         hold_point(f"{self.name}:committed")
         return {"volid": volid, "verified": ctx.options.verify, "fingerprint": sink.fingerprint()}
@@ -392,7 +426,7 @@ class Attach(Stage):
         for disk, key in placed:
             index = by_label[disk.label]
             volid = ctx.records[disk_stage("verify", index)]["volid"]
-            updates[key] = pveconfig.disk_value(volid, ctx.disk_input(index).capacity)
+            updates[key] = pveconfig.disk_value(volid, ctx.facts(index).capacity)
         updates["boot"] = pveconfig.boot_order([key for _disk, key in placed])
         current = ctx.target.get_config(ctx.vmid)
         keys = {key: updates[key] for _disk, key in placed}

@@ -166,21 +166,22 @@ class RawReader:
 
 
 def compare(fmt: str, filename: str, target: Path, target_fmt: str, *, capacity: int,
-            is_block: bool, window: int = WINDOW, pass_fds: Sequence[int] = ()) -> None:
+            is_block: bool, window: int = WINDOW, pass_fds: Sequence[int] = (), objects: Sequence[str] = ()) -> None:
     """Raise VerifyError unless the first ``capacity`` bytes of ``target`` equal the source
     ``filename`` read as ``fmt``; a file target must also be exactly ``capacity`` bytes
     (a block device may be larger: an LV rounded up to whole extents). ``pass_fds``: the
-    pinned source files ``filename`` reads as ``/dev/fd/N`` (see pinned.py)."""
+    pinned source files ``filename`` reads as ``/dev/fd/N`` (see pinned.py); ``objects``: the
+    ``--object`` arguments it needs (``endpoint.qemu_args``)."""
     if window % _ALIGN or not 0 < window <= WINDOW:
         raise ValueError(f"window must be a multiple of {_ALIGN} up to {WINDOW}")
-    source_size = _virtual_size(fmt, filename, pass_fds)
+    source_size = _virtual_size(fmt, filename, pass_fds, objects)
     if source_size != capacity:
         raise VerifyError(f"the source reads as {source_size} bytes, not the {capacity} inspected",
                           hint=_DISCARD_HINT)
-    mapped = _source_map(fmt, filename, capacity, pass_fds) if is_block and target_fmt == "raw" else None
+    mapped = _source_map(fmt, filename, capacity, pass_fds, objects) if is_block and target_fmt == "raw" else None
     if mapped is None:
         _qemu_img_compare(fmt, filename, target, target_fmt, capacity=capacity, is_block=is_block,
-                          pass_fds=pass_fds)
+                          pass_fds=pass_fds, objects=objects)
         return
     mappings, files = mapped
     with contextlib.ExitStack() as stack:
@@ -199,17 +200,17 @@ def compare(fmt: str, filename: str, target: Path, target_fmt: str, *, capacity:
         raise VerifyError(f"{target} differs from the source at byte {where}", hint=_DISCARD_HINT)
 
 
-def _virtual_size(fmt: str, filename: str, pass_fds: Sequence[int] = ()) -> int:
-    proc = run(["qemu-img", "info", "--output=json", "-f", fmt, filename], timeout=30, pass_fds=pass_fds)
+def _virtual_size(fmt: str, filename: str, pass_fds: Sequence[int] = (), objects: Sequence[str] = ()) -> int:
+    proc = run(["qemu-img", "info", *objects, "--output=json", "-f", fmt, filename], timeout=30, pass_fds=pass_fds)
     return int(json.loads(proc.stdout)["virtual-size"])
 
 
 def _source_map(fmt: str, filename: str, capacity: int,
-                pass_fds: Sequence[int]) -> tuple[list[Mapping], list[str]] | None:
+                pass_fds: Sequence[int], objects: Sequence[str] = ()) -> tuple[list[Mapping], list[str]] | None:
     """Where the source's data lies (``qemu-img map``'s table: the rest reads as zeros), or
     None when some of it is not plain bytes in a file. A pinned file is named ``/dev/fd/N``,
     which opens the same file here."""
-    proc = run(["qemu-img", "map", "-f", fmt, filename], timeout=timeout(capacity), check=False,
+    proc = run(["qemu-img", "map", *objects, "-f", fmt, filename], timeout=timeout(capacity), check=False,
                pass_fds=pass_fds)
     if proc.returncode != 0:
         if _UNMAPPABLE in proc.stderr:
@@ -239,7 +240,7 @@ def _source_map(fmt: str, filename: str, capacity: int,
 
 
 def _qemu_img_compare(fmt: str, filename: str, target: Path, target_fmt: str, *, capacity: int,
-                      is_block: bool, pass_fds: Sequence[int]) -> None:
+                      is_block: bool, pass_fds: Sequence[int], objects: Sequence[str] = ()) -> None:
     if is_block:
         # Past the page cache (cache.direct): twice as fast on a device, and the device's own bytes.
         spec = {"driver": target_fmt, "size": capacity,
@@ -252,7 +253,7 @@ def _qemu_img_compare(fmt: str, filename: str, target: Path, target_fmt: str, *,
         size = _virtual_size(target_fmt, str(target))
         if size != capacity:
             raise VerifyError(f"{target} is {size} bytes, the source is {capacity}", hint=_DISCARD_HINT)
-    argv = ["qemu-img", "compare", "-q", "-f", fmt, "-F", target_fmt, filename, argv_target]
+    argv = ["qemu-img", "compare", *objects, "-q", "-f", fmt, "-F", target_fmt, filename, argv_target]
     proc = run(argv, timeout=timeout(capacity), check=False, pass_fds=pass_fds)
     if proc.returncode == 1:
         raise VerifyError(f"{target} differs from the source", hint=_DISCARD_HINT)

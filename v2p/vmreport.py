@@ -147,12 +147,13 @@ def inspect_vm(path: str | os.PathLike[str] | Source, *, vmid: int = 100, **opti
     with scratch_dir("inspect-vm") as workdir:
         for index, disk in enumerate(spec.ordered_disks()):
             try:
-                given = source.disk_input(disk, Path(workdir) / str(index))  # nothing is read from it after
+                given = source.disk_facts(disk, Path(workdir) / str(index))
             except V2PError as exc:
                 report.disks.append(VMDisk(disk, keys.get(disk.label), disk.capacity, error=exc))
                 report.error = report.error or exc
                 continue
-            given.close()
+            finally:
+                source.release_disks()  # nothing is read from it after
             report.disks.append(VMDisk(disk, keys.get(disk.label), given.capacity, given.flavor, given.image,
                                        given.messages))
             chain = len(given.image.chain) if given.image is not None else 1

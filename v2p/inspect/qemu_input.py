@@ -1,11 +1,10 @@
-"""The input qemu-img reads of an inspected disk: a format, a filename or ``json:`` spec, the pinned files.
+"""The endpoint (``v2p.endpoint.DiskEndpoint``) of an inspected local disk: format, filename or ``json:``, pins.
 
 The other half of inspection's promise: qemu-img never sees a descriptor v2p
 has not validated. A VMDK is handed over as descriptors v2p writes itself from
 the checked extents (``qemu_source``), and every file is pinned (pinned.py) and
-named by its ``/dev/fd/N``. It lives in the inspect package so that inspection
-(which reads a disk's first sectors through it) and ``convert`` (which copies
-through it) both use it without importing each other.
+named by its ``/dev/fd/N``. It lives in the inspect package: inspection reads a disk's first sectors
+through it, and ``convert`` copies through the endpoint it makes.
 Not for: writing anything onto a target (``convert``).
 """
 
@@ -13,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
 
+from ..endpoint import DiskEndpoint, RawExtent
 from ..errors import SourceError, TargetError
 from ..fsutil import private_dir, write_atomic
 from ..pinned import PinnedFiles
@@ -24,27 +23,6 @@ from ..runner import run
 from .model import DiskImage, ExtentKind
 
 INFO_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class QemuInput:
-    """A qemu-img input: a format and a filename (or ``json:`` spec) qemu-img may open as that format.
-
-    ``pins`` holds the source files ``filename`` reads through ``/dev/fd/N``: every qemu-img
-    run on it gets them (``fds``), and ``close()`` gives them back once the disk is done.
-    """
-
-    fmt: str
-    filename: str
-    pins: PinnedFiles | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return self.pins.fds if self.pins is not None else ()
-
-    def close(self) -> None:
-        if self.pins is not None:
-            self.pins.close()
 
 
 def image_info(path: Path, fmt: str) -> dict[str, object]:
@@ -60,7 +38,7 @@ def pin(image: DiskImage) -> PinnedFiles:
     return PinnedFiles(image.file_ids, follow=image.path if image.named_link else None, reader_opens=opens)
 
 
-def qemu_source(image: DiskImage, workdir: Path) -> QemuInput:
+def qemu_source(image: DiskImage, workdir: Path) -> DiskEndpoint:
     """The input qemu-img should read for ``image``, its files pinned; for a VMDK, descriptors v2p writes.
 
     A snapshot chain becomes one descriptor per link, each naming the next by
@@ -75,16 +53,19 @@ def qemu_source(image: DiskImage, workdir: Path) -> QemuInput:
         raise
 
 
-def _qemu_source(image: DiskImage, workdir: Path, pins: PinnedFiles) -> QemuInput:
+def _qemu_source(image: DiskImage, workdir: Path, pins: PinnedFiles) -> DiskEndpoint:
+    def made(fmt: str, filename: str) -> DiskEndpoint:
+        return DiskEndpoint(fmt, filename, image.capacity, str(image.flavor), pins, raw=_raw_extents(image, pins))
+
     if not image.is_vmdk:
-        return QemuInput(image.qemu_format, pins.path(image.path), pins)
+        return made(image.qemu_format, pins.path(image.path))
     if image.parent is None and [e.path for e in image.extents] == [image.path]:
         # One self-contained sparse file: qemu reads it directly (a VMware
         # streamOptimized footer is only found that way), with any
         # parentFileNameHint in its embedded descriptor switched off.
         spec = {"driver": "vmdk", "file": {"driver": "file", "filename": pins.path(image.path)},
                 "backing": None}
-        return QemuInput("vmdk", "json:" + json.dumps(spec), pins)
+        return made("vmdk", "json:" + json.dumps(spec))
     private_dir(workdir)
     chain = image.chain
     target = workdir / "source.vmdk"
@@ -95,7 +76,15 @@ def _qemu_source(image: DiskImage, workdir: Path, pins: PinnedFiles) -> QemuInpu
         _write_descriptor(link, target, pins, cid=f"{depth + 1:08x}", parent=parent_file,
                           parent_cid=f"{depth + 2:08x}")
         parent_file = target
-    return QemuInput("vmdk", str(target), pins)
+    return made("vmdk", str(target))
+
+
+def _raw_extents(image: DiskImage, pins: PinnedFiles) -> tuple[RawExtent, ...] | None:
+    """Where a plain raw disk's bytes lie, through its pinned files (None for any other layout)."""
+    if not image.is_plain_raw:
+        return None
+    return tuple(RawExtent(pins.path(e.path) if e.path is not None else None, e.offset * 512, e.size)
+                 for e in image.extents)
 
 
 def _write_descriptor(image: DiskImage, target: Path, pins: PinnedFiles, *, cid: str, parent: Path | None,

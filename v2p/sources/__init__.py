@@ -17,10 +17,11 @@ from pathlib import Path
 
 from ..errors import SourceError
 from ..kindtable import KindTable
-from .base import DiskInput, Source
+from .base import DiskFacts, DiskInput, LocalSource, Source
 from .disk import DiskSource
 
-__all__ = ["KINDS", "DiskInput", "DiskSource", "Source", "SourceKind", "is_uri", "open_source", "register", "sniff"]
+__all__ = ["KINDS", "DiskFacts", "DiskInput", "DiskSource", "LocalSource", "Source", "SourceKind", "is_uri",
+           "open_source", "register", "sniff"]
 
 
 @dataclass(frozen=True)

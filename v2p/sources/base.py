@@ -3,38 +3,41 @@
 One module per kind (``disk.py`` a loose disk, ``vmx.py``, ``ovf.py`` for
 ``.ovf`` and ``.ova``; later vSphere). The pipeline holds a ``Source`` and never
 asks which kind it is, nor where the bytes live: it gets a ``VMSpec`` and, per
-disk, a ``DiskInput`` qemu-img can read. Sources are read only, never written.
+disk, its ``DiskFacts`` (cheap: capacity, flavor, boot layout) and the ``DiskEndpoint``
+the copier opens. Sources are read only, never written.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..endpoint import DiskEndpoint
+from ..events import Event, EventHandler, ignore
 from ..inspect.bootsector import BootLayout
 from ..inspect.model import DiskImage
-from ..inspect.qemu_input import QemuInput
 from ..spec import DiskSpec, VMSpec
 
 
 @dataclass(frozen=True)
-class DiskInput:
-    """One disk, ready for the converter: what qemu-img reads and how big it is.
+class DiskFacts:
+    """What a source knows about one disk without copying it: enough for inspect and preflight.
 
-    ``image`` is the inspected disk when its bytes are local files v2p checked
-    (the dd copier and ``inspect`` use it); ``messages`` are notes/warnings of
-    the inspection, as ("note" | "warning", text); ``boot`` the boot layout of
-    a disk that has no ``image``.
+    ``messages`` are notes/warnings of the inspection, as ("note" | "warning", text); ``image`` the
+    inspected disk when its bytes are local files v2p checked (its extents and chain, for the
+    record), else None; ``boot`` the boot layout of a disk that has no ``image``, None if unread
+    (a remote kind need not read a byte to answer).
     """
 
-    qemu: QemuInput
     capacity: int
     flavor: str
     image: DiskImage | None = None
     messages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-    boot: BootLayout | None = None  # a disk without ``image`` (read in place from an OVA): how it boots
+    boot: BootLayout | None = None
 
     @property
     def boot_firmware(self) -> tuple[str, str] | None:
@@ -43,15 +46,64 @@ class DiskInput:
             return self.image.boot_firmware, self.image.boot_detail
         return (self.boot.firmware, self.boot.detail) if self.boot is not None else None
 
+
+@dataclass(frozen=True)
+class DiskInput(DiskFacts):
+    """A local disk, inspected once: its facts and the endpoint qemu-img reads, its files held open
+    as they were inspected (``inspect.qemu_input.qemu_source``) until ``close()``."""
+
+    endpoint: DiskEndpoint = field(kw_only=True, compare=False)
+
     def close(self) -> None:
         """Let go of the source files held open for this disk (see pinned.py): nothing reads it after."""
-        self.qemu.close()
+        self.endpoint.close()
 
 
 class Source(abc.ABC):
-    """A VM to migrate, as one kind of input describes it."""
+    """A VM to migrate, as one kind of input describes it.
+
+    Its life: ``open`` (a session, a lease: nothing by default) before the pipeline reads a disk,
+    ``close`` after, on success, error or Ctrl-C alike (``opened`` does both). While open, it may
+    report progress with ``report`` (an ``Event``, say a ``progress`` of step ``fetch``), which goes
+    to the handler the pipeline gave ``opened``.
+    """
 
     kind: str = "source"
+    _events: EventHandler | None = None
+
+    def report(self, event: Event) -> None:
+        """Pass ``event`` to the pipeline's handler (nowhere while not ``opened``)."""
+        if self._events is not None:
+            self._events(event)
+
+    def open(self) -> None:
+        """Start what reading the disks needs (log in, take a lease). Nothing by default."""
+        return None
+
+    def close(self) -> None:
+        """End what ``open`` started and let go of every disk held open. Must not raise for a source
+        that never opened; called once per ``open``."""
+        self.release_disks()
+
+    @contextlib.contextmanager
+    def opened(self, events: EventHandler = ignore) -> Iterator[Source]:
+        """``open`` ... ``close``, reporting to ``events`` in between."""
+        self._events = events
+        try:
+            self.open()
+            yield self
+        finally:
+            try:
+                self.close()
+            finally:
+                self._events = None
+
+    def __enter__(self) -> Source:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -65,10 +117,19 @@ class Source(abc.ABC):
         """
 
     @abc.abstractmethod
-    def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
-        """What qemu-img reads for ``disk``: inspected and validated, its files held open as they were
-        inspected (``inspect.qemu_input.qemu_source``) until ``DiskInput.close()``. ``workdir`` is a private folder
-        of this migration where the source may write descriptors or stage small files."""
+    def disk_facts(self, disk: DiskSpec, workdir: Path) -> DiskFacts:
+        """Capacity, flavor, inspection messages and boot layout of ``disk``, cheaply: no copy starts.
+        ``workdir`` is a private folder of this migration where the source may write descriptors or
+        stage small files. Unsafe input is a ``SourceError``."""
+
+    @abc.abstractmethod
+    def disk_endpoint(self, disk: DiskSpec, workdir: Path) -> DiskEndpoint:
+        """What the copier opens for ``disk`` (``workdir`` as for ``disk_facts``); held until
+        ``release_disks`` or ``close``."""
+
+    def release_disks(self) -> None:
+        """Let go of what ``disk_facts``/``disk_endpoint`` hold (pinned files): the next call looks again."""
+        return None
 
     @abc.abstractmethod
     def fingerprint(self) -> list[dict[str, Any]]:
@@ -76,6 +137,37 @@ class Source(abc.ABC):
         a resumed run compares it to notice a source that changed or was swapped for another file."""
 
     def notices(self) -> list[str]:
-        """Warnings about the source itself found by ``spec``/``disk_input`` (an OVA without a
+        """Warnings about the source itself found by ``spec``/``disk_facts`` (an OVA without a
         manifest, a file the manifest does not list, ...), for the user to see. None by default."""
         return []
+
+
+class LocalSource(Source):
+    """A source whose disks are local files: one inspection (``disk_input``) answers both the facts
+    and the endpoint, kept until ``release_disks``."""
+
+    _inspected: dict[tuple[str, Path], DiskInput]
+
+    @abc.abstractmethod
+    def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
+        """``disk`` inspected and validated, its files held open as they were inspected
+        (``inspect.qemu_input.qemu_source``) until ``DiskInput.close()``."""
+
+    def _input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
+        if "_inspected" not in vars(self):
+            self._inspected = {}
+        key = (disk.label, workdir)
+        if key not in self._inspected:
+            self._inspected[key] = self.disk_input(disk, workdir)
+        return self._inspected[key]
+
+    def disk_facts(self, disk: DiskSpec, workdir: Path) -> DiskFacts:
+        return self._input(disk, workdir)
+
+    def disk_endpoint(self, disk: DiskSpec, workdir: Path) -> DiskEndpoint:
+        return self._input(disk, workdir).endpoint
+
+    def release_disks(self) -> None:
+        inspected = vars(self).get("_inspected", {})
+        while inspected:
+            inspected.popitem()[1].close()

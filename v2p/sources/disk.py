@@ -17,7 +17,7 @@ from ..convert import source_fingerprint
 from ..inspect import DiskImage, inspect_disk
 from ..inspect.qemu_input import qemu_source
 from ..spec import DiskSpec, NicSpec, VMSpec, dns_name
-from .base import DiskInput, Source
+from .base import DiskInput, LocalSource
 
 # ddb.adapterType -> (controller, VMware's controller model)
 _ADAPTERS = {"ide": ("ide", None), "buslogic": ("scsi", "buslogic"), "lsilogic": ("scsi", "lsilogic"),
@@ -25,7 +25,7 @@ _ADAPTERS = {"ide": ("ide", None), "buslogic": ("scsi", "buslogic"), "lsilogic":
              "pvscsi": ("scsi", "pvscsi")}
 
 
-class DiskSource(Source):
+class DiskSource(LocalSource):
     """One disk file; hardware from the user's options."""
 
     kind = "disk"
@@ -57,8 +57,8 @@ class DiskSource(Source):
 
     def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
         image = self.image()
-        return DiskInput(qemu_source(image, workdir), image.capacity, str(image.flavor), image,
-                         tuple(image.messages))
+        return DiskInput(image.capacity, str(image.flavor), image, tuple(image.messages),
+                         endpoint=qemu_source(image, workdir))
 
     def fingerprint(self) -> list[dict[str, Any]]:
         return source_fingerprint(self.image())

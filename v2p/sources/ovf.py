@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..convert import file_identity
+from ..endpoint import DiskEndpoint
 from ..errors import SourceError
 from ..inspect import bootsector, check_raw, describe_bytes, foreign_format, inspect_disk, read_head, vmdk
 from ..inspect.model import SECTOR, Flavor
-from ..inspect.qemu_input import INFO_TIMEOUT, QemuInput, qemu_source
+from ..inspect.qemu_input import INFO_TIMEOUT, qemu_source
 from ..pinned import FileId, PinnedFiles, open_checked
 from ..runner import run
 from ..spec import DiskSpec
@@ -79,7 +81,7 @@ class OvfSource(OvfPackage):
         except BaseException:
             qemu.close()
             raise
-        return DiskInput(qemu, image.capacity, image.flavor.value, image, tuple(image.messages))
+        return DiskInput(image.capacity, image.flavor.value, image, tuple(image.messages), endpoint=qemu)
 
     def fingerprint(self) -> list[dict[str, Any]]:
         envelope = self.envelope()
@@ -186,7 +188,7 @@ class OvaSource(OvfPackage):
                 raise SourceError(f"{where}: a raw disk of {member.size} bytes, but the OVF declares a capacity "
                                   f"of {disk.capacity}: refused", hint="the package is damaged; export it again")
             self.verify(href)
-            qemu = QemuInput("raw", "json:" + json.dumps(window), pins)
+            qemu = DiskEndpoint("raw", "json:" + json.dumps(window), member.size, Flavor.RAW.value, pins)
             flavor, capacity = Flavor.RAW, member.size
         else:
             flavor, fmt = found
@@ -194,13 +196,14 @@ class OvaSource(OvfPackage):
             spec: dict[str, Any] = {"driver": fmt, "file": window}
             if fmt == "qcow2":
                 spec["backing"] = None
-            qemu = QemuInput(fmt, "json:" + json.dumps(spec), pins)
+            qemu = DiskEndpoint(fmt, "json:" + json.dumps(spec), None, flavor.value, pins)
             info = json.loads(run(["qemu-img", "info", "--output=json", "-f", fmt, qemu.filename],
                                   timeout=INFO_TIMEOUT, pass_fds=qemu.fds).stdout)
             capacity = int(info["virtual-size"])
+            qemu = replace(qemu, capacity=capacity)
         note = (f"{member.name} ({flavor.value}) is read in place from {self.path.name} (offset {member.offset}, "
                 f"{member.size} bytes); nothing is extracted")
-        return DiskInput(qemu, capacity, flavor.value, None, (("note", note),), boot=_boot(qemu))
+        return DiskInput(capacity, flavor.value, None, (("note", note),), boot=_boot(qemu), endpoint=qemu)
 
     def _in_place(self, src: BinaryIO, member: Member, where: str) -> DiskInput:
         """A hosted sparse VMDK (streamOptimized, as OVAs carry): qemu reads it where it lies,
@@ -224,15 +227,17 @@ class OvaSource(OvfPackage):
         pins = PinnedFiles({self.path: self._id})
         window = {"driver": "raw", "offset": member.offset, "size": member.size,
                   "file": {"driver": "file", "filename": pins.path(self.path)}}
-        qemu = QemuInput("vmdk", "json:" + json.dumps({"driver": "vmdk", "file": window, "backing": None}), pins)
+        qemu = DiskEndpoint("vmdk", "json:" + json.dumps({"driver": "vmdk", "file": window, "backing": None}),
+                            header.capacity * SECTOR, flavor.value, pins)
         note = (f"{member.name} is read in place from {self.path.name} (offset {member.offset}, "
                 f"{member.size} bytes); nothing is extracted")
-        return DiskInput(qemu, header.capacity * SECTOR, flavor.value, None, (("note", note),), boot=_boot(qemu))
+        return DiskInput(header.capacity * SECTOR, flavor.value, None, (("note", note),), boot=_boot(qemu),
+                         endpoint=qemu)
 
     def fingerprint(self) -> list[dict[str, Any]]:
         return [file_identity(self.path)]
 
 
-def _boot(qemu: QemuInput) -> bootsector.BootLayout:
+def _boot(qemu: DiskEndpoint) -> bootsector.BootLayout:
     """How a disk read in place boots: its first sectors, read through the same checked window."""
     return bootsector.layout(read_head(qemu.fmt, qemu.filename, qemu.fds))

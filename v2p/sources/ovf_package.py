@@ -20,7 +20,7 @@ from typing import BinaryIO
 from ..errors import SourceError
 from ..inspect import vmdk
 from ..spec import DiskSpec, VMSpec
-from .base import Source
+from .base import LocalSource
 from .ovf_mapping import Envelope, parse_envelope
 from .ovf_xml import FileRef, check_href
 
@@ -69,7 +69,7 @@ def read_bounded(src: BinaryIO, size: int, limit: int, name: str, what: str) -> 
     return src.read(size)
 
 
-class OvfPackage(Source):
+class OvfPackage(LocalSource):
     """What ``.ovf`` and ``.ova`` share: the envelope, the manifest, verified files.
 
     ``warnings`` collects what the user should see (no manifest, a file the

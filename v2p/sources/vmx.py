@@ -25,7 +25,7 @@ from ..inspect import vmdk as vmdk_parser
 from ..inspect.model import SECTOR, DiskImage
 from ..inspect.qemu_input import qemu_source
 from ..spec import CONTROLLER_KINDS, CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
-from .base import DiskInput, Source
+from .base import DiskInput, LocalSource
 
 # A .vmx is a few KiB; a big one carries guestinfo blobs. Past this it is not a .vmx.
 MAX_VMX = 4 << 20
@@ -237,7 +237,7 @@ class _Slot:
         return f"{self.controller}{self.bus}:{self.unit}"
 
 
-class VmxSource(Source):
+class VmxSource(LocalSource):
     """A VMware VM given as its ``.vmx``; its disks are the files the .vmx names beside it."""
 
     kind = "vmx"
@@ -447,7 +447,7 @@ class VmxSource(Source):
         image = self._inspect(disk, path, check_boot=True)
         # One folder per disk: qemu_source writes its descriptors under fixed names.
         qemu = qemu_source(image, workdir / f"{disk.controller}{disk.bus}-{disk.unit}")
-        return DiskInput(qemu, image.capacity, image.flavor.value, image, tuple(image.messages))
+        return DiskInput(image.capacity, image.flavor.value, image, tuple(image.messages), endpoint=qemu)
 
     def fingerprint(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [file_identity(Path(os.path.abspath(self.path)))]

@@ -17,8 +17,7 @@ from ..errors import TargetError
 from ..storage import BlockStorage, Storage
 
 if TYPE_CHECKING:
-    from ..inspect.model import DiskImage
-    from ..inspect.qemu_input import QemuInput
+    from ..endpoint import DiskEndpoint
 
 VMConfig = dict[str, str]
 # Bytes sent so far and in all, for a transfer that is not a disk's write (an upload to the target).
@@ -95,7 +94,7 @@ class DiskSink(abc.ABC):
     in_place: bool  # written where it stays (a block device, a target-allocated volume): nothing renamed
 
     @abc.abstractmethod
-    def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
+    def check(self, src: DiskEndpoint, *, capacity: int) -> dict[str, Any]:
         """Refuse, before anything is written, a storage that cannot take this disk; returns
         ``storage`` (its description), ``format``, ``required_bytes`` and ``free_bytes``, and in
         ``also`` (optional) the other storages the disk keeps room on until the migration ends, each
@@ -112,18 +111,19 @@ class DiskSink(abc.ABC):
         Whether the write finished is the caller's record to say (``fingerprint``)."""
 
     @abc.abstractmethod
-    def write(self, src: QemuInput, *, capacity: int, progress: Callable[[float], None] | None = None,
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
               bwlimit: int | None = None) -> None:
         """Convert ``src`` (``capacity`` bytes) into a temporary volume created anew (any earlier
         temporary or committed volume of this disk is removed first). ``progress`` gets percents,
         ``bwlimit`` is bytes per second. On any failure the temporary volume is removed."""
 
-    def write_dd(self, image: DiskImage, *, progress: Callable[[float], None] | None = None) -> None:
-        """Like ``write``, but copy a plain raw ``image`` with ``dd`` (the seed procedure's copier)."""
+    def write_dd(self, src: DiskEndpoint, *, progress: Callable[[float], None] | None = None) -> None:
+        """Like ``write``, but copy the bytes of a plain raw ``src`` (``src.raw``) with ``dd`` (the seed
+        procedure's copier)."""
         raise no_dd()
 
     @abc.abstractmethod
-    def verify(self, src: QemuInput, *, capacity: int) -> None:
+    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         """Raise ``VerifyError`` unless the temporary volume or, once committed, the committed
         one holds exactly the bytes of ``src``. Nothing is removed either way."""
 

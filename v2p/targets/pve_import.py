@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import convert
+from ..endpoint import DiskEndpoint
 from ..errors import NoSpaceError, TargetError
-from ..inspect.qemu_input import QemuInput
 from ..storage import Volume
 from ..volumes import Drive, VolumeRef, drive_volume, import_name, new_volume, print_drive
 from .base import ByteProgress, DiskSink
@@ -49,7 +49,7 @@ class RemoteImportSink(DiskSink):
     def _content(self) -> list[dict[str, Any]]:
         return self.target.import_content(self.import_storage)
 
-    def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
+    def check(self, src: DiskEndpoint, *, capacity: int) -> dict[str, Any]:
         self.target.pve_release().require(REMOTE_PATH, path="the upload path (a disk uploaded, then import-from)",
                                       instead=REMOTE_INSTEAD)
         self._check_import_content()
@@ -99,7 +99,7 @@ class RemoteImportSink(DiskSink):
     def written(self) -> bool:
         return self.staging.path.exists() and not self.exists()
 
-    def write(self, src: QemuInput, *, capacity: int, progress: Callable[[float], None] | None = None,
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
               bwlimit: int | None = None) -> None:
         self._delete_upload()
         staging = self.staging
@@ -110,7 +110,7 @@ class RemoteImportSink(DiskSink):
             staging.path.unlink(missing_ok=True)
             raise
 
-    def verify(self, src: QemuInput, *, capacity: int) -> None:
+    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         if not self.staging.path.exists():
             raise TargetError(f"nothing written for {self.import_volid} to verify (no staging file)",
                               hint="run the same command again: the disk is written anew")

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from ..endpoint import DiskEndpoint
 from ..errors import NoSuchVMError, TargetError
-from ..inspect.model import DiskImage
-from ..inspect.qemu_input import QemuInput
 from ..storage import DirStorage, Storage, Volume
 from ..volumes import VolumeRef, drive_volume
 from .base import ByteProgress, DiskSink
@@ -226,7 +225,7 @@ class OnNodeSink(DiskSink):
                                   hint=f"detach it from VM {self.vmid}, or choose another --storage")
 
     # -- DiskSink --------------------------------------------------------------
-    def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
+    def check(self, src: DiskEndpoint, *, capacity: int) -> dict[str, Any]:
         # No name is needed to measure the room (the VM may not exist yet).
         return StorageSink(self.storage, self.vmid, self.index, self.fmt).check(src, capacity=capacity)
 
@@ -236,16 +235,16 @@ class OnNodeSink(DiskSink):
     def written(self) -> bool:
         return self._sink().written()
 
-    def write(self, src: QemuInput, *, capacity: int, progress: Callable[[float], None] | None = None,
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
               bwlimit: int | None = None) -> None:
         self._refuse_theirs()
         self._sink().write(src, capacity=capacity, progress=progress, bwlimit=bwlimit)
 
-    def write_dd(self, image: DiskImage, *, progress: Callable[[float], None] | None = None) -> None:
+    def write_dd(self, src: DiskEndpoint, *, progress: Callable[[float], None] | None = None) -> None:
         self._refuse_theirs()
-        self._sink().write_dd(image, progress=progress)
+        self._sink().write_dd(src, progress=progress)
 
-    def verify(self, src: QemuInput, *, capacity: int) -> None:
+    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         self._sink().verify(src, capacity=capacity)
 
     def commit(self, *, progress: ByteProgress | None = None) -> str:

@@ -2,7 +2,7 @@
 
 ``StorageSink`` takes one disk of one VM through a ``Storage``: a temporary
 volume is allocated and written (``qemu-img convert``, or ``dd`` for a plain
-raw source), compared with the source, then renamed to its final volume id.
+raw disk), compared with the source, then renamed to its final volume id.
 Not for: choosing a storage or format (the target does, in ``storage_sink``),
 nor recording progress (the caller keeps the record; ``fingerprint`` feeds it).
 """
@@ -13,9 +13,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import convert
+from ..endpoint import DiskEndpoint
 from ..errors import NoSpaceError, TargetError
-from ..inspect.model import DiskImage
-from ..inspect.qemu_input import QemuInput
 from ..options import OptionError
 from ..storage import Storage, Volume
 from .base import ByteProgress, DiskSink
@@ -53,7 +52,7 @@ class StorageSink(DiskSink):
         return self._located(self._final if self._committed() else self._partial)
 
     # -- DiskSink --------------------------------------------------------------
-    def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
+    def check(self, src: DiskEndpoint, *, capacity: int) -> dict[str, Any]:
         self.storage.check(capacity, force=self.force)
         self.storage.check_vm(self.vmid)
         required = self.storage.required_bytes(capacity, convert.measure(src, self.fmt))
@@ -70,14 +69,15 @@ class StorageSink(DiskSink):
     def written(self) -> bool:
         return self.storage.exists(self._partial)
 
-    def write(self, src: QemuInput, *, capacity: int, progress: Callable[[float], None] | None = None,
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
               bwlimit: int | None = None) -> None:
         self._write(capacity, lambda partial, zero: convert.convert(
             src, partial, capacity=capacity, target_is_zero=zero, bwlimit=bwlimit, on_progress=progress))
 
-    def write_dd(self, image: DiskImage, *, progress: Callable[[float], None] | None = None) -> None:
-        self._write(image.capacity, lambda partial, zero: convert.copy_dd(
-            image, partial, target_is_zero=zero, on_progress=progress))
+    def write_dd(self, src: DiskEndpoint, *, progress: Callable[[float], None] | None = None) -> None:
+        capacity = sum(extent.size for extent in src.raw or ())
+        self._write(capacity, lambda partial, zero: convert.copy_dd(
+            src, partial, target_is_zero=zero, on_progress=progress))
 
     def _write(self, capacity: int, copy: Callable[[Volume, bool], None]) -> None:
         partial = self.storage.allocate(self.vmid, self.index, self.fmt, capacity, force=self.force)
@@ -88,7 +88,7 @@ class StorageSink(DiskSink):
             self.storage.remove(partial)
             raise
 
-    def verify(self, src: QemuInput, *, capacity: int) -> None:
+    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         written = self._written_volume()
         if not self.storage.exists(written):
             raise TargetError(f"{self.storage.describe()}: nothing written for {self.volid} to verify",

@@ -1,0 +1,1 @@
+"""Example kinds used by tests only (see docs/HACKING.md, "Adding a source kind")."""
