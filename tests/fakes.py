@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from v2p.convert import file_identity
+from v2p.endpoint import DiskEndpoint
 from v2p.errors import NoSuchVMError, TargetError, VMIDExistsError
-from v2p.inspect.qemu_input import QemuInput
-from v2p.sources.base import DiskInput, Source
+from v2p.sources.base import DiskFacts, Source
 from v2p.spec import DiskSpec, NicSpec, VMSpec
 from v2p.storage import DirStorage, Storage
 from v2p.targets.base import BOOT_UP, BootReport, Capabilities, DiskSink, GuestIO, Target, VMConfig
@@ -231,7 +231,7 @@ class FakeSink(DiskSink):
     def _call(self, method: str) -> None:
         self.target._call(method, self.volid)
 
-    def check(self, src: QemuInput, *, capacity: int) -> dict[str, Any]:
+    def check(self, src: DiskEndpoint, *, capacity: int) -> dict[str, Any]:
         self._call("check")
         room = self.real.check(src, capacity=capacity)
         if self.storage in self.target.free:
@@ -244,12 +244,12 @@ class FakeSink(DiskSink):
     def written(self) -> bool:
         return self.real.written()
 
-    def write(self, src: QemuInput, *, capacity: int, progress: Callable[[float], None] | None = None,
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
               bwlimit: int | None = None) -> None:
         self._call("write")
         self.real.write(src, capacity=capacity, progress=progress, bwlimit=bwlimit)
 
-    def verify(self, src: QemuInput, *, capacity: int) -> None:
+    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         self._call("verify")
         self.real.verify(src, capacity=capacity)
 
@@ -275,7 +275,7 @@ class FakeSource(Source):
         self.disks = disks
         self.name = name
         self.guest_os = guest_os
-        self.inputs = 0  # disk_input calls: what a stage read of the source
+        self.inputs = 0  # disk_facts/disk_endpoint calls: what a stage asked of the source
 
     def describe(self) -> str:
         return f"fake:{self.name}"
@@ -286,9 +286,14 @@ class FakeSource(Source):
         return VMSpec(name=self.name, guest_os=self.guest_os, memory_mib=64, disks=disks,
                       nics=[NicSpec("vmxnet3", "00:50:56:00:00:01")])
 
-    def disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
+    def disk_facts(self, disk: DiskSpec, workdir: Path) -> DiskFacts:
         self.inputs += 1
-        return DiskInput(QemuInput("raw", disk.source), capacity=Path(disk.source).stat().st_size, flavor="raw")
+        return DiskFacts(capacity=Path(disk.source).stat().st_size, flavor="raw")
+
+    def disk_endpoint(self, disk: DiskSpec, workdir: Path) -> DiskEndpoint:
+        self.inputs += 1
+        size = Path(disk.source).stat().st_size
+        return DiskEndpoint("raw", disk.source, capacity=size, flavor="raw")
 
     def fingerprint(self) -> list[dict[str, Any]]:
         return [file_identity(path) for path in self.disks]

@@ -52,9 +52,9 @@ class InProcessPlan:
         """Every disk's sink ``check``, summed per storage (``plan run``'s ``_measure``)."""
         space, source = SpaceNeed(), self.sources[index]
         for disk_index, disk in enumerate(source.spec().disks):
-            given = source.disk_input(disk, Path("/nonexistent"))
+            endpoint = source.disk_endpoint(disk, Path("/nonexistent"))
             sink = self.target.disk_sink(self.vmid(index), disk_index, fmt=None, storage="local")
-            space.add(sink.check(given.qemu, capacity=given.capacity))
+            space.add(sink.check(endpoint, capacity=source.disk_facts(disk, Path("/nonexistent")).capacity))
         return Need(KEY, space.required, space.free)
 
     def look(self) -> None:
