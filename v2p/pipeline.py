@@ -42,7 +42,8 @@ from .fsutil import remove_tree
 from .options import MigrationOptions, check_vmid
 from .sources import Source, open_source
 from .spec import VMSpec
-from .stages import STAGES, Context, Stage, disk_stage, stage_kind, stages_for
+from .stage_context import Context, disk_stage
+from .stages import STAGES, Stage, stage_kind, stages_for
 from .state import MigrationState, VmidLock, check_fields, now
 from .targets.base import Target
 from .testhooks import hold_point

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import api, drivers, pveconfig, rules, stages
+from . import api, drivers, pveconfig, rules, stage_checks
 from .errors import V2PError
 from .options import MigrationOptions
 from .plan_model import PlanVM, Problem
@@ -187,7 +187,7 @@ class Checker:
                 options = dict(vm.options)
                 if report is not None and report.ostype:  # the VM's own, as the run resolves it
                     options["ostype"] = report.ostype
-                stages.driver_folders(path, MigrationOptions(**options))
+                stage_checks.driver_folders(path, MigrationOptions(**options))
         except V2PError as exc:
             said = plan_words(str(exc))
             named = said.startswith("drivers ISO ")

@@ -34,7 +34,7 @@ from .options import OptionError
 from .planchild import Child, Children, event_of
 from .planschedule import Need, Scheduler, gib
 from .sizing import SpaceNeed
-from .stages import disk_stage
+from .stage_context import disk_stage
 from .state import MigrationState, VmidLock
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 

@@ -8,16 +8,11 @@ state file through the pipeline only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-from . import drivers, pveconfig, rules
+from . import pveconfig, rules
 from .boot_outcomes import BOOT_SKIPPED, BootFailed, boot_outcome, failed_hint
 from .bootwatch import clean
-from .convert import same_files, stage
+from .convert import same_files
 from .dance import DanceOptions, DriverDance
-from .endpoint import DiskEndpoint
 from .errors import (
     VMID_TAKEN_HINT,
     NoSpaceError,
@@ -25,113 +20,19 @@ from .errors import (
     TargetError,
     VMIDExistsError,
 )
-from .events import Event, EventHandler
-from .fsutil import private_dir
-from .options import MigrationOptions, OptionError
+from .events import Event
+from .options import OptionError
 from .runner import which
 from .sizing import SpaceNeed
-from .sources import DiskFacts, Source
-from .spec import DiskSpec, VMSpec
+from .stage_checks import boot_layout, check_access, check_drivers, check_rules, upload_progress
+from .stage_context import Context, Record, disk_stage
 from .state import FieldType
-from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, ByteProgress, DiskSink, Target, no_dd
+from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, no_dd
 from .testhooks import hold_point
 
-Record = dict[str, Any]
 GUEST_LINES = 20  # the guest's last serial lines shown after a boot check
 CHECK_STOP_GRACE = 5.0  # seconds the boot check's VM gets to act on the power button
 
-
-def disk_stage(kind: str, index: int) -> str:
-    """The record name of a per-disk stage: ``convert`` / ``verify`` for the boot disk (the names a
-    one-disk migration always had), ``convert:N`` / ``verify:N`` for disk N."""
-    return kind if index == 0 else f"{kind}:{index}"
-
-
-@dataclass
-class Context:
-    """What every stage of one migration may read.
-
-    ``options`` are the user's, completed from the VM's own hardware
-    (``MigrationOptions.resolved``); ``source`` is read through the Source
-    interface only: no stage knows whether it is a disk, a .vmx or an .ova, nor where its bytes are.
-    """
-
-    source: Source
-    vmid: int
-    options: MigrationOptions
-    target: Target
-    migration_id: str
-    workdir: Path
-    emit: EventHandler
-    spec: VMSpec
-    chosen_ostype: str | None = None  # the user's --os (l26 for a loose disk); None: the guest OS decides
-    records: dict[str, Record] = field(default_factory=dict)
-    recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
-    _copied: dict[int, DiskEndpoint] = field(default_factory=dict)
-    _sinks: dict[int, DiskSink] = field(default_factory=dict)
-
-    @property
-    def guest_owns_disk(self) -> bool:
-        """Once attached, the disks are the guest's: it writes to them on every boot."""
-        return "attach" in self.recorded
-
-    def disks(self) -> list[DiskSpec]:
-        """The VM's disks, the boot disk first: disk N of the migration is ``disks()[N]``."""
-        return self.spec.ordered_disks()
-
-    def close_inputs(self) -> None:
-        """Let go of what the source holds open for its disks (the next ``facts`` inspects again)."""
-        self._copied.clear()
-        self.source.release_disks()
-
-    def facts(self, index: int) -> DiskFacts:
-        """Disk ``index`` as the source describes it, without a copy starting."""
-        private_dir(self.workdir)  # a source writes its own folders below it: none may be a link
-        return self.source.disk_facts(self.disks()[index], self.workdir)
-
-    def endpoint(self, index: int) -> DiskEndpoint:
-        """What qemu-img opens to read disk ``index`` from the source."""
-        private_dir(self.workdir)
-        return self.source.disk_endpoint(self.disks()[index], self.workdir)
-
-    def copy_source(self, index: int, stage_name: str) -> DiskEndpoint:
-        """What convert and verify read for disk ``index``: the source's endpoint, or, when reading
-        it again would cost a second download (``rereadable`` False), a local stage of it read
-        once into the workdir (``progress`` events of step ``fetch`` while it is read)."""
-        if index not in self._copied:
-            given = self.endpoint(index)
-            if given.rereadable:
-                return given
-            capacity = self.facts(index).capacity
-            path = private_dir(self.workdir / "stage") / f"disk{index}.raw"
-            if not path.is_file():
-                self.emit(Event("info", stage_name, f"fetch: reading disk {index} from the source into a local "
-                                f"stage ({capacity} bytes)", disk=index, step="fetch"))
-
-            def progress(percent: float) -> None:
-                done = int(capacity * percent / 100)
-                self.emit(Event("progress", stage_name, data={
-                    "disk": index, "percent": percent, "bytes": done, "total": capacity},
-                    disk=index, done=done, total=capacity, step="fetch"))
-
-            self._copied[index] = stage(given, path, capacity=capacity, on_progress=progress)
-        return self._copied[index]
-
-    def drop_stage(self, index: int) -> None:
-        """Remove disk ``index``'s local stage, if it has one (its disk is verified: nothing reads it after)."""
-        if self._copied.pop(index, None) is not None:
-            (self.workdir / "stage" / f"disk{index}.raw").unlink(missing_ok=True)
-
-    def sink(self, index: int) -> DiskSink:
-        """Where disk ``index`` goes on the target (the stages never build a target path)."""
-        if index not in self._sinks:
-            self._sinks[index] = self.target.disk_sink(self.vmid, index, fmt=self.options.fmt,
-                                                       storage=self.options.storage, device=self.options.device,
-                                                       force=self.options.force)
-        return self._sinks[index]
-
-    def tag(self) -> str:
-        return pveconfig.migration_tag(self.migration_id)
 
 
 class Stage:
@@ -232,87 +133,6 @@ class Preflight(Stage):
                                         progress=upload_progress(ctx, self.name, "the drivers ISO")))
         return record
 
-
-def check_rules(spec: VMSpec, options: MigrationOptions, disks: list[Record], *,
-                chosen_ostype: str | None) -> list[rules.Finding]:
-    """The named preflight rules for this VM with these options (``disks``: the inspect stage's rows;
-    ``chosen_ostype``: MigrationOptions.chosen_ostype of the user's options)."""
-    return rules.check(spec, options, ostype=chosen_ostype, bridges=options.networks,
-                       default_bridge=options.bridge, chains={d["label"]: d["chain"] for d in disks},
-                       capacities={d["label"]: d["capacity"] for d in disks}, ignore=options.ignore_rules,
-                       boots={d["label"]: (d["boot_firmware"], d.get("boot_detail", "")) for d in disks
-                              if d.get("boot_firmware")})
-
-
-def boot_layout(given: DiskFacts) -> Record:
-    """An inspect record's ``boot_firmware``/``boot_detail`` (what check_rules' ``boots`` reads)."""
-    if given.boot_firmware is None:
-        return {}
-    firmware, detail = given.boot_firmware
-    return {"boot_firmware": firmware, "boot_detail": detail}
-
-
-def check_access(ctx: Context) -> None:
-    """The target's permissions for everything this migration will write (the Create and Attach
-    stages' config, the boot check's or --start's power), before anything is made."""
-    create = pveconfig.vm_config(ctx.spec, ctx.options, bridges=ctx.options.networks,
-                                 default_bridge=ctx.options.bridge, tag=ctx.tag(), vmid=ctx.vmid,
-                                 ostype=ctx.options.ostype)
-    update: dict[str, str] = {}
-    if ctx.spec.firmware == "efi":
-        update["efidisk0"] = pveconfig.efidisk(ctx.options.storage, secure_boot=ctx.spec.secure_boot)
-    placed = pveconfig.disk_keys(ctx.spec, ctx.options, ostype=ctx.options.ostype or "l26")
-    by_label = {disk.label: index for index, disk in enumerate(ctx.disks())}
-    for disk, key in placed:  # each disk a new volume on the storage (PVE's STORAGE:GiB)
-        update[key] = f"{ctx.options.storage}:{max(1, ctx.facts(by_label[disk.label]).capacity >> 30)}"
-    update["boot"] = pveconfig.boot_order([key for _disk, key in placed])
-    power = bool(ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance)
-    ctx.target.check_access(ctx.vmid, create, update, storage=ctx.options.storage, power=power,
-                            dance=bool(ctx.options.needs_dance), drivers_iso=ctx.options.drivers_iso)
-
-
-def upload_progress(ctx: Context, stage: str, what: str, disk: int | None = None) -> ByteProgress | None:
-    """Progress of an upload to the target during ``stage`` (None: the target uploads nothing,
-    ``Capabilities.uploads``), as events of the step ``upload``: a line
-    when it starts and when all is sent (the target then checks and stores it), ``progress`` events
-    with the bytes sent between (``data['bytes']``/``data['total']``, as a disk's write has)."""
-
-    def report(done: int, total: int) -> None:
-        if done == 0:
-            ctx.emit(Event("info", stage, f"upload: sending {what} to the target ({total} bytes)",
-                           disk=disk, step="upload"))
-        data = {"percent": 100.0 * done / total if total else 100.0, "bytes": done, "total": total}
-        ctx.emit(Event("progress", stage, data=data if disk is None else {"disk": disk, **data},
-                       disk=disk, done=done, total=total, step="upload"))
-        if done >= total:
-            ctx.emit(Event("info", stage, f"upload: {what} sent; the target checks and stores it",
-                           disk=disk, step="upload"))
-    return report if ctx.target.capabilities.uploads else None
-
-
-def check_drivers(target: Target, options: MigrationOptions, *, progress: ByteProgress | None = None) -> Record:
-    """Find the drivers ISO and make sure it has what this Windows needs (before anything is made);
-    an upload of it reports to ``progress``."""
-    given = options.drivers_iso
-    if given and "," in given:
-        raise OptionError(f"drivers ISO {given}: a path with a comma cannot go into a VM config",
-                          hint="rename or link the ISO")
-    path, volid = target.drivers_iso(given, progress=progress)
-    if path is None:  # only on the target: attached as it is, its drivers unchecked
-        return {"drivers_iso": volid, "driver_folders": {}}
-    return {"drivers_iso": volid, "driver_folders": driver_folders(path, options)}
-
-
-def driver_folders(path: Path, options: MigrationOptions) -> dict[str, str]:
-    """The folders of the drivers ISO at ``path`` this Windows needs ({} if it needs none); a
-    ``DriversError`` for a file that is no ISO, or an ISO without them."""
-    iso = drivers.read_iso(path)
-    if not options.needs_dance:
-        return {}
-    storage_driver = "viostor" if options.bus == "virtio" else "vioscsi"
-    wanted = (storage_driver, "NetKVM") if options.net_drivers else (storage_driver,)
-    assert options.ostype is not None
-    return iso.require(wanted, options.ostype, options.arch)
 
 
 def _ours(ctx: Context) -> bool:

@@ -23,7 +23,7 @@ from .fsutil import remove_tree
 from .migration import TargetSpec, as_target, one_line_os_errors
 from .options import MigrationOptions, OptionError, check_bool, check_seconds, check_vmid
 from .pipeline import check_records
-from .stages import check_drivers
+from .stage_checks import check_drivers
 from .state import MigrationState, VmidLock, list_states
 from .targets.base import Target
 

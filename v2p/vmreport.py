@@ -24,7 +24,7 @@ from .migration import check_source
 from .options import MigrationOptions, OptionError, check_vmid
 from .sources import DiskSource, Source, open_source
 from .spec import DiskSpec, VMSpec
-from .stages import boot_layout, check_rules
+from .stage_checks import boot_layout, check_rules
 
 
 def inspect(path: str | os.PathLike[str]) -> DiskImage:
