@@ -15,6 +15,7 @@ from conftest import SAMPLES, V2P, one_line_error
 from test_resume import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("short_settle")  # the stand-ins settle in seconds (conftest)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from v2p.errors import EXIT_BOOT_UNCONFIRMED
 from v2p.targets.proxmox import ProxmoxTarget, target_from_url
 
 PATHS = ("remote", "on-node")
+pytestmark = pytest.mark.usefixtures("short_settle")  # the stand-ins settle in seconds (conftest)
 
 
 def run(v2p: V2P, sim: Any, tmp_path: Path, path: str, *args: str, storage: str = "local",  # type: ignore[no-untyped-def]
