@@ -8,6 +8,10 @@ BIN    := $(VENV)/bin
 SAMPLES := sample_images/out
 DEMO_DIR := $(CURDIR)/.demo
 DEMO_VMID := 100
+# pytest-xdist workers. The whole suite mostly waits (guests under TCG, boot checks, timeouts): twice
+# CI's 2 cores keeps both busy. The fast tier is CPU-bound: one worker per core.
+TEST_JOBS ?= 4
+FAST_JOBS ?= auto
 
 .PHONY: setup system venv samples demo test test-fast lint bench clean
 
@@ -36,10 +40,10 @@ demo: samples
 	@grep -a 'v2p-guest' $(DEMO_DIR)/run/$(DEMO_VMID)/serial.log | tr -d '\r'
 
 test: samples lint
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal --durations=15 tests
 
 test-fast: samples
-	$(BIN)/python -m pytest -q -m 'not slow' --durations=10 tests
+	$(BIN)/python -m pytest -q -n $(FAST_JOBS) --dist worksteal -m 'not slow' --durations=10 tests
 
 lint: setup
 	$(BIN)/ruff check v2p tests bench sample_images

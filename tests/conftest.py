@@ -225,8 +225,17 @@ def source_of(manifest: dict[str, Any], tmp_path: Path):  # type: ignore[no-unty
         src.assert_unchanged()
 
 
+# The boot check's settle in the command's processes (v2p/testhooks.py), for the driver-dance tests
+# (``short_settle``): 20 s is for real guests; the stand-in guests reset (a blue screen's restart, ~2 s
+# after its STOP) or fail within a few seconds of their sign, and most of a dance test was this wait.
+# Every other test, in-process ones and the boot engine's, keeps 20 s.
+SETTLE_ENV, PROCESS_SETTLE = "V2P_TEST_SETTLE", "10"
+
+
 class V2P:
     """Runs the real ``v2p`` command against one local target directory."""
+
+    settle = ""  # V2P_TEST_SETTLE for its processes when set (``short_settle``)
 
     def __init__(self, target: Path) -> None:
         self.target = target
@@ -236,6 +245,8 @@ class V2P:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("V2P_")}
+        if self.settle:
+            env[SETTLE_ENV] = self.settle
         env.update(extra)
         return env
 
@@ -260,6 +271,12 @@ class V2P:
 
     def disk(self, vmid: int, fmt: str = "qcow2") -> Path:
         return self.target / "images" / str(vmid) / f"vm-{vmid}-disk-0.{fmt}"
+
+
+@pytest.fixture
+def short_settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The v2p processes this test starts settle a boot in ``PROCESS_SETTLE`` seconds, not 20."""
+    monkeypatch.setattr(V2P, "settle", PROCESS_SETTLE)
 
 
 @pytest.fixture

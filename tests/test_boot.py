@@ -189,9 +189,7 @@ def test_interrupted_boot_check_resumes(tmp_path: Path, v2p: V2P, getty_disk: Pa
 
 
 def test_boot_check_ends_on_the_login_prompt(tmp_path: Path, v2p: V2P, getty_disk: Path) -> None:
-    started = time.monotonic()
     proc = v2p("migrate", str(getty_disk), "--vmid", "153", "--boot-timeout", "60")
-    elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
     state = v2p.state(153)["stages"]
     boot = state["boot"]["result"]
@@ -202,7 +200,6 @@ def test_boot_check_ends_on_the_login_prompt(tmp_path: Path, v2p: V2P, getty_dis
     # is stopped hard after a short grace, not after a long shutdown timeout.
     assert state["finish"]["result"]["stopped"] == "hard"
     assert state["finish"]["seconds"] < 10, state["finish"]
-    assert elapsed < 40, elapsed
     assert_vm_stopped(v2p, tmp_path, 153)
 
 

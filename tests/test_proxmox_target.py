@@ -195,7 +195,7 @@ def fake_pve(cert: tuple[Path, Path]) -> Iterator[FakePve]:
     context.load_cert_chain(crt, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield state
     server.shutdown()

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from v2p.errors import EXIT_BOOT_UNCONFIRMED
 from v2p.targets.proxmox import ProxmoxTarget, target_from_url
 
 PATHS = ("remote", "on-node")
+pytestmark = pytest.mark.usefixtures("short_settle")  # the stand-ins settle in seconds (conftest)
 
 
 def run(v2p: V2P, sim: Any, tmp_path: Path, path: str, *args: str, storage: str = "local",  # type: ignore[no-untyped-def]
@@ -121,12 +121,11 @@ def test_windows_dance_without_the_driver_needs_the_operator_then_rolls_back(sim
     a workstation it is not confirmed (and never called up)."""
     vmid = 163 if path == "on-node" else 164
     disk = standin(manifest, tmp_path, "winguest-nodriver")
-    started = time.monotonic()
     line = one_line_error(run(v2p, sim, tmp_path, path, "migrate", str(disk), "--vmid", str(vmid), "--os", "win7",
                               "--bus", "virtio", "--drivers-iso", str(drivers_iso), "--dance-wait", "10"))
     assert "no sign that the guest has the virtio drivers after 10s: it never read its temporary disk virtio1" \
         in line
-    assert f"v2p dance {vmid} --continue" in line and time.monotonic() - started < 120
+    assert f"v2p dance {vmid} --continue" in line
     assert sim.cluster.vms[vmid].status == "running"  # left up on IDE with the drivers ISO
     assert sim.cluster.vms[vmid].config["ide2"].startswith("local:iso/virtio-win.iso,media=cdrom")
     done = run(v2p, sim, tmp_path, path, "dance", str(vmid), "--continue", "--drivers-iso", str(drivers_iso),
@@ -182,7 +181,7 @@ def test_boot_check_through_the_guest_agent(pve, tmp_path, manifest, source_of, 
     target.set_config(180, {"agent": "1"})
     report = target.boot_check(180, timeout=30)
     assert (report.outcome, report.signal) == ("up", "the guest agent answered (Windows 10 Pro)")
-    assert 2.0 <= report.seconds < 30
+    assert report.seconds >= 2.0  # not before the agent answers
     target.stop(180, timeout=5)
     pve.cluster.agent_after = None  # an agent that never answers (and no QEMU: no counters): not confirmed
     report = target.boot_check(180, timeout=4)

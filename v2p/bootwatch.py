@@ -54,6 +54,7 @@ from typing import Any
 
 from .pveconfig import DISK_KEY, parse_boot_order
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, BootReport, GuestIO
+from .testhooks import settle_seconds
 from .volumes import drive_is_cdrom
 
 # A Windows bugcheck as EMS prints it (XP..2008R2 "*** STOP: 0x...", 8+ "Stop code: NAME"),
@@ -74,7 +75,9 @@ FAILURES = (
 # SeaBIOS's debug port at the moment it jumps to a boot sector (src/boot.c, ``call_boot_entry``).
 HANDOVER = re.compile(r"Booting from [0-9a-fA-F]{4}:[0-9a-fA-F]{4}")
 BOOT_LOOP_RESETS = 3
-SETTLE = 20.0  # seconds a guest must run, without reset or failure, after a block I/O or network sign
+# seconds a guest must run, without reset or failure, after a block I/O or network sign (the test suite's
+# v2p processes may shorten it: testhooks.settle_seconds)
+SETTLE = settle_seconds(20.0)
 OS_READ_BYTES = 8 << 20  # boot disk reads that only an OS loading itself makes (bench/README.md)
 _ESCAPES = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78])|\r")
 

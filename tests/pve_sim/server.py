@@ -175,7 +175,9 @@ class PVESim:
         httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
         self._httpd = httpd
         self.port = httpd.server_address[1]
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        # stop() waits for serve_forever to see the shutdown: at its poll interval (0.5 s by default,
+        # half a second more for every test that starts the simulator)
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         return self
 
     def stop(self) -> None:
