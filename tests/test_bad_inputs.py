@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import V2P, one_line_error
+from conftest import InProcessV2P, one_line_error
 
 SECRET = b"V2P-SECRET-OUTSIDE-THE-FOLDER-" * 20  # 600 bytes
 DESC = "# Disk DescriptorFile\nversion=1\nCID={cid}\nparentCID={parent}\ncreateType=\"{ct}\"\n{extra}"
@@ -453,13 +453,13 @@ def _(f, s, samples):
     return f / "d.vmdk", "past the end"
 
 
-def run_case(name: str, tmp_path: Path, samples: Path) -> tuple[V2P, Path, str, Path]:
+def run_case(name: str, tmp_path: Path, samples: Path) -> tuple[Path, str, Path]:
     folder = tmp_path / "vm"
     folder.mkdir()
     secret = tmp_path / "secret-flat.vmdk"
     secret.write_bytes(SECRET.ljust(4096, b"\0"))
     path, expected = CASES[name](folder, secret, samples)
-    return V2P(tmp_path / "target"), path, expected, secret
+    return path, expected, secret
 
 
 def assert_no_secret_in(folder: Path) -> None:
@@ -474,10 +474,10 @@ def test_corpus_is_large_enough():
     assert len(CASES) >= 40
 
 
-@pytest.mark.slow  # the v2p command, twice a case
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_refused_clearly(name, tmp_path, samples):
-    v2p, path, expected, secret = run_case(name, tmp_path, samples)
+def test_bad_input_is_refused_clearly(name, tmp_path, samples, inproc: InProcessV2P):
+    v2p = inproc  # the command's words and effects, in this process
+    path, expected, secret = run_case(name, tmp_path, samples)
     before = {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file() and not p.is_symlink()
               and p.stat().st_size < (64 << 20) and not p.is_fifo()}
     proc = v2p("migrate", str(path), "--vmid", "150", timeout=30)  # the seconds: bench/speed_claims.py
@@ -507,9 +507,8 @@ def shown_warnings(stdout: str) -> list[str]:
     return [line.split("] warning: ", 1)[1] for line in stdout.splitlines() if "] warning: " in line]
 
 
-@pytest.mark.slow  # the v2p command, twice a case
 @pytest.mark.parametrize("name", sorted(WARNINGS))
-def test_quirks_qemu_gets_wrong_migrate_exactly(name, tmp_path, samples):
+def test_quirks_qemu_gets_wrong_migrate_exactly(name, tmp_path, samples, inproc: InProcessV2P):
     old, new, warnings = WARNINGS[name]
     folder = tmp_path / "vm"
     folder.mkdir()
@@ -521,7 +520,7 @@ def test_quirks_qemu_gets_wrong_migrate_exactly(name, tmp_path, samples):
     quirky = text.replace(old, new)
     assert quirky != text, "the quirk is not in the descriptor"
     (folder / "d.vmdk").write_bytes(quirky.encode())
-    v2p = V2P(tmp_path / "target")
+    v2p = inproc
     proc = v2p("migrate", str(folder / "d.vmdk"), "--vmid", "151", "--format", "raw", "--no-boot-check")
     assert proc.returncode == 0, proc.stderr
     assert shown_warnings(proc.stdout) == warnings, proc.stdout
