@@ -109,7 +109,7 @@ def test_ls_lists_the_default_model(vcsim: Vcsim, inproc: Any) -> None:
     assert found["datacenters"] == [] and found["folders"] == [{"name": "vm", "path": "/DC0/vm"}]
 
 
-def test_hardware_of_a_created_vm_is_the_vmx_spec(vcsim: Vcsim, si: Any, tmp_path: Path) -> None:
+def test_hardware_of_a_created_vm_is_the_vmx_spec(vcsim: Vcsim, si: Any, inproc: Any, tmp_path: Path) -> None:
     create_vm(si, "web01")
     assert isinstance(open_source(uri(vcsim, "/DC0/vm/web01")), VsphereSource)
     source = VsphereSource(uri(vcsim, "/DC0/vm/web01"), {"V2P_VSPHERE_PASSWORD": vcsim.password})
@@ -123,11 +123,22 @@ def test_hardware_of_a_created_vm_is_the_vmx_spec(vcsim: Vcsim, si: Any, tmp_pat
         ("scsi0:0", "pvscsi", 64 << 20, True), ("scsi0:1", "pvscsi", 32 << 20, False),
         ("scsi1:0", "lsisas1068", 16 << 20, False)]
     assert all(d.source.startswith("[LocalDS_0] web01/") and d.source.endswith(".vmdk") for d in spec.disks)
+    assert len({d.source for d in spec.disks}) == 3
     assert [f.flavor for f in facts] == ["vmfsThin", "vmfsThin", "vmfs"]
     assert [f.capacity for f in facts] == [d.capacity for d in spec.disks]
     assert [(n.model, n.mac, n.network) for n in spec.nics] == [("vmxnet3", MAC.upper(), "DC0_DVPG0")]
     assert not spec.encrypted and not spec.passthrough and not spec.tpm
     assert source.describe() == uri(vcsim, "/DC0/vm/web01")
+
+    # The same mapping onto KVM as a .vmx's: OVMF with an EFI disk, the BIOS UUID, the MAC kept.
+    shown = inproc.bare("inspect", uri(vcsim, "/DC0/vm/web01"), "--json", "--network", "DC0_DVPG0=vmbr1",
+                        V2P_VSPHERE_PASSWORD=vcsim.password)
+    assert shown.returncode == 0, shown.stderr
+    config = json.loads(shown.stdout)[0]["config"]
+    assert config["bios"] == "ovmf" and "efidisk0" in config and config["ostype"] == "l26"
+    assert (config["sockets"], config["cores"], config["memory"]) == ("2", "2", "2048")
+    assert config["smbios1"] == f"uuid={UUID}" and config["net0"] == f"virtio={MAC.upper()},bridge=vmbr1"
+    assert [key for key in config if key.startswith("scsi") and key[4:].isdigit()] == ["scsi0", "scsi1", "scsi2"]
 
 
 @pytest.mark.parametrize("wrong", ["fingerprint", "password"])
@@ -206,3 +217,99 @@ def _cmdlines() -> list[bytes]:
 def test_the_launcher_takes_its_login_from_the_environment(vcsim: Vcsim) -> None:
     cmdline = Path(f"/proc/{vcsim.process.pid}/cmdline").read_bytes()
     assert vcsim.password.encode() not in cmdline
+
+
+# -- the mapping alone, on pyvmomi's own data objects (no server: the fast tier) -------------------------
+
+def _config(devices: list[Any], **changes: Any) -> Any:
+    from pyVmomi import vim
+
+    values: dict[str, Any] = {"name": "app01", "guestId": "windows2019srv_64Guest", "firmware": "bios",
+                              "uuid": "42 13 a1 b2 c3 d4 e5 f6-07 18 29 3a 4b 5c 6d 7e"}
+    hardware = {"numCPU": 2, "numCoresPerSocket": 1, "memoryMB": 4096, "device": devices}
+    hardware.update(changes.pop("hardware", {}))
+    values.update(changes)
+    return vim.vm.ConfigInfo(hardware=vim.vm.VirtualHardware(**hardware), **values)
+
+
+def _disk(key: int, controller: int, unit: int, name: str, **backing: Any) -> Any:
+    from pyVmomi import vim
+
+    kind = backing.pop("kind", vim.vm.device.VirtualDisk.FlatVer2BackingInfo)
+    return vim.vm.device.VirtualDisk(key=key, controllerKey=controller, unitNumber=unit, capacityInKB=1024,
+                                     backing=kind(fileName=f"[ds1] app01/{name}", **backing))
+
+
+def test_every_controller_nic_and_device_kind_maps_as_the_vmx_says() -> None:
+    from pyVmomi import vim
+
+    from v2p.sources.vsphere import vm_spec
+
+    device = vim.vm.device
+    devices = [
+        device.VirtualIDEController(key=200, busNumber=0), device.VirtualAHCIController(key=15000, busNumber=0),
+        device.VirtualNVMEController(key=31000, busNumber=0), device.VirtualBusLogicController(key=1000, busNumber=0),
+        device.VirtualLsiLogicController(key=1001, busNumber=1, sharedBus="physicalSharing"),
+        _disk(2000, 1000, 0, "a.vmdk", diskMode="independent_persistent"),
+        _disk(2001, 1001, 0, "b.vmdk", sharing="sharingMultiWriter"),
+        _disk(2002, 15000, 1, "c.vmdk", keyId=vim.encryption.CryptoKeyId(keyId="k")),
+        _disk(2003, 31000, 0, "d.vmdk", kind=device.VirtualDisk.RawDiskMappingVer1BackingInfo,
+              compatibilityMode="physicalMode"),
+        _disk(2004, 200, 0, "e.vmdk", kind=device.VirtualDisk.SeSparseBackingInfo),
+        device.VirtualCdrom(key=3000, controllerKey=200, unitNumber=1,
+                            backing=device.VirtualCdrom.IsoBackingInfo(fileName="[ds1] iso/win.iso")),
+        device.VirtualE1000e(key=4000, macAddress="00:50:56:01:02:03",
+                             backing=device.VirtualEthernetCard.NetworkBackingInfo(deviceName="VM Network")),
+        device.VirtualPCNet32(key=4001, macAddress="00:50:56:01:02:04",
+                              backing=device.VirtualEthernetCard.NetworkBackingInfo(deviceName="lab")),
+        device.VirtualTPM(key=11000), device.VirtualFloppy(key=8000), device.VirtualSerialPort(key=9000),
+        device.VirtualPCIPassthrough(key=13000), device.VirtualUSB(key=14000),
+    ]
+    boot = vim.vm.BootOptions(bootOrder=[vim.vm.BootOptions.BootableDiskDevice(deviceKey=2004)])
+    spec = vm_spec(_config(devices, bootOptions=boot), {}, "vsphere://vc/DC/vm/app01")
+    assert (spec.uuid, spec.ostype, spec.firmware, spec.sockets, spec.tpm) == (
+        "4213a1b2-c3d4-e5f6-0718-293a4b5c6d7e", "win10", "bios", 2, True)
+    assert [(d.label, d.controller_model, d.mode, d.shared, d.rdm, d.encrypted, d.boot) for d in spec.disks] == [
+        ("ide0:0", None, "persistent", False, False, False, True),
+        ("sata0:1", "ahci", "persistent", False, False, True, False),
+        ("scsi0:0", "buslogic", "independent-persistent", False, False, False, False),
+        ("scsi1:0", "lsilogic", "persistent", True, False, False, False),
+        ("nvme0:0", "nvme", "persistent", False, True, False, False)]
+    assert spec.encrypted
+    assert [(c.controller, c.bus, c.unit, c.image) for c in spec.cdroms] == [("ide", 0, 1, "[ds1] iso/win.iso")]
+    assert [(n.model, n.mac, n.network) for n in spec.nics] == [("e1000e", "00:50:56:01:02:03", "VM Network"),
+                                                                  ("vlance", "00:50:56:01:02:04", "lab")]
+    assert len(spec.passthrough) == 2 and len(spec.unmapped) == 2
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"hardware": {"numCPU": 3, "numCoresPerSocket": 2}}, "numCPU 3 is not a multiple of numCoresPerSocket 2"),
+    ({"firmware": "coreboot"}, "firmware 'coreboot' is neither efi nor bios"),
+])
+def test_impossible_hardware_is_refused_in_one_line(changes: dict[str, Any], message: str) -> None:
+    from v2p.errors import SourceError
+    from v2p.sources.vsphere import vm_spec
+
+    with pytest.raises(SourceError, match=message):
+        vm_spec(_config([], **changes), {}, "vsphere://vc/DC/vm/app01")
+
+
+def test_a_disk_on_an_unknown_controller_is_refused() -> None:
+    from pyVmomi import vim
+
+    from v2p.errors import SourceError
+    from v2p.sources.vsphere import vm_spec
+
+    devices = [vim.vm.device.VirtualSIOController(key=400), _disk(2000, 400, 0, "a.vmdk")]
+    with pytest.raises(SourceError, match=r"sits on a controller v2p does not know \(VirtualSIOController\)"):
+        vm_spec(_config(devices), {}, "vsphere://vc/DC/vm/app01")
+
+
+def test_the_environment_s_password_goes_to_its_own_host_only() -> None:
+    from v2p.options import OptionError
+    from v2p.sources.vsphere_api import find_password, parse_uri
+
+    env = {"V2P_VSPHERE_HOST": "vc.example", "V2P_VSPHERE_PASSWORD": "pw", "V2P_VSPHERE_USER": "u"}
+    assert find_password(parse_uri("vsphere://vc.example/DC0", env), env) == "pw"
+    with pytest.raises(OptionError, match="is not the host this environment configures"):
+        find_password(parse_uri("vsphere://elsewhere.example/DC0", env), env)

@@ -217,7 +217,7 @@ class VsphereSource(Source):
 
     def open(self) -> None:
         if self._session is None:
-            self._session = Session(self.where, find_password(self.env)).connect()
+            self._session = Session(self.where, find_password(self.where, self.env)).connect()
 
     def close(self) -> None:
         try:
@@ -231,7 +231,7 @@ class VsphereSource(Source):
         """``use`` the open session, or one opened for this read only."""
         if self._session is not None:
             return use(self._session)
-        session = Session(self.where, find_password(self.env)).connect()
+        session = Session(self.where, find_password(self.where, self.env)).connect()
         try:
             return use(session)
         finally:

@@ -134,9 +134,16 @@ def _shown(uri: str) -> str:
     return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", uri)
 
 
-def find_password(env: Mapping[str, str] | None = None) -> str:
-    """The password: ``$V2P_VSPHERE_PASSWORD``, else the secrets file's ``password`` line."""
+def find_password(where: VsphereUri, env: Mapping[str, str] | None = None) -> str:
+    """The password for ``where``: ``$V2P_VSPHERE_PASSWORD``, else the secrets file's ``password`` line.
+    With ``$V2P_VSPHERE_HOST`` set, that host's only: a URI naming another (a plan from someone else) is
+    refused, not sent it."""
     env = os.environ if env is None else env
+    configured = env.get(HOST_ENV, "").lower()
+    if configured and configured not in (where.host, f"{where.host}:{where.port}"):
+        raise OptionError(f"the vSphere source {where.host}:{where.port} is not the host this environment "
+                          f"configures (${HOST_ENV} is {configured}): its password is not sent there",
+                          hint=f"name {configured} in the URI, or change ${HOST_ENV}")
     path = Path(env[SECRETS_ENV]) if env.get(SECRETS_ENV) else \
         credentials.config_home(env) / "v2p" / "vsphere-secrets"
     value = credentials.find_secret(env, PASSWORD_ENV, "password", path, named=bool(env.get(SECRETS_ENV)),

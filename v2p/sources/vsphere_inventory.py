@@ -32,7 +32,7 @@ def inventory(uri: str, env: Mapping[str, str]) -> dict[str, list[dict[str, Any]
     """``{"datacenters": [...], "folders": [...], "vms": [...]}`` at or below the path ``uri`` names
     (``vsphere://HOST`` for all of it), each with its inventory ``path``; a VM also with its ``uri``."""
     where = parse_uri(uri, env)
-    session = Session(where, find_password(env)).connect()
+    session = Session(where, find_password(where, env)).connect()
     try:
         return _read(session, where)
     finally:
