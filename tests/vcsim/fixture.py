@@ -61,6 +61,9 @@ def binary() -> Path:
             if result.returncode:
                 pytest.fail(f"building the vcsim launcher failed:\n{result.stderr}")
             partial.rename(built)
+            for old in cache.glob("vcsim-*"):  # builds of an earlier main.go or Go
+                if old != built:
+                    old.unlink(missing_ok=True)
     return built
 
 

@@ -95,12 +95,13 @@ func main() {
 	server := model.Service.NewServer()
 	defer server.Close()
 
+	// Caught before the line below says it is up: a SIGTERM right after it still cleans up.
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+
 	where := *server.URL
 	where.User = nil
 	line, _ := json.Marshal(map[string]string{"url": where.String(), "fingerprint": fingerprint, "cert": certFile})
 	fmt.Println(string(line))
-
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	<-stop
 }
