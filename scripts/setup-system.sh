@@ -37,6 +37,13 @@ fi
 if [ ! -e /usr/lib/syslinux/mbr/gptmbr.bin ]; then
   missing+=(syslinux-common)
 fi
+# VMware's vCenter simulator for the vSphere source's tests: govmomi's Go source, built by tests/vcsim/.
+if ! command -v go >/dev/null 2>&1; then
+  missing+=(golang-go)
+fi
+if [ ! -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ]; then
+  missing+=(golang-github-vmware-govmomi-dev)
+fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   missing+=(python3-venv python3-pip)
 fi

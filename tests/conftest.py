@@ -72,6 +72,7 @@ def samples(manifest: dict[str, Any]) -> Path:
 # never from a mark written on the test:
 #   boots    it boots a guest under QEMU (the ``boots`` fixture says so)
 #   pve_sim  it starts the PVE simulator (``pve``, a module's own ``sim``, or ``pve_start`` for several)
+#   vcsim    it starts VMware's vCenter simulator (``vcsim``: tests/vcsim/fixture.py)
 #   slow     either of those, or it runs the v2p command as a process (``v2p``, ``v2p_process``, the
 #            example ``panel``); ``make test-fast`` runs the rest: ``-m "not slow"``
 # A test that boots, starts the simulator or runs the command without requesting the fixture that
@@ -79,9 +80,10 @@ def samples(manifest: dict[str, Any]) -> Path:
 _MARKING_FIXTURES = {
     "boots": {"boots"},
     "pve_sim": {"pve", "sim", "pve_start"},
+    "vcsim": {"vcsim"},
     "slow": {"v2p", "v2p_process", "panel"},
 }
-_SLOW_MARKS = ("boots", "pve_sim")  # each implies slow
+_SLOW_MARKS = ("boots", "pve_sim", "vcsim")  # each implies slow
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from . import api, interrupts
+from . import api, cli_vsphere, interrupts
 from .boot_outcomes import BOOT_SKIPPED, boot_exit_code, boot_outcome, boot_words
 from .cli_args import build_parser, given, say
 from .errors import V2PError, shown_path
@@ -116,6 +116,8 @@ def _reader_gone() -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         return _plan(args)
+    if args.command == "vsphere":
+        return cli_vsphere.run(args)
     # The operator's own --target: their environment's PVE secret goes with it.
     target = api.make_target(args.target, directory=args.target_dir, accel=args.accel, env=os.environ)
     if args.command == "inspect":

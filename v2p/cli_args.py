@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import api
+from . import api, cli_vsphere
 from .errors import one_line
 from .option_table import OPTION, OPTIONS, Option
 from .options import (
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
             vp.add_argument("--timeout", type=_seconds("--timeout", zero=True), default=60.0,
                             help="seconds to wait for the guest before a hard stop; 0 stops it hard at "
                             "once (default: 60)")
+    cli_vsphere.add_parser(sub)
     return parser
 
 

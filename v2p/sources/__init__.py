@@ -110,6 +110,13 @@ def _open_vmx(path: str) -> Source:
     return VmxSource(Path(path))
 
 
+def _open_vsphere(uri: str) -> Source:
+    from .vsphere import VsphereSource
+
+    return VsphereSource(uri)
+
+
 register(SourceKind("ova", _open_ova, sniff=_is_ova))
 register(SourceKind("ovf", _open_ovf, sniff=_is_ovf))
 register(SourceKind("vmx", _open_vmx, sniff=_is_vmx))
+register(SourceKind("vsphere", _open_vsphere, schemes=("vsphere",)))
