@@ -7,27 +7,35 @@ the way VMware's own OVF export names them and mapped through ``ovf_mapping``'s 
 come from its backing (capacity, thin or thick, the datastore path), no byte read.
 
 The session (``vsphere_api.Session``) opens with the source's life (``open``/``close``); ``spec`` outside
-it logs in for the read and out again. Reading the disks' bytes (the datastore file service) is the next
-step: ``disk_endpoint`` says so.
+it logs in for the read and out again. A disk's bytes: ``disk_endpoint`` downloads its files (every
+link of its snapshot chain) from the datastore file service into the migration's workdir
+(``vsphere_fetch``: resumed after a kill, sparse) and hands the pipeline that local copy, inspected as a
+``.vmx``'s disk is: convert and verify read it, never the datastore a second time.
 
-Not here: the login, TLS and the property reads (``vsphere_api``), the listing (``vsphere_inventory``).
+Not here: the login, TLS and the property reads (``vsphere_api``), the listing (``vsphere_inventory``),
+the download (``vsphere_fetch``).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import rules
 from ..endpoint import DiskEndpoint
-from ..errors import SourceError
+from ..errors import SourceError, UnsafeSourceError
+from ..events import Event
+from ..inspect import inspect_disk
+from ..inspect.qemu_input import qemu_source
 from ..spec import CONTROLLER_KINDS, CdromSpec, DiskSpec, NicSpec, VMSpec, controller_order
-from .base import DiskFacts, Source
+from .base import DiskFacts, DiskInput, Source
 from .ovf_mapping import _NIC_MODELS, _SCSI_MODELS
 from .vmx import _CONTROLLER_MODEL, canonical_mac, canonical_uuid
 from .vsphere_api import Session, find_password, parse_uri
+from .vsphere_fetch import DatastoreFile, Fetcher, fetch_disk
 
 T = TypeVar("T")
 
@@ -209,6 +217,7 @@ class VsphereSource(Source):
         self._session: Session | None = None
         self._props: dict[str, Any] | None = None
         self._networks: dict[str, str] = {}
+        self._inputs: dict[tuple[str, Path], DiskInput] = {}
 
     def describe(self) -> str:
         return str(self.where)
@@ -281,9 +290,61 @@ class VsphereSource(Source):
                          messages=(("note", f"{disk.label} is {disk.source} ({thin}{chain}) on vSphere"),))
 
     def disk_endpoint(self, disk: DiskSpec, workdir: Path) -> DiskEndpoint:
-        raise SourceError(f"{self.where.short}: reading {disk.source} from the datastore is not built yet: "
-                          "v2p reads this VM's hardware, not its disks",
-                          hint="export the VM (OVF) or copy its folder from the datastore, and migrate that")
+        """The disk's files downloaded into ``workdir`` (resumed where a killed run stopped; nothing
+        downloaded again when they are all there), inspected like a ``.vmx``'s disk: a local endpoint
+        convert and verify both read."""
+        key = (disk.label, workdir)
+        if key not in self._inputs:
+            self._inputs[key] = self._disk_input(disk, workdir)
+        return self._inputs[key].endpoint
+
+    def _disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
+        device = self._device(disk)
+        where = f"{self.where.short}: {disk.label} ({disk.source})"
+        if disk.rdm:
+            raise UnsafeSourceError(f"{where} is a raw device map: its data is a LUN, not a datastore file: "
+                                    "refused", hint="copy the LUN's contents into a virtual disk in vSphere first")
+        chain: list[DatastoreFile] = []
+        backing = device.backing
+        while backing is not None and len(chain) < 256:
+            chain.append(DatastoreFile.parse(backing.fileName, where))
+            backing = getattr(backing, "parent", None)
+        slot = f"{disk.controller}{disk.bus}-{disk.unit}"
+        folder = workdir / f"vsphere-{slot}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        index = [d.label for d in self.spec().ordered_disks()].index(disk.label)
+        stage = f"convert:{index}" if index else "convert"
+
+        def progress(done: int, total: int) -> None:
+            percent = 100.0 * done / total if total else 100.0
+            self.report(Event("progress", stage, data={"disk": index, "percent": percent, "bytes": done,
+                                                       "total": total}, disk=index, done=done, total=total,
+                              step="fetch"))
+
+        def download(session: Session) -> Path:
+            fetcher = Fetcher(self.where, session.cookie, where)
+            self.report(Event("info", stage, f"fetch: {disk.label}: {len(chain)} link(s) of {disk.source} "
+                              f"from the datastore into {folder}", disk=index, step="fetch"))
+            started = time.monotonic()
+            local = fetch_disk(fetcher, chain, folder, progress)
+            if fetcher.downloaded:
+                seconds = max(time.monotonic() - started, 1e-3)
+                self.report(Event("info", stage, f"fetch: {disk.label}: {fetcher.downloaded} bytes in "
+                                  f"{seconds:.1f} s ({fetcher.downloaded / seconds / (1 << 20):.0f} MiB/s)",
+                                  disk=index, step="fetch"))
+            return local
+
+        local = self._read(download)
+        try:
+            image = inspect_disk(local, check_boot=True, link_ok=False)
+        except SourceError as exc:
+            raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
+        endpoint = qemu_source(image, workdir / slot)
+        return DiskInput(image.capacity, image.flavor.value, image, tuple(image.messages), endpoint=endpoint)
+
+    def release_disks(self) -> None:
+        while self._inputs:
+            self._inputs.popitem()[1].close()
 
     def fingerprint(self) -> list[dict[str, Any]]:
         config = self.properties()["config"]
