@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_same_bytes, guest_report
 from vcsim.fixture import Vcsim, vcsim_fixture  # noqa: F401
+
+from conftest import assert_same_bytes, guest_report
 
 MiB = 1 << 20
 COOKIE = "vmware_soap_session"
@@ -181,6 +182,7 @@ def test_a_killed_transfer_resumes_where_it_stopped(vcsim: Vcsim, si: Any, sampl
     finally:
         proxy.close()
     missing = 32 * MiB - kept.st_size
+    print(f"killed at {kept.st_size} bytes; the rerun was served {served} for the {missing} missing")  # noqa: T201
     assert missing <= served < missing + 2 * MiB, (served, missing)  # the rest, and the API's few KiB
     assert_same_bytes(samples / "guest.raw", v2p.disk(121))
 
@@ -204,3 +206,55 @@ def _cmdlines() -> list[bytes]:
         except OSError:
             pass
     return out
+
+
+# -- the pieces alone (no server: the fast tier) ----------------------------------------------------------
+
+def test_datastore_paths_stay_inside_their_datastore_folder() -> None:
+    from v2p.errors import SourceError
+    from v2p.sources.vsphere import download_folder
+    from v2p.sources.vsphere_api import parse_uri
+    from v2p.sources.vsphere_fetch import DatastoreFile, datacenter_path
+
+    file = DatastoreFile.parse("[ds 1] web01/web01.vmdk", "vm")
+    assert (file.datastore, file.path, file.name, str(file)) == ("ds 1", "web01/web01.vmdk", "web01.vmdk",
+                                                                 "[ds 1] web01/web01.vmdk")
+    assert str(file.sibling("web01-flat.vmdk", "vm")) == "[ds 1] web01/web01-flat.vmdk"
+    for bad in ("web01/web01.vmdk", "[ds1] /etc/passwd", "[ds1] a/../../b.vmdk", "[ds1] "):
+        with pytest.raises(SourceError):
+            DatastoreFile.parse(bad, "vm")
+    for bad in ("../x-flat.vmdk", "/vmfs/volumes/ds1/x-flat.vmdk", "sub/x-flat.vmdk", ".."):
+        with pytest.raises(SourceError, match="not a file beside it"):
+            file.sibling(bad, "vm")
+    assert datacenter_path(parse_uri("vsphere://u@vc/DC0/vm/web01")) == "DC0"
+    assert datacenter_path(parse_uri("vsphere://u@vc/Europe/DC1/vm/prod/web01")) == "Europe/DC1"
+    assert download_folder(Path("/t/migrations/120.work/plan-measure/0")) == Path("/t/migrations/120.work")
+    assert download_folder(Path("/tmp/x")) == Path("/tmp/x")
+
+
+class _Body:
+    """A response body in chunks, as requests' ``iter_content`` gives it."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def iter_content(self, _size: int) -> Iterator[bytes]:
+        yield from self.chunks
+
+
+def test_zero_blocks_are_skipped_and_the_part_s_size_is_how_far_it_got(tmp_path: Path) -> None:
+    from v2p.sources.vsphere_api import parse_uri
+    from v2p.sources.vsphere_fetch import BLOCK, DatastoreFile, Fetcher
+
+    fetcher = Fetcher(parse_uri("vsphere://u@vc/DC0/vm/web01"), "vmware_soap_session=x", "vm")
+    data = [b"\1" * BLOCK + bytes(3 * BLOCK), bytes(4 * BLOCK)]  # data, then only zeros to the end
+    part = tmp_path / "x-flat.vmdk.part"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        end = fetcher._write(_Body(data), fd, 0, 8 * BLOCK, DatastoreFile("ds", "x/x-flat.vmdk"), lambda n: None)
+    finally:
+        os.close(fd)
+    assert end == part.stat().st_size == 8 * BLOCK  # trailing zeros: the size, not the blocks
+    assert part.read_bytes() == b"".join(data)
+    assert part.stat().st_blocks * 512 <= 2 * BLOCK
+    assert fetcher.downloaded == 8 * BLOCK

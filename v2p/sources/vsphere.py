@@ -202,6 +202,13 @@ def _mark_boot(spec: VMSpec, boot_options: Any, disks: list[Any], by_key: Mappin
         spec.disks[0].boot = True
 
 
+def download_folder(workdir: Path) -> Path:
+    """Where a disk's files are downloaded: the migration's own work folder (``<vmid>.work``) even when
+    ``workdir`` is a folder inside it (a plan's measure, which asks for the disks first: the run that
+    follows finds them there and downloads nothing again); ``workdir`` itself elsewhere."""
+    return next((folder for folder in (workdir, *workdir.parents) if folder.name.endswith(".work")), workdir)
+
+
 class VsphereSource(Source):
     """A VM in vCenter or on ESXi, read through the vSphere API."""
 
@@ -310,10 +317,10 @@ class VsphereSource(Source):
             chain.append(DatastoreFile.parse(backing.fileName, where))
             backing = getattr(backing, "parent", None)
         slot = f"{disk.controller}{disk.bus}-{disk.unit}"
-        folder = workdir / f"vsphere-{slot}"
+        folder = download_folder(workdir) / f"vsphere-{slot}"
         folder.mkdir(mode=0o700, exist_ok=True)
         index = [d.label for d in self.spec().ordered_disks()].index(disk.label)
-        stage = f"convert:{index}" if index else "convert"
+        stage = "preflight"  # the first stage that asks for the endpoint (it measures the disk)
 
         def progress(done: int, total: int) -> None:
             percent = 100.0 * done / total if total else 100.0
@@ -337,8 +344,9 @@ class VsphereSource(Source):
         local = self._read(download)
         try:
             image = inspect_disk(local, check_boot=True, link_ok=False)
-        except SourceError as exc:
-            raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
+        except SourceError as exc:  # named as the datastore names it, not by the local copy's path
+            raise type(exc)(f"{where}: {exc.message.replace(f'{folder}/', 'the downloaded ')}", hint=exc.hint) \
+                from None
         endpoint = qemu_source(image, workdir / slot)
         return DiskInput(image.capacity, image.flavor.value, image, tuple(image.messages), endpoint=endpoint)
 
