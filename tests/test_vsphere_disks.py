@@ -151,10 +151,14 @@ def test_a_vsphere_vm_migrates_and_boots(vcsim: Vcsim, si: Any, samples: Path, m
     assert not (v2p.target / "migrations" / "120.work").exists()  # the local copy went with the workdir
 
 
-def test_a_killed_transfer_resumes_where_it_stopped(vcsim: Vcsim, si: Any, samples: Path, v2p: Any) -> None:
+@pytest.mark.parametrize("changed", [False, True], ids=["same", "changed"])
+def test_a_killed_transfer_resumes_where_it_stopped(vcsim: Vcsim, si: Any, samples: Path, v2p: Any,
+                                                    changed: bool) -> None:
     """Killed halfway through the -flat.vmdk, the rerun asks for the rest only (a Range request: the
-    bytes the relay served are the half that was missing), and the disk is the sample's."""
-    sample_vm(si, samples, "mig02")
+    bytes the relay served are the half that was missing; verify read the local copy, not the
+    datastore), and the disk is the sample's. A file that changed on the datastore meanwhile (its
+    Last-Modified) is downloaded whole again (If-Range)."""
+    folder = sample_vm(si, samples, "mig02")
     proxy = CountingProxy(vcsim.port)
     env = {"V2P_VSPHERE_PASSWORD": vcsim.password}
     source = uri(vcsim, "mig02", proxy.port)
@@ -174,6 +178,10 @@ def test_a_killed_transfer_resumes_where_it_stopped(vcsim: Vcsim, si: Any, sampl
         assert 16 * MiB <= kept.st_size < 32 * MiB
         assert kept.st_blocks * 512 < 4 * MiB  # sparse: the zero blocks were skipped, not written
         assert kept.st_mode & 0o777 == 0o600
+        assert part.with_name("esxi-flat.vmdk.part.tag").read_text()  # vcsim's Last-Modified
+        if changed:
+            flat = folder / "esxi-flat.vmdk"
+            os.utime(flat, (time.time() + 10, time.time() + 10))
 
         before = proxy.served
         rerun = v2p("migrate", source, "--vmid", "121", "--no-boot-check", **env)
@@ -181,7 +189,7 @@ def test_a_killed_transfer_resumes_where_it_stopped(vcsim: Vcsim, si: Any, sampl
         served = proxy.served - before
     finally:
         proxy.close()
-    missing = 32 * MiB - kept.st_size
+    missing = 32 * MiB if changed else 32 * MiB - kept.st_size
     print(f"killed at {kept.st_size} bytes; the rerun was served {served} for the {missing} missing")  # noqa: T201
     assert missing <= served < missing + 2 * MiB, (served, missing)  # the rest, and the API's few KiB
     assert_same_bytes(samples / "guest.raw", v2p.disk(121))
