@@ -127,10 +127,11 @@ def uri(vcsim: Vcsim, name: str, port: int | None = None) -> str:
 def test_a_vsphere_vm_migrates_and_boots(vcsim: Vcsim, si: Any, samples: Path, manifest: dict[str, Any],
                                          v2p: Any) -> None:
     """Its disk downloaded from the datastore, converted and verified from the local copy, the guest up;
-    the password and the session cookie in no process's argv, no output, no file under the target."""
+    the password and the session cookie in no process's argv, no output (``-v``: the log of every
+    command run), no file under the target."""
     sample_vm(si, samples, "mig01")
     env = {"V2P_VSPHERE_PASSWORD": vcsim.password}
-    process = v2p.popen("migrate", uri(vcsim, "mig01"), "--vmid", "120", **env)
+    process = v2p.popen("-v", "migrate", uri(vcsim, "mig01"), "--vmid", "120", **env)  # every argv logged too
     argv: list[bytes] = []
     while process.poll() is None:
         argv += _cmdlines()
@@ -144,6 +145,7 @@ def test_a_vsphere_vm_migrates_and_boots(vcsim: Vcsim, si: Any, samples: Path, m
     assert rate and int(rate.group(1)) == 32 * MiB + (samples / "esxi" / "esxi.vmdk").stat().st_size, out + err
     print(f"download rate: {rate.group(2)} MiB/s")  # noqa: T201 (the measured number, for -s)
     assert argv and not [line for line in argv if vcsim.password.encode() in line or COOKIE.encode() in line]
+    assert "qemu-img convert" in err  # -v logged the commands
     assert vcsim.password not in out + err and COOKIE not in out + err and "Warning" not in err
     for path in v2p.target.rglob("*"):
         if path.is_file():
