@@ -82,8 +82,9 @@ class CountingProxy:
     """A TCP relay to vcsim counting the bytes it sends back: TLS passes through it untouched (the pin
     still holds), so what it counts is what v2p downloaded."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, cut_at: int | None = None) -> None:
         self.target = ("127.0.0.1", port)
+        self.cut_at = cut_at  # once this many bytes were served, the connection serving is cut (once)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.served = 0
@@ -107,6 +108,11 @@ class CountingProxy:
                 if count:
                     with self.lock:
                         self.served += len(data)
+                        cut = self.cut_at is not None and self.served >= self.cut_at
+                        if cut:
+                            self.cut_at = None
+                    if cut:
+                        break
         except OSError:
             pass
         finally:
@@ -196,6 +202,21 @@ def test_a_killed_transfer_resumes_where_it_stopped(vcsim: Vcsim, si: Any, sampl
     print(f"killed at {kept.st_size} bytes; the rerun was served {served} for the {missing} missing")  # noqa: T201
     assert missing <= served < missing + 2 * MiB, (served, missing)  # the rest, and the API's few KiB
     assert_same_bytes(samples / "guest.raw", v2p.disk(121))
+
+
+def test_a_connection_cut_midway_is_resumed_in_the_same_run(vcsim: Vcsim, si: Any, samples: Path,
+                                                             v2p: Any) -> None:
+    sample_vm(si, samples, "mig05")
+    proxy = CountingProxy(vcsim.port, cut_at=12 * MiB)
+    try:
+        proc = v2p("migrate", uri(vcsim, "mig05", proxy.port), "--vmid", "124", "--no-boot-check",
+                   V2P_VSPHERE_PASSWORD=vcsim.password)
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed 1 time(s) after a break" in proc.stdout + proc.stderr
+    assert 32 * MiB <= proxy.served < 34 * MiB  # the part after the cut only, not the whole file again
+    assert_same_bytes(samples / "guest.raw", v2p.disk(124))
 
 
 def test_a_snapshot_chain_is_read_link_by_link(vcsim: Vcsim, si: Any, samples: Path, v2p: Any,

@@ -336,9 +336,10 @@ class VsphereSource(Source):
             local = fetch_disk(fetcher, chain, folder, progress)
             if fetcher.downloaded:
                 seconds = max(time.monotonic() - started, 1e-3)
+                resumed = f", resumed {fetcher.resumed} time(s) after a break" if fetcher.resumed else ""
                 self.report(Event("info", stage, f"fetch: {disk.label}: {fetcher.downloaded} bytes in "
-                                  f"{seconds:.1f} s ({fetcher.downloaded / seconds / (1 << 20):.0f} MiB/s)",
-                                  disk=index, step="fetch"))
+                                  f"{seconds:.1f} s ({fetcher.downloaded / seconds / (1 << 20):.0f} MiB/s)"
+                                  + resumed, disk=index, step="fetch"))
             return local
 
         local = self._read(download)

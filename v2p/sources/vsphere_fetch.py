@@ -41,8 +41,13 @@ DESCRIPTOR_LIMIT = 1 << 20  # a text descriptor is a few hundred bytes
 PROGRESS_EVERY = 0.25  # seconds between two progress reports
 _ZEROS = bytes(CHUNK)
 
+RETRIES = 5  # a transfer that broke off is resumed this many times in the same run, after 1, 2, 4, ... s
 # (bytes of the disk's files on disk now, of all of them) -> None
 Progress = Callable[[int, int], None]
+
+
+class Broken(SourceError):
+    """A transfer that broke off (the connection, a timeout, a body cut short): worth resuming."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class Fetcher:
         self.http.headers["Cookie"] = cookie  # the header, never the URL: nothing logs it
         self.datacenter = datacenter_path(where)
         self.downloaded = 0  # bytes this fetcher read from the network
+        self.resumed = 0  # transfers that broke off and were resumed
 
     def url(self, file: DatastoreFile) -> str:
         return (f"{self.base}/folder/{quote(file.path)}?dcPath={quote(self.datacenter, safe='')}"
@@ -116,7 +122,7 @@ class Fetcher:
                 "its certificate is not trusted by this machine's CA store" if reason == "untrusted" else "TLS failed"
             raise self._failed(file, what + ": refused") from None
         except requests.RequestException as exc:
-            raise self._failed(file, f"{type(exc).__name__}") from None
+            raise Broken(f"{self.vm}: downloading {file}: {type(exc).__name__}") from None
         if response.status_code not in (200, 206, 416):
             response.close()
             hint = "the session was refused: check the user's Datastore.Browse privilege" \
@@ -135,7 +141,18 @@ class Fetcher:
 
     def fetch(self, file: DatastoreFile, dest: Path, progress: Callable[[int], None]) -> None:
         """``file`` into ``dest``: resumed from ``dest.part`` when one is there; nothing done when ``dest``
-        is. ``progress(n)``: ``n`` more bytes of it are on disk."""
+        is. ``progress(n)``: ``n`` more bytes of it are on disk. A transfer that breaks off is resumed
+        (``RETRIES`` times) before it is an error."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return self._fetch(file, dest, progress)
+            except Broken:
+                if attempt == RETRIES:
+                    raise
+                self.resumed += 1
+                time.sleep(min(2 ** attempt, 30))
+
+    def _fetch(self, file: DatastoreFile, dest: Path, progress: Callable[[int], None]) -> None:
         if dest.is_file():
             return
         part = dest.with_name(dest.name + ".part")
@@ -154,7 +171,7 @@ class Fetcher:
                     return
                 part.unlink()
                 tag.unlink(missing_ok=True)
-                return self.fetch(file, dest, progress)
+                return self._fetch(file, dest, progress)
             if response.status_code == 206:
                 total = _range_total(response.headers.get("Content-Range", ""))
                 if not response.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
@@ -178,8 +195,7 @@ class Fetcher:
             finally:
                 os.close(fd)
         if total >= 0 and offset != total:
-            raise self._failed(file, f"the transfer ended at byte {offset} of {total}",
-                               hint="run the same command again: it resumes where this one stopped")
+            raise Broken(f"{self.vm}: downloading {file}: the transfer ended at byte {offset} of {total}")
         os.replace(part, dest)
         tag.unlink(missing_ok=True)
 
@@ -204,8 +220,8 @@ class Fetcher:
                     hold_point("fetch:half")
                     half = -1
         except requests.RequestException as exc:
-            raise self._failed(file, f"the transfer broke off at byte {offset} ({type(exc).__name__})",
-                               hint="run the same command again: it resumes where this one stopped") from None
+            raise Broken(f"{self.vm}: downloading {file}: the transfer broke off at byte {offset} "
+                         f"({type(exc).__name__})") from None
         return offset
 
 
