@@ -10,7 +10,8 @@ changed since is downloaded whole again), a file already whole is not asked for 
 are not written (the file is sparse where the disk is empty), so the room it takes is the disk's
 allocated bytes.
 
-Measured on vcsim over loopback (tests/test_vsphere_disks.py): ~400 MiB/s, Python's own loop, pinned TLS.
+Measured on vcsim over loopback, pinned TLS, 2 shared cores: a 1 GiB extent at 490 MiB/s (all data),
+660 MiB/s (half zeros), 950 MiB/s (all zeros): more than the qemu-img convert after it.
 Streaming through qemu's curl driver instead was set aside: QEMU 7.2's https driver has no CA file or
 pin option (a self-signed vCenter would need ``insecure``), and verify would download every disk again.
 
