@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import rules
 from ..endpoint import DiskEndpoint
@@ -28,6 +28,11 @@ from .base import DiskFacts, Source
 from .ovf_mapping import _NIC_MODELS, _SCSI_MODELS
 from .vmx import _CONTROLLER_MODEL, canonical_mac, canonical_uuid
 from .vsphere_api import Session, find_password, parse_uri
+from .vsphere_power import add_runtime_facts, datastore_types
+from .vsphere_power import prepare as prepare_vm
+
+if TYPE_CHECKING:
+    from ..options import MigrationOptions
 
 T = TypeVar("T")
 
@@ -209,6 +214,7 @@ class VsphereSource(Source):
         self._session: Session | None = None
         self._props: dict[str, Any] | None = None
         self._networks: dict[str, str] = {}
+        self._datastore_types: dict[str, str] | None = None
 
     def describe(self) -> str:
         return str(self.where)
@@ -263,7 +269,21 @@ class VsphereSource(Source):
     # --- what the pipeline asks ----------------------------------------------------------------------
 
     def spec(self) -> VMSpec:
-        return vm_spec(self.properties()["config"], self._networks, self.where.short)
+        spec = vm_spec(self.properties()["config"], self._networks, self.where.short)
+        if self._datastore_types is None:
+            self._datastore_types = self._read(datastore_types)
+        return add_runtime_facts(spec, self.properties(), self._datastore_types)
+
+    def prepare(self, options: MigrationOptions, say: Callable[[str], None]) -> dict[str, Any]:
+        """A running VM shut down (``--shutdown``) or refused: ``vsphere_power.stop``."""
+        return self._read(lambda session: prepare_vm(session, self._vm(session), where=self.where.short,
+                                                     shutdown=options.shutdown, wait=options.shutdown_wait, say=say))
+
+    def _vm(self, session: Session) -> Any:
+        vm = session.find(self.where.inventory_path)
+        if vm is None:
+            raise SourceError(f"{self.where.short}: no VM at /{'/'.join(self.where.path)} any more")
+        return vm
 
     def _device(self, disk: DiskSpec) -> Any:
         for device in self.properties()["config"].hardware.device or ():
@@ -292,14 +312,4 @@ class VsphereSource(Source):
         for device in config.hardware.device or ():
             if class_name(device) == "VirtualDisk":
                 out.append({"path": device.backing.fileName, "size": disk_capacity(device), "mtime_ns": 0})
-        return out
-
-    def notices(self) -> list[str]:
-        props = self.properties()
-        out = []
-        if props.get("runtime.powerState") == "poweredOn":
-            out.append(f"{self.where.short} is powered on: its disks change while it runs")
-        snapshot = props.get("snapshot")
-        if snapshot is not None and snapshot.rootSnapshotList:
-            out.append(f"{self.where.short} has snapshots: its current state is what migrates")
         return out
