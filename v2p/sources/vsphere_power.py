@@ -44,7 +44,7 @@ def add_runtime_facts(spec: VMSpec, props: Mapping[str, Any], datastore_types: M
         disk.datastore_type = datastore_types.get(store)
     ips = guest_ips(props.get("guest.net") or ())
     for nic in spec.nics:
-        nic.ips = ips.get(nic.mac or "", [])
+        nic.ips = ips.get((nic.mac or "").lower(), [])
     return spec
 
 
