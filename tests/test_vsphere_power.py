@@ -93,7 +93,9 @@ def test_without_tools_or_with_no_wait_the_vm_is_powered_off_at_once() -> None:
     assert said[0] == "shutdown: VMware Tools are not running in vsphere://vc/DC0/vm/web01: powering it off " \
                       "(no guest shutdown possible)"
     vm = FakePower(stops_after=None)
-    assert stopped(vm, wait=0)[0]["stopped_by"] == "power-off" and vm.calls == ["ShutdownGuest", "PowerOffVM_Task"]
+    done, said = stopped(vm, wait=0)
+    assert done["stopped_by"] == "power-off" and vm.calls == ["PowerOffVM_Task"]
+    assert said[0] == "shutdown: --shutdown-wait 0: powering vsphere://vc/DC0/vm/web01 off at once (no guest shutdown)"
 
 
 def test_a_vm_that_is_off_is_left_alone_and_a_running_one_refused_without_shutdown() -> None:
@@ -254,3 +256,29 @@ def test_without_tools_the_vm_is_powered_off_and_a_snapshot_is_a_note(vcsim: Vcs
     assert "vm-snapshots" in out
     assert [s.name for s in read(si, "snapshot")["snapshot"].rootSnapshotList] == ["before-upgrade"]  # as it was
     assert inproc.state(101)["stages"]["preflight"]["result"]["source"]["stopped_by"] == "power-off"
+
+
+def test_a_resumed_run_refuses_a_vm_powered_on_again_before_it_reads_a_disk(
+        vcsim: Vcsim, si: Any, inproc: Any, endpoint_reads: list[str], tmp_path: Path) -> None:
+    """Preflight's record holds on a resume, but the VM may have been started since: the first disk
+    read of the rerun asks the source again (``Source.prepare``), and without --shutdown it is refused."""
+    env = {"V2P_VSPHERE_PASSWORD": vcsim.password}
+    args = ("migrate", uri(vcsim, VM), "--vmid", "102", *NETWORK, "--no-boot-check", "--keep-on-failure")
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"short")  # not the VM's capacity: its verify fails, the records before it stay
+    failed = inproc(*args, "--shutdown", **env)
+    assert failed.returncode != 0 and power_state(si) == "poweredOff"
+    assert {"inspect", "preflight", "create"} <= set(inproc.state(102)["stages"])
+    wait(vm_of(si).PowerOnVM_Task())  # someone starts it again before the rerun
+    disk.unlink()
+    del endpoint_reads[:]
+    refused = inproc(*args, **env)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "DC0_H0_VM0 is powered on: its disks change while it runs" in refused.stderr
+    assert "(hint: --shutdown shuts its guest down" in refused.stderr
+    assert endpoint_reads == [] and power_state(si) == "poweredOn"
+    # With it the rerun powers the VM off (Tools do not run) before it opens the disk again.
+    resumed = inproc(*args, "--shutdown", **env)
+    said = resumed.stdout.index("] shutdown: VMware Tools are not running in")  # in verify: convert held
+    assert said < resumed.stdout.index("is powered off") and power_state(si) == "poweredOff"
+    assert "[preflight] already done at" in resumed.stdout and endpoint_reads

@@ -302,7 +302,7 @@ def _running_findings(spec: VMSpec, options: MigrationOptions) -> Iterator[Findi
                                      "to shut it down first)")
         return
     how = "its guest is shut down through VMware Tools, the VM powered off if it has not stopped after " \
-          f"{options.shutdown_wait:g}s" if spec.tools_running and spec.power_state == "poweredOn" \
+          f"{options.shutdown_wait:g}s" if spec.tools_running and spec.power_state == "poweredOn" and options.shutdown_wait \
         else "it is powered off"
     yield _finding("powered-on", f"the VM is {state}: before its disks are read, {how} (--shutdown)",
                    severity="info")

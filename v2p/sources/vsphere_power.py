@@ -115,7 +115,7 @@ def stop(vm: Power, *, where: str, shutdown: bool, wait: float, say: Callable[[s
     if not shutdown:
         raise SourceError(f"{where} is {_words(state)}: its disks change while it runs", hint=SHUTDOWN_HINT)
     started = clock()
-    if state == "poweredOn" and tools:
+    if state == "poweredOn" and tools and wait > 0:
         say(f"shutdown: asking the guest of {where} to shut down through VMware Tools "
             f"(powered off if it still runs after {wait:g}s)")
         try:
@@ -132,6 +132,8 @@ def stop(vm: Power, *, where: str, shutdown: bool, wait: float, say: Callable[[s
             if vm.state()[0] == "poweredOff":
                 return {"was": state, "stopped_by": "guest-shutdown", "seconds": round(clock() - started, 1)}
             say(f"shutdown: the guest of {where} did not shut down within {wait:g}s: powering it off")
+    elif state == "poweredOn" and tools:
+        say(f"shutdown: --shutdown-wait 0: powering {where} off at once (no guest shutdown)")
     elif state == "poweredOn":
         say(f"shutdown: VMware Tools are not running in {where}: powering it off (no guest shutdown possible)")
     else:
