@@ -301,8 +301,8 @@ def _running_findings(spec: VMSpec, options: MigrationOptions) -> Iterator[Findi
         yield _finding("powered-on", f"the VM is {state}: its disks change while it runs (give --shutdown "
                                      "to shut it down first)")
         return
+    guest = spec.tools_running and spec.power_state == "poweredOn" and options.shutdown_wait > 0
     how = "its guest is shut down through VMware Tools, the VM powered off if it has not stopped after " \
-          f"{options.shutdown_wait:g}s" if spec.tools_running and spec.power_state == "poweredOn" and options.shutdown_wait \
-        else "it is powered off"
+          f"{options.shutdown_wait:g}s" if guest else "it is powered off"
     yield _finding("powered-on", f"the VM is {state}: before its disks are read, {how} (--shutdown)",
                    severity="info")
