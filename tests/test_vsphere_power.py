@@ -129,6 +129,36 @@ def test_guest_ips_and_snapshot_names_from_pyvmomi_objects() -> None:
     assert snapshot_names(None) == []
 
 
+def test_runtime_facts_reach_the_rules() -> None:
+    """What vSphere says besides the hardware: datastore kinds by the disk's ``[name]``, CBT, Tools,
+    snapshots and the guest's IPs matched to the NIC by MAC; the rules then speak of them."""
+    from types import SimpleNamespace
+
+    from pyVmomi import vim
+
+    from v2p.rules import check
+    from v2p.sources.vsphere_power import add_runtime_facts
+    from v2p.spec import NicSpec, VMSpec
+
+    spec = VMSpec(name="db01", guest_os="ubuntu64Guest",
+                  disks=[DiskSpec("scsi", 0, 0, "[vsanDatastore] db01/db01.vmdk", 1 << 30, "pvscsi"),
+                         DiskSpec("scsi", 0, 1, "[LocalDS_0] db01/db01_1.vmdk", 1 << 30, "pvscsi")],
+                  nics=[NicSpec("vmxnet3", "00:50:56:AA:BB:01", "VM Network"), NicSpec("vmxnet3", "00:50:56:AA:BB:02")])
+    props = {"config": SimpleNamespace(changeTrackingEnabled=True), "runtime.powerState": "poweredOn",
+             "guest.toolsRunningStatus": "guestToolsNotRunning",
+             "snapshot": vim.vm.SnapshotInfo(rootSnapshotList=[vim.vm.SnapshotTree(name="nightly")]),
+             "guest.net": [vim.vm.GuestInfo.NicInfo(macAddress="00:50:56:aa:bb:01", ipAddress=["10.1.2.3"])]}
+    add_runtime_facts(spec, props, {"vsanDatastore": "vsan", "LocalDS_0": "VMFS"})
+    assert [d.datastore_type for d in spec.disks] == ["vsan", "VMFS"]
+    assert (spec.power_state, spec.tools_running, spec.snapshots, spec.cbt) == ("poweredOn", False, ["nightly"], True)
+    assert [n.ips for n in spec.nics] == [["10.1.2.3"], []]
+    assert spec.guest_ips() == {"net0": {"mac": "00:50:56:AA:BB:01", "ips": ["10.1.2.3"]}}
+    found = [(f.id, f.severity) for f in check(spec, MigrationOptions(shutdown=True), bridges={"VM Network": "vmbr0"})]
+    assert found == [("powered-on", "info"), ("vsan-vvol-datastore", "warning"), ("vm-snapshots", "info"),
+                     ("changed-block-tracking", "info"), ("tools-not-running", "info")]
+    assert VMSpec.from_dict(spec.to_dict()) == spec  # through the state file and back
+
+
 def test_shutdown_is_nothing_to_do_for_a_file_source(tmp_path: Path) -> None:
     """A plan's defaults may say shutdown: true for vSphere VMs and local disks alike."""
     from v2p.sources.disk import DiskSource
