@@ -121,17 +121,20 @@ def stop(vm: Power, *, where: str, shutdown: bool, wait: float, say: Callable[[s
         try:
             vm.shutdown_guest()
         except SourceError as exc:
+            if vm.state()[0] == "poweredOff":  # it stopped on its own meanwhile
+                return {"was": state, "stopped_by": "itself", "seconds": round(clock() - started, 1)}
             say(f"shutdown: the guest shutdown was refused ({exc.message}): powering {where} off")
         else:
-            while clock() - started < wait:
-                if vm.state()[0] == "poweredOff":
-                    seconds = clock() - started
-                    say(f"shutdown: the guest of {where} shut down after {seconds:.0f}s")
-                    return {"was": state, "stopped_by": "guest-shutdown", "seconds": round(seconds, 1)}
-                sleep(min(POLL, max(0.0, wait - (clock() - started))))
-            if vm.state()[0] == "poweredOff":
-                return {"was": state, "stopped_by": "guest-shutdown", "seconds": round(clock() - started, 1)}
-            say(f"shutdown: the guest of {where} did not shut down within {wait:g}s: powering it off")
+            while vm.state()[0] != "poweredOff":
+                left = wait - (clock() - started)
+                if left <= 0:
+                    say(f"shutdown: the guest of {where} did not shut down within {wait:g}s: powering it off")
+                    break
+                sleep(min(POLL, left))
+            else:
+                seconds = clock() - started
+                say(f"shutdown: the guest of {where} shut down after {seconds:.0f}s")
+                return {"was": state, "stopped_by": "guest-shutdown", "seconds": round(seconds, 1)}
     elif state == "poweredOn" and tools:
         say(f"shutdown: --shutdown-wait 0: powering {where} off at once (no guest shutdown)")
     elif state == "poweredOn":
