@@ -113,11 +113,28 @@ FIRING: dict[str, tuple[Callable[[VMSpec], VMSpec], list[tuple[str, str, str]]]]
         ("generated-mac", "info", "net1 has no usable MAC (its MAC '00:50:56' is not one): it gets a new one")]),
     "unmapped-device": (_set(unmapped=["sound card (hdaudio)"]), [
         ("unmapped-device", "info", "sound card (hdaudio): dropped")]),
+    # What only a running hypervisor knows (vSphere's VMs; a file's spec leaves them unset).
+    "powered-on": (_set(power_state="poweredOn", tools_running=True), [
+        ("powered-on", "error", "the VM is powered on: its disks change while it runs (give --shutdown to shut "
+                                "it down first)")]),
+    "vsan-vvol-datastore": (lambda s: _disk(s, datastore_type="vsan"), [
+        ("vsan-vvol-datastore", "warning", "disk scsi0:1 (web01_1.vmdk) is on a vsan datastore")]),
+    "vm-snapshots": (_set(snapshots=["before-upgrade", "patched"]), [
+        ("vm-snapshots", "info", "the VM has 2 snapshots (before-upgrade, patched): its current state is migrated, "
+                                 "the snapshots are not kept")]),
+    "changed-block-tracking": (_set(cbt=True), [
+        ("changed-block-tracking", "info", "changed-block tracking is on: every disk is copied whole")]),
+    # Running (so powered-on says what --shutdown does) without Tools: a hard power-off.
+    "tools-not-running": (_set(power_state="poweredOn", tools_running=False), [
+        ("powered-on", "info", "the VM is powered on: before its disks are read, it is powered off (--shutdown)"),
+        ("tools-not-running", "info", "VMware Tools are not running in the guest: no guest shutdown is possible, "
+                                      "--shutdown powers the VM off")]),
 }
 CHECK_ARGS: dict[str, dict[str, Any]] = {"snapshot-chain": {"chains": {"scsi0:0": 1, "scsi0:1": 3}},
                                          "firmware-mismatch": {"boots": {"scsi0:0": ("bios", "MBR, boot code")}},
                                          "uefi-disk": {"boots": {"scsi0:0": ("efi", "GPT, an EFI system partition, "
-                                                                                    "no BIOS boot code")}}}
+                                                                                    "no BIOS boot code")}},
+                                         "tools-not-running": {"options": MigrationOptions(shutdown=True)}}
 
 
 def test_every_rule_has_a_firing_case() -> None:
@@ -128,7 +145,7 @@ def test_every_rule_has_a_firing_case() -> None:
 def test_rule_fires(rule_id: str) -> None:
     change, expected = FIRING[rule_id]
     assert found(change(clean()), **CHECK_ARGS.get(rule_id, {})) == expected
-    assert all(severity == RULES[rule_id].severity for _, severity, _ in expected)
+    assert all(severity == RULES[rule_id].severity for found_id, severity, _ in expected if found_id == rule_id)
 
 
 # rule id -> a VM close to tripping it that must not (the clean VM is the other case)
@@ -157,7 +174,24 @@ QUIET: dict[str, tuple[Callable[[VMSpec], VMSpec], dict[str, Any]]] = {
     "vm-name": (_set(name="web01.example.com"), {}),
     "generated-mac": (_set(nics=[NicSpec("e1000", "00:50:56:AA:BB:CC", "VM Network")]), {}),
     "unmapped-device": (_set(unmapped=[]), {}),
+    "powered-on": (_set(power_state="poweredOff", tools_running=False), {}),
+    "vsan-vvol-datastore": (lambda s: _disk(s, datastore_type="VMFS"), {}),
+    "vm-snapshots": (_set(snapshots=[]), {}),
+    "changed-block-tracking": (_set(cbt=False), {}),
+    "tools-not-running": (_set(power_state="poweredOff", tools_running=False), {}),  # nothing to shut down
 }
+
+
+def test_a_running_vm_with_shutdown_is_a_note_of_what_happens_first() -> None:
+    running = _set(power_state="poweredOn", tools_running=True)(clean())
+    assert found(running, MigrationOptions(shutdown=True, shutdown_wait=90)) == [
+        ("powered-on", "info", "the VM is powered on: before its disks are read, its guest is shut down through "
+                               "VMware Tools, the VM powered off if it has not stopped after 90s (--shutdown)")]
+    with pytest.raises(RuleError) as refused:
+        enforce(running, check(running, MigrationOptions(), bridges=BRIDGES))
+    assert "powered-on" in refused.value.message and "--shutdown" in (refused.value.hint or "")
+    with pytest.raises(OptionError, match="cannot be ignored"):
+        check_ignore(["powered-on"])
 
 
 def test_every_rule_has_a_quiet_case() -> None:

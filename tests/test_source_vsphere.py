@@ -181,7 +181,7 @@ def test_the_password_is_in_no_argv_output_or_file(vcsim: Vcsim, v2p: Any, tmp_p
     for args, env in ((("vsphere", "ls", uri(vcsim)), {"V2P_VSPHERE_PASSWORD": vcsim.password}),
                       (("vsphere", "ls", uri(vcsim), "--json"), {"V2P_VSPHERE_SECRETS": str(secrets)}),
                       (("migrate", uri(vcsim, "/DC0/vm/DC0_H0_VM0"), "--vmid", "100", "--network", "DC0_DVPG0=vmbr0",
-                        "--no-boot-check"), {"V2P_VSPHERE_PASSWORD": vcsim.password})):
+                        "--no-boot-check", "--shutdown"), {"V2P_VSPHERE_PASSWORD": vcsim.password})):
         process = v2p.popen(*args, **env)
         while process.poll() is None:
             seen += [cmdline for cmdline in _cmdlines()]

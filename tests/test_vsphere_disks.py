@@ -160,10 +160,11 @@ def test_a_vsphere_vm_migrates_and_boots(vcsim: Vcsim, si: Any, samples: Path, m
     assert not (v2p.target / "migrations" / "120.work").exists()  # the local copy went with the workdir
 
 
-@pytest.mark.parametrize("changed", [False, True], ids=["same", "changed"])
+@pytest.mark.parametrize(("stop", "changed"), [(signal.SIGKILL, False), (signal.SIGKILL, True),
+                                               (signal.SIGINT, False)], ids=["killed", "changed", "ctrl-c"])
 def test_a_killed_transfer_resumes_where_it_stopped(vcsim: Vcsim, si: Any, samples: Path, v2p: Any,
-                                                    changed: bool) -> None:
-    """Killed halfway through the -flat.vmdk, the rerun asks for the rest only (a Range request: the
+                                                    stop: int, changed: bool) -> None:
+    """Killed (or Ctrl-C) halfway through the -flat.vmdk, the rerun asks for the rest only (a Range request: the
     bytes the relay served are the half that was missing; verify read the local copy, not the
     datastore), and the disk is the sample's. A file that changed on the datastore meanwhile (its
     Last-Modified) is downloaded whole again (If-Range)."""
@@ -180,8 +181,8 @@ def test_a_killed_transfer_resumes_where_it_stopped(vcsim: Vcsim, si: Any, sampl
             line = process.stderr.readline()
             assert line, f"v2p ended before the hold point: {said}"
             said += line
-        os.kill(process.pid, signal.SIGKILL)
-        process.communicate()
+        os.kill(process.pid, stop)
+        process.communicate(timeout=30)
         part = v2p.target / "migrations" / "121.work" / "vsphere-scsi0-0" / "esxi-flat.vmdk.part"
         kept = part.stat()
         assert 16 * MiB <= kept.st_size < 32 * MiB
@@ -278,7 +279,6 @@ def _cmdlines() -> list[bytes]:
 
 def test_datastore_paths_stay_inside_their_datastore_folder() -> None:
     from v2p.errors import SourceError
-    from v2p.sources.vsphere import download_folder
     from v2p.sources.vsphere_api import parse_uri
     from v2p.sources.vsphere_fetch import DatastoreFile, datacenter_path
 
@@ -294,8 +294,6 @@ def test_datastore_paths_stay_inside_their_datastore_folder() -> None:
             file.sibling(bad, "vm")
     assert datacenter_path(parse_uri("vsphere://u@vc/DC0/vm/web01")) == "DC0"
     assert datacenter_path(parse_uri("vsphere://u@vc/Europe/DC1/vm/prod/web01")) == "Europe/DC1"
-    assert download_folder(Path("/t/migrations/120.work/plan-measure/0")) == Path("/t/migrations/120.work")
-    assert download_folder(Path("/tmp/x")) == Path("/tmp/x")
 
 
 class _Body:
@@ -324,3 +322,17 @@ def test_zero_blocks_are_skipped_and_the_part_s_size_is_how_far_it_got(tmp_path:
     assert part.read_bytes() == b"".join(data)
     assert part.stat().st_blocks * 512 <= 2 * BLOCK
     assert fetcher.downloaded == 8 * BLOCK
+
+
+def test_a_disk_not_downloaded_measures_as_its_capacity_and_reads_nothing(tmp_path: Path) -> None:
+    """What preflight's space check and a plan's measure get before the VM may be read."""
+    from v2p import convert
+    from v2p.errors import V2PError
+    from v2p.sources.vsphere_fetch import unread_endpoint
+    from v2p.storage import Volume
+
+    endpoint = unread_endpoint(32 * MiB, "vmfsThin")
+    assert convert.measure(endpoint, "raw") == 32 * MiB
+    assert convert.measure(endpoint, "qcow2") >= 32 * MiB
+    with pytest.raises((V2PError, OSError)):
+        convert.convert(endpoint, Volume("", tmp_path / "out.raw", "raw"), capacity=32 * MiB)

@@ -375,9 +375,19 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     boot = boot_words(result["boot"], result["boot_signal"])
     if not result.get("nothing_to_do"):  # else the pipeline's event already said so
         print(f"VM {migration.vmid} migrated from {args.source}; {boot}")
+        _print_guest_ips(result)
     elif result["boot"] != BOOT_UP:  # what the recorded check saw still holds
         print(f"VM {migration.vmid}: {boot}")
     return boot_exit_code(result["boot"])
+
+
+def _print_guest_ips(result: dict[str, Any]) -> None:
+    """The guest's addresses on its old NICs (the inspect stage's record), for an admin restoring a static one."""
+    found = ((result.get("stages") or {}).get("inspect") or {}).get("result", {}).get("guest_ips") or {}
+    if found:
+        print("the guest's addresses before the migration (a static one must be set again on the new NIC):")
+    for net, nic in found.items():
+        print(f"  {net} ({nic.get('mac') or 'no MAC'}): was {', '.join(nic.get('ips') or ())}")
 
 
 def _status(args: argparse.Namespace, target: api.Target) -> int:

@@ -49,7 +49,9 @@ class Event:
     ``disk`` the index of the disk an event is about (0 the boot disk), None for the VM;
     ``step`` the driver dance's step (``layout1``, ``boot1``, ...) during the ``drivers`` stage, and
     ``upload`` for an upload to the target (in ``verify``, or ``preflight`` for the drivers ISO),
-    ``fetch`` for a source's disk read into the local stage (in ``convert``, or ``verify`` on a resume);
+    ``fetch`` for a source's disk read into the local stage (in ``convert``, or ``verify`` on a resume),
+    ``prepare`` for what the source does before its disks are read (``Source.prepare``: a running
+    vSphere VM's shutdown, each step an ``info``; in ``preflight``, or the first disk read of a resume);
     ``vmid`` the VM's (set by ``Migration`` on every event it passes on).
     """
 

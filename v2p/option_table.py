@@ -126,6 +126,14 @@ OPTIONS: tuple[Option, ...] = (
            "(default: 600)", "--dance-wait", "dance_wait", volatile=True),
     Option("shutdown_timeout", "seconds", 120.0, "seconds the guest gets to shut down on the power button; 0 stops "
            "it hard at once (default: 120)", "--shutdown-timeout", "shutdown_timeout", zero=True, volatile=True),
+    # The source VM's own power: a running vSphere VM is refused unless asked to stop it (sources that
+    # are files have nothing running: for them it does nothing, so a plan's defaults may say it).
+    Option("shutdown", "bool", False, "a running source VM (vSphere): shut its guest down through VMware Tools, "
+           "power it off if it has not stopped after --shutdown-wait (default: a running VM is refused)",
+           "--shutdown", "shutdown", negatable=False, volatile=True),
+    Option("shutdown_wait", "seconds", 300.0, "seconds --shutdown waits for the guest to shut down before it "
+           "powers the VM off; 0 powers it off at once (default: 300)", "--shutdown-wait", "shutdown_wait",
+           zero=True, volatile=True),
     Option("keep_on_failure", "bool", False, "on an error while the VM and its disks are made, keep them for a "
            "rerun that resumes (default: remove what this migration made)", "--keep-on-failure",
            "keep_on_failure", negatable=False, volatile=True),

@@ -215,6 +215,8 @@ class MigrationOptions:
     arch: str = _default("arch")  # the Windows guest's architecture (virtio-win folder name)
     dance_wait: float = _default("dance_wait")  # boot 1: how long to wait for the guest's driver signal
     shutdown_timeout: float = _default("shutdown_timeout")
+    shutdown: bool = _default("shutdown")  # a running source VM: shut it down (else it is refused)
+    shutdown_wait: float = _default("shutdown_wait")  # for its guest to shut down, then powered off
     # On a failure while the VM and its disks are made, keep them for a rerun instead of removing them.
     keep_on_failure: bool = _default("keep_on_failure")
     extra: dict[str, Any] = _default("extra")

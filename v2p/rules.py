@@ -31,6 +31,7 @@ class Rule:
     severity: str
     ignorable: bool  # --ignore-rule may downgrade this error to a warning
     reason: str
+    hint: str | None = None  # what to do about its error, when that is not --ignore-rule
 
 
 RULES: dict[str, Rule] = {
@@ -48,8 +49,15 @@ RULES: dict[str, Rule] = {
                                           "NICs in VMware first"),
     "unmapped-network": Rule("error", False, "a NIC's VMware network has no --network NAME=BRIDGE and no "
                                              "default bridge was given"),
+    "powered-on": Rule("error", False, "the VM is running: its guest writes to the disks while they are "
+                                       "read; v2p shuts it down first only when asked (--shutdown)",
+                       hint="--shutdown shuts the guest down through VMware Tools (powering the VM off after "
+                            "--shutdown-wait seconds), or shut it down in vSphere first"),
     "independent-disk": Rule("warning", False, "an independent disk was never in VMware's snapshots; it is "
                                                "migrated as a normal disk"),
+    "vsan-vvol-datastore": Rule("warning", False, "a disk lies on a vSAN or VVol datastore: its bytes are "
+                                                  "objects, not a -flat.vmdk the datastore file service can "
+                                                  "serve; if reading it fails, export the VM (OVF) instead"),
     "nvme-controller": Rule("warning", False, "PVE offers no NVMe controller: the disk is attached on the "
                                               "VM's first-boot bus instead"),
     "firmware-mismatch": Rule("warning", False, "the VM's firmware is not one its boot disk can boot by: a "
@@ -65,6 +73,12 @@ RULES: dict[str, Rule] = {
                                                "'other' (give --os to choose)"),
     "snapshot-chain": Rule("info", False, "a disk has snapshots: the consolidated disk (the state VMware "
                                           "runs) is migrated, the snapshots are not kept"),
+    "vm-snapshots": Rule("info", False, "the VM has snapshots: its current state is migrated, the snapshots "
+                                        "are not kept (nothing is consolidated or removed on the source)"),
+    "changed-block-tracking": Rule("info", False, "changed-block tracking is on: v2p copies every disk whole, "
+                                                  "the -ctk.vmdk files stay behind"),
+    "tools-not-running": Rule("info", False, "VMware Tools are not running in the guest: it cannot be shut down "
+                                             "cleanly, --shutdown powers it off (its IPs are unknown too)"),
     "secure-boot": Rule("info", False, "EFI secure boot stays on with pre-enrolled Microsoft and "
                                        "distribution keys; keys enrolled by hand (MOK, own PK) do not move"),
     "uefi-disk": Rule("info", False, "a loose disk that only UEFI can boot (GPT, an EFI system partition, no "
@@ -135,7 +149,7 @@ def enforce(spec: VMSpec, findings: list[Finding]) -> None:
         return
     first = errors[0]
     more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    hint = f"if that is safe here: --ignore-rule {first.id}" if first.id in IGNORABLE else None
+    hint = f"if that is safe here: --ignore-rule {first.id}" if first.id in IGNORABLE else RULES[first.id].hint
     raise RuleError(f"VM {spec.name}: {first.id}: {first.message}{more}", hint=hint)
 
 
@@ -218,9 +232,14 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
         else:
             yield _finding("unmapped-network", f"net{index} is on network {nic.network!r}, which has no "
                                                f"bridge: add --network '{nic.network}=BRIDGE'")
+    yield from _running_findings(spec, options)
     for disk in spec.disks:
         if disk.independent:
             yield _finding("independent-disk", f"disk {disk.label} is {disk.mode}: migrated as a normal disk")
+    for disk in spec.disks:
+        if (disk.datastore_type or "").lower() in ("vsan", "vvol"):
+            yield _finding("vsan-vvol-datastore", f"disk {disk.label} ({disk.source}) is on a "
+                                                  f"{disk.datastore_type} datastore")
     keys = {} if too_many else {disk.label: key for disk, key in pveconfig.disk_keys(spec, options,
                                                                                       ostype=resolved)}
     for disk in spec.disks:
@@ -250,6 +269,17 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
         if length > 1:
             yield _finding("snapshot-chain", f"disk {disk.label} has {length - 1} snapshot"
                                              f"{'s' if length > 2 else ''}: the consolidated disk is migrated")
+    if spec.snapshots:
+        names = ", ".join(spec.snapshots[:5]) + (f" and {len(spec.snapshots) - 5} more" if len(spec.snapshots) > 5
+                                                 else "")
+        yield _finding("vm-snapshots", f"the VM has {len(spec.snapshots)} snapshot"
+                                       f"{'s' if len(spec.snapshots) > 1 else ''} ({names}): its current state "
+                                       "is migrated, the snapshots are not kept")
+    if spec.cbt:
+        yield _finding("changed-block-tracking", "changed-block tracking is on: every disk is copied whole")
+    if spec.running and spec.tools_running is False:
+        yield _finding("tools-not-running", "VMware Tools are not running in the guest: no guest shutdown "
+                                            "is possible, --shutdown powers the VM off")
     if spec.firmware == "efi" and spec.secure_boot:
         yield _finding("secure-boot", "EFI secure boot: kept on, with pre-enrolled keys")
     if options.name is None and dns_name(spec.name) != spec.name:
@@ -260,3 +290,19 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
             yield _finding("generated-mac", f"net{index} has no usable MAC{had}: it gets a new one")
     for thing in spec.unmapped:
         yield _finding("unmapped-device", f"{thing}: dropped")
+
+
+def _running_findings(spec: VMSpec, options: MigrationOptions) -> Iterator[Finding]:
+    """A running source VM: refused, or (``--shutdown``) a note that it is shut down first."""
+    if not spec.running:
+        return
+    state = "powered on" if spec.power_state == "poweredOn" else "suspended"
+    if not options.shutdown:
+        yield _finding("powered-on", f"the VM is {state}: its disks change while it runs (give --shutdown "
+                                     "to shut it down first)")
+        return
+    guest = spec.tools_running and spec.power_state == "poweredOn" and options.shutdown_wait > 0
+    how = "its guest is shut down through VMware Tools, the VM powered off if it has not stopped after " \
+          f"{options.shutdown_wait:g}s" if guest else "it is powered off"
+    yield _finding("powered-on", f"the VM is {state}: before its disks are read, {how} (--shutdown)",
+                   severity="info")

@@ -72,6 +72,7 @@ class DiskSpec:
     rdm: bool = False  # a raw device map (the "disk" is a pointer to a LUN)
     boot: bool = False  # the disk VMware boots from
     encrypted: bool = False  # VM Encryption: its bytes are ciphertext whose key stays with VMware
+    datastore_type: str | None = None  # vSphere's summary.type of its datastore (VMFS, NFS, vsan, VVOL)
 
     @property
     def label(self) -> str:
@@ -89,6 +90,7 @@ class NicSpec:
     model: str  # VMware's virtualDev: vmxnet3, e1000, e1000e, vlance, ...
     mac: str | None = None  # kept: Windows and DHCP reservations key on it
     network: str | None = None  # the port group / network name
+    ips: list[str] = field(default_factory=list)  # the guest's addresses on it (10.0.0.5/24), as Tools saw them
 
 
 @dataclass
@@ -124,6 +126,18 @@ class VMSpec:
     home_encrypted: bool = False
     passthrough: list[str] = field(default_factory=list)  # USB / PCI devices that cannot move
     unmapped: list[str] = field(default_factory=list)  # other things the source had that v2p drops
+    # What a running hypervisor knows (vSphere; None/empty for files): the power state when read
+    # (poweredOn, poweredOff, suspended), whether VMware Tools run in the guest, the names of the
+    # VM's snapshots, whether changed-block tracking is on.
+    power_state: str | None = None
+    tools_running: bool | None = None
+    snapshots: list[str] = field(default_factory=list)
+    cbt: bool = False
+
+    @property
+    def running(self) -> bool:
+        """Its guest may write to its disks now (powered on, or suspended with its memory kept)."""
+        return self.power_state in ("poweredOn", "suspended")
 
     @property
     def ostype(self) -> str:
@@ -144,6 +158,12 @@ class VMSpec:
         """The disks in VMware's order with the boot disk first."""
         boot = self.boot_disk()
         return [d for d in self.disks if d is boot] + [d for d in self.disks if d is not boot]
+
+    def guest_ips(self) -> dict[str, dict[str, Any]]:
+        """``{"net0": {"mac": ..., "ips": ["10.0.0.5/24"]}}`` for each NIC the guest had addresses on (as
+        its hypervisor saw them): what an admin needs to give the new NIC the old static address."""
+        return {f"net{index}": {"mac": nic.mac, "ips": list(nic.ips)} for index, nic in enumerate(self.nics)
+                if nic.ips}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

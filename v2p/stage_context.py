@@ -48,6 +48,7 @@ class Context:
     records: dict[str, Record] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
     _copied: dict[int, DiskEndpoint] = field(default_factory=dict)
+    _prepared: Record | None = None
     _sinks: dict[int, DiskSink] = field(default_factory=dict)
 
     @property
@@ -74,10 +75,20 @@ class Context:
         private_dir(self.workdir)
         return self.source.disk_endpoint(self.disks()[index], self.workdir)
 
+    def prepare_source(self, stage_name: str) -> Record:
+        """The source made fit to be read (``Source.prepare``: a running VM shut down or refused), once
+        per run: preflight asks after its checks, and a resumed run's first disk read before it reads."""
+        if self._prepared is None:
+            def say(text: str) -> None:
+                self.emit(Event("info", stage_name, text, step="prepare"))
+            self._prepared = self.source.prepare(self.options, say)
+        return self._prepared
+
     def copy_source(self, index: int, stage_name: str) -> DiskEndpoint:
         """What convert and verify read for disk ``index``: the source's endpoint, or, when reading
         it again would cost a second download (``rereadable`` False), a local stage of it read
         once into the workdir (``progress`` events of step ``fetch`` while it is read)."""
+        self.prepare_source(stage_name)
         if index not in self._copied:
             given = self.endpoint(index)
             if given.rereadable:

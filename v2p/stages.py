@@ -78,7 +78,10 @@ class Inspect(Stage):
                           "image": image.to_dict() if image is not None else None})
         for text in ctx.source.notices():
             ctx.emit(Event("warning", self.name, text))
-        return {"spec": ctx.spec.to_dict(), "disks": disks, "files": ctx.source.fingerprint()}
+        record = {"spec": ctx.spec.to_dict(), "disks": disks, "files": ctx.source.fingerprint()}
+        if ctx.spec.guest_ips():  # read while the guest still runs: the end of the migration shows them
+            record["guest_ips"] = ctx.spec.guest_ips()
+        return record
 
     def holds(self, ctx: Context, record: Record) -> bool:
         try:
@@ -131,6 +134,9 @@ class Preflight(Stage):
         if ctx.options.needs_dance:
             record.update(check_drivers(ctx.target, ctx.options,
                                         progress=upload_progress(ctx, self.name, "the drivers ISO")))
+        prepared = ctx.prepare_source(self.name)  # last: a VM is shut down only when all else says go
+        if prepared:
+            record["source"] = prepared
         return record
 
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..endpoint import DiskEndpoint
 from ..events import Event, EventHandler, ignore
 from ..inspect.bootsector import BootLayout
 from ..inspect.model import DiskImage
 from ..spec import DiskSpec, VMSpec
+
+if TYPE_CHECKING:
+    from ..options import MigrationOptions
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,14 @@ class Source(abc.ABC):
     def fingerprint(self) -> list[dict[str, Any]]:
         """Size, mtime, device and inode of every file the source reads (``convert.file_identity``):
         a resumed run compares it to notice a source that changed or was swapped for another file."""
+
+    def prepare(self, options: MigrationOptions, say: Callable[[str], None]) -> dict[str, Any]:
+        """Make the source fit to be read, once the preflight checks passed and before any disk's
+        bytes are read (and again on a resumed run before it reads one): a running VM is shut down
+        when ``options.shutdown`` asks, else refused (a ``SourceError``). Each step is ``say``-d as
+        it happens; what was done comes back for the state file. Nothing by default (a file does
+        not run); it never changes anything else on the source."""
+        return {}
 
     def notices(self) -> list[str]:
         """Warnings about the source itself found by ``spec``/``disk_facts`` (an OVA without a

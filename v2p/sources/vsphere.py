@@ -7,10 +7,12 @@ the way VMware's own OVF export names them and mapped through ``ovf_mapping``'s 
 come from its backing (capacity, thin or thick, the datastore path), no byte read.
 
 The session (``vsphere_api.Session``) opens with the source's life (``open``/``close``); ``spec`` outside
-it logs in for the read and out again. A disk's bytes: ``disk_endpoint`` downloads its files (every
-link of its snapshot chain) from the datastore file service into the migration's workdir
-(``vsphere_fetch``: resumed after a kill, sparse) and hands the pipeline that local copy, inspected as a
-``.vmx``'s disk is: convert and verify read it, never the datastore a second time.
+it logs in for the read and out again. A disk's bytes: once ``prepare`` let the VM be read (it is
+off, or was shut down), ``disk_endpoint`` downloads its files (every link of its snapshot chain) from the
+datastore file service into the migration's workdir (``vsphere_fetch``: resumed after a kill, sparse)
+and hands the pipeline that local copy, inspected as a ``.vmx``'s disk is: convert and verify read it,
+never the datastore a second time. Before that (preflight's space check), a stand-in the size of the
+disk that reads nothing.
 
 Not here: the login, TLS and the property reads (``vsphere_api``), the listing (``vsphere_inventory``),
 the download (``vsphere_fetch``).
@@ -22,7 +24,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import rules
 from ..endpoint import DiskEndpoint
@@ -35,7 +37,12 @@ from .base import DiskFacts, DiskInput, Source
 from .ovf_mapping import _NIC_MODELS, _SCSI_MODELS
 from .vmx import _CONTROLLER_MODEL, canonical_mac, canonical_uuid
 from .vsphere_api import Session, find_password, parse_uri
-from .vsphere_fetch import DatastoreFile, Fetcher, fetch_disk
+from .vsphere_fetch import DatastoreFile, Fetcher, fetch_disk, unread_endpoint
+from .vsphere_power import add_runtime_facts, datastore_types
+from .vsphere_power import prepare as prepare_vm
+
+if TYPE_CHECKING:
+    from ..options import MigrationOptions
 
 T = TypeVar("T")
 
@@ -202,13 +209,6 @@ def _mark_boot(spec: VMSpec, boot_options: Any, disks: list[Any], by_key: Mappin
         spec.disks[0].boot = True
 
 
-def download_folder(workdir: Path) -> Path:
-    """Where a disk's files are downloaded: the migration's own work folder (``<vmid>.work``) even when
-    ``workdir`` is a folder inside it (a plan's measure, which asks for the disks first: the run that
-    follows finds them there and downloads nothing again); ``workdir`` itself elsewhere."""
-    return next((folder for folder in (workdir, *workdir.parents) if folder.name.endswith(".work")), workdir)
-
-
 class VsphereSource(Source):
     """A VM in vCenter or on ESXi, read through the vSphere API."""
 
@@ -224,7 +224,9 @@ class VsphereSource(Source):
         self._session: Session | None = None
         self._props: dict[str, Any] | None = None
         self._networks: dict[str, str] = {}
+        self._datastore_types: dict[str, str] | None = None
         self._inputs: dict[tuple[str, Path], DiskInput] = {}
+        self._prepared = False  # ``prepare`` said the VM may be read: only then are its disks downloaded
 
     def describe(self) -> str:
         return str(self.where)
@@ -279,7 +281,24 @@ class VsphereSource(Source):
     # --- what the pipeline asks ----------------------------------------------------------------------
 
     def spec(self) -> VMSpec:
-        return vm_spec(self.properties()["config"], self._networks, self.where.short)
+        spec = vm_spec(self.properties()["config"], self._networks, self.where.short)
+        if self._datastore_types is None:
+            self._datastore_types = self._read(datastore_types)
+        return add_runtime_facts(spec, self.properties(), self._datastore_types)
+
+    def prepare(self, options: MigrationOptions, say: Callable[[str], None]) -> dict[str, Any]:
+        """A running VM shut down (``--shutdown``) or refused: ``vsphere_power.stop``. Once it passed,
+        ``disk_endpoint`` downloads."""
+        done = self._read(lambda session: prepare_vm(session, self._vm(session), where=self.where.short,
+                                                     shutdown=options.shutdown, wait=options.shutdown_wait, say=say))
+        self._prepared = True
+        return done
+
+    def _vm(self, session: Session) -> Any:
+        vm = session.find(self.where.inventory_path)
+        if vm is None:
+            raise SourceError(f"{self.where.short}: no VM at /{'/'.join(self.where.path)} any more")
+        return vm
 
     def _device(self, disk: DiskSpec) -> Any:
         for device in self.properties()["config"].hardware.device or ():
@@ -299,9 +318,12 @@ class VsphereSource(Source):
     def disk_endpoint(self, disk: DiskSpec, workdir: Path) -> DiskEndpoint:
         """The disk's files downloaded into ``workdir`` (resumed where a killed run stopped; nothing
         downloaded again when they are all there), inspected like a ``.vmx``'s disk: a local endpoint
-        convert and verify both read."""
+        convert and verify both read. Before ``prepare`` (the VM may still run), a stand-in that
+        measures as the whole capacity and fails any read (``unread_endpoint``)."""
         key = (disk.label, workdir)
         if key not in self._inputs:
+            if not self._prepared:  # preflight's space check, a plan's measure: no byte read before ``prepare``
+                return unread_endpoint(disk_capacity(self._device(disk)), disk_flavor(self._device(disk).backing))
             self._inputs[key] = self._disk_input(disk, workdir)
         return self._inputs[key].endpoint
 
@@ -317,10 +339,10 @@ class VsphereSource(Source):
             chain.append(DatastoreFile.parse(backing.fileName, where))
             backing = getattr(backing, "parent", None)
         slot = f"{disk.controller}{disk.bus}-{disk.unit}"
-        folder = download_folder(workdir) / f"vsphere-{slot}"
+        folder = workdir / f"vsphere-{slot}"
         folder.mkdir(mode=0o700, exist_ok=True)
         index = [d.label for d in self.spec().ordered_disks()].index(disk.label)
-        stage = "preflight"  # the first stage that asks for the endpoint (it measures the disk)
+        stage = f"convert:{index}" if index else "convert"  # the first read after ``prepare``: the copy's
 
         def progress(done: int, total: int) -> None:
             percent = 100.0 * done / total if total else 100.0
@@ -362,14 +384,4 @@ class VsphereSource(Source):
         for device in config.hardware.device or ():
             if class_name(device) == "VirtualDisk":
                 out.append({"path": device.backing.fileName, "size": disk_capacity(device), "mtime_ns": 0})
-        return out
-
-    def notices(self) -> list[str]:
-        props = self.properties()
-        out = []
-        if props.get("runtime.powerState") == "poweredOn":
-            out.append(f"{self.where.short} is powered on: its disks change while it runs")
-        snapshot = props.get("snapshot")
-        if snapshot is not None and snapshot.rootSnapshotList:
-            out.append(f"{self.where.short} has snapshots: its current state is what migrates")
         return out

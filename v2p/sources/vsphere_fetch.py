@@ -20,6 +20,7 @@ Not here: which files a VM has (``vsphere.py`` reads the backings), the login (`
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from urllib.parse import quote
 import requests
 
 from .. import credentials
+from ..endpoint import DiskEndpoint
 from ..errors import SourceError
 from ..inspect.vmdk import looks_like_descriptor, parse_descriptor
 from ..testhooks import hold_point
@@ -45,6 +47,16 @@ _ZEROS = bytes(CHUNK)
 RETRIES = 5  # a transfer that broke off is resumed this many times in the same run, after 1, 2, 4, ... s
 # (bytes of the disk's files on disk now, of all of them) -> None
 Progress = Callable[[int, int], None]
+
+
+def unread_endpoint(capacity: int, flavor: str) -> DiskEndpoint:
+    """A disk not downloaded yet, for measuring only: qemu-img measures it as ``capacity`` bytes all
+    allocated (the most a thin disk can need: a ``quorum`` has no allocation map, so every block counts
+    as data) and any read of it fails (``blkdebug`` injects EIO), so nothing can copy it by mistake."""
+    never = {"driver": "blkdebug", "inject-error": [{"event": "none", "errno": 5}],
+             "image": {"driver": "null-co", "size": capacity}}
+    spec = {"driver": "raw", "file": {"driver": "quorum", "vote-threshold": 1, "children": [never]}}
+    return DiskEndpoint("raw", "json:" + json.dumps(spec), capacity, flavor)
 
 
 class Broken(SourceError):
