@@ -125,7 +125,8 @@ class Fetcher:
     def _failed(self, file: DatastoreFile, what: str, hint: str | None = None) -> SourceError:
         return SourceError(f"{self.vm}: downloading {file}: {what}", hint=hint)
 
-    def _request(self, method: str, file: DatastoreFile, headers: dict[str, str] | None = None) -> Any:
+    def _request(self, method: str, file: DatastoreFile, headers: dict[str, str] | None = None,
+                 ok: tuple[int, ...] = (200, 206, 416)) -> Any:
         try:
             response = self.http.request(method, self.url(file), headers=headers or {}, stream=True, verify=self.verify,
                                          timeout=self.where.timeout, allow_redirects=False)
@@ -136,7 +137,7 @@ class Fetcher:
             raise self._failed(file, what + ": refused") from None
         except requests.RequestException as exc:
             raise Broken(f"{self.vm}: downloading {file}: {type(exc).__name__}") from None
-        if response.status_code not in (200, 206, 416):
+        if response.status_code not in ok:
             response.close()
             hint = "the session was refused: check the user's Datastore.Browse privilege" \
                 if response.status_code in (401, 403) else None
@@ -144,13 +145,19 @@ class Fetcher:
         return response
 
     def size(self, file: DatastoreFile) -> int:
-        """The file's size, as the service says (a HEAD request)."""
-        response = self._request("HEAD", file)
+        """The file's size, as the service says: a HEAD request, else the total of a one-byte range."""
+        response = self._request("HEAD", file, ok=(200, 405, 501))  # a service may not do HEAD
         response.close()
         length = response.headers.get("Content-Length", "")
-        if not length.isdigit():
+        if response.status_code == 200 and length.isdigit():
+            return int(length)
+        with self._request("GET", file, {"Range": "bytes=0-0"}) as response:
+            total = _range_total(response.headers.get("Content-Range", ""))
+            if response.status_code == 200 and response.headers.get("Content-Length", "").isdigit():
+                total = int(response.headers["Content-Length"])
+        if total < 0:
             raise self._failed(file, "the service gives no size")
-        return int(length)
+        return total
 
     def fetch(self, file: DatastoreFile, dest: Path, progress: Callable[[int], None]) -> None:
         """``file`` into ``dest``: resumed from ``dest.part`` when one is there; nothing done when ``dest``
