@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pve_sim.fixture import pve_fixture  # noqa: F401
 from vcsim.fixture import Vcsim, vcsim_fixture  # noqa: F401
 
 from conftest import assert_same_bytes, guest_report
@@ -158,6 +159,23 @@ def test_a_vsphere_vm_migrates_and_boots(vcsim: Vcsim, si: Any, samples: Path, m
             data = path.read_bytes()
             assert vcsim.password.encode() not in data and COOKIE.encode() not in data, path
     assert not (v2p.target / "migrations" / "120.work").exists()  # the local copy went with the workdir
+
+
+def test_a_vsphere_vm_migrates_onto_pve(vcsim: Vcsim, si: Any, samples: Path, pve: Any, v2p: Any,
+                                        tmp_path: Path) -> None:
+    """The same VM onto the PVE simulator: the local copy uploaded, its bytes the sample's; every
+    request v2p made passed the PVE schema."""
+    sample_vm(si, samples, "mig06")
+    url = f"pve://root@pam!v2p@{pve.host}/{pve.cluster.node}?storage=local&fingerprint={pve.fingerprint}"
+    proc = v2p("--target", url, "migrate", uri(vcsim, "mig06"), "--vmid", "160", "--no-boot-check",
+               V2P_PVE_TOKEN=pve.tokens["root@pam!v2p"], XDG_DATA_HOME=str(tmp_path / "xdg"),
+               V2P_VSPHERE_PASSWORD=vcsim.password)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    volid = pve.cluster.vms[160].config["scsi0"].split(",")[0]
+    assert_same_bytes(samples / "guest.raw", pve.cluster.volume_path(volid),
+                      "raw" if volid.endswith(".raw") or "/" not in volid else "qcow2")
+    assert pve.refused == [] and pve.unsimulated == []
+    assert vcsim.password not in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(("stop", "changed"), [(signal.SIGKILL, False), (signal.SIGKILL, True),
