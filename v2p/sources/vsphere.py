@@ -238,6 +238,7 @@ class VsphereSource(Source):
             self._session = Session(self.where, find_password(self.where, self.env)).connect()
 
     def close(self) -> None:
+        self._prepared = False  # the next life asks ``prepare`` again before it reads a byte
         try:
             if self._session is not None:
                 self._session.close()
@@ -323,7 +324,8 @@ class VsphereSource(Source):
         key = (disk.label, workdir)
         if key not in self._inputs:
             if not self._prepared:  # preflight's space check, a plan's measure: no byte read before ``prepare``
-                return unread_endpoint(disk_capacity(self._device(disk)), disk_flavor(self._device(disk).backing))
+                device = self._device(disk)
+                return unread_endpoint(disk_capacity(device), disk_flavor(device.backing))
             self._inputs[key] = self._disk_input(disk, workdir)
         return self._inputs[key].endpoint
 
