@@ -314,3 +314,44 @@ def test_the_environment_s_password_goes_to_its_own_host_only() -> None:
     assert find_password(parse_uri("vsphere://vc.example/DC0", env), env) == "pw"
     with pytest.raises(OptionError, match="is not the host this environment configures"):
         find_password(parse_uri("vsphere://elsewhere.example/DC0", env), env)
+
+
+class _Terminal:
+    """A stdin/stderr that says it is (or is not) a terminal."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_without_a_stored_password_one_is_asked_for_at_a_terminal_only(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path, tty: bool) -> None:
+    import getpass
+
+    from v2p.options import OptionError
+    from v2p.sources import vsphere_api
+
+    asked: list[str] = []
+    monkeypatch.setattr(getpass, "getpass", lambda prompt, stream=None: asked.append(prompt) or "typed")
+    monkeypatch.setattr(vsphere_api.sys, "stdin", _Terminal(tty))
+    monkeypatch.setattr(vsphere_api.sys, "stderr", _Terminal(tty))
+    monkeypatch.setattr(vsphere_api, "_PROMPTED", {})
+    env = {"V2P_VSPHERE_USER": "migrator", "XDG_CONFIG_HOME": str(tmp_path)}  # no password anywhere
+    where = vsphere_api.parse_uri("vsphere://vc.example/DC0", env)
+    if not tty:  # cron, a plan's child, a panel: no prompt, the one-line refusal
+        with pytest.raises(OptionError, match="no password for the vSphere source"):
+            vsphere_api.find_password(where, env)
+        assert asked == []
+        return
+    assert vsphere_api.find_password(where, env) == "typed"
+    assert vsphere_api.find_password(where, env) == "typed"  # a second login in the same run asks no more
+    assert asked == ["vSphere password for migrator@vc.example: "]

@@ -14,11 +14,13 @@ Not here: what a VM's hardware means (``vsphere.py``), printing a listing (``cli
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import os
 import re
 import socket
 import ssl
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,9 +151,25 @@ def find_password(where: VsphereUri, env: Mapping[str, str] | None = None) -> st
     value = credentials.find_secret(env, PASSWORD_ENV, "password", path, named=bool(env.get(SECRETS_ENV)),
                                     what=SECRETS_FILE, service="vSphere")
     if not value:
+        value = _prompted(where)
+    if not value:
         raise OptionError("no password for the vSphere source",
                           hint=f"set ${PASSWORD_ENV}, or put 'password = ...' in {path} (mode 600)")
     return value
+
+
+_PROMPTED: dict[tuple[str, str, int], str] = {}  # asked once per process: a migration logs in more than once
+
+
+def _prompted(where: VsphereUri) -> str:
+    """The password typed at a terminal (not echoed), when neither the environment nor the secrets file
+    has one and v2p runs at a terminal; "" otherwise (a plan's children, cron, a panel: no prompt)."""
+    key = (where.user, where.host, where.port)
+    if key not in _PROMPTED:
+        if not (sys.stdin is not None and sys.stdin.isatty() and sys.stderr is not None and sys.stderr.isatty()):
+            return ""
+        _PROMPTED[key] = getpass.getpass(f"vSphere password for {where.user}@{where.host}: ", stream=sys.stderr)
+    return _PROMPTED[key]
 
 
 # -- TLS ------------------------------------------------------------------------------------------------
