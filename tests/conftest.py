@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,8 @@ def samples(manifest: dict[str, Any]) -> Path:
 #   slow     either of those, or it runs the v2p command as a process (``v2p``, ``v2p_process``, the
 #            example ``panel``); ``make test-fast`` runs the rest: ``-m "not slow"``
 # A test that boots, starts the simulator or runs the command without requesting the fixture that
-# says so fails (``_tier_is_declared``): the fast tier cannot grow slow tests unnoticed.
+# says so fails (``_tier_is_declared``), slow or not: the fast tier cannot grow slow tests, nor a
+# tier lose its tests, unnoticed.
 _MARKING_FIXTURES = {
     "boots": {"boots"},
     "pve_sim": {"pve", "sim", "pve_start"},
@@ -133,14 +133,11 @@ sys.addaudithook(_audit)
 _WHICH_FIXTURE = {"boots": "`boots`", "pve_sim": "`pve` (or `pve_start`)", "slow": "`v2p` (or `v2p_process`)"}
 
 
-class UndeclaredTier(pytest.PytestWarning):
-    """A slow test booted a guest or started the simulator without the fixture that marks it so."""
-
-
 @pytest.fixture(autouse=True)
 def _tier_is_declared(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test that started what its markers do not admit (see ``_MARKING_FIXTURES``) fails if that puts
-    it in the fast tier; a slow one gets a warning (its ``boots``/``pve_sim`` marker is missing)."""
+    """A test that started what its markers do not admit (see ``_MARKING_FIXTURES``) fails: a fast one
+    would make the fast tier slow, a slow one would be missing from ``-m boots`` / ``-m pve_sim``. Only
+    what this process starts is seen (``_audit``), while the test and its function-scoped fixtures run."""
     _seen.clear()
     yield
     undeclared = sorted({(mark, what) for mark, what in _seen if not request.node.get_closest_marker(mark)})
@@ -149,9 +146,7 @@ def _tier_is_declared(request: pytest.FixtureRequest) -> Iterator[None]:
         message = ("this test started " + ", ".join(what for _mark, what in undeclared) + " without requesting "
                    + " or ".join(_WHICH_FIXTURE[mark] for mark, _what in undeclared)
                    + ": its tier markers come from its fixtures (conftest's _MARKING_FIXTURES)")
-        if not request.node.get_closest_marker("slow"):
-            pytest.fail(message, pytrace=False)
-        warnings.warn(UndeclaredTier(message), stacklevel=1)
+        pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture

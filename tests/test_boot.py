@@ -307,7 +307,7 @@ def boot(tmp_path: Path, disk: Path, *, timeout: float, **extra: str) -> BootRep
             target._kill(170)
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_a_disk_without_boot_code_fails(tmp_path: Path) -> None:
     zeros = tmp_path / "zeros.raw"
     zeros.write_bytes(bytes(32 << 20))
@@ -318,7 +318,7 @@ def test_a_disk_without_boot_code_fails(tmp_path: Path) -> None:
     assert report.signs["no bootable device"]["at"] < 15
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_a_halting_boot_sector_is_unconfirmed_at_the_timeout(tmp_path: Path) -> None:
     """What the old check called up ("20s without a reset after the firmware handed over")."""
     report = boot(tmp_path, boot_sector_disk(tmp_path, "halt", HALTS), timeout=30)
@@ -330,7 +330,7 @@ def test_a_halting_boot_sector_is_unconfirmed_at_the_timeout(tmp_path: Path) -> 
     assert report.signs["boot disk read in all"]["value"] < 64 << 10, report.signs  # SeaBIOS's few sectors
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_a_boot_sector_that_resets_in_a_loop_fails(tmp_path: Path) -> None:
     report = boot(tmp_path, boot_sector_disk(tmp_path, "triple", TRIPLE_FAULT), timeout=60)
     assert report.outcome == BOOT_FAILED, report
@@ -338,7 +338,7 @@ def test_a_boot_sector_that_resets_in_a_loop_fails(tmp_path: Path) -> None:
     assert report.seconds < 20, report
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_a_guest_panic_fails(tmp_path: Path) -> None:
     report = boot(tmp_path, boot_sector_disk(tmp_path, "panic", PANICS), timeout=60)
     assert report.outcome == BOOT_FAILED, report
@@ -347,7 +347,7 @@ def test_a_guest_panic_fails(tmp_path: Path) -> None:
     assert "guest panic" in report.signs
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_the_sample_guest_is_up_by_its_acpi_power_off(tmp_path: Path, samples: Path) -> None:
     report = boot(tmp_path, samples / "guest.raw", timeout=60)
     assert report.outcome == BOOT_UP, report
@@ -355,7 +355,7 @@ def test_the_sample_guest_is_up_by_its_acpi_power_off(tmp_path: Path, samples: P
     assert report.seconds < 15, report
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_the_efi_sample_under_seabios_is_not_up(tmp_path: Path, samples: Path) -> None:
     """Issue 17's first case: it was "guest up after 20.71s"."""
     report = boot(tmp_path, samples / "efi" / "efi.raw", timeout=40)
@@ -363,7 +363,7 @@ def test_the_efi_sample_under_seabios_is_not_up(tmp_path: Path, samples: Path) -
     assert report.seconds < 50, report
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_a_bios_disk_under_ovmf_fails(tmp_path: Path, samples: Path) -> None:
     report = boot(tmp_path, samples / "guest.raw", timeout=90, bios="ovmf", machine="q35")
     assert report.outcome == BOOT_FAILED, report
@@ -373,7 +373,7 @@ def test_a_bios_disk_under_ovmf_fails(tmp_path: Path, samples: Path) -> None:
     assert report.seconds < 60, report
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_a_boot_loader_at_its_rescue_prompt_fails(tmp_path: Path, samples: Path) -> None:
     """GRUB 2 without its prefix partition, as it really prints it (sample_images/dead.asm, on the
     screen and COM1): failed on its words, long before the timeout, never up."""

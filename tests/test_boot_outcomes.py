@@ -273,7 +273,7 @@ def test_plan_exits_12_when_some_boots_are_only_unconfirmed_and_0_when_all_are_u
 
 # -- a real guest --------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_the_sample_guest_ends_up_with_its_sign_named(tmp_path, source_of, capsys):
     """The real boot check of the real sample guest, through the CLI: up, exit 0, the sign in the last line
     (it powers itself off once it has reported: ACPI, which only a running OS does)."""

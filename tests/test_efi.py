@@ -17,7 +17,7 @@ from v2p.errors import TargetError
 from v2p.targets import efi
 from v2p.targets.local import LocalTarget
 
-pytestmark = pytest.mark.slow  # every test here boots a guest or runs a storage end to end
+pytestmark = pytest.mark.slow  # every test here boots a guest (requesting `boots`) or runs a storage end to end
 
 VMID = 120
 BOOT_TIMEOUT = 120.0
@@ -50,6 +50,7 @@ def efidisk_path(target: LocalTarget) -> Path:
     return target.volume_file(volid)[0]
 
 
+@pytest.mark.usefixtures("boots")
 @pytest.mark.parametrize("bus", ["scsi0", "sata0"])
 def test_efi_guest_boots_under_ovmf(target: LocalTarget, samples: Path, manifest: dict[str, Any],
                                     bus: str) -> None:
@@ -61,6 +62,7 @@ def test_efi_guest_boots_under_ovmf(target: LocalTarget, samples: Path, manifest
     assert f"readonly=on,file={efi.OVMF_DIR / 'OVMF_CODE_4M.fd'}" in " ".join(argv)
 
 
+@pytest.mark.usefixtures("boots")
 def test_efitype_2m(target: LocalTarget, samples: Path, manifest: dict[str, Any]) -> None:
     """Older PVE VMs: the 2 MiB OVMF with its 128 KiB vars store; an efidisk0 without
     efitype means 2m, as on PVE."""
@@ -73,6 +75,7 @@ def test_efitype_2m(target: LocalTarget, samples: Path, manifest: dict[str, Any]
     assert manifest["efi"]["expected_serial"]["up"] in report.serial, report.serial[-2000:]
 
 
+@pytest.mark.usefixtures("boots")
 def test_efidisk_holds_the_variables(target: LocalTarget, samples: Path, manifest: dict[str, Any]) -> None:
     """The firmware writes its boot entries into efidisk0 (it is the vars flash, not a
     throwaway copy), and boots from it again."""
@@ -91,6 +94,7 @@ def test_efidisk_holds_the_variables(target: LocalTarget, samples: Path, manifes
     assert manifest["efi"]["expected_serial"]["up"] in second.serial
 
 
+@pytest.mark.usefixtures("boots")
 def test_raw_efidisk_bigger_than_the_flash(target: LocalTarget, samples: Path,
                                            manifest: dict[str, Any]) -> None:
     """A raw vars volume rounded up (as an LV is, to whole extents) boots with its first
@@ -109,6 +113,7 @@ def test_raw_efidisk_bigger_than_the_flash(target: LocalTarget, samples: Path,
     assert data[flash:] == bytes(len(data) - flash)
 
 
+@pytest.mark.usefixtures("boots")
 def test_ovmf_without_efidisk_boots_with_throwaway_variables(
         target: LocalTarget, samples: Path, manifest: dict[str, Any]) -> None:
     efi_vm(target, samples, manifest, "scsi0")
@@ -118,6 +123,7 @@ def test_ovmf_without_efidisk_boots_with_throwaway_variables(
     assert manifest["efi"]["expected_serial"]["up"] in report.serial, report.serial[-2000:]
 
 
+@pytest.mark.usefixtures("boots")
 def test_secure_boot_refuses_the_unsigned_guest(target: LocalTarget, samples: Path,
                                                 manifest: dict[str, Any]) -> None:
     """pre-enrolled-keys=1: OVMF's Secure Boot build with Microsoft's keys, on q35 with

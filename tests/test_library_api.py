@@ -109,7 +109,7 @@ def test_events_of_a_three_disk_vm_arrive_in_order_with_vmid_disk_stage_and_byte
         assert_same_bytes(raws[name], tmp_path / "target" / "images" / "120" / f"vm-120-disk-{index}.qcow2")
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("boots")
 def test_two_migrations_in_threads_at_once_each_in_order(tmp_path, source_of, manifest):
     target = local_target(tmp_path / "target", accel="tcg")
     recorder = Recorder()

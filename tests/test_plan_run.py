@@ -211,6 +211,7 @@ def test_six_vms_at_parallel_3_all_boot_on_their_bus_and_a_rerun_does_nothing(
     assert {configs[vmid] == v2p.config(vmid) for _n, vmid, _e in WAVE} == {True}
 
 
+@pytest.mark.usefixtures("boots")
 def test_the_same_wave_onto_the_pve_simulator(pve, tmp_path, manifest, samples, drivers_iso,  # noqa: F811
                                                v2p: V2P):
     pve.runner = pve.run_vms()

@@ -74,6 +74,7 @@ def migrate(v2p: V2P, plan: Path, name: str) -> dict[str, Any]:
     return api.migrate(vm.source, vm.vmid, target=target, **vm.options)
 
 
+@pytest.mark.usefixtures("boots")  # the blank disk's boot check, in this process
 def test_status_before_and_after_migrations(plan, v2p: V2P):
     code, out = status(v2p, plan)
     assert code == 0

@@ -23,7 +23,8 @@ MIB = 1 << 20
 
 
 @pytest.fixture(name="sim")
-def running_sim(pve):  # type: ignore[no-untyped-def]
+def running_sim(pve, boots):  # type: ignore[no-untyped-def]
+    """The simulator running each started VM as a real QEMU: every test here that starts one boots it."""
     pve.runner = pve.run_vms()
     return pve
 

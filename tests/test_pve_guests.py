@@ -58,6 +58,7 @@ def running_sim(pve):  # type: ignore[no-untyped-def]
     return pve
 
 
+@pytest.mark.usefixtures("boots")
 @pytest.mark.parametrize("path", PATHS)
 def test_linux_guest_boots_on_pve(sim, tmp_path, manifest, samples, source_of, v2p: V2P, path):
     src = source_of("monolithicSparse")
@@ -95,6 +96,7 @@ def assert_danced_on_pve(sim: Any, vmid: int) -> None:
     assert "v2p-guest: windows up on virtio-blk (viostor)" in serial and "STOP 0x" not in serial
 
 
+@pytest.mark.usefixtures("boots")
 @pytest.mark.parametrize("path", PATHS)
 def test_windows_dance_goes_on_by_itself(sim, tmp_path, manifest, drivers_iso, v2p: V2P, path):  # noqa: F811
     """From a workstation as on the node: boot 1 goes on once PVE's blockstat shows the guest reading
@@ -113,6 +115,7 @@ def test_windows_dance_goes_on_by_itself(sim, tmp_path, manifest, drivers_iso, v
     schema_clean(sim)
 
 
+@pytest.mark.usefixtures("boots")
 @pytest.mark.parametrize("path", ["on-node", "remote"])
 def test_windows_dance_without_the_driver_needs_the_operator_then_rolls_back(sim, tmp_path, manifest, drivers_iso,  # noqa: F811
                                                                             v2p: V2P, path):
@@ -153,6 +156,7 @@ def test_windows_dance_without_the_driver_needs_the_operator_then_rolls_back(sim
     schema_clean(sim)
 
 
+@pytest.mark.usefixtures("boots")
 @pytest.mark.parametrize("path", PATHS)
 def test_vmx_with_three_disks_boots_on_pve(sim, tmp_path, manifest, samples, v2p: V2P, path):
     vmx, raws = make_vm(tmp_path / "web01", samples)
@@ -212,6 +216,7 @@ def test_drivers_iso_on_the_node_is_checked_there(sim, tmp_path, manifest, drive
 PVESH = Path(__file__).resolve().parent / "pve_sim" / "bin"
 
 
+@pytest.mark.usefixtures("boots")
 def test_on_the_node_through_pvesh(sim, tmp_path, manifest, samples, source_of, v2p: V2P):
     """backend=local: v2p on the node as root calls pvesh (here a stand-in that forwards each call to the
     simulator, schema-checked), no token; disks go straight into the storage, the serial port is read."""

@@ -331,6 +331,7 @@ def test_slow_task_is_running_until_done(pve: PVESim) -> None:
 
 # -- running VMs for real ------------------------------------------------------------------
 
+@pytest.mark.usefixtures("boots")
 def test_started_vm_runs_in_qemu_until_stopped(pve: PVESim) -> None:
     runner = pve.run_vms()
     spec = {**CREATE, "ide0": "local:0.01", "virtio0": "local-lvm:0.01", "scsi0": "local:0.01",
@@ -381,6 +382,7 @@ def test_every_simulated_endpoint_is_in_the_schema(pve: PVESim) -> None:
     assert set(ROUTES) - templates == set()
 
 
+@pytest.mark.usefixtures("boots")
 def test_sample_guest_imported_and_booted_through_the_api(pve: PVESim, samples: Path,
                                                           manifest: dict[str, Any]) -> None:
     """The whole remote path by hand: upload the VMware disk, import it, start, the guest boots

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-pytestmark = pytest.mark.slow  # every test here boots a guest
+pytestmark = pytest.mark.usefixtures("boots")  # every test here boots a guest
 
 MIB = 1024 * 1024
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")

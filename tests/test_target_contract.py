@@ -142,17 +142,28 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def _tiered(value: Any, kind: str) -> Any:
+_BOOTING_KINDS = {"local"}  # its start runs the guest under QEMU (the simulators here run none: no run_vms)
+
+
+def _tiered(value: Any, kind: str, *, running: bool = False) -> Any:
     """A fixture parameter of kind ``kind``: one that starts the PVE simulator is marked so, and every
-    real kind is slow (it boots a guest or runs a storage end to end); the fake is the fast tier's."""
+    real kind is slow (it boots a guest or runs a storage end to end); the fake is the fast tier's.
+    ``running``: for a test that starts its VMs, a kind whose start boots a guest is marked ``boots``
+    (per kind, so a mark here: the ``boots`` fixture would mark every kind)."""
     if kind.startswith("proxmox"):
         return pytest.param(value, marks=[pytest.mark.pve_sim, pytest.mark.slow])
+    if running and kind in _BOOTING_KINDS:
+        return pytest.param(value, marks=[pytest.mark.boots, pytest.mark.slow])
     return value if kind == "fake" else pytest.param(value, marks=pytest.mark.slow)
 
 
 @pytest.fixture(params=[_tiered(k, k) for k in sorted(KINDS)])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+# For a test that starts VMs: the ``kind`` fixture's kinds, those that boot a guest marked so.
+running_kinds = pytest.mark.parametrize("kind", [_tiered(k, k, running=True) for k in sorted(KINDS)])
 
 
 @pytest.fixture
@@ -380,6 +391,7 @@ def test_disk_sink_on_an_unknown_storage(target: Target) -> None:
 
 # -- running VMs ----------------------------------------------------------------
 
+@running_kinds
 def test_the_sample_guest_runs_then_stops(target: Target, samples: Path) -> None:
     sink = put_disk(target, 150, samples / "guest.raw")
     target.create_vm(150, guest_config(sink.volid, "32M"))
@@ -402,6 +414,7 @@ def test_the_sample_guest_runs_then_stops(target: Target, samples: Path) -> None
             target.stop(150, timeout=1)
 
 
+@running_kinds
 def test_stop_a_guest_that_ignores_the_power_button(target: Target, halting_disk: Path) -> None:
     sink = put_disk(target, 151, halting_disk)
     target.create_vm(151, guest_config(sink.volid, "1M"))
@@ -417,6 +430,7 @@ def test_stop_a_guest_that_ignores_the_power_button(target: Target, halting_disk
             target.stop(151, timeout=1)
 
 
+@running_kinds
 def test_destroy_removes_a_running_vm_and_its_disks(target: Target, halting_disk: Path) -> None:
     sink = put_disk(target, 152, halting_disk)
     target.create_vm(152, guest_config(sink.volid, "1M"))
