@@ -53,3 +53,26 @@ vms:
     again = v2p("plan", "run", str(plan), "--json", **env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count('"nothing to do"') == 3
+
+
+def test_the_library_takes_the_same_uri(vcsim: Vcsim, si: Any, samples: Path, tmp_path: Path,
+                                        monkeypatch: Any) -> None:
+    """``inspect_vm``, ``Migration.plan()`` and ``migrate`` on a ``vsphere://`` URI, the password from the
+    environment."""
+    from v2p import Migration, migrate
+    from v2p.api import inspect_vm
+
+    sample_vm(si, samples, "lib01")
+    monkeypatch.setenv("V2P_VSPHERE_PASSWORD", vcsim.password)
+    source = uri(vcsim, "lib01")
+    report = inspect_vm(source)
+    assert report.error is None and report.spec is not None and len(report.spec.disks) == 1, report.error
+    target = {"kind": "local", "dir": str(tmp_path / "target"), "accel": "tcg"}
+    stages = Migration(source, 711, target=target, boot_check=False).plan()
+    assert [name for name, _what, done in stages][:3] == ["inspect", "preflight", "create"]
+    assert not any(done for _name, _what, done in stages)
+    events: list[Any] = []
+    result = migrate(source, 711, target=target, boot_check=False, on_event=events.append)
+    assert result["boot"] == "skipped", result
+    assert any(e.kind == "progress" and getattr(e, "step", None) == "fetch" for e in events)
+    assert_same_bytes(samples / "guest.raw", tmp_path / "target" / "images" / "711" / "vm-711-disk-0.qcow2")
