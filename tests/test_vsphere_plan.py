@@ -9,13 +9,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from test_vsphere_disks import _cmdlines, sample_vm, si, uri  # noqa: F401 - si is a fixture
+from test_vsphere_disks import (
+    _cmdlines,
+    sample_vm,
+    si,  # noqa: F401 - a fixture
+    uri,
+)
 from vcsim.fixture import Vcsim, vcsim_fixture  # noqa: F401
 
 from conftest import assert_same_bytes
 
 
-def test_a_plan_with_two_vsphere_vms_and_a_local_disk(vcsim: Vcsim, si: Any, samples: Path, v2p: Any,
+def test_a_plan_with_two_vsphere_vms_and_a_local_disk(vcsim: Vcsim, si: Any, samples: Path, v2p: Any,  # noqa: F811
                                                       tmp_path: Path) -> None:
     for name in ("plan01", "plan02"):
         sample_vm(si, samples, name)
@@ -55,7 +60,7 @@ vms:
     assert again.stdout.count('"nothing to do"') == 3
 
 
-def test_the_library_takes_the_same_uri(vcsim: Vcsim, si: Any, samples: Path, tmp_path: Path,
+def test_the_library_takes_the_same_uri(vcsim: Vcsim, si: Any, samples: Path, tmp_path: Path,  # noqa: F811
                                         monkeypatch: Any) -> None:
     """``inspect_vm``, ``Migration.plan()`` and ``migrate`` on a ``vsphere://`` URI, the password from the
     environment."""
