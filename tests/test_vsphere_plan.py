@@ -4,6 +4,7 @@ argv), the same URI through ``from v2p import migrate``."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -186,3 +187,40 @@ def test_parallel_is_a_number_of_disks_and_not_part_of_the_vm_s_name() -> None:
     for bad in ("0", "17", "x", "-1", "2.5", "999"):
         with pytest.raises(OptionError, match="is not a number of disks from 1 to 16"):
             parse_uri(f"vsphere://u@vc/DC0/vm/web01?parallel={bad}")
+
+
+def test_a_host_s_slots_are_shared_with_other_processes(tmp_path: Path) -> None:
+    """Both slots of a host held by other processes (``flock``): a download waits, and gives up when its
+    migration stops; once one of them lets go, it gets that slot."""
+    import subprocess
+    import sys
+
+    from v2p.sources.vsphere_parallel import HostSlots, Stopped
+
+    slots = HostSlots(tmp_path / "vsphere-slots", "vc:443/host-21", 2)
+    slots.folder.mkdir()
+    hold = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); " \
+           "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
+    holders = [subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
+               for path in slots.paths]
+    try:
+        for holder in holders:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        looks = []
+
+        def stop_after_two() -> None:
+            looks.append(1)
+            if len(looks) == 2:
+                raise Stopped
+
+        with pytest.raises(Stopped):
+            slots.acquire(stop_after_two)
+        holders[1].kill()
+        holders[1].wait()
+        fd = slots.acquire(stop_after_two)
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(slots.paths[1])
+        slots.release(fd)
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()

@@ -40,7 +40,7 @@ from .ovf_mapping import _NIC_MODELS, _SCSI_MODELS
 from .vmx import _CONTROLLER_MODEL, canonical_mac, canonical_uuid
 from .vsphere_api import Session, find_password, parse_uri
 from .vsphere_fetch import DatastoreFile, Fetcher, fetch_disk, unread_endpoint
-from .vsphere_parallel import Downloads, host_slots
+from .vsphere_parallel import Downloads, HostSlots
 from .vsphere_power import add_runtime_facts, datastore_types
 from .vsphere_power import prepare as prepare_vm
 
@@ -346,9 +346,11 @@ class VsphereSource(Source):
         return f"{self.where.host}:{self.where.port}/{getattr(host, '_moId', '')}"
 
     def _start_downloads(self, workdir: Path) -> Downloads:
-        """Every disk of the VM downloading into ``workdir``, at most ``?parallel=N`` from its host at once."""
+        """Every disk of the VM downloading into ``workdir``, at most ``?parallel=N`` from its host at once
+        across the migrations whose workdirs share ``workdir``'s folder (the target's state folder)."""
         if workdir not in self._downloads:
-            downloads = self._downloads[workdir] = Downloads(host_slots(self._host(), self.where.parallel))
+            slots = HostSlots(workdir.parent / "vsphere-slots", self._host(), self.where.parallel)
+            downloads = self._downloads[workdir] = Downloads(slots)
             for disk in self.spec().ordered_disks():
                 downloads.start(disk.label, functools.partial(self._download, disk, workdir, downloads.check))
         return self._downloads[workdir]

@@ -3,8 +3,10 @@
 When the pipeline first asks for a disk after ``prepare``, the source starts a download of every disk
 of the VM, each in a thread of its own; a thread waits for one of its host's slots before it reads a
 byte. ``wait(label)`` gives the pipeline its disk as soon as that disk is whole, while the others go
-on. The slots are this process's: the migrations of one program (the library's threads) share them;
-a plan's children (one process per VM) each have their own.
+on. A host's slots are N lock files in the target's state folder (``migrations/vsphere-slots/``), a
+download holding one with ``flock`` while it reads: every migration onto that target shares them, the
+threads of one program (the library) and a plan's children (one process per VM) alike. A migration
+asking for N uses the first N files: with different N at once, at most the largest N run.
 
 A thread stops at its next progress report once ``stop`` is set (Ctrl-C, a cancelled migration, an
 error in the pipeline: ``close``); the part it was writing stays, and the next run resumes it. The
@@ -13,22 +15,47 @@ threads are daemons: a process that ends does not wait for a download it no long
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import interrupts
 
-_slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
-_slots_lock = threading.Lock()
 JOIN_SECONDS = 5.0  # how long ``close`` waits for a stopped thread to let go of its part
+POLL = 0.2  # seconds between two looks for a free slot
 
 
-def host_slots(host: str, limit: int) -> threading.BoundedSemaphore:
-    """The ``limit`` download slots of ``host`` (an ESXi host, as vCenter names it) in this process."""
-    with _slots_lock:
-        return _slots.setdefault((host, limit), threading.BoundedSemaphore(limit))
+class HostSlots:
+    """The ``limit`` download slots of one ESXi host: lock files ``folder/HASH.N`` (the host's key hashed:
+    no name from the server becomes a path)."""
+
+    def __init__(self, folder: Path, host: str, limit: int) -> None:
+        self.folder = folder
+        digest = hashlib.sha256(host.encode()).hexdigest()[:16]
+        self.paths = [folder / f"{digest}.{n}" for n in range(limit)]
+
+    def acquire(self, check: Callable[[], None]) -> int:
+        """A free slot's file descriptor, locked (``check`` is called between looks); ``release`` it."""
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        while True:
+            for path in self.paths:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    os.close(fd)
+            check()
+            time.sleep(POLL)
+
+    @staticmethod
+    def release(fd: int) -> None:
+        os.close(fd)  # the lock goes with the last descriptor of its open file
 
 
 class Stopped(Exception):
@@ -47,7 +74,7 @@ class _Job:
 class Downloads:
     """The downloads of one VM's disks, keyed by the disk's label."""
 
-    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+    def __init__(self, slots: HostSlots) -> None:
         self.slots = slots
         self.stop = threading.Event()
         self._jobs: dict[str, _Job] = {}
@@ -65,13 +92,12 @@ class Downloads:
 
     def _run(self, job: _Job, work: Callable[[], Path]) -> None:
         try:
-            while not self.slots.acquire(timeout=0.2):
-                self.check()
+            fd = self.slots.acquire(self.check)
             try:
                 self.check()
                 job.result = work()
             finally:
-                self.slots.release()
+                self.slots.release(fd)
         except BaseException as exc:  # handed to the thread that waits for this disk
             job.error = exc
         finally:
