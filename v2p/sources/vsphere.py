@@ -20,7 +20,9 @@ the download (``vsphere_fetch``).
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,6 +40,7 @@ from .ovf_mapping import _NIC_MODELS, _SCSI_MODELS
 from .vmx import _CONTROLLER_MODEL, canonical_mac, canonical_uuid
 from .vsphere_api import Session, find_password, parse_uri
 from .vsphere_fetch import DatastoreFile, Fetcher, fetch_disk, unread_endpoint
+from .vsphere_parallel import Downloads, HostSlots
 from .vsphere_power import add_runtime_facts, datastore_types
 from .vsphere_power import prepare as prepare_vm
 
@@ -47,7 +50,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # The VM properties ``spec`` reads, in one call.
-VM_PROPERTIES = ("name", "config", "runtime.powerState", "snapshot", "guest.toolsRunningStatus", "guest.net")
+VM_PROPERTIES = ("name", "config", "runtime.powerState", "runtime.host", "snapshot", "guest.toolsRunningStatus",
+                 "guest.net")
 
 # vSphere's controller classes as VMware's OVF export names them (rasd:ResourceSubType), which
 # ovf_mapping turns into the .vmx's virtualDev names; IDE, SATA and NVMe have one model each.
@@ -227,6 +231,8 @@ class VsphereSource(Source):
         self._datastore_types: dict[str, str] | None = None
         self._inputs: dict[tuple[str, Path], DiskInput] = {}
         self._prepared = False  # ``prepare`` said the VM may be read: only then are its disks downloaded
+        self._downloads: dict[Path, Downloads] = {}  # by workdir: every disk's download, started at once
+        self._report_lock = threading.Lock()  # the download threads report too
 
     def describe(self) -> str:
         return str(self.where)
@@ -237,9 +243,14 @@ class VsphereSource(Source):
         if self._session is None:
             self._session = Session(self.where, find_password(self.where, self.env)).connect()
 
+    def report(self, event: Event) -> None:
+        with self._report_lock:
+            super().report(event)
+
     def close(self) -> None:
         self._prepared = False  # the next life asks ``prepare`` again before it reads a byte
         try:
+            self._stop_downloads()
             if self._session is not None:
                 self._session.close()
                 self._session = None
@@ -329,7 +340,41 @@ class VsphereSource(Source):
             self._inputs[key] = self._disk_input(disk, workdir)
         return self._inputs[key].endpoint
 
+    def _host(self) -> str:
+        """The ESXi host that runs the VM (its managed object id), as a key for its download slots."""
+        host = self.properties().get("runtime.host")
+        return f"{self.where.host}:{self.where.port}/{getattr(host, '_moId', '')}"
+
+    def _start_downloads(self, workdir: Path) -> Downloads:
+        """Every disk of the VM downloading into ``workdir``, at most ``?parallel=N`` from its host at once
+        across the migrations whose workdirs share ``workdir``'s folder (the target's state folder)."""
+        if workdir not in self._downloads:
+            slots = HostSlots(workdir.parent / "vsphere-slots", self._host(), self.where.parallel)
+            downloads = self._downloads[workdir] = Downloads(slots)
+            for disk in self.spec().ordered_disks():
+                downloads.start(disk.label, functools.partial(self._download, disk, workdir, downloads.check))
+        return self._downloads[workdir]
+
+    def _stop_downloads(self) -> None:
+        while self._downloads:
+            self._downloads.popitem()[1].close()
+
     def _disk_input(self, disk: DiskSpec, workdir: Path) -> DiskInput:
+        slot = f"{disk.controller}{disk.bus}-{disk.unit}"
+        folder = workdir / f"vsphere-{slot}"
+        where = f"{self.where.short}: {disk.label} ({disk.source})"
+        local = self._start_downloads(workdir).wait(disk.label)
+        try:
+            image = inspect_disk(local, check_boot=True, link_ok=False)
+        except SourceError as exc:  # named as the datastore names it, not by the local copy's path
+            raise type(exc)(f"{where}: {exc.message.replace(f'{folder}/', 'the downloaded ')}", hint=exc.hint) \
+                from None
+        endpoint = qemu_source(image, workdir / slot)
+        return DiskInput(image.capacity, image.flavor.value, image, tuple(image.messages), endpoint=endpoint)
+
+    def _download(self, disk: DiskSpec, workdir: Path, check: Callable[[], None]) -> Path:
+        """Disk ``disk``'s files into ``workdir/vsphere-SLOT/`` (in a download thread; ``check`` raises
+        once the migration stopped); the local current descriptor."""
         device = self._device(disk)
         where = f"{self.where.short}: {disk.label} ({disk.source})"
         if disk.rdm:
@@ -347,6 +392,7 @@ class VsphereSource(Source):
         stage = f"convert:{index}" if index else "convert"  # the first read after ``prepare``: the copy's
 
         def progress(done: int, total: int) -> None:
+            check()
             percent = 100.0 * done / total if total else 100.0
             self.report(Event("progress", stage, data={"disk": index, "percent": percent, "bytes": done,
                                                        "total": total}, disk=index, done=done, total=total,
@@ -366,16 +412,10 @@ class VsphereSource(Source):
                                   + resumed, disk=index, step="fetch"))
             return local
 
-        local = self._read(download)
-        try:
-            image = inspect_disk(local, check_boot=True, link_ok=False)
-        except SourceError as exc:  # named as the datastore names it, not by the local copy's path
-            raise type(exc)(f"{where}: {exc.message.replace(f'{folder}/', 'the downloaded ')}", hint=exc.hint) \
-                from None
-        endpoint = qemu_source(image, workdir / slot)
-        return DiskInput(image.capacity, image.flavor.value, image, tuple(image.messages), endpoint=endpoint)
+        return self._read(download)
 
     def release_disks(self) -> None:
+        self._stop_downloads()
         while self._inputs:
             self._inputs.popitem()[1].close()
 

@@ -39,7 +39,8 @@ HOST_ENV = "V2P_VSPHERE_HOST"
 PASSWORD_ENV = "V2P_VSPHERE_PASSWORD"
 SECRETS_ENV = "V2P_VSPHERE_SECRETS"
 SECRETS_FILE = "vSphere secrets file"
-QUERY_KEYS = ("fingerprint", "insecure", "timeout")
+QUERY_KEYS = ("fingerprint", "insecure", "timeout", "parallel")
+PARALLEL = 2  # disks downloaded at once from one ESXi host (``?parallel=N``)
 _FINGERPRINT_HINT = "the SHA-256 of vCenter's certificate: openssl s_client -connect HOST:443 </dev/null | " \
                     "openssl x509 -noout -fingerprint -sha256"
 
@@ -56,6 +57,7 @@ class VsphereUri:
     fingerprint: str | None = None
     insecure: bool = False
     timeout: float = 60.0
+    parallel: int = PARALLEL  # how a run downloads, not which VM: not in ``str()`` (the state file's source)
 
     @property
     def inventory_path(self) -> str:
@@ -64,7 +66,8 @@ class VsphereUri:
 
     def at(self, path: Sequence[str]) -> VsphereUri:
         """The same endpoint and user, naming ``path``."""
-        return VsphereUri(self.host, self.port, self.user, tuple(path), self.fingerprint, self.insecure, self.timeout)
+        return VsphereUri(self.host, self.port, self.user, tuple(path), self.fingerprint, self.insecure, self.timeout,
+                          self.parallel)
 
     @property
     def short(self) -> str:
@@ -81,7 +84,7 @@ class VsphereUri:
 
 
 def parse_uri(uri: str, env: Mapping[str, str] | None = None) -> VsphereUri:
-    """``vsphere://[USER@]HOST[:PORT][/DC[/vm/FOLDER.../NAME]][?fingerprint=SHA256&insecure=1&timeout=S]``;
+    """``vsphere://[USER@]HOST[:PORT][/DC[/vm/FOLDER.../NAME]][?fingerprint=SHA256&insecure=1&timeout=S&parallel=N]``;
     the user is also ``$V2P_VSPHERE_USER``. A password in the URI, or any key holding a secret, is refused."""
     env = os.environ if env is None else env
     parts = urlsplit(uri)
@@ -122,9 +125,14 @@ def parse_uri(uri: str, env: Mapping[str, str] | None = None) -> VsphereUri:
             timeout = -1
         if not 0 < timeout <= 3600:
             raise OptionError(f"{where}: timeout {query['timeout']!r} is not a number of seconds up to 3600")
+    parallel = PARALLEL
+    if "parallel" in query:
+        parallel = int(query["parallel"]) if query["parallel"].isdigit() and len(query["parallel"]) <= 2 else 0
+        if not 1 <= parallel <= 16:
+            raise OptionError(f"{where}: parallel {query['parallel']!r} is not a number of disks from 1 to 16")
     path = tuple(unquote(name) for name in parts.path.split("/") if name)
     return VsphereUri(host.lower(), port, user, path, fingerprint,
-                      yes_no(query.get("insecure", ""), f"{where}: insecure"), timeout)
+                      yes_no(query.get("insecure", ""), f"{where}: insecure"), timeout, parallel)
 
 
 def unicode_control(char: str) -> bool:
