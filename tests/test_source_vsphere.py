@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from vcsim.fixture import Vcsim, vcsim_fixture  # noqa: F401
+from vcsim.fixture import Vcsim, si_fixture, vcsim_fixture, wait  # noqa: F401
 
 from v2p.sources import open_source
 from v2p.sources.vsphere import VsphereSource
@@ -24,31 +21,6 @@ UUID = "4213a1b2-c3d4-e5f6-0718-293a4b5c6d7e"
 
 def uri(sim: Vcsim, path: str = "", *, fingerprint: str | None = None) -> str:
     return f"vsphere://{sim.user}@{sim.address}{path}?fingerprint={fingerprint or sim.fingerprint}"
-
-
-@pytest.fixture
-def si(vcsim: Vcsim) -> Iterator[Any]:
-    """A pyvmomi session of the test's own, to build VMs with."""
-    from pyVim.connect import Disconnect, SmartConnect
-
-    context = ssl.create_default_context(cafile=str(vcsim.cert))
-    session = SmartConnect(host=vcsim.host, port=vcsim.port, user=vcsim.user, pwd=vcsim.password, sslContext=context)
-    try:
-        yield session
-    finally:
-        Disconnect(session)
-
-
-def wait(task: Any) -> Any:
-    from pyVmomi import vim
-
-    for _ in range(600):
-        if task.info.state == vim.TaskInfo.State.success:
-            return task.info.result
-        if task.info.state == vim.TaskInfo.State.error:
-            raise AssertionError(task.info.error)
-        time.sleep(0.05)
-    raise AssertionError("task did not end")
 
 
 def create_vm(si: Any, name: str) -> None:

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -20,36 +19,12 @@ from typing import Any
 
 import pytest
 from pve_sim.fixture import pve_fixture  # noqa: F401
-from vcsim.fixture import Vcsim, vcsim_fixture  # noqa: F401
+from vcsim.fixture import Vcsim, si_fixture, vcsim_fixture, wait  # noqa: F401
 
 from conftest import assert_same_bytes, guest_report
 
 MiB = 1 << 20
 COOKIE = "vmware_soap_session"
-
-
-@pytest.fixture
-def si(vcsim: Vcsim) -> Iterator[Any]:
-    from pyVim.connect import Disconnect, SmartConnect
-
-    context = ssl.create_default_context(cafile=str(vcsim.cert))
-    session = SmartConnect(host=vcsim.host, port=vcsim.port, user=vcsim.user, pwd=vcsim.password, sslContext=context)
-    try:
-        yield session
-    finally:
-        Disconnect(session)
-
-
-def wait(task: Any) -> Any:
-    from pyVmomi import vim
-
-    for _ in range(600):
-        if task.info.state == vim.TaskInfo.State.success:
-            return task.info.result
-        if task.info.state == vim.TaskInfo.State.error:
-            raise AssertionError(task.info.error)
-        time.sleep(0.05)
-    raise AssertionError("task did not end")
 
 
 def sample_vm(si: Any, samples: Path, name: str) -> Path:

@@ -16,11 +16,9 @@ from test_vsphere_disks import (
     MiB,
     _cmdlines,
     sample_vm,
-    si,  # noqa: F401 - a fixture
     uri,
-    wait,
 )
-from vcsim.fixture import Vcsim, vcsim_fixture  # noqa: F401
+from vcsim.fixture import Vcsim, si_fixture, vcsim_fixture, wait  # noqa: F401
 
 from conftest import assert_same_bytes
 

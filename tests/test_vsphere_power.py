@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_source_vsphere import uri, wait
-from vcsim.fixture import Vcsim, vcsim_fixture  # noqa: F401
+from test_source_vsphere import uri
+from vcsim.fixture import Vcsim, si_fixture, vcsim_fixture, wait  # noqa: F401
 
 from v2p.endpoint import DiskEndpoint
 from v2p.errors import SourceError
@@ -170,21 +170,6 @@ def test_shutdown_is_nothing_to_do_for_a_file_source(tmp_path: Path) -> None:
 
 
 # -- against vcsim -------------------------------------------------------------------------------------
-
-@pytest.fixture
-def si(vcsim: Vcsim) -> Iterator[Any]:
-    """A pyvmomi session of the test's own, to set the VM up and look at it."""
-    import ssl
-
-    from pyVim.connect import Disconnect, SmartConnect
-
-    context = ssl.create_default_context(cafile=str(vcsim.cert))
-    session = SmartConnect(host=vcsim.host, port=vcsim.port, user=vcsim.user, pwd=vcsim.password, sslContext=context)
-    try:
-        yield session
-    finally:
-        Disconnect(session)
-
 
 def vm_of(si: Any, path: str = VM) -> Any:
     return si.RetrieveContent().searchIndex.FindByInventoryPath(path.lstrip("/"))

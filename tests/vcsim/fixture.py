@@ -18,10 +18,13 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -122,3 +125,29 @@ def vcsim_fixture() -> Iterator[Vcsim]:
         yield sim
     finally:
         sim.stop()
+
+
+@pytest.fixture(name="si")
+def si_fixture(vcsim: Vcsim) -> Iterator[Any]:
+    """A pyvmomi session of the test's own on ``vcsim``, to build VMs with and look at them."""
+    from pyVim.connect import Disconnect, SmartConnect
+
+    context = ssl.create_default_context(cafile=str(vcsim.cert))
+    session = SmartConnect(host=vcsim.host, port=vcsim.port, user=vcsim.user, pwd=vcsim.password, sslContext=context)
+    try:
+        yield session
+    finally:
+        Disconnect(session)
+
+
+def wait(task: Any) -> Any:
+    """The result of a vSphere ``task`` once it succeeded (an AssertionError if it failed or hangs)."""
+    from pyVmomi import vim
+
+    for _ in range(600):
+        if task.info.state == vim.TaskInfo.State.success:
+            return task.info.result
+        if task.info.state == vim.TaskInfo.State.error:
+            raise AssertionError(task.info.error)
+        time.sleep(0.05)
+    raise AssertionError("task did not end")
