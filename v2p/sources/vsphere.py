@@ -345,15 +345,23 @@ class VsphereSource(Source):
         host = self.properties().get("runtime.host")
         return f"{self.where.host}:{self.where.port}/{getattr(host, '_moId', '')}"
 
-    def _start_downloads(self, workdir: Path) -> Downloads:
-        """Every disk of the VM downloading into ``workdir``, at most ``?parallel=N`` from its host at once
-        across the migrations whose workdirs share ``workdir``'s folder (the target's state folder)."""
+    def _start_downloads(self, workdir: Path, first: DiskSpec) -> Downloads:
+        """The disks of the VM from ``first`` on downloading into ``workdir``, at most ``?parallel=N`` from
+        its host at once across the migrations whose workdirs share ``workdir``'s folder (the target's state
+        folder). The pipeline converts and verifies the disks in order, boot disk first: the first disk it
+        asks for is the first one not finished, so a resumed run does not fetch the finished ones again.
+        A disk asked for later that was not started (none, in that order) starts then."""
         if workdir not in self._downloads:
             slots = HostSlots(workdir.parent / "vsphere-slots", self._host(), self.where.parallel)
             downloads = self._downloads[workdir] = Downloads(slots)
-            for disk in self.spec().ordered_disks():
+            disks = self.spec().ordered_disks()
+            start = next((index for index, disk in enumerate(disks) if disk.label == first.label), 0)
+            for disk in disks[start:]:
                 downloads.start(disk.label, functools.partial(self._download, disk, workdir, downloads.check))
-        return self._downloads[workdir]
+        downloads = self._downloads[workdir]
+        if not downloads.started(first.label):
+            downloads.start(first.label, functools.partial(self._download, first, workdir, downloads.check))
+        return downloads
 
     def _stop_downloads(self) -> None:
         while self._downloads:
@@ -363,7 +371,7 @@ class VsphereSource(Source):
         slot = f"{disk.controller}{disk.bus}-{disk.unit}"
         folder = workdir / f"vsphere-{slot}"
         where = f"{self.where.short}: {disk.label} ({disk.source})"
-        local = self._start_downloads(workdir).wait(disk.label)
+        local = self._start_downloads(workdir, disk).wait(disk.label)
         try:
             image = inspect_disk(local, check_boot=True, link_ok=False)
         except SourceError as exc:  # named as the datastore names it, not by the local copy's path

@@ -103,6 +103,10 @@ class Downloads:
         finally:
             job.done.set()
 
+    def started(self, label: str) -> bool:
+        """Whether the download of disk ``label`` was started."""
+        return label in self._jobs
+
     def wait(self, label: str) -> Path:
         """The local copy of disk ``label`` once whole; its download's error if it failed. A signal or a
         cancel while waiting stops every download."""
