@@ -32,6 +32,24 @@ def _age(*paths: Path) -> None:
         os.utime(path, (old, old), follow_symlinks=False)
 
 
+def _wait_for_no_process_naming(path: Path, timeout: float = 30.0) -> None:
+    """Until no process has ``path`` in its command line (the children of a killed run, ending)."""
+    needle = str(path).encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    alive.append(pid)
+            except OSError:
+                continue
+        if not alive:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"processes naming {path} outlived the killed v2p: {alive}")
+
+
 def _child(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
     proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "TMPDIR": str(tmp)})
@@ -97,6 +115,9 @@ def test_inspect_of_a_vm_leaves_nothing_in_tmpdir_after_a_kill(tmp_path: Path, s
         assert proc.poll() is None, "inspect ended before its scratch folder was seen"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+    # A qemu-img the killed v2p started dies with it (its parent-death signal), but not at once: one still
+    # writing in its scratch folder would make the folder young again after ``_age``, and rightly kept.
+    _wait_for_no_process_naming(tmp)
     _age(*tmp.glob(f"{SCRATCH}-*/*"))
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
