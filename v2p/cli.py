@@ -209,13 +209,22 @@ def _storage(args: argparse.Namespace, target: api.LocalTarget) -> int:
         target.add_storage(args.name, args.kind, options)
         print(f"storage {args.name} ({args.kind}) added to {target.storage_cfg}")
         return 0
+    rows = []
     for name, storage in target.storages().items():
+        row: dict[str, Any] = {"name": name, "type": storage.kind, "options": dict(storage.options),
+                               "free_bytes": None, "error": None}
         try:
-            free = f"{storage.free_bytes() / (1 << 30):.1f} GiB free"
+            row["free_bytes"] = storage.free_bytes()
+            free = f"{row['free_bytes'] / (1 << 30):.1f} GiB free"
         except V2PError as exc:
+            row["error"] = str(exc)
             free = f"unavailable: {exc}"
-        print(f"{name:<12} {storage.kind:<8} {', '.join(f'{k}={v}' for k, v in storage.options.items())}"
-              f"  ({free})")
+        rows.append(row)
+        if not args.json:
+            print(f"{name:<12} {storage.kind:<8} {', '.join(f'{k}={v}' for k, v in storage.options.items())}"
+                  f"  ({free})")
+    if args.json:
+        print(json.dumps(rows, indent=2))
     return 0
 
 
@@ -458,17 +467,23 @@ def _confirmed_name(args: argparse.Namespace, target: api.Target) -> str | None:
 def _vm(args: argparse.Namespace, target: api.Target) -> int:
     command = args.vm_command
     if command == "list":
-        vmids = target.list_vms()
-        if not vmids:
-            print("no VMs")
-        for vmid in vmids:
-            config = target.get_config(vmid)
-            print(f"{vmid:>6}  {target.status(vmid):<8} {config.get('name', '')}")
+        rows = [{"vmid": vmid, "status": target.status(vmid), "name": target.get_config(vmid).get("name", "")}
+                for vmid in target.list_vms()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'VMID':>6}  {'STATUS':<8} NAME" if rows else "no VMs")
+        for row in rows:
+            print(f"{row['vmid']:>6}  {row['status']:<8} {row['name']}")
         return 0
     vmid = args.vmid
     if command == "show":
-        for key, value in sorted(target.get_config(vmid).items()):
-            print(f"{key}: {value}")
+        config = dict(sorted(target.get_config(vmid).items()))
+        if args.json:
+            print(json.dumps(config, indent=2))
+        else:
+            for key, value in config.items():
+                print(f"{key}: {value}")
     elif command == "start":
         target.start(vmid)
         print(f"VM {vmid} started")

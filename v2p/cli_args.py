@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("storage", help="the local target's storages").add_subparsers(
         dest="storage_command", required=True, metavar="ACTION")
-    st.add_parser("list", help="list storages with their free space")
+    st.add_parser("list", help="list storages with their free space").add_argument(
+        "--json", action="store_true", help="machine-readable output")
     sp = st.add_parser("add", help="add a storage to storage.cfg")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--type", dest="kind", choices=sorted(KINDS), required=True)
@@ -178,12 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = sub.add_parser("vm", help="manage VMs on the local target").add_subparsers(
         dest="vm_command", required=True, metavar="ACTION")
-    vm.add_parser("list", help="list VMs")
+    vm.add_parser("list", help="list VMs").add_argument("--json", action="store_true",
+                                                        help="machine-readable output")
     for name, text in (("show", "print a VM's config"), ("start", "start a VM"),
                        ("stop", "shut a VM down (ACPI, then hard)"),
                        ("rm", "remove a VM, its disks and its migration record")):
         vp = vm.add_parser(name, help=text)
         vp.add_argument("vmid", type=parse_vmid, metavar="VMID")
+        if name == "show":
+            vp.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "rm":
             vp.add_argument("--force", action="store_true",
                             help="remove it even if v2p did not make it: its name must be typed back "
