@@ -80,3 +80,23 @@ def test_storage_list_json(inproc: V2P) -> None:
     (local,) = json.loads(proc.stdout)
     assert local["name"] == "local" and local["type"] == "dir" and local["error"] is None
     assert local["options"]["path"] == str(inproc.target) and local["free_bytes"] > 0
+
+
+def test_migrate_json_is_one_object_on_stdout(source_of, inproc: V2P) -> None:
+    src = source_of("monolithicSparse")
+    dry = inproc("migrate", str(src.descriptor), "--vmid", "120", "--no-boot-check", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert (plan["vmid"], plan["target"], plan["where"]) == (120, "local", "storage local")
+    assert [stage["done"] for stage in plan["stages"]] == [False] * len(plan["stages"]) and plan["disks"]
+    proc = inproc("migrate", str(src.descriptor), "--vmid", "120", "--no-boot-check", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # the progress lines and the last words went to stderr
+    assert (result["boot"], result["finished"], result["request"]["source"]) == ("skipped", True,
+                                                                                str(src.descriptor))
+    assert "[convert]" in proc.stderr and f"VM 120 migrated from {src.descriptor}" in proc.stderr
+    status = json.loads(inproc("status", "120", "--json").stdout)
+    assert status == [result]
+    # rerun: nothing to do, still one object
+    again = inproc("migrate", str(src.descriptor), "--vmid", "120", "--no-boot-check", "--json")
+    assert json.loads(again.stdout)["nothing_to_do"], again.stderr

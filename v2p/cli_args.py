@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         if option.flag is not None:
             _add_option(p, option)
     p.add_argument("--dry-run", action="store_true", help="print the stages and stop")
+    p.add_argument("--json", action="store_true", help="the result (or with --dry-run the stages) as one JSON "
+                   "object on stdout; the progress lines go to stderr")
 
     p = sub.add_parser("dance", help="move an existing Windows VM from IDE to virtio (two boots)")
     p.add_argument("vmid", type=parse_vmid, metavar="VMID")
