@@ -109,7 +109,7 @@ def test_names_that_are_not_vmids_are_skipped(manifest, source_of, v2p: V2P):
     assert len(shown) == 1 and shown[0].startswith(f"VMID 120: {src.descriptor} — finished; boot: up ("), shown
     listed = v2p("vm", "list")
     assert listed.returncode == 0, listed.stderr
-    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["120"]
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["VMID", "120"]
 
 
 def test_run_folder_links_are_never_written_through(manifest, source_of, v2p: V2P, outside: Path):

@@ -17,7 +17,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from . import api, cli_vsphere, interrupts
 from .boot_outcomes import BOOT_SKIPPED, boot_exit_code, boot_outcome, boot_words
@@ -209,13 +209,22 @@ def _storage(args: argparse.Namespace, target: api.LocalTarget) -> int:
         target.add_storage(args.name, args.kind, options)
         print(f"storage {args.name} ({args.kind}) added to {target.storage_cfg}")
         return 0
+    rows = []
     for name, storage in target.storages().items():
+        row: dict[str, Any] = {"name": name, "type": storage.kind, "options": dict(storage.options),
+                               "free_bytes": None, "error": None}
         try:
-            free = f"{storage.free_bytes() / (1 << 30):.1f} GiB free"
+            row["free_bytes"] = storage.free_bytes()
+            free = f"{row['free_bytes'] / (1 << 30):.1f} GiB free"
         except V2PError as exc:
+            row["error"] = str(exc)
             free = f"unavailable: {exc}"
-        print(f"{name:<12} {storage.kind:<8} {', '.join(f'{k}={v}' for k, v in storage.options.items())}"
-              f"  ({free})")
+        rows.append(row)
+        if not args.json:
+            print(f"{name:<12} {storage.kind:<8} {', '.join(f'{k}={v}' for k, v in storage.options.items())}"
+                  f"  ({free})")
+    if args.json:
+        print(json.dumps(rows, indent=2))
     return 0
 
 
@@ -315,8 +324,9 @@ def _print_image(image: DiskImage) -> None:
 class _Printer:
     """Shows pipeline events as lines, with a tqdm bar for convert on a terminal."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: TextIO | None = None) -> None:
         self.bar: Any = None
+        self.out = out or sys.stdout  # not bound at import: sys.stdout may be replaced (_standard_streams)
 
     def __call__(self, event: Event) -> None:
         if event.kind == "progress":
@@ -324,17 +334,17 @@ class _Printer:
             return
         self._close_bar()
         if event.kind == "stage-start":
-            print(f"[{event.stage}] {event.message}", flush=True)
+            print(f"[{event.stage}] {event.message}", file=self.out, flush=True)
         elif event.kind == "stage-skip":
-            print(f"[{event.stage}] already {event.message}, skipped", flush=True)
+            print(f"[{event.stage}] already {event.message}, skipped", file=self.out, flush=True)
         elif event.kind == "stage-done":
-            print(f"[{event.stage}] done in {event.message}", flush=True)
+            print(f"[{event.stage}] done in {event.message}", file=self.out, flush=True)
         elif event.kind == "warning" or event.kind == "finding" and event.data.get("severity") == "warning":
-            print(f"[{event.stage}] warning: {event.message}", flush=True)
+            print(f"[{event.stage}] warning: {event.message}", file=self.out, flush=True)
         elif event.kind == "finding" and event.data.get("severity") == "error":
             return  # the run stops on it with its own error line
         else:
-            print(f"[{event.stage}] {event.message}", flush=True)
+            print(f"[{event.stage}] {event.message}", file=self.out, flush=True)
 
     def _progress(self, done: int, total: int, desc: str) -> None:
         if not sys.stderr.isatty():
@@ -356,14 +366,22 @@ class _Printer:
 
 
 def _migrate(args: argparse.Namespace, target: api.Target) -> int:
-    printer = _Printer()
+    # With --json, stdout holds the one JSON object alone: the lines a person reads go to stderr.
+    out = sys.stderr if args.json else sys.stdout
+    printer = _Printer(out)
     migration = api.Migration(args.source, args.vmid, target=target, on_event=printer, **given(args))
     if args.dry_run:
         spec = migration.options.hardware(migration.pipeline.source.spec())
-        print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, {spec.memory_mib} MiB, "
-              f"{spec.firmware}")
+        if not args.json:
+            print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, "
+                  f"{spec.memory_mib} MiB, {spec.firmware}")
         where = migration.options.device or f"storage {migration.options.storage}"
         keys = migration.disk_keys()
+        if args.json:
+            print(json.dumps({"vmid": migration.vmid, "name": spec.name, "target": target.kind, "disks": keys,
+                              "where": where, "stages": [{"name": name, "summary": summary, "done": done}
+                                                         for name, summary, done in migration.plan()]}, indent=2))
+            return 0
         print(f"would migrate to VMID {migration.vmid} on the {target.kind} target ({', '.join(keys)} on {where}):")
         for name, summary, done in migration.plan():
             print(f"  {name:<10} {'done, would skip' if done else summary}")
@@ -374,20 +392,23 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         printer._close_bar()
     boot = boot_words(result["boot"], result["boot_signal"])
     if not result.get("nothing_to_do"):  # else the pipeline's event already said so
-        print(f"VM {migration.vmid} migrated from {args.source}; {boot}")
-        _print_guest_ips(result)
+        print(f"VM {migration.vmid} migrated from {args.source}; {boot}", file=out)
+        _print_guest_ips(result, out)
     elif result["boot"] != BOOT_UP:  # what the recorded check saw still holds
-        print(f"VM {migration.vmid}: {boot}")
+        print(f"VM {migration.vmid}: {boot}", file=out)
+    if args.json:  # the record, as v2p status --json shows it
+        print(json.dumps(result, indent=2))
     return boot_exit_code(result["boot"])
 
 
-def _print_guest_ips(result: dict[str, Any]) -> None:
+def _print_guest_ips(result: dict[str, Any], out: TextIO) -> None:
     """The guest's addresses on its old NICs (the inspect stage's record), for an admin restoring a static one."""
     found = ((result.get("stages") or {}).get("inspect") or {}).get("result", {}).get("guest_ips") or {}
     if found:
-        print("the guest's addresses before the migration (a static one must be set again on the new NIC):")
+        print("the guest's addresses before the migration (a static one must be set again on the new NIC):",
+              file=out)
     for net, nic in found.items():
-        print(f"  {net} ({nic.get('mac') or 'no MAC'}): was {', '.join(nic.get('ips') or ())}")
+        print(f"  {net} ({nic.get('mac') or 'no MAC'}): was {', '.join(nic.get('ips') or ())}", file=out)
 
 
 def _status(args: argparse.Namespace, target: api.Target) -> int:
@@ -458,17 +479,23 @@ def _confirmed_name(args: argparse.Namespace, target: api.Target) -> str | None:
 def _vm(args: argparse.Namespace, target: api.Target) -> int:
     command = args.vm_command
     if command == "list":
-        vmids = target.list_vms()
-        if not vmids:
-            print("no VMs")
-        for vmid in vmids:
-            config = target.get_config(vmid)
-            print(f"{vmid:>6}  {target.status(vmid):<8} {config.get('name', '')}")
+        rows = [{"vmid": vmid, "status": target.status(vmid), "name": target.get_config(vmid).get("name", "")}
+                for vmid in target.list_vms()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'VMID':>6}  {'STATUS':<8} NAME" if rows else "no VMs")
+        for row in rows:
+            print(f"{row['vmid']:>6}  {row['status']:<8} {row['name']}")
         return 0
     vmid = args.vmid
     if command == "show":
-        for key, value in sorted(target.get_config(vmid).items()):
-            print(f"{key}: {value}")
+        config = dict(sorted(target.get_config(vmid).items()))
+        if args.json:
+            print(json.dumps(config, indent=2))
+        else:
+            for key, value in config.items():
+                print(f"{key}: {value}")
     elif command == "start":
         target.start(vmid)
         print(f"VM {vmid} started")

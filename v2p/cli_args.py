@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import api, cli_vsphere
+from . import __version__, api, cli_vsphere
 from .errors import one_line
 from .option_table import OPTION, OPTIONS, Option
 from .options import (
@@ -104,15 +104,8 @@ def given(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="v2p", description="Move VMware VMs onto KVM.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show every external command run (argv, exit status, seconds) on stderr, and "
-                        "tracebacks on errors")
-    parser.add_argument("--target", default="local", metavar="TARGET",
-                        help="where VMs go: " + " or ".join(kind.usage for kind in TARGET_KINDS.values()))
-    parser.add_argument("--target-dir", type=_target_dir, help="local target directory (default: $V2P_TARGET_DIR "
-                        "or ~/.local/share/v2p/local)")
-    parser.add_argument("--accel", choices=ACCELS, default="auto",
-                        help="QEMU acceleration for the local target (default: auto)")
+    parser.add_argument("--version", action="version", version=f"v2p {__version__}")
+    _add_globals(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="tell what a disk is, or what a VM (.vmx, .ovf, .ova, VM folder) "
@@ -134,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         if option.flag is not None:
             _add_option(p, option)
     p.add_argument("--dry-run", action="store_true", help="print the stages and stop")
+    p.add_argument("--json", action="store_true", help="the result (or with --dry-run the stages) as one JSON "
+                   "object on stdout; the progress lines go to stderr")
 
     p = sub.add_parser("dance", help="move an existing Windows VM from IDE to virtio (two boots)")
     p.add_argument("vmid", type=parse_vmid, metavar="VMID")
@@ -154,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("storage", help="the local target's storages").add_subparsers(
         dest="storage_command", required=True, metavar="ACTION")
-    st.add_parser("list", help="list storages with their free space")
+    st.add_parser("list", help="list storages with their free space").add_argument(
+        "--json", action="store_true", help="machine-readable output")
     sp = st.add_parser("add", help="add a storage to storage.cfg")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--type", dest="kind", choices=sorted(KINDS), required=True)
@@ -185,12 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = sub.add_parser("vm", help="manage VMs on the local target").add_subparsers(
         dest="vm_command", required=True, metavar="ACTION")
-    vm.add_parser("list", help="list VMs")
+    vm.add_parser("list", help="list VMs").add_argument("--json", action="store_true",
+                                                        help="machine-readable output")
     for name, text in (("show", "print a VM's config"), ("start", "start a VM"),
                        ("stop", "shut a VM down (ACPI, then hard)"),
                        ("rm", "remove a VM, its disks and its migration record")):
         vp = vm.add_parser(name, help=text)
         vp.add_argument("vmid", type=parse_vmid, metavar="VMID")
+        if name == "show":
+            vp.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "rm":
             vp.add_argument("--force", action="store_true",
                             help="remove it even if v2p did not make it: its name must be typed back "
@@ -202,7 +201,35 @@ def build_parser() -> argparse.ArgumentParser:
                             help="seconds to wait for the guest before a hard stop; 0 stops it hard at "
                             "once (default: 60)")
     cli_vsphere.add_parser(sub)
+    _globals_on_every_command(parser)
     return parser
+
+
+def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The options every command takes, before its name or after it. ``suppress``: a command's copy,
+    without defaults, so that leaving it out after the command keeps what was given before it (and
+    one given after it wins over one given before)."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="show every external command run (argv, exit status, seconds) on stderr, and "
+                        "tracebacks on errors")
+    parser.add_argument("--target", default=default("local"), metavar="TARGET",
+                        help="where VMs go: " + " or ".join(kind.usage for kind in TARGET_KINDS.values()))
+    parser.add_argument("--target-dir", type=_target_dir, default=default(None),
+                        help="local target directory (default: $V2P_TARGET_DIR or ~/.local/share/v2p/local)")
+    parser.add_argument("--accel", choices=ACCELS, default=default("auto"),
+                        help="QEMU acceleration for the local target (default: auto)")
+
+
+def _globals_on_every_command(parser: argparse.ArgumentParser) -> None:
+    """The global options on each command's and action's parser too (``v2p status --target-dir D``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_globals(command, suppress=True)
+                _globals_on_every_command(command)
 
 
 def say(line: str) -> None:
