@@ -215,7 +215,7 @@ def test_ova_from_vmware_tools(tmp_path, v2p: V2P):
         "    scsihw: virtio-scsi-pci",
         "    machine: q35",
         "    ide2: none,media=cdrom",
-        "    net0: virtio=BC:24:11:B0:EE:0E,bridge=vmbr0",
+        "    net0: virtio=BC:24:11:<random>,bridge=vmbr0",
         "    description: imported from v2p-fixture (v2p migration <id>)",
         "    efidisk0: <storage>:1,efitype=4m,pre-enrolled-keys=1",
         "    scsi0: <storage>:vm-100-disk-0,size=2M",

@@ -155,7 +155,7 @@ class Create(Stage):
 
     def run(self, ctx: Context) -> Record:
         config = pveconfig.vm_config(ctx.spec, ctx.options, bridges=ctx.options.networks,
-                                     default_bridge=ctx.options.bridge, tag=ctx.tag(), vmid=ctx.vmid,
+                                     default_bridge=ctx.options.bridge, tag=ctx.tag(), mac_seed=ctx.migration_id,
                                      ostype=ctx.options.ostype)
         if _ours(ctx):
             ctx.target.destroy_vm(ctx.vmid)
