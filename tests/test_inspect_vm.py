@@ -137,8 +137,8 @@ def test_unmapped_network_is_refused_as_migrate_refuses_it(tmp_path, samples, v2
     assert line == one_line_error(v2p("migrate", str(vmx), "--vmid", "120", "--network", "LAN=vmbr0"))
     assert "unmapped-network" in line and "DMZ" in line
     assert "    net1: virtio=00:0C:29:12:34:60,bridge=<unmapped>" in proc.stdout.splitlines()
-    assert "  rule:      error: unmapped-network: net1 is on network 'DMZ', which has no bridge: add --network " \
-           "'DMZ=BRIDGE'" in proc.stdout.splitlines()
+    assert "  rule:      error: unmapped-network: net1 is on network 'DMZ', which has no bridge " \
+           "(hint: add --network 'DMZ=BRIDGE')" in proc.stdout.splitlines()
     assert proc.stdout.splitlines()[-1] == f"  verdict:   refused: {line.removeprefix('v2p: error: ')}"
 
 
