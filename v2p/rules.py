@@ -108,10 +108,15 @@ class Finding:
     options: tuple[str, ...] = ()  # the library keywords that way out names (``bus``)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """As ``inspect --json`` shows it: an error with its ``hint`` and ``options`` too."""
+        data = asdict(self)
+        if self.severity != "error":
+            del data["hint"], data["options"]
+        return data
 
     def __str__(self) -> str:
-        return f"{self.severity}: {self.id}: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+        # The way out of an error whose message no longer says it: the options it names.
+        return f"{self.severity}: {self.id}: {self.message}" + (f" (hint: {self.hint})" if self.options else "")
 
 
 def check_ignore(ids: Iterable[str]) -> set[str]:
