@@ -90,8 +90,9 @@ RULES: dict[str, Rule] = {
                                      "BIOS boot code) gets OVMF, q35 and an EFI vars disk; --bios seabios "
                                      "keeps SeaBIOS"),
     "vm-name": Rule("info", False, "the VM name is not a DNS name, which PVE requires: it is cleaned"),
-    "generated-mac": Rule("info", False, "a NIC has no usable MAC: v2p gives it a stable one in Proxmox's "
-                                         "range (DHCP reservations keyed on the old one will not match)"),
+    "generated-mac": Rule("info", False, "a NIC has no usable MAC: v2p gives it a random one in Proxmox's "
+                                         "range, kept for every rerun of the migration (DHCP reservations "
+                                         "keyed on the old one will not match)"),
     "unmapped-device": Rule("info", False, "hardware v2p has no KVM counterpart for is dropped"),
 }
 
