@@ -133,3 +133,33 @@ def test_unusable_target_dir_is_one_line(tmp_path, source_of, inproc):
     inproc.target = afile
     line = one_line_error(inproc("migrate", str(src.descriptor), "--vmid", "140"))
     assert str(afile) in line
+
+
+def test_a_resume_with_other_settings_names_the_real_flag_and_the_way_out(source_of, inproc, monkeypatch):
+    """The hint of a failed Windows boot says "migrate it with its --os": the rerun with --os is a
+    new migration, refused in the words the user typed (--os, not the keyword ostype) with the way out."""
+    import v2p.pipeline
+    from v2p.errors import TargetError
+
+    src = source_of("monolithicSparse")
+
+    def fail_after(point: str) -> None:
+        if point == "create":
+            raise TargetError("the host went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(v2p.pipeline, "hold_point", fail_after)
+        failed = inproc("migrate", str(src.descriptor), "--vmid", "134", "--no-boot-check", "--keep-on-failure")
+    assert failed.returncode != 0
+    line = one_line_error(inproc("migrate", str(src.descriptor), "--vmid", "134", "--no-boot-check", "--os", "win7",
+                                 "--cores", "2"))
+    assert line == (f"v2p: error: VMID 134 has an unfinished migration of {src.descriptor} (it stopped in create) "
+                    "with different settings: --cores not given then, 2 now; --os not given then, win7 now "
+                    "(hint: to resume it, rerun it with the settings it started with; to start over with the new "
+                    "ones, discard it (and the VM it made) first: v2p vm rm 134)")
+    assert "ostype" not in line
+    # The way out leads somewhere: after vm rm, the new settings migrate.
+    assert inproc("vm", "rm", "134").returncode == 0
+    again = inproc("migrate", str(src.descriptor), "--vmid", "134", "--no-boot-check", "--os", "win7")
+    assert again.returncode == 0, again.stderr
+    assert inproc.config(134)["ostype"] == "win7"

@@ -137,8 +137,8 @@ def test_unmapped_network_is_refused_as_migrate_refuses_it(tmp_path, samples, v2
     assert line == one_line_error(v2p("migrate", str(vmx), "--vmid", "120", "--network", "LAN=vmbr0"))
     assert "unmapped-network" in line and "DMZ" in line
     assert "    net1: virtio=00:0C:29:12:34:60,bridge=<unmapped>" in proc.stdout.splitlines()
-    assert "  rule:      error: unmapped-network: net1 is on network 'DMZ', which has no bridge: add --network " \
-           "'DMZ=BRIDGE'" in proc.stdout.splitlines()
+    assert "  rule:      error: unmapped-network: net1 is on network 'DMZ', which has no bridge " \
+           "(hint: add --network 'DMZ=BRIDGE')" in proc.stdout.splitlines()
     assert proc.stdout.splitlines()[-1] == f"  verdict:   refused: {line.removeprefix('v2p: error: ')}"
 
 
@@ -215,7 +215,7 @@ def test_ova_from_vmware_tools(tmp_path, v2p: V2P):
         "    scsihw: virtio-scsi-pci",
         "    machine: q35",
         "    ide2: none,media=cdrom",
-        "    net0: virtio=BC:24:11:B0:EE:0E,bridge=vmbr0",
+        "    net0: virtio=BC:24:11:<random>,bridge=vmbr0",
         "    description: imported from v2p-fixture (v2p migration <id>)",
         "    efidisk0: <storage>:1,efitype=4m,pre-enrolled-keys=1",
         "    scsi0: <storage>:vm-100-disk-0,size=2M",

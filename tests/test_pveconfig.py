@@ -54,7 +54,7 @@ def keys(spec: VMSpec, options: MigrationOptions, ostype: str) -> list[tuple[str
 
 def test_windows10_efi_config() -> None:
     config = vm_config(windows10_efi(), MigrationOptions(), bridges={"VM Network": "vmbr1"},
-                       default_bridge=None, tag=TAG, vmid=120)
+                       default_bridge=None, tag=TAG, mac_seed="120")
     assert config == {
         "name": "Win10-Desktop", "sockets": "2", "cores": "2", "memory": "8192", "ostype": "win10",
         "bios": "ovmf", "machine": "q35", "scsihw": "virtio-scsi-pci",
@@ -76,12 +76,12 @@ def test_windows10_efi_disks_boot_disk_first_on_ide() -> None:
 
 def test_linux_bios_config() -> None:
     config = vm_config(linux_bios(), MigrationOptions(), bridges={"VM Network": "vmbr0", "Backup": "vmbr1"},
-                       default_bridge=None, tag=TAG, vmid=120)
+                       default_bridge=None, tag=TAG, mac_seed="120")
     assert config == {
         "name": "web01", "sockets": "1", "cores": "4", "memory": "4096", "ostype": "l26", "bios": "seabios",
         "scsihw": "virtio-scsi-pci", "smbios1": "uuid=421a2b3c-4d5e-6f70-8192-a3b4c5d6e7f8",
         "net0": "virtio=00:0C:29:12:34:56,bridge=vmbr0",
-        "net1": "virtio=BC:24:11:ED:94:6B,bridge=vmbr1",  # mac_for_nic(120, 1): stable across runs
+        "net1": "virtio=BC:24:11:ED:94:6B,bridge=vmbr1",  # mac_for_nic("120", 1): stable for one migration
         "description": f"imported from web01 ({TAG})",
     }
     assert keys(linux_bios(), MigrationOptions(), "l26") == [("scsi0:0", "scsi0"), ("scsi0:1", "scsi1")]
@@ -124,35 +124,35 @@ def test_nvme_disk_goes_to_scsi() -> None:
 def test_efi_never_keeps_a_controller_ovmf_cannot_boot() -> None:
     spec = linux_bios()
     assert vm_config(spec, MigrationOptions(scsihw="lsi"), bridges={}, default_bridge="vmbr0", tag=TAG,
-                     vmid=120)["scsihw"] == "lsi"
+                     mac_seed="120")["scsihw"] == "lsi"
     spec.firmware = "efi"
     for scsihw in ("lsi", "lsi53c810", "megasas"):
         config = vm_config(spec, MigrationOptions(scsihw=scsihw), bridges={}, default_bridge="vmbr0", tag=TAG,
-                           vmid=120)
+                           mac_seed="120")
         assert config["scsihw"] == "virtio-scsi-pci", scsihw
     assert vm_config(spec, MigrationOptions(scsihw="pvscsi"), bridges={}, default_bridge="vmbr0", tag=TAG,
-                     vmid=120)["scsihw"] == "pvscsi"  # OVMF has a PVSCSI driver
+                     mac_seed="120")["scsihw"] == "pvscsi"  # OVMF has a PVSCSI driver
 
 
 def test_networks_bridges_and_macs() -> None:
     spec = linux_bios()
     with pytest.raises(RuleError, match="unmapped-network: net1 is on network 'Backup', which has no bridge"):
         vm_config(spec, MigrationOptions(), bridges={"VM Network": "vmbr0"}, default_bridge=None, tag=TAG,
-                  vmid=120)
+                  mac_seed="120")
     config = vm_config(spec, MigrationOptions(), bridges={"VM Network": "vmbr0"}, default_bridge="vmbr9",
-                       tag=TAG, vmid=120)
+                       tag=TAG, mac_seed="120")
     assert config["net1"] == "virtio=BC:24:11:ED:94:6B,bridge=vmbr9"
     spec.nics = [NicSpec("e1000", "not-a-mac", None)]
-    config = vm_config(spec, MigrationOptions(), bridges={}, default_bridge=None, tag=TAG, vmid=130)
+    config = vm_config(spec, MigrationOptions(), bridges={}, default_bridge=None, tag=TAG, mac_seed="130")
     assert config["net0"] == "virtio=BC:24:11:9E:10:F5,bridge=vmbr0"
     spec.nics = []
     assert not [key for key in vm_config(spec, MigrationOptions(), bridges={}, default_bridge=None, tag=TAG,
-                                         vmid=130) if key.startswith("net")]
+                                         mac_seed="130") if key.startswith("net")]
 
 
 def test_user_choices_win() -> None:
     config = vm_config(windows10_efi(), MigrationOptions(name="desk-01"), bridges={}, default_bridge="vmbr0",
-                       tag=TAG, vmid=120, ostype="l26")
+                       tag=TAG, mac_seed="120", ostype="l26")
     assert config["name"] == "desk-01"
     assert config["ostype"] == "l26"
     assert config["net0"] == "virtio=00:50:56:AA:BB:CC,bridge=vmbr0"
@@ -160,7 +160,7 @@ def test_user_choices_win() -> None:
 
 def test_unknown_guest_os_is_other_on_scsi() -> None:
     spec = VMSpec(name="odd", guest_os="netware6", disks=[DiskSpec("ide", 0, 0, "odd.vmdk", GIB)])
-    config = vm_config(spec, MigrationOptions(), bridges={}, default_bridge=None, tag=TAG, vmid=120)
+    config = vm_config(spec, MigrationOptions(), bridges={}, default_bridge=None, tag=TAG, mac_seed="120")
     assert config["ostype"] == "other"
     assert keys(spec, MigrationOptions(), "other") == [("ide0:0", "scsi0")]
 
@@ -174,7 +174,7 @@ def test_values() -> None:
     spec = linux_bios()
     spec.uuid = "garbage"
     assert "smbios1" not in vm_config(spec, MigrationOptions(), bridges={"VM Network": "a", "Backup": "b"},
-                                      default_bridge=None, tag=TAG, vmid=120)
+                                      default_bridge=None, tag=TAG, mac_seed="120")
     assert disk_value("local:120/vm-120-disk-0.qcow2", 60 * GIB) == "local:120/vm-120-disk-0.qcow2,size=60G"
     assert disk_value("x", (1 << 20) + 512) == "x,size=1049088"
     assert disk_value("x", 3 << 40) == "x,size=3T"
@@ -186,6 +186,6 @@ def test_description_stays_on_one_line() -> None:
     spec = linux_bios()
     spec.name = "web01\nsecond line"
     config = vm_config(spec, MigrationOptions(), bridges={"VM Network": "a", "Backup": "b"}, default_bridge=None,
-                       tag=TAG, vmid=120)
+                       tag=TAG, mac_seed="120")
     assert config["description"] == f"imported from web01 second line ({TAG})"
     assert config["name"] == "web01-second-line"

@@ -30,6 +30,7 @@ install drivers in is released.
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,7 +187,9 @@ class DriverDance:
         if self.options.bus == "scsi":
             updates["scsihw"] = "virtio-scsi-pci"
         if self.options.net_drivers and "net1" not in config:
-            updates["net1"] = f"virtio={mac_for_nic(self.vmid, 1)},bridge=vmbr0"
+            # A temporary NIC, made once (this step is recorded): random, as PVE's own, so that two
+            # dances on two clusters do not share a MAC on one network.
+            updates["net1"] = f"virtio={mac_for_nic(secrets.token_hex(6), 1)},bridge=vmbr0"
         self.target.set_config(self.vmid, updates)
         self._say(f"boot 1 layout: system disk on {system_key}, temporary {temp_key}, drivers ISO on {cd_key}")
         # The target may have allocated the temporary volume only now (PVE's STORAGE:SIZE): its name

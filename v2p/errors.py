@@ -9,6 +9,8 @@ the subclass that matters to them.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any
 
 
 class V2PError(Exception):
@@ -122,9 +124,15 @@ class OperatorNeeded(V2PError):
 
 
 class RuleError(V2PError):
-    """The VM breaks a preflight rule (an error not ignored): nothing is created."""
+    """The VM breaks preflight rules (errors not ignored): nothing is created. ``findings`` holds
+    each error (``rules.Finding``: its id, message, CLI hint and the library ``options`` it names);
+    empty for a refusal made before the rules ran (``rules.refuse_counts``)."""
 
     exit_code = 11
+
+    def __init__(self, message: str, *, hint: str | None = None, findings: Sequence[Any] = ()) -> None:
+        super().__init__(message, hint=hint)
+        self.findings = list(findings)
 
 
 # A migration that finished, whose boot check saw neither a sign of a running OS nor of a failure:

@@ -316,8 +316,20 @@ def parse_vmid(text: str) -> int:
     return vmid
 
 
-def mac_for_nic(vmid: int, index: int) -> str:
-    """A stable MAC in Proxmox's range for NIC ``index`` that v2p adds itself."""
-    digest = hashlib.sha256(f"{vmid}:net{index}".encode()).digest()
-    return "BC:24:11:" + ":".join(f"{b:02X}" for b in digest[:3])
+# PVE's own prefix (datacenter.cfg ``mac_prefix``'s default): qemu-server gives a NIC without a MAC
+# PVE::Tools::random_ether_addr($dc->{mac_prefix}), the prefix followed by random bytes.
+MAC_PREFIX = "BC:24:11"
+# Where a preview (dry run, vm inspect) shows a MAC the migration will generate.
+MAC_PLACEHOLDER = f"{MAC_PREFIX}:<random>"
+
+
+def mac_for_nic(seed: str | None, index: int) -> str:
+    """The MAC v2p gives NIC ``index`` that has none: PVE's prefix, then three bytes from the
+    migration's random ``seed`` (its ``migration_id``, kept in the state file), so every rerun of
+    that migration agrees and two migrations (two clusters) do not. None (a preview, no migration
+    yet): ``MAC_PLACEHOLDER``."""
+    if seed is None:
+        return MAC_PLACEHOLDER
+    digest = hashlib.sha256(f"{seed}:net{index}".encode()).digest()
+    return f"{MAC_PREFIX}:" + ":".join(f"{b:02X}" for b in digest[:3])
 

@@ -36,9 +36,11 @@ from .errors import (
     TaskStillRunning,
     V2PError,
     VMIDExistsError,
+    shown,
 )
 from .events import Event, EventHandler, ignore
 from .fsutil import remove_tree
+from .option_table import OPTION
 from .options import MigrationOptions, check_vmid
 from .sources import Source, open_source
 from .spec import VMSpec
@@ -343,12 +345,17 @@ class Pipeline:
 
     def _check_resumable(self, request: dict[str, Any]) -> None:
         recorded = self.state.data["request"]
-        diff = _differences(recorded, request)
+        diff = _differences(recorded, request, values=True)
         if diff:
+            # Every option that is not volatile shapes a stage that has run (the VM's config, its disks'
+            # keys and format, the drivers): a changed one is a new migration, not a resumed one.
+            stage = self.state.data.get("failed", {}).get("stage")
+            where = f" (it stopped in {stage})" if isinstance(stage, str) else ""
             raise StateError(
-                f"VMID {self.vmid} has an unfinished migration of {recorded.get('source')} "
-                f"with different settings ({', '.join(diff)})",
-                hint=f"rerun it with the same settings to resume, or discard it: v2p vm rm {self.vmid}")
+                f"VMID {self.vmid} has an unfinished migration of {recorded.get('source')}{where} "
+                f"with different settings: {'; '.join(diff)}",
+                hint=f"to resume it, rerun it with the settings it started with; to start over with the new "
+                     f"ones, discard it (and the VM it made) first: v2p vm rm {self.vmid}")
 
 
 def _made(vmid: int, ours: bool, written: list[int]) -> str:
@@ -358,14 +365,29 @@ def _made(vmid: int, ours: bool, written: list[int]) -> str:
     return f"VM {vmid} and its disks" if written else f"VM {vmid}"
 
 
-def _differences(recorded: dict[str, Any], request: dict[str, Any]) -> list[str]:
-    """What differs between two requests, in the user's words (``source``, ``--bus``, ...)."""
+def _differences(recorded: dict[str, Any], request: dict[str, Any], *, values: bool = False) -> list[str]:
+    """What differs between two requests, in the user's words: ``source``, an option by its CLI
+    flag (``--os``; a library-only option by its keyword), with both values when ``values``."""
     diff = sorted(k for k in set(recorded) | set(request) if recorded.get(k) != request.get(k))
     if "options" in diff:
         diff.remove("options")
         ro, no = recorded.get("options", {}), request["options"]
-        diff += [f"--{k}" for k in sorted(set(ro) | set(no)) if ro.get(k) != no.get(k)]
+        for keyword in sorted(set(ro) | set(no)):
+            if ro.get(keyword) == no.get(keyword):
+                continue
+            option = OPTION.get(keyword)
+            name = option.flag if option is not None and option.flag else keyword
+            diff.append(f"{name} {_said(ro.get(keyword))} then, {_said(no.get(keyword))} now" if values else name)
     return diff
+
+
+def _said(value: object) -> str:
+    """An option's recorded value, for a message: unset is "not given"."""
+    if value is None or value in ((), [], {}):
+        return "not given"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return shown(value, typed=True)
 
 
 def check_records(state: MigrationState, stages: tuple[Stage, ...] = STAGES) -> None:

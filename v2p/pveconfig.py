@@ -214,12 +214,14 @@ def nic_bridge(network: str | None, bridges: Mapping[str, str], default_bridge: 
 
 
 def vm_config(spec: VMSpec, options: MigrationOptions, *, bridges: Mapping[str, str],
-              default_bridge: str | None, tag: str, vmid: int, ostype: str | None = None) -> dict[str, str]:
+              default_bridge: str | None, tag: str, mac_seed: str | None,
+              ostype: str | None = None) -> dict[str, str]:
     """The VM shell (no disks, no EFI/TPM volume) in PVE's keys.
 
     The hardware (sockets, cores, memory, firmware, NICs, UUID) is the spec's: a source built
     from flags (the loose disk) puts --cores/--memory into its spec. ``ostype`` is the user's
-    explicit --os, if any; ``tag`` marks the VM as v2p's (the description carries it).
+    explicit --os, if any; ``tag`` marks the VM as v2p's (the description carries it); ``mac_seed``
+    the migration's, for the MACs of NICs that have none (``mac_for_nic``; None: a placeholder).
     """
     resolved = resolve_ostype(spec, ostype)
     efi = spec.firmware == "efi"
@@ -247,7 +249,7 @@ def vm_config(spec: VMSpec, options: MigrationOptions, *, bridges: Mapping[str, 
         if bridge is None:
             raise RuleError(f"VM {spec.name}: unmapped-network: net{index} is on network {nic.network!r}, "
                             "which has no bridge", hint=f"add --network '{nic.network}=BRIDGE'")
-        mac = nic_mac(nic.mac) or mac_for_nic(vmid, index)
+        mac = nic_mac(nic.mac) or mac_for_nic(mac_seed, index)
         config[f"net{index}"] = f"{model}={mac},bridge={bridge}"
     name = " ".join(spec.name.split())  # one line: PVE stores the description as a comment block
     config["description"] = f"imported from {name} ({tag})"

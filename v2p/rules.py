@@ -11,10 +11,11 @@ explain where it differs from VMware's.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from . import pveconfig
 from .errors import RuleError
+from .option_table import OPTION
 from .options import MigrationOptions, OptionError
 from .spec import VMSpec, dns_name, pve_ostype
 
@@ -36,17 +37,21 @@ class Rule:
 
 RULES: dict[str, Rule] = {
     "encrypted-vm": Rule("error", False, "the VM is encrypted by VMware: its disks are ciphertext whose keys "
-                                         "stay in vCenter's key provider; decrypt it in VMware first"),
+                                         "stay in vCenter's key provider; decrypt it in VMware first",
+                         hint="decrypt the VM in VMware first"),
     "rdm-disk": Rule("error", False, "a raw device mapping points at a LUN: the bytes are not in the VM's "
-                                     "files; copy the LUN into a virtual disk in VMware first"),
+                                     "files; copy the LUN into a virtual disk in VMware first",
+                     hint="copy the LUN into a virtual disk in VMware first"),
     "shared-disk": Rule("error", True, "a multi-writer disk is shared with other VMs: the copy is only "
                                        "consistent if all of them are off, and it is no longer shared"),
     "zero-capacity-disk": Rule("error", False, "a disk of 0 bytes: nothing to migrate and no volume to "
-                                               "create; remove it from the VM"),
+                                               "create; remove it from the VM",
+                               hint="remove the empty disk from the VM in VMware"),
     "too-many-disks": Rule("error", False, "more disks than the first boot's bus holds (IDE 3 beside the "
                                            "CD-ROM, SATA 6, SCSI 31, virtio 16); choose another --bus"),
     "too-many-nics": Rule("error", False, f"more NICs than PVE's net0..net{MAX_NICS - 1} ({MAX_NICS}); remove "
-                                          "NICs in VMware first"),
+                                          "NICs in VMware first",
+                          hint="remove NICs from the VM in VMware first"),
     "unmapped-network": Rule("error", False, "a NIC's VMware network has no --network NAME=BRIDGE and no "
                                              "default bridge was given"),
     "powered-on": Rule("error", False, "the VM is running: its guest writes to the disks while they are "
@@ -85,8 +90,9 @@ RULES: dict[str, Rule] = {
                                      "BIOS boot code) gets OVMF, q35 and an EFI vars disk; --bios seabios "
                                      "keeps SeaBIOS"),
     "vm-name": Rule("info", False, "the VM name is not a DNS name, which PVE requires: it is cleaned"),
-    "generated-mac": Rule("info", False, "a NIC has no usable MAC: v2p gives it a stable one in Proxmox's "
-                                         "range (DHCP reservations keyed on the old one will not match)"),
+    "generated-mac": Rule("info", False, "a NIC has no usable MAC: v2p gives it a random one in Proxmox's "
+                                         "range, kept for every rerun of the migration (DHCP reservations "
+                                         "keyed on the old one will not match)"),
     "unmapped-device": Rule("info", False, "hardware v2p has no KVM counterpart for is dropped"),
 }
 
@@ -97,14 +103,21 @@ IGNORABLE = frozenset(rule_id for rule_id, rule in RULES.items() if rule.ignorab
 class Finding:
     id: str
     severity: str  # "error" | "warning" | "info"
-    message: str
+    message: str  # what the VM has, in no surface's words (no CLI flag, plan key or keyword)
     ignored: bool = False  # an error the user downgraded with --ignore-rule
+    hint: str | None = None  # an error's way out, as the CLI says it (``--bus scsi``)
+    options: tuple[str, ...] = ()  # the library keywords that way out names (``bus``)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """As ``inspect --json`` shows it: an error with its ``hint`` and ``options`` too."""
+        data = asdict(self)
+        if self.severity != "error":
+            del data["hint"], data["options"]
+        return data
 
     def __str__(self) -> str:
-        return f"{self.severity}: {self.id}: {self.message}"
+        # The way out of an error whose message no longer says it: the options it names.
+        return f"{self.severity}: {self.id}: {self.message}" + (f" (hint: {self.hint})" if self.options else "")
 
 
 def check_ignore(ids: Iterable[str]) -> set[str]:
@@ -138,19 +151,37 @@ def check(spec: VMSpec, options: MigrationOptions, *, ostype: str | None = None,
     found += _firmware_findings(spec, boots or {})
     order = list(RULES)
     found.sort(key=lambda finding: order.index(finding.id))  # stable: the VM's own order within a rule
-    return [Finding(f.id, "warning", f.message, ignored=True) if f.severity == "error" and f.id in ignored
-            else f for f in found]
+    return [replace(f, severity="warning", ignored=True, hint=None, options=())
+            if f.severity == "error" and f.id in ignored else _with_hint(f) for f in found]
+
+
+def _with_hint(finding: Finding) -> Finding:
+    """An error with its way out: its own, --ignore-rule where that is allowed, else its rule's."""
+    if finding.severity != "error" or finding.hint is not None:
+        return finding
+    if finding.id in IGNORABLE:
+        return replace(finding, hint=f"if that is safe here: {_flag('ignore_rules')} {finding.id}",
+                       options=("ignore_rules",))
+    return replace(finding, hint=RULES[finding.id].hint)
+
+
+def _flag(keyword: str) -> str:
+    flag = OPTION[keyword].flag
+    assert flag is not None, keyword
+    return flag
 
 
 def enforce(spec: VMSpec, findings: list[Finding]) -> None:
-    """Raise a ``RuleError`` for the first error left (warnings and notes pass)."""
-    errors = [f for f in findings if f.severity == "error"]
+    """Raise a ``RuleError`` naming every error left (warnings and notes pass): its message says
+    what the VM has, its hint each way out as the CLI says it, its ``findings`` the errors (each
+    with the library ``options`` its way out names)."""
+    errors = [_with_hint(f) for f in findings if f.severity == "error"]
     if not errors:
         return
-    first = errors[0]
-    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    hint = f"if that is safe here: --ignore-rule {first.id}" if first.id in IGNORABLE else RULES[first.id].hint
-    raise RuleError(f"VM {spec.name}: {first.id}: {first.message}{more}", hint=hint)
+    said = "; ".join(f"{f.id}: {f.message}" for f in errors)
+    count = f"{len(errors)} rule errors: " if len(errors) > 1 else ""
+    hints = list(dict.fromkeys(f.hint for f in errors if f.hint))
+    raise RuleError(f"VM {spec.name}: {count}{said}", hint="; ".join(hints) or None, findings=errors)
 
 
 def refuse_counts(name: str, *, disks: int, nics: int) -> None:
@@ -169,8 +200,12 @@ def refuse_counts(name: str, *, disks: int, nics: int) -> None:
                         hint="remove NICs from the VM in VMware first")
 
 
-def _finding(rule_id: str, message: str, severity: str | None = None) -> Finding:
-    return Finding(rule_id, severity or RULES[rule_id].severity, message)
+def _finding(rule_id: str, message: str, severity: str | None = None, *, hint: str | None = None,
+             options: tuple[str, ...] = ()) -> Finding:
+    severity = severity or RULES[rule_id].severity
+    if severity != "error":  # a note or warning: no way out to take
+        return Finding(rule_id, severity, message)
+    return Finding(rule_id, severity, message, hint=hint, options=options)
 
 
 def _firmware_findings(spec: VMSpec, boots: Mapping[str, tuple[str, str]]) -> Iterator[Finding]:
@@ -218,7 +253,8 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
             yield _finding("zero-capacity-disk", f"disk {disk.label} ({disk.source}) has a capacity of 0 bytes")
     too_many = pveconfig.too_many_disks(spec, options, ostype=resolved)
     if too_many:
-        yield _finding("too-many-disks", f"{too_many}: use --bus scsi (31) or --bus virtio (16)")
+        bus = _flag("bus")
+        yield _finding("too-many-disks", too_many, hint=f"{bus} scsi (31) or {bus} virtio (16)", options=("bus",))
     if len(spec.nics) > MAX_NICS:
         yield _finding("too-many-nics", f"{len(spec.nics)} NICs, but PVE has net0..net{MAX_NICS - 1}: "
                                         "remove NICs in VMware first")
@@ -230,8 +266,8 @@ def _findings(spec: VMSpec, options: MigrationOptions, *, ostype: str | None, br
                                                f"mapping: it goes to the default bridge {default_bridge}",
                            severity="info")
         else:
-            yield _finding("unmapped-network", f"net{index} is on network {nic.network!r}, which has no "
-                                               f"bridge: add --network '{nic.network}=BRIDGE'")
+            yield _finding("unmapped-network", f"net{index} is on network {nic.network!r}, which has no bridge",
+                           hint=f"add {_flag('networks')} '{nic.network}=BRIDGE'", options=("networks",))
     yield from _running_findings(spec, options)
     for disk in spec.disks:
         if disk.independent:
@@ -298,8 +334,8 @@ def _running_findings(spec: VMSpec, options: MigrationOptions) -> Iterator[Findi
         return
     state = "powered on" if spec.power_state == "poweredOn" else "suspended"
     if not options.shutdown:
-        yield _finding("powered-on", f"the VM is {state}: its disks change while it runs (give --shutdown "
-                                     "to shut it down first)")
+        yield _finding("powered-on", f"the VM is {state}: its disks change while it runs",
+                       hint=RULES["powered-on"].hint, options=("shutdown", "shutdown_wait"))
         return
     guest = spec.tools_running and spec.power_state == "poweredOn" and options.shutdown_wait > 0
     how = "its guest is shut down through VMware Tools, the VM powered off if it has not stopped after " \

@@ -39,7 +39,7 @@ def check_access(ctx: Context) -> None:
     """The target's permissions for everything this migration will write (the Create and Attach
     stages' config, the boot check's or --start's power), before anything is made."""
     create = pveconfig.vm_config(ctx.spec, ctx.options, bridges=ctx.options.networks,
-                                 default_bridge=ctx.options.bridge, tag=ctx.tag(), vmid=ctx.vmid,
+                                 default_bridge=ctx.options.bridge, tag=ctx.tag(), mac_seed=ctx.migration_id,
                                  ostype=ctx.options.ostype)
     update: dict[str, str] = {}
     if ctx.spec.firmware == "efi":

@@ -130,7 +130,7 @@ class Preflight(Stage):
         if ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance:
             which("qemu-system-x86_64")
         record: Record = {"storage": space.storage, "format": fmt, "required_bytes": space.required,
-                          "free_bytes": space.free, "findings": [vars(f) for f in findings]}
+                          "free_bytes": space.free, "findings": [f.to_dict() for f in findings]}
         if ctx.options.needs_dance:
             record.update(check_drivers(ctx.target, ctx.options,
                                         progress=upload_progress(ctx, self.name, "the drivers ISO")))
@@ -155,7 +155,7 @@ class Create(Stage):
 
     def run(self, ctx: Context) -> Record:
         config = pveconfig.vm_config(ctx.spec, ctx.options, bridges=ctx.options.networks,
-                                     default_bridge=ctx.options.bridge, tag=ctx.tag(), vmid=ctx.vmid,
+                                     default_bridge=ctx.options.bridge, tag=ctx.tag(), mac_seed=ctx.migration_id,
                                      ostype=ctx.options.ostype)
         if _ours(ctx):
             ctx.target.destroy_vm(ctx.vmid)

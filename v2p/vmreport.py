@@ -176,7 +176,7 @@ def _vm_config(spec: VMSpec, options: MigrationOptions, vmid: int, disks: list[V
     unmapped = {nic.network: UNMAPPED_BRIDGE for nic in spec.nics
                 if nic.network is not None and nic.network not in options.networks and not options.bridge}
     config = pveconfig.vm_config(spec, options, bridges={**unmapped, **options.networks},
-                                 default_bridge=options.bridge, tag="v2p migration <id>", vmid=vmid,
+                                 default_bridge=options.bridge, tag="v2p migration <id>", mac_seed=None,
                                  ostype=options.ostype)
     if spec.firmware == "efi":
         config["efidisk0"] = pveconfig.efidisk("<storage>", secure_boot=spec.secure_boot)
