@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -296,6 +297,10 @@ def boot_sector_disk(folder: Path, name: str, code: str) -> Path:
 def boot(tmp_path: Path, disk: Path, *, timeout: float, **extra: str) -> BootReport:
     """Boot ``disk`` (a path, as scsi0 on virtio-scsi, a NIC out of the boot order) on a local
     target and return the boot check's report."""
+    if tmp_path not in disk.parents:  # a shared sample: QEMU takes a write lock on what it boots (and
+        copy = tmp_path / f"boot-{disk.name}"  # the guest may write): boot a copy, never the sample
+        shutil.copyfile(disk, copy)
+        disk = copy
     target = LocalTarget(tmp_path / "target", accel="tcg")
     config = {"name": "case", "memory": "256", "scsihw": "virtio-scsi-single", "scsi0": str(disk),
               "boot": "order=scsi0", "net0": "virtio=52:54:00:12:34:56,bridge=vmbr0", **extra}

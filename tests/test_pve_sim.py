@@ -420,7 +420,7 @@ def test_the_config_v2p_builds_is_one_pve_accepts(pve: PVESim) -> None:
 
     report = v2p.api.inspect_vm(Path(__file__).parent / "fixtures" / "v2p-fixture.ova", vmid=100)
     config = {key: value.replace("<storage>", "local-lvm").replace("<unmapped>", "vmbr0")
-              for key, value in report.config.items()}
+              .replace("<random>", "00:00:01") for key, value in report.config.items()}
     endpoint = pve.schema.resolve("POST", ["nodes", "pve1", "qemu"])
     assert endpoint is not None
     assert pve.schema.validate(endpoint, {"node": "pve1", "vmid": "100", **config}) == {}
