@@ -3,6 +3,7 @@ nasm and qemu-img), per-test copies of them, and a runner for the real CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -369,6 +370,34 @@ def assert_same_bytes(raw: Path, disk: Path, fmt: str = "qcow2") -> None:
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", fmt, str(disk)],
                                      capture_output=True, text=True, check=True).stdout)
     assert info["virtual-size"] == raw.stat().st_size
+
+
+def cmdlines() -> list[bytes]:
+    """Every process's command line now (``/proc/*/cmdline``): sampled while v2p runs, to prove a
+    secret is on no argv."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:
+            pass
+    return out
+
+
+@contextlib.contextmanager
+def failing_after(stage: str) -> Iterator[None]:
+    """Inside it, an in-process migration fails (a ``TargetError``, as a host going away) right after
+    recording ``stage``: what a crash there leaves, without a process to kill."""
+    import v2p.pipeline
+    from v2p.errors import TargetError
+
+    def fail_after(point: str) -> None:
+        if point == stage:
+            raise TargetError("the host went away")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(v2p.pipeline, "hold_point", fail_after)
+        yield
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:

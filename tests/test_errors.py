@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_line_error
+from conftest import failing_after, one_line_error
 
 
 def nothing_created(target: Path) -> bool:
@@ -138,17 +138,10 @@ def test_unusable_target_dir_is_one_line(tmp_path, source_of, inproc):
 def test_a_resume_with_other_settings_names_the_real_flag_and_the_way_out(source_of, inproc, monkeypatch):
     """The hint of a failed Windows boot says "migrate it with its --os": the rerun with --os is a
     new migration, refused in the words the user typed (--os, not the keyword ostype) with the way out."""
-    import v2p.pipeline
-    from v2p.errors import TargetError
 
     src = source_of("monolithicSparse")
 
-    def fail_after(point: str) -> None:
-        if point == "create":
-            raise TargetError("the host went away")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(v2p.pipeline, "hold_point", fail_after)
+    with failing_after("create"):
         failed = inproc("migrate", str(src.descriptor), "--vmid", "134", "--no-boot-check", "--keep-on-failure")
     assert failed.returncode != 0
     line = one_line_error(inproc("migrate", str(src.descriptor), "--vmid", "134", "--no-boot-check", "--os", "win7",

@@ -8,9 +8,7 @@ import re
 
 import pytest
 
-import v2p.pipeline
-from conftest import InProcessV2P
-from v2p.errors import TargetError
+from conftest import InProcessV2P, failing_after
 
 GENERATED = re.compile(r"virtio=BC:24:11(:[0-9A-F]{2}){3},bridge=vmbr0")
 
@@ -29,12 +27,7 @@ def test_two_migrations_of_one_source_get_different_macs(source_of, inproc, tmp_
 def test_a_rerun_keeps_its_generated_mac(source_of, inproc, monkeypatch):
     src = source_of("monolithicSparse")
 
-    def fail_after(point: str) -> None:
-        if point == "create":
-            raise TargetError("the host went away")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(v2p.pipeline, "hold_point", fail_after)
+    with failing_after("create"):
         failed = inproc("migrate", str(src.descriptor), "--vmid", "101", "--no-boot-check", "--keep-on-failure")
     assert failed.returncode != 0
     state = json.loads((inproc.target / "migrations" / "101.json").read_text())

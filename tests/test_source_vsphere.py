@@ -5,13 +5,13 @@ password in no argv, output or file v2p writes."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from vcsim.fixture import Vcsim, si_fixture, vcsim_fixture, wait  # noqa: F401
 
+from conftest import cmdlines
 from v2p.sources import open_source
 from v2p.sources.vsphere import VsphereSource
 
@@ -156,7 +156,7 @@ def test_the_password_is_in_no_argv_output_or_file(vcsim: Vcsim, v2p: Any, tmp_p
                         "--no-boot-check", "--shutdown"), {"V2P_VSPHERE_PASSWORD": vcsim.password})):
         process = v2p.popen(*args, **env)
         while process.poll() is None:
-            seen += [cmdline for cmdline in _cmdlines()]
+            seen += [cmdline for cmdline in cmdlines()]
         out, err = process.communicate()
         assert vcsim.password not in out + err
         if args[0] == "vsphere":
@@ -176,15 +176,6 @@ def test_a_secrets_file_others_may_read_is_refused(vcsim: Vcsim, inproc: Any, tm
     shown = inproc.bare("vsphere", "ls", uri(vcsim), V2P_VSPHERE_SECRETS=str(secrets))
     assert shown.returncode != 0 and "readable by others" in shown.stderr
 
-
-def _cmdlines() -> list[bytes]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-        except OSError:
-            pass
-    return out
 
 
 def test_the_launcher_takes_its_login_from_the_environment(vcsim: Vcsim) -> None:

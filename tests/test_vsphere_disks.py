@@ -21,7 +21,7 @@ import pytest
 from pve_sim.fixture import pve_fixture  # noqa: F401
 from vcsim.fixture import Vcsim, si_fixture, vcsim_fixture, wait  # noqa: F401
 
-from conftest import assert_same_bytes, guest_report
+from conftest import assert_same_bytes, cmdlines, guest_report
 
 MiB = 1 << 20
 COOKIE = "vmware_soap_session"
@@ -116,7 +116,7 @@ def test_a_vsphere_vm_migrates_and_boots(vcsim: Vcsim, si: Any, samples: Path, m
     process = v2p.popen("-v", "migrate", uri(vcsim, "mig01"), "--vmid", "120", **env)  # every argv logged too
     argv: list[bytes] = []
     while process.poll() is None:
-        argv += _cmdlines()
+        argv += cmdlines()
         time.sleep(0.05)
     out, err = process.communicate()
     assert process.returncode == 0, err
@@ -257,15 +257,6 @@ def test_a_missing_extent_is_refused_in_one_line(vcsim: Vcsim, si: Any, samples:
     assert len(error) == 1 and "/DC0/vm/mig03: scsi0:0 ([LocalDS_0] mig03/esxi.vmdk): downloading " \
         "[LocalDS_0] mig03/esxi-flat.vmdk: HTTP 404" in error[0], shown.stderr
 
-
-def _cmdlines() -> list[bytes]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-        except OSError:
-            pass
-    return out
 
 
 # -- the pieces alone (no server: the fast tier) ----------------------------------------------------------

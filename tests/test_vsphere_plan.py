@@ -14,13 +14,12 @@ import pytest
 from test_vsphere_disks import (
     CountingProxy,
     MiB,
-    _cmdlines,
     sample_vm,
     uri,
 )
 from vcsim.fixture import Vcsim, si_fixture, vcsim_fixture, wait  # noqa: F401
 
-from conftest import assert_same_bytes
+from conftest import assert_same_bytes, cmdlines
 
 
 def test_a_plan_with_two_vsphere_vms_and_a_local_disk(vcsim: Vcsim, si: Any, samples: Path, v2p: Any,  # noqa: F811
@@ -44,7 +43,7 @@ vms:
     process = v2p.popen("plan", "run", str(plan), "--parallel", "3", **env)
     argv: list[bytes] = []
     while process.poll() is None:
-        argv += _cmdlines()
+        argv += cmdlines()
         time.sleep(0.05)
     out, err = process.communicate()
     assert process.returncode == 0, out + err
