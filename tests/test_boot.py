@@ -339,7 +339,9 @@ def test_a_halting_boot_sector_is_unconfirmed_at_the_timeout(tmp_path: Path) -> 
 def test_a_boot_sector_that_resets_in_a_loop_fails(tmp_path: Path) -> None:
     report = boot(tmp_path, boot_sector_disk(tmp_path, "triple", TRIPLE_FAULT), timeout=60)
     assert report.outcome == BOOT_FAILED, report
-    assert "reset 3 times" in report.signal and report.resets == 3, report
+    # A loop is called one at its third reset; a busy machine's poll may see more by then: the signal
+    # says how many it saw.
+    assert report.resets >= 3 and f"reset {report.resets} times" in report.signal, report
     assert report.seconds < 20, report
 
 
