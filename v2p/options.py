@@ -268,10 +268,6 @@ class MigrationOptions:
         return self.ostype in WINDOWS_OSTYPES
 
     @property
-    def disk_bus(self) -> str:
-        return self.bus or ("ide" if self.is_windows else "scsi")
-
-    @property
     def needs_dance(self) -> bool:
         """Windows onto a virtio bus: it must get its driver on IDE first."""
         return self.is_windows and self.bus in ("virtio", "scsi")
