@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .api import (
         Migration,
         MigrationStatus,
+        Preview,
         dance,
         inspect,
         inspect_vm,
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 # install its signal handlers, and the whole library takes most of a second to import under load;
 # a Ctrl-C in that time must still end in one line (see __main__).
 _LAZY = {
-    **dict.fromkeys(("Migration", "MigrationStatus", "dance", "inspect", "inspect_vm", "leftovers",
+    **dict.fromkeys(("Migration", "MigrationStatus", "Preview", "dance", "inspect", "inspect_vm", "leftovers",
                      "local_target", "make_target", "migrate", "remove", "status"), "api"),
     "Event": "events",
     **dict.fromkeys(("DiskImage", "Flavor"), "inspect"),
@@ -125,6 +126,7 @@ __all__ = [
            "OptionError",
            "Plan",
            "PlanError",
+           "Preview",
            "RuleError",
            "SourceError",
            "StateError",

@@ -27,6 +27,7 @@ from .migration import (
     migrate,
     with_boot,
 )
+from .preview import Preview, PreviewDisk, PreviewStage
 from .targets.base import Target
 from .targets.factory import make_target
 from .targets.kind_local import local_target
@@ -34,7 +35,8 @@ from .targets.local import LocalTarget
 from .vmops import dance, leftovers, remove, status
 from .vmreport import VMDisk, VMReport, inspect, inspect_all, inspect_vm, vm_source
 
-__all__ = ["AUTO", "AUTO_TRIES", "LocalTarget", "Migration", "MigrationStatus", "Row", "Target", "TargetSpec",
+__all__ = ["AUTO", "AUTO_TRIES", "LocalTarget", "Migration", "MigrationStatus", "Preview", "PreviewDisk",
+           "PreviewStage", "Row", "Target", "TargetSpec",
            "VMDisk", "VMReport", "as_target", "check_source", "dance", "earlier_migration", "inspect", "inspect_all",
            "inspect_paths", "inspect_vm", "leftovers", "local_target", "make_target", "migrate", "remove", "status",
            "vm_source", "with_boot"]

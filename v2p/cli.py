@@ -370,21 +370,9 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     out = sys.stderr if args.json else sys.stdout
     printer = _Printer(out)
     migration = api.Migration(args.source, args.vmid, target=target, on_event=printer, **given(args))
-    if args.dry_run:
-        spec = migration.options.hardware(migration.pipeline.source.spec())
-        if not args.json:
-            print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, "
-                  f"{spec.memory_mib} MiB, {spec.firmware}")
-        where = migration.options.device or f"storage {migration.options.storage}"
-        keys = migration.disk_keys()
-        if args.json:
-            print(json.dumps({"vmid": migration.vmid, "name": spec.name, "target": target.kind, "disks": keys,
-                              "where": where, "stages": [{"name": name, "summary": summary, "done": done}
-                                                         for name, summary, done in migration.plan()]}, indent=2))
-            return 0
-        print(f"would migrate to VMID {migration.vmid} on the {target.kind} target ({', '.join(keys)} on {where}):")
-        for name, summary, done in migration.plan():
-            print(f"  {name:<10} {'done, would skip' if done else summary}")
+    if args.dry_run:  # the real run's checks, nothing made; refused as the real run would be
+        preview = migration.preview()
+        print(json.dumps(preview.to_dict(), indent=2) if args.json else preview.text())
         return 0
     try:
         result = migration.run()

@@ -29,6 +29,7 @@ from .errors import (
 from .events import Event, EventHandler, ignore
 from .options import MigrationOptions, OptionError, check_text, check_vmid
 from .pipeline import Pipeline
+from .preview import Preview
 from .sources import Source, open_source
 from .state import MigrationState, list_states
 from .targets.base import Target
@@ -208,9 +209,20 @@ class Migration:
                 return vmid
             above = vmid
 
+    def preview(self) -> Preview:
+        """What ``run()`` would do, from the real run's own checks with nothing made (no state file, no
+        lock, no VM, no volume, nothing uploaded, no source VM shut down): the VM as mapped, the config it
+        would get, every rule finding, each disk's room, the bridges, storages, target and rights checked,
+        and the stages it will do (``Preview``). Raises the ``V2PError`` the run would refuse with (the
+        same type and exit code), e.g. ``RuleError`` for an unmapped network."""
+        with interrupts.cancelled_by(self._token), one_line_os_errors():
+            return self.pipeline.preview()
+
     def plan(self) -> list[tuple[str, str, bool]]:
-        """The stages as (name, what it does, already done), without running anything."""
-        return self.pipeline.plan()
+        """The stages this migration will do for its VM, as (name, what it does, already done): the
+        driver dance only for a Windows VM that needs it, the boot check only if asked. Makes the same
+        checks as ``preview()`` (and raises what it raises)."""
+        return self.preview().plan()
 
     def disk_keys(self) -> list[str]:
         """The config keys the VM's disks get on their first boot (ide0, scsi0, ...), boot disk first."""

@@ -39,11 +39,13 @@ from .errors import (
     shown,
 )
 from .events import Event, EventHandler, ignore
-from .fsutil import remove_tree
+from .fsutil import remove_tree, scratch_dir
 from .option_table import OPTION
 from .options import MigrationOptions, check_vmid
+from .preview import Preview, PreviewDisk, PreviewStage
 from .sources import Source, open_source
 from .spec import VMSpec
+from .stage_checks import create_config, preflight_checks
 from .stage_context import Context, disk_stage
 from .stages import STAGES, Stage, stage_kind, stages_for
 from .state import MigrationState, VmidLock, check_fields, now
@@ -80,12 +82,114 @@ class Pipeline:
         self._warned = len(target.task_warnings())  # the target's task warnings shown so far
 
     def plan(self) -> list[tuple[str, str, bool]]:
-        """(stage, summary, already done) for each stage, touching nothing."""
-        done: dict[str, Any] = {}
-        if self.state.load() and self.state.data.get("request") == self._request():
-            done = self.state.stages
-        stages = stages_for(len(self.source.spec().disks))
-        return [(s.name, s.summary, s.name in done) for s in stages]
+        """(stage, summary, already done) for each stage this run will do, from ``preview`` (which
+        makes the real run's checks, touching nothing, and raises what the real run would)."""
+        return self.preview().plan()
+
+    def preview(self) -> Preview:
+        """The real run up to its first stage that makes something, with nothing made: the record
+        read (a resume, a finished migration, other settings: the run's own refusals), the inspection
+        and the preflight's checks (``stage_checks.preflight_checks``: no upload, no shutdown), without
+        a lock, a state file, a VM or a volume; the source's own files are read in a scratch folder.
+        Raises the ``V2PError`` the real run would raise before it made anything."""
+        request = self._request()
+        records: dict[str, Any] = {}
+        migration_id = ""
+        if self.state.load() and not self._stale(request):
+            check_records(self.state)
+            done = self._finished_already(request)
+            if done is not None:
+                return self._previewed(None, done)
+            self._check_resumable(request)
+            records, migration_id = self.state.stages, str(self.state.data.get("migration_id") or "")
+        elif self.target.vm_exists(self.vmid):
+            raise VMIDExistsError(f"VMID {self.vmid} already exists on the {self.target.kind} target",
+                                  hint=VMID_TAKEN_HINT)
+        seen: list[Event] = []
+        with scratch_dir("preview") as scratch, self.source.opened(seen.append):
+            spec = self.options.hardware(self._spec())
+            ctx = Context(self.source, self.vmid, self.options.resolved(spec), self.target, migration_id,
+                          Path(scratch) / "work", seen.append, spec, chosen_ostype=self.options.chosen_ostype(spec),
+                          recorded=set(records))
+            try:
+                stages: list[PreviewStage] = []
+                rerun = False
+                for stage in stages_for(len(spec.disks)):
+                    record = records.get(stage.name)
+                    if record is not None and not rerun and stage.holds(ctx, record["result"]):
+                        ctx.records[stage.name] = record["result"]
+                    else:
+                        self._may_rerun(ctx, stage)
+                        rerun = True
+                        if stage.name == "inspect":  # the inspect stage makes nothing: run as it is
+                            ctx.records["inspect"] = stage.run(ctx)
+                        elif stage.name == "preflight":
+                            ctx.records["preflight"] = preflight_checks(ctx, upload=False)
+                    if stage.applies(ctx.options):
+                        stages.append(PreviewStage(stage.name, stage.summary, done=not rerun))
+                return self._previewed(ctx, None, stages=stages, seen=seen)
+            finally:
+                ctx.close_inputs()
+
+    def _previewed(self, ctx: Context | None, done: str | None, *, stages: list[PreviewStage] | None = None,
+                   seen: list[Event] | None = None) -> Preview:
+        """The ``Preview`` of what ``ctx`` found (None: a finished migration, ``done`` says so)."""
+        reached: dict[str, Any] = {"kind": self.target.kind, "place": self.target.place(),
+                                   "version": self.target.version(), "rights": [], "bridges_known": False}
+        if ctx is None:
+            spec = self.options.hardware(VMSpec.from_dict(self.state.stages["inspect"]["result"]["spec"]))
+            options = self.options.resolved(spec)
+            return Preview(self.vmid, self.source.describe(), spec.name, spec.sockets, spec.cores, spec.memory_mib,
+                           spec.firmware, str(options.ostype), {}, reached, nothing_to_do=done,
+                           stages=[PreviewStage(s.name, s.summary, True) for s in stages_for(len(spec.disks))
+                                   if s.applies(options)])
+        spec, options = ctx.spec, ctx.options
+        preflight = ctx.records.get("preflight", {})
+        reached["rights"] = list(preflight.get("rights") or [])
+        reached["bridges_known"] = self.target.bridges() is not None
+        rooms = {int(room["disk"]): room for room in preflight.get("disks") or [] if isinstance(room, dict)}
+        assert options.ostype is not None
+        keys = {disk.label: key for disk, key in pveconfig.disk_keys(spec, options, ostype=options.ostype)}
+        inspected = ctx.records["inspect"]["disks"]
+        disks = []
+        for index, disk in enumerate(ctx.disks()):
+            row, room = inspected[index], rooms.get(index, {})
+            disks.append(PreviewDisk(index, disk.label, str(row.get("source", disk.source)), int(row["capacity"]),
+                                     str(row.get("flavor", "")), keys.get(disk.label),
+                                     room.get("volid") or ctx.sink(index).volid, room.get("storage"),
+                                     room.get("required_bytes"), room.get("free_bytes")))
+        return Preview(self.vmid, self.source.describe(), spec.name, spec.sockets, spec.cores, spec.memory_mib,
+                       spec.firmware, options.ostype, self._config(ctx, disks), reached,
+                       findings=list(preflight.get("findings") or []), disks=disks,
+                       storage=str(preflight.get("storage") or options.device or options.storage),
+                       format=str(preflight.get("format") or ""), required_bytes=preflight.get("required_bytes"),
+                       free_bytes=preflight.get("free_bytes"), bridges=list(preflight.get("bridges") or []),
+                       drivers_iso=preflight.get("drivers_iso") if options.needs_dance else None,
+                       stages=stages or [], warnings=[e.message for e in seen or [] if e.kind == "warning"])
+
+    @staticmethod
+    def _config(ctx: Context, disks: list[PreviewDisk]) -> dict[str, str]:
+        """The config the create and attach stages write (the recorded one, once created)."""
+        created = ctx.records.get("create", {}).get("config")
+        config = dict(created) if isinstance(created, dict) else create_config(ctx)
+        if ctx.spec.firmware == "efi" and "efidisk0" not in config:
+            config["efidisk0"] = pveconfig.efidisk(ctx.options.storage, secure_boot=ctx.spec.secure_boot)
+        placed = [disk for disk in disks if disk.key is not None and disk.volid]
+        for disk in placed:
+            assert disk.key is not None and disk.volid is not None
+            config[disk.key] = pveconfig.disk_value(disk.volid, disk.capacity)
+        if placed:
+            config["boot"] = pveconfig.boot_order([disk.key for disk in placed if disk.key])
+        return config
+
+    def _may_rerun(self, ctx: Context, stage: Stage) -> None:
+        """Refuse to run ``stage`` again over a VM whose disks the guest owns (the run's own refusal)."""
+        if ctx.guest_owns_disk and stage_kind(stage.name) in BEFORE_THE_GUEST:
+            # The guest may have booted from this disk: redoing these would wipe what it wrote.
+            raise StateError(
+                f"VMID {self.vmid}: the {stage.name} stage would have to run again, over a VM whose "
+                "disk is already attached (the source or the written disk changed since)",
+                hint=f"to start over from the source, remove the VM first: v2p vm rm {self.vmid}")
 
     def _request(self) -> dict[str, Any]:
         return request_of(self.source, self.vmid, self.options, self.target)
@@ -141,12 +245,7 @@ class Pipeline:
                     self.emit(Event("stage-skip", stage.name, f"done at {record['finished_at']}",
                                     data=record["result"], disk=stage.disk))
                     continue
-                if ctx.guest_owns_disk and stage_kind(stage.name) in BEFORE_THE_GUEST:
-                    # The guest may have booted from this disk: redoing these would wipe what it wrote.
-                    raise StateError(
-                        f"VMID {self.vmid}: the {stage.name} stage would have to run again, over a VM whose "
-                        "disk is already attached (the source or the written disk changed since)",
-                        hint=f"to start over from the source, remove the VM first: v2p vm rm {self.vmid}")
+                self._may_rerun(ctx, stage)
                 rerun = True
                 self.emit(Event("stage-start", stage.name, stage.summary, disk=stage.disk))
                 started, waited = time.monotonic(), len(self.target.tasks_waited())
@@ -307,6 +406,15 @@ class Pipeline:
     def _already_done(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """A finished migration asked for again: the same source and settings are nothing to do
         (scripts, plans and panels rerun what they asked for); anything else onto that VM is refused."""
+        message = self._finished_already(request)
+        if message is None:
+            return None
+        self.emit(Event("info", "finish", message))
+        return {**self.state.data, "nothing_to_do": message}
+
+    def _finished_already(self, request: dict[str, Any]) -> str | None:
+        """Why a finished migration asked for again is nothing to do (None: it is not finished); its
+        refusal when the settings or the source differ."""
         data = self.state.data
         if not data["finished"]:
             return None
@@ -322,9 +430,7 @@ class Pipeline:
                 f"VMID {self.vmid} already exists: it was migrated from {source} at {when}, "
                 "and that source has changed since",
                 hint=f"to migrate it again, remove the VM first: v2p vm rm {self.vmid}")
-        message = f"VM {self.vmid} was already migrated from {source} at {when}; nothing to do"
-        self.emit(Event("info", "finish", message))
-        return {**data, "nothing_to_do": message}
+        return f"VM {self.vmid} was already migrated from {source} at {when}; nothing to do"
 
     def _source_changed(self, data: dict[str, Any]) -> bool:
         recorded = data["stages"].get("inspect", {}).get("result", {}).get("files")

@@ -91,8 +91,8 @@ class Plan:
             unique.setdefault((problem.line, problem.column, problem.where, problem.message), problem)
         return sorted(unique.values(), key=lambda p: (p.line, p.column))
 
-    def _checker(self) -> Checker:
-        return Checker(self.file, self.vms, unbuilt=self._unbuilt, partial=self._partial)
+    def _checker(self, *, preflight: bool = True) -> Checker:
+        return Checker(self.file, self.vms, unbuilt=self._unbuilt, partial=self._partial, preflight=preflight)
 
     # -- state -----------------------------------------------------------------
     def status(self) -> list[VMStatus]:
@@ -108,7 +108,8 @@ class Plan:
             raise PlanError(self._read_problems, file=self.file)
         # Every check validate makes, before anything is made: a VM with a problem fails at once (no
         # state folder, no lock, no VM); the others run.
-        checker = self._checker()
+        # (The run's own preflight is each migration's: a dry run's preview, a child's first stages.)
+        checker = self._checker(preflight=False)
         checker.check([])
         refused = {}
         for vm in self.vms:

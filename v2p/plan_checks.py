@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import api, drivers, pveconfig, rules, stage_checks
-from .errors import V2PError
+from .errors import NoSpaceError, V2PError, VMIDExistsError
 from .options import MigrationOptions
 from .plan_model import PlanVM, Problem
 from .plan_schema import cluster, did_you_mean, plan_words
@@ -64,8 +64,10 @@ class Facts:
 
 
 class Checker:
-    def __init__(self, file: str, vms: list[PlanVM], *, unbuilt: list[PlanVM], partial: set[int]) -> None:
+    def __init__(self, file: str, vms: list[PlanVM], *, unbuilt: list[PlanVM], partial: set[int],
+                 preflight: bool = True) -> None:
         self.file = file
+        self.preflight = preflight  # each VM found fine so far through the run's own preflight too
         self.vms = vms
         self.unbuilt = unbuilt  # VMs the reader left out for their problems: only their sources are checked
         self.partial = partial  # VMs (by id) with a setting left out for its problem: no rule checks
@@ -109,6 +111,8 @@ class Checker:
             report = self.rules(vm) if self.source(vm) and id(vm) not in self.partial else None
             self.drivers(vm, target, report)
             self.device(vm, target, report)
+            if self.preflight and not self.of_vm.get(id(vm)) and not isinstance(target, V2PError):
+                self.run_preflight(vm, target)
         for vm in self.unbuilt:
             self.source(vm)
         found += self.found
@@ -142,16 +146,23 @@ class Checker:
                              f"{pveconfig.content_added(name, sorted(content), 'images')})")
 
     def bridges(self, vm: PlanVM, facts: Facts) -> None:
-        if facts.bridges is None:
-            return
-        wanted = [("networks", bridge) for bridge in (vm.options.get("networks") or {}).values()]
-        if vm.options.get("bridge"):
-            wanted.append(("bridge", vm.options["bridge"]))
-        for key, bridge in wanted:
-            if bridge not in facts.bridges:
-                known = sorted(facts.bridges)
-                self.at(vm, key, f"{key}: no bridge called {bridge!r} on the {facts.where}"
-                                 f"{did_you_mean(bridge, known)} (known: {', '.join(known) or 'none'})")
+        """The bridges named, checked as the run's preflight checks them (``stage_checks.unknown_bridges``)."""
+        for key, _written, why in stage_checks.unknown_bridges(facts.bridges, vm.options.get("networks") or {},
+                                                                vm.options.get("bridge")):
+            self.at(vm, key, f"{key}: {why.replace('(known', f'on the {facts.where} (known', 1)}")
+
+    def run_preflight(self, vm: PlanVM, target: Target) -> None:
+        """The migration's own preflight (``Migration.preview``: the checks the run makes before it makes
+        anything, nothing made), for what only it tells: room for the disks together, the target's
+        rights, a --copy-with the disks cannot take, a VMID taken since; at the key it is about."""
+        try:
+            api.Migration(vm.source, vm.vmid, target=target, **vm.options).preview()
+        except V2PError as exc:
+            said = plan_words(str(exc))
+            key = next((key for key in vm.positions if said.startswith(f"{key} ") or said.startswith(f"{key}:")),
+                        "vmid" if isinstance(exc, VMIDExistsError) else
+                        "storage" if isinstance(exc, NoSpaceError) and "storage" in vm.positions else "source")
+            self.at(vm, key, said if said.startswith(f"{key}") else f"preflight: {said}")
 
     def vmid(self, vm: PlanVM, target: Target) -> None:
         """A VMID another VM holds (one no migration of this source made) would fail the run."""

@@ -499,14 +499,9 @@ def _dry_run(vms: Sequence[PlanVM], accel: str, emit: PlanEventHandler, refused:
             if vm.name in refused:
                 raise PlanRefused(refused[vm.name])
             migration = _migration(vm, accel)
-            spec = migration.pipeline.source.spec()
             run.vmid, run.storage = migration.vmid, migration.options.device or migration.options.storage
-            where = migration.options.device or f"storage {migration.options.storage}"
-            run.about = [f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, "
-                         f"{spec.memory_mib} MiB, {spec.firmware}",
-                         f"would migrate to VMID {migration.vmid} on the {migration.target.kind} target "
-                         f"({', '.join(migration.disk_keys())} on {where})"]
-            run.plan = migration.plan()
+            preview = migration.preview()  # the real run's preflight, nothing made: `v2p migrate --dry-run`'s
+            run.about, run.plan = preview.lines(), preview.plan()
             run.result = DRY_RUN
         except V2PError as exc:
             run.result, run.error, run.exit_code = "failed", str(exc), exc.exit_code

@@ -135,8 +135,7 @@ def dry_run_text(report: PlanReport) -> str:
         if vm.error:
             lines.append(f"  refused: {vm.error}")
             continue
-        lines += [f"  {text}" for text in vm.about]
-        lines += [f"    {name:<10} {'done, would skip' if done else text}" for name, text, done in vm.plan]
+        lines += [f"  {text}" for text in vm.about]  # Preview.lines(): the stages included
     return "\n".join(lines)
 
 

@@ -8,26 +8,21 @@ state file through the pipeline only.
 
 from __future__ import annotations
 
-from . import pveconfig, rules
+from . import pveconfig
 from .boot_outcomes import BOOT_SKIPPED, BootFailed, boot_outcome, failed_hint
 from .bootwatch import clean
 from .convert import same_files
 from .dance import DanceOptions, DriverDance
 from .errors import (
-    VMID_TAKEN_HINT,
-    NoSpaceError,
     SourceError,
     TargetError,
-    VMIDExistsError,
 )
 from .events import Event
-from .options import OptionError
-from .runner import which
-from .sizing import SpaceNeed
-from .stage_checks import boot_layout, check_access, check_drivers, check_rules, upload_progress
+from .options import MigrationOptions
+from .stage_checks import boot_layout, ours, preflight_checks, upload_progress
 from .stage_context import Context, Record, disk_stage
 from .state import FieldType
-from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, no_dd
+from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 from .testhooks import hold_point
 
 GUEST_LINES = 20  # the guest's last serial lines shown after a boot check
@@ -50,6 +45,11 @@ class Stage:
 
     def holds(self, ctx: Context, record: Record) -> bool:
         """A recorded check stays true; stages that produce something re-check it."""
+        return True
+
+    def applies(self, options: MigrationOptions) -> bool:
+        """Whether the stage does anything for a VM with these (resolved) options; one that does not
+        only records that it was skipped, and a dry run does not list it."""
         return True
 
 
@@ -92,60 +92,21 @@ class Inspect(Stage):
 
 class Preflight(Stage):
     name = "preflight"
-    summary = "rules, VMID free, storage usable with room for every disk, QEMU present"
+    summary = "rules, VMID free, target rights and bridges, storage usable with room for every disk, QEMU present"
     fields = {"storage": str, "format": str, "findings": list}
 
     def run(self, ctx: Context) -> Record:
-        if ctx.target.vm_exists(ctx.vmid) and not _ours(ctx):
-            raise VMIDExistsError(f"VMID {ctx.vmid} already exists on the {ctx.target.kind} target",
-                                  hint=VMID_TAKEN_HINT)
-        findings = check_rules(ctx.spec, ctx.options, ctx.records["inspect"]["disks"],
-                               chosen_ostype=ctx.chosen_ostype)
-        # Errors too, before enforce raises: a panel lists every finding, not only the first error.
-        for finding in findings:
-            ctx.emit(Event("finding", self.name, f"{finding.id}: {finding.message}",
-                           data={"rule": finding.id, "severity": finding.severity}))
-        rules.enforce(ctx.spec, findings)
-        check_access(ctx)  # before the sinks: a storage the token may not see is not even listed
-        fmt = ctx.sink(0).fmt  # the sink refuses a --format its storage cannot hold
-        if ctx.options.device and len(ctx.disks()) > 1:
-            raise OptionError(f"--to-device takes one disk; {ctx.source.describe()} has {len(ctx.disks())}",
-                              hint="migrate onto a storage (--storage) instead")
-        if ctx.options.copy_with == "dd" and not ctx.target.capabilities.copies_with_dd:
-            raise no_dd()
-        space = SpaceNeed()
-        for index in range(len(ctx.disks())):
-            given, endpoint = ctx.facts(index), ctx.endpoint(index)
-            if ctx.options.copy_with == "dd" and endpoint.raw is None:
-                raise OptionError(f"--copy-with dd: disk {index} is {given.flavor}, dd copies raw data only",
-                                  hint="leave --copy-with out: qemu-img reads every flavor")
-            space.add(ctx.sink(index).check(endpoint, capacity=given.capacity))
-        if ctx.options.copy_with == "dd" and fmt != "raw":
-            raise OptionError("--copy-with dd writes raw disks only", hint="add --format raw")
-        short = space.short()  # each disk fits alone; all of them must fit together
-        if short is not None:
-            storage, needed, free = short
-            raise NoSpaceError(f"not enough space on {storage}: the disks need {needed} bytes there, "
-                               f"{free} are free", hint="free some space or choose another --storage")
-        if ctx.options.boot_check or ctx.options.start or ctx.options.needs_dance:
-            which("qemu-system-x86_64")
-        record: Record = {"storage": space.storage, "format": fmt, "required_bytes": space.required,
-                          "free_bytes": space.free, "findings": [f.to_dict() for f in findings]}
-        if ctx.options.needs_dance:
-            record.update(check_drivers(ctx.target, ctx.options,
-                                        progress=upload_progress(ctx, self.name, "the drivers ISO")))
+        # The checks make nothing (a dry run makes the same ones: stage_checks.preflight_checks); what
+        # this stage makes is the drivers ISO's upload among them and, last, the source made fit to read.
+        record = preflight_checks(ctx, upload=True)
         prepared = ctx.prepare_source(self.name)  # last: a VM is shut down only when all else says go
         if prepared:
             record["source"] = prepared
         return record
 
 
-
 def _ours(ctx: Context) -> bool:
-    try:
-        return ctx.migration_id in pveconfig.tagged_by(ctx.target.get_config(ctx.vmid))
-    except TargetError:
-        return False
+    return ours(ctx)
 
 
 class Create(Stage):
@@ -300,6 +261,9 @@ class Drivers(Stage):
     name = "drivers"
     summary = "Windows onto virtio: the two-boot driver dance (IDE first, then virtio)"
 
+    def applies(self, options: MigrationOptions) -> bool:
+        return options.needs_dance
+
     def run(self, ctx: Context) -> Record:
         if not ctx.options.needs_dance:
             return {"skipped": True}
@@ -314,6 +278,9 @@ class Drivers(Stage):
 class BootCheck(Stage):
     name = "boot"
     summary = "boot the VM and watch for a sign that its OS runs (or that it failed)"
+
+    def applies(self, options: MigrationOptions) -> bool:
+        return options.boot_check or options.needs_dance  # the dance's second boot is judged here
 
     def run(self, ctx: Context) -> Record:
         dance = ctx.records.get("drivers", {})

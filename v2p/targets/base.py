@@ -236,12 +236,18 @@ class Target(abc.ABC):
         return []
 
     def check_access(self, vmid: int, create: VMConfig, update: VMConfig, *, storage: str, power: bool,
-                     dance: bool = False, drivers_iso: str | None = None) -> None:
+                     dance: bool = False, drivers_iso: str | None = None) -> list[str]:
         """Refuse, before anything is made, a migration the target would refuse part-way for want of a
         permission: ``create`` the config VM ``vmid`` is created with, ``update`` what is set on it later
         (EFI store, disks, boot order) with the disks on ``storage``; ``power``: the VM is started;
-        ``dance``: the driver dance runs with ``drivers_iso`` (--drivers-iso). Nothing by default (a
-        target whose files are v2p's own)."""
+        ``dance``: the driver dance runs with ``drivers_iso`` (--drivers-iso). Returns the rights it
+        checked, one ``path: privilege`` each, for a dry run to show. Nothing by default (a target whose
+        files are v2p's own)."""
+        return []
+
+    def version(self) -> str | None:
+        """What the target runs, as it says so (PVE: pve-manager's version), for a dry run to show; None
+        where there is nothing to ask."""
         return None
 
     def task_warnings(self) -> list[str]:
@@ -289,10 +295,12 @@ class Target(abc.ABC):
         """Delete volume ``volid`` of VM ``vmid`` once no config key uses it (a no-op if it is gone)."""
         raise TargetError(f"the {self.kind} target cannot remove volume {volid}")
 
-    def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None) -> tuple[Path | None, str]:
+    def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None,
+                    upload: bool = True) -> tuple[Path | None, str]:
         """The virtio drivers ISO: (a local file v2p can read to check it, or None when it lives
         only on the target; the value a VM config's CD drive takes). ``given``: --drivers-iso. A
-        target that uploads the file reports the bytes sent to ``progress``."""
+        target that uploads the file reports the bytes sent to ``progress``; ``upload`` False (a dry
+        run) checks everything the upload would need and sends nothing."""
         from .. import drivers
 
         path = drivers.locate(given, self.iso_places())

@@ -203,7 +203,8 @@ class LocalTarget(Target):
             if volume.volid == volid and place.exists(volume):
                 place.remove(volume)
 
-    def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None) -> tuple[Path | None, str]:
+    def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None,
+                    upload: bool = True) -> tuple[Path | None, str]:
         ref = VolumeRef.maybe(given) if given and not given.startswith("/") else None
         if given and ref:  # a PVE volid: local:iso/NAME.iso
             return self.storage(ref.storage).path_of(given), given

@@ -93,7 +93,7 @@ class ProxmoxTarget(Target):
             self.set_config(vmid, {}, delete=tuple(unused))
 
     def check_access(self, vmid: int, create: VMConfig, update: VMConfig, *, storage: str, power: bool,
-                     dance: bool = False, drivers_iso: str | None = None) -> None:
+                     dance: bool = False, drivers_iso: str | None = None) -> list[str]:
         """Every privilege this migration needs, per ACL path, checked against the caller's effective
         privileges before anything is made (``pve_privileges``)."""
         settings = self.settings
@@ -116,11 +116,16 @@ class ProxmoxTarget(Target):
             iso_upload=iso_upload, node=settings.node)
         who = f"{settings.user}!{settings.token_id}" if settings.token_id else (settings.user or "root@pam")
         privileges.check(self, needs, who=who)
+        return [f"{need} ({who})" for need in needs]
 
-    def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None) -> tuple[Path | None, str]:
+    def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None,
+                    upload: bool = True) -> tuple[Path | None, str]:
         """A volid (``local:iso/virtio-win.iso``) must be on the node; a local file is checked here
         and uploaded (``pve_files.drivers_iso``)."""
-        return pve_files.drivers_iso(self, given, progress=progress)
+        return pve_files.drivers_iso(self, given, progress=progress, upload=upload)
+
+    def version(self) -> str | None:
+        return f"PVE {self.pve_release().text}"
 
     def _iso_storage(self) -> str:
         return pve_files.iso_storage(self)

@@ -23,11 +23,11 @@ from .pve_kinds import FILE_KINDS
 from .pve_space import ROOTFS, check_phases
 
 
-def drivers_iso(target: PveHost, given: str | None, *,
-                progress: ByteProgress | None = None) -> tuple[Path | None, str]:
+def drivers_iso(target: PveHost, given: str | None, *, progress: ByteProgress | None = None,
+                upload: bool = True) -> tuple[Path | None, str]:
     """A volid (``local:iso/virtio-win.iso``) must be on the node; a local file is checked here
     and uploaded into a storage with ``iso`` content unless a file of its name and size is there
-    (its name as PVE stores it: ``upload_name``)."""
+    (its name as PVE stores it: ``upload_name``). ``upload`` False: the room for it checked, nothing sent."""
     node = target.settings.node
     ref = VolumeRef.maybe(given) if given and not given.startswith("/") else None
     if given and ref:
@@ -54,7 +54,8 @@ def drivers_iso(target: PveHost, given: str | None, *,
         size = path.stat().st_size
         check_phases(target, {f"the upload of {name} (pveproxy's spool, then its copy into {storage})":
                             {ROOTFS: size, storage: size}})
-        target.upload(storage, "iso", path, name, progress=progress)
+        if upload:
+            target.upload(storage, "iso", path, name, progress=progress)
     return path, volid
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import convert
@@ -55,9 +56,10 @@ class RemoteImportSink(DiskSink):
         self._check_import_content()
         staged = convert.measure(src, "qcow2")
         final = convert.measure(src, self.fmt)
-        local_free = shutil.disk_usage(self.target.staging_dir()).free
+        staging = self.target.state_dir() / "staging"  # made by the write, not by a check (a dry run)
+        local_free = shutil.disk_usage(existing_parent(staging)).free
         if staged > local_free:
-            raise NoSpaceError(f"not enough space in {self.target.staging_dir()} to stage the disk: "
+            raise NoSpaceError(f"not enough space in {staging} to stage the disk: "
                               f"{staged} bytes needed, {local_free} free", hint="free some space")
         # Where the upload and the import take room on the node, step by step (``pve_space``): the
         # upload in /var/tmp and its copy in the import storage at once, then the upload and the import.
@@ -159,3 +161,10 @@ class RemoteImportSink(DiskSink):
 
     def __repr__(self) -> str:
         return f"RemoteImportSink({self.volid})"
+
+
+def existing_parent(path: Path) -> Path:
+    """``path``, or its nearest parent that exists (what a folder not made yet will be made on)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
