@@ -94,6 +94,9 @@ def test_the_built_in_kinds_are_in_the_table() -> None:
 
 def test_plan_checks_ask_the_target_itself(fake_kind: list[tuple[str, TargetOptions]], tmp_path: Path) -> None:
     make_disk(tmp_path, "a.vmdk", MiB)
+    # The storage it says it has, there for the run's own preflight (plan validate runs it too).
+    (tmp_path / "fake-target").mkdir()
+    (tmp_path / "fake-target" / "storage.cfg").write_text(f"dir: fast\n\tpath {tmp_path / 'fast'}\n\tcontent images\n")
     plan = Plan.from_dict({"defaults": {"target": "fake://h1"}, "vms": [
         {"source": "a.vmdk", "vmid": 120, "name": "one", "storage": "slow"},
         {"source": "a.vmdk", "vmid": 121, "name": "two", "storage": "isos", "bridge": "vmbr9"},

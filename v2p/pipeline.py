@@ -141,6 +141,7 @@ class Pipeline:
             options = self.options.resolved(spec)
             return Preview(self.vmid, self.source.describe(), spec.name, spec.sockets, spec.cores, spec.memory_mib,
                            spec.firmware, str(options.ostype), {}, reached, nothing_to_do=done,
+                           where=options.device or f"storage {options.storage}",
                            stages=[PreviewStage(s.name, s.summary, True) for s in stages_for(len(spec.disks))
                                    if s.applies(options)])
         spec, options = ctx.spec, ctx.options
@@ -165,7 +166,8 @@ class Pipeline:
                        format=str(preflight.get("format") or ""), required_bytes=preflight.get("required_bytes"),
                        free_bytes=preflight.get("free_bytes"), bridges=list(preflight.get("bridges") or []),
                        drivers_iso=preflight.get("drivers_iso") if options.needs_dance else None,
-                       stages=stages or [], warnings=[e.message for e in seen or [] if e.kind == "warning"])
+                       stages=stages or [], warnings=[e.message for e in seen or [] if e.kind == "warning"],
+                       where=options.device or f"storage {options.storage}")
 
     @staticmethod
     def _config(ctx: Context, disks: list[PreviewDisk]) -> dict[str, str]:

@@ -148,8 +148,8 @@ class Checker:
     def bridges(self, vm: PlanVM, facts: Facts) -> None:
         """The bridges named, checked as the run's preflight checks them (``stage_checks.unknown_bridges``)."""
         for key, _written, why in stage_checks.unknown_bridges(facts.bridges, vm.options.get("networks") or {},
-                                                                vm.options.get("bridge")):
-            self.at(vm, key, f"{key}: {why.replace('(known', f'on the {facts.where} (known', 1)}")
+                                                                vm.options.get("bridge"), where=facts.where):
+            self.at(vm, key, f"{key}: {why}")
 
     def run_preflight(self, vm: PlanVM, target: Target) -> None:
         """The migration's own preflight (``Migration.preview``: the checks the run makes before it makes

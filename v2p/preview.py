@@ -55,9 +55,10 @@ class Preview:
     plan's ``memory:`` included). ``config``: what the VM is created with and what the attach stage sets
     (a MAC v2p generates is ``options.MAC_PLACEHOLDER``; on a resumed migration the recorded config).
     ``findings``: every rule finding (``Finding.to_dict``). ``disks``: ``PreviewDisk`` each. ``storage``,
-    ``format``, ``required_bytes``, ``free_bytes``: the disks' storage and the room they need there
-    together. ``bridges``: those checked against the target (none where it cannot tell). ``target``:
-    ``kind``, ``place``, ``version`` (PVE's) and ``rights`` (each ``path: privilege`` checked).
+    ``format``, ``required_bytes``, ``free_bytes``: the disks' storage (as the target describes it) and
+    the room they need there together; ``where``: the storage or device as asked. ``bridges``: those
+    checked against the target (none where it cannot tell). ``target``: ``kind``, ``place``, ``version``
+    (PVE's), ``rights`` (each ``path: privilege`` checked) and ``bridges_known`` (whether it can tell).
     ``drivers_iso``: the ISO the driver dance attaches (None: no dance). ``stages``: the stages this run
     does, in order. ``warnings``: what the inspection warned of. ``nothing_to_do``: set (the reason) when
     the VM was migrated before with these settings.
@@ -84,22 +85,17 @@ class Preview:
     stages: list[PreviewStage] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     nothing_to_do: str | None = None
+    where: str = ""  # where the disks go, as asked: ``storage local``, or the device
 
     def plan(self) -> list[tuple[str, str, bool]]:
         """The stages as ``Migration.plan()`` gives them: (name, what it does, already done)."""
         return [(stage.name, stage.summary, stage.done) for stage in self.stages]
-
-    @property
-    def where(self) -> str:
-        """Where the disks go, in words: ``storage local`` or the device."""
-        return self.storage if self.storage.startswith("/") else f"storage {self.storage}"
 
     def to_dict(self) -> dict[str, Any]:
         """As ``migrate --dry-run --json`` prints it."""
         data = asdict(self)
         data["target"] = self.target.get("kind")  # as before: the kind; all of it under target_reached
         data["target_reached"] = dict(self.target)
-        data["where"] = self.where
         data["keys"] = [disk.key for disk in self.disks]
         return data
 

@@ -67,31 +67,37 @@ def check_access(ctx: Context) -> list[str]:
                                    dance=bool(ctx.options.needs_dance), drivers_iso=ctx.options.drivers_iso)
 
 
-def unknown_bridges(known: frozenset[str] | None, networks: Mapping[str, str],
-                    bridge: str | None) -> list[tuple[str, str, str]]:
+def unknown_bridges(known: frozenset[str] | None, networks: Mapping[str, str], bridge: str | None, *,
+                    where: str) -> list[tuple[str, str, str]]:
     """The bridges named (``networks``: VMware network -> bridge, ``bridge``: the default one) that
     the target does not have (``known``: ``Target.bridges()``; None: it cannot tell, nothing is
-    refused), as (option keyword, what the user wrote, why it is refused) for each, in order."""
+    refused; ``where``: ``Target.place()``), as (option keyword, what the user wrote, why it is
+    refused) for each, in order."""
     if known is None:
         return []
     wanted = [("networks", f"{network}={name}", name) for network, name in networks.items()]
     if bridge:
         wanted.append(("bridge", bridge, bridge))
     names = sorted(known)
-    close = {name: difflib.get_close_matches(name, names, n=1, cutoff=0.6) for _k, _w, name in wanted}
-    return [(keyword, written, f"no bridge called {name!r}" + (f" (did you mean {close[name][0]!r}?)"
-                                                               if close[name] else "")
-             + f" (known: {', '.join(names) or 'none'})") for keyword, written, name in wanted if name not in known]
+    found = []
+    for keyword, written, name in wanted:
+        if name not in known:
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+            found.append((keyword, written, f"no bridge called {name!r} on the {where}"
+                          + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f" (known: {', '.join(names) or 'none'})"))
+    return found
 
 
 def check_bridges(ctx: Context) -> list[str]:
     """Refuse a --network or --bridge that names a bridge the target does not have; the bridges
     checked (none where the target cannot tell, as the local target, whose NICs are QEMU's own)."""
     known = ctx.target.bridges()
-    for keyword, written, why in unknown_bridges(known, ctx.options.networks, ctx.options.bridge):
+    for keyword, written, why in unknown_bridges(known, ctx.options.networks, ctx.options.bridge,
+                                                 where=ctx.target.place()):
         flag = "--network" if keyword == "networks" else "--bridge"
-        raise TargetError(f"{flag} {written}: {why.replace('(known', f'on the {ctx.target.place()} (known', 1)}",
-                          hint="see the node's bridges: ip link show type bridge (or the node's Network view)")
+        raise TargetError(f"{flag} {written}: {why}",
+                          hint="map it to a bridge the node has (ip link show type bridge on the node)")
     if known is None:
         return []
     return sorted({*ctx.options.networks.values(), *([ctx.options.bridge] if ctx.options.bridge else [])})
