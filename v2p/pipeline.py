@@ -159,13 +159,15 @@ class Pipeline:
                                      str(row.get("flavor", "")), keys.get(disk.label),
                                      room.get("volid") or ctx.sink(index).volid, room.get("storage"),
                                      room.get("required_bytes"), room.get("free_bytes")))
-        return Preview(self.vmid, self.source.describe(), spec.name, spec.sockets, spec.cores, spec.memory_mib,
-                       spec.firmware, options.ostype, self._config(ctx, disks), reached,
+        config = self._config(ctx, disks)
+        return Preview(self.vmid, self.source.describe(), config.get("name", spec.name), spec.sockets, spec.cores,
+                       spec.memory_mib, spec.firmware, options.ostype, config, reached,
                        findings=list(preflight.get("findings") or []), disks=disks,
                        storage=str(preflight.get("storage") or options.device or options.storage),
                        format=str(preflight.get("format") or ""), required_bytes=preflight.get("required_bytes"),
                        free_bytes=preflight.get("free_bytes"), bridges=list(preflight.get("bridges") or []),
                        drivers_iso=preflight.get("drivers_iso") if options.needs_dance else None,
+                       driver_folders=dict(preflight.get("driver_folders") or {}) if options.needs_dance else {},
                        stages=stages or [], warnings=[e.message for e in seen or [] if e.kind == "warning"],
                        where=options.device or f"storage {options.storage}")
 

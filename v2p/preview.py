@@ -50,8 +50,8 @@ class PreviewStage:
 class Preview:
     """What ``migrate`` would do for one VM, from the same preflight as the real run (``Migration.preview``).
 
-    ``vmid``, ``source`` (as the state file names it), ``name``, ``sockets``/``cores``, ``memory_mib``,
-    ``firmware``, ``ostype``: the VM as the source says it with the options applied (``--memory`` or a
+    ``vmid``, ``source`` (as the state file names it), ``name`` (as the VM gets it), ``sockets``/``cores``,
+    ``memory_mib``, ``firmware``, ``ostype``: the VM as the source says it with the options applied (``--memory`` or a
     plan's ``memory:`` included). ``config``: what the VM is created with and what the attach stage sets
     (a MAC v2p generates is ``options.MAC_PLACEHOLDER``; on a resumed migration the recorded config).
     ``findings``: every rule finding (``Finding.to_dict``). ``disks``: ``PreviewDisk`` each. ``storage``,
@@ -59,7 +59,8 @@ class Preview:
     the room they need there together; ``where``: the storage or device as asked. ``bridges``: those
     checked against the target (none where it cannot tell). ``target``: ``kind``, ``place``, ``version``
     (PVE's), ``rights`` (each ``path: privilege`` checked) and ``bridges_known`` (whether it can tell).
-    ``drivers_iso``: the ISO the driver dance attaches (None: no dance). ``stages``: the stages this run
+    ``drivers_iso``: the ISO the driver dance attaches (None: no dance), ``driver_folders`` the
+    folders of it this Windows gets its drivers from. ``stages``: the stages this run
     does, in order. ``warnings``: what the inspection warned of. ``nothing_to_do``: set (the reason) when
     the VM was migrated before with these settings.
     """
@@ -82,6 +83,7 @@ class Preview:
     free_bytes: int | None = None
     bridges: list[str] = field(default_factory=list)
     drivers_iso: str | None = None
+    driver_folders: dict[str, str] = field(default_factory=dict)  # driver -> its folder on the ISO
     stages: list[PreviewStage] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     nothing_to_do: str | None = None
@@ -123,7 +125,8 @@ class Preview:
         if reached.get("rights"):
             lines.append(f"  rights:    {len(reached['rights'])} checked: " + "; ".join(reached["rights"]))
         if self.drivers_iso:
-            lines.append(f"  drivers:   {self.drivers_iso}")
+            folders = ", ".join(self.driver_folders.values())
+            lines.append(f"  drivers:   {self.drivers_iso}" + (f" ({folders})" if folders else ""))
         for finding in self.findings:
             ignored = " (ignored)" if finding.get("ignored") else ""
             lines.append(f"  rule:      {finding['severity']}: {finding['id']}: {finding['message']}{ignored}")
