@@ -63,7 +63,8 @@ def test_the_dry_run_reaches_pve_and_makes_nothing(pve: Any, tmp_path: Path, sou
     assert dry.returncode == 0, dry.stderr
     out = dry.stdout
     assert f"on the proxmox target (PVE node {pve.cluster.node}, PVE " in out.splitlines()[0], out
-    assert "  rights:    " in out and "/vms/160: VM.Allocate" in out and "/storage/local: Datastore.AllocateSpace" in out
+    assert "  rights:    " in out and "/vms/160: VM.Allocate, " in out
+    assert "/storage/local: Datastore.AllocateSpace" in out
     assert "  bridges:   vmbr0 (on the PVE node" in out
     assert "  drivers:   local:iso/virtio-win.iso (" in out and "    drivers    Windows onto virtio" in out
     assert "    ide0: local:160/" not in out  # the remote path: the volume is named by PVE's import

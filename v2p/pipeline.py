@@ -159,13 +159,20 @@ class Pipeline:
                                      str(row.get("flavor", "")), keys.get(disk.label),
                                      room.get("volid") or ctx.sink(index).volid, room.get("storage"),
                                      room.get("required_bytes"), room.get("free_bytes")))
+        storages: dict[str, dict[str, int]] = {}
+        for room in rooms.values():
+            for place in (room, *room.get("also", ())):
+                held = storages.setdefault(str(place["storage"]), {"required_bytes": 0,
+                                                                    "free_bytes": int(place["free_bytes"])})
+                held["required_bytes"] += int(place["required_bytes"])
         config = self._config(ctx, disks)
         return Preview(self.vmid, self.source.describe(), config.get("name", spec.name), spec.sockets, spec.cores,
                        spec.memory_mib, spec.firmware, options.ostype, config, reached,
                        findings=list(preflight.get("findings") or []), disks=disks,
                        storage=str(preflight.get("storage") or options.device or options.storage),
                        format=str(preflight.get("format") or ""), required_bytes=preflight.get("required_bytes"),
-                       free_bytes=preflight.get("free_bytes"), bridges=list(preflight.get("bridges") or []),
+                       free_bytes=preflight.get("free_bytes"), storages=storages,
+                       bridges=list(preflight.get("bridges") or []),
                        drivers_iso=preflight.get("drivers_iso") if options.needs_dance else None,
                        driver_folders=dict(preflight.get("driver_folders") or {}) if options.needs_dance else {},
                        stages=stages or [], warnings=[e.message for e in seen or [] if e.kind == "warning"],

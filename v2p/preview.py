@@ -56,7 +56,9 @@ class Preview:
     (a MAC v2p generates is ``options.MAC_PLACEHOLDER``; on a resumed migration the recorded config).
     ``findings``: every rule finding (``Finding.to_dict``). ``disks``: ``PreviewDisk`` each. ``storage``,
     ``format``, ``required_bytes``, ``free_bytes``: the disks' storage (as the target describes it) and
-    the room they need there together; ``where``: the storage or device as asked. ``bridges``: those
+    the room they need there together; ``where``: the storage or device as asked; ``storages``: every
+    storage the disks take room on until the run ends (a PVE upload's import storage too), each with
+    ``required_bytes`` and ``free_bytes``. ``bridges``: those
     checked against the target (none where it cannot tell). ``target``: ``kind``, ``place``, ``version``
     (PVE's), ``rights`` (each ``path: privilege`` checked) and ``bridges_known`` (whether it can tell).
     ``drivers_iso``: the ISO the driver dance attaches (None: no dance), ``driver_folders`` the
@@ -81,6 +83,7 @@ class Preview:
     format: str = ""
     required_bytes: int | None = None
     free_bytes: int | None = None
+    storages: dict[str, dict[str, int]] = field(default_factory=dict)  # each checked: required_bytes, free_bytes
     bridges: list[str] = field(default_factory=list)
     drivers_iso: str | None = None
     driver_folders: dict[str, str] = field(default_factory=dict)  # driver -> its folder on the ISO
@@ -119,11 +122,20 @@ class Preview:
         if self.required_bytes is not None:
             lines.append(f"  storage:   {self.storage} ({self.format}): the disks need {_size(self.required_bytes)},"
                          f" {_size(self.free_bytes)} free")
+        for name, held in self.storages.items():
+            if name != self.storage:
+                lines.append(f"  storage:   {name} (until the run ends): needs {_size(held['required_bytes'])}, "
+                             f"{_size(held['free_bytes'])} free")
         lines.append(f"  bridges:   {', '.join(self.bridges)} (on the {reached.get('place')})" if self.bridges
                      else "  bridges:   not checked (the target cannot tell its bridges)"
                      if not reached.get("bridges_known") else "  bridges:   none named")
         if reached.get("rights"):
-            lines.append(f"  rights:    {len(reached['rights'])} checked: " + "; ".join(reached["rights"]))
+            by_path: dict[str, list[str]] = {}
+            for right in reached["rights"]:
+                path, _, privilege = str(right).partition(": ")
+                by_path.setdefault(path, []).append(privilege)
+            lines.append(f"  rights:    {len(reached['rights'])} checked: "
+                         + "; ".join(f"{path}: {', '.join(held)}" for path, held in by_path.items()))
         if self.drivers_iso:
             folders = ", ".join(self.driver_folders.values())
             lines.append(f"  drivers:   {self.drivers_iso}" + (f" ({folders})" if folders else ""))

@@ -116,7 +116,7 @@ class ProxmoxTarget(Target):
             iso_upload=iso_upload, node=settings.node)
         who = f"{settings.user}!{settings.token_id}" if settings.token_id else (settings.user or "root@pam")
         privileges.check(self, needs, who=who)
-        return [f"{need} ({who})" for need in needs]
+        return [str(need) for need in needs]
 
     def drivers_iso(self, given: str | None, *, progress: ByteProgress | None = None,
                     upload: bool = True) -> tuple[Path | None, str]:
