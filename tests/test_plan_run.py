@@ -475,8 +475,11 @@ def test_dry_run_shows_each_vms_stages_and_touches_nothing(tmp_path, manifest, s
     plan = slow_plan(tmp_path, manifest, samples, target)
     proc = plan_run(v2p, plan, "--dry-run")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "[web01]\n  web 01: 3 disk(s)" in proc.stdout
-    assert "would migrate to VMID 502 on the local target (scsi0, scsi1, scsi2 on storage local)" in proc.stdout
+    assert "[web01]\n  would migrate " in proc.stdout
+    assert "\n    vm:        web01: 3 disk(s)" in proc.stdout, proc.stdout
+    assert re.search(r"^  would migrate \S+web01.vmx to VMID 502 on the local target", proc.stdout, re.M)
+    for index in range(3):
+        assert f" -> scsi{index} local:502/vm-502-disk-{index}.qcow2, needs " in proc.stdout
     assert proc.stdout.count("    convert    write the disk") == 4
     assert not (target / "qemu-server").exists() and not list(target.glob("migrations/*.json"))
 

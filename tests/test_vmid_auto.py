@@ -68,7 +68,7 @@ def test_auto_dry_run_names_the_vmid_and_makes_nothing(source_of: Any, v2p: V2P)
     src = source_of("monolithicSparse")
     proc = v2p("migrate", str(src.descriptor), *ARGS, "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "would migrate to VMID 101 on the local target" in proc.stdout
+    assert f"would migrate {src.descriptor} to VMID 101 on the local target" in proc.stdout
     assert not (v2p.target / "migrations" / "101.json").exists()
 
 
