@@ -203,7 +203,8 @@ def test_plan_run_dry_run_says_the_same(tmp_path, capsys, disk) -> None:
                     f"vms:\n  - {{source: {disk}, vmid: 101, drivers_iso: /etc/passwd}}\n")
     code = cli.main(["plan", "run", "--dry-run", str(plan)])
     out, err = capsys.readouterr()
-    assert code == 0 and "refused: " in out and "drivers_iso: /etc/passwd is not a readable ISO image" in out + err
+    # refused as the run refuses it: the dry run fails as the run would (exit 1)
+    assert code == 1 and "refused: " in out and "drivers_iso: /etc/passwd is not a readable ISO image" in out + err
     assert not target.exists()
 
 

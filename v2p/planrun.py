@@ -156,8 +156,9 @@ class PlanReport:
 
     @property
     def migrated(self) -> bool:
-        """Every VM made it (migrated or nothing to do), whether or not its boot was seen."""
-        return self.interrupted is None and (self.dry_run or all(vm.ok for vm in self.vms))
+        """Every VM made it (migrated or nothing to do), whether or not its boot was seen; in a dry run,
+        every VM's preflight passed (a VM the run would refuse fails the dry run too)."""
+        return self.interrupted is None and all(vm.ok or (self.dry_run and vm.result == DRY_RUN) for vm in self.vms)
 
     @property
     def ok(self) -> bool:
