@@ -255,3 +255,23 @@ def test_plan_validate_runs_the_runs_preflight(tmp_path: Path, source_of: Any, i
     said = rf"^{re.escape(str(plan))}:3:\d+: copy_with dd: disk 0 is monolithicSparse, dd copies raw data only "
     assert re.search(said + r"\(hint: leave copy_with out", proc.stderr, re.M), proc.stderr
     assert not inproc.target.exists()
+
+
+def test_plan_run_dry_run_fails_when_the_run_would_refuse_a_vm(tmp_path: Path, source_of: Any,
+                                                                inproc: V2P) -> None:
+    """A refusal only the run's preflight knows (plan run checks the plan's keys, not every disk):
+    the dry run says it in the run's words, and fails as the run would (exit 1)."""
+    good, sparse = source_of("monolithicFlat"), source_of("monolithicSparse")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"defaults: {{target: {{dir: {inproc.target}}}, boot_check: false, copy_with: dd, "
+                    "format: raw}\n"
+                    f"vms:\n  - {{source: {good.descriptor}, vmid: 173, name: flat}}\n"
+                    f"  - {{source: {sparse.descriptor}, vmid: 174, name: sparse}}\n")
+    proc = inproc("plan", "run", "--dry-run", "--json", str(plan))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    flat, refused = report["vms"]
+    assert (flat["result"], refused["result"]) == ("dry run", "failed"), flat["error"]
+    assert refused["error"].startswith("--copy-with dd: disk 0 is monolithicSparse"), refused["error"]
+    assert [stage["stage"] for stage in flat["stages"]][-2:] == ["attach", "finish"]
+    assert not inproc.target.exists()
