@@ -23,8 +23,9 @@ from test_whole_vm import make_vm
 from conftest import V2P, one_line_error, snapshot
 from fakes import FakeSource, FakeTarget, raw_disk
 from v2p import Migration
-from v2p.errors import NoSpaceError, TargetError, V2PError, VMIDExistsError
+from v2p.errors import LockedError, NoSpaceError, TargetError, V2PError, VMIDExistsError
 from v2p.options import MAC_PLACEHOLDER
+from v2p.state import VmidLock
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -275,3 +276,18 @@ def test_plan_run_dry_run_fails_when_the_run_would_refuse_a_vm(tmp_path: Path, s
     assert refused["error"].startswith("--copy-with dd: disk 0 is monolithicSparse"), refused["error"]
     assert [stage["stage"] for stage in flat["stages"]][-2:] == ["attach", "finish"]
     assert not inproc.target.exists()
+
+
+def test_a_vmid_another_run_holds_is_refused_by_the_preview_as_by_the_run(tmp_path: Path) -> None:
+    target = FakeTarget(tmp_path / "target")
+    target.state_dir().mkdir(parents=True)
+    source = FakeSource([raw_disk(tmp_path / "disk.raw", 2 * MiB)])
+    migration = Migration(source, 120, target=target)
+    with VmidLock(target.state_dir(), 120):  # another run, migrating VMID 120 now
+        with pytest.raises(LockedError) as previewed:
+            migration.preview()
+        with pytest.raises(LockedError) as ran:
+            migration.run()
+    assert previewed.value.message == ran.value.message and "locked by another v2p run" in ran.value.message
+    assert migration.preview().stages  # let go: the preview's own look took no lock
+    assert sorted(p.name for p in target.state_dir().iterdir()) == ["120.lock"]

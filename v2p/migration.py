@@ -216,7 +216,8 @@ class Migration:
         and the stages it will do (``Preview``). Raises the ``V2PError`` the run would refuse with (the
         same type and exit code), e.g. ``RuleError`` for an unmapped network."""
         with interrupts.cancelled_by(self._token), one_line_os_errors():
-            return self.pipeline.preview()
+            # A VMID v2p picked (``auto``) that another run holds: the run picks the next one, no refusal.
+            return self.pipeline.preview(locked=not self.picked)
 
     def plan(self) -> list[tuple[str, str, bool]]:
         """The stages this migration will do for its VM, as (name, what it does, already done): the

@@ -16,6 +16,7 @@ are attached (the boot check's, the dance's): the VM is migrated by then.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import time
 import uuid
@@ -30,6 +31,7 @@ from .errors import (
     BootCheckError,
     Cancelled,
     DanceError,
+    LockedError,
     OperatorNeeded,
     SourceError,
     StateError,
@@ -86,12 +88,15 @@ class Pipeline:
         makes the real run's checks, touching nothing, and raises what the real run would)."""
         return self.preview().plan()
 
-    def preview(self) -> Preview:
+    def preview(self, *, locked: bool = True) -> Preview:
         """The real run up to its first stage that makes something, with nothing made: the record
         read (a resume, a finished migration, other settings: the run's own refusals), the inspection
         and the preflight's checks (``stage_checks.preflight_checks``: no upload, no shutdown), without
         a lock, a state file, a VM or a volume; the source's own files are read in a scratch folder.
-        Raises the ``V2PError`` the real run would raise before it made anything."""
+        Raises the ``V2PError`` the real run would raise before it made anything (``locked``: a
+        ``LockedError`` too while another run holds the VMID)."""
+        if locked:
+            self._check_unlocked()
         request = self._request()
         records: dict[str, Any] = {}
         migration_id = ""
@@ -130,6 +135,22 @@ class Pipeline:
                 return self._previewed(ctx, None, stages=stages, seen=seen)
             finally:
                 ctx.close_inputs()
+
+    def _check_unlocked(self) -> None:
+        """The run's ``LockedError`` while another run holds the VMID's lock, asked without making the
+        lock file: a shared lock tried and let go at once on the file, if there is one."""
+        path = VmidLock(self.target.state_dir(), self.vmid).path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return  # none (or not a file v2p made): the run makes or refuses it itself
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"VMID {self.vmid} is locked by another v2p run ({path})",
+                              hint="wait for it to finish") from None
+        finally:
+            os.close(fd)
 
     def _previewed(self, ctx: Context | None, done: str | None, *, stages: list[PreviewStage] | None = None,
                    seen: list[Event] | None = None) -> Preview:
