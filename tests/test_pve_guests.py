@@ -160,6 +160,8 @@ def test_windows_dance_without_the_driver_needs_the_operator_then_rolls_back(sim
 @pytest.mark.parametrize("path", PATHS)
 def test_vmx_with_three_disks_boots_on_pve(sim, tmp_path, manifest, samples, v2p: V2P, path):
     vmx, raws = make_vm(tmp_path / "web01", samples)
+    if "vmbr1" not in sim.cluster.bridges:  # the node has the DMZ's bridge (preflight checks it is there)
+        sim.cluster.bridges.append("vmbr1")
     proc = run(v2p, sim, tmp_path, path, "migrate", str(vmx), "--vmid", "170", "--network", "LAN=vmbr0",
                "--network", "DMZ=vmbr1", "--boot-timeout", "90")
     assert proc.returncode == 0, proc.stdout + proc.stderr
