@@ -489,6 +489,20 @@ def _resume_command(args: argparse.Namespace, target: api.Target, request: dict[
     return shlex.join(words)
 
 
+def _how_to_reach(target: api.LocalTarget, vmid: int) -> None:
+    """What a local VM offers once started (qemu_cmdline.build): its serial port logged to a file, no
+    display, and each NIC on QEMU's user-mode network, whatever bridge its config names."""
+    log = target.serial_log(vmid)
+    print(f"  serial console: written to {log} (follow it: tail -f {shlex.quote(str(log))}); no display "
+          "(QEMU runs with -display none: no VNC)")
+    config = target.get_config(vmid)
+    for key in sorted(key for key in config if key.startswith("net") and key[3:].isdigit()):
+        bridge = dict(part.partition("=")[::2] for part in config[key].split(",")[1:]).get("bridge")
+        named = f"its config's bridge {bridge}" if bridge else "no bridge"
+        print(f"  {key}: not connected to {named}: the local target gives each NIC QEMU's user-mode network "
+              "(outbound NAT through this host; nothing reaches the guest)")
+
+
 def _confirmed_name(args: argparse.Namespace, target: api.Target) -> str | None:
     """``vm rm --force``: the VM's name as the user typed it back (``--confirm-name``, or asked for on
     a terminal); the library removes a VM it did not make only when that is its name."""
@@ -534,6 +548,8 @@ def _vm(args: argparse.Namespace, target: api.Target) -> int:
     elif command == "start":
         target.start(vmid)
         print(f"VM {vmid} started")
+        if isinstance(target, api.LocalTarget):
+            _how_to_reach(target, vmid)
     elif command == "stop":
         target.stop(vmid, timeout=args.timeout)
         print(f"VM {vmid} stopped")
