@@ -149,6 +149,8 @@ class ProxmoxTarget(Target):
             raise TargetError(f"{path}: backend=local cannot upload files (pvesh takes no file body)",
                               hint=f"put it on the node's storage and name its volume, e.g. {storage}:{content}/"
                                    f"{filename}")
+        if progress is not None:  # the upload begins with a read of the whole file: its SHA-256
+            progress(0, os.path.getsize(path))
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 20):
@@ -159,8 +161,6 @@ class ProxmoxTarget(Target):
         url = f"{self.base_url}/nodes/{self.settings.node}/storage/{storage}/upload"
         try:
             with UploadFile(path, filename, progress) as body:
-                if progress is not None:
-                    progress(0, body.total)
                 # pveproxy reads an upload's form with anchored regexes in a fixed order: content, then
                 # checksum-algorithm, then checksum, then the file part, which must be named "filename"
                 # (pve-http-server src/PVE/APIServer/AnyEvent.pm, file_upload_multipart); another order is
