@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,23 @@ def test_a_migration_reports_pves_import_task_and_its_upload(sim: PVESim, tmp_pa
                 any(line.startswith("transferred ") for line in t.lines))
     assert len(imported) == len({parse_import_line(line, size).percent  # type: ignore[union-attr]
                                  for line in task.lines if parse_import_line(line, size)})
+
+
+def test_the_import_is_followed_while_it_runs(sim: PVESim, tmp_path: Path) -> None:
+    # an import that takes 2 s, logging its progress meanwhile: events arrive over those 2 s, not at the end
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(4 << 20))
+    vmdk = tmp_path / "disk.vmdk"
+    subprocess.run(["qemu-img", "convert", "-O", "vmdk", str(raw), str(vmdk)], check=True, timeout=60)
+    url = f"pve://root@pam!v2p@{sim.host}/{sim.cluster.node}?fingerprint={sim.fingerprint}&storage=local"
+    target = ProxmoxTarget(target_from_url(url, {"V2P_PVE_TOKEN": sim.tokens["root@pam!v2p"]}),
+                           state_root=tmp_path / "state")
+    seen: list[tuple[float, Event]] = []
+    sim.slow_next_task("qmconfig", 2.0, logging=True)
+    Migration(vmdk, 161, target=target, ostype="l26", boot_check=False,
+              on_event=lambda event: seen.append((time.monotonic(), event))).run()
+    imported = [(at, e) for at, e in seen if e.kind == "progress" and e.step == "import"]
+    ended = next(at for at, e in seen if e.kind == "stage-done" and e.stage == "attach")
+    early = [at for at, e in imported if e.data["percent"] < 100 and at < ended - 0.5]
+    assert len(early) >= 2 and early[-1] - early[0] >= 0.5, [(round(ended - at, 2), e.data) for at, e in imported]
+    assert imported[-1][1].data["percent"] == 100.0
