@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -152,3 +153,27 @@ def test_the_import_is_followed_while_it_runs(sim: PVESim, tmp_path: Path) -> No
     early = [at for at, e in imported if e.data["percent"] < 100 and at < ended - 0.5]
     assert len(early) >= 2 and early[-1] - early[0] >= 0.5, [(round(ended - at, 2), e.data) for at, e in imported]
     assert imported[-1][1].data["percent"] == 100.0
+
+
+def test_a_slow_upload_reports_every_few_seconds_not_only_every_percent(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1 % of a big disk over a slow link is minutes: every REPORT_EVERY seconds that moved 1 MiB is a report
+    from v2p.targets import pve_transport
+
+    path = tmp_path / "big.qcow2"
+    with open(path, "wb") as handle:
+        handle.truncate(400 << 20)  # 1 % = 4 MiB
+    clock = iter(float(second) * 3 for second in range(10_000))  # each look at the clock: 3 s later
+    monkeypatch.setattr(pve_transport, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    seen: list[int] = []
+    with pve_transport.UploadFile(path, "big.qcow2", lambda done, _total: seen.append(done)) as body:
+        while body.read(1 << 20):
+            pass
+    assert seen[:3] == [1 << 20, 2 << 20, 3 << 20] and seen[-1] == 400 << 20
+    # and a fast one every 1 %, not every MiB
+    monkeypatch.setattr(pve_transport, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    seen.clear()
+    with pve_transport.UploadFile(path, "big.qcow2", lambda done, _total: seen.append(done)) as body:
+        while body.read(1 << 20):
+            pass
+    assert seen[:2] == [4 << 20, 8 << 20] and len(seen) == 100
