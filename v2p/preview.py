@@ -126,9 +126,12 @@ class Preview:
             if name != self.storage:
                 lines.append(f"  storage:   {name} (until the run ends): needs {_size(held['required_bytes'])}, "
                              f"{_size(held['free_bytes'])} free")
-        lines.append(f"  bridges:   {', '.join(self.bridges)} (on the {reached.get('place')})" if self.bridges
-                     else "  bridges:   not checked (the target cannot tell its bridges)"
-                     if not reached.get("bridges_known") else "  bridges:   none named")
+        if self.bridges:
+            lines.append(f"  bridges:   {', '.join(self.bridges)} (on the {reached.get('place')})")
+        elif reached.get("bridges_known"):
+            lines.append("  bridges:   none named (--network, --bridge)")
+        else:
+            lines.append("  bridges:   not checked (the target cannot tell its bridges)")
         if reached.get("rights"):
             by_path: dict[str, list[str]] = {}
             for right in reached["rights"]:
