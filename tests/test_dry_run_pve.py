@@ -70,3 +70,24 @@ def test_the_dry_run_reaches_pve_and_makes_nothing(pve: Any, tmp_path: Path, sou
     assert "    ide0: local:160/" not in out  # the remote path: the volume is named by PVE's import
     assert made(pve) == before, "the dry run made something on the node (an upload, a VM, a volume)"
     assert not (tmp_path / "xdg").exists(), "the dry run made the state folder"
+
+
+def test_the_dry_run_on_the_node_makes_nothing_in_its_storages(pve: Any, tmp_path: Path, source_of: Any,
+                                                               inproc: V2P) -> None:
+    """On the node (``on-node=1``) the disk sink is the node's own storage: its check writes nothing
+    there, on a dir storage or an LVM-thin pool (whose volumes PVE allocates), and --copy-with dd is
+    checked as the run checks it."""
+    src = source_of("monolithicSparse")
+    url = f"pve://root@pam!v2p@{pve.host}/{pve.cluster.node}?fingerprint={pve.fingerprint}&on-node=1"
+    env = {"V2P_PVE_TOKEN": pve.tokens[TOKEN_USER], "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    before = made(pve), sorted(map(str, pve.cluster.root.rglob("*")))
+    for storage in ("local", "local-lvm"):
+        dry = inproc.bare("--target", url, "migrate", str(src.descriptor), "--vmid", "180", "--storage", storage,
+                          "--no-boot-check", "--dry-run", **env)
+        assert dry.returncode == 0, dry.stderr
+        assert f"  storage:   PVE {pve.cluster.node}:{storage} (" in dry.stdout, dry.stdout
+        dd = inproc.bare("--target", url, "migrate", str(src.descriptor), "--vmid", "180", "--storage", storage,
+                         "--no-boot-check", "--copy-with", "dd", "--dry-run", **env)
+        assert dd.returncode == 1 and "--copy-with dd: disk 0 is monolithicSparse" in one_line_error(dd)
+    assert (made(pve), sorted(map(str, pve.cluster.root.rglob("*")))) == before
+    assert not (tmp_path / "xdg").exists()
