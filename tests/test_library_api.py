@@ -84,7 +84,7 @@ def test_events_of_a_three_disk_vm_arrive_in_order_with_vmid_disk_stage_and_byte
     expected = []
     for name, disk in [("inspect", None), ("preflight", None), ("create", None), ("convert", 0), ("verify", 0),
                        ("convert:1", 1), ("verify:1", 1), ("convert:2", 2), ("verify:2", 2), ("attach", None),
-                       ("drivers", None), ("boot", None), ("finish", None)]:
+                       ("boot", None), ("finish", None)]:  # no drivers stage: a Linux VM has no driver dance
         expected += [("stage-start", name, disk), ("stage-done", name, disk)]
     assert stage_sequence(events) == expected
     # Progress: inside its disk's convert stage, bytes growing to that disk's capacity.
@@ -122,7 +122,7 @@ def test_two_migrations_in_threads_at_once_each_in_order(tmp_path, source_of, ma
     for _thread, outcome in threads:
         assert "error" not in outcome, outcome
     one_disk = []
-    for name in ("inspect", "preflight", "create", "convert", "verify", "attach", "drivers", "boot", "finish"):
+    for name in ("inspect", "preflight", "create", "convert", "verify", "attach", "boot", "finish"):  # no dance
         disk = 0 if name in ("convert", "verify") else None
         one_disk += [("stage-start", name, disk), ("stage-done", name, disk)]
     for vmid, migration in migrations.items():

@@ -72,6 +72,8 @@ def test_sigkill_after_each_stage_resumes(stage, tmp_path, manifest, source_of, 
     again = v2p("migrate", str(src.descriptor), *ARGS)
     assert again.returncode == 0, again.stderr
     for name in STAGES:
+        if name == "drivers":
+            continue  # a Linux VM's: recorded as skipped, never announced (no driver dance)
         if name in done_before:
             assert f"[{name}] already done" in again.stdout
             assert f"[{name}] done in" not in again.stdout

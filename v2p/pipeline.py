@@ -272,7 +272,18 @@ class Pipeline:
                 stage_name = stage.name
                 interrupts.check()  # a cancel between stages stops here, not a stage later
                 record = self.state.stages.get(stage.name)
-                if record is not None and not rerun and stage.holds(ctx, record["result"]):
+                holds = record is not None and not rerun and stage.holds(ctx, record["result"])
+                if not stage.applies(ctx.options):
+                    # Nothing to do for this VM (no driver dance for a Linux VM, no boot check asked): recorded
+                    # as skipped as it always was, but not announced, as a dry run does not list it.
+                    if not holds:
+                        rerun = True
+                        self.state.record(stage.name, stage.run(ctx), seconds=0.0)
+                        hold_point(stage.name)
+                    ctx.records[stage.name] = self.state.stages[stage.name]["result"]
+                    continue
+                if holds:
+                    assert record is not None
                     ctx.records[stage.name] = record["result"]
                     self.emit(Event("stage-skip", stage.name, f"done at {record['finished_at']}",
                                     data=record["result"], disk=stage.disk))
