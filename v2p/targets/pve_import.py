@@ -10,13 +10,15 @@ from __future__ import annotations
 import shutil
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .. import convert
 from ..endpoint import DiskEndpoint
-from ..errors import NoSpaceError, TargetError
+from ..errors import Cancelled, NoSpaceError, TargetError
 from ..storage import Volume
 from ..volumes import Drive, VolumeRef, drive_volume, import_name, new_volume, print_drive
+from ..windows import Checkpoint, CopyProgress, StaleCheckpoint, check_resumable, volume_identity
 from .base import ByteProgress, DiskSink
 from .pve_releases import REMOTE_INSTEAD, REMOTE_PATH
 from .pve_space import ROOTFS, check_phases
@@ -99,13 +101,32 @@ class RemoteImportSink(DiskSink):
     def written(self) -> bool:
         return self.staging.path.exists() and not self.exists()
 
-    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
-              bwlimit: int | None = None) -> None:
-        self._delete_upload()
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: CopyProgress | None = None,
+              bwlimit: int | None = None, start: Checkpoint | None = None,
+              on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
         staging = self.staging
-        staging.path.unlink(missing_ok=True)
+        if start is not None:
+            if self.exists() or not staging.path.is_file():
+                raise StaleCheckpoint("its staging file is gone" if not self.exists() else "its upload began")
+            check_resumable(staging, start)
+        else:
+            self._delete_upload()
+            staging.path.unlink(missing_ok=True)
+        saved: list[Checkpoint] = []
+
+        def checkpoint(point: Checkpoint) -> None:
+            point = replace(point, dest=volume_identity(staging))
+            if on_checkpoint is not None:
+                on_checkpoint(point)
+            saved.append(point)
+
         try:
-            convert.convert(src, staging, capacity=capacity, bwlimit=bwlimit, on_progress=progress)
+            convert.convert(src, staging, capacity=capacity, bwlimit=bwlimit, on_progress=progress, start=start,
+                            on_checkpoint=checkpoint)
+        except (KeyboardInterrupt, Cancelled):
+            if start is None and not saved:  # nothing a rerun could go on from
+                staging.path.unlink(missing_ok=True)
+            raise
         except BaseException:
             staging.path.unlink(missing_ok=True)
             raise
