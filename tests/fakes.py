@@ -30,8 +30,8 @@ from v2p.spec import DiskSpec, NicSpec, VMSpec
 from v2p.storage import DirStorage, Storage
 from v2p.targets.base import BOOT_UP, BootReport, Capabilities, DiskSink, GuestIO, Target, VMConfig
 from v2p.targets.sink import StorageSink, storage_sink
-from v2p.windows import Checkpoint
 from v2p.volumes import Drive, VolumeRef, drive_volume, print_drive
+from v2p.windows import Checkpoint
 
 GuestIOScript = Callable[[VMConfig], GuestIO | None]
 

@@ -24,6 +24,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class Checkpoint:
             return None
         done, window, fresh, dest = (record.get(key) for key in ("done", "window", "fresh", "dest"))
         if type(done) is not int or type(window) is not int or not isinstance(fresh, bool) \
-                or not isinstance(dest, dict) or done <= 0 or window <= 0 or done % window:
+                or not isinstance(dest, dict) or done <= 0 or window <= 0 or done % ALIGN:
             return None
         return cls(done, window, fresh, dest)
 
@@ -171,7 +172,7 @@ def copy(source: DiskEndpoint, dest: Volume, *, capacity: int, target_is_zero: b
     else:
         fresh = start.fresh
 
-    def one(offset: int, length: int, zero: bool, written: Written) -> None:
+    def one(offset: int, length: int, zero: bool, written: Written, report: CopyProgress) -> None:
         argv = ["qemu-img", "convert", "-p", "-n", "-f", "raw", "-O", "raw"]
         if zero:
             argv.append("--target-is-zero")
@@ -184,8 +185,8 @@ def copy(source: DiskEndpoint, dest: Volume, *, capacity: int, target_is_zero: b
 
         def chunk(text: str) -> None:
             match = _PERCENT.search(text)
-            if match and on_progress is not None:
-                on_progress(offset + int(length * float(match.group(1)) / 100), written.sample())
+            if match:
+                report(offset + int(length * float(match.group(1)) / 100), written.sample())
 
         with qemu_args(source) as objects:
             _writing(dest, functools.partial(run_streaming, argv[:2] + objects + argv[2:],
@@ -214,13 +215,13 @@ def copy_dd(source: DiskEndpoint, dest: Volume, *, target_is_zero: bool, on_prog
     else:
         fresh = start.fresh
 
-    def one(offset: int, length: int, zero: bool, written: Written) -> None:
+    def one(offset: int, length: int, zero: bool, written: Written, report: CopyProgress) -> None:
         at = 0  # where the extent starts in the disk
         for extent in extents:
             low, high = max(offset, at), min(offset + length, at + extent.size)
             if low < high and not (extent.filename is None and zero):
                 _dd(RawExtent(extent.filename, extent.offset + low - at, high - low), low, dest, zero=zero,
-                    written=written, progress=on_progress, fds=source.fds)
+                    written=written, progress=report, fds=source.fds)
             at += extent.size
 
     return _windows(one, dest, capacity=capacity, size=size, fresh=fresh, start=start, bwlimit=None,
@@ -228,7 +229,7 @@ def copy_dd(source: DiskEndpoint, dest: Volume, *, target_is_zero: bool, on_prog
 
 
 def _dd(piece: RawExtent, seek: int, dest: Volume, *, zero: bool, written: Written,
-        progress: CopyProgress | None, fds: tuple[int, ...]) -> None:
+        progress: CopyProgress, fds: tuple[int, ...]) -> None:
     # conv=sparse skips all-zero *output* blocks: read 4 MiB at a time but
     # write in 64 KiB pieces, so a little data does not drag 4 MiB of zeros along.
     blocks = ["ibs=4M", "obs=64K", "conv=notrunc,sparse"] if zero else ["bs=4M", "conv=notrunc"]
@@ -238,14 +239,14 @@ def _dd(piece: RawExtent, seek: int, dest: Volume, *, zero: bool, written: Writt
 
     def chunk(text: str) -> None:
         match = re.match(r"^(\d+) bytes", text)
-        if match and progress is not None:
+        if match:
             progress(seek + int(match.group(1)), written.sample())
 
     _writing(dest, functools.partial(run_streaming, argv, timeout=_timeout(piece.size, None), on_chunk=chunk,
                                      stream="stderr", pass_fds=fds, watch=written.watch))
 
 
-Window = Callable[[int, int, bool, Written], None]
+Window = Callable[[int, int, bool, Written, CopyProgress], None]
 
 
 def _windows(one: Window, dest: Volume, *, capacity: int, size: int, fresh: bool, start: Checkpoint | None,
@@ -257,19 +258,36 @@ def _windows(one: Window, dest: Volume, *, capacity: int, size: int, fresh: bool
     done = start.done if start is not None else 0
     # The window a stopped run was in may hold some of its bytes: there zeros are written too.
     untouched_from = done + size if start is not None else 0
-    if on_progress is not None:
-        on_progress(done, 0)
-    while done < capacity:
-        length = min(size, capacity - done)
-        if pacer is not None:
-            pacer.wait(written.sample())
-        one(done, length, fresh and done >= untouched_from, written)
-        _writing(dest, lambda: _fsync(dest.path))
-        done += length
+    # A window's flush runs while the next one copies; its checkpoint is recorded once the flush is
+    # done (checked on each progress report of the next window, and before a new flush starts).
+    flushing: tuple[Future[None], int] | None = None
+
+    def settle(wait: bool) -> None:
+        nonlocal flushing
+        if flushing is not None and (wait or flushing[0].done()):
+            future, at = flushing
+            flushing = None
+            _writing(dest, future.result)
+            if on_checkpoint is not None and at < capacity:
+                on_checkpoint(Checkpoint(at, size, fresh))
+
+    def report(position: int, moved: int) -> None:
+        settle(False)
         if on_progress is not None:
-            on_progress(done, written.sample())
-        if on_checkpoint is not None and done < capacity:
-            on_checkpoint(Checkpoint(done, size, fresh))
+            on_progress(position, moved)
+
+    report(done, 0)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="v2p-flush") as flusher:
+        while done < capacity:
+            length = min(size, capacity - done)
+            if pacer is not None:
+                pacer.wait(written.sample())
+            one(done, length, fresh and done >= untouched_from, written, report)
+            done += length
+            settle(True)
+            flushing = (flusher.submit(_fsync, dest.path), done)
+            report(done, written.sample())
+        settle(True)
     return written.sample()
 
 
