@@ -19,6 +19,7 @@ the program it is waiting for at once; the call then raises ``Cancelled``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -151,7 +152,8 @@ def run_streaming(
                     else:
                         piece += bytes((char,))
             if watch is not None:
-                os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: its pid still counts
+                with contextlib.suppress(ChildProcessError):  # reaped already (by a kill's poll): nothing to read
+                    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: its pid still counts
                 watch(None)
             rc = proc.wait()
         finally:

@@ -18,6 +18,7 @@ Not for: where the destination is (the sinks), or comparing the result (``verify
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -301,7 +302,22 @@ def volume_identity(volume: Volume) -> dict[str, Any]:
     info = os.stat(volume.path)
     if volume.is_block:
         return {"path": str(volume.path), "rdev": info.st_rdev, "size": volume.size}
-    return {"path": str(volume.path), "dev": info.st_dev, "ino": info.st_ino}
+    return {"path": str(volume.path), "dev": info.st_dev, "ino": info.st_ino, "generation": _generation(volume.path)}
+
+
+def _generation(path: Path) -> int | None:
+    """The inode's generation (``FS_IOC_GETVERSION``): a file made anew may get a freed inode's number, not its
+    generation (ext4, xfs, btrfs). None where the file system has none to give."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, 0x80087601, bytes(8)), "little")  # _IOR('v', 1, long)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def check_resumable(volume: Volume, start: Checkpoint) -> None:
