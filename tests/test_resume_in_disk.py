@@ -9,6 +9,7 @@ the command with a SIGKILL is test_resume_in_disk_kill.py's (slow tier).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -25,6 +26,7 @@ from v2p.errors import Cancelled
 from v2p.events import Event
 from v2p.migration import Migration
 from v2p.options import MigrationOptions
+from v2p.spec import DiskSpec
 from v2p.state import MigrationState
 from v2p.storage import Volume
 
@@ -281,3 +283,19 @@ def test_progress_of_a_window_runs_in_the_migration_thread(tmp_path: Path) -> No
                  capacity=2 * WINDOW, on_progress=lambda *_: threads.add(threading.get_ident()),
                  on_checkpoint=lambda _p: threads.add(threading.get_ident()))
     assert threads == {threading.get_ident()}
+
+
+class DownloadedSource(FakeSource):
+    """A source whose disks cost a download to read (``rereadable`` False): read once into a local stage."""
+
+    def disk_endpoint(self, disk: DiskSpec, workdir: Path) -> DiskEndpoint:
+        return dataclasses.replace(super().disk_endpoint(disk, workdir), rereadable=False)
+
+
+def test_the_fetch_into_the_local_stage_says_what_it_wrote(tmp_path: Path, fake: FakeTarget) -> None:
+    source = DownloadedSource([sparse_disk(tmp_path / "disk.raw")])
+    run = Run(source, fake)
+    assert run()["finished"]
+    fetched = [e for e in run.events if e.kind == "progress" and e.step == "fetch"]
+    assert fetched and fetched[-1].done == 4 * WINDOW
+    assert 4 * DATA <= fetched[-1].data["moved"] < 4 * DATA + MiB  # the data, not the 256 MiB of the disk

@@ -18,21 +18,22 @@ Not for: where the destination is (the sinks), or comparing the result (``verify
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import interrupts
 from .endpoint import DiskEndpoint, RawExtent, qemu_args
-from .errors import NoSpaceError, TargetError, ToolError
+from .errors import Cancelled, NoSpaceError, TargetError, ToolError
 from .runner import run, run_streaming
 from .storage import Volume
 
@@ -334,6 +335,35 @@ def check_resumable(volume: Volume, start: Checkpoint) -> None:
                    check=False)
         if proc.returncode not in (0, 3):  # 3: leaked clusters left (harmless)
             raise StaleCheckpoint("its temporary qcow2 volume does not check clean")
+
+
+class SinkCheckpoints:
+    """A sink's side of a resumable write into ``volume``: each checkpoint gets the volume's identity
+    before ``on_checkpoint`` sees it, and ``writing`` keeps the volume when the write is interrupted (a
+    signal, a cancel) after a checkpoint or on a resume, and removes it (``remove``) on anything else."""
+
+    def __init__(self, volume: Volume, on_checkpoint: Callable[[Checkpoint], None] | None, *, resumed: bool) -> None:
+        self.volume, self.on_checkpoint, self.resumed = volume, on_checkpoint, resumed
+        self.saved = 0
+
+    def __call__(self, point: Checkpoint) -> None:
+        point = replace(point, dest=volume_identity(self.volume))
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(point)
+        self.saved += 1
+
+    @contextlib.contextmanager
+    def writing(self, remove: Callable[[], None]) -> Iterator[None]:
+        try:
+            yield
+        except (KeyboardInterrupt, Cancelled):
+            if not self.resumed and not self.saved:  # nothing a rerun could go on from
+                remove()
+            raise
+        except BaseException:
+            # A half-written volume must never be taken for a finished one (nor keep the space).
+            remove()
+            raise
 
 
 def _source_node(source: DiskEndpoint) -> dict[str, Any]:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import shutil
 import stat
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .. import convert
 from ..endpoint import DiskEndpoint
-from ..errors import Cancelled, NoSpaceError, TargetError
+from ..errors import NoSpaceError, TargetError
 from ..storage import Volume
 from ..volumes import Drive, VolumeRef, drive_volume, import_name, new_volume, print_drive
-from ..windows import Checkpoint, CopyProgress, StaleCheckpoint, check_resumable, volume_identity
+from ..windows import Checkpoint, CopyProgress, SinkCheckpoints, StaleCheckpoint, check_resumable
 from .base import ByteProgress, DiskSink
 from .pve_releases import REMOTE_INSTEAD, REMOTE_PATH
 from .pve_space import ROOTFS, check_phases
@@ -112,24 +111,10 @@ class RemoteImportSink(DiskSink):
         else:
             self._delete_upload()
             staging.path.unlink(missing_ok=True)
-        saved: list[Checkpoint] = []
-
-        def checkpoint(point: Checkpoint) -> None:
-            point = replace(point, dest=volume_identity(staging))
-            if on_checkpoint is not None:
-                on_checkpoint(point)
-            saved.append(point)
-
-        try:
+        checkpoints = SinkCheckpoints(staging, on_checkpoint, resumed=start is not None)
+        with checkpoints.writing(lambda: staging.path.unlink(missing_ok=True)):
             convert.convert(src, staging, capacity=capacity, bwlimit=bwlimit, on_progress=progress, start=start,
-                            on_checkpoint=checkpoint)
-        except (KeyboardInterrupt, Cancelled):
-            if start is None and not saved:  # nothing a rerun could go on from
-                staging.path.unlink(missing_ok=True)
-            raise
-        except BaseException:
-            staging.path.unlink(missing_ok=True)
-            raise
+                            on_checkpoint=checkpoints)
 
     def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         if not self.staging.path.exists():

@@ -11,15 +11,14 @@ nor recording progress (the caller keeps the record; ``fingerprint`` feeds it).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, Protocol
 
 from .. import convert
 from ..endpoint import DiskEndpoint
-from ..errors import Cancelled, NoSpaceError, TargetError
+from ..errors import NoSpaceError, TargetError
 from ..options import OptionError
 from ..storage import Storage, Volume
-from ..windows import Checkpoint, CopyProgress, StaleCheckpoint, check_resumable, volume_identity
+from ..windows import Checkpoint, CopyProgress, SinkCheckpoints, StaleCheckpoint, check_resumable
 from .base import ByteProgress, DiskSink
 
 
@@ -96,24 +95,9 @@ class StorageSink(DiskSink):
         else:
             partial = self.storage.allocate(self.vmid, self.index, self.fmt, capacity, force=self.force)
             zero = self.storage.reads_as_zero(partial)
-        saved: list[Checkpoint] = []
-
-        def checkpoint(point: Checkpoint) -> None:
-            point = replace(point, dest=volume_identity(self._located(partial)))
-            if on_checkpoint is not None:
-                on_checkpoint(point)
-            saved.append(point)
-
-        try:
-            copy(partial, zero, checkpoint)
-        except (KeyboardInterrupt, Cancelled):
-            if start is None and not saved:  # nothing a rerun could go on from
-                self.storage.remove(partial)
-            raise
-        except BaseException:
-            # A half-written volume must never be taken for a finished one (nor keep the space).
-            self.storage.remove(partial)
-            raise
+        checkpoints = SinkCheckpoints(self._located(partial), on_checkpoint, resumed=start is not None)
+        with checkpoints.writing(lambda: self.storage.remove(partial)):
+            copy(partial, zero, checkpoints)
 
     def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         written = self._written_volume()
