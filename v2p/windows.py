@@ -376,7 +376,7 @@ def _source_node(source: DiskEndpoint) -> dict[str, Any]:
 
 
 def _dest_node(dest: Volume) -> dict[str, Any]:
-    protocol = {"driver": "host_device" if dest.is_block else "file", "filename": str(dest.path)}
+    protocol = {"filename": str(dest.path)}  # qemu picks the driver, as for a plain name: a device's or a file's
     return protocol if dest.fmt == "raw" else {"driver": dest.fmt, "file": protocol}
 
 
