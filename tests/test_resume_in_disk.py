@@ -4,7 +4,8 @@ checkpoint that still applies, and the verify after it still compares every byte
 what the copy really wrote (``moved``), and ``--bwlimit`` holds the bytes written.
 
 In-process on the fake target (tests/fakes.py: the real StorageSink, real qemu-img); the same through
-the command with a SIGKILL is test_resume_in_disk_kill.py's (slow tier).
+the command with a SIGKILL, and a plan stopped midway, are test_resume_in_disk_kill.py's (slow tier). The upload
+path (RemoteImportSink, its local staging copy) runs against the PVE simulator.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pve_sim.server import PVESim
+from test_pve_upload import target_of
 
 from fakes import FakeSource, FakeTarget
 from v2p import pipeline, stages, windows
@@ -299,3 +302,34 @@ def test_the_fetch_into_the_local_stage_says_what_it_wrote(tmp_path: Path, fake:
     fetched = [e for e in run.events if e.kind == "progress" and e.step == "fetch"]
     assert fetched and fetched[-1].done == 4 * WINDOW
     assert 4 * DATA <= fetched[-1].data["moved"] < 4 * DATA + MiB  # the data, not the 256 MiB of the disk
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[PVESim]:
+    from pve_sim.fixture import start_or_skip
+
+    with start_or_skip(tmp_path / "sim") as running:
+        yield running
+
+
+def test_the_upload_path_s_staging_copy_goes_on_from_its_checkpoint(sim: PVESim, tmp_path: Path) -> None:
+    """Onto PVE through an API token (RemoteImportSink): the disk is staged locally as qcow2 window by
+    window; a cancelled migration run again carries the staging copy on, then uploads and imports it."""
+    source = FakeSource([(sparse_disk(tmp_path / "disk.raw"))])
+    migration: Migration
+
+    def on_event(event: Event) -> None:
+        if event.kind == "progress" and event.stage == "convert" and (event.done or 0) > 2 * WINDOW:
+            migration.cancel()
+
+    migration = Migration(source, VMID, target=target_of(sim, tmp_path, "&storage=local"), ostype="l26",
+                          boot_check=False, on_event=on_event)
+    with pytest.raises(Cancelled):
+        migration.run()
+    seen: list[Event] = []
+    again = Migration(source, VMID, target=target_of(sim, tmp_path, "&storage=local"), ostype="l26",
+                      boot_check=False, on_event=seen.append)
+    assert again.run()["finished"]
+    copied = [e for e in seen if e.kind == "progress" and e.stage == "convert" and e.step is None]
+    assert copied[0].done == 2 * WINDOW and copied[-1].done == 4 * WINDOW
+    assert any("the copy goes on at byte" in e.message for e in seen if e.kind == "info")
