@@ -18,6 +18,7 @@ from .errors import (
     NoSpaceError,
     SourceError,
     TargetError,
+    V2PError,
     VMIDExistsError,
 )
 from .events import Event
@@ -186,7 +187,10 @@ class Convert(Stage):
     def run(self, ctx: Context) -> Record:
         sink, capacity = ctx.sink(self.index), ctx.facts(self.index).capacity
         source = ctx.copy_source(self.index, self.name)
-        files = ctx.source.fingerprint()
+        try:
+            files: object = ctx.source.fingerprint()  # what a checkpoint applies to
+        except (V2PError, OSError):
+            files = None  # unknown now: no checkpoint of this run is taken up again
 
         def progress(done: int, moved: int) -> None:
             ctx.emit(Event("progress", self.name, data={
@@ -225,7 +229,7 @@ class Convert(Stage):
         point = Checkpoint.of(saved)
         why = "its checkpoint is damaged" if point is None else \
             "the disk's size changed" if saved.get("total") != capacity else \
-            "the source changed since" if saved.get("source") != files else \
+            "the source changed since" if files is None or saved.get("source") != files else \
             "it goes to another volume now" if saved.get("volid") != ctx.sink(self.index).volid else \
             f"it was copied with {saved.get('copied_with')}" if saved.get("copied_with") != ctx.options.copy_with \
             else None
