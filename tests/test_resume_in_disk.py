@@ -11,6 +11,7 @@ path (RemoteImportSink, its local staging copy) runs against the PVE simulator.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -247,6 +248,26 @@ def test_bwlimit_is_qemu_img_s_write_limit_and_zeros_are_not_sent(tmp_path: Path
                  capacity=2 * WINDOW, start=windows.Checkpoint(WINDOW, WINDOW, True,))
     resumed = [record.argv for record in caplog.records if "convert" in getattr(record, "argv", [])]
     assert len(resumed) == 1 and "--target-is-zero" not in resumed[0]  # the window a stopped run was in
+
+
+def test_bwlimit_onto_a_destination_sent_its_zeros_throttles_the_data_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A device that does not read as zeros (a thick LV) must be sent the disk's zeros, which qemu-img's
+    ``-r`` would count: long runs of zeros are copied apart, without ``-r``; the data with it."""
+    src = sparse_disk(tmp_path / "disk.raw", WINDOW)  # zeros, DATA bytes at the middle, zeros
+    device = tmp_path / "device"
+    device.write_bytes(b"\xff" * MiB)
+    os.truncate(device, WINDOW)
+    caplog.set_level(logging.DEBUG, logger="v2p.runner")
+    windows.copy(DiskEndpoint("raw", str(src), WINDOW), Volume("", device, "raw", is_block=True),
+                 capacity=WINDOW, bwlimit=1 << 20)
+    copies = [record.argv for record in caplog.records if "convert" in getattr(record, "argv", [])]
+    pieces = [(json.loads(argv[-2][len("json:"):])["offset"], json.loads(argv[-2][len("json:"):])["size"],
+               "-r" in argv) for argv in copies]
+    assert pieces == [(0, WINDOW // 2, False), (WINDOW // 2, DATA, True),
+                      (WINDOW // 2 + DATA, WINDOW // 2 - DATA, False)]
+    assert all("--target-is-zero" not in argv for argv in copies)
+    assert windows_equal(src, device, "raw")  # the 0xff of the device's first MiB are zeros now
 
 
 def test_the_pacer_holds_the_written_bytes_to_the_rate() -> None:

@@ -44,6 +44,9 @@ CHECKPOINTS = 16
 WINDOW_MIN = 64 << 20
 WINDOW_MAX = 1 << 30
 ALIGN = 1 << 20  # windows start on whole MiB: whole qcow2 clusters and 4 KiB sectors on either side
+# Under --bwlimit, onto a destination that must be sent its zeros, runs of zeros this long are copied
+# apart and unthrottled (shorter ones go with the data: one qemu-img start per run).
+ZERO_RUN = 16 << 20
 
 # (position: bytes of the disk behind the copy, moved: bytes this run wrote) -> None
 CopyProgress = Callable[[int, int], None]
@@ -163,7 +166,8 @@ def copy(source: DiskEndpoint, dest: Volume, *, capacity: int, target_is_zero: b
     block device is written in place, and when it is known to read as zeros (``target_is_zero``: a fresh
     thin LV) the zeros of the disk are not written at all. With ``start`` the copy goes on after
     ``start.done`` into what is there. ``bwlimit`` (bytes per second) limits the bytes written: zeros
-    never written do not count, zeros a device must be sent (one that does not read as zeros) do.
+    never written do not count; onto a device that must be sent its zeros (one that does not read as
+    zeros) long runs of them are sent unthrottled, and short ones count with the data around them.
     """
     size = start.window if start is not None else window or window_size(capacity)
     if start is None:
@@ -175,11 +179,20 @@ def copy(source: DiskEndpoint, dest: Volume, *, capacity: int, target_is_zero: b
         fresh = start.fresh
 
     def one(offset: int, length: int, zero: bool, written: Written, report: CopyProgress) -> None:
+        if bwlimit and not zero:
+            # Zeros this destination must be sent count against qemu-img's -r: long runs of them go unthrottled.
+            for start, size, data in _runs(source, offset, length):
+                piece(start, size, zero, bwlimit if data else None, written, report)
+        else:
+            piece(offset, length, zero, bwlimit, written, report)
+
+    def piece(offset: int, length: int, zero: bool, limit: int | None, written: Written,
+              report: CopyProgress) -> None:
         argv = ["qemu-img", "convert", "-p", "-n", "-f", "raw", "-O", "raw"]
         if zero:
             argv.append("--target-is-zero")
-        if bwlimit:
-            argv += ["-r", str(bwlimit)]
+        if limit:
+            argv += ["-r", str(limit)]
         if source.parallel:
             argv += ["-m", str(source.parallel)]
         argv += [_spec(_window(_source_node(source), offset, length)),
@@ -192,7 +205,7 @@ def copy(source: DiskEndpoint, dest: Volume, *, capacity: int, target_is_zero: b
 
         with qemu_args(source) as objects:
             _writing(dest, functools.partial(run_streaming, argv[:2] + objects + argv[2:],
-                                             timeout=_timeout(length, bwlimit), on_chunk=chunk,
+                                             timeout=_timeout(length, limit), on_chunk=chunk,
                                              pass_fds=source.fds, watch=written.watch))
 
     return _windows(one, dest, capacity=capacity, size=size, fresh=fresh, start=start, bwlimit=bwlimit,
@@ -364,6 +377,29 @@ class SinkCheckpoints:
             # A half-written volume must never be taken for a finished one (nor keep the space).
             remove()
             raise
+
+
+def _runs(source: DiskEndpoint, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """The window at ``offset`` as (offset, length, holds data) runs (``qemu-img map`` of the source): runs of
+    zeros of at least ``ZERO_RUN`` bytes apart, anything shorter counted with the data around it."""
+    with qemu_args(source) as objects:
+        proc = run(["qemu-img", "map", *objects, "--output=json", "-f", "raw",
+                    _spec(_window(_source_node(source), offset, length))], timeout=600, pass_fds=source.fds)
+    runs: list[list[int]] = []  # [start, length, holds data]
+    for entry in json.loads(proc.stdout):
+        data = int(bool(entry["data"]) and not entry["zero"])
+        if runs and runs[-1][2] == data:
+            runs[-1][1] += int(entry["length"])
+        else:
+            runs.append([offset + int(entry["start"]), int(entry["length"]), data])
+    merged: list[list[int]] = []
+    for run_ in runs:
+        data = run_[2] or int(run_[1] < ZERO_RUN)
+        if merged and merged[-1][2] == data:
+            merged[-1][1] += run_[1]
+        else:
+            merged.append([run_[0], run_[1], data])
+    return [(start, size, bool(data)) for start, size, data in merged] or [(offset, length, True)]
 
 
 def _source_node(source: DiskEndpoint) -> dict[str, Any]:
