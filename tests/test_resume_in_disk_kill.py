@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pve_sim.fixture import pve_fixture  # noqa: F401
+from pve_sim.server import PVESim
 from test_resume_in_disk import WINDOW, sparse_disk
 
-from conftest import V2P
+from conftest import V2P, assert_same_bytes
 from test_resume import wait_for
 from v2p.plan import Plan
 from v2p.planrun import run_plan
@@ -91,3 +93,25 @@ vms:
     again = run_plan(vms, parallel=1, on_event=first_progress)
     assert again.ok
     assert started == [done]  # the rerun's copy began at the checkpoint, not at byte 0
+
+
+def test_on_a_pve_node_a_killed_copy_into_a_dir_storage_goes_on(pve: PVESim, tmp_path: Path, v2p: V2P) -> None:
+    """``on-node=1`` onto PVE's dir storage ``local`` (``OnNodeSink``): the rerun goes on in the temporary
+    file the killed copy left beside PVE's volumes."""
+    disk = bootable(sparse_disk(tmp_path / "disk.raw"))
+    url = f"pve://root@pam!v2p@{pve.host}/{pve.cluster.node}?fingerprint={pve.fingerprint}&on-node=1"
+    env = {"V2P_PVE_TOKEN": pve.tokens["root@pam!v2p"], "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    args = ("--target", url, "migrate", str(disk), "--vmid", str(VMID), "--no-boot-check", "--storage", "local")
+    proc = v2p.popen(*args, V2P_TEST_HOLD_AFTER="convert:window:2", **env)
+    try:
+        wait_for(proc.stderr, "holding after convert:window:2", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert list(pve.cluster.root.rglob("*v2p-partial*"))
+    rerun = v2p(*args, **env)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"[convert] disk 0: the copy goes on at byte {2 * WINDOW} of {4 * WINDOW} (50 %)" in rerun.stdout
+    assert not list(pve.cluster.root.rglob("*v2p-partial*"))
+    volid = pve.cluster.vms[VMID].config["scsi0"].split(",")[0]
+    assert_same_bytes(disk, pve.cluster.volume_path(volid), "qcow2")
