@@ -95,23 +95,24 @@ vms:
     assert started == [done]  # the rerun's copy began at the checkpoint, not at byte 0
 
 
-def test_on_a_pve_node_a_killed_copy_into_a_dir_storage_goes_on(pve: PVESim, tmp_path: Path, v2p: V2P) -> None:
-    """``on-node=1`` onto PVE's dir storage ``local`` (``OnNodeSink``): the rerun goes on in the temporary
-    file the killed copy left beside PVE's volumes."""
+@pytest.mark.parametrize(("storage", "fmt"), [("local", "qcow2"), ("local-lvm", "raw")], ids=["dir", "lvmthin"])
+def test_on_a_pve_node_a_killed_copy_goes_on(pve: PVESim, tmp_path: Path, v2p: V2P, storage: str, fmt: str) -> None:
+    """``on-node=1`` (``OnNodeSink``): onto PVE's dir storage ``local`` the rerun goes on in the temporary file
+    the killed copy left beside PVE's volumes; onto ``local-lvm`` in the volume PVE allocated for it."""
     disk = bootable(sparse_disk(tmp_path / "disk.raw"))
     url = f"pve://root@pam!v2p@{pve.host}/{pve.cluster.node}?fingerprint={pve.fingerprint}&on-node=1"
     env = {"V2P_PVE_TOKEN": pve.tokens["root@pam!v2p"], "XDG_DATA_HOME": str(tmp_path / "xdg")}
-    args = ("--target", url, "migrate", str(disk), "--vmid", str(VMID), "--no-boot-check", "--storage", "local")
+    args = ("--target", url, "migrate", str(disk), "--vmid", str(VMID), "--no-boot-check", "--storage", storage)
     proc = v2p.popen(*args, V2P_TEST_HOLD_AFTER="convert:window:2", **env)
     try:
         wait_for(proc.stderr, "holding after convert:window:2", proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert list(pve.cluster.root.rglob("*v2p-partial*"))
+    assert storage != "local" or list(pve.cluster.root.rglob("*v2p-partial*"))
     rerun = v2p(*args, **env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"[convert] disk 0: the copy goes on at byte {2 * WINDOW} of {4 * WINDOW} (50 %)" in rerun.stdout
     assert not list(pve.cluster.root.rglob("*v2p-partial*"))
     volid = pve.cluster.vms[VMID].config["scsi0"].split(",")[0]
-    assert_same_bytes(disk, pve.cluster.volume_path(volid), "qcow2")
+    assert_same_bytes(disk, pve.cluster.volume_path(volid), fmt)
