@@ -9,14 +9,17 @@ parser, its value checks) are ``cli_args``'.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
 import select
 import signal
 import sys
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from . import api, cli_vsphere, interrupts
@@ -25,9 +28,11 @@ from .cli_args import build_parser, given, say
 from .errors import V2PError, shown_path
 from .events import Event
 from .inspect import DiskImage
+from .logfile import RunLog
 from .options import (
     OptionError,
 )
+from .progress import Clock, Meter, Pacer, Progress
 from .stages import STAGES, dance_boot
 from .targets.base import BOOT_FAILED, BOOT_UP
 
@@ -322,83 +327,179 @@ def _print_image(image: DiskImage) -> None:
 
 
 class _Printer:
-    """Shows pipeline events as lines, with a tqdm bar for convert on a terminal."""
+    """Shows pipeline events as lines; progress as a tqdm bar per step when ``out`` is a terminal (``live``),
+    else as a plain line every PLAIN_EVERY_SECONDS or PLAIN_EVERY_PERCENT of a disk (``progress.Pacer``)."""
 
-    def __init__(self, out: TextIO | None = None) -> None:
+    def __init__(self, out: TextIO | None = None, *, live: bool | None = None, clock: Clock = time.monotonic,
+                 prefix: str = "") -> None:
         self.bar: Any = None
+        self.bar_meter: Meter | None = None
         self.out = out or sys.stdout  # not bound at import: sys.stdout may be replaced (_standard_streams)
+        self.live = _is_terminal(self.out) if live is None else live
+        self.progress = Progress(clock)
+        self.pacer = Pacer()
+        self.prefix = prefix  # a plan's log: the VM's name
 
     def __call__(self, event: Event) -> None:
+        meter = self.progress.see(event)
         if event.kind == "progress":
-            self._progress(event.data["bytes"], event.data["total"], event.step or "convert")
+            if meter is not None:
+                self._show(meter)
             return
         self._close_bar()
         if event.kind == "stage-start":
-            print(f"[{event.stage}] {event.message}", file=self.out, flush=True)
+            self._say(f"[{event.stage}] {event.message}")
         elif event.kind == "stage-skip":
-            print(f"[{event.stage}] already {event.message}, skipped", file=self.out, flush=True)
+            self._say(f"[{event.stage}] already {event.message}, skipped")
         elif event.kind == "stage-done":
-            print(f"[{event.stage}] done in {event.message}", file=self.out, flush=True)
+            self._say(f"[{event.stage}] done in {event.message}")
         elif event.kind == "warning" or event.kind == "finding" and event.data.get("severity") == "warning":
-            print(f"[{event.stage}] warning: {event.message}", file=self.out, flush=True)
+            self._say(f"[{event.stage}] warning: {event.message}")
         elif event.kind == "finding" and event.data.get("severity") == "error":
             return  # the run stops on it with its own error line
         else:
-            print(f"[{event.stage}] {event.message}", file=self.out, flush=True)
+            self._say(f"[{event.stage}] {event.message}")
 
-    def _progress(self, done: int, total: int, desc: str) -> None:
-        if not sys.stderr.isatty():
+    def _say(self, line: str) -> None:
+        print(f"{self.prefix}{line}", file=self.out, flush=True)
+
+    def _show(self, meter: Meter) -> None:
+        if not self.live:
+            if self.pacer.due(meter, self.progress.clock()):
+                self._say(f"[{meter.stage}] {meter.words()}")
             return
-        if self.bar is not None and self.bar.desc != desc:  # a fetch's bar, then the copy's
+        if self.bar is not None and self.bar_meter is not meter:  # a fetch's bar, then the copy's
             self._close_bar()
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                            leave=False)
-        self.bar.update(done - self.bar.n)
+            self.bar = tqdm(total=meter.total or None, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=f"[{meter.stage}] {meter.label()}", file=self.out, dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}")
+            self.bar_meter = meter
+        self.bar.set_postfix_str(meter.pace(), refresh=False)
+        self.bar.update(meter.position - self.bar.n)
 
     def _close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
-            self.bar = None
+            self.bar, self.bar_meter = None, None
 
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _JsonLines:
+    """``--progress=json``: every event as one JSON object a line on stdout (``dataclasses.asdict``, and the
+    VM's name for a plan's), then the result as the last line (``{"kind": "result", ...}``)."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+
+    def __call__(self, event: Event, **more: Any) -> None:
+        self.send({**more, **dataclasses.asdict(event)})
+
+    def send(self, message: dict[str, Any]) -> None:
+        print(json.dumps(message, default=str), file=self.out, flush=True)
+
+
+def _handlers(handlers: list[Callable[[Event], None]]) -> Callable[[Event], None]:
+    """One event handler calling each of ``handlers`` in turn (those added later too)."""
+    def each(event: Event) -> None:
+        for handler in handlers:
+            handler(event)
+    return each
+
+
+def _run_log(state_dir: Any, what: str) -> RunLog | None:
+    """The run's log file (``logfile``); None, said once, when it cannot be made (the run goes on)."""
+    try:
+        return RunLog(state_dir, what)
+    except (OSError, V2PError) as exc:
+        say(f"v2p: warning: no log file for this run: {exc}")
+        return None
+
+
+def _said_log(log: RunLog | None) -> None:
+    if log is not None:
+        say(f"v2p: the log of this run: {shown_path(str(log.path))}")
 
 
 def _migrate(args: argparse.Namespace, target: api.Target) -> int:
-    # With --json, stdout holds the one JSON object alone: the lines a person reads go to stderr.
-    out = sys.stderr if args.json else sys.stdout
-    printer = _Printer(out)
-    migration = api.Migration(args.source, args.vmid, target=target, on_event=printer, **given(args))
+    # With --json or --progress=json, stdout holds JSON alone: the lines a person reads go to stderr.
+    machine = args.progress == "json"
+    out = sys.stderr if args.json or machine else sys.stdout
+    printer = _Printer(out, live=None if args.progress == "auto" else False)
+    handlers: list[Callable[[Event], None]] = [printer]
+    events = _JsonLines() if machine else None
+    if events is not None:
+        handlers.append(events)
+    migration = api.Migration(args.source, args.vmid, target=target, on_event=_handlers(handlers), **given(args))
     if args.dry_run:
         spec = migration.options.hardware(migration.pipeline.source.spec())
-        if not args.json:
+        if not args.json and not machine:
             print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, "
                   f"{spec.memory_mib} MiB, {spec.firmware}")
         where = migration.options.device or f"storage {migration.options.storage}"
         keys = migration.disk_keys()
-        if args.json:
-            print(json.dumps({"vmid": migration.vmid, "name": spec.name, "target": target.kind, "disks": keys,
-                              "where": where, "stages": [{"name": name, "summary": summary, "done": done}
-                                                         for name, summary, done in migration.plan()]}, indent=2))
+        if args.json or machine:
+            planned = {"vmid": migration.vmid, "name": spec.name, "target": target.kind, "disks": keys,
+                       "where": where, "stages": [{"name": name, "summary": summary, "done": done}
+                                                  for name, summary, done in migration.plan()]}
+            if events is not None:
+                events.send({"kind": "result", "dry_run": True, **planned})
+            else:
+                print(json.dumps(planned, indent=2))
             return 0
         print(f"would migrate to VMID {migration.vmid} on the {target.kind} target ({', '.join(keys)} on {where}):")
         for name, summary, done in migration.plan():
             print(f"  {name:<10} {'done, would skip' if done else summary}")
         return 0
+    log = _run_log(target.state_dir(), str(migration.vmid))
+    if log is not None:
+        handlers.append(_Printer(log.stream, live=False))
     try:
-        result = migration.run()
-    finally:
+        with log or contextlib.nullcontext():
+            result = migration.run()
+    except BaseException as exc:
         printer._close_bar()
+        if events is not None:
+            events.send(_failed(migration.vmid, exc))
+        if log is not None and isinstance(exc, V2PError):
+            exc.add_note(f"the log of this run: {shown_path(str(log.path))}")
+        elif log is not None:
+            _said_log(log)
+        raise
+    printer._close_bar()
     boot = boot_words(result["boot"], result["boot_signal"])
     if not result.get("nothing_to_do"):  # else the pipeline's event already said so
         print(f"VM {migration.vmid} migrated from {args.source}; {boot}", file=out)
         _print_guest_ips(result, out)
     elif result["boot"] != BOOT_UP:  # what the recorded check saw still holds
         print(f"VM {migration.vmid}: {boot}", file=out)
-    if args.json:  # the record, as v2p status --json shows it
+    _said_log(log)
+    code = boot_exit_code(result["boot"])
+    if events is not None:
+        events.send({"kind": "result", "vmid": migration.vmid, "ok": code == 0, "exit_code": code, "error": None,
+                     "log": str(log.path) if log is not None else None, "result": result})
+    elif args.json:  # the record, as v2p status --json shows it
         print(json.dumps(result, indent=2))
-    return boot_exit_code(result["boot"])
+    return code
+
+
+def _failed(vmid: int, exc: BaseException) -> dict[str, Any]:
+    """``--progress=json``'s last line for a run that ended in ``exc``."""
+    if isinstance(exc, V2PError):
+        code, error = exc.exit_code, str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        code, error = interrupts.exit_status(), "interrupted; rerun the same command to resume"
+    else:
+        code, error = 1, f"{type(exc).__name__}: {exc}"
+    return {"kind": "result", "vmid": vmid, "ok": False, "exit_code": code, "error": error, "result": None}
 
 
 def _print_guest_ips(result: dict[str, Any], out: TextIO) -> None:
