@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from . import api, cli_vsphere, interrupts
@@ -172,16 +173,35 @@ def _plan(args: argparse.Namespace) -> int:
         return _plan_status(args, plan)
     from .planview import PlanView, dry_run_text, summary
 
-    # With --json, stdout holds the report alone: the view goes to stderr.
-    view = PlanView(sys.stderr if args.json else sys.stdout)
+    # With --json or --progress=json, stdout holds JSON alone: the view goes to stderr.
+    machine = args.progress == "json"
+    view = PlanView(sys.stderr if args.json or machine else sys.stdout,
+                    live=None if args.progress == "auto" else False)
+    events = _JsonLines() if machine else None
+    log = None if args.dry_run else _plan_log(plan, args)
+    logged = PlanView(log.stream, live=False) if log is not None else None
+
+    def on_event(vm: Any, event: Event) -> None:
+        view(vm, event)
+        if logged is not None:
+            logged(vm, event)
+        if events is not None:
+            events(event, vm=vm.name)
+
     options: dict[str, Any] = {key: value for key, value in (
         ("parallel", args.parallel), ("per_storage", args.per_storage), ("per_node", args.per_node))
         if value is not None}
     try:
-        report = plan.run(dry_run=args.dry_run, on_event=view, accel=args.accel, **options)
+        with log or contextlib.nullcontext():
+            report = plan.run(dry_run=args.dry_run, on_event=on_event, accel=args.accel, **options)
+            if log is not None:
+                print(summary(report), file=log.stream)
     finally:
         view.close()
-    if args.json:
+        _said_log(log)
+    if events is not None:
+        events.send({"kind": "result", **report.to_dict(), "log": str(log.path) if log is not None else None})
+    elif args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.dry_run:
         print(dry_run_text(report))
@@ -190,6 +210,17 @@ def _plan(args: argparse.Namespace) -> int:
     if report.interrupted is not None:
         print("v2p: interrupted; rerun the same command to resume", file=sys.stderr)
     return report.exit_code
+
+
+def _plan_log(plan: Any, args: argparse.Namespace) -> RunLog | None:
+    """``plan run``'s log: ``plan-<name>-<time>.log`` in the state folder of its first VM's target."""
+    if not plan.vms:
+        return None
+    try:
+        target = api.make_target(plan.vms[0].target, accel=args.accel, env=os.environ)
+    except V2PError:
+        return None  # that VM fails in its own words
+    return _run_log(target.state_dir(), f"plan-{Path(args.plan).stem}")
 
 
 def _plan_status(args: argparse.Namespace, plan: Any) -> int:

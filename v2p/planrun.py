@@ -33,6 +33,7 @@ from .fsutil import private_dir, remove_tree
 from .options import OptionError
 from .planchild import Child, Children, event_of
 from .planschedule import Need, Scheduler, gib
+from .progress import Meter, Progress
 from .sizing import SpaceNeed
 from .stage_context import disk_stage
 from .state import MigrationState, VmidLock
@@ -85,7 +86,7 @@ class VMRun:
     ``result``: waiting, running, migrated, nothing to do, failed, interrupted, not started, dry run.
     ``boot``: how its boot check ended, once known: up, unconfirmed (migrated, but no sign the OS runs:
     ``boot_signal`` says what was seen), failed (the migration failed there), skipped (not checked).
-    ``moved``: the bytes this run wrote (disks an earlier run finished are not written again).
+    ``moved``: the bytes this run really wrote (disks an earlier run finished are not written again).
     """
 
     name: str
@@ -94,10 +95,6 @@ class VMRun:
     storage: str
     result: str = "waiting"
     stage: str = ""
-    done_bytes: int = 0  # of the disk being written now
-    total_bytes: int = 0
-    rate: float = 0.0  # bytes per second of that disk, over the last few seconds
-    moved: int = 0
     seconds: float = 0.0
     error: str | None = None
     exit_code: int = 0
@@ -107,8 +104,7 @@ class VMRun:
     plan: list[tuple[str, str, bool]] = field(default_factory=list)  # dry run: (stage, summary, done)
     about: list[str] = field(default_factory=list)  # dry run: what the VM is and where it would go
     started: float | None = None  # monotonic, of this run's first start
-    _disk_bytes: dict[int, int] = field(default_factory=dict, repr=False)
-    _rate_at: tuple[float, int] = (0.0, 0)
+    progress: Progress = field(default_factory=Progress, repr=False)  # its disks' meters (``v2p.progress``)
 
     @property
     def ok(self) -> bool:
@@ -125,25 +121,22 @@ class VMRun:
                               for stage, summary, done in self.plan]
         return data
 
-    def _progress(self, data: dict[str, Any], *, counted: bool = True) -> None:
-        now, done = time.monotonic(), int(data.get("bytes", 0))
-        disk = int(data.get("disk") or 0)
-        self.done_bytes, self.total_bytes = done, int(data.get("total", 0))
-        if done < self._disk_bytes.get(disk, 0) or self._rate_at[0] == 0.0:
-            self._rate_at = (now, done)  # a disk started (over): no rate across it
-        elif now - self._rate_at[0] >= 1.0:
-            self.rate = (done - self._rate_at[1]) / (now - self._rate_at[0])
-            self._rate_at = (now, done)
-        if counted:
-            self._disk_bytes[disk] = done
-            self.moved = sum(self._disk_bytes.values())
+    @property
+    def moved(self) -> int:
+        """Bytes this run's copies of its disks really wrote (``data['moved']``; from an old producer, the
+        position): a disk an earlier run finished is not written again, a sparse disk's holes not at all."""
+        return self.progress.moved
 
-    def _disk_done(self, stage: str) -> None:
-        disk = int(stage.partition(":")[2] or 0)
-        if disk in self._disk_bytes and self.total_bytes:
-            self._disk_bytes[disk] = self.total_bytes
-            self.moved = sum(self._disk_bytes.values())
-        self.rate, self._rate_at = 0.0, (0.0, 0)
+    @property
+    def meter(self) -> Meter | None:
+        """What its stage is moving now (None between a stage's start and its first progress)."""
+        return self.progress.current
+
+    def see(self, event: Event) -> None:
+        """Take in one of its migration's events."""
+        self.progress.see(event)
+        if event.kind == "stage-start":
+            self.stage, self.progress.current = event.stage, None
 
 
 @dataclass
@@ -373,12 +366,7 @@ class _Runner:
             run.vmid = message["vmid"]
         if "kind" in message:
             event = event_of(message)
-            if event.kind == "progress":
-                run._progress(event.data, counted=event.step is None)  # an upload's bytes are not the disk's
-            elif event.kind == "stage-start":
-                run.stage, run.done_bytes, run.total_bytes = event.stage, 0, 0
-            elif event.kind == "stage-done" and event.stage.startswith("convert"):
-                run._disk_done(event.stage)
+            run.see(event)
             self.emit(run, event)
         else:
             child.last = message

@@ -1,36 +1,42 @@
 """Showing a plan run: a live view on a terminal, plain lines elsewhere, the summary table, ``--json``.
 
-``PlanView`` is the ``on_event`` handler ``run_plan`` calls. On a terminal it keeps one line per VM
-(stage, bytes written of the disk's total, rate) redrawn in place, with warnings and each VM's outcome
-scrolling above it; anywhere else every event is a line prefixed with the VM's name, as ``v2p migrate``
-prints them. This module only formats: running the plan is ``planrun``'s job.
+``PlanView`` is the ``on_event`` handler ``run_plan`` calls. On a terminal it keeps one line per VM (stage,
+percent, bytes, rate, ETA: ``row_line``) drawn by tqdm, which fits each to the terminal's width as it is
+now, with warnings and each VM's outcome scrolling above them; anywhere else every event is a line prefixed
+with the VM's name, as ``v2p migrate`` prints them, and each disk's progress a line every few seconds or
+percent (``progress.Pacer``). This module only formats: running the plan is ``planrun``'s job.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from .boot_outcomes import BOOT_SKIPPED, boot_words
 from .events import PLAN_KINDS, Event
 from .planrun import DRY_RUN, QUEUED, PlanReport, VMRun
+from .progress import COPY, Clock, Pacer
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 
-MiB = 1 << 20
 GiB = 1 << 30
-REDRAW = 0.25  # seconds between redraws of the live view (progress arrives far more often)
+REDRAW = 0.25  # seconds between redraws of a VM's line (progress arrives far more often)
 
 
 class PlanView:
     """Shows a plan's events on ``stream`` (a live view when it is a terminal, unless ``live=False``)."""
 
-    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None,
+                 clock: Clock = time.monotonic) -> None:
         self.stream = stream or sys.stdout
-        self.live = self.stream.isatty() if live is None else live
+        self.live = _is_terminal(self.stream) if live is None else live
+        self.clock = clock
         self.rows: dict[int, VMRun] = {}  # by id(): a VMRun is the same object for the whole run
-        self.drawn = 0  # lines of the live view on the screen now
-        self.last_draw = 0.0
+        self.bars: dict[int, Any] = {}  # id(VMRun) -> its tqdm line
+        self.drawn: dict[int, float] = {}  # id(VMRun) -> when its line was last drawn
+        self.pacer = Pacer()
 
     def __call__(self, vm: VMRun, event: Event) -> None:
         self.rows.setdefault(id(vm), vm)
@@ -38,12 +44,16 @@ class PlanView:
         if not self.live:
             if line is not None:
                 print(line, file=self.stream, flush=True)
+            meter = vm.meter
+            if event.kind == "progress" and meter is not None and self.pacer.due(meter, self.clock()):
+                print(f"[{vm.name}] [{meter.stage}] {meter.words()}", file=self.stream, flush=True)
             return
         if line is not None and (event.kind == "warning" or event.kind == "vm-done" or _is_warning(event)):
-            self._clear()
-            print(line, file=self.stream)
-        if event.kind != "progress" or time.monotonic() - self.last_draw >= REDRAW:
-            self.draw()
+            from tqdm import tqdm
+
+            tqdm.write(line, file=self.stream)  # above the VMs' lines, which tqdm draws again under it
+        if event.kind != "progress" or self.clock() - self.drawn.get(id(vm), 0.0) >= REDRAW:
+            self._draw(vm)
 
     @staticmethod
     def _line(vm: VMRun, event: Event) -> str | None:
@@ -63,39 +73,97 @@ class PlanView:
             return f"{head}{vmid} {event.message}"
         return f"{head} [{event.stage}] {event.message}"
 
-    def draw(self) -> None:
-        """Redraw the live view in place: cursor up over the old one, each line cleared and rewritten."""
-        if not self.live:
-            return
-        self._clear()
-        lines = [row_line(vm) for vm in self.rows.values()]
-        for line in lines:
-            self.stream.write(f"\x1b[2K{line}\n")
-        self.stream.flush()
-        self.drawn, self.last_draw = len(lines), time.monotonic()
+    def _draw(self, vm: VMRun) -> None:
+        """(Re)draw ``vm``'s line: tqdm keeps one per VM, in the order they became known, trimmed to the
+        terminal's width at each draw."""
+        bar = self.bars.get(id(vm))
+        width = max(len(row.name) for row in self.rows.values())
+        if bar is None:
+            bar = self.bars[id(vm)] = _Row(file=self.stream, position=len(self.bars), bar_format="{desc}",
+                                           dynamic_ncols=True, leave=True, mininterval=0)
+        bar.set_description_str(row_line(vm, width), refresh=True)
+        self.drawn[id(vm)] = self.clock()
 
-    def _clear(self) -> None:
-        if self.drawn:
-            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
-            self.drawn = 0
+    def draw(self) -> None:
+        """Redraw every VM's line (live view only)."""
+        if self.live:
+            for vm in self.rows.values():
+                self._draw(vm)
 
     def close(self) -> None:
-        """Leave the last state of the live view on the screen."""
+        """Leave the last state of the live view on the screen, under it the cursor."""
         self.draw()
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
 
 
-def row_line(vm: VMRun) -> str:
-    """One VM in the live view: name, VMID, what it does, bytes of the disk being written, rate."""
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@functools.cache
+def _row_class() -> Any:
+    """tqdm, drawing a line as ``\r``, the text, erase to the end of the line: tqdm's own padding with
+    spaces to the last line's length would wrap a narrowed terminal's line, and each wrap leaves a copy."""
+    from tqdm import tqdm
+
+    class Row(tqdm):  # type: ignore[misc]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.dynamic_ncols = _screen_size  # read at every draw, as display() does
+
+        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+            pos = abs(self.pos) if pos is None else pos
+            self.ncols, self.nrows = _screen_size(self.fp)
+            nrows = self.nrows
+            if pos >= nrows:
+                return False
+            if pos == nrows - 1 and msg != "":
+                msg = " ... (more hidden) ..."
+            if pos:
+                self.moveto(pos)
+            self.fp.write("\r" + (self.__str__() if msg is None else msg) + "\x1b[K")
+            if pos:
+                self.moveto(-pos)
+            self.fp.flush()
+            return True
+    return Row
+
+
+def _screen_size(stream: TextIO) -> tuple[int, int]:
+    """The terminal's columns and rows now; 80x24 when it says none (a pseudo-terminal nobody sized)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        columns, rows = size.columns, size.lines
+    except (AttributeError, OSError, ValueError):
+        columns, rows = 0, 0
+    return columns or 80, rows or 24
+
+
+def _Row(**kwargs: Any) -> Any:
+    return _row_class()(**kwargs)
+
+
+def row_line(vm: VMRun, width: int = 20) -> str:
+    """One VM in the live view: name, VMID, what it does and, while it moves bytes, how far, how fast and
+    how long yet (``web01  502  convert:1: 57 % of 2.0 GiB, 40.1 MiB/s, ETA 0:00:23, 700 MiB written``).
+    ``width``: the names' column."""
     vmid = str(vm.vmid) if vm.vmid is not None else "auto"
+    head = f"{vm.name:<{width}} {vmid:>5}  "
     if vm.result == "running":
+        meter = vm.meter
         doing = vm.stage or "starting"
-        size = f"{vm.done_bytes / MiB:8.1f} of {vm.total_bytes / MiB:.1f} MiB" if vm.total_bytes else ""
-        rate = f"{vm.rate / MiB:6.1f} MiB/s" if vm.rate else ""
-        return f"{vm.name:<20} {vmid:>9}  {doing:<12} {size:<24} {rate}".rstrip()
+        if meter is not None:
+            doing += f"{' ' + meter.step if meter.step != COPY else ''}: {meter.brief()}"
+        return head + doing
     if vm.result == "waiting" and vm.waiting_for:
-        return f"{vm.name:<20} {vmid:>9}  waiting for {vm.waiting_for}"
+        return head + f"waiting for {vm.waiting_for}"
     boot = f", boot {BOOT_SAID[vm.boot]}" if vm.boot in (BOOT_UP, BOOT_UNCONFIRMED, BOOT_FAILED) else ""
-    return f"{vm.name:<20} {vmid:>9}  {vm.result}{boot}"
+    return head + f"{vm.result}{boot}"
 
 
 def summary(report: PlanReport) -> str:

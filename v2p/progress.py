@@ -125,6 +125,17 @@ class Meter:
             parts.append(f"ETA {clock_time(eta)}")
         return ", ".join(parts)
 
+    def brief(self) -> str:
+        """``57 % of 2.0 GiB, 40.1 MiB/s, ETA 0:00:23, 700 MiB written``: a plan's line, the most telling first."""
+        parts = [f"{self.percent:.0f} % of {size(self.total)}" if self.total else size(self.position)]
+        rate, eta = self.rate, self.eta
+        if rate is not None and not self.done:
+            parts.append(f"{size(rate)}/s")
+        if eta is not None and not self.done:
+            parts.append(f"ETA {clock_time(eta)}")
+        parts.append(f"{size(self.moved_in_run)} {MOVED_WORDS.get(self.step, 'moved')}")
+        return ", ".join(parts)
+
     def words(self) -> str:
         """``disk 0: 57 % (1.1 of 2.0 GiB), 700 MiB written, 40.1 MiB/s, ETA 0:00:23``."""
         return f"{self.label()}: {self.where()}, {self.pace()}"
