@@ -180,10 +180,15 @@ def _plan(args: argparse.Namespace) -> int:
     events = _JsonLines() if machine else None
     log = None if args.dry_run else _plan_log(plan, args)
     logged = PlanView(log.stream, live=False) if log is not None else None
+    tried = False
 
     def on_event(vm: Any, event: Event) -> None:
+        nonlocal tried
         view(vm, event)
-        if logged is not None:
+        if log is not None and logged is not None:
+            if not tried and event.kind == "vm-start":
+                tried = True
+                _kept(log)
             logged(vm, event)
         if events is not None:
             events(event, vm=vm.name)
@@ -194,13 +199,13 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         with log or contextlib.nullcontext():
             report = plan.run(dry_run=args.dry_run, on_event=on_event, accel=args.accel, **options)
-            if log is not None:
+            if log is not None and log.path is not None:
                 print(summary(report), file=log.stream)
     finally:
         view.close()
         _said_log(log)
     if events is not None:
-        events.send({"kind": "result", **report.to_dict(), "log": str(log.path) if log is not None else None})
+        events.send({"kind": "result", **report.to_dict(), "log": log and log.path and str(log.path)})
     elif args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.dry_run:
@@ -213,14 +218,15 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _plan_log(plan: Any, args: argparse.Namespace) -> RunLog | None:
-    """``plan run``'s log: ``plan-<name>-<time>.log`` in the state folder of its first VM's target."""
+    """``plan run``'s log: ``plan-<name>-<time>.log`` in the state folder of its first VM's target, kept
+    once a VM starts (a plan whose every VM is refused makes nothing)."""
     if not plan.vms:
         return None
     try:
         target = api.make_target(plan.vms[0].target, accel=args.accel, env=os.environ)
     except V2PError:
         return None  # that VM fails in its own words
-    return _run_log(target.state_dir(), f"plan-{Path(args.plan).stem}")
+    return RunLog(target.state_dir(), f"plan-{Path(args.plan).stem}")
 
 
 def _plan_status(args: argparse.Namespace, plan: Any) -> int:
@@ -446,17 +452,38 @@ def _handlers(handlers: list[Callable[[Event], None]]) -> Callable[[Event], None
     return each
 
 
-def _run_log(state_dir: Any, what: str) -> RunLog | None:
-    """The run's log file (``logfile``); None, said once, when it cannot be made (the run goes on)."""
+# The stages that make nothing: a run refused there (a bad input, a rule) says so in one line and leaves
+# no log file; from the first stage after them on, the run's log is kept.
+MAKES_NOTHING = ("inspect", "preflight")
+
+
+def _logged(log: RunLog) -> Callable[[Event], None]:
+    """The log's event handler: every event as a plain line (progress every few seconds or percent);
+    the file made when a stage after the preflight starts (``RunLog.keep``)."""
+    printer = _Printer(log.stream, live=False)
+    tried = False
+
+    def handle(event: Event) -> None:
+        nonlocal tried
+        if not tried and event.kind in ("stage-start", "stage-skip") and event.stage not in MAKES_NOTHING:
+            tried = True
+            _kept(log)
+        printer(event)
+    return handle
+
+
+def _kept(log: RunLog) -> bool:
+    """Make the log's file; said, and the run goes on without it, when it cannot be made."""
     try:
-        return RunLog(state_dir, what)
+        log.keep()
+        return True
     except (OSError, V2PError) as exc:
         say(f"v2p: warning: no log file for this run: {exc}")
-        return None
+        return False
 
 
 def _said_log(log: RunLog | None) -> None:
-    if log is not None:
+    if log is not None and log.path is not None:
         say(f"v2p: the log of this run: {shown_path(str(log.path))}")
 
 
@@ -490,19 +517,18 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         for name, summary, done in migration.plan():
             print(f"  {name:<10} {'done, would skip' if done else summary}")
         return 0
-    log = _run_log(target.state_dir(), str(migration.vmid))
-    if log is not None:
-        handlers.append(_Printer(log.stream, live=False))
+    log = RunLog(target.state_dir(), str(migration.vmid))
+    handlers.append(_logged(log))
     try:
-        with log or contextlib.nullcontext():
+        with log:
             result = migration.run()
     except BaseException as exc:
         printer._close_bar()
         if events is not None:
-            events.send(_failed(migration.vmid, exc))
-        if log is not None and isinstance(exc, V2PError):
+            events.send(_failed(migration.vmid, exc, log))
+        if log.path is not None and isinstance(exc, V2PError):
             exc.add_note(f"the log of this run: {shown_path(str(log.path))}")
-        elif log is not None:
+        else:
             _said_log(log)
         raise
     printer._close_bar()
@@ -516,13 +542,13 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     code = boot_exit_code(result["boot"])
     if events is not None:
         events.send({"kind": "result", "vmid": migration.vmid, "ok": code == 0, "exit_code": code, "error": None,
-                     "log": str(log.path) if log is not None else None, "result": result})
+                     "log": log.path and str(log.path), "result": result})
     elif args.json:  # the record, as v2p status --json shows it
         print(json.dumps(result, indent=2))
     return code
 
 
-def _failed(vmid: int, exc: BaseException) -> dict[str, Any]:
+def _failed(vmid: int, exc: BaseException, log: RunLog) -> dict[str, Any]:
     """``--progress=json``'s last line for a run that ended in ``exc``."""
     if isinstance(exc, V2PError):
         code, error = exc.exit_code, str(exc)
@@ -530,7 +556,8 @@ def _failed(vmid: int, exc: BaseException) -> dict[str, Any]:
         code, error = interrupts.exit_status(), "interrupted; rerun the same command to resume"
     else:
         code, error = 1, f"{type(exc).__name__}: {exc}"
-    return {"kind": "result", "vmid": vmid, "ok": False, "exit_code": code, "error": error, "result": None}
+    return {"kind": "result", "vmid": vmid, "ok": False, "exit_code": code, "error": error,
+            "log": log.path and str(log.path), "result": None}
 
 
 def _print_guest_ips(result: dict[str, Any], out: TextIO) -> None:

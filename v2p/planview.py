@@ -115,6 +115,10 @@ def _row_class() -> Any:
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.dynamic_ncols = _screen_size  # read at every draw, as display() does
+            self.sp = self._line  # tqdm's clear() (before tqdm.write prints above) erases the line too
+
+        def _line(self, text: str) -> None:
+            self.fp.write("\r" + text + "\x1b[K")
 
         def display(self, msg: str | None = None, pos: int | None = None) -> bool:
             pos = abs(self.pos) if pos is None else pos
@@ -126,7 +130,7 @@ def _row_class() -> Any:
                 msg = " ... (more hidden) ..."
             if pos:
                 self.moveto(pos)
-            self.fp.write("\r" + (self.__str__() if msg is None else msg) + "\x1b[K")
+            self._line(self.__str__() if msg is None else msg)
             if pos:
                 self.moveto(-pos)
             self.fp.flush()

@@ -206,10 +206,10 @@ def in_unit(count: float, unit: tuple[int, str]) -> str:
 
 
 def size(count: float) -> str:
-    """``700 MiB``, ``1.1 GiB``, ``512 B``: a byte count as a person reads it."""
-    unit = unit_of(count)
-    value = in_unit(count, unit)
-    return f"{value.removesuffix('.0') if unit[0] != 1 and count >= 100 * unit[0] else value} {unit[1]}"
+    """``700 MiB``, ``1.1 GiB``, ``512 B``: a byte count as a person reads it (no decimal from 100 up)."""
+    factor, name = unit_of(count)
+    value = count / factor
+    return f"{value:.0f} {name}" if factor == 1 or value >= 100 else f"{value:.1f} {name}"
 
 
 def clock_time(seconds: float) -> str:
