@@ -284,6 +284,23 @@ def test_a_run_refused_before_it_makes_anything_leaves_no_log(inproc: V2P, tmp_p
     assert not list(tmp_path.rglob("logs"))
 
 
+def test_plan_run_keeps_a_log_per_run_and_per_migration(inproc: V2P, small_vmdk: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "wave.yaml"
+    plan.write_text(f"defaults: {{target: {{kind: local, dir: {tmp_path / 'target'}, accel: tcg}}, "
+                    f"boot_check: false}}\nvms:\n  - {{source: {small_vmdk}, vmid: 161, name: web01}}\n")
+    proc = inproc("plan", "run", str(plan), "--json")
+    assert proc.returncode == 0, proc.stderr
+    logs = tmp_path / "target" / "migrations" / "logs"
+    [plan_log] = list(logs.glob("plan-wave-*.log"))
+    assert f"v2p: the log of this run: {plan_log}" in proc.stderr
+    text = plan_log.read_text()
+    assert "[web01] [convert] disk 0: 100 % (16.0 of 16.0 MiB)" in text and "1 of 1 VMs migrated" in text
+    [vm_log] = list(logs.glob("161-*.log"))
+    assert json.loads(proc.stdout)["vms"][0]["log"] == str(vm_log)
+    text = vm_log.read_text()
+    assert re.search(r"v2p: DEBUG: v2p\.runner: \S*qemu-img convert ", text) and "[finish] done in" in text
+
+
 def test_a_secret_read_in_the_run_is_masked_in_its_log(tmp_path: Path) -> None:
     import logging
 

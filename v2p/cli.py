@@ -17,7 +17,6 @@ import os
 import select
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,13 +26,13 @@ from . import api, cli_vsphere, interrupts
 from .boot_outcomes import BOOT_SKIPPED, boot_exit_code, boot_outcome, boot_words
 from .cli_args import build_parser, given, say
 from .errors import V2PError, shown_path
+from .eventlines import EventPrinter, kept, logged
 from .events import Event
 from .inspect import DiskImage
 from .logfile import RunLog
 from .options import (
     OptionError,
 )
-from .progress import Clock, Meter, Pacer, Progress
 from .stages import STAGES, dance_boot
 from .targets.base import BOOT_FAILED, BOOT_UP
 
@@ -141,7 +140,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = api.dance(args.vmid, target=target, bus=args.bus, confirmed=args.confirmed,
                            drivers_iso=args.drivers_iso, net_drivers=args.net_drivers, arch=args.arch,
                            dance_wait=args.dance_wait, boot_wait=args.boot_wait,
-                           shutdown_timeout=args.shutdown_timeout, start=args.start, on_event=_Printer())
+                           shutdown_timeout=args.shutdown_timeout, start=args.start, on_event=EventPrinter())
         boot = dance_boot(result)  # boot 2 on virtio, judged as any boot check (a failed one rolled back)
         print(f"VM {args.vmid} now boots from {result['system_disk']}; {boot_words(boot['outcome'], boot['signal'])}")
         return boot_exit_code(boot["outcome"])
@@ -188,7 +187,7 @@ def _plan(args: argparse.Namespace) -> int:
         if log is not None and logged is not None:
             if not tried and event.kind == "vm-start":
                 tried = True
-                _kept(log)
+                kept(log, say)
             logged(vm, event)
         if events is not None:
             events(event, vm=vm.name)
@@ -198,7 +197,8 @@ def _plan(args: argparse.Namespace) -> int:
         if value is not None}
     try:
         with log or contextlib.nullcontext():
-            report = plan.run(dry_run=args.dry_run, on_event=on_event, accel=args.accel, **options)
+            report = plan.run(dry_run=args.dry_run, on_event=on_event, accel=args.accel, logs=log is not None,
+                              **options)
             if log is not None and log.path is not None:
                 print(summary(report), file=log.stream)
     finally:
@@ -363,71 +363,7 @@ def _print_image(image: DiskImage) -> None:
     print(f"  verdict:   {image.verdict}")
 
 
-class _Printer:
-    """Shows pipeline events as lines; progress as a tqdm bar per step when ``out`` is a terminal (``live``),
-    else as a plain line every PLAIN_EVERY_SECONDS or PLAIN_EVERY_PERCENT of a disk (``progress.Pacer``)."""
-
-    def __init__(self, out: TextIO | None = None, *, live: bool | None = None, clock: Clock = time.monotonic,
-                 prefix: str = "") -> None:
-        self.bar: Any = None
-        self.bar_meter: Meter | None = None
-        self.out = out or sys.stdout  # not bound at import: sys.stdout may be replaced (_standard_streams)
-        self.live = _is_terminal(self.out) if live is None else live
-        self.progress = Progress(clock)
-        self.pacer = Pacer()
-        self.prefix = prefix  # a plan's log: the VM's name
-
-    def __call__(self, event: Event) -> None:
-        meter = self.progress.see(event)
-        if event.kind == "progress":
-            if meter is not None:
-                self._show(meter)
-            return
-        self._close_bar()
-        if event.kind == "stage-start":
-            self._say(f"[{event.stage}] {event.message}")
-        elif event.kind == "stage-skip":
-            self._say(f"[{event.stage}] already {event.message}, skipped")
-        elif event.kind == "stage-done":
-            self._say(f"[{event.stage}] done in {event.message}")
-        elif event.kind == "warning" or event.kind == "finding" and event.data.get("severity") == "warning":
-            self._say(f"[{event.stage}] warning: {event.message}")
-        elif event.kind == "finding" and event.data.get("severity") == "error":
-            return  # the run stops on it with its own error line
-        else:
-            self._say(f"[{event.stage}] {event.message}")
-
-    def _say(self, line: str) -> None:
-        print(f"{self.prefix}{line}", file=self.out, flush=True)
-
-    def _show(self, meter: Meter) -> None:
-        if not self.live:
-            if self.pacer.due(meter, self.progress.clock()):
-                self._say(f"[{meter.stage}] {meter.words()}")
-            return
-        if self.bar is not None and self.bar_meter is not meter:  # a fetch's bar, then the copy's
-            self._close_bar()
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=meter.total or None, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=f"[{meter.stage}] {meter.label()}", file=self.out, dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}")
-            self.bar_meter = meter
-        self.bar.set_postfix_str(meter.pace(), refresh=False)
-        self.bar.update(meter.position - self.bar.n)
-
-    def _close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar, self.bar_meter = None, None
-
-
-def _is_terminal(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
+_Printer = EventPrinter  # what tests of the lines import
 
 
 class _JsonLines:
@@ -452,36 +388,6 @@ def _handlers(handlers: list[Callable[[Event], None]]) -> Callable[[Event], None
     return each
 
 
-# The stages that make nothing: a run refused there (a bad input, a rule) says so in one line and leaves
-# no log file; from the first stage after them on, the run's log is kept.
-MAKES_NOTHING = ("inspect", "preflight")
-
-
-def _logged(log: RunLog) -> Callable[[Event], None]:
-    """The log's event handler: every event as a plain line (progress every few seconds or percent);
-    the file made when a stage after the preflight starts (``RunLog.keep``)."""
-    printer = _Printer(log.stream, live=False)
-    tried = False
-
-    def handle(event: Event) -> None:
-        nonlocal tried
-        if not tried and event.kind in ("stage-start", "stage-skip") and event.stage not in MAKES_NOTHING:
-            tried = True
-            _kept(log)
-        printer(event)
-    return handle
-
-
-def _kept(log: RunLog) -> bool:
-    """Make the log's file; said, and the run goes on without it, when it cannot be made."""
-    try:
-        log.keep()
-        return True
-    except (OSError, V2PError) as exc:
-        say(f"v2p: warning: no log file for this run: {exc}")
-        return False
-
-
 def _said_log(log: RunLog | None) -> None:
     if log is not None and log.path is not None:
         say(f"v2p: the log of this run: {shown_path(str(log.path))}")
@@ -491,7 +397,7 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     # With --json or --progress=json, stdout holds JSON alone: the lines a person reads go to stderr.
     machine = args.progress == "json"
     out = sys.stderr if args.json or machine else sys.stdout
-    printer = _Printer(out, live=None if args.progress == "auto" else False)
+    printer = EventPrinter(out, live=None if args.progress == "auto" else False)
     handlers: list[Callable[[Event], None]] = [printer]
     events = _JsonLines() if machine else None
     if events is not None:
@@ -518,7 +424,7 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
             print(f"  {name:<10} {'done, would skip' if done else summary}")
         return 0
     log = RunLog(target.state_dir(), str(migration.vmid))
-    handlers.append(_logged(log))
+    handlers.append(logged(log, say))
     try:
         with log:
             result = migration.run()

@@ -101,6 +101,7 @@ class VMRun:
     waiting_for: str = ""  # why it has not started yet
     boot: str = ""  # up | unconfirmed | failed | skipped; "" while unknown (not that far, or not run)
     boot_signal: str = ""
+    log: str | None = None  # its migration's log file, when the run keeps logs (``run_plan(logs=True)``)
     plan: list[tuple[str, str, bool]] = field(default_factory=list)  # dry run: (stage, summary, done)
     about: list[str] = field(default_factory=list)  # dry run: what the VM is and where it would go
     started: float | None = None  # monotonic, of this run's first start
@@ -114,7 +115,7 @@ class VMRun:
         data: dict[str, Any] = {"name": self.name, "vmid": self.vmid, "node": self.node, "storage": self.storage,
                                 "result": self.result, "stage": self.stage, "seconds": round(self.seconds, 3),
                                 "bytes_moved": self.moved, "exit_code": self.exit_code, "error": self.error,
-                                "boot": self.boot or None, "boot_signal": self.boot_signal or None}
+                                "boot": self.boot or None, "boot_signal": self.boot_signal or None, "log": self.log}
         if self.plan or self.about:
             data["about"] = list(self.about)
             data["stages"] = [{"stage": stage, "summary": summary, "done": done}
@@ -192,8 +193,8 @@ class _Runner:
 
     def __init__(self, vms: Sequence[PlanVM], *, parallel: int, per_storage: int, per_node: int,
                  on_event: PlanEventHandler, stop: threading.Event | None, accel: str, lock_wait: float,
-                 refused: Mapping[str, str]) -> None:
-        self.vms = vms
+                 refused: Mapping[str, str], logs: bool = False) -> None:
+        self.vms, self.logs = vms, logs
         self.schedule = Scheduler(len(vms), parallel=parallel, per_storage=per_storage, per_node=per_node)
         self.refused = refused
         self.emit, self.stop, self.accel, self.lock_wait = on_event, stop, accel, lock_wait
@@ -350,7 +351,7 @@ class _Runner:
     def _spawn(self, index: int) -> None:
         vm, run = self.vms[index], self.runs[index]
         job = {"name": vm.name, "source": str(vm.source), "vmid": vm.vmid, "target": vm.target,
-               "accel": self.accel, "options": vm.options}
+               "accel": self.accel, "options": vm.options, "log": self.logs}
         child = self.children.spawn(index, job)
         self.running[index] = child
         self.first_try.setdefault(index, child.started)
@@ -376,6 +377,7 @@ class _Runner:
         del self.running[child.index]
         self.schedule.end(child.index)
         run, last = self.runs[child.index], child.last or {}
+        run.log = str(last["log"]) if last.get("log") else run.log
         run.seconds += time.monotonic() - child.started
         run.exit_code = code
         if code in (0, EXIT_BOOT_UNCONFIRMED) and isinstance(last.get("result"), dict):
@@ -455,7 +457,7 @@ def _migration(vm: PlanVM, accel: str) -> api.Migration:
 def run_plan(vms: Sequence[PlanVM], *, parallel: int = PARALLEL, dry_run: bool = False,
              on_event: PlanEventHandler | None = None, per_storage: int = PER_STORAGE, per_node: int = PER_NODE,
              stop: threading.Event | None = None, accel: str = "auto", lock_wait: float = LOCK_WAIT,
-             refused: Mapping[str, str] | None = None) -> PlanReport:
+             refused: Mapping[str, str] | None = None, logs: bool = False) -> PlanReport:
     """Migrate (or resume) every VM of a plan, each in a child process; see the module docstring.
 
     ``on_event(vm, event)`` gets each child's events (``vm`` is the VM's live ``VMRun``) and the run's own:
@@ -465,7 +467,8 @@ def run_plan(vms: Sequence[PlanVM], *, parallel: int = PARALLEL, dry_run: bool =
     ``interrupts.install``) does the same instead of propagating. One VM's failure stops no other.
     ``dry_run``: what each VM would do, as ``v2p migrate --dry-run`` shows it, touching nothing.
     ``refused``: VM name -> why its plan's checks refused it (``Plan.run``): it fails before anything is
-    measured, locked or made for it.
+    measured, locked or made for it. ``logs``: each child writes its migration's log file, as ``v2p migrate``
+    does (``VMRun.log`` its path); off by default, as the library's logs are.
     """
     for option, value in (("--parallel", parallel), ("per_storage", per_storage), ("per_node", per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -474,7 +477,7 @@ def run_plan(vms: Sequence[PlanVM], *, parallel: int = PARALLEL, dry_run: bool =
     if dry_run:
         return _dry_run(vms, accel, emit, refused or {})
     return _Runner(vms, parallel=parallel, per_storage=per_storage, per_node=per_node, on_event=emit, stop=stop,
-                   accel=accel, lock_wait=lock_wait, refused=refused or {}).run()
+                   accel=accel, lock_wait=lock_wait, refused=refused or {}, logs=logs).run()
 
 
 def _dry_run(vms: Sequence[PlanVM], accel: str, emit: PlanEventHandler, refused: Mapping[str, str]) -> PlanReport:

@@ -171,8 +171,9 @@ def row_line(vm: VMRun, width: int = 20) -> str:
 
 
 def summary(report: PlanReport) -> str:
-    """The table at the end: VM, VMID, result, boot, seconds, GiB moved; the errors and the boots not
-    confirmed under it; then the counts, boots up / not confirmed / failed apart."""
+    """The table at the end: VM, VMID, result, boot, seconds, GiB moved; the errors (each with its
+    migration's log, if kept) and the boots not confirmed under it; then the counts, boots up / not
+    confirmed / failed apart."""
     lines = [f"{'VM':<20} {'VMID':>9}  {'RESULT':<14} {'BOOT':<13} {'SECONDS':>8} {'GIB MOVED':>10}"]
     for vm in report.vms:
         vmid = str(vm.vmid) if vm.vmid is not None else "-"
@@ -181,6 +182,8 @@ def summary(report: PlanReport) -> str:
     for vm in report.vms:
         if vm.error and vm.result != "interrupted":
             lines.append(f"{vm.name}: {vm.error}")
+            if vm.log:
+                lines.append(f"{vm.name}: the log of its migration: {vm.log}")
         elif vm.boot == BOOT_UNCONFIRMED:
             lines.append(f"{vm.name}: {boot_words(vm.boot, vm.boot_signal)}")
     done = sum(1 for vm in report.vms if vm.ok)
