@@ -94,6 +94,25 @@ def test_migrate_off_a_terminal_says_progress_every_10_percent_or_10_seconds() -
     assert out.getvalue().count("100 %") == 1
 
 
+def test_migrate_on_a_terminal_shows_a_bar_with_bytes_written_rate_and_eta() -> None:
+    from v2p.cli import _Printer
+
+    out, clock = io.StringIO(), Clock()
+    printer = _Printer(out, live=True, clock=clock)
+    printer(Event("stage-start", "convert", "write the disk"))
+    for percent in range(0, 51):
+        clock.now += 0.1
+        printer(progress("convert", 0, 2 * GiB * percent // 100, 2 * GiB, moved=2 * GiB * percent * 35 // 10000,
+                         percent=float(percent)))
+    printer.bar.refresh()
+    drawn = out.getvalue().split("\r")[-1]
+    expected = r"\[convert\] disk 0:  50%\|.*\| 1\.00G/2\.00G, 358 MiB written, 71\.7 MiB/s, ETA 0:00:05"
+    assert re.match(expected, drawn), drawn
+    printer(progress("verify", 0, 100 * MiB, 700 * MiB, moved=100 * MiB, step="upload"))  # the next step's bar
+    printer.bar.refresh()
+    assert out.getvalue().split("\r")[-1].startswith("[verify] upload disk 0:  14%|")
+
+
 def test_migrate_piped_prints_progress_lines(inproc: V2P, small_vmdk: Path) -> None:
     proc = inproc("migrate", str(small_vmdk), "--vmid", "150", "--no-boot-check")
     assert proc.returncode == 0, proc.stderr

@@ -433,8 +433,8 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         if events is not None:
             events.send(_failed(migration.vmid, exc, log))
         if log.path is not None and isinstance(exc, V2PError):
-            exc.add_note(f"the log of this run: {shown_path(str(log.path))}")
-        else:
+            exc.add_note(f"the log of this run: {shown_path(str(log.path))}")  # under the error line
+        elif not isinstance(exc, KeyboardInterrupt):  # stopped: one line, the rerun resumes (and logs on)
             _said_log(log)
         raise
     printer._close_bar()

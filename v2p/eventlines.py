@@ -68,7 +68,7 @@ class EventPrinter:
 
             self.bar = tqdm(total=meter.total or None, unit="B", unit_scale=True, unit_divisor=1024,
                             desc=f"[{meter.stage}] {meter.label()}", file=self.out, dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}")
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
             self.bar_meter = meter
         self.bar.set_postfix_str(meter.pace(), refresh=False)
         self.bar.update(meter.position - self.bar.n)
