@@ -1,5 +1,7 @@
 # make demo  - set everything up, migrate a sample VMware disk, boot it, show what the guest said
 # make test  - set everything up, run the whole test suite
+# make install - the man page (v2p.1) and bash completion, generated from v2p's parser, into PREFIX
+#                (default: the venv, so nothing outside the checkout; e.g. make install PREFIX=/usr/local)
 # make test-fast - the fast tier, -m "not slow": no guest boot, no PVE simulator, no v2p process (the
 #                  command's checks run cli.main in-process); tiers come from fixtures (tests/conftest.py)
 PYTHON ?= python3
@@ -12,10 +14,13 @@ DEMO_VMID := 100
 # CI's 2 cores keeps both busy. The fast tier is CPU-bound: one worker per core.
 TEST_JOBS ?= 4
 FAST_JOBS ?= auto
+PREFIX ?= $(CURDIR)/$(VENV)
+CLI_DOCS ?= build/cli
+CLI_SOURCES := $(wildcard v2p/*.py v2p/targets/*.py)
 
-.PHONY: setup system venv samples demo test test-fast lint bench clean
+.PHONY: setup system venv samples demo test test-fast lint bench clean install
 
-setup: system venv
+setup: system venv install
 
 system:
 	@bash scripts/setup-system.sh
@@ -27,6 +32,24 @@ $(VENV)/.installed: pyproject.toml | system
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
+
+# The man page and completion come from the parser (argparse-manpage, shtab: the cli-docs extra); the
+# completion goes where bash-completion looks for it under PREFIX, the page where man does.
+$(CLI_DOCS)/v2p.1: $(CLI_SOURCES) | venv
+	@mkdir -p $(@D)
+	$(BIN)/argparse-manpage --module v2p.cli_args --function build_parser --prog v2p --project-name v2p \
+	  --version "$$($(BIN)/python -c 'import v2p; print(v2p.__version__)')" --manual-title "v2p manual" \
+	  --description "move VMware virtual machines onto KVM (Proxmox VE, plain QEMU), resumably" --output $@.tmp
+	@# left-aligned, as most pages are: a target URL's usage is one long word that justification cannot fit
+	sed '/^\.TH /a .ad l' $@.tmp > $@ && rm $@.tmp
+
+$(CLI_DOCS)/v2p.bash: $(CLI_SOURCES) | venv
+	@mkdir -p $(@D)
+	$(BIN)/shtab --shell=bash --prog v2p v2p.cli_args.build_parser > $@.tmp && mv $@.tmp $@
+
+install: $(CLI_DOCS)/v2p.1 $(CLI_DOCS)/v2p.bash
+	install -D -m 644 $(CLI_DOCS)/v2p.1 $(PREFIX)/share/man/man1/v2p.1
+	install -D -m 644 $(CLI_DOCS)/v2p.bash $(PREFIX)/share/bash-completion/completions/v2p
 
 samples: setup
 	$(BIN)/python sample_images/build.py $(SAMPLES)
@@ -58,4 +81,4 @@ bench: samples
 	$(BIN)/python bench/boot_bench.py
 
 clean:
-	rm -rf $(SAMPLES) $(DEMO_DIR) .pytest_cache
+	rm -rf $(SAMPLES) $(DEMO_DIR) $(CLI_DOCS) .pytest_cache

@@ -15,6 +15,7 @@ declare -A need=(
   [pvcreate]=lvm2
   [xorriso]=xorriso
   [sfdisk]=fdisk
+  [groff]=groff-base  # the man page's check renders it (make install writes it)
 )
 missing=()
 export PATH="$PATH:/usr/sbin:/sbin"

@@ -28,7 +28,16 @@ from v2p.errors import NoSuchVMError, TargetError, VMIDExistsError
 from v2p.sources.base import DiskFacts, Source
 from v2p.spec import DiskSpec, NicSpec, VMSpec
 from v2p.storage import DirStorage, Storage
-from v2p.targets.base import BOOT_UP, BootReport, Capabilities, DiskSink, GuestIO, Target, VMConfig
+from v2p.targets.base import (
+    BOOT_UP,
+    BootReport,
+    Capabilities,
+    DiskSink,
+    GuestIO,
+    KeyProgress,
+    Target,
+    VMConfig,
+)
 from v2p.targets.sink import StorageSink, storage_sink
 from v2p.volumes import Drive, VolumeRef, drive_volume, print_drive
 
@@ -120,7 +129,8 @@ class FakeTarget(Target):
             raise NoSuchVMError(f"VMID {vmid} does not exist on the fake target")
         return dict(self.configs[vmid])
 
-    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = ()) -> None:
+    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = (), *,
+                   progress: KeyProgress | None = None) -> None:
         config = self.get_config(vmid)
         self._call("set_config", vmid, dict(updates), delete)
         for key in delete:

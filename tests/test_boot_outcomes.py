@@ -179,8 +179,8 @@ def test_migrate_failed_exits_7_and_status_says_failed(tmp_path, small_vmdk, cap
     assert err.startswith(f"v2p: error: VM 153 did not boot: {NOTHING} (hint: ") and "boot order" in err
     assert "migrated from" not in out
     code, out, _err = run_cli(capsys, "--target-dir", target, "status", "153")
-    assert out.splitlines()[0] == f"VMID 153: {small_vmdk} — boot failed: {NOTHING} (rerun migrate to check " \
-                                  "the boot again)"
+    assert out.splitlines()[0] == f"VMID 153: {small_vmdk} — boot failed: {NOTHING} (to check the boot again: " \
+                                  f"v2p --target-dir {target} migrate {small_vmdk} --vmid 153)"
     assert [line for line in out.splitlines() if line.startswith("  boot ")][0].startswith("  boot       failed ")
 
 

@@ -107,3 +107,58 @@ def test_every_exit_code_has_its_row() -> None:
             assert "| 130, 143 |" in cli
         else:
             assert re.search(rf"^\| {code} \|", cli, re.MULTILINE), f"exit code {code}: no row in docs/cli.md"
+
+
+def shell_lines(path: Path) -> list[tuple[int, str]]:
+    """The README's command lines: its indented blocks and its sh/bash/console fences (not YAML)."""
+    found, fence = [], None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            fence = None if fence is not None else (line[3:].strip() or "text")
+            continue
+        if fence in ("sh", "bash", "console", "shell") or (fence is None and line.startswith("    ")):
+            found.append((number, line))
+    return found
+
+
+def history_expanded(line: str) -> bool:
+    """Whether interactive bash would expand a ``!`` in ``line`` (history expansion): one outside single
+    quotes and not escaped, followed by anything but a blank, ``=`` or ``(`` (bash's
+    ``history_no_expand_chars``)."""
+    quoted, escaped = False, False
+    for index, char in enumerate(line):
+        if escaped:
+            escaped = False
+        elif char == "\\" and not quoted:
+            escaped = True
+        elif char == "'":
+            quoted = not quoted
+        elif char == "#" and not quoted and (index == 0 or line[index - 1] in " \t"):
+            return False  # a comment
+        elif char == "!" and not quoted and line[index + 1:index + 2] not in ("", " ", "\t", "=", "("):
+            return True
+    return False
+
+
+def test_history_expansion_is_what_bash_does() -> None:
+    assert history_expanded("v2p --target pve://v2p@pve!migrate@pve1/pve1 status")
+    assert history_expanded('v2p --target "pve://v2p@pve!migrate@pve1/pve1" status')
+    assert not history_expanded("v2p --target 'pve://v2p@pve!migrate@pve1/pve1' status")
+    assert not history_expanded(r"echo a\!b; test 1 != 2; echo done   # a comment's !bang")
+
+
+def test_every_readme_command_pastes_into_bash() -> None:
+    lines = shell_lines(ROOT / "README.md")
+    assert any("pve://" in line for _number, line in lines)  # the PVE examples are among them
+    expanded = [f"README.md:{number}: {line.strip()}" for number, line in lines if history_expanded(line)]
+    assert not expanded, "a '!' bash would take as history expansion (quote it in '...'):\n" + "\n".join(expanded)
+
+
+PVE_USER = re.compile(r"pve://([^@/\s'\"]+@[^@/!\s'\"]+(?:![^@/\s'\"]+)?)@")
+
+
+def test_the_readme_and_the_pipelines_name_the_same_token() -> None:
+    readme = set(PVE_USER.findall((ROOT / "README.md").read_text()))
+    pipelines = {user for path in (ROOT / "pipelines").glob("*.yaml") for user in PVE_USER.findall(path.read_text())}
+    assert readme and pipelines, (readme, pipelines)
+    assert readme == pipelines, f"README.md names {sorted(readme)}, pipelines/ {sorted(pipelines)}"

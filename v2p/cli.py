@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import select
+import shlex
 import signal
 import sys
 import traceback
@@ -30,9 +31,11 @@ from .eventlines import EventPrinter, kept, logged
 from .events import Event
 from .inspect import DiskImage
 from .logfile import RunLog
+from .option_table import OPTIONS
 from .options import (
     OptionError,
 )
+from .plan_status import stopped_in
 from .stages import STAGES, dance_boot
 from .targets.base import BOOT_FAILED, BOOT_UP
 
@@ -238,7 +241,10 @@ def _plan_status(args: argparse.Namespace, plan: Any) -> int:
         print(f"{'VM':<{width}}  {'VMID':>9}  {'STATE':<11}  STAGE / DETAIL")
         for status in statuses:
             vmid = str(status.vmid) if status.vmid is not None else "auto"
-            about = ", ".join(part for part in (status.stage and f"[{status.stage}]", status.detail) if part)
+            # An interrupted, failed or copying VM's detail says the stage it is in; its last recorded
+            # stage beside that would read as where it stopped.
+            last = status.stage if status.state not in ("interrupted", "failed") and status.percent is None else None
+            about = ", ".join(part for part in (last and f"[{last}]", status.detail) if part)
             print(f"{status.name:<{width}}  {vmid:>9}  {status.state:<11}  {about}".rstrip())
     return 5 if any(status.state == "unreadable" for status in statuses) else 0
 
@@ -499,14 +505,15 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
         data = state.data
         failed = data.get("failed")
         boot, signal = boot_outcome(data["stages"].get("boot", {}).get("result"))
+        rerun = _resume_command(args, target, data["request"], state.vmid)
         if data["finished"]:
             verdict = f"finished; {boot_words(boot, signal)}"
         elif failed and boot == BOOT_FAILED:
-            verdict = f"{boot_words(boot, signal)} (rerun migrate to check the boot again)"
+            verdict = f"{boot_words(boot, signal)} (to check the boot again: {rerun})"
         elif failed:
-            verdict = f"stopped in {failed.get('stage')}: {failed.get('error')} (rerun migrate to resume)"
+            verdict = f"stopped in {stopped_in(data, failed.get('stage'))}: {failed.get('error')} (to resume: {rerun})"
         else:
-            verdict = "unfinished (rerun migrate to resume)"
+            verdict = f"unfinished{f' in {stopped_in(data)}' if data.get('progress') else ''} (to resume: {rerun})"
         print(f"VMID {state.vmid}: {data['request']['source']} — {verdict}")
         stages = data["stages"]
         for name in (stage.name for stage in STAGES):
@@ -517,6 +524,48 @@ def _status(args: argparse.Namespace, target: api.Target) -> int:
                        f"({record['seconds']:.2f}s): {boot_words(boot, signal)}"
             print(f"  {name:<10} {when}")
     return 5 if damaged else 0
+
+
+def _resume_command(args: argparse.Namespace, target: api.Target, request: dict[str, Any], vmid: int) -> str:
+    """The ``v2p migrate`` line that resumes a recorded migration: its source and VMID, the target
+    as this command was given it, and every option the record holds that a resume must repeat
+    (``MigrationOptions.identity``), spelled as ``migrate``'s flags."""
+    words = ["v2p"]
+    if target.kind != "local":
+        words += ["--target", args.target]
+    elif args.target_dir is not None:
+        words += ["--target-dir", str(args.target_dir)]
+    words += ["migrate", str(request.get("source")), "--vmid", str(vmid)]
+    recorded = request.get("options")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    for option in OPTIONS:
+        value = recorded.get(option.keyword, option.default)
+        if not option.flag or option.volatile or value == option.default or \
+                (option.keyword == "storage" and value == target.default_storage()):
+            continue
+        if option.kind == "bool":
+            words += [option.flag if value else f"--no-{option.flag[2:]}"]
+        elif option.kind == "bridges" and isinstance(value, dict):
+            words += [word for name, bridge in value.items() for word in (option.flag, f"{name}={bridge}")]
+        elif option.kind == "rules" and isinstance(value, list):
+            words += [word for rule in value for word in (option.flag, str(rule))]
+        elif value is not None:
+            words += [option.flag, str(value)]
+    return shlex.join(words)
+
+
+def _how_to_reach(target: api.LocalTarget, vmid: int) -> None:
+    """What a local VM offers once started (qemu_cmdline.build): its serial port logged to a file, no
+    display, and each NIC on QEMU's user-mode network, whatever bridge its config names."""
+    log = target.serial_log(vmid)
+    print(f"  serial console: written to {log} (follow it: tail -f {shlex.quote(str(log))}); no display "
+          "(QEMU runs with -display none: no VNC)")
+    config = target.get_config(vmid)
+    for key in sorted(key for key in config if key.startswith("net") and key[3:].isdigit()):
+        bridge = dict(part.partition("=")[::2] for part in config[key].split(",")[1:]).get("bridge")
+        named = f"its config's bridge {bridge}" if bridge else "no bridge"
+        print(f"  {key}: not connected to {named}: the local target gives each NIC QEMU's user-mode network "
+              "(outbound NAT through this host; nothing reaches the guest)")
 
 
 def _confirmed_name(args: argparse.Namespace, target: api.Target) -> str | None:
@@ -564,6 +613,8 @@ def _vm(args: argparse.Namespace, target: api.Target) -> int:
     elif command == "start":
         target.start(vmid)
         print(f"VM {vmid} started")
+        if isinstance(target, api.LocalTarget):
+            _how_to_reach(target, vmid)
     elif command == "stop":
         target.stop(vmid, timeout=args.timeout)
         print(f"VM {vmid} stopped")

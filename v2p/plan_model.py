@@ -61,7 +61,9 @@ class VMStatus:
     """Where one VM of a plan stands, from its migration record (``state``: not started, running,
     unfinished, interrupted, failed, finished, other (its VMID holds another source's migration),
     unreadable, unknown (its target could not be asked)); ``boot``: how its boot check ended, once
-    it did (up, unconfirmed, failed, skipped; "" before), ``boot_signal`` what was seen."""
+    it did (up, unconfirmed, failed, skipped; "" before), ``boot_signal`` what was seen; ``percent``:
+    how far the copy of the disk it stopped (or is) in got, from the record's checkpoint (None
+    without one)."""
 
     name: str
     vmid: int | None  # None: an ``auto`` VM not started yet, or a target that could not be asked
@@ -70,7 +72,9 @@ class VMStatus:
     detail: str = ""
     boot: str = ""
     boot_signal: str = ""
+    percent: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "vmid": self.vmid, "state": self.state, "stage": self.stage,
-                "detail": self.detail, "boot": self.boot or None, "boot_signal": self.boot_signal or None}
+                "detail": self.detail, "boot": self.boot or None, "boot_signal": self.boot_signal or None,
+                "percent": None if self.percent is None else round(self.percent, 1)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from . import api, boot_outcomes
 from .errors import StateError, V2PError
@@ -49,18 +50,49 @@ def status_of(vm: PlanVM, targets: Targets) -> VMStatus:
         seconds = sum(float(stage.get("seconds", 0)) for stage in data["stages"].values())
         return VMStatus(vm.name, vmid, "finished", last, f"at {data.get('finished_at', '?')} ({seconds:.1f} s of "
                         f"work); {boot_outcomes.boot_words(boot, signal)}", boot, signal)
+    percent = copied_percent(data)
     if locked(record.directory, vmid):
         done = f"{len(recorded)} stage(s) done" + (f", last {last}" if last else "")
-        return VMStatus(vm.name, vmid, "running", last, done, boot, signal)
+        if percent is not None:
+            done = f"in {stopped_in(data)}; {done}"
+        return VMStatus(vm.name, vmid, "running", last, done, boot, signal, percent)
     failed = data.get("failed")
     if isinstance(failed, dict) and failed.get("error") == "interrupted":  # Ctrl-C, SIGTERM: resumable
-        return VMStatus(vm.name, vmid, "interrupted", last, f"in {failed.get('stage')}; rerun the plan to resume",
-                        boot, signal)
+        return VMStatus(vm.name, vmid, "interrupted", last,
+                        f"in {stopped_in(data, failed.get('stage'))}; rerun the plan to resume", boot, signal, percent)
     if isinstance(failed, dict):
-        return VMStatus(vm.name, vmid, "failed", last, f"in {failed.get('stage')}: {failed.get('error')}",
-                        boot, signal)
+        return VMStatus(vm.name, vmid, "failed", last,
+                        f"in {stopped_in(data, failed.get('stage'))}: {failed.get('error')}", boot, signal, percent)
     return VMStatus(vm.name, vmid, "unfinished", last, f"{len(recorded)} stage(s) done; rerun the plan to resume",
                     boot, signal)
+
+
+def copied_percent(data: dict[str, Any]) -> float | None:
+    """How far the unfinished copy of a disk got, from a migration record's checkpoint
+    (``data["progress"]``: its ``stage``, ``done`` and ``total`` bytes, written while a disk is copied
+    in windows and dropped with that stage's record); None without one, or with one that does not
+    add up."""
+    progress = data.get("progress")
+    if not isinstance(progress, dict) or progress.get("stage") in data.get("stages", {}):
+        return None
+    done, total = progress.get("done"), progress.get("total")
+    if isinstance(done, bool) or isinstance(total, bool) or not isinstance(done, int) or \
+            not isinstance(total, int) or total <= 0 or not 0 <= done <= total:
+        return None
+    return 100.0 * done / total
+
+
+def stopped_in(data: dict[str, Any], stage: object = None) -> str:
+    """Where a migration record's run stopped, in words: ``stage`` (the failed record's), or the stage
+    of its copy checkpoint, with the checkpoint's percentage when it is that stage's: "convert (57 %)"."""
+    progress = data.get("progress")
+    at = progress.get("stage") if isinstance(progress, dict) else None
+    percent = copied_percent(data)
+    if stage is None:
+        stage = at
+    if percent is not None and stage == at:
+        return f"{stage} ({percent:.0f} %)"
+    return str(stage)
 
 
 def locked(directory: Path, vmid: int) -> bool:

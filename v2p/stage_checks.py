@@ -58,13 +58,14 @@ def upload_progress(ctx: Context, stage: str, what: str, disk: int | None = None
     """Progress of an upload to the target during ``stage`` (None: the target uploads nothing,
     ``Capabilities.uploads``), as events of the step ``upload``: a line
     when it starts and when all is sent (the target then checks and stores it), ``progress`` events
-    with the bytes sent between (``data['bytes']``/``data['total']``, as a disk's write has)."""
+    with the bytes sent between (``data['bytes']``/``data['total']``, as a disk's write has, and
+    ``data['moved']``, the same: every byte of an upload is sent)."""
 
     def report(done: int, total: int) -> None:
         if done == 0:
-            ctx.emit(Event("info", stage, f"upload: sending {what} to the target ({total} bytes)",
-                           disk=disk, step="upload"))
-        data = {"percent": 100.0 * done / total if total else 100.0, "bytes": done, "total": total}
+            ctx.emit(Event("info", stage, f"upload: sending {what} to the target ({total} bytes; first its "
+                           "SHA-256, which the target checks)", disk=disk, step="upload"))
+        data = {"percent": 100.0 * done / total if total else 100.0, "bytes": done, "total": total, "moved": done}
         ctx.emit(Event("progress", stage, data=data if disk is None else {"disk": disk, **data},
                        disk=disk, done=done, total=total, step="upload"))
         if done >= total:

@@ -27,7 +27,7 @@ from .sizing import SpaceNeed
 from .stage_checks import boot_layout, check_access, check_drivers, check_rules, upload_progress
 from .stage_context import Context, Record, disk_stage
 from .state import FieldType
-from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, no_dd
+from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, KeyProgress, no_dd
 from .testhooks import hold_point
 
 GUEST_LINES = 20  # the guest's last serial lines shown after a boot check
@@ -272,9 +272,20 @@ class Attach(Stage):
             del updates["boot"]
         if updates:
             before = set(current.values())
-            ctx.target.set_config(ctx.vmid, updates)
+            ctx.target.set_config(ctx.vmid, updates, progress=self._import_progress(
+                ctx, {key: by_label[disk.label] for disk, key in placed}))
             self._drop_duplicates(ctx, before)
         return {"keys": keys}
+
+    def _import_progress(self, ctx: Context, disks: dict[str, int]) -> KeyProgress:
+        """A copy the target makes of a disk as it is attached (PVE's import task), as ``progress``
+        events of the step ``import``: bytes of the disk, as its convert has them."""
+        def report(key: str, done: int, total: int) -> None:
+            index = disks[key]
+            data = {"disk": index, "percent": 100.0 * done / total if total else 100.0, "bytes": done,
+                    "total": total, "moved": done}
+            ctx.emit(Event("progress", self.name, data=data, disk=index, done=done, total=total, step="import"))
+        return report
 
     @staticmethod
     def _drop_duplicates(ctx: Context, before: set[str]) -> None:

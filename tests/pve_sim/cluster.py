@@ -23,7 +23,7 @@ from typing import Any
 
 from . import releases
 from .schema import parse_property_string
-from .tasks import Task, Tasks
+from .tasks import Task, Tasks, render_bytes
 
 DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)\d+$|^(efidisk|tpmstate)0$")
 NEW_VOLUME = re.compile(r"^([a-z][a-z0-9\-_.]*[a-z0-9]):(\d+(\.\d+)?)$", re.I)
@@ -144,6 +144,34 @@ def qemu_img(*args: str) -> str:
     if done.returncode != 0:
         raise fail(f"qemu-img {args[0]} failed: {done.stderr.strip()}")
     return done.stdout
+
+
+QEMU_IMG_PERCENT = re.compile(r"\((\S+)/100%\)")
+
+
+def convert_logged(task: Task, src: Path, dst: Path, fmt: str) -> None:
+    """qemu-server PVE::QemuServer::QemuImage::convert: ``qemu-img convert -p`` run through
+    PVE::Tools::run_command, whose outfunc gets qemu-img's output line by line (PVE::Cmd splits it at
+    ``\n``, ``\r`` and backspaces) and, for each "(N/100%)", prints into the task log
+    "transferred <render_bytes(int(size * N / 100), 1)> of <render_bytes(size, 1)> (N%)", ``size``
+    the source's virtual size (clone_disk's volume_size_info; ImportDisk's file_size_info)."""
+    size = int(json.loads(qemu_img("info", "--output=json", str(src)))["virtual-size"])
+    proc = subprocess.Popen(["qemu-img", "convert", "-p", "-O", fmt, str(src), str(dst)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    buffer = b""
+    while chunk := proc.stdout.read1(4096):
+        buffer += chunk
+        *lines, buffer = re.split(rb"\n|\x08+|\r\n?", buffer)
+        for line in lines:
+            match = QEMU_IMG_PERCENT.search(line.decode(errors="replace"))
+            if match:
+                percent = match.group(1)
+                transferred = int(size * float(percent) / 100)
+                task.log(f"transferred {render_bytes(transferred, 1)} of {render_bytes(size, 1)} ({percent}%)")
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.wait(timeout=600) != 0:
+        raise fail(f"copy failed: command '/usr/bin/qemu-img convert -p' failed: {stderr.strip()}")
 
 
 def format_size(size: int) -> str:
@@ -626,7 +654,7 @@ class Cluster:
                 task.log(f"importing disk '{src}' to VM {vmid} ...")
                 path.unlink()
                 with _readable(src) as file:
-                    qemu_img("convert", "-O", fmt, str(file), str(path))
+                    convert_logged(task, file, path, fmt)
                 if self.room(storage.name)[2] <= 0:  # qemu-img convert's write past the room: ENOSPC
                     path.unlink(missing_ok=True)
                     raise fail(f"qemu-img: error while writing to '{path}': No space left on device")

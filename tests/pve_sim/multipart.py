@@ -84,6 +84,23 @@ def parse_content_type(content_type: str) -> tuple[str, str | None]:
     return ct, None
 
 
+def _before_close(buf: bytes, start: int, close_delim: bytes) -> memoryview | None:
+    r"""Phase 2's ``s/^(.*?)${newline_re}?+${close_delim_re}.*$//s`` (``$close_delim_re``:
+    ``--\Q$boundary\E--``) on ``buf`` from ``start``: the file's bytes before the first close
+    delimiter, one CRLF or LF before it dropped (the possessive ``?+``), None without one. A lazy
+    regex over a whole disk image takes Python's ``re`` seconds per hundred MiB where pveproxy, reading
+    as the body arrives, is done with its last read; a search for the delimiter takes the same bytes."""
+    at = buf.find(close_delim, start)
+    if at < 0:
+        return None
+    end = at
+    if buf[max(at - 2, start):at] == b"\r\n":
+        end = at - 2
+    elif buf[max(at - 1, start):at] == b"\n":
+        end = at - 1
+    return memoryview(buf)[start:end]
+
+
 def file_upload_multipart(body: bytes, boundary: str, params: dict[str, str], spool_dir: Path, *,
                           room: int | None = None) -> Upload:
     """The body of an upload whose ``Content-Type`` gave ``boundary``, read as ``file_upload_multipart``
@@ -93,40 +110,44 @@ def file_upload_multipart(body: bytes, boundary: str, params: dict[str, str], sp
     params = dict(params)
     bound = re.escape(boundary.encode())
     delim = rb"--" + bound + _NEWLINE  # my $delim_re = qr/--\Q$boundary\E${newline_re}/;
-    close_delim = rb"--" + bound + rb"--"  # my $close_delim_re = qr/--\Q$boundary\E--/;
-    buf = body
+    # pveproxy cuts what it has parsed off the front of its read buffer (``$hdl->{rbuf} =~ s/^...//``);
+    # here the buffer stays whole and ``pos`` is where its front is (no copy of a disk image per cut).
+    buf, pos = body, 0
     phase = 0
 
     # Phase 0 - preserve boundary, but remove everything before
-    found = re.match(rb"(?s).*?(" + delim + rb")", buf)
+    found = re.compile(rb"(?s).*?(" + delim + rb")").match(buf)
     if found:
-        buf, phase = buf[found.start(1):], 1
+        pos, phase = found.start(1), 1
 
-    def remove_until_data(text: bytes) -> bytes:
+    until_data = re.compile(rb"(?s).*?" + _NEWLINE + rb"{2}")
+
+    def remove_until_data(at: int) -> int:
         # $hdl->{rbuf} =~ s/^.*?${newline_re}{2}//s;
-        return re.sub(rb"(?s)^.*?" + _NEWLINE + rb"{2}", b"", text, count=1)
+        cut = until_data.match(buf, at)
+        return cut.end() if cut else at
 
-    def extract_form_disposition(text: bytes, name: str) -> bytes:
+    def extract_form_disposition(at: int, name: str) -> int:
         # s/^${delim_re}.*?Content-Disposition: (.*?); name="$name"(.*?${delim_re})/$2/s
-        match = re.match(rb"(?s)" + delim + rb".*?Content-Disposition: (.*?); name=\"" + name.encode()
-                         + rb"\"(.*?" + delim + rb")", text)
+        match = re.compile(rb"(?s)" + delim + rb".*?Content-Disposition: (.*?); name=\"" + name.encode()
+                           + rb"\"(.*?" + delim + rb")").match(buf, at)
         if not match:
-            return text
+            return at
         _assert_form_disposition(match.group(1))
-        text = remove_until_data(match.group(2) + text[match.end():])
+        at = remove_until_data(match.start(2))  # what is left: $2 and all after it
         # s/^(.*?)(${delim_re})/$2/s
-        value = re.match(rb"(?s)(.*?)(" + delim + rb")", text)
+        value = re.compile(rb"(?s)(.*?)(" + delim + rb")").match(buf, at)
         if value:
             params[name] = _trim(value.group(1))
-            text = text[value.start(2):]
-        return text
+            at = value.start(2)
+        return at
 
     spool: Path | None = None
     if phase == 1:  # Phase 1 - parse payload without file data
         for name in ("content", "checksum-algorithm", "checksum"):
-            buf = extract_form_disposition(buf, name)
-        match = re.match(rb"(?s)" + delim + rb"Content-Disposition: (.*?); name=\"(.*?)\"; filename=\"([^\"]+)\"",
-                         buf)
+            pos = extract_form_disposition(pos, name)
+        match = re.compile(rb"(?s)" + delim + rb"Content-Disposition: (.*?); name=\"(.*?)\"; "
+                           rb"filename=\"([^\"]+)\"").match(buf, pos)
         if match:
             _assert_form_disposition(match.group(1))
             if match.group(2) != b"filename":
@@ -134,19 +155,18 @@ def file_upload_multipart(body: bytes, boundary: str, params: dict[str, str], sp
                            "upload, expected 'filename'", _LINE_WRONG_FIELD)
             phase = 2
             params["filename"] = _trim(match.group(3))
-            buf = remove_until_data(buf[match.end():])
+            pos = remove_until_data(match.end())
             # get_upload_filename: an unpredictable name in /var/tmp, created O_EXCL before the body is read
             spool = spool_dir / f"pveupload-{secrets.token_hex(16)}"
 
     if phase == 2:  # Phase 2 - dump content into file
         assert spool is not None
-        # s/^(.*?)${newline_re}?+${close_delim_re}.*$//s
-        end = re.match(rb"(?s)(.*?)" + _NEWLINE + rb"?+" + close_delim, buf)
-        if end:
-            if room is not None and len(end.group(1)) > room:
+        data = _before_close(buf, pos, b"--" + boundary.encode() + b"--")
+        if data is not None:
+            if room is not None and len(data) > room:
                 # syswrite($rstate->{outfh}, $data) == $write_length or die "write to temporary file failed - $!\n"
                 raise _die("write to temporary file failed - No space left on device\n")
-            spool.write_bytes(end.group(1))
+            spool.write_bytes(data)
             phase = 100
 
     if phase != 100:  # the whole body read and no end found: "upload failed"

@@ -7,6 +7,7 @@ fail or slow. Not for the work itself (that is ``cluster.py``).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -152,6 +153,17 @@ class Tasks:
         task.done.set()
 
 
+def render_bytes(value: float, precision: int = 2) -> str:
+    """pve-common PVE::Format::render_bytes: the largest binary unit up to PiB, ``precision`` decimals
+    (2 when none or 0 is given)."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    unit = 0
+    if value > 1023:
+        unit = min(int(math.log(value) / math.log(1024)), len(units) - 1)
+        value /= 1024 ** unit
+    return f"{value:.{precision or 2}f} {units[unit]}"
+
+
 PROGRESS_EVERY = 0.5  # seconds between a slowed task's progress lines
 
 
@@ -164,4 +176,6 @@ def _pause(task: Task, delay: float, logging: bool) -> None:
         time.sleep(min(left, PROGRESS_EVERY))
         if logging:
             done = min(100.0, 100.0 * (1 - max(end - time.monotonic(), 0.0) / delay))
-            task.log(f"transferred {done * 0.32:.1f} MiB of 32.0 MiB ({done:.2f}%)")
+            size = 32 << 30
+            task.log(f"transferred {render_bytes(int(size * done / 100), 1)} of {render_bytes(size, 1)} "
+                     f"({done:.2f}%)")

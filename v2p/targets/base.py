@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 VMConfig = dict[str, str]
 # Bytes sent so far and in all, for a transfer that is not a disk's write (an upload to the target).
 ByteProgress = Callable[[int, int], None]
+# A disk the target copies itself while its config is set (PVE's import-from): the disk's config key,
+# bytes done and in all.
+KeyProgress = Callable[[str, int, int], None]
 
 
 # The three ends of a boot check (issue 17). ``failed`` and ``unconfirmed`` are never called "up".
@@ -257,7 +260,10 @@ class Target(abc.ABC):
     def get_config(self, vmid: int) -> VMConfig: ...
 
     @abc.abstractmethod
-    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = ()) -> None: ...
+    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = (), *,
+                   progress: KeyProgress | None = None) -> None:
+        """Set ``updates`` and remove the keys ``delete``; ``progress``: the copy of a disk the target
+        makes for a disk key (PVE's ``import-from``), if it makes one."""
 
     @abc.abstractmethod
     def destroy_vm(self, vmid: int) -> None:

@@ -41,7 +41,17 @@ from ..state import vmid_of_name
 from ..storage import Storage, check_storage, default_dir_storage, parse_storage_cfg
 from ..volumes import Drive, VolumeRef, drive_volume, print_drive
 from . import efi, qemu_cmdline
-from .base import BOOT_FAILED, BootReport, ByteProgress, Capabilities, DiskSink, GuestIO, Target, VMConfig
+from .base import (
+    BOOT_FAILED,
+    BootReport,
+    ByteProgress,
+    Capabilities,
+    DiskSink,
+    GuestIO,
+    KeyProgress,
+    Target,
+    VMConfig,
+)
 from .sink import storage_sink
 from .supervisor import QemuProcess, close_quietly
 
@@ -281,7 +291,8 @@ class LocalTarget(Target):
             raise NoSuchVMError(f"VMID {vmid} does not exist on the local target", hint="see: v2p vm list")
         return parse_config(text)
 
-    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = ()) -> None:
+    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = (), *,
+                   progress: KeyProgress | None = None) -> None:
         config = self.get_config(vmid)
         for key in delete:
             config.pop(key, None)

@@ -17,7 +17,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -39,13 +39,24 @@ from ..storage import Storage
 from ..volumes import VolumeRef, drive_volume, import_index, parse_drive
 from . import pve_files
 from . import pve_privileges as privileges
-from .base import BOOT_FAILED, BootReport, ByteProgress, Capabilities, DiskSink, GuestIO, Target, VMConfig
+from .base import (
+    BOOT_FAILED,
+    BootReport,
+    ByteProgress,
+    Capabilities,
+    DiskSink,
+    GuestIO,
+    KeyProgress,
+    Target,
+    VMConfig,
+)
 from .pve_files import upload_name
 from .pve_import import RemoteImportSink
 from .pve_kinds import disk_format
 from .pve_node import OnNodeSink, remove_temporaries
 from .pve_releases import LIST_IMPORT, PveRelease
 from .pve_settings import PveSettings, target_from_url
+from .pve_tasklog import ImportProgress, TaskLog, import_follower
 from .pve_transport import (
     UploadFile,
     _connection_error,
@@ -138,6 +149,8 @@ class ProxmoxTarget(Target):
             raise TargetError(f"{path}: backend=local cannot upload files (pvesh takes no file body)",
                               hint=f"put it on the node's storage and name its volume, e.g. {storage}:{content}/"
                                    f"{filename}")
+        if progress is not None:  # the upload begins with a read of the whole file: its SHA-256
+            progress(0, os.path.getsize(path))
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 20):
@@ -148,8 +161,6 @@ class ProxmoxTarget(Target):
         url = f"{self.base_url}/nodes/{self.settings.node}/storage/{storage}/upload"
         try:
             with UploadFile(path, filename, progress) as body:
-                if progress is not None:
-                    progress(0, body.total)
                 # pveproxy reads an upload's form with anchored regexes in a fixed order: content, then
                 # checksum-algorithm, then checksum, then the file part, which must be named "filename"
                 # (pve-http-server src/PVE/APIServer/AnyEvent.pm, file_upload_multipart); another order is
@@ -287,15 +298,17 @@ class ProxmoxTarget(Target):
             if status in (401, 403) else None
         return TargetError(f"PVE {method} {path}: {status} {detail.strip()}", hint=hint)
 
-    def wait_task(self, upid: str, *, what: str, timeout: float = TASK_TIMEOUT) -> None:
+    def wait_task(self, upid: str, *, what: str, timeout: float = TASK_TIMEOUT,
+                  on_lines: Callable[[list[str]], None] | None = None) -> None:
         """Poll a task until it stops; an exit status other than OK or ``WARNINGS: n`` is a
         TargetError with its log's tail. A task that warned succeeded (pve-common ``PVE::UPID``,
         ``status_is_error``: only OK and ``WARNINGS: n`` are not errors; ``RESTEnvironment::warn``,
         which ``log_warn`` calls in a worker, prints ``WARN: ...`` into the task log and counts it,
         and ``fork_worker`` ends such a task ``TASK WARNINGS: n``): its ``WARN:`` lines are kept
-        (``task_warnings``) for the caller to show."""
+        (``task_warnings``) for the caller to show. ``on_lines``: given the log's new lines while the
+        task runs, and its last ones once it stopped."""
         self._waited.append(upid)
-        status = self._stopped(upid, what=what, timeout=timeout)
+        status = self._stopped(upid, what=what, timeout=timeout, on_lines=on_lines)
         exit_status = str(status.get("exitstatus", ""))
         if exit_status == "OK":
             return
@@ -316,6 +329,10 @@ class ProxmoxTarget(Target):
         found: list[dict[str, Any]] = self.call("GET", path, start=0, limit=5000) or []
         return found
 
+    def _log_page(self, path: str, start: int, limit: int) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.call("GET", path, start=start, limit=limit) or []
+        return found
+
     def task_warnings(self) -> list[str]:
         return list(self._warnings)
 
@@ -333,18 +350,22 @@ class ProxmoxTarget(Target):
                           timeout=TASK_TIMEOUT, while_logging=True)
         return upids
 
-    def _stopped(self, upid: str, *, what: str, timeout: float = TASK_TIMEOUT,
-                 while_logging: bool = False) -> dict[str, Any]:
+    def _stopped(self, upid: str, *, what: str, timeout: float = TASK_TIMEOUT, while_logging: bool = False,
+                 on_lines: Callable[[list[str]], None] | None = None) -> dict[str, Any]:
         """Poll a task until it stops; its status. ``while_logging``: ``timeout`` counts from the
-        last time the task's log grew (a task of unknown size that still makes progress)."""
+        last time the task's log grew (a task of unknown size that still makes progress).
+        ``on_lines``: the log's new lines at each poll (``pve_tasklog.TaskLog``), and its last ones."""
         node = self.settings.node
         deadline = time.monotonic() + timeout
         path = f"nodes/{node}/tasks/{quote(upid, safe='')}"
         pause = TASK_FIRST_POLL  # most tasks (config, start, stop) end within a fraction of a second
         logged = len(self._task_log(upid)) if while_logging else 0
+        log = TaskLog(f"{path}/log")
         while True:
             check_interrupts()
             status = self.call("GET", f"{path}/status")
+            if on_lines is not None:  # read after the status: a stopped task's log is then whole
+                on_lines(log.read(self._log_page))
             if status.get("status") == "stopped":
                 break
             if time.monotonic() > deadline and while_logging and len(self._task_log(upid)) > logged:
@@ -373,9 +394,10 @@ class ProxmoxTarget(Target):
         finally:
             self.session.timeout = before
 
-    def _task(self, result: Any, what: str, *, timeout: float = TASK_TIMEOUT) -> None:
+    def _task(self, result: Any, what: str, *, timeout: float = TASK_TIMEOUT,
+              on_lines: Callable[[list[str]], None] | None = None) -> None:
         if isinstance(result, str) and result.startswith("UPID:"):
-            self.wait_task(result, what=what, timeout=timeout)
+            self.wait_task(result, what=what, timeout=timeout, on_lines=on_lines)
 
     def _qemu(self, vmid: int) -> str:
         return f"nodes/{self.settings.node}/qemu/{vmid}"
@@ -487,7 +509,10 @@ class ProxmoxTarget(Target):
         found = self.call("GET", f"{self._qemu(vmid)}/config")
         return {key: str(value) for key, value in found.items() if key != "digest"}
 
-    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = ()) -> None:
+    def set_config(self, vmid: int, updates: VMConfig, delete: tuple[str, ...] = (), *,
+                   progress: KeyProgress | None = None) -> None:
+        """``progress``: each disk import's progress as its task logs it (``pve_tasklog``), bytes of
+        the disk's size (its ``size=``)."""
         self._require(vmid)
         values: dict[str, Any] = dict(updates)
         if delete:
@@ -507,7 +532,11 @@ class ProxmoxTarget(Target):
             value = values.pop(key)
             with self._call_timeout(import_timeout(value)):  # pvesh returns when the import has ended
                 upid = self.call("POST", f"{self._qemu(vmid)}/config", **{key: value})
-            self._task(upid, f"import disk {key} of VM {vmid}", timeout=import_timeout(value))
+            follow = None
+            if progress is not None:
+                size = pveconfig.parse_pve_size(parse_drive(value).options.get("size", "0")) or None
+                follow = import_follower(_for_key(progress, key), size)
+            self._task(upid, f"import disk {key} of VM {vmid}", timeout=import_timeout(value), on_lines=follow)
         if values:
             self._task(self.call("POST", f"{self._qemu(vmid)}/config", **values), f"configure VM {vmid}")
 
@@ -700,6 +729,13 @@ def status_io(vmid: int, current: dict[str, Any]) -> GuestIO | None:
         if match and isinstance(counters, dict):
             sent[f"net{match.group(1)}"] = int(counters.get("netout") or 0)
     return GuestIO(reads=reads, sent=sent, panicked=current.get("qmpstatus") == "guest-panicked")
+
+
+def _for_key(progress: KeyProgress, key: str) -> ImportProgress:
+    """``progress`` of the disk key ``key``, as an import's log follower reports it."""
+    def report(done: int, total: int, _percent: float) -> None:
+        progress(key, done, total)
+    return report
 
 
 def import_timeout(value: str) -> float:

@@ -135,14 +135,17 @@ class UploadFile(io.FileIO):
     """The file of an upload, read by proxmoxer's session as it sends it (``ProxmoxHttpSession.request``
     takes any ``io.IOBase`` value of ``data`` as a file part, and streams it with requests-toolbelt).
     Its ``name`` is the name PVE gets (requests takes the part's ``filename`` from it); each read
-    lets a cancelled migration stop, and reports the bytes read so far to ``progress`` (every 1 MiB
-    or 1 %, whichever is more, and at the end)."""
+    lets a cancelled migration stop, and reports the bytes read so far to ``progress``: every 1 %
+    (at least 1 MiB), and every REPORT_EVERY seconds that moved 1 MiB or more (1 % of a big disk over
+    a slow link is minutes), and at the end."""
+
+    REPORT_EVERY = 2.0
 
     def __init__(self, path: Path, name: str, progress: ByteProgress | None = None) -> None:
         super().__init__(path, "rb")
         self.name = name
         self.total = os.fstat(self.fileno()).st_size
-        self._progress, self._reported = progress, 0
+        self._progress, self._reported, self._when = progress, 0, time.monotonic()
         self._every = max(1 << 20, self.total // 100)
 
     def read(self, size: int | None = -1, /) -> bytes:
@@ -150,7 +153,9 @@ class UploadFile(io.FileIO):
         chunk = super().read(size)
         if self._progress is not None and chunk:
             done = self.tell()
-            if done - self._reported >= self._every or done >= self.total:
-                self._reported = done
+            moved = done - self._reported
+            if moved >= self._every or done >= self.total or \
+                    (moved >= 1 << 20 and time.monotonic() - self._when >= self.REPORT_EVERY):
+                self._reported, self._when = done, time.monotonic()
                 self._progress(done, self.total)
         return chunk
