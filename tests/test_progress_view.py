@@ -338,7 +338,8 @@ def test_a_secret_read_in_the_run_is_masked_in_its_log(tmp_path: Path) -> None:
 
 
 def test_a_pve_token_used_in_a_run_is_not_in_its_log(pve: Any, tmp_path: Path, source_of: Any, v2p: V2P) -> None:
-    """The real run onto the PVE simulator, with -v: every request and command logged, never the token."""
+    """The real run onto the PVE simulator, with -v: every command and every step's progress logged, never
+    the token."""
     src = source_of("monolithicSparse")
     url = f"pve://root@pam!v2p@{pve.host}/{pve.cluster.node}?storage=local&fingerprint={pve.fingerprint}"
     proc = v2p("--target", url, "-v", "migrate", str(src.descriptor), "--vmid", "156", "--no-boot-check",
@@ -348,3 +349,6 @@ def test_a_pve_token_used_in_a_run_is_not_in_its_log(pve: Any, tmp_path: Path, s
     text = log.read_text()
     assert "v2p: DEBUG: v2p.runner:" in text and "[verify]" in text
     assert pve.tokens["root@pam!v2p"] not in text
+    # every long step's progress, in the log as off a terminal: the copy, the upload, PVE's import
+    for step in ("[convert] disk 0: 100 %", "[verify] upload disk 0: 100 %", "[attach] import disk 0: 100 %"):
+        assert step in text and step in proc.stdout, step
