@@ -8,6 +8,8 @@ Not for: a plan's view of many VMs (``planview``), nor JSON (``cli``).
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -64,9 +66,7 @@ class EventPrinter:
         if self.bar is not None and self.bar_meter is not meter:  # a fetch's bar, then the copy's
             self._close_bar()
         if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=meter.total or None, unit="B", unit_scale=True, unit_divisor=1024,
+            self.bar = line_bar(total=meter.total or None, unit="B", unit_scale=True, unit_divisor=1024,
                             desc=f"[{meter.stage}] {meter.label()}", file=self.out, dynamic_ncols=True,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
             self.bar_meter = meter
@@ -84,6 +84,54 @@ def _is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+@functools.cache
+def _row_class() -> Any:
+    """tqdm, drawing a line as ``\r``, the text, erase to the end of the line: tqdm's own padding with
+    spaces to the last line's length would wrap a narrowed terminal's line, and each wrap leaves a copy."""
+    from tqdm import tqdm
+
+    class Row(tqdm):  # type: ignore[misc]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.dynamic_ncols = _screen_size  # read at every draw, as display() does
+            self.sp = self._line  # tqdm's clear() (before tqdm.write prints above) erases the line too
+
+        def _line(self, text: str) -> None:
+            self.fp.write("\r" + text + "\x1b[K")
+
+        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+            pos = abs(self.pos) if pos is None else pos
+            self.ncols, self.nrows = _screen_size(self.fp)
+            nrows = self.nrows
+            if pos >= nrows:
+                return False
+            if pos == nrows - 1 and msg != "":
+                msg = " ... (more hidden) ..."
+            if pos:
+                self.moveto(pos)
+            self._line(self.__str__() if msg is None else msg)
+            if pos:
+                self.moveto(-pos)
+            self.fp.flush()
+            return True
+    return Row
+
+
+def _screen_size(stream: TextIO) -> tuple[int, int]:
+    """The terminal's columns and rows now; 80x24 when it says none (a pseudo-terminal nobody sized)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        columns, rows = size.columns, size.lines
+    except (AttributeError, OSError, ValueError):
+        columns, rows = 0, 0
+    return columns or 80, rows or 24
+
+
+def line_bar(**kwargs: Any) -> Any:
+    """A tqdm bar (``kwargs`` as tqdm takes them) drawn as ``_row_class`` says; tqdm imported on first use."""
+    return _row_class()(**kwargs)
 
 
 # The stages that make nothing: a run refused there (a bad input, a rule) says so in one line and leaves

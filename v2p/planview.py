@@ -9,13 +9,12 @@ percent (``progress.Pacer``). This module only formats: running the plan is ``pl
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
 import time
 from typing import Any, TextIO
 
 from .boot_outcomes import BOOT_SKIPPED, boot_words
+from .eventlines import line_bar
 from .events import PLAN_KINDS, Event
 from .planrun import DRY_RUN, QUEUED, PlanReport, VMRun
 from .progress import COPY, Clock, Pacer
@@ -79,7 +78,7 @@ class PlanView:
         bar = self.bars.get(id(vm))
         width = max(len(row.name) for row in self.rows.values())
         if bar is None:
-            bar = self.bars[id(vm)] = _Row(file=self.stream, position=len(self.bars), bar_format="{desc}",
+            bar = self.bars[id(vm)] = line_bar(file=self.stream, position=len(self.bars), bar_format="{desc}",
                                            dynamic_ncols=True, leave=True, mininterval=0)
         bar.set_description_str(row_line(vm, width), refresh=True)
         self.drawn[id(vm)] = self.clock()
@@ -103,53 +102,6 @@ def _is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-@functools.cache
-def _row_class() -> Any:
-    """tqdm, drawing a line as ``\r``, the text, erase to the end of the line: tqdm's own padding with
-    spaces to the last line's length would wrap a narrowed terminal's line, and each wrap leaves a copy."""
-    from tqdm import tqdm
-
-    class Row(tqdm):  # type: ignore[misc]
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.dynamic_ncols = _screen_size  # read at every draw, as display() does
-            self.sp = self._line  # tqdm's clear() (before tqdm.write prints above) erases the line too
-
-        def _line(self, text: str) -> None:
-            self.fp.write("\r" + text + "\x1b[K")
-
-        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-            pos = abs(self.pos) if pos is None else pos
-            self.ncols, self.nrows = _screen_size(self.fp)
-            nrows = self.nrows
-            if pos >= nrows:
-                return False
-            if pos == nrows - 1 and msg != "":
-                msg = " ... (more hidden) ..."
-            if pos:
-                self.moveto(pos)
-            self._line(self.__str__() if msg is None else msg)
-            if pos:
-                self.moveto(-pos)
-            self.fp.flush()
-            return True
-    return Row
-
-
-def _screen_size(stream: TextIO) -> tuple[int, int]:
-    """The terminal's columns and rows now; 80x24 when it says none (a pseudo-terminal nobody sized)."""
-    try:
-        size = os.get_terminal_size(stream.fileno())
-        columns, rows = size.columns, size.lines
-    except (AttributeError, OSError, ValueError):
-        columns, rows = 0, 0
-    return columns or 80, rows or 24
-
-
-def _Row(**kwargs: Any) -> Any:
-    return _row_class()(**kwargs)
 
 
 def row_line(vm: VMRun, width: int = 20) -> str:
