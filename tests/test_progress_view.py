@@ -113,6 +113,28 @@ def test_migrate_on_a_terminal_shows_a_bar_with_bytes_written_rate_and_eta() -> 
     assert out.getvalue().split("\r")[-1].startswith("[verify] upload disk 0:  14%|")
 
 
+def test_migrate_bar_on_a_pseudo_terminal_that_says_no_rows() -> None:
+    """``script``, some CI runners and serial consoles report 0 rows: the bar is drawn all the same, at
+    most as wide as the terminal."""
+    from v2p.cli import _Printer
+
+    master, slave = os.openpty()
+    os.set_blocking(master, False)
+    pty_columns(slave, 60, rows=0)
+    stream = open(slave, "w", closefd=True)  # noqa: SIM115 (closed below)
+    try:
+        printer = _Printer(stream, clock=Clock())
+        assert printer.live
+        printer(progress("convert", 0, GiB // 2, GiB, moved=GiB // 4))
+        printer._close_bar()
+        stream.flush()
+        raw = drain(master)
+    finally:
+        stream.close()
+        os.close(master)
+    assert b"[convert] disk 0:  50%|" in raw and widest(raw) <= 60, raw
+
+
 def test_migrate_piped_prints_progress_lines(inproc: V2P, small_vmdk: Path) -> None:
     proc = inproc("migrate", str(small_vmdk), "--vmid", "150", "--no-boot-check")
     assert proc.returncode == 0, proc.stderr
