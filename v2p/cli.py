@@ -181,17 +181,17 @@ def _plan(args: argparse.Namespace) -> int:
                     live=None if args.progress == "auto" else False)
     events = _JsonLines() if machine else None
     log = None if args.dry_run else _plan_log(plan, args)
-    logged = PlanView(log.stream, live=False) if log is not None else None
+    log_view = PlanView(log.stream, live=False) if log is not None else None
     tried = False
 
     def on_event(vm: Any, event: Event) -> None:
         nonlocal tried
         view(vm, event)
-        if log is not None and logged is not None:
+        if log is not None and log_view is not None:
             if not tried and event.kind == "vm-start":
                 tried = True
                 kept(log, say)
-            logged(vm, event)
+            log_view(vm, event)
         if events is not None:
             events(event, vm=vm.name)
 
@@ -409,21 +409,18 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
     if events is not None:
         handlers.append(events)
     migration = api.Migration(args.source, args.vmid, target=target, on_event=_handlers(handlers), **given(args))
+    args.json = args.json or (machine and args.dry_run)  # a dry run streams nothing: its JSON, as --json's
     if args.dry_run:
         spec = migration.options.hardware(migration.pipeline.source.spec())
-        if not args.json and not machine:
+        if not args.json:
             print(f"{spec.name}: {len(spec.disks)} disk(s), {spec.sockets}x{spec.cores} vCPU, "
                   f"{spec.memory_mib} MiB, {spec.firmware}")
         where = migration.options.device or f"storage {migration.options.storage}"
         keys = migration.disk_keys()
-        if args.json or machine:
-            planned = {"vmid": migration.vmid, "name": spec.name, "target": target.kind, "disks": keys,
-                       "where": where, "stages": [{"name": name, "summary": summary, "done": done}
-                                                  for name, summary, done in migration.plan()]}
-            if events is not None:
-                events.send({"kind": "result", "dry_run": True, **planned})
-            else:
-                print(json.dumps(planned, indent=2))
+        if args.json:
+            print(json.dumps({"vmid": migration.vmid, "name": spec.name, "target": target.kind, "disks": keys,
+                              "where": where, "stages": [{"name": name, "summary": summary, "done": done}
+                                                         for name, summary, done in migration.plan()]}, indent=2))
             return 0
         print(f"would migrate to VMID {migration.vmid} on the {target.kind} target ({', '.join(keys)} on {where}):")
         for name, summary, done in migration.plan():

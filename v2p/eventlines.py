@@ -25,15 +25,14 @@ class EventPrinter:
     """Shows pipeline events as lines; progress as a tqdm bar per step when ``out`` is a terminal (``live``),
     else as a plain line every PLAIN_EVERY_SECONDS or PLAIN_EVERY_PERCENT of a disk (``progress.Pacer``)."""
 
-    def __init__(self, out: TextIO | None = None, *, live: bool | None = None, clock: Clock = time.monotonic,
-                 prefix: str = "") -> None:
+    def __init__(self, out: TextIO | None = None, *, live: bool | None = None,
+                 clock: Clock = time.monotonic) -> None:
         self.bar: Any = None
         self.bar_meter: Meter | None = None
         self.out = out or sys.stdout  # not bound at import: sys.stdout may be replaced (_standard_streams)
-        self.live = _is_terminal(self.out) if live is None else live
+        self.live = is_terminal(self.out) if live is None else live
         self.progress = Progress(clock)
         self.pacer = Pacer()
-        self.prefix = prefix  # a plan's log: the VM's name
 
     def __call__(self, event: Event) -> None:
         meter = self.progress.see(event)
@@ -56,7 +55,7 @@ class EventPrinter:
             self._say(f"[{event.stage}] {event.message}")
 
     def _say(self, line: str) -> None:
-        print(f"{self.prefix}{line}", file=self.out, flush=True)
+        print(line, file=self.out, flush=True)
 
     def _show(self, meter: Meter) -> None:
         if not self.live:
@@ -67,8 +66,8 @@ class EventPrinter:
             self._close_bar()
         if self.bar is None:
             self.bar = line_bar(total=meter.total or None, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=f"[{meter.stage}] {meter.label()}", file=self.out, dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
+                                desc=f"[{meter.stage}] {meter.label()}", file=self.out, dynamic_ncols=True,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
             self.bar_meter = meter
         self.bar.set_postfix_str(meter.pace(), refresh=False)
         self.bar.update(meter.position - self.bar.n)
@@ -79,7 +78,8 @@ class EventPrinter:
             self.bar, self.bar_meter = None, None
 
 
-def _is_terminal(stream: TextIO) -> bool:
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal (a stream without a descriptor, or closed, is not)."""
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
@@ -88,8 +88,10 @@ def _is_terminal(stream: TextIO) -> bool:
 
 @functools.cache
 def _row_class() -> Any:
-    """tqdm, drawing a line as ``\r``, the text, erase to the end of the line: tqdm's own padding with
-    spaces to the last line's length would wrap a narrowed terminal's line, and each wrap leaves a copy."""
+    r"""tqdm, drawing (and clearing) a line as ``\r``, the text, erase to the end of the line, sized anew at
+    every draw: tqdm's own padding with spaces to the last line's length would wrap a narrowed terminal's
+    line (each wrap leaving a copy), its clearing pads to the length it last wrote itself (never, here),
+    and a terminal that says it has no rows would get no line at all."""
     from tqdm import tqdm
 
     class Row(tqdm):  # type: ignore[misc]

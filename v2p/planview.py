@@ -14,7 +14,7 @@ import time
 from typing import Any, TextIO
 
 from .boot_outcomes import BOOT_SKIPPED, boot_words
-from .eventlines import line_bar
+from .eventlines import is_terminal, line_bar
 from .events import PLAN_KINDS, Event
 from .planrun import DRY_RUN, QUEUED, PlanReport, VMRun
 from .progress import COPY, Clock, Pacer
@@ -30,7 +30,7 @@ class PlanView:
     def __init__(self, stream: TextIO | None = None, *, live: bool | None = None,
                  clock: Clock = time.monotonic) -> None:
         self.stream = stream or sys.stdout
-        self.live = _is_terminal(self.stream) if live is None else live
+        self.live = is_terminal(self.stream) if live is None else live
         self.clock = clock
         self.rows: dict[int, VMRun] = {}  # by id(): a VMRun is the same object for the whole run
         self.bars: dict[int, Any] = {}  # id(VMRun) -> its tqdm line
@@ -79,7 +79,7 @@ class PlanView:
         width = max(len(row.name) for row in self.rows.values())
         if bar is None:
             bar = self.bars[id(vm)] = line_bar(file=self.stream, position=len(self.bars), bar_format="{desc}",
-                                           dynamic_ncols=True, leave=True, mininterval=0)
+                                               dynamic_ncols=True, leave=True, mininterval=0)
         bar.set_description_str(row_line(vm, width), refresh=True)
         self.drawn[id(vm)] = self.clock()
 
@@ -95,13 +95,6 @@ class PlanView:
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()
-
-
-def _is_terminal(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def row_line(vm: VMRun, width: int = 20) -> str:
