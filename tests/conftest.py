@@ -401,10 +401,13 @@ def failing_after(stage: str) -> Iterator[None]:
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """The CLI failed the way a user should see it: non-zero, one line, no traceback."""
+    """The CLI failed the way a user should see it: non-zero, one line, no traceback (and, for a run that got
+    past its preflight, where its log is: a line of its own after the error, see docs/cli.md)."""
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    if len(lines) == 2 and lines[1].startswith("v2p: the log of this run: "):
+        lines.pop()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("v2p: error: ")
     return lines[0]

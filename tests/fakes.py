@@ -40,6 +40,7 @@ from v2p.targets.base import (
 )
 from v2p.targets.sink import StorageSink, storage_sink
 from v2p.volumes import Drive, VolumeRef, drive_volume, print_drive
+from v2p.windows import Checkpoint
 
 GuestIOScript = Callable[[VMConfig], GuestIO | None]
 
@@ -254,10 +255,12 @@ class FakeSink(DiskSink):
     def written(self) -> bool:
         return self.real.written()
 
-    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
-              bwlimit: int | None = None) -> None:
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[int, int], None] | None = None,
+              bwlimit: int | None = None, start: Checkpoint | None = None,
+              on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
         self._call("write")
-        self.real.write(src, capacity=capacity, progress=progress, bwlimit=bwlimit)
+        self.real.write(src, capacity=capacity, progress=progress, bwlimit=bwlimit, start=start,
+                        on_checkpoint=on_checkpoint)
 
     def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         self._call("verify")

@@ -107,7 +107,7 @@ def test_temporaries_left_by_kills_are_removed(samples, source_of, v2p):
     finish(v2p, src.descriptor, samples)
     assert [path for path in stale if path.exists()] == []
     assert other.exists()
-    assert sorted(p.name for p in folder.iterdir()) == [".121.json.5.tmp", "120.json", "120.lock"]
+    assert sorted(p.name for p in folder.iterdir()) == [".121.json.5.tmp", "120.json", "120.lock", "logs"]
 
 
 def test_refused_source_leaves_no_record(tmp_path, v2p):

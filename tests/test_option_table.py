@@ -22,7 +22,7 @@ ANNOTATIONS = {"choice": "str", "text": "str", "device": "str", "vm-name": "str"
                "bridges": "dict[str, str]", "rules": "tuple[str, ...]", "whole": "int", "seconds": "float",
                "bool": "bool", "extra": "dict[str, Any]"}
 # Not options: what v2p migrate or a plan also takes.
-CLI_ONLY = {"source", "vmid", "dry_run", "json", "help", "verbose", "target", "target_dir", "accel"}
+CLI_ONLY = {"source", "vmid", "dry_run", "json", "progress", "help", "verbose", "target", "target_dir", "accel"}
 PLAN_ONLY = {"source", "vmid", "target", "node"}
 ERROR_RULE = next(rule_id for rule_id, rule in rules.RULES.items() if rule.severity == "error" and not rule.ignorable)
 

@@ -145,7 +145,8 @@ def test_cleanup_that_fails_too_says_so_and_the_rerun_resumes(pve: Any, tmp_path
     pve.fail_next_request("DELETE", rf"^/nodes/[^/]+/qemu/{VMID}$", 500, "cluster not ready - no quorum?")
     proc = migrate(v2p, pve, tmp_path, source)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    first, second = proc.stderr.strip().splitlines()
+    first, second, log = proc.stderr.strip().splitlines()  # the error, its note, where the run's log is
+    assert log.startswith("v2p: the log of this run: "), log
     assert first.startswith("v2p: error: ") and "failed or broke off" in first and "kept for a rerun" in first
     assert second.startswith("v2p: removing it failed: ") and "no quorum" in second, second
     assert f"v2p vm rm {VMID}" in second
@@ -249,7 +250,8 @@ def test_token_that_cannot_delete_the_upload_says_what_it_kept(pve: Any, tmp_pat
                           "Permission check failed (/storage/local, Datastore.Allocate)")
     proc = migrate(v2p, pve, tmp_path, source, user=LIMITED)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    first, second = proc.stderr.strip().splitlines()
+    first, second, log = proc.stderr.strip().splitlines()  # the error, its note, where the run's log is
+    assert log.startswith("v2p: the log of this run: "), log
     assert "unable to import disk" in first and f"removed VM {VMID}, kept for a rerun: its disks" in first, first
     assert second.startswith("v2p: removing it failed: ") and \
         "403 Permission check failed (/storage/local, Datastore.Allocate)" in second, second

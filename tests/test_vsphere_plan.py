@@ -81,7 +81,12 @@ def test_the_library_takes_the_same_uri(vcsim: Vcsim, si: Any, samples: Path, tm
     events: list[Any] = []
     result = migrate(source, 711, target=target, boot_check=False, on_event=events.append)
     assert result["boot"] == "skipped", result
-    assert any(e.kind == "progress" and getattr(e, "step", None) == "fetch" for e in events)
+    fetched = [e for e in events if e.kind == "progress" and getattr(e, "step", None) == "fetch"]
+    assert fetched
+    # What the download really received (issue 20: moved): the flat file whole (the datastore sends its
+    # zeros too) and the descriptor, counted as they arrive.
+    moved = [e.data["moved"] for e in fetched]
+    assert moved == sorted(moved) and fetched[-1].total < moved[-1] < fetched[-1].total + (1 << 20), moved
     assert_same_bytes(samples / "guest.raw", tmp_path / "target" / "images" / "711" / "vm-711-disk-0.qcow2")
 
 

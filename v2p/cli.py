@@ -9,6 +9,8 @@ parser, its value checks) are ``cli_args``'.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -17,15 +19,18 @@ import shlex
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from . import api, cli_vsphere, interrupts
 from .boot_outcomes import BOOT_SKIPPED, boot_exit_code, boot_outcome, boot_words
 from .cli_args import build_parser, given, say
 from .errors import V2PError, shown_path
+from .eventlines import EventPrinter, kept, logged
 from .events import Event
 from .inspect import DiskImage
+from .logfile import RunLog
 from .option_table import OPTIONS
 from .options import (
     OptionError,
@@ -138,7 +143,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = api.dance(args.vmid, target=target, bus=args.bus, confirmed=args.confirmed,
                            drivers_iso=args.drivers_iso, net_drivers=args.net_drivers, arch=args.arch,
                            dance_wait=args.dance_wait, boot_wait=args.boot_wait,
-                           shutdown_timeout=args.shutdown_timeout, start=args.start, on_event=_Printer())
+                           shutdown_timeout=args.shutdown_timeout, start=args.start, on_event=EventPrinter())
         boot = dance_boot(result)  # boot 2 on virtio, judged as any boot check (a failed one rolled back)
         print(f"VM {args.vmid} now boots from {result['system_disk']}; {boot_words(boot['outcome'], boot['signal'])}")
         return boot_exit_code(boot["outcome"])
@@ -170,16 +175,41 @@ def _plan(args: argparse.Namespace) -> int:
         return _plan_status(args, plan)
     from .planview import PlanView, dry_run_text, summary
 
-    # With --json, stdout holds the report alone: the view goes to stderr.
-    view = PlanView(sys.stderr if args.json else sys.stdout)
+    # With --json or --progress=json, stdout holds JSON alone: the view goes to stderr.
+    machine = args.progress == "json"
+    view = PlanView(sys.stderr if args.json or machine else sys.stdout,
+                    live=None if args.progress == "auto" else False)
+    events = _JsonLines() if machine else None
+    log = None if args.dry_run else _plan_log(plan, args)
+    log_view = PlanView(log.stream, live=False) if log is not None else None
+    tried = False
+
+    def on_event(vm: Any, event: Event) -> None:
+        nonlocal tried
+        view(vm, event)
+        if log is not None and log_view is not None:
+            if not tried and event.kind == "vm-start":
+                tried = True
+                kept(log, say)
+            log_view(vm, event)
+        if events is not None:
+            events(event, vm=vm.name)
+
     options: dict[str, Any] = {key: value for key, value in (
         ("parallel", args.parallel), ("per_storage", args.per_storage), ("per_node", args.per_node))
         if value is not None}
     try:
-        report = plan.run(dry_run=args.dry_run, on_event=view, accel=args.accel, **options)
+        with log or contextlib.nullcontext():
+            report = plan.run(dry_run=args.dry_run, on_event=on_event, accel=args.accel, logs=log is not None,
+                              **options)
+            if log is not None and log.path is not None:
+                print(summary(report), file=log.stream)
     finally:
         view.close()
-    if args.json:
+        _said_log(log)
+    if events is not None:
+        events.send({"kind": "result", **report.to_dict(), "log": log and log.path and str(log.path)})
+    elif args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.dry_run:
         print(dry_run_text(report))
@@ -188,6 +218,18 @@ def _plan(args: argparse.Namespace) -> int:
     if report.interrupted is not None:
         print("v2p: interrupted; rerun the same command to resume", file=sys.stderr)
     return report.exit_code
+
+
+def _plan_log(plan: Any, args: argparse.Namespace) -> RunLog | None:
+    """``plan run``'s log: ``plan-<name>-<time>.log`` in the state folder of its first VM's target, kept
+    once a VM starts (a plan whose every VM is refused makes nothing)."""
+    if not plan.vms:
+        return None
+    try:
+        target = api.make_target(plan.vms[0].target, accel=args.accel, env=os.environ)
+    except V2PError:
+        return None  # that VM fails in its own words
+    return RunLog(target.state_dir(), f"plan-{Path(args.plan).stem}")
 
 
 def _plan_status(args: argparse.Namespace, plan: Any) -> int:
@@ -327,72 +369,92 @@ def _print_image(image: DiskImage) -> None:
     print(f"  verdict:   {image.verdict}")
 
 
-class _Printer:
-    """Shows pipeline events as lines, with a tqdm bar for convert on a terminal."""
+_Printer = EventPrinter  # what tests of the lines import
+
+
+class _JsonLines:
+    """``--progress=json``: every event as one JSON object a line on stdout (``dataclasses.asdict``, and the
+    VM's name for a plan's), then the result as the last line (``{"kind": "result", ...}``)."""
 
     def __init__(self, out: TextIO | None = None) -> None:
-        self.bar: Any = None
-        self.out = out or sys.stdout  # not bound at import: sys.stdout may be replaced (_standard_streams)
+        self.out = out or sys.stdout
 
-    def __call__(self, event: Event) -> None:
-        if event.kind == "progress":
-            self._progress(event.data["bytes"], event.data["total"], event.step or "convert")
-            return
-        self._close_bar()
-        if event.kind == "stage-start":
-            print(f"[{event.stage}] {event.message}", file=self.out, flush=True)
-        elif event.kind == "stage-skip":
-            print(f"[{event.stage}] already {event.message}, skipped", file=self.out, flush=True)
-        elif event.kind == "stage-done":
-            print(f"[{event.stage}] done in {event.message}", file=self.out, flush=True)
-        elif event.kind == "warning" or event.kind == "finding" and event.data.get("severity") == "warning":
-            print(f"[{event.stage}] warning: {event.message}", file=self.out, flush=True)
-        elif event.kind == "finding" and event.data.get("severity") == "error":
-            return  # the run stops on it with its own error line
-        else:
-            print(f"[{event.stage}] {event.message}", file=self.out, flush=True)
+    def __call__(self, event: Event, **more: Any) -> None:
+        self.send({**more, **dataclasses.asdict(event)})
 
-    def _progress(self, done: int, total: int, desc: str) -> None:
-        if not sys.stderr.isatty():
-            return
-        if self.bar is not None and self.bar.desc != desc:  # a fetch's bar, then the copy's
-            self._close_bar()
-        if self.bar is None:
-            from tqdm import tqdm
+    def send(self, message: dict[str, Any]) -> None:
+        print(json.dumps(message, default=str), file=self.out, flush=True)
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                            leave=False)
-        self.bar.update(done - self.bar.n)
 
-    def _close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+def _handlers(handlers: list[Callable[[Event], None]]) -> Callable[[Event], None]:
+    """One event handler calling each of ``handlers`` in turn (those added later too)."""
+    def each(event: Event) -> None:
+        for handler in handlers:
+            handler(event)
+    return each
 
+
+def _said_log(log: RunLog | None) -> None:
+    if log is not None and log.path is not None:
+        say(f"v2p: the log of this run: {shown_path(str(log.path))}")
 
 
 def _migrate(args: argparse.Namespace, target: api.Target) -> int:
-    # With --json, stdout holds the one JSON object alone: the lines a person reads go to stderr.
-    out = sys.stderr if args.json else sys.stdout
-    printer = _Printer(out)
-    migration = api.Migration(args.source, args.vmid, target=target, on_event=printer, **given(args))
+    # With --json or --progress=json, stdout holds JSON alone: the lines a person reads go to stderr.
+    machine = args.progress == "json"
+    out = sys.stderr if args.json or machine else sys.stdout
+    printer = EventPrinter(out, live=None if args.progress == "auto" else False)
+    handlers: list[Callable[[Event], None]] = [printer]
+    events = _JsonLines() if machine else None
+    if events is not None:
+        handlers.append(events)
+    migration = api.Migration(args.source, args.vmid, target=target, on_event=_handlers(handlers), **given(args))
+    args.json = args.json or (machine and args.dry_run)  # a dry run streams nothing: its JSON, as --json's
     if args.dry_run:  # the real run's checks, nothing made; refused as the real run would be
         preview = migration.preview()
         print(json.dumps(preview.to_dict(), indent=2) if args.json else preview.text())
         return 0
+    log = RunLog(target.state_dir(), str(migration.vmid))
+    handlers.append(logged(log, say))
     try:
-        result = migration.run()
-    finally:
+        with log:
+            result = migration.run()
+    except BaseException as exc:
         printer._close_bar()
+        if events is not None:
+            events.send(_failed(migration.vmid, exc, log))
+        if log.path is not None and isinstance(exc, V2PError):
+            exc.add_note(f"the log of this run: {shown_path(str(log.path))}")  # under the error line
+        elif not isinstance(exc, KeyboardInterrupt):  # stopped: one line, the rerun resumes (and logs on)
+            _said_log(log)
+        raise
+    printer._close_bar()
     boot = boot_words(result["boot"], result["boot_signal"])
     if not result.get("nothing_to_do"):  # else the pipeline's event already said so
         print(f"VM {migration.vmid} migrated from {args.source}; {boot}", file=out)
         _print_guest_ips(result, out)
     elif result["boot"] != BOOT_UP:  # what the recorded check saw still holds
         print(f"VM {migration.vmid}: {boot}", file=out)
-    if args.json:  # the record, as v2p status --json shows it
+    _said_log(log)
+    code = boot_exit_code(result["boot"])
+    if events is not None:
+        events.send({"kind": "result", "vmid": migration.vmid, "ok": code == 0, "exit_code": code, "error": None,
+                     "log": log.path and str(log.path), "result": result})
+    elif args.json:  # the record, as v2p status --json shows it
         print(json.dumps(result, indent=2))
-    return boot_exit_code(result["boot"])
+    return code
+
+
+def _failed(vmid: int, exc: BaseException, log: RunLog) -> dict[str, Any]:
+    """``--progress=json``'s last line for a run that ended in ``exc``."""
+    if isinstance(exc, V2PError):
+        code, error = exc.exit_code, str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        code, error = interrupts.exit_status(), "interrupted; rerun the same command to resume"
+    else:
+        code, error = 1, f"{type(exc).__name__}: {exc}"
+    return {"kind": "result", "vmid": vmid, "ok": False, "exit_code": code, "error": error,
+            "log": log.path and str(log.path), "result": None}
 
 
 def _print_guest_ips(result: dict[str, Any], out: TextIO) -> None:

@@ -26,6 +26,7 @@ from .storage import KINDS
 from .targets.factory import KINDS as TARGET_KINDS
 from .targets.kind_local import ACCELS
 
+PROGRESS = ("auto", "plain", "json")  # --progress: how a long step's progress is shown
 EXAMPLES = """examples:
   v2p inspect win7.vmdk
   v2p migrate win7.vmdk --vmid 102 --os win7
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the stages and stop")
     p.add_argument("--json", action="store_true", help="the result (or with --dry-run the stages) as one JSON "
                    "object on stdout; the progress lines go to stderr")
+    _add_progress(p)
 
     p = sub.add_parser("dance", help="move an existing Windows VM from IDE to virtio (two boots)")
     p.add_argument("vmid", type=parse_vmid, metavar="VMID")
@@ -174,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="migrations at once (default: 2, which keeps a 2-core machine responsive)")
     pp.add_argument("--dry-run", action="store_true", help="show what each VM would do and stop")
     pp.add_argument("--json", action="store_true", help="write a machine-readable report on stdout")
+    _add_progress(pp)
     pp.add_argument("--per-storage", type=_whole("--per-storage", (1, 64)), default=None,
                     help="migrations at once onto one target storage (default: 3)")
     pp.add_argument("--per-node", type=_whole("--per-node", (1, 64)), default=None,
@@ -203,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     cli_vsphere.add_parser(sub)
     _globals_on_every_command(parser)
     return parser
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` and its alias ``--machine-readable`` (virt-v2v's name) on ``migrate`` and ``plan run``."""
+    parser.add_argument("--progress", choices=PROGRESS, default="auto",
+                        help="auto: a bar per step on a terminal, else a plain line every 10 s or 10 %%; "
+                        "plain: those lines on a terminal too; json: every event as one JSON object a line "
+                        "on stdout, the result as the last line (human lines go to stderr)")
+    parser.add_argument("--machine-readable", dest="progress", action="store_const", const="json",
+                        help="the same as --progress=json")
 
 
 def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:

@@ -11,26 +11,23 @@ Not for: deciding where the output goes (that is the target's job).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from stat import S_ISBLK
 
-from . import verify
+from . import verify, windows
 from .endpoint import DiskEndpoint, RawExtent, qemu_args
-from .errors import NoSpaceError, SourceError, ToolError
+from .errors import SourceError
 from .inspect.model import DiskImage
 from .inspect.qemu_input import INFO_TIMEOUT
 from .pinned import FileId
-from .runner import run, run_streaming
+from .runner import run
 from .storage import Volume
 from .storage.base import block_size
-
-_PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+from .windows import Checkpoint, CopyProgress
 
 
 def measure(source: DiskEndpoint, out_fmt: str) -> int:
@@ -43,112 +40,33 @@ def measure(source: DiskEndpoint, out_fmt: str) -> int:
 
 def convert(
     source: DiskEndpoint, dest: Volume, *, capacity: int, target_is_zero: bool = False,
-    bwlimit: int | None = None, on_progress: Callable[[float], None] | None = None,
-) -> None:
-    """``qemu-img convert`` ``source`` into ``dest``.
-
-    A file is created anew; a block device is written in place (``-n``), and
-    when it is known to read as zeros (a fresh thin LV) zero areas are not
-    written at all (``--target-is-zero``). ``bwlimit`` is in bytes per second.
-    The timeout grows with the disk: a hung qemu-img is stopped, a slow big
-    disk is not.
-    """
-    argv = ["qemu-img", "convert", "-p", "-f", source.fmt, "-O", dest.fmt]
-    if dest.is_block:
-        argv.append("-n")
-        if target_is_zero:
-            argv.append("--target-is-zero")
-    if bwlimit:
-        argv += ["-r", str(bwlimit)]
-    if source.parallel:
-        argv += ["-m", str(source.parallel)]
-    argv += [source.filename, str(dest.path)]
-
-    def chunk(text: str) -> None:
-        match = _PROGRESS.search(text)
-        if match and on_progress is not None:
-            on_progress(float(match.group(1)))
-
-    with qemu_args(source) as objects:
-        _writing(dest, lambda: run_streaming(argv[:2] + objects + argv[2:], timeout=_timeout(capacity, bwlimit),
-                                             on_chunk=chunk, pass_fds=source.fds))
-    _writing(dest, lambda: _fsync(dest.path))
+    bwlimit: int | None = None, on_progress: CopyProgress | None = None, start: Checkpoint | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+) -> int:
+    """``qemu-img convert`` ``source`` into ``dest``, window by window (``windows.copy``): a file is
+    created anew, a block device written in place, and when it is known to read as zeros (a fresh
+    thin LV) zero areas are not written at all. ``bwlimit`` is in bytes per second (of bytes written);
+    ``start`` goes on from a checkpoint, ``on_checkpoint`` gets one after each window. Returns the
+    bytes this run wrote (``moved``)."""
+    return windows.copy(source, dest, capacity=capacity, target_is_zero=target_is_zero, bwlimit=bwlimit,
+                        on_progress=on_progress, start=start, on_checkpoint=on_checkpoint)
 
 
-def _fsync(path: Path) -> None:
-    """Make the written bytes durable before anyone calls them done (qemu-img may leave
-    writeback pending, and a device's page cache is only flushed on demand)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise ToolError(f"{path}: flushing the written disk failed: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def _timeout(capacity: int, bwlimit: int | None) -> float:
-    floor_rate = min(bwlimit, 20 << 20) if bwlimit else 20 << 20
-    return 600 + capacity / floor_rate * 2
-
-
-def _writing(dest: Volume, write: Callable[[], None]) -> None:
-    """Run ``write``; a full target becomes a TargetError that says how to go on."""
-    try:
-        write()
-    except ToolError as exc:
-        if "No space left on device" in exc.message or "ENOSPC" in exc.message:
-            raise NoSpaceError(f"{dest.path}: the target storage ran out of space while writing",
-                              hint="free some space and run the same command again to resume") from None
-        raise
-
-
-def copy_dd(source: DiskEndpoint, dest: Volume, *, target_is_zero: bool,
-            on_progress: Callable[[float], None] | None = None) -> None:
-    """The seed procedure's ``dd``, done right: each raw extent at its offset, 4 MiB
-    blocks, zero blocks skipped (``conv=sparse``) only where the target reads as zeros."""
+def copy_dd(source: DiskEndpoint, dest: Volume, *, target_is_zero: bool, on_progress: CopyProgress | None = None,
+            start: Checkpoint | None = None, on_checkpoint: Callable[[Checkpoint], None] | None = None) -> int:
+    """The seed procedure's ``dd``, done right (``windows.copy_dd``): each raw extent at its offset, 4 MiB
+    blocks, zero blocks skipped only where the target reads as zeros; checkpoints as ``convert``'s."""
     if source.raw is None:
         raise SourceError(f"{_named(source)} is {source.flavor or source.fmt}: dd copies raw data only",
                           hint="use the default --copy-with qemu-img for sparse disks")
     if not dest.is_block and dest.fmt != "raw":
         raise SourceError("dd writes raw disks only", hint="add --format raw")
-    if not dest.is_block:
-        dest.path.touch()
-    capacity = sum(extent.size for extent in source.raw)
-    _dd_extents(source.raw, capacity, source.fds, dest, target_is_zero=target_is_zero, on_progress=on_progress)
-    if not dest.is_block:
-        os.truncate(dest.path, capacity)
+    return windows.copy_dd(source, dest, target_is_zero=target_is_zero, on_progress=on_progress, start=start,
+                           on_checkpoint=on_checkpoint)
 
 
 def _named(source: DiskEndpoint) -> str:
     return "the disk" if source.filename.startswith("json:") else Path(source.filename).name
-
-
-def _dd_extents(extents: tuple[RawExtent, ...], capacity: int, fds: tuple[int, ...], dest: Volume, *,
-                target_is_zero: bool, on_progress: Callable[[float], None] | None) -> None:
-    done = 0
-    for extent in extents:
-        if extent.filename is None and target_is_zero:
-            done += extent.size
-            continue
-        # conv=sparse skips all-zero *output* blocks: read 4 MiB at a time but
-        # write in 64 KiB pieces, so a little data does not drag 4 MiB of zeros along.
-        blocks = ["ibs=4M", "obs=64K", "conv=notrunc,sparse,fsync"] if target_is_zero else \
-            ["bs=4M", "conv=notrunc,fsync"]
-        source = extent.filename if extent.filename is not None else "/dev/zero"
-        argv = ["dd", f"if={source}", f"of={dest.path}", *blocks,
-                "iflag=skip_bytes,count_bytes,fullblock", "oflag=seek_bytes", "status=progress",
-                f"skip={extent.offset}", f"seek={done}", f"count={extent.size}"]
-        base = done
-
-        def chunk(text: str, base: int = base) -> None:
-            match = re.match(r"^(\d+) bytes", text)
-            if match and on_progress is not None:
-                on_progress(100.0 * (base + int(match.group(1))) / capacity)
-
-        _writing(dest, functools.partial(run_streaming, argv, timeout=_timeout(extent.size, None),
-                                         on_chunk=chunk, stream="stderr", pass_fds=fds))
-        done += extent.size
 
 
 def compare(source: DiskEndpoint, dest: Volume, *, capacity: int) -> None:
@@ -163,7 +81,7 @@ def compare(source: DiskEndpoint, dest: Volume, *, capacity: int) -> None:
 
 
 def stage(source: DiskEndpoint, path: Path, *, capacity: int,
-          on_progress: Callable[[float], None] | None = None) -> DiskEndpoint:
+          on_progress: CopyProgress | None = None) -> DiskEndpoint:
     """A local raw copy of ``source`` at ``path``, read once (the source's one read when reading it
     again would cost a second download): written as ``path`` + ``.part`` and renamed when whole, so
     a copy already at ``path`` is taken as it is. The copy is sparse where the disk reads as zeros."""

@@ -56,7 +56,17 @@ def clean_secret(value: str, where: str, *, token: bool, service: str = "PVE") -
         raise OptionError(f"{where}: the secret holds a control or other character a secret cannot have "
                           f"(a line break inside it?): refused", hint=f"a {service} secret is {allowed}; "
                           "copy it again from the node")
+    if value:
+        _SEEN.add(value)
     return value
+
+
+_SEEN: set[str] = set()  # every secret read in this process: a log file masks them (``logfile``)
+
+
+def secrets_seen() -> frozenset[str]:
+    """The secrets ``clean_secret`` has passed in this process, for whatever must never show them."""
+    return frozenset(_SEEN)
 
 
 def read_operators_file(path: Path, what: str) -> str:

@@ -266,7 +266,8 @@ class Pipeline:
             spec = self.options.hardware(self._spec())
             ctx = Context(self.source, self.vmid, self.options.resolved(spec), self.target,
                           self.state.data["migration_id"], workdir, self.emit, spec,
-                          chosen_ostype=self.options.chosen_ostype(spec), recorded=set(self.state.stages))
+                          chosen_ostype=self.options.chosen_ostype(spec), recorded=set(self.state.stages),
+                          saved_progress=self.state.data.get("progress"), on_checkpoint=self.state.checkpoint)
             rerun = False
             for stage in stages_for(len(spec.disks)):
                 stage_name = stage.name

@@ -31,7 +31,9 @@ from typing import IO, Any
 from . import api, interrupts
 from .boot_outcomes import BootFailed, boot_exit_code
 from .errors import BootCheckError, V2PError
+from .eventlines import logged
 from .events import Event
+from .logfile import RunLog
 from .targets.base import BOOT_FAILED
 
 STDERR_TAIL = 20  # lines of a child's stderr kept for the report when it dies without an error line
@@ -178,21 +180,33 @@ def child_main() -> int:
     if not line:
         return 1  # the parent went before it could say what to do
     migration: api.Migration | None = None
+    log: RunLog | None = None
+    to_log: Callable[[Event], None] | None = None
 
     def emit(event: Event) -> None:
         sent = dataclasses.asdict(event)
         sent["vmid"] = migration.vmid if migration is not None else sent.get("vmid")
         out.send(sent)
+        if to_log is not None:
+            to_log(event)
+
+    def its_log() -> dict[str, Any]:
+        return {"log": str(log.path)} if log is not None and log.path is not None else {}
 
     try:
         job = json.loads(line)
         threading.Thread(target=_watch_parent, name="v2p-parent-watch", daemon=True).start()
         target = api.make_target(job["target"], accel=job.get("accel", "auto"), env=os.environ)
         migration = api.Migration(job["source"], job["vmid"], target=target, on_event=emit, **job["options"])
-        result = migration.run()
+        if job.get("log"):  # as v2p migrate keeps one (eventlines.logged); its warning goes to the stderr tail
+            log = RunLog(target.state_dir(), str(migration.vmid))
+            to_log = logged(log, lambda line: print(line, file=sys.stderr, flush=True))
+        with log or contextlib.nullcontext():
+            result = migration.run()
         out.send({"vmid": migration.vmid, "result": {"nothing_to_do": bool(result.get("nothing_to_do")),
                                                      "finished_at": result.get("finished_at"),
-                                                     "boot": result["boot"], "boot_signal": result["boot_signal"]}})
+                                                     "boot": result["boot"], "boot_signal": result["boot_signal"]},
+                  **its_log()})
         return boot_exit_code(result["boot"])
     except V2PError as exc:
         failed: dict[str, Any] = {}
@@ -201,17 +215,17 @@ def child_main() -> int:
             failed = {"boot": BOOT_FAILED, "boot_signal": str(seen or exc.message)}
         out.send({"vmid": migration.vmid if migration is not None else None, "error": exc.message,
                   "hint": exc.hint, "text": str(exc), "type": type(exc).__name__, "exit_code": exc.exit_code,
-                  "notes": list(getattr(exc, "__notes__", ())), **failed})
+                  "notes": list(getattr(exc, "__notes__", ())), **failed, **its_log()})
         return exc.exit_code
     except KeyboardInterrupt:
         signum = interrupts.received() or signal.SIGINT
-        out.send({"vmid": migration.vmid if migration is not None else None, "interrupted": signum})
+        out.send({"vmid": migration.vmid if migration is not None else None, "interrupted": signum, **its_log()})
         return 128 + signum
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a path unusable, a job not as written above
         where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
         out.send({"vmid": migration.vmid if migration is not None else None, "error": f"{where}{text}",
-                  "text": f"{where}{text}", "type": type(exc).__name__, "exit_code": 1})
+                  "text": f"{where}{text}", "type": type(exc).__name__, "exit_code": 1, **its_log()})
         return 1
 
 

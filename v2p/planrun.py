@@ -33,6 +33,7 @@ from .fsutil import private_dir, remove_tree
 from .options import OptionError
 from .planchild import Child, Children, event_of
 from .planschedule import Need, Scheduler, gib
+from .progress import Meter, Progress
 from .sizing import SpaceNeed
 from .stage_context import disk_stage
 from .state import MigrationState, VmidLock
@@ -85,7 +86,7 @@ class VMRun:
     ``result``: waiting, running, migrated, nothing to do, failed, interrupted, not started, dry run.
     ``boot``: how its boot check ended, once known: up, unconfirmed (migrated, but no sign the OS runs:
     ``boot_signal`` says what was seen), failed (the migration failed there), skipped (not checked).
-    ``moved``: the bytes this run wrote (disks an earlier run finished are not written again).
+    ``moved``: the bytes this run really wrote (disks an earlier run finished are not written again).
     """
 
     name: str
@@ -94,21 +95,17 @@ class VMRun:
     storage: str
     result: str = "waiting"
     stage: str = ""
-    done_bytes: int = 0  # of the disk being written now
-    total_bytes: int = 0
-    rate: float = 0.0  # bytes per second of that disk, over the last few seconds
-    moved: int = 0
     seconds: float = 0.0
     error: str | None = None
     exit_code: int = 0
     waiting_for: str = ""  # why it has not started yet
     boot: str = ""  # up | unconfirmed | failed | skipped; "" while unknown (not that far, or not run)
     boot_signal: str = ""
+    log: str | None = None  # its migration's log file, when the run keeps logs (``run_plan(logs=True)``)
     plan: list[tuple[str, str, bool]] = field(default_factory=list)  # dry run: (stage, summary, done)
     about: list[str] = field(default_factory=list)  # dry run: what the VM is and where it would go
     started: float | None = None  # monotonic, of this run's first start
-    _disk_bytes: dict[int, int] = field(default_factory=dict, repr=False)
-    _rate_at: tuple[float, int] = (0.0, 0)
+    progress: Progress = field(default_factory=Progress, repr=False)  # its disks' meters (``v2p.progress``)
 
     @property
     def ok(self) -> bool:
@@ -118,32 +115,29 @@ class VMRun:
         data: dict[str, Any] = {"name": self.name, "vmid": self.vmid, "node": self.node, "storage": self.storage,
                                 "result": self.result, "stage": self.stage, "seconds": round(self.seconds, 3),
                                 "bytes_moved": self.moved, "exit_code": self.exit_code, "error": self.error,
-                                "boot": self.boot or None, "boot_signal": self.boot_signal or None}
+                                "boot": self.boot or None, "boot_signal": self.boot_signal or None, "log": self.log}
         if self.plan or self.about:
             data["about"] = list(self.about)
             data["stages"] = [{"stage": stage, "summary": summary, "done": done}
                               for stage, summary, done in self.plan]
         return data
 
-    def _progress(self, data: dict[str, Any], *, counted: bool = True) -> None:
-        now, done = time.monotonic(), int(data.get("bytes", 0))
-        disk = int(data.get("disk") or 0)
-        self.done_bytes, self.total_bytes = done, int(data.get("total", 0))
-        if done < self._disk_bytes.get(disk, 0) or self._rate_at[0] == 0.0:
-            self._rate_at = (now, done)  # a disk started (over): no rate across it
-        elif now - self._rate_at[0] >= 1.0:
-            self.rate = (done - self._rate_at[1]) / (now - self._rate_at[0])
-            self._rate_at = (now, done)
-        if counted:
-            self._disk_bytes[disk] = done
-            self.moved = sum(self._disk_bytes.values())
+    @property
+    def moved(self) -> int:
+        """Bytes this run's copies of its disks really wrote (``data['moved']``; from an old producer, the
+        position): a disk an earlier run finished is not written again, a sparse disk's holes not at all."""
+        return self.progress.moved
 
-    def _disk_done(self, stage: str) -> None:
-        disk = int(stage.partition(":")[2] or 0)
-        if disk in self._disk_bytes and self.total_bytes:
-            self._disk_bytes[disk] = self.total_bytes
-            self.moved = sum(self._disk_bytes.values())
-        self.rate, self._rate_at = 0.0, (0.0, 0)
+    @property
+    def meter(self) -> Meter | None:
+        """What its stage is moving now (None between a stage's start and its first progress)."""
+        return self.progress.current
+
+    def see(self, event: Event) -> None:
+        """Take in one of its migration's events."""
+        self.progress.see(event)
+        if event.kind == "stage-start":
+            self.stage, self.progress.current = event.stage, None
 
 
 @dataclass
@@ -200,8 +194,8 @@ class _Runner:
 
     def __init__(self, vms: Sequence[PlanVM], *, parallel: int, per_storage: int, per_node: int,
                  on_event: PlanEventHandler, stop: threading.Event | None, accel: str, lock_wait: float,
-                 refused: Mapping[str, str]) -> None:
-        self.vms = vms
+                 refused: Mapping[str, str], logs: bool = False) -> None:
+        self.vms, self.logs = vms, logs
         self.schedule = Scheduler(len(vms), parallel=parallel, per_storage=per_storage, per_node=per_node)
         self.refused = refused
         self.emit, self.stop, self.accel, self.lock_wait = on_event, stop, accel, lock_wait
@@ -358,7 +352,7 @@ class _Runner:
     def _spawn(self, index: int) -> None:
         vm, run = self.vms[index], self.runs[index]
         job = {"name": vm.name, "source": str(vm.source), "vmid": vm.vmid, "target": vm.target,
-               "accel": self.accel, "options": vm.options}
+               "accel": self.accel, "options": vm.options, "log": self.logs}
         child = self.children.spawn(index, job)
         self.running[index] = child
         self.first_try.setdefault(index, child.started)
@@ -374,12 +368,7 @@ class _Runner:
             run.vmid = message["vmid"]
         if "kind" in message:
             event = event_of(message)
-            if event.kind == "progress":
-                run._progress(event.data, counted=event.step is None)  # an upload's bytes are not the disk's
-            elif event.kind == "stage-start":
-                run.stage, run.done_bytes, run.total_bytes = event.stage, 0, 0
-            elif event.kind == "stage-done" and event.stage.startswith("convert"):
-                run._disk_done(event.stage)
+            run.see(event)
             self.emit(run, event)
         else:
             child.last = message
@@ -389,6 +378,7 @@ class _Runner:
         del self.running[child.index]
         self.schedule.end(child.index)
         run, last = self.runs[child.index], child.last or {}
+        run.log = str(last["log"]) if last.get("log") else run.log
         run.seconds += time.monotonic() - child.started
         run.exit_code = code
         if code in (0, EXIT_BOOT_UNCONFIRMED) and isinstance(last.get("result"), dict):
@@ -468,7 +458,7 @@ def _migration(vm: PlanVM, accel: str) -> api.Migration:
 def run_plan(vms: Sequence[PlanVM], *, parallel: int = PARALLEL, dry_run: bool = False,
              on_event: PlanEventHandler | None = None, per_storage: int = PER_STORAGE, per_node: int = PER_NODE,
              stop: threading.Event | None = None, accel: str = "auto", lock_wait: float = LOCK_WAIT,
-             refused: Mapping[str, str] | None = None) -> PlanReport:
+             refused: Mapping[str, str] | None = None, logs: bool = False) -> PlanReport:
     """Migrate (or resume) every VM of a plan, each in a child process; see the module docstring.
 
     ``on_event(vm, event)`` gets each child's events (``vm`` is the VM's live ``VMRun``) and the run's own:
@@ -478,7 +468,8 @@ def run_plan(vms: Sequence[PlanVM], *, parallel: int = PARALLEL, dry_run: bool =
     ``interrupts.install``) does the same instead of propagating. One VM's failure stops no other.
     ``dry_run``: what each VM would do, as ``v2p migrate --dry-run`` shows it, touching nothing.
     ``refused``: VM name -> why its plan's checks refused it (``Plan.run``): it fails before anything is
-    measured, locked or made for it.
+    measured, locked or made for it. ``logs``: each child writes its migration's log file, as ``v2p migrate``
+    does (``VMRun.log`` its path); off by default, as the library's logs are.
     """
     for option, value in (("--parallel", parallel), ("per_storage", per_storage), ("per_node", per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -487,7 +478,7 @@ def run_plan(vms: Sequence[PlanVM], *, parallel: int = PARALLEL, dry_run: bool =
     if dry_run:
         return _dry_run(vms, accel, emit, refused or {})
     return _Runner(vms, parallel=parallel, per_storage=per_storage, per_node=per_node, on_event=emit, stop=stop,
-                   accel=accel, lock_wait=lock_wait, refused=refused or {}).run()
+                   accel=accel, lock_wait=lock_wait, refused=refused or {}, logs=logs).run()
 
 
 def _dry_run(vms: Sequence[PlanVM], accel: str, emit: PlanEventHandler, refused: Mapping[str, str]) -> PlanReport:

@@ -1,36 +1,41 @@
 """Showing a plan run: a live view on a terminal, plain lines elsewhere, the summary table, ``--json``.
 
-``PlanView`` is the ``on_event`` handler ``run_plan`` calls. On a terminal it keeps one line per VM
-(stage, bytes written of the disk's total, rate) redrawn in place, with warnings and each VM's outcome
-scrolling above it; anywhere else every event is a line prefixed with the VM's name, as ``v2p migrate``
-prints them. This module only formats: running the plan is ``planrun``'s job.
+``PlanView`` is the ``on_event`` handler ``run_plan`` calls. On a terminal it keeps one line per VM (stage,
+percent, bytes, rate, ETA: ``row_line``) drawn by tqdm, which fits each to the terminal's width as it is
+now, with warnings and each VM's outcome scrolling above them; anywhere else every event is a line prefixed
+with the VM's name, as ``v2p migrate`` prints them, and each disk's progress a line every few seconds or
+percent (``progress.Pacer``). This module only formats: running the plan is ``planrun``'s job.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from .boot_outcomes import BOOT_SKIPPED, boot_words
+from .eventlines import is_terminal, line_bar
 from .events import PLAN_KINDS, Event
 from .planrun import DRY_RUN, QUEUED, PlanReport, VMRun
+from .progress import COPY, Clock, Pacer
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP
 
-MiB = 1 << 20
 GiB = 1 << 30
-REDRAW = 0.25  # seconds between redraws of the live view (progress arrives far more often)
+REDRAW = 0.25  # seconds between redraws of a VM's line (progress arrives far more often)
 
 
 class PlanView:
     """Shows a plan's events on ``stream`` (a live view when it is a terminal, unless ``live=False``)."""
 
-    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None,
+                 clock: Clock = time.monotonic) -> None:
         self.stream = stream or sys.stdout
-        self.live = self.stream.isatty() if live is None else live
+        self.live = is_terminal(self.stream) if live is None else live
+        self.clock = clock
         self.rows: dict[int, VMRun] = {}  # by id(): a VMRun is the same object for the whole run
-        self.drawn = 0  # lines of the live view on the screen now
-        self.last_draw = 0.0
+        self.bars: dict[int, Any] = {}  # id(VMRun) -> its tqdm line
+        self.drawn: dict[int, float] = {}  # id(VMRun) -> when its line was last drawn
+        self.pacer = Pacer()
 
     def __call__(self, vm: VMRun, event: Event) -> None:
         self.rows.setdefault(id(vm), vm)
@@ -38,12 +43,16 @@ class PlanView:
         if not self.live:
             if line is not None:
                 print(line, file=self.stream, flush=True)
+            meter = vm.meter
+            if event.kind == "progress" and meter is not None and self.pacer.due(meter, self.clock()):
+                print(f"[{vm.name}] [{meter.stage}] {meter.words()}", file=self.stream, flush=True)
             return
         if line is not None and (event.kind == "warning" or event.kind == "vm-done" or _is_warning(event)):
-            self._clear()
-            print(line, file=self.stream)
-        if event.kind != "progress" or time.monotonic() - self.last_draw >= REDRAW:
-            self.draw()
+            from tqdm import tqdm
+
+            tqdm.write(line, file=self.stream)  # above the VMs' lines, which tqdm draws again under it
+        if event.kind != "progress" or self.clock() - self.drawn.get(id(vm), 0.0) >= REDRAW:
+            self._draw(vm)
 
     @staticmethod
     def _line(vm: VMRun, event: Event) -> str | None:
@@ -63,44 +72,53 @@ class PlanView:
             return f"{head}{vmid} {event.message}"
         return f"{head} [{event.stage}] {event.message}"
 
-    def draw(self) -> None:
-        """Redraw the live view in place: cursor up over the old one, each line cleared and rewritten."""
-        if not self.live:
-            return
-        self._clear()
-        lines = [row_line(vm) for vm in self.rows.values()]
-        for line in lines:
-            self.stream.write(f"\x1b[2K{line}\n")
-        self.stream.flush()
-        self.drawn, self.last_draw = len(lines), time.monotonic()
+    def _draw(self, vm: VMRun) -> None:
+        """(Re)draw ``vm``'s line: tqdm keeps one per VM, in the order they became known, trimmed to the
+        terminal's width at each draw."""
+        bar = self.bars.get(id(vm))
+        width = max(len(row.name) for row in self.rows.values())
+        if bar is None:
+            bar = self.bars[id(vm)] = line_bar(file=self.stream, position=len(self.bars), bar_format="{desc}",
+                                               dynamic_ncols=True, leave=True, mininterval=0)
+        bar.set_description_str(row_line(vm, width), refresh=True)
+        self.drawn[id(vm)] = self.clock()
 
-    def _clear(self) -> None:
-        if self.drawn:
-            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
-            self.drawn = 0
+    def draw(self) -> None:
+        """Redraw every VM's line (live view only)."""
+        if self.live:
+            for vm in self.rows.values():
+                self._draw(vm)
 
     def close(self) -> None:
-        """Leave the last state of the live view on the screen."""
+        """Leave the last state of the live view on the screen, under it the cursor."""
         self.draw()
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
 
 
-def row_line(vm: VMRun) -> str:
-    """One VM in the live view: name, VMID, what it does, bytes of the disk being written, rate."""
+def row_line(vm: VMRun, width: int = 20) -> str:
+    """One VM in the live view: name, VMID, what it does and, while it moves bytes, how far, how fast and
+    how long yet (``web01  502  convert:1: 57 % of 2.0 GiB, 40.1 MiB/s, ETA 0:00:23, 700 MiB written``).
+    ``width``: the names' column."""
     vmid = str(vm.vmid) if vm.vmid is not None else "auto"
+    head = f"{vm.name:<{width}} {vmid:>5}  "
     if vm.result == "running":
+        meter = vm.meter
         doing = vm.stage or "starting"
-        size = f"{vm.done_bytes / MiB:8.1f} of {vm.total_bytes / MiB:.1f} MiB" if vm.total_bytes else ""
-        rate = f"{vm.rate / MiB:6.1f} MiB/s" if vm.rate else ""
-        return f"{vm.name:<20} {vmid:>9}  {doing:<12} {size:<24} {rate}".rstrip()
+        if meter is not None:
+            doing += f"{' ' + meter.step if meter.step != COPY else ''}: {meter.brief()}"
+        return head + doing
     if vm.result == "waiting" and vm.waiting_for:
-        return f"{vm.name:<20} {vmid:>9}  waiting for {vm.waiting_for}"
+        return head + f"waiting for {vm.waiting_for}"
     boot = f", boot {BOOT_SAID[vm.boot]}" if vm.boot in (BOOT_UP, BOOT_UNCONFIRMED, BOOT_FAILED) else ""
-    return f"{vm.name:<20} {vmid:>9}  {vm.result}{boot}"
+    return head + f"{vm.result}{boot}"
 
 
 def summary(report: PlanReport) -> str:
-    """The table at the end: VM, VMID, result, boot, seconds, GiB moved; the errors and the boots not
-    confirmed under it; then the counts, boots up / not confirmed / failed apart."""
+    """The table at the end: VM, VMID, result, boot, seconds, GiB moved; the errors (each with its
+    migration's log, if kept) and the boots not confirmed under it; then the counts, boots up / not
+    confirmed / failed apart."""
     lines = [f"{'VM':<20} {'VMID':>9}  {'RESULT':<14} {'BOOT':<13} {'SECONDS':>8} {'GIB MOVED':>10}"]
     for vm in report.vms:
         vmid = str(vm.vmid) if vm.vmid is not None else "-"
@@ -109,6 +127,8 @@ def summary(report: PlanReport) -> str:
     for vm in report.vms:
         if vm.error and vm.result != "interrupted":
             lines.append(f"{vm.name}: {vm.error}")
+            if vm.log:
+                lines.append(f"{vm.name}: the log of its migration: {vm.log}")
         elif vm.boot == BOOT_UNCONFIRMED:
             lines.append(f"{vm.name}: {boot_words(vm.boot, vm.boot_signal)}")
     done = sum(1 for vm in report.vms if vm.ok)

@@ -19,6 +19,7 @@ the program it is waiting for at once; the call then raises ``Cancelled``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -111,15 +112,19 @@ def run(argv: Sequence[str], *, timeout: float, check: bool = True,
 
 def run_streaming(
     argv: Sequence[str], *, timeout: float, on_chunk: Callable[[str], None], stream: str = "stdout",
-    pass_fds: Sequence[int] = (),
+    pass_fds: Sequence[int] = (), watch: Callable[[int | None], None] | None = None,
 ) -> None:
     """Run ``argv``, feeding each piece of its ``stream`` (split on CR or LF) to ``on_chunk``.
 
-    The other stream is kept for the error message; ``pass_fds`` as for ``run``.
+    The other stream is kept for the error message; ``pass_fds`` as for ``run``. ``watch`` gets the
+    program's pid once it runs, and None once it has ended but before it is reaped, so that what the
+    kernel counted for it (``/proc/PID/io``) can still be read by that pid then.
     """
     interrupts.check()
     argv = [which(argv[0]), *argv[1:]]
     with _started(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds)) as proc:
+        if watch is not None:
+            watch(proc.pid)
         watched, other = (proc.stdout, proc.stderr) if stream == "stdout" else (proc.stderr, proc.stdout)
         errbuf: list[str] = []
         seen: list[str] = []
@@ -146,6 +151,10 @@ def run_streaming(
                         piece = b""
                     else:
                         piece += bytes((char,))
+            if watch is not None:
+                with contextlib.suppress(ChildProcessError):  # reaped already (by a kill's poll): nothing to read
+                    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: its pid still counts
+                watch(None)
             rc = proc.wait()
         finally:
             timer.cancel()

@@ -5,6 +5,7 @@ stages' record names (``disk_stage``). Not here: the stages themselves (``stages
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ class Context:
     chosen_ostype: str | None = None  # the user's --os (l26 for a loose disk); None: the guest OS decides
     records: dict[str, Record] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)  # stages the state file had when this run began
+    saved_progress: Record | None = None  # the checkpoint of an unfinished copy when this run began
+    on_checkpoint: Callable[[Record], None] | None = None  # where ``checkpoint`` records (the state file)
     _copied: dict[int, DiskEndpoint] = field(default_factory=dict)
     _prepared: Record | None = None
     _sinks: dict[int, DiskSink] = field(default_factory=dict)
@@ -99,14 +102,18 @@ class Context:
                 self.emit(Event("info", stage_name, f"fetch: reading disk {index} from the source into a local "
                                 f"stage ({capacity} bytes)", disk=index, step="fetch"))
 
-            def progress(percent: float) -> None:
-                done = int(capacity * percent / 100)
+            def progress(done: int, moved: int) -> None:
                 self.emit(Event("progress", stage_name, data={
-                    "disk": index, "percent": percent, "bytes": done, "total": capacity},
-                    disk=index, done=done, total=capacity, step="fetch"))
+                    "disk": index, "percent": 100.0 * done / capacity if capacity else 100.0, "bytes": done,
+                    "total": capacity, "moved": moved}, disk=index, done=done, total=capacity, step="fetch"))
 
             self._copied[index] = stage(given, path, capacity=capacity, on_progress=progress)
         return self._copied[index]
+
+    def checkpoint(self, progress: Record) -> None:
+        """Record how far a stage's copy of a disk is (``MigrationState.checkpoint``), for a rerun to go on from."""
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(progress)
 
     def drop_stage(self, index: int) -> None:
         """Remove disk ``index``'s local stage, if it has one (its disk is verified: nothing reads it after)."""

@@ -16,6 +16,7 @@ from .dance import DanceOptions, DriverDance
 from .errors import (
     SourceError,
     TargetError,
+    V2PError,
 )
 from .events import Event
 from .options import MigrationOptions
@@ -24,6 +25,7 @@ from .stage_context import Context, Record, disk_stage
 from .state import FieldType
 from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, KeyProgress
 from .testhooks import hold_point
+from .windows import Checkpoint, StaleCheckpoint
 
 GUEST_LINES = 20  # the guest's last serial lines shown after a boot check
 CHECK_STOP_GRACE = 5.0  # seconds the boot check's VM gets to act on the power button
@@ -146,20 +148,59 @@ class Convert(Stage):
     def run(self, ctx: Context) -> Record:
         sink, capacity = ctx.sink(self.index), ctx.facts(self.index).capacity
         source = ctx.copy_source(self.index, self.name)
+        try:
+            files: object = ctx.source.fingerprint()  # what a checkpoint applies to
+        except (V2PError, OSError):
+            files = None  # unknown now: no checkpoint of this run is taken up again
 
-        def progress(percent: float) -> None:
-            done = int(capacity * percent / 100)
+        def progress(done: int, moved: int) -> None:
             ctx.emit(Event("progress", self.name, data={
-                "disk": self.index, "percent": percent, "bytes": done, "total": capacity},
-                disk=self.index, done=done, total=capacity))
+                "disk": self.index, "percent": 100.0 * done / capacity if capacity else 100.0, "bytes": done,
+                "total": capacity, "moved": moved}, disk=self.index, done=done, total=capacity))
 
-        if ctx.options.copy_with == "dd":  # preflight refused dd for anything but plain raw data
-            sink.write_dd(source, progress=progress)
-        else:
-            bwlimit = ctx.options.bwlimit * 1024 if ctx.options.bwlimit else None
-            sink.write(source, capacity=capacity, progress=progress, bwlimit=bwlimit)
+        def checkpoint(point: Checkpoint) -> None:
+            ctx.checkpoint({"stage": self.name, "disk": self.index, "total": capacity, "volid": sink.volid,
+                            "copied_with": ctx.options.copy_with, "source": files, **point.record()})
+            hold_point(f"{self.name}:window:{point.done // point.window}")
+
+        def write(start: Checkpoint | None) -> None:
+            if ctx.options.copy_with == "dd":  # preflight refused dd for anything but plain raw data
+                sink.write_dd(source, progress=progress, start=start, on_checkpoint=checkpoint)
+            else:
+                bwlimit = ctx.options.bwlimit * 1024 if ctx.options.bwlimit else None
+                sink.write(source, capacity=capacity, progress=progress, bwlimit=bwlimit, start=start,
+                           on_checkpoint=checkpoint)
+
+        start = self._resume_point(ctx, capacity, files)
+        try:
+            write(start)
+        except StaleCheckpoint as exc:
+            ctx.emit(Event("info", self.name, f"disk {self.index}: the copy an earlier run stopped cannot go on "
+                           f"({exc.message}): it starts over", disk=self.index))
+            write(None)
         return {"volid": sink.volid, "fmt": sink.fmt, "copied_with": ctx.options.copy_with,
                 "fingerprint": sink.fingerprint()}
+
+    def _resume_point(self, ctx: Context, capacity: int, files: object) -> Checkpoint | None:
+        """The checkpoint an earlier run left for this disk, if it still applies to the source and the
+        request (the sink checks the destination); a line says why one that does not is dropped."""
+        saved = ctx.saved_progress
+        if not isinstance(saved, dict) or saved.get("stage") != self.name:
+            return None
+        point = Checkpoint.of(saved)
+        why = "its checkpoint is damaged" if point is None else \
+            "the disk's size changed" if saved.get("total") != capacity else \
+            "the source changed since" if files is None or saved.get("source") != files else \
+            "it goes to another volume now" if saved.get("volid") != ctx.sink(self.index).volid else \
+            f"it was copied with {saved.get('copied_with')}" if saved.get("copied_with") != ctx.options.copy_with \
+            else None
+        if why is not None or point is None:
+            ctx.emit(Event("info", self.name, f"disk {self.index}: the copy an earlier run stopped cannot go on "
+                           f"({why}): it starts over", disk=self.index))
+            return None
+        ctx.emit(Event("info", self.name, f"disk {self.index}: the copy goes on at byte {point.done} of {capacity} "
+                       f"({100 * point.done // capacity} %), where an earlier run stopped", disk=self.index))
+        return point
 
     def holds(self, ctx: Context, record: Record) -> bool:
         sink = ctx.sink(self.index)

@@ -154,6 +154,15 @@ class MigrationState:
     def record(self, stage: str, result: dict[str, Any], *, seconds: float) -> None:
         self.stages[stage] = {"finished_at": now(), "seconds": round(seconds, 3), "result": result}
         self.data.pop("failed", None)
+        if isinstance(self.data.get("progress"), dict) and self.data["progress"].get("stage") == stage:
+            del self.data["progress"]  # the stage's record says all its checkpoint said
+        self.save()
+
+    def checkpoint(self, progress: dict[str, Any]) -> None:
+        """Record how far an unfinished per-disk copy is (``progress``: ``stage``, ``disk``, ``done``,
+        ``total`` and what its stage needs to resume): the one checkpoint of the migration, replaced by
+        the next and dropped with the stage's record."""
+        self.data["progress"] = progress
         self.save()
 
     def save(self) -> None:

@@ -1,9 +1,10 @@
 """Hooks for the test suite, both unset in normal use, where they do nothing.
 
 ``V2P_TEST_HOLD_AFTER=<point>`` makes v2p stop dead (sleep until killed) when
-it reaches ``<point>`` — a stage name after its record is written, or a step
-of the driver dance (``dance:boot1-started``, ...) — so a test can SIGKILL it
-at an exact place.
+it reaches ``<point>`` — a stage name after its record is written, a disk's
+copy after the checkpoint of its Nth window (``convert:window:N``,
+``convert:1:window:N``), or a step of the driver dance (``dance:boot1-started``,
+...) — so a test can SIGKILL it at an exact place.
 
 ``V2P_TEST_SETTLE=<seconds>`` shortens the boot check's settle (``bootwatch.SETTLE``,
 20 s: how long a guest must run without a reset or failure after its I/O sign)

@@ -399,15 +399,18 @@ class VsphereSource(Source):
         index = [d.label for d in self.spec().ordered_disks()].index(disk.label)
         stage = f"convert:{index}" if index else "convert"  # the first read after ``prepare``: the copy's
 
+        fetchers: list[Fetcher] = []  # the download's, for the bytes it received (``moved``)
+
         def progress(done: int, total: int) -> None:
             check()
             percent = 100.0 * done / total if total else 100.0
             self.report(Event("progress", stage, data={"disk": index, "percent": percent, "bytes": done,
-                                                       "total": total}, disk=index, done=done, total=total,
-                              step="fetch"))
+                                                       "total": total, "moved": sum(f.downloaded for f in fetchers)},
+                              disk=index, done=done, total=total, step="fetch"))
 
         def download(session: Session) -> Path:
             fetcher = Fetcher(self.where, session.cookie, where)
+            fetchers.append(fetcher)
             self.report(Event("info", stage, f"fetch: {disk.label}: {len(chain)} link(s) of {disk.source} "
                               f"from the datastore into {folder}", disk=index, step="fetch"))
             started = time.monotonic()

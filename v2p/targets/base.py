@@ -18,6 +18,7 @@ from ..storage import BlockStorage, Storage
 
 if TYPE_CHECKING:
     from ..endpoint import DiskEndpoint
+    from ..windows import Checkpoint, CopyProgress
 
 VMConfig = dict[str, str]
 # Bytes sent so far and in all, for a transfer that is not a disk's write (an upload to the target).
@@ -114,13 +115,20 @@ class DiskSink(abc.ABC):
         Whether the write finished is the caller's record to say (``fingerprint``)."""
 
     @abc.abstractmethod
-    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
-              bwlimit: int | None = None) -> None:
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: CopyProgress | None = None,
+              bwlimit: int | None = None, start: Checkpoint | None = None,
+              on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
         """Convert ``src`` (``capacity`` bytes) into a temporary volume created anew (any earlier
-        temporary or committed volume of this disk is removed first). ``progress`` gets percents,
-        ``bwlimit`` is bytes per second. On any failure the temporary volume is removed."""
+        temporary or committed volume of this disk is removed first), window by window (``windows``).
+        ``progress`` gets the position in the disk and the bytes this run wrote, ``bwlimit`` is bytes
+        (written) per second. ``on_checkpoint`` gets a ``Checkpoint`` after each window, its ``dest``
+        filled with what identifies the temporary volume; given one back as ``start``, the write goes on
+        from there into the same temporary volume, or raises ``StaleCheckpoint`` (nothing removed) when
+        it no longer applies. On an interruption after a checkpoint the temporary volume stays; on any
+        other failure it is removed."""
 
-    def write_dd(self, src: DiskEndpoint, *, progress: Callable[[float], None] | None = None) -> None:
+    def write_dd(self, src: DiskEndpoint, *, progress: CopyProgress | None = None, start: Checkpoint | None = None,
+                 on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
         """Like ``write``, but copy the bytes of a plain raw ``src`` (``src.raw``) with ``dd`` (the seed
         procedure's copier)."""
         raise no_dd()

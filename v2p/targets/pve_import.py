@@ -18,6 +18,7 @@ from ..endpoint import DiskEndpoint
 from ..errors import NoSpaceError, TargetError
 from ..storage import Volume
 from ..volumes import Drive, VolumeRef, drive_volume, import_name, new_volume, print_drive
+from ..windows import Checkpoint, CopyProgress, SinkCheckpoints, StaleCheckpoint, check_resumable
 from .base import ByteProgress, DiskSink
 from .pve_releases import REMOTE_INSTEAD, REMOTE_PATH
 from .pve_space import ROOTFS, check_phases
@@ -101,16 +102,21 @@ class RemoteImportSink(DiskSink):
     def written(self) -> bool:
         return self.staging.path.exists() and not self.exists()
 
-    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
-              bwlimit: int | None = None) -> None:
-        self._delete_upload()
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: CopyProgress | None = None,
+              bwlimit: int | None = None, start: Checkpoint | None = None,
+              on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
         staging = self.staging
-        staging.path.unlink(missing_ok=True)
-        try:
-            convert.convert(src, staging, capacity=capacity, bwlimit=bwlimit, on_progress=progress)
-        except BaseException:
+        if start is not None:
+            if self.exists() or not staging.path.is_file():
+                raise StaleCheckpoint("its staging file is gone" if not self.exists() else "its upload began")
+            check_resumable(staging, start)
+        else:
+            self._delete_upload()
             staging.path.unlink(missing_ok=True)
-            raise
+        checkpoints = SinkCheckpoints(staging, on_checkpoint, resumed=start is not None)
+        with checkpoints.writing(lambda: staging.path.unlink(missing_ok=True)):
+            convert.convert(src, staging, capacity=capacity, bwlimit=bwlimit, on_progress=progress, start=start,
+                            on_checkpoint=checkpoints)
 
     def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         if not self.staging.path.exists():

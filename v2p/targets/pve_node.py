@@ -29,6 +29,7 @@ from ..endpoint import DiskEndpoint
 from ..errors import NoSuchVMError, TargetError
 from ..storage import DirStorage, Storage, Volume
 from ..volumes import VolumeRef, drive_volume
+from ..windows import Checkpoint, CopyProgress
 from .base import ByteProgress, DiskSink
 from .sink import StorageSink
 
@@ -235,14 +236,17 @@ class OnNodeSink(DiskSink):
     def written(self) -> bool:
         return self._sink().written()
 
-    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
-              bwlimit: int | None = None) -> None:
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: CopyProgress | None = None,
+              bwlimit: int | None = None, start: Checkpoint | None = None,
+              on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
         self._refuse_theirs()
-        self._sink().write(src, capacity=capacity, progress=progress, bwlimit=bwlimit)
+        self._sink().write(src, capacity=capacity, progress=progress, bwlimit=bwlimit, start=start,
+                           on_checkpoint=on_checkpoint)
 
-    def write_dd(self, src: DiskEndpoint, *, progress: Callable[[float], None] | None = None) -> None:
+    def write_dd(self, src: DiskEndpoint, *, progress: CopyProgress | None = None, start: Checkpoint | None = None,
+                 on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
         self._refuse_theirs()
-        self._sink().write_dd(src, progress=progress)
+        self._sink().write_dd(src, progress=progress, start=start, on_checkpoint=on_checkpoint)
 
     def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         self._sink().verify(src, capacity=capacity)

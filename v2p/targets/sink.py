@@ -2,7 +2,8 @@
 
 ``StorageSink`` takes one disk of one VM through a ``Storage``: a temporary
 volume is allocated and written (``qemu-img convert``, or ``dd`` for a plain
-raw disk), compared with the source, then renamed to its final volume id.
+raw disk, window by window: a stopped write goes on from its last checkpoint),
+compared with the source, then renamed to its final volume id.
 Not for: choosing a storage or format (the target does, in ``storage_sink``),
 nor recording progress (the caller keeps the record; ``fingerprint`` feeds it).
 """
@@ -17,6 +18,7 @@ from ..endpoint import DiskEndpoint
 from ..errors import NoSpaceError, TargetError
 from ..options import OptionError
 from ..storage import Storage, Volume
+from ..windows import Checkpoint, CopyProgress, SinkCheckpoints, StaleCheckpoint, check_resumable
 from .base import ByteProgress, DiskSink
 
 
@@ -69,24 +71,33 @@ class StorageSink(DiskSink):
     def written(self) -> bool:
         return self.storage.exists(self._partial)
 
-    def write(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[float], None] | None = None,
-              bwlimit: int | None = None) -> None:
-        self._write(capacity, lambda partial, zero: convert.convert(
-            src, partial, capacity=capacity, target_is_zero=zero, bwlimit=bwlimit, on_progress=progress))
+    def write(self, src: DiskEndpoint, *, capacity: int, progress: CopyProgress | None = None,
+              bwlimit: int | None = None, start: Checkpoint | None = None,
+              on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
+        self._write(start, on_checkpoint, lambda partial, zero, saved: convert.convert(
+            src, partial, capacity=capacity, target_is_zero=zero, bwlimit=bwlimit, on_progress=progress,
+            start=start, on_checkpoint=saved), capacity=capacity)
 
-    def write_dd(self, src: DiskEndpoint, *, progress: Callable[[float], None] | None = None) -> None:
-        capacity = sum(extent.size for extent in src.raw or ())
-        self._write(capacity, lambda partial, zero: convert.copy_dd(
-            src, partial, target_is_zero=zero, on_progress=progress))
+    def write_dd(self, src: DiskEndpoint, *, progress: CopyProgress | None = None, start: Checkpoint | None = None,
+                 on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
+        self._write(start, on_checkpoint, lambda partial, zero, saved: convert.copy_dd(
+            src, partial, target_is_zero=zero, on_progress=progress, start=start, on_checkpoint=saved),
+            capacity=sum(extent.size for extent in src.raw or ()))
 
-    def _write(self, capacity: int, copy: Callable[[Volume, bool], None]) -> None:
-        partial = self.storage.allocate(self.vmid, self.index, self.fmt, capacity, force=self.force)
-        try:
-            copy(partial, self.storage.reads_as_zero(partial))
-        except BaseException:
-            # A half-written volume must never be taken for a finished one (nor keep the space).
-            self.storage.remove(partial)
-            raise
+    def _write(self, start: Checkpoint | None, on_checkpoint: Callable[[Checkpoint], None] | None,
+               copy: Callable[[Volume, bool, Callable[[Checkpoint], None]], object], *, capacity: int) -> None:
+        if start is not None:
+            if not self.storage.exists(self._partial):
+                raise StaleCheckpoint("its temporary volume is gone")
+            partial = self._located(self._partial)
+            check_resumable(partial, start)
+            zero = start.fresh
+        else:
+            partial = self.storage.allocate(self.vmid, self.index, self.fmt, capacity, force=self.force)
+            zero = self.storage.reads_as_zero(partial)
+        checkpoints = SinkCheckpoints(self._located(partial), on_checkpoint, resumed=start is not None)
+        with checkpoints.writing(lambda: self.storage.remove(partial)):
+            copy(partial, zero, checkpoints)
 
     def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
         written = self._written_volume()
