@@ -262,9 +262,9 @@ class FakeSink(DiskSink):
         self.real.write(src, capacity=capacity, progress=progress, bwlimit=bwlimit, start=start,
                         on_checkpoint=on_checkpoint)
 
-    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
+    def verify(self, src: DiskEndpoint, *, capacity: int, progress: Callable[[int, int], None] | None = None) -> None:
         self._call("verify")
-        self.real.verify(src, capacity=capacity)
+        self.real.verify(src, capacity=capacity, progress=progress)
 
     def commit(self, *, progress: Callable[[int, int], None] | None = None) -> str:
         self._call("commit")

@@ -148,10 +148,14 @@ def test_progress_json_is_one_event_a_line_then_the_result(inproc: V2P, small_vm
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]  # nothing else on stdout
     assert "[convert] write the disk" in proc.stderr  # the lines a person reads
-    moving = [line for line in lines if line["kind"] == "progress"]
+    moving = [line for line in lines if line["kind"] == "progress" and line["step"] is None]
     assert moving and all(line["vmid"] == 151 and line["stage"] == "convert" and line["disk"] == 0
                           and line["data"]["total"] == 16 * MiB for line in moving)
     assert moving[-1]["data"]["bytes"] == 16 * MiB
+    # verify is a long step too: the compare's own progress, up to the whole disk
+    compared = [line for line in lines if line["kind"] == "progress" and line["step"] == "compare"]
+    assert compared and {line["stage"] for line in compared} == {"verify"}
+    assert compared[-1]["data"]["bytes"] == 16 * MiB
     assert {"stage-start", "stage-done"} <= {line["kind"] for line in lines}
     last = lines[-1]
     assert last["kind"] == "result" and last["vmid"] == 151 and last["ok"] and last["exit_code"] == 0

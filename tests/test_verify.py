@@ -5,6 +5,7 @@ real loop devices, real qcow2 and raw files."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -271,3 +272,43 @@ def test_a_device_end_that_is_not_block_aligned(tmp_path):
         flip(dev, capacity - 1)
         with pytest.raises(VerifyError, match=f"at byte {capacity - 1}"):
             convert.compare(src, device_volume(dev), capacity=capacity)
+
+
+@pytest.mark.parametrize("where", ["raw file", "qcow2 file", "loop device"])
+def test_the_compare_says_how_far_it_is(where, tmp_path):
+    """Verify is a long step too: it reports the bytes compared so far, rising to the whole disk
+    (qemu-img compare's own percent for files, each window on a device), and still fails on a difference."""
+    src = source(tmp_path, "sparse")
+    seen: list[int] = []
+    with contextlib.ExitStack() as stack:
+        if where == "loop device":
+            dev = stack.enter_context(loop_device(tmp_path / "dev.img", CAPACITY))
+            write_device(src, dev)
+            volume, offset = device_volume(dev), IN_DATA
+        else:
+            fmt = where.split()[0]
+            target = tmp_path / f"target.{fmt}"
+            qemu_img("convert", "-f", src.fmt, "-O", fmt, src.filename, str(target))
+            volume, offset = Volume("file", target, fmt), IN_DATA
+        verify.compare(src.fmt, src.filename, volume.path, volume.fmt, capacity=CAPACITY, is_block=volume.is_block,
+                       window=256 * KiB, pass_fds=src.fds, on_progress=seen.append)
+        assert seen[-1] == CAPACITY and len(seen) > 2 and seen == sorted(seen), seen
+        if volume.fmt == "raw":
+            flip(volume.path, offset)
+            with pytest.raises(VerifyError, match="differs from the source"):
+                convert.compare(src, volume, capacity=CAPACITY, on_progress=seen.append)
+
+
+def test_a_compare_qemu_img_cannot_do_is_one_line(tmp_path):
+    """qemu-img compare's own error (exit 2), not a difference: its last line, named as such."""
+    src = source(tmp_path, "stream")
+    target = tmp_path / "target.qcow2"
+    qemu_img("convert", "-f", src.fmt, "-O", "qcow2", src.filename, str(target))
+    volume = Volume("file", target, "qcow2")
+    with open(target, "r+b") as handle:  # past the header: its L1 table
+        handle.seek(0x30000)
+        handle.write(b"\xff" * 4096)
+    with pytest.raises(VerifyError) as caught:
+        convert.compare(src, volume, capacity=CAPACITY)
+    assert caught.value.message.startswith(f"qemu-img compare could not compare {target}: ")
+    assert "\n" not in caught.value.message

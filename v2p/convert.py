@@ -69,7 +69,8 @@ def _named(source: DiskEndpoint) -> str:
     return "the disk" if source.filename.startswith("json:") else Path(source.filename).name
 
 
-def compare(source: DiskEndpoint, dest: Volume, *, capacity: int) -> None:
+def compare(source: DiskEndpoint, dest: Volume, *, capacity: int,
+            on_progress: Callable[[int], None] | None = None) -> None:
     """Raise VerifyError unless ``dest`` holds exactly the bytes of ``source`` (see verify.py).
 
     A block device may be larger than the disk (an LV rounded up to whole
@@ -77,7 +78,8 @@ def compare(source: DiskEndpoint, dest: Volume, *, capacity: int) -> None:
     """
     with qemu_args(source) as objects:
         verify.compare(source.fmt, source.filename, dest.path, dest.fmt, capacity=capacity,
-                       is_block=dest.is_block, pass_fds=source.fds, objects=objects)
+                       is_block=dest.is_block, pass_fds=source.fds, objects=objects,
+                       on_progress=on_progress)
 
 
 def stage(source: DiskEndpoint, path: Path, *, capacity: int,

@@ -35,7 +35,12 @@ class Event:
       too, and ``data['bytes']``, the same as ``done``); with ``step`` ``upload``, bytes of an
       upload to the target instead (a disk's staged file, ``disk`` set, or the drivers ISO); with
       ``step`` ``fetch``, bytes of disk ``disk`` read from a source that is not read twice (a
-      download) into the migration's local stage, which the copy and verify then read;
+      download) into the migration's local stage, which the copy and verify then read; with ``step``
+      ``import``, bytes of disk ``disk`` the target's own import task has converted (PVE's
+      ``import-from``, read from its task log, in ``attach``); with ``step`` ``compare``, bytes of
+      disk ``disk`` compared with the source (in ``verify``). ``data['moved']``, where the producer
+      counts it: the bytes this run really wrote (a copy: a sparse disk's zeros are not written),
+      sent or received, as against ``done``, the position in the disk;
     * ``finding``: a preflight rule's finding, ``data['rule']`` its id (what ``ignore_rules``
       takes), ``data['severity']`` ``error``/``warning``/``info``;
     * ``warning``: something the user should know (a source notice, ``--no-verify``, ...);
@@ -49,6 +54,7 @@ class Event:
     ``disk`` the index of the disk an event is about (0 the boot disk), None for the VM;
     ``step`` the driver dance's step (``layout1``, ``boot1``, ...) during the ``drivers`` stage, and
     ``upload`` for an upload to the target (in ``verify``, or ``preflight`` for the drivers ISO),
+    ``import`` and ``compare`` (see ``progress``),
     ``fetch`` for a source's disk read into the local stage (in ``convert``, or ``verify`` on a resume),
     ``prepare`` for what the source does before its disks are read (``Source.prepare``: a running
     vSphere VM's shutdown, each step an ``info``; in ``preflight``, or the first disk read of a resume);

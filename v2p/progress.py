@@ -25,7 +25,7 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 RATE_WINDOW = 5.0
 RATE_MIN_SPAN = 0.5  # seconds of samples before a rate is said at all
 # What each step does with the bytes it moves, as a line says it ("700 MiB written").
-MOVED_WORDS = {"convert": "written", "upload": "sent", "fetch": "read", "import": "imported"}
+MOVED_WORDS = {"convert": "written", "upload": "sent", "fetch": "read", "import": "imported", "compare": "compared"}
 # A plain progress line (no terminal) at least this often, in seconds and in percent of the disk.
 PLAIN_EVERY_SECONDS = 10.0
 PLAIN_EVERY_PERCENT = 10.0

@@ -23,7 +23,7 @@ from .options import MigrationOptions
 from .stage_checks import boot_layout, ours, preflight_checks, upload_progress
 from .stage_context import Context, Record, disk_stage
 from .state import FieldType
-from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, KeyProgress
+from .targets.base import BOOT_FAILED, BOOT_UNCONFIRMED, BOOT_UP, ByteProgress, KeyProgress
 from .testhooks import hold_point
 from .windows import Checkpoint, StaleCheckpoint
 
@@ -224,13 +224,22 @@ class Verify(Stage):
         # A run killed (or out of space for its state file) between the rename and the record
         # left the volume under its final name: the sink verifies it wherever it is.
         if ctx.options.verify:
-            sink.verify(ctx.copy_source(self.index, self.name), capacity=ctx.facts(self.index).capacity)
+            sink.verify(ctx.copy_source(self.index, self.name), capacity=ctx.facts(self.index).capacity,
+                        progress=self._compared(ctx))
         else:
             ctx.emit(Event("warning", self.name, "--no-verify: the written disk was not compared", disk=self.index))
         ctx.drop_stage(self.index)
         volid = sink.commit(progress=upload_progress(ctx, self.name, f"disk {self.index}", self.index))
         hold_point(f"{self.name}:committed")
         return {"volid": volid, "verified": ctx.options.verify, "fingerprint": sink.fingerprint()}
+
+    def _compared(self, ctx: Context) -> ByteProgress:
+        """The compare's progress as events of step ``compare`` (bytes of the disk compared so far)."""
+        def report(done: int, total: int) -> None:
+            data = {"disk": self.index, "percent": 100.0 * done / total if total else 100.0, "bytes": done,
+                    "total": total}
+            ctx.emit(Event("progress", self.name, data=data, disk=self.index, done=done, total=total, step="compare"))
+        return report
 
     def holds(self, ctx: Context, record: Record) -> bool:
         if ctx.options.verify and not record.get("verified") and not ctx.guest_owns_disk:

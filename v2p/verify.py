@@ -28,15 +28,16 @@ import errno
 import json
 import mmap
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from . import interrupts
-from .errors import VerifyError
-from .runner import run
+from .errors import ToolError, VerifyError
+from .runner import run, run_streaming
 
 WINDOW = 8 << 20  # bytes compared at a time
 AHEAD = 3  # windows of each side being read while one is compared (AHEAD + 1 per side in memory)
@@ -44,6 +45,7 @@ _ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers aligned to the logical b
 _ZEROS = bytes(WINDOW)
 _DISCARD_HINT = "the conversion is discarded; run migrate again"
 _UNMAPPABLE = "external, encrypted or compressed clusters"
+_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")  # qemu-img -p
 
 
 def timeout(capacity: int) -> float:
@@ -166,12 +168,14 @@ class RawReader:
 
 
 def compare(fmt: str, filename: str, target: Path, target_fmt: str, *, capacity: int,
-            is_block: bool, window: int = WINDOW, pass_fds: Sequence[int] = (), objects: Sequence[str] = ()) -> None:
+            is_block: bool, window: int = WINDOW, pass_fds: Sequence[int] = (), objects: Sequence[str] = (),
+            on_progress: Callable[[int], None] | None = None) -> None:
     """Raise VerifyError unless the first ``capacity`` bytes of ``target`` equal the source
     ``filename`` read as ``fmt``; a file target must also be exactly ``capacity`` bytes
     (a block device may be larger: an LV rounded up to whole extents). ``pass_fds``: the
     pinned source files ``filename`` reads as ``/dev/fd/N`` (see pinned.py); ``objects``: the
-    ``--object`` arguments it needs (``endpoint.qemu_args``)."""
+    ``--object`` arguments it needs (``endpoint.qemu_args``); ``on_progress`` learns how many bytes
+    from the start are compared so far (qemu-img compare's own percent, or each window)."""
     if window % _ALIGN or not 0 < window <= WINDOW:
         raise ValueError(f"window must be a multiple of {_ALIGN} up to {WINDOW}")
     source_size = _virtual_size(fmt, filename, pass_fds, objects)
@@ -181,7 +185,7 @@ def compare(fmt: str, filename: str, target: Path, target_fmt: str, *, capacity:
     mapped = _source_map(fmt, filename, capacity, pass_fds, objects) if is_block and target_fmt == "raw" else None
     if mapped is None:
         _qemu_img_compare(fmt, filename, target, target_fmt, capacity=capacity, is_block=is_block,
-                          pass_fds=pass_fds, objects=objects)
+                          pass_fds=pass_fds, objects=objects, on_progress=on_progress)
         return
     mappings, files = mapped
     with contextlib.ExitStack() as stack:
@@ -193,7 +197,7 @@ def compare(fmt: str, filename: str, target: Path, target_fmt: str, *, capacity:
         stack.callback(source.close)
         reader = stack.enter_context(_raw_target(target, capacity, is_block))
         try:
-            where = _first_difference(source, reader, capacity, window)
+            where = _first_difference(source, reader, capacity, window, on_progress)
         except OSError as exc:
             raise VerifyError(f"could not compare {target} with the source: {exc.strerror or exc}") from None
     if where is not None:
@@ -240,7 +244,8 @@ def _source_map(fmt: str, filename: str, capacity: int,
 
 
 def _qemu_img_compare(fmt: str, filename: str, target: Path, target_fmt: str, *, capacity: int,
-                      is_block: bool, pass_fds: Sequence[int], objects: Sequence[str] = ()) -> None:
+                      is_block: bool, pass_fds: Sequence[int], objects: Sequence[str] = (),
+                      on_progress: Callable[[int], None] | None = None) -> None:
     if is_block:
         # Past the page cache (cache.direct): twice as fast on a device, and the device's own bytes.
         spec = {"driver": target_fmt, "size": capacity,
@@ -253,13 +258,24 @@ def _qemu_img_compare(fmt: str, filename: str, target: Path, target_fmt: str, *,
         size = _virtual_size(target_fmt, str(target))
         if size != capacity:
             raise VerifyError(f"{target} is {size} bytes, the source is {capacity}", hint=_DISCARD_HINT)
-    argv = ["qemu-img", "compare", *objects, "-q", "-f", fmt, "-F", target_fmt, filename, argv_target]
-    proc = run(argv, timeout=timeout(capacity), check=False, pass_fds=pass_fds)
-    if proc.returncode == 1:
-        raise VerifyError(f"{target} differs from the source", hint=_DISCARD_HINT)
-    if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no message"
-        raise VerifyError(f"qemu-img compare could not compare {target}: {detail}")
+    # -p: its percent, on stdout with its verdict ("Images are identical." / "Content mismatch at offset N!",
+    # exit 0 / 1; exit 2 an error, on stderr). -q would silence the percent too.
+    argv = ["qemu-img", "compare", *objects, "-p", "-f", fmt, "-F", target_fmt, filename, argv_target]
+    said: list[str] = []
+
+    def chunk(text: str) -> None:
+        said.append(text)
+        match = _PERCENT.search(text)
+        if match and on_progress is not None:
+            on_progress(int(capacity * float(match.group(1)) / 100))
+
+    try:
+        run_streaming(argv, timeout=timeout(capacity), on_chunk=chunk, pass_fds=pass_fds)
+    except ToolError as exc:
+        if any(text.startswith("Content mismatch") for text in said):
+            raise VerifyError(f"{target} differs from the source", hint=_DISCARD_HINT) from None
+        detail = exc.message.split("): ", 1)[-1]  # qemu-img's own last line (runner._fail)
+        raise VerifyError(f"qemu-img compare could not compare {target}: {detail}") from None
 
 
 @contextlib.contextmanager
@@ -282,7 +298,8 @@ def _window_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size)
 
 
-def _first_difference(source: Reader, target: Reader, capacity: int, window: int) -> int | None:
+def _first_difference(source: Reader, target: Reader, capacity: int, window: int,
+                      on_progress: Callable[[int], None] | None = None) -> int | None:
     """Byte offset of the first difference in ``[0, capacity)``, or None.
 
     ``AHEAD`` windows of each side are being read (in threads; reads release
@@ -321,6 +338,8 @@ def _first_difference(source: Reader, target: Reader, capacity: int, window: int
                 if where is not None:
                     return offset + where
                 offset += n
+                if on_progress is not None:
+                    on_progress(offset)
         finally:
             for futures in pending:  # a failure or a difference: let the reads in flight end
                 for future in futures:

@@ -23,9 +23,15 @@ if TYPE_CHECKING:
 VMConfig = dict[str, str]
 # Bytes sent so far and in all, for a transfer that is not a disk's write (an upload to the target).
 ByteProgress = Callable[[int, int], None]
+
 # A disk the target copies itself while its config is set (PVE's import-from): the disk's config key,
 # bytes done and in all.
 KeyProgress = Callable[[str, int, int], None]
+
+
+def compared(progress: ByteProgress | None, total: int) -> Callable[[int], None] | None:
+    """``progress`` as a callback of the bytes done alone (``verify.compare``'s), ``total`` being known."""
+    return None if progress is None else (lambda done: progress(done, total))
 
 
 # The three ends of a boot check (issue 17). ``failed`` and ``unconfirmed`` are never called "up".
@@ -134,9 +140,10 @@ class DiskSink(abc.ABC):
         raise no_dd()
 
     @abc.abstractmethod
-    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
+    def verify(self, src: DiskEndpoint, *, capacity: int, progress: ByteProgress | None = None) -> None:
         """Raise ``VerifyError`` unless the temporary volume or, once committed, the committed
-        one holds exactly the bytes of ``src``. Nothing is removed either way."""
+        one holds exactly the bytes of ``src``. Nothing is removed either way. ``progress`` learns
+        the bytes compared so far of ``capacity``."""
 
     @abc.abstractmethod
     def commit(self, *, progress: ByteProgress | None = None) -> str:

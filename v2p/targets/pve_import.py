@@ -19,7 +19,7 @@ from ..errors import NoSpaceError, TargetError
 from ..storage import Volume
 from ..volumes import Drive, VolumeRef, drive_volume, import_name, new_volume, print_drive
 from ..windows import Checkpoint, CopyProgress, SinkCheckpoints, StaleCheckpoint, check_resumable
-from .base import ByteProgress, DiskSink
+from .base import ByteProgress, DiskSink, compared
 from .pve_releases import REMOTE_INSTEAD, REMOTE_PATH
 from .pve_space import ROOTFS, check_phases
 
@@ -118,11 +118,11 @@ class RemoteImportSink(DiskSink):
             convert.convert(src, staging, capacity=capacity, bwlimit=bwlimit, on_progress=progress, start=start,
                             on_checkpoint=checkpoints)
 
-    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
+    def verify(self, src: DiskEndpoint, *, capacity: int, progress: ByteProgress | None = None) -> None:
         if not self.staging.path.exists():
             raise TargetError(f"nothing written for {self.import_volid} to verify (no staging file)",
                               hint="run the same command again: the disk is written anew")
-        convert.compare(src, self.staging, capacity=capacity)
+        convert.compare(src, self.staging, capacity=capacity, on_progress=compared(progress, capacity))
 
     def commit(self, *, progress: ByteProgress | None = None) -> str:
         if self.exists():

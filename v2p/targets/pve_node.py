@@ -248,8 +248,8 @@ class OnNodeSink(DiskSink):
         self._refuse_theirs()
         self._sink().write_dd(src, progress=progress, start=start, on_checkpoint=on_checkpoint)
 
-    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
-        self._sink().verify(src, capacity=capacity)
+    def verify(self, src: DiskEndpoint, *, capacity: int, progress: ByteProgress | None = None) -> None:
+        self._sink().verify(src, capacity=capacity, progress=progress)
 
     def commit(self, *, progress: ByteProgress | None = None) -> str:
         sink = self._sink()

@@ -19,7 +19,7 @@ from ..errors import NoSpaceError, TargetError
 from ..options import OptionError
 from ..storage import Storage, Volume
 from ..windows import Checkpoint, CopyProgress, SinkCheckpoints, StaleCheckpoint, check_resumable
-from .base import ByteProgress, DiskSink
+from .base import ByteProgress, DiskSink, compared
 
 
 class StorageSink(DiskSink):
@@ -99,12 +99,12 @@ class StorageSink(DiskSink):
         with checkpoints.writing(lambda: self.storage.remove(partial)):
             copy(partial, zero, checkpoints)
 
-    def verify(self, src: DiskEndpoint, *, capacity: int) -> None:
+    def verify(self, src: DiskEndpoint, *, capacity: int, progress: ByteProgress | None = None) -> None:
         written = self._written_volume()
         if not self.storage.exists(written):
             raise TargetError(f"{self.storage.describe()}: nothing written for {self.volid} to verify",
                               hint="run the same command again: the disk is written anew")
-        convert.compare(src, written, capacity=capacity)
+        convert.compare(src, written, capacity=capacity, on_progress=compared(progress, capacity))
 
     def commit(self, *, progress: ByteProgress | None = None) -> str:
         if self.in_place or self._committed():
