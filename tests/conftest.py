@@ -455,3 +455,20 @@ def small_vmdk(tmp_path: Path) -> Path:
     path = tmp_path / "disk.vmdk"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(path), "16M"], check=True)
     return path
+
+
+@pytest.fixture
+def stop_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, BaseException]]:
+    """Point name -> what is raised when a run reaches it (once): the in-process form of
+    ``V2P_TEST_HOLD_AFTER`` (testhooks.hold_point) and a kill there."""
+    from v2p import pipeline, stages
+
+    points: dict[str, BaseException] = {}
+
+    def hold(name: str) -> None:
+        if name in points:
+            raise points.pop(name)
+
+    monkeypatch.setattr(pipeline, "hold_point", hold)
+    monkeypatch.setattr(stages, "hold_point", hold)
+    yield points

@@ -8,7 +8,6 @@ test_crash_windows*.py's (slow tier); here it is every stop point of a two-disk 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,21 +62,6 @@ class Run:
 
     def of(self, kind: str) -> list[str]:
         return [event.stage for event in self.events if event.kind == kind]
-
-
-@pytest.fixture
-def stop_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, BaseException]]:
-    """Point name -> what is raised when a run reaches it (once): the in-process form of
-    ``V2P_TEST_HOLD_AFTER`` (testhooks.hold_point) and a kill there."""
-    points: dict[str, BaseException] = {}
-
-    def hold(name: str) -> None:
-        if name in points:
-            raise points.pop(name)
-
-    monkeypatch.setattr(pipeline, "hold_point", hold)
-    monkeypatch.setattr(stages, "hold_point", hold)
-    yield points
 
 
 def made_once(target: FakeTarget) -> None:

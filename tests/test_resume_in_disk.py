@@ -24,7 +24,7 @@ from pve_sim.server import PVESim
 from test_pve_upload import target_of
 
 from fakes import FakeSource, FakeTarget
-from v2p import pipeline, stages, windows
+from v2p import pipeline, windows
 from v2p.endpoint import DiskEndpoint, RawExtent
 from v2p.errors import Cancelled
 from v2p.events import Event
@@ -70,20 +70,6 @@ class Run:
 @pytest.fixture
 def fake(tmp_path: Path) -> FakeTarget:
     return FakeTarget(tmp_path / "target")
-
-
-@pytest.fixture
-def stop_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, BaseException]]:
-    """Point name -> what is raised when a run reaches it (once): the in-process form of a kill there."""
-    points: dict[str, BaseException] = {}
-
-    def hold(name: str) -> None:
-        if name in points:
-            raise points.pop(name)
-
-    monkeypatch.setattr(pipeline, "hold_point", hold)
-    monkeypatch.setattr(stages, "hold_point", hold)
-    yield points
 
 
 def partial(fake: FakeTarget) -> Path:
