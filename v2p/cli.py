@@ -430,12 +430,13 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         raise
     printer._close_bar()
     boot = boot_words(result["boot"], result["boot_signal"])
+    if log.path is not None:  # on stdout (unless it holds JSON), before the result: stderr stays for trouble
+        print(f"v2p: the log of this run: {shown_path(str(log.path))}", file=out)
     if not result.get("nothing_to_do"):  # else the pipeline's event already said so
         print(f"VM {migration.vmid} migrated from {args.source}; {boot}", file=out)
         _print_guest_ips(result, out)
     elif result["boot"] != BOOT_UP:  # what the recorded check saw still holds
         print(f"VM {migration.vmid}: {boot}", file=out)
-    _said_log(log)
     code = boot_exit_code(result["boot"])
     if events is not None:
         events.send({"kind": "result", "vmid": migration.vmid, "ok": code == 0, "exit_code": code, "error": None,
