@@ -6,6 +6,7 @@ port is read too). The simulator runs each started VM as a real QEMU (TCG) and a
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,9 @@ def test_migrated_guest_is_up_without_its_words(sim, tmp_path, monkeypatch, sour
     target = target_for(sim, tmp_path, path, monkeypatch)
     report = target.boot_check(210, timeout=60)
     assert report.outcome == BOOT_UP, report
-    assert report.signal.startswith("boot disk reads (10 MiB)"), report.signal
+    # The reads PVE's counters showed at the last look before the stop: all 10 MiB, or (a busy machine's
+    # poll a moment early) most of them.
+    assert re.match(r"boot disk reads \((\d+(\.\d+)?) MiB\)", report.signal), report.signal
     assert report.signs["boot disk reads"]["value"] >= 8 * MIB
     assert "stopped" in report.signs  # it powered off; PVE cannot say why, so the reads decided
     if path == "on-node":
