@@ -135,8 +135,10 @@ def test_windows_dance_without_the_driver_needs_the_operator_then_rolls_back(sim
     # From a workstation the restarts are never seen: boot 2 lasts its whole wait, so a shorter one
     # (still well past the stand-in's ~2 s restarts and the 10 s settle) keeps the test from idling.
     wait = "90" if path == "on-node" else "30"
+    # A guest restarting from a blue screen ignores the power button: the stop after the dance gets 15 s
+    # of it (the default, 120 s, is all idling here), then stops it hard.
     done = run(v2p, sim, tmp_path, path, "dance", str(vmid), "--continue", "--drivers-iso", str(drivers_iso),
-               "--boot-wait", wait, timeout=300)
+               "--boot-wait", wait, "--shutdown-timeout", "15", timeout=300)
     if path == "remote":
         # From a workstation PVE shows no resets (status/current has no counter of them): the blue
         # screen's automatic restarts are one long boot whose disk reads never level off. Not a
