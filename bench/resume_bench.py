@@ -5,7 +5,7 @@ convert_bench.py builds its disks), writes it as a monolithicSparse VMDK, then, 
 interleaved (``--rounds``, default 3; the medians are reported, with the spread that says the noise):
 
   bare:      `qemu-img convert -f vmdk -O qcow2` and an fsync of the result (what v2p did before)
-  windowed:  v2p's copy of the same disk to qcow2 (``v2p.windows.copy``: 16 windows of 256 MiB, each
+  windowed:  v2p's copy of the same disk to qcow2 (``v2p.windows.copy``: 32 windows of 128 MiB, each
              flushed while the next one copies, then checkpointed)
   resume:    the windowed copy in a child process, SIGKILLed once its position passes 75 %, then
              carried on from its last checkpoint; the time of the resumed part only
