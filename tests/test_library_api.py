@@ -87,20 +87,22 @@ def test_events_of_a_three_disk_vm_arrive_in_order_with_vmid_disk_stage_and_byte
                        ("boot", None), ("finish", None)]:  # no drivers stage: a Linux VM has no driver dance
         expected += [("stage-start", name, disk), ("stage-done", name, disk)]
     assert stage_sequence(events) == expected
-    # Progress: inside its disk's convert stage, bytes growing to that disk's capacity.
+    # Progress: the copy inside its disk's convert stage, the compare inside its verify stage, each with
+    # bytes growing to that disk's capacity.
     capacities = {index: disk["capacity"] for index, disk in enumerate(result["stages"]["inspect"]["result"]["disks"])}
     current: str | None = None
-    last_done: dict[int, int] = {}
+    last_done: dict[tuple[int, str | None], int] = {}
     for event in events:
         if event.kind == "stage-start":
             current = event.stage
         elif event.kind == "progress":
-            assert event.disk is not None and event.done is not None
-            assert current == ("convert" if event.disk == 0 else f"convert:{event.disk}")
+            assert event.disk is not None and event.done is not None and event.step in (None, "compare")
+            kind = "convert" if event.step is None else "verify"
+            assert current == (kind if event.disk == 0 else f"{kind}:{event.disk}")
             assert event.total == capacities[event.disk]
-            assert event.done >= last_done.get(event.disk, 0)
-            last_done[event.disk] = event.done
-    assert last_done == capacities
+            assert event.done >= last_done.get((event.disk, event.step), 0)
+            last_done[event.disk, event.step] = event.done
+    assert last_done == {(disk, step): size for disk, size in capacities.items() for step in (None, "compare")}
     # The preflight rules' findings are events of their own, named by rule id.
     findings = [event for event in events if event.kind == "finding"]
     assert findings and all(event.stage == "preflight" and event.data["rule"] in event.message
