@@ -195,6 +195,11 @@ def test_vmid_auto_asks_nextid_and_retries_when_taken(pve: Any, tmp_path: Path, 
     assert "VMID 101: the next free one on the proxmox target" in proc.stdout
     assert "VMID 101 is taken now" in proc.stdout and "trying VMID 102" in proc.stdout
     assert proc.stdout.splitlines()[-1].startswith("VM 102 migrated from ")
+    # its log is named after the VMID it ended up with (it was kept when VMID 101's create began)
+    [log_line] = [line for line in proc.stdout.splitlines() if line.startswith("v2p: the log of this run: ")]
+    log = Path(log_line.removeprefix("v2p: the log of this run: "))
+    assert log.name.startswith("102-") and "trying VMID 102" in log.read_text(), log
+    assert [path.name for path in log.parent.iterdir()] == [log.name]
     assert sorted(pve.cluster.vms) == [102] and pve.cluster.containers == {100}
     assert any(entry.path == "/cluster/nextid" for entry in pve.log)
     assert_migrated(pve, samples, 102)

@@ -149,6 +149,8 @@ def logged(log: RunLog, warn: Callable[[str], None]) -> Callable[[Event], None]:
 
     def handle(event: Event) -> None:
         nonlocal tried
+        if event.vmid is not None:  # a migration's log is named after its VMID, the one it ends up with
+            log.follow(str(event.vmid))
         if not tried and event.kind in ("stage-start", "stage-skip") and event.stage not in MAKES_NOTHING:
             tried = True
             kept(log, warn)

@@ -128,6 +128,24 @@ class RunLog:
         self.stream.start(self.fd)  # type: ignore[attr-defined]
         return self.path
 
+    def follow(self, what: str) -> None:
+        """The run is about ``what`` now (a ``vmid: auto`` migration that found its VMID taken at create and
+        moved on to the next): a kept file takes its name, keeping its time (a link then an unlink in the
+        folder: a file already there under that name is left alone, and so is this one's name)."""
+        if _stem(what) == _stem(self.what):
+            return
+        old, self.what = self.what, what
+        if self.path is None:
+            return
+        name = _stem(what) + self.path.name[len(_stem(old)):]
+        with own_dir(self.state_dir.parent, self.state_dir.name, LOGS) as folder:
+            try:
+                os.link(self.path.name, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+            except FileExistsError:
+                return
+            os.unlink(self.path.name, dir_fd=folder)
+        self.path = self.path.with_name(name)
+
     def __enter__(self) -> RunLog:
         logger = logging.getLogger("v2p")
         self._level = logger.level
