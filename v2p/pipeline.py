@@ -45,6 +45,7 @@ from .fsutil import remove_tree, scratch_dir
 from .option_table import OPTION
 from .options import MigrationOptions, check_vmid
 from .preview import Preview, PreviewDisk, PreviewStage
+from .sizing import SpaceNeed
 from .sources import Source, open_source
 from .spec import VMSpec
 from .stage_checks import create_config, preflight_checks
@@ -180,12 +181,11 @@ class Pipeline:
                                      str(row.get("flavor", "")), keys.get(disk.label),
                                      room.get("volid") or ctx.sink(index).volid, room.get("storage"),
                                      room.get("required_bytes"), room.get("free_bytes")))
-        storages: dict[str, dict[str, int]] = {}
+        space = SpaceNeed()  # the sums the preflight made of the same rooms
         for room in rooms.values():
-            for place in (room, *room.get("also", ())):
-                held = storages.setdefault(str(place["storage"]), {"required_bytes": 0,
-                                                                    "free_bytes": int(place["free_bytes"])})
-                held["required_bytes"] += int(place["required_bytes"])
+            space.add(room)
+        storages = {storage: {"required_bytes": needed, "free_bytes": free}
+                    for storage, (needed, free) in space.held.items()}
         config = self._config(ctx, disks)
         return Preview(self.vmid, self.source.describe(), config.get("name", spec.name), spec.sockets, spec.cores,
                        spec.memory_mib, spec.firmware, options.ostype, config, reached,

@@ -175,11 +175,14 @@ class Convert(Stage):
         try:
             write(start)
         except StaleCheckpoint as exc:
-            ctx.emit(Event("info", self.name, f"disk {self.index}: the copy an earlier run stopped cannot go on "
-                           f"({exc.message}): it starts over", disk=self.index))
+            self._starts_over(ctx, exc.message)
             write(None)
         return {"volid": sink.volid, "fmt": sink.fmt, "copied_with": ctx.options.copy_with,
                 "fingerprint": sink.fingerprint()}
+
+    def _starts_over(self, ctx: Context, why: str) -> None:
+        ctx.emit(Event("info", self.name, f"disk {self.index}: the copy an earlier run stopped cannot go on "
+                       f"({why}): it starts over", disk=self.index))
 
     def _resume_point(self, ctx: Context, capacity: int, files: object) -> Checkpoint | None:
         """The checkpoint an earlier run left for this disk, if it still applies to the source and the
@@ -195,8 +198,7 @@ class Convert(Stage):
             f"it was copied with {saved.get('copied_with')}" if saved.get("copied_with") != ctx.options.copy_with \
             else None
         if why is not None or point is None:
-            ctx.emit(Event("info", self.name, f"disk {self.index}: the copy an earlier run stopped cannot go on "
-                           f"({why}): it starts over", disk=self.index))
+            self._starts_over(ctx, str(why))
             return None
         ctx.emit(Event("info", self.name, f"disk {self.index}: the copy goes on at byte {point.done} of {capacity} "
                        f"({100 * point.done // capacity} %), where an earlier run stopped", disk=self.index))
