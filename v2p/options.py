@@ -182,6 +182,12 @@ def check_bool(keyword: str, value: object) -> bool:
     return value
 
 
+def did_you_mean(word: str, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to ``word``, or nothing when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 @dataclass
 class MigrationOptions:
     """Everything that shapes the migrated VM (part of the state file's request); what each field

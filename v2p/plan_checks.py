@@ -14,9 +14,9 @@ from typing import Any
 
 from . import api, drivers, pveconfig, rules, stage_checks
 from .errors import NoSpaceError, V2PError, VMIDExistsError
-from .options import MigrationOptions
+from .options import MigrationOptions, did_you_mean
 from .plan_model import PlanVM, Problem
-from .plan_schema import cluster, did_you_mean, plan_words
+from .plan_schema import cluster, plan_words
 from .sources import is_uri, open_source
 from .state import MigrationState
 from .targets.base import Target

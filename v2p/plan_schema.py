@@ -6,7 +6,6 @@ Not for: checks against the world (``plan_checks``: sources, storages, bridges, 
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import yaml
 from . import api, rules
 from .credentials import SECRET_NAME
 from .option_table import OPTION, OPTIONS, PLAN_WORDS, Option
-from .options import MigrationOptions, OptionError, check_option, check_vmid
+from .options import MigrationOptions, OptionError, check_option, check_vmid, did_you_mean
 from .plan_model import PlanError, PlanVM, Problem
 from .plan_yaml import MAX_DEPTH, Node, PlanLoader, error_mark, from_yaml
 from .sources import is_uri
@@ -61,11 +60,6 @@ _SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)
 
 def plan_words(text: str) -> str:
     return _FLAG.sub(lambda match: PLAN_WORDS[match.group(0)], text)
-
-
-def did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 

@@ -7,14 +7,13 @@ target. Not here: what the preflight stage makes (the ISO's upload, the source's
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from pathlib import Path
 
 from . import drivers, pveconfig, rules
 from .errors import VMID_TAKEN_HINT, NoSpaceError, TargetError, VMIDExistsError
 from .events import Event
-from .options import MigrationOptions, OptionError
+from .options import MigrationOptions, OptionError, did_you_mean
 from .runner import which
 from .sizing import SpaceNeed
 from .sources import DiskFacts
@@ -79,14 +78,8 @@ def unknown_bridges(known: frozenset[str] | None, networks: Mapping[str, str], b
     if bridge:
         wanted.append(("bridge", bridge, bridge))
     names = sorted(known)
-    found = []
-    for keyword, written, name in wanted:
-        if name not in known:
-            close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-            found.append((keyword, written, f"no bridge called {name!r} on the {where}"
-                          + (f" (did you mean {close[0]!r}?)" if close else "")
-                          + f" (known: {', '.join(names) or 'none'})"))
-    return found
+    return [(keyword, written, f"no bridge called {name!r} on the {where}{did_you_mean(name, names)} "
+             f"(known: {', '.join(names) or 'none'})") for keyword, written, name in wanted if name not in known]
 
 
 def check_bridges(ctx: Context) -> list[str]:
