@@ -22,6 +22,7 @@ import pytest
 from pve_sim.fixture import pve_fixture  # noqa: F401
 
 from conftest import V2P, failing_after
+from v2p.eventlines import EventPrinter
 from v2p.events import Event
 from v2p.planrun import PlanReport, VMRun
 from v2p.planview import PlanView, summary
@@ -79,26 +80,24 @@ def feed_copy(handler: Any, clock: Clock, *, seconds_per_percent: float, total: 
 
 
 def test_migrate_off_a_terminal_says_progress_every_10_percent_or_10_seconds() -> None:
-    from v2p.cli import _Printer
 
     assert (PLAIN_EVERY_SECONDS, PLAIN_EVERY_PERCENT) == (10.0, 10.0)
     out, clock = io.StringIO(), Clock()
-    feed_copy(_Printer(out, live=False, clock=clock), clock, seconds_per_percent=0.1)  # fast: by percent
+    feed_copy(EventPrinter(out, live=False, clock=clock), clock, seconds_per_percent=0.1)  # fast: by percent
     lines = [line for line in out.getvalue().splitlines() if "%" in line]
     assert [int(line.split(": ")[1].split(" %")[0]) for line in lines] == list(range(10, 101, 10)), lines
     assert lines[4] == "[convert] disk 0: 50 % (1.0 of 2.0 GiB), 358 MiB written, 71.7 MiB/s, ETA 0:00:05"
     out, clock = io.StringIO(), Clock()
-    feed_copy(_Printer(out, live=False, clock=clock), clock, seconds_per_percent=4.0)  # slow: by time
+    feed_copy(EventPrinter(out, live=False, clock=clock), clock, seconds_per_percent=4.0)  # slow: by time
     percents = [int(line.split(": ")[1].split(" %")[0]) for line in out.getvalue().splitlines() if "%" in line]
     assert percents[:4] == [3, 6, 9, 10] and percents[-1] == 100, percents  # 12 s, 24 s, 36 s, then 10 %
     assert out.getvalue().count("100 %") == 1
 
 
 def test_migrate_on_a_terminal_shows_a_bar_with_bytes_written_rate_and_eta() -> None:
-    from v2p.cli import _Printer
 
     out, clock = io.StringIO(), Clock()
-    printer = _Printer(out, live=True, clock=clock)
+    printer = EventPrinter(out, live=True, clock=clock)
     printer(Event("stage-start", "convert", "write the disk"))
     for percent in range(0, 51):
         clock.now += 0.1
@@ -116,17 +115,16 @@ def test_migrate_on_a_terminal_shows_a_bar_with_bytes_written_rate_and_eta() -> 
 def test_migrate_bar_on_a_pseudo_terminal_that_says_no_rows() -> None:
     """``script``, some CI runners and serial consoles report 0 rows: the bar is drawn all the same, at
     most as wide as the terminal."""
-    from v2p.cli import _Printer
 
     master, slave = os.openpty()
     os.set_blocking(master, False)
     pty_columns(slave, 60, rows=0)
     stream = open(slave, "w", closefd=True)  # noqa: SIM115 (closed below)
     try:
-        printer = _Printer(stream, clock=Clock())
+        printer = EventPrinter(stream, clock=Clock())
         assert printer.live
         printer(progress("convert", 0, GiB // 2, GiB, moved=GiB // 4))
-        printer._close_bar()
+        printer.close_bar()
         stream.flush()
         raw = drain(master)
     finally:

@@ -369,9 +369,6 @@ def _print_image(image: DiskImage) -> None:
     print(f"  verdict:   {image.verdict}")
 
 
-_Printer = EventPrinter  # what tests of the lines import
-
-
 class _JsonLines:
     """``--progress=json``: every event as one JSON object a line on stdout (``dataclasses.asdict``, and the
     VM's name for a plan's), then the result as the last line (``{"kind": "result", ...}``)."""
@@ -394,9 +391,14 @@ def _handlers(handlers: list[Callable[[Event], None]]) -> Callable[[Event], None
     return each
 
 
-def _said_log(log: RunLog | None) -> None:
+def _said_log(log: RunLog | None, out: TextIO | None = None) -> None:
+    """Where the run's log is, if it kept one: on ``out``, else on stderr."""
     if log is not None and log.path is not None:
-        say(f"v2p: the log of this run: {shown_path(str(log.path))}")
+        line = f"v2p: the log of this run: {shown_path(str(log.path))}"
+        if out is None:
+            say(line)
+        else:
+            print(line, file=out)
 
 
 def _migrate(args: argparse.Namespace, target: api.Target) -> int:
@@ -420,7 +422,7 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         with log:
             result = migration.run()
     except BaseException as exc:
-        printer._close_bar()
+        printer.close_bar()
         if events is not None:
             events.send(_failed(migration.vmid, exc, log))
         if log.path is not None and isinstance(exc, V2PError):
@@ -428,10 +430,9 @@ def _migrate(args: argparse.Namespace, target: api.Target) -> int:
         elif not isinstance(exc, KeyboardInterrupt):  # stopped: one line, the rerun resumes (and logs on)
             _said_log(log)
         raise
-    printer._close_bar()
+    printer.close_bar()
     boot = boot_words(result["boot"], result["boot_signal"])
-    if log.path is not None:  # on stdout (unless it holds JSON), before the result: stderr stays for trouble
-        print(f"v2p: the log of this run: {shown_path(str(log.path))}", file=out)
+    _said_log(log, out)  # on stdout (unless it holds JSON), before the result: stderr stays for trouble
     if not result.get("nothing_to_do"):  # else the pipeline's event already said so
         print(f"VM {migration.vmid} migrated from {args.source}; {boot}", file=out)
         _print_guest_ips(result, out)

@@ -40,7 +40,7 @@ class EventPrinter:
             if meter is not None:
                 self._show(meter)
             return
-        self._close_bar()
+        self.close_bar()
         if event.kind == "stage-start":
             self._say(f"[{event.stage}] {event.message}")
         elif event.kind == "stage-skip":
@@ -63,7 +63,7 @@ class EventPrinter:
                 self._say(f"[{meter.stage}] {meter.words()}")
             return
         if self.bar is not None and self.bar_meter is not meter:  # a fetch's bar, then the copy's
-            self._close_bar()
+            self.close_bar()
         if self.bar is None:
             self.bar = line_bar(total=meter.total or None, unit="B", unit_scale=True, unit_divisor=1024,
                                 desc=f"[{meter.stage}] {meter.label()}", file=self.out, dynamic_ncols=True,
@@ -72,7 +72,7 @@ class EventPrinter:
         self.bar.set_postfix_str(meter.pace(), refresh=False)
         self.bar.update(meter.position - self.bar.n)
 
-    def _close_bar(self) -> None:
+    def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar, self.bar_meter = None, None
