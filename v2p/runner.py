@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -43,6 +44,9 @@ INSTALL_HINTS = {
     "setpriv": "install it: apt-get install util-linux",
 }
 
+
+# What ``qemu-img ... -p`` prints as it goes ("    (12.34/100%)"), the percent as group 1.
+QEMU_IMG_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 def _tethered(argv: list[str]) -> list[str]:
     """``argv`` run so that it dies with the thread that starts it (see the module docstring)."""

@@ -28,7 +28,6 @@ import errno
 import json
 import mmap
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Protocol
 
 from . import interrupts
 from .errors import ToolError, VerifyError
-from .runner import run, run_streaming
+from .runner import QEMU_IMG_PERCENT, run, run_streaming
 
 WINDOW = 8 << 20  # bytes compared at a time
 AHEAD = 3  # windows of each side being read while one is compared (AHEAD + 1 per side in memory)
@@ -45,7 +44,6 @@ _ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers aligned to the logical b
 _ZEROS = bytes(WINDOW)
 _DISCARD_HINT = "the conversion is discarded; run migrate again"
 _UNMAPPABLE = "external, encrypted or compressed clusters"
-_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")  # qemu-img -p
 
 
 def timeout(capacity: int) -> float:
@@ -265,7 +263,7 @@ def _qemu_img_compare(fmt: str, filename: str, target: Path, target_fmt: str, *,
 
     def chunk(text: str) -> None:
         said.append(text)
-        match = _PERCENT.search(text)
+        match = QEMU_IMG_PERCENT.search(text)
         if match and on_progress is not None:
             on_progress(int(capacity * float(match.group(1)) / 100))
 

@@ -34,7 +34,7 @@ from typing import Any
 from . import interrupts
 from .endpoint import DiskEndpoint, RawExtent, qemu_args
 from .errors import Cancelled, NoSpaceError, TargetError, ToolError
-from .runner import run, run_streaming
+from .runner import QEMU_IMG_PERCENT, run, run_streaming
 from .storage import Volume
 
 # A disk is copied in at least CHECKPOINTS windows of WINDOW_MIN to WINDOW_MAX bytes: a 4 GiB disk in
@@ -53,7 +53,6 @@ ZERO_RUN = 16 << 20
 # (position: bytes of the disk behind the copy, moved: bytes this run wrote) -> None
 CopyProgress = Callable[[int, int], None]
 
-_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 _WCHAR = re.compile(rb"^wchar:\s*(\d+)$", re.MULTILINE)
 
 
@@ -201,7 +200,7 @@ def copy(source: DiskEndpoint, dest: Volume, *, capacity: int, target_is_zero: b
                  _spec(_window(_dest_node(dest), offset, length))]
 
         def chunk(text: str) -> None:
-            match = _PERCENT.search(text)
+            match = QEMU_IMG_PERCENT.search(text)
             if match:
                 report(offset + int(length * float(match.group(1)) / 100), written.sample())
 
