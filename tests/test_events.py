@@ -18,11 +18,16 @@ SOURCES = sorted(Path(v2p.__file__).parent.rglob("*.py"))
 
 
 def emitted_kinds() -> set[str]:
-    """The kinds v2p's own code writes as the first argument of ``Event(...)`` or of the dance's ``_say``."""
+    """The kinds v2p's own code writes as the first argument of ``Event(...)`` or of the dance's ``_say``,
+    and ``progress`` where it calls ``Event.progress(...)``."""
     found: set[str] = set()
     for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call):
+                continue
+            if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) \
+                    and node.func.value.id == "Event" and node.func.attr == "progress":
+                found.add("progress")
                 continue
             name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
             args = node.args if name == "Event" else node.args[1:] if name == "_say" else []

@@ -75,6 +75,17 @@ class Event:
         if self.kind not in EVENT_KINDS:  # a kind read back from a plan's child, or an untyped caller
             raise ValueError(f"unknown event kind {self.kind!r}: one of {', '.join(sorted(EVENT_KINDS))}")
 
+    @classmethod
+    def progress(cls, stage: str, done: int, total: int, *, disk: int | None = None, step: str | None = None,
+                 moved: int | None = None) -> Event:
+        """A ``progress`` event: ``done`` of ``total`` bytes of disk ``disk`` (``data``: ``disk``, ``percent``,
+        ``bytes``, ``total`` and, from a producer that counts them, ``moved``)."""
+        data: dict[str, Any] = {} if disk is None else {"disk": disk}
+        data.update(percent=100.0 * done / total if total else 100.0, bytes=done, total=total)
+        if moved is not None:
+            data["moved"] = moved
+        return cls("progress", stage, data=data, disk=disk, done=done, total=total, step=step)
+
     def with_vmid(self, vmid: int) -> Event:
         """This event, naming ``vmid`` unless it names one already."""
         return self if self.vmid is not None else replace(self, vmid=vmid)

@@ -170,9 +170,7 @@ def upload_progress(ctx: Context, stage: str, what: str, disk: int | None = None
         if done == 0:
             ctx.emit(Event("info", stage, f"upload: sending {what} to the target ({total} bytes; first its "
                            "SHA-256, which the target checks)", disk=disk, step="upload"))
-        data = {"percent": 100.0 * done / total if total else 100.0, "bytes": done, "total": total, "moved": done}
-        ctx.emit(Event("progress", stage, data=data if disk is None else {"disk": disk, **data},
-                       disk=disk, done=done, total=total, step="upload"))
+        ctx.emit(Event.progress(stage, done, total, disk=disk, step="upload", moved=done))
         if done >= total:
             ctx.emit(Event("info", stage, f"upload: {what} sent; the target checks and stores it",
                            disk=disk, step="upload"))

@@ -103,9 +103,7 @@ class Context:
                                 f"stage ({capacity} bytes)", disk=index, step="fetch"))
 
             def progress(done: int, moved: int) -> None:
-                self.emit(Event("progress", stage_name, data={
-                    "disk": index, "percent": 100.0 * done / capacity if capacity else 100.0, "bytes": done,
-                    "total": capacity, "moved": moved}, disk=index, done=done, total=capacity, step="fetch"))
+                self.emit(Event.progress(stage_name, done, capacity, disk=index, step="fetch", moved=moved))
 
             self._copied[index] = stage(given, path, capacity=capacity, on_progress=progress)
         return self._copied[index]

@@ -154,9 +154,7 @@ class Convert(Stage):
             files = None  # unknown now: no checkpoint of this run is taken up again
 
         def progress(done: int, moved: int) -> None:
-            ctx.emit(Event("progress", self.name, data={
-                "disk": self.index, "percent": 100.0 * done / capacity if capacity else 100.0, "bytes": done,
-                "total": capacity, "moved": moved}, disk=self.index, done=done, total=capacity))
+            ctx.emit(Event.progress(self.name, done, capacity, disk=self.index, moved=moved))
 
         def checkpoint(point: Checkpoint) -> None:
             ctx.checkpoint({"stage": self.name, "disk": self.index, "total": capacity, "volid": sink.volid,
@@ -238,9 +236,7 @@ class Verify(Stage):
     def _compared(self, ctx: Context) -> ByteProgress:
         """The compare's progress as events of step ``compare`` (bytes of the disk compared so far)."""
         def report(done: int, total: int) -> None:
-            data = {"disk": self.index, "percent": 100.0 * done / total if total else 100.0, "bytes": done,
-                    "total": total}
-            ctx.emit(Event("progress", self.name, data=data, disk=self.index, done=done, total=total, step="compare"))
+            ctx.emit(Event.progress(self.name, done, total, disk=self.index, step="compare"))
         return report
 
     def holds(self, ctx: Context, record: Record) -> bool:
@@ -294,10 +290,7 @@ class Attach(Stage):
         """A copy the target makes of a disk as it is attached (PVE's import task), as ``progress``
         events of the step ``import``: bytes of the disk, as its convert has them."""
         def report(key: str, done: int, total: int) -> None:
-            index = disks[key]
-            data = {"disk": index, "percent": 100.0 * done / total if total else 100.0, "bytes": done,
-                    "total": total, "moved": done}
-            ctx.emit(Event("progress", self.name, data=data, disk=index, done=done, total=total, step="import"))
+            ctx.emit(Event.progress(self.name, done, total, disk=disks[key], step="import", moved=done))
         return report
 
     @staticmethod

@@ -403,10 +403,8 @@ class VsphereSource(Source):
 
         def progress(done: int, total: int) -> None:
             check()
-            percent = 100.0 * done / total if total else 100.0
-            self.report(Event("progress", stage, data={"disk": index, "percent": percent, "bytes": done,
-                                                       "total": total, "moved": sum(f.downloaded for f in fetchers)},
-                              disk=index, done=done, total=total, step="fetch"))
+            self.report(Event.progress(stage, done, total, disk=index, step="fetch",
+                                       moved=sum(f.downloaded for f in fetchers)))
 
         def download(session: Session) -> Path:
             fetcher = Fetcher(self.where, session.cookie, where)
